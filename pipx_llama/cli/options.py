@@ -1,0 +1,38 @@
+"""Command-line options shared by several commands, named as llama.cpp names them."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from pipx_llama.engine.sampler import SamplerConfig
+
+
+def add_model_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-m", "--model-file", type=Path, required=True, metavar="PATH.gguf",
+                   help="GGUF model file to run")
+    p.add_argument("-t", "--threads", type=int, default=None, help="threads (default: physical cores)")
+    p.add_argument("-c", "--ctx-size", type=int, default=None,
+                   help="context size in tokens (default: the model's, at most 4096)")
+
+
+def add_sampling_options(p: argparse.ArgumentParser) -> None:
+    d = SamplerConfig()
+    p.add_argument("--temp", type=float, default=d.temperature, help=f"temperature, 0 = greedy (default {d.temperature})")
+    p.add_argument("--top-k", type=int, default=d.top_k, help=f"top-k, 0 = off (default {d.top_k})")
+    p.add_argument("--top-p", type=float, default=d.top_p, help=f"top-p, 1.0 = off (default {d.top_p})")
+    p.add_argument("--min-p", type=float, default=d.min_p, help=f"min-p, 0.0 = off (default {d.min_p})")
+    p.add_argument("--repeat-penalty", type=float, default=d.repeat_penalty,
+                   help=f"repeat penalty, 1.0 = off (default {d.repeat_penalty})")
+    p.add_argument("--repeat-last-n", type=int, default=d.repeat_last_n,
+                   help=f"tokens the repeat penalty looks back on, -1 = context (default {d.repeat_last_n})")
+    p.add_argument("--seed", type=int, default=None, help="random seed for reproducible sampling")
+
+
+def sampler_config(args: argparse.Namespace) -> SamplerConfig:
+    cfg = SamplerConfig(
+        temperature=args.temp, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
+        repeat_penalty=args.repeat_penalty, repeat_last_n=args.repeat_last_n, seed=args.seed,
+    )
+    cfg.validate()
+    return cfg

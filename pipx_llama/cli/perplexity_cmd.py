@@ -1,0 +1,43 @@
+"""``pipx-llama perplexity``: llama.cpp's chunked perplexity of a model over a text file."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from pipx_llama.engine.model import load_model
+from pipx_llama.engine.perplexity import perplexity
+from pipx_llama.errors import UsageError
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("perplexity", help="perplexity of a model over a text file (llama.cpp's method)")
+    p.add_argument("-m", "--model-file", type=Path, required=True, metavar="PATH.gguf", help="GGUF model file")
+    p.add_argument("textfile", type=Path, help="UTF-8 text to score")
+    p.add_argument("-c", "--ctx-size", type=int, default=512, help="chunk size in tokens (default 512)")
+    p.add_argument("-t", "--threads", type=int, default=None, help="threads (default: physical cores)")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        text = args.textfile.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        raise UsageError(f"cannot read {args.textfile}: {err}", "pass a readable UTF-8 text file") from None
+    model = load_model(args.model_file, threads=args.threads)
+    tokens = model.tokenizer.encode(text, add_special=True, parse_special=False)
+
+    def progress(i: int, n: int, ppl: float) -> None:
+        if not args.json:
+            sys.stderr.write(f"[{i}/{n}] {ppl:.4f}\n")
+
+    result = perplexity(model, tokens, args.ctx_size, on_chunk=progress)
+    if args.json:
+        print(json.dumps({"ppl": result.ppl, "n_ctx": result.n_ctx, "chunks": result.n_chunks,
+                          "scored": result.n_scored, "tokens": len(tokens)}))
+    else:
+        print(f"Final estimate: PPL = {result.ppl:.4f} ({result.n_chunks} chunks of {result.n_ctx} tokens, "
+              f"{result.n_scored} scored)")
+    return 0

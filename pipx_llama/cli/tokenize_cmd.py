@@ -1,0 +1,33 @@
+"""``pipx-llama tokenize``: print a text's token ids as a JSON list, like llama.cpp's llama-tokenize."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from pipx_llama.engine.gguf_reader import open_gguf
+from pipx_llama.tokenizer import Tokenizer
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("tokenize", help="print the token ids of a text as JSON")
+    p.add_argument("-m", "--model-file", required=True, metavar="PATH.gguf", help="GGUF file whose vocabulary to use")
+    p.add_argument("text", help="text to tokenize ('-' reads standard input)")
+    p.add_argument("--no-special", action="store_true", help="do not add BOS/EOS as the model would")
+    p.add_argument("--no-parse-special", action="store_true",
+                   help="treat special-token text such as <|im_start|> as plain text")
+    p.add_argument("--pieces", action="store_true", help="print [id, piece] pairs instead of ids")
+
+
+def run(args: argparse.Namespace) -> int:
+    text = sys.stdin.read() if args.text == "-" else args.text
+    g = open_gguf(args.model_file)
+    tok = Tokenizer.from_gguf_metadata(g.metadata, source=str(g.path))
+    ids = tok.encode(text, add_special=not args.no_special, parse_special=not args.no_parse_special)
+    if args.pieces:
+        out = [[i, tok.token_to_piece(i).decode("utf-8", errors="replace")] for i in ids]
+    else:
+        out = ids
+    sys.stdout.write(json.dumps(out, ensure_ascii=False) + "\n")
+    return 0

@@ -1,0 +1,195 @@
+"""Text generation: ``generate()`` yields tokens and their text as they are produced.
+
+The prompt is evaluated in batches; a prefix already in the context's KV cache is reused (a chat
+turn only evaluates what is new). Generation ends at an end-of-generation token, after
+``max_tokens``, or when a stop string appears (the stop string itself is not emitted). When the
+context fills, ``context_shift=True`` does what llama.cpp does -- keep the first ``n_keep`` tokens,
+drop half of the rest and re-rotate the cached keys -- otherwise ``ContextFullError`` is raised.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+from pipx_llama.engine.model import Context
+from pipx_llama.engine.sampler import Sampler, SamplerConfig
+from pipx_llama.errors import ContextFullError, UsageError
+
+
+@dataclass(frozen=True)
+class Piece:
+    """One generated token and the text it completes (empty while a UTF-8 character is incomplete).
+
+    The last piece may carry ``token == -1``: text held back until the end (a partial stop string).
+    """
+
+    token: int
+    text: str
+
+
+@dataclass
+class GenerationStats:
+    n_prompt: int = 0  # prompt tokens in the request
+    n_prompt_evaluated: int = 0  # of which not already cached
+    n_generated: int = 0
+    prompt_seconds: float = 0.0
+    generation_seconds: float = 0.0
+    finish_reason: str | None = None  # "stop" (EOS or stop string) | "length" | "cancelled"
+    n_context_shifts: int = 0
+
+    @property
+    def prompt_tokens_per_second(self) -> float:
+        return self.n_prompt_evaluated / self.prompt_seconds if self.prompt_seconds else 0.0
+
+    @property
+    def generation_tokens_per_second(self) -> float:
+        return self.n_generated / self.generation_seconds if self.generation_seconds else 0.0
+
+
+@dataclass
+class Generation:
+    """An iterator of ``Piece``; ``stats`` is complete once iteration ends."""
+
+    context: Context
+    prompt: list[int]
+    max_tokens: int
+    sampler: Sampler
+    stop: Sequence[str] = ()
+    context_shift: bool = False
+    n_keep: int = 0
+    stats: GenerationStats = field(default_factory=GenerationStats)
+    text: str = ""  # everything emitted so far
+
+    def __iter__(self) -> Iterator[Piece]:
+        return self._run()
+
+    def _run(self) -> Iterator[Piece]:
+        ctx, tok = self.context, self.context.model.tokenizer
+        stats = self.stats
+        stats.n_prompt = len(self.prompt)
+        if not self.prompt:
+            raise UsageError("the prompt is empty", "give a prompt, or a model whose tokenizer adds BOS")
+        if len(self.prompt) >= ctx.n_ctx:
+            raise ContextFullError(f"the prompt has {len(self.prompt)} tokens; the context holds {ctx.n_ctx}",
+                                   "shorten the prompt or raise -c/--ctx-size")
+
+        t0 = time.perf_counter()
+        reuse = _common_prefix(ctx.tokens, self.prompt)
+        reuse = min(reuse, len(self.prompt) - 1)  # the last prompt token must be evaluated for its logits
+        ctx.truncate(reuse)
+        new = self.prompt[reuse:]
+        logits = ctx.eval(new)[-1]
+        stats.n_prompt_evaluated = len(new)
+        stats.prompt_seconds = time.perf_counter() - t0
+
+        decoder = tok.stream_decoder()
+        pending = ""  # text held back because it may be the start of a stop string
+        stopped_by_string = False
+        t1 = time.perf_counter()
+        try:
+            while True:
+                if stats.n_generated >= self.max_tokens:
+                    stats.finish_reason = "length"
+                    break
+                token = self.sampler.sample(logits, ctx.tokens)
+                stats.n_generated += 1
+                if tok.is_eog(token):
+                    stats.finish_reason = "stop"
+                    break
+                pending += decoder.feed(token)
+                cut = _find_stop(pending, self.stop)
+                if cut is not None:
+                    self.text += pending[:cut]
+                    yield Piece(token, pending[:cut])
+                    stats.finish_reason = "stop"
+                    stopped_by_string = True
+                    break
+                keep = _stop_prefix_len(pending, self.stop)
+                out, pending = pending[: len(pending) - keep], pending[len(pending) - keep :]
+                self.text += out
+                yield Piece(token, out)
+                if ctx.n_past >= ctx.n_ctx:
+                    self._make_room()
+                logits = ctx.eval([token])[-1]
+            if not stopped_by_string:
+                # what was held back (a partial stop string, an incomplete character) is text after all
+                tail = pending + decoder.flush()
+                if tail:
+                    self.text += tail
+                    yield Piece(-1, tail)
+        except GeneratorExit:
+            stats.finish_reason = "cancelled"
+            raise
+        finally:
+            stats.generation_seconds = time.perf_counter() - t1
+
+    def _make_room(self) -> None:
+        ctx = self.context
+        if not self.context_shift:
+            raise ContextFullError(
+                f"the context of {ctx.n_ctx} tokens is full after {self.stats.n_generated} generated tokens",
+                "raise -c/--ctx-size, lower -n, or enable context shift",
+            )
+        n_keep = min(self.n_keep, ctx.n_past - 2)
+        n_discard = (ctx.n_past - n_keep) // 2
+        ctx.shift(n_keep, n_discard)
+        self.stats.n_context_shifts += 1
+
+
+def generate(
+    context: Context,
+    prompt: str | Sequence[int],
+    *,
+    max_tokens: int = 128,
+    sampler: SamplerConfig | None = None,
+    stop: Sequence[str] = (),
+    add_special: bool = True,
+    parse_special: bool = True,
+    context_shift: bool = False,
+    n_keep: int | None = None,
+) -> Generation:
+    """Start generating from ``prompt`` (text, tokenized with the model's tokenizer, or token ids).
+
+    ``max_tokens`` < 0 means until the context is full (with ``context_shift``, until EOS).
+    ``n_keep`` is how many leading tokens a context shift keeps (default: the whole prompt,
+    capped at half the context, as llama.cpp's ``--keep -1``).
+    """
+    if isinstance(prompt, str):
+        ids = context.model.tokenizer.encode(prompt, add_special=add_special, parse_special=parse_special)
+    else:
+        ids = [int(t) for t in prompt]
+    if max_tokens < 0:
+        max_tokens = 1 << 62 if context_shift else context.n_ctx - len(ids)
+    if any(not s for s in stop):
+        raise UsageError("stop strings must not be empty", "remove the empty stop string")
+    if n_keep is None:
+        n_keep = min(len(ids), context.n_ctx // 2)
+    return Generation(context, ids, max_tokens, Sampler(sampler or SamplerConfig()), tuple(stop),
+                      context_shift, n_keep)
+
+
+def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def _find_stop(text: str, stops: Sequence[str]) -> int | None:
+    hits = [i for i in (text.find(s) for s in stops) if i >= 0]
+    return min(hits) if hits else None
+
+
+def _stop_prefix_len(text: str, stops: Sequence[str]) -> int:
+    """Length of the longest tail of ``text`` that could begin a stop string."""
+    best = 0
+    for s in stops:
+        for n in range(min(len(s) - 1, len(text)), best, -1):
+            if s.startswith(text[-n:]):
+                best = n
+                break
+    return best
