@@ -9,7 +9,6 @@ from pipx_llama.cli.options import add_model_options, add_sampling_options, samp
 from pipx_llama.engine.generate import Generation, generate
 from pipx_llama.engine.model import Model, load_model
 from pipx_llama.errors import UsageError
-from pipx_llama.tokenizer.chat import render_chat
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -66,7 +65,6 @@ def _report(gen: Generation) -> None:
 
 def _chat(model: Model, ctx, args: argparse.Namespace, sampling) -> int:
     tok = model.tokenizer
-    template = model.metadata.get("tokenizer.chat_template")
     messages: list[dict] = []
     if args.system:
         messages.append({"role": "system", "content": args.system})
@@ -82,8 +80,7 @@ def _chat(model: Model, ctx, args: argparse.Namespace, sampling) -> int:
         if not line.strip():
             continue
         messages.append({"role": "user", "content": line})
-        prompt = render_chat(template, messages, bos_token=tok.bos_text, eos_token=tok.eos_text,
-                             add_generation_prompt=True)
+        prompt = tok.chat_prompt(messages, add_generation_prompt=True)
         gen = generate(ctx, prompt, max_tokens=args.n_predict, sampler=sampling, stop=args.stop,
                        add_special=True, parse_special=True, context_shift=False)
         try:

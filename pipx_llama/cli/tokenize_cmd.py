@@ -7,7 +7,7 @@ import json
 import sys
 
 from pipx_llama.engine.gguf_reader import open_gguf
-from pipx_llama.tokenizer import Tokenizer
+from pipx_llama.tokenizer.tokenizer import Tokenizer
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:

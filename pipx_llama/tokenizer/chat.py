@@ -1,0 +1,157 @@
+"""Chat templates: render a conversation with the model's ``tokenizer.chat_template`` like transformers.
+
+The Jinja environment is the one ``transformers`` builds in ``_compile_jinja_template``: an
+``ImmutableSandboxedEnvironment`` with ``trim_blocks`` and ``lstrip_blocks``, the ``loopcontrols``
+extension, a ``{% generation %}`` block that just renders its body, a ``tojson`` filter that does not
+HTML-escape (``json.dumps`` with ``ensure_ascii=False`` and the same optional arguments), and the
+globals ``raise_exception`` and ``strftime_now``. Templates get ``messages``, ``add_generation_prompt``,
+``bos_token``, ``eos_token`` and ``tools=None``, ``documents=None``.
+
+A model without a template gets ChatML when its vocabulary has ``<|im_start|>``, else Llama-2's
+``[INST]`` format.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Container
+from datetime import datetime
+from functools import lru_cache
+from typing import Any, ClassVar
+
+import jinja2
+import jinja2.ext
+import jinja2.nodes
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+from pipx_llama.errors import ChatTemplateError
+
+CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+# Llama-2-chat: an optional system prompt folded into the first user turn, strict user/assistant turns.
+LLAMA2_TEMPLATE = (
+    "{% if messages[0]['role'] == 'system' %}"
+    "{% set loop_messages = messages[1:] %}{% set system_message = messages[0]['content'] %}"
+    "{% else %}{% set loop_messages = messages %}{% set system_message = false %}{% endif %}"
+    "{% for message in loop_messages %}"
+    "{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}"
+    "{% endif %}"
+    "{% if loop.index0 == 0 and system_message != false %}"
+    "{% set content = '<<SYS>>\n' + system_message + '\n<</SYS>>\n\n' + message['content'] %}"
+    "{% else %}{% set content = message['content'] %}{% endif %}"
+    "{% if message['role'] == 'user' %}{{ bos_token + '[INST] ' + content.strip() + ' [/INST]' }}"
+    "{% elif message['role'] == 'assistant' %}{{ ' ' + content.strip() + ' ' + eos_token }}{% endif %}"
+    "{% endfor %}"
+)
+
+
+class _GenerationBlock(jinja2.ext.Extension):
+    """``{% generation %}...{% endgeneration %}`` (transformers' assistant-mask marker): renders the body."""
+
+    tags: ClassVar[set[str]] = {"generation"}
+
+    def parse(self, parser: Any) -> jinja2.nodes.Node:
+        lineno = next(parser.stream).lineno
+        body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+        return jinja2.nodes.CallBlock(self.call_method("_render"), [], [], body).set_lineno(lineno)
+
+    def _render(self, caller: Any) -> str:
+        return caller()
+
+
+def _raise_exception(message: str) -> None:
+    raise jinja2.exceptions.TemplateError(message)
+
+
+def _tojson(
+    x: Any, ensure_ascii: bool = False, indent: Any = None, separators: Any = None, sort_keys: bool = False
+) -> str:
+    return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+
+def _strftime_now(fmt: str) -> str:
+    return datetime.now().strftime(fmt)
+
+
+@lru_cache(maxsize=16)
+def _compile(template: str) -> jinja2.Template:
+    env = ImmutableSandboxedEnvironment(
+        trim_blocks=True, lstrip_blocks=True, extensions=[_GenerationBlock, jinja2.ext.loopcontrols]
+    )
+    env.filters["tojson"] = _tojson
+    env.globals["raise_exception"] = _raise_exception
+    env.globals["strftime_now"] = _strftime_now
+    return env.from_string(template)
+
+
+def builtin_template(vocab: Container[str] | None) -> str:
+    """The fallback for a model without ``tokenizer.chat_template``."""
+    if vocab is not None and "<|im_start|>" in vocab:
+        return CHATML_TEMPLATE
+    return LLAMA2_TEMPLATE
+
+
+def _validate(messages: Any) -> list[dict[str, Any]]:
+    hint = 'pass a list of {"role": "user" | "assistant" | "system" | ..., "content": str} dicts'
+    if not isinstance(messages, (list, tuple)):
+        raise ChatTemplateError(f"chat messages must be a list, got {type(messages).__name__}", hint)
+    if not messages:
+        raise ChatTemplateError("chat messages are empty", hint)
+    checked = []
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict):
+            raise ChatTemplateError(f"chat message {i} is a {type(message).__name__}, not a dict", hint)
+        role = message.get("role")
+        if not isinstance(role, str) or not role:
+            raise ChatTemplateError(f"chat message {i} has no role (a non-empty string)", hint)
+        content = message.get("content")
+        if content is None and not message.get("tool_calls"):
+            raise ChatTemplateError(f"chat message {i} ({role}) has no content", hint)
+        if content is not None and not isinstance(content, (str, list)):
+            raise ChatTemplateError(
+                f"chat message {i} ({role}) has content of type {type(content).__name__}; expected a string",
+                hint,
+            )
+        checked.append(dict(message))
+    return checked
+
+
+def render_chat(
+    template: str | None,
+    messages: list[dict[str, Any]],
+    *,
+    bos_token: str,
+    eos_token: str,
+    add_generation_prompt: bool = True,
+    vocab: Container[str] | None = None,
+) -> str:
+    """Render ``messages`` with ``template`` (None: ChatML if ``vocab`` has ``<|im_start|>``, else Llama-2)."""
+    checked = _validate(messages)
+    text = template if template else builtin_template(vocab)
+    hint = "the model's chat template cannot handle this conversation; check roles and their order"
+    try:
+        compiled = _compile(text)
+    except jinja2.TemplateSyntaxError as err:
+        raise ChatTemplateError(
+            f"the chat template does not parse (line {err.lineno}): {err.message}",
+            "the model's tokenizer.chat_template is broken; supply a working template",
+        ) from err
+    try:
+        return compiled.render(
+            messages=checked,
+            tools=None,
+            documents=None,
+            add_generation_prompt=add_generation_prompt,
+            bos_token=bos_token,
+            eos_token=eos_token,
+        )
+    except jinja2.TemplateError as err:
+        raise ChatTemplateError(f"chat template error: {err.message or err}", hint) from err
+    except (TypeError, ValueError, KeyError, AttributeError, IndexError, ZeroDivisionError) as err:
+        raise ChatTemplateError(f"chat template failed: {type(err).__name__}: {err}", hint) from err
