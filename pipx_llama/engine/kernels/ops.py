@@ -1,0 +1,647 @@
+"""Non-matmul kernels of the LLaMA forward pass, each with a numpy reference twin (suffix ``_ref``).
+
+Kernels write into preallocated outputs (or work in place) and follow llama.cpp's CPU backend
+(ggml-cpu ``ops.cpp``/``vec.cpp``) closely enough that our logits track llama.cpp's:
+
+- ``rmsnorm``: sum of float32 squares accumulated in float64, ``scale = 1/sqrtf(mean + eps)`` in
+  float32, ``out = x*scale*weight`` -- ggml's ``rms_norm`` fused with ``mul``.
+- ``rope``: GGML_ROPE_TYPE_NORMAL (consecutive pairs) from ``rope_cache`` tables that mirror
+  ``ggml_rope_cache_init`` with ``ext_factor == 0``: ``theta_scale = powf(base, -2.0f/n_rot)``,
+  ``theta`` starts at ``(float) pos`` and is multiplied by ``theta_scale`` pair after pair in float32,
+  then ``cosf(freq_scale*theta)``/``sinf(...)``.
+- ``attention``: llama.cpp's non-flash path (the default of llama-cpp-python, which made our golden
+  data): ``kq = K·q``, ``softmax(kq*scale + mask)`` with a float64 sum, ``kqv = V·p``. With an F16
+  KV cache ggml converts the float32 operand of each F16 matmul to F16 first, so q and the softmax
+  probabilities are rounded to F16 too; ``attention`` does the same when the cache is F16.
+- ``swiglu``: ``silu(g)*u`` with ``silu(x) = x/(1+expf(-x))``.
+
+Exponentials use ``_expf``, a port of ggml's AVX2 ``ggml_v_expf`` (error < 2 ulp) written so LLVM
+vectorizes it; a libm ``expf`` call per element is about eight times slower here.
+
+Numba cannot type float16 arrays, so the kernels take an F16 cache as ``uint16`` holding the F16
+bits; the Python wrapper ``attention`` accepts ``float16`` arrays and views them. F16->F32 uses the
+CPU's conversion instruction where numba targets F16C (``HAVE_F16C``), else integer arithmetic;
+F32->F16 is always integer arithmetic (round to nearest even, ggml's portable routine). All of
+them are exact.
+
+Small batches run serially: each ``prange`` region costs about a microsecond of thread wake-up,
+more than the whole op for one token of a small model. Every kernel picks serial or parallel
+from its work size, so one compiled function serves both decoding and prompt processing.
+"""
+
+from __future__ import annotations
+
+import math
+import platform
+
+import numba
+import numpy as np
+from llvmlite import binding as llvm_binding
+from llvmlite import ir
+from numba import njit, prange, types
+from numba.core.errors import TypingError
+from numba.extending import intrinsic, overload
+
+# Reductions need "reassoc" to vectorize; "nnan"/"ninf" stay off because masked logits are -inf
+# and exp(-inf - max) must give 0, not poison. Every kernel uses error_model="numpy": numba's
+# default checks each float division for zero to raise ZeroDivisionError, and that branch stops
+# LLVM from vectorizing the loop (swiglu ran 8x slower).
+_FAST = {"nsz", "contract", "reassoc"}
+
+# Work sizes below which a kernel stays on one thread: where serial and 2-thread runs broke even
+# on the 2-core dev machine (a parallel region costs ~1-1.5 us there).
+_PAR_ADD = 1 << 16  # elements
+_PAR_RMSNORM = 1 << 14  # elements
+_PAR_SWIGLU = 1 << 14  # elements (one exp each)
+_PAR_SOFTMAX = 1 << 14  # elements (two exps each)
+_PAR_ROPE = 1 << 12  # rotated pairs
+_PAR_ATTENTION = 1 << 15  # (token, head) pairs x positions x head_dim
+
+_F32 = np.float32
+_I32 = np.int32
+_U32 = np.uint32
+
+
+# ----------------------------------------------------------------------------- bit helpers
+
+
+@intrinsic
+def _f32_as_u32(typingctx, x):
+    if x != types.float32:
+        return None
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.IntType(32))
+
+    return types.uint32(types.float32), codegen
+
+
+@intrinsic
+def _u32_as_f32(typingctx, x):
+    if not isinstance(x, types.Integer):
+        return None
+
+    def codegen(context, builder, signature, args):
+        v = args[0]
+        if x.bitwidth > 32:
+            v = builder.trunc(v, ir.IntType(32))
+        elif x.bitwidth < 32:
+            v = builder.zext(v, ir.IntType(32))
+        return builder.bitcast(v, ir.FloatType())
+
+    return types.float32(x), codegen
+
+
+_TWO_112 = _F32(2.0**112)
+_TWO_M110 = _F32(2.0**-110)
+
+
+@njit(cache=True, error_model="numpy", fastmath={"contract"})
+def f16_bits_to_f32(h):
+    """F16 bits (uint16) -> float32, exact for every value (subnormals, inf, nan)."""
+    w = _U32(h)
+    em = _U32(w & _U32(0x7FFF))
+    # exponent/mantissa moved into float32 position, then rebias by 2**(127-15): exact, and it
+    # turns F16 subnormals into the right float32 normals.
+    bits = _f32_as_u32(_u32_as_f32(_U32(em << _U32(13))) * _TWO_112)
+    if em >= _U32(0x7C00):
+        bits = _U32(bits | _U32(0x7F800000))
+    return _u32_as_f32(_U32(bits | _U32((w & _U32(0x8000)) << _U32(16))))
+
+
+@njit(cache=True, error_model="numpy")
+def f32_to_f16_bits(f):
+    """float32 -> F16 bits, round to nearest even, as ggml's ``ggml_compute_fp32_to_fp16``.
+
+    Compiled without fastmath: the rounding happens in the float additions, which reassociation
+    would remove.
+    """
+    base = (abs(f) * _TWO_112) * _TWO_M110
+    w = _f32_as_u32(f)
+    shl1 = _U32(w + w)
+    sign = _U32(w & _U32(0x80000000))
+    bias = _U32(shl1 & _U32(0xFF000000))
+    bias = max(bias, _U32(0x71000000))
+    base = _u32_as_f32(_U32((bias >> _U32(1)) + _U32(0x07800000))) + base
+    bits = _f32_as_u32(base)
+    nonsign = _U32(((bits >> _U32(13)) & _U32(0x7C00)) + (bits & _U32(0x0FFF)))
+    if shl1 > _U32(0xFF000000):
+        nonsign = _U32(0x7E00)
+    return np.uint16(_U32(sign >> _U32(16)) | nonsign)
+
+
+def _target_has_f16c() -> bool:
+    """Whether numba compiles for an x86 CPU with F16C (hardware F16->F32 conversion).
+
+    LLVM lowers a ``half`` -> ``float`` extension to one instruction with F16C, but to a runtime
+    library call without it, which numba's JIT cannot resolve (the process crashes). A CPU named
+    through NUMBA_CPU_NAME counts only if NUMBA_CPU_FEATURES lists +f16c.
+    """
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return False
+    if numba.config.CPU_NAME and numba.config.CPU_NAME != "host":
+        return "+f16c" in (numba.config.CPU_FEATURES or "")
+    return bool(llvm_binding.get_host_cpu_features().get("f16c", False))
+
+
+HAVE_F16C = _target_has_f16c()
+
+
+@intrinsic
+def _f16_bits_to_f32_hw(typingctx, h):
+    if h != types.uint16:
+        return None
+
+    def codegen(context, builder, signature, args):
+        return builder.fpext(builder.bitcast(args[0], ir.HalfType()), ir.FloatType())
+
+    return types.float32(types.uint16), codegen
+
+
+@njit(cache=True, error_model="numpy")
+def f16_bits_to_f32_hw(h):
+    """F16 bits -> float32 with the CPU's conversion instruction; only where ``HAVE_F16C``."""
+    return _f16_bits_to_f32_hw(h)
+
+
+# what the attention kernel decodes the F16 cache with; both are exact
+_f16_decode = f16_bits_to_f32_hw if HAVE_F16C else f16_bits_to_f32
+
+
+# ----------------------------------------------------------------------------- exp
+
+_EXP_C = [_F32(float.fromhex(h)) for h in ("0x1.0e4020p-7", "0x1.573e2ep-5", "0x1.555e66p-3",
+                                           "0x1.fffdb6p-2", "0x1.ffffecp-1")]
+_EXP_C5, _EXP_C4, _EXP_C3, _EXP_C2, _EXP_C1 = _EXP_C
+_EXP_LOG2E = _F32(float.fromhex("0x1.715476p+0"))
+_EXP_LN2_HI = _F32(float.fromhex("0x1.62e4p-1"))
+_EXP_LN2_LO = _F32(float.fromhex("0x1.7f7d1cp-20"))
+_EXP_SHIFT = _F32(float.fromhex("0x1.8p23"))
+
+
+@njit(cache=True, error_model="numpy", fastmath={"contract"})
+def _expf(x):
+    """float32 exp, < 2 ulp, branch-free so loops calling it vectorize (ggml's AVX2 ggml_v_expf).
+
+    No "reassoc": ``(x*log2e + shift) - shift`` is the rounding to an integer and must stay.
+    Overflows to inf above ~88.7, flushes to 0 below ~-104, exp(-inf) = 0.
+    """
+    z = x * _EXP_LOG2E + _EXP_SHIFT
+    n = z - _EXP_SHIFT
+    b = (x - n * _EXP_LN2_HI) - n * _EXP_LN2_LO
+    e = _U32(_f32_as_u32(z) << _U32(23))
+    k = _u32_as_f32(_U32(e + _U32(0x3F800000)))
+    u = b * b
+    j = ((_EXP_C5 * b + _EXP_C4) * u + (_EXP_C3 * b + _EXP_C2)) * u + _EXP_C1 * b
+    res = k * j + k
+    an = abs(n)
+    if an > _F32(126.0):
+        # 2**n is outside float32's normal range: split it over two factors
+        g = _U32(0)
+        if n <= _F32(0.0):
+            g = _U32(0x82000000)
+        s1 = _u32_as_f32(_U32(g + _U32(0x7F000000)))
+        s2 = _u32_as_f32(_U32(e - g))
+        res = (s2 * j + s2) * s1
+        if an > _F32(192.0):
+            res = s1 * s1
+    return res
+
+
+# ----------------------------------------------------------------------------- KV element access
+
+
+def _kv_to_f32(v):
+    """A KV-cache element as float32 (typed per cache dtype inside njit code)."""
+    raise NotImplementedError
+
+
+def _kv_round(x, cache):
+    """``x`` rounded to the precision of ``cache``'s dtype, as float32."""
+    raise NotImplementedError
+
+
+@overload(_kv_to_f32)
+def _ov_kv_to_f32(v):
+    if v == types.float32:
+        return lambda v: v
+    if v == types.uint16:
+        return lambda v: _f16_decode(v)
+    raise TypingError(f"KV cache elements must be float32 or uint16 (F16 bits), got {v}")
+
+
+@overload(_kv_round)
+def _ov_kv_round(x, cache):
+    if cache.dtype == types.float32:
+        return lambda x, cache: x
+    if cache.dtype == types.uint16:
+        return lambda x, cache: _f16_decode(f32_to_f16_bits(x))
+    raise TypingError(f"KV cache must be float32 or uint16 (F16 bits), got {cache.dtype}")
+
+
+# ----------------------------------------------------------------------------- rmsnorm
+
+
+@njit(cache=True, error_model="numpy", fastmath=_FAST)
+def _sum_squares(x):
+    s = 0.0
+    for i in range(x.shape[0]):
+        v = x[i]
+        s += np.float64(v * v)
+    return s
+
+
+@njit(cache=True, error_model="numpy")
+def _rmsnorm_row(x, weight, eps, out):
+    # no fastmath here: with "reassoc" LLVM turns x*(1/sqrt(m)) into x/sqrt(m), a different rounding
+    n = x.shape[0]
+    mean = _F32(_sum_squares(x) / n)
+    scale = _F32(1.0) / np.sqrt(mean + _F32(eps))
+    for i in range(n):
+        out[i] = x[i] * scale * weight[i]
+
+
+@njit(cache=True, error_model="numpy", parallel=True)
+def rmsnorm(x, weight, eps, out):
+    """out[t] = x[t] * (1/sqrt(mean(x[t]**2) + eps)) * weight; x, out f32 [T, dim], weight f32 [dim]."""
+    T = x.shape[0]
+    if T * x.shape[1] < _PAR_RMSNORM:
+        for t in range(T):
+            _rmsnorm_row(x[t], weight, eps, out[t])
+    else:
+        for t in prange(T):
+            _rmsnorm_row(x[t], weight, eps, out[t])
+
+
+def rmsnorm_ref(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
+    sq = (x * x).astype(np.float64)
+    mean = (sq.sum(axis=1) / x.shape[1]).astype(np.float32)
+    scale = _F32(1.0) / np.sqrt(mean + _F32(eps))
+    return x * scale[:, None] * weight
+
+
+# ----------------------------------------------------------------------------- rope
+
+
+@njit(cache=True, error_model="numpy")
+def _rope_cache_fill(freq_base, freq_scale, cos, sin):
+    half = cos.shape[1]
+    theta_scale = _F32(freq_base) ** (_F32(-2.0) / _F32(2 * half))
+    fs = _F32(freq_scale)
+    for p in range(cos.shape[0]):
+        theta = _F32(p)
+        for i in range(half):
+            th = fs * theta
+            cos[p, i] = np.cos(th)
+            sin[p, i] = np.sin(th)
+            theta = theta * theta_scale
+
+
+def rope_cache(n_ctx: int, n_rot: int, freq_base: float, freq_scale: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+    """cos, sin tables f32 [n_ctx, n_rot//2] for ``rope``; entry [p, i] is the angle of pair i at position p.
+
+    Mirrors ggml's ``ggml_rope_cache_init`` (ext_factor 0, attn_factor 1): theta is built by
+    repeated float32 multiplication, as ggml does, not as ``p * base**(-2i/n_rot)``.
+    ``freq_scale`` is 1/(linear RoPE scaling factor).
+    """
+    if n_rot <= 0 or n_rot % 2:
+        raise ValueError(f"n_rot must be a positive even number, got {n_rot}")
+    cos = np.empty((n_ctx, n_rot // 2), np.float32)
+    sin = np.empty((n_ctx, n_rot // 2), np.float32)
+    _rope_cache_fill(float(freq_base), float(freq_scale), cos, sin)
+    return cos, sin
+
+
+def rope_cache_ref(n_ctx: int, n_rot: int, freq_base: float, freq_scale: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+    half = n_rot // 2
+    theta_scale = np.float32(np.float64(_F32(freq_base)) ** np.float64(_F32(-2.0) / _F32(n_rot)))
+    steps = np.full((n_ctx, half), theta_scale, np.float32)
+    steps[:, 0] = np.arange(n_ctx, dtype=np.float32)
+    theta = np.multiply.accumulate(steps, axis=1, dtype=np.float32) * _F32(freq_scale)
+    th64 = theta.astype(np.float64)
+    return np.cos(th64).astype(np.float32), np.sin(th64).astype(np.float32)
+
+
+@njit(cache=True, error_model="numpy")
+def _rope_head(x, cos, sin):
+    for i in range(cos.shape[0]):
+        x0 = x[2 * i]
+        x1 = x[2 * i + 1]
+        c = cos[i]
+        s = sin[i]
+        x[2 * i] = x0 * c - x1 * s
+        x[2 * i + 1] = x0 * s + x1 * c
+
+
+@njit(cache=True, error_model="numpy", parallel=True)
+def rope(x, positions, cos, sin):
+    """Rotary embedding in place, llama's consecutive-pair layout (GGML ROPE mode 0).
+
+    x: f32 [T, n_heads, head_dim]; positions: i32 [T], each in 0..n_ctx-1 (not checked);
+    cos, sin: f32 [n_ctx, n_rot//2] from ``rope_cache``. Pair (x[2i], x[2i+1]) of each head is
+    rotated by the angle of pair i at the token's position; dims n_rot.. are left as they are.
+    """
+    T, H = x.shape[0], x.shape[1]
+    if T * H * cos.shape[1] < _PAR_ROPE:
+        for t in range(T):
+            p = positions[t]
+            for h in range(H):
+                _rope_head(x[t, h], cos[p], sin[p])
+    else:
+        for th in prange(T * H):
+            t = th // H
+            p = positions[t]
+            _rope_head(x[t, th - t * H], cos[p], sin[p])
+
+
+def rope_ref(x: np.ndarray, positions: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
+    out = x.copy()
+    n_rot = 2 * cos.shape[1]
+    c = cos[positions][:, None, :]
+    s = sin[positions][:, None, :]
+    x0, x1 = x[..., 0:n_rot:2], x[..., 1:n_rot:2]
+    out[..., 0:n_rot:2] = x0 * c - x1 * s
+    out[..., 1:n_rot:2] = x0 * s + x1 * c
+    return out
+
+
+# ----------------------------------------------------------------------------- attention
+
+
+@njit(cache=True, error_model="numpy", fastmath=_FAST)
+def _attend(q, k_cache, v_cache, kvh, n_pos, scale, work, out):
+    """One (token, head): out = softmax(K[:n_pos]·q*scale) · V[:n_pos]; work: f32 [>= n_pos + 2*D]."""
+    D = q.shape[0]
+    scores = work[:n_pos]
+    qr = work[n_pos : n_pos + D]
+    acc = work[n_pos + D : n_pos + 2 * D]
+    scale = _F32(scale)
+    for d in range(D):
+        qr[d] = _kv_round(q[d], k_cache)
+    mx = -np.inf
+    for j in range(n_pos):
+        s = _F32(0.0)
+        for d in range(D):
+            s += qr[d] * _kv_to_f32(k_cache[j, kvh, d])
+        s = s * scale
+        scores[j] = s
+        mx = max(mx, s)
+    mx32 = _F32(mx)
+    total = 0.0
+    for j in range(n_pos):
+        e = _expf(scores[j] - mx32)
+        scores[j] = e
+        total += np.float64(e)
+    inv = _F32(1.0 / total)
+    for d in range(D):
+        acc[d] = _F32(0.0)
+    for j in range(n_pos):
+        scores[j] = _kv_round(scores[j] * inv, v_cache)
+    # four positions per pass over acc: acc lives in memory, and one position per pass makes the
+    # loop wait on acc's store->load round trip
+    j = 0
+    while j + 4 <= n_pos:
+        p0, p1, p2, p3 = scores[j], scores[j + 1], scores[j + 2], scores[j + 3]
+        for d in range(D):
+            acc[d] += ((p0 * _kv_to_f32(v_cache[j, kvh, d]) + p1 * _kv_to_f32(v_cache[j + 1, kvh, d]))
+                       + (p2 * _kv_to_f32(v_cache[j + 2, kvh, d]) + p3 * _kv_to_f32(v_cache[j + 3, kvh, d])))
+        j += 4
+    while j < n_pos:
+        p = scores[j]
+        for d in range(D):
+            acc[d] += p * _kv_to_f32(v_cache[j, kvh, d])
+        j += 1
+    for d in range(D):
+        out[d] = acc[d]
+
+
+@njit(cache=True, error_model="numpy", parallel=True)
+def attention_kernel(q, k_cache, v_cache, start_pos, scale, out, scratch):
+    """Causal GQA attention; see ``attention``. K/V caches f32 or uint16 (F16 bits).
+
+    scale: float32, llama.cpp's ``1.0f/sqrtf(head_dim)``; it is an argument because computed here
+    LLVM would fold ``s * (1/r)`` into ``s / r``, a different rounding.
+    scratch: f32 [n_chunks, >= start_pos + T + 2*head_dim]; (token, head) pairs are dealt to the
+    chunks round-robin (causal rows differ in length, so this balances them) and the chunks run in
+    parallel. The result does not depend on n_chunks.
+    """
+    T, H, D = q.shape
+    group = H // k_cache.shape[1]
+    n_pairs = T * H
+    n_chunks = scratch.shape[0]
+    if n_chunks == 1 or n_pairs * (start_pos + T) * D < _PAR_ATTENTION:
+        for pair in range(n_pairs):
+            t = pair // H
+            h = pair - t * H
+            _attend(q[t, h], k_cache, v_cache, h // group, start_pos + t + 1, scale, scratch[0], out[t, h])
+    else:
+        for c in prange(n_chunks):
+            for pair in range(c, n_pairs, n_chunks):
+                t = pair // H
+                h = pair - t * H
+                _attend(q[t, h], k_cache, v_cache, h // group, start_pos + t + 1, scale, scratch[c], out[t, h])
+
+
+def attention_scratch(n_positions: int, head_dim: int, n_chunks: int | None = None) -> np.ndarray:
+    """Scratch for ``attention_kernel`` covering up to ``n_positions`` cache positions."""
+    if n_chunks is None:
+        n_chunks = numba.get_num_threads()
+    return np.empty((max(1, n_chunks), n_positions + 2 * head_dim), np.float32)
+
+
+def attention_scale(head_dim: int) -> np.float32:
+    """1.0f/sqrtf(head_dim), in float32 as llama.cpp computes ``kq_scale``."""
+    return _F32(1.0) / np.sqrt(_F32(head_dim))
+
+
+def _as_kernel_cache(cache: np.ndarray) -> np.ndarray:
+    if cache.dtype == np.float16:
+        return cache.view(np.uint16)
+    if cache.dtype in (np.float32, np.uint16):
+        return cache
+    raise TypeError(f"KV cache dtype must be float16 or float32, got {cache.dtype}")
+
+
+def attention(q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, start_pos: int, out: np.ndarray,
+              scratch: np.ndarray | None = None) -> None:
+    """Causal grouped-query attention for a batch of T new tokens, written into ``out``.
+
+    q, out: f32 [T, n_heads, head_dim]; k_cache, v_cache: [n_ctx, n_kv_heads, head_dim] float32 or
+    float16 (uint16 is taken as F16 bits), already holding the batch's own keys/values at
+    start_pos..start_pos+T-1. Token t sits at position start_pos+t and attends to cache positions
+    0..start_pos+t; head h reads KV head h // (n_heads // n_kv_heads); scale 1/sqrt(head_dim).
+    With an F16 cache, q and the softmax probabilities are rounded to F16 before their dot
+    products, as llama.cpp's F16 matmuls do. ``scratch`` (from ``attention_scratch``) is
+    allocated per call when omitted.
+    """
+    T, H, D = q.shape
+    n_ctx, kvh = k_cache.shape[0], k_cache.shape[1]
+    if (out.shape != q.shape or k_cache.shape != v_cache.shape or k_cache.shape[2] != D
+            or kvh == 0 or H % kvh or start_pos < 0 or start_pos + T > n_ctx):
+        raise ValueError(f"attention: q {q.shape}, out {out.shape}, k {k_cache.shape}, v {v_cache.shape}, "
+                         f"start_pos {start_pos} do not fit together")
+    n_pos = start_pos + T
+    if scratch is None:
+        scratch = attention_scratch(n_pos, D)
+    elif scratch.shape[1] < n_pos + 2 * D:
+        raise ValueError(f"attention: scratch rows of {scratch.shape[1]} < {n_pos + 2 * D} needed")
+    attention_kernel(q, _as_kernel_cache(k_cache), _as_kernel_cache(v_cache), start_pos, attention_scale(D),
+                     out, scratch)
+
+
+def attention_ref(q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, start_pos: int) -> np.ndarray:
+    """Twin of ``attention``: same roundings (F16 q and probabilities for an F16 cache)."""
+    T, H, D = q.shape
+    f16 = k_cache.dtype in (np.float16, np.uint16)
+    kc = k_cache.view(np.float16) if k_cache.dtype == np.uint16 else k_cache
+    vc = v_cache.view(np.float16) if v_cache.dtype == np.uint16 else v_cache
+    group = H // kc.shape[1]
+    scale = attention_scale(D)
+    out = np.empty((T, H, D), np.float32)
+    for t in range(T):
+        n = start_pos + t + 1
+        for h in range(H):
+            k = kc[:n, h // group].astype(np.float32)
+            v = vc[:n, h // group].astype(np.float32)
+            qh = q[t, h].astype(np.float16).astype(np.float32) if f16 else q[t, h]
+            s = (k @ qh).astype(np.float32) * scale
+            e = np.exp(s - s.max())
+            p = e * _F32(1.0 / e.astype(np.float64).sum())
+            if f16:
+                p = p.astype(np.float16).astype(np.float32)
+            out[t, h] = p @ v
+    return out
+
+
+# ----------------------------------------------------------------------------- swiglu, add
+
+
+@njit(cache=True, error_model="numpy", fastmath={"contract", "nsz"})
+def _swiglu_row(gate, up, out):
+    for i in range(gate.shape[0]):
+        g = gate[i]
+        out[i] = g / (_F32(1.0) + _expf(-g)) * up[i]
+
+
+@njit(cache=True, error_model="numpy", parallel=True)
+def swiglu(gate, up, out):
+    """out = silu(gate) * up, silu(x) = x/(1+exp(-x)); all f32 [T, n]."""
+    T = gate.shape[0]
+    if T * gate.shape[1] < _PAR_SWIGLU:
+        for t in range(T):
+            _swiglu_row(gate[t], up[t], out[t])
+    else:
+        for t in prange(T):
+            _swiglu_row(gate[t], up[t], out[t])
+
+
+def swiglu_ref(gate: np.ndarray, up: np.ndarray) -> np.ndarray:
+    with np.errstate(over="ignore"):  # exp(-x) overflows to inf for x < -88.7 and silu(x) -> -0
+        return gate / (_F32(1.0) + np.exp(-gate)) * up
+
+
+@njit(cache=True, error_model="numpy", parallel=True)
+def add_inplace(x, y):
+    """x += y (the residual add); x, y f32 [T, dim]."""
+    T, n = x.shape
+    if T * n < _PAR_ADD:
+        for t in range(T):
+            for i in range(n):
+                x[t, i] += y[t, i]
+    else:
+        for t in prange(T):
+            for i in range(n):
+                x[t, i] += y[t, i]
+
+
+def add_inplace_ref(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    return x + y
+
+
+# ----------------------------------------------------------------------------- softmax over logits
+
+
+@njit(cache=True, error_model="numpy")
+def _sortable_key(x):
+    # float32 bits as an int32 that orders like the float: LLVM vectorizes an integer max
+    # reduction but not a float one (a float max loop ran 20x slower than this)
+    b = np.int32(_f32_as_u32(x))
+    return np.int32(b ^ ((b >> np.int32(31)) & np.int32(0x7FFFFFFF)))
+
+
+@njit(cache=True, error_model="numpy")
+def _row_max(x):
+    """max(x) of a float32 row; -inf for an all -inf row, nan if any element is nan."""
+    best = np.int32(-(2**31))
+    for i in range(x.shape[0]):
+        best = max(best, _sortable_key(x[i]))
+    b = np.int32(best ^ ((best >> np.int32(31)) & np.int32(0x7FFFFFFF)))
+    return _u32_as_f32(np.uint32(b))
+
+
+@njit(cache=True, error_model="numpy", fastmath=_FAST)
+def _sum_exp(x, mx):
+    """sum(exp(x - mx)) in float64, from float32 partial sums of 64 (as ggml's sums of 8)."""
+    n = x.shape[0]
+    n_blocks = n - n % 64
+    total = 0.0
+    for i0 in range(0, n_blocks, 64):
+        s = _F32(0.0)
+        for k in range(64):
+            s += _expf(x[i0 + k] - mx)
+        total += np.float64(s)
+    for i in range(n_blocks, n):
+        total += np.float64(_expf(x[i] - mx))
+    return total
+
+
+@njit(cache=True, error_model="numpy", fastmath=_FAST)
+def _softmax_row(x, out):
+    mx = _row_max(x)
+    inv = _F32(1.0 / _sum_exp(x, mx))
+    for i in range(x.shape[0]):
+        out[i] = _expf(x[i] - mx) * inv
+
+
+@njit(cache=True, error_model="numpy", fastmath=_FAST)
+def _log_softmax_row(x, out):
+    mx = _row_max(x)
+    lse = _F32(math.log(_sum_exp(x, mx)))
+    for i in range(x.shape[0]):
+        out[i] = (x[i] - mx) - lse
+
+
+@njit(cache=True, error_model="numpy", parallel=True)
+def softmax(x, out):
+    """Row-wise softmax of logits f32 [T, vocab] (max-subtracted, float64 sum); -inf logits get 0."""
+    T = x.shape[0]
+    if T == 1 or T * x.shape[1] < _PAR_SOFTMAX:
+        for t in range(T):
+            _softmax_row(x[t], out[t])
+    else:
+        for t in prange(T):
+            _softmax_row(x[t], out[t])
+
+
+@njit(cache=True, error_model="numpy", parallel=True)
+def log_softmax(x, out):
+    """Row-wise log-softmax of logits f32 [T, vocab]: x - max - log(sum(exp(x - max)))."""
+    T = x.shape[0]
+    if T == 1 or T * x.shape[1] < _PAR_SOFTMAX:
+        for t in range(T):
+            _log_softmax_row(x[t], out[t])
+    else:
+        for t in prange(T):
+            _log_softmax_row(x[t], out[t])
+
+
+def softmax_ref(x: np.ndarray) -> np.ndarray:
+    x64 = x.astype(np.float64)
+    e = np.exp(x64 - x64.max(axis=1, keepdims=True))
+    return (e / e.sum(axis=1, keepdims=True)).astype(np.float32)
+
+
+def log_softmax_ref(x: np.ndarray) -> np.ndarray:
+    x64 = x.astype(np.float64)
+    z = x64 - x64.max(axis=1, keepdims=True)
+    return (z - np.log(np.exp(z).sum(axis=1, keepdims=True))).astype(np.float32)

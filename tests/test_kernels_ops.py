@@ -1,0 +1,300 @@
+"""Tests of the non-matmul kernels (pipx_llama.engine.kernels.ops): each numba kernel against its
+numpy twin on random data, plus semantic checks (plain masked-softmax attention, RoPE's
+relative-position property) and the exactness of the F16 and exp helpers."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from numba import njit
+
+from pipx_llama.engine.kernels import ops
+
+
+@njit
+def _map_f16_to_f32(h, out):
+    for i in range(h.shape[0]):
+        out[i] = ops.f16_bits_to_f32(h[i])
+
+
+@njit
+def _map_f16_to_f32_hw(h, out):
+    for i in range(h.shape[0]):
+        out[i] = ops.f16_bits_to_f32_hw(h[i])
+
+
+@njit
+def _map_f32_to_f16(x, out):
+    for i in range(x.shape[0]):
+        out[i] = ops.f32_to_f16_bits(x[i])
+
+
+@njit(fastmath=ops._FAST)
+def _map_expf(x, out):
+    for i in range(x.shape[0]):
+        out[i] = ops._expf(x[i])
+
+
+def _rng(seed: int = 0) -> np.random.Generator:
+    return np.random.default_rng(seed)
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+@pytest.mark.parametrize("hw", [False, True])
+def test_f16_to_f32_exhaustive(hw):
+    if hw and not ops.HAVE_F16C:
+        pytest.skip("numba does not target F16C here")
+    bits = np.arange(1 << 16, dtype=np.uint16)
+    out = np.empty(bits.size, np.float32)
+    (_map_f16_to_f32_hw if hw else _map_f16_to_f32)(bits, out)
+    ref = bits.view(np.float16).astype(np.float32)
+    nan = np.isnan(ref)
+    np.testing.assert_array_equal(np.isnan(out), nan)
+    np.testing.assert_array_equal(out[~nan].view(np.uint32), ref[~nan].view(np.uint32))
+
+
+def test_f32_to_f16_matches_numpy_rounding():
+    rng = _rng(1)
+    x = (rng.standard_normal(200_000) * np.exp(rng.uniform(-30, 15, 200_000))).astype(np.float32)
+    edges = [0.0, -0.0, 65504.0, 65519.99, 65520.0, -70000.0, np.inf, -np.inf, 5.96e-8, 2.98e-8, 2.99e-8,
+             6.1e-5, 1.0 + 2.0**-11, 1.0 + 3 * 2.0**-11, 2049.0, 2051.0]
+    x = np.concatenate([x, np.array(edges, np.float32), np.arange(-4096, 4096, 0.25, dtype=np.float32)])
+    out = np.empty(x.size, np.uint16)
+    _map_f32_to_f16(x, out)
+    with np.errstate(over="ignore"):
+        ref = x.astype(np.float16).view(np.uint16)
+    np.testing.assert_array_equal(out, ref)
+    nan = np.empty(1, np.uint16)
+    _map_f32_to_f16(np.array([np.nan], np.float32), nan)
+    assert np.isnan(nan.view(np.float16)[0])
+
+
+def test_expf_within_two_ulp_and_limits():
+    x = np.concatenate([np.linspace(-103.0, 88.7, 400_001), np.linspace(-1, 1, 10_001)]).astype(np.float32)
+    out = np.empty_like(x)
+    _map_expf(x, out)
+    ref = np.exp(x.astype(np.float64))
+    ulp = np.spacing(ref.astype(np.float32)).astype(np.float64)
+    normal = ref > np.finfo(np.float32).tiny
+    assert (np.abs(out - ref)[normal] / ulp[normal]).max() < 2.0
+    assert np.all(np.abs(out - ref)[~normal] <= 2 * ulp[~normal])
+    lim = np.empty(4, np.float32)
+    _map_expf(np.array([-np.inf, -200.0, 89.0, 0.0], np.float32), lim)
+    assert lim[0] == 0.0 and lim[1] == 0.0 and np.isinf(lim[2]) and lim[3] == 1.0
+
+
+# ----------------------------------------------------------------------------- rmsnorm
+
+
+@pytest.mark.parametrize("T,dim", [(1, 576), (33, 576), (20, 4096)])
+def test_rmsnorm_matches_ref(T, dim):
+    rng = _rng(T)
+    x = (rng.standard_normal((T, dim)) * 3).astype(np.float32)
+    w = rng.standard_normal(dim).astype(np.float32)
+    out = np.empty_like(x)
+    ops.rmsnorm(x, w, 1e-5, out)
+    np.testing.assert_allclose(out, ops.rmsnorm_ref(x, w, 1e-5), rtol=1e-6, atol=0)
+    # the normalized rows have unit RMS (weight 1)
+    ones = np.ones(dim, np.float32)
+    ops.rmsnorm(x, ones, 1e-6, out)
+    np.testing.assert_allclose(np.sqrt((out.astype(np.float64) ** 2).mean(axis=1)), 1.0, rtol=1e-5)
+
+
+# ----------------------------------------------------------------------------- rope
+
+
+def test_rope_cache_matches_ref_and_ggml_recurrence():
+    cos, sin = ops.rope_cache(2048, 64, 10000.0)
+    cos_r, sin_r = ops.rope_cache_ref(2048, 64, 10000.0)
+    assert cos.shape == sin.shape == (2048, 32) and cos.dtype == np.float32
+    np.testing.assert_allclose(cos, cos_r, rtol=0, atol=1.2e-7)
+    np.testing.assert_allclose(sin, sin_r, rtol=0, atol=1.2e-7)
+    # pair 0 turns by exactly the position; later pairs by the float32 recurrence, close to p*base^(-2i/n)
+    np.testing.assert_allclose(cos[:, 0], np.cos(np.arange(2048.0)), atol=2e-7)
+    exact = np.arange(2048.0)[:, None] * 10000.0 ** (-2.0 * np.arange(32) / 64)
+    np.testing.assert_allclose(cos, np.cos(exact), atol=5e-4)
+    c2, _ = ops.rope_cache(16, 64, 10000.0, freq_scale=0.25)
+    np.testing.assert_allclose(c2[8], cos[2], atol=2e-7)
+    with pytest.raises(ValueError):
+        ops.rope_cache(16, 63, 10000.0)
+
+
+@pytest.mark.parametrize("T,H,D,n_rot,start", [(1, 9, 64, 64, 0), (1, 32, 128, 128, 700), (33, 9, 64, 64, 5),
+                                               (33, 32, 128, 128, 0), (7, 3, 64, 32, 100)])
+def test_rope_matches_ref(T, H, D, n_rot, start):
+    rng = _rng(T * H)
+    cos, sin = ops.rope_cache(1024, n_rot, 500000.0 if D == 128 else 10000.0)
+    x = rng.standard_normal((T, H, D)).astype(np.float32)
+    positions = np.arange(start, start + T, dtype=np.int32)
+    ref = ops.rope_ref(x, positions, cos, sin)
+    ops.rope(x, positions, cos, sin)
+    np.testing.assert_array_equal(x, ref)
+    if n_rot < D:
+        np.testing.assert_array_equal(x[..., n_rot:], ref[..., n_rot:])
+
+
+def test_rope_dot_depends_only_on_relative_position():
+    rng = _rng(3)
+    cos, sin = ops.rope_cache(4096, 128, 10000.0)
+    q = rng.standard_normal((1, 1, 128)).astype(np.float32)
+    k = rng.standard_normal((1, 1, 128)).astype(np.float32)
+
+    def dot(m: int, n: int) -> float:
+        qq, kk = q.copy(), k.copy()
+        ops.rope(qq, np.array([m], np.int32), cos, sin)
+        ops.rope(kk, np.array([n], np.int32), cos, sin)
+        return float(qq.astype(np.float64).ravel() @ kk.astype(np.float64).ravel())
+
+    for delta in (0, 1, 17, 300):
+        values = [dot(n + delta, n) for n in (0, 5, 123, 1000, 3000)]
+        np.testing.assert_allclose(values, values[0], rtol=0, atol=2e-3 * np.abs(q).sum())
+    # and it does depend on the offset
+    assert abs(dot(1, 0) - dot(40, 0)) > 1e-3
+
+
+# ----------------------------------------------------------------------------- attention
+
+
+def _kv(rng, n_ctx, kvh, D, dtype):
+    return (rng.standard_normal((n_ctx, kvh, D)) * 2).astype(dtype)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+@pytest.mark.parametrize("T,start_pos", [(1, 0), (1, 77), (33, 0), (33, 40)])
+@pytest.mark.parametrize("H,KVH,D", [(9, 3, 64), (6, 6, 64), (6, 2, 128), (4, 4, 128)])
+def test_attention_matches_ref(dtype, T, start_pos, H, KVH, D):
+    rng = _rng(T + start_pos + H + D)
+    n_ctx = start_pos + T + 5
+    q = (rng.standard_normal((T, H, D)) * 2).astype(np.float32)
+    k, v = _kv(rng, n_ctx, KVH, D, dtype), _kv(rng, n_ctx, KVH, D, dtype)
+    out = np.empty_like(q)
+    ops.attention(q, k, v, start_pos, out)
+    ref = ops.attention_ref(q, k, v, start_pos)
+    vmax = np.abs(v.astype(np.float32)).max()
+    # F16 rounding of a probability turns a last-bit difference of the scores (summation order)
+    # into an F16 ulp now and then
+    np.testing.assert_allclose(out, ref, rtol=0, atol=(2e-5 if dtype == np.float32 else 3e-4) * vmax)
+    np.testing.assert_allclose(np.median(np.abs(out - ref)), 0.0, atol=1e-6 * vmax)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+def test_attention_independent_of_chunking(dtype):
+    rng = _rng(11)
+    T, H, KVH, D, start = 33, 9, 3, 64, 60
+    q = rng.standard_normal((T, H, D)).astype(np.float32)
+    k, v = _kv(rng, 128, KVH, D, dtype), _kv(rng, 128, KVH, D, dtype)
+    ku, vu = ops._as_kernel_cache(k), ops._as_kernel_cache(v)
+    results = []
+    for n_chunks in (1, 2, 5):
+        out = np.empty_like(q)
+        ops.attention_kernel(q, ku, vu, start, ops.attention_scale(D), out, ops.attention_scratch(128, D, n_chunks))
+        results.append(out)
+    np.testing.assert_array_equal(results[0], results[1])
+    np.testing.assert_array_equal(results[0], results[2])
+
+
+def _plain_attention(q, k, v, start_pos):
+    """Masked-softmax attention written the textbook way, in float64."""
+    T, H, D = q.shape
+    n = start_pos + T
+    group = H // k.shape[1]
+    kk = np.repeat(k[:n].astype(np.float64), group, axis=1)  # [n, H, D]
+    vv = np.repeat(v[:n].astype(np.float64), group, axis=1)
+    scores = np.einsum("thd,jhd->htj", q.astype(np.float64), kk) / np.sqrt(D)
+    allowed = np.arange(n)[None, :] <= (start_pos + np.arange(T))[:, None]  # [T, n]
+    scores = np.where(allowed[None], scores, -np.inf)
+    p = np.exp(scores - scores.max(axis=2, keepdims=True))
+    p /= p.sum(axis=2, keepdims=True)
+    return np.einsum("htj,jhd->thd", p, vv)
+
+
+@pytest.mark.parametrize("H,KVH,D,start_pos", [(9, 3, 64, 0), (8, 8, 128, 0), (9, 3, 64, 50)])
+def test_attention_equals_plain_masked_softmax(H, KVH, D, start_pos):
+    rng = _rng(H * D)
+    T = 40
+    n_ctx = start_pos + T
+    q = rng.standard_normal((T, H, D)).astype(np.float32)
+    k, v = _kv(rng, n_ctx, KVH, D, np.float32), _kv(rng, n_ctx, KVH, D, np.float32)
+    out = np.empty_like(q)
+    ops.attention(q, k, v, start_pos, out)
+    np.testing.assert_allclose(out, _plain_attention(q, k, v, start_pos), rtol=0, atol=1e-5)
+    # F16 storage changes the answer only by F16 rounding
+    out16 = np.empty_like(q)
+    ops.attention(q, k.astype(np.float16), v.astype(np.float16), start_pos, out16)
+    np.testing.assert_allclose(out16, out, rtol=0, atol=2e-2)
+
+
+def test_attention_first_token_returns_its_value():
+    rng = _rng(5)
+    q = rng.standard_normal((1, 4, 64)).astype(np.float32)
+    v = _kv(rng, 8, 2, 64, np.float32)
+    out = np.empty_like(q)
+    ops.attention(q, _kv(rng, 8, 2, 64, np.float32), v, 0, out)
+    np.testing.assert_allclose(out[0], np.repeat(v[0], 2, axis=0), rtol=1e-6)
+
+
+def test_attention_rejects_mismatched_shapes():
+    q = np.zeros((2, 9, 64), np.float32)
+    k = np.zeros((16, 3, 64), np.float16)
+    with pytest.raises(ValueError):
+        ops.attention(q, k, k, 15, np.empty_like(q))  # positions 15..16 exceed the cache
+    with pytest.raises(ValueError):
+        ops.attention(q, np.zeros((16, 4, 64), np.float16), np.zeros((16, 4, 64), np.float16), 0, np.empty_like(q))
+    with pytest.raises(ValueError):
+        ops.attention(q, k, k, 0, np.empty_like(q), scratch=np.empty((2, 10), np.float32))
+    with pytest.raises(TypeError):
+        ops.attention(q, k.astype(np.float64), k.astype(np.float64), 0, np.empty_like(q))
+
+
+# ----------------------------------------------------------------------------- elementwise, softmax
+
+
+@pytest.mark.parametrize("T,n", [(1, 1536), (33, 1536), (20, 11008)])
+def test_swiglu_matches_ref(T, n):
+    rng = _rng(n + T)
+    gate = (rng.standard_normal((T, n)) * 6).astype(np.float32)
+    gate[0, :4] = [-100.0, 100.0, 0.0, -0.0]
+    up = rng.standard_normal((T, n)).astype(np.float32)
+    out = np.empty_like(gate)
+    ops.swiglu(gate, up, out)
+    ref = ops.swiglu_ref(gate, up)
+    np.testing.assert_allclose(out, ref, rtol=1e-6, atol=1e-37)
+    assert np.all(np.isfinite(out))
+
+
+@pytest.mark.parametrize("T,dim", [(1, 576), (33, 4096)])
+def test_add_inplace_matches_ref(T, dim):
+    rng = _rng(dim)
+    x = rng.standard_normal((T, dim)).astype(np.float32)
+    y = rng.standard_normal((T, dim)).astype(np.float32)
+    ref = ops.add_inplace_ref(x, y)
+    ops.add_inplace(x, y)
+    np.testing.assert_array_equal(x, ref)
+
+
+def test_row_max_orders_like_floats():
+    rng = _rng(9)
+    for row in (rng.standard_normal(1000).astype(np.float32) - 50, rng.standard_normal(77).astype(np.float32),
+                np.array([-np.inf, -3.0, -np.inf], np.float32), np.array([-np.inf], np.float32),
+                np.array([-0.0, -1e-45, -2.0], np.float32), np.array([1e-45, 0.0, -0.0], np.float32)):
+        assert ops._row_max(row) == row.max()
+    assert np.isnan(ops._row_max(np.array([1.0, np.nan, 2.0], np.float32)))
+
+
+@pytest.mark.parametrize("T,vocab", [(1, 49152), (5, 32000), (12, 1000)])
+def test_softmax_and_log_softmax_match_ref(T, vocab):
+    rng = _rng(vocab)
+    x = (rng.standard_normal((T, vocab)) * 8).astype(np.float32)
+    x[0, :3] = -np.inf  # masked tokens, as samplers produce
+    p = np.empty_like(x)
+    ops.softmax(x, p)
+    np.testing.assert_allclose(p, ops.softmax_ref(x), rtol=1e-5, atol=1e-12)
+    np.testing.assert_allclose(p.astype(np.float64).sum(axis=1), 1.0, rtol=1e-5)
+    assert np.all(p[0, :3] == 0.0)
+    lp = np.empty_like(x)
+    ops.log_softmax(x, lp)
+    finite = np.isfinite(x)
+    np.testing.assert_allclose(lp[finite], ops.log_softmax_ref(x)[finite], rtol=1e-6, atol=1e-4)
+    assert np.all(lp[0, :3] == -np.inf)
