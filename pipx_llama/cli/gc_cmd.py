@@ -19,10 +19,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     store = Store(load_config().home)
     with renderer_for(args.json) as out:
-        def waiting(holder: str, waited: float) -> None:
-            if waited == 0 or int(waited) % 10 == 0:
-                out.say(f"waiting for {holder} to finish with the store")
-        with store.exclusive(on_wait=waiting):
+        with store.exclusive(on_wait=common.store_waiter(out.say)):
             report = store.gc(dry_run=args.dry_run)
         if args.json:
             out.emit_json({"kind": "gc", "dry_run": args.dry_run, "files": [str(p) for p in report.files],

@@ -8,6 +8,7 @@ import json
 import sys
 
 from pipx_llama.cli import store_common as common
+from pipx_llama.pull import estimated_file_size
 from pipx_llama.store import human_bytes
 
 
@@ -70,7 +71,8 @@ def _available(s: common.Session, as_json: bool) -> int:
     rows, data = [], []
     for m in s.catalog:
         for v in m.variants:
-            size = human_bytes(v.known_size) + ("" if v.sizes_complete else "+")
+            size = human_bytes(v.known_size) if v.sizes_complete else "~" + human_bytes(
+                sum(estimated_file_size(m, v, f) for f in v.files))
             rows.append([m.name, ", ".join(m.aliases), v.name, v.quantization or v.format, size,
                          "yes" if (m.name, v.name) in installed else ""])
             data.append({"model": m.name, "aliases": list(m.aliases), "variant": v.name, "format": v.format,

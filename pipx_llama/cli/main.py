@@ -8,7 +8,18 @@ import sys
 from collections.abc import Sequence
 
 from pipx_llama import __version__
-from pipx_llama.cli import perplexity_cmd, run_cmd, tokenize_cmd
+from pipx_llama.cli import (
+    gc_cmd,
+    import_cmd,
+    list_cmd,
+    mirror_cmd,
+    perplexity_cmd,
+    pull_cmd,
+    rm_cmd,
+    run_cmd,
+    tokenize_cmd,
+    verify_cmd,
+)
 from pipx_llama.errors import PipxLlamaError
 
 EXIT_INTERRUPTED = 130
@@ -17,6 +28,13 @@ COMMANDS = {
     "run": run_cmd,
     "tokenize": tokenize_cmd,
     "perplexity": perplexity_cmd,
+    "pull": pull_cmd,
+    "list": list_cmd,
+    "rm": rm_cmd,
+    "verify": verify_cmd,
+    "gc": gc_cmd,
+    "mirror": mirror_cmd,
+    "import": import_cmd,
 }
 
 

@@ -11,8 +11,8 @@ from pipx_llama.fetch.events import ProgressEvent
 from pipx_llama.store import human_bytes
 
 # kinds worth a line of their own ("start" and "waiting-lock" once per file and source)
-_LINE_KINDS = {"plan", "start", "retry", "restart", "waiting-lock", "source-failed", "verified", "stored",
-               "cached", "installed", "verify-failed"}
+_LINE_KINDS = {"plan", "start", "retry", "restart", "waiting-lock", "source-failed", "source-missing",
+               "verified", "stored", "cached", "installed", "verify-failed"}
 _ONCE_KINDS = {"start", "waiting-lock"}
 
 
@@ -107,11 +107,15 @@ def _line(ev: ProgressEvent) -> str:
     if k == "plan":
         return f"{ev.file} {ev.message}"
     if k == "start":
-        what = ev.message or (f"resuming at {human_bytes(ev.done)}" if ev.done else "downloading")
-        size = f" ({human_bytes(ev.total)})" if ev.total else ""
+        if ev.message:
+            return f"{ev.file}: {ev.message}{src}"
+        what = f"resuming at {human_bytes(ev.done)}" if ev.done else "downloading"
+        size = f" of {human_bytes(ev.total)}" if ev.total else ""
         return f"{ev.file}: {what}{size}{src}"
     if k == "source-failed":
         return f"warning: {ev.file}: source {ev.source} failed: {ev.message}"
+    if k == "source-missing":
+        return f"{ev.file}: not available from {ev.source}; trying the next source"
     if k == "verify-failed":
         return f"BAD {ev.file} ({ev.source}): {ev.message}"
     if k == "verified":

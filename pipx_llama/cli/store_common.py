@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -109,3 +110,14 @@ def resolve(s: Session, name: str, args: argparse.Namespace) -> Manifest:
     if remote is not None:
         return remote
     return s.catalog.resolve(name)  # raises with suggestions
+
+
+def store_waiter(say: Callable[[str], None]) -> Callable[[str, float], None]:
+    """An ``on_wait`` for the store lock that tells the user once (then every 30 s) why nothing happens."""
+    last = [-1e9]
+
+    def on_wait(holder: str, waited: float) -> None:
+        if waited - last[0] >= 30:
+            last[0] = waited
+            say("waiting for other pipx-llama processes (a pull, import or export) to finish with the store")
+    return on_wait

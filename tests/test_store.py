@@ -1,0 +1,285 @@
+"""The store: atomic writes, blobs and model folders, cross-process locks (also after SIGKILL), the disk
+pre-check (probe override and a real small tmpfs), removal and gc."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from pipx_llama.fetch.errors import DiskFullError
+from pipx_llama.store import (
+    PROVENANCE,
+    Lock,
+    Store,
+    atomic_write_bytes,
+    atomic_write_json,
+    human_bytes,
+    link_or_copy,
+)
+
+
+def sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def add_blob(store: Store, data: bytes) -> str:
+    h = sha(data)
+    store.ensure()
+    tmp = store.partial_dir / "x.tmp"
+    tmp.write_bytes(data)
+    store.commit_blob(tmp, h)
+    return h
+
+
+def install(store: Store, model: str, variant: str, files: dict[str, bytes]) -> None:
+    recs = []
+    for path, data in files.items():
+        h = add_blob(store, data)
+        store.install_file(model, variant, path, h)
+        recs.append({"path": path, "sha256": h, "size": len(data), "source": "test"})
+    store.write_provenance(model, variant, {"model": model, "variant": variant, "files": recs})
+
+
+def leftovers(folder: Path) -> list[str]:
+    return [p.name for p in folder.rglob("*.tmp")]
+
+
+# --- atomic writes, links ---
+
+def test_atomic_write_replaces_whole_file(tmp_path):
+    target = tmp_path / "f.json"
+    atomic_write_json(target, {"a": 1})
+    atomic_write_bytes(target, b"new")
+    assert target.read_bytes() == b"new"
+    assert leftovers(tmp_path) == []
+
+
+def test_atomic_write_failure_keeps_old_file(tmp_path, monkeypatch):
+    target = tmp_path / "f"
+    target.write_bytes(b"old")
+
+    def boom(*a, **k):
+        raise OSError("simulated crash before the rename")
+    monkeypatch.setattr(os, "replace", boom)
+    with pytest.raises(OSError):
+        atomic_write_bytes(target, b"new")
+    assert target.read_bytes() == b"old"
+    assert leftovers(tmp_path) == []
+
+
+def test_link_or_copy(tmp_path):
+    src = tmp_path / "src"
+    src.write_bytes(b"abc")
+    dest = tmp_path / "a" / "b" / "dest"
+    assert link_or_copy(src, dest) == "link"
+    assert os.path.samefile(src, dest)
+    assert link_or_copy(src, dest) == "present"
+    copy = tmp_path / "copy"
+    assert link_or_copy(src, copy, copy=True) == "copy"
+    assert copy.read_bytes() == b"abc" and not os.path.samefile(src, copy)
+    assert leftovers(tmp_path) == []
+
+
+def test_blobs_install_and_provenance(tmp_path):
+    store = Store(tmp_path)
+    install(store, "m", "v", {"a.gguf": b"AAA", "sub/b.json": b"{}"})
+    vdir = store.variant_dir("m", "v")
+    assert os.path.samefile(vdir / "a.gguf", store.blob_path(sha(b"AAA")))
+    assert (vdir / "sub" / "b.json").read_bytes() == b"{}"
+    assert (vdir / PROVENANCE).is_file()
+    [iv] = store.installed()
+    assert (iv.model, iv.variant, iv.size, iv.complete) == ("m", "v", 5, True)
+    assert store.has_blob(sha(b"AAA"), 3) and not store.has_blob(sha(b"AAA"), 4)
+    assert store.referenced_blobs() == {sha(b"AAA"), sha(b"{}")}
+
+
+def test_adopt_blob_verifies_before_anything_enters(tmp_path):
+    store = Store(tmp_path / "store")
+    store.ensure()
+    user = tmp_path / "user.bin"
+    user.write_bytes(b"user data")
+    mode, actual = store.adopt_blob(user, "0" * 64)
+    assert mode == "mismatch" and actual == sha(b"user data")
+    mode, _ = store.adopt_blob(user, "0" * 64, copy=True)
+    assert mode == "mismatch"
+    assert store.blobs() == [] and leftovers(store.root) == [] and not list(store.partial_dir.iterdir())
+    assert store.adopt_blob(user, sha(b"user data")) == ("link", sha(b"user data"))
+    assert os.path.samefile(user, store.blob_path(sha(b"user data")))
+
+
+# --- locks ---
+
+def test_lock_excludes_and_names_holder(tmp_path):
+    a, b = Lock(tmp_path / "k.lock"), Lock(tmp_path / "k.lock")
+    assert a.try_acquire()
+    assert not b.try_acquire()
+    assert f"pid {os.getpid()}" in b.holder()
+    with pytest.raises(TimeoutError, match="still held"):
+        b.acquire(timeout=0.3, poll=0.05)
+    a.release()
+    assert b.try_acquire()
+    b.release()
+
+
+def test_shared_and_exclusive(tmp_path):
+    s1, s2, ex = (Lock(tmp_path / "store.lock") for _ in range(3))
+    assert s1.try_acquire(shared=True) and s2.try_acquire(shared=True)
+    assert not ex.try_acquire()
+    s1.release()
+    s2.release()
+    assert ex.try_acquire()
+    assert not s1.try_acquire(shared=True)
+    ex.release()
+
+
+def test_lock_file_removed_under_a_waiter_is_not_shared(tmp_path):
+    """gc deletes idle lock files; a process that opened the old file must not think it holds the lock."""
+    path = tmp_path / "k.lock"
+    first = Lock(path)
+    assert first.try_acquire()
+    path.unlink()          # as gc would, racing with `first`
+    second = Lock(path)
+    assert second.try_acquire()  # a new file: the two do not exclude each other ...
+    first.release()
+    third = Lock(path)
+    assert not third.try_acquire()  # ... but everyone from now on meets `second`
+    second.release()
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="SIGKILL is POSIX")
+def test_lock_of_killed_process_is_recovered(tmp_path):
+    code = textwrap.dedent(f"""
+        import time
+        from pathlib import Path
+        from pipx_llama.store import Store
+        lock = Store(Path({str(tmp_path)!r})).blob_lock("ab" * 32)
+        lock.acquire()
+        print("locked", flush=True)
+        time.sleep(120)
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "locked"
+        mine = Store(tmp_path).blob_lock("ab" * 32)
+        assert not mine.try_acquire()
+        assert f"pid {proc.pid}" in mine.holder()
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=10)
+        mine.acquire(timeout=5)
+        assert mine.held
+        mine.release()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.stdout.close()
+
+
+# --- disk space ---
+
+def test_precheck_message_names_folder_needed_and_free(tmp_path):
+    store = Store(tmp_path / "store", free_space_probe=lambda folder: 1000)
+    assert store.free_bytes() == 1000
+    store.check_space(1000, "x")
+    with pytest.raises(DiskFullError) as exc:
+        store.check_space(5_000_000, "model m (v)")
+    err = exc.value
+    assert str(tmp_path / "store") in err.message
+    assert "need 5.0 MB (5000000 bytes)" in err.message and "1000 bytes) free" in err.message
+    assert (err.needed, err.free, err.folder) == (5_000_000, 1000, str(tmp_path / "store"))
+    assert "PIPX_LLAMA_HOME" in err.hint
+
+
+def test_free_bytes_env_override(tmp_path, monkeypatch):
+    monkeypatch.setenv("PIPX_LLAMA_FREE_BYTES", "1234")
+    assert Store(tmp_path).free_bytes() == 1234
+
+
+@pytest.fixture
+def tmpfs(tmp_path):
+    """A 4 MiB tmpfs mounted for the test (root only)."""
+    if sys.platform != "linux" or os.geteuid() != 0:
+        reason = "mounting a tmpfs needs root on Linux"
+        print(f"\nSKIP: {reason}")
+        pytest.skip(reason)
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mnt)], capture_output=True, text=True,
+                          check=False)
+    if proc.returncode != 0:
+        reason = f"cannot mount a tmpfs: {proc.stderr.strip()}"
+        print(f"\nSKIP: {reason}")
+        pytest.skip(reason)
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def test_precheck_on_a_real_small_filesystem(tmpfs):
+    store = Store(tmpfs / "store")
+    free = store.free_bytes()
+    assert 3 << 20 < free <= 4 << 20
+    store.check_space(1 << 20, "small")
+    with pytest.raises(DiskFullError, match=r"not enough disk space in .*small/store .*need 10\.5 MB"):
+        store.check_space(10 << 20, "big")
+
+
+# --- removal and gc ---
+
+def test_remove_model_keeps_shared_blobs(tmp_path):
+    store = Store(tmp_path)
+    install(store, "a", "v", {"tok.model": b"shared", "a.bin": b"only a"})
+    install(store, "b", "v", {"tok.model": b"shared", "b.bin": b"only b"})
+    (store.partial_dir / f"{sha(b'a partial')}.part").write_bytes(b"half")
+    record_size = (store.variant_dir("a", "v") / PROVENANCE).stat().st_size
+    report = store.remove_model("a", extra_partials={sha(b"a partial")})
+    assert not (store.models_dir / "a").exists()
+    assert not store.has_blob(sha(b"only a"))
+    assert store.has_blob(sha(b"shared")) and store.has_blob(sha(b"only b"))
+    assert store.partials() == []
+    assert report.freed == len(b"only a") + len(b"half") + record_size  # the shared blob stays
+    assert [iv.model for iv in store.installed()] == ["b"]
+
+
+def test_gc_removes_unreferenced_blobs_and_partials_but_not_locked_ones(tmp_path):
+    store = Store(tmp_path)
+    install(store, "a", "v", {"a.bin": b"kept"})
+    orphan = add_blob(store, b"orphan blob")
+    busy_hex, idle_hex = "1" * 64, "2" * 64
+    (store.partial_dir / f"{busy_hex}.part").write_bytes(b"busy")
+    (store.partial_dir / f"{idle_hex}.part").write_bytes(b"idle")
+    (store.partial_dir / f"{idle_hex}.part.json").write_text("{}")
+    (store.partial_dir / "pip-0123456789abcdef").mkdir()
+    holder = store.blob_lock(busy_hex)
+    assert holder.try_acquire()
+    try:
+        dry = store.gc(dry_run=True)
+        assert store.has_blob(orphan) and (store.partial_dir / f"{idle_hex}.part").exists()
+        assert dry.freed == len(b"orphan blob") + len(b"idle") + 2
+        report = store.gc()
+    finally:
+        holder.release()
+    assert not store.has_blob(orphan) and store.has_blob(sha(b"kept"))
+    assert sorted(p.name for p in store.partial_dir.iterdir()) == [f"{busy_hex}.part"]
+    assert any("being downloaded" in s for s in report.skipped)
+    assert report.freed == dry.freed
+    assert (store.variant_dir("a", "v") / "a.bin").read_bytes() == b"kept"
+
+
+def test_installed_reports_incomplete_variant(tmp_path):
+    store = Store(tmp_path)
+    (store.variant_dir("m", "v")).mkdir(parents=True)
+    [iv] = store.installed()
+    assert not iv.complete and iv.size == 0
+
+
+def test_hardlink_probe_and_human_bytes(tmp_path):
+    assert Store(tmp_path).supports_hardlinks()
+    assert human_bytes(999) == "999 B" and human_bytes(4081004224) == "4.1 GB" and human_bytes(None) == "?"
