@@ -12,6 +12,8 @@ Tensor data is never copied: ``GGUFFile.tensor_bytes`` returns a uint8 view of t
 from __future__ import annotations
 
 import mmap
+import os
+import stat
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +32,9 @@ MAX_DIMS = 4
 MAX_KV = 1 << 20
 MAX_TENSORS = 1 << 20
 MAX_NAME = 1 << 16
+# Far above any real vocabulary (256k tokens) or merge list; stops a damaged array count from copying
+# gigabytes out of a large file.
+MAX_ARRAY = 1 << 24
 
 _SCALAR = {
     GGUFValueType.UINT8: "<B",
@@ -158,6 +163,11 @@ class _Cursor:
                 et = GGUFValueType(etype)
             except ValueError:
                 raise self.fail(f"{what} is an array of unknown value type {etype}") from None
+            if et == GGUFValueType.ARRAY:
+                # llama.cpp rejects nested arrays too; refusing them also bounds the recursion depth
+                raise self.fail(f"{what} is an array of arrays, which GGUF readers do not support")
+            if count > MAX_ARRAY:
+                raise self.fail(f"{what} claims {count} elements, more than the {MAX_ARRAY} allowed")
             if et in _NUMPY:
                 itemsize = np.dtype(_NUMPY[et]).itemsize
                 self.need(count * itemsize, f"{count} elements of {what}")
@@ -166,8 +176,7 @@ class _Cursor:
                 self.pos += count * itemsize
                 return arr
             # every string needs at least its 8-byte length: this bounds the loop by the file size
-            min_item = 8 if et == GGUFValueType.STRING else 12
-            self.need(count * min_item, f"{count} elements of {what}")
+            self.need(count * 8, f"{count} elements of {what}")
             return [self.value(et, f"{what}[{i}]") for i in range(count)]
         return self.scalar(_SCALAR[t], what)
 
@@ -190,19 +199,26 @@ def open_gguf(path: str | Path) -> GGUFFile:
     """Map ``path`` and parse its header, validating every field against the file size."""
     path = Path(path)
     try:
-        f = open(path, "rb")
+        mode = os.stat(path).st_mode
     except FileNotFoundError:
         raise ModelFileError(f"{path}: no such file", "check the path to the model file") from None
-    except IsADirectoryError:
-        raise ModelFileError(f"{path}: is a folder, not a GGUF file", "pass the path of a .gguf file") from None
     except OSError as err:
-        raise ModelFileError(f"{path}: cannot open: {err.strerror}", "check the file's permissions") from None
-    with f:
-        size = f.seek(0, 2)
-        if size < 24:
-            raise ModelFileError(f"{path}: only {size} bytes, too small to be a GGUF file",
-                                 "the download is incomplete or this is not a model file")
-        mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        raise ModelFileError(f"{path}: cannot open: {err.strerror}", "check the path and its permissions") from None
+    if stat.S_ISDIR(mode):
+        raise ModelFileError(f"{path}: is a folder, not a GGUF file", "pass the path of a .gguf file")
+    if not stat.S_ISREG(mode):
+        # a pipe or device would block or have no size to check against
+        raise ModelFileError(f"{path}: is not a regular file", "pass the path of a .gguf file")
+    try:
+        with open(path, "rb") as f:
+            size = f.seek(0, 2)
+            if size < 24:
+                raise ModelFileError(f"{path}: only {size} bytes, too small to be a GGUF file",
+                                     "the download is incomplete or this is not a model file")
+            mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    except OSError as err:
+        raise ModelFileError(f"{path}: cannot open or map: {err.strerror or err}",
+                             "check the file's permissions and that it is on a local disk") from None
     buf = memoryview(mm)
     try:
         return _parse(path, mm, buf, size)
@@ -217,6 +233,9 @@ def _parse(path: Path, mm: mmap.mmap, buf: memoryview, size: int) -> GGUFFile:
                              "pass a .gguf model file; older GGML/GGJT files must be converted first")
     cur.pos = 4
     version = cur.u32("version")
+    if version not in SUPPORTED_VERSIONS and int.from_bytes(struct.pack("<I", version), "big") in SUPPORTED_VERSIONS:
+        raise ModelFileError(f"{path}: a big-endian GGUF file, which pipx-llama cannot read",
+                             "use the little-endian (ordinary) version of this model")
     if version not in SUPPORTED_VERSIONS:
         raise ModelFileError(f"{path}: GGUF version {version} is not supported (supported: 2, 3)",
                              "re-convert the model with a current llama.cpp or pipx-llama")

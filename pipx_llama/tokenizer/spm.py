@@ -179,7 +179,9 @@ class SpmModel:
         processor = sentencepiece.SentencePieceProcessor()
         try:
             processor.LoadFromSerializedProto(proto)
-        except (RuntimeError, OSError):
+        except (RuntimeError, OSError, ValueError):
+            # ValueError covers UnicodeDecodeError from a damaged byte piece such as '<0x3\xc7>';
+            # the reference implementation below then tokenizes what sentencepiece would not load
             return None
         return processor
 
