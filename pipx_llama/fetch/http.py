@@ -1,0 +1,1216 @@
+"""Verified, resumable HTTP(S) downloads with httpx: ranged parallel parts, retries, resume across restarts.
+
+``download(url, dest, size=..., sha256=..., options=...)`` leaves ``dest`` holding exactly the bytes
+whose size and sha256 the caller expects, or raises one of ``pipx_llama.fetch.errors``. Network
+behaviour: TLS verification on, redirects followed, proxies and CA bundle from the environment
+(httpx ``trust_env``: ``HTTPS_PROXY``, ``NO_PROXY``, ``SSL_CERT_FILE``...), a bearer token if given
+(httpx drops it when a redirect leaves the origin, so CDN links never see it).
+
+Resume state
+    Next to ``dest`` lives ``dest + '.json'``: the URL, the expected sha256 and size, the server's
+    validators (ETag / Last-Modified), the total size and the list of parts ``[start, end, done]``
+    (byte offsets, ``end`` inclusive). It is rewritten atomically (temp file, fsync, rename) about
+    once a second, always after an ``fdatasync`` of the data, so the state never claims bytes that
+    are not on disk, even after a power cut. It is written before the data file is created, so a
+    data file without a state file is always a finished download (re-hashed before it is trusted).
+
+Never mixing two versions
+    Every ranged request carries ``If-Range`` (a strong ETag, else Last-Modified). A server whose
+    file changed answers 200 with the new file; a 206 whose ETag, Last-Modified or total differs
+    from the state is treated the same way: the partial is discarded and the download starts over
+    cleanly. A server that ignores ``Range`` (200 to a ranged request) gets a single stream from
+    byte 0, and a broken connection to such a server starts over (it cannot resume).
+    Resuming with a different URL keeps the bytes (the expected sha256 is the same) but keeps the
+    validators only for the same scheme, host and path (a renewed presigned link); the final hash
+    check is the last line of defence and the error then names every source that contributed.
+
+Parallel parts
+    Files of at least ``part_threshold`` bytes from servers that honour ``Range`` are split into
+    ``parallel_parts`` ranges, each received by its own thread. Receiving threads only parse: they
+    queue 1 MiB blocks to one writer thread, which writes them into the (sparse, full-length) file
+    with ``os.pwrite`` (seek+write on its own descriptor where there is no pwrite, i.e. Windows).
+    A thread that finishes its part takes half of the biggest remaining part (if both halves keep
+    ``min_part``), or takes over the rest of a part that had no bytes for ``straggler_after`` seconds
+    or runs far slower than the others. A connection with no bytes for ``stall_timeout`` seconds
+    (httpx read timeout) is retried from where it stopped. Retries: exponential backoff with jitter
+    on connection errors, timeouts, 5xx, 408 and 429 (``Retry-After`` honoured, capped at
+    ``backoff_max``); an attempt that delivered at least ``min_part`` bytes resets the count.
+    404/410 are not retried (``SourceNotFound``: the caller tries its next source).
+
+Hashing
+    A hasher thread hashes the contiguous prefix of the file that is on disk while the download runs:
+    blocks written at the front of that prefix are handed to it directly; anything else -- the prefix
+    an earlier run left (hashlib state cannot be saved, so a resume re-hashes it once), parts that
+    finished out of order -- is read back from the file. A single stream is therefore hashed as it
+    streams; parallel parts hash the first part as it arrives and the others as the parts before
+    them complete, the remainder right after the last byte. Size and hash are checked before
+    returning; on mismatch the bad bytes are deleted.
+
+Concurrency: one download per ``dest`` at a time -- the caller holds the per-blob lock.
+"""
+
+from __future__ import annotations
+
+import collections
+import email.utils
+import errno
+import hashlib
+import ipaddress
+import json
+import os
+import queue
+import random
+import re
+import shutil
+import ssl
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import httpx
+
+from pipx_llama import __version__
+from pipx_llama.errors import UsageError
+from pipx_llama.fetch.errors import (
+    AccessDenied,
+    ChecksumError,
+    DiskFullError,
+    FetchError,
+    NetworkError,
+    OfflineError,
+    SourceNotFound,
+)
+from pipx_llama.fetch.events import EventCallback, ProgressEvent
+
+STATE_VERSION = 1
+_TICK = 0.1
+_PROGRESS_EVERY = 0.25
+_SPEED_WINDOW = 3.0
+_HASH_CHUNK = 4 << 20
+_WRITE_BLOCK = 1 << 20
+_WRITE_QUEUE = 8
+_MAX_RESTARTS = 3
+_JOIN_GRACE = 1.0
+_HEX64 = re.compile(r"[0-9a-f]{64}")
+
+
+@dataclass
+class FetchOptions:
+    """How to fetch. The first eight fields are the contract; the rest tune retry and part behaviour."""
+
+    parallel_parts: int = 4            # connections per big file
+    part_threshold: int = 64 << 20     # files at least this big are fetched in parallel ranged parts
+    stall_timeout: float = 30.0        # no byte for this long -> the connection is retried (httpx read timeout)
+    max_retries: int = 6               # per part; exponential backoff with jitter; Retry-After honoured
+    token: str | None = None           # bearer token for gated hosts (HF_TOKEN style)
+    allow_http: bool = False           # plain http only for loopback unless allowed
+    offline: bool = False              # refuse before any network use
+    timeout: float = 30.0              # connect / send / connection-pool timeout
+    backoff_base: float = 1.0          # first retry waits 0.5-1x this, doubling per retry
+    backoff_max: float = 60.0          # cap of one wait, Retry-After included
+    min_part: int = 4 << 20            # an idle connection splits a busy part only if both halves get this much
+    straggler_after: float = 3.0       # an idle connection takes over a part silent this long (or far slower)
+    checkpoint_interval: float = 1.0   # seconds between resume-state saves (bytes since are lost on a kill)
+
+
+class _Retry(Exception):
+    """A failed attempt worth retrying (HTTP 5xx/429/408, short body, bad Content-Range)."""
+
+    def __init__(self, reason: str, retry_after: float | None = None) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.retry_after = retry_after
+
+
+class _Restart(Exception):
+    """The partial download cannot be continued: discard it and start over."""
+
+    def __init__(self, reason: str, *, retry: bool = False, retry_after: float | None = None) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.retry = retry
+        self.retry_after = retry_after
+
+
+@dataclass
+class _Part:
+    start: int
+    end: int | None
+    done: int = 0
+    queued: int = 0
+    reserved: int = 0
+    active: bool = False
+    claimed_at: float = 0.0
+    received: int = 0
+    claimed_received: int = 0
+    last_data: float = 0.0
+
+    @property
+    def pos(self) -> int:
+        return self.start + self.done
+
+    @property
+    def complete(self) -> bool:
+        return self.end is not None and self.start + self.done > self.end
+
+    @property
+    def qpos(self) -> int:
+        """Where the next received byte goes: past what is on disk and what waits in the write queue."""
+        return self.start + self.queued
+
+    @property
+    def all_queued(self) -> bool:
+        return self.end is not None and self.start + self.queued > self.end
+
+
+def download(url: str, dest: Path, *, size: int | None, sha256: str, options: FetchOptions,
+             on_event: EventCallback | None = None, label: str = "") -> None:
+    """Fetch ``url`` into ``dest``, resuming what an earlier run left there; verify size and sha256.
+
+    ``dest`` is a '.part' file under the store's partial/ folder; its resume state is ``dest + '.json'``.
+    On success ``dest`` holds the verified bytes, fsynced (the caller renames it into the store) and the
+    state file is gone. ``label`` names the file in events and messages (default: ``dest.name``).
+    Raises ``OfflineError`` (before any network use), ``FetchError`` (refused URL, protocol errors),
+    ``SourceNotFound``, ``AccessDenied``, ``NetworkError`` (retries exhausted; partial kept),
+    ``DiskFullError`` (partial kept), ``ChecksumError`` (bad bytes deleted).
+    """
+    dest = Path(dest)
+    name = label or dest.name
+    if options.offline:
+        raise OfflineError(
+            f"{name} is not downloaded yet and offline mode is on (it would come from {redact_url(url)})",
+            "run again without --offline (and without PIPX_LLAMA_OFFLINE=1), or import the file "
+            "from a folder you already have",
+        )
+    _check_url(url, options.allow_http)
+    expected = sha256.strip().lower()
+    if not _HEX64.fullmatch(expected):
+        raise UsageError(f"invalid sha256 for {name}: {sha256!r} is not 64 hex digits",
+                         "fix the checksum in the manifest")
+    if size is not None and size < 0:
+        raise UsageError(f"invalid size for {name}: {size}", "fix the size in the manifest")
+    try:
+        _Job(url, dest, size, expected, options, on_event, name).run()
+    except OSError as exc:
+        raise FetchError(f"cannot write the download of {name} at {dest}: {exc.strerror or exc}",
+                         "check that the folder exists, is writable and its disk is healthy") from exc
+
+
+def partial_progress(dest: Path) -> tuple[int, int | None] | None:
+    """(bytes on disk, total or None) of a partial download at ``dest``, or None if there is none.
+
+    Reads only the state file; for listings of unfinished downloads.
+    """
+    try:
+        state = json.loads(Path(str(dest) + ".json").read_text())
+        return sum(int(p[2]) for p in state["parts"]), state.get("total")
+    except (OSError, ValueError, KeyError, TypeError, IndexError):
+        return None
+
+
+def redact_url(url: str) -> str:
+    """The URL without its query string and credentials: presigned links carry secrets there."""
+    try:
+        p = urlsplit(url)
+    except ValueError:
+        return "<invalid URL>"
+    host = p.hostname or ""
+    if p.port:
+        host += f":{p.port}"
+    return f"{p.scheme}://{host}{p.path}" + ("?…" if p.query else "")
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost" or host.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def _check_url(url: str, allow_http: bool) -> None:
+    try:
+        p = urlsplit(url)
+        host = p.hostname
+    except ValueError:
+        host = None
+        p = None
+    if p is None or p.scheme not in ("http", "https") or not host:
+        raise FetchError(f"cannot download {redact_url(url)}: not an http(s) URL",
+                         "check the URL in the manifest or on the command line")
+    if p.scheme == "http" and not allow_http and not _is_loopback(host):
+        raise FetchError(
+            f"refusing to download over plain http from {redact_url(url)}",
+            "use an https URL; plain http is accepted only for localhost or when explicitly allowed "
+            "(a trusted local mirror) -- the sha256 check still applies",
+        )
+
+
+_SSL_CONTEXTS: dict[tuple[str | None, str | None], ssl.SSLContext] = {}
+
+
+def _ssl_context() -> ssl.SSLContext:
+    """httpx's verifying context (certifi, or SSL_CERT_FILE / SSL_CERT_DIR), built once per setting."""
+    key = (os.environ.get("SSL_CERT_FILE"), os.environ.get("SSL_CERT_DIR"))
+    ctx = _SSL_CONTEXTS.get(key)
+    if ctx is None:
+        ctx = _SSL_CONTEXTS[key] = httpx.create_ssl_context(verify=True, trust_env=True)
+    return ctx
+
+
+def _human(n: int | None) -> str:
+    if n is None:
+        return "an unknown number of bytes"
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n} B"
+
+
+def _content_range(value: str | None) -> tuple[int, int, int | None] | None:
+    """Parse 'bytes a-b/total' (total may be '*')."""
+    if not value:
+        return None
+    m = re.fullmatch(r"\s*bytes\s+(\d+)-(\d+)/(\d+|\*)\s*", value)
+    if not m:
+        return None
+    total = None if m.group(3) == "*" else int(m.group(3))
+    return int(m.group(1)), int(m.group(2)), total
+
+
+def _retry_after(resp: httpx.Response) -> float | None:
+    value = resp.headers.get("retry-after")
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - time.time())
+
+
+def _fdatasync(fd: int) -> None:
+    (getattr(os, "fdatasync", None) or os.fsync)(fd)
+
+
+def _write_all(fd: int, data: memoryview, offset: int) -> None:
+    if hasattr(os, "pwrite"):
+        while data:
+            n = os.pwrite(fd, data, offset)
+            data = data[n:]
+            offset += n
+    else:
+        os.lseek(fd, offset, os.SEEK_SET)
+        while data:
+            n = os.write(fd, data)
+            data = data[n:]
+
+
+def _is_disk_full(exc: OSError) -> bool:
+    return exc.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC))
+
+
+_O_BINARY = getattr(os, "O_BINARY", 0)
+
+
+class _Hasher(threading.Thread):
+    """sha256 of the file's contiguous finished prefix.
+
+    The part at the front hands its freshly written blocks over (no re-read); everything else --
+    the prefix an earlier run left, parts finished out of order -- is read back from the file.
+    """
+
+    def __init__(self, path: Path, frontier: Callable[[], int]) -> None:
+        super().__init__(daemon=True, name="fetch-hasher")
+        self.path = path
+        self.frontier = frontier
+        self.digest = hashlib.sha256()
+        self.pos = 0
+        self.error: BaseException | None = None
+        self._queue: queue.Queue[tuple[int, bytes | bytearray | memoryview]] = queue.Queue(maxsize=16)
+        self._finish_at: int | None = None
+        self._abort = threading.Event()
+
+    def offer(self, offset: int, data: bytes | bytearray | memoryview) -> None:
+        """Hash ``data`` (written at ``offset``, never modified afterwards) without reading it back."""
+        try:
+            self._queue.put_nowait((offset, data))
+        except queue.Full:
+            pass
+
+    def run(self) -> None:
+        buf = memoryview(bytearray(_HASH_CHUNK))
+        try:
+            with open(self.path, "rb", buffering=0) as f:
+                while not self._abort.is_set():
+                    try:
+                        off, data = self._queue.get(timeout=0.02)
+                    except queue.Empty:
+                        off, data = -1, b""
+                    if off >= 0:
+                        if off <= self.pos < off + len(data):
+                            self.digest.update(memoryview(data)[self.pos - off:])
+                            self.pos = off + len(data)
+                        continue
+                    finish = self._finish_at
+                    target = finish if finish is not None else self.frontier()
+                    while self.pos < target and not self._abort.is_set():
+                        f.seek(self.pos)
+                        n = f.readinto(buf[:min(_HASH_CHUNK, target - self.pos)])
+                        if not n:
+                            raise FetchError(f"{self.path} is shorter than the bytes recorded as downloaded",
+                                             "delete it and download again")
+                        self.digest.update(buf[:n])
+                        self.pos += n
+                        if finish is None and not self._queue.empty():
+                            break
+                    if finish is not None and self.pos >= finish:
+                        return
+        except Exception as exc:  # noqa: BLE001  (re-raised by finish() in the calling thread)
+            self.error = exc
+
+    def finish(self, length: int) -> str:
+        self._finish_at = length
+        while self.is_alive():
+            try:
+                self._queue.put((-1, b""), timeout=_TICK)
+                break
+            except queue.Full:
+                continue
+        self.join()
+        if self.error is not None:
+            raise self.error
+        return self.digest.hexdigest()
+
+    def abort(self) -> None:
+        self._abort.set()
+        self.join(_JOIN_GRACE)
+
+
+class _Writer(threading.Thread):
+    """Writes the blocks the receiving threads queue, so receiving, writing and hashing overlap.
+
+    One writer per attempt, with its own file descriptor; each write is trimmed to its part's current
+    end (a part can be shortened while its blocks wait), then counted as done and offered to the hasher.
+    When the attempt stops (error, interrupt) the writer still writes what is queued -- bytes received
+    are kept -- unless a newer attempt has replaced this one (then its file is gone anyway).
+    """
+
+    def __init__(self, job: _Job, stop: threading.Event) -> None:
+        super().__init__(daemon=True, name="fetch-writer")
+        self.job = job
+        self.stop = stop
+        self.hasher = job.hasher
+        self.queue: queue.Queue[tuple[_Part, bytearray] | None] = queue.Queue(maxsize=_WRITE_QUEUE)
+
+    def put(self, part: _Part, data: bytearray) -> None:
+        """Queue ``data`` for ``part`` (in order); waits while the queue is full, gives up on stop."""
+        while not self.stop.is_set():
+            try:
+                self.queue.put((part, data), timeout=_TICK)
+                return
+            except queue.Full:
+                continue
+
+    def close(self) -> None:
+        """Write what is queued (unless stopped) and end the thread."""
+        while self.is_alive():
+            try:
+                self.queue.put(None, timeout=_TICK)
+                break
+            except queue.Full:
+                continue
+
+    def run(self) -> None:
+        job = self.job
+        fd = -1
+        try:
+            fd = os.open(job.dest, os.O_WRONLY | _O_BINARY)
+            while True:
+                item = self.queue.get()
+                if item is None:
+                    return
+                part, data = item
+                with job.lock:
+                    if self.stop is not job.stop:
+                        continue
+                    offset = part.pos
+                    n = len(data) if part.end is None else max(0, min(len(data), part.end + 1 - offset))
+                    at_front = job._frontier_locked() == offset
+                if not n:
+                    continue
+                view = memoryview(data)[:n]
+                try:
+                    _write_all(fd, view, offset)
+                except OSError as exc:
+                    if _is_disk_full(exc):
+                        raise job._disk_full() from None
+                    raise
+                with job.lock:
+                    part.done += n
+                    job.session_bytes += n
+                    finished = part.complete and all(p.complete for p in job.parts)
+                if finished:
+                    job.wake.set()
+                if at_front and self.hasher is not None:
+                    self.hasher.offer(offset, view)
+        except Exception as exc:  # noqa: BLE001  (re-raised by the supervising thread)
+            job._fail(self.stop, exc)
+        finally:
+            if fd >= 0:
+                os.close(fd)
+
+
+class _Job:
+    """One call of download(): state, parts, worker threads and the supervising loop."""
+
+    def __init__(self, url: str, dest: Path, size: int | None, sha256: str, options: FetchOptions,
+                 on_event: EventCallback | None, name: str) -> None:
+        self.url = url
+        self.shown_url = redact_url(url)
+        self.dest = dest
+        self.state_path = Path(str(dest) + ".json")
+        self.size = size
+        self.sha256 = sha256
+        self.opt = options
+        self.on_event = on_event
+        self.name = name
+        self.lock = threading.Lock()
+        self.stop = threading.Event()
+        self.wake = threading.Event()
+        self.events: queue.SimpleQueue[ProgressEvent] = queue.SimpleQueue()
+        self.error: BaseException | None = None
+        self.parts: list[_Part] = []
+        self.total: int | None = None
+        self.etag: str | None = None
+        self.last_modified: str | None = None
+        self.ranges = True
+        self.decode = False
+        self.sources: list[str] = []
+        self.session_bytes = 0
+        self.session_received = 0
+        self.session_start = time.monotonic()
+        self.client: httpx.Client | None = None
+        self.hasher: _Hasher | None = None
+
+    # ---- top level
+
+    def run(self) -> None:
+        self.dest.parent.mkdir(parents=True, exist_ok=True)
+        state = self._load_state()
+        if state is None:
+            if self._finished_file_ok():
+                return
+            self._discard()
+        self.client = self._make_client()
+        try:
+            restarts = retries = 0
+            while True:
+                try:
+                    digest, length = self._transfer(state)
+                    break
+                except _Restart as r:
+                    state = None
+                    self._discard()
+                    if r.retry:
+                        retries += 1
+                        if retries > self.opt.max_retries:
+                            raise self._gave_up(r.reason, retries - 1) from None
+                        delay = self._backoff(retries, r.retry_after)
+                        self._emit(ProgressEvent(
+                            "retry", self.name, source=self.shown_url,
+                            message=f"{r.reason}; the server cannot resume, starting over in {delay:.1f}s "
+                                    f"(retry {retries}/{self.opt.max_retries})"))
+                        time.sleep(delay)
+                    else:
+                        restarts += 1
+                        if restarts > _MAX_RESTARTS:
+                            raise FetchError(
+                                f"could not download {self.name} from {self.shown_url}: {r.reason}, "
+                                f"{restarts} times in a row",
+                                "the file at the source keeps changing; try again later or another source",
+                            ) from None
+                        self._emit(ProgressEvent("restart", self.name, source=self.shown_url,
+                                                 message=f"{r.reason}; discarding the partial download "
+                                                         "and starting over"))
+        finally:
+            self.client.close()
+        self._finish(digest, length)
+
+    def _make_client(self) -> httpx.Client:
+        o = self.opt
+        timeout = httpx.Timeout(connect=o.timeout, read=o.stall_timeout, write=o.timeout, pool=o.timeout)
+        n = max(1, o.parallel_parts)
+        return httpx.Client(
+            timeout=timeout, follow_redirects=True, trust_env=True, verify=_ssl_context(),
+            limits=httpx.Limits(max_connections=2 * n + 2, max_keepalive_connections=n + 1),
+            headers={"User-Agent": f"pipx-llama/{__version__} httpx/{httpx.__version__}"},
+        )
+
+    def _emit(self, event: ProgressEvent) -> None:
+        if self.on_event is not None:
+            self.on_event(event)
+
+    def _drain_events(self) -> None:
+        while True:
+            try:
+                ev = self.events.get_nowait()
+            except queue.Empty:
+                return
+            self._emit(ev)
+
+    # ---- state on disk
+
+    def _load_state(self) -> dict | None:
+        """The saved state if it belongs to this file and is consistent with the data on disk."""
+        try:
+            state = json.loads(self.state_path.read_text())
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError):
+            return None
+        try:
+            if (state["version"] != STATE_VERSION or state["sha256"] != self.sha256
+                    or state["size"] != self.size or not state["ranges"] or state.get("decode")):
+                return None
+            total = state["total"]
+            parts = [_Part(int(s), None if e is None else int(e), int(d)) for s, e, d in state["parts"]]
+            pos = 0
+            for i, p in enumerate(parts):
+                if p.start != pos or p.done < 0 or (p.end is None and (i != len(parts) - 1 or total is not None)):
+                    return None
+                if p.end is not None:
+                    if p.done > p.end + 1 - p.start:
+                        return None
+                    pos = p.end + 1
+            if total is not None and pos != total:
+                return None
+            on_disk = self.dest.stat().st_size
+        except (KeyError, TypeError, ValueError, OSError):
+            return None
+        if on_disk < max((p.pos for p in parts), default=0):
+            return None
+        state["_parts"] = parts
+        return state
+
+    def _snapshot(self) -> dict:
+        return {
+            "version": STATE_VERSION, "url": self.url, "sources": list(self.sources), "file": self.name,
+            "sha256": self.sha256, "size": self.size, "total": self.total, "etag": self.etag,
+            "last_modified": self.last_modified, "ranges": self.ranges, "decode": self.decode,
+            "parts": [[p.start, p.end, p.done] for p in self.parts], "updated": time.time(),
+        }
+
+    def _write_state(self, snap: dict) -> None:
+        tmp = Path(str(self.state_path) + ".tmp")
+        try:
+            with open(tmp, "w") as f:
+                json.dump(snap, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self.state_path)
+        except OSError as exc:
+            if _is_disk_full(exc):
+                raise self._disk_full() from None
+            raise
+
+    def _checkpoint(self, fd: int) -> None:
+        with self.lock:
+            snap = self._snapshot()
+        _fdatasync(fd)
+        self._write_state(snap)
+
+    def _discard(self) -> None:
+        for p in (self.dest, self.state_path, Path(str(self.state_path) + ".tmp")):
+            try:
+                p.unlink()
+            except FileNotFoundError:
+                pass
+
+    def _finished_file_ok(self) -> bool:
+        """A data file without state is a finished download from an earlier run: trust it only if it verifies."""
+        try:
+            if self.size is None or self.dest.stat().st_size != self.size:
+                return False
+        except FileNotFoundError:
+            return False
+        digest = hashlib.sha256()
+        with open(self.dest, "rb") as f:
+            while chunk := f.read(_HASH_CHUNK):
+                digest.update(chunk)
+        if digest.hexdigest() != self.sha256:
+            return False
+        self._emit(ProgressEvent("verified", self.name, done=self.size, total=self.size,
+                                 message="already downloaded"))
+        self._emit(ProgressEvent("done", self.name, done=self.size, total=self.size))
+        return True
+
+    def _disk_full(self) -> DiskFullError:
+        folder = str(self.dest.parent)
+        with self.lock:
+            done = sum(p.done for p in self.parts)
+        needed = None if self.total is None else self.total - done
+        free = shutil.disk_usage(folder).free
+        return DiskFullError(
+            f"not enough disk space for {self.name} in {folder}: "
+            f"{_human(needed)} still needed, {_human(free)} free",
+            "free some space (or point PIPX_LLAMA_HOME at a bigger disk) and run the same command "
+            f"again: the {_human(done)} already downloaded are kept and the download resumes",
+            folder=folder, needed=needed, free=free,
+        )
+
+    # ---- one transfer attempt (fresh or resumed)
+
+    def _adopt(self, state: dict) -> None:
+        self.total = state["total"]
+        self.parts = state["_parts"]
+        for p in self.parts:
+            p.queued = p.reserved = p.done
+        self.sources = [s for s in state.get("sources", []) if isinstance(s, str)]
+        old, new = urlsplit(state["url"]), urlsplit(self.url)
+        if (old.scheme, old.netloc, old.path) == (new.scheme, new.netloc, new.path):
+            self.etag, self.last_modified = state.get("etag"), state.get("last_modified")
+        else:
+            self.etag = self.last_modified = None
+        self.ranges, self.decode = True, False
+
+    def _transfer(self, state: dict | None) -> tuple[str, int]:
+        # a fresh event per attempt: threads of an abandoned attempt keep seeing theirs set
+        self.stop = stop = threading.Event()
+        self.wake = threading.Event()
+        self.error = None
+        first: tuple[_Part, httpx.Response] | None = None
+        if state is not None:
+            self._adopt(state)
+            if self.url not in self.sources:
+                self.sources.append(self.url)
+        else:
+            first = self._probe()
+            try:
+                self._write_state(self._snapshot())
+            except BaseException:
+                if first is not None:
+                    first[1].close()
+                raise
+        try:
+            fd = os.open(self.dest, os.O_RDWR | os.O_CREAT | _O_BINARY, 0o644)
+        except BaseException:
+            if first is not None:
+                first[1].close()
+            raise
+        hasher: _Hasher | None = None
+        writer: _Writer | None = None
+        workers: list[threading.Thread] = []
+        try:
+            if self.total is not None and os.fstat(fd).st_size < self.total:
+                os.ftruncate(fd, self.total)
+            done = sum(p.done for p in self.parts)
+            if self.total is not None and shutil.disk_usage(self.dest.parent).free < self.total - done:
+                raise self._disk_full()
+            self._emit(ProgressEvent(
+                "start", self.name, done=done, total=self.total, source=self.shown_url,
+                message=(f"resuming at {_human(done)}" if done else "starting")
+                + (f" of {_human(self.total)}" if self.total is not None else "")))
+            hasher = self.hasher = _Hasher(self.dest, self._frontier)
+            hasher.start()
+            writer = _Writer(self, stop)
+            writer.start()
+            workers.append(writer)
+            n = self.opt.parallel_parts if (self.ranges and self.total is not None
+                                            and self.total >= self.opt.part_threshold) else 1
+            for i in range(max(1, n)):
+                w = threading.Thread(target=self._worker, args=(first if i == 0 else None, stop, writer),
+                                     daemon=True, name=f"fetch-part-{i}")
+                workers.append(w)
+                w.start()
+            first = None
+            self._supervise(workers, fd)
+            if self.error is not None:
+                raise self.error
+            with self.lock:
+                length = sum(p.done for p in self.parts)
+            self._checkpoint(fd)
+            digest = hasher.finish(length)
+            hasher = None
+            return digest, length
+        except DiskFullError:
+            raise
+        except OSError as exc:
+            if _is_disk_full(exc):
+                raise self._disk_full() from None
+            raise
+        finally:
+            if first is not None:
+                first[1].close()
+            stop.set()
+            if writer is not None:
+                writer.close()
+            deadline = time.monotonic() + _JOIN_GRACE
+            for w in workers:
+                w.join(max(0.0, deadline - time.monotonic()))
+            if hasher is not None:
+                hasher.abort()
+            try:
+                if self.error is not None or any(w.is_alive() for w in workers) or hasher is not None:
+                    self._checkpoint(fd)
+            except (OSError, FetchError):
+                pass
+            finally:
+                os.close(fd)
+
+    def _supervise(self, workers: list[threading.Thread], fd: int) -> None:
+        last_cp = last_ev = time.monotonic()
+        samples: collections.deque[tuple[float, int]] = collections.deque()
+        while True:
+            self._drain_events()
+            if self.error is not None or self._all_complete() or not any(w.is_alive() for w in workers):
+                break
+            now = time.monotonic()
+            with self.lock:
+                done = sum(p.done for p in self.parts)
+                session = self.session_bytes
+            samples.append((now, session))
+            while samples and samples[0][0] < now - _SPEED_WINDOW:
+                samples.popleft()
+            if now - last_ev >= _PROGRESS_EVERY:
+                last_ev = now
+                t0, b0 = samples[0]
+                speed = (session - b0) / (now - t0) if now - t0 > 0.2 else None
+                eta = ((self.total - done) / speed if speed and self.total is not None else None)
+                self._emit(ProgressEvent("progress", self.name, done=done, total=self.total, speed=speed,
+                                         eta=eta, source=self.shown_url))
+            if now - last_cp >= self.opt.checkpoint_interval:
+                self._checkpoint(fd)
+                last_cp = time.monotonic()
+            self.wake.wait(_TICK)
+        self.stop.set()
+        self._drain_events()
+        if self.error is None and not self._all_complete():
+            self.error = FetchError(f"download of {self.name} stopped before it was complete",
+                                    "run the same command again to resume")
+
+    def _finish(self, digest: str, length: int) -> None:
+        if self.size is not None and length != self.size:
+            self._discard()
+            raise ChecksumError(
+                f"size mismatch for {self.name} from {self._sources_text()}: expected {self.size} bytes, "
+                f"got {length}; the download was deleted",
+                "another source will be tried; if every source fails, the manifest may be out of date",
+                file=self.name, source=self.url, expected=self.sha256, actual=f"(size {length} bytes)")
+        if digest != self.sha256:
+            self._discard()
+            raise ChecksumError(
+                f"checksum mismatch for {self.name} from {self._sources_text()}: expected sha256 "
+                f"{self.sha256}, got {digest}; the bad download was deleted",
+                "another source will be tried; if this keeps happening the source serves a different "
+                "file than the manifest describes",
+                file=self.name, source=self.url, expected=self.sha256, actual=digest)
+        with open(self.dest, "rb+") as f:
+            if os.fstat(f.fileno()).st_size != length:
+                f.truncate(length)
+            _fdatasync(f.fileno())
+        for p in (self.state_path, Path(str(self.state_path) + ".tmp")):
+            try:
+                p.unlink()
+            except FileNotFoundError:
+                pass
+        self._emit(ProgressEvent("verified", self.name, done=length, total=length, source=self.shown_url,
+                                 message=f"sha256 {digest}"))
+        self._emit(ProgressEvent("done", self.name, done=length, total=length, source=self.shown_url))
+
+    def _sources_text(self) -> str:
+        shown = [redact_url(s) for s in self.sources if s != self.url]
+        if not shown:
+            return self.shown_url
+        return f"{self.shown_url} (resumed from bytes fetched from {', '.join(shown)})"
+
+    # ---- requests
+
+    def _request(self, start: int | None, end: int | None, conditional: bool) -> httpx.Response:
+        headers = {"Accept-Encoding": "identity"}
+        if start is not None:
+            headers["Range"] = f"bytes={start}-{'' if end is None else end}"
+            validator = self._if_range()
+            if conditional and validator:
+                headers["If-Range"] = validator
+        if self.opt.token:
+            headers["Authorization"] = f"Bearer {self.opt.token}"
+        client: httpx.Client = self.client  # type: ignore[assignment]
+        try:
+            resp = client.send(client.build_request("GET", self.url, headers=headers), stream=True)
+        except httpx.TooManyRedirects:
+            raise FetchError(f"too many redirects fetching {self.name} from {self.shown_url}",
+                             "the source is misconfigured; try another source") from None
+        except (httpx.UnsupportedProtocol, httpx.LocalProtocolError) as exc:
+            raise FetchError(f"cannot fetch {self.name} from {self.shown_url}: {exc}",
+                             "the source redirects somewhere unusable; try another source") from None
+        final = resp.url
+        if final.scheme == "http" and not self.opt.allow_http and not _is_loopback(final.host):
+            resp.close()
+            raise FetchError(f"{self.shown_url} redirected to plain http ({final.host}); refusing",
+                             "use a source that stays on https, or allow plain http explicitly")
+        code = resp.status_code
+        if code in (200, 206, 416):
+            return resp
+        resp.close()
+        if code in (404, 410):
+            raise SourceNotFound(f"{self.name} is not at {self.shown_url} (HTTP {code})",
+                                 "the next source will be tried; if none has it, the manifest may be out of date")
+        if code in (401, 403):
+            raise self._access_denied(code)
+        if code in (408, 429) or code >= 500:
+            raise _Retry(f"HTTP {code}", _retry_after(resp))
+        raise FetchError(f"unexpected answer HTTP {code} fetching {self.name} from {self.shown_url}",
+                         "try another source, or report the problem to whoever runs it")
+
+    def _access_denied(self, code: int) -> AccessDenied:
+        p = urlsplit(self.url)
+        host = (p.hostname or "").lower()
+        sent = "a token was sent and refused" if self.opt.token else "no token was sent"
+        msg = f"access to {self.name} at {self.shown_url} was denied (HTTP {code}; {sent})"
+        if host in ("huggingface.co", "hf.co") or host.endswith(".huggingface.co"):
+            segs = [s for s in p.path.split("/") if s]
+            page = "https://huggingface.co/" + "/".join(segs[:2]) if len(segs) >= 2 else "the model's page"
+            hint = (f"this model is gated: log in to huggingface.co, accept its licence on {page}, create a "
+                    "read token at https://huggingface.co/settings/tokens and set HF_TOKEN to it, then retry")
+        elif re.search(r"(?i)(x-amz-signature|signature=|expires=|policy=|key-pair-id=)", p.query or ""):
+            hint = ("this looks like a presigned download link, and such links expire: request a fresh one "
+                    "(e.g. from Meta's download form) and pass it again, then retry -- finished bytes are kept")
+        else:
+            hint = ("the server wants credentials: if it accepts a bearer token set HF_TOKEN to it, "
+                    "otherwise ask whoever runs the server for access")
+        return AccessDenied(msg, hint)
+
+    def _if_range(self) -> str | None:
+        if self.etag and not self.etag.startswith("W/"):
+            return self.etag
+        return self.last_modified
+
+    def _validators_differ(self, resp: httpx.Response) -> bool:
+        etag, lm = resp.headers.get("etag"), resp.headers.get("last-modified")
+        if self.etag and etag:
+            return etag != self.etag
+        if self.last_modified and lm:
+            return lm != self.last_modified
+        return False
+
+    def _learn_validators(self, resp: httpx.Response) -> None:
+        with self.lock:
+            if self.etag is None and self.last_modified is None:
+                self.etag = resp.headers.get("etag")
+                self.last_modified = resp.headers.get("last-modified")
+            if self.url not in self.sources:
+                self.sources.append(self.url)
+
+    def _reason(self, exc: BaseException) -> tuple[str, float | None]:
+        """Why an attempt failed, and the server's Retry-After; raises for errors not worth retrying."""
+        if isinstance(exc, _Retry):
+            return exc.reason, exc.retry_after
+        if isinstance(exc, httpx.ReadTimeout):
+            return f"no data for {self.opt.stall_timeout:g}s (stalled connection)", None
+        if isinstance(exc, httpx.ConnectTimeout):
+            return "connecting timed out", None
+        if isinstance(exc, httpx.ConnectError):
+            cause: BaseException | None = exc
+            while cause is not None:
+                if isinstance(cause, ssl.SSLCertVerificationError) or "CERTIFICATE_VERIFY_FAILED" in str(cause):
+                    raise FetchError(
+                        f"the TLS certificate of {urlsplit(self.url).hostname} could not be verified: {exc}",
+                        "if you are behind a proxy that inspects TLS, point SSL_CERT_FILE at its CA bundle",
+                    ) from None
+                cause = cause.__cause__ or cause.__context__
+            return f"cannot connect: {exc}", None
+        if isinstance(exc, httpx.RemoteProtocolError):
+            return f"connection dropped: {exc}", None
+        return f"{type(exc).__name__}: {exc}", None
+
+    def _backoff(self, attempt: int, retry_after: float | None) -> float:
+        if retry_after is not None:
+            return min(self.opt.backoff_max, retry_after)
+        base = min(self.opt.backoff_max, self.opt.backoff_base * 2 ** (attempt - 1))
+        return base * random.uniform(0.5, 1.0)
+
+    def _gave_up(self, reason: str, retries: int) -> NetworkError:
+        return NetworkError(
+            f"could not download {self.name} from {self.shown_url}: {reason} (gave up after {retries} retries)",
+            "check the network connection or proxy settings (HTTPS_PROXY); what was downloaded is kept "
+            "and the next run resumes it",
+        )
+
+    # ---- the first request of a fresh download
+
+    def _probe(self) -> tuple[_Part, httpx.Response] | None:
+        """Open the first response, learn size, validators and Range support; plan the parts."""
+        o = self.opt
+        parallel = o.parallel_parts > 1 and self.size is not None and self.size >= o.part_threshold
+        first_end = -(-self.size // o.parallel_parts) - 1 if parallel and self.size else None
+        attempt = 0
+        while True:
+            try:
+                if self.size == 0:
+                    resp = self._request(None, None, conditional=False)
+                else:
+                    resp = self._request(0, first_end, conditional=False)
+                try:
+                    return self._plan(resp)
+                except BaseException:
+                    resp.close()
+                    raise
+            except (_Retry, httpx.TransportError) as exc:
+                reason, retry_after = self._reason(exc)
+                attempt += 1
+                if attempt > o.max_retries:
+                    raise self._gave_up(reason, attempt - 1) from None
+                delay = self._backoff(attempt, retry_after)
+                self._emit(ProgressEvent("retry", self.name, source=self.shown_url,
+                                         message=f"{reason}; retry {attempt}/{o.max_retries} in {delay:.1f}s"))
+                time.sleep(delay)
+
+    def _plan(self, resp: httpx.Response) -> tuple[_Part, httpx.Response] | None:
+        code = resp.status_code
+        enc = resp.headers.get("content-encoding", "identity").strip().lower()
+        self.decode = enc not in ("", "identity")
+        self.etag = self.last_modified = None
+        self.sources = []
+        self._learn_validators(resp)
+        if code == 416:
+            unsatisfied = re.fullmatch(r"\s*bytes\s+\*/0\s*", resp.headers.get("content-range", ""))
+            resp.close()
+            if not unsatisfied:
+                raise FetchError(f"the server refused the first range of {self.name} at {self.shown_url} "
+                                 "(HTTP 416)", "try another source")
+            total: int | None = 0
+            self.ranges = True
+        elif code == 206 and not self.decode:
+            cr = _content_range(resp.headers.get("content-range"))
+            if cr is None or cr[0] != 0:
+                raise FetchError(f"the server sent an invalid Content-Range for {self.name}: "
+                                 f"{resp.headers.get('content-range')!r}", "try another source")
+            total = cr[2]
+            self.ranges = True
+        else:
+            self.ranges = False
+            length = resp.headers.get("content-length")
+            total = int(length) if length and length.isdigit() and not self.decode else None
+        if self.size is not None and total is not None and total != self.size:
+            raise ChecksumError(
+                f"size mismatch for {self.name} at {self.shown_url}: expected {self.size} bytes, "
+                f"the server has {total}; nothing was downloaded",
+                "another source will be tried; if every source fails, the manifest may be out of date",
+                file=self.name, source=self.url, expected=self.sha256, actual=f"(size {total} bytes)")
+        self.total = total if total is not None else self.size
+        o = self.opt
+        if self.total == 0:
+            self.parts = []
+            resp.close()
+            return None
+        if self.total is None:
+            self.parts = [_Part(0, None)]
+        elif self.ranges and o.parallel_parts > 1 and self.total >= o.part_threshold:
+            step = -(-self.total // o.parallel_parts)
+            self.parts = [_Part(s, min(s + step, self.total) - 1) for s in range(0, self.total, step)]
+        else:
+            self.parts = [_Part(0, self.total - 1)]
+        now = time.monotonic()
+        p0 = self.parts[0]
+        p0.active, p0.claimed_at, p0.last_data = True, now, now
+        return p0, resp
+
+    # ---- workers
+
+    def _frontier(self) -> int:
+        with self.lock:
+            return self._frontier_locked()
+
+    def _frontier_locked(self) -> int:
+        pos = 0
+        for p in self.parts:
+            pos = p.pos
+            if not p.complete:
+                break
+        return pos
+
+    def _all_complete(self) -> bool:
+        with self.lock:
+            return all(p.complete for p in self.parts)
+
+    def _claim(self) -> _Part | None:
+        """An unclaimed part; else half of the biggest part in progress; else the rest of a straggler."""
+        now = time.monotonic()
+        with self.lock:
+            for p in self.parts:
+                if not p.active and not p.complete:
+                    p.active, p.claimed_at, p.claimed_received, p.last_data = True, now, p.received, now
+                    return p
+            if not self.ranges or self.total is None:
+                return None
+            busy = [p for p in self.parts if p.active and p.end is not None and not p.complete]
+            best, best_left = None, 0
+            for p in busy:
+                left = p.end + 1 - (p.start + max(p.reserved, p.done))  # type: ignore[operator]
+                if left > best_left:
+                    best, best_left = p, left
+            if best is not None and best_left >= 2 * self.opt.min_part:
+                # above what its worker has already received: nothing is fetched twice
+                cut = best.start + max(best.reserved, best.done) + best_left // 2
+            else:
+                # take over a straggler: everything not yet on disk, including bytes its stuck worker
+                # holds unwritten (the writer trims that worker's blocks to the shortened part)
+                stragglers = [p for p in busy if self._straggling(p, p.end + 1 - p.pos, now)]  # type: ignore[operator]
+                if not stragglers:
+                    return None
+                best = max(stragglers, key=lambda p: p.end - p.pos)  # type: ignore[operator]
+                cut = best.pos
+            new = _Part(cut, best.end, active=True, claimed_at=now, last_data=now)
+            best.end = cut - 1
+            self.parts.insert(self.parts.index(best) + 1, new)
+            return new
+
+    def _straggling(self, p: _Part, left: int, now: float) -> bool:
+        """No bytes for straggler_after seconds, or on course to finish far later than a fresh connection."""
+        if now - p.last_data >= self.opt.straggler_after:
+            return True
+        age = now - p.claimed_at
+        if age < self.opt.straggler_after:
+            return False
+        rate = (p.received - p.claimed_received) / age
+        active = sum(1 for q in self.parts if q.active and not q.complete) or 1
+        per_conn = self.session_received / max(now - self.session_start, 1e-3) / active
+        return rate * 4 < per_conn and left / max(rate, 1.0) > self.opt.straggler_after
+
+    def _fail(self, stop: threading.Event, exc: BaseException) -> None:
+        """Record the first error of the current attempt and stop its threads."""
+        with self.lock:
+            if stop is self.stop and self.error is None:
+                self.error = exc
+        stop.set()
+        self.wake.set()
+
+    def _worker(self, first: tuple[_Part, httpx.Response] | None, stop: threading.Event, writer: _Writer) -> None:
+        try:
+            while not stop.is_set():
+                if first is not None:
+                    part, resp = first
+                    first = None
+                else:
+                    part, resp = self._claim(), None
+                if part is None:
+                    if self._all_complete() or stop.wait(_TICK * 2):
+                        return
+                    continue
+                try:
+                    self._fetch_part(part, resp, stop, writer)
+                finally:
+                    with self.lock:
+                        part.active = False
+        except Exception as exc:  # noqa: BLE001  (re-raised by the supervising thread)
+            self._fail(stop, exc)
+        finally:
+            if first is not None:
+                first[1].close()
+
+    def _fetch_part(self, part: _Part, resp: httpx.Response | None, stop: threading.Event, writer: _Writer) -> None:
+        attempt = 0
+        while not part.all_queued and not stop.is_set():
+            before = part.queued
+            try:
+                if resp is None:
+                    resp = self._request(part.qpos, part.end, conditional=True)
+                    self._accept(resp, part)
+                self._stream(resp, part, stop, writer)
+                if part.end is None and not stop.is_set():
+                    with self.lock:
+                        part.end = part.qpos - 1
+                        self.total = part.qpos
+                    return
+                if not part.all_queued and not stop.is_set():
+                    raise _Retry("the connection closed before the part was complete")
+            except (_Retry, httpx.TransportError) as exc:
+                reason, retry_after = self._reason(exc)
+                if stop.is_set() or part.all_queued:
+                    return
+                if not self.ranges:
+                    raise _Restart(reason, retry=True, retry_after=retry_after) from None
+                if part.queued - before >= self.opt.min_part:
+                    attempt = 0
+                attempt += 1
+                if attempt > self.opt.max_retries:
+                    raise self._gave_up(reason, attempt - 1) from None
+                delay = self._backoff(attempt, retry_after)
+                with self.lock:
+                    done = sum(p.done for p in self.parts)
+                self.events.put(ProgressEvent(
+                    "retry", self.name, done=done, total=self.total, source=self.shown_url,
+                    message=f"{reason} at byte {part.qpos}; retry {attempt}/{self.opt.max_retries} "
+                            f"in {delay:.1f}s"))
+                if stop.wait(delay):
+                    return
+            finally:
+                if resp is not None:
+                    resp.close()
+                    resp = None
+
+    def _accept(self, resp: httpx.Response, part: _Part) -> None:
+        """Check a ranged response continues this very file at this very offset."""
+        code = resp.status_code
+        if code == 416:
+            raise _Restart("the source can no longer serve the rest of the file (HTTP 416)")
+        if code == 200:
+            if part.start == 0 and part.queued == 0 and len(self.parts) == 1:
+                with self.lock:
+                    self.etag = self.last_modified = None
+                self._learn_validators(resp)
+                return
+            if self._validators_differ(resp):
+                raise _Restart("the file at the source has changed (new ETag/Last-Modified)")
+            raise _Restart("the server ignored the Range request and sent the whole file")
+        cr = _content_range(resp.headers.get("content-range"))
+        if cr is None or cr[0] != part.qpos:
+            raise _Retry(f"the server answered with the wrong range ({resp.headers.get('content-range')!r} "
+                         f"for byte {part.qpos})")
+        if cr[2] is not None and self.total is not None and cr[2] != self.total:
+            raise _Restart(f"the file at the source changed size ({self.total} -> {cr[2]} bytes)")
+        if self._validators_differ(resp):
+            raise _Restart("the file at the source has changed (new ETag/Last-Modified)")
+        self._learn_validators(resp)
+
+    def _stream(self, resp: httpx.Response, part: _Part, stop: threading.Event, writer: _Writer) -> None:
+        """Receive the body into blocks of about _WRITE_BLOCK bytes and queue them for the writer."""
+        chunks = resp.iter_bytes() if self.decode else resp.iter_raw()
+        buf = bytearray()
+        try:
+            for chunk in chunks:
+                with self.lock:
+                    if stop.is_set():
+                        return
+                    room = len(chunk) if part.end is None else part.end + 1 - part.qpos - len(buf)
+                    n = max(0, min(len(chunk), room))
+                    part.reserved = part.queued + len(buf) + n
+                    part.last_data = time.monotonic()
+                    part.received += n
+                    self.session_received += n
+                buf += memoryview(chunk)[:n]
+                if n < len(chunk) or (part.end is not None and part.qpos + len(buf) > part.end):
+                    break
+                if len(buf) >= _WRITE_BLOCK:
+                    pending, buf = buf, bytearray()
+                    self._queue_block(pending, part, writer)
+        except httpx.TransportError:
+            if buf:
+                self._queue_block(buf, part, writer)
+            raise
+        if buf:
+            self._queue_block(buf, part, writer)
+
+    def _queue_block(self, data: bytearray, part: _Part, writer: _Writer) -> None:
+        with self.lock:
+            part.queued += len(data)
+        writer.put(part, data)

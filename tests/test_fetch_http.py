@@ -1,0 +1,532 @@
+"""download() against the real threaded test server (tests/httpserver.py) on 127.0.0.1, with injected faults."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import shutil
+import ssl
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from httpserver import FileServer
+
+from pipx_llama.errors import UsageError
+from pipx_llama.fetch.errors import (
+    AccessDenied,
+    ChecksumError,
+    FetchError,
+    NetworkError,
+    OfflineError,
+    SourceNotFound,
+)
+from pipx_llama.fetch.events import ProgressEvent
+from pipx_llama.fetch.http import FetchOptions, download, partial_progress, redact_url
+
+MB = 1 << 20
+
+
+def blob(n: int, seed: int = 0) -> bytes:
+    return random.Random(seed).randbytes(n)
+
+
+def sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def opts(**kw: object) -> FetchOptions:
+    """Options with test-sized timings: tiny backoff, quick stall detection, frequent checkpoints."""
+    base: dict[str, object] = {"backoff_base": 0.01, "backoff_max": 2.0, "stall_timeout": 5.0, "timeout": 5.0,
+                               "checkpoint_interval": 0.2, "max_retries": 3}
+    base.update(kw)
+    return FetchOptions(**base)  # type: ignore[arg-type]
+
+
+class Events(list):
+    def __call__(self, ev: ProgressEvent) -> None:
+        self.append(ev)
+
+    def kinds(self) -> list[str]:
+        return [e.kind for e in self if e.kind != "progress"]
+
+    def of(self, kind: str) -> list[ProgressEvent]:
+        return [e for e in self if e.kind == kind]
+
+
+@pytest.fixture
+def server():
+    with FileServer() as srv:
+        yield srv
+
+
+def ranges_requested(srv: FileServer, path: str) -> list[str | None]:
+    return [h.get("Range") for m, p, h in srv.requests if p == path]
+
+
+def state_of(dest: Path) -> dict:
+    return json.loads(Path(str(dest) + ".json").read_text())
+
+
+# ---- plain downloads
+
+
+def test_single_stream_download_verifies_and_reports(server, tmp_path):
+    data = blob(3 * MB)
+    url = server.put("/m.bin", data)
+    dest = tmp_path / "partial" / "m.part"
+    ev = Events()
+    download(url, dest, size=len(data), sha256=sha(data), options=opts(), on_event=ev, label="m.bin")
+    assert dest.read_bytes() == data
+    assert not Path(str(dest) + ".json").exists()
+    assert ev.kinds() == ["start", "verified", "done"]
+    assert all(e.file == "m.bin" for e in ev)
+    assert ev.of("done")[0].done == len(data)
+    assert server.bytes_sent == len(data)
+    assert ranges_requested(server, "/m.bin") == ["bytes=0-"]
+
+
+def test_parallel_parts_cover_the_file_once(server, tmp_path):
+    data = blob(12 * MB, 1)
+    url = server.put("/big.bin", data)
+    dest = tmp_path / "big.part"
+    download(url, dest, size=len(data), sha256=sha(data),
+             options=opts(parallel_parts=4, part_threshold=4 * MB, min_part=MB))
+    assert dest.read_bytes() == data
+    rngs = ranges_requested(server, "/big.bin")
+    assert rngs[0] == f"bytes=0-{3 * MB - 1}"
+    assert len(rngs) >= 4
+    # splitting a busy part can waste what was in flight on its connection, nothing more
+    assert server.bytes_sent <= len(data) + 4 * 2 * MB
+
+
+def test_empty_file_and_unknown_size(server, tmp_path):
+    url = server.put("/empty", b"")
+    download(url, tmp_path / "e.part", size=0, sha256=sha(b""), options=opts())
+    assert (tmp_path / "e.part").read_bytes() == b""
+    data = blob(MB + 123, 2)
+    url = server.put("/chunked", data)
+    server.faults("/chunked").chunked = True
+    server.faults("/chunked").ignore_range = True
+    ev = Events()
+    download(url, tmp_path / "c.part", size=None, sha256=sha(data), options=opts(), on_event=ev)
+    assert (tmp_path / "c.part").read_bytes() == data
+    assert ev.of("start")[0].total is None
+
+
+def test_redirects_followed_and_token_kept_on_origin(tmp_path):
+    data = blob(MB, 3)
+    with FileServer() as a, FileServer() as b:
+        b_url = b.put("/cdn/blob", data)
+        a.put("/real", data)
+        a.faults("/real").require_token = "s3cret"
+        a.redirect("/r1", "/r2")
+        a.redirect("/r2", "/real")
+        download(a.url("/r1"), tmp_path / "x.part", size=len(data), sha256=sha(data), options=opts(token="s3cret"))
+        assert (tmp_path / "x.part").read_bytes() == data
+        assert all(h.get("Authorization") == "Bearer s3cret" for _, _, h in a.requests)
+        # a redirect to another origin (a CDN) must not carry the token along
+        a.redirect("/to-cdn", b_url)
+        download(a.url("/to-cdn"), tmp_path / "y.part", size=len(data), sha256=sha(data), options=opts(token="s3cret"))
+        assert (tmp_path / "y.part").read_bytes() == data
+        assert b.requests and all("Authorization" not in h for _, _, h in b.requests)
+
+
+def test_proxy_from_environment(server, tmp_path, monkeypatch):
+    data = blob(MB, 4)
+    server.put("/via-proxy.bin", data)
+    for var in ("NO_PROXY", "no_proxy", "ALL_PROXY", "all_proxy", "HTTPS_PROXY", "https_proxy"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("HTTP_PROXY", server.url(""))
+    download("http://files.example.invalid/via-proxy.bin", tmp_path / "p.part", size=len(data),
+             sha256=sha(data), options=opts(allow_http=True))
+    assert (tmp_path / "p.part").read_bytes() == data
+    assert server.proxied >= 1
+
+
+# ---- refusals before any network use
+
+
+def test_offline_refuses_before_network(server, tmp_path):
+    data = blob(1000)
+    url = server.put("/o", data)
+    with pytest.raises(OfflineError) as err:
+        download(url, tmp_path / "sub" / "o.part", size=len(data), sha256=sha(data), options=opts(offline=True))
+    assert "offline" in err.value.message
+    assert server.requests == []
+    assert not (tmp_path / "sub").exists()
+
+
+def test_plain_http_refused_unless_loopback_or_allowed(tmp_path):
+    with pytest.raises(FetchError) as err:
+        download("http://example.com/x.gguf", tmp_path / "x.part", size=1, sha256="0" * 64, options=opts())
+    assert "plain http" in err.value.message
+    with pytest.raises(FetchError, match="not an http"):
+        download("ftp://example.com/x", tmp_path / "x.part", size=1, sha256="0" * 64, options=opts())
+    with pytest.raises(UsageError):
+        download("https://example.com/x", tmp_path / "x.part", size=1, sha256="xyz", options=opts())
+
+
+def test_tls_is_verified_and_ca_bundle_from_environment(tmp_path, monkeypatch):
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl command not available to make a test certificate")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out",
+                    str(cert), "-days", "1", "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"],
+                   check=True, capture_output=True)
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(cert, key)
+    data = blob(MB, 5)
+    monkeypatch.delenv("SSL_CERT_FILE", raising=False)
+    monkeypatch.delenv("SSL_CERT_DIR", raising=False)
+    with FileServer(tls=ctx) as srv:
+        url = srv.put("/t.bin", data)
+        ev = Events()
+        with pytest.raises(FetchError) as err:
+            download(url, tmp_path / "t.part", size=len(data), sha256=sha(data), options=opts(), on_event=ev)
+        assert "certificate" in err.value.message and "SSL_CERT_FILE" in err.value.hint
+        assert not ev.of("retry"), "a certificate failure is not retried"
+        monkeypatch.setenv("SSL_CERT_FILE", str(cert))
+        download(url, tmp_path / "t.part", size=len(data), sha256=sha(data), options=opts())
+        assert (tmp_path / "t.part").read_bytes() == data
+
+
+# ---- HTTP errors
+
+
+def test_404_is_not_retried(server, tmp_path):
+    with pytest.raises(SourceNotFound) as err:
+        download(server.url("/missing"), tmp_path / "m.part", size=10, sha256="0" * 64, options=opts())
+    assert "HTTP 404" in err.value.message
+    assert len(server.requests) == 1
+
+
+def test_401_and_403_say_how_to_get_access(server, tmp_path):
+    data = blob(1000)
+    url = server.put("/gated", data)
+    server.faults("/gated").require_token = "good"
+    with pytest.raises(AccessDenied) as err:
+        download(url, tmp_path / "g.part", size=len(data), sha256=sha(data), options=opts())
+    assert "HTTP 401" in err.value.message and "no token was sent" in err.value.message
+    assert "HF_TOKEN" in err.value.hint
+    with pytest.raises(AccessDenied, match="token was sent and refused"):
+        download(url, tmp_path / "g.part", size=len(data), sha256=sha(data), options=opts(token="bad"))
+    assert len(server.requests) == 2, "401 is not retried"
+    download(url, tmp_path / "g.part", size=len(data), sha256=sha(data), options=opts(token="good"))
+    assert (tmp_path / "g.part").read_bytes() == data
+
+    server.put("/signed", data)
+    server.faults("/signed").status = 403
+    signed = server.url("/signed?X-Amz-Signature=deadbeefcafe&Expires=1700000000")
+    with pytest.raises(AccessDenied) as err:
+        download(signed, tmp_path / "s.part", size=len(data), sha256=sha(data), options=opts())
+    assert "HTTP 403" in err.value.message and "presigned" in err.value.hint
+    assert "deadbeefcafe" not in err.value.message, "secrets in the query string stay out of messages"
+
+
+def test_429_and_503_honour_retry_after(server, tmp_path):
+    data = blob(MB, 6)
+    url = server.put("/busy", data)
+    server.faults("/busy").statuses = [(429, "1"), (503, None)]
+    ev = Events()
+    t0 = time.monotonic()
+    download(url, tmp_path / "b.part", size=len(data), sha256=sha(data), options=opts(), on_event=ev)
+    assert time.monotonic() - t0 >= 0.95
+    msgs = [e.message for e in ev.of("retry")]
+    assert len(msgs) == 2 and "HTTP 429" in msgs[0] and "in 1.0s" in msgs[0] and "HTTP 503" in msgs[1]
+    assert (tmp_path / "b.part").read_bytes() == data
+    # a Retry-After longer than backoff_max is capped
+    server.faults("/busy").statuses = [(503, "30")]
+    t0 = time.monotonic()
+    download(url, tmp_path / "b2.part", size=len(data), sha256=sha(data), options=opts(backoff_max=0.3))
+    assert time.monotonic() - t0 < 3
+
+
+def test_retries_exhausted_give_network_error(server, tmp_path):
+    url = server.put("/down", blob(1000))
+    server.faults("/down").status = 503
+    with pytest.raises(NetworkError) as err:
+        download(url, tmp_path / "d.part", size=1000, sha256="0" * 64, options=opts(max_retries=2))
+    assert "HTTP 503" in err.value.message and "2 retries" in err.value.message
+    assert len(server.requests) == 3
+
+
+# ---- broken connections, stalls, resume
+
+
+def test_dropped_connections_resume_in_place(server, tmp_path):
+    data = blob(6 * MB, 7)
+    url = server.put("/drop", data)
+    server.faults("/drop").drop_after = 1536 * 1024
+    server.faults("/drop").drop_times = 3
+    ev = Events()
+    download(url, tmp_path / "d.part", size=len(data), sha256=sha(data), options=opts(), on_event=ev)
+    assert (tmp_path / "d.part").read_bytes() == data
+    assert len(ev.of("retry")) == 3
+    assert server.bytes_sent == len(data), "every byte received before a drop is kept"
+    assert ranges_requested(server, "/drop")[1] == f"bytes={1536 * 1024}-{len(data) - 1}"
+
+
+def test_resume_across_calls_uses_if_range(server, tmp_path):
+    data = blob(4 * MB, 8)
+    url = server.put("/r", data)
+    dest = tmp_path / "r.part"
+    server.faults("/r").drop_after = 1536 * 1024
+    with pytest.raises(NetworkError):
+        download(url, dest, size=len(data), sha256=sha(data), options=opts(max_retries=0))
+    assert partial_progress(dest) == (1536 * 1024, len(data))
+    st = state_of(dest)
+    assert st["url"] == url and st["sha256"] == sha(data) and st["etag"] == server._resources["/r"].etag
+    server.reset_counters()
+    ev = Events()
+    download(url, dest, size=len(data), sha256=sha(data), options=opts(), on_event=ev)
+    assert dest.read_bytes() == data
+    assert ev.of("start")[0].done == 1536 * 1024 and "resuming" in ev.of("start")[0].message
+    (_, _, h), = server.requests
+    assert h["Range"] == f"bytes={1536 * 1024}-{len(data) - 1}" and h["If-Range"] == st["etag"]
+    assert server.bytes_sent == len(data) - 1536 * 1024
+    assert partial_progress(dest) is None
+
+
+def test_parallel_resume_across_calls(server, tmp_path):
+    data = blob(8 * MB, 9)
+    url = server.put("/pr", data)
+    dest = tmp_path / "pr.part"
+    o = opts(parallel_parts=4, part_threshold=MB, max_retries=0)
+    server.faults("/pr").drop_after = 1200 * 1024
+    server.faults("/pr").drop_times = -1
+    with pytest.raises(NetworkError):
+        download(url, dest, size=len(data), sha256=sha(data), options=o)
+    done, total = partial_progress(dest)
+    assert total == len(data) and done > 0
+    server.faults("/pr").drop_after = None
+    download(url, dest, size=len(data), sha256=sha(data), options=opts(parallel_parts=4, part_threshold=MB))
+    assert dest.read_bytes() == data
+    # both calls together: what other parts had in flight when the first call gave up, at most
+    assert server.bytes_sent <= len(data) + 4 * 2 * MB
+
+
+@pytest.mark.parametrize("parallel", [False, True])
+def test_changed_file_between_attempts_is_never_mixed(server, tmp_path, parallel):
+    old, new = blob(4 * MB, 10), blob(4 * MB, 11)
+    url = server.put("/v", old)
+    dest = tmp_path / "v.part"
+    o = {"parallel_parts": 4, "part_threshold": MB} if parallel else {}
+    server.faults("/v").drop_after = MB // 2 + 4321
+    server.faults("/v").drop_times = -1
+    with pytest.raises(NetworkError):
+        download(url, dest, size=len(old), sha256=sha(new), options=opts(max_retries=0, **o))
+    assert partial_progress(dest)[0] > 0
+    server.put("/v", new)  # new content, new ETag
+    server.faults("/v").drop_after = None
+    ev = Events()
+    download(url, dest, size=len(new), sha256=sha(new), options=opts(**o), on_event=ev)
+    assert dest.read_bytes() == new
+    assert ev.kinds().count("restart") == 1 and "changed" in ev.of("restart")[0].message
+
+
+def test_changed_file_detected_by_last_modified(server, tmp_path):
+    old, new = blob(3 * MB, 12), blob(3 * MB, 13)
+    url = server.put("/lm", old, last_modified=1_600_000_000)
+    server.faults("/lm").no_etag = True
+    server.faults("/lm").drop_after = MB
+    dest = tmp_path / "lm.part"
+    with pytest.raises(NetworkError):
+        download(url, dest, size=len(old), sha256=sha(new), options=opts(max_retries=0))
+    assert state_of(dest)["etag"] is None and state_of(dest)["last_modified"]
+    server.put("/lm", new, last_modified=1_700_000_000)
+    ev = Events()
+    download(url, dest, size=len(new), sha256=sha(new), options=opts(), on_event=ev)
+    assert dest.read_bytes() == new and "restart" in ev.kinds()
+    assert server.requests[-2][2]["If-Range"] == "Sun, 13 Sep 2020 12:26:40 GMT"
+
+
+def test_server_ignoring_range(server, tmp_path):
+    data = blob(6 * MB, 14)
+    url = server.put("/nr", data)
+    server.faults("/nr").ignore_range = True
+    # a fresh parallel-sized download falls back to one stream
+    download(url, tmp_path / "a.part", size=len(data), sha256=sha(data), options=opts(part_threshold=MB))
+    assert (tmp_path / "a.part").read_bytes() == data
+    assert len(server.requests) == 1
+    # a broken connection to such a server starts over from byte 0 (it cannot resume)
+    server.faults("/nr").drop_after = 2 * MB
+    ev = Events()
+    download(url, tmp_path / "b.part", size=len(data), sha256=sha(data), options=opts(), on_event=ev)
+    assert (tmp_path / "b.part").read_bytes() == data
+    assert "starting over" in ev.of("retry")[0].message
+    # a partial from a server that did honour Range, resumed after it stopped doing so
+    server.faults("/nr").ignore_range = False
+    server.faults("/nr").drop_times = 1
+    with pytest.raises(NetworkError):
+        download(url, tmp_path / "c.part", size=len(data), sha256=sha(data), options=opts(max_retries=0))
+    server.faults("/nr").ignore_range = True
+    ev = Events()
+    download(url, tmp_path / "c.part", size=len(data), sha256=sha(data), options=opts(), on_event=ev)
+    assert (tmp_path / "c.part").read_bytes() == data
+    assert "ignored the Range" in ev.of("restart")[0].message
+
+
+def test_stalled_connection_is_retried(server, tmp_path):
+    data = blob(2 * MB, 15)
+    url = server.put("/stall", data)
+    server.faults("/stall").stall_after = 256 * 1024
+    server.faults("/stall").stall_for = 30
+    ev = Events()
+    t0 = time.monotonic()
+    download(url, tmp_path / "s.part", size=len(data), sha256=sha(data), options=opts(stall_timeout=0.5), on_event=ev)
+    assert time.monotonic() - t0 < 5
+    assert (tmp_path / "s.part").read_bytes() == data
+    assert "stalled" in ev.of("retry")[0].message
+
+
+def test_straggling_part_is_taken_over(server, tmp_path):
+    data = blob(8 * MB, 16)
+    url = server.put("/strag", data)
+    server.faults("/strag").stall_after = 64 * 1024   # the first response (part 0) hangs
+    server.faults("/strag").stall_for = 30
+    ev = Events()
+    t0 = time.monotonic()
+    download(url, tmp_path / "s.part", size=len(data), sha256=sha(data), on_event=ev,
+             options=opts(parallel_parts=4, part_threshold=MB, min_part=256 * 1024, stall_timeout=20,
+                          straggler_after=0.5))
+    assert time.monotonic() - t0 < 6, "finished long before the 20 s stall timeout"
+    assert (tmp_path / "s.part").read_bytes() == data
+    assert not ev.of("retry")
+
+
+# ---- verification
+
+
+@pytest.mark.parametrize("parallel", [False, True])
+def test_flipped_byte_gives_checksum_error_and_deletes(server, tmp_path, parallel):
+    data = blob(5 * MB, 17)
+    url = server.put("/bad", data)
+    server.faults("/bad").corrupt_at = 3 * MB + 17
+    bad = bytearray(data)
+    bad[3 * MB + 17] ^= 0xFF
+    dest = tmp_path / "bad.part"
+    o = opts(parallel_parts=4, part_threshold=MB) if parallel else opts()
+    with pytest.raises(ChecksumError) as err:
+        download(url, dest, size=len(data), sha256=sha(data), options=o, label="model.gguf")
+    e = err.value
+    assert (e.file, e.source, e.expected, e.actual) == ("model.gguf", url, sha(data), sha(bytes(bad)))
+    assert "model.gguf" in e.message and url in e.message and sha(data) in e.message and e.actual in e.message
+    assert not dest.exists() and not Path(str(dest) + ".json").exists()
+
+
+def test_wrong_size_at_source_fails_before_downloading(server, tmp_path):
+    data = blob(2 * MB, 18)
+    url = server.put("/size", data)
+    with pytest.raises(ChecksumError) as err:
+        download(url, tmp_path / "z.part", size=len(data) + 1, sha256=sha(data), options=opts())
+    assert "size mismatch" in err.value.message and "nothing was downloaded" in err.value.message
+    assert not (tmp_path / "z.part").exists()
+
+
+def test_finished_file_without_state_is_verified_not_refetched(server, tmp_path):
+    data = blob(MB, 19)
+    url = server.put("/done", data)
+    dest = tmp_path / "done.part"
+    dest.write_bytes(data)
+    ev = Events()
+    download(url, dest, size=len(data), sha256=sha(data), options=opts(), on_event=ev)
+    assert server.requests == [] and ev.kinds() == ["verified", "done"]
+    dest.write_bytes(data[:-1] + b"\0")   # same size, wrong bytes: discarded and fetched again
+    download(url, dest, size=len(data), sha256=sha(data), options=opts())
+    assert dest.read_bytes() == data and len(server.requests) == 1
+
+
+def test_state_of_another_file_is_discarded(server, tmp_path):
+    data = blob(MB, 20)
+    url = server.put("/f", data)
+    dest = tmp_path / "f.part"
+    dest.write_bytes(b"x" * 1000)
+    Path(str(dest) + ".json").write_text(json.dumps({"version": 1, "sha256": "1" * 64, "size": len(data)}))
+    download(url, dest, size=len(data), sha256=sha(data), options=opts())
+    assert dest.read_bytes() == data
+
+
+def test_without_pwrite_the_seek_write_fallback_works(server, tmp_path, monkeypatch):
+    monkeypatch.delattr(os, "pwrite")
+    monkeypatch.delattr(os, "fdatasync", raising=False)
+    data = blob(6 * MB, 21)
+    url = server.put("/w", data)
+    download(url, tmp_path / "w.part", size=len(data), sha256=sha(data),
+             options=opts(parallel_parts=3, part_threshold=MB))
+    assert (tmp_path / "w.part").read_bytes() == data
+
+
+def test_progress_events_and_json():
+    ev = ProgressEvent("progress", "a/b.gguf", done=10, total=100, speed=1234.5678, eta=3.14159, source="s")
+    assert ev.to_json() == {"kind": "progress", "file": "a/b.gguf", "done": 10, "total": 100, "speed": 1234.6,
+                            "eta": 3.1, "source": "s", "message": None}
+    json.dumps(ev.to_json())
+
+
+def test_progress_events_carry_speed_and_eta(server, tmp_path):
+    data = blob(3 * MB, 22)
+    url = server.put("/slow", data)
+    server.faults("/slow").rate = 3 * MB
+    ev = Events()
+    download(url, tmp_path / "slow.part", size=len(data), sha256=sha(data), options=opts(), on_event=ev)
+    prog = [e for e in ev.of("progress") if e.speed]
+    assert prog and all(e.total == len(data) and 0 <= e.done <= len(data) for e in prog)
+    assert 1 * MB < prog[-1].speed < 6 * MB and prog[-1].eta is not None
+
+
+def test_redact_url():
+    assert redact_url("https://user:pw@h.example:8443/a/b?X-Amz-Signature=x") == "https://h.example:8443/a/b?…"
+    assert redact_url("https://h.example/a") == "https://h.example/a"
+
+
+def test_callback_exception_stops_cleanly_and_keeps_partial(server, tmp_path):
+    data = blob(4 * MB, 23)
+    url = server.put("/cb", data)
+    server.faults("/cb").rate = 4 * MB
+    dest = tmp_path / "cb.part"
+
+    def boom(ev: ProgressEvent) -> None:
+        if ev.kind == "progress" and ev.done >= MB:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        download(url, dest, size=len(data), sha256=sha(data), options=opts(), on_event=boom)
+    done, _ = partial_progress(dest)
+    assert done >= MB
+    deadline = time.monotonic() + 3
+    while any(t.name.startswith("fetch-") for t in threading.enumerate()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not [t.name for t in threading.enumerate() if t.name.startswith("fetch-")]
+    server.faults("/cb").rate = None
+    download(url, dest, size=len(data), sha256=sha(data), options=opts())
+    assert dest.read_bytes() == data
+
+
+def test_gated_hugging_face_file_names_the_licence_page(server, tmp_path, monkeypatch):
+    # a real huggingface.co URL, answered by the test server acting as the HTTP proxy
+    server.put("/org/model/resolve/main/model.gguf", blob(100))
+    server.faults("/org/model/resolve/main/model.gguf").status = 403
+    for var in ("NO_PROXY", "no_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("HTTP_PROXY", server.url(""))
+    with pytest.raises(AccessDenied) as err:
+        download("http://huggingface.co/org/model/resolve/main/model.gguf", tmp_path / "g.part", size=100,
+                 sha256="0" * 64, options=opts(allow_http=True, token="hf_x"))
+    assert "token was sent and refused" in err.value.message
+    assert "accept its licence on https://huggingface.co/org/model" in err.value.hint
+    assert "HF_TOKEN" in err.value.hint
+    assert server.proxied == 1
+
+
+def test_unwritable_destination_is_a_clean_error(server, tmp_path):
+    data = blob(1000)
+    url = server.put("/u", data)
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    with pytest.raises(FetchError, match="cannot write the download"):
+        download(url, blocker / "u.part", size=len(data), sha256=sha(data), options=opts())
