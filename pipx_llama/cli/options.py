@@ -3,13 +3,21 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 from pipx_llama.engine.sampler import SamplerConfig
 
+DEFAULT_MODEL = "smollm2-135m-instruct"
 
-def add_model_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("-m", "--model-file", type=Path, required=True, metavar="PATH.gguf",
+
+def add_model_options(p: argparse.ArgumentParser, *, by_name: bool = False) -> None:
+    if by_name:
+        p.add_argument("model", nargs="?", default=None,
+                       help="model name or alias, pulled into the store when missing "
+                            "(default: smollm2-135m-instruct); or use -m FILE")
+        p.add_argument("--variant", default=None, help="variant name or quantization (default: the manifest's)")
+    p.add_argument("-m", "--model-file", type=Path, required=not by_name, default=None, metavar="PATH.gguf",
                    help="GGUF model file to run")
     p.add_argument("-t", "--threads", type=int, default=None, help="threads (default: physical cores)")
     p.add_argument("-c", "--ctx-size", type=int, default=None,
@@ -36,3 +44,28 @@ def sampler_config(args: argparse.Namespace) -> SamplerConfig:
     )
     cfg.validate()
     return cfg
+
+
+def model_file(args: argparse.Namespace, name: str | None = None) -> Path:
+    """The GGUF file of model ``name`` (default ``DEFAULT_MODEL``) from the store, pulled when missing.
+
+    Progress goes to stderr. ``args`` carries the pull options a command added: ``--variant``,
+    ``--from-dir``, ``store_common.add_network_options`` and ``add_manifest_option`` (all optional).
+    """
+    from pipx_llama.cli import store_common as common
+    from pipx_llama.cli.progress import EventRenderer
+    from pipx_llama.errors import UnsupportedModelError
+    from pipx_llama.pull import pull
+
+    s = common.open_session(args)
+    manifest = common.resolve(s, name or DEFAULT_MODEL, args)
+    mode = "bars" if sys.stderr.isatty() else "plain"
+    with EventRenderer(mode, sys.stderr) as out:
+        result = pull(s.store, manifest, common.pull_options(args, s), out)
+    ggufs = [f["path"] for f in result.files if f["path"].endswith(".gguf")]
+    if not ggufs:
+        raise UnsupportedModelError(
+            f"{result.model} ({result.variant}) holds original weights, not a GGUF file",
+            f"convert it: pipx-llama convert {result.path} {result.model}.gguf, then pass -m that file",
+        )
+    return result.file_path(ggufs[0])

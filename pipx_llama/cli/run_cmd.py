@@ -4,16 +4,28 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
-from pipx_llama.cli.options import add_model_options, add_sampling_options, sampler_config
+from pipx_llama.cli import store_common as common
+from pipx_llama.cli.options import (  # noqa: F401  (DEFAULT_MODEL: re-exported)
+    DEFAULT_MODEL,
+    add_model_options,
+    add_sampling_options,
+    model_file,
+    sampler_config,
+)
 from pipx_llama.engine.generate import Generation, generate
 from pipx_llama.engine.model import Model, load_model
 from pipx_llama.errors import UsageError
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("run", help="complete a prompt, or chat (--chat), with a GGUF model")
-    add_model_options(p)
+    p = sub.add_parser("run", help="complete a prompt, or chat (--chat), with a model")
+    add_model_options(p, by_name=True)
+    p.add_argument("--from-dir", action="append", default=[], type=Path, metavar="DIR",
+                   help="when pulling, use files you already have in DIR (verified against the manifest)")
+    common.add_network_options(p)
+    common.add_manifest_option(p)
     p.add_argument("-p", "--prompt", default=None, help="prompt text ('-' or omitted without --chat: stdin)")
     p.add_argument("-n", "--n-predict", type=int, default=256,
                    help="tokens to generate; -1 = until end of text or full context (default 256)")
@@ -32,7 +44,7 @@ def run(args: argparse.Namespace) -> int:
         if sys.stdin.isatty() and args.prompt is None:
             raise UsageError("no prompt given", "pass -p TEXT, pipe text on stdin, or use --chat")
         args.prompt = sys.stdin.read()
-    model = load_model(args.model_file, threads=args.threads)
+    model = load_model(_model_path(args), threads=args.threads)
     ctx = model.new_context(args.ctx_size)
     if args.chat:
         return _chat(model, ctx, args, sampling)
@@ -44,6 +56,16 @@ def run(args: argparse.Namespace) -> int:
     if args.verbose:
         _report(gen)
     return 0
+
+
+def _model_path(args: argparse.Namespace) -> Path:
+    """The GGUF to run: ``-m FILE`` as given, else the named model from the store (pulled when missing)."""
+    if args.model_file is not None:
+        if args.model is not None:
+            raise UsageError(f"both a model name ({args.model}) and -m {args.model_file} were given",
+                             "pass one of them")
+        return args.model_file
+    return model_file(args, args.model)
 
 
 def _stream(gen: Generation) -> None:

@@ -26,7 +26,7 @@ from pipx_llama.engine.kernels import kquants as _kquants  # noqa: F401
 from pipx_llama.engine.kernels import legacy as _legacy  # noqa: F401
 from pipx_llama.engine.kernels import ops
 from pipx_llama.errors import ContextFullError, ModelFileError, UnsupportedModelError, UsageError
-from pipx_llama.tokenizer import Tokenizer
+from pipx_llama.tokenizer.tokenizer import Tokenizer
 
 SUPPORTED_ARCHITECTURES = ("llama",)
 DEFAULT_CTX = 4096

@@ -1,0 +1,104 @@
+"""The minimal CLI in subprocesses: run, tokenize, perplexity, and one-line errors with exit codes."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+
+def cli(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "pipx_llama.cli", *args], capture_output=True, text=True,
+                          input=stdin, timeout=600)
+
+
+def test_help_lists_commands():
+    out = cli("--help")
+    assert out.returncode == 0
+    for cmd in ("run", "tokenize", "perplexity"):
+        assert cmd in out.stdout
+
+
+@pytest.mark.slow
+def test_tokenize_prints_llama_cpp_ids(smollm2_path, golden):
+    case = golden["cases"][4]
+    out = cli("tokenize", "-m", str(smollm2_path), case["prompt"])
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout) == case["prompt_ids"]
+
+
+@pytest.mark.slow
+def test_run_greedy_completion(smollm2_path, golden):
+    case = golden["cases"][0]
+    out = cli("run", "-m", str(smollm2_path), "-p", case["prompt"], "-n", str(case["safe_prefix_len"]),
+              "--temp", "0", "-t", "2")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout == case["prompt"] + case["safe_prefix_text"] + "\n"
+
+
+@pytest.mark.slow
+def test_run_reads_prompt_from_stdin_and_stops_at_stop_string(smollm2_path):
+    out = cli("run", "-m", str(smollm2_path), "-n", "40", "--temp", "0", "--stop", "\n", "--verbose",
+              stdin="The capital of France is")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout == "The capital of France is Paris.\n"
+    assert "tokens/s" in out.stderr
+
+
+@pytest.mark.slow
+def test_perplexity_matches_llama_cpp_chunked(smollm2_path, golden, ppl_text_path):
+    ref = golden["chunk_perplexity"]
+    out = cli("perplexity", "-m", str(smollm2_path), "--ctx-size", str(ref["n_ctx"]), str(ppl_text_path), "--json")
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout)
+    print(f"\nchunked perplexity: ours {result['ppl']:.4f}, llama.cpp {ref['ppl']:.4f} "
+          f"({result['ppl'] / ref['ppl'] - 1:+.2%})")
+    assert (result["chunks"], result["scored"]) == (ref["chunks"], ref["scored"])
+    assert abs(result["ppl"] / ref["ppl"] - 1) <= 0.03
+
+
+def test_missing_model_file_is_one_clean_line(tmp_path):
+    out = cli("run", "-m", str(tmp_path / "nope.gguf"), "-p", "hi")
+    assert out.returncode == 3
+    assert "Traceback" not in out.stderr
+    assert "nope.gguf: no such file" in out.stderr
+
+
+def test_not_a_gguf_file(tmp_path):
+    bad = tmp_path / "model.gguf"
+    bad.write_text("this is not a model, just some text that is long enough")
+    out = cli("run", "-m", str(bad), "-p", "hi")
+    assert out.returncode == 3
+    assert "not a GGUF file" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_bad_sampling_option_is_usage_error(tmp_path):
+    out = cli("run", "-m", str(tmp_path / "x.gguf"), "-p", "hi", "--top-p", "0")
+    assert out.returncode == 2
+    assert "top-p" in out.stderr
+
+
+@pytest.mark.slow
+def test_run_by_name_pulls_into_the_store_then_reuses_it(smollm2_path, golden, tmp_path, monkeypatch):
+    monkeypatch.setenv("PIPX_LLAMA_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("PIPX_LLAMA_CONFIG_DIR", str(tmp_path / "config"))
+    case = golden["cases"][0]
+    args = ("run", "smollm2-135m-instruct", "-p", case["prompt"], "-n", "2", "--temp", "0", "--offline")
+    first = cli(*args, "--from-dir", str(smollm2_path.parent))
+    assert first.returncode == 0, first.stderr
+    assert first.stdout.startswith(case["prompt"] + " Paris")
+    stored = list((tmp_path / "home").rglob("*.gguf"))
+    assert stored, "the model was not installed in the store"
+    second = cli(*args)  # no --from-dir: the store has it now
+    assert second.returncode == 0, second.stderr
+    assert second.stdout == first.stdout
+
+
+def test_run_unknown_model_name_suggests(tmp_path, monkeypatch):
+    monkeypatch.setenv("PIPX_LLAMA_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("PIPX_LLAMA_CONFIG_DIR", str(tmp_path / "config"))
+    out = cli("run", "smollm3", "-p", "hi", "--offline")
+    assert out.returncode != 0 and "Traceback" not in out.stderr
+    assert "smollm2-135m-instruct" in out.stderr
