@@ -1,0 +1,265 @@
+"""Write a llama-architecture GGUF v3 file from a stream of source tensors, one tensor in memory at a time.
+
+``gguf.GGUFWriter`` is driven in its streaming mode: every tensor's name, shape and type is declared
+first (``add_tensor_info``), the header, key/values and tensor infos are written, then each tensor is
+loaded, converted and written (``write_tensor_data``) and dropped before the next is loaded. Output
+goes to a hidden temporary file in the destination folder, renamed over the destination only once
+it is complete and flushed to disk; a failed or interrupted run removes it.
+
+Output types follow llama.cpp's converters: 1-D tensors and norms are F32; everything else is the
+requested type, except that Q8_0 falls back to F16 for a row length that is not a multiple of 32
+(``gguf.quants`` raises ``QuantError`` there, and convert_hf_to_gguf.py falls back the same way).
+Conversions and Q8_0 use ``gguf.quants``, row block by row block, so temporaries stay small.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import gguf
+import numpy as np
+from gguf import GGMLQuantizationType as QT
+
+from pipx_llama.convert.vocab import Vocab
+from pipx_llama.errors import ModelFileError, UsageError
+from pipx_llama.fetch.events import EventCallback, ProgressEvent
+
+OUTTYPES: dict[str, QT] = {"f32": QT.F32, "f16": QT.F16, "bf16": QT.BF16, "q8_0": QT.Q8_0}
+FILE_TYPES: dict[QT, gguf.LlamaFileType] = {
+    QT.F32: gguf.LlamaFileType.ALL_F32,
+    QT.F16: gguf.LlamaFileType.MOSTLY_F16,
+    QT.BF16: gguf.LlamaFileType.MOSTLY_BF16,
+    QT.Q8_0: gguf.LlamaFileType.MOSTLY_Q8_0,
+}
+SOURCE_DTYPES: dict[str, np.dtype] = {"F16": np.dtype("<f2"), "BF16": np.dtype("<u2"), "F32": np.dtype("<f4")}
+# Elements converted per block of rows: bounds the float32 temporaries of a conversion (16 MiB each).
+_CHUNK_ELEMENTS = 1 << 22
+# Room left on the disk beyond the file itself before a conversion is refused for space.
+_DISK_MARGIN = 64 << 20
+
+
+@dataclass
+class SourceTensor:
+    """A tensor to write: GGUF name, numpy-order shape, source type and a loader called once."""
+
+    name: str
+    shape: tuple[int, ...]
+    kind: str  # "F16", "BF16" or "F32": the dtype ``load`` returns (BF16 as uint16 bit patterns)
+    load: Callable[[], np.ndarray]
+
+
+@dataclass
+class LlamaParams:
+    """The ``llama.*`` hyper-parameters llama.cpp's loader reads."""
+
+    n_vocab: int
+    n_ctx: int
+    n_embd: int
+    n_layer: int
+    n_ff: int
+    n_head: int
+    n_head_kv: int
+    norm_eps: float
+    rope_theta: float | None = None
+    rope_dim: int | None = None
+    rope_scaling_linear: float | None = None
+    key_length: int | None = None  # written (as key and value length) when config.json names head_dim
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+
+@dataclass
+class ConvertResult:
+    """What a conversion wrote."""
+
+    path: Path
+    outtype: str
+    n_tensors: int
+    nbytes: int
+    seconds: float
+    source_format: str = ""
+    tensor_types: dict[str, int] = field(default_factory=dict)  # ggml type name -> tensor count
+
+
+def outtype_from_name(name: str) -> QT:
+    qtype = OUTTYPES.get(name.lower())
+    if qtype is None:
+        raise UsageError(f"unknown output type {name!r}", "choose one of: " + ", ".join(OUTTYPES))
+    return qtype
+
+
+def tensor_type(name: str, shape: Sequence[int], outtype: QT) -> QT:
+    """The ggml type a tensor is written in for a requested output type."""
+    if len(shape) <= 1 or name.endswith("_norm.weight"):
+        return QT.F32
+    if outtype == QT.Q8_0 and shape[-1] % gguf.GGML_QUANT_SIZES[QT.Q8_0][0] != 0:
+        return QT.F16
+    return outtype
+
+
+def tensor_nbytes(shape: Sequence[int], qtype: QT) -> int:
+    block, type_size = gguf.GGML_QUANT_SIZES[qtype]
+    return math.prod(shape) // block * type_size
+
+
+def _bf16_to_f32(bits: np.ndarray) -> np.ndarray:
+    return (bits.astype(np.uint32) << 16).view(np.float32)
+
+
+def _as_f32(arr: np.ndarray, kind: str) -> np.ndarray:
+    if kind == "BF16":
+        return _bf16_to_f32(arr)
+    return arr.astype(np.float32, copy=False)
+
+
+def convert_tensor(arr: np.ndarray, kind: str, qtype: QT) -> np.ndarray:
+    """``arr`` (source ``kind``) as the bytes of ggml type ``qtype``; rows are converted block by block."""
+    if arr.dtype != SOURCE_DTYPES[kind]:
+        raise ValueError(f"expected {SOURCE_DTYPES[kind]} for a {kind} tensor, got {arr.dtype}")
+    if (qtype == QT.F16 and kind == "F16") or (qtype == QT.F32 and kind == "F32") or (
+        qtype == QT.BF16 and kind == "BF16"
+    ):
+        return arr
+    if qtype == QT.F32:
+        return _as_f32(arr, kind)
+    if arr.ndim == 0:
+        arr = arr.reshape(1)
+    rows = arr.reshape(-1, arr.shape[-1])
+    n_rows, n_cols = rows.shape
+    if qtype == QT.F16:
+        out = np.empty((n_rows, n_cols), np.float16)
+    elif qtype == QT.BF16:
+        out = np.empty((n_rows, n_cols), np.uint16)
+    elif qtype == QT.Q8_0:
+        out = np.empty((n_rows, tensor_nbytes((n_cols,), QT.Q8_0)), np.uint8)
+    else:
+        raise ValueError(f"unsupported output type {qtype.name}")
+    step = max(1, _CHUNK_ELEMENTS // max(1, n_cols))
+    for a in range(0, n_rows, step):
+        block = _as_f32(rows[a:a + step], kind)
+        if qtype == QT.F16:
+            out[a:a + step] = block.astype(np.float16)
+        else:
+            out[a:a + step] = gguf.quants.quantize(block, qtype).view(out.dtype)
+    return out
+
+
+def _add_params(w: gguf.GGUFWriter, p: LlamaParams, outtype: QT) -> None:
+    """Hyper-parameters in the order convert_hf_to_gguf.py's LlamaModel adds them."""
+    w.add_block_count(p.n_layer)
+    w.add_context_length(p.n_ctx)
+    w.add_embedding_length(p.n_embd)
+    w.add_feed_forward_length(p.n_ff)
+    w.add_head_count(p.n_head)
+    w.add_head_count_kv(p.n_head_kv)
+    if p.rope_theta is not None:
+        w.add_rope_freq_base(p.rope_theta)
+    w.add_layer_norm_rms_eps(p.norm_eps)
+    if p.key_length is not None:
+        w.add_key_length(p.key_length)
+        w.add_value_length(p.key_length)
+    w.add_file_type(FILE_TYPES[outtype])
+    w.add_vocab_size(p.n_vocab)
+    w.add_rope_dimension_count(p.rope_dim if p.rope_dim is not None else p.head_dim)
+    if p.rope_scaling_linear is not None:
+        w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        w.add_rope_scaling_factor(p.rope_scaling_linear)
+
+
+def model_metadata(src_dir: Path, tensors: Sequence[SourceTensor]) -> gguf.Metadata:
+    """``general.*`` (and sampling defaults from generation_config.json) as llama.cpp derives them."""
+    total = sum(math.prod(t.shape) for t in tensors)
+    try:
+        meta = gguf.Metadata.load(None, src_dir, None, total)
+    except Exception:  # noqa: BLE001 -- a model card gguf-py cannot parse only costs the descriptive fields
+        meta = gguf.Metadata()
+    if meta.name is None:
+        meta.name = src_dir.name
+    if meta.size_label is None and total > 0:
+        meta.size_label = gguf.size_label(total, total, 0, 0)
+    return meta
+
+
+def write_gguf(
+    out_path: str | Path,
+    params: LlamaParams,
+    vocab: Vocab,
+    tensors: Sequence[SourceTensor],
+    outtype: QT,
+    meta: gguf.Metadata,
+    on_event: EventCallback | None = None,
+) -> ConvertResult:
+    """Write the GGUF file, streaming tensor by tensor; see the module docstring."""
+    out_path = Path(out_path)
+    if outtype not in FILE_TYPES:
+        raise UsageError(f"cannot convert to {outtype.name}", "choose f32, f16, bf16 or q8_0")
+    folder = out_path.parent if str(out_path.parent) else Path(".")
+    if not folder.is_dir():
+        raise UsageError(f"the output folder {folder} does not exist", "create it first")
+    if out_path.is_dir():
+        raise UsageError(f"{out_path} is a folder", "give the path of the .gguf file to write")
+    names = [t.name for t in tensors]
+    if len(set(names)) != len(names):
+        raise ValueError("duplicate tensor names")
+
+    plan = [(t, tensor_type(t.name, t.shape, outtype)) for t in tensors]
+    total = sum(tensor_nbytes(t.shape, q) for t, q in plan)
+    free = shutil.disk_usage(folder).free
+    if free < total + _DISK_MARGIN:
+        raise ModelFileError(
+            f"not enough free disk space in {folder}: the converted model needs {total / 2**30:.1f} GiB, "
+            f"{free / 2**30:.1f} GiB are free",
+            "free some space or write the output somewhere else",
+        )
+
+    label = out_path.name
+    emit = on_event or (lambda _ev: None)
+    tmp = folder / f".{out_path.name}.{os.getpid()}.partial"
+    started = time.monotonic()
+    w = gguf.GGUFWriter(None, gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.LLAMA])
+    try:
+        w.add_type(gguf.GGUFType.MODEL)
+        meta.set_gguf_meta_model(w)
+        _add_params(w, params, outtype)
+        w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+        vocab.add_to_gguf(w)
+        for t, q in plan:
+            w.add_tensor_info(t.name, t.shape, np.dtype(np.float32), tensor_nbytes(t.shape, q), raw_dtype=q)
+        w.write_header_to_file(path=tmp)
+        w.write_kv_data_to_file()
+        w.write_ti_data_to_file()
+        emit(ProgressEvent("start", label, 0, total, message=f"writing {len(plan)} tensors as {outtype.name}"))
+        done = 0
+        for i, (t, q) in enumerate(plan):
+            data = t.load()
+            if tuple(data.shape) != tuple(t.shape):
+                raise ModelFileError(f"tensor {t.name}: expected shape {t.shape}, the source gave {data.shape}")
+            data = convert_tensor(data, t.kind, q)
+            w.write_tensor_data(data)
+            del data
+            done += tensor_nbytes(t.shape, q)
+            emit(ProgressEvent("progress", label, done, total,
+                               message=f"[{i + 1}/{len(plan)}] {t.name} {q.name} {list(t.shape)}"))
+        for f in w.fout or []:
+            f.flush()
+            os.fsync(f.fileno())
+        w.close()
+        os.replace(tmp, out_path)
+    except BaseException:
+        w.close()
+        tmp.unlink(missing_ok=True)
+        raise
+    emit(ProgressEvent("done", label, total, total, message=f"wrote {out_path}"))
+    counts: dict[str, int] = {}
+    for _, q in plan:
+        counts[q.name] = counts.get(q.name, 0) + 1
+    return ConvertResult(out_path, outtype.name, len(plan), out_path.stat().st_size,
+                         time.monotonic() - started, tensor_types=counts)
