@@ -1,0 +1,164 @@
+"""``pipx-llama serve [MODEL …] [-m FILE.gguf …]``: the OpenAI- and Ollama-compatible HTTP server.
+
+Named models are pulled into the store (when missing) before the server starts; every model is
+loaded on its first request and kept. The socket is bound here, before uvicorn starts, so a port in
+use is a plain error and ``--port 0`` picks a free port (the URL is printed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import logging
+import os
+import socket
+import sys
+from pathlib import Path
+
+from pipx_llama.cli import store_common as common
+from pipx_llama.cli.options import DEFAULT_MODEL, add_sampling_options, model_file, sampler_config
+from pipx_llama.errors import ModelFileError, UsageError
+
+API_KEY_ENV = "PIPX_LLAMA_API_KEY"
+LOOPBACK_NAMES = ["localhost", "127.0.0.1", "::1", "[::1]"]
+
+
+def _size(text: str) -> int:
+    units = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
+    t = text.strip().lower().removesuffix("b").removesuffix("i")
+    mult = units.get(t[-1:], 1)
+    number = t[:-1] if t[-1:] in units else t
+    try:
+        value = int(float(number) * mult)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 4M, 512K, 1048576)") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"size must be positive, got {text!r}")
+    return value
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("serve", help="serve models over an OpenAI- and Ollama-compatible HTTP API")
+    p.add_argument("model", nargs="*", default=[],
+                   help=f"model names or aliases, pulled into the store when missing (default: {DEFAULT_MODEL} "
+                        "unless -m is given)")
+    p.add_argument("-m", "--model-file", action="append", default=[], type=Path, metavar="PATH.gguf",
+                   help="also serve this GGUF file, named after its file name without .gguf (repeatable)")
+    p.add_argument("--variant", default=None, help="variant of the named models (default: the manifest's)")
+    p.add_argument("--from-dir", action="append", default=[], type=Path, metavar="DIR",
+                   help="when pulling, use files you already have in DIR (verified against the manifest)")
+    common.add_network_options(p)
+    common.add_manifest_option(p)
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on (default 127.0.0.1; any other address needs an API key)")
+    p.add_argument("--port", type=int, default=8080, help="port (default 8080; 0 = any free port)")
+    p.add_argument("--api-key", default=None,
+                   help=f"require 'Authorization: Bearer KEY' on the API (or set {API_KEY_ENV}, which keeps "
+                        "the key out of the process list)")
+    p.add_argument("--max-queue", type=int, default=16, metavar="N",
+                   help="requests that may wait for the engine; more get 503 with Retry-After (default 16)")
+    p.add_argument("--max-body", type=_size, default=4 << 20, metavar="SIZE",
+                   help="largest request body accepted, e.g. 4M (default 4M); larger ones get 413")
+    p.add_argument("--cors-origin", action="append", default=[], metavar="ORIGIN",
+                   help="let web pages from ORIGIN call the API (repeatable; '*' = any). Pages on "
+                        "localhost may always")
+    p.add_argument("-t", "--threads", type=int, default=None, help="threads (default: physical cores)")
+    p.add_argument("-c", "--ctx-size", type=int, default=None,
+                   help="context size per model in tokens (default: the model's, at most 4096)")
+    add_sampling_options(p)
+    p.add_argument("--preload", action="store_true", help="load every model at start-up, not on first use")
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
+                   help="server log detail (default info: one line per request)")
+
+
+def is_loopback(host: str) -> bool:
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def run(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from pipx_llama.server import ModelRegistry, ModelSpec, ServerSettings, create_app
+
+    api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
+    loopback = is_loopback(args.host)
+    if not loopback and not api_key:
+        raise UsageError(f"refusing to listen on {args.host} without an API key: anyone who can reach this "
+                         "machine could use it",
+                         f"pass --api-key KEY (or set {API_KEY_ENV}), or listen on 127.0.0.1 (the default)")
+    if args.max_queue < 0:
+        raise UsageError(f"--max-queue must be 0 or more, got {args.max_queue}", "pass --max-queue 16")
+    if args.ctx_size is not None and args.ctx_size < 16:
+        raise UsageError(f"--ctx-size {args.ctx_size} is too small", "pass -c 512 or more, or leave it out")
+    if args.threads is not None and args.threads < 1:
+        raise UsageError(f"threads must be at least 1, got {args.threads}", "pass -t 1 or more")
+    sampling = sampler_config(args)
+    if not 0 <= args.port <= 65535:
+        raise UsageError(f"--port {args.port} is not a port number", "pass a port between 1 and 65535, or 0")
+
+    specs = _specs(args, ModelSpec)
+    registry = ModelRegistry(specs, threads=args.threads, ctx_size=args.ctx_size)
+    settings = ServerSettings(
+        api_key=api_key, max_queue=args.max_queue, max_body_bytes=args.max_body, cors_origins=args.cors_origin,
+        allowed_hosts=sorted({*LOOPBACK_NAMES, args.host.lower()}) if loopback else None, sampling=sampling,
+    )
+    _setup_logging(args.log_level)
+    if args.preload:
+        for spec in specs:
+            registry.get(spec)
+    app = create_app(registry, settings)
+    sock = _bind(args.host, args.port)
+    port = sock.getsockname()[1]
+    shown = f"[{args.host}]" if ":" in args.host else args.host
+    sys.stderr.write(
+        f"pipx-llama serving {', '.join(registry.names)} at http://{shown}:{port}\n"
+        f"  OpenAI API: http://{shown}:{port}/v1   Ollama API: http://{shown}:{port}/api"
+        f"{'   (API key required)' if api_key else ''}\n"
+    )
+    sys.stderr.flush()
+    config = uvicorn.Config(app, log_level=args.log_level, timeout_graceful_shutdown=3, server_header=False,
+                            log_config=None)
+    uvicorn.Server(config).run(sockets=[sock])
+    return 0
+
+
+def _specs(args: argparse.Namespace, spec_cls: type) -> list:
+    specs = []
+    for path in args.model_file:
+        if not path.is_file():
+            raise ModelFileError(f"{path}: no such file", "check the path given with -m")
+        specs.append(spec_cls(path.name.removesuffix(".gguf"), path.resolve(), aliases=(path.name,)))
+    names = args.model or ([] if args.model_file else [DEFAULT_MODEL])
+    for name in dict.fromkeys(names):
+        specs.append(spec_cls(name, model_file(args, name)))
+    return specs
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(level=level.upper(), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    try:
+        infos = socket.getaddrinfo(host.strip("[]"), port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as err:
+        raise UsageError(f"cannot listen on {host}: {err.strerror}", "pass an address of this machine") from None
+    family, kind, proto, _, addr = infos[0]
+    sock = socket.socket(family, kind, proto)
+    if os.name == "posix":
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(addr)
+        sock.listen(128)
+    except OSError as err:
+        sock.close()
+        raise UsageError(f"cannot listen on {host}:{port}: {err.strerror}",
+                         "another program may use that port; pick another with --port (0 = any free port)") from None
+    sock.set_inheritable(True)
+    return sock

@@ -1,0 +1,397 @@
+"""The ASGI application: OpenAI- and Ollama-compatible endpoints over the engine.
+
+``/v1/models``, ``/v1/completions``, ``/v1/chat/completions`` (server-sent events when ``stream``),
+``/health``, and Ollama's ``/api/generate``, ``/api/chat``, ``/api/tags``, ``/api/version`` (NDJSON
+streams). ``/`` is left free for the web page.
+
+A request is validated, its model loaded (first use only) and its prompt tokenized before it is
+queued, so every client mistake is a 4xx before any byte of a stream is sent. Generation runs on the
+scheduler's worker thread; a client that goes away cancels its job.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+from starlette.middleware.cors import CORSMiddleware
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from pipx_llama import __version__
+from pipx_llama.engine.sampler import SamplerConfig
+from pipx_llama.errors import ChatTemplateError, PipxLlamaError, TokenizerError, UsageError
+from pipx_llama.server import schemas
+from pipx_llama.server.errors import APIError, bad_request, from_engine, internal
+from pipx_llama.server.middleware import (
+    AuthMiddleware,
+    BodyLimitMiddleware,
+    HostCheckMiddleware,
+    error_response,
+)
+from pipx_llama.server.registry import LoadedModel, ModelRegistry, ModelSpec
+from pipx_llama.server.scheduler import Done, Failed, Job, QueueFull, Scheduler, Text
+
+log = logging.getLogger("pipx_llama.server")
+
+LOCAL_ORIGINS = r"https?://(localhost|127\.0\.0\.1|\[::1\])(:\d+)?"
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+@dataclass
+class ServerSettings:
+    """Everything about serving that is not a model."""
+
+    api_key: str | None = None
+    max_queue: int = 16  # requests waiting beyond the one running; more get 503
+    max_body_bytes: int = 4 << 20
+    cors_origins: list[str] = field(default_factory=list)  # besides localhost pages; "*" for any
+    allowed_hosts: list[str] | None = None  # Host header values accepted (DNS-rebinding guard); None: any
+    sampling: SamplerConfig = field(default_factory=SamplerConfig)  # defaults for fields a request leaves out
+
+
+@dataclass
+class _Prepared:
+    job: Job
+    model: LoadedModel
+    prompt_text: str  # for echo
+
+
+class Server:
+    """Owns the registry and the scheduler; its methods are the endpoints."""
+
+    def __init__(self, registry: ModelRegistry, settings: ServerSettings) -> None:
+        self.registry = registry
+        self.settings = settings
+        self.scheduler: Scheduler | None = None
+
+    # -- plumbing -----------------------------------------------------------------------------------
+
+    async def _json(self, request: Request) -> Any:
+        body = await request.body()
+        if not body.strip():
+            raise bad_request("the request body is empty; send a JSON object")
+        try:
+            return json.loads(body, parse_constant=_reject_constant)
+        except (ValueError, UnicodeDecodeError) as err:
+            raise bad_request(f"the request body is not valid JSON: {err}") from None
+
+    async def _prepare(self, req: schemas.GenRequest, endpoint: str, prompt_param: str) -> _Prepared:
+        spec = self.registry.find(req.model)
+        loaded = await self._load(spec)
+        ids, text = await run_in_threadpool(_tokenize, loaded, req, prompt_param)
+        n_ctx = loaded.n_ctx
+        if len(ids) >= n_ctx or (req.max_tokens is not None and len(ids) + req.max_tokens > n_ctx):
+            raise schemas.context_error(len(ids), req.max_tokens, n_ctx, prompt_param)
+        max_tokens = req.max_tokens if req.max_tokens is not None else n_ctx - len(ids)
+        job = Job(schemas.new_id("req"), endpoint, loaded, ids, max_tokens, req.sampler(self.settings.sampling),
+                  req.stop)
+        job.bind()
+        try:
+            self.scheduler.submit(job)
+        except QueueFull as full:
+            raise APIError(503, f"The server is busy: {full.waiting} requests are waiting. Retry in "
+                                f"{full.retry_after} s.", type="server_error", code="server_busy",
+                           headers={"Retry-After": str(full.retry_after)}) from None
+        return _Prepared(job, loaded, text)
+
+    async def _load(self, spec: ModelSpec) -> LoadedModel:
+        try:
+            return await run_in_threadpool(self.registry.get, spec)
+        except PipxLlamaError as err:
+            log.error("cannot load %s: %s", spec.name, err)
+            raise APIError(500, f"the model {spec.name} could not be loaded: {err.message}",
+                           type="server_error", code="model_load_failed") from None
+
+    async def _collect(self, request: Request, job: Job) -> str:
+        """Wait for a job's whole text; cancel it if the client leaves first."""
+        watcher = asyncio.create_task(_cancel_on_disconnect(request, job))
+        parts = []
+        try:
+            async for ev in job.events():
+                if isinstance(ev, Text):
+                    parts.append(ev.text)
+                elif isinstance(ev, Failed):
+                    raise _generation_error(ev.error)
+        finally:
+            watcher.cancel()
+            job.cancel()  # no-op when it finished; stops it when this request was itself cancelled
+        return "".join(parts)
+
+    # -- OpenAI --------------------------------------------------------------------------------------
+
+    async def chat_completions(self, request: Request) -> Response:
+        req = schemas.parse_chat(await self._json(request))
+        p = await self._prepare(req, "chat", "messages")
+        rid, created, name = schemas.new_id("chatcmpl"), int(time.time()), p.model.spec.name
+        headers = {"X-Request-Id": p.job.id}
+        if req.stream:
+            return StreamingResponse(self._chat_stream(p.job, rid, created, name, req.include_usage),
+                                     media_type="text/event-stream", headers={**SSE_HEADERS, **headers})
+        text = await self._collect(request, p.job)
+        return JSONResponse(schemas.chat_completion(rid, created, name, text, p.job.stats), headers=headers)
+
+    async def _chat_stream(self, job: Job, rid: str, created: int, name: str, include_usage: bool
+                           ) -> AsyncIterator[str]:
+        try:
+            yield _sse(schemas.chat_chunk(rid, created, name, {"role": "assistant", "content": "", "refusal": None},
+                                          None, include_usage))
+            async for ev in job.events():
+                if isinstance(ev, Text):
+                    yield _sse(schemas.chat_chunk(rid, created, name, {"content": ev.text}, None, include_usage))
+                elif isinstance(ev, Done):
+                    yield _sse(schemas.chat_chunk(rid, created, name, {}, schemas.finish_reason(ev.stats),
+                                                  include_usage))
+                    if include_usage:
+                        yield _sse(schemas.usage_chunk(rid, created, name, "chat.completion.chunk", ev.stats))
+                    yield "data: [DONE]\n\n"
+                else:
+                    yield _sse(_generation_error(ev.error).openai_body())
+        finally:
+            job.cancel()
+
+    async def completions(self, request: Request) -> Response:
+        req = schemas.parse_completion(await self._json(request))
+        p = await self._prepare(req, "completion", "prompt")
+        rid, created, name = schemas.new_id("cmpl"), int(time.time()), p.model.spec.name
+        headers = {"X-Request-Id": p.job.id}
+        prefix = p.prompt_text if req.echo else ""
+        if req.stream:
+            return StreamingResponse(self._completion_stream(p.job, rid, created, name, req.include_usage, prefix),
+                                     media_type="text/event-stream", headers={**SSE_HEADERS, **headers})
+        text = await self._collect(request, p.job)
+        return JSONResponse(schemas.completion(rid, created, name, prefix + text, p.job.stats), headers=headers)
+
+    async def _completion_stream(self, job: Job, rid: str, created: int, name: str, include_usage: bool,
+                                 prefix: str) -> AsyncIterator[str]:
+        try:
+            if prefix:
+                yield _sse(schemas.completion_chunk(rid, created, name, prefix, None, include_usage))
+            async for ev in job.events():
+                if isinstance(ev, Text):
+                    yield _sse(schemas.completion_chunk(rid, created, name, ev.text, None, include_usage))
+                elif isinstance(ev, Done):
+                    yield _sse(schemas.completion_chunk(rid, created, name, "", schemas.finish_reason(ev.stats),
+                                                        include_usage))
+                    if include_usage:
+                        yield _sse(schemas.usage_chunk(rid, created, name, "text_completion", ev.stats))
+                    yield "data: [DONE]\n\n"
+                else:
+                    yield _sse(_generation_error(ev.error).openai_body())
+        finally:
+            job.cancel()
+
+    async def models(self, request: Request) -> Response:
+        data = [schemas.model_object(s.name, int(self.registry.summary(s)["mtime"])) for s in self.registry.specs()]
+        return JSONResponse({"object": "list", "data": data})
+
+    async def model(self, request: Request) -> Response:
+        spec = self.registry.find(request.path_params["model"])
+        return JSONResponse(schemas.model_object(spec.name, int(self.registry.summary(spec)["mtime"])))
+
+    # -- Ollama --------------------------------------------------------------------------------------
+
+    async def ollama_generate(self, request: Request) -> Response:
+        return await self._ollama(request, schemas.parse_ollama_generate(await self._json(request)), "generate")
+
+    async def ollama_chat(self, request: Request) -> Response:
+        return await self._ollama(request, schemas.parse_ollama_chat(await self._json(request)), "chat")
+
+    async def _ollama(self, request: Request, req: schemas.GenRequest, kind: str) -> Response:
+        t0 = time.perf_counter()
+        if req.messages is None and not req.prompt:
+            # Ollama's way to load a model without generating
+            spec = self.registry.find(req.model)
+            await self._load(spec)
+            out: dict[str, Any] = {"model": spec.name, "created_at": schemas.ollama_time(), "done": True,
+                                   "done_reason": "load"}
+            out.update({"response": ""} if kind == "generate" else
+                       {"message": {"role": "assistant", "content": ""}})
+            return JSONResponse(out)
+        was_loaded = self.registry.is_loaded(self.registry.find(req.model).name)
+        p = await self._prepare(req, f"api/{kind}", "prompt" if kind == "generate" else "messages")
+        load_seconds = 0.0 if was_loaded else p.model.load_seconds
+        name = p.model.spec.name
+        headers = {"X-Request-Id": p.job.id}
+
+        def piece(text: str) -> dict[str, Any]:
+            body: dict[str, Any] = {"model": name, "created_at": schemas.ollama_time()}
+            if kind == "generate":
+                body["response"] = text
+            else:
+                body["message"] = {"role": "assistant", "content": text}
+            body["done"] = False
+            return body
+
+        def final(job: Job, text: str) -> dict[str, Any]:
+            body = piece(text)
+            body.update(schemas.ollama_final(job.stats, time.perf_counter() - t0, load_seconds))
+            if kind == "generate":
+                body["context"] = job.prompt + job.tokens
+            return body
+
+        if not req.stream:
+            text = await self._collect(request, p.job)
+            return JSONResponse(final(p.job, text), headers=headers)
+
+        async def lines() -> AsyncIterator[str]:
+            try:
+                async for ev in p.job.events():
+                    if isinstance(ev, Text):
+                        yield _ndjson(piece(ev.text))
+                    elif isinstance(ev, Done):
+                        yield _ndjson(final(p.job, ""))
+                    else:
+                        yield _ndjson(_generation_error(ev.error).ollama_body())
+            finally:
+                p.job.cancel()
+
+        return StreamingResponse(lines(), media_type="application/x-ndjson", headers=headers)
+
+    async def ollama_tags(self, request: Request) -> Response:
+        models = []
+        for spec in self.registry.specs():
+            s = self.registry.summary(spec)
+            models.append({
+                "name": spec.name,
+                "model": spec.name,
+                "modified_at": schemas.ollama_time(s["mtime"]),
+                "size": s["size"],
+                "digest": spec.digest or "",
+                "details": {"parent_model": "", "format": "gguf", "family": s["family"],
+                            "families": [s["family"]] if s["family"] else None,
+                            "parameter_size": s["parameter_size"], "quantization_level": s["quantization_level"]},
+            })
+        return JSONResponse({"models": models})
+
+    async def ollama_version(self, request: Request) -> Response:
+        return JSONResponse({"version": __version__})
+
+    # -- health --------------------------------------------------------------------------------------
+
+    async def health(self, request: Request) -> Response:
+        sch = self.scheduler
+        return JSONResponse({
+            "status": "ok",
+            "models": [{"id": n, "loaded": self.registry.is_loaded(n)} for n in self.registry.names],
+            "queue": {"running": sch.running, "waiting": sch.waiting, "max_waiting": sch.max_queue},
+            "requests": dict(sch.counts),
+        })
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def _tokenize(loaded: LoadedModel, req: schemas.GenRequest, prompt_param: str) -> tuple[list[int], str]:
+    tok = loaded.model.tokenizer
+    try:
+        if req.messages is not None:
+            text = tok.chat_prompt(req.messages, add_generation_prompt=True)
+            return req.context + tok.encode(text), text
+        if isinstance(req.prompt, list):
+            n_vocab = loaded.model.hparams.n_vocab
+            bad = [t for t in req.prompt if not 0 <= t < n_vocab]
+            if bad:
+                raise bad_request(f"token id {bad[0]} is outside the vocabulary (0..{n_vocab - 1})", prompt_param)
+            return list(req.prompt), tok.decode(req.prompt)
+        ids = req.context + tok.encode(req.prompt, add_special=not req.context)
+    except (ChatTemplateError, TokenizerError, UsageError) as err:
+        raise from_engine(err, prompt_param) from None
+    if not ids:
+        raise bad_request("the prompt is empty", prompt_param)
+    return ids, req.prompt
+
+
+async def _cancel_on_disconnect(request: Request, job: Job) -> None:
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            job.cancel()
+            return
+
+
+def _generation_error(err: BaseException) -> APIError:
+    if isinstance(err, PipxLlamaError):
+        return APIError(500, f"generation failed: {err.message}", type="server_error", code="generation_failed")
+    return internal(f"generation failed: {type(err).__name__}: {err}")
+
+
+def _sse(obj: dict[str, Any]) -> str:
+    return f"data: {json.dumps(obj, ensure_ascii=False, separators=(',', ':'))}\n\n"
+
+
+def _ndjson(obj: dict[str, Any]) -> str:
+    return json.dumps(obj, ensure_ascii=False, separators=(",", ":")) + "\n"
+
+
+def create_app(registry: ModelRegistry, settings: ServerSettings | None = None) -> Starlette:
+    """The ASGI app; its scheduler starts with the app's lifespan and stops (cancelling all) with it."""
+    settings = settings or ServerSettings()
+    server = Server(registry, settings)
+
+    def route(path: str, fn: Callable[[Request], Awaitable[Response]], method: str) -> Route:
+        return Route(path, fn, methods=[method])
+
+    routes = [
+        route("/health", server.health, "GET"),
+        route("/v1/models", server.models, "GET"),
+        route("/v1/models/{model:path}", server.model, "GET"),
+        route("/v1/chat/completions", server.chat_completions, "POST"),
+        route("/v1/completions", server.completions, "POST"),
+        route("/api/generate", server.ollama_generate, "POST"),
+        route("/api/chat", server.ollama_chat, "POST"),
+        route("/api/tags", server.ollama_tags, "GET"),
+        route("/api/version", server.ollama_version, "GET"),
+    ]
+    middleware = []
+    if settings.allowed_hosts is not None:
+        middleware.append(Middleware(HostCheckMiddleware, allowed=settings.allowed_hosts))
+    origins = list(settings.cors_origins)
+    middleware += [
+        Middleware(CORSMiddleware, allow_origins=origins, allow_origin_regex=None if "*" in origins else LOCAL_ORIGINS,
+                   allow_methods=["GET", "POST", "OPTIONS"], allow_headers=["Authorization", "Content-Type"],
+                   expose_headers=["Retry-After", "X-Request-Id"], max_age=600),
+        Middleware(AuthMiddleware, api_key=settings.api_key),
+        Middleware(BodyLimitMiddleware, limit=settings.max_body_bytes),
+    ]
+
+    async def on_api_error(request: Request, exc: APIError) -> Response:
+        return error_response(request.scope, exc)
+
+    async def on_http_error(request: Request, exc: HTTPException) -> Response:
+        if exc.status_code == 404:
+            err = APIError(404, f"Invalid URL ({request.method} {request.url.path})")
+        elif exc.status_code == 405:
+            err = APIError(405, f"{request.method} is not allowed on {request.url.path}")
+        else:
+            err = APIError(exc.status_code, str(exc.detail))
+        return error_response(request.scope, err)
+
+    async def on_unexpected(request: Request, exc: Exception) -> Response:
+        log.exception("unexpected error on %s %s", request.method, request.url.path)
+        return error_response(request.scope, internal(f"internal error: {type(exc).__name__}"))
+
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        server.scheduler = Scheduler(settings.max_queue)
+        try:
+            yield
+        finally:
+            await run_in_threadpool(server.scheduler.close)
+
+    app = Starlette(routes=routes, middleware=middleware, lifespan=contextlib.asynccontextmanager(lifespan),
+                    exception_handlers={APIError: on_api_error, HTTPException: on_http_error,
+                                        Exception: on_unexpected})
+    app.state.server = server
+    return app

@@ -1,0 +1,114 @@
+"""Pure-ASGI guards in front of the endpoints: Host check, Bearer key, request body limit.
+
+Pure ASGI (not ``BaseHTTPMiddleware``) so that streamed responses pass through untouched and a
+client disconnect reaches the endpoint.
+"""
+
+from __future__ import annotations
+
+import hmac
+from typing import Any
+
+from starlette.responses import JSONResponse
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from pipx_llama.server.errors import APIError
+
+PROTECTED_PREFIXES = ("/v1/", "/api/")  # the API; /health and the web page stay open
+
+
+def error_response(scope: Scope, err: APIError) -> JSONResponse:
+    """``err`` in the shape the API family of ``scope``'s path uses."""
+    body = err.ollama_body() if scope.get("path", "").startswith("/api/") else err.openai_body()
+    return JSONResponse(body, status_code=err.status, headers=err.headers)
+
+
+def _header(scope: Scope, name: bytes) -> str | None:
+    for key, value in scope.get("headers", []):
+        if key.lower() == name:
+            return value.decode("latin-1")
+    return None
+
+
+class HostCheckMiddleware:
+    """Refuse requests whose Host is not this machine's loopback name.
+
+    A server on 127.0.0.1 is still reachable from a web page through DNS rebinding (a hostile name
+    that resolves to 127.0.0.1); such requests carry the hostile name in Host, so they stop here.
+    """
+
+    def __init__(self, app: ASGIApp, allowed: list[str]) -> None:
+        self.app = app
+        self.allowed = {h.lower() for h in allowed}
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            host = (_header(scope, b"host") or "").lower()
+            name = host.rsplit("]", 1)[0] + "]" if host.startswith("[") else host.split(":", 1)[0]
+            if name not in self.allowed:
+                err = APIError(403, f"Host {host!r} is not allowed; use http://127.0.0.1 or http://localhost",
+                               type="invalid_request_error", code="host_not_allowed")
+                await error_response(scope, err)(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+class AuthMiddleware:
+    """With an API key set, the API paths need ``Authorization: Bearer <key>``."""
+
+    def __init__(self, app: ASGIApp, api_key: str | None) -> None:
+        self.app = app
+        self.key = api_key.encode() if api_key else None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if self.key is not None and scope["type"] == "http" and scope["path"].startswith(PROTECTED_PREFIXES):
+            auth = _header(scope, b"authorization") or ""
+            scheme, _, given = auth.partition(" ")
+            if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), self.key):
+                msg = ("You didn't provide an API key. Send it as 'Authorization: Bearer KEY'." if not auth
+                       else "Incorrect API key provided.")
+                err = APIError(401, msg, code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+                await error_response(scope, err)(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+class BodyTooLarge(APIError):
+    def __init__(self, limit: int, size: int | None = None) -> None:
+        what = f"of {size} bytes " if size is not None else ""
+        super().__init__(413, f"The request body {what}exceeds this server's limit of {limit} bytes.",
+                         code="request_too_large")
+
+
+class BodyLimitMiddleware:
+    """413 for a body over the limit: by Content-Length up front, or counted as a chunked body arrives."""
+
+    def __init__(self, app: ASGIApp, limit: int) -> None:
+        self.app = app
+        self.limit = limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        length = _header(scope, b"content-length")
+        if length is not None:
+            if not length.strip().isdigit():
+                err = APIError(400, f"invalid Content-Length header: {length!r}")
+                await error_response(scope, err)(scope, receive, send)
+                return
+            if int(length) > self.limit:
+                await error_response(scope, BodyTooLarge(self.limit, int(length)))(scope, receive, send)
+                return
+        seen = 0
+
+        async def limited() -> Message:
+            nonlocal seen
+            message: dict[str, Any] = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.limit:
+                    raise BodyTooLarge(self.limit)  # raised inside request.body(): the endpoint answers 413
+            return message
+
+        await self.app(scope, limited, send)

@@ -1,0 +1,156 @@
+"""The models a server offers: named at start-up, loaded on first use, then kept.
+
+Each model gets one KV-cache context when it loads; requests for it take turns on that context
+(``generate()`` reuses the prefix the previous request left, so a chat's next turn only evaluates
+what is new). Names are matched exactly, then case-insensitively, and Ollama's ``name:latest`` means
+``name``.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pipx_llama.engine.model import Context, Model, load_model
+from pipx_llama.errors import PipxLlamaError, UsageError
+from pipx_llama.server.errors import bad_request, model_not_found
+
+log = logging.getLogger("pipx_llama.server")
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A model the server offers: its public name, its GGUF file, other names it answers to."""
+
+    name: str
+    path: Path
+    aliases: tuple[str, ...] = ()
+    digest: str | None = None  # sha256 of the file when the store knows it
+
+
+@dataclass
+class LoadedModel:
+    spec: ModelSpec
+    model: Model
+    context: Context
+    load_seconds: float
+
+    @property
+    def n_ctx(self) -> int:
+        return self.context.n_ctx
+
+
+@dataclass
+class _Slot:
+    spec: ModelSpec
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    loaded: LoadedModel | None = None
+    summary: dict[str, Any] | None = None
+
+
+class ModelRegistry:
+    """Name → model; ``get`` loads on first use (once, even when requests race for it)."""
+
+    def __init__(self, specs: list[ModelSpec], *, threads: int | None = None, ctx_size: int | None = None) -> None:
+        if not specs:
+            raise UsageError("no model to serve", "name a model or pass -m FILE.gguf")
+        self._slots: dict[str, _Slot] = {}
+        self._names: dict[str, str] = {}
+        for spec in specs:
+            for n in (spec.name, *spec.aliases):
+                other = self._names.get(n.lower())
+                if other is not None and other != spec.name:
+                    raise UsageError(f"two models answer to the name {n!r}: {other} and {spec.name}",
+                                     "serve files with different names, or only one of them")
+            if spec.name in self._slots:
+                continue
+            self._slots[spec.name] = _Slot(spec)
+            for n in (spec.name, *spec.aliases):
+                self._names[n.lower()] = spec.name
+        self.threads = threads
+        self.ctx_size = ctx_size
+
+    @property
+    def names(self) -> list[str]:
+        return list(self._slots)
+
+    def specs(self) -> list[ModelSpec]:
+        return [s.spec for s in self._slots.values()]
+
+    def find(self, name: str | None) -> ModelSpec:
+        """The model a request names; 404 when unknown, 400 when none is named and several are served."""
+        if name is None or name == "":
+            if len(self._slots) == 1:
+                return next(iter(self._slots.values())).spec
+            raise bad_request(f"'model' is required: this server has {', '.join(self._slots)}", "model")
+        key = name.lower()
+        if key not in self._names and key.endswith(":latest"):
+            key = key[: -len(":latest")]
+        if key not in self._names:
+            raise model_not_found(name, self.names)
+        return self._slots[self._names[key]].spec
+
+    def is_loaded(self, name: str) -> bool:
+        return self._slots[name].loaded is not None
+
+    def get(self, spec: ModelSpec) -> LoadedModel:
+        """The loaded model (blocking: loads it the first time)."""
+        slot = self._slots[spec.name]
+        if slot.loaded is not None:
+            return slot.loaded
+        with slot.lock:
+            if slot.loaded is None:
+                slot.loaded = self._load(spec)
+        return slot.loaded
+
+    def _load(self, spec: ModelSpec) -> LoadedModel:
+        t0 = time.perf_counter()
+        model = load_model(spec.path, threads=self.threads)
+        n_ctx = self.ctx_size
+        if n_ctx is not None and n_ctx > model.hparams.n_ctx_train:
+            log.warning("%s: context %d exceeds the %d tokens it was trained on; using %d",
+                        spec.name, n_ctx, model.hparams.n_ctx_train, model.hparams.n_ctx_train)
+            n_ctx = model.hparams.n_ctx_train
+        context = model.new_context(n_ctx)
+        seconds = time.perf_counter() - t0
+        log.info("loaded %s (%s) in %.2f s, context %d tokens", spec.name, spec.path, seconds, context.n_ctx)
+        return LoadedModel(spec, model, context, seconds)
+
+    def summary(self, spec: ModelSpec) -> dict[str, Any]:
+        """File facts for listings (size, time, architecture, quantization) without loading the weights."""
+        slot = self._slots[spec.name]
+        if slot.summary is None:
+            slot.summary = _summarize(spec)
+        return slot.summary
+
+
+def _summarize(spec: ModelSpec) -> dict[str, Any]:
+    import gguf
+
+    from pipx_llama.engine.gguf_reader import open_gguf
+
+    st = spec.path.stat()
+    out: dict[str, Any] = {"size": st.st_size, "mtime": st.st_mtime, "family": "", "parameter_size": "",
+                           "quantization_level": ""}
+    try:
+        g = open_gguf(spec.path)
+    except (PipxLlamaError, OSError) as err:  # a listing must not fail on a file the model load reports
+        log.warning("%s: cannot read its metadata: %s", spec.path, err)
+        return out
+    try:
+        meta = g.metadata
+        out["family"] = str(meta.get("general.architecture", ""))
+        out["parameter_size"] = str(meta.get("general.size_label", ""))
+        ft = meta.get("general.file_type")
+        if ft is not None:
+            try:
+                out["quantization_level"] = gguf.LlamaFileType(int(ft)).name.removeprefix("MOSTLY_")
+            except ValueError:
+                out["quantization_level"] = str(ft)
+    finally:
+        g.close()
+    return out

@@ -1,0 +1,434 @@
+"""Request validation and response shapes for the OpenAI and Ollama APIs.
+
+Requests are checked field by field into a ``GenRequest`` (what the engine needs, nothing more); a bad
+field becomes a 400 naming the field. Fields this server does not implement are refused when they
+would change the answer (``n`` > 1, ``logprobs``, tools, JSON mode) and ignored when they would not
+(``user``, ``store``, ``metadata``, unknown keys), so clients written for other servers still work.
+
+Response builders produce OpenAI's exact objects (``chat.completion``, ``chat.completion.chunk``,
+``text_completion``) and Ollama's NDJSON lines.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+import uuid
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any
+
+from pipx_llama import __version__
+from pipx_llama.engine.generate import GenerationStats
+from pipx_llama.engine.sampler import SamplerConfig
+from pipx_llama.errors import UsageError
+from pipx_llama.server.errors import APIError, bad_request, unsupported
+
+MAX_STOP = 16
+CHAT_ROLES = ("system", "developer", "user", "assistant", "tool", "function")
+FINGERPRINT = f"pipx-llama-{__version__}"
+COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's documented default for /v1/completions
+
+
+@dataclass
+class GenRequest:
+    """One validated generation request, whichever API it came through."""
+
+    model: str | None
+    messages: list[dict[str, str]] | None = None  # chat: rendered with the model's template
+    prompt: str | list[int] | None = None  # completion: text or token ids
+    max_tokens: int | None = None  # None: until end of text or the context is full
+    sampling: dict[str, Any] = field(default_factory=dict)  # SamplerConfig fields the client set
+    stop: tuple[str, ...] = ()
+    stream: bool = False
+    include_usage: bool = False
+    echo: bool = False
+    context: list[int] = field(default_factory=list)  # Ollama /api/generate: ids of the previous turn
+
+    def sampler(self, defaults: SamplerConfig) -> SamplerConfig:
+        s = dict(self.sampling)
+        if s.get("top_p") == 0.0:  # OpenAI accepts top_p 0: only the most likely token
+            s["top_p"], s["top_k"] = 1.0, 1
+        cfg = dataclasses.replace(defaults, **s)
+        try:
+            cfg.validate()
+        except UsageError as err:
+            raise bad_request(err.message) from None
+        return cfg
+
+
+class _Body:
+    """Typed access to the fields of a JSON object, with 400s that name the field."""
+
+    def __init__(self, body: Any, where: str = "") -> None:
+        if not isinstance(body, dict):
+            raise bad_request(f"'{where}' must be a JSON object" if where else "the request body must be a JSON object",
+                              where or None)
+        self.body = body
+        self.where = where
+
+    def _param(self, key: str) -> str:
+        return f"{self.where}.{key}" if self.where else key
+
+    def present(self, key: str) -> bool:
+        return self.body.get(key) is not None
+
+    def number(self, key: str, lo: float | None = None, hi: float | None = None, *,
+               integer: bool = False) -> Any:
+        v = self.body.get(key)
+        if v is None:
+            return None
+        kind = "an integer" if integer else "a number"
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or (integer and not isinstance(v, int)
+                                                                      and not float(v).is_integer()):
+            raise bad_request(f"'{self._param(key)}' must be {kind}, got {v!r}", self._param(key))
+        if not math.isfinite(v):
+            raise bad_request(f"'{self._param(key)}' must be finite, got {v!r}", self._param(key))
+        if (lo is not None and v < lo) or (hi is not None and v > hi):
+            bounds = f"at least {lo}" if hi is None else f"between {lo} and {hi}"
+            raise bad_request(f"'{self._param(key)}' must be {bounds}, got {v!r}", self._param(key))
+        return int(v) if integer else float(v)
+
+    def boolean(self, key: str) -> bool | None:
+        v = self.body.get(key)
+        if v is None:
+            return None
+        if not isinstance(v, bool):
+            raise bad_request(f"'{self._param(key)}' must be true or false, got {v!r}", self._param(key))
+        return v
+
+    def string(self, key: str, *, required: bool = False) -> str | None:
+        v = self.body.get(key)
+        if v is None:
+            if required:
+                raise bad_request(f"'{self._param(key)}' is required", self._param(key))
+            return None
+        if not isinstance(v, str):
+            raise bad_request(f"'{self._param(key)}' must be a string, got {type(v).__name__}", self._param(key))
+        return v
+
+    def stop(self, key: str = "stop") -> tuple[str, ...]:
+        v = self.body.get(key)
+        if v is None:
+            return ()
+        items = [v] if isinstance(v, str) else v
+        if not isinstance(items, list) or not all(isinstance(s, str) for s in items):
+            raise bad_request(f"'{self._param(key)}' must be a string or a list of strings", self._param(key))
+        if len(items) > MAX_STOP:
+            raise bad_request(f"'{self._param(key)}' has {len(items)} entries; at most {MAX_STOP} are allowed",
+                              self._param(key))
+        if any(not s for s in items):
+            raise bad_request(f"'{self._param(key)}' must not contain an empty string", self._param(key))
+        return tuple(items)
+
+    def refuse_if(self, key: str, what: str, allowed: tuple[Any, ...]) -> None:
+        """400 unless the field is absent, null, or one of the values that leave the answer unchanged."""
+        v = self.body.get(key)
+        if v is None:
+            return
+        if not any(type(v) is type(a) and v == a for a in allowed):
+            raise unsupported(self._param(key), what)
+
+
+def _openai_common(b: _Body) -> GenRequest:
+    req = GenRequest(model=b.string("model"))
+    s = req.sampling
+    for key, lo, hi in (("temperature", 0.0, 2.0), ("top_p", 0.0, 1.0), ("presence_penalty", -2.0, 2.0),
+                        ("frequency_penalty", -2.0, 2.0), ("min_p", 0.0, 1.0)):
+        v = b.number(key, lo, hi)
+        if v is not None:
+            s[key] = v
+    # llama.cpp-server extensions some clients send
+    for key, lo in (("top_k", 0), ("repeat_last_n", -1)):
+        v = b.number(key, lo, integer=True)
+        if v is not None:
+            s[key] = v
+    v = b.number("repeat_penalty", 0.0)
+    if v is not None:
+        s["repeat_penalty"] = v
+    seed = b.number("seed", integer=True)
+    if seed is not None:
+        s["seed"] = seed & 0xFFFFFFFFFFFFFFFF  # numpy seeds must be >= 0; OpenAI allows negatives
+    req.stop = b.stop()
+    req.stream = bool(b.boolean("stream"))
+    opts = b.body.get("stream_options")
+    if opts is not None:
+        ob = _Body(opts, "stream_options")
+        req.include_usage = bool(ob.boolean("include_usage"))
+    b.refuse_if("n", "n other than 1 (several choices)", allowed=(1,))
+    b.refuse_if("best_of", "best_of other than 1", allowed=(1,))
+    b.refuse_if("logit_bias", "logit_bias", allowed=({},))
+    b.refuse_if("logprobs", "logprobs", allowed=(False, 0))
+    b.refuse_if("top_logprobs", "top_logprobs", allowed=(0,))
+    b.refuse_if("tools", "tool calling", allowed=([],))
+    b.refuse_if("functions", "function calling", allowed=([],))
+    fmt = b.body.get("response_format")
+    if fmt is not None and not (isinstance(fmt, dict) and fmt.get("type") == "text"):
+        raise unsupported("response_format", "response_format other than {\"type\": \"text\"}")
+    return req
+
+
+def _max_tokens(b: _Body, *keys: str) -> int | None:
+    for key in keys:
+        v = b.number(key, 1, integer=True)
+        if v is not None:
+            return v
+    return None
+
+
+def _content_text(content: Any, param: str) -> str:
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        parts = []
+        for i, part in enumerate(content):
+            if not isinstance(part, dict) or not isinstance(part.get("type"), str):
+                raise bad_request(f"'{param}[{i}]' must be an object with a 'type'", f"{param}[{i}]")
+            if part["type"] != "text":
+                raise unsupported(f"{param}[{i}].type", f"content of type '{part['type']}' (text only)")
+            if not isinstance(part.get("text"), str):
+                raise bad_request(f"'{param}[{i}].text' must be a string", f"{param}[{i}].text")
+            parts.append(part["text"])
+        return "".join(parts)
+    raise bad_request(f"'{param}' must be a string or a list of content parts", param)
+
+
+def _messages(value: Any, param: str = "messages", *, allow_empty: bool = False) -> list[dict[str, str]]:
+    if value is None and allow_empty:
+        return []
+    if not isinstance(value, list) or (not value and not allow_empty):
+        raise bad_request(f"'{param}' must be a non-empty list of messages", param)
+    out = []
+    for i, m in enumerate(value):
+        where = f"{param}[{i}]"
+        mb = _Body(m, where)
+        role = mb.string("role", required=True)
+        if role not in CHAT_ROLES:
+            raise bad_request(f"'{where}.role' must be one of {', '.join(CHAT_ROLES)}, got {role!r}", f"{where}.role")
+        if m.get("images"):
+            raise unsupported(f"{where}.images", "image input")
+        out.append({"role": "system" if role == "developer" else role,
+                    "content": _content_text(m.get("content"), f"{where}.content")})
+    return out
+
+
+def parse_chat(body: Any) -> GenRequest:
+    """``POST /v1/chat/completions``."""
+    b = _Body(body)
+    req = _openai_common(b)
+    req.messages = _messages(b.body.get("messages"))
+    req.max_tokens = _max_tokens(b, "max_completion_tokens", "max_tokens")
+    return req
+
+
+def parse_completion(body: Any) -> GenRequest:
+    """``POST /v1/completions``: one prompt, as text, a one-element list, or token ids."""
+    b = _Body(body)
+    req = _openai_common(b)
+    p = b.body.get("prompt")
+    if isinstance(p, list) and len(p) == 1 and isinstance(p[0], (str, list)):
+        p = p[0]
+    if isinstance(p, str):
+        req.prompt = p
+    elif isinstance(p, list) and p and all(isinstance(t, int) and not isinstance(t, bool) for t in p):
+        req.prompt = list(p)
+    elif isinstance(p, list) and len(p) > 1 and all(isinstance(x, (str, list)) for x in p):
+        raise unsupported("prompt", "several prompts in one request")
+    else:
+        raise bad_request("'prompt' must be a string, a list with one string, or a list of token ids", "prompt")
+    req.max_tokens = _max_tokens(b, "max_tokens")
+    if req.max_tokens is None:
+        req.max_tokens = COMPLETIONS_DEFAULT_MAX_TOKENS
+    req.echo = bool(b.boolean("echo"))
+    if b.string("suffix"):
+        raise unsupported("suffix", "suffix (fill-in-the-middle)")
+    return req
+
+
+_OLLAMA_OPTIONS = (("temperature", 0.0, None, False), ("top_p", 0.0, 1.0, False), ("min_p", 0.0, 1.0, False),
+                   ("top_k", 0, None, True), ("repeat_penalty", 0.0, None, False),
+                   ("repeat_last_n", -1, None, True), ("presence_penalty", -2.0, 2.0, False),
+                   ("frequency_penalty", -2.0, 2.0, False))
+
+
+def _ollama_common(b: _Body) -> GenRequest:
+    req = GenRequest(model=b.string("model"))
+    stream = b.boolean("stream")
+    req.stream = True if stream is None else stream  # Ollama streams unless told not to
+    fmt = b.body.get("format")
+    if fmt not in (None, ""):
+        raise unsupported("format", "structured output (format)")
+    opts = b.body.get("options")
+    if opts is not None:
+        ob = _Body(opts, "options")
+        for key, lo, hi, integer in _OLLAMA_OPTIONS:
+            v = ob.number(key, lo, hi, integer=integer)
+            if v is not None:
+                req.sampling[key] = v
+        seed = ob.number("seed", integer=True)
+        if seed is not None:
+            req.sampling["seed"] = seed & 0xFFFFFFFFFFFFFFFF
+        n = ob.number("num_predict", integer=True)
+        req.max_tokens = n if n is not None and n > 0 else None  # -1 / -2: until the context is full
+        req.stop = ob.stop()
+    return req
+
+
+def parse_ollama_generate(body: Any) -> GenRequest:
+    """``POST /api/generate``: the prompt goes through the chat template unless ``raw``."""
+    b = _Body(body)
+    req = _ollama_common(b)
+    prompt = b.string("prompt") or ""
+    system = b.string("system")
+    if b.body.get("images"):
+        raise unsupported("images", "image input")
+    if b.string("suffix"):
+        raise unsupported("suffix", "suffix (fill-in-the-middle)")
+    ctx = b.body.get("context")
+    if ctx is not None:
+        if not isinstance(ctx, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in ctx):
+            raise bad_request("'context' must be a list of token ids", "context")
+        req.context = list(ctx)
+    if b.boolean("raw"):
+        req.prompt = prompt
+    elif prompt:
+        msgs = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+        req.messages = msgs
+    return req
+
+
+def parse_ollama_chat(body: Any) -> GenRequest:
+    """``POST /api/chat``; an empty message list only loads the model, as Ollama does."""
+    b = _Body(body)
+    req = _ollama_common(b)
+    if b.body.get("tools"):
+        raise unsupported("tools", "tool calling")
+    msgs = _messages(b.body.get("messages"), allow_empty=True)
+    req.messages = msgs or None
+    return req
+
+
+# -- OpenAI responses --------------------------------------------------------------------------------
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:24]}"
+
+
+def usage(stats: GenerationStats) -> dict[str, Any]:
+    return {
+        "prompt_tokens": stats.n_prompt,
+        "completion_tokens": stats.n_generated,
+        "total_tokens": stats.n_prompt + stats.n_generated,
+        "prompt_tokens_details": {"cached_tokens": stats.n_prompt - stats.n_prompt_evaluated},
+    }
+
+
+def finish_reason(stats: GenerationStats) -> str:
+    # a cancelled request has no reader; "stop" keeps the object valid for logs
+    return "length" if stats.finish_reason == "length" else "stop"
+
+
+def chat_completion(rid: str, created: int, model: str, text: str, stats: GenerationStats) -> dict[str, Any]:
+    return {
+        "id": rid,
+        "object": "chat.completion",
+        "created": created,
+        "model": model,
+        "choices": [{
+            "index": 0,
+            "message": {"role": "assistant", "content": text, "refusal": None, "annotations": []},
+            "logprobs": None,
+            "finish_reason": finish_reason(stats),
+        }],
+        "usage": usage(stats),
+        "system_fingerprint": FINGERPRINT,
+    }
+
+
+def chat_chunk(rid: str, created: int, model: str, delta: dict[str, Any], finish: str | None,
+               include_usage: bool) -> dict[str, Any]:
+    chunk: dict[str, Any] = {
+        "id": rid,
+        "object": "chat.completion.chunk",
+        "created": created,
+        "model": model,
+        "system_fingerprint": FINGERPRINT,
+        "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}],
+    }
+    if include_usage:
+        chunk["usage"] = None
+    return chunk
+
+
+def completion(rid: str, created: int, model: str, text: str, stats: GenerationStats) -> dict[str, Any]:
+    return {
+        "id": rid,
+        "object": "text_completion",
+        "created": created,
+        "model": model,
+        "choices": [{"text": text, "index": 0, "logprobs": None, "finish_reason": finish_reason(stats)}],
+        "usage": usage(stats),
+        "system_fingerprint": FINGERPRINT,
+    }
+
+
+def completion_chunk(rid: str, created: int, model: str, text: str, finish: str | None,
+                     include_usage: bool) -> dict[str, Any]:
+    chunk: dict[str, Any] = {
+        "id": rid,
+        "object": "text_completion",
+        "created": created,
+        "model": model,
+        "system_fingerprint": FINGERPRINT,
+        "choices": [{"text": text, "index": 0, "logprobs": None, "finish_reason": finish}],
+    }
+    if include_usage:
+        chunk["usage"] = None
+    return chunk
+
+
+def usage_chunk(rid: str, created: int, model: str, obj: str, stats: GenerationStats) -> dict[str, Any]:
+    """The extra last chunk of ``stream_options.include_usage``: no choices, the usage."""
+    return {"id": rid, "object": obj, "created": created, "model": model, "system_fingerprint": FINGERPRINT,
+            "choices": [], "usage": usage(stats)}
+
+
+def model_object(name: str, created: int) -> dict[str, Any]:
+    return {"id": name, "object": "model", "created": created, "owned_by": "pipx-llama"}
+
+
+# -- Ollama responses --------------------------------------------------------------------------------
+
+
+def ollama_time(t: float | None = None) -> str:
+    return datetime.fromtimestamp(time.time() if t is None else t, timezone.utc).isoformat().replace("+00:00", "Z")
+
+
+def ollama_final(stats: GenerationStats, total_seconds: float, load_seconds: float) -> dict[str, Any]:
+    ns = 1_000_000_000
+    return {
+        "done": True,
+        "done_reason": "length" if stats.finish_reason == "length" else "stop",
+        "total_duration": int(total_seconds * ns),
+        "load_duration": int(load_seconds * ns),
+        "prompt_eval_count": stats.n_prompt,
+        "prompt_eval_duration": int(stats.prompt_seconds * ns),
+        "eval_count": stats.n_generated,
+        "eval_duration": int(stats.generation_seconds * ns),
+    }
+
+
+def context_error(n_prompt: int, max_tokens: int | None, n_ctx: int, prompt_param: str) -> APIError:
+    if max_tokens is None:
+        msg = (f"This model's maximum context length is {n_ctx} tokens; the prompt has {n_prompt}, "
+               f"which leaves no room to generate. Shorten the messages or the prompt.")
+    else:
+        msg = (f"This model's maximum context length is {n_ctx} tokens. However, you requested "
+               f"{n_prompt + max_tokens} tokens ({n_prompt} in the prompt, {max_tokens} for the completion). "
+               f"Please reduce the length of the messages or the completion.")
+    return APIError(400, msg, param=prompt_param if max_tokens is None else "max_tokens",
+                    code="context_length_exceeded")

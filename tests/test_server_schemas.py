@@ -1,0 +1,165 @@
+"""Request validation and response shapes of the server, without a model (fast unit tests)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import pytest
+from starlette.testclient import TestClient
+
+from pipx_llama.cli.serve_cmd import _size, is_loopback
+from pipx_llama.engine.generate import GenerationStats
+from pipx_llama.engine.sampler import SamplerConfig
+from pipx_llama.errors import UsageError
+from pipx_llama.server import ModelRegistry, ModelSpec, ServerSettings, create_app, schemas
+from pipx_llama.server.errors import APIError
+
+MSG = [{"role": "user", "content": "hi"}]
+
+
+def _fails(fn, body, param=None, status=400) -> APIError:
+    with pytest.raises(APIError) as info:
+        fn(body)
+    assert info.value.status == status
+    if param is not None:
+        assert info.value.param == param
+    return info.value
+
+
+def test_chat_fields() -> None:
+    r = schemas.parse_chat({"model": "m", "messages": MSG, "temperature": 0, "top_p": 0.5, "max_tokens": 9,
+                            "stop": "END", "seed": -1, "stream": True, "stream_options": {"include_usage": True},
+                            "presence_penalty": 0.5, "frequency_penalty": -0.5, "user": "ignored", "n": 1,
+                            "logprobs": False, "tools": [], "response_format": {"type": "text"}})
+    assert (r.model, r.max_tokens, r.stop, r.stream, r.include_usage) == ("m", 9, ("END",), True, True)
+    assert r.sampling == {"temperature": 0.0, "top_p": 0.5, "presence_penalty": 0.5, "frequency_penalty": -0.5,
+                          "seed": 2 ** 64 - 1}
+    assert schemas.parse_chat({"messages": MSG, "max_completion_tokens": 3, "max_tokens": 5}).max_tokens == 3
+    assert schemas.parse_chat({"messages": MSG}).max_tokens is None  # until the context is full
+
+
+def test_chat_messages() -> None:
+    r = schemas.parse_chat({"messages": [
+        {"role": "developer", "content": "be brief"},
+        {"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]},
+        {"role": "assistant", "content": None},
+    ]})
+    assert r.messages == [{"role": "system", "content": "be brief"}, {"role": "user", "content": "ab"},
+                          {"role": "assistant", "content": ""}]
+    _fails(schemas.parse_chat, {"messages": [{"role": "user", "content": [{"type": "image_url"}]}]},
+           "messages[0].content[0].type")
+    _fails(schemas.parse_chat, {"messages": [{"content": "x"}]}, "messages[0].role")
+    _fails(schemas.parse_chat, {"messages": ["hi"]})
+    _fails(schemas.parse_chat, {"messages": "hi"}, "messages")
+
+
+@pytest.mark.parametrize("field,value", [
+    ("temperature", -1), ("temperature", float("inf")), ("temperature", True), ("top_p", 2), ("max_tokens", -5),
+    ("max_tokens", "9"), ("stop", ["a"] * 17), ("stop", [1]), ("seed", 1.5), ("n", 3), ("best_of", 2),
+    ("logit_bias", {"1": 5}), ("logprobs", True), ("top_logprobs", 2), ("tools", [{"type": "function"}]),
+    ("response_format", {"type": "json_object"}), ("stream_options", "yes"), ("frequency_penalty", -3),
+])
+def test_chat_rejects(field: str, value: object) -> None:
+    err = _fails(schemas.parse_chat, {"messages": MSG, field: value})
+    assert err.param.startswith(field)
+
+
+def test_completion_prompts() -> None:
+    assert schemas.parse_completion({"prompt": "x"}).prompt == "x"
+    assert schemas.parse_completion({"prompt": ["x"]}).prompt == "x"
+    assert schemas.parse_completion({"prompt": [1, 2]}).prompt == [1, 2]
+    assert schemas.parse_completion({"prompt": [[1, 2]]}).prompt == [1, 2]
+    assert schemas.parse_completion({"prompt": "x"}).max_tokens == schemas.COMPLETIONS_DEFAULT_MAX_TOKENS
+    assert schemas.parse_completion({"prompt": "x", "echo": True}).echo
+    _fails(schemas.parse_completion, {"prompt": ["a", "b"]}, "prompt")
+    _fails(schemas.parse_completion, {"prompt": None}, "prompt")
+    _fails(schemas.parse_completion, {"prompt": [True]}, "prompt")
+    _fails(schemas.parse_completion, {"prompt": "x", "suffix": "y"}, "suffix")
+    _fails(schemas.parse_completion, [], None)
+
+
+def test_sampler_merge() -> None:
+    base = SamplerConfig(temperature=0.8, top_k=40)
+    cfg = schemas.parse_chat({"messages": MSG, "temperature": 0.2}).sampler(base)
+    assert (cfg.temperature, cfg.top_k) == (0.2, 40)
+    greedy = schemas.parse_chat({"messages": MSG, "top_p": 0}).sampler(base)
+    assert (greedy.top_p, greedy.top_k) == (1.0, 1)
+    bad = schemas.GenRequest(model=None, sampling={"repeat_penalty": 0.0})
+    with pytest.raises(APIError):
+        bad.sampler(base)
+
+
+def test_ollama_requests() -> None:
+    r = schemas.parse_ollama_generate({"model": "m", "prompt": "p", "system": "s",
+                                       "options": {"num_predict": 5, "temperature": 0, "top_k": 3, "stop": ["x"],
+                                                   "seed": 4, "num_ctx": 2048}})
+    assert r.stream and r.max_tokens == 5 and r.stop == ("x",)
+    assert r.messages == [{"role": "system", "content": "s"}, {"role": "user", "content": "p"}]
+    assert r.sampling == {"temperature": 0.0, "top_k": 3, "seed": 4}
+    raw = schemas.parse_ollama_generate({"prompt": "p", "raw": True, "stream": False, "context": [1, 2],
+                                         "options": {"num_predict": -1}})
+    assert (raw.prompt, raw.messages, raw.stream, raw.context, raw.max_tokens) == ("p", None, False, [1, 2], None)
+    load_only = schemas.parse_ollama_chat({"model": "m", "messages": []})
+    assert load_only.messages is None and load_only.prompt is None
+    _fails(schemas.parse_ollama_generate, {"prompt": "p", "format": "json"}, "format")
+    _fails(schemas.parse_ollama_generate, {"prompt": "p", "context": ["a"]}, "context")
+    _fails(schemas.parse_ollama_chat, {"messages": [{"role": "user", "content": "x", "images": ["AA=="]}]})
+
+
+def test_response_shapes() -> None:
+    stats = GenerationStats(n_prompt=10, n_prompt_evaluated=4, n_generated=3, finish_reason="length")
+    c = schemas.chat_completion("chatcmpl-1", 5, "m", "hey", stats)
+    assert c["choices"][0]["message"]["content"] == "hey" and c["choices"][0]["finish_reason"] == "length"
+    assert c["usage"] == {"prompt_tokens": 10, "completion_tokens": 3, "total_tokens": 13,
+                          "prompt_tokens_details": {"cached_tokens": 6}}
+    chunk = schemas.chat_chunk("chatcmpl-1", 5, "m", {"content": "x"}, None, include_usage=True)
+    assert chunk["object"] == "chat.completion.chunk" and chunk["usage"] is None
+    assert "usage" not in schemas.completion_chunk("cmpl-1", 5, "m", "x", None, include_usage=False)
+    assert schemas.usage_chunk("cmpl-1", 5, "m", "text_completion", stats)["choices"] == []
+    stop = GenerationStats(finish_reason="stop")
+    assert schemas.completion("cmpl-1", 5, "m", "x", stop)["choices"][0]["finish_reason"] == "stop"
+    final = schemas.ollama_final(stats, 1.5, 0.25)
+    assert final["done"] and final["total_duration"] == 1_500_000_000 and final["eval_count"] == 3
+    assert schemas.ollama_time(0) == "1970-01-01T00:00:00Z"
+
+
+def test_registry_names(tmp_path: Path) -> None:
+    a, b = tmp_path / "a.gguf", tmp_path / "b.gguf"
+    reg = ModelRegistry([ModelSpec("Alpha", a, aliases=("a.gguf",)), ModelSpec("beta", b)])
+    assert reg.find("alpha").name == "Alpha" and reg.find("a.gguf").name == "Alpha"
+    assert reg.find("beta:latest").name == "beta"
+    assert _fails(reg.find, "gamma", "model", status=404).code == "model_not_found"
+    _fails(reg.find, None, "model")  # several models: the request must name one
+    assert ModelRegistry([ModelSpec("one", a)]).find(None).name == "one"
+    with pytest.raises(UsageError):
+        ModelRegistry([ModelSpec("x", a), ModelSpec("y", b, aliases=("X",))])
+    with pytest.raises(UsageError):
+        ModelRegistry([])
+
+
+def test_guards_without_a_model(tmp_path: Path) -> None:
+    """Auth, Host check, body limit and JSON errors answer before any model is touched."""
+    reg = ModelRegistry([ModelSpec("m", tmp_path / "missing.gguf")])
+    app = create_app(reg, ServerSettings(api_key="k", max_body_bytes=100, allowed_hosts=["testserver"]))
+    with TestClient(app) as c:
+        assert c.get("/health").status_code == 200
+        assert c.get("/v1/models").status_code == 401
+        assert c.get("/api/tags").json() == {"error": "You didn't provide an API key. Send it as "
+                                                      "'Authorization: Bearer KEY'."}
+        auth = {"Authorization": "Bearer k"}
+        assert c.post("/v1/chat/completions", content=b"x" * 101, headers=auth).status_code == 413
+        assert c.post("/v1/chat/completions", content=b"{", headers=auth).status_code == 400
+        r = c.post("/v1/chat/completions", json={"model": "m", "messages": MSG}, headers=auth)
+        assert r.status_code == 500 and r.json()["error"]["code"] == "model_load_failed"
+        assert c.get("/health", headers={"Host": "evil.example"}).status_code == 403
+        assert c.get("/").status_code == 404  # left free for the web page
+
+
+def test_cli_helpers() -> None:
+    assert _size("4M") == 4 << 20 and _size("512k") == 512 << 10 and _size("100") == 100 and _size("1GiB") == 1 << 30
+    for bad in ("x", "0", "-1K"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            _size(bad)
+    assert is_loopback("127.0.0.1") and is_loopback("localhost") and is_loopback("::1") and is_loopback("[::1]")
+    assert not is_loopback("0.0.0.0") and not is_loopback("192.168.1.2") and not is_loopback("example.com")
