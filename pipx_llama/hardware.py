@@ -1,0 +1,423 @@
+"""What this machine has: OS, CPU model and SIMD features, cores, RAM, free disk where the store lives.
+
+``detect_hardware(store_path)`` returns a ``HardwareProfile``. Every probe has fallbacks, and a probe
+that fails leaves its field at a safe default instead of raising:
+
+- Linux: ``/proc/cpuinfo`` (model name, flags / Features, physical cores from core ids),
+  ``/proc/meminfo`` (MemTotal, MemAvailable), cgroup limits (memory.max, cpu.max) in containers;
+- macOS: ``sysctl`` (machdep.cpu.brand_string, hw.physicalcpu, hw.optional.arm64 / neon / avx2_0 ...,
+  hw.memsize) and ``vm_stat`` for the memory available now;
+- Windows: the registry for the CPU name, ``IsProcessorFeaturePresent`` and ``GlobalMemoryStatusEx``
+  (no wmic, which new Windows releases lack);
+- everywhere: psutil for RAM and cores where it is installed, and LLVM's own view of the host CPU
+  (through llvmlite, which numba uses to compile the kernels) for SIMD features nothing else reported.
+
+Free disk is measured with ``shutil.disk_usage`` on the store folder, or its nearest existing parent.
+
+Test and what-if overrides (environment): ``PIPX_LLAMA_FAKE_RAM`` (bytes, or with a suffix: ``512M``,
+``8G``, ``16GiB``) pretends the machine has that much RAM, all of it available; ``PIPX_LLAMA_FREE_BYTES``
+pretends the store's disk has that many bytes free (the store's disk pre-check honours it too).
+
+Also the resource arithmetic the planner uses: the f16 KV cache size, the RAM a model needs to run,
+and whether that fits comfortably.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import platform
+import re
+import shutil
+import subprocess
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from pipx_llama.errors import UsageError
+
+FAKE_RAM_ENV = "PIPX_LLAMA_FAKE_RAM"
+FREE_BYTES_ENV = "PIPX_LLAMA_FREE_BYTES"  # same variable as pipx_llama.store's disk-check hook
+
+# Runtime memory besides the weights and the KV cache: Python, numpy/numba, scratch buffers, logits.
+RUNTIME_OVERHEAD = 300 << 20
+# "Fits comfortably": the model may use at most this share of the memory available now.
+RAM_HEADROOM = 0.9
+
+# SIMD features worth reporting, in display order (names as /proc/cpuinfo and LLVM spell them).
+SIMD_FEATURES = ("sse4_2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni",
+                 "avx_vnni", "neon", "dotprod", "fp16", "sve")
+_LINUX_ARM_FLAGS = {"asimd": "neon", "neon": "neon", "asimddp": "dotprod", "asimdhp": "fp16", "sve": "sve"}
+_LLVM_NAMES = {"sse4.2": "sse4_2", "avx512vnni": "avx512_vnni", "avxvnni": "avx_vnni", "fullfp16": "fp16"}
+_MAC_KEYS = {"hw.optional.avx2_0": "avx2", "hw.optional.avx1_0": "avx", "hw.optional.fma": "fma",
+             "hw.optional.avx512f": "avx512f", "hw.optional.avx512bw": "avx512bw", "hw.optional.avx512vl": "avx512vl",
+             "hw.optional.sse4_2": "sse4_2", "hw.optional.neon": "neon", "hw.optional.arm64": "neon",
+             "hw.optional.arm.FEAT_DotProd": "dotprod", "hw.optional.arm.FEAT_FP16": "fp16",
+             "hw.optional.neon_fp16": "fp16"}
+_MAC_CPU_FEATURES = {"fma": "fma", "f16c": "f16c", "avx1.0": "avx", "avx2": "avx2", "avx512f": "avx512f",
+                     "avx512bw": "avx512bw", "avx512vl": "avx512vl", "sse4.2": "sse4_2"}
+# IsProcessorFeaturePresent ids (winnt.h)
+_WIN_FEATURES = {39: "avx", 40: "avx2", 41: "avx512f", 19: "neon", 43: "dotprod"}
+
+_SIZE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?)b?\s*", re.IGNORECASE)
+
+
+@dataclass(frozen=True)
+class HardwareProfile:
+    """The machine as the planner sees it. Sizes are bytes; ``notes`` say where a figure came from when it
+    is not the plain OS figure (a container limit, an override)."""
+
+    os: str
+    os_version: str
+    arch: str
+    cpu_model: str
+    physical_cores: int
+    logical_cores: int
+    simd: tuple[str, ...]
+    ram_total: int
+    ram_available: int
+    store_path: Path
+    disk_free: int
+    usable_cores: int = 0
+    notes: tuple[str, ...] = ()
+
+    @property
+    def threads(self) -> int:
+        """The default thread count: physical cores, within what this process may use."""
+        usable = self.usable_cores or self.logical_cores
+        return max(1, min(self.physical_cores, usable))
+
+    def to_json(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["store_path"] = str(self.store_path)
+        out["simd"] = list(self.simd)
+        out["notes"] = list(self.notes)
+        out["threads"] = self.threads
+        return out
+
+
+# --- parsing helpers (pure; tested with recorded outputs) ------------------------------------------------------
+
+
+def parse_size(text: str, what: str = "size") -> int:
+    """``"123"``, ``"512M"``, ``"8G"``, ``"16GiB"`` -> bytes (k/M/G/T are powers of 1000; with ``i``, of 1024)."""
+    m = _SIZE.fullmatch(text)
+    if m is None:
+        raise UsageError(f"{what}: {text!r} is not a size", "write bytes, or a number with K, M, G or T (e.g. 8G)")
+    value, unit, binary = float(m.group(1)), m.group(2).lower(), bool(m.group(3))
+    power = " kmgt".index(unit) if unit else 0
+    return int(value * (1024 if binary else 1000) ** power)
+
+
+def parse_cpuinfo(text: str) -> dict[str, Any]:
+    """Model name, SIMD features and physical core count from Linux's ``/proc/cpuinfo``."""
+    model = ""
+    flags: set[str] = set()
+    cores: set[tuple[str, str]] = set()
+    phys, core = "0", None
+    for line in text.splitlines() + [""]:
+        key, _, value = line.partition(":")
+        key, value = key.strip().lower(), value.strip()
+        if not key:
+            if core is not None:
+                cores.add((phys, core))
+            phys, core = "0", None
+            continue
+        if key in ("model name", "hardware", "cpu model") and value and not model:
+            model = value
+        elif key == "flags":
+            flags |= set(value.split())
+        elif key == "features":  # ARM
+            flags |= {_LINUX_ARM_FLAGS[f] for f in value.split() if f in _LINUX_ARM_FLAGS}
+        elif key == "physical id":
+            phys = value
+        elif key == "core id":
+            core = value
+    if "avx512vnni" in flags:
+        flags.add("avx512_vnni")
+    if "avx_vnni" in flags or "avxvnni" in flags:
+        flags.add("avx_vnni")
+    return {"model": model, "simd": tuple(f for f in SIMD_FEATURES if f in flags),
+            "physical_cores": len(cores) or None}
+
+
+def parse_meminfo(text: str) -> tuple[int | None, int | None]:
+    """(total, available) bytes from ``/proc/meminfo``; old kernels without MemAvailable: free + caches."""
+    kb: dict[str, int] = {}
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        parts = value.split()
+        if parts and parts[0].isdigit():
+            kb[key.strip()] = int(parts[0]) * 1024
+    total = kb.get("MemTotal")
+    avail = kb.get("MemAvailable")
+    if avail is None and "MemFree" in kb:
+        avail = kb["MemFree"] + kb.get("Buffers", 0) + kb.get("Cached", 0)
+    return total, avail
+
+
+def parse_sysctl(text: str) -> dict[str, str]:
+    """``sysctl key1 key2 ...`` output (``key: value`` lines) as a dict."""
+    out = {}
+    for line in text.splitlines():
+        key, sep, value = line.partition(":")
+        if sep:
+            out[key.strip()] = value.strip()
+    return out
+
+
+def parse_vm_stat(text: str) -> int | None:
+    """Memory available now from macOS ``vm_stat``: free + inactive + speculative + purgeable pages."""
+    m = re.search(r"page size of (\d+) bytes", text)
+    page = int(m.group(1)) if m else 4096
+    pages: dict[str, int] = {}
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        value = value.strip().rstrip(".")
+        if value.isdigit():
+            pages[key.strip().lower()] = int(value)
+    if "pages free" not in pages:
+        return None
+    keep = ("pages free", "pages inactive", "pages speculative", "pages purgeable")
+    return page * sum(pages.get(k, 0) for k in keep)
+
+
+def parse_cgroup_memory(limit_text: str | None, usage_text: str | None) -> tuple[int | None, int | None]:
+    """(limit, usage) from cgroup files; "max" or an absurd v1 value means no limit."""
+    limit = usage = None
+    if limit_text is not None:
+        v = limit_text.strip()
+        if v.isdigit() and int(v) < (1 << 60):
+            limit = int(v)
+    if usage_text is not None and usage_text.strip().isdigit():
+        usage = int(usage_text.strip())
+    return limit, usage
+
+
+def parse_cgroup_cpus(text: str | None) -> int | None:
+    """CPUs allowed by a cgroup v2 ``cpu.max`` quota ("200000 100000" -> 2), None when unlimited."""
+    if not text:
+        return None
+    parts = text.split()
+    if len(parts) != 2 or parts[0] == "max" or not parts[0].isdigit() or not parts[1].isdigit() or not int(parts[1]):
+        return None
+    return max(1, -(-int(parts[0]) // int(parts[1])))
+
+
+# --- probes ---------------------------------------------------------------------------------------------------
+
+
+def _read(path: str) -> str | None:
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            return f.read()
+    except OSError:
+        return None
+
+
+def _run(cmd: list[str]) -> str:
+    """A probe command's stdout ('' when it is missing, fails to start or hangs)."""
+    try:
+        r = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=5)
+    except (OSError, subprocess.SubprocessError):
+        return ""
+    return r.stdout
+
+
+def _psutil() -> Any:
+    try:
+        import psutil
+    except ImportError:
+        return None
+    return psutil
+
+
+def llvm_simd() -> tuple[str, ...]:
+    """The host CPU's SIMD features as LLVM (and so numba) sees them; () when llvmlite is unavailable."""
+    try:
+        import llvmlite.binding as llvm
+
+        features = llvm.get_host_cpu_features()
+    except Exception:  # noqa: BLE001 - any failure here only means "no extra information"
+        return ()
+    names = {_LLVM_NAMES.get(k, k) for k, on in features.items() if on}
+    if "neon" in names or platform.machine().lower() in ("arm64", "aarch64"):
+        names.add("neon")
+    return tuple(f for f in SIMD_FEATURES if f in names)
+
+
+def _linux(info: dict[str, Any]) -> None:
+    cpu = parse_cpuinfo(_read("/proc/cpuinfo") or "")
+    info["cpu_model"] = cpu["model"]
+    info["simd"] = cpu["simd"]
+    info["physical_cores"] = cpu["physical_cores"]
+    total, avail = parse_meminfo(_read("/proc/meminfo") or "")
+    info["ram_total"], info["ram_available"] = total, avail
+    for line in (_read("/etc/os-release") or "").splitlines():
+        if line.startswith("PRETTY_NAME="):
+            info["os_version"] = f"{line.split('=', 1)[1].strip(chr(34))} (kernel {platform.release()})"
+    # containers: the cgroup's limits are what this process really gets
+    limit, usage = parse_cgroup_memory(_read("/sys/fs/cgroup/memory.max"), _read("/sys/fs/cgroup/memory.current"))
+    if limit is None:
+        limit, usage = parse_cgroup_memory(_read("/sys/fs/cgroup/memory/memory.limit_in_bytes"),
+                                           _read("/sys/fs/cgroup/memory/memory.usage_in_bytes"))
+    info["cgroup_memory"] = (limit, usage)
+    info["cgroup_cpus"] = parse_cgroup_cpus(_read("/sys/fs/cgroup/cpu.max"))
+
+
+def _macos(info: dict[str, Any], run: Callable[[list[str]], str]) -> None:
+    keys = ["machdep.cpu.brand_string", "hw.physicalcpu", "hw.logicalcpu", "hw.memsize", *_MAC_KEYS]
+    values = parse_sysctl(run(["sysctl", *keys]))
+    info["cpu_model"] = values.get("machdep.cpu.brand_string", "")
+    for key, field in (("hw.physicalcpu", "physical_cores"), ("hw.logicalcpu", "logical_cores"),
+                       ("hw.memsize", "ram_total")):
+        if values.get(key, "").isdigit():
+            info[field] = int(values[key])
+    simd = {name for key, name in _MAC_KEYS.items() if values.get(key) == "1"}
+    features = (run(["sysctl", "-n", "machdep.cpu.features", "machdep.cpu.leaf7_features"]) or "").lower().split()
+    simd |= {_MAC_CPU_FEATURES[f] for f in features if f in _MAC_CPU_FEATURES}
+    info["simd"] = tuple(f for f in SIMD_FEATURES if f in simd)
+    info["ram_available"] = parse_vm_stat(run(["vm_stat"]))
+    info["os_version"] = platform.mac_ver()[0] or platform.release()
+
+
+def _windows(info: dict[str, Any]) -> None:  # pragma: no cover - exercised on Windows only
+    import ctypes
+
+    with contextlib.suppress(OSError, ImportError):
+        import winreg
+
+        key = winreg.OpenKey(winreg.HKEY_LOCAL_MACHINE, r"HARDWARE\DESCRIPTION\System\CentralProcessor\0")
+        info["cpu_model"] = str(winreg.QueryValueEx(key, "ProcessorNameString")[0]).strip()
+    with contextlib.suppress(OSError, AttributeError):
+        present = ctypes.windll.kernel32.IsProcessorFeaturePresent
+        found = {name for pf, name in _WIN_FEATURES.items() if present(pf)}
+        if "avx2" in found:
+            found |= {"fma", "f16c"}  # every AVX2 CPU Windows runs on has them; Windows has no flag for them
+        info["simd"] = tuple(f for f in SIMD_FEATURES if f in found)
+
+    class _MemStatus(ctypes.Structure):
+        _fields_ = [("dwLength", ctypes.c_ulong), ("dwMemoryLoad", ctypes.c_ulong),
+                    ("ullTotalPhys", ctypes.c_ulonglong), ("ullAvailPhys", ctypes.c_ulonglong),
+                    ("ullTotalPageFile", ctypes.c_ulonglong), ("ullAvailPageFile", ctypes.c_ulonglong),
+                    ("ullTotalVirtual", ctypes.c_ulonglong), ("ullAvailVirtual", ctypes.c_ulonglong),
+                    ("ullAvailExtendedVirtual", ctypes.c_ulonglong)]
+
+    with contextlib.suppress(OSError, AttributeError):
+        st = _MemStatus()
+        st.dwLength = ctypes.sizeof(_MemStatus)
+        if ctypes.windll.kernel32.GlobalMemoryStatusEx(ctypes.byref(st)):
+            info["ram_total"], info["ram_available"] = int(st.ullTotalPhys), int(st.ullAvailPhys)
+    info["os_version"] = platform.version()
+
+
+def nearest_existing(path: Path) -> Path:
+    """``path`` or its nearest existing parent (the store may not exist yet)."""
+    path = Path(path).expanduser().absolute()
+    while not path.exists() and path.parent != path:
+        path = path.parent
+    return path
+
+
+def disk_free(path: Path, env: Mapping[str, str] | None = None) -> int:
+    """Free bytes on the disk that holds (or will hold) ``path``; ``PIPX_LLAMA_FREE_BYTES`` overrides."""
+    env = os.environ if env is None else env
+    override = env.get(FREE_BYTES_ENV)
+    if override:
+        return parse_size(override, FREE_BYTES_ENV)
+    try:
+        return shutil.disk_usage(nearest_existing(path)).free
+    except OSError:
+        return 0
+
+
+def detect_hardware(store_path: Path, *, env: Mapping[str, str] | None = None,
+                    system: str | None = None, run: Callable[[list[str]], str] = _run) -> HardwareProfile:
+    """Probe the machine (``system``/``run`` replace ``platform.system()`` and the command runner in tests)."""
+    env = os.environ if env is None else env
+    system = system or platform.system()
+    notes: list[str] = []
+    logical = os.cpu_count() or 1
+    info: dict[str, Any] = {"cpu_model": "", "simd": (), "physical_cores": None, "logical_cores": logical,
+                            "ram_total": None, "ram_available": None, "os_version": platform.release()}
+    if system == "Linux":
+        _linux(info)
+    elif system == "Darwin":
+        _macos(info, run)
+    elif system == "Windows":  # pragma: no cover
+        _windows(info)
+    ps = _psutil()
+    if ps is not None:
+        with contextlib.suppress(Exception):
+            vm = ps.virtual_memory()
+            info["ram_total"] = info["ram_total"] or int(vm.total)
+            info["ram_available"] = int(vm.available) if info["ram_available"] is None else info["ram_available"]
+        with contextlib.suppress(Exception):
+            info["physical_cores"] = info["physical_cores"] or ps.cpu_count(logical=False)
+    if not info["simd"]:
+        info["simd"] = llvm_simd()
+    if not info["cpu_model"]:
+        info["cpu_model"] = platform.processor() or platform.machine() or "unknown CPU"
+    logical = int(info["logical_cores"] or logical)
+    physical = int(info["physical_cores"] or max(1, logical // 2))
+    usable = logical
+    with contextlib.suppress(AttributeError, OSError):
+        usable = len(os.sched_getaffinity(0))
+    cg_cpus = info.get("cgroup_cpus")
+    if cg_cpus and cg_cpus < usable:
+        usable = cg_cpus
+        notes.append(f"CPU quota of the container: {cg_cpus} cores")
+    total = int(info["ram_total"] or 0)
+    avail = int(info["ram_available"] if info["ram_available"] is not None else total)
+    limit, usage = info.get("cgroup_memory") or (None, None)
+    if limit is not None and limit < total:
+        total = limit
+        avail = min(avail, max(0, limit - (usage or 0)))
+        notes.append(f"memory limit of the container: {limit} bytes")
+    fake = env.get(FAKE_RAM_ENV)
+    if fake:
+        total = avail = parse_size(fake, FAKE_RAM_ENV)
+        notes.append(f"{FAKE_RAM_ENV}={fake}: RAM figures overridden")
+    if env.get(FREE_BYTES_ENV):
+        notes.append(f"{FREE_BYTES_ENV}={env[FREE_BYTES_ENV]}: free disk overridden")
+    machine = platform.machine() or "unknown"
+    return HardwareProfile(
+        os={"Darwin": "macOS"}.get(system, system), os_version=str(info["os_version"] or ""),
+        arch={"AMD64": "x86_64", "arm64": "aarch64"}.get(machine, machine),
+        cpu_model=" ".join(str(info["cpu_model"]).split()), physical_cores=physical, logical_cores=logical,
+        simd=tuple(info["simd"]), ram_total=total, ram_available=avail, store_path=Path(store_path),
+        disk_free=disk_free(store_path, env), usable_cores=usable, notes=tuple(notes),
+    )
+
+
+# --- resource arithmetic ----------------------------------------------------------------------------------------
+
+
+def kv_cache_bytes(n_layers: int, n_ctx: int, n_kv_heads: int, head_dim: int) -> int:
+    """The engine's KV cache: keys and values, f16, for every layer and position."""
+    return 2 * n_layers * n_ctx * n_kv_heads * head_dim * 2
+
+
+def ram_needed(weights_bytes: int, kv_bytes: int) -> int:
+    """RAM to run a model: its GGUF (mmap'd, every page touched per token) + KV cache + runtime overhead."""
+    return weights_bytes + kv_bytes + RUNTIME_OVERHEAD
+
+
+def ram_budget(hw: HardwareProfile) -> int:
+    """The most a model may use and still fit comfortably."""
+    return int(hw.ram_available * RAM_HEADROOM)
+
+
+def simd_summary(hw: HardwareProfile) -> str:
+    """What the SIMD features mean for the engine's speed, in one line."""
+    s = set(hw.simd)
+    if "avx512f" in s and "avx2" in s:
+        return "AVX-512 and AVX2: the kernels use the widest vectors available"
+    if "avx2" in s and "fma" in s:
+        return "AVX2 + FMA: the kernels are vectorized"
+    if "neon" in s:
+        return "NEON: the kernels are vectorized" + (" (with dot-product instructions)" if "dotprod" in s else "")
+    if "avx" in s:
+        return "AVX without AVX2: the kernels run, about half as fast as on an AVX2 machine"
+    return "no AVX2 or NEON detected: the kernels run, but expect slow generation"

@@ -1,0 +1,82 @@
+"""``pipx-llama doctor``: the hardware and, per known model, what would run here and whether it fits -- as text
+and as JSON, with the RAM/disk overrides, an installed model, and a model that needs a URL."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from test_pipeline import smol_gguf_manifest
+
+from pipx_llama.cli.main import main
+from pipx_llama.config import Config
+from pipx_llama.manifest import Catalog, parse_manifest
+from pipx_llama.pipeline import make_plan, prepare
+from pipx_llama.pull import PullOptions
+
+
+@pytest.fixture
+def env(tmp_path, monkeypatch):
+    monkeypatch.setenv("PIPX_LLAMA_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("PIPX_LLAMA_CONFIG_DIR", str(tmp_path / "config"))
+    for var in ("PIPX_LLAMA_MIRROR", "PIPX_LLAMA_OFFLINE", "PIPX_LLAMA_URL", "PIPX_LLAMA_FREE_BYTES",
+                "PIPX_LLAMA_FAKE_RAM"):
+        monkeypatch.delenv(var, raising=False)
+    return monkeypatch
+
+
+def doctor(capsys, *args: str) -> tuple[int, str]:
+    try:
+        main(["doctor", *args])
+        code = 0
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else 1
+    return code, capsys.readouterr().out
+
+
+def test_json_with_overrides(env, capsys, tmp_path):
+    env.setenv("PIPX_LLAMA_FAKE_RAM", "1.5G")
+    env.setenv("PIPX_LLAMA_FREE_BYTES", "5G")
+    code, out = doctor(capsys, "--json")
+    assert code == 0
+    data = json.loads(out)
+    hw = data["hardware"]
+    assert hw["ram_total"] == hw["ram_available"] == 1_500_000_000 and hw["disk_free"] == 5_000_000_000
+    assert hw["store_path"] == str(tmp_path / "home") and hw["threads"] >= 1 and hw["cpu_model"]
+    assert data["ram_budget"] == 1_350_000_000 and data["simd_summary"]
+    models = {m["model"]: m for m in data["models"]}
+    smol = models["smollm2-135m-instruct"]
+    assert smol["fits"] and smol["status"] == "fits" and smol["quant"] == "Q4_1" and smol["stages"] == ["fetch"]
+    tiny = models["tinyllama-1.1b-chat"]
+    assert tiny["fits"] and tiny["quant"] == "Q4_K_M" and tiny["ram_bytes"] < 1_350_000_000
+    chat7 = models["llama2-7b-chat"]
+    assert not chat7["fits"] and chat7["status"].startswith("does not fit: needs 6.5 GB of RAM")
+    assert models["llama-7b"]["format"] == "meta-pth" and models["llama-7b"]["quant"] == "Q4_0"
+    assert all(o["fits_ram"] is False for o in models["llama-7b"]["options"])
+    assert not (tmp_path / "home").exists()  # looking changes nothing
+
+
+def test_text_report_installed_model_and_url_note(env, capsys, tmp_path, smollm2_path):
+    m = smol_gguf_manifest(tmp_path, smollm2_path, "https://127.0.0.1:9/none/")
+    cfg = Config(home=tmp_path / "home", config_dir=tmp_path / "config")
+    catalog = Catalog([parse_manifest(m.read_text(), str(m))])
+    plan = make_plan("smol-gguf", config=cfg, catalog=catalog,
+                     pull_options=PullOptions(from_dirs=[smollm2_path.parent], offline=True))
+    prepare(plan)
+    code, out = doctor(capsys, "--manifest", str(m), "--ctx", "512")
+    assert code == 0
+    lines = out.splitlines()
+    assert [line.split()[0] for line in lines[:5]] == ["system", "cpu", "simd", "memory", "store"]
+    assert f"store    {tmp_path / 'home'}" in out
+    header = next(i for i, line in enumerate(lines) if line.startswith("MODEL"))
+    rows = {line.split()[0]: line for line in lines[header + 1:] if line and not line.startswith("RAM")}
+    assert "installed, fits" in rows["smol-gguf"] and "q4_1 (Q4_1)" in rows["smol-gguf"]
+    assert "original -> Q4_0" in rows["llama-7b"] and "needs --url or --from-dir" in rows["llama-7b"]
+    assert "7B" in rows["llama2-7b-chat"]
+
+
+def test_registered_in_the_command_list(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    out = capsys.readouterr().out
+    assert "doctor" in out and "provision" in out

@@ -1,0 +1,274 @@
+"""Hardware detection: parsers over recorded /proc, sysctl and vm_stat outputs, fallbacks, overrides, and
+the resource arithmetic (the KV cache formula against the engine's real cache)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from pipx_llama import hardware
+from pipx_llama.errors import UsageError
+from pipx_llama.hardware import (
+    RAM_HEADROOM,
+    RUNTIME_OVERHEAD,
+    HardwareProfile,
+    detect_hardware,
+    disk_free,
+    kv_cache_bytes,
+    nearest_existing,
+    parse_cgroup_cpus,
+    parse_cgroup_memory,
+    parse_cpuinfo,
+    parse_meminfo,
+    parse_size,
+    parse_sysctl,
+    parse_vm_stat,
+    ram_budget,
+    ram_needed,
+    simd_summary,
+)
+
+X86_CPUINFO = """\
+processor\t: 0
+vendor_id\t: GenuineIntel
+model name\t: Intel(R) Core(TM) i7-8650U CPU @ 1.90GHz
+physical id\t: 0
+core id\t\t: 0
+flags\t\t: fpu vme sse4_1 sse4_2 avx avx2 fma f16c bmi2
+
+processor\t: 1
+model name\t: Intel(R) Core(TM) i7-8650U CPU @ 1.90GHz
+physical id\t: 0
+core id\t\t: 1
+flags\t\t: fpu vme sse4_1 sse4_2 avx avx2 fma f16c bmi2
+
+processor\t: 2
+model name\t: Intel(R) Core(TM) i7-8650U CPU @ 1.90GHz
+physical id\t: 0
+core id\t\t: 0
+flags\t\t: fpu vme sse4_1 sse4_2 avx avx2 fma f16c bmi2
+
+processor\t: 3
+model name\t: Intel(R) Core(TM) i7-8650U CPU @ 1.90GHz
+physical id\t: 0
+core id\t\t: 1
+flags\t\t: fpu vme sse4_1 sse4_2 avx avx2 fma f16c bmi2
+"""
+
+ARM_CPUINFO = """\
+processor\t: 0
+BogoMIPS\t: 108.00
+Features\t: fp asimd evtstrm aes pmull sha1 sha2 crc32 atomics fphp asimdhp cpuid asimdrdm lrcpc dcpop asimddp
+CPU implementer\t: 0x41
+CPU part\t: 0xd0c
+
+processor\t: 1
+Features\t: fp asimd evtstrm aes pmull sha1 sha2 crc32 atomics fphp asimdhp cpuid asimdrdm lrcpc dcpop asimddp
+"""
+
+MEMINFO = """\
+MemTotal:       16303428 kB
+MemFree:          734536 kB
+MemAvailable:    9874212 kB
+Buffers:          412312 kB
+Cached:          8201448 kB
+"""
+
+VM_STAT = """\
+Mach Virtual Memory Statistics: (page size of 16384 bytes)
+Pages free:                               12000.
+Pages active:                            400000.
+Pages inactive:                          300000.
+Pages speculative:                         5000.
+Pages throttled:                              0.
+Pages wired down:                        150000.
+Pages purgeable:                           2000.
+"""
+
+SYSCTL_ARM = """\
+machdep.cpu.brand_string: Apple M2
+hw.physicalcpu: 8
+hw.logicalcpu: 8
+hw.memsize: 17179869184
+hw.optional.arm64: 1
+hw.optional.neon: 1
+hw.optional.arm.FEAT_DotProd: 1
+hw.optional.arm.FEAT_FP16: 1
+"""
+
+SYSCTL_X86 = """\
+machdep.cpu.brand_string: Intel(R) Core(TM) i9-9880H CPU @ 2.30GHz
+hw.physicalcpu: 8
+hw.logicalcpu: 16
+hw.memsize: 34359738368
+hw.optional.avx1_0: 1
+hw.optional.avx2_0: 1
+hw.optional.avx512f: 0
+hw.optional.sse4_2: 1
+"""
+
+
+def test_parse_size():
+    assert parse_size("123") == 123
+    assert parse_size("512M") == 512_000_000
+    assert parse_size("8G") == 8_000_000_000
+    assert parse_size("16GiB") == 16 << 30
+    assert parse_size("1.5g") == 1_500_000_000
+    assert parse_size(" 2 kb ") == 2000
+    with pytest.raises(UsageError, match="not a size"):
+        parse_size("lots")
+
+
+def test_parse_cpuinfo_x86_counts_physical_cores_and_flags():
+    info = parse_cpuinfo(X86_CPUINFO)
+    assert info["model"] == "Intel(R) Core(TM) i7-8650U CPU @ 1.90GHz"
+    assert info["physical_cores"] == 2  # 4 logical, 2 (physical id, core id) pairs
+    assert info["simd"] == ("sse4_2", "avx", "avx2", "fma", "f16c")
+
+
+def test_parse_cpuinfo_arm_maps_features():
+    info = parse_cpuinfo(ARM_CPUINFO)
+    assert set(info["simd"]) == {"neon", "dotprod", "fp16"}
+    assert info["physical_cores"] is None  # no core ids: the caller falls back
+    assert info["model"] == ""
+
+
+def test_parse_meminfo_and_old_kernel_fallback():
+    assert parse_meminfo(MEMINFO) == (16303428 * 1024, 9874212 * 1024)
+    old = "\n".join(line for line in MEMINFO.splitlines() if not line.startswith("MemAvailable"))
+    assert parse_meminfo(old) == (16303428 * 1024, (734536 + 412312 + 8201448) * 1024)
+    assert parse_meminfo("") == (None, None)
+
+
+def test_parse_vm_stat_and_sysctl():
+    assert parse_vm_stat(VM_STAT) == 16384 * (12000 + 300000 + 5000 + 2000)
+    assert parse_vm_stat("garbage") is None
+    values = parse_sysctl(SYSCTL_ARM)
+    assert values["machdep.cpu.brand_string"] == "Apple M2" and values["hw.memsize"] == "17179869184"
+
+
+def test_parse_cgroup():
+    assert parse_cgroup_memory("max\n", "123\n") == (None, 123)
+    assert parse_cgroup_memory("9223372036854771712\n", None) == (None, None)  # cgroup v1 "unlimited"
+    assert parse_cgroup_memory("4294967296\n", "1073741824\n") == (4 << 30, 1 << 30)
+    assert parse_cgroup_cpus("max 100000") is None
+    assert parse_cgroup_cpus("150000 100000") == 2
+    assert parse_cgroup_cpus(None) is None
+
+
+def _fake_run(outputs: dict[str, str]):
+    def run(cmd: list[str]) -> str:
+        return outputs.get(cmd[0] if cmd[0] != "sysctl" or cmd[1] != "-n" else "sysctl -n", "")
+    return run
+
+
+@pytest.mark.parametrize(("sysctl", "expect"), [
+    (SYSCTL_ARM, {"cpu": "Apple M2", "physical": 8, "logical": 8, "simd": {"neon", "dotprod", "fp16"},
+                  "total": 17179869184}),
+    (SYSCTL_X86, {"cpu": "Intel(R) Core(TM) i9-9880H CPU @ 2.30GHz", "physical": 8, "logical": 16,
+                  "simd": {"avx", "avx2", "sse4_2", "fma", "f16c"}, "total": 34359738368}),
+])
+def test_macos_probe(monkeypatch, tmp_path, sysctl, expect):
+    monkeypatch.setattr(hardware, "_psutil", lambda: None)
+    run = _fake_run({"sysctl": sysctl, "sysctl -n": "FPU FMA F16C SSE4.2\nAVX2 BMI2" if "Intel" in sysctl else "",
+                     "vm_stat": VM_STAT})
+    hw = detect_hardware(tmp_path, env={}, system="Darwin", run=run)
+    assert hw.os == "macOS"
+    assert hw.cpu_model == expect["cpu"]
+    assert (hw.physical_cores, hw.logical_cores) == (expect["physical"], expect["logical"])
+    assert set(hw.simd) == expect["simd"]
+    assert hw.ram_total == expect["total"]
+    assert hw.ram_available == parse_vm_stat(VM_STAT)
+
+
+def test_macos_probe_without_tools_still_returns_a_profile(monkeypatch, tmp_path):
+    monkeypatch.setattr(hardware, "_psutil", lambda: None)
+    hw = detect_hardware(tmp_path, env={}, system="Darwin", run=lambda cmd: "")
+    assert hw.physical_cores >= 1 and hw.logical_cores >= 1
+    assert hw.cpu_model  # platform fallback
+    assert hw.ram_total == 0 and hw.ram_available == 0
+
+
+def test_this_machine(tmp_path):
+    hw = detect_hardware(tmp_path / "not" / "yet", env={})
+    assert hw.physical_cores >= 1 and hw.logical_cores >= hw.physical_cores
+    assert 1 <= hw.threads <= hw.physical_cores
+    assert 0 < hw.ram_available <= hw.ram_total
+    assert hw.disk_free > 0
+    assert hw.cpu_model
+    if os.path.exists("/proc/cpuinfo") and " avx2" in Path("/proc/cpuinfo").read_text():
+        assert "avx2" in hw.simd
+    data = hw.to_json()
+    assert json.loads(json.dumps(data)) == data
+    assert data["store_path"] == str(tmp_path / "not" / "yet") and data["threads"] == hw.threads
+
+
+def test_linux_without_psutil_reads_proc(monkeypatch, tmp_path):
+    if not os.path.exists("/proc/meminfo"):
+        pytest.skip("Linux only")
+    monkeypatch.setattr(hardware, "_psutil", lambda: None)
+    hw = detect_hardware(tmp_path, env={}, system="Linux")
+    total, _ = parse_meminfo(Path("/proc/meminfo").read_text())
+    assert hw.ram_total <= total and hw.ram_available > 0
+    assert hw.physical_cores >= 1
+
+
+def test_overrides(tmp_path):
+    hw = detect_hardware(tmp_path, env={"PIPX_LLAMA_FAKE_RAM": "2G", "PIPX_LLAMA_FREE_BYTES": "123456"})
+    assert hw.ram_total == hw.ram_available == 2_000_000_000
+    assert hw.disk_free == 123456
+    assert any("PIPX_LLAMA_FAKE_RAM" in n for n in hw.notes) and any("FREE_BYTES" in n for n in hw.notes)
+    with pytest.raises(UsageError, match="PIPX_LLAMA_FAKE_RAM"):
+        detect_hardware(tmp_path, env={"PIPX_LLAMA_FAKE_RAM": "much"})
+
+
+def test_cgroup_limit_caps_memory(monkeypatch, tmp_path):
+    files = {"/sys/fs/cgroup/memory.max": "1073741824\n", "/sys/fs/cgroup/memory.current": "268435456\n",
+             "/sys/fs/cgroup/cpu.max": "100000 100000\n"}
+    real = hardware._read
+    monkeypatch.setattr(hardware, "_read", lambda p: files.get(p, real(p)))
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3}, raising=False)
+    hw = detect_hardware(tmp_path, env={}, system="Linux")
+    assert hw.ram_total == 1 << 30
+    assert hw.ram_available <= (1 << 30) - (256 << 20)
+    assert hw.usable_cores == 1 and hw.threads == 1
+    assert any("container" in n for n in hw.notes)
+
+
+def test_disk_free_nearest_existing_parent(tmp_path):
+    deep = tmp_path / "a" / "b" / "c"
+    assert nearest_existing(deep) == tmp_path
+    assert disk_free(deep, env={}) == __import__("shutil").disk_usage(tmp_path).free
+    assert disk_free(deep, env={"PIPX_LLAMA_FREE_BYTES": "1M"}) == 1_000_000
+
+
+def _profile(**kw) -> HardwareProfile:
+    base = {"os": "Linux", "os_version": "", "arch": "x86_64", "cpu_model": "test", "physical_cores": 4,
+            "logical_cores": 8, "simd": ("avx2", "fma"), "ram_total": 16 << 30, "ram_available": 8 << 30,
+            "store_path": Path("/s"), "disk_free": 100 << 30}
+    return HardwareProfile(**{**base, **kw})
+
+
+def test_threads_and_budget_and_summary():
+    assert _profile().threads == 4
+    assert _profile(usable_cores=2).threads == 2
+    assert ram_budget(_profile()) == int((8 << 30) * RAM_HEADROOM)
+    assert "AVX2" in simd_summary(_profile())
+    assert "NEON" in simd_summary(_profile(simd=("neon", "dotprod")))
+    assert "slow" in simd_summary(_profile(simd=()))
+
+
+def test_kv_cache_formula_matches_the_engine(smollm2_path):
+    from pipx_llama.engine.model import load_model
+
+    model = load_model(smollm2_path)
+    hp = model.hparams
+    for n_ctx in (64, 300):
+        ctx = model.new_context(n_ctx)
+        assert kv_cache_bytes(hp.n_layers, n_ctx, hp.n_kv_heads, hp.head_dim) == ctx.kv_bytes
+    assert kv_cache_bytes(30, 4096, 3, 64) == 94_371_840  # SmolLM2 at 4096 tokens: 90 MiB
+    assert ram_needed(1000, 2000) == 3000 + RUNTIME_OVERHEAD
+    model.close()

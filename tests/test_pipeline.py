@@ -1,0 +1,399 @@
+"""The planner (quantization choice, RAM/disk estimates, refusals with alternatives, unavailable sources) on
+synthetic manifests and fake hardware; the stages on the real SmolLM2 (a GGUF fetched as is, and its weights
+as a Hugging Face folder: converted, quantized, interrupted and resumed); and, end to end in a subprocess,
+a GGUF model served over HTTP straight to an answer (acceptance test (a)).
+
+Also the helpers the provisioning tests share: manifests for the SmolLM2 files, a CLI environment.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from httpserver import FileServer
+
+from pipx_llama.config import Config
+from pipx_llama.engine.gguf_reader import open_gguf
+from pipx_llama.errors import UsageError
+from pipx_llama.fetch.errors import OfflineError
+from pipx_llama.hardware import RUNTIME_OVERHEAD, HardwareProfile, kv_cache_bytes
+from pipx_llama.manifest import Catalog, Manifest, parse_manifest, render_manifest
+from pipx_llama.pipeline import (
+    INTERMEDIATE,
+    KNOWN_SHAPES,
+    STATE_FILE,
+    InsufficientResourcesError,
+    ModelShape,
+    SourceUnavailableError,
+    default_quant,
+    estimated_shape,
+    make_plan,
+    model_shape,
+    prepare,
+    provenance_path,
+    read_state,
+)
+from pipx_llama.pull import PullOptions, estimate_gguf_bytes
+from pipx_llama.store import Store
+
+GB = 1_000_000_000
+SMOL_PARAMS = 134515008
+TINY_PARAMS = 1100048384
+MISTRAL_PARAMS = 7241732096
+SMOL_CTX = 8192
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+# --- shared helpers (also used by test_provision.py) --------------------------------------------------------------
+
+
+def write_manifest(folder: Path, data: dict) -> Path:
+    path = folder / f"{data['name']}.toml"
+    path.write_text(render_manifest(data))
+    return path
+
+
+def files_of(folder: Path) -> list[dict]:
+    """Manifest file entries for every file of a folder."""
+    return [{"path": p.name, "size": p.stat().st_size, "sha256": sha256(p)} for p in sorted(folder.iterdir())]
+
+
+def smol_gguf_manifest(folder: Path, gguf: Path, base: str, name: str = "smol-gguf") -> Path:
+    return write_manifest(folder, {
+        "format": 1, "name": name, "description": "SmolLM2 GGUF served locally", "license": "Apache-2.0",
+        "architecture": "llama", "parameters": SMOL_PARAMS, "context_length": SMOL_CTX,
+        "variants": [{"name": "q4_1", "format": "gguf", "quantization": "Q4_1",
+                      "files": [{"path": gguf.name, "size": gguf.stat().st_size, "sha256": sha256(gguf)}],
+                      "sources": [{"type": "url", "base": base}]}]})
+
+
+def smol_hf_manifest(folder: Path, files: list[dict], base: str, name: str = "smol-hf") -> Path:
+    return write_manifest(folder, {
+        "format": 1, "name": name, "description": "SmolLM2 as Hugging Face safetensors, served locally",
+        "license": "Apache-2.0", "architecture": "llama", "parameters": SMOL_PARAMS, "context_length": SMOL_CTX,
+        "variants": [{"name": "original", "format": "hf-safetensors", "files": files,
+                      "sources": [{"type": "url", "base": base}]}]})
+
+
+def cli_env(tmp: Path, **extra: str) -> dict[str, str]:
+    """The environment of a pipx-llama subprocess: its own store and config dir, no overrides inherited."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PIPX_LLAMA_") and k != "HF_TOKEN"}
+    env.update(PIPX_LLAMA_HOME=str(tmp / "home"), PIPX_LLAMA_CONFIG_DIR=str(tmp / "config"), NO_COLOR="1")
+    env.update(extra)
+    return env
+
+
+def pipx_llama(*args: str, env: dict[str, str], timeout: float = 300, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "pipx_llama.cli", *args], env=env, capture_output=True,
+                          text=True, timeout=timeout, check=False, **kw)
+
+
+@pytest.fixture(scope="session")
+def smol_hf_folder(tmp_path_factory, smollm2_path) -> Path:
+    """The real SmolLM2 weights as a Hugging Face folder (bf16 safetensors in two shards, tokenizer files)."""
+    from convert_helpers import write_smollm2_hf_folder
+
+    folder = tmp_path_factory.mktemp("smol-hf") / "hf"
+    write_smollm2_hf_folder(folder, smollm2_path)
+    return folder
+
+
+# --- planning on synthetic manifests ------------------------------------------------------------------------------
+
+
+def hw(ram: float = 16 * GB, disk: float = 100 * GB, cores: int = 4) -> HardwareProfile:
+    return HardwareProfile(os="Linux", os_version="test", arch="x86_64", cpu_model="test CPU", physical_cores=cores,
+                           logical_cores=2 * cores, simd=("avx2", "fma"), ram_total=int(ram), ram_available=int(ram),
+                           store_path=Path("/unused"), disk_free=int(disk))
+
+
+def _file(path: str, size: int | None, seed: str) -> dict:
+    entry = {"path": path, "sha256": hashlib.sha256(seed.encode()).hexdigest()}
+    if size is not None:
+        entry["size"] = size
+    return entry
+
+
+def synthetic(name: str, parameters: int, variants: list[dict], *, ctx: int = 4096, aliases=(),
+              default: str | None = None) -> Manifest:
+    data = {"format": 1, "name": name, "aliases": list(aliases), "description": "t", "license": "t",
+            "architecture": "llama", "parameters": parameters, "context_length": ctx, "default_variant": default,
+            "variants": variants}
+    return parse_manifest(render_manifest(data), f"{name}.toml")
+
+
+def gguf_v(name: str, quant: str, size: int) -> dict:
+    return {"name": name, "format": "gguf", "quantization": quant, "files": [_file(f"{name}.gguf", size, name)],
+            "sources": [{"type": "url", "base": "https://example.org/m/"}]}
+
+
+def hf_v(size: int, quantization: str | None = None, sources=None) -> dict:
+    v = {"name": "original", "format": "hf-safetensors",
+         "files": [_file("config.json", 600, "c"), _file("model.safetensors", size, "w")],
+         "sources": sources if sources is not None else [{"type": "url", "base": "https://example.org/hf/"}]}
+    if quantization:
+        v["quantization"] = quantization
+    return v
+
+
+TINY = synthetic("tiny", TINY_PARAMS, [gguf_v("q4_k_m", "Q4_K_M", 668788096), hf_v(2200119864)], ctx=2048,
+                 aliases=["1B"], default="q4_k_m")
+TINY_HF = synthetic("tiny-hf", TINY_PARAMS, [hf_v(2200119864)], ctx=2048)
+MISTRAL = synthetic("mistral", MISTRAL_PARAMS, [gguf_v("q4_k_m", "Q4_K_M", 4368439584),
+                                                gguf_v("q4_k_s", "Q4_K_S", 4140374304)], ctx=32768)
+SMOL = synthetic("smol", SMOL_PARAMS, [gguf_v("q4_1", "Q4_1", 98362432)], ctx=SMOL_CTX)
+META = synthetic("llama-t", TINY_PARAMS, [{
+    "name": "original", "format": "meta-pth", "quantization": "F16",
+    "files": [_file("T/consolidated.00.pth", None, "p"), _file("T/params.json", 101, "j")],
+    "sources": [{"type": "url-template", "note": "the URL from the e-mail"}]}], ctx=2048)
+
+
+@pytest.fixture
+def cfg(tmp_path) -> Config:
+    return Config(home=tmp_path / "home", config_dir=tmp_path / "config")
+
+
+def plan(cfg: Config, name: str, hardware: HardwareProfile, catalog=(TINY, TINY_HF, MISTRAL, SMOL, META), **kw):
+    return make_plan(name, hardware=hardware, config=cfg, catalog=Catalog(catalog), **kw)
+
+
+def test_default_when_it_fits(cfg):
+    p = plan(cfg, "1B", hw())
+    assert (p.model, p.variant, p.source_format, p.quant) == ("tiny", "q4_k_m", "gguf", "Q4_K_M")
+    assert p.n_ctx == 2048 and p.threads == 4 and p.stages == ["fetch"]
+    kv = kv_cache_bytes(22, 2048, 4, 64)
+    assert (p.kv_bytes, p.weights_bytes) == (kv, 668788096)
+    assert p.ram_bytes == 668788096 + kv + RUNTIME_OVERHEAD
+    assert p.download_bytes == p.peak_disk_bytes == 668788096
+    assert p.final_path == cfg.home / "models" / "tiny" / "q4_k_m" / "q4_k_m.gguf"
+    assert p.reason == "the manifest's default"
+    data = p.to_json()
+    assert json.loads(json.dumps(data)) == data and "manifest" not in data
+    assert plan(cfg, "mistral", hw(), n_ctx=512, threads=1).n_ctx == 512
+
+
+def test_conversion_plan_counts_download_f16_and_quantized_file(cfg):
+    p = plan(cfg, "tiny", hw(), variant="original")
+    assert (p.source_format, p.quant, p.stages) == ("hf-safetensors", "Q4_K_M", ["fetch", "convert", "quantize"])
+    assert p.download_bytes == 2200119864 + 600
+    assert p.intermediate_bytes == TINY_PARAMS * 2
+    assert p.final_bytes == p.weights_bytes == estimate_gguf_bytes(TINY_PARAMS, "Q4_K_M")
+    assert p.peak_disk_bytes == p.download_bytes + p.intermediate_bytes + p.final_bytes
+    assert p.final_path.name == "q4_k_m.gguf"
+    q = plan(cfg, "tiny", hw(), quant="q4_0")  # no ready Q4_0: the original weights, converted
+    assert (q.variant, q.quant, q.reason) == ("original", "Q4_0", "Q4_0 as asked")
+
+
+def test_default_quantization_rules():
+    assert default_quant(META.variants[0]) == "Q4_0"  # Meta's checkpoints: q4_0, as in March 2023
+    assert default_quant(TINY_HF.variants[0]) == "Q4_K_M"
+    assert default_quant(synthetic("x", 1000, [hf_v(10, "Q5_K_M")]).variants[0]) == "Q5_K_M"
+    assert default_quant(SMOL.variants[0]) == "Q4_1"
+
+
+def test_falls_back_to_the_largest_quantization_that_fits(cfg):
+    kv = kv_cache_bytes(22, 2048, 4, 64)
+    k_m = estimate_gguf_bytes(TINY_PARAMS, "Q4_K_M") + kv + RUNTIME_OVERHEAD
+    k_s = estimate_gguf_bytes(TINY_PARAMS, "Q4_K_S") + kv + RUNTIME_OVERHEAD
+    ram = (k_m + k_s) / 2 / 0.9  # the headroom leaves 90% of it usable
+    p = plan(cfg, "tiny-hf", hw(ram=ram))
+    assert p.quant == "Q4_K_S" and p.ram_bytes == k_s
+    assert "Q4_K_S is the largest that fits" in p.reason and "RAM" in p.reason
+    # ready GGUF variants: the smaller one
+    k_m = 4368439584 + kv_cache_bytes(32, 4096, 8, 128) + RUNTIME_OVERHEAD
+    p = plan(cfg, "mistral", hw(ram=(k_m - 100_000_000) / 0.9))
+    assert (p.variant, p.quant) == ("q4_k_s", "Q4_K_S")
+
+
+def test_refused_before_download_names_smaller_context_and_other_models(cfg):
+    # mistral Q4_K_S fits at 2048 tokens but not at 4096; smol fits
+    need_2048 = 4140374304 + kv_cache_bytes(32, 2048, 8, 128) + RUNTIME_OVERHEAD
+    with pytest.raises(InsufficientResourcesError) as exc:
+        plan(cfg, "mistral", hw(ram=(need_2048 + 10_000_000) / 0.9), catalog=(MISTRAL, TINY, SMOL))
+    err = exc.value
+    assert err.resource == "ram" and err.exit_code == 5
+    assert "not enough memory for mistral (q4_k_m, Q4_K_M)" in err.message
+    assert "KV cache" in err.message
+    args = [a["args"] for a in err.alternatives]
+    assert ["mistral", "--ctx", "2048", "--variant", "q4_k_s", "--quant", "Q4_K_S"] in args
+    assert ["tiny"] in args and args.index(["tiny"]) < args.index(["smol"])  # largest model first
+    assert "pipx-llama run mistral --ctx 2048 --variant q4_k_s --quant Q4_K_S" in err.hint and "close other programs" in err.hint
+    assert not (cfg.home / "blobs").exists()  # nothing was written
+
+
+def test_forced_quantization_that_does_not_fit_suggests_one_that_does(cfg):
+    kv = kv_cache_bytes(22, 2048, 4, 64)
+    ram = (estimate_gguf_bytes(TINY_PARAMS, "Q4_K_M") + kv + RUNTIME_OVERHEAD + 1000) / 0.9
+    with pytest.raises(InsufficientResourcesError) as exc:
+        plan(cfg, "tiny-hf", hw(ram=ram), quant="Q8_0")
+    assert exc.value.alternatives[0]["args"] == ["tiny-hf", "--quant", "Q4_K_M"]
+    assert "tiny-hf (original, Q8_0)" in exc.value.message
+
+
+def test_disk_refusal_counts_the_conversion(cfg):
+    p = plan(cfg, "tiny-hf", hw())
+    assert plan(cfg, "tiny-hf", hw(disk=p.peak_disk_bytes - 1)).quant == "Q4_K_S"  # a smaller file fits
+    with pytest.raises(InsufficientResourcesError) as exc:
+        plan(cfg, "tiny-hf", hw(disk=p.download_bytes + p.intermediate_bytes))
+    err = exc.value
+    assert err.resource == "disk" and err.needed == p.peak_disk_bytes
+    assert "F16 conversion" in err.message and "Q4_K_M file" in err.message
+    assert "pipx-llama gc" in err.hint
+    assert [a["model"] for a in err.alternatives][:1] == ["mistral"]
+    # planning for other machines: the RAM does not count, the disk does
+    assert plan(cfg, "mistral", hw(ram=1 * GB), check_ram=False).quant == "Q4_K_M"
+
+
+def test_bad_requests(cfg):
+    with pytest.raises(UsageError, match="cannot run in Q3_K"):
+        plan(cfg, "mistral", hw(), quant="q3_k")
+    with pytest.raises(UsageError, match="exceeds the 2048 tokens"):
+        plan(cfg, "tiny", hw(), n_ctx=4096)
+    with pytest.raises(UsageError, match="at least 1"):
+        plan(cfg, "tiny", hw(), threads=0)
+    with pytest.raises(UsageError, match="no model named"):
+        plan(cfg, "nope", hw())
+
+
+def test_unavailable_sources_are_refused_before_download(cfg, tmp_path):
+    with pytest.raises(SourceUnavailableError) as exc:
+        plan(cfg, "llama-t", hw(), pull_options=PullOptions())
+    assert "no public download URL" in exc.value.message and "the URL from the e-mail" in exc.value.hint
+    assert "pipx-llama run mistral" in exc.value.hint
+    p = plan(cfg, "llama-t", hw(), pull_options=PullOptions(url="https://meta.example/*?sig=1"))
+    assert (p.quant, p.stages) == ("Q4_0", ["fetch", "convert", "quantize"])
+    assert plan(cfg, "llama-t", hw(), pull_options=PullOptions(from_dirs=[tmp_path])).quant == "Q4_0"
+    with pytest.raises(OfflineError, match="offline"):
+        plan(cfg, "mistral", hw(), pull_options=PullOptions(offline=True))
+
+
+def test_estimated_shapes_err_on_the_high_side():
+    for params, shape in KNOWN_SHAPES.items():
+        est = estimated_shape(params)
+        assert not est.exact
+        assert est.kv_bytes(2048) >= shape.kv_bytes(2048), params
+
+
+def test_shape_from_the_models_own_files(tmp_path, smollm2_path):
+    store = Store(tmp_path)
+    odd = synthetic("odd", 123456789, [hf_v(10)])
+    assert not model_shape(store, odd, odd.variants[0]).exact
+    folder = store.variant_dir("odd", "original")
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text(json.dumps({"num_attention_heads": 16, "num_key_value_heads": 2,
+                                                    "num_hidden_layers": 7, "hidden_size": 1024}))
+    assert model_shape(store, odd, odd.variants[0]) == ModelShape(7, 2, 64)
+    g = synthetic("g", 1, [gguf_v("m", "Q4_1", smollm2_path.stat().st_size)])
+    gdir = store.variant_dir("g", "m")
+    gdir.mkdir(parents=True)
+    os.symlink(smollm2_path, gdir / "m.gguf")
+    shape = model_shape(store, g, g.variants[0])
+    assert (shape.n_layers, shape.n_kv_heads, shape.head_dim, shape.exact) == (30, 3, 64, True)
+
+
+# --- the stages, for real -----------------------------------------------------------------------------------------
+
+
+class Stop(Exception):
+    """Raised from a progress callback to interrupt a stage."""
+
+
+def test_gguf_is_fetched_and_a_second_prepare_touches_nothing(tmp_path, smollm2_path):
+    cfg = Config(home=tmp_path / "home", config_dir=tmp_path / "config")
+    m = smol_gguf_manifest(tmp_path, smollm2_path, "https://127.0.0.1:9/none/")
+    catalog = Catalog([parse_manifest(m.read_text(), str(m))])
+    opts = PullOptions(from_dirs=[smollm2_path.parent], offline=True)
+    p = make_plan("smol-gguf", hardware=hw(), config=cfg, catalog=catalog, pull_options=opts)
+    assert p.stages == ["fetch"] and p.download_bytes == 0  # found in the folder
+    events = []
+    path = prepare(p, on_event=events.append)
+    assert path == cfg.home / "models" / "smol-gguf" / "q4_1" / smollm2_path.name and sha256(path) == sha256(smollm2_path)
+    assert [(e.kind, e.file) for e in events if e.kind.startswith("stage")] == [("stage", "fetch"), ("stage-done", "fetch")]
+    record = cfg.home / "models" / "smol-gguf" / "q4_1" / ".provenance.json"
+    before = record.stat().st_mtime_ns
+    p2 = make_plan("smol-gguf", hardware=hw(), config=cfg, catalog=catalog, pull_options=opts)
+    assert p2.stages == [] and p2.peak_disk_bytes == 0
+    events.clear()
+    assert prepare(p2, on_event=events.append) == path
+    assert [e.kind for e in events] == ["stage-skipped", "ready"]
+    assert record.stat().st_mtime_ns == before
+
+
+def test_interrupted_quantization_resumes_at_quantize_and_reuses_the_conversion(tmp_path, smol_hf_folder):
+    cfg = Config(home=tmp_path / "home", config_dir=tmp_path / "config")
+    m = smol_hf_manifest(tmp_path, files_of(smol_hf_folder), "https://127.0.0.1:9/none/")
+    manifest = parse_manifest(m.read_text(), str(m))
+    catalog = Catalog([manifest])
+    opts = PullOptions(from_dirs=[smol_hf_folder], offline=True)
+    store = Store(cfg.home)
+    vdir = store.variant_dir("smol-hf", "original")
+
+    p = make_plan("smol-hf", quant="Q4_0", hardware=hw(), config=cfg, catalog=catalog, pull_options=opts)
+    assert p.stages == ["fetch", "convert", "quantize"]
+
+    def stop_in_quantize(ev):
+        if ev.kind == "progress" and ev.file.endswith("q4_0.gguf"):
+            raise Stop
+    with pytest.raises(Stop):
+        prepare(p, on_event=stop_in_quantize)
+    state = read_state(store, manifest, manifest.variants[0])
+    assert state["stages"]["fetch"]["status"] == "done" and state["stages"]["convert"]["status"] == "done"
+    assert state["stages"]["quantize"]["Q4_0"]["status"] == "running" and state["current"] == "quantize"
+    assert (vdir / INTERMEDIATE).is_file() and not (vdir / "q4_0.gguf").exists()
+    assert not list(vdir.glob(".*.tmp"))
+
+    p = make_plan("smol-hf", quant="Q4_0", hardware=hw(), config=cfg, catalog=catalog, pull_options=opts)
+    assert p.stages == ["quantize"] and p.intermediate_bytes == 0 and p.download_bytes == 0
+    events = []
+    path = prepare(p, on_event=events.append, keep_intermediate=True)
+    stages = [(e.kind, e.file) for e in events if e.kind.startswith("stage")]
+    assert stages == [("stage-skipped", "fetch"), ("stage-skipped", "convert"), ("stage", "quantize"),
+                      ("stage-done", "quantize")]
+    assert path == vdir / "q4_0.gguf"
+    g = open_gguf(path)
+    assert int(g.metadata["general.file_type"]) == 2  # MOSTLY_Q4_0
+    g.close()
+    record = json.loads(provenance_path(path).read_text())
+    assert record["sha256"] == sha256(path) and record["size"] == path.stat().st_size
+    assert {s["path"]: s["sha256"] for s in record["sources"]} == {f.path: f.sha256 for f in manifest.variants[0].files}
+    assert [s["stage"] for s in record["steps"]] == ["convert", "quantize"] and record["quantization"] == "Q4_0"
+
+    # kept on request: another quantization of the same weights needs no conversion
+    assert (vdir / INTERMEDIATE).is_file()
+    q = make_plan("smol-hf", quant="Q8_0", hardware=hw(), config=cfg, catalog=catalog, pull_options=opts)
+    assert q.stages == ["quantize"]
+    # ready: nothing left to do, and a stale state file changes nothing
+    assert make_plan("smol-hf", quant="Q4_0", hardware=hw(), config=cfg, catalog=catalog).stages == []
+    (vdir / STATE_FILE).write_text("{broken")
+    events.clear()
+    assert prepare(make_plan("smol-hf", quant="Q4_0", hardware=hw(), config=cfg, catalog=catalog),
+                   on_event=events.append) == path
+    assert {e.kind for e in events} == {"stage-skipped", "ready"}
+
+
+# --- acceptance (a): a GGUF model over HTTP, straight to an answer ----------------------------------------------
+
+
+def test_gguf_model_served_over_http_to_an_answer(tmp_path, smollm2_path):
+    with FileServer() as srv:
+        srv.put(f"/gguf/{smollm2_path.name}", file=smollm2_path)
+        m = smol_gguf_manifest(tmp_path, smollm2_path, srv.url("/gguf/"))
+        env = cli_env(tmp_path)
+        args = ["run", "smol-gguf", "--manifest", str(m), "-p", "The capital of France is", "-n", "8", "--temp", "0"]
+        r = pipx_llama(*args, env=env)
+        assert r.returncode == 0, r.stderr
+        assert r.stdout.startswith("The capital of France is") and "Paris" in r.stdout
+        sent = srv.bytes_sent
+        assert sent == smollm2_path.stat().st_size
+        r = pipx_llama(*args, env=env)  # the second run goes straight to the answer
+        assert r.returncode == 0, r.stderr
+        assert "Paris" in r.stdout and srv.bytes_sent == sent
