@@ -2,7 +2,8 @@
 
 Named models are pulled into the store (when missing) before the server starts; every model is
 loaded on its first request and kept. The socket is bound here, before uvicorn starts, so a port in
-use is a plain error and ``--port 0`` picks a free port (the URL is printed).
+use is a plain error and ``--port 0`` picks a free port (the URL is printed). ``/`` is a chat page;
+``--open`` opens it in the default browser once the server is up.
 """
 
 from __future__ import annotations
@@ -13,13 +14,20 @@ import logging
 import os
 import socket
 import sys
+import threading
+import time
+import webbrowser
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pipx_llama.cli import store_common as common
 from pipx_llama.cli.options import DEFAULT_MODEL, add_sampling_options, model_file, sampler_config
 from pipx_llama.errors import ModelFileError, UsageError
 
 API_KEY_ENV = "PIPX_LLAMA_API_KEY"
+if TYPE_CHECKING:
+    import uvicorn
+
 LOOPBACK_NAMES = ["localhost", "127.0.0.1", "::1", "[::1]"]
 
 
@@ -67,6 +75,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="context size per model in tokens (default: the model's, at most 4096)")
     add_sampling_options(p)
     p.add_argument("--preload", action="store_true", help="load every model at start-up, not on first use")
+    p.add_argument("--open", action="store_true", help="open the chat page in the default web browser")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
                    help="server log detail (default info: one line per request)")
 
@@ -115,16 +124,41 @@ def run(args: argparse.Namespace) -> int:
     sock = _bind(args.host, args.port)
     port = sock.getsockname()[1]
     shown = f"[{args.host}]" if ":" in args.host else args.host
+    page = f"http://{_browser_host(args.host)}:{port}/"
     sys.stderr.write(
         f"pipx-llama serving {', '.join(registry.names)} at http://{shown}:{port}\n"
         f"  OpenAI API: http://{shown}:{port}/v1   Ollama API: http://{shown}:{port}/api"
         f"{'   (API key required)' if api_key else ''}\n"
+        f"  Chat page: {page}\n"
     )
     sys.stderr.flush()
     config = uvicorn.Config(app, log_level=args.log_level, timeout_graceful_shutdown=3, server_header=False,
                             log_config=None)
-    uvicorn.Server(config).run(sockets=[sock])
+    server = uvicorn.Server(config)
+    if args.open:
+        threading.Thread(target=_open_when_started, args=(server, page), daemon=True).start()
+    server.run(sockets=[sock])
     return 0
+
+
+def _browser_host(host: str) -> str:
+    """The name a browser on this machine uses for ``host`` (a wildcard address is reached on loopback)."""
+    if host in ("0.0.0.0", ""):
+        return "127.0.0.1"
+    if host.strip("[]") == "::":
+        return "[::1]"
+    return f"[{host.strip('[]')}]" if ":" in host else host
+
+
+def _open_when_started(server: uvicorn.Server, url: str) -> None:
+    # opening before uvicorn's start-up would show a connection error if the start-up failed
+    deadline = time.monotonic() + 60
+    while not server.started:
+        if time.monotonic() > deadline or server.should_exit:
+            return
+        time.sleep(0.05)
+    if not webbrowser.open(url):
+        sys.stderr.write(f"could not open a web browser; open {url} yourself\n")
 
 
 def _specs(args: argparse.Namespace, spec_cls: type) -> list:

@@ -2,7 +2,8 @@
 
 ``/v1/models``, ``/v1/completions``, ``/v1/chat/completions`` (server-sent events when ``stream``),
 ``/health``, and Ollama's ``/api/generate``, ``/api/chat``, ``/api/tags``, ``/api/version`` (NDJSON
-streams). ``/`` is left free for the web page.
+streams). ``/`` serves the chat page from ``static/`` (no API key needed to load it; its API calls
+send the key).
 
 A request is validated, its model loaded (first use only) and its prompt tokenized before it is
 queued, so every client mistake is a 4xx before any byte of a stream is sent. Generation runs on the
@@ -18,6 +19,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from starlette.applications import Starlette
@@ -26,7 +28,7 @@ from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from pipx_llama import __version__
@@ -47,6 +49,22 @@ log = logging.getLogger("pipx_llama.server")
 
 LOCAL_ORIGINS = r"https?://(localhost|127\.0\.0\.1|\[::1\])(:\d+)?"
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+STATIC = Path(__file__).with_name("static")
+PAGE_FILES = {  # URL path -> (file in STATIC, media type); nothing else of STATIC is served
+    "/": ("index.html", "text/html; charset=utf-8"),
+    "/app.css": ("app.css", "text/css; charset=utf-8"),
+    "/app.js": ("app.js", "text/javascript; charset=utf-8"),
+    "/favicon.svg": ("favicon.svg", "image/svg+xml"),
+}
+# the page loads only its own files and talks only to this server: model text can never pull in script
+PAGE_HEADERS = {
+    "Content-Security-Policy": "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self'; "
+                               "connect-src 'self'; object-src 'none'; base-uri 'none'; form-action 'none'; "
+                               "frame-ancestors 'none'",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+    "Cache-Control": "no-cache",  # a new version of the package shows its new page at once
+}
 
 
 @dataclass
@@ -336,6 +354,12 @@ def _ndjson(obj: dict[str, Any]) -> str:
     return json.dumps(obj, ensure_ascii=False, separators=(",", ":")) + "\n"
 
 
+def _page_file(name: str, media_type: str) -> Callable[[Request], Awaitable[Response]]:
+    async def serve(request: Request) -> Response:
+        return FileResponse(STATIC / name, media_type=media_type, headers=PAGE_HEADERS)
+    return serve
+
+
 def create_app(registry: ModelRegistry, settings: ServerSettings | None = None) -> Starlette:
     """The ASGI app; its scheduler starts with the app's lifespan and stops (cancelling all) with it."""
     settings = settings or ServerSettings()
@@ -354,6 +378,7 @@ def create_app(registry: ModelRegistry, settings: ServerSettings | None = None) 
         route("/api/chat", server.ollama_chat, "POST"),
         route("/api/tags", server.ollama_tags, "GET"),
         route("/api/version", server.ollama_version, "GET"),
+        *(route(path, _page_file(name, media), "GET") for path, (name, media) in PAGE_FILES.items()),
     ]
     middleware = []
     if settings.allowed_hosts is not None:
