@@ -36,12 +36,12 @@ def doctor(capsys, *args: str) -> tuple[int, str]:
 
 def test_json_with_overrides(env, capsys, tmp_path):
     env.setenv("PIPX_LLAMA_FAKE_RAM", "1.5G")
-    env.setenv("PIPX_LLAMA_FREE_BYTES", "5G")
+    env.setenv("PIPX_LLAMA_FREE_BYTES", "8G")
     code, out = doctor(capsys, "--json")
     assert code == 0
     data = json.loads(out)
     hw = data["hardware"]
-    assert hw["ram_total"] == hw["ram_available"] == 1_500_000_000 and hw["disk_free"] == 5_000_000_000
+    assert hw["ram_total"] == hw["ram_available"] == 1_500_000_000 and hw["disk_free"] == 8_000_000_000
     assert hw["store_path"] == str(tmp_path / "home") and hw["threads"] >= 1 and hw["cpu_model"]
     assert data["ram_budget"] == 1_350_000_000 and data["simd_summary"]
     models = {m["model"]: m for m in data["models"]}
@@ -49,6 +49,7 @@ def test_json_with_overrides(env, capsys, tmp_path):
     assert smol["fits"] and smol["status"] == "fits" and smol["quant"] == "Q4_1" and smol["stages"] == ["fetch"]
     tiny = models["tinyllama-1.1b-chat"]
     assert tiny["fits"] and tiny["quant"] == "Q4_K_M" and tiny["ram_bytes"] < 1_350_000_000
+    assert tiny["format"] == "hf-safetensors" and tiny["stages"] == ["fetch", "convert", "quantize"]
     chat7 = models["llama2-7b-chat"]
     assert not chat7["fits"] and chat7["status"].startswith("does not fit: needs 6.5 GB of RAM")
     assert models["llama-7b"]["format"] == "meta-pth" and models["llama-7b"]["quant"] == "Q4_0"

@@ -116,10 +116,14 @@ def f32_to_f16_bits(f):
     Compiled without fastmath: the rounding happens in the float additions, which reassociation
     would remove.
     """
-    base = (abs(f) * _TWO_112) * _TWO_M110
     w = _f32_as_u32(f)
     shl1 = _U32(w + w)
     sign = _U32(w & _U32(0x80000000))
+    if abs(f) >= _F32(65520.0):
+        # Overflow to infinity is decided here, not by ``abs(f) * 2**112`` overflowing as in C:
+        # once inlined into a fast-math caller, LLVM may fold the two scalings into ``* 4``.
+        return np.uint16(_U32(sign >> _U32(16)) | _U32(0x7C00))
+    base = (abs(f) * _TWO_112) * _TWO_M110
     bias = _U32(shl1 & _U32(0xFF000000))
     bias = max(bias, _U32(0x71000000))
     base = _u32_as_f32(_U32((bias >> _U32(1)) + _U32(0x07800000))) + base
