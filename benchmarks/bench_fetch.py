@@ -1,19 +1,24 @@
 """Throughput of the downloader (pipx_llama.fetch.http.download) against curl, and of parallel parts.
 
 1. Loopback: a server process (tests/httpserver.py, sendfile) serves a random file. Runs alternate
-   between ``curl -o /dev/null`` and download() -- which also writes the file and checks its sha256 --
-   with the destination on disk (the store's case) and on tmpfs (no disk cost), over 1 connection
-   and over parallel parts. A bare httpx streaming loop (no writing, no hashing) shows the ceiling
-   httpx itself sets. The table gives median and best MiB/s, the client's CPU seconds per GiB, and
-   the ratio of the medians to curl's. Target: download() >= 70% of curl.
+   between ``curl -o /dev/null`` and download() -- which also writes the file, checks its sha256 and
+   fsyncs it, as the store needs -- with the destination on disk (the store's case) and on tmpfs,
+   over 1 connection and over parallel parts. Reference rows show the ceilings: a bare httpx
+   streaming loop (no writing, no hashing) with httpx's default 64 KiB socket reads and with the
+   256 KiB reads download() uses, and sha256 alone over the same number of bytes from memory
+   (hashlib, one thread: no download with hashing can beat it); ``curl -o FILE`` followed by
+   ``openssl dgst -sha256 FILE`` is the shell's way to do what download() does (without the fsync).
+   The table gives median and best MiB/s, the client's CPU seconds per GiB, and the ratio of the
+   medians to ``curl -o /dev/null``'s. Target: download() >= 70% of curl.
 2. Capped: the server limits every connection to 10 MB/s; download() over 1 connection against
    parallel parts. Target: >= 3x.
 
-    python benchmarks/bench_fetch.py                       # 512 MiB loopback file, 3 runs; 96 MiB capped
+    python benchmarks/bench_fetch.py                       # 512 MiB loopback file, 5 runs; 96 MiB capped
     python benchmarks/bench_fetch.py --size-mb 1024 --runs 5 --json results.json
 
-The machine's load average is printed before and after: other work on the machine skews wall-clock
-figures (CPU seconds per GiB much less so).
+The machine's load average is printed (before, after, and its range over the runs): other work on
+the machine skews wall-clock figures (CPU seconds per GiB less so). On a loaded machine the client's
+CPU per GiB decides the speed; on an idle one with cores to spare, sha256's single-thread speed.
 """
 
 from __future__ import annotations
@@ -69,10 +74,12 @@ class Server:
         self.proc.wait()
 
 
-def timed_child(cmd: list[str]) -> tuple[float, float]:
+def timed_child(cmds: list[list[str]]) -> tuple[float, float]:
+    """Run the commands one after the other; wall and CPU seconds of them all."""
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t = time.perf_counter()
-    subprocess.run(cmd, check=True)
+    for cmd in cmds:
+        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
     wall = time.perf_counter() - t
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     return wall, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
@@ -85,19 +92,30 @@ def timed(fn: Callable[[], None]) -> tuple[float, float]:
 
 
 def fetch(url: str, dest: Path, size: int, digest: str, parts: int) -> None:
+    """download() into ``dest``; the caller deletes it outside the timing (curl deletes nothing)."""
     from pipx_llama.fetch.http import FetchOptions, download
 
     download(url, dest, size=size, sha256=digest,
              options=FetchOptions(parallel_parts=parts, part_threshold=1 if parts > 1 else 1 << 62))
-    dest.unlink()
 
 
-def bare_httpx(url: str) -> None:
+def bare_httpx(url: str, wide: bool) -> None:
     import httpx
 
+    from pipx_llama.fetch.http import _widen_reads
+
     with httpx.Client() as client, client.stream("GET", url) as resp:
+        if wide:
+            _widen_reads(resp)
         for _ in resp.iter_raw():
             pass
+
+
+def sha256_alone(size: int) -> None:
+    block = os.urandom(4 * MiB)
+    digest = hashlib.sha256()
+    for _ in range(size // len(block)):
+        digest.update(block)
 
 
 def loopback(args: argparse.Namespace, work: Path) -> dict:
@@ -109,9 +127,14 @@ def loopback(args: argparse.Namespace, work: Path) -> dict:
     shm_root = Path("/dev/shm")
     shm = Path(tempfile.mkdtemp(dir=shm_root)) if shm_root.is_dir() else None
     srv = Server(src, work)
-    cases: dict[str, Callable[[], None] | None] = {
-        "curl -o /dev/null": None,
-        "httpx bare loop (no write, no hash)": lambda: bare_httpx(srv.url),
+    curl_file = disk / "curl.bin"
+    cases: dict[str, Callable[[], None] | list[list[str]]] = {
+        "curl -o /dev/null": [["curl", "-s", "-o", "/dev/null", srv.url]],
+        "curl -o file, then openssl sha256": [["curl", "-s", "-o", str(curl_file), srv.url],
+                                              ["openssl", "dgst", "-sha256", str(curl_file)]],
+        "httpx bare loop, 64 KiB reads": lambda: bare_httpx(srv.url, False),
+        "httpx bare loop, 256 KiB reads": lambda: bare_httpx(srv.url, True),
+        "sha256 alone, from memory": lambda: sha256_alone(size),
         "download() 1 conn -> disk": lambda: fetch(srv.url, disk / "f.part", size, digest, 1),
         f"download() {args.parts} parts -> disk": lambda: fetch(srv.url, disk / "f.part", size, digest, args.parts),
     }
@@ -120,15 +143,19 @@ def loopback(args: argparse.Namespace, work: Path) -> dict:
         cases[f"download() {args.parts} parts -> tmpfs"] = lambda: fetch(srv.url, shm / "f.part", size, digest,
                                                                         args.parts)
     if shutil.which("curl") is None:
-        del cases["curl -o /dev/null"]
+        del cases["curl -o /dev/null"], cases["curl -o file, then openssl sha256"]
+    elif shutil.which("openssl") is None:
+        del cases["curl -o file, then openssl sha256"]
     results: dict[str, dict[str, list[float]]] = {name: {"wall": [], "cpu": []} for name in cases}
+    loads = []
     try:
         for _ in range(args.runs):
+            loads.append(os.getloadavg()[0])
             for name, fn in cases.items():
-                if fn is None:
-                    wall, cpu = timed_child(["curl", "-s", "-o", "/dev/null", srv.url])
-                else:
-                    wall, cpu = timed(fn)
+                wall, cpu = timed_child(fn) if isinstance(fn, list) else timed(fn)
+                for leftover in (disk / "f.part", curl_file, shm / "f.part" if shm is not None else None):
+                    if leftover is not None:
+                        leftover.unlink(missing_ok=True)
                 results[name]["wall"].append(wall)
                 results[name]["cpu"].append(cpu)
     finally:
@@ -144,7 +171,7 @@ def loopback(args: argparse.Namespace, work: Path) -> dict:
     ref = table.get("curl -o /dev/null", {}).get("median_mib_s")
     for row in table.values():
         row["vs_curl"] = row["median_mib_s"] / ref if ref else None
-    return {"size_mib": args.size_mb, "runs": args.runs, "rows": table}
+    return {"size_mib": args.size_mb, "runs": args.runs, "load_range": (min(loads), max(loads)), "rows": table}
 
 
 def capped(args: argparse.Namespace, work: Path) -> dict:
@@ -157,6 +184,7 @@ def capped(args: argparse.Namespace, work: Path) -> dict:
     out.mkdir()
     try:
         one, _ = timed(lambda: fetch(srv.url, out / "c.part", size, digest, 1))
+        (out / "c.part").unlink()
         many, _ = timed(lambda: fetch(srv.url, out / "c.part", size, digest, args.parts))
     finally:
         srv.close()
@@ -167,7 +195,7 @@ def capped(args: argparse.Namespace, work: Path) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--size-mb", type=int, default=512, help="loopback file size in MiB (default 512)")
-    p.add_argument("--runs", type=int, default=3, help="alternating runs per case (default 3)")
+    p.add_argument("--runs", type=int, default=5, help="alternating runs per case (default 5)")
     p.add_argument("--parts", type=int, default=4, help="parallel parts (default 4)")
     p.add_argument("--cap-mb-s", type=float, default=10.0, help="per-connection cap in MB/s (default 10)")
     p.add_argument("--capped-size-mb", type=int, default=96, help="capped-test file size in MiB (default 96)")
@@ -182,13 +210,18 @@ def main() -> None:
         work = Path(tmp)
         if not args.skip_loopback:
             report["loopback"] = lp = loopback(args, work)
+            lo, hi = lp["load_range"]
             print(f"\nloopback, {lp['size_mib']} MiB file, {lp['runs']} alternating runs "
-                  f"(load average before: {report['load_before'][0]:.1f})")
+                  f"(load average before: {report['load_before'][0]:.1f}, {lo:.1f}-{hi:.1f} during)")
             print(f"  {'case':40s} {'median MiB/s':>12s} {'best MiB/s':>11s} {'CPU s/GiB':>10s} {'vs curl':>8s}")
             for name, row in lp["rows"].items():
                 vs = f"{row['vs_curl'] * 100:.0f}%" if row["vs_curl"] is not None else "-"
                 print(f"  {name:40s} {row['median_mib_s']:12.0f} {row['best_mib_s']:11.0f} "
                       f"{row['cpu_s_per_gib']:10.2f} {vs:>8s}")
+            sha = lp["rows"].get("sha256 alone, from memory")
+            if sha is not None and sha["vs_curl"] is not None:
+                print(f"  sha256 alone runs at {sha['vs_curl'] * 100:.0f}% of curl's speed here: no download that "
+                      "hashes can go faster; with other work on the machine, CPU s/GiB decides")
         if not args.skip_capped:
             report["capped"] = cp = capped(args, work)
             print(f"\nper-connection cap {cp['cap_mb_s']:g} MB/s, {cp['size_mib']} MiB file: "

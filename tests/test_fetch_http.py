@@ -13,10 +13,12 @@ import threading
 import time
 from pathlib import Path
 
+import httpx
 import pytest
 from httpserver import FileServer
 
 from pipx_llama.errors import UsageError
+from pipx_llama.fetch import http as fetch_http
 from pipx_llama.fetch.errors import (
     AccessDenied,
     ChecksumError,
@@ -452,6 +454,7 @@ def test_state_of_another_file_is_discarded(server, tmp_path):
 
 
 def test_without_pwrite_the_seek_write_fallback_works(server, tmp_path, monkeypatch):
+    monkeypatch.delattr(os, "pwritev", raising=False)
     monkeypatch.delattr(os, "pwrite")
     monkeypatch.delattr(os, "fdatasync", raising=False)
     data = blob(6 * MB, 21)
@@ -459,6 +462,107 @@ def test_without_pwrite_the_seek_write_fallback_works(server, tmp_path, monkeypa
     download(url, tmp_path / "w.part", size=len(data), sha256=sha(data),
              options=opts(parallel_parts=3, part_threshold=MB))
     assert (tmp_path / "w.part").read_bytes() == data
+
+
+@pytest.mark.skipif(not hasattr(os, "pwritev"), reason="os.pwritev is not available on this platform")
+def test_write_chunks_splits_iovecs_and_continues_short_writes(tmp_path, monkeypatch):
+    chunks = [bytes([i % 251]) * (1 + i % 7) for i in range(3000)]   # more buffers than IOV_MAX
+    chunks[5] = memoryview(chunks[5])
+    real_pwrite = os.pwrite
+    sizes = []
+
+    def short_pwritev(fd, bufs, offset):
+        sizes.append(len(bufs))
+        assert len(bufs) <= fetch_http._IOV_MAX
+        data = b"".join(bufs)
+        return real_pwrite(fd, data[:len(data) // 2 + 1], offset)   # stops inside a buffer
+
+    monkeypatch.setattr(os, "pwritev", short_pwritev)
+    path = tmp_path / "w"
+    path.write_bytes(b"#" * 5)
+    fd = os.open(path, os.O_WRONLY)
+    try:
+        fetch_http._write_chunks(fd, chunks, 5)
+    finally:
+        os.close(fd)
+    assert path.read_bytes() == b"#" * 5 + b"".join(chunks)
+    assert max(sizes) == fetch_http._IOV_MAX and len(sizes) > 3
+
+
+def counting_read_back(monkeypatch) -> list[int]:
+    """Record how many bytes the hasher reads back from the file (instead of hashing them from memory)."""
+    read_back = fetch_http._Hasher._read_back
+    counts: list[int] = []
+
+    def counting(self, f, buf, target, *, interruptible):
+        before = self.pos
+        read_back(self, f, buf, target, interruptible=interruptible)
+        counts.append(self.pos - before)
+
+    monkeypatch.setattr(fetch_http._Hasher, "_read_back", counting)
+    return counts
+
+
+def test_single_stream_is_hashed_from_memory(server, tmp_path, monkeypatch):
+    read_back = counting_read_back(monkeypatch)
+    data = blob(8 * MB, 26)
+    url = server.put("/mem", data)
+    download(url, tmp_path / "mem.part", size=len(data), sha256=sha(data), options=opts())
+    assert sum(read_back) == 0
+
+
+@pytest.mark.parametrize("parallel", [False, True])
+def test_hasher_far_behind_reads_back_what_it_skipped(server, tmp_path, monkeypatch, parallel):
+    # a hasher too far behind the writer skips offered blocks and hashes those bytes from the file
+    monkeypatch.setattr(fetch_http, "_HASH_QUEUE", 1)
+    monkeypatch.setattr(fetch_http, "_HASH_LAG_MAX", 128 * 1024)
+    monkeypatch.setattr(fetch_http, "_WRITE_BLOCK", 64 * 1024)
+    update = fetch_http._Hasher._update
+    read_back_bytes = counting_read_back(monkeypatch)
+
+    def slow_update(self, chunks, skip):
+        time.sleep(0.002)
+        update(self, chunks, skip)
+
+    monkeypatch.setattr(fetch_http._Hasher, "_update", slow_update)
+    data = blob(6 * MB, 24)
+    url = server.put("/lag", data)
+    o = opts(parallel_parts=3, part_threshold=MB) if parallel else opts()
+    download(url, tmp_path / "lag.part", size=len(data), sha256=sha(data), options=o)
+    assert (tmp_path / "lag.part").read_bytes() == data
+    assert 0 < sum(read_back_bytes) < len(data), "hashed partly from memory, partly read back"
+    server.faults("/lag").corrupt_at = 4 * MB + 3
+    with pytest.raises(ChecksumError):
+        download(url, tmp_path / "lag2.part", size=len(data), sha256=sha(data), options=o)
+
+
+def test_connection_reads_are_widened_once():
+    class Stream:
+        def __init__(self) -> None:
+            self.asked: list[int] = []
+
+        def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
+            self.asked.append(max_bytes)
+            return b""
+
+    stream = Stream()
+    resp = httpx.Response(200, extensions={"network_stream": stream})
+    fetch_http._widen_reads(resp)
+    fetch_http._widen_reads(resp)
+    stream.read(64 * 1024)
+    stream.read(4 * MB, 1.0)
+    assert stream.asked == [fetch_http._READ_SIZE, 4 * MB]
+    fetch_http._widen_reads(httpx.Response(200))   # no network stream: nothing to widen
+
+
+def test_slow_connection_shows_progress_before_a_write_block_fills(server, tmp_path):
+    data = blob(MB, 25)
+    url = server.put("/trickle", data)
+    server.faults("/trickle").rate = MB   # 1 MiB/s: a whole write block would take two seconds
+    ev = Events()
+    download(url, tmp_path / "t.part", size=len(data), sha256=sha(data), options=opts(), on_event=ev)
+    assert (tmp_path / "t.part").read_bytes() == data
+    assert len({e.done for e in ev.of("progress") if 0 < e.done < len(data)}) >= 2
 
 
 def test_progress_events_and_json():

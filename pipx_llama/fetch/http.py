@@ -11,7 +11,9 @@ Resume state
     validators (ETag / Last-Modified), the total size and the list of parts ``[start, end, done]``
     (byte offsets, ``end`` inclusive). It is rewritten atomically (temp file, fsync, rename) about
     once a second, always after an ``fdatasync`` of the data, so the state never claims bytes that
-    are not on disk, even after a power cut. It is written before the data file is created, so a
+    are not on disk, even after a power cut. Writes to the file can wait while it syncs, so when a
+    sync takes long (a link faster than the disk) the saves are spaced out to keep syncing under a
+    tenth of the time, at most 10 s apart. It is written before the data file is created, so a
     data file without a state file is always a finished download (re-hashed before it is trusted).
 
 Never mixing two versions
@@ -26,9 +28,8 @@ Never mixing two versions
 
 Parallel parts
     Files of at least ``part_threshold`` bytes from servers that honour ``Range`` are split into
-    ``parallel_parts`` ranges, each received by its own thread. Receiving threads only parse: they
-    queue 1 MiB blocks to one writer thread, which writes them into the (sparse, full-length) file
-    with ``os.pwrite`` (seek+write on its own descriptor where there is no pwrite, i.e. Windows).
+    ``parallel_parts`` ranges, each received by its own thread (a single stream is the same with one
+    part). Receiving threads only parse; the writer thread writes into the (sparse, full-length) file.
     A thread that finishes its part takes half of the biggest remaining part (if both halves keep
     ``min_part``), or takes over the rest of a part that had no bytes for ``straggler_after`` seconds
     or runs far slower than the others. A connection with no bytes for ``stall_timeout`` seconds
@@ -39,12 +40,22 @@ Parallel parts
 
 Hashing
     A hasher thread hashes the contiguous prefix of the file that is on disk while the download runs:
-    blocks written at the front of that prefix are handed to it directly; anything else -- the prefix
-    an earlier run left (hashlib state cannot be saved, so a resume re-hashes it once), parts that
-    finished out of order -- is read back from the file. A single stream is therefore hashed as it
-    streams; parallel parts hash the first part as it arrives and the others as the parts before
-    them complete, the remainder right after the last byte. Size and hash are checked before
-    returning; on mismatch the bad bytes are deleted.
+    blocks written at the front of that prefix are handed to it from memory; anything else -- the
+    prefix an earlier run left (hashlib state cannot be saved, so a resume re-hashes it once), parts
+    that finished out of order, blocks offered while the hasher lagged -- is read back from the file.
+    A single stream is therefore hashed as it streams; parallel parts hash the first part as it
+    arrives and the others as the parts before them complete, the remainder right after the last
+    byte, while the data is synced. Size and hash are checked before returning; on mismatch the bad
+    bytes are deleted.
+
+Throughput
+    Receiving, writing and hashing run on three threads: ``os.pwritev`` and ``hashlib`` release the
+    GIL, so only parsing holds it. Bytes are copied as little as httpx allows: the chunks of
+    ``iter_raw`` are queued as they are (a list per block of about 2 MiB, never joined for writing),
+    written with one ``os.pwritev`` (``pwrite`` / seek+write where there is none, i.e. Windows) and
+    hashed from those same objects. The connection reads the socket 256 KiB at a time instead of
+    httpcore's 64 KiB, since h11 parses each read in Python. Progress events are throttled (4 a
+    second) and come from the calling thread.
 
 Concurrency: one download per ``dest`` at a time -- the caller holds the per-blob lock.
 """
@@ -55,6 +66,7 @@ import collections
 import email.utils
 import errno
 import hashlib
+import io
 import ipaddress
 import json
 import os
@@ -90,8 +102,15 @@ _TICK = 0.1
 _PROGRESS_EVERY = 0.25
 _SPEED_WINDOW = 3.0
 _HASH_CHUNK = 4 << 20
-_WRITE_BLOCK = 1 << 20
+_WRITE_BLOCK = 2 << 20
 _WRITE_QUEUE = 8
+_HASH_QUEUE = 8
+_HASH_LAG_MAX = 32 << 20
+_HASH_JOIN_BELOW = 128 << 10
+_FLUSH_AFTER = 0.25
+_READ_SIZE = 256 << 10
+_SYNC_SHARE = 10
+_CHECKPOINT_MAX = 10.0
 _MAX_RESTARTS = 3
 _JOIN_GRACE = 1.0
 _HEX64 = re.compile(r"[0-9a-f]{64}")
@@ -113,7 +132,8 @@ class FetchOptions:
     backoff_max: float = 60.0          # cap of one wait, Retry-After included
     min_part: int = 4 << 20            # an idle connection splits a busy part only if both halves get this much
     straggler_after: float = 3.0       # an idle connection takes over a part silent this long (or far slower)
-    checkpoint_interval: float = 1.0   # seconds between resume-state saves (bytes since are lost on a kill)
+    checkpoint_interval: float = 1.0   # seconds between resume-state saves (bytes since are lost on a kill);
+                                       # longer (up to 10 s) while each save's data sync takes long
 
 
 class _Retry(Exception):
@@ -301,6 +321,33 @@ def _fdatasync(fd: int) -> None:
     (getattr(os, "fdatasync", None) or os.fsync)(fd)
 
 
+_IOV_MAX = 1024
+
+
+def _write_chunks(fd: int, chunks: list[bytes | memoryview], offset: int) -> None:
+    """Write ``chunks`` back to back at ``offset`` without joining them (pwritev: one syscall, no copy)."""
+    pwritev = getattr(os, "pwritev", None)
+    if pwritev is None:
+        for chunk in chunks:
+            _write_all(fd, memoryview(chunk), offset)
+            offset += len(chunk)
+        return
+    while chunks:
+        group = chunks[:_IOV_MAX]
+        n = pwritev(fd, group, offset)
+        if not n:
+            raise OSError(errno.EIO, "the file accepted no bytes")
+        offset += n
+        # a short write (rare: a filling disk) continues after the last byte written
+        for i, chunk in enumerate(group):
+            if n < len(chunk):
+                chunks = [memoryview(chunk)[n:], *group[i + 1:], *chunks[len(group):]]
+                break
+            n -= len(chunk)
+        else:
+            chunks = chunks[len(group):]
+
+
 def _write_all(fd: int, data: memoryview, offset: int) -> None:
     if hasattr(os, "pwrite"):
         while data:
@@ -312,6 +359,41 @@ def _write_all(fd: int, data: memoryview, offset: int) -> None:
         while data:
             n = os.write(fd, data)
             data = data[n:]
+
+
+def _trim(chunks: list[bytes | memoryview], n: int) -> list[bytes | memoryview]:
+    """The first ``n`` bytes of ``chunks`` (views, no copies)."""
+    out: list[bytes | memoryview] = []
+    for chunk in chunks:
+        if n <= 0:
+            break
+        out.append(chunk if len(chunk) <= n else memoryview(chunk)[:n])
+        n -= len(chunk)
+    return out
+
+
+def _widen_reads(resp: httpx.Response) -> None:
+    """Let the connection behind ``resp`` read the socket up to _READ_SIZE bytes at a time.
+
+    httpcore reads 64 KiB per call (a class constant, not a client setting) and h11 parses every read
+    in Python; on a fast link that parsing, not the network, limits a download. The connection's
+    network stream is public (the ``network_stream`` response extension): its ``read`` is wrapped on
+    this one object, so only our own client's connections change. h11 accepts reads of any size;
+    TLS sockets return one record (<= 16 KiB) per read whatever the size asked for.
+    """
+    stream = resp.extensions.get("network_stream")
+    read = getattr(stream, "read", None)
+    if read is None or getattr(read, "wide", False):
+        return
+
+    def wide_read(max_bytes: int, timeout: float | None = None) -> bytes:
+        return read(max(max_bytes, _READ_SIZE), timeout)
+
+    wide_read.wide = True  # type: ignore[attr-defined]
+    try:
+        stream.read = wide_read  # type: ignore[union-attr]
+    except AttributeError:
+        pass
 
 
 def _is_disk_full(exc: OSError) -> bool:
@@ -335,56 +417,95 @@ class _Hasher(threading.Thread):
         self.digest = hashlib.sha256()
         self.pos = 0
         self.error: BaseException | None = None
-        self._queue: queue.Queue[tuple[int, bytes | bytearray | memoryview]] = queue.Queue(maxsize=16)
+        self._queue: queue.Queue[tuple[int, list[bytes | memoryview], int]] = queue.Queue(maxsize=_HASH_QUEUE)
         self._finish_at: int | None = None
         self._abort = threading.Event()
 
-    def offer(self, offset: int, data: bytes | bytearray | memoryview) -> None:
-        """Hash ``data`` (written at ``offset``, never modified afterwards) without reading it back."""
-        try:
-            self._queue.put_nowait((offset, data))
-        except queue.Full:
-            pass
+    def offer(self, offset: int, chunks: list[bytes | memoryview], size: int, stop: threading.Event) -> None:
+        """Hash ``chunks`` (``size`` bytes written at ``offset``, never modified) without reading them back.
+
+        Waits while the hasher's queue is full -- the download cannot finish before the hash anyway,
+        and a block dropped would cost a read from the file -- unless the hasher is far behind (it is
+        re-hashing what an earlier run left): then the block is dropped and read back in its turn.
+        """
+        while offset - self.pos <= _HASH_LAG_MAX and self.is_alive() and not stop.is_set():
+            try:
+                self._queue.put((offset, chunks, size), timeout=_TICK)
+                return
+            except queue.Full:
+                continue
+
+    def _update(self, chunks: list[bytes | memoryview], skip: int) -> None:
+        if skip:
+            rest: list[bytes | memoryview] = []
+            for chunk in chunks:
+                if skip >= len(chunk):
+                    skip -= len(chunk)
+                else:
+                    rest.append(memoryview(chunk)[skip:] if skip else chunk)
+                    skip = 0
+            chunks = rest
+        if len(chunks) > 1 and sum(map(len, chunks)) < len(chunks) * _HASH_JOIN_BELOW:
+            # small chunks (TLS records are 16 KiB): one copy costs less than a GIL round trip per chunk
+            self.digest.update(b"".join(chunks))
+        else:
+            for chunk in chunks:
+                self.digest.update(chunk)
 
     def run(self) -> None:
         buf = memoryview(bytearray(_HASH_CHUNK))
         try:
             with open(self.path, "rb", buffering=0) as f:
                 while not self._abort.is_set():
+                    # blocks count as on disk only after they are offered: if nothing comes, everything
+                    # up to this frontier is either hashed or never offered -- read back, not repeated
+                    frontier = self.frontier()
                     try:
-                        off, data = self._queue.get(timeout=0.02)
+                        off, chunks, size = self._queue.get(timeout=0.02)
                     except queue.Empty:
-                        off, data = -1, b""
+                        off, chunks, size = -1, [], 0
                     if off >= 0:
-                        if off <= self.pos < off + len(data):
-                            self.digest.update(memoryview(data)[self.pos - off:])
-                            self.pos = off + len(data)
+                        if off > self.pos:
+                            # everything before a block written at the front is on disk: catch up
+                            # (a dropped block, a finished earlier part) and go on from memory
+                            self._read_back(f, buf, off, interruptible=False)
+                        if off <= self.pos < off + size:
+                            self._update(chunks, self.pos - off)
+                            self.pos = off + size
                         continue
                     finish = self._finish_at
-                    target = finish if finish is not None else self.frontier()
-                    while self.pos < target and not self._abort.is_set():
-                        f.seek(self.pos)
-                        n = f.readinto(buf[:min(_HASH_CHUNK, target - self.pos)])
-                        if not n:
-                            raise FetchError(f"{self.path} is shorter than the bytes recorded as downloaded",
-                                             "delete it and download again")
-                        self.digest.update(buf[:n])
-                        self.pos += n
-                        if finish is None and not self._queue.empty():
-                            break
+                    self._read_back(f, buf, finish if finish is not None else frontier,
+                                    interruptible=finish is None)
                     if finish is not None and self.pos >= finish:
                         return
         except Exception as exc:  # noqa: BLE001  (re-raised by finish() in the calling thread)
             self.error = exc
 
-    def finish(self, length: int) -> str:
+    def _read_back(self, f: io.FileIO, buf: memoryview, target: int, *, interruptible: bool) -> None:
+        """Hash the file from ``pos`` to ``target``; an interruptible read yields to offered blocks."""
+        while self.pos < target and not self._abort.is_set():
+            f.seek(self.pos)
+            n = f.readinto(buf[:min(_HASH_CHUNK, target - self.pos)])
+            if not n:
+                raise FetchError(f"{self.path} is shorter than the bytes recorded as downloaded",
+                                 "delete it and download again")
+            self.digest.update(buf[:n])
+            self.pos += n
+            if interruptible and not self._queue.empty():
+                return
+
+    def finish(self, length: int) -> None:
+        """Hash the rest of the first ``length`` bytes from the file, then stop; returns at once."""
         self._finish_at = length
         while self.is_alive():
             try:
-                self._queue.put((-1, b""), timeout=_TICK)
+                self._queue.put((-1, [], 0), timeout=_TICK)
                 break
             except queue.Full:
                 continue
+
+    def result(self) -> str:
+        """The hex digest, once the hasher has stopped after finish()."""
         self.join()
         if self.error is not None:
             raise self.error
@@ -409,13 +530,14 @@ class _Writer(threading.Thread):
         self.job = job
         self.stop = stop
         self.hasher = job.hasher
-        self.queue: queue.Queue[tuple[_Part, bytearray] | None] = queue.Queue(maxsize=_WRITE_QUEUE)
+        self.queue: queue.Queue[tuple[_Part, list[bytes | memoryview], int] | None] = queue.Queue(
+            maxsize=_WRITE_QUEUE)
 
-    def put(self, part: _Part, data: bytearray) -> None:
-        """Queue ``data`` for ``part`` (in order); waits while the queue is full, gives up on stop."""
+    def put(self, part: _Part, chunks: list[bytes | memoryview], size: int) -> None:
+        """Queue ``size`` bytes in ``chunks`` for ``part`` (in order); waits while full, gives up on stop."""
         while not self.stop.is_set():
             try:
-                self.queue.put((part, data), timeout=_TICK)
+                self.queue.put((part, chunks, size), timeout=_TICK)
                 return
             except queue.Full:
                 continue
@@ -438,30 +560,32 @@ class _Writer(threading.Thread):
                 item = self.queue.get()
                 if item is None:
                     return
-                part, data = item
+                part, chunks, size = item
                 with job.lock:
                     if self.stop is not job.stop:
                         continue
                     offset = part.pos
-                    n = len(data) if part.end is None else max(0, min(len(data), part.end + 1 - offset))
+                    n = size if part.end is None else max(0, min(size, part.end + 1 - offset))
                     at_front = job._frontier_locked() == offset
                 if not n:
                     continue
-                view = memoryview(data)[:n]
+                if n < size:
+                    chunks = _trim(chunks, n)
                 try:
-                    _write_all(fd, view, offset)
+                    _write_chunks(fd, chunks, offset)
                 except OSError as exc:
                     if _is_disk_full(exc):
                         raise job._disk_full() from None
                     raise
+                if at_front and self.hasher is not None:
+                    # before the frontier moves: the hasher would otherwise read these bytes back
+                    self.hasher.offer(offset, chunks, n, self.stop)
                 with job.lock:
                     part.done += n
                     job.session_bytes += n
                     finished = part.complete and all(p.complete for p in job.parts)
                 if finished:
                     job.wake.set()
-                if at_front and self.hasher is not None:
-                    self.hasher.offer(offset, view)
         except Exception as exc:  # noqa: BLE001  (re-raised by the supervising thread)
             job._fail(self.stop, exc)
         finally:
@@ -737,8 +861,10 @@ class _Job:
                 raise self.error
             with self.lock:
                 length = sum(p.done for p in self.parts)
+            # what is still unhashed (parts after the first) is hashed while the data is synced
+            hasher.finish(length)
             self._checkpoint(fd)
-            digest = hasher.finish(length)
+            digest = hasher.result()
             hasher = None
             return digest, length
         except DiskFullError:
@@ -768,6 +894,7 @@ class _Job:
 
     def _supervise(self, workers: list[threading.Thread], fd: int) -> None:
         last_cp = last_ev = time.monotonic()
+        cp_every = self.opt.checkpoint_interval
         samples: collections.deque[tuple[float, int]] = collections.deque()
         while True:
             self._drain_events()
@@ -787,9 +914,13 @@ class _Job:
                 eta = ((self.total - done) / speed if speed and self.total is not None else None)
                 self._emit(ProgressEvent("progress", self.name, done=done, total=self.total, speed=speed,
                                          eta=eta, source=self.shown_url))
-            if now - last_cp >= self.opt.checkpoint_interval:
+            if now - last_cp >= cp_every:
                 self._checkpoint(fd)
                 last_cp = time.monotonic()
+                # while the data syncs, the writer's writes can wait for it (ext4 does): on a link faster
+                # than the disk, sync less often so that syncing takes at most ~1/_SYNC_SHARE of the time
+                cp_every = min(max(self.opt.checkpoint_interval, (last_cp - now) * _SYNC_SHARE),
+                               max(self.opt.checkpoint_interval, _CHECKPOINT_MAX))
             self.wake.wait(_TICK)
         self.stop.set()
         self._drain_events()
@@ -1183,34 +1314,46 @@ class _Job:
         self._learn_validators(resp)
 
     def _stream(self, resp: httpx.Response, part: _Part, stop: threading.Event, writer: _Writer) -> None:
-        """Receive the body into blocks of about _WRITE_BLOCK bytes and queue them for the writer."""
+        """Receive the body and queue it for the writer in blocks of about _WRITE_BLOCK bytes.
+
+        A block is the list of chunks as httpx delivered them (no copying); it is queued when it is big
+        enough or _FLUSH_AFTER seconds old, so slow connections still show progress and checkpoint.
+        """
+        _widen_reads(resp)
         chunks = resp.iter_bytes() if self.decode else resp.iter_raw()
-        buf = bytearray()
+        block: list[bytes | memoryview] = []
+        pending = 0
+        flushed = time.monotonic()
+        lock = self.lock
         try:
             for chunk in chunks:
-                with self.lock:
+                size = len(chunk)
+                now = time.monotonic()
+                with lock:
                     if stop.is_set():
                         return
-                    room = len(chunk) if part.end is None else part.end + 1 - part.qpos - len(buf)
-                    n = max(0, min(len(chunk), room))
-                    part.reserved = part.queued + len(buf) + n
-                    part.last_data = time.monotonic()
+                    room = size if part.end is None else part.end + 1 - part.qpos - pending
+                    n = max(0, min(size, room))
+                    part.reserved = part.queued + pending + n
+                    part.last_data = now
                     part.received += n
                     self.session_received += n
-                buf += memoryview(chunk)[:n]
-                if n < len(chunk) or (part.end is not None and part.qpos + len(buf) > part.end):
+                if n:
+                    block.append(chunk if n == size else memoryview(chunk)[:n])
+                    pending += n
+                if n < size or (part.end is not None and part.qpos + pending > part.end):
                     break
-                if len(buf) >= _WRITE_BLOCK:
-                    pending, buf = buf, bytearray()
-                    self._queue_block(pending, part, writer)
+                if pending >= _WRITE_BLOCK or now - flushed >= _FLUSH_AFTER:
+                    self._queue_block(block, pending, part, writer)
+                    block, pending, flushed = [], 0, now
         except httpx.TransportError:
-            if buf:
-                self._queue_block(buf, part, writer)
+            if pending:
+                self._queue_block(block, pending, part, writer)
             raise
-        if buf:
-            self._queue_block(buf, part, writer)
+        if pending:
+            self._queue_block(block, pending, part, writer)
 
-    def _queue_block(self, data: bytearray, part: _Part, writer: _Writer) -> None:
+    def _queue_block(self, chunks: list[bytes | memoryview], size: int, part: _Part, writer: _Writer) -> None:
         with self.lock:
-            part.queued += len(data)
-        writer.put(part, data)
+            part.queued += size
+        writer.put(part, chunks, size)
