@@ -20,11 +20,10 @@ import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from pipx_llama.engine.gguf_reader import GGUFFile, TensorInfo, open_gguf
-from pipx_llama.engine.kernels import WEIGHT_KERNELS, WeightKernel
+from pipx_llama.engine.kernels import WEIGHT_KERNELS, WeightKernel, ops
 from pipx_llama.engine.kernels import floats as _floats  # noqa: F401  (registers kernels)
 from pipx_llama.engine.kernels import kquants as _kquants  # noqa: F401
 from pipx_llama.engine.kernels import legacy as _legacy  # noqa: F401
-from pipx_llama.engine.kernels import ops
 from pipx_llama.errors import ContextFullError, ModelFileError, UnsupportedModelError, UsageError
 from pipx_llama.tokenizer.tokenizer import Tokenizer
 
