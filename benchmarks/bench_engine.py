@@ -65,7 +65,8 @@ def measure_ours(model_path: str, threads: int, n_prompt: int, n_gen: int) -> di
         logits = ctx.eval([tok])
         tok = int(logits[0].argmax())
     tg_s = time.perf_counter() - t
-    return {"load_s": load_s, "pp_tps": n_prompt / pp_s, "tg_tps": n_gen / tg_s, "weight_bytes": model.weight_bytes}
+    return {"load_s": load_s, "pp_tps": n_prompt / pp_s, "tg_tps": n_gen / tg_s, "weight_bytes": model.weight_bytes,
+            "kv_bytes": ctx.kv_bytes}
 
 
 def measure_llama_cpp(model_path: str, threads: int, n_prompt: int, n_gen: int) -> dict:
@@ -81,11 +82,16 @@ def measure_llama_cpp(model_path: str, threads: int, n_prompt: int, n_gen: int) 
     t = time.perf_counter()
     llm.eval(toks)
     pp_s = time.perf_counter() - t
+    import numpy as np
+
+    n_vocab = llm.n_vocab()
     tok = toks[-1]
     t = time.perf_counter()
     for _ in range(n_gen):
         llm.eval([tok])
-        tok = int(llm.scores[llm.n_tokens - 1].argmax())
+        # llama-cpp-python keeps no scores without logits_all: read the last row from the context
+        logits = np.ctypeslib.as_array(llm._ctx.get_logits_ith(-1), shape=(n_vocab,))
+        tok = int(logits.argmax())
     tg_s = time.perf_counter() - t
     return {"load_s": load_s, "pp_tps": n_prompt / pp_s, "tg_tps": n_gen / tg_s}
 
@@ -100,7 +106,7 @@ def child(args: argparse.Namespace) -> None:
 def run_child(engine: str, model: str, threads: int, n_prompt: int, n_gen: int) -> dict:
     cmd = [sys.executable, __file__, "--child", engine, "--model", model, "--threads", str(threads),
            "--prompt", str(n_prompt), "--gen", str(n_gen)]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if proc.returncode != 0:
         raise SystemExit(f"{engine} failed:\n{proc.stderr[-2000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])

@@ -2,11 +2,68 @@
 
 Installed packages often live in read-only site-packages (pipx, system Python), where numba's
 default in-tree ``__pycache__`` cannot be written; without a writable cache every run recompiles.
-A user's own ``NUMBA_CACHE_DIR`` wins.
+
+The folder is named after a digest of the engine's kernel sources (and ``PIPX_LLAMA_SIMD``, which
+changes the code the SIMD kernels compile to): numba checks only the modification time of the file
+that defines a function, not of the files whose code it inlines, so a kernel compiled against an
+older ``simd.py`` would otherwise be reused. Folders of other digests unused for a week are removed.
+
+A user's own ``NUMBA_CACHE_DIR`` wins (and is then theirs to keep consistent).
 """
 
+import hashlib
 import os
+import shutil
+import time
+from pathlib import Path
 
 import platformdirs
 
-os.environ.setdefault("NUMBA_CACHE_DIR", os.path.join(platformdirs.user_cache_dir("pipx-llama"), "numba"))
+_KERNELS = Path(__file__).resolve().parent / "engine" / "kernels"
+_STALE_S = 7 * 24 * 3600
+
+
+def _digest() -> str:
+    h = hashlib.sha1()
+    for path in sorted(_KERNELS.glob("*.py")):
+        h.update(path.name.encode())
+        try:
+            h.update(path.read_bytes())
+        except OSError:
+            pass
+    h.update(os.environ.get("PIPX_LLAMA_SIMD", "").strip().lower().encode())
+    return h.hexdigest()[:12]
+
+
+def _prune(root: Path, keep: str) -> None:
+    try:
+        entries = list(root.iterdir())
+    except OSError:
+        return
+    now = time.time()
+    for entry in entries:
+        if entry.name.startswith("k-") and entry.name != keep:
+            try:
+                if now - entry.stat().st_mtime > _STALE_S:
+                    shutil.rmtree(entry, ignore_errors=True)
+            except OSError:
+                pass
+
+
+def _configure() -> None:
+    if "NUMBA_CACHE_DIR" in os.environ:
+        return
+    root = Path(platformdirs.user_cache_dir("pipx-llama")) / "numba"
+    name = f"k-{_digest()}"
+    path = root / name
+    os.environ["NUMBA_CACHE_DIR"] = str(path)
+    if path.is_dir():
+        try:
+            os.utime(path)  # in use: keep it from being pruned
+        except OSError:
+            pass
+    _prune(root, name)
+
+
+_configure()
+CACHE_DIR = os.environ["NUMBA_CACHE_DIR"]

@@ -26,6 +26,18 @@ def _map_f16_to_f32_hw(h, out):
 @njit
 def _map_f32_to_f16(x, out):
     for i in range(x.shape[0]):
+        out[i] = ops.f32_to_f16_bits_sw(x[i])
+
+
+@njit
+def _map_f32_to_f16_hw(x, out):
+    for i in range(x.shape[0]):
+        out[i] = ops.f32_to_f16_bits_hw(x[i])
+
+
+@njit(fastmath=ops._FAST)
+def _map_f32_to_f16_fast(x, out):
+    for i in range(x.shape[0]):
         out[i] = ops.f32_to_f16_bits(x[i])
 
 
@@ -55,19 +67,23 @@ def test_f16_to_f32_exhaustive(hw):
     np.testing.assert_array_equal(out[~nan].view(np.uint32), ref[~nan].view(np.uint32))
 
 
-def test_f32_to_f16_matches_numpy_rounding():
+@pytest.mark.parametrize("variant", ["sw", "hw", "fastmath caller"])
+def test_f32_to_f16_matches_numpy_rounding(variant):
+    if variant == "hw" and not ops.HAVE_F16C:
+        pytest.skip("numba does not target F16C here")
+    convert = {"sw": _map_f32_to_f16, "hw": _map_f32_to_f16_hw, "fastmath caller": _map_f32_to_f16_fast}[variant]
     rng = _rng(1)
     x = (rng.standard_normal(200_000) * np.exp(rng.uniform(-30, 15, 200_000))).astype(np.float32)
     edges = [0.0, -0.0, 65504.0, 65519.99, 65520.0, -70000.0, np.inf, -np.inf, 5.96e-8, 2.98e-8, 2.99e-8,
              6.1e-5, 1.0 + 2.0**-11, 1.0 + 3 * 2.0**-11, 2049.0, 2051.0]
     x = np.concatenate([x, np.array(edges, np.float32), np.arange(-4096, 4096, 0.25, dtype=np.float32)])
     out = np.empty(x.size, np.uint16)
-    _map_f32_to_f16(x, out)
+    convert(x, out)
     with np.errstate(over="ignore"):
         ref = x.astype(np.float16).view(np.uint16)
     np.testing.assert_array_equal(out, ref)
     nan = np.empty(1, np.uint16)
-    _map_f32_to_f16(np.array([np.nan], np.float32), nan)
+    convert(np.array([np.nan], np.float32), nan)
     assert np.isnan(nan.view(np.float16)[0])
 
 

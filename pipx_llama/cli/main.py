@@ -16,6 +16,7 @@ from collections.abc import Sequence
 
 from pipx_llama import __version__
 from pipx_llama.cli import (
+    bench_cmd,
     convert_cmd,
     doctor_cmd,
     gc_cmd,
@@ -52,6 +53,7 @@ COMMANDS = {
     "quantize": quantize_cmd,
     "doctor": doctor_cmd,
     "provision": provision_cmd,
+    "bench": bench_cmd,
 }
 
 

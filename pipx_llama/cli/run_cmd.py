@@ -89,6 +89,8 @@ def run(args: argparse.Namespace) -> int:
             raise UsageError("the prompt read from stdin is empty", "pipe some text, or pass -p TEXT")
     color = color_enabled(sys.stderr)
     prepared = prepare_model(args, color=color)
+    from pipx_llama.engine.kernels import warm_up
+    warm_up(lambda message: print(message, file=sys.stderr), prepared.path)
     t0 = time.perf_counter()
     model = load_model(prepared.path, threads=prepared.threads)
     ctx = model.new_context(prepared.n_ctx)

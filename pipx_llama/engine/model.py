@@ -11,7 +11,8 @@ buffers. ``Context.eval`` is the forward pass, written top to bottom in the styl
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+import mmap
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -20,10 +21,12 @@ import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from pipx_llama.engine.gguf_reader import GGUFFile, TensorInfo, open_gguf
-from pipx_llama.engine.kernels import WEIGHT_KERNELS, WeightKernel, ops
+from pipx_llama.engine.kernels import WEIGHT_KERNELS, WeightKernel, ops, packed
 from pipx_llama.engine.kernels import floats as _floats  # noqa: F401  (registers kernels)
+from pipx_llama.engine.kernels import fused as fused_kernels
 from pipx_llama.engine.kernels import kquants as _kquants  # noqa: F401
 from pipx_llama.engine.kernels import legacy as _legacy  # noqa: F401
+from pipx_llama.engine.kernels.floats import FP16_TABLE as _FP16_TABLE
 from pipx_llama.errors import ContextFullError, ModelFileError, UnsupportedModelError, UsageError
 from pipx_llama.tokenizer.tokenizer import Tokenizer
 
@@ -93,6 +96,7 @@ class Model:
     output: Weight  # [n_vocab, dim]; token_embd when the file ties them
     threads: int
     gguf: GGUFFile
+    packed: PackedWeights | None = field(default=None, repr=False)
 
     @property
     def weight_bytes(self) -> int:
@@ -103,11 +107,110 @@ class Model:
                                             layer.w_gate, layer.w_up, layer.w_down))
         return total
 
-    def new_context(self, n_ctx: int | None = None, n_batch: int = DEFAULT_BATCH) -> Context:
-        return Context(self, n_ctx, n_batch)
+    def new_context(self, n_ctx: int | None = None, n_batch: int = DEFAULT_BATCH, *, fused: bool = True) -> Context:
+        """A fresh context; ``fused=False`` forces the per-op path (same logits, slower; for tests)."""
+        return Context(self, n_ctx, n_batch, fused=fused)
 
     def close(self) -> None:
         self.gguf.close()
+
+
+@dataclass(frozen=True)
+class PackedWeights:
+    """Every matmul weight repacked for the SIMD kernels, in one read-only buffer (see kernels.packed).
+
+    ``wdesc[i]`` = (kind, rows, cols, byte offset) of weight i: 7 per layer (q, k, v, o, gate, up,
+    down), then the output matrix. ``norms``: attention and feed-forward norm of each layer, then
+    the output norm.
+    """
+
+    arena: np.ndarray  # uint8, read-only
+    wdesc: np.ndarray  # int64 [7 * n_layers + 1, 4]
+    need: np.ndarray  # int64 [4 * n_layers + 1]: activation formats of each matmul input (fused_kernels.IN_*)
+    norms: np.ndarray  # float32 [2 * n_layers + 1, dim]
+
+
+def _pack(g: GGUFFile, layers: list[Layer], output: Weight, output_norm: np.ndarray,
+          threads: int) -> PackedWeights | None:
+    """Repack the weights when every matmul has a packed kernel here; None means the per-op path.
+
+    Each source tensor is dropped from the process's resident memory once copied (madvise), so
+    the peak stays near one copy of the weights; the token embedding stays in the mapped file.
+    """
+    weights = [w for layer in layers for w in (layer.wq, layer.wk, layer.wv, layer.wo, layer.w_gate, layer.w_up,
+                                               layer.w_down)]
+    weights.append(output)
+    if not all(packed.supported(w.qtype) for w in weights):
+        return None
+    wdesc = np.zeros((len(weights), 4), np.int64)
+    total = 0
+    for i, w in enumerate(weights):
+        kind = packed.KIND_OF_QTYPE[w.qtype]
+        wdesc[i] = (kind, w.rows, w.cols, total)
+        total += (packed.packed_bytes(kind, w.rows, w.cols) + 63) // 64 * 64
+    arena = _huge_page_buffer(total)
+    tied = output.name == "token_embd.weight"
+
+    def one(i: int) -> None:
+        w = weights[i]
+        kind, rows, cols, off = (int(v) for v in wdesc[i])
+        packed.repack(kind, w.data, arena[off : off + packed.packed_bytes(kind, rows, cols)])
+        if not (tied and w is output):
+            _drop_pages(g, w.name)
+
+    if threads > 1 and total > (64 << 20):
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(threads) as pool:
+            list(pool.map(one, range(len(weights))))
+    else:
+        for i in range(len(weights)):
+            one(i)
+    arena.flags.writeable = False
+    norms = np.stack([n for layer in layers for n in (layer.attn_norm, layer.ffn_norm)] + [output_norm])
+    act = [packed.ACTIVATIONS[int(k)] for k in wdesc[:, 0]]
+    need = np.zeros(4 * len(layers) + 1, np.int64)
+    for li in range(len(layers)):
+        a = act[7 * li : 7 * li + 7]
+        need[4 * li + fused_kernels.IN_QKV] = a[fused_kernels.W_Q] | a[fused_kernels.W_K] | a[fused_kernels.W_V]
+        need[4 * li + fused_kernels.IN_O] = a[fused_kernels.W_O]
+        need[4 * li + fused_kernels.IN_FFN] = a[fused_kernels.W_GATE] | a[fused_kernels.W_UP]
+        need[4 * li + fused_kernels.IN_DOWN] = a[fused_kernels.W_DOWN]
+    need[4 * len(layers)] = act[-1]
+    return PackedWeights(arena, wdesc, need, norms.astype(np.float32))
+
+
+def _huge_page_buffer(size: int) -> np.ndarray:
+    """uint8 [size] of anonymous memory, asking for transparent huge pages where the OS has them.
+
+    Generation streams every weight once per token; with 4 KiB pages a 7B model's walk through
+    ~1M pages costs TLB misses on every one of them.
+    """
+    advice = getattr(mmap, "MADV_HUGEPAGE", None)
+    if advice is None or size < (8 << 20):
+        return np.empty(size, np.uint8)
+    try:
+        mm = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        mm.madvise(advice)
+    except (OSError, ValueError, AttributeError):
+        return np.empty(size, np.uint8)
+    return np.frombuffer(mm, np.uint8)
+
+
+def _drop_pages(g: GGUFFile, name: str) -> None:
+    """Tell the kernel we are done with a tensor's pages (they stay in the page cache, not in our RSS)."""
+    mm = g._mmap
+    if mm is None or not hasattr(mm, "madvise"):
+        return
+    info = g.tensors[name]
+    page = mmap.PAGESIZE
+    start = (info.offset + page - 1) // page * page
+    end = (info.offset + info.nbytes) // page * page
+    if end > start:
+        try:
+            mm.madvise(mmap.MADV_DONTNEED, start, end - start)
+        except (OSError, ValueError, AttributeError):
+            pass
 
 
 def default_threads() -> int:
@@ -233,7 +336,17 @@ def _vector(g: GGUFFile, name: str, n: int) -> np.ndarray:
 
 
 def load_model(path: str | Path, *, threads: int | None = None) -> Model:
-    """Open and validate a GGUF model; weights stay in the mapped file."""
+    """Open and validate a GGUF model.
+
+    Where this CPU has the packed SIMD kernels and every matmul weight has a packed form, the
+    weights are repacked once into memory of their own (about the file's size; the file's pages
+    are released as each tensor is copied) and evaluation runs the fused forward pass
+    (kernels.fused); otherwise the weights stay in the mapped file and the per-op path runs.
+    """
+    if threads is None:
+        threads = default_threads()
+    if threads < 1:
+        raise UsageError(f"threads must be at least 1, got {threads}", "pass -t 1 or more")
     g = open_gguf(path)
     try:
         hp = read_hparams(g)
@@ -259,20 +372,17 @@ def load_model(path: str | Path, *, threads: int | None = None) -> Model:
         tok_embd = _weight(g, "token_embd.weight", hp.n_vocab, hp.dim)
         output = _weight(g, "output.weight", hp.n_vocab, hp.dim) if "output.weight" in g.tensors else tok_embd
         output_norm = _vector(g, "output_norm.weight", hp.dim)
+        pw = _pack(g, layers, output, output_norm, threads)
     except BaseException:
         g.close()
         raise
-    if threads is None:
-        threads = default_threads()
-    if threads < 1:
-        raise UsageError(f"threads must be at least 1, got {threads}", "pass -t 1 or more")
-    return Model(Path(path), hp, tokenizer, g.metadata, tok_embd, layers, output_norm, output, threads, g)
+    return Model(Path(path), hp, tokenizer, g.metadata, tok_embd, layers, output_norm, output, threads, g, pw)
 
 
 class Context:
     """One sequence's state: the KV cache (float16, as llama.cpp keeps it) and scratch buffers."""
 
-    def __init__(self, model: Model, n_ctx: int | None, n_batch: int) -> None:
+    def __init__(self, model: Model, n_ctx: int | None, n_batch: int, *, fused: bool = True) -> None:
         hp = model.hparams
         if n_ctx is None:
             n_ctx = min(hp.n_ctx_train, DEFAULT_CTX)
@@ -303,6 +413,38 @@ class Context:
         self._gate = np.empty((b, hp.ffn_dim), np.float32)
         self._up = np.empty((b, hp.ffn_dim), np.float32)
         self._hidden = np.empty((b, hp.ffn_dim), np.float32)
+        self._team: fused_kernels.Team | None = None
+        if model.packed is not None and fused:
+            self._init_fused()
+
+    def _init_fused(self) -> None:
+        m, hp, b = self.model, self.model.hparams, self.n_batch
+        pw = m.packed
+        assert pw is not None
+        widest = max(hp.dim, hp.n_heads * hp.head_dim, hp.ffn_dim)
+        self._par = np.zeros(8, np.int64)
+        self._logits = np.empty((b, hp.n_vocab), np.float32)  # pages appear as rows are written
+        hpa = np.zeros(8, np.int64)
+        hpa[[fused_kernels.HP_DIM, fused_kernels.HP_LAYERS, fused_kernels.HP_HEADS, fused_kernels.HP_KV_HEADS, fused_kernels.HP_HEAD_DIM, fused_kernels.HP_FFN,
+             fused_kernels.HP_VOCAB]] = (hp.dim, hp.n_layers, hp.n_heads, hp.n_kv_heads, hp.head_dim, hp.ffn_dim, hp.n_vocab)
+        threads = m.threads
+        k_widest = (widest + 255) // 256 * 256
+        a8 = (np.empty(b * widest, np.int8), np.empty(b * widest // 32, np.float32),
+              np.empty(b * widest // 32, np.float32), np.empty(b * widest // 32, np.int32))
+        ak = (np.empty(b * k_widest, np.int8), np.empty(b * k_widest // 256, np.float32),
+              np.empty(b * k_widest // 16, np.int16), np.empty(b * k_widest // 16, np.int32),
+              np.empty(b * k_widest // 32, np.int32))
+        args = (
+            hpa, float(hp.norm_eps), ops.attention_scale(hp.head_dim), self._par, pw.arena, pw.wdesc, pw.need,
+            pw.norms,
+            self.rope_cos, self.rope_sin, self.k_cache.view(np.uint16), self.v_cache.view(np.uint16),
+            self._x, self._xb, self._q, self._k, self._v, self._att, self._proj, self._gate, self._up, self._hidden,
+            self._logits, a8, ak,
+            np.empty((threads, self.n_ctx + 2 * hp.head_dim), np.float32),
+            np.empty((threads, 4, packed.LANES), np.float32),
+            _FP16_TABLE,
+        )
+        self._team = fused_kernels.Team(threads, fused_kernels.n_stages(hp.n_layers), args)
 
     @property
     def kv_bytes(self) -> int:
@@ -362,8 +504,10 @@ class Context:
                 f"{self.n_past} cached + {ids.size} new tokens exceed the context of {self.n_ctx}",
                 "start a new conversation, shorten the prompt, or raise -c/--ctx-size",
             )
-        numba.set_num_threads(min(self.model.threads, numba.config.NUMBA_NUM_THREADS))
         n_out = ids.size if all_logits else 1
+        if self._team is not None:
+            return self._eval_fused(ids, all_logits, n_out)
+        numba.set_num_threads(min(self.model.threads, numba.config.NUMBA_NUM_THREADS))
         logits = np.empty((n_out, hp.n_vocab), np.float32)
         for start in range(0, ids.size, self.n_batch):
             chunk = ids[start : start + self.n_batch]
@@ -374,6 +518,30 @@ class Context:
                 self._forward(chunk, logits)
             else:
                 self._forward(chunk, None)
+        return logits
+
+    def _eval_fused(self, ids: np.ndarray, all_logits: bool, n_out: int) -> np.ndarray:
+        m = self.model
+        logits = np.empty((n_out, m.hparams.n_vocab), np.float32)
+        team, par = self._team, self._par
+        assert team is not None
+        for start in range(0, ids.size, self.n_batch):
+            chunk = ids[start : start + self.n_batch]
+            T = chunk.size
+            last = start + T == ids.size
+            m.tok_embd.kernel.dequantize(np.ascontiguousarray(m.tok_embd.data[chunk]), self._x[:T])
+            par[fused_kernels.PAR_T] = T
+            par[fused_kernels.PAR_POS0] = self.n_past
+            par[fused_kernels.PAR_LOGIT_ROW0] = 0 if all_logits else T - 1
+            par[fused_kernels.PAR_LOGIT_ROWS] = T if all_logits else (1 if last else 0)
+            par[fused_kernels.PAR_THREADS] = team.threads
+            team.run()
+            self.n_past += T
+            self.tokens.extend(int(t) for t in chunk)
+            if all_logits:
+                logits[start : start + T] = self._logits[:T]
+            elif last:
+                logits[0] = self._logits[0]
         return logits
 
     def _forward(self, ids: np.ndarray, logits: np.ndarray | None) -> None:

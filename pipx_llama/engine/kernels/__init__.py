@@ -3,6 +3,9 @@
 ``WEIGHT_KERNELS`` maps a ggml tensor type to the object that multiplies activations by weights
 stored in that type (``matmul``) and expands rows of it to float32 (``dequantize``, used for the
 token-embedding lookup). Kernel modules register themselves here when imported.
+
+``warm_up(on_event)`` compiles every kernel ahead of a first run and says so through ``on_event``;
+``cache_is_warm()`` tells whether that is still to do (see :mod:`.warmup`).
 """
 
 from __future__ import annotations
@@ -33,3 +36,8 @@ WEIGHT_KERNELS: dict[GGMLQuantizationType, WeightKernel] = {}
 def register(kernel: WeightKernel) -> WeightKernel:
     WEIGHT_KERNELS[kernel.qtype] = kernel
     return kernel
+
+
+from pipx_llama.engine.kernels.warmup import cache_is_warm, warm_up
+
+__all__ = ["WEIGHT_KERNELS", "WeightKernel", "cache_is_warm", "register", "warm_up"]

@@ -93,7 +93,6 @@ def _u32_as_f32(typingctx, x):
 
 
 _TWO_112 = _F32(2.0**112)
-_TWO_M110 = _F32(2.0**-110)
 
 
 @njit(cache=True, error_model="numpy", fastmath={"contract"})
@@ -110,28 +109,32 @@ def f16_bits_to_f32(h):
 
 
 @njit(cache=True, error_model="numpy")
-def f32_to_f16_bits(f):
+def f32_to_f16_bits_sw(f):
     """float32 -> F16 bits, round to nearest even, as ggml's ``ggml_compute_fp32_to_fp16``.
 
-    Compiled without fastmath: the rounding happens in the float additions, which reassociation
-    would remove.
+    Integer arithmetic only: the classic float formulation (``(|f| * 2**112) * 2**-110`` and an
+    addition that rounds) broke when numba compiled it inside a "reassoc" caller and cached that
+    code -- overflowing values no longer became infinity. NaN stays NaN (quiet, sign kept).
     """
-    w = _f32_as_u32(f)
-    shl1 = _U32(w + w)
-    sign = _U32(w & _U32(0x80000000))
-    if abs(f) >= _F32(65520.0):
-        # Overflow to infinity is decided here, not by ``abs(f) * 2**112`` overflowing as in C:
-        # once inlined into a fast-math caller, LLVM may fold the two scalings into ``* 4``.
-        return np.uint16(_U32(sign >> _U32(16)) | _U32(0x7C00))
-    base = (abs(f) * _TWO_112) * _TWO_M110
-    bias = _U32(shl1 & _U32(0xFF000000))
-    bias = max(bias, _U32(0x71000000))
-    base = _u32_as_f32(_U32((bias >> _U32(1)) + _U32(0x07800000))) + base
-    bits = _f32_as_u32(base)
-    nonsign = _U32(((bits >> _U32(13)) & _U32(0x7C00)) + (bits & _U32(0x0FFF)))
-    if shl1 > _U32(0xFF000000):
-        nonsign = _U32(0x7E00)
-    return np.uint16(_U32(sign >> _U32(16)) | nonsign)
+    w = np.int64(_f32_as_u32(f))
+    sign = (w >> 16) & 0x8000
+    a = w & 0x7FFFFFFF
+    if a > 0x7F800000:
+        return np.uint16(sign | 0x7E00)
+    if a >= 0x477FF000:  # rounds to 65520 or more: infinity
+        return np.uint16(sign | 0x7C00)
+    if a >= 0x38800000:  # normal F16
+        return np.uint16(sign | ((a - 0x38000000 + 0xFFF + ((a >> 13) & 1)) >> 13))
+    if a < 0x33000000:  # below half the smallest subnormal: zero
+        return np.uint16(sign)
+    shift = 126 - (a >> 23)
+    m = (a & 0x7FFFFF) | 0x800000
+    half = m >> shift
+    rem = m & ((1 << shift) - 1)
+    halfway = 1 << (shift - 1)
+    if rem > halfway or (rem == halfway and (half & 1) == 1):
+        half += 1
+    return np.uint16(sign | half)
 
 
 def _target_has_f16c() -> bool:
@@ -168,8 +171,26 @@ def f16_bits_to_f32_hw(h):
     return _f16_bits_to_f32_hw(h)
 
 
-# what the attention kernel decodes the F16 cache with; both are exact
+@intrinsic
+def _f32_to_f16_bits_hw(typingctx, f):
+    if f != types.float32:
+        return None
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(builder.fptrunc(args[0], ir.HalfType()), ir.IntType(16))
+
+    return types.uint16(types.float32), codegen
+
+
+@njit(cache=True, error_model="numpy")
+def f32_to_f16_bits_hw(f):
+    """float32 -> F16 bits with the CPU's conversion (round to nearest even); only where ``HAVE_F16C``."""
+    return _f32_to_f16_bits_hw(f)
+
+
+# what the attention kernel decodes the F16 cache with, and rounds to it with; all exact
 _f16_decode = f16_bits_to_f32_hw if HAVE_F16C else f16_bits_to_f32
+f32_to_f16_bits = f32_to_f16_bits_hw if HAVE_F16C else f32_to_f16_bits_sw
 
 
 # ----------------------------------------------------------------------------- exp

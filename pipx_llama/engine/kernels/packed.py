@@ -1,0 +1,317 @@
+"""Weights repacked at load time for the SIMD kernels: 16 rows interleaved per group ("rows as lanes").
+
+A packed tensor keeps the exact bits of its ggml blocks, only reordered: for each group of 16
+consecutive rows and each block of columns, one record holds the 16 rows' quants so that a single
+vector load gives every row four consecutive quants (one 32-bit lane per row), followed by the 16
+rows' scales. The kernels in :mod:`pipx_llama.engine.kernels.simd` then multiply four quants per
+lane per instruction against four broadcast activation bytes, and need no horizontal sum at all:
+each lane is one output row. Rows past the end of a tensor whose row count is not a multiple of
+16 are zero padding.
+
+Results are bit-identical to the portable kernels of :mod:`~pipx_llama.engine.kernels.legacy`
+(same integer block sums, same float32 operations in the same order); the tests compare them.
+
+``matmul_range`` computes rows of groups ``g0..g1`` for tokens ``t0..t1`` -- the unit of work the
+fused forward pass (:mod:`~pipx_llama.engine.kernels.fused`) deals to its threads.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from gguf import GGMLQuantizationType
+from numba import njit
+
+from pipx_llama.engine.kernels import simd
+
+Q = GGMLQuantizationType
+LANES = simd.LANES
+
+# kinds of packed tensors (the fused forward pass dispatches on these)
+KIND_Q4_0 = 1
+KIND_Q4_1 = 2
+KIND_Q8_0 = 3
+KIND_Q4_K = 4
+KIND_Q6_K = 5
+
+# ggml block: (elements, bytes, header bytes before the quants)
+_GGML = {KIND_Q4_0: (32, 18, 2), KIND_Q4_1: (32, 20, 4), KIND_Q8_0: (32, 34, 2), KIND_Q4_K: (256, 144, 0),
+         KIND_Q6_K: (256, 210, 0)}
+KIND_OF_QTYPE = {Q.Q4_0: KIND_Q4_0, Q.Q4_1: KIND_Q4_1, Q.Q8_0: KIND_Q8_0, Q.Q4_K: KIND_Q4_K, Q.Q6_K: KIND_Q6_K}
+RECORD_BYTES = {KIND_Q4_0: 288, KIND_Q4_1: 320, KIND_Q8_0: 544, KIND_Q4_K: 2368, KIND_Q6_K: 3360}
+BLOCK_ELEMENTS = {k: v[0] for k, v in _GGML.items()}
+
+# activations each kind multiplies with (bit flags): Q8_0/Q8_1 blocks of 32, or Q8_K super-blocks
+ACT_Q8 = 1
+ACT_Q8K = 2
+ACTIVATIONS = {KIND_Q4_0: ACT_Q8, KIND_Q4_1: ACT_Q8, KIND_Q8_0: ACT_Q8, KIND_Q4_K: ACT_Q8K, KIND_Q6_K: ACT_Q8K}
+
+
+def supported(qtype: GGMLQuantizationType) -> bool:
+    """Whether tensors of ``qtype`` have a packed form on this machine."""
+    return simd.TIER is not None and qtype in KIND_OF_QTYPE
+
+
+def packed_bytes(kind: int, rows: int, cols: int) -> int:
+    groups = (rows + LANES - 1) // LANES
+    return groups * (cols // BLOCK_ELEMENTS[kind]) * RECORD_BYTES[kind]
+
+
+# ----------------------------------------------------------------------------- repacking
+
+
+@njit(inline="always")
+def _u32(w, row, i):
+    """The little-endian uint32 at w[row, i:i+4] (LLVM turns the four byte loads into one)."""
+    return (np.uint32(w[row, i]) | (np.uint32(w[row, i + 1]) << np.uint32(8))
+            | (np.uint32(w[row, i + 2]) << np.uint32(16)) | (np.uint32(w[row, i + 3]) << np.uint32(24)))
+
+
+@njit(inline="always")
+def _u16(w, row, i):
+    return np.uint16(w[row, i]) | (np.uint16(w[row, i + 1]) << np.uint16(8))
+
+
+@njit(cache=True, nogil=True)
+def _repack_legacy(w: np.ndarray, out: np.ndarray, block_bytes: int, header: int, has_min: bool) -> None:
+    """ggml blocks w uint8 [rows, nb*block_bytes] -> records in out (see simd.py for the layout).
+
+    Records and tensors start 4-byte aligned, so the quants move as uint32 and the scales as uint16.
+    Lanes past the last row stay zero.
+    """
+    rows = w.shape[0]
+    nb = w.shape[1] // block_bytes
+    nq = block_bytes - header  # quant bytes per block (16 or 32)
+    rec = nq * LANES + 2 * LANES * (2 if has_min else 1)
+    groups = (rows + LANES - 1) // LANES
+    out32 = out.view(np.uint32)
+    out16 = out.view(np.uint16)
+    for g in range(groups):
+        base = g * nb * rec
+        if rows - g * LANES < LANES:
+            out[base : base + nb * rec] = 0
+        for r in range(min(LANES, rows - g * LANES)):
+            row = g * LANES + r
+            for b in range(nb):
+                o = base + b * rec
+                src = b * block_bytes
+                for k in range(nq // 4):
+                    out32[(o + k * 4 * LANES) // 4 + r] = _u32(w, row, src + header + 4 * k)
+                out16[(o + nq * LANES) // 2 + r] = _u16(w, row, src)
+                if has_min:
+                    out16[(o + nq * LANES + 2 * LANES) // 2 + r] = _u16(w, row, src + 2)
+
+
+@njit(inline="always")
+def _copy_steps(w, row, src, n_steps, out32, o, r):
+    """Bytes src..src+4*n_steps of ``row`` into steps [k][lane r][4] at byte o of the records."""
+    for k in range(n_steps):
+        out32[(o + k * 4 * LANES) // 4 + r] = _u32(w, row, src + 4 * k)
+
+
+@njit(cache=True, nogil=True)
+def _repack_q4_K(w: np.ndarray, out: np.ndarray) -> None:
+    rows = w.shape[0]
+    nb = w.shape[1] // 144
+    rec = 2368
+    groups = (rows + LANES - 1) // LANES
+    out32 = out.view(np.uint32)
+    for g in range(groups):
+        if rows - g * LANES < LANES:
+            out[g * nb * rec : (g + 1) * nb * rec] = 0
+        for b in range(nb):
+            o = (g * nb + b) * rec
+            for r in range(min(LANES, rows - g * LANES)):
+                row = g * LANES + r
+                src = b * 144
+                _copy_steps(w, row, src + 16, 32, out32, o, r)
+                for j in range(8):
+                    if j < 4:
+                        sc = w[row, src + 4 + j] & 63
+                        m = w[row, src + 4 + j + 4] & 63
+                    else:
+                        sc = (w[row, src + 4 + j + 4] & 15) | ((w[row, src + 4 + j - 4] >> 6) << 4)
+                        m = (w[row, src + 4 + j + 4] >> 4) | ((w[row, src + 4 + j] >> 6) << 4)
+                    out[o + 2048 + j * LANES + r] = sc
+                    out[o + 2176 + j * LANES + r] = m
+                for i in range(2):
+                    out[o + 2304 + 2 * r + i] = w[row, src + i]
+                    out[o + 2336 + 2 * r + i] = w[row, src + 2 + i]
+
+
+@njit(cache=True, nogil=True)
+def _repack_q6_K(w: np.ndarray, out: np.ndarray) -> None:
+    rows = w.shape[0]
+    nb = w.shape[1] // 210
+    rec = 3360
+    groups = (rows + LANES - 1) // LANES
+    out32 = out.view(np.uint32)
+    for g in range(groups):
+        if rows - g * LANES < LANES:
+            out[g * nb * rec : (g + 1) * nb * rec] = 0
+        for b in range(nb):
+            o = (g * nb + b) * rec
+            for r in range(min(LANES, rows - g * LANES)):
+                row = g * LANES + r
+                src = b * 210
+                _copy_steps(w, row, src, 32, out32, o, r)
+                _copy_steps(w, row, src + 128, 16, out32, o + 2048, r)
+                for s in range(16):
+                    out[o + 3072 + s * LANES + r] = w[row, src + 192 + s]
+                for i in range(2):
+                    out[o + 3328 + 2 * r + i] = w[row, src + 208 + i]
+
+
+def repack(kind: int, w: np.ndarray, out: np.ndarray) -> None:
+    """Repack ggml rows ``w`` (uint8 [rows, row_bytes]) of ``kind`` into ``out`` (uint8, packed_bytes).
+
+    Serial and without the GIL: callers run several tensors on threads of their own (numba's
+    parallel loops would start OpenMP threads that spin on a busy machine; see runtime.py).
+    """
+    if kind == KIND_Q4_K:
+        _repack_q4_K(w, out)
+    elif kind == KIND_Q6_K:
+        _repack_q6_K(w, out)
+    else:
+        _, block_bytes, header = _GGML[kind]
+        _repack_legacy(w, out, block_bytes, header, kind == KIND_Q4_1)
+
+
+# ----------------------------------------------------------------------------- activations
+
+
+@njit(cache=True, nogil=True)
+def block_sums(xq: np.ndarray, xsum: np.ndarray, t0: int, t1: int) -> None:
+    """xsum[t, b] = sum of the 32 int8 activations of block b, for tokens t0..t1-1."""
+    nb = xsum.shape[1]
+    for t in range(t0, t1):
+        for b in range(nb):
+            s = np.int32(0)
+            for j in range(32):
+                s = np.int32(s + np.int32(xq[t, b * 32 + j]))
+            xsum[t, b] = s
+
+
+@njit(cache=True, nogil=True)
+def ksums(bsums: np.ndarray, xb16: np.ndarray, xb32: np.ndarray, t0: int, t1: int) -> None:
+    """Q8_K bsums (int16 sums of 16) as int32 sums of 16 and of 32, for tokens t0..t1-1."""
+    for t in range(t0, t1):
+        for j in range(xb32.shape[1]):
+            a = np.int32(bsums[t, 2 * j])
+            c = np.int32(bsums[t, 2 * j + 1])
+            xb16[t, 2 * j] = a
+            xb16[t, 2 * j + 1] = c
+            xb32[t, j] = np.int32(a + c)
+
+
+# ----------------------------------------------------------------------------- matmul over a range
+
+
+if simd.TIER is not None:
+    _K1 = {KIND_Q4_0: simd.q4_0_x1, KIND_Q4_1: simd.q4_1_x1, KIND_Q8_0: simd.q8_0_x1, KIND_Q4_K: simd.q4_K_x1,
+           KIND_Q6_K: simd.q6_K_x1}
+    # several tokens per weight load; Q6_K's four-token kernel spills registers, so it takes two
+    _KN = {KIND_Q4_0: (simd.q4_0_x4, 4), KIND_Q4_1: (simd.q4_1_x4, 4), KIND_Q8_0: (simd.q8_0_x4, 4),
+           KIND_Q4_K: (simd.q4_K_x4, 4), KIND_Q6_K: (simd.q6_K_x2, 2)}
+
+    def _make_range(kind: int):
+        k1 = _K1[kind]
+        kn, nt = _KN[kind]
+        rec = RECORD_BYTES[kind]
+
+        @njit(inline="always")
+        def _range(arena, off, nb, rows, g0, g1, t0, t1, xq, xd, xs, xsum, out, res):
+            """Rows of groups g0..g1 for tokens t0..t1; (xq, xd, xs, xsum) are the kind's activations."""
+            gstride = nb * rec
+            for g in range(g0, g1):
+                r0 = g * LANES
+                nr = min(LANES, rows - r0)
+                woff = off + g * gstride
+                t = t0
+                while t + nt <= t1:
+                    kn(arena, woff, nb, xq, xd, xs, xsum, t, res)
+                    for i in range(nt):
+                        for r in range(nr):
+                            out[t + i, r0 + r] = res[i, r]
+                    t += nt
+                while t < t1:
+                    k1(arena, woff, nb, xq, xd, xs, xsum, t, res)
+                    for r in range(nr):
+                        out[t, r0 + r] = res[0, r]
+                    t += 1
+
+        return _range
+
+    range_q4_0 = _make_range(KIND_Q4_0)
+    range_q4_1 = _make_range(KIND_Q4_1)
+    range_q8_0 = _make_range(KIND_Q8_0)
+    range_q4_K = _make_range(KIND_Q4_K)
+    range_q6_K = _make_range(KIND_Q6_K)
+
+
+@njit(cache=True, nogil=True, _nrt=False)
+def matmul_range(kind, arena, off, rows, cols, g0, g1, t0, t1, a8, ak, out, res):
+    """out[t0:t1, rows of groups g0..g1] for the packed tensor at arena[off:] of ``kind``.
+
+    a8 = (xq, xd, xs, xsum): Q8_1 activations and their block sums (legacy kinds);
+    ak = (xq, xd, xb16, xb32): Q8_K activations and their sums of 16 and 32 (K-quant kinds).
+    """
+    if kind == KIND_Q4_0:
+        range_q4_0(arena, off, cols // 32, rows, g0, g1, t0, t1, a8[0], a8[1], a8[2], a8[3], out, res)
+    elif kind == KIND_Q4_1:
+        range_q4_1(arena, off, cols // 32, rows, g0, g1, t0, t1, a8[0], a8[1], a8[2], a8[3], out, res)
+    elif kind == KIND_Q8_0:
+        range_q8_0(arena, off, cols // 32, rows, g0, g1, t0, t1, a8[0], a8[1], a8[2], a8[3], out, res)
+    elif kind == KIND_Q4_K:
+        range_q4_K(arena, off, cols // 256, rows, g0, g1, t0, t1, ak[0], ak[1], ak[2], ak[3], out, res)
+    elif kind == KIND_Q6_K:
+        range_q6_K(arena, off, cols // 256, rows, g0, g1, t0, t1, ak[0], ak[1], ak[2], ak[3], out, res)
+
+
+# ----------------------------------------------------------------------------- standalone use
+
+
+class PackedMatrix:
+    """One weight matrix in packed form, with a ``matmul`` like the portable WeightKernel's (tests, tools)."""
+
+    def __init__(self, qtype: GGMLQuantizationType, w: np.ndarray) -> None:
+        if not supported(qtype):
+            raise ValueError(f"{qtype.name} has no packed kernel on this machine (SIMD tier {simd.TIER})")
+        self.kind = KIND_OF_QTYPE[qtype]
+        elements, block_bytes, _ = _GGML[self.kind]
+        if w.ndim != 2 or w.dtype != np.uint8 or w.shape[1] % block_bytes:
+            raise ValueError(f"{qtype.name} weights must be uint8 [rows, k*{block_bytes}], got {w.dtype} {w.shape}")
+        self.rows = w.shape[0]
+        self.cols = w.shape[1] // block_bytes * elements
+        arena = np.empty(packed_bytes(self.kind, self.rows, self.cols), np.uint8)
+        repack(self.kind, np.ascontiguousarray(w), arena)
+        arena.flags.writeable = False
+        self.arena = arena
+
+    def matmul(self, x: np.ndarray, out: np.ndarray) -> None:
+        """out[t, r] = dot(row r, x[t]) with the activations quantized as the portable kernels do."""
+        from pipx_llama.engine.kernels.floats import FP16_TABLE
+        from pipx_llama.engine.kernels.kquants import quantize_q8_K
+        from pipx_llama.engine.kernels.legacy import quantize_q8_1
+
+        T, n = x.shape
+        if n != self.cols or out.shape != (T, self.rows):
+            raise ValueError(f"shapes disagree: weights {self.rows}x{self.cols}, x {x.shape}, out {out.shape}")
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        nb = n // 32
+        a8 = (np.zeros((T, n), np.int8), np.zeros((T, nb), np.float32), np.zeros((T, nb), np.float32),
+              np.zeros((T, nb), np.int32))
+        nk = max(1, n // 256)
+        ak = (np.zeros((T, n), np.int8), np.zeros((T, nk), np.float32), np.zeros((T, nk * 16), np.int32),
+              np.zeros((T, nk * 8), np.int32))
+        if ACTIVATIONS[self.kind] == ACT_Q8:
+            quantize_q8_1(x, a8[0], a8[1], a8[2], FP16_TABLE)
+            block_sums(a8[0], a8[3], 0, T)
+        else:
+            bsums = np.empty((T, n // 16), np.int16)
+            quantize_q8_K(x, ak[0], ak[1], bsums)
+            ksums(bsums, ak[2], ak[3], 0, T)
+        dst = np.empty((T, self.rows), np.float32)
+        res = np.empty((4, LANES), np.float32)
+        matmul_range(self.kind, self.arena, 0, self.rows, self.cols, 0, (self.rows + LANES - 1) // LANES, 0, T,
+                     a8, ak, dst, res)
+        out[...] = dst

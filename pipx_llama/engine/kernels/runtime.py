@@ -1,0 +1,198 @@
+"""Threads for the fused forward pass: atomics, waiting, and work sharing without barriers.
+
+numba's ``prange`` ends every parallel region with a barrier that waits for every thread of the
+team. On a machine whose cores are busy with other work, a thread the OS has not scheduled holds
+the whole region up for a time slice (milliseconds), and the OpenMP threads that spin while they
+wait make it worse: measured on a shared 2-core machine, 2 threads ran 7-17x slower than 1.
+numba's ``workqueue`` layer costs ~80 us per region and OpenMP with ``OMP_WAIT_POLICY=PASSIVE``
+~40 us, against ~3 us for spinning OpenMP on idle cores; a token of a small model has hundreds.
+
+So the forward pass shares work itself. Every thread (the caller, and ``threads - 1`` workers)
+walks the same sequence of stages. A stage is a number of items; a thread takes the next item by
+compare-and-swap on the stage's counter, and when none is left waits until every taken item is
+done. Nobody waits for a thread that has not started: a late worker finds the items of past stages
+gone and catches up; the caller alone can do every item. The only wait on another thread is for
+an item it is computing. Counters carry the evaluation's number in their high 32 bits, so a worker
+still walking an earlier evaluation can never take (or count) an item of the current one.
+
+Waiting spins briefly (``pause``), then yields the CPU (``sched_yield``), so a waiting thread gives
+its core to whoever needs it.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from llvmlite import ir
+from numba import njit, types
+from numba.core import cgutils
+from numba.extending import intrinsic
+
+_I32 = ir.IntType(32)
+_I64 = ir.IntType(64)
+
+# layout of the int64 control array: one cache line (8 int64) per counter
+LINE = 8
+CTL_JOB = 0  # evaluation number the caller has published
+CTL_STOP = 1  # workers leave when set
+CTL_ACTIVE = 2  # workers currently inside an evaluation (for tests/diagnostics)
+CTL_STAGES = 3  # first stage line; stage s uses lines CTL_STAGES + 2s (taken) and + 2s + 1 (done)
+
+SPIN = 2000  # pause iterations before yielding (a few microseconds)
+
+
+@intrinsic
+def atomic_load(typingctx, arr, idx):
+    """arr[idx] with acquire ordering (int64 array)."""
+
+    def codegen(context, builder, sig, args):
+        a, i = args
+        ary = context.make_array(sig.args[0])(context, builder, a)
+        return builder.load_atomic(builder.gep(ary.data, [i]), "acquire", 8)
+
+    return types.int64(arr, types.int64), codegen
+
+
+@intrinsic
+def atomic_store(typingctx, arr, idx, val):
+    """arr[idx] = val with release ordering (int64 array)."""
+
+    def codegen(context, builder, sig, args):
+        a, i, v = args
+        ary = context.make_array(sig.args[0])(context, builder, a)
+        builder.store_atomic(v, builder.gep(ary.data, [i]), "release", 8)
+        return context.get_dummy_value()
+
+    return types.void(arr, types.int64, types.int64), codegen
+
+
+@intrinsic
+def atomic_add(typingctx, arr, idx, val):
+    """arr[idx] += val atomically; returns the old value (int64 array)."""
+
+    def codegen(context, builder, sig, args):
+        a, i, v = args
+        ary = context.make_array(sig.args[0])(context, builder, a)
+        return builder.atomic_rmw("add", builder.gep(ary.data, [i]), v, "seq_cst")
+
+    return types.int64(arr, types.int64, types.int64), codegen
+
+
+@intrinsic
+def atomic_cas(typingctx, arr, idx, expected, new):
+    """If arr[idx] == expected, set it to new; returns whether it did (int64 array)."""
+
+    def codegen(context, builder, sig, args):
+        a, i, e, n = args
+        ary = context.make_array(sig.args[0])(context, builder, a)
+        res = builder.cmpxchg(builder.gep(ary.data, [i]), e, n, "seq_cst", "seq_cst")
+        return builder.extract_value(res, 1)
+
+    return types.boolean(arr, types.int64, types.int64, types.int64), codegen
+
+
+@intrinsic
+def cpu_pause(typingctx):
+    """x86 ``pause``: tells the core this is a spin loop."""
+
+    def codegen(context, builder, sig, args):
+        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.VoidType(), []),
+                                            "llvm.x86.sse2.pause")
+        builder.call(fn, [])
+        return context.get_dummy_value()
+
+    return types.void(), codegen
+
+
+@intrinsic
+def sched_yield(typingctx):
+    """libc ``sched_yield()``: give the CPU to another runnable thread, if any."""
+
+    def codegen(context, builder, sig, args):
+        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_I32, []), "sched_yield")
+        builder.call(fn, [])
+        return context.get_dummy_value()
+
+    return types.void(), codegen
+
+
+@intrinsic
+def monotonic_ns(typingctx):
+    """clock_gettime(CLOCK_MONOTONIC) in nanoseconds."""
+
+    def codegen(context, builder, sig, args):
+        ts_ty = ir.LiteralStructType([_I64, _I64])
+        fn = cgutils.get_or_insert_function(builder.module,
+                                            ir.FunctionType(_I32, [_I32, ts_ty.as_pointer()]), "clock_gettime")
+        ts = cgutils.alloca_once(builder, ts_ty)
+        builder.call(fn, [_I32(1), ts])
+        sec = builder.load(builder.gep(ts, [_I32(0), _I32(0)]))
+        nsec = builder.load(builder.gep(ts, [_I32(0), _I32(1)]))
+        return builder.add(builder.mul(sec, _I64(1_000_000_000)), nsec)
+
+    return types.int64(), codegen
+
+
+@njit(cache=True, nogil=True, _nrt=False)
+def backoff(spins: int) -> int:
+    """One step of waiting: pause while ``spins`` is small, then yield. Returns spins + 1."""
+    if spins < SPIN:
+        cpu_pause()
+    else:
+        sched_yield()
+    return spins + 1
+
+
+@njit(cache=True, nogil=True, _nrt=False)
+def take(ctl: np.ndarray, stage: int, tag: int, n_items: int) -> int:
+    """The next item of ``stage`` for evaluation ``tag``: 0..n_items-1, n_items when none is left,
+    or -1 when the evaluation is no longer current."""
+    line = (CTL_STAGES + 2 * stage) * LINE
+    while True:
+        v = atomic_load(ctl, line)
+        if (v >> 32) != tag:
+            return -1
+        i = v & 0xFFFFFFFF
+        if i >= n_items:
+            return n_items
+        if atomic_cas(ctl, line, v, v + 1):
+            return i
+
+
+@njit(cache=True, nogil=True, _nrt=False)
+def done(ctl: np.ndarray, stage: int, n: int) -> None:
+    """Count ``n`` items of ``stage`` as finished (only items this thread took)."""
+    if n > 0:
+        atomic_add(ctl, (CTL_STAGES + 2 * stage + 1) * LINE, n)
+
+
+@njit(cache=True, nogil=True, _nrt=False)
+def wait_stage(ctl: np.ndarray, stage: int, tag: int, n_items: int) -> bool:
+    """Wait until all items of ``stage`` are done; False when the evaluation is no longer current."""
+    line = (CTL_STAGES + 2 * stage + 1) * LINE
+    spins = 0
+    while True:
+        v = atomic_load(ctl, line)
+        if (v >> 32) != tag:
+            return False
+        if (v & 0xFFFFFFFF) >= n_items:
+            return True
+        spins = backoff(spins)
+
+
+@njit(cache=True, nogil=True)
+def publish(ctl: np.ndarray, n_stages: int, tag: int) -> None:
+    """Arm the counters of ``n_stages`` stages for evaluation ``tag``, then announce it to the workers."""
+    for s in range(n_stages):
+        atomic_store(ctl, (CTL_STAGES + 2 * s) * LINE, tag << 32)
+        atomic_store(ctl, (CTL_STAGES + 2 * s + 1) * LINE, tag << 32)
+    atomic_store(ctl, CTL_JOB * LINE, tag)
+
+
+@njit(cache=True, nogil=True)
+def store(ctl: np.ndarray, idx: int, value: int) -> None:
+    """ctl[idx] = value with release ordering, from Python."""
+    atomic_store(ctl, idx, value)
+
+
+def control_array(n_stages: int) -> np.ndarray:
+    return np.zeros((CTL_STAGES + 2 * n_stages) * LINE, np.int64)

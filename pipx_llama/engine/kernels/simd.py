@@ -1,0 +1,463 @@
+"""Explicit SIMD building blocks for the packed weight kernels, emitted as LLVM IR from numba.
+
+numba's loop vectorizer does not find the code that quantized dot products need (8-bit products
+summed four to a 32-bit lane, one horizontal sum per row, several tokens per weight load), so the
+inner loops of :mod:`pipx_llama.engine.kernels.packed` are written here as LLVM vector IR through
+``numba.extending.intrinsic``. Each intrinsic runs a whole loop over the blocks of one group of 16
+weight rows for 1 to 4 tokens and stores 16 float32 results per token; numba code around it does
+the rest (row groups, threads, tails).
+
+Tiers, chosen once from the CPU numba compiles for (``TIER``):
+
+- ``"vnni512"``: AVX512-VNNI ``vpdpbusd`` on 512-bit vectors (Zen 4/5, Ice Lake and later Xeons);
+- ``"vnni256"``: AVX-VNNI ``vpdpbusd`` on 256-bit halves (Alder Lake and later cores);
+- ``"avx2"``: ``vpmaddubsw`` + ``vpmaddwd`` on 256-bit halves (Haswell, Zen 1-3);
+- ``None``: no packed kernels (not x86, or no AVX2/FMA/F16C); the engine uses the portable kernels.
+
+All tiers compute the same integers and the same float32 operations in the same order, so their
+results are bit-identical; ``PIPX_LLAMA_SIMD`` (one of the tier names, or ``off``) forces a lower
+tier, which is how the tests run every tier on one machine.
+
+Weight bytes multiplied by activations are unsigned (``vpdpbusd``/``vpmaddubsw`` take u8 x s8):
+4-bit quants are stored as 0..15 and the offset (-8) comes off through the activations' block
+sums; Q8_0 weights are stored as ``q + 128`` and ``128 * sum(x)`` comes off the same way. On the
+``avx2`` tier ``vpmaddubsw`` saturates int16 pairs, which 4-bit quants (2 * 15 * 127) never reach;
+8-bit weights take the sign trick (``|q| * sign(x, q)``, at most 2 * 128 * 127) instead.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+
+import numba
+from llvmlite import binding as llvm_binding
+from llvmlite import ir
+from numba import types
+from numba.core import cgutils
+from numba.extending import intrinsic
+
+LANES = 16  # weight rows per group: the int32 lanes of one 512-bit vector
+PREFETCH_BYTES = 8192  # how far ahead single-token kernels prefetch weights
+
+_I8 = ir.IntType(8)
+_I16 = ir.IntType(16)
+_I32 = ir.IntType(32)
+_I64 = ir.IntType(64)
+_F32 = ir.FloatType()
+_HALF = ir.HalfType()
+
+
+def _host_features() -> dict[str, bool]:
+    if numba.config.CPU_NAME and numba.config.CPU_NAME != "host":
+        feats = numba.config.CPU_FEATURES or ""
+        return {f[1:]: f[0] == "+" for f in feats.split(",") if f}
+    return dict(llvm_binding.get_host_cpu_features())
+
+
+def detect_tier() -> str | None:
+    """The best tier the compile target supports, lowered by ``PIPX_LLAMA_SIMD`` if set."""
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return None
+    f = _host_features()
+    if not (f.get("avx2") and f.get("fma") and f.get("f16c")):
+        return None
+    best = "avx2"
+    if f.get("avxvnni") or (f.get("avx512vnni") and f.get("avx512vl")):
+        best = "vnni256"
+    if f.get("avx512vnni") and f.get("avx512bw") and f.get("avx512f"):
+        best = "vnni512"
+    order = ["off", "avx2", "vnni256", "vnni512"]
+    forced = os.environ.get("PIPX_LLAMA_SIMD", "").strip().lower()
+    if forced in order and order.index(forced) < order.index(best):
+        best = forced
+    return None if best == "off" else best
+
+
+TIER = detect_tier()
+
+
+# ----------------------------------------------------------------------------- IR helpers
+
+
+class _Emit:
+    """IR helpers bound to one builder and the tier's vector width (``width`` int32 lanes per part)."""
+
+    def __init__(self, builder: ir.IRBuilder, tier: str) -> None:
+        self.b = builder
+        self.tier = tier
+        self.width = 16 if tier == "vnni512" else 8
+        self.parts = LANES // self.width
+        w = self.width
+        self.vi32 = ir.VectorType(_I32, w)
+        self.vf32 = ir.VectorType(_F32, w)
+        self.vi8 = ir.VectorType(_I8, 4 * w)
+        self.vi16 = ir.VectorType(_I16, 2 * w)
+        self.vhalf = ir.VectorType(_HALF, w)
+        self.mod = builder.module
+
+    def fn(self, name: str, ret: ir.Type, args: list[ir.Type]) -> ir.Function:
+        return cgutils.get_or_insert_function(self.mod, ir.FunctionType(ret, args), name)
+
+    def ptr(self, base: ir.Value, offset: ir.Value, ty: ir.Type) -> ir.Value:
+        """``ty*`` at byte ``offset`` from the i8* ``base``."""
+        return self.b.bitcast(self.b.gep(base, [offset]), ty.as_pointer())
+
+    def load(self, base: ir.Value, offset: ir.Value, ty: ir.Type) -> ir.Value:
+        return self.b.load(self.ptr(base, offset, ty), align=1)
+
+    def splat_i32(self, v: ir.Value) -> ir.Value:
+        vec = self.b.insert_element(ir.Constant(self.vi32, ir.Undefined), v, _I32(0))
+        return self.b.shuffle_vector(vec, ir.Constant(self.vi32, ir.Undefined), ir.Constant(self.vi32, [0] * self.width))
+
+    def splat_f32(self, v: ir.Value) -> ir.Value:
+        vec = self.b.insert_element(ir.Constant(self.vf32, ir.Undefined), v, _I32(0))
+        return self.b.shuffle_vector(vec, ir.Constant(self.vf32, ir.Undefined), ir.Constant(self.vi32, [0] * self.width))
+
+    def const_i32(self, c: int) -> ir.Value:
+        return ir.Constant(self.vi32, [c] * self.width)
+
+    def zero_i32(self) -> ir.Value:
+        return ir.Constant(self.vi32, [0] * self.width)
+
+    def zero_f32(self) -> ir.Value:
+        return ir.Constant(self.vf32, [0.0] * self.width)
+
+    def dpbusd(self, acc: ir.Value, a: ir.Value, x: ir.Value) -> ir.Value:
+        """acc[i] += sum_{k<4} u8(a[4i+k]) * s8(x[4i+k]); a's bytes must be < 128 on the avx2 tier."""
+        b = self.b
+        if self.tier == "vnni512":
+            f = self.fn("llvm.x86.avx512.vpdpbusd.512", self.vi32, [self.vi32] * 3)
+            return b.call(f, [acc, a, x])
+        if self.tier == "vnni256":
+            f = self.fn("llvm.x86.avx512.vpdpbusd.256", self.vi32, [self.vi32] * 3)
+            return b.call(f, [acc, a, x])
+        maddubs = self.fn("llvm.x86.avx2.pmadd.ub.sw", self.vi16, [self.vi8, self.vi8])
+        maddwd = self.fn("llvm.x86.avx2.pmadd.wd", self.vi32, [self.vi16, self.vi16])
+        p16 = b.call(maddubs, [b.bitcast(a, self.vi8), b.bitcast(x, self.vi8)])
+        ones = ir.Constant(self.vi16, [1] * (2 * self.width))
+        return b.add(acc, b.call(maddwd, [p16, ones]))
+
+    def dpbssd_sign(self, acc: ir.Value, a: ir.Value, x: ir.Value) -> ir.Value:
+        """acc[i] += sum_{k<4} s8(a[4i+k]) * s8(x[4i+k]) for the avx2 tier (sign trick, no saturation)."""
+        b = self.b
+        abs_fn = self.fn("llvm.abs.v32i8", self.vi8, [self.vi8, ir.IntType(1)])
+        sign_fn = self.fn("llvm.x86.avx2.psign.b", self.vi8, [self.vi8, self.vi8])
+        a8 = b.bitcast(a, self.vi8)
+        ua = b.call(abs_fn, [a8, ir.Constant(ir.IntType(1), 0)])
+        sx = b.call(sign_fn, [b.bitcast(x, self.vi8), a8])
+        maddubs = self.fn("llvm.x86.avx2.pmadd.ub.sw", self.vi16, [self.vi8, self.vi8])
+        maddwd = self.fn("llvm.x86.avx2.pmadd.wd", self.vi32, [self.vi16, self.vi16])
+        p16 = b.call(maddubs, [ua, sx])
+        ones = ir.Constant(self.vi16, [1] * (2 * self.width))
+        return b.add(acc, b.call(maddwd, [p16, ones]))
+
+    def half_to_f32(self, base: ir.Value, offset: ir.Value) -> ir.Value:
+        """``width`` fp16 values at byte ``offset`` as float32 (one vcvtph2ps)."""
+        h = self.load(base, offset, self.vhalf)
+        return self.b.fpext(h, self.vf32)
+
+    def prefetch_record(self, base: ir.Value, offset: ir.Value, size: int) -> None:
+        """Prefetch the record ``PREFETCH_BYTES`` ahead of the one at ``offset`` (one hint per cache line).
+
+        A mat-vec streams its weights once; the hardware prefetcher alone left K-quant mat-vecs at
+        ~25 GB/s of a ~38 GB/s single-core read bandwidth, with these hints ~35 GB/s (measured).
+        Past the end of the tensor the hints are harmless: prefetches never fault.
+        """
+        f = self.fn("llvm.prefetch", ir.VoidType(), [_I8.as_pointer(), _I32, _I32, _I32])
+        for line in range(0, size, 64):
+            self.b.call(f, [self.b.gep(base, [self.b.add(offset, _I64(PREFETCH_BYTES + line))]),
+                            _I32(0), _I32(3), _I32(1)])
+
+    def fma(self, a: ir.Value, x: ir.Value, c: ir.Value) -> ir.Value:
+        f = self.fn(f"llvm.fma.v{self.width}f32", self.vf32, [self.vf32] * 3)
+        return self.b.call(f, [a, x, c])
+
+
+def _array_data(context, builder, aryty, ary) -> ir.Value:
+    """The array's data pointer as i8*."""
+    a = context.make_array(aryty)(context, builder, ary)
+    return builder.bitcast(a.data, _I8.as_pointer())
+
+
+def _row_stride(context, builder, aryty, ary) -> ir.Value:
+    a = context.make_array(aryty)(context, builder, ary)
+    return cgutils.unpack_tuple(builder, a.strides, 2)[0]
+
+
+# ----------------------------------------------------------------------------- legacy block kernels
+# A packed legacy tensor stores, for each group of 16 rows and each 32-column block, one record:
+#   qs: for each dword step k, 16 lanes x 4 bytes (lane = row of the group)
+#       4-bit types, k < 4: byte i of lane r is qs byte 4k+i of row r's block
+#           (low nibble: element 4k+i, high nibble: element 16+4k+i)
+#       Q8_0, k < 8: byte i of lane r is element 4k+i of row r (signed)
+#   d: 16 fp16 scales; m: 16 fp16 mins (Q4_1)
+# Records of one group follow each other; groups follow each other.
+
+LEGACY_RECORD = {"q4_0": 288, "q4_1": 320, "q8_0": 544}
+
+
+def _legacy_codegen(kind: str, nt: int, tier: str):
+    """IR body for ``kind`` and ``nt`` tokens; see ``_make_legacy_intrinsic``."""
+    rec = LEGACY_RECORD[kind]
+
+    def codegen(context, builder, sig, args):
+        w_ty, _, _, xq_ty, xd_ty, xs_ty, xsum_ty, _, res_ty = sig.args
+        w, woff, nb, xq, xd, xs, xsum, t0, res = args
+        e = _Emit(builder, tier)
+        b = builder
+        wbase = b.gep(_array_data(context, builder, w_ty, w), [woff])
+        xq_base = _array_data(context, builder, xq_ty, xq)
+        xq_stride = _row_stride(context, builder, xq_ty, xq)
+        xd_base = _array_data(context, builder, xd_ty, xd)
+        xd_stride = _row_stride(context, builder, xd_ty, xd)
+        xs_base = _array_data(context, builder, xs_ty, xs)
+        xsum_base = _array_data(context, builder, xsum_ty, xsum)
+        xsum_stride = _row_stride(context, builder, xsum_ty, xsum)
+        res_base = _array_data(context, builder, res_ty, res)
+        rows_q = [b.gep(xq_base, [b.mul(b.add(t0, _I64(t)), xq_stride)]) for t in range(nt)]
+        rows_d = [b.gep(xd_base, [b.mul(b.add(t0, _I64(t)), xd_stride)]) for t in range(nt)]
+        rows_s = [b.gep(xs_base, [b.mul(b.add(t0, _I64(t)), xd_stride)]) for t in range(nt)]
+        rows_sum = [b.gep(xsum_base, [b.mul(b.add(t0, _I64(t)), xsum_stride)]) for t in range(nt)]
+
+        accs = [[cgutils.alloca_once_value(b, e.zero_f32()) for _ in range(e.parts)] for _ in range(nt)]
+        with cgutils.for_range(b, nb) as loop:
+            blk = loop.index
+            rb = b.mul(blk, _I64(rec))
+            if nt == 1:
+                e.prefetch_record(wbase, rb, rec)
+            isum = [[e.zero_i32() for _ in range(e.parts)] for _ in range(nt)]
+            n_steps = 8 if kind == "q8_0" else 4
+            xoff = b.mul(blk, _I64(32))
+            for k in range(n_steps):
+                for p in range(e.parts):
+                    v = e.load(wbase, b.add(rb, _I64(k * 64 + p * 4 * e.width)), e.vi32)
+                    if kind == "q8_0":
+                        if tier == "avx2":
+                            lo = v
+                        else:
+                            lo = b.xor(v, e.const_i32(-0x7F7F7F80))  # 0x80808080: q + 128
+                        for t in range(nt):
+                            xa = e.splat_i32(e.load(rows_q[t], b.add(xoff, _I64(4 * k)), _I32))
+                            if tier == "avx2":
+                                isum[t][p] = e.dpbssd_sign(isum[t][p], lo, xa)
+                            else:
+                                isum[t][p] = e.dpbusd(isum[t][p], lo, xa)
+                    else:
+                        lo = b.and_(v, e.const_i32(0x0F0F0F0F))
+                        hi = b.and_(b.lshr(v, e.const_i32(4)), e.const_i32(0x0F0F0F0F))
+                        for t in range(nt):
+                            xa = e.splat_i32(e.load(rows_q[t], b.add(xoff, _I64(4 * k)), _I32))
+                            xb = e.splat_i32(e.load(rows_q[t], b.add(xoff, _I64(16 + 4 * k)), _I32))
+                            isum[t][p] = e.dpbusd(isum[t][p], lo, xa)
+                            isum[t][p] = e.dpbusd(isum[t][p], hi, xb)
+            d_off = _I64(512 if kind == "q8_0" else 256)
+            boff4 = b.mul(blk, _I64(4))
+            for p in range(e.parts):
+                dw = e.half_to_f32(wbase, b.add(rb, b.add(d_off, _I64(p * 2 * e.width))))
+                mw = None
+                if kind == "q4_1":
+                    mw = e.half_to_f32(wbase, b.add(rb, _I64(288 + p * 2 * e.width)))
+                for t in range(nt):
+                    dx = e.splat_f32(e.load(rows_d[t], boff4, _F32))
+                    s = isum[t][p]
+                    if kind == "q4_0":
+                        s = b.sub(s, e.splat_i32(b.shl(e.load(rows_sum[t], boff4, _I32), _I32(3))))
+                    elif kind == "q8_0" and tier != "avx2":
+                        s = b.sub(s, e.splat_i32(b.shl(e.load(rows_sum[t], boff4, _I32), _I32(7))))
+                    acc = b.load(accs[t][p])
+                    acc = e.fma(b.sitofp(s, e.vf32), b.fmul(dw, dx), acc)
+                    if kind == "q4_1":
+                        acc = e.fma(mw, e.splat_f32(e.load(rows_s[t], boff4, _F32)), acc)
+                    b.store(acc, accs[t][p])
+        for t in range(nt):
+            for p in range(e.parts):
+                off = _I64((t * LANES + p * e.width) * 4)
+                b.store(b.load(accs[t][p]), e.ptr(res_base, off, e.vf32), align=4)
+        return context.get_dummy_value()
+
+    return codegen
+
+
+def _make_legacy_intrinsic(kind: str, nt: int):
+    tier = TIER
+
+    @intrinsic
+    def _kernel(typingctx, w, woff, nb, xq, xd, xs, xsum, t0, res):
+        """res[0:nt, 0:16] = the 16 rows of the group at w[woff:] times tokens t0..t0+nt-1.
+
+        w: uint8 packed records; xq int8 [T, n]; xd, xs float32 [T, n/32] (Q8 scale, Q8_1 sum term);
+        xsum int32 [T, n/32] (sums of xq per block); res float32 [>= nt, 16].
+        """
+        sig = types.void(w, woff, nb, xq, xd, xs, xsum, t0, res)
+        return sig, _legacy_codegen(kind, nt, tier)
+
+    return _kernel
+
+
+if TIER is not None:
+    q4_0_x1 = _make_legacy_intrinsic("q4_0", 1)
+    q4_0_x4 = _make_legacy_intrinsic("q4_0", 4)
+    q4_1_x1 = _make_legacy_intrinsic("q4_1", 1)
+    q4_1_x4 = _make_legacy_intrinsic("q4_1", 4)
+    q8_0_x1 = _make_legacy_intrinsic("q8_0", 1)
+    q8_0_x4 = _make_legacy_intrinsic("q8_0", 4)
+
+
+# ----------------------------------------------------------------------------- K-quant kernels
+# Records per group of 16 rows and super-block of 256 columns:
+#   Q4_K (2368 bytes): qs steps k < 32 as [k][lane][4 bytes] (qs bytes 4k..4k+3: sub-block 2(k//8) in
+#       the low nibbles, 2(k//8)+1 in the high ones); sc [8][lane] u8; m [8][lane] u8; d, dmin fp16 [lane]
+#   Q6_K (3360 bytes): ql steps k < 32 [k][lane][4]; qh steps k < 16 [k][lane][4]; sc [16][lane] i8;
+#       d fp16 [lane]
+# Activations are Q8_K: xq int8 [T, n], xd float32 [T, n/256], and the sums of 16 and of 32
+# consecutive xq as int32 (xb16 [T, n/16], xb32 [T, n/32]).
+
+KQUANT_RECORD = {"q4_K": 2368, "q6_K": 3360}
+
+
+def _kquant_codegen(kind: str, nt: int, tier: str):
+    rec = KQUANT_RECORD[kind]
+
+    def codegen(context, builder, sig, args):
+        w_ty, _, _, xq_ty, xd_ty, xb16_ty, xb32_ty, _, res_ty = sig.args
+        w, woff, nb, xq, xd, xb16, xb32, t0, res = args
+        e = _Emit(builder, tier)
+        b = builder
+        W = e.width
+        vi8w = ir.VectorType(_I8, W)
+        wbase = b.gep(_array_data(context, builder, w_ty, w), [woff])
+
+        def rows(aty, a):
+            base = _array_data(context, builder, aty, a)
+            stride = _row_stride(context, builder, aty, a)
+            return [b.gep(base, [b.mul(b.add(t0, _I64(t)), stride)]) for t in range(nt)]
+
+        rq, rd, r16, r32 = rows(xq_ty, xq), rows(xd_ty, xd), rows(xb16_ty, xb16), rows(xb32_ty, xb32)
+        res_base = _array_data(context, builder, res_ty, res)
+        m0f = e.const_i32(0x0F0F0F0F)
+        accs = [[cgutils.alloca_once_value(b, e.zero_f32()) for _ in range(e.parts)] for _ in range(nt)]
+
+        def bytes_i32(rb, off, p, signed):
+            v = e.load(wbase, b.add(rb, _I64(off + p * W)), vi8w)
+            return b.sext(v, e.vi32) if signed else b.zext(v, e.vi32)
+
+        def xq_splat(t, xo, off):
+            return e.splat_i32(e.load(rq[t], b.add(xo, _I64(off)), _I32))
+
+        with cgutils.for_range(b, nb) as loop:
+            blk = loop.index
+            rb = b.mul(blk, _I64(rec))
+            if nt == 1:
+                e.prefetch_record(wbase, rb, rec)
+            xo = b.mul(blk, _I64(256))
+            isum = [[e.zero_i32() for _ in range(e.parts)] for _ in range(nt)]
+            if kind == "q4_K":
+                for pair in range(4):
+                    alo = [[e.zero_i32() for _ in range(e.parts)] for _ in range(nt)]
+                    ahi = [[e.zero_i32() for _ in range(e.parts)] for _ in range(nt)]
+                    for kk in range(8):
+                        k = 8 * pair + kk
+                        for p in range(e.parts):
+                            v = e.load(wbase, b.add(rb, _I64(k * 64 + p * 4 * W)), e.vi32)
+                            lo = b.and_(v, m0f)
+                            hi = b.and_(b.lshr(v, e.const_i32(4)), m0f)
+                            for t in range(nt):
+                                alo[t][p] = e.dpbusd(alo[t][p], lo, xq_splat(t, xo, 64 * pair + 4 * kk))
+                                ahi[t][p] = e.dpbusd(ahi[t][p], hi, xq_splat(t, xo, 64 * pair + 32 + 4 * kk))
+                    for p in range(e.parts):
+                        sc_lo = bytes_i32(rb, 2048 + (2 * pair) * 16, p, False)
+                        sc_hi = bytes_i32(rb, 2048 + (2 * pair + 1) * 16, p, False)
+                        for t in range(nt):
+                            isum[t][p] = b.add(isum[t][p], b.add(b.mul(alo[t][p], sc_lo), b.mul(ahi[t][p], sc_hi)))
+                xo32 = b.mul(blk, _I64(8 * 4))
+                # min terms: one min vector live at a time (four tokens' sums would spill otherwise)
+                summs = [[e.zero_i32() for _ in range(e.parts)] for _ in range(nt)]
+                for j in range(8):
+                    for p in range(e.parts):
+                        mj = bytes_i32(rb, 2176 + j * 16, p, False)
+                        for t in range(nt):
+                            bj = e.splat_i32(e.load(r32[t], b.add(xo32, _I64(4 * j)), _I32))
+                            summs[t][p] = b.add(summs[t][p], b.mul(mj, bj))
+                for p in range(e.parts):
+                    dw = e.half_to_f32(wbase, b.add(rb, _I64(2304 + p * 2 * W)))
+                    dmw = e.half_to_f32(wbase, b.add(rb, _I64(2336 + p * 2 * W)))
+                    for t in range(nt):
+                        dy = e.splat_f32(e.load(rd[t], b.mul(blk, _I64(4)), _F32))
+                        acc = b.load(accs[t][p])
+                        acc = e.fma(b.fmul(dw, dy), b.sitofp(isum[t][p], e.vf32), acc)
+                        acc = e.fma(b.fneg(b.fmul(dmw, dy)), b.sitofp(summs[t][p], e.vf32), acc)
+                        b.store(acc, accs[t][p])
+            else:
+                m30 = e.const_i32(0x30303030)
+                # one quarter (q1..q4) at a time: 4 tokens x (accumulator + sum) stay in registers
+                for h in range(2):
+                    for g in range(2):
+                        for qi in range(4):
+                            a = [[e.zero_i32() for _ in range(e.parts)] for _ in range(nt)]
+                            for kq in range(4):
+                                kk = 4 * g + kq
+                                for p in range(e.parts):
+                                    po = _I64(p * 4 * W)
+                                    ql_step = 16 * h + kk + (8 if qi in (1, 3) else 0)
+                                    ql = e.load(wbase, b.add(rb, b.add(_I64(ql_step * 64), po)), e.vi32)
+                                    qh = e.load(wbase, b.add(rb, b.add(_I64(2048 + (8 * h + kk) * 64), po)), e.vi32)
+                                    if qi in (2, 3):
+                                        ql = b.lshr(ql, e.const_i32(4))
+                                    if qi == 0:
+                                        hb = b.shl(qh, e.const_i32(4))
+                                    elif qi == 1:
+                                        hb = b.shl(qh, e.const_i32(2))
+                                    elif qi == 2:
+                                        hb = qh
+                                    else:
+                                        hb = b.lshr(qh, e.const_i32(2))
+                                    q = b.or_(b.and_(ql, m0f), b.and_(hb, m30))
+                                    for t in range(nt):
+                                        a[t][p] = e.dpbusd(a[t][p], q, xq_splat(t, xo, 128 * h + 4 * kk + 32 * qi))
+                            for p in range(e.parts):
+                                sc = bytes_i32(rb, 3072 + (8 * h + 2 * qi + g) * 16, p, True)
+                                for t in range(nt):
+                                    isum[t][p] = b.add(isum[t][p], b.mul(a[t][p], sc))
+                xo16 = b.mul(blk, _I64(16 * 4))
+                corr = [[e.zero_i32() for _ in range(e.parts)] for _ in range(nt)]
+                for sb in range(16):
+                    for p in range(e.parts):
+                        sc = bytes_i32(rb, 3072 + sb * 16, p, True)
+                        for t in range(nt):
+                            bs = e.splat_i32(e.load(r16[t], b.add(xo16, _I64(4 * sb)), _I32))
+                            corr[t][p] = b.add(corr[t][p], b.mul(sc, bs))
+                for p in range(e.parts):
+                    dw = e.half_to_f32(wbase, b.add(rb, _I64(3328 + p * 2 * W)))
+                    for t in range(nt):
+                        tot = b.sub(isum[t][p], b.shl(corr[t][p], e.const_i32(5)))
+                        dy = e.splat_f32(e.load(rd[t], b.mul(blk, _I64(4)), _F32))
+                        acc = b.load(accs[t][p])
+                        acc = e.fma(b.fmul(dw, dy), b.sitofp(tot, e.vf32), acc)
+                        b.store(acc, accs[t][p])
+        for t in range(nt):
+            for p in range(e.parts):
+                off = _I64((t * LANES + p * W) * 4)
+                b.store(b.load(accs[t][p]), e.ptr(res_base, off, e.vf32), align=4)
+        return context.get_dummy_value()
+
+    return codegen
+
+
+def _make_kquant_intrinsic(kind: str, nt: int):
+    tier = TIER
+
+    @intrinsic
+    def _kernel(typingctx, w, woff, nb, xq, xd, xb16, xb32, t0, res):
+        """res[0:nt, 0:16] = the group of 16 rows at w[woff:] times tokens t0..t0+nt-1 (Q8_K activations)."""
+        sig = types.void(w, woff, nb, xq, xd, xb16, xb32, t0, res)
+        return sig, _kquant_codegen(kind, nt, tier)
+
+    return _kernel
+
+
+if TIER is not None:
+    q4_K_x1 = _make_kquant_intrinsic("q4_K", 1)
+    q4_K_x4 = _make_kquant_intrinsic("q4_K", 4)
+    q6_K_x1 = _make_kquant_intrinsic("q6_K", 1)
+    q6_K_x2 = _make_kquant_intrinsic("q6_K", 2)

@@ -1,0 +1,52 @@
+"""``pipx-llama bench``: llama-bench-style speed table and JSON, on the real SmolLM2 model."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from pipx_llama.cli.bench_cmd import bench_tokens
+
+
+def cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "pipx_llama.cli", *args], capture_output=True, text=True,
+                          timeout=600, check=False)
+
+
+def test_bench_tokens_are_fixed_and_in_range():
+    toks = bench_tokens(49152, 300)
+    assert toks == bench_tokens(49152, 300)
+    assert min(toks) >= 256 and max(toks) < 49152 and len(set(toks)) > 250
+    assert all(0 <= t < 300 for t in bench_tokens(300, 50))
+
+
+@pytest.mark.slow
+def test_bench_json_reports_both_tests(smollm2_path):
+    out = cli("bench", "-m", str(smollm2_path), "-p", "32", "-n", "8", "-r", "2", "-t", "1", "--json")
+    assert out.returncode == 0, out.stderr
+    info = json.loads(out.stdout)
+    assert [r["test"] for r in info["results"]] == ["pp32", "tg8"]
+    for r in info["results"]:
+        assert len(r["runs"]) == 2 and r["tokens_per_second"] > 0 and r["stddev"] >= 0
+    assert info["threads"] == 1 and info["size_bytes"] > 0 and info["weight_bytes_per_token"] > 0
+
+
+@pytest.mark.slow
+def test_bench_table(smollm2_path):
+    out = cli("bench", "-m", str(smollm2_path), "-p", "16", "-n", "0", "-r", "1")
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.strip().splitlines()
+    assert lines[0].startswith("| model") and "t/s" in lines[0]
+    assert len(lines) == 3 and "pp16" in lines[2] and "±" in lines[2]
+
+
+def test_bench_usage_errors(tmp_path):
+    out = cli("bench", "-m", str(tmp_path / "x.gguf"), "-p", "0", "-n", "0")
+    assert out.returncode == 2 and "nothing to measure" in out.stderr and "Traceback" not in out.stderr
+    out = cli("bench", "-m", str(tmp_path / "x.gguf"), "-r", "0")
+    assert out.returncode == 2 and "-r 0" in out.stderr
+    out = cli("bench", "-m", str(tmp_path / "missing.gguf"), "-p", "8", "-n", "0")
+    assert out.returncode != 0 and "no such file" in out.stderr and "Traceback" not in out.stderr

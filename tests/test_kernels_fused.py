@@ -1,0 +1,123 @@
+"""The fused forward pass (kernels.fused, kernels.runtime) against the per-op path of model.py.
+
+Tiny synthetic models (kernels.warmup) run through both paths. With legacy weight types the
+logits must be the same bits for every batch size and thread count, and across the context
+operations (truncate, shift) that rewrite the KV cache behind the fused pass's back. With K-quants
+they agree to rounding: the portable K-quant kernels are compiled with fastmath, and their
+rounding even differs between a fresh compile and the same kernel loaded from numba's cache."""
+
+from __future__ import annotations
+
+import gc
+import threading
+
+import numpy as np
+import pytest
+from numba import njit
+
+from pipx_llama.engine.kernels import runtime, simd
+from pipx_llama.engine.kernels.warmup import write_tiny_model
+from pipx_llama.engine.model import load_model
+
+pytestmark = pytest.mark.skipif(simd.TIER is None, reason="no packed kernels on this CPU")
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny") / "tiny.gguf"
+    write_tiny_model(path, seed=3, kquants=False)
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny_k(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny") / "tiny-k.gguf"
+    write_tiny_model(path, seed=4)
+    return path
+
+
+def same_bits(a: np.ndarray, b: np.ndarray) -> None:
+    assert a.shape == b.shape
+    np.testing.assert_array_equal(a.view(np.uint32), b.view(np.uint32))
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_fused_logits_are_the_per_op_logits(tiny, threads):
+    model = load_model(tiny, threads=threads)
+    assert model.packed is not None
+    fused, per_op = model.new_context(48, n_batch=8), model.new_context(48, n_batch=8, fused=False)
+    prompt = [1, 17, 260, 3, 99, 200, 45, 6, 7, 8, 9, 10, 11]  # 13 tokens: batches of 8 and 5
+    same_bits(fused.eval(prompt, all_logits=True), per_op.eval(prompt, all_logits=True))
+    for tok in (5, 77, 280):
+        same_bits(fused.eval([tok]), per_op.eval([tok]))
+    same_bits(fused.eval([4, 5, 6]), per_op.eval([4, 5, 6]))
+
+
+def test_kquant_logits_close_to_the_per_op_logits(tiny_k):
+    model = load_model(tiny_k, threads=2)
+    prompt = [1, 17, 260, 3, 99, 200, 45, 6, 7]
+    got = model.new_context(32, n_batch=4).eval(prompt, all_logits=True)
+    want = model.new_context(32, n_batch=4, fused=False).eval(prompt, all_logits=True)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+
+
+@pytest.mark.parametrize("kquants", [False, True])
+def test_results_do_not_depend_on_thread_count(tiny, tiny_k, kquants):
+    outs = []
+    for threads in (1, 2, 4):
+        ctx = load_model(tiny_k if kquants else tiny, threads=threads).new_context(32)
+        outs.append(np.concatenate([ctx.eval(list(range(3, 20)), all_logits=True), ctx.eval([21])]))
+    same_bits(outs[0], outs[1])
+    same_bits(outs[0], outs[2])
+
+
+def test_truncate_and_shift_under_the_fused_pass(tiny):
+    model = load_model(tiny, threads=2)
+    a, b = model.new_context(24), model.new_context(24, fused=False)
+    for ctx in (a, b):
+        ctx.eval(list(range(10, 30)))
+        ctx.truncate(12)
+        ctx.eval([40, 41])
+        ctx.shift(2, 6)
+    same_bits(a.eval([50]), b.eval([50]))
+    assert a.tokens == b.tokens and a.n_past == b.n_past
+
+
+def test_workers_stop_when_the_context_goes(tiny):
+    gc.collect()
+    before = set(threading.enumerate())
+    ctx = load_model(tiny, threads=3).new_context(16)
+    ctx.eval([1, 2])
+    workers = [t for t in threading.enumerate() if t.name.startswith("pipx-llama-worker") and t not in before]
+    assert len(workers) == 2
+    del ctx
+    gc.collect()
+    for t in workers:
+        t.join(timeout=5)
+        assert not t.is_alive()
+
+
+@njit
+def _take_all(ctl, stage, tag, n):
+    got = []
+    while True:
+        i = runtime.take(ctl, stage, tag, n)
+        if i < 0 or i >= n:
+            return got, i
+        got.append(i)
+
+
+def test_items_are_taken_once_and_stale_evaluations_get_nothing():
+    ctl = runtime.control_array(2)
+    runtime.publish(ctl, 2, 7)
+    got, end = _take_all(ctl, 1, 7, 5)
+    assert list(got) == [0, 1, 2, 3, 4] and end == 5
+    runtime.publish(ctl, 2, 8)  # a newer evaluation: a thread still on evaluation 7 must stop
+    got, end = _take_all(ctl, 1, 7, 5)
+    assert list(got) == [] and end == -1
+    assert not _wait(ctl, 0, 7, 1)
+
+
+@njit
+def _wait(ctl, stage, tag, n):
+    return runtime.wait_stage(ctl, stage, tag, n)

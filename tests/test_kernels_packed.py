@@ -1,0 +1,119 @@
+"""Packed (rows-as-lanes) SIMD kernels: bit-identical to the portable legacy kernels, and against the
+numpy twins for the K-quants. Every SIMD tier this CPU supports is run in a subprocess (the tier is
+fixed when the kernels are compiled), so an AVX-512 machine also tests the AVX2 code."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from test_kernels_kquants import random_blocks
+from test_quant_legacy import quantized
+
+from pipx_llama.engine.kernels import WEIGHT_KERNELS, packed, simd
+from pipx_llama.quant import kquants as kq
+from pipx_llama.quant import legacy as ql
+
+pytestmark = pytest.mark.skipif(simd.TIER is None, reason="no packed kernels on this CPU")
+
+LEGACY = [ql.Q4_0, ql.Q4_1, ql.Q8_0]
+KQUANTS = [kq.Q4_K, kq.Q6_K]
+
+
+def portable(qtype, raw: np.ndarray, x: np.ndarray) -> np.ndarray:
+    out = np.empty((x.shape[0], raw.shape[0]), np.float32)
+    WEIGHT_KERNELS[qtype].matmul(raw, x, out)
+    return out
+
+
+def packed_matmul(qtype, raw: np.ndarray, x: np.ndarray) -> np.ndarray:
+    out = np.full((x.shape[0], raw.shape[0]), np.nan, np.float32)
+    packed.PackedMatrix(qtype, raw).matmul(x, out)
+    return out
+
+
+@pytest.mark.parametrize("fmt", LEGACY, ids=lambda f: f.__name__)
+@pytest.mark.parametrize(("rows", "T"), [(37, 1), (16, 3), (50, 4), (33, 9), (64, 20)])
+def test_legacy_same_bits_as_portable_kernels(fmt, rows: int, T: int) -> None:
+    """Row counts that are not multiples of 16 and token counts around the 4-token kernel."""
+    rng = np.random.default_rng(rows * 100 + T)
+    raw = quantized(fmt, rows, 288, seed=T)
+    x = (rng.standard_normal((T, 288)) * rng.uniform(0.1, 10, (T, 1))).astype(np.float32)
+    x[0, :32] = 0.0
+    got = packed_matmul(fmt.qtype, raw, x)
+    want = portable(fmt.qtype, raw, x)
+    np.testing.assert_array_equal(got.view(np.uint32), want.view(np.uint32))
+
+
+def test_q8_0_extreme_weights_and_activations() -> None:
+    """-128 weights and full-range activations: no int16 saturation on any tier."""
+    rows, n = 32, 256
+    raw = np.zeros((rows, n // 32 * 34), np.uint8)
+    blocks = raw.reshape(rows, n // 32, 34)
+    blocks[:, :, 0:2] = np.frombuffer(np.float16(0.01).tobytes(), np.uint8)
+    blocks[:, :, 2:] = np.uint8(0x80)  # q = -128
+    blocks[1::2, :, 2:] = 127
+    x = np.full((2, n), 3.0, np.float32)
+    x[1, ::2] = -3.0
+    got = packed_matmul(ql.Q8_0.qtype, raw, x)
+    np.testing.assert_array_equal(got.view(np.uint32), portable(ql.Q8_0.qtype, raw, x).view(np.uint32))
+
+
+@pytest.mark.parametrize("cls", KQUANTS, ids=lambda c: c.__name__)
+@pytest.mark.parametrize(("rows", "nb", "T"), [(37, 2, 1), (16, 1, 4), (20, 3, 6)])
+def test_kquants_against_integer_twin(cls, rows: int, nb: int, T: int) -> None:
+    rng = np.random.default_rng(rows + nb + T)
+    raw = random_blocks(cls, rng, rows, nb, sane=True)
+    x = (rng.standard_normal((T, nb * 256)) * rng.uniform(0.1, 10, (T, 1))).astype(np.float32)
+    x[0, :256] = 0.0
+    got = packed_matmul(cls.qtype, raw, x)
+    q8 = kq.quantize_row_q8_K_ref(x)
+    want = cls.dot_q8_K(raw, q8)
+    magnitude = np.abs(kq.dequantize_q8_K(q8).astype(np.float64)) @ np.abs(cls.dequantize(raw).astype(np.float64)).T
+    assert np.all(np.abs(got - want) <= 1e-5 * magnitude)
+
+
+@pytest.mark.parametrize("cls", KQUANTS, ids=lambda c: c.__name__)
+def test_kquants_close_to_portable_kernels(cls) -> None:
+    rng = np.random.default_rng(5)
+    raw = random_blocks(cls, rng, 48, 4, sane=True)
+    x = rng.standard_normal((5, 1024)).astype(np.float32)
+    got = packed_matmul(cls.qtype, raw, x)
+    want = portable(cls.qtype, raw, x)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+
+
+def test_rejects_mismatched_shapes() -> None:
+    raw = quantized(ql.Q4_0, 16, 64, seed=1)
+    m = packed.PackedMatrix(ql.Q4_0.qtype, raw)
+    with pytest.raises(ValueError):
+        m.matmul(np.zeros((1, 32), np.float32), np.zeros((1, 16), np.float32))
+
+
+_LOWER_TIERS = [t for t in ("avx2", "vnni256") if simd.TIER is not None and
+                ["avx2", "vnni256", "vnni512"].index(t) < ["avx2", "vnni256", "vnni512"].index(simd.TIER)]
+
+
+@pytest.mark.parametrize("tier", _LOWER_TIERS)
+def test_lower_tiers_give_the_same_bits(tier: str, tmp_path: Path) -> None:
+    """The tests above, in a process whose kernels are compiled for a lower tier."""
+    from pipx_llama._numba_cache import CACHE_DIR
+
+    # the tier changes the compiled code but not the sources numba's cache checks: keep tiers apart
+    env = dict(os.environ, PIPX_LLAMA_SIMD=tier, NUMBA_CACHE_DIR=f"{CACHE_DIR}-simd-{tier}")
+    here = Path(__file__).parent
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(Path(__file__)),
+                           "-k", "not lower_tiers"], cwd=here.parent, env=env, capture_output=True, text=True,
+                          check=False)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+
+def test_tier_can_be_lowered_not_raised() -> None:
+    code = "from pipx_llama.engine.kernels import simd; print(simd.TIER)"
+    out = subprocess.run([sys.executable, "-c", code], env=dict(os.environ, PIPX_LLAMA_SIMD="off"),
+                         capture_output=True, text=True, check=False).stdout.strip()
+    assert out == "None"
