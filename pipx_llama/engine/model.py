@@ -420,7 +420,8 @@ class Context:
     def _init_fused(self) -> None:
         m, hp, b = self.model, self.model.hparams, self.n_batch
         pw = m.packed
-        assert pw is not None
+        if pw is None:  # only reachable through a bug: the fused path is chosen only with packed weights
+            raise RuntimeError("fused forward pass requested for a model without packed weights")
         widest = max(hp.dim, hp.n_heads * hp.head_dim, hp.ffn_dim)
         self._par = np.zeros(8, np.int64)
         self._logits = np.empty((b, hp.n_vocab), np.float32)  # pages appear as rows are written
@@ -524,7 +525,8 @@ class Context:
         m = self.model
         logits = np.empty((n_out, m.hparams.n_vocab), np.float32)
         team, par = self._team, self._par
-        assert team is not None
+        if team is None:  # only reachable through a bug: _init_fused creates the team
+            raise RuntimeError("fused forward pass used before its thread team was created")
         for start in range(0, ids.size, self.n_batch):
             chunk = ids[start : start + self.n_batch]
             T = chunk.size
