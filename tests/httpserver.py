@@ -23,6 +23,7 @@ import email.utils
 import hashlib
 import http.server
 import os
+import re
 import socket
 import socketserver
 import ssl
@@ -358,6 +359,24 @@ class FileServer:
     def bytes_sent(self) -> int:
         with self._lock:
             return self._sent
+
+    def bytes_requested_twice(self, path: str) -> int:
+        """How many bytes of ``path`` the Range requests so far asked for more than once."""
+        size = self._resources[path].size
+        spans: list[tuple[int, int]] = []
+        for _, p, h in self.requests:
+            if p != path:
+                continue
+            m = re.fullmatch(r"bytes=(\d+)-(\d*)", h.get("Range", "bytes=0-"))
+            if m:
+                spans.append((int(m.group(1)), min(int(m.group(2) or size - 1), size - 1)))
+        asked = sum(e + 1 - s for s, e in spans if e >= s)
+        union, reach = 0, -1
+        for s, e in sorted(spans):
+            if e > reach:
+                union += e - max(s, reach + 1) + 1
+                reach = e
+        return asked - union
 
     def reset_counters(self) -> None:
         with self._lock:

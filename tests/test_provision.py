@@ -143,7 +143,7 @@ def test_killed_during_conversion_resumes_there_without_downloading_again(tmp_pa
     assert state["stages"]["fetch"]["status"] == "done"
     assert list(vdir.glob(f".{INTERMEDIATE}.*.partial"))  # the half-written conversion
     assert not (vdir / INTERMEDIATE).exists() and not (vdir / "q4_0.gguf").exists()
-    assert srv.bytes_sent >= sum(p.stat().st_size for p in smol_hf_folder.iterdir())  # parallel parts may overlap
+    assert srv.bytes_sent >= sum(p.stat().st_size for p in smol_hf_folder.iterdir())  # all of it fetched
 
     srv.reset_counters()
     r = pipx_llama("provision", str(lab), "--json", env=env)

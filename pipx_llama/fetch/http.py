@@ -113,6 +113,11 @@ _SYNC_SHARE = 10
 _CHECKPOINT_MAX = 10.0
 _MAX_RESTARTS = 3
 _JOIN_GRACE = 1.0
+# A parallel download asks for a part in spans of about this many seconds of transfer (at least
+# 2 x min_part, at most _SPAN_MAX bytes): a part can then be split above its open span, so the bytes a
+# server has already pushed into the socket are never wasted, at the cost of one request per span.
+_SPAN_SECONDS = 1.0
+_SPAN_MAX = 64 << 20
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 
 
@@ -167,6 +172,7 @@ class _Part:
     received: int = 0
     claimed_received: int = 0
     last_data: float = 0.0
+    req_end: int = -1      # last byte asked for by the request open on this part's connection
 
     @property
     def pos(self) -> int:
@@ -1082,7 +1088,8 @@ class _Job:
         """Open the first response, learn size, validators and Range support; plan the parts."""
         o = self.opt
         parallel = o.parallel_parts > 1 and self.size is not None and self.size >= o.part_threshold
-        first_end = -(-self.size // o.parallel_parts) - 1 if parallel and self.size else None
+        first_end = (min(-(-self.size // o.parallel_parts), 2 * o.min_part) - 1
+                     if parallel and self.size else None)
         attempt = 0
         while True:
             try:
@@ -1112,6 +1119,7 @@ class _Job:
         self.etag = self.last_modified = None
         self.sources = []
         self._learn_validators(resp)
+        cr = None
         if code == 416:
             unsatisfied = re.fullmatch(r"\s*bytes\s+\*/0\s*", resp.headers.get("content-range", ""))
             resp.close()
@@ -1153,6 +1161,7 @@ class _Job:
         now = time.monotonic()
         p0 = self.parts[0]
         p0.active, p0.claimed_at, p0.last_data = True, now, now
+        p0.req_end = cr[1] if cr is not None else -1 if self.total is None else self.total - 1
         return p0, resp
 
     # ---- workers
@@ -1184,14 +1193,18 @@ class _Job:
             if not self.ranges or self.total is None:
                 return None
             busy = [p for p in self.parts if p.active and p.end is not None and not p.complete]
-            best, best_left = None, 0
+            best, best_cut, best_new = None, 0, 0
             for p in busy:
-                left = p.end + 1 - (p.start + max(p.reserved, p.done))  # type: ignore[operator]
-                if left > best_left:
-                    best, best_left = p, left
-            if best is not None and best_left >= 2 * self.opt.min_part:
-                # above what its worker has already received: nothing is fetched twice
-                cut = best.start + max(best.reserved, best.done) + best_left // 2
+                held = p.start + max(p.reserved, p.done)
+                left = p.end + 1 - held  # type: ignore[operator]
+                # above what its worker has received and what its open request asks for: nothing
+                # is fetched twice, nothing a server already sent is thrown away
+                cut = max(held + left // 2, p.req_end + 1)
+                new_size = p.end + 1 - cut  # type: ignore[operator]
+                if left >= 2 * self.opt.min_part and new_size >= self.opt.min_part and new_size > best_new:
+                    best, best_cut, best_new = p, cut, new_size
+            if best is not None:
+                cut = best_cut
             else:
                 # take over a straggler: everything not yet on disk, including bytes its stuck worker
                 # holds unwritten (the writer trims that worker's blocks to the shortened part)
@@ -1254,7 +1267,7 @@ class _Job:
             before = part.queued
             try:
                 if resp is None:
-                    resp = self._request(part.qpos, part.end, conditional=True)
+                    resp = self._request(part.qpos, self._open_span(part), conditional=True)
                     self._accept(resp, part)
                 self._stream(resp, part, stop, writer)
                 if part.end is None and not stop.is_set():
@@ -1262,6 +1275,8 @@ class _Job:
                         part.end = part.qpos - 1
                         self.total = part.qpos
                     return
+                if part.qpos > part.req_end >= 0:
+                    continue  # the span is done; the next one goes out on the same connection
                 if not part.all_queued and not stop.is_set():
                     raise _Retry("the connection closed before the part was complete")
             except (_Retry, httpx.TransportError) as exc:
@@ -1289,6 +1304,21 @@ class _Job:
                     resp.close()
                     resp = None
 
+    def _open_span(self, part: _Part) -> int | None:
+        """The last byte the next request of ``part`` asks for, recorded so that no split cuts below it."""
+        o = self.opt
+        with self.lock:
+            end = part.end
+            if end is not None and self.ranges and self.total is not None and o.parallel_parts > 1 \
+                    and self.total >= o.part_threshold:
+                elapsed = max(time.monotonic() - self.session_start, 1e-3)
+                active = sum(1 for q in self.parts if q.active and not q.complete) or 1
+                per_conn = self.session_received / elapsed / active
+                span = int(min(_SPAN_MAX, max(2 * o.min_part, per_conn * _SPAN_SECONDS)))
+                end = min(end, part.qpos + span - 1)
+            part.req_end = -1 if end is None else end
+            return end
+
     def _accept(self, resp: httpx.Response, part: _Part) -> None:
         """Check a ranged response continues this very file at this very offset."""
         code = resp.status_code
@@ -1312,6 +1342,9 @@ class _Job:
         if self._validators_differ(resp):
             raise _Restart("the file at the source has changed (new ETag/Last-Modified)")
         self._learn_validators(resp)
+        if 0 <= cr[1] < part.req_end:
+            with self.lock:
+                part.req_end = cr[1]  # a server may answer a shorter range than asked
 
     def _stream(self, resp: httpx.Response, part: _Part, stop: threading.Event, writer: _Writer) -> None:
         """Receive the body and queue it for the writer in blocks of about _WRITE_BLOCK bytes.
