@@ -5,7 +5,7 @@
    fsyncs it, as the store needs -- with the destination on disk (the store's case) and on tmpfs,
    over 1 connection and over parallel parts. Reference rows show the ceilings: a bare httpx
    streaming loop (no writing, no hashing) with httpx's default 64 KiB socket reads and with the
-   256 KiB reads download() uses, and sha256 alone over the same number of bytes from memory
+   1 MiB reads download() uses, and sha256 alone over the same number of bytes from memory
    (hashlib, one thread: no download with hashing can beat it); ``curl -o FILE`` followed by
    ``openssl dgst -sha256 FILE`` is the shell's way to do what download() does (without the fsync).
    The table gives median and best MiB/s, the client's CPU seconds per GiB, and the ratio of the
@@ -133,7 +133,7 @@ def loopback(args: argparse.Namespace, work: Path) -> dict:
         "curl -o file, then openssl sha256": [["curl", "-s", "-o", str(curl_file), srv.url],
                                               ["openssl", "dgst", "-sha256", str(curl_file)]],
         "httpx bare loop, 64 KiB reads": lambda: bare_httpx(srv.url, False),
-        "httpx bare loop, 256 KiB reads": lambda: bare_httpx(srv.url, True),
+        "httpx bare loop, 1 MiB reads": lambda: bare_httpx(srv.url, True),
         "sha256 alone, from memory": lambda: sha256_alone(size),
         "download() 1 conn -> disk": lambda: fetch(srv.url, disk / "f.part", size, digest, 1),
         f"download() {args.parts} parts -> disk": lambda: fetch(srv.url, disk / "f.part", size, digest, args.parts),
