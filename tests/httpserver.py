@@ -54,6 +54,7 @@ class Faults:
     rate: float | None = None
     chunked: bool = False
     no_etag: bool = False
+    max_range: int | None = None    # a 206 covers at most this many bytes (RFC 9110 allows shorter answers)
 
 
 @dataclass
@@ -137,6 +138,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                 return
             if parsed is not None:
                 start, end = parsed
+                if faults.max_range is not None:
+                    end = min(end, start + faults.max_range - 1)
                 partial = True
         length = end - start + 1
         headers = {

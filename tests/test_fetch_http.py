@@ -114,9 +114,11 @@ def test_a_split_never_wastes_what_the_server_already_sent(server, tmp_path):
     url = server.put("/split.bin", data)
     server.faults("/split.bin").stall_after = 256 * 1024  # the first response (part 0) pauses a second
     server.faults("/split.bin").stall_for = 1.0
-    download(url, tmp_path / "s.part", size=len(data), sha256=sha(data),
+    ev = Events()
+    download(url, tmp_path / "s.part", size=len(data), sha256=sha(data), on_event=ev,
              options=opts(parallel_parts=4, part_threshold=4 * MB, min_part=MB, straggler_after=30))
     assert (tmp_path / "s.part").read_bytes() == data
+    assert not ev.of("retry") and not ev.of("restart")  # a finished span is not a failed attempt
     rngs = ranges_requested(server, "/split.bin")
     assert rngs[0] == f"bytes=0-{2 * MB - 1}"
     # the three other parts end while part 0 waits: their connections split its rest above byte 2 MiB
@@ -124,6 +126,20 @@ def test_a_split_never_wastes_what_the_server_already_sent(server, tmp_path):
     assert len([s for s in starts if 2 * MB <= s < 12 * MB]) >= 2, rngs
     assert server.bytes_requested_twice("/split.bin") == 0
     assert server.bytes_sent == len(data)
+
+
+@pytest.mark.parametrize("parallel", [False, True])
+def test_server_answering_shorter_ranges_than_asked(server, tmp_path, parallel):
+    data = blob(6 * MB, 4)
+    url = server.put("/short.bin", data)
+    server.faults("/short.bin").max_range = 700 * 1024
+    ev = Events()
+    o = opts(parallel_parts=4, part_threshold=MB, min_part=256 * 1024) if parallel else opts()
+    download(url, tmp_path / "sh.part", size=len(data), sha256=sha(data), options=o, on_event=ev)
+    assert (tmp_path / "sh.part").read_bytes() == data
+    assert not ev.of("retry") and not ev.of("restart")  # each short answer is continued, not retried
+    assert server.bytes_sent == len(data)
+    assert len(ranges_requested(server, "/short.bin")) >= len(data) // (700 * 1024)
 
 
 def test_empty_file_and_unknown_size(server, tmp_path):

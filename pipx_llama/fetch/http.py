@@ -30,7 +30,7 @@ Parallel parts
     Files of at least ``part_threshold`` bytes from servers that honour ``Range`` are split into
     ``parallel_parts`` ranges, each received by its own thread (a single stream is the same with one
     part). Receiving threads only parse; the writer thread writes into the (sparse, full-length) file.
-    Each thread asks for its part in spans of about a second of transfer (``Range`` up to the span's
+    Each thread asks for its part in spans of a few seconds of transfer (``Range`` up to the span's
     end, the next span on the same connection), so that a thread that finishes its part can take
     half of the biggest remaining part (if both halves keep ``min_part``) above the span in flight:
     no byte a server has already pushed into a socket is thrown away. A thread also takes over the
@@ -120,9 +120,10 @@ _MAX_RESTARTS = 3
 _JOIN_GRACE = 1.0
 # A parallel download asks for a part in spans of about this many seconds of transfer (at least
 # 2 x min_part, at most _SPAN_MAX bytes): a part can then be split above its open span, so the bytes a
-# server has already pushed into the socket are never wasted, at the cost of one request per span.
-_SPAN_SECONDS = 1.0
-_SPAN_MAX = 64 << 20
+# server has already pushed into the socket are never wasted. Each span is one more request (through
+# any redirect, e.g. Hugging Face's resolve URL to its CDN), so spans are seconds long, not fractions.
+_SPAN_SECONDS = 4.0
+_SPAN_MAX = 256 << 20
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 
 
