@@ -296,6 +296,43 @@ def test_retries_exhausted_give_network_error(server, tmp_path):
 # ---- broken connections, stalls, resume
 
 
+@pytest.fixture()
+def no_proxy(monkeypatch):
+    for var in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(var, raising=False)
+
+
+def test_host_that_does_not_resolve_fails_at_once(tmp_path, no_proxy):
+    # .invalid never resolves (RFC 6761): the answer is final, so no retry and no backoff
+    ev = Events()
+    t0 = time.monotonic()
+    with pytest.raises(NetworkError) as err:
+        download("https://pipx-llama-test.invalid/m.gguf", tmp_path / "m.part", size=10, sha256="0" * 64,
+                 options=opts(backoff_base=1.0, max_retries=6), on_event=ev, label="m.gguf")
+    assert time.monotonic() - t0 < 5
+    assert not ev.of("retry")
+    msg = err.value.message
+    assert "m.gguf" in msg and "pipx-llama-test.invalid" in msg and "does not resolve" in msg
+    assert "--offline" in err.value.hint and "--mirror" in err.value.hint
+
+
+def test_temporary_name_resolution_failure_is_retried_once(tmp_path, monkeypatch, no_proxy):
+    import socket
+
+    def no_dns(*args: object, **kwargs: object) -> object:
+        raise socket.gaierror(socket.EAI_AGAIN, "Temporary failure in name resolution")
+
+    monkeypatch.setattr(socket, "getaddrinfo", no_dns)
+    ev = Events()
+    with pytest.raises(NetworkError) as err:
+        download("https://models.example.org/m.gguf", tmp_path / "m.part", size=10, sha256="0" * 64,
+                 options=opts(max_retries=6), on_event=ev, label="m.gguf")
+    assert len(ev.of("retry")) == fetch_http._DNS_RETRIES
+    assert "models.example.org does not resolve (Temporary failure in name resolution)" in err.value.message
+
+
+
+
 def test_dropped_connections_resume_in_place(server, tmp_path):
     data = blob(6 * MB, 7)
     url = server.put("/drop", data)

@@ -79,6 +79,7 @@ import queue
 import random
 import re
 import shutil
+import socket
 import ssl
 import threading
 import time
@@ -118,6 +119,11 @@ _SYNC_SHARE = 10
 _CHECKPOINT_MAX = 10.0
 _MAX_RESTARTS = 3
 _JOIN_GRACE = 1.0
+# A host name that does not resolve is not retried like a dropped connection: "no such name" is final,
+# "temporary failure" (typical of a machine with no network) gets this many retries, so an offline
+# user waits seconds, not the minute of a full backoff, before the next source or the error.
+_DNS_RETRIES = 1
+_DNS_FINAL = {getattr(socket, n) for n in ("EAI_NONAME", "EAI_NODATA", "EAI_FAIL") if hasattr(socket, n)}
 # A parallel download asks for a part in spans of about this many seconds of transfer (at least
 # 2 x min_part, at most _SPAN_MAX bytes): a part can then be split above its open span, so the bytes a
 # server has already pushed into the socket are never wasted. Each span is one more request (through
@@ -620,6 +626,7 @@ class _Job:
         self.on_event = on_event
         self.name = name
         self.lock = threading.Lock()
+        self.dns_failures = 0
         self.stop = threading.Event()
         self.wake = threading.Event()
         self.events: queue.SimpleQueue[ProgressEvent] = queue.SimpleQueue()
@@ -1069,11 +1076,28 @@ class _Job:
                         f"the TLS certificate of {urlsplit(self.url).hostname} could not be verified: {exc}",
                         "if you are behind a proxy that inspects TLS, point SSL_CERT_FILE at its CA bundle",
                     ) from None
+                if isinstance(cause, socket.gaierror):
+                    self._name_not_resolved(cause)
                 cause = cause.__cause__ or cause.__context__
             return f"cannot connect: {exc}", None
         if isinstance(exc, httpx.RemoteProtocolError):
             return f"connection dropped: {exc}", None
         return f"{type(exc).__name__}: {exc}", None
+
+    def _name_not_resolved(self, err: socket.gaierror) -> None:
+        """Give up on this source at once (or after _DNS_RETRIES) when its host name does not resolve."""
+        with self.lock:
+            self.dns_failures += 1
+            failures = self.dns_failures
+        if err.errno in _DNS_FINAL or failures > _DNS_RETRIES:
+            host = urlsplit(self.url).hostname
+            raise NetworkError(
+                f"cannot download {self.name} from {self.shown_url}: the host name {host} does not resolve "
+                f"({err.strerror or err})",
+                "check the network connection, DNS and proxy settings (HTTPS_PROXY); without a network, "
+                "use a model already in the store (--offline), a lab mirror (--mirror URL) or files you "
+                "have (--from-dir DIR)",
+            ) from None
 
     def _backoff(self, attempt: int, retry_after: float | None) -> float:
         if retry_after is not None:
