@@ -8,6 +8,7 @@ whole path against the GGUF llama.cpp made of it.
 from __future__ import annotations
 
 import json
+import math
 import time
 from pathlib import Path
 
@@ -28,6 +29,7 @@ from pipx_llama.convert.hf import hf_permute, permute, read_safetensors_header
 from pipx_llama.engine.gguf_reader import open_gguf
 from pipx_llama.engine.model import load_model
 from pipx_llama.errors import ModelFileError, UnsupportedModelError
+from pipx_llama.quantize import quantize_model
 
 DIM, N_LAYERS, N_HEADS, N_KV, N_VOCAB = 64, 2, 8, 2, 32000
 IDS = [1, 450, 4996, 17354, 1701, 1134, 29889]
@@ -193,7 +195,7 @@ def test_tied_embeddings_write_no_output_tensor(tmp_path, weights, tokenizer_mod
 @pytest.mark.parametrize("change, error", [
     ({"architectures": ["Qwen2ForCausalLM"]}, "architecture"),
     ({"attention_bias": True}, "biases"),
-    ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0}}, "llama3"),
+    ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "yarn"),
     ({"head_dim": 32}, "head_dim"),
 ])
 def test_unsupported_configs(tmp_path, weights, tokenizer_model, change, error):
@@ -210,6 +212,44 @@ def test_linear_rope_scaling_is_written(tmp_path, weights, tokenizer_model):
     assert g.metadata["llama.rope.scaling.factor"] == 2.0
     assert g.metadata["llama.rope.freq_base"] == 500000.0
     g.close()
+
+
+def test_llama3_rope_scaling_becomes_rope_freqs(tmp_path, weights, tokenizer_model):
+    """Llama 3.1's rope_scaling is written as llama.cpp writes it: a rope_freqs.weight tensor, no scaling type."""
+    scaling = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 64}
+    src = write_hf_folder(tmp_path / "hf", weights, tokenizer_model, rope_scaling=scaling, rope_theta=10000.0)
+    out = convert(src, tmp_path / "m.gguf", "f16").path
+    g = open_gguf(out)
+    try:
+        assert "llama.rope.scaling.type" not in g.metadata
+        info = g.tensors["rope_freqs.weight"]
+        got = g.tensor_bytes("rope_freqs.weight").view(np.float32).copy()
+    finally:
+        g.close()
+    head_dim = len(got) * 2
+    assert info.qtype.name == "F32" and info.shape == (head_dim // 2,)
+    # llama.cpp's convert_hf_to_gguf formula, in float64
+    expected = []
+    for i in range(0, head_dim, 2):
+        wavelen = 2 * math.pi * 10000.0 ** (i / head_dim)
+        if wavelen < 64 / 4.0:
+            expected.append(1.0)
+        elif wavelen > 64 / 1.0:
+            expected.append(8.0)
+        else:
+            smooth = (64 / wavelen - 1.0) / (4.0 - 1.0)
+            expected.append(1 / ((1 - smooth) / 8.0 + smooth))
+    np.testing.assert_allclose(got, expected, rtol=2e-6)
+    assert got[0] == 1.0 and got[-1] == 8.0 and len(set(got.tolist())) > 2  # all three regimes occur
+    # quantizing keeps the factors (1-D tensors stay F32)
+    quantize_model(out, tmp_path / "q.gguf", "Q8_0", threads=1)
+    for path in (out, tmp_path / "q.gguf"):
+        m = load_model(path, threads=1)
+        try:
+            assert m.hparams.rope_factors == tuple(float(f) for f in got)
+        finally:
+            m.close()
 
 
 def test_missing_shard_and_wrong_shapes(tmp_path, weights, tokenizer_model):

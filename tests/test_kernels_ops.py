@@ -137,6 +137,22 @@ def test_rope_cache_matches_ref_and_ggml_recurrence():
         ops.rope_cache(16, 63, 10000.0)
 
 
+def test_rope_cache_with_llama31_factors():
+    factors = np.linspace(1.0, 8.0, 32).astype(np.float32)
+    cos, sin = ops.rope_cache(1024, 64, 500000.0, factors=factors)
+    cos_r, sin_r = ops.rope_cache_ref(1024, 64, 500000.0, factors=factors)
+    np.testing.assert_allclose(cos, cos_r, rtol=0, atol=1.2e-7)
+    np.testing.assert_allclose(sin, sin_r, rtol=0, atol=1.2e-7)
+    plain_cos, plain_sin = ops.rope_cache(1024, 64, 500000.0)
+    ones_cos, ones_sin = ops.rope_cache(1024, 64, 500000.0, factors=np.ones(32, np.float32))
+    assert np.array_equal(ones_cos, plain_cos) and np.array_equal(ones_sin, plain_sin)
+    # a factor of 2 halves every angle exactly: position 2p then turns as far as position p did
+    twice_cos, twice_sin = ops.rope_cache(1024, 64, 500000.0, factors=np.full(32, 2.0, np.float32))
+    assert np.array_equal(twice_cos[0:1024:2], plain_cos[:512]) and np.array_equal(twice_sin[0:1024:2], plain_sin[:512])
+    with pytest.raises(ValueError):
+        ops.rope_cache(16, 64, 10000.0, factors=np.ones(16, np.float32))
+
+
 @pytest.mark.parametrize("T,H,D,n_rot,start", [(1, 9, 64, 64, 0), (1, 32, 128, 128, 700), (33, 9, 64, 64, 5),
                                                (33, 32, 128, 128, 0), (7, 3, 64, 32, 100)])
 def test_rope_matches_ref(T, H, D, n_rot, start):

@@ -70,3 +70,72 @@ def test_window_perplexity_matches_llama_cpp(model, golden):
     ppl = window_perplexity(model, ref["ids"][: ref["n_tokens"]])
     print(f"\nwindow perplexity: ours {ppl:.4f}, llama.cpp {ref['ppl']:.4f} ({ppl / ref['ppl'] - 1:+.2%})")
     assert abs(ppl / ref["ppl"] - 1) <= 0.02
+
+
+# --- Llama 3.1's per-pair RoPE factors (rope_freqs.weight), on a tiny model, against llama.cpp -------------
+
+LLAMA31_FACTORS = np.array([1.0, 1.0, 1.0, 1.7, 3.2, 6.4, 8.0, 8.0], np.float32)  # head_dim 16: 8 pairs
+LLAMA31_IDS = [(7 * i + 3) % 250 + 20 for i in range(48)]
+
+
+@pytest.fixture(scope="module")
+def llama31_tiny(tmp_path_factory):
+    from tinymodel import write_tiny_llama
+
+    d = tmp_path_factory.mktemp("llama31")
+    with_f, without = d / "factors.gguf", d / "plain.gguf"
+    write_tiny_llama(with_f, rope_freqs=LLAMA31_FACTORS, seed=31, extra_metadata={"llama.rope.freq_base": 500000.0})
+    write_tiny_llama(without, seed=31, extra_metadata={"llama.rope.freq_base": 500000.0})
+    return with_f, without
+
+
+def _all_logits(path, fused=True):
+    m = load_model(path, threads=2)
+    try:
+        return m.new_context(128, fused=fused).eval(LLAMA31_IDS, all_logits=True)
+    finally:
+        m.close()
+
+
+def test_rope_factors_are_read_and_change_the_result(llama31_tiny):
+    with_f, without = llama31_tiny
+    m = load_model(with_f, threads=1)
+    assert m.hparams.rope_factors == tuple(float(f) for f in LLAMA31_FACTORS)
+    m.close()
+    a, b = _all_logits(with_f), _all_logits(without)
+    assert np.abs(a - b).max() > 0.05  # the factors matter at these positions
+    np.testing.assert_array_equal(a, _all_logits(with_f, fused=False))
+
+
+def test_rope_factors_match_llama_cpp(llama31_tiny):
+    llama_cpp = pytest.importorskip("llama_cpp")
+    with_f, _ = llama31_tiny
+    ours = _all_logits(with_f)
+    llm = llama_cpp.Llama(model_path=str(with_f), n_ctx=128, logits_all=True, verbose=False, n_threads=2)
+    try:
+        llm.eval(LLAMA31_IDS)
+        ref = np.array(llm.scores[: len(LLAMA31_IDS)], np.float32)
+    finally:
+        llm.close()
+    err = np.abs(ours - ref).max()
+    assert err < 5e-3, f"max |Δlogit| {err}"  # ignoring the factors gives ~0.5 here
+    assert (ours.argmax(1) == ref.argmax(1)).mean() >= 0.95
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_context_shift_rerotates_keys_with_the_factors(llama31_tiny, fused):
+    """Layer 0's keys depend only on token and position: after a shift they equal a fresh evaluation's."""
+    with_f, _ = llama31_tiny
+    m = load_model(with_f, threads=2)
+    try:
+        shifted = m.new_context(64, fused=fused)
+        shifted.eval(LLAMA31_IDS[:40])
+        shifted.shift(4, 12)
+        fresh = m.new_context(64, fused=fused)
+        fresh.eval(LLAMA31_IDS[:4] + LLAMA31_IDS[16:40])
+        k_shifted = shifted.k_cache[0, :28].astype(np.float32)
+        k_fresh = fresh.k_cache[0, :28].astype(np.float32)
+        # both sides are rounded to f16; the shifted one twice
+        np.testing.assert_allclose(k_shifted, k_fresh, atol=4e-3 * max(1.0, float(np.abs(k_fresh).max())))
+    finally:
+        m.close()

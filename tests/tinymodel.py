@@ -190,6 +190,7 @@ def write_tiny_llama(
     seed: int = 0,
     tokenizer: str = "bpe",
     extra_metadata: Mapping[str, Any] | None = None,
+    rope_freqs: np.ndarray | None = None,
 ) -> dict[str, np.ndarray]:
     """Write a small valid llama GGUF v3 to ``path``; return its weights as float32 arrays by tensor name.
 
@@ -201,6 +202,8 @@ def write_tiny_llama(
     type llama.cpp's converters use (non-negative int: UINT32, float: FLOAT32, list: ARRAY), a
     ``(value, GGUFValueType.X)`` pair forces the type (for a list, X is the element type), and
     ``None`` removes the key.
+
+    ``rope_freqs`` (f32 [head_dim // 2]) adds Llama 3.1's per-pair RoPE factors as ``rope_freqs.weight``.
     """
     qtype = GGMLQuantizationType(qtype)
     if qtype not in _FILE_TYPE:
@@ -280,6 +283,10 @@ def write_tiny_llama(
         writer.add_key_value(key, val, vtype, sub_type=sub)
 
     weights: dict[str, np.ndarray] = {}
+    if rope_freqs is not None:
+        factors = np.asarray(rope_freqs, np.float32)
+        writer.add_tensor("rope_freqs.weight", factors)
+        weights["rope_freqs.weight"] = factors
     for name, shape, std, mean in plan:
         data, raw, values = _quantize(rng, shape, std, qtype if len(shape) == 2 else GGMLQuantizationType.F32,
                                       mean)

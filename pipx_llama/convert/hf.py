@@ -110,6 +110,27 @@ def read_safetensors_header(path: Path) -> dict[str, SafeTensor]:
     return out
 
 
+def llama3_rope_factors(base: float, head_dim: int, scaling: dict, source: Path | str = "config.json") -> np.ndarray:
+    """Llama 3.1's per-pair RoPE factors f32 [head_dim // 2], as llama.cpp's converter computes them.
+
+    Pairs that turn fast (wavelength below original_context / high_freq_factor) keep their angle,
+    slow ones are divided by ``factor``, and those between are blended smoothly.
+    """
+    f32 = np.float32
+    factor = f32(scaling.get("factor", 8.0))
+    low, high = f32(scaling.get("low_freq_factor", 1.0)), f32(scaling.get("high_freq_factor", 4.0))
+    old_ctx = f32(scaling.get("original_max_position_embeddings", 8192))
+    if not (factor > 0 and high > low > 0 and old_ctx > 0):
+        raise ModelFileError(f"{source}: implausible llama3 rope_scaling {scaling}",
+                             "check config.json against the model's published one")
+    freqs = f32(1.0) / (f32(base) ** (np.arange(0, head_dim, 2, dtype=f32) / f32(head_dim)))
+    wavelen = f32(2 * math.pi) / freqs
+    smooth = (old_ctx / wavelen - low) / (high - low)
+    blended = f32(1.0) / ((f32(1.0) - smooth) / factor + smooth)
+    out = np.where(wavelen < old_ctx / high, f32(1.0), np.where(wavelen > old_ctx / low, factor, blended))
+    return out.astype(f32)
+
+
 def find_weights(src: Path) -> dict[str, SafeTensor]:
     """All tensors of the model: from the shard index, model.safetensors, or model*.safetensors."""
     index = src / "model.safetensors.index.json"
@@ -216,9 +237,9 @@ def read_hf_model(src: Path) -> HfModel:
     linear = None
     if rope_type == "linear" and "factor" in scaling:
         linear = float(scaling["factor"])
-    elif rope_type not in (None, "default"):
+    elif rope_type not in (None, "default", "llama3"):
         raise UnsupportedModelError(f"{src}: RoPE scaling {rope_type!r} is not supported",
-                                    "only linear RoPE scaling is supported")
+                                    "only linear and Llama 3.1 ('llama3') RoPE scaling are supported")
     rope_theta = cfg.get("rope_theta")
 
     weights = find_weights(src)
@@ -271,6 +292,10 @@ def read_hf_model(src: Path) -> HfModel:
                              + (f"; unexpected {extra[:4]}" if extra else ""),
                              "check that config.json belongs to these weights")
     tensors = []
+    if rope_type == "llama3":
+        factors = llama3_rope_factors(float(rope_theta if rope_theta is not None else 10000.0), head_dim, scaling,
+                                      cfg_path)
+        tensors.append(SourceTensor("rope_freqs.weight", factors.shape, "F32", lambda: factors))
     for name, shape in want.items():
         t, heads = by_gguf[name]
         if t.shape != shape:

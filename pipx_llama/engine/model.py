@@ -49,6 +49,8 @@ class HyperParams:
     rope_freq_scale: float
     n_rot: int  # leading dims of each head that RoPE rotates
     norm_eps: float
+    # Llama 3.1+ RoPE: pair i's angle is divided by rope_factors[i] (the file's rope_freqs.weight)
+    rope_factors: tuple[float, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -297,15 +299,18 @@ def read_hparams(g: GGUFFile) -> HyperParams:
     elif scaling not in ("none", None):
         raise UnsupportedModelError(f"{g.path}: RoPE scaling {scaling!r} is not supported (none, linear)",
                                     "use a model without long-context RoPE scaling")
+    rope_factors = None
     if "rope_freqs.weight" in g.tensors:
-        raise UnsupportedModelError(f"{g.path}: per-frequency RoPE factors (rope_freqs, Llama 3.1 style) are "
-                                    "not supported yet", "use a Llama 1/2, Mistral, TinyLlama or SmolLM2 model")
+        factors = _vector(g, "rope_freqs.weight", n_rot // 2)
+        if not (np.isfinite(factors).all() and (factors > 0).all()):
+            raise _bad(g.path, "tensor 'rope_freqs.weight' holds a RoPE factor that is not a positive number")
+        rope_factors = tuple(float(f) for f in factors)
     embd = g.tensors.get("token_embd.weight")
     if embd is None:
         raise _bad(g.path, "tensor 'token_embd.weight' is missing")
     n_vocab = embd.shape[1] if len(embd.shape) == 2 else 0
     return HyperParams(n_vocab, dim, n_layers, n_heads, n_kv_heads, head_dim, ffn_dim, n_ctx_train,
-                       rope_base, freq_scale, n_rot, eps)
+                       rope_base, freq_scale, n_rot, eps, rope_factors)
 
 
 def _weight(g: GGUFFile, name: str, rows: int, cols: int) -> Weight:
@@ -401,7 +406,8 @@ class Context:
         kv_dim = hp.n_kv_heads * hp.head_dim
         self.k_cache = np.zeros((hp.n_layers, n_ctx, hp.n_kv_heads, hp.head_dim), np.float16)
         self.v_cache = np.zeros((hp.n_layers, n_ctx, hp.n_kv_heads, hp.head_dim), np.float16)
-        self.rope_cos, self.rope_sin = ops.rope_cache(n_ctx, hp.n_rot, hp.rope_base, hp.rope_freq_scale)
+        self.rope_cos, self.rope_sin = ops.rope_cache(n_ctx, hp.n_rot, hp.rope_base, hp.rope_freq_scale,
+                                                      hp.rope_factors)
         b, q_dim = self.n_batch, hp.n_heads * hp.head_dim
         self._x = np.empty((b, hp.dim), np.float32)  # residual stream
         self._xb = np.empty((b, hp.dim), np.float32)  # normed input of a sub-layer
@@ -475,6 +481,8 @@ class Context:
         src, dst, n_move = n_keep + n_discard, n_keep, self.n_past - n_keep - n_discard
         half = hp.n_rot // 2
         theta = hp.rope_freq_scale * hp.rope_base ** (-2.0 * np.arange(half) / hp.n_rot) * -n_discard
+        if hp.rope_factors is not None:
+            theta /= np.asarray(hp.rope_factors)
         cos, sin = np.cos(theta), np.sin(theta)  # [half]
         for li in range(hp.n_layers):
             k = self.k_cache[li, src : src + n_move].astype(np.float64)  # [n_move, n_kv_heads, head_dim]

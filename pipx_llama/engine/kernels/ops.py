@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import math
 import platform
+from collections.abc import Sequence
 
 import numba
 import numpy as np
@@ -309,40 +310,54 @@ def rmsnorm_ref(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
 
 
 @njit(cache=True, error_model="numpy")
-def _rope_cache_fill(freq_base, freq_scale, cos, sin):
+def _rope_cache_fill(freq_base, freq_scale, factors, cos, sin):
     half = cos.shape[1]
     theta_scale = _F32(freq_base) ** (_F32(-2.0) / _F32(2 * half))
     fs = _F32(freq_scale)
     for p in range(cos.shape[0]):
         theta = _F32(p)
         for i in range(half):
-            th = fs * theta
+            th = fs * (theta / factors[i])
             cos[p, i] = np.cos(th)
             sin[p, i] = np.sin(th)
             theta = theta * theta_scale
 
 
-def rope_cache(n_ctx: int, n_rot: int, freq_base: float, freq_scale: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+def _rope_factors(n_rot: int, factors: Sequence[float] | np.ndarray | None) -> np.ndarray:
+    if n_rot <= 0 or n_rot % 2:
+        raise ValueError(f"n_rot must be a positive even number, got {n_rot}")
+    if factors is None:
+        return np.ones(n_rot // 2, np.float32)  # x / 1.0f is x: the tables equal those without factors
+    f = np.asarray(factors, np.float32)
+    if f.shape != (n_rot // 2,):
+        raise ValueError(f"expected {n_rot // 2} RoPE factors, got shape {f.shape}")
+    return f
+
+
+def rope_cache(n_ctx: int, n_rot: int, freq_base: float, freq_scale: float = 1.0,
+               factors: Sequence[float] | np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """cos, sin tables f32 [n_ctx, n_rot//2] for ``rope``; entry [p, i] is the angle of pair i at position p.
 
     Mirrors ggml's ``ggml_rope_cache_init`` (ext_factor 0, attn_factor 1): theta is built by
     repeated float32 multiplication, as ggml does, not as ``p * base**(-2i/n_rot)``.
-    ``freq_scale`` is 1/(linear RoPE scaling factor).
+    ``freq_scale`` is 1/(linear RoPE scaling factor); ``factors`` f32 [n_rot//2] are Llama 3.1's
+    per-pair frequency factors (``rope_freqs.weight``): pair i's angle is divided by factors[i].
     """
-    if n_rot <= 0 or n_rot % 2:
-        raise ValueError(f"n_rot must be a positive even number, got {n_rot}")
+    f = _rope_factors(n_rot, factors)
     cos = np.empty((n_ctx, n_rot // 2), np.float32)
     sin = np.empty((n_ctx, n_rot // 2), np.float32)
-    _rope_cache_fill(float(freq_base), float(freq_scale), cos, sin)
+    _rope_cache_fill(float(freq_base), float(freq_scale), f, cos, sin)
     return cos, sin
 
 
-def rope_cache_ref(n_ctx: int, n_rot: int, freq_base: float, freq_scale: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+def rope_cache_ref(n_ctx: int, n_rot: int, freq_base: float, freq_scale: float = 1.0,
+                   factors: Sequence[float] | np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    f = _rope_factors(n_rot, factors)
     half = n_rot // 2
     theta_scale = np.float32(np.float64(_F32(freq_base)) ** np.float64(_F32(-2.0) / _F32(n_rot)))
     steps = np.full((n_ctx, half), theta_scale, np.float32)
     steps[:, 0] = np.arange(n_ctx, dtype=np.float32)
-    theta = np.multiply.accumulate(steps, axis=1, dtype=np.float32) * _F32(freq_scale)
+    theta = (np.multiply.accumulate(steps, axis=1, dtype=np.float32) / f) * _F32(freq_scale)
     th64 = theta.astype(np.float64)
     return np.cos(th64).astype(np.float32), np.sin(th64).astype(np.float32)
 
