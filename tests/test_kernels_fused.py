@@ -36,6 +36,20 @@ def tiny_k(tmp_path_factory):
     return path
 
 
+@pytest.fixture(scope="module")
+def tiny_q5(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny") / "tiny-q5.gguf"
+    write_tiny_model(path, seed=5, kquants=False, q5=True)
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny_k5(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny") / "tiny-k5.gguf"
+    write_tiny_model(path, seed=6, q5=True)
+    return path
+
+
 def same_bits(a: np.ndarray, b: np.ndarray) -> None:
     assert a.shape == b.shape
     np.testing.assert_array_equal(a.view(np.uint32), b.view(np.uint32))
@@ -51,6 +65,31 @@ def test_fused_logits_are_the_per_op_logits(tiny, threads):
     for tok in (5, 77, 280):
         same_bits(fused.eval([tok]), per_op.eval([tok]))
     same_bits(fused.eval([4, 5, 6]), per_op.eval([4, 5, 6]))
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_q5_weights_read_in_place_give_the_per_op_logits(tiny_q5, threads):
+    """Q5_0/Q5_1 (plain kinds, read from the mapped file): generation on the fused pass, prompts per-op."""
+    model = load_model(tiny_q5, threads=threads)
+    assert model.packed is not None and model.packed.plain
+    fused, per_op = model.new_context(48, n_batch=8), model.new_context(48, n_batch=8, fused=False)
+    prompt = [1, 17, 260, 3, 99, 200, 45, 6, 7, 8, 9, 10, 11]
+    same_bits(fused.eval(prompt, all_logits=True), per_op.eval(prompt, all_logits=True))
+    for tok in (5, 77, 280):
+        same_bits(fused.eval([tok]), per_op.eval([tok]))
+    same_bits(fused.eval([4, 5], all_logits=True), per_op.eval([4, 5], all_logits=True))
+    same_bits(fused.eval([4, 5, 6]), per_op.eval([4, 5, 6]))
+
+
+def test_q5_K_logits_close_to_the_per_op_logits(tiny_k5):
+    model = load_model(tiny_k5, threads=2)
+    assert model.packed is not None and model.packed.plain
+    fused, per_op = model.new_context(32, n_batch=4), model.new_context(32, n_batch=4, fused=False)
+    prompt = [1, 17, 260, 3, 99, 200, 45, 6, 7]
+    np.testing.assert_array_equal(fused.eval(prompt, all_logits=True), per_op.eval(prompt, all_logits=True))
+    for tok in (5, 77, 280):
+        got, want = fused.eval([tok]), per_op.eval([tok])
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
 
 
 def test_kquant_logits_close_to_the_per_op_logits(tiny_k):

@@ -20,8 +20,8 @@ from pipx_llama.quant import legacy as ql
 
 pytestmark = pytest.mark.skipif(simd.TIER is None, reason="no packed kernels on this CPU")
 
-LEGACY = [ql.Q4_0, ql.Q4_1, ql.Q8_0]
-KQUANTS = [kq.Q4_K, kq.Q6_K]
+LEGACY = [ql.Q4_0, ql.Q4_1, ql.Q8_0, ql.Q5_0, ql.Q5_1]  # Q5_*: plain kinds, portable loops
+KQUANTS = [kq.Q4_K, kq.Q6_K, kq.Q5_K]
 
 
 def portable(qtype, raw: np.ndarray, x: np.ndarray) -> np.ndarray:
@@ -85,6 +85,31 @@ def test_kquants_close_to_portable_kernels(cls) -> None:
     got = packed_matmul(cls.qtype, raw, x)
     want = portable(cls.qtype, raw, x)
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+
+
+def test_plain_kinds_keep_the_ggml_rows() -> None:
+    raw = quantized(ql.Q5_1, 20, 64, seed=2)
+    m = packed.PackedMatrix(ql.Q5_1.qtype, raw)
+    assert m.kind in packed.PLAIN_KINDS and m.arena.size == 0 and np.array_equal(m.mapped, raw.reshape(-1))
+
+
+def test_fp16_decoding_equals_the_lookup_table() -> None:
+    """The plain kinds decode fp16 scales by arithmetic; every one of the 65536 values as the table."""
+    from numba import njit
+
+    from pipx_llama.engine.kernels.floats import FP16_TABLE
+
+    @njit(cache=False)
+    def decode_all(a):
+        out = np.empty(a.size // 2, np.float32)
+        for i in range(out.size):
+            out[i] = packed._f16(a, 2 * i)
+        return out
+
+    got = decode_all(np.arange(65536, dtype=np.uint16).view(np.uint8))
+    nan = np.isnan(FP16_TABLE)
+    assert np.array_equal(np.isnan(got), nan)
+    np.testing.assert_array_equal(got[~nan].view(np.uint32), FP16_TABLE[~nan].view(np.uint32))
 
 
 def test_rejects_mismatched_shapes() -> None:

@@ -94,6 +94,13 @@ class GGUFFile:
     _mmap: mmap.mmap | None = field(default=None, repr=False)
     _buffer: np.ndarray | None = field(default=None, repr=False)
 
+    @property
+    def data(self) -> np.ndarray:
+        """The whole mapped file as a read-only uint8 array (tensor offsets index into it)."""
+        if self._buffer is None:
+            raise ValueError(f"{self.path} is closed")
+        return self._buffer
+
     def tensor_bytes(self, name: str) -> np.ndarray:
         """The raw bytes of tensor ``name`` as a read-only uint8 view of the mapped file."""
         info = self.tensors[name]

@@ -33,6 +33,8 @@ from pipx_llama.tokenizer.tokenizer import Tokenizer
 SUPPORTED_ARCHITECTURES = ("llama",)
 DEFAULT_CTX = 4096
 DEFAULT_BATCH = 256
+# batches at most this long take the fused pass even with plain-kind (Q5_*) weights: generation
+_FUSED_PLAIN_MAX_T = 2
 
 
 @dataclass(frozen=True)
@@ -130,6 +132,7 @@ class PackedWeights:
     wdesc: np.ndarray  # int64 [7 * n_layers + 1, 4]
     need: np.ndarray  # int64 [4 * n_layers + 1]: activation formats of each matmul input (fused_kernels.IN_*)
     norms: np.ndarray  # float32 [2 * n_layers + 1, dim]
+    plain: bool = False  # some weights are plain kinds (read from the mapped file; see kernels.packed)
 
 
 def _pack(g: GGUFFile, layers: list[Layer], output: Weight, output_norm: np.ndarray,
@@ -148,6 +151,9 @@ def _pack(g: GGUFFile, layers: list[Layer], output: Weight, output_norm: np.ndar
     total = 0
     for i, w in enumerate(weights):
         kind = packed.KIND_OF_QTYPE[w.qtype]
+        if kind in packed.PLAIN_KINDS:
+            wdesc[i] = (kind, w.rows, w.cols, g.tensors[w.name].offset)  # used in place, in the file
+            continue
         wdesc[i] = (kind, w.rows, w.cols, total)
         total += (packed.packed_bytes(kind, w.rows, w.cols) + 63) // 64 * 64
     arena = _huge_page_buffer(total)
@@ -156,6 +162,8 @@ def _pack(g: GGUFFile, layers: list[Layer], output: Weight, output_norm: np.ndar
     def one(i: int) -> None:
         w = weights[i]
         kind, rows, cols, off = (int(v) for v in wdesc[i])
+        if kind in packed.PLAIN_KINDS:
+            return
         packed.repack(kind, w.data, arena[off : off + packed.packed_bytes(kind, rows, cols)])
         if not (tied and w is output):
             _drop_pages(g, w.name)
@@ -179,7 +187,8 @@ def _pack(g: GGUFFile, layers: list[Layer], output: Weight, output_norm: np.ndar
         need[4 * li + fused_kernels.IN_FFN] = a[fused_kernels.W_GATE] | a[fused_kernels.W_UP]
         need[4 * li + fused_kernels.IN_DOWN] = a[fused_kernels.W_DOWN]
     need[4 * len(layers)] = act[-1]
-    return PackedWeights(arena, wdesc, need, norms.astype(np.float32))
+    plain = any(int(k) in packed.PLAIN_KINDS for k in wdesc[:, 0])
+    return PackedWeights(arena, wdesc, need, norms.astype(np.float32), plain)
 
 
 def _huge_page_buffer(size: int) -> np.ndarray:
@@ -442,7 +451,8 @@ class Context:
               np.empty(b * k_widest // 16, np.int16), np.empty(b * k_widest // 16, np.int32),
               np.empty(b * k_widest // 32, np.int32))
         args = (
-            hpa, float(hp.norm_eps), ops.attention_scale(hp.head_dim), self._par, pw.arena, pw.wdesc, pw.need,
+            hpa, float(hp.norm_eps), ops.attention_scale(hp.head_dim), self._par, (pw.arena, m.gguf.data), pw.wdesc,
+            pw.need,
             pw.norms,
             self.rope_cos, self.rope_sin, self.k_cache.view(np.uint16), self.v_cache.view(np.uint16),
             self._x, self._xb, self._q, self._k, self._v, self._att, self._proj, self._gate, self._up, self._hidden,
@@ -514,7 +524,9 @@ class Context:
                 "start a new conversation, shorten the prompt, or raise -c/--ctx-size",
             )
         n_out = ids.size if all_logits else 1
-        if self._team is not None:
+        # plain-kind weights (Q5_*) have no fused multi-token kernel: prompts take the per-op path,
+        # which decodes each block once for all the batch's tokens (same KV cache, same logits)
+        if self._team is not None and (ids.size <= _FUSED_PLAIN_MAX_T or not self.model.packed.plain):
             return self._eval_fused(ids, all_logits, n_out)
         numba.set_num_threads(min(self.model.threads, numba.config.NUMBA_NUM_THREADS))
         logits = np.empty((n_out, hp.n_vocab), np.float32)

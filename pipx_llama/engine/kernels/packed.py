@@ -11,6 +11,13 @@ each lane is one output row. Rows past the end of a tensor whose row count is no
 Results are bit-identical to the portable kernels of :mod:`~pipx_llama.engine.kernels.legacy`
 (same integer block sums, same float32 operations in the same order); the tests compare them.
 
+Q5_0, Q5_1 and Q5_K have no SIMD layout yet ("plain" kinds): they are not copied at all, and
+``matmul_range`` runs portable loops over the ggml rows in the mapped file, with the integer sums
+and float32 operations of the per-op kernels (bit-identical for Q5_0/Q5_1; Q5_K, like the per-op
+K-quants, with fastmath). That keeps the generation of such files (Q5_K_M, Q5_0...) on the
+barrier-free fused pass; their prompts go through the per-op path, whose kernels share the decoding
+of a block among many tokens (model.Context.eval).
+
 ``matmul_range`` computes rows of groups ``g0..g1`` for tokens ``t0..t1`` -- the unit of work the
 fused forward pass (:mod:`~pipx_llama.engine.kernels.fused`) deals to its threads.
 """
@@ -22,6 +29,8 @@ from gguf import GGMLQuantizationType
 from numba import njit
 
 from pipx_llama.engine.kernels import simd
+from pipx_llama.engine.kernels.kquants import _q45_superblock
+from pipx_llama.engine.kernels.legacy import _dot_q5, _qh
 
 Q = GGMLQuantizationType
 LANES = simd.LANES
@@ -32,18 +41,24 @@ KIND_Q4_1 = 2
 KIND_Q8_0 = 3
 KIND_Q4_K = 4
 KIND_Q6_K = 5
+KIND_Q5_0 = 6  # plain kinds: ggml rows as they are (see the module docstring)
+KIND_Q5_1 = 7
+KIND_Q5_K = 8
+PLAIN_KINDS = (KIND_Q5_0, KIND_Q5_1, KIND_Q5_K)
 
 # ggml block: (elements, bytes, header bytes before the quants)
 _GGML = {KIND_Q4_0: (32, 18, 2), KIND_Q4_1: (32, 20, 4), KIND_Q8_0: (32, 34, 2), KIND_Q4_K: (256, 144, 0),
-         KIND_Q6_K: (256, 210, 0)}
-KIND_OF_QTYPE = {Q.Q4_0: KIND_Q4_0, Q.Q4_1: KIND_Q4_1, Q.Q8_0: KIND_Q8_0, Q.Q4_K: KIND_Q4_K, Q.Q6_K: KIND_Q6_K}
+         KIND_Q6_K: (256, 210, 0), KIND_Q5_0: (32, 22, 6), KIND_Q5_1: (32, 24, 8), KIND_Q5_K: (256, 176, 0)}
+KIND_OF_QTYPE = {Q.Q4_0: KIND_Q4_0, Q.Q4_1: KIND_Q4_1, Q.Q8_0: KIND_Q8_0, Q.Q4_K: KIND_Q4_K, Q.Q6_K: KIND_Q6_K,
+                 Q.Q5_0: KIND_Q5_0, Q.Q5_1: KIND_Q5_1, Q.Q5_K: KIND_Q5_K}
 RECORD_BYTES = {KIND_Q4_0: 288, KIND_Q4_1: 320, KIND_Q8_0: 544, KIND_Q4_K: 2368, KIND_Q6_K: 3360}
 BLOCK_ELEMENTS = {k: v[0] for k, v in _GGML.items()}
 
 # activations each kind multiplies with (bit flags): Q8_0/Q8_1 blocks of 32, or Q8_K super-blocks
 ACT_Q8 = 1
 ACT_Q8K = 2
-ACTIVATIONS = {KIND_Q4_0: ACT_Q8, KIND_Q4_1: ACT_Q8, KIND_Q8_0: ACT_Q8, KIND_Q4_K: ACT_Q8K, KIND_Q6_K: ACT_Q8K}
+ACTIVATIONS = {KIND_Q4_0: ACT_Q8, KIND_Q4_1: ACT_Q8, KIND_Q8_0: ACT_Q8, KIND_Q4_K: ACT_Q8K, KIND_Q6_K: ACT_Q8K,
+               KIND_Q5_0: ACT_Q8, KIND_Q5_1: ACT_Q8, KIND_Q5_K: ACT_Q8K}
 
 
 def supported(qtype: GGMLQuantizationType) -> bool:
@@ -52,6 +67,8 @@ def supported(qtype: GGMLQuantizationType) -> bool:
 
 
 def packed_bytes(kind: int, rows: int, cols: int) -> int:
+    if kind in PLAIN_KINDS:
+        return 0  # used in place, in the mapped file
     groups = (rows + LANES - 1) // LANES
     return groups * (cols // BLOCK_ELEMENTS[kind]) * RECORD_BYTES[kind]
 
@@ -167,6 +184,8 @@ def repack(kind: int, w: np.ndarray, out: np.ndarray) -> None:
     Serial and without the GIL: callers run several tensors on threads of their own (numba's
     parallel loops would start OpenMP threads that spin on a busy machine; see runtime.py).
     """
+    if kind in PLAIN_KINDS:
+        return
     if kind == KIND_Q4_K:
         _repack_q4_K(w, out)
     elif kind == KIND_Q6_K:
@@ -248,13 +267,94 @@ if simd.TIER is not None:
     range_q6_K = _make_range(KIND_Q6_K)
 
 
+# ----------------------------------------------------------------------------- plain kinds (portable loops)
+
+# The per-op kernels' own block helpers (legacy._dot_q5, kquants._q45_superblock) on a 2-D view of the
+# rows: the same integer sums and float32 operations, and the loop shapes LLVM vectorizes.
+
+_F32 = np.float32
+_POW2 = np.array([2.0 ** (e - 25) for e in range(32)], np.float32)  # fp16 exponent e -> 2**(e-15) / 1024
+_CONTRACT = {"contract"}  # as legacy.py: fused multiply-adds, no reassociation
+
+
+@njit(inline="always")
+def _f16(a, i):
+    """The fp16 stored little-endian at a[i:i+2] as float32, exactly (as the FP16 lookup table)."""
+    h = np.int32(a[i]) | (np.int32(a[i + 1]) << 8)
+    e = (h >> 10) & 31
+    m = h & 1023
+    if e == 0:
+        v = _F32(m) * _POW2[1]  # subnormal: m * 2**-24
+    elif e == 31:
+        v = _F32(np.inf) if m == 0 else _F32(np.nan)
+    else:
+        v = _F32(m | 1024) * _POW2[e]
+    return -v if h & 0x8000 else v
+
+
+@njit(inline="always")
+def _rows_view(arena, off, rows, row_bytes):
+    return arena[off : off + rows * row_bytes].reshape((rows, row_bytes))
+
+
+@njit(cache=True, nogil=True, fastmath=_CONTRACT)
+def range_q5_0(arena, off, nb, rows, g0, g1, t0, t1, xq, xd, out):
+    w = _rows_view(arena, off, rows, nb * 22)
+    half = min(16, w.shape[1])  # a bound LLVM cannot see keeps the loop a loop (see legacy.py)
+    for r in range(g0 * LANES, min(g1 * LANES, rows)):
+        wr = w[r]
+        for t in range(t0, t1):
+            acc = _F32(0.0)
+            for b in range(nb):
+                o = b * 22
+                sumi = _dot_q5(w, r, o + 6, _qh(w, r, o + 2), xq, t, b * 32, half)
+                acc += _F32(sumi) * (_f16(wr, o) * xd[t, b])
+            out[t, r] = acc
+
+
+@njit(cache=True, nogil=True, fastmath=_CONTRACT)
+def range_q5_1(arena, off, nb, rows, g0, g1, t0, t1, xq, xd, xs, xsum, out):
+    w = _rows_view(arena, off, rows, nb * 24)
+    half = min(16, w.shape[1])
+    for r in range(g0 * LANES, min(g1 * LANES, rows)):
+        wr = w[r]
+        for t in range(t0, t1):
+            acc = _F32(0.0)
+            for b in range(nb):
+                o = b * 24
+                sumi = _dot_q5(w, r, o + 8, _qh(w, r, o + 4), xq, t, b * 32, half) + np.int32(16) * xsum[t, b]
+                acc += _F32(sumi) * (_f16(wr, o) * xd[t, b])
+                acc += _f16(wr, o + 2) * xs[t, b]
+            out[t, r] = acc
+
+
+@njit(cache=True, nogil=True, fastmath=True)
+def range_q5_K(arena, off, nb, rows, g0, g1, t0, t1, xq, xd, xb32, out):
+    w = _rows_view(arena, off, rows, nb * 176)
+    for r in range(g0 * LANES, min(g1 * LANES, rows)):
+        wr = w[r]
+        for t in range(t0, t1):
+            sumf = _F32(0.0)
+            for b in range(nb):
+                o = b * 176
+                s, summs = _q45_superblock(w, r, o, True, xq, xb32, t, b)
+                d = _f16(wr, o) * xd[t, b]
+                dmin = _f16(wr, o + 2) * xd[t, b]
+                sumf += d * _F32(s) - dmin * _F32(summs)
+            out[t, r] = sumf
+
+
 @njit(cache=True, nogil=True, _nrt=False)
-def matmul_range(kind, arena, off, rows, cols, g0, g1, t0, t1, a8, ak, out, res):
-    """out[t0:t1, rows of groups g0..g1] for the packed tensor at arena[off:] of ``kind``.
+def matmul_range(kind, arenas, off, rows, cols, g0, g1, t0, t1, a8, ak, out, res):
+    """out[t0:t1, rows of groups g0..g1] for the tensor of ``kind`` at byte ``off`` of its buffer.
+
+    arenas = (packed weights, mapped file): plain kinds are read from the file, the others from
+    the packed buffer.
 
     a8 = (xq, xd, xs, xsum): Q8_1 activations and their block sums (legacy kinds);
     ak = (xq, xd, xb16, xb32): Q8_K activations and their sums of 16 and 32 (K-quant kinds).
     """
+    arena = arenas[1] if kind >= KIND_Q5_0 else arenas[0]
     if kind == KIND_Q4_0:
         range_q4_0(arena, off, cols // 32, rows, g0, g1, t0, t1, a8[0], a8[1], a8[2], a8[3], out, res)
     elif kind == KIND_Q4_1:
@@ -265,6 +365,12 @@ def matmul_range(kind, arena, off, rows, cols, g0, g1, t0, t1, a8, ak, out, res)
         range_q4_K(arena, off, cols // 256, rows, g0, g1, t0, t1, ak[0], ak[1], ak[2], ak[3], out, res)
     elif kind == KIND_Q6_K:
         range_q6_K(arena, off, cols // 256, rows, g0, g1, t0, t1, ak[0], ak[1], ak[2], ak[3], out, res)
+    elif kind == KIND_Q5_0:
+        range_q5_0(arena, off, cols // 32, rows, g0, g1, t0, t1, a8[0], a8[1], out)
+    elif kind == KIND_Q5_1:
+        range_q5_1(arena, off, cols // 32, rows, g0, g1, t0, t1, a8[0], a8[1], a8[2], a8[3], out)
+    elif kind == KIND_Q5_K:
+        range_q5_K(arena, off, cols // 256, rows, g0, g1, t0, t1, ak[0], ak[1], ak[3], out)
 
 
 # ----------------------------------------------------------------------------- standalone use
@@ -286,6 +392,9 @@ class PackedMatrix:
         repack(self.kind, np.ascontiguousarray(w), arena)
         arena.flags.writeable = False
         self.arena = arena
+        # plain kinds are read in place: here from a copy of the rows standing for the mapped file
+        self.mapped = np.ascontiguousarray(w).reshape(-1).copy() if self.kind in PLAIN_KINDS else np.empty(0, np.uint8)
+        self.mapped.flags.writeable = False
 
     def matmul(self, x: np.ndarray, out: np.ndarray) -> None:
         """out[t, r] = dot(row r, x[t]) with the activations quantized as the portable kernels do."""
@@ -312,6 +421,6 @@ class PackedMatrix:
             ksums(bsums, ak[2], ak[3], 0, T)
         dst = np.empty((T, self.rows), np.float32)
         res = np.empty((4, LANES), np.float32)
-        matmul_range(self.kind, self.arena, 0, self.rows, self.cols, 0, (self.rows + LANES - 1) // LANES, 0, T,
+        matmul_range(self.kind, (self.arena, self.mapped), 0, self.rows, self.cols, 0, (self.rows + LANES - 1) // LANES, 0, T,
                      a8, ak, dst, res)
         out[...] = dst

@@ -112,10 +112,11 @@ def _embedding_lookups() -> None:
 _DIM, _HEADS, _KV_HEADS, _FFN, _VOCAB = 256, 4, 2, 512, 288
 
 
-def write_tiny_model(path: Path, seed: int = 0, kquants: bool = True) -> None:
+def write_tiny_model(path: Path, seed: int = 0, kquants: bool = True, q5: bool = False) -> None:
     """A 1-layer LLaMA GGUF whose matrices cover every packed type, with random small weights.
 
-    ``kquants=False`` uses legacy types only (Q4_0, Q4_1, Q8_0) for every matrix.
+    ``kquants=False`` uses legacy types only (Q4_0, Q4_1, Q8_0) for every matrix; ``q5`` puts the
+    plain kinds in (Q5_1 and Q5_0 for legacy, Q5_K with K-quants) in place of two of them.
     """
     import gguf
     from gguf import GGML_QUANT_SIZES
@@ -124,6 +125,9 @@ def write_tiny_model(path: Path, seed: int = 0, kquants: bool = True) -> None:
     rng = np.random.default_rng(seed)
     hd = _DIM // _HEADS
     k4, k6 = (Q.Q4_K, Q.Q6_K) if kquants else (Q.Q4_1, Q.Q8_0)
+    k5 = k4
+    if q5:
+        k4, k5 = (Q.Q4_K, Q.Q5_K) if kquants else (Q.Q5_1, Q.Q5_0)
     tensors = [
         ("token_embd.weight", Q.Q8_0, _VOCAB, _DIM),
         ("blk.0.attn_norm.weight", Q.F32, 1, _DIM),
@@ -133,7 +137,7 @@ def write_tiny_model(path: Path, seed: int = 0, kquants: bool = True) -> None:
         ("blk.0.attn_output.weight", k4, _DIM, _DIM),
         ("blk.0.ffn_norm.weight", Q.F32, 1, _DIM),
         ("blk.0.ffn_gate.weight", k6, _FFN, _DIM),
-        ("blk.0.ffn_up.weight", k4, _FFN, _DIM),
+        ("blk.0.ffn_up.weight", k5, _FFN, _DIM),
         ("blk.0.ffn_down.weight", Q.Q4_0, _DIM, _FFN),
         ("output_norm.weight", Q.F32, 1, _DIM),
         ("output.weight", k6, _VOCAB, _DIM),
@@ -163,7 +167,8 @@ def write_tiny_model(path: Path, seed: int = 0, kquants: bool = True) -> None:
             block, size = GGML_QUANT_SIZES[qtype]
             arr = rng.integers(0, 256, (rows, cols // block, size), dtype=np.uint8)
             scale = np.frombuffer(np.float16(0.01).tobytes(), np.uint8)
-            for off in {Q.Q4_0: (0,), Q.Q8_0: (0,), Q.Q4_1: (0, 2), Q.Q4_K: (0, 2), Q.Q6_K: (208,)}[qtype]:
+            for off in {Q.Q4_0: (0,), Q.Q8_0: (0,), Q.Q4_1: (0, 2), Q.Q5_0: (0,), Q.Q5_1: (0, 2),
+                        Q.Q4_K: (0, 2), Q.Q5_K: (0, 2), Q.Q6_K: (208,)}[qtype]:
                 arr[:, :, off : off + 2] = scale
             arr = arr.reshape(rows, -1)
             w.add_tensor_info(name, arr.shape, arr.dtype, arr.nbytes, raw_dtype=qtype)
