@@ -81,6 +81,15 @@ def test_q5_weights_read_in_place_give_the_per_op_logits(tiny_q5, threads):
     same_bits(fused.eval([4, 5, 6]), per_op.eval([4, 5, 6]))
 
 
+def test_big_models_with_q5_weights_stay_on_the_per_op_path(tiny_q5, monkeypatch):
+    from pipx_llama.engine import model as model_module
+
+    monkeypatch.setattr(model_module, "_PLAIN_FUSED_MAX_BYTES", 1024)
+    assert load_model(tiny_q5, threads=2).packed is None
+    monkeypatch.setattr(model_module, "_PLAIN_FUSED_MAX_BYTES", 1 << 30)
+    assert load_model(tiny_q5, threads=2).packed is not None
+
+
 def test_q5_K_logits_close_to_the_per_op_logits(tiny_k5):
     model = load_model(tiny_k5, threads=2)
     assert model.packed is not None and model.packed.plain

@@ -30,9 +30,9 @@ def portable(qtype, raw: np.ndarray, x: np.ndarray) -> np.ndarray:
     return out
 
 
-def packed_matmul(qtype, raw: np.ndarray, x: np.ndarray) -> np.ndarray:
+def packed_matmul(qtype, raw: np.ndarray, x: np.ndarray, plain: bool = False) -> np.ndarray:
     out = np.full((x.shape[0], raw.shape[0]), np.nan, np.float32)
-    packed.PackedMatrix(qtype, raw).matmul(x, out)
+    packed.PackedMatrix(qtype, raw, plain=plain).matmul(x, out)
     return out
 
 
@@ -83,6 +83,26 @@ def test_kquants_close_to_portable_kernels(cls) -> None:
     raw = random_blocks(cls, rng, 48, 4, sane=True)
     x = rng.standard_normal((5, 1024)).astype(np.float32)
     got = packed_matmul(cls.qtype, raw, x)
+    want = portable(cls.qtype, raw, x)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+
+
+@pytest.mark.parametrize("fmt", [ql.Q4_0, ql.Q4_1, ql.Q8_0], ids=lambda f: f.__name__)
+def test_plain_forms_of_packed_types_same_bits(fmt) -> None:
+    """The plain (in-place) forms models with Q5 weights use for their other weights."""
+    rng = np.random.default_rng(11)
+    raw = quantized(fmt, 37, 288, seed=4)
+    x = (rng.standard_normal((3, 288)) * 3).astype(np.float32)
+    got = packed_matmul(fmt.qtype, raw, x, plain=True)
+    np.testing.assert_array_equal(got.view(np.uint32), portable(fmt.qtype, raw, x).view(np.uint32))
+
+
+@pytest.mark.parametrize("cls", [kq.Q4_K, kq.Q6_K], ids=lambda c: c.__name__)
+def test_plain_forms_of_kquants_close_to_portable(cls) -> None:
+    rng = np.random.default_rng(12)
+    raw = random_blocks(cls, rng, 37, 3, sane=True)
+    x = rng.standard_normal((4, 768)).astype(np.float32)
+    got = packed_matmul(cls.qtype, raw, x, plain=True)
     want = portable(cls.qtype, raw, x)
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
 

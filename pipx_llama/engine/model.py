@@ -35,6 +35,10 @@ DEFAULT_CTX = 4096
 DEFAULT_BATCH = 256
 # batches at most this long take the fused pass even with plain-kind (Q5_*) weights: generation
 _FUSED_PLAIN_MAX_T = 2
+# Models with Q5 weights take the fused pass only up to this size. Its portable loops run ~20% slower
+# per byte than the per-op kernels, which pays only while the per-op path's parallel regions (~40 us,
+# hundreds per token) weigh more: SmolLM2 Q5_0 (0.1 GB) 85 vs 56 tok/s, 7B Q5_K_M (4.8 GB) 3.7 vs 4.6.
+_PLAIN_FUSED_MAX_BYTES = 512 << 20
 
 
 @dataclass(frozen=True)
@@ -149,8 +153,15 @@ def _pack(g: GGUFFile, layers: list[Layer], output: Weight, output_norm: np.ndar
         return None
     wdesc = np.zeros((len(weights), 4), np.int64)
     total = 0
+    # one Q5 weight (no packed layout) makes every weight plain: all read in place from the file, so
+    # the per-op path that runs such a model's prompts maps the same pages (one copy in RAM)
+    kinds = packed.KIND_OF_QTYPE
+    if any(kinds[w.qtype] in packed.PLAIN_KINDS for w in weights):
+        if sum(w.nbytes for w in weights) > _PLAIN_FUSED_MAX_BYTES:
+            return None
+        kinds = packed.PLAIN_OF_QTYPE
     for i, w in enumerate(weights):
-        kind = packed.KIND_OF_QTYPE[w.qtype]
+        kind = kinds[w.qtype]
         if kind in packed.PLAIN_KINDS:
             wdesc[i] = (kind, w.rows, w.cols, g.tensors[w.name].offset)  # used in place, in the file
             continue

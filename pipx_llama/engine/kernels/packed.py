@@ -11,8 +11,9 @@ each lane is one output row. Rows past the end of a tensor whose row count is no
 Results are bit-identical to the portable kernels of :mod:`~pipx_llama.engine.kernels.legacy`
 (same integer block sums, same float32 operations in the same order); the tests compare them.
 
-Q5_0, Q5_1 and Q5_K have no SIMD layout yet ("plain" kinds): they are not copied at all, and
-``matmul_range`` runs portable loops over the ggml rows in the mapped file, with the integer sums
+Q5_0, Q5_1 and Q5_K have no SIMD layout yet ("plain" kinds): a model holding them has all its
+weights in plain form (``PLAIN_OF_QTYPE``), not copied at all, and ``matmul_range`` runs portable
+loops over the ggml rows in the mapped file, with the integer sums
 and float32 operations of the per-op kernels (bit-identical for Q5_0/Q5_1; Q5_K, like the per-op
 K-quants, with fastmath). That keeps the generation of such files (Q5_K_M, Q5_0...) on the
 barrier-free fused pass; their prompts go through the per-op path, whose kernels share the decoding
@@ -29,8 +30,8 @@ from gguf import GGMLQuantizationType
 from numba import njit
 
 from pipx_llama.engine.kernels import simd
-from pipx_llama.engine.kernels.kquants import _q45_superblock
-from pipx_llama.engine.kernels.legacy import _dot_q5, _qh
+from pipx_llama.engine.kernels.kquants import _q6_superblock, _q45_superblock
+from pipx_llama.engine.kernels.legacy import _dot_q4, _dot_q5, _dot_q8, _qh
 
 Q = GGMLQuantizationType
 LANES = simd.LANES
@@ -44,13 +45,22 @@ KIND_Q6_K = 5
 KIND_Q5_0 = 6  # plain kinds: ggml rows as they are (see the module docstring)
 KIND_Q5_1 = 7
 KIND_Q5_K = 8
-PLAIN_KINDS = (KIND_Q5_0, KIND_Q5_1, KIND_Q5_K)
+KIND_P_Q4_0 = 9  # the packed types in plain form, for models that also hold Q5 weights
+KIND_P_Q4_1 = 10
+KIND_P_Q8_0 = 11
+KIND_P_Q4_K = 12
+KIND_P_Q6_K = 13
+PLAIN_KINDS = (KIND_Q5_0, KIND_Q5_1, KIND_Q5_K, KIND_P_Q4_0, KIND_P_Q4_1, KIND_P_Q8_0, KIND_P_Q4_K, KIND_P_Q6_K)
 
 # ggml block: (elements, bytes, header bytes before the quants)
 _GGML = {KIND_Q4_0: (32, 18, 2), KIND_Q4_1: (32, 20, 4), KIND_Q8_0: (32, 34, 2), KIND_Q4_K: (256, 144, 0),
-         KIND_Q6_K: (256, 210, 0), KIND_Q5_0: (32, 22, 6), KIND_Q5_1: (32, 24, 8), KIND_Q5_K: (256, 176, 0)}
+         KIND_Q6_K: (256, 210, 0), KIND_Q5_0: (32, 22, 6), KIND_Q5_1: (32, 24, 8), KIND_Q5_K: (256, 176, 0),
+         KIND_P_Q4_0: (32, 18, 2), KIND_P_Q4_1: (32, 20, 4), KIND_P_Q8_0: (32, 34, 2), KIND_P_Q4_K: (256, 144, 0),
+         KIND_P_Q6_K: (256, 210, 0)}
 KIND_OF_QTYPE = {Q.Q4_0: KIND_Q4_0, Q.Q4_1: KIND_Q4_1, Q.Q8_0: KIND_Q8_0, Q.Q4_K: KIND_Q4_K, Q.Q6_K: KIND_Q6_K,
                  Q.Q5_0: KIND_Q5_0, Q.Q5_1: KIND_Q5_1, Q.Q5_K: KIND_Q5_K}
+PLAIN_OF_QTYPE = {Q.Q4_0: KIND_P_Q4_0, Q.Q4_1: KIND_P_Q4_1, Q.Q8_0: KIND_P_Q8_0, Q.Q4_K: KIND_P_Q4_K,
+                  Q.Q6_K: KIND_P_Q6_K, Q.Q5_0: KIND_Q5_0, Q.Q5_1: KIND_Q5_1, Q.Q5_K: KIND_Q5_K}
 RECORD_BYTES = {KIND_Q4_0: 288, KIND_Q4_1: 320, KIND_Q8_0: 544, KIND_Q4_K: 2368, KIND_Q6_K: 3360}
 BLOCK_ELEMENTS = {k: v[0] for k, v in _GGML.items()}
 
@@ -58,7 +68,8 @@ BLOCK_ELEMENTS = {k: v[0] for k, v in _GGML.items()}
 ACT_Q8 = 1
 ACT_Q8K = 2
 ACTIVATIONS = {KIND_Q4_0: ACT_Q8, KIND_Q4_1: ACT_Q8, KIND_Q8_0: ACT_Q8, KIND_Q4_K: ACT_Q8K, KIND_Q6_K: ACT_Q8K,
-               KIND_Q5_0: ACT_Q8, KIND_Q5_1: ACT_Q8, KIND_Q5_K: ACT_Q8K}
+               KIND_Q5_0: ACT_Q8, KIND_Q5_1: ACT_Q8, KIND_Q5_K: ACT_Q8K, KIND_P_Q4_0: ACT_Q8, KIND_P_Q4_1: ACT_Q8,
+               KIND_P_Q8_0: ACT_Q8, KIND_P_Q4_K: ACT_Q8K, KIND_P_Q6_K: ACT_Q8K}
 
 
 def supported(qtype: GGMLQuantizationType) -> bool:
@@ -344,6 +355,77 @@ def range_q5_K(arena, off, nb, rows, g0, g1, t0, t1, xq, xd, xb32, out):
             out[t, r] = sumf
 
 
+@njit(cache=True, nogil=True, fastmath=_CONTRACT)
+def range_p_q4_0(arena, off, nb, rows, g0, g1, t0, t1, xq, xd, out):
+    w = _rows_view(arena, off, rows, nb * 18)
+    half = min(16, w.shape[1])
+    for r in range(g0 * LANES, min(g1 * LANES, rows)):
+        wr = w[r]
+        for t in range(t0, t1):
+            acc = _F32(0.0)
+            for b in range(nb):
+                o = b * 18
+                acc += _F32(_dot_q4(w, r, o + 2, xq, t, b * 32, half)) * (_f16(wr, o) * xd[t, b])
+            out[t, r] = acc
+
+
+@njit(cache=True, nogil=True, fastmath=_CONTRACT)
+def range_p_q4_1(arena, off, nb, rows, g0, g1, t0, t1, xq, xd, xs, xsum, out):
+    w = _rows_view(arena, off, rows, nb * 20)
+    half = min(16, w.shape[1])
+    for r in range(g0 * LANES, min(g1 * LANES, rows)):
+        wr = w[r]
+        for t in range(t0, t1):
+            acc = _F32(0.0)
+            for b in range(nb):
+                o = b * 20
+                sumi = np.int32(_dot_q4(w, r, o + 4, xq, t, b * 32, half)) + np.int32(8) * xsum[t, b]
+                acc += _F32(sumi) * (_f16(wr, o) * xd[t, b])
+                acc += _f16(wr, o + 2) * xs[t, b]
+            out[t, r] = acc
+
+
+@njit(cache=True, nogil=True, fastmath=_CONTRACT)
+def range_p_q8_0(arena, off, nb, rows, g0, g1, t0, t1, xq, xd, out):
+    w = _rows_view(arena, off, rows, nb * 34)
+    qk = min(32, w.shape[1])
+    for r in range(g0 * LANES, min(g1 * LANES, rows)):
+        wr = w[r]
+        for t in range(t0, t1):
+            acc = _F32(0.0)
+            for b in range(nb):
+                o = b * 34
+                acc += _F32(_dot_q8(w, r, o + 2, xq, t, b * 32, qk)) * (_f16(wr, o) * xd[t, b])
+            out[t, r] = acc
+
+
+@njit(cache=True, nogil=True, fastmath=True)
+def range_p_q4_K(arena, off, nb, rows, g0, g1, t0, t1, xq, xd, xb32, out):
+    w = _rows_view(arena, off, rows, nb * 144)
+    for r in range(g0 * LANES, min(g1 * LANES, rows)):
+        wr = w[r]
+        for t in range(t0, t1):
+            sumf = _F32(0.0)
+            for b in range(nb):
+                o = b * 144
+                s, summs = _q45_superblock(w, r, o, False, xq, xb32, t, b)
+                sumf += (_f16(wr, o) * xd[t, b]) * _F32(s) - (_f16(wr, o + 2) * xd[t, b]) * _F32(summs)
+            out[t, r] = sumf
+
+
+@njit(cache=True, nogil=True, fastmath=True)
+def range_p_q6_K(arena, off, nb, rows, g0, g1, t0, t1, xq, xd, xb16, out):
+    w = _rows_view(arena, off, rows, nb * 210)
+    for r in range(g0 * LANES, min(g1 * LANES, rows)):
+        wr = w[r]
+        for t in range(t0, t1):
+            sumf = _F32(0.0)
+            for b in range(nb):
+                o = b * 210
+                sumf += (_f16(wr, o + 208) * xd[t, b]) * _F32(_q6_superblock(w, r, o, xq, xb16, t, b))
+            out[t, r] = sumf
+
+
 @njit(cache=True, nogil=True, _nrt=False)
 def matmul_range(kind, arenas, off, rows, cols, g0, g1, t0, t1, a8, ak, out, res):
     """out[t0:t1, rows of groups g0..g1] for the tensor of ``kind`` at byte ``off`` of its buffer.
@@ -371,6 +453,16 @@ def matmul_range(kind, arenas, off, rows, cols, g0, g1, t0, t1, a8, ak, out, res
         range_q5_1(arena, off, cols // 32, rows, g0, g1, t0, t1, a8[0], a8[1], a8[2], a8[3], out)
     elif kind == KIND_Q5_K:
         range_q5_K(arena, off, cols // 256, rows, g0, g1, t0, t1, ak[0], ak[1], ak[3], out)
+    elif kind == KIND_P_Q4_0:
+        range_p_q4_0(arena, off, cols // 32, rows, g0, g1, t0, t1, a8[0], a8[1], out)
+    elif kind == KIND_P_Q4_1:
+        range_p_q4_1(arena, off, cols // 32, rows, g0, g1, t0, t1, a8[0], a8[1], a8[2], a8[3], out)
+    elif kind == KIND_P_Q8_0:
+        range_p_q8_0(arena, off, cols // 32, rows, g0, g1, t0, t1, a8[0], a8[1], out)
+    elif kind == KIND_P_Q4_K:
+        range_p_q4_K(arena, off, cols // 256, rows, g0, g1, t0, t1, ak[0], ak[1], ak[3], out)
+    elif kind == KIND_P_Q6_K:
+        range_p_q6_K(arena, off, cols // 256, rows, g0, g1, t0, t1, ak[0], ak[1], ak[2], out)
 
 
 # ----------------------------------------------------------------------------- standalone use
@@ -379,10 +471,10 @@ def matmul_range(kind, arenas, off, rows, cols, g0, g1, t0, t1, a8, ak, out, res
 class PackedMatrix:
     """One weight matrix in packed form, with a ``matmul`` like the portable WeightKernel's (tests, tools)."""
 
-    def __init__(self, qtype: GGMLQuantizationType, w: np.ndarray) -> None:
+    def __init__(self, qtype: GGMLQuantizationType, w: np.ndarray, *, plain: bool = False) -> None:
         if not supported(qtype):
             raise ValueError(f"{qtype.name} has no packed kernel on this machine (SIMD tier {simd.TIER})")
-        self.kind = KIND_OF_QTYPE[qtype]
+        self.kind = (PLAIN_OF_QTYPE if plain else KIND_OF_QTYPE)[qtype]
         elements, block_bytes, _ = _GGML[self.kind]
         if w.ndim != 2 or w.dtype != np.uint8 or w.shape[1] % block_bytes:
             raise ValueError(f"{qtype.name} weights must be uint8 [rows, k*{block_bytes}], got {w.dtype} {w.shape}")
