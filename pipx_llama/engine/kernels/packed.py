@@ -13,11 +13,11 @@ Results are bit-identical to the portable kernels of :mod:`~pipx_llama.engine.ke
 
 Q5_0, Q5_1 and Q5_K have no SIMD layout yet ("plain" kinds): a model holding them has all its
 weights in plain form (``PLAIN_OF_QTYPE``), not copied at all, and ``matmul_range`` runs portable
-loops over the ggml rows in the mapped file, with the integer sums
-and float32 operations of the per-op kernels (bit-identical for Q5_0/Q5_1; Q5_K, like the per-op
-K-quants, with fastmath). That keeps the generation of such files (Q5_K_M, Q5_0...) on the
-barrier-free fused pass; their prompts go through the per-op path, whose kernels share the decoding
-of a block among many tokens (model.Context.eval).
+loops over the ggml rows in the mapped file with the integer sums and float32 operations of the
+per-op kernels (bit-identical for the legacy types; the K-quants, like the per-op ones, with
+fastmath). That keeps the generation of small such models (Q5_K_M, Q5_0...) on the barrier-free
+fused pass; their prompts go through the per-op path, whose kernels share the decoding of a block
+among many tokens, and big ones stay there entirely (model._pack, model.Context.eval).
 
 ``matmul_range`` computes rows of groups ``g0..g1`` for tokens ``t0..t1`` -- the unit of work the
 fused forward pass (:mod:`~pipx_llama.engine.kernels.fused`) deals to its threads.
