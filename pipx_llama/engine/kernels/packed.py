@@ -32,6 +32,7 @@ from numba import njit
 from pipx_llama.engine.kernels import simd
 from pipx_llama.engine.kernels.kquants import _q6_superblock, _q45_superblock
 from pipx_llama.engine.kernels.legacy import _dot_q4, _dot_q5, _dot_q8, _qh
+from pipx_llama.engine.kernels.ops import f16_bits_to_f32
 
 Q = GGMLQuantizationType
 LANES = simd.LANES
@@ -284,23 +285,13 @@ if simd.TIER is not None:
 # rows: the same integer sums and float32 operations, and the loop shapes LLVM vectorizes.
 
 _F32 = np.float32
-_POW2 = np.array([2.0 ** (e - 25) for e in range(32)], np.float32)  # fp16 exponent e -> 2**(e-15) / 1024
 _CONTRACT = {"contract"}  # as legacy.py: fused multiply-adds, no reassociation
 
 
 @njit(inline="always")
 def _f16(a, i):
-    """The fp16 stored little-endian at a[i:i+2] as float32, exactly (as the FP16 lookup table)."""
-    h = np.int32(a[i]) | (np.int32(a[i + 1]) << 8)
-    e = (h >> 10) & 31
-    m = h & 1023
-    if e == 0:
-        v = _F32(m) * _POW2[1]  # subnormal: m * 2**-24
-    elif e == 31:
-        v = _F32(np.inf) if m == 0 else _F32(np.nan)
-    else:
-        v = _F32(m | 1024) * _POW2[e]
-    return -v if h & 0x8000 else v
+    """The fp16 stored little-endian at a[i:i+2] as float32 (ops' exact decoding)."""
+    return f16_bits_to_f32(np.uint16(np.uint16(a[i]) | (np.uint16(a[i + 1]) << np.uint16(8))))
 
 
 @njit(inline="always")
