@@ -867,8 +867,7 @@ class _Job:
             writer = _Writer(self, stop)
             writer.start()
             workers.append(writer)
-            n = self.opt.parallel_parts if (self.ranges and self.total is not None
-                                            and self.total >= self.opt.part_threshold) else 1
+            n = self.opt.parallel_parts if self._parallel() else 1
             for i in range(max(1, n)):
                 w = threading.Thread(target=self._worker, args=(first if i == 0 else None, stop, writer),
                                      daemon=True, name=f"fetch-part-{i}")
@@ -1183,7 +1182,7 @@ class _Job:
             return None
         if self.total is None:
             self.parts = [_Part(0, None)]
-        elif self.ranges and o.parallel_parts > 1 and self.total >= o.part_threshold:
+        elif self._parallel():
             step = -(-self.total // o.parallel_parts)
             self.parts = [_Part(s, min(s + step, self.total) - 1) for s in range(0, self.total, step)]
         else:
@@ -1256,9 +1255,17 @@ class _Job:
         if age < self.opt.straggler_after:
             return False
         rate = (p.received - p.claimed_received) / age
+        return rate * 4 < self._rate_per_connection(now) and left / max(rate, 1.0) > self.opt.straggler_after
+
+    def _parallel(self) -> bool:
+        """Whether the file is fetched as ranged parts over several connections (once its size is known)."""
+        o = self.opt
+        return self.ranges and self.total is not None and o.parallel_parts > 1 and self.total >= o.part_threshold
+
+    def _rate_per_connection(self, now: float) -> float:
+        """Bytes/s this call has received, per connection now busy (called with the lock held)."""
         active = sum(1 for q in self.parts if q.active and not q.complete) or 1
-        per_conn = self.session_received / max(now - self.session_start, 1e-3) / active
-        return rate * 4 < per_conn and left / max(rate, 1.0) > self.opt.straggler_after
+        return self.session_received / max(now - self.session_start, 1e-3) / active
 
     def _fail(self, stop: threading.Event, exc: BaseException) -> None:
         """Record the first error of the current attempt and stop its threads."""
@@ -1339,11 +1346,8 @@ class _Job:
         o = self.opt
         with self.lock:
             end = part.end
-            if end is not None and self.ranges and self.total is not None and o.parallel_parts > 1 \
-                    and self.total >= o.part_threshold:
-                elapsed = max(time.monotonic() - self.session_start, 1e-3)
-                active = sum(1 for q in self.parts if q.active and not q.complete) or 1
-                per_conn = self.session_received / elapsed / active
+            if end is not None and self._parallel():
+                per_conn = self._rate_per_connection(time.monotonic())
                 span = int(min(_SPAN_MAX, max(2 * o.min_part, per_conn * _SPAN_SECONDS)))
                 end = min(end, part.qpos + span - 1)
             part.req_end = -1 if end is None else end
