@@ -155,16 +155,14 @@ def _pack(g: GGUFFile, layers: list[Layer], output: Weight, output_norm: np.ndar
     total = 0
     # one Q5 weight (no packed layout) makes every weight plain: all read in place from the file, so
     # the per-op path that runs such a model's prompts maps the same pages (one copy in RAM)
-    kinds = packed.KIND_OF_QTYPE
-    if any(kinds[w.qtype] in packed.PLAIN_KINDS for w in weights):
-        if sum(w.nbytes for w in weights) > _PLAIN_FUSED_MAX_BYTES:
-            return None
-        kinds = packed.PLAIN_OF_QTYPE
+    plain = any(packed.KIND_OF_QTYPE[w.qtype] in packed.PLAIN_KINDS for w in weights)
+    if plain and sum(w.nbytes for w in weights) > _PLAIN_FUSED_MAX_BYTES:
+        return None
     for i, w in enumerate(weights):
-        kind = kinds[w.qtype]
-        if kind in packed.PLAIN_KINDS:
-            wdesc[i] = (kind, w.rows, w.cols, g.tensors[w.name].offset)  # used in place, in the file
+        if plain:
+            wdesc[i] = (packed.PLAIN_OF_QTYPE[w.qtype], w.rows, w.cols, g.tensors[w.name].offset)  # in the file
             continue
+        kind = packed.KIND_OF_QTYPE[w.qtype]
         wdesc[i] = (kind, w.rows, w.cols, total)
         total += (packed.packed_bytes(kind, w.rows, w.cols) + 63) // 64 * 64
     arena = _huge_page_buffer(total)
@@ -173,19 +171,18 @@ def _pack(g: GGUFFile, layers: list[Layer], output: Weight, output_norm: np.ndar
     def one(i: int) -> None:
         w = weights[i]
         kind, rows, cols, off = (int(v) for v in wdesc[i])
-        if kind in packed.PLAIN_KINDS:
-            return
         packed.repack(kind, w.data, arena[off : off + packed.packed_bytes(kind, rows, cols)])
         if not (tied and w is output):
             _drop_pages(g, w.name)
 
+    to_copy = [] if plain else list(range(len(weights)))
     if threads > 1 and total > (64 << 20):
         from concurrent.futures import ThreadPoolExecutor
 
         with ThreadPoolExecutor(threads) as pool:
-            list(pool.map(one, range(len(weights))))
+            list(pool.map(one, to_copy))
     else:
-        for i in range(len(weights)):
+        for i in to_copy:
             one(i)
     arena.flags.writeable = False
     norms = np.stack([n for layer in layers for n in (layer.attn_norm, layer.ffn_norm)] + [output_norm])
@@ -198,7 +195,6 @@ def _pack(g: GGUFFile, layers: list[Layer], output: Weight, output_norm: np.ndar
         need[4 * li + fused_kernels.IN_FFN] = a[fused_kernels.W_GATE] | a[fused_kernels.W_UP]
         need[4 * li + fused_kernels.IN_DOWN] = a[fused_kernels.W_DOWN]
     need[4 * len(layers)] = act[-1]
-    plain = any(int(k) in packed.PLAIN_KINDS for k in wdesc[:, 0])
     return PackedWeights(arena, wdesc, need, norms.astype(np.float32), plain)
 
 
