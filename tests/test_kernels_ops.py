@@ -167,6 +167,36 @@ def test_rope_matches_ref(T, H, D, n_rot, start):
         np.testing.assert_array_equal(x[..., n_rot:], ref[..., n_rot:])
 
 
+@pytest.mark.parametrize("T,H,D,n_rot,start", [(1, 12, 128, 128, 0), (33, 9, 64, 64, 5), (7, 3, 96, 64, 100),
+                                               (5, 4, 256, 256, 3000)])
+def test_rope_neox_matches_ref(T, H, D, n_rot, start):
+    rng = _rng(T * H + 1)
+    cos, sin = ops.rope_cache(4096, n_rot, 1000000.0)
+    x = rng.standard_normal((T, H, D)).astype(np.float32)
+    positions = np.arange(start, start + T, dtype=np.int32)
+    ref = ops.rope_neox_ref(x, positions, cos, sin)
+    ops.rope_neox(x, positions, cos, sin)
+    np.testing.assert_array_equal(x, ref)
+    np.testing.assert_array_equal(x[..., n_rot:], ref[..., n_rot:])
+
+
+def test_rope_neox_pairs_the_two_halves():
+    """Position 1 with one angle rotates (x[0], x[half]) and leaves the normal layout's partner alone."""
+    cos, sin = ops.rope_cache(4, 4, 10000.0)
+    x = np.array([[[1.0, 0.0, 0.0, 0.0]]], np.float32)
+    ops.rope_neox(x, np.array([1], np.int32), cos, sin)
+    np.testing.assert_allclose(x[0, 0], [np.cos(1.0), 0.0, np.sin(1.0), 0.0], atol=1e-6)
+
+
+def test_rope_cache_mscale_multiplies_cos_and_sin():
+    plain = ops.rope_cache(64, 32, 10000.0)
+    scaled = ops.rope_cache(64, 32, 10000.0, mscale=1.1902380714238083)
+    ref = ops.rope_cache_ref(64, 32, 10000.0, mscale=1.1902380714238083)
+    for a, b, r in zip(plain, scaled, ref):
+        np.testing.assert_array_equal(b, a * np.float32(1.1902380714238083))
+        np.testing.assert_allclose(b, r, rtol=0, atol=1.5e-7)
+
+
 def test_rope_dot_depends_only_on_relative_position():
     rng = _rng(3)
     cos, sin = ops.rope_cache(4096, 128, 10000.0)
@@ -221,7 +251,8 @@ def test_attention_independent_of_chunking(dtype):
     results = []
     for n_chunks in (1, 2, 5):
         out = np.empty_like(q)
-        ops.attention_kernel(q, ku, vu, start, ops.attention_scale(D), out, ops.attention_scratch(128, D, n_chunks))
+        ops.attention_kernel(q, ku, vu, start, 0, np.float32(1), ops.attention_scale(D), np.float32(0), out,
+                             ops.attention_scratch(128, D, n_chunks))
         results.append(out)
     np.testing.assert_array_equal(results[0], results[1])
     np.testing.assert_array_equal(results[0], results[2])
@@ -256,6 +287,48 @@ def test_attention_equals_plain_masked_softmax(H, KVH, D, start_pos):
     out16 = np.empty_like(q)
     ops.attention(q, k.astype(np.float16), v.astype(np.float16), start_pos, out16)
     np.testing.assert_allclose(out16, out, rtol=0, atol=2e-2)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+@pytest.mark.parametrize("T,start_pos,window", [(1, 0, 4), (1, 77, 16), (33, 40, 16), (20, 3, 100)])
+@pytest.mark.parametrize("softcap,q_scale,kq_scale", [(0.0, 1.0, None), (50.0, 0.0625, 1.0), (3.0, 1.0, None)])
+def test_attention_window_and_caps_match_ref(dtype, T, start_pos, window, softcap, q_scale, kq_scale):
+    rng = _rng(T + start_pos + window)
+    H, KVH, D = 6, 2, 64
+    q = (rng.standard_normal((T, H, D)) * 2).astype(np.float32)
+    k, v = _kv(rng, start_pos + T, KVH, D, dtype), _kv(rng, start_pos + T, KVH, D, dtype)
+    kw = {"window": window, "q_scale": q_scale, "kq_scale": kq_scale, "softcap": softcap}
+    out = np.empty_like(q)
+    ops.attention(q, k, v, start_pos, out, **kw)
+    ref = ops.attention_ref(q, k, v, start_pos, **kw)
+    vmax = np.abs(v.astype(np.float32)).max()
+    np.testing.assert_allclose(out, ref, rtol=0, atol=(3e-5 if dtype == np.float32 else 3e-4) * vmax)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+def test_attention_over_a_ring_equals_attention_over_the_whole_cache(dtype):
+    """A sliding-window layer keeps position p in row p % R: the result equals a full cache's."""
+    rng = _rng(21)
+    H, KVH, D, window, T, start = 4, 2, 64, 8, 5, 37
+    n = start + T
+    q = rng.standard_normal((T, H, D)).astype(np.float32)
+    k, v = _kv(rng, n, KVH, D, dtype), _kv(rng, n, KVH, D, dtype)
+    R = window + T
+    ring_k, ring_v = np.zeros((R, KVH, D), dtype), np.zeros((R, KVH, D), dtype)
+    for p in range(n - R, n):
+        ring_k[p % R], ring_v[p % R] = k[p], v[p]
+    full, ring = np.empty_like(q), np.empty_like(q)
+    ops.attention(q, k, v, start, full, window=window)
+    ops.attention(q, ring_k, ring_v, start, ring, window=window)
+    np.testing.assert_allclose(ring, full, rtol=0, atol=1e-6 * np.abs(v.astype(np.float32)).max())
+    # the window matters: attending to everything differs
+    everything = np.empty_like(q)
+    ops.attention(q, k, v, start, everything)
+    assert np.abs(everything - full).max() > 1e-3
+    # the batch reads window + T - 1 positions at once: one row fewer cannot hold them
+    ops.attention(q, ring_k, ring_v, start, ring, window=window)
+    with pytest.raises(ValueError):
+        ops.attention(q, ring_k[: window + T - 2], ring_v[: window + T - 2], start, ring, window=window)
 
 
 def test_attention_first_token_returns_its_value():
@@ -294,6 +367,37 @@ def test_swiglu_matches_ref(T, n):
     ref = ops.swiglu_ref(gate, up)
     np.testing.assert_allclose(out, ref, rtol=1e-6, atol=1e-37)
     assert np.all(np.isfinite(out))
+
+
+def test_gelu_table_matches_ggml_formula():
+    x = np.arange(1 << 16, dtype=np.uint16).view(np.float16).astype(np.float32)
+    finite = np.isfinite(x) & (np.abs(x) < 10)
+    xf = x[finite].astype(np.float64)
+    exact = 0.5 * xf * (1 + np.tanh(0.7978845608028654 * xf * (1 + 0.044715 * xf * xf)))
+    table = ops.GELU_F16_TABLE[finite].view(np.float16).astype(np.float64)
+    # one F16 rounding of the float32 formula (absolute near zero: F16 subnormals are 6e-8 apart)
+    np.testing.assert_allclose(table, exact, rtol=1e-3, atol=2e-7)
+
+
+@pytest.mark.parametrize("T,n", [(1, 2048), (33, 1536), (16, 8192)])
+def test_geglu_matches_ref(T, n):
+    rng = _rng(n + T + 7)
+    gate = (rng.standard_normal((T, n)) * 6).astype(np.float32)
+    gate[0, :6] = [-100.0, 100.0, 0.0, -0.0, -10.0, 10.0]
+    up = rng.standard_normal((T, n)).astype(np.float32)
+    out = np.empty_like(gate)
+    ops.geglu(gate, up, ops.GELU_F16_TABLE, out)
+    np.testing.assert_array_equal(out, ops.geglu_ref(gate, up))
+    assert out[0, 0] == 0.0 and out[0, 1] == 100.0 * up[0, 1]
+
+
+def test_softcap_matches_ref_and_bounds_the_values():
+    rng = _rng(9)
+    x = (rng.standard_normal((3, 5000)) * 40).astype(np.float32)
+    ref = ops.softcap_ref(x, 30.0)
+    ops.softcap(x, 30.0)
+    np.testing.assert_allclose(x, ref, rtol=2e-7, atol=2e-6)
+    assert np.abs(x).max() <= 30.0
 
 
 @pytest.mark.parametrize("T,dim", [(1, 576), (33, 4096)])

@@ -1,7 +1,7 @@
-"""Write tiny but complete llama-architecture GGUF files for tests.
+"""Write tiny but complete GGUF files of every supported family for tests.
 
-``write_tiny_llama`` writes a GGUF v3 file with ``gguf.GGUFWriter`` that carries everything llama.cpp's
-loader reads for a llama model: the hyper-parameters, every tensor under llama.cpp's name, and a
+``write_tiny_model`` writes a GGUF v3 file with ``gguf.GGUFWriter`` that carries everything llama.cpp's
+loader reads for a model of its family: the hyper-parameters, every tensor under llama.cpp's name, and a
 small tokenizer (GPT-2 byte-level BPE or LLaMA SentencePiece). Weights are seeded random numbers,
 quantized with ``gguf.quants``; the function returns them dequantized so a test can run a plain
 numpy forward pass against exactly what the file holds.
@@ -176,9 +176,32 @@ def _quantize(rng: np.random.Generator, shape: tuple[int, ...], std: float, qtyp
     return data, raw, values
 
 
-def write_tiny_llama(
+# What each family's tiny model carries besides the llama layer (see pipx_llama/engine/arch): the switches
+# the writer acts on, and metadata in llama.cpp's keys (without the architecture prefix).
+FAMILY_FEATURES: dict[str, dict[str, Any]] = {
+    "llama": {},
+    "qwen2": {"biases": True},
+    "qwen3": {"qk_norm": True, "head_dim": 24},
+    "gemma2": {"post_norms": True, "tied_only": True,
+               "meta": {"attention.sliding_window": 6, "attn_logit_softcapping": 5.0,
+                        "final_logit_softcapping": 3.0}},
+    "gemma3": {"post_norms": True, "qk_norm": True,
+               "meta": {"attention.sliding_window": 5, "attention.sliding_window_pattern": 2,
+                        "rope.freq_base_swa": 10000.0, "rope.freq_base": 1000000.0}},
+    "phi3": {"fused": True, "rot": 12, "longrope": True,
+             "meta": {"rope.scaling.original_context_length": 256, "rope.scaling.attn_factor": 1.1902380714238083}},
+}
+
+
+def write_tiny_llama(path: str | Path, **kwargs: Any) -> dict[str, np.ndarray]:
+    """``write_tiny_model`` for architecture ``llama``."""
+    return write_tiny_model(path, arch="llama", **kwargs)
+
+
+def write_tiny_model(
     path: str | Path,
     *,
+    arch: str = "llama",
     dim: int = 64,
     n_layers: int = 2,
     n_heads: int = 4,
@@ -192,7 +215,11 @@ def write_tiny_llama(
     extra_metadata: Mapping[str, Any] | None = None,
     rope_freqs: np.ndarray | None = None,
 ) -> dict[str, np.ndarray]:
-    """Write a small valid llama GGUF v3 to ``path``; return its weights as float32 arrays by tensor name.
+    """Write a small valid GGUF v3 of family ``arch`` to ``path``; return its weights as float32 arrays by name.
+
+    Every feature of the family is exercised (``FAMILY_FEATURES``): biases, q/k norms, post norms,
+    soft-capping, sliding windows smaller than a test prompt, partial rotary, LongRoPE factors,
+    fused q/k/v and gate/up tensors.
 
     ``vocab`` pads the tokenizer's own vocabulary (about 300 tokens) with unused ``[PADn]`` tokens up to
     that size. ``qtype`` applies to every 2-D weight; norms stay F32. ``tied`` leaves out
@@ -206,10 +233,12 @@ def write_tiny_llama(
     ``rope_freqs`` (f32 [head_dim // 2]) adds Llama 3.1's per-pair RoPE factors as ``rope_freqs.weight``.
     """
     qtype = GGMLQuantizationType(qtype)
+    features = FAMILY_FEATURES[arch]
     if qtype not in _FILE_TYPE:
         raise ValueError(f"qtype {qtype.name} is not one of {[t.name for t in SUPPORTED_QTYPES]}")
-    if dim % n_heads or n_heads % n_kv_heads or (dim // n_heads) % 2:
-        raise ValueError(f"dim {dim}, {n_heads} heads and {n_kv_heads} KV heads do not make a llama model")
+    head_dim = features.get("head_dim", dim // n_heads)
+    if n_heads % n_kv_heads or head_dim % 2 or ("head_dim" not in features and dim % n_heads):
+        raise ValueError(f"dim {dim}, {n_heads} heads and {n_kv_heads} KV heads do not make a {arch} model")
     if tokenizer == "bpe":
         tokens, types, scores, tok_meta = _bpe_vocab()
     elif tokenizer == "spm":
@@ -225,27 +254,33 @@ def write_tiny_llama(
         if scores is not None:
             scores += [-1e9] * n_pad
     n_vocab = len(tokens)
-    head_dim = dim // n_heads
+    n_rot = features.get("rot", head_dim)
 
+    a = arch
     meta: dict[str, Any] = {
-        "general.architecture": "llama",
+        "general.architecture": arch,
         "general.type": "model",
-        "general.name": f"tiny-llama-{tokenizer}",
-        "llama.block_count": n_layers,
-        "llama.context_length": 512,
-        "llama.embedding_length": dim,
-        "llama.feed_forward_length": ffn,
-        "llama.attention.head_count": n_heads,
-        "llama.attention.head_count_kv": n_kv_heads,
-        "llama.rope.freq_base": 10000.0,
-        "llama.attention.layer_norm_rms_epsilon": 1e-5,
+        "general.name": f"tiny {tokenizer} model",  # llama.cpp keys vocabulary quirks on names like "phi3"
+        f"{a}.block_count": n_layers,
+        f"{a}.context_length": 512,
+        f"{a}.embedding_length": dim,
+        f"{a}.feed_forward_length": ffn,
+        f"{a}.attention.head_count": n_heads,
+        f"{a}.attention.head_count_kv": n_kv_heads,
+        f"{a}.rope.freq_base": 10000.0,
+        f"{a}.attention.layer_norm_rms_epsilon": 1e-5 if arch != "gemma2" else 1e-6,
         "general.file_type": int(_FILE_TYPE[qtype]),
-        "llama.vocab_size": n_vocab,
-        "llama.rope.dimension_count": head_dim,
+        f"{a}.vocab_size": n_vocab,
+        f"{a}.rope.dimension_count": n_rot,
         "tokenizer.ggml.tokens": (tokens, GGUFValueType.STRING),
         "tokenizer.ggml.token_type": (types, GGUFValueType.INT32),
         "general.quantization_version": GGML_QUANT_VERSION,
     }
+    if "head_dim" in features:
+        meta[f"{a}.attention.key_length"] = head_dim
+        meta[f"{a}.attention.value_length"] = head_dim
+    for key, value in features.get("meta", {}).items():
+        meta[f"{a}.{key}"] = value
     if scores is not None:
         meta["tokenizer.ggml.scores"] = (scores, GGUFValueType.FLOAT32)
     meta.update(tok_meta)
@@ -259,24 +294,41 @@ def write_tiny_llama(
     q_dim, kv_dim = n_heads * head_dim, n_kv_heads * head_dim
     # (name, numpy shape, std, mean); matrices scaled by 1/sqrt(fan-in) keep activations near unit size
     plan: list[tuple[str, tuple[int, ...], float, float]] = [("token_embd.weight", (n_vocab, dim), 1.0, 0.0)]
+    if features.get("longrope"):
+        plan += [("rope_factors_short.weight", (n_rot // 2,), 0.3, 1.5), ("rope_factors_long.weight", (n_rot // 2,),
+                                                                           1.0, 4.0)]
     for i in range(n_layers):
         p = f"blk.{i}."
-        plan += [
-            (p + "attn_norm.weight", (dim,), 0.1, 1.0),
-            (p + "attn_q.weight", (q_dim, dim), dim**-0.5, 0.0),
-            (p + "attn_k.weight", (kv_dim, dim), dim**-0.5, 0.0),
-            (p + "attn_v.weight", (kv_dim, dim), dim**-0.5, 0.0),
-            (p + "attn_output.weight", (dim, q_dim), q_dim**-0.5, 0.0),
-            (p + "ffn_norm.weight", (dim,), 0.1, 1.0),
-            (p + "ffn_gate.weight", (ffn, dim), dim**-0.5, 0.0),
-            (p + "ffn_up.weight", (ffn, dim), dim**-0.5, 0.0),
-            (p + "ffn_down.weight", (dim, ffn), ffn**-0.5, 0.0),
-        ]
+        plan.append((p + "attn_norm.weight", (dim,), 0.1, 1.0))
+        if features.get("fused"):
+            plan.append((p + "attn_qkv.weight", (q_dim + 2 * kv_dim, dim), dim**-0.5, 0.0))
+        else:
+            plan += [(p + "attn_q.weight", (q_dim, dim), dim**-0.5, 0.0),
+                     (p + "attn_k.weight", (kv_dim, dim), dim**-0.5, 0.0),
+                     (p + "attn_v.weight", (kv_dim, dim), dim**-0.5, 0.0)]
+        if features.get("biases"):
+            plan += [(p + "attn_q.bias", (q_dim,), 0.5, 0.0), (p + "attn_k.bias", (kv_dim,), 0.5, 0.0),
+                     (p + "attn_v.bias", (kv_dim,), 0.5, 0.0)]
+        if features.get("qk_norm"):
+            plan += [(p + "attn_q_norm.weight", (head_dim,), 0.2, 1.0),
+                     (p + "attn_k_norm.weight", (head_dim,), 0.2, 1.0)]
+        plan.append((p + "attn_output.weight", (dim, q_dim), q_dim**-0.5, 0.0))
+        if features.get("post_norms"):
+            plan.append((p + "post_attention_norm.weight", (dim,), 0.1, 1.0))
+        plan.append((p + "ffn_norm.weight", (dim,), 0.1, 1.0))
+        if features.get("fused"):
+            plan.append((p + "ffn_up.weight", (2 * ffn, dim), dim**-0.5, 0.0))
+        else:
+            plan += [(p + "ffn_gate.weight", (ffn, dim), dim**-0.5, 0.0),
+                     (p + "ffn_up.weight", (ffn, dim), dim**-0.5, 0.0)]
+        plan.append((p + "ffn_down.weight", (dim, ffn), ffn**-0.5, 0.0))
+        if features.get("post_norms"):
+            plan.append((p + "post_ffw_norm.weight", (dim,), 0.1, 1.0))
     plan.append(("output_norm.weight", (dim,), 0.1, 1.0))
-    if not tied:
+    if not tied and not features.get("tied_only"):
         plan.append(("output.weight", (n_vocab, dim), dim**-0.5, 0.0))
 
-    writer = GGUFWriter(path, "llama")
+    writer = GGUFWriter(path, arch)
     writer.kv_data[0].clear()  # the constructor adds general.architecture; ``meta`` decides it
     for key, value in meta.items():
         val, vtype, sub = _typed(value)
@@ -290,6 +342,9 @@ def write_tiny_llama(
     for name, shape, std, mean in plan:
         data, raw, values = _quantize(rng, shape, std, qtype if len(shape) == 2 else GGMLQuantizationType.F32,
                                       mean)
+        if name.startswith("rope_factors"):
+            data = values = np.abs(values).astype(np.float32) + np.float32(0.5)
+            raw = None
         writer.add_tensor(name, data, raw_dtype=raw)
         weights[name] = values
     try:

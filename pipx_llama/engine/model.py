@@ -1,16 +1,18 @@
-"""LLaMA-family model: hyper-parameters and weights from an mmap'd GGUF file, and the forward pass.
+"""Models of every supported family: weights from an mmap'd GGUF file, and the forward pass.
 
 ``load_model`` validates the file once (architecture, hyper-parameters against tensor shapes, tensor
 types the kernels support) so that nothing later can fail on a malformed file. Weights stay in the
 mapped file: every ``Weight`` is a uint8 view of it, handed to the kernel of its ggml type.
 
 A ``Model`` is immutable and shareable; a ``Context`` holds one conversation's KV cache and scratch
-buffers. ``Context.eval`` is the forward pass, written top to bottom in the style of llama2.c.
+buffers. ``Context.eval`` is the forward pass: the fused pass (``kernels/fused.py``) where every
+weight has a packed kernel, else ``Context._forward`` below, written top to bottom in the style of
+llama2.c. Both read the same ``Layer`` records, whose optional parts (biases, q/k norms, post norms,
+a sliding window) are what the families differ in (``engine/arch``).
 """
 
 from __future__ import annotations
 
-import math
 import mmap
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +22,8 @@ import numba
 import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
+from pipx_llama.engine.arch import ACT_GELU, ROPE_NEOX, Family, HyperParams, family_of
+from pipx_llama.engine.arch.base import architecture, bad_file, read_hparams
 from pipx_llama.engine.gguf_reader import GGUFFile, TensorInfo, open_gguf
 from pipx_llama.engine.kernels import WEIGHT_KERNELS, WeightKernel, ops, packed
 from pipx_llama.engine.kernels import floats as _floats  # noqa: F401  (registers kernels)
@@ -27,10 +31,10 @@ from pipx_llama.engine.kernels import fused as fused_kernels
 from pipx_llama.engine.kernels import kquants as _kquants  # noqa: F401
 from pipx_llama.engine.kernels import legacy as _legacy  # noqa: F401
 from pipx_llama.engine.kernels.floats import FP16_TABLE as _FP16_TABLE
-from pipx_llama.errors import ContextFullError, ModelFileError, UnsupportedModelError, UsageError
+from pipx_llama.engine.kv_cache import KVCache, check_shift
+from pipx_llama.errors import ContextFullError, UnsupportedModelError, UsageError
 from pipx_llama.tokenizer.tokenizer import Tokenizer
 
-SUPPORTED_ARCHITECTURES = ("llama",)
 DEFAULT_CTX = 4096
 DEFAULT_BATCH = 256
 # batches at most this long take the fused pass even with plain-kind (Q5_*) weights: generation
@@ -39,24 +43,9 @@ _FUSED_PLAIN_MAX_T = 2
 # per byte than the per-op kernels, which pays only while the per-op path's parallel regions (~40 us,
 # hundreds per token) weigh more: SmolLM2 Q5_0 (0.1 GB) 85 vs 56 tok/s, 7B Q5_K_M (4.8 GB) 3.7 vs 4.6.
 _PLAIN_FUSED_MAX_BYTES = 512 << 20
-
-
-@dataclass(frozen=True)
-class HyperParams:
-    n_vocab: int
-    dim: int  # embedding length
-    n_layers: int
-    n_heads: int
-    n_kv_heads: int
-    head_dim: int
-    ffn_dim: int
-    n_ctx_train: int
-    rope_base: float
-    rope_freq_scale: float
-    n_rot: int  # leading dims of each head that RoPE rotates
-    norm_eps: float
-    # Llama 3.1+ RoPE: pair i's angle is divided by rope_factors[i] (the file's rope_freqs.weight)
-    rope_factors: tuple[float, ...] | None = None
+# Tensors some files of these families carry that the engine does not apply: refused rather than ignored.
+_UNSUPPORTED_TENSORS = ("output.bias", "attn_output.bias", "attn_qkv.bias", "ffn_up.bias", "ffn_down.bias",
+                        "ffn_gate.bias", "attn_norm.bias", "ffn_norm.bias", "output_norm.bias")
 
 
 @dataclass(frozen=True)
@@ -69,6 +58,7 @@ class Weight:
     cols: int
     data: np.ndarray  # uint8 [rows, row_bytes]
     kernel: WeightKernel
+    offset: int  # absolute byte offset of data[0, 0] in the file
 
     @property
     def nbytes(self) -> int:
@@ -81,6 +71,8 @@ class Weight:
 
 @dataclass(frozen=True)
 class Layer:
+    """One block's weights; the optional parts are None where the family has none."""
+
     attn_norm: np.ndarray  # f32 [dim]
     wq: Weight  # [n_heads*head_dim, dim]
     wk: Weight  # [n_kv_heads*head_dim, dim]
@@ -90,11 +82,23 @@ class Layer:
     w_gate: Weight  # [ffn_dim, dim]
     w_up: Weight  # [ffn_dim, dim]
     w_down: Weight  # [dim, ffn_dim]
+    bq: np.ndarray | None = None  # f32 [n_heads*head_dim] (Qwen2)
+    bk: np.ndarray | None = None  # f32 [n_kv_heads*head_dim]
+    bv: np.ndarray | None = None  # f32 [n_kv_heads*head_dim]
+    q_norm: np.ndarray | None = None  # f32 [head_dim], per head before RoPE (Qwen3, Gemma 3)
+    k_norm: np.ndarray | None = None  # f32 [head_dim]
+    attn_post_norm: np.ndarray | None = None  # f32 [dim], on the attention output (Gemma)
+    ffn_post_norm: np.ndarray | None = None  # f32 [dim], on the feed-forward output (Gemma)
+    window: int = 0  # sliding window in positions (0: every earlier position)
+
+    def matrices(self) -> tuple[Weight, ...]:
+        return (self.wq, self.wk, self.wv, self.wo, self.w_gate, self.w_up, self.w_down)
 
 
 @dataclass
 class Model:
     path: Path
+    family: Family
     hparams: HyperParams
     tokenizer: Tokenizer
     metadata: dict[str, Any]
@@ -109,11 +113,7 @@ class Model:
     @property
     def weight_bytes(self) -> int:
         """Bytes of weights one generated token reads (every matrix once, the embedding row aside)."""
-        total = self.output.nbytes
-        for layer in self.layers:
-            total += sum(w.nbytes for w in (layer.wq, layer.wk, layer.wv, layer.wo,
-                                            layer.w_gate, layer.w_up, layer.w_down))
-        return total
+        return self.output.nbytes + sum(w.nbytes for layer in self.layers for w in layer.matrices())
 
     def new_context(self, n_ctx: int | None = None, n_batch: int = DEFAULT_BATCH, *, fused: bool = True) -> Context:
         """A fresh context; ``fused=False`` forces the per-op path (same logits, slower; for tests)."""
@@ -125,18 +125,52 @@ class Model:
 
 @dataclass(frozen=True)
 class PackedWeights:
-    """Every matmul weight repacked for the SIMD kernels, in one read-only buffer (see kernels.packed).
+    """Every matmul weight repacked for the SIMD kernels, in one read-only buffer (see kernels.packed),
+    and the model's layer table for the fused pass.
 
     ``wdesc[i]`` = (kind, rows, cols, byte offset) of weight i: 7 per layer (q, k, v, o, gate, up,
-    down), then the output matrix. ``norms``: attention and feed-forward norm of each layer, then
-    the output norm.
+    down), then the output matrix. ``vecs`` holds every norm and bias; ``ldesc`` says where each
+    layer's are (fused_kernels.LD_*; the KV columns are filled per context).
     """
 
     arena: np.ndarray  # uint8, read-only
     wdesc: np.ndarray  # int64 [7 * n_layers + 1, 4]
     need: np.ndarray  # int64 [4 * n_layers + 1]: activation formats of each matmul input (fused_kernels.IN_*)
-    norms: np.ndarray  # float32 [2 * n_layers + 1, dim]
+    vecs: np.ndarray  # float32 [*]
+    ldesc: np.ndarray  # int64 [n_layers, LD_SIZE]
+    out_norm: int  # offset of the output norm in vecs
     plain: bool = False  # some weights are plain kinds (read from the mapped file; see kernels.packed)
+
+
+def _layer_table(layers: list[Layer], output_norm: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
+    """(vecs, ldesc, output norm offset): every layer's vectors in one f32 array, and where they are."""
+    chunks: list[np.ndarray] = []
+    size = 0
+
+    def put(v: np.ndarray | None) -> int:
+        nonlocal size
+        if v is None:
+            return -1
+        chunks.append(np.asarray(v, np.float32))
+        size += v.shape[0]
+        return size - v.shape[0]
+
+    ldesc = np.full((len(layers), fused_kernels.LD_SIZE), -1, np.int64)
+    for li, ly in enumerate(layers):
+        row = ldesc[li]
+        row[fused_kernels.LD_ATTN_NORM] = put(ly.attn_norm)
+        row[fused_kernels.LD_BQ] = put(ly.bq)
+        row[fused_kernels.LD_BK] = put(ly.bk)
+        row[fused_kernels.LD_BV] = put(ly.bv)
+        row[fused_kernels.LD_Q_NORM] = put(ly.q_norm)
+        row[fused_kernels.LD_K_NORM] = put(ly.k_norm)
+        row[fused_kernels.LD_POST_ATTN] = put(ly.attn_post_norm)
+        row[fused_kernels.LD_FFN_NORM] = put(ly.ffn_norm)
+        row[fused_kernels.LD_POST_FFN] = put(ly.ffn_post_norm)
+        row[fused_kernels.LD_ROPE] = 1 if ly.window else 0
+        row[fused_kernels.LD_WINDOW] = ly.window
+    out = put(output_norm)
+    return np.concatenate(chunks), ldesc, out
 
 
 def _pack(g: GGUFFile, layers: list[Layer], output: Weight, output_norm: np.ndarray,
@@ -146,8 +180,7 @@ def _pack(g: GGUFFile, layers: list[Layer], output: Weight, output_norm: np.ndar
     Each source tensor is dropped from the process's resident memory once copied (madvise), so
     the peak stays near one copy of the weights; the token embedding stays in the mapped file.
     """
-    weights = [w for layer in layers for w in (layer.wq, layer.wk, layer.wv, layer.wo, layer.w_gate, layer.w_up,
-                                               layer.w_down)]
+    weights = [w for layer in layers for w in layer.matrices()]
     weights.append(output)
     if not all(packed.supported(w.qtype) for w in weights):
         return None
@@ -160,7 +193,7 @@ def _pack(g: GGUFFile, layers: list[Layer], output: Weight, output_norm: np.ndar
         return None
     for i, w in enumerate(weights):
         if plain:
-            wdesc[i] = (packed.PLAIN_OF_QTYPE[w.qtype], w.rows, w.cols, g.tensors[w.name].offset)  # in the file
+            wdesc[i] = (packed.PLAIN_OF_QTYPE[w.qtype], w.rows, w.cols, w.offset)  # in the file
             continue
         kind = packed.KIND_OF_QTYPE[w.qtype]
         wdesc[i] = (kind, w.rows, w.cols, total)
@@ -173,7 +206,7 @@ def _pack(g: GGUFFile, layers: list[Layer], output: Weight, output_norm: np.ndar
         kind, rows, cols, off = (int(v) for v in wdesc[i])
         packed.repack(kind, w.data, arena[off : off + packed.packed_bytes(kind, rows, cols)])
         if not (tied and w is output):
-            _drop_pages(g, w.name)
+            _drop_pages(g, w.offset, w.nbytes)
 
     to_copy = [] if plain else list(range(len(weights)))
     if threads > 1 and total > (64 << 20):
@@ -185,7 +218,6 @@ def _pack(g: GGUFFile, layers: list[Layer], output: Weight, output_norm: np.ndar
         for i in to_copy:
             one(i)
     arena.flags.writeable = False
-    norms = np.stack([n for layer in layers for n in (layer.attn_norm, layer.ffn_norm)] + [output_norm])
     act = [packed.ACTIVATIONS[int(k)] for k in wdesc[:, 0]]
     need = np.zeros(4 * len(layers) + 1, np.int64)
     for li in range(len(layers)):
@@ -195,7 +227,8 @@ def _pack(g: GGUFFile, layers: list[Layer], output: Weight, output_norm: np.ndar
         need[4 * li + fused_kernels.IN_FFN] = a[fused_kernels.W_GATE] | a[fused_kernels.W_UP]
         need[4 * li + fused_kernels.IN_DOWN] = a[fused_kernels.W_DOWN]
     need[4 * len(layers)] = act[-1]
-    return PackedWeights(arena, wdesc, need, norms.astype(np.float32), plain)
+    vecs, ldesc, out_norm = _layer_table(layers, output_norm)
+    return PackedWeights(arena, wdesc, need, vecs, ldesc, out_norm, plain)
 
 
 def _huge_page_buffer(size: int) -> np.ndarray:
@@ -215,15 +248,14 @@ def _huge_page_buffer(size: int) -> np.ndarray:
     return np.frombuffer(mm, np.uint8)
 
 
-def _drop_pages(g: GGUFFile, name: str) -> None:
+def _drop_pages(g: GGUFFile, offset: int, nbytes: int) -> None:
     """Tell the kernel we are done with a tensor's pages (they stay in the page cache, not in our RSS)."""
     mm = g._mmap
     if mm is None or not hasattr(mm, "madvise"):
         return
-    info = g.tensors[name]
     page = mmap.PAGESIZE
-    start = (info.offset + page - 1) // page * page
-    end = (info.offset + info.nbytes) // page * page
+    start = (offset + page - 1) // page * page
+    end = (offset + nbytes) // page * page
     if end > start:
         try:
             mm.madvise(mmap.MADV_DONTNEED, start, end - start)
@@ -246,114 +278,91 @@ def default_threads() -> int:
     return max(1, (os.cpu_count() or 2) // 2)
 
 
-def _bad(path: Path, problem: str) -> ModelFileError:
-    return ModelFileError(f"{path}: {problem}", "the file is damaged or not a complete model; download it again")
+# --- loading --------------------------------------------------------------------------------------------------
 
 
-def _meta(g: GGUFFile, key: str, kind: type, default: Any = None) -> Any:
-    if key not in g.metadata:
-        if default is not None:
-            return default
-        raise _bad(g.path, f"metadata {key!r} is missing")
-    value = g.metadata[key]
-    if kind is int:
-        if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-            raise _bad(g.path, f"metadata {key!r} should be an integer, found {type(value).__name__}")
-        return int(value)
-    if kind is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float, np.number)):
-            raise _bad(g.path, f"metadata {key!r} should be a number, found {type(value).__name__}")
-        value = float(value)
-        if not math.isfinite(value):
-            raise _bad(g.path, f"metadata {key!r} is {value}")
-        return value
-    if not isinstance(value, kind):
-        raise _bad(g.path, f"metadata {key!r} should be {kind.__name__}, found {type(value).__name__}")
-    return value
+class _Loader:
+    """Reads one file's tensors by llama.cpp's names, checking each shape and type."""
 
+    def __init__(self, g: GGUFFile, hp: HyperParams) -> None:
+        self.g = g
+        self.hp = hp
 
-def read_hparams(g: GGUFFile) -> HyperParams:
-    arch = _meta(g, "general.architecture", str)
-    if arch not in SUPPORTED_ARCHITECTURES:
-        raise UnsupportedModelError(
-            f"{g.path}: architecture {arch!r} is not supported (supported: {', '.join(SUPPORTED_ARCHITECTURES)})",
-            "use a LLaMA-family model (Llama, Llama 2, TinyLlama, Mistral, SmolLM2, ...)",
+    def info(self, name: str) -> TensorInfo:
+        info = self.g.tensors.get(name)
+        if info is None:
+            raise bad_file(self.g.path, f"tensor {name!r} is missing")
+        return info
+
+    def weight(self, name: str, rows: int, cols: int) -> Weight:
+        return self.split(name, cols, rows)[0]
+
+    def split(self, name: str, cols: int, *parts: int) -> list[Weight]:
+        """Tensor ``name`` [sum(parts), cols] as consecutive row blocks of ``parts`` rows each."""
+        info = self.info(name)
+        rows = sum(parts)
+        if info.shape != (cols, rows):
+            raise bad_file(self.g.path, f"tensor {name!r} has shape {list(info.shape)}, expected {[cols, rows]}")
+        kernel = WEIGHT_KERNELS.get(info.qtype)
+        if kernel is None:
+            supported = ", ".join(t.name for t in WEIGHT_KERNELS)
+            raise UnsupportedModelError(f"{self.g.path}: tensor {name!r} has type {info.qtype.name}, which the "
+                                        f"engine cannot run (supported: {supported})",
+                                        "use a file quantized to one of those types, e.g. Q4_K_M or Q4_0")
+        block, type_size = GGML_QUANT_SIZES[info.qtype]
+        row_bytes = cols // block * type_size
+        data = self.g.tensor_bytes(name).reshape(rows, row_bytes)
+        out, r0 = [], 0
+        for n in parts:
+            out.append(Weight(name if len(parts) == 1 else f"{name}[{r0}:{r0 + n}]", info.qtype, n, cols,
+                              data[r0 : r0 + n], kernel, info.offset + r0 * row_bytes))
+            r0 += n
+        return out
+
+    def vector(self, name: str, n: int) -> np.ndarray:
+        info = self.info(name)
+        if info.shape != (n,) or info.qtype != GGMLQuantizationType.F32:
+            raise bad_file(self.g.path, f"tensor {name!r} should be F32 of shape [{n}], found {info.qtype.name} "
+                                        f"{list(info.shape)}")
+        return self.g.tensor_bytes(name).view(np.float32)
+
+    def optional(self, name: str, n: int) -> np.ndarray | None:
+        return self.vector(name, n) if name in self.g.tensors else None
+
+    def layer(self, i: int, family: Family) -> Layer:
+        hp, p = self.hp, f"blk.{i}."
+        dim, q_dim, kv_dim, ffn = hp.dim, hp.n_heads * hp.head_dim, hp.n_kv_heads * hp.head_dim, hp.ffn_dim
+        if family.fused_qkv:
+            wq, wk, wv = self.split(p + "attn_qkv.weight", dim, q_dim, kv_dim, kv_dim)
+        else:
+            wq = self.weight(p + "attn_q.weight", q_dim, dim)
+            wk = self.weight(p + "attn_k.weight", kv_dim, dim)
+            wv = self.weight(p + "attn_v.weight", kv_dim, dim)
+        if family.fused_gate_up:
+            w_gate, w_up = self.split(p + "ffn_up.weight", dim, ffn, ffn)
+        else:
+            w_gate = self.weight(p + "ffn_gate.weight", ffn, dim)
+            w_up = self.weight(p + "ffn_up.weight", ffn, dim)
+        need = self.vector if family.qk_norm else self.optional
+        post = self.vector if family.post_norms else self.optional
+        return Layer(
+            attn_norm=self.vector(p + "attn_norm.weight", dim), wq=wq, wk=wk, wv=wv,
+            wo=self.weight(p + "attn_output.weight", dim, q_dim),
+            ffn_norm=self.vector(p + "ffn_norm.weight", dim), w_gate=w_gate, w_up=w_up,
+            w_down=self.weight(p + "ffn_down.weight", dim, ffn),
+            bq=self.optional(p + "attn_q.bias", q_dim), bk=self.optional(p + "attn_k.bias", kv_dim),
+            bv=self.optional(p + "attn_v.bias", kv_dim),
+            q_norm=need(p + "attn_q_norm.weight", hp.head_dim), k_norm=need(p + "attn_k_norm.weight", hp.head_dim),
+            attn_post_norm=post(p + "post_attention_norm.weight", dim),
+            ffn_post_norm=post(p + "post_ffw_norm.weight", dim),
+            window=hp.swa_window if hp.is_swa(i) else 0,
         )
-    a = arch
-    dim = _meta(g, f"{a}.embedding_length", int)
-    n_heads = _meta(g, f"{a}.attention.head_count", int)
-    n_layers = _meta(g, f"{a}.block_count", int)
-    ffn_dim = _meta(g, f"{a}.feed_forward_length", int)
-    n_ctx_train = _meta(g, f"{a}.context_length", int)
-    if not (0 < dim <= 1 << 16 and 0 < n_heads <= dim and 0 < n_layers <= 1024 and 0 < ffn_dim <= 1 << 20
-            and 0 < n_ctx_train):
-        raise _bad(g.path, f"implausible hyper-parameters: dim {dim}, heads {n_heads}, layers {n_layers}, "
-                           f"ffn {ffn_dim}, context {n_ctx_train}")
-    n_kv_heads = _meta(g, f"{a}.attention.head_count_kv", int, n_heads)
-    if not 0 < n_kv_heads <= n_heads or n_heads % n_kv_heads:
-        raise _bad(g.path, f"{n_heads} attention heads cannot be grouped over {n_kv_heads} KV heads")
-    if dim % n_heads:
-        raise _bad(g.path, f"embedding length {dim} is not a multiple of the {n_heads} heads")
-    head_dim = _meta(g, f"{a}.attention.key_length", int, dim // n_heads)
-    if head_dim != _meta(g, f"{a}.attention.value_length", int, head_dim) or head_dim % 2 or head_dim <= 0:
-        raise UnsupportedModelError(f"{g.path}: head size {head_dim} (key/value lengths differ or odd) is not "
-                                    "supported", "use a standard LLaMA-family model")
-    n_rot = _meta(g, f"{a}.rope.dimension_count", int, head_dim)
-    if not 0 < n_rot <= head_dim or n_rot % 2:
-        raise _bad(g.path, f"RoPE dimension count {n_rot} does not fit the head size {head_dim}")
-    rope_base = _meta(g, f"{a}.rope.freq_base", float, 10000.0)
-    eps = _meta(g, f"{a}.attention.layer_norm_rms_epsilon", float, 1e-5)
-    if not (rope_base > 0 and 0 < eps < 1):
-        raise _bad(g.path, f"implausible RoPE base {rope_base} or RMS epsilon {eps}")
-    scaling = g.metadata.get(f"{a}.rope.scaling.type", "none")
-    freq_scale = 1.0
-    if scaling == "linear":
-        factor = _meta(g, f"{a}.rope.scaling.factor", float, 1.0)
-        if factor <= 0:
-            raise _bad(g.path, f"RoPE scaling factor {factor} must be positive")
-        freq_scale = 1.0 / factor
-    elif scaling not in ("none", None):
-        raise UnsupportedModelError(f"{g.path}: RoPE scaling {scaling!r} is not supported (none, linear)",
-                                    "use a model without long-context RoPE scaling")
-    rope_factors = None
-    if "rope_freqs.weight" in g.tensors:
-        factors = _vector(g, "rope_freqs.weight", n_rot // 2)
-        if not (np.isfinite(factors).all() and (factors > 0).all()):
-            raise _bad(g.path, "tensor 'rope_freqs.weight' holds a RoPE factor that is not a positive number")
-        rope_factors = tuple(float(f) for f in factors)
-    embd = g.tensors.get("token_embd.weight")
-    if embd is None:
-        raise _bad(g.path, "tensor 'token_embd.weight' is missing")
-    n_vocab = embd.shape[1] if len(embd.shape) == 2 else 0
-    return HyperParams(n_vocab, dim, n_layers, n_heads, n_kv_heads, head_dim, ffn_dim, n_ctx_train,
-                       rope_base, freq_scale, n_rot, eps, rope_factors)
 
-
-def _weight(g: GGUFFile, name: str, rows: int, cols: int) -> Weight:
-    info: TensorInfo | None = g.tensors.get(name)
-    if info is None:
-        raise _bad(g.path, f"tensor {name!r} is missing")
-    if info.shape != (cols, rows):
-        raise _bad(g.path, f"tensor {name!r} has shape {list(info.shape)}, expected {[cols, rows]}")
-    kernel = WEIGHT_KERNELS.get(info.qtype)
-    if kernel is None:
-        supported = ", ".join(t.name for t in WEIGHT_KERNELS)
-        raise UnsupportedModelError(f"{g.path}: tensor {name!r} has type {info.qtype.name}, which the engine "
-                                    f"cannot run (supported: {supported})",
-                                    "use a file quantized to one of those types, e.g. Q4_K_M or Q4_0")
-    block, type_size = GGML_QUANT_SIZES[info.qtype]
-    data = g.tensor_bytes(name).reshape(rows, cols // block * type_size)
-    return Weight(name, info.qtype, rows, cols, data, kernel)
-
-
-def _vector(g: GGUFFile, name: str, n: int) -> np.ndarray:
-    info = g.tensors.get(name)
-    if info is None:
-        raise _bad(g.path, f"tensor {name!r} is missing")
-    if info.shape != (n,) or info.qtype != GGMLQuantizationType.F32:
-        raise _bad(g.path, f"tensor {name!r} should be F32 of shape [{n}], found {info.qtype.name} "
-                           f"{list(info.shape)}")
-    return g.tensor_bytes(name).view(np.float32)
+    def refuse_unsupported(self) -> None:
+        for name in self.g.tensors:
+            if name.endswith(_UNSUPPORTED_TENSORS):
+                raise UnsupportedModelError(f"{self.g.path}: tensor {name!r} is not applied by this engine",
+                                            "use a standard model of its family")
 
 
 def load_model(path: str | Path, *, threads: int | None = None) -> Model:
@@ -370,34 +379,26 @@ def load_model(path: str | Path, *, threads: int | None = None) -> Model:
         raise UsageError(f"threads must be at least 1, got {threads}", "pass -t 1 or more")
     g = open_gguf(path)
     try:
-        hp = read_hparams(g)
+        family = family_of(architecture(g), g.path)
+        hp = read_hparams(g, family)
         tokenizer = Tokenizer.from_gguf_metadata(g.metadata, source=str(g.path))
         if tokenizer.n_vocab != hp.n_vocab:
-            raise _bad(g.path, f"the vocabulary has {tokenizer.n_vocab} tokens but token_embd.weight has "
-                               f"{hp.n_vocab} rows")
-        q_dim, kv_dim = hp.n_heads * hp.head_dim, hp.n_kv_heads * hp.head_dim
-        layers = []
-        for i in range(hp.n_layers):
-            p = f"blk.{i}."
-            layers.append(Layer(
-                attn_norm=_vector(g, p + "attn_norm.weight", hp.dim),
-                wq=_weight(g, p + "attn_q.weight", q_dim, hp.dim),
-                wk=_weight(g, p + "attn_k.weight", kv_dim, hp.dim),
-                wv=_weight(g, p + "attn_v.weight", kv_dim, hp.dim),
-                wo=_weight(g, p + "attn_output.weight", hp.dim, q_dim),
-                ffn_norm=_vector(g, p + "ffn_norm.weight", hp.dim),
-                w_gate=_weight(g, p + "ffn_gate.weight", hp.ffn_dim, hp.dim),
-                w_up=_weight(g, p + "ffn_up.weight", hp.ffn_dim, hp.dim),
-                w_down=_weight(g, p + "ffn_down.weight", hp.dim, hp.ffn_dim),
-            ))
-        tok_embd = _weight(g, "token_embd.weight", hp.n_vocab, hp.dim)
-        output = _weight(g, "output.weight", hp.n_vocab, hp.dim) if "output.weight" in g.tensors else tok_embd
-        output_norm = _vector(g, "output_norm.weight", hp.dim)
+            raise bad_file(g.path, f"the vocabulary has {tokenizer.n_vocab} tokens but token_embd.weight has "
+                                   f"{hp.n_vocab} rows")
+        loader = _Loader(g, hp)
+        loader.refuse_unsupported()
+        layers = [loader.layer(i, family) for i in range(hp.n_layers)]
+        tok_embd = loader.weight("token_embd.weight", hp.n_vocab, hp.dim)
+        output = loader.weight("output.weight", hp.n_vocab, hp.dim) if "output.weight" in g.tensors else tok_embd
+        output_norm = loader.vector("output_norm.weight", hp.dim)
         pw = _pack(g, layers, output, output_norm, threads)
     except BaseException:
         g.close()
         raise
-    return Model(Path(path), hp, tokenizer, g.metadata, tok_embd, layers, output_norm, output, threads, g, pw)
+    return Model(Path(path), family, hp, tokenizer, g.metadata, tok_embd, layers, output_norm, output, threads, g, pw)
+
+
+# --- a sequence -----------------------------------------------------------------------------------------------
 
 
 class Context:
@@ -419,12 +420,17 @@ class Context:
         self.n_batch = min(n_batch, n_ctx)
         self.n_past = 0
         self.tokens: list[int] = []  # what the cache holds, position by position
-        kv_dim = hp.n_kv_heads * hp.head_dim
-        self.k_cache = np.zeros((hp.n_layers, n_ctx, hp.n_kv_heads, hp.head_dim), np.float16)
-        self.v_cache = np.zeros((hp.n_layers, n_ctx, hp.n_kv_heads, hp.head_dim), np.float16)
-        self.rope_cos, self.rope_sin = ops.rope_cache(n_ctx, hp.n_rot, hp.rope_base, hp.rope_freq_scale,
-                                                      hp.rope_factors)
-        b, q_dim = self.n_batch, hp.n_heads * hp.head_dim
+        self.kv = KVCache(hp, n_ctx, self.n_batch)
+        # RoPE tables [tables, n_ctx, n_rot/2]: the global layers', then the sliding-window layers'
+        tables = [ops.rope_cache(n_ctx, hp.n_rot, hp.rope_base, hp.rope_freq_scale, hp.factors_for(n_ctx),
+                                 hp.rope_attn_factor)]
+        if hp.swa_window:
+            tables.append(ops.rope_cache(n_ctx, hp.n_rot, hp.rope_base_swa, hp.rope_freq_scale_swa, None,
+                                         hp.rope_attn_factor))
+        self.rope_cos = np.stack([c for c, _ in tables])
+        self.rope_sin = np.stack([s for _, s in tables])
+        self.kq_scale = np.float32(hp.kq_scale) if hp.kq_scale else ops.attention_scale(hp.head_dim)
+        b, q_dim, kv_dim = self.n_batch, hp.n_heads * hp.head_dim, hp.n_kv_heads * hp.head_dim
         self._x = np.empty((b, hp.dim), np.float32)  # residual stream
         self._xb = np.empty((b, hp.dim), np.float32)  # normed input of a sub-layer
         self._q = np.empty((b, q_dim), np.float32)
@@ -445,43 +451,60 @@ class Context:
         if pw is None:  # only reachable through a bug: the fused path is chosen only with packed weights
             raise RuntimeError("fused forward pass requested for a model without packed weights")
         widest = max(hp.dim, hp.n_heads * hp.head_dim, hp.ffn_dim)
-        self._par = np.zeros(8, np.int64)
+        self._par = np.zeros(fused_kernels.PAR_SIZE, np.int64)
         self._logits = np.empty((b, hp.n_vocab), np.float32)  # pages appear as rows are written
-        hpa = np.zeros(8, np.int64)
-        hpa[[fused_kernels.HP_DIM, fused_kernels.HP_LAYERS, fused_kernels.HP_HEADS, fused_kernels.HP_KV_HEADS, fused_kernels.HP_HEAD_DIM, fused_kernels.HP_FFN,
-             fused_kernels.HP_VOCAB]] = (hp.dim, hp.n_layers, hp.n_heads, hp.n_kv_heads, hp.head_dim, hp.ffn_dim, hp.n_vocab)
-        threads = m.threads
+        hpa = np.zeros(fused_kernels.HP_SIZE, np.int64)
+        hpa[[fused_kernels.HP_DIM, fused_kernels.HP_LAYERS, fused_kernels.HP_HEADS, fused_kernels.HP_KV_HEADS,
+             fused_kernels.HP_HEAD_DIM, fused_kernels.HP_FFN, fused_kernels.HP_VOCAB, fused_kernels.HP_NEOX,
+             fused_kernels.HP_ACT, fused_kernels.HP_OUT_NORM]] = (
+            hp.dim, hp.n_layers, hp.n_heads, hp.n_kv_heads, hp.head_dim, hp.ffn_dim, hp.n_vocab,
+            int(hp.rope_type == ROPE_NEOX), int(m.family.activation == ACT_GELU), pw.out_norm)
+        fpa = np.zeros(fused_kernels.FP_SIZE, np.float32)
+        fpa[[fused_kernels.FP_EPS, fused_kernels.FP_Q_SCALE, fused_kernels.FP_KQ_SCALE, fused_kernels.FP_SOFTCAP]] = (
+            hp.norm_eps, hp.q_scale, self.kq_scale, hp.attn_softcap)
+        ldesc = pw.ldesc.copy()
+        ldesc[:, fused_kernels.LD_KV_OFF] = self.kv.offsets[:-1]
+        ldesc[:, fused_kernels.LD_KV_ROWS] = self.kv.rows
         k_widest = (widest + 255) // 256 * 256
         a8 = (np.empty(b * widest, np.int8), np.empty(b * widest // 32, np.float32),
               np.empty(b * widest // 32, np.float32), np.empty(b * widest // 32, np.int32))
         ak = (np.empty(b * k_widest, np.int8), np.empty(b * k_widest // 256, np.float32),
               np.empty(b * k_widest // 16, np.int16), np.empty(b * k_widest // 16, np.int32),
               np.empty(b * k_widest // 32, np.int32))
-        args = (
-            hpa, float(hp.norm_eps), ops.attention_scale(hp.head_dim), self._par, (pw.arena, m.gguf.data), pw.wdesc,
-            pw.need,
-            pw.norms,
-            self.rope_cos, self.rope_sin, self.k_cache.view(np.uint16), self.v_cache.view(np.uint16),
-            self._x, self._xb, self._q, self._k, self._v, self._att, self._proj, self._gate, self._up, self._hidden,
-            self._logits, a8, ak,
-            np.empty((threads, self.n_ctx + 2 * hp.head_dim), np.float32),
-            np.empty((threads, 4, packed.LANES), np.float32),
-            _FP16_TABLE,
+        threads = m.threads
+        bundle = fused_kernels.Bundle(
+            hp=hpa, fp=fpa, par=self._par, stages=fused_kernels.stage_table(hp.n_layers),
+            arenas=(pw.arena, m.gguf.data), wdesc=pw.wdesc, need=pw.need, ldesc=ldesc, vecs=pw.vecs,
+            cos=self.rope_cos, sin=self.rope_sin, kc=self.kv.k.view(np.uint16), vc=self.kv.v.view(np.uint16),
+            x=self._x, xb=self._xb, q=self._q, k=self._k, v=self._v, att=self._att, proj=self._proj,
+            gate=self._gate, up=self._up, hidden=self._hidden, logits=self._logits, a8f=a8, akf=ak,
+            scratch=np.empty((threads, self.n_ctx + 2 * hp.head_dim), np.float32),
+            res_all=np.empty((threads, 4, packed.LANES), np.float32), f16_table=_FP16_TABLE,
+            gelu_table=ops.GELU_F16_TABLE,
         )
-        self._team = fused_kernels.Team(threads, fused_kernels.n_stages(hp.n_layers), args)
+        self._team = fused_kernels.Team(threads, bundle)
 
     @property
     def kv_bytes(self) -> int:
-        return self.k_cache.nbytes + self.v_cache.nbytes
+        return self.kv.nbytes
 
     def reset(self) -> None:
         self.n_past = 0
         self.tokens = []
 
+    def reusable(self, n: int) -> int:
+        """How many of the first ``n`` cached positions can be kept (``truncate``) and evaluation go on from:
+        ``n``, or 0 where a sliding-window layer's ring no longer holds what position n would read."""
+        n = max(0, min(n, self.n_past))
+        return n if self.kv.keeps(self.n_past, n) else 0
+
     def truncate(self, n: int) -> None:
         """Forget every position from ``n`` on (a shared prefix stays cached)."""
         if not 0 <= n <= self.n_past:
             raise UsageError(f"cannot keep {n} of {self.n_past} cached positions", "keep 0..n_past")
+        if not self.kv.keeps(self.n_past, n):
+            raise UsageError(f"cannot keep {n} of {self.n_past} cached positions: the sliding-window layers no "
+                             "longer hold the keys they need", "keep reusable(n) positions")
         self.n_past = n
         del self.tokens[n:]
 
@@ -491,23 +514,8 @@ class Context:
         Cached keys carry their position's rotation; moving a key down by ``n_discard`` positions
         rotates it back by the same angle (RoPE rotations compose), so no token is recomputed.
         """
-        if not (0 <= n_keep and 0 < n_discard and n_keep + n_discard <= self.n_past):
-            raise UsageError(f"cannot drop {n_discard} positions after {n_keep} of {self.n_past}",
-                             "keep + discard must fit the cached positions")
-        hp = self.model.hparams
-        src, dst, n_move = n_keep + n_discard, n_keep, self.n_past - n_keep - n_discard
-        half = hp.n_rot // 2
-        theta = hp.rope_freq_scale * hp.rope_base ** (-2.0 * np.arange(half) / hp.n_rot) * -n_discard
-        if hp.rope_factors is not None:
-            theta /= np.asarray(hp.rope_factors)
-        cos, sin = np.cos(theta), np.sin(theta)  # [half]
-        for li in range(hp.n_layers):
-            k = self.k_cache[li, src : src + n_move].astype(np.float64)  # [n_move, n_kv_heads, head_dim]
-            x0, x1 = k[..., 0 : hp.n_rot : 2].copy(), k[..., 1 : hp.n_rot : 2].copy()
-            k[..., 0 : hp.n_rot : 2] = x0 * cos - x1 * sin
-            k[..., 1 : hp.n_rot : 2] = x0 * sin + x1 * cos
-            self.k_cache[li, dst : dst + n_move] = k
-            self.v_cache[li, dst : dst + n_move] = self.v_cache[li, src : src + n_move]
+        check_shift(self.n_past, n_keep, n_discard)
+        self.kv.shift(self.n_past, n_keep, n_discard)
         self.n_past -= n_discard
         del self.tokens[n_keep : n_keep + n_discard]
 
@@ -531,47 +539,54 @@ class Context:
                 "start a new conversation, shorten the prompt, or raise -c/--ctx-size",
             )
         n_out = ids.size if all_logits else 1
+        logits = np.empty((n_out, hp.n_vocab), np.float32)
+        pw = self.model.packed
         # plain-kind weights (Q5_*) have no fused multi-token kernel: prompts take the per-op path,
         # which decodes each block once for all the batch's tokens (same KV cache, same logits)
-        if self._team is not None and (ids.size <= _FUSED_PLAIN_MAX_T or not self.model.packed.plain):
-            return self._eval_fused(ids, all_logits, n_out)
-        numba.set_num_threads(min(self.model.threads, numba.config.NUMBA_NUM_THREADS))
-        logits = np.empty((n_out, hp.n_vocab), np.float32)
+        fused = self._team is not None and pw is not None and (ids.size <= _FUSED_PLAIN_MAX_T or not pw.plain)
+        if not fused:
+            numba.set_num_threads(min(self.model.threads, numba.config.NUMBA_NUM_THREADS))
         for start in range(0, ids.size, self.n_batch):
             chunk = ids[start : start + self.n_batch]
             last = start + chunk.size == ids.size
             if all_logits:
-                self._forward(chunk, logits[start : start + chunk.size])
-            elif last:
-                self._forward(chunk, logits)
+                out = logits[start : start + chunk.size]
             else:
-                self._forward(chunk, None)
+                out = logits if last else None
+            if fused:
+                self._eval_fused(chunk, out)
+            else:
+                self._forward(chunk, out)
+        if hp.final_softcap:
+            ops.softcap(logits, hp.final_softcap)
         return logits
 
-    def _eval_fused(self, ids: np.ndarray, all_logits: bool, n_out: int) -> np.ndarray:
-        m = self.model
-        logits = np.empty((n_out, m.hparams.n_vocab), np.float32)
+    def _embed(self, ids: np.ndarray) -> None:
+        """x[:T] = the tokens' embedding rows (times the family's embedding scale)."""
+        m, x = self.model, self._x[: ids.size]
+        m.tok_embd.kernel.dequantize(np.ascontiguousarray(m.tok_embd.data[ids]), x)
+        if m.hparams.embed_scale != 1.0:
+            x *= np.float32(m.hparams.embed_scale)
+
+    def _eval_fused(self, ids: np.ndarray, logits: np.ndarray | None) -> None:
+        """The fused pass over one batch; the logits of all its tokens (or of the last) into ``logits``."""
         team, par = self._team, self._par
         if team is None:  # only reachable through a bug: _init_fused creates the team
             raise RuntimeError("fused forward pass used before its thread team was created")
-        for start in range(0, ids.size, self.n_batch):
-            chunk = ids[start : start + self.n_batch]
-            T = chunk.size
-            last = start + T == ids.size
-            m.tok_embd.kernel.dequantize(np.ascontiguousarray(m.tok_embd.data[chunk]), self._x[:T])
-            par[fused_kernels.PAR_T] = T
-            par[fused_kernels.PAR_POS0] = self.n_past
-            par[fused_kernels.PAR_LOGIT_ROW0] = 0 if all_logits else T - 1
-            par[fused_kernels.PAR_LOGIT_ROWS] = T if all_logits else (1 if last else 0)
-            par[fused_kernels.PAR_THREADS] = team.threads
-            team.run()
-            self.n_past += T
-            self.tokens.extend(int(t) for t in chunk)
-            if all_logits:
-                logits[start : start + T] = self._logits[:T]
-            elif last:
-                logits[0] = self._logits[0]
-        return logits
+        T = ids.size
+        self._embed(ids)
+        n_rows = 0 if logits is None else logits.shape[0]
+        par[fused_kernels.PAR_T] = T
+        par[fused_kernels.PAR_POS0] = self.n_past
+        par[fused_kernels.PAR_LOGIT_ROW0] = T - n_rows
+        par[fused_kernels.PAR_LOGIT_ROWS] = n_rows
+        par[fused_kernels.PAR_THREADS] = team.threads
+        par[fused_kernels.PAR_STAGES] = team.n_stages if n_rows else team.n_stages - 2
+        team.run()
+        self.n_past += T
+        self.tokens.extend(int(t) for t in ids)
+        if logits is not None:
+            logits[:] = self._logits[:n_rows]
 
     def _forward(self, ids: np.ndarray, logits: np.ndarray | None) -> None:
         """Run a batch of T tokens at positions n_past..n_past+T-1; write logits of all T (or the last)."""
@@ -583,29 +598,49 @@ class Context:
         gate, up, hidden = self._gate[:T], self._up[:T], self._hidden[:T]  # [T, ffn_dim]
         q_heads = q.reshape(T, hp.n_heads, hp.head_dim)
         k_heads = k.reshape(T, hp.n_kv_heads, hp.head_dim)
+        v_heads = v.reshape(T, hp.n_kv_heads, hp.head_dim)
         positions = np.arange(pos0, pos0 + T, dtype=np.int32)
+        rope = ops.rope_neox if hp.rope_type == ROPE_NEOX else ops.rope
+        act = m.family.activation
 
-        m.tok_embd.kernel.dequantize(np.ascontiguousarray(m.tok_embd.data[ids]), x)
+        self._embed(ids)
         for li, layer in enumerate(m.layers):
-            # attention: x += Wo · attn(rope(Wq·norm(x)), cache(rope(Wk·norm(x)), Wv·norm(x)))
+            # attention: x += post(Wo · attn(rope(norm(Wq·norm(x) + bq)), cache(...k...), Wv·norm(x) + bv))
             ops.rmsnorm(x, layer.attn_norm, hp.norm_eps, xb)
             layer.wq.matmul(xb, q)
             layer.wk.matmul(xb, k)
             layer.wv.matmul(xb, v)
-            ops.rope(q_heads, positions, self.rope_cos, self.rope_sin)
-            ops.rope(k_heads, positions, self.rope_cos, self.rope_sin)
-            kc, vc = self.k_cache[li], self.v_cache[li]  # [n_ctx, n_kv_heads, head_dim] f16
-            kc[pos0 : pos0 + T] = k_heads
-            vc[pos0 : pos0 + T] = v.reshape(T, hp.n_kv_heads, hp.head_dim)
-            ops.attention(q_heads, kc, vc, pos0, att.reshape(T, hp.n_heads, hp.head_dim))
+            for t, bias in ((q, layer.bq), (k, layer.bk), (v, layer.bv)):
+                if bias is not None:
+                    t += bias
+            if layer.q_norm is not None:
+                ops.rmsnorm(q.reshape(-1, hp.head_dim), layer.q_norm, hp.norm_eps, q.reshape(-1, hp.head_dim))
+                ops.rmsnorm(k.reshape(-1, hp.head_dim), layer.k_norm, hp.norm_eps, k.reshape(-1, hp.head_dim))
+            table = 1 if layer.window else 0
+            cos, sin = self.rope_cos[table], self.rope_sin[table]
+            rope(q_heads, positions, cos, sin)
+            rope(k_heads, positions, cos, sin)
+            kc, vc = self.kv.k_layer(li), self.kv.v_layer(li)  # [rows, n_kv_heads, head_dim] f16
+            slots = positions % kc.shape[0]
+            kc[slots] = k_heads
+            vc[slots] = v_heads
+            ops.attention(q_heads, kc, vc, pos0, att.reshape(T, hp.n_heads, hp.head_dim), window=layer.window,
+                          q_scale=hp.q_scale, kq_scale=self.kq_scale, softcap=hp.attn_softcap)
             layer.wo.matmul(att, proj)
+            if layer.attn_post_norm is not None:
+                ops.rmsnorm(proj, layer.attn_post_norm, hp.norm_eps, proj)
             ops.add_inplace(x, proj)
-            # feed-forward: x += W_down · (silu(W_gate·norm(x)) * W_up·norm(x))
+            # feed-forward: x += post(W_down · (act(W_gate·norm(x)) * W_up·norm(x)))
             ops.rmsnorm(x, layer.ffn_norm, hp.norm_eps, xb)
             layer.w_gate.matmul(xb, gate)
             layer.w_up.matmul(xb, up)
-            ops.swiglu(gate, up, hidden)
+            if act == ACT_GELU:
+                ops.geglu(gate, up, ops.GELU_F16_TABLE, hidden)
+            else:
+                ops.swiglu(gate, up, hidden)
             layer.w_down.matmul(hidden, proj)
+            if layer.ffn_post_norm is not None:
+                ops.rmsnorm(proj, layer.ffn_post_norm, hp.norm_eps, proj)
             ops.add_inplace(x, proj)
 
         self.n_past += T
@@ -616,3 +651,7 @@ class Context:
         normed = xb[: rows.shape[0]]
         ops.rmsnorm(rows, m.output_norm, hp.norm_eps, normed)
         m.output.matmul(normed, logits)
+
+
+__all__ = ["DEFAULT_BATCH", "DEFAULT_CTX", "Context", "HyperParams", "Layer", "Model", "Weight", "default_threads",
+           "load_model"]

@@ -1,24 +1,37 @@
-"""The LLaMA forward pass as one numba function per thread: no Python between the layers.
+"""The forward pass as one numba function per thread: a table of stages, run by one loop.
 
 ``run_eval`` evaluates a batch of T tokens through every layer and writes the logits. Each thread
-of a context's :class:`Team` calls it with the same arguments and walks the same sequence of
-stages (see :mod:`pipx_llama.engine.kernels.runtime` for how items are shared without barriers):
+of a context's :class:`Team` calls it with the same :class:`Bundle` and walks the same table of
+stages (see :mod:`pipx_llama.engine.kernels.runtime` for how items are shared without barriers).
+A stage is an operation applied to one layer; the table lists, for every layer,
 
-    per layer: norm+quantize | q,k,v matmuls | RoPE + KV cache | attention | quantize |
-               output projection | residual+norm+quantize | gate,up matmuls + SwiGLU |
-               quantize | down matmul
-    then:      residual + output norm + quantize | output matmul
+    ATTN_IN   residual add (+ the previous layer's post-FFN norm), attention norm, quantize
+    QKV       q, k, v matmuls
+    ROPE      biases, q/k norms, RoPE, K and V into the cache
+    ATTEND    attention, (token, head) pairs dealt round-robin (causal rows differ in length)
+    QUANT_ATT quantize the attention output
+    WO        output projection
+    FFN_IN    (post-attention norm), residual add, feed-forward norm, quantize
+    GATE_UP   gate and up of the same rows in one item, then SwiGLU or GeGLU on them
+    QUANT_HID quantize the hidden activations
+    DOWN      down projection
 
-Activations are quantized once per input and shared by every matmul that reads it (q/k/v,
-gate/up). The arithmetic is that of the per-op path in ``model.py`` (the same numba helpers of
-:mod:`~pipx_llama.engine.kernels.ops`, the packed kernels bit-identical to the portable ones), so
-both paths give the same logits bit for bit; the tests compare them.
+then OUT_IN (last residual add, output norm of the rows that need logits, quantize) and LOGITS.
+
+What a family adds (biases, q/k norms, post norms, GeGLU, soft-capping, sliding windows, NEOX RoPE)
+is data: the model's layer table ``ldesc`` (offsets of its vectors in ``vecs``, -1 where absent,
+its RoPE table and window) and the switches in ``hp``/``fp``. Activations are quantized once per
+input and shared by every matmul that reads it (q/k/v, gate/up). The arithmetic is that of the
+per-op path in ``model.py`` (the same numba helpers of :mod:`~pipx_llama.engine.kernels.ops`, the
+packed kernels bit-identical to the portable ones), so both paths give the same logits bit for bit;
+the tests compare them.
 """
 
 from __future__ import annotations
 
 import threading
 import weakref
+from collections import namedtuple
 
 import numpy as np
 from numba import njit
@@ -28,23 +41,53 @@ from pipx_llama.engine.kernels.kquants import quantize_q8_K
 from pipx_llama.engine.kernels.legacy import quantize_q8_1
 from pipx_llama.engine.kernels.runtime import done, take, wait_stage
 
-# hyper-parameter slots (int64 array ``hp``)
-HP_DIM, HP_LAYERS, HP_HEADS, HP_KV_HEADS, HP_HEAD_DIM, HP_FFN, HP_VOCAB = range(7)
-# per-evaluation slots (int64 array ``par``)
-PAR_T, PAR_POS0, PAR_LOGIT_ROW0, PAR_LOGIT_ROWS, PAR_THREADS = range(5)
-# weight descriptor columns (int64 array ``wdesc`` [n_weights, 4])
+# int64 model switches (``hp``)
+HP_DIM, HP_LAYERS, HP_HEADS, HP_KV_HEADS, HP_HEAD_DIM, HP_FFN, HP_VOCAB, HP_NEOX, HP_ACT, HP_OUT_NORM = range(10)
+HP_SIZE = 10
+# float32 model numbers (``fp``)
+FP_EPS, FP_Q_SCALE, FP_KQ_SCALE, FP_SOFTCAP = range(4)
+FP_SIZE = 4
+# per-evaluation slots (int64 ``par``)
+PAR_T, PAR_POS0, PAR_LOGIT_ROW0, PAR_LOGIT_ROWS, PAR_THREADS, PAR_STAGES = range(6)
+PAR_SIZE = 8
+# weight descriptor columns (int64 ``wdesc`` [n_weights, 4])
 WD_KIND, WD_ROWS, WD_COLS, WD_OFFSET = range(4)
 W_Q, W_K, W_V, W_O, W_GATE, W_UP, W_DOWN = range(7)  # weight index = 7 * layer + these; output = 7 * L
-# which activation formats each matmul input needs (int64 array ``need`` [4 * L + 1], packed.ACT_* bits)
+# which activation formats each matmul input needs (int64 ``need`` [4 * L + 1], packed.ACT_* bits)
 IN_QKV, IN_O, IN_FFN, IN_DOWN = range(4)  # index 4 * layer + these; output = 4 * L
+# layer table columns (int64 ``ldesc`` [L, LD_SIZE]): offsets into ``vecs`` (-1: the layer has none),
+# the RoPE table, the sliding window (0: every earlier position), the layer's KV rows in the caches
+(LD_ATTN_NORM, LD_BQ, LD_BK, LD_BV, LD_Q_NORM, LD_K_NORM, LD_POST_ATTN, LD_FFN_NORM, LD_POST_FFN, LD_ROPE,
+ LD_WINDOW, LD_KV_OFF, LD_KV_ROWS) = range(13)
+LD_SIZE = 13
+# stage operations (``stages`` [n, 2] = (operation, layer))
+(OP_ATTN_IN, OP_QKV, OP_ROPE, OP_ATTEND, OP_QUANT_ATT, OP_WO, OP_FFN_IN, OP_GATE_UP, OP_QUANT_HID, OP_DOWN,
+ OP_OUT_IN, OP_LOGITS) = range(12)
+LAYER_OPS = (OP_ATTN_IN, OP_QKV, OP_ROPE, OP_ATTEND, OP_QUANT_ATT, OP_WO, OP_FFN_IN, OP_GATE_UP, OP_QUANT_HID,
+             OP_DOWN)
+ACT_SILU, ACT_GELU = 0, 1  # as pipx_llama.engine.arch
 
-STAGES_PER_LAYER = 10
 MAX_TOKEN_TILE = 64  # tokens per matmul item in prompt processing (weights of an item stay in L1/L2)
 ITEM_BYTES = 1 << 16  # weight bytes per matmul item for one token (measured: larger items did not help)
 
+# Everything run_eval reads, in one argument. Shapes: hp int64 [HP_SIZE]; fp f32 [FP_SIZE]; par int64
+# [PAR_SIZE]; stages int64 [n, 2]; arenas = (packed weights, mapped file) uint8; wdesc int64 [7L+1, 4];
+# need int64 [4L+1]; ldesc int64 [L, LD_SIZE]; vecs f32 [*] (norms, biases); cos, sin f32 [tables, n_ctx,
+# n_rot/2]; kc, vc uint16 [*] (F16 bits, layers at ldesc's offsets); x, xb, proj f32 [B, dim]; q, att f32
+# [B, H*D]; k, v f32 [B, KVH*D]; gate, up, hidden f32 [B, ffn]; logits f32 [B, vocab]; a8f, akf: the
+# activation buffers (Q8_1, Q8_K); scratch f32 [threads, n_ctx + 2D]; res_all f32 [threads, 4, LANES];
+# f16_table, gelu_table: ops' F16 tables.
+Bundle = namedtuple("Bundle", [
+    "hp", "fp", "par", "stages", "arenas", "wdesc", "need", "ldesc", "vecs", "cos", "sin", "kc", "vc",
+    "x", "xb", "q", "k", "v", "att", "proj", "gate", "up", "hidden", "logits", "a8f", "akf", "scratch",
+    "res_all", "f16_table", "gelu_table",
+])
 
-def n_stages(n_layers: int) -> int:
-    return STAGES_PER_LAYER * n_layers + 2
+
+def stage_table(n_layers: int) -> np.ndarray:
+    """(operation, layer) of every stage: the layers' stages, then the two of the logits."""
+    rows = [(op, li) for li in range(n_layers) for op in LAYER_OPS] + [(OP_OUT_IN, n_layers), (OP_LOGITS, n_layers)]
+    return np.array(rows, np.int64)
 
 
 # ----------------------------------------------------------------------------- work splitting
@@ -72,13 +115,16 @@ def _mm_split(wdesc, widx, T, threads):
 
 
 @njit(cache=True, nogil=True, _nrt=False)
-def _mm_count(wdesc, widx, T, gpc, tile):
+def _mm_count(wdesc, widx, T, threads):
+    gpc, tile = _mm_split(wdesc, widx, T, threads)
     groups = (wdesc[widx, WD_ROWS] + 15) // 16
     return ((groups + gpc - 1) // gpc) * ((T + tile - 1) // tile)
 
 
 @njit(cache=True, nogil=True, _nrt=False)
-def _mm_item(wdesc, widx, arena, i, T, gpc, tile, a8, ak, out, res):
+def _mm_item(wdesc, widx, arenas, i, T, threads, a8, ak, out, res):
+    """Item i of the matmul of weight ``widx``; returns the (rows, tokens) ranges it wrote."""
+    gpc, tile = _mm_split(wdesc, widx, T, threads)
     n_tt = (T + tile - 1) // tile
     gc = i // n_tt
     t0 = (i - gc * n_tt) * tile
@@ -86,7 +132,7 @@ def _mm_item(wdesc, widx, arena, i, T, gpc, tile, a8, ak, out, res):
     g0 = gc * gpc
     g1 = min(groups, g0 + gpc)
     t1 = min(T, t0 + tile)
-    packed.matmul_range(wdesc[widx, WD_KIND], arena, wdesc[widx, WD_OFFSET], wdesc[widx, WD_ROWS],
+    packed.matmul_range(wdesc[widx, WD_KIND], arenas, wdesc[widx, WD_OFFSET], wdesc[widx, WD_ROWS],
                         wdesc[widx, WD_COLS], g0, g1, t0, t1, a8, ak, out, res)
     return g0 * 16, min(wdesc[widx, WD_ROWS], g1 * 16), t0, t1
 
@@ -125,65 +171,215 @@ def _acts(n, T, a8f, akf):
     return _acts8(n, T, a8f), (kq, kd, kb16, kb32)
 
 
+@njit(inline="always")
+def _vec(b, off, n):
+    return b.vecs[off : off + n]
+
+
+@njit(inline="always")
+def _kv_layer(cache, b, li):
+    """Layer li's [rows, KVH, D] view of a flat cache."""
+    rows = b.ldesc[li, LD_KV_ROWS]
+    kvh = b.hp[HP_KV_HEADS]
+    d = b.hp[HP_HEAD_DIM]
+    off = b.ldesc[li, LD_KV_OFF]
+    return cache[off : off + rows * kvh * d].reshape((rows, kvh, d))
+
+
+@njit(cache=True, nogil=True)
+def _norm_add(b, t, post, proj_t):
+    """x[t] += proj[t], first normalised by the ``post`` norm where a family has one (Gemma)."""
+    dim = b.hp[HP_DIM]
+    x = b.x
+    if post >= 0:
+        ops._rmsnorm_row(proj_t, _vec(b, post, dim), b.fp[FP_EPS], proj_t)
+    for j in range(dim):
+        x[t, j] += proj_t[j]
+
+
+# ----------------------------------------------------------------------------- the stages
+
+
+@njit(cache=True, nogil=True, _nrt=False)
+def n_items(op, li, T, threads, b):
+    """How many items stage (op, li) has for a batch of T tokens."""
+    L = b.hp[HP_LAYERS]
+    wb = 7 * li
+    if op == OP_QKV:
+        return (_mm_count(b.wdesc, wb + W_Q, T, threads) + _mm_count(b.wdesc, wb + W_K, T, threads)
+                + _mm_count(b.wdesc, wb + W_V, T, threads))
+    if op == OP_ATTEND:
+        n_pairs = T * b.hp[HP_HEADS]
+        return min(n_pairs, 8 * threads) if T > 1 else min(n_pairs, 2 * threads)
+    if op == OP_WO:
+        return _mm_count(b.wdesc, wb + W_O, T, threads)
+    if op == OP_GATE_UP:
+        return _mm_count(b.wdesc, wb + W_GATE, T, threads)
+    if op == OP_DOWN:
+        return _mm_count(b.wdesc, wb + W_DOWN, T, threads)
+    if op == OP_OUT_IN:
+        return _token_items(b.par[PAR_LOGIT_ROWS], threads)[0]
+    if op == OP_LOGITS:
+        return _mm_count(b.wdesc, 7 * L, b.par[PAR_LOGIT_ROWS], threads)
+    return _token_items(T, threads)[0]
+
+
+@njit(cache=True, nogil=True)
+def run_item(op, li, i, tid, T, threads, b):
+    """Item i of stage (op, li)."""
+    hp, fp, ld = b.hp, b.fp, b.ldesc
+    dim, ffn = hp[HP_DIM], hp[HP_FFN]
+    H, KVH, D = hp[HP_HEADS], hp[HP_KV_HEADS], hp[HP_HEAD_DIM]
+    qdim = H * D
+    eps = fp[FP_EPS]
+    res = b.res_all[tid]
+    wb = 7 * li
+    _, per_tok = _token_items(T, threads)
+    t0 = i * per_tok
+    t1 = min(T, t0 + per_tok)
+    if op == OP_ATTN_IN:
+        for t in range(t0, t1):
+            if li > 0:
+                _norm_add(b, t, ld[li - 1, LD_POST_FFN], b.proj[t])
+            ops._rmsnorm_row(b.x[t], _vec(b, ld[li, LD_ATTN_NORM], dim), eps, b.xb[t])
+        _quantize_rows(b.xb, t0, t1, dim, b.a8f, b.akf, T, b.need[4 * li + IN_QKV], b.f16_table)
+    elif op == OP_QKV:
+        a8, ak = _acts(dim, T, b.a8f, b.akf)
+        nq = _mm_count(b.wdesc, wb + W_Q, T, threads)
+        nk = _mm_count(b.wdesc, wb + W_K, T, threads)
+        if i < nq:
+            _mm_item(b.wdesc, wb + W_Q, b.arenas, i, T, threads, a8, ak, b.q, res)
+        elif i < nq + nk:
+            _mm_item(b.wdesc, wb + W_K, b.arenas, i - nq, T, threads, a8, ak, b.k, res)
+        else:
+            _mm_item(b.wdesc, wb + W_V, b.arenas, i - nq - nk, T, threads, a8, ak, b.v, res)
+    elif op == OP_ROPE:
+        _rope_and_cache(b, li, t0, t1)
+    elif op == OP_ATTEND:
+        n_pairs = T * H
+        n_att = n_items(OP_ATTEND, li, T, threads, b)
+        kcl = _kv_layer(b.kc, b, li)
+        vcl = _kv_layer(b.vc, b, li)
+        q3 = b.q.reshape((b.q.shape[0], H, D))
+        att3 = b.att.reshape((b.att.shape[0], H, D))
+        window = ld[li, LD_WINDOW]
+        pos0 = b.par[PAR_POS0]
+        for pair in range(i, n_pairs, n_att):
+            t = pair // H
+            h = pair - t * H
+            p = pos0 + t
+            ops._attend(q3[t, h], kcl, vcl, h // (H // KVH), ops.window_start(p, window), p + 1, fp[FP_Q_SCALE],
+                        fp[FP_KQ_SCALE], fp[FP_SOFTCAP], b.scratch[tid], att3[t, h])
+    elif op == OP_QUANT_ATT:
+        _quantize_rows(b.att, t0, t1, qdim, b.a8f, b.akf, T, b.need[4 * li + IN_O], b.f16_table)
+    elif op == OP_WO:
+        a8, ak = _acts(qdim, T, b.a8f, b.akf)
+        _mm_item(b.wdesc, wb + W_O, b.arenas, i, T, threads, a8, ak, b.proj, res)
+    elif op == OP_FFN_IN:
+        for t in range(t0, t1):
+            _norm_add(b, t, ld[li, LD_POST_ATTN], b.proj[t])
+            ops._rmsnorm_row(b.x[t], _vec(b, ld[li, LD_FFN_NORM], dim), eps, b.xb[t])
+        _quantize_rows(b.xb, t0, t1, dim, b.a8f, b.akf, T, b.need[4 * li + IN_FFN], b.f16_table)
+    elif op == OP_GATE_UP:
+        a8, ak = _acts(dim, T, b.a8f, b.akf)
+        r0, r1, g0, g1 = _mm_item(b.wdesc, wb + W_GATE, b.arenas, i, T, threads, a8, ak, b.gate, res)
+        _mm_item(b.wdesc, wb + W_UP, b.arenas, i, T, threads, a8, ak, b.up, res)
+        for t in range(g0, g1):
+            if hp[HP_ACT] == ACT_GELU:
+                ops._geglu_row(b.gate[t, r0:r1], b.up[t, r0:r1], b.gelu_table, b.hidden[t, r0:r1])
+            else:
+                ops._swiglu_row(b.gate[t, r0:r1], b.up[t, r0:r1], b.hidden[t, r0:r1])
+    elif op == OP_QUANT_HID:
+        _quantize_rows(b.hidden, t0, t1, ffn, b.a8f, b.akf, T, b.need[4 * li + IN_DOWN], b.f16_table)
+    elif op == OP_DOWN:
+        a8, ak = _acts(ffn, T, b.a8f, b.akf)
+        _mm_item(b.wdesc, wb + W_DOWN, b.arenas, i, T, threads, a8, ak, b.proj, res)
+    elif op == OP_OUT_IN:
+        L = hp[HP_LAYERS]
+        nlr = b.par[PAR_LOGIT_ROWS]
+        lr0 = b.par[PAR_LOGIT_ROW0]
+        _, per_lt = _token_items(nlr, threads)
+        r0 = i * per_lt
+        r1 = min(nlr, r0 + per_lt)
+        for t in range(r0, r1):
+            src = lr0 + t
+            _norm_add(b, src, ld[L - 1, LD_POST_FFN], b.proj[src])
+            ops._rmsnorm_row(b.x[src], _vec(b, hp[HP_OUT_NORM], dim), eps, b.xb[t])
+        _quantize_rows(b.xb, r0, r1, dim, b.a8f, b.akf, nlr, b.need[4 * L], b.f16_table)
+    else:  # OP_LOGITS
+        nlr = b.par[PAR_LOGIT_ROWS]
+        a8, ak = _acts(dim, nlr, b.a8f, b.akf)
+        _mm_item(b.wdesc, 7 * hp[HP_LAYERS], b.arenas, i, nlr, threads, a8, ak, b.logits, res)
+
+
+@njit(cache=True, nogil=True)
+def _rope_and_cache(b, li, t0, t1):
+    """Tokens t0..t1 of layer li: biases and per-head norms of q and k, RoPE, then K and V into the cache."""
+    hp, ld = b.hp, b.ldesc
+    H, KVH, D = hp[HP_HEADS], hp[HP_KV_HEADS], hp[HP_HEAD_DIM]
+    eps = b.fp[FP_EPS]
+    neox = hp[HP_NEOX] != 0
+    q3 = b.q.reshape((b.q.shape[0], H, D))
+    k3 = b.k.reshape((b.k.shape[0], KVH, D))
+    v3 = b.v.reshape((b.v.shape[0], KVH, D))
+    kcl = _kv_layer(b.kc, b, li)
+    vcl = _kv_layer(b.vc, b, li)
+    rows = ld[li, LD_KV_ROWS]
+    cos = b.cos[ld[li, LD_ROPE]]
+    sin = b.sin[ld[li, LD_ROPE]]
+    bq, bk, bv = ld[li, LD_BQ], ld[li, LD_BK], ld[li, LD_BV]
+    qn, kn = ld[li, LD_Q_NORM], ld[li, LD_K_NORM]
+    pos0 = b.par[PAR_POS0]
+    for t in range(t0, t1):
+        p = pos0 + t
+        slot = p % rows
+        for h in range(H):
+            qh = q3[t, h]
+            if bq >= 0:
+                for d in range(D):
+                    qh[d] += b.vecs[bq + h * D + d]
+            if qn >= 0:
+                ops._rmsnorm_row(qh, _vec(b, qn, D), eps, qh)
+            if neox:
+                ops._rope_head_neox(qh, cos[p], sin[p])
+            else:
+                ops._rope_head(qh, cos[p], sin[p])
+        for h in range(KVH):
+            kh = k3[t, h]
+            vh = v3[t, h]
+            if bk >= 0:
+                for d in range(D):
+                    kh[d] += b.vecs[bk + h * D + d]
+            if bv >= 0:
+                for d in range(D):
+                    vh[d] += b.vecs[bv + h * D + d]
+            if kn >= 0:
+                ops._rmsnorm_row(kh, _vec(b, kn, D), eps, kh)
+            if neox:
+                ops._rope_head_neox(kh, cos[p], sin[p])
+            else:
+                ops._rope_head(kh, cos[p], sin[p])
+            for d in range(D):
+                kcl[slot, h, d] = ops.f32_to_f16_bits(kh[d])
+                vcl[slot, h, d] = ops.f32_to_f16_bits(vh[d])
+
+
 # ----------------------------------------------------------------------------- one evaluation
 
 
 @njit(cache=True, nogil=True)
-def run_eval(tid, tag, ctl, hp, eps, scale, par, arena, wdesc, need, norms, cos, sin, kc, vc, x, xb, q, k, v, att,
-             proj, gate, up, hidden, logits, a8f, akf, scratch, res_all, table):
-    """Evaluate the batch described by ``par`` as thread ``tid``; False if it was superseded."""
-    T = par[PAR_T]
-    pos0 = par[PAR_POS0]
-    lr0 = par[PAR_LOGIT_ROW0]
-    nlr = par[PAR_LOGIT_ROWS]
-    threads = par[PAR_THREADS]
-    dim = hp[HP_DIM]
-    L = hp[HP_LAYERS]
-    H = hp[HP_HEADS]
-    KVH = hp[HP_KV_HEADS]
-    D = hp[HP_HEAD_DIM]
-    ffn = hp[HP_FFN]
-    group = H // KVH
-    qdim = H * D
-    res = res_all[tid]
-    work = scratch[tid]
-    q3 = q.reshape((q.shape[0], H, D))
-    k3 = k.reshape((k.shape[0], KVH, D))
-    v3 = v.reshape((v.shape[0], KVH, D))
-    att3 = att.reshape((att.shape[0], H, D))
-    n_tok, per_tok = _token_items(T, threads)
-    s = 0
-    for li in range(L):
-        wb = 7 * li
-        # -- residual add (not before layer 0), attention norm, quantize
-        mine = 0
-        while True:
-            i = take(ctl, s, tag, n_tok)
-            if i < 0:
-                return False
-            if i >= n_tok:
-                break
-            t0 = i * per_tok
-            t1 = min(T, t0 + per_tok)
-            for t in range(t0, t1):
-                if li > 0:
-                    for j in range(dim):
-                        x[t, j] += proj[t, j]
-                ops._rmsnorm_row(x[t], norms[2 * li], eps, xb[t])
-            _quantize_rows(xb, t0, t1, dim, a8f, akf, T, need[4 * li + IN_QKV], table)
-            mine += 1
-        done(ctl, s, mine)
-        if not wait_stage(ctl, s, tag, n_tok):
-            return False
-        s += 1
-        # -- q, k, v
-        a8, ak = _acts(dim, T, a8f, akf)
-        gq, tq = _mm_split(wdesc, wb + W_Q, T, threads)
-        gk, tk = _mm_split(wdesc, wb + W_K, T, threads)
-        nq = _mm_count(wdesc, wb + W_Q, T, gq, tq)
-        nk = _mm_count(wdesc, wb + W_K, T, gk, tk)
-        nv = _mm_count(wdesc, wb + W_V, T, gk, tk)
-        n = nq + nk + nv
+def run_eval(tid, tag, ctl, b):
+    """Evaluate the batch described by ``b.par`` as thread ``tid``; False if it was superseded.
+
+    The one loop: for each stage, take items until none is left, then wait until every taken
+    item is done (the only wait on another thread; see runtime.py).
+    """
+    T = b.par[PAR_T]
+    threads = b.par[PAR_THREADS]
+    for s in range(b.par[PAR_STAGES]):
+        op = b.stages[s, 0]
+        li = b.stages[s, 1]
+        n = n_items(op, li, T, threads, b)
         mine = 0
         while True:
             i = take(ctl, s, tag, n)
@@ -191,209 +387,16 @@ def run_eval(tid, tag, ctl, hp, eps, scale, par, arena, wdesc, need, norms, cos,
                 return False
             if i >= n:
                 break
-            if i < nq:
-                _mm_item(wdesc, wb + W_Q, arena, i, T, gq, tq, a8, ak, q, res)
-            elif i < nq + nk:
-                _mm_item(wdesc, wb + W_K, arena, i - nq, T, gk, tk, a8, ak, k, res)
-            else:
-                _mm_item(wdesc, wb + W_V, arena, i - nq - nk, T, gk, tk, a8, ak, v, res)
+            run_item(op, li, i, tid, T, threads, b)
             mine += 1
         done(ctl, s, mine)
         if not wait_stage(ctl, s, tag, n):
             return False
-        s += 1
-        # -- RoPE, then keys and values into the cache
-        kcl = kc[li]
-        vcl = vc[li]
-        mine = 0
-        while True:
-            i = take(ctl, s, tag, n_tok)
-            if i < 0:
-                return False
-            if i >= n_tok:
-                break
-            for t in range(i * per_tok, min(T, i * per_tok + per_tok)):
-                p = pos0 + t
-                for h in range(H):
-                    ops._rope_head(q3[t, h], cos[p], sin[p])
-                for h in range(KVH):
-                    ops._rope_head(k3[t, h], cos[p], sin[p])
-                    for d in range(D):
-                        kcl[p, h, d] = ops.f32_to_f16_bits(k3[t, h, d])
-                        vcl[p, h, d] = ops.f32_to_f16_bits(v3[t, h, d])
-            mine += 1
-        done(ctl, s, mine)
-        if not wait_stage(ctl, s, tag, n_tok):
-            return False
-        s += 1
-        # -- attention, (token, head) pairs dealt round-robin (causal rows differ in length)
-        n_pairs = T * H
-        n_att = min(n_pairs, 8 * threads) if T > 1 else min(n_pairs, 2 * threads)
-        mine = 0
-        while True:
-            i = take(ctl, s, tag, n_att)
-            if i < 0:
-                return False
-            if i >= n_att:
-                break
-            for pair in range(i, n_pairs, n_att):
-                t = pair // H
-                h = pair - t * H
-                ops._attend(q3[t, h], kcl, vcl, h // group, pos0 + t + 1, scale, work, att3[t, h])
-            mine += 1
-        done(ctl, s, mine)
-        if not wait_stage(ctl, s, tag, n_att):
-            return False
-        s += 1
-        # -- quantize the attention output
-        mine = 0
-        while True:
-            i = take(ctl, s, tag, n_tok)
-            if i < 0:
-                return False
-            if i >= n_tok:
-                break
-            _quantize_rows(att, i * per_tok, min(T, i * per_tok + per_tok), qdim, a8f, akf, T,
-                           need[4 * li + IN_O], table)
-            mine += 1
-        done(ctl, s, mine)
-        if not wait_stage(ctl, s, tag, n_tok):
-            return False
-        s += 1
-        # -- output projection
-        a8, ak = _acts(qdim, T, a8f, akf)
-        go, to = _mm_split(wdesc, wb + W_O, T, threads)
-        n = _mm_count(wdesc, wb + W_O, T, go, to)
-        mine = 0
-        while True:
-            i = take(ctl, s, tag, n)
-            if i < 0:
-                return False
-            if i >= n:
-                break
-            _mm_item(wdesc, wb + W_O, arena, i, T, go, to, a8, ak, proj, res)
-            mine += 1
-        done(ctl, s, mine)
-        if not wait_stage(ctl, s, tag, n):
-            return False
-        s += 1
-        # -- residual add, feed-forward norm, quantize
-        mine = 0
-        while True:
-            i = take(ctl, s, tag, n_tok)
-            if i < 0:
-                return False
-            if i >= n_tok:
-                break
-            t0 = i * per_tok
-            t1 = min(T, t0 + per_tok)
-            for t in range(t0, t1):
-                for j in range(dim):
-                    x[t, j] += proj[t, j]
-                ops._rmsnorm_row(x[t], norms[2 * li + 1], eps, xb[t])
-            _quantize_rows(xb, t0, t1, dim, a8f, akf, T, need[4 * li + IN_FFN], table)
-            mine += 1
-        done(ctl, s, mine)
-        if not wait_stage(ctl, s, tag, n_tok):
-            return False
-        s += 1
-        # -- gate and up of the same rows in one item, then SwiGLU on them
-        a8, ak = _acts(dim, T, a8f, akf)
-        gg, tg = _mm_split(wdesc, wb + W_GATE, T, threads)
-        n = _mm_count(wdesc, wb + W_GATE, T, gg, tg)
-        mine = 0
-        while True:
-            i = take(ctl, s, tag, n)
-            if i < 0:
-                return False
-            if i >= n:
-                break
-            r0, r1, t0, t1 = _mm_item(wdesc, wb + W_GATE, arena, i, T, gg, tg, a8, ak, gate, res)
-            _mm_item(wdesc, wb + W_UP, arena, i, T, gg, tg, a8, ak, up, res)
-            for t in range(t0, t1):
-                ops._swiglu_row(gate[t, r0:r1], up[t, r0:r1], hidden[t, r0:r1])
-            mine += 1
-        done(ctl, s, mine)
-        if not wait_stage(ctl, s, tag, n):
-            return False
-        s += 1
-        # -- quantize the hidden activations
-        mine = 0
-        while True:
-            i = take(ctl, s, tag, n_tok)
-            if i < 0:
-                return False
-            if i >= n_tok:
-                break
-            _quantize_rows(hidden, i * per_tok, min(T, i * per_tok + per_tok), ffn, a8f, akf, T,
-                           need[4 * li + IN_DOWN], table)
-            mine += 1
-        done(ctl, s, mine)
-        if not wait_stage(ctl, s, tag, n_tok):
-            return False
-        s += 1
-        # -- down projection
-        a8, ak = _acts(ffn, T, a8f, akf)
-        gd, td = _mm_split(wdesc, wb + W_DOWN, T, threads)
-        n = _mm_count(wdesc, wb + W_DOWN, T, gd, td)
-        mine = 0
-        while True:
-            i = take(ctl, s, tag, n)
-            if i < 0:
-                return False
-            if i >= n:
-                break
-            _mm_item(wdesc, wb + W_DOWN, arena, i, T, gd, td, a8, ak, proj, res)
-            mine += 1
-        done(ctl, s, mine)
-        if not wait_stage(ctl, s, tag, n):
-            return False
-        s += 1
-    if nlr == 0:
-        return True
-    # -- last residual add, output norm of the rows that need logits, quantize
-    n_lt, per_lt = _token_items(nlr, threads)
-    mine = 0
-    while True:
-        i = take(ctl, s, tag, n_lt)
-        if i < 0:
-            return False
-        if i >= n_lt:
-            break
-        t0 = i * per_lt
-        t1 = min(nlr, t0 + per_lt)
-        for t in range(t0, t1):
-            src = lr0 + t
-            for j in range(dim):
-                x[src, j] += proj[src, j]
-            ops._rmsnorm_row(x[src], norms[2 * L], eps, xb[t])
-        _quantize_rows(xb, t0, t1, dim, a8f, akf, nlr, need[4 * L], table)
-        mine += 1
-    done(ctl, s, mine)
-    if not wait_stage(ctl, s, tag, n_lt):
-        return False
-    s += 1
-    # -- logits
-    a8, ak = _acts(dim, nlr, a8f, akf)
-    wo = 7 * L
-    gl, tl = _mm_split(wdesc, wo, nlr, threads)
-    n = _mm_count(wdesc, wo, nlr, gl, tl)
-    mine = 0
-    while True:
-        i = take(ctl, s, tag, n)
-        if i < 0:
-            return False
-        if i >= n:
-            break
-        _mm_item(wdesc, wo, arena, i, nlr, gl, tl, a8, ak, logits, res)
-        mine += 1
-    done(ctl, s, mine)
-    return wait_stage(ctl, s, tag, n)
+    return True
 
 
 @njit(cache=True, nogil=True)
-def worker_loop(tid, seen, idle_ns, ctl, hp, eps, scale, par, arena, wdesc, need, norms, cos, sin, kc, vc, x, xb, q, k,
-                v, att, proj, gate, up, hidden, logits, a8f, akf, scratch, res_all, table):
+def worker_loop(tid, seen, idle_ns, ctl, b):
     """A worker: wait for each new evaluation and take part in it; return the last evaluation seen
     after ``idle_ns`` without one (the caller then sleeps in Python), or -1 when told to stop."""
     while True:
@@ -409,8 +412,7 @@ def worker_loop(tid, seen, idle_ns, ctl, hp, eps, scale, par, arena, wdesc, need
             if spins > runtime.SPIN and (spins & 15) == 0 and runtime.monotonic_ns() - since > idle_ns:
                 return seen
         seen = job
-        run_eval(tid, job, ctl, hp, eps, scale, par, arena, wdesc, need, norms, cos, sin, kc, vc, x, xb, q, k, v, att,
-                 proj, gate, up, hidden, logits, a8f, akf, scratch, res_all, table)
+        run_eval(tid, job, ctl, b)
 
 
 # ----------------------------------------------------------------------------- the team of threads
@@ -419,9 +421,9 @@ def worker_loop(tid, seen, idle_ns, ctl, hp, eps, scale, par, arena, wdesc, need
 class _Shared:
     """What the workers hold: not the Team itself, so dropping the context stops them."""
 
-    def __init__(self, ctl: np.ndarray, args: tuple, idle_ns: int) -> None:
+    def __init__(self, ctl: np.ndarray, bundle: Bundle, idle_ns: int) -> None:
         self.ctl = ctl
-        self.args = args
+        self.bundle = bundle
         self.idle_ns = idle_ns
         self.cond = threading.Condition()
         self.sleeping = 0
@@ -430,17 +432,16 @@ class _Shared:
 class Team:
     """The caller plus ``threads - 1`` worker threads sharing the evaluations of one context.
 
-    ``args`` are run_eval's arguments after ``ctl`` (``hp, eps, scale, par, arena, ...``); the
-    caller writes each evaluation's parameters into ``par`` and calls ``run``. Workers spin and
-    yield for ``idle_s`` after an evaluation (generation calls again within microseconds), then
-    sleep on a condition variable until the next one.
+    The caller writes each evaluation's parameters into ``bundle.par`` and calls ``run``. Workers
+    spin and yield for ``idle_s`` after an evaluation (generation calls again within microseconds),
+    then sleep on a condition variable until the next one.
     """
 
-    def __init__(self, threads: int, n_stages_: int, args: tuple, idle_s: float = 0.02) -> None:
+    def __init__(self, threads: int, bundle: Bundle, idle_s: float = 0.02) -> None:
         self.threads = threads
-        self.n_stages = n_stages_
+        self.n_stages = len(bundle.stages)
         self.tag = 0
-        self._shared = _Shared(runtime.control_array(n_stages_), args, int(idle_s * 1e9))
+        self._shared = _Shared(runtime.control_array(self.n_stages), bundle, int(idle_s * 1e9))
         self._workers = [threading.Thread(target=_worker_main, args=(self._shared, tid), daemon=True,
                                           name=f"pipx-llama-worker-{tid}") for tid in range(1, threads)]
         for th in self._workers:
@@ -454,7 +455,7 @@ class Team:
         if sh.sleeping:
             with sh.cond:
                 sh.cond.notify_all()
-        if not run_eval(0, self.tag, sh.ctl, *sh.args):
+        if not run_eval(0, self.tag, sh.ctl, sh.bundle):
             raise RuntimeError("forward pass superseded")  # cannot happen: only the caller publishes
 
     def close(self) -> None:
@@ -466,7 +467,7 @@ def _worker_main(sh: _Shared, tid: int) -> None:
     job_i, stop_i = runtime.CTL_JOB * runtime.LINE, runtime.CTL_STOP * runtime.LINE
     seen = 0
     while True:
-        seen = worker_loop(tid, seen, sh.idle_ns, ctl, *sh.args)
+        seen = worker_loop(tid, seen, sh.idle_ns, ctl, sh.bundle)
         if seen < 0:
             return
         with sh.cond:

@@ -310,16 +310,17 @@ def rmsnorm_ref(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
 
 
 @njit(cache=True, error_model="numpy")
-def _rope_cache_fill(freq_base, freq_scale, factors, cos, sin):
+def _rope_cache_fill(freq_base, freq_scale, factors, mscale, cos, sin):
     half = cos.shape[1]
     theta_scale = _F32(freq_base) ** (_F32(-2.0) / _F32(2 * half))
     fs = _F32(freq_scale)
+    ms = _F32(mscale)
     for p in range(cos.shape[0]):
         theta = _F32(p)
         for i in range(half):
             th = fs * (theta / factors[i])
-            cos[p, i] = np.cos(th)
-            sin[p, i] = np.sin(th)
+            cos[p, i] = np.cos(th) * ms
+            sin[p, i] = np.sin(th) * ms
             theta = theta * theta_scale
 
 
@@ -335,23 +336,26 @@ def _rope_factors(n_rot: int, factors: Sequence[float] | np.ndarray | None) -> n
 
 
 def rope_cache(n_ctx: int, n_rot: int, freq_base: float, freq_scale: float = 1.0,
-               factors: Sequence[float] | np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+               factors: Sequence[float] | np.ndarray | None = None,
+               mscale: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
     """cos, sin tables f32 [n_ctx, n_rot//2] for ``rope``; entry [p, i] is the angle of pair i at position p.
 
-    Mirrors ggml's ``ggml_rope_cache_init`` (ext_factor 0, attn_factor 1): theta is built by
-    repeated float32 multiplication, as ggml does, not as ``p * base**(-2i/n_rot)``.
-    ``freq_scale`` is 1/(linear RoPE scaling factor); ``factors`` f32 [n_rot//2] are Llama 3.1's
-    per-pair frequency factors (``rope_freqs.weight``): pair i's angle is divided by factors[i].
+    Mirrors ggml's ``ggml_rope_cache_init`` (ext_factor 0): theta is built by repeated float32
+    multiplication, as ggml does, not as ``p * base**(-2i/n_rot)``. ``freq_scale`` is 1/(linear
+    RoPE scaling factor); ``factors`` f32 [n_rot//2] are per-pair frequency factors (Llama 3.1's
+    ``rope_freqs``, Phi-3's LongRoPE): pair i's angle is divided by factors[i]; ``mscale`` (ggml's
+    attn_factor, Phi-3's LongRoPE scaling) multiplies cos and sin.
     """
     f = _rope_factors(n_rot, factors)
     cos = np.empty((n_ctx, n_rot // 2), np.float32)
     sin = np.empty((n_ctx, n_rot // 2), np.float32)
-    _rope_cache_fill(float(freq_base), float(freq_scale), f, cos, sin)
+    _rope_cache_fill(float(freq_base), float(freq_scale), f, float(mscale), cos, sin)
     return cos, sin
 
 
 def rope_cache_ref(n_ctx: int, n_rot: int, freq_base: float, freq_scale: float = 1.0,
-                   factors: Sequence[float] | np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+                   factors: Sequence[float] | np.ndarray | None = None,
+                   mscale: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
     f = _rope_factors(n_rot, factors)
     half = n_rot // 2
     theta_scale = np.float32(np.float64(_F32(freq_base)) ** np.float64(_F32(-2.0) / _F32(n_rot)))
@@ -359,7 +363,8 @@ def rope_cache_ref(n_ctx: int, n_rot: int, freq_base: float, freq_scale: float =
     steps[:, 0] = np.arange(n_ctx, dtype=np.float32)
     theta = (np.multiply.accumulate(steps, axis=1, dtype=np.float32) / f) * _F32(freq_scale)
     th64 = theta.astype(np.float64)
-    return np.cos(th64).astype(np.float32), np.sin(th64).astype(np.float32)
+    ms = _F32(mscale)
+    return np.cos(th64).astype(np.float32) * ms, np.sin(th64).astype(np.float32) * ms
 
 
 @njit(cache=True, error_model="numpy")
@@ -405,65 +410,143 @@ def rope_ref(x: np.ndarray, positions: np.ndarray, cos: np.ndarray, sin: np.ndar
     return out
 
 
+@njit(cache=True, error_model="numpy")
+def _rope_head_neox(x, cos, sin):
+    half = cos.shape[0]
+    for i in range(half):
+        x0 = x[i]
+        x1 = x[i + half]
+        c = cos[i]
+        s = sin[i]
+        x[i] = x0 * c - x1 * s
+        x[i + half] = x0 * s + x1 * c
+
+
+@njit(cache=True, error_model="numpy", parallel=True)
+def rope_neox(x, positions, cos, sin):
+    """Rotary embedding in place, NEOX layout (GGML ROPE mode 2: Qwen, Gemma, Phi-3).
+
+    As ``rope``, but pair i is (x[i], x[i + n_rot/2]): each head's first n_rot dims split in halves.
+    """
+    T, H = x.shape[0], x.shape[1]
+    if T * H * cos.shape[1] < _PAR_ROPE:
+        for t in range(T):
+            p = positions[t]
+            for h in range(H):
+                _rope_head_neox(x[t, h], cos[p], sin[p])
+    else:
+        for th in prange(T * H):
+            t = th // H
+            p = positions[t]
+            _rope_head_neox(x[t, th - t * H], cos[p], sin[p])
+
+
+def rope_neox_ref(x: np.ndarray, positions: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
+    out = x.copy()
+    half = cos.shape[1]
+    c = cos[positions][:, None, :]
+    s = sin[positions][:, None, :]
+    x0, x1 = x[..., 0:half], x[..., half : 2 * half]
+    out[..., 0:half] = x0 * c - x1 * s
+    out[..., half : 2 * half] = x0 * s + x1 * c
+    return out
+
+
 # ----------------------------------------------------------------------------- attention
 
 
 @njit(cache=True, error_model="numpy", fastmath=_FAST)
-def _attend(q, k_cache, v_cache, kvh, n_pos, scale, work, out):
-    """One (token, head): out = softmax(K[:n_pos]·q*scale) · V[:n_pos]; work: f32 [>= n_pos + 2*D]."""
-    D = q.shape[0]
-    scores = work[:n_pos]
-    qr = work[n_pos : n_pos + D]
-    acc = work[n_pos + D : n_pos + 2 * D]
-    scale = _F32(scale)
-    for d in range(D):
-        qr[d] = _kv_round(q[d], k_cache)
+def _scores(qr, k_cache, kvh, s0, cnt, scores, off, inv_cap, cap, kq_scale):
+    """scores[off + j] for cache rows s0..s0+cnt-1; returns their max. ``cap`` > 0 soft-caps as ggml:
+    tanhf(s * (1/cap)) * cap, before the scale."""
+    D = qr.shape[0]
     mx = -np.inf
-    for j in range(n_pos):
+    for j in range(cnt):
         s = _F32(0.0)
         for d in range(D):
-            s += qr[d] * _kv_to_f32(k_cache[j, kvh, d])
-        s = s * scale
-        scores[j] = s
+            s += qr[d] * _kv_to_f32(k_cache[s0 + j, kvh, d])
+        if cap > _F32(0.0):
+            s = np.tanh(s * inv_cap) * cap
+        s = s * kq_scale
+        scores[off + j] = s
         mx = max(mx, s)
+    return mx
+
+
+@njit(cache=True, error_model="numpy", fastmath=_FAST)
+def _accumulate(scores, off, v_cache, kvh, s0, cnt, acc):
+    """acc += sum_j scores[off + j] * V[s0 + j] (four rows per pass over acc: acc lives in memory, and
+    one row per pass makes the loop wait on acc's store->load round trip)."""
+    D = acc.shape[0]
+    j = 0
+    while j + 4 <= cnt:
+        p0, p1, p2, p3 = scores[off + j], scores[off + j + 1], scores[off + j + 2], scores[off + j + 3]
+        r = s0 + j
+        for d in range(D):
+            acc[d] += ((p0 * _kv_to_f32(v_cache[r, kvh, d]) + p1 * _kv_to_f32(v_cache[r + 1, kvh, d]))
+                       + (p2 * _kv_to_f32(v_cache[r + 2, kvh, d]) + p3 * _kv_to_f32(v_cache[r + 3, kvh, d])))
+        j += 4
+    while j < cnt:
+        p = scores[off + j]
+        for d in range(D):
+            acc[d] += p * _kv_to_f32(v_cache[s0 + j, kvh, d])
+        j += 1
+
+
+@njit(cache=True, error_model="numpy", fastmath=_FAST)
+def _attend(q, k_cache, v_cache, kvh, lo, n_pos, q_scale, kq_scale, cap, work, out):
+    """One (token, head) over cache positions lo..n_pos-1: out = softmax(score) · V.
+
+    score = K · f16(q * q_scale), soft-capped at ``cap`` (0: none), times ``kq_scale``. A cache of R
+    rows holds position p in row p % R (a ring for sliding-window layers; R = n_ctx otherwise, where
+    that is just p). work: f32 [>= n_pos - lo + 2*D].
+    """
+    D = q.shape[0]
+    R = k_cache.shape[0]
+    n = n_pos - lo
+    s0 = lo % R
+    c1 = min(n, R - s0)  # rows s0.. then, after the ring wraps, rows 0..
+    scores = work[:n]
+    qr = work[n : n + D]
+    acc = work[n + D : n + 2 * D]
+    inv_cap = _F32(1.0) / cap if cap > _F32(0.0) else _F32(0.0)
+    for d in range(D):
+        qr[d] = _kv_round(q[d] * q_scale, k_cache)
+    mx = _scores(qr, k_cache, kvh, s0, c1, scores, 0, inv_cap, cap, kq_scale)
+    if n > c1:
+        mx = max(mx, _scores(qr, k_cache, kvh, 0, n - c1, scores, c1, inv_cap, cap, kq_scale))
     mx32 = _F32(mx)
     total = 0.0
-    for j in range(n_pos):
+    for j in range(n):
         e = _expf(scores[j] - mx32)
         scores[j] = e
         total += np.float64(e)
     inv = _F32(1.0 / total)
     for d in range(D):
         acc[d] = _F32(0.0)
-    for j in range(n_pos):
+    for j in range(n):
         scores[j] = _kv_round(scores[j] * inv, v_cache)
-    # four positions per pass over acc: acc lives in memory, and one position per pass makes the
-    # loop wait on acc's store->load round trip
-    j = 0
-    while j + 4 <= n_pos:
-        p0, p1, p2, p3 = scores[j], scores[j + 1], scores[j + 2], scores[j + 3]
-        for d in range(D):
-            acc[d] += ((p0 * _kv_to_f32(v_cache[j, kvh, d]) + p1 * _kv_to_f32(v_cache[j + 1, kvh, d]))
-                       + (p2 * _kv_to_f32(v_cache[j + 2, kvh, d]) + p3 * _kv_to_f32(v_cache[j + 3, kvh, d])))
-        j += 4
-    while j < n_pos:
-        p = scores[j]
-        for d in range(D):
-            acc[d] += p * _kv_to_f32(v_cache[j, kvh, d])
-        j += 1
+    _accumulate(scores, 0, v_cache, kvh, s0, c1, acc)
+    if n > c1:
+        _accumulate(scores, c1, v_cache, kvh, 0, n - c1, acc)
     for d in range(D):
         out[d] = acc[d]
 
 
-@njit(cache=True, error_model="numpy", parallel=True)
-def attention_kernel(q, k_cache, v_cache, start_pos, scale, out, scratch):
-    """Causal GQA attention; see ``attention``. K/V caches f32 or uint16 (F16 bits).
+@njit(inline="always")
+def window_start(p, window):
+    """First position that position p attends to: all before it, or the last ``window`` (itself included)."""
+    return max(0, p - window + 1) if window > 0 else 0
 
-    scale: float32, llama.cpp's ``1.0f/sqrtf(head_dim)``; it is an argument because computed here
-    LLVM would fold ``s * (1/r)`` into ``s / r``, a different rounding.
-    scratch: f32 [n_chunks, >= start_pos + T + 2*head_dim]; (token, head) pairs are dealt to the
-    chunks round-robin (causal rows differ in length, so this balances them) and the chunks run in
-    parallel. The result does not depend on n_chunks.
+
+@njit(cache=True, error_model="numpy", parallel=True)
+def attention_kernel(q, k_cache, v_cache, start_pos, window, q_scale, kq_scale, cap, out, scratch):
+    """Causal GQA attention; see ``attention``. K/V caches f32 or uint16 (F16 bits), [R, n_kv_heads, D].
+
+    The scales are arguments because computed here LLVM would fold ``s * (1/r)`` into ``s / r``, a
+    different rounding. scratch: f32 [n_chunks, >= positions attended + 2*head_dim]; (token, head)
+    pairs are dealt to the chunks round-robin (causal rows differ in length, so this balances them)
+    and the chunks run in parallel. The result does not depend on n_chunks.
     """
     T, H, D = q.shape
     group = H // k_cache.shape[1]
@@ -473,13 +556,17 @@ def attention_kernel(q, k_cache, v_cache, start_pos, scale, out, scratch):
         for pair in range(n_pairs):
             t = pair // H
             h = pair - t * H
-            _attend(q[t, h], k_cache, v_cache, h // group, start_pos + t + 1, scale, scratch[0], out[t, h])
+            p = start_pos + t
+            _attend(q[t, h], k_cache, v_cache, h // group, window_start(p, window), p + 1, q_scale, kq_scale, cap,
+                    scratch[0], out[t, h])
     else:
         for c in prange(n_chunks):
             for pair in range(c, n_pairs, n_chunks):
                 t = pair // H
                 h = pair - t * H
-                _attend(q[t, h], k_cache, v_cache, h // group, start_pos + t + 1, scale, scratch[c], out[t, h])
+                p = start_pos + t
+                _attend(q[t, h], k_cache, v_cache, h // group, window_start(p, window), p + 1, q_scale, kq_scale,
+                        cap, scratch[c], out[t, h])
 
 
 def attention_scratch(n_positions: int, head_dim: int, n_chunks: int | None = None) -> np.ndarray:
@@ -503,53 +590,70 @@ def _as_kernel_cache(cache: np.ndarray) -> np.ndarray:
 
 
 def attention(q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, start_pos: int, out: np.ndarray,
-              scratch: np.ndarray | None = None) -> None:
+              scratch: np.ndarray | None = None, *, window: int = 0, q_scale: float = 1.0,
+              kq_scale: float | None = None, softcap: float = 0.0) -> None:
     """Causal grouped-query attention for a batch of T new tokens, written into ``out``.
 
-    q, out: f32 [T, n_heads, head_dim]; k_cache, v_cache: [n_ctx, n_kv_heads, head_dim] float32 or
-    float16 (uint16 is taken as F16 bits), already holding the batch's own keys/values at
-    start_pos..start_pos+T-1. Token t sits at position start_pos+t and attends to cache positions
-    0..start_pos+t; head h reads KV head h // (n_heads // n_kv_heads); scale 1/sqrt(head_dim).
-    With an F16 cache, q and the softmax probabilities are rounded to F16 before their dot
-    products, as llama.cpp's F16 matmuls do. ``scratch`` (from ``attention_scratch``) is
-    allocated per call when omitted.
+    q, out: f32 [T, n_heads, head_dim]; k_cache, v_cache: [R, n_kv_heads, head_dim] float32 or
+    float16 (uint16 is taken as F16 bits), already holding the batch's own keys/values; position p
+    is in row p % R (R = n_ctx for a plain cache, a ring of R rows for a sliding-window layer).
+    Token t sits at position start_pos+t and attends to positions window_start..start_pos+t; head
+    h reads KV head h // (n_heads // n_kv_heads). Scores are K · f16(q * q_scale), soft-capped at
+    ``softcap`` (0: none), times ``kq_scale`` (default 1/sqrt(head_dim)). With an F16 cache, q
+    and the softmax probabilities are rounded to F16 before their dot products, as llama.cpp's F16
+    matmuls do. ``scratch`` (from ``attention_scratch``) is allocated per call when omitted.
     """
     T, H, D = q.shape
-    n_ctx, kvh = k_cache.shape[0], k_cache.shape[1]
+    rows, kvh = k_cache.shape[0], k_cache.shape[1]
     if (out.shape != q.shape or k_cache.shape != v_cache.shape or k_cache.shape[2] != D
-            or kvh == 0 or H % kvh or start_pos < 0 or start_pos + T > n_ctx):
+            or kvh == 0 or H % kvh or start_pos < 0 or window < 0):
         raise ValueError(f"attention: q {q.shape}, out {out.shape}, k {k_cache.shape}, v {v_cache.shape}, "
-                         f"start_pos {start_pos} do not fit together")
-    n_pos = start_pos + T
+                         f"start_pos {start_pos}, window {window} do not fit together")
+    span = start_pos + T - _window_start(start_pos, window)  # positions the batch reads, all held at once
+    if span > rows:
+        raise ValueError(f"attention: {rows} cache rows cannot hold the {span} positions this batch attends to")
     if scratch is None:
-        scratch = attention_scratch(n_pos, D)
-    elif scratch.shape[1] < n_pos + 2 * D:
-        raise ValueError(f"attention: scratch rows of {scratch.shape[1]} < {n_pos + 2 * D} needed")
-    attention_kernel(q, _as_kernel_cache(k_cache), _as_kernel_cache(v_cache), start_pos, attention_scale(D),
-                     out, scratch)
+        scratch = attention_scratch(span, D)
+    elif scratch.shape[1] < span + 2 * D:
+        raise ValueError(f"attention: scratch rows of {scratch.shape[1]} < {span + 2 * D} needed")
+    kq = attention_scale(D) if kq_scale is None else _F32(kq_scale)
+    attention_kernel(q, _as_kernel_cache(k_cache), _as_kernel_cache(v_cache), start_pos, window, _F32(q_scale), kq,
+                     _F32(softcap), out, scratch)
 
 
-def attention_ref(q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, start_pos: int) -> np.ndarray:
+def _window_start(p: int, window: int) -> int:
+    return max(0, p - window + 1) if window > 0 else 0
+
+
+def attention_ref(q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, start_pos: int, *, window: int = 0,
+                  q_scale: float = 1.0, kq_scale: float | None = None, softcap: float = 0.0) -> np.ndarray:
     """Twin of ``attention``: same roundings (F16 q and probabilities for an F16 cache)."""
     T, H, D = q.shape
     f16 = k_cache.dtype in (np.float16, np.uint16)
     kc = k_cache.view(np.float16) if k_cache.dtype == np.uint16 else k_cache
     vc = v_cache.view(np.float16) if v_cache.dtype == np.uint16 else v_cache
+    rows = kc.shape[0]
     group = H // kc.shape[1]
-    scale = attention_scale(D)
+    scale = attention_scale(D) if kq_scale is None else _F32(kq_scale)
     out = np.empty((T, H, D), np.float32)
     for t in range(T):
-        n = start_pos + t + 1
+        p = start_pos + t
+        slots = np.arange(_window_start(p, window), p + 1) % rows
         for h in range(H):
-            k = kc[:n, h // group].astype(np.float32)
-            v = vc[:n, h // group].astype(np.float32)
-            qh = q[t, h].astype(np.float16).astype(np.float32) if f16 else q[t, h]
-            s = (k @ qh).astype(np.float32) * scale
-            e = np.exp(s - s.max())
-            p = e * _F32(1.0 / e.astype(np.float64).sum())
+            k = kc[slots, h // group].astype(np.float32)
+            v = vc[slots, h // group].astype(np.float32)
+            qh = (q[t, h] * _F32(q_scale)).astype(np.float32)
             if f16:
-                p = p.astype(np.float16).astype(np.float32)
-            out[t, h] = p @ v
+                qh = qh.astype(np.float16).astype(np.float32)
+            s = (k @ qh).astype(np.float32)
+            if softcap > 0:
+                s = (np.tanh(s * (_F32(1.0) / _F32(softcap))) * _F32(softcap)).astype(np.float32)
+            s = s * scale
+            e = np.exp(s - s.max())
+            pr = e * _F32(1.0 / e.astype(np.float64).sum())
+            if f16:
+                pr = pr.astype(np.float16).astype(np.float32)
+            out[t, h] = pr @ v
     return out
 
 
@@ -578,6 +682,74 @@ def swiglu(gate, up, out):
 def swiglu_ref(gate: np.ndarray, up: np.ndarray) -> np.ndarray:
     with np.errstate(over="ignore"):  # exp(-x) overflows to inf for x < -88.7 and silu(x) -> -0
         return gate / (_F32(1.0) + np.exp(-gate)) * up
+
+
+_GELU_A = _F32(0.044715)
+_SQRT_2_OVER_PI = _F32(0.79788456080286535587989211986876)
+
+
+def _gelu_f16_table() -> np.ndarray:
+    """ggml's ``ggml_table_gelu_f16``: F16 bits of gelu_tanh(x) for every F16 input x (65536 entries).
+
+    ggml (GGML_GELU_FP16) rounds a GELU input to F16 and looks its value up here; computing the
+    table the same way (float32 arithmetic, then round to F16) gives the same 16-bit results.
+    """
+    x = np.arange(1 << 16, dtype=np.uint16).view(np.float16).astype(np.float32)
+    with np.errstate(invalid="ignore", over="ignore"):
+        inner = _SQRT_2_OVER_PI * x * (_F32(1.0) + _GELU_A * x * x)
+        g = _F32(0.5) * x * (_F32(1.0) + np.tanh(inner.astype(np.float64)).astype(np.float32))
+    return g.astype(np.float32).astype(np.float16).view(np.uint16)
+
+
+GELU_F16_TABLE = _gelu_f16_table()
+
+
+@njit(cache=True, error_model="numpy")
+def _geglu_row(gate, up, table, out):
+    for i in range(gate.shape[0]):
+        g = gate[i]
+        if g <= _F32(-10.0):
+            out[i] = _F32(0.0)
+        elif g >= _F32(10.0):
+            out[i] = g * up[i]
+        else:
+            out[i] = _f16_decode(table[f32_to_f16_bits(g)]) * up[i]
+
+
+@njit(cache=True, error_model="numpy", parallel=True)
+def geglu(gate, up, table, out):
+    """out = gelu_tanh(gate) * up as ggml's ``ggml_vec_geglu_f32``; all f32 [T, n], table GELU_F16_TABLE.
+
+    Inputs in (-10, 10) are rounded to F16 and looked up; below, 0; above, the input itself.
+    """
+    T = gate.shape[0]
+    if T * gate.shape[1] < _PAR_SWIGLU:
+        for t in range(T):
+            _geglu_row(gate[t], up[t], table, out[t])
+    else:
+        for t in prange(T):
+            _geglu_row(gate[t], up[t], table, out[t])
+
+
+def geglu_ref(gate: np.ndarray, up: np.ndarray) -> np.ndarray:
+    looked = GELU_F16_TABLE[gate.astype(np.float16).view(np.uint16)].view(np.float16).astype(np.float32)
+    g = np.where(gate <= -10.0, _F32(0.0), np.where(gate >= 10.0, gate, looked))
+    return (g * up).astype(np.float32)
+
+
+@njit(cache=True, error_model="numpy")
+def softcap(x, cap):
+    """x = tanhf(x * (1/cap)) * cap in place, f32 [T, n] (Gemma 2's final logit soft-capping, as ggml)."""
+    inv = _F32(1.0) / _F32(cap)
+    c = _F32(cap)
+    for t in range(x.shape[0]):
+        for i in range(x.shape[1]):
+            x[t, i] = np.tanh(x[t, i] * inv) * c
+
+
+def softcap_ref(x: np.ndarray, cap: float) -> np.ndarray:
+    c = _F32(cap)
+    return (np.tanh(x * (_F32(1.0) / c)) * c).astype(np.float32)
 
 
 @njit(cache=True, error_model="numpy", parallel=True)
