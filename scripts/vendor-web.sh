@@ -45,7 +45,7 @@ copies() {
 
 command -v npm >/dev/null || { echo "npm is needed (it comes with Node.js)" >&2; exit 1; }
 WORK=$(mktemp -d)
-trap 'rm -rf "$WORK"' EXIT
+trap 'rm -rf "$WORK" "$DEST.new"' EXIT  # a failed run leaves vendor/ as it was
 
 # sha512 in npm's integrity notation, by node (no sha512sum/base64 flag differences across systems)
 integrity() {
