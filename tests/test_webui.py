@@ -474,6 +474,7 @@ def test_streams_an_answer_and_keeps_the_conversation(page_factory: Any, live: L
 def test_stop_cancels_the_generation_on_the_server(page_factory: Any, live: LiveServer) -> None:
     p = page_factory()
     p.wait_models()
+    p.seed([_conv("other", "Other", ("hello", "hi"), updated=0)])
     max_tokens = 900
     p.set_settings(temperature="0", max_tokens=str(max_tokens))
     p.send("Count from 1 to 1000, one number per line.")
@@ -482,6 +483,14 @@ def test_stop_cancels_the_generation_on_the_server(page_factory: Any, live: Live
     wait_until(lambda: len(p.last_answer()["text"]) >= 12, 60, "the answer to start")
     assert p.js("() => document.querySelector('.msg-assistant').getAttribute('aria-busy')") == "true"
     p.shots("streaming")  # mid-answer, with the Stop button
+    # while it streams, its conversation cannot be changed, and no other answer can be asked for
+    user = p.page.locator(".msg-user")
+    assert user.locator(".act-edit").is_disabled() and user.locator(".act-delete").is_disabled()
+    assert user.locator(".act-copy").is_enabled()
+    p.page.locator('.conv[data-id="other"] .conv-open').click()
+    assert p.page.locator(".act-regen").is_disabled() and p.page.locator(".act-edit").is_disabled()
+    assert p.page.locator(".msg-assistant .act-delete").is_enabled()
+    p.page.locator(".conv-open", has_text="Count from 1").click()
     t_stop = time.monotonic()
     stop.click()
     answer = p.wait_answer(timeout=10)
@@ -489,6 +498,7 @@ def test_stop_cancels_the_generation_on_the_server(page_factory: Any, live: Live
     assert answer["state"] == "stopped" and "stopped" in answer["meta"] and answer["text"], answer
     assert p.page.locator("#send").is_visible() and not stop.is_visible()
     assert p.js("() => document.querySelector('.msg-assistant').getAttribute('aria-busy')") == "false"
+    assert user.locator(".act-edit").is_enabled() and p.page.locator(".act-regen").is_enabled()
     rec = live.record(answer["requestId"])
     print(f"server record of the stopped request: {rec}")
     generated, limit = map(int, rec["generated"].split("/"))
@@ -498,7 +508,8 @@ def test_stop_cancels_the_generation_on_the_server(page_factory: Any, live: Live
     p.page.reload()
     p.wait_models()
     assert p.last_answer()["state"] == "stopped"
-    assert p.stored()[0]["messages"][1]["state"] == "stopped"
+    counting = next(c for c in p.stored() if c["id"] != "other")
+    assert counting["messages"][1]["state"] == "stopped"
 
     # Esc stops an answer too, wherever the focus is
     p.page.locator("#new-chat").click()

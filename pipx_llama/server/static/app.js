@@ -608,9 +608,15 @@
     return !!state.busy && state.busy.convId === conv.id;
   }
 
+  // one answer is generated at a time: asking for another says so instead of losing the request
+  function modelFree() {
+    if (state.busy) announce("Another answer is still being written: wait for it, or stop it (Esc).");
+    return !state.busy;
+  }
+
   function regenerate(conv) {
     const last = conv.messages[conv.messages.length - 1];
-    if (busyHere(conv) || !last || last.role !== "assistant") return;
+    if (!modelFree() || !last || last.role !== "assistant") return;
     conv.messages.pop();
     generate(conv);
   }
@@ -626,7 +632,7 @@
   }
 
   function startEdit(conv, msg, node) {
-    if (busyHere(conv)) return;
+    if (!modelFree()) return;
     const area = el("textarea", { class: "edit-input", value: msg.content, rows: 3,
       "aria-label": "Edit your message; Enter sends it, Esc cancels" });
     const cancel = el("button", { type: "button", class: "btn btn-small edit-cancel", text: "Cancel" });
@@ -639,7 +645,7 @@
     };
     const submit = () => {
       const text = area.value;
-      if (!text.trim() || busyHere(conv)) return;
+      if (!text.trim() || !modelFree()) return;
       const at = conv.messages.indexOf(msg);
       if (at < 0) return;
       msg.content = text;
@@ -739,11 +745,16 @@
     return node;
   }
 
-  function actionButton(cls, text, label, onClick, mutates) {
+  // needs: "model" (the action asks for an answer), "conversation" (it changes the messages), or null
+  function actionButton(cls, text, label, onClick, needs) {
     const b = el("button", { type: "button", class: `btn-link ${cls}`, text, "aria-label": label });
-    if (mutates) b.dataset.mutates = "1";
+    if (needs) b.dataset.needs = needs;
     b.addEventListener("click", onClick);
     return b;
+  }
+
+  function actionBlocked(button, conv) {
+    return button.dataset.needs === "model" ? !!state.busy : busyHere(conv);
   }
 
   function messageActions(conv, msg, node) {
@@ -751,20 +762,19 @@
     const who = msg.role === "user" ? "message" : "answer";
     const acts = [];
     const copy = actionButton("act-copy", "Copy", `Copy this ${who} (Markdown)`,
-      () => copyWithFeedback(msg.content, copy, "Copy"), false);
+      () => copyWithFeedback(msg.content, copy, "Copy"), null);
     if (msg.content) acts.push(copy);
     if (msg.role === "user") {
       acts.push(actionButton("act-edit", "Edit", "Edit this message and send it again",
-        () => startEdit(conv, msg, node), true));
+        () => startEdit(conv, msg, node), "model"));
     } else if (isLast) {
       const retry = msg.state === "error";
       acts.push(actionButton("act-regen", retry ? "Retry" : "Regenerate",
-        retry ? "Ask for this answer again" : "Answer again", () => regenerate(conv), true));
+        retry ? "Ask for this answer again" : "Answer again", () => regenerate(conv), "model"));
     }
     acts.push(actionButton("act-delete", "Delete", `Delete this ${who}`,
-      () => deleteMessage(conv, msg), true));
-    const busy = busyHere(conv);
-    for (const b of acts) if (b.dataset.mutates) b.disabled = busy;
+      () => deleteMessage(conv, msg), "conversation"));
+    for (const b of acts) if (b.dataset.needs) b.disabled = actionBlocked(b, conv);
     return el("span", { class: "msg-actions" }, ...acts);
   }
 
@@ -826,8 +836,8 @@
 
   function setActionsEnabled() {
     const conv = activeConv();
-    const busy = !!conv && busyHere(conv);
-    for (const b of ui.messages.querySelectorAll(".msg-actions [data-mutates]")) b.disabled = busy;
+    if (!conv) return;
+    for (const b of ui.messages.querySelectorAll(".msg-actions [data-needs]")) b.disabled = actionBlocked(b, conv);
   }
 
   // Repaints wait for the next animation frame, and after an expensive one for as long again as it
