@@ -217,8 +217,9 @@
   }
 
   // The text's top-level blocks as [first token, end token) ranges, each with a key that changes
-  // whenever its source lines or kind do: a streaming answer re-renders only the blocks that changed
-  // (in practice the last one), so a long answer costs the same per frame as a short one.
+  // whenever its source lines or kind do. A streaming answer is parsed whole on each paint (cheap) but
+  // only the blocks that changed (in practice the last one) are rendered, highlighted, typeset and
+  // sanitized again, so that work stays the same however long the answer grows.
   function topBlocks(tokens, lines) {
     const blocks = [];
     let start = 0;
