@@ -1,5 +1,5 @@
-"""Helpers for the browser tests: a live ``pipx-llama serve`` subprocess and Debian's Chromium driven
-through Playwright.
+"""Helpers for the browser tests: a live ``pipx-llama serve`` subprocess, an in-process server that
+replays a long answer, and Debian's Chromium driven through Playwright.
 
 Playwright's own browser download (``playwright install``) is never used: the tests launch the
 system's Chromium (``PIPX_LLAMA_CHROMIUM``, else ``chromium`` on PATH). When Playwright or Chromium is
@@ -9,6 +9,8 @@ missing the tests skip with the reason printed -- except under ``PIPX_LLAMA_REQU
 
 from __future__ import annotations
 
+import asyncio
+import json
 import os
 import re
 import shutil
@@ -16,13 +18,19 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
+import uvicorn
+from starlette.requests import Request
+from starlette.responses import StreamingResponse
+from starlette.types import Receive, Scope, Send
+
+from pipx_llama.server import ModelRegistry, ModelSpec, ServerSettings, create_app, schemas
 
 CHROMIUM_ARGS = [
     "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -147,3 +155,67 @@ def screenshot_dir() -> Path:
     path = Path(__file__).resolve().parent.parent / "test-artifacts"
     path.mkdir(exist_ok=True)
     return path
+
+
+class ReplayServer:
+    """The real app (page, vendored files, ``/props``, ``/v1/models``) on 127.0.0.1, in this process,
+    except that ``POST /v1/chat/completions`` streams ``pieces`` at ``rate`` pieces per second in the
+    server's own chunk format: a long answer without a model generating it, so the page's own work
+    while it streams is what a test measures. The last piece waits for ``release`` to be set (when
+    ``hold`` is true) so a test can look at the page with the whole text in and the stream still open.
+    """
+
+    def __init__(self, model_file: Path, names: list[str], pieces: list[str], rate: float,
+                 hold: bool = False) -> None:
+        registry = ModelRegistry([ModelSpec(n, model_file) for n in names])
+        self.real = create_app(registry, ServerSettings(allowed_hosts=["127.0.0.1"]))
+        self.pieces, self.rate = pieces, rate
+        self.release = threading.Event()
+        if not hold:
+            self.release.set()
+        self.requests: list[dict] = []
+        self.server = uvicorn.Server(uvicorn.Config(self._app, host="127.0.0.1", port=0, log_level="warning",
+                                                    lifespan="on", interface="asgi3"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.url = ""
+
+    async def _app(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["path"] == "/v1/chat/completions" and scope["method"] == "POST":
+            request = Request(scope, receive)
+            body = json.loads(await request.body())
+            self.requests.append(body)
+            response = StreamingResponse(self._stream(body["model"]), media_type="text/event-stream")
+            await response(scope, receive, send)
+        else:
+            await self.real(scope, receive, send)
+
+    async def _stream(self, model: str) -> AsyncIterator[str]:
+        def sse(obj: dict) -> str:
+            return f"data: {json.dumps(obj)}\n\n"
+        rid, created = "chatcmpl-replay", int(time.time())
+        yield sse(schemas.chat_chunk(rid, created, model, {"role": "assistant", "content": ""}, None, False))
+        start = time.monotonic()
+        for i, piece in enumerate(self.pieces):
+            if i == len(self.pieces) - 1:
+                while not self.release.is_set():
+                    await asyncio.sleep(0.05)
+            delay = start + i / self.rate - time.monotonic()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            yield sse(schemas.chat_chunk(rid, created, model, {"content": piece}, None, False))
+        yield sse(schemas.chat_chunk(rid, created, model, {}, "stop", False))
+        yield "data: [DONE]\n\n"
+
+    def __enter__(self) -> ReplayServer:  # noqa: PYI034
+        self.thread.start()
+        wait_until(lambda: self.server.started or not self.thread.is_alive(), 30, "the replay server")
+        if not self.server.started:
+            raise AssertionError("the replay server did not start (its error is logged above)")
+        port = self.server.servers[0].sockets[0].getsockname()[1]
+        self.url = f"http://127.0.0.1:{port}"
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release.set()
+        self.server.should_exit = True
+        self.thread.join(30)

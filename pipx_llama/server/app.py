@@ -1,9 +1,10 @@
 """The ASGI application: OpenAI- and Ollama-compatible endpoints over the engine.
 
 ``/v1/models``, ``/v1/completions``, ``/v1/chat/completions`` (server-sent events when ``stream``),
-``/health``, and Ollama's ``/api/generate``, ``/api/chat``, ``/api/tags``, ``/api/version`` (NDJSON
-streams). ``/`` serves the chat page from ``static/`` (no API key needed to load it; its API calls
-send the key).
+``/health``, ``/props`` (the sampler defaults, in llama.cpp's shape), and Ollama's ``/api/generate``,
+``/api/chat``, ``/api/tags``, ``/api/version`` (NDJSON streams). ``/`` serves the chat page from
+``static/`` and its vendored libraries from ``static/vendor/`` (no API key needed to load it; its API
+calls send the key).
 
 A request is validated, its model loaded (first use only) and its prompt tokenized before it is
 queued, so every client mistake is a 4xx before any byte of a stream is sent. Generation runs on the
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
 import time
@@ -55,6 +57,13 @@ PAGE_FILES = {  # URL path -> (file in STATIC, media type); nothing else of STAT
     "/app.css": ("app.css", "text/css; charset=utf-8"),
     "/app.js": ("app.js", "text/javascript; charset=utf-8"),
     "/favicon.svg": ("favicon.svg", "image/svg+xml"),
+}
+VENDOR = STATIC / "vendor"  # the page's libraries, written by scripts/vendor-web.sh
+VENDOR_MEDIA = {  # suffix -> media type; files of other kinds in VENDOR (README, SHA256SUMS) are not served
+    ".js": "text/javascript; charset=utf-8",
+    ".css": "text/css; charset=utf-8",
+    ".woff2": "font/woff2",
+    ".txt": "text/plain; charset=utf-8",  # the licences
 }
 # the page loads only its own files and talks only to this server: model text can never pull in script
 PAGE_HEADERS = {
@@ -296,7 +305,14 @@ class Server:
     async def ollama_version(self, request: Request) -> Response:
         return JSONResponse({"version": __version__})
 
-    # -- health --------------------------------------------------------------------------------------
+    # -- health and defaults ---------------------------------------------------------------------------
+
+    async def props(self, request: Request) -> Response:
+        """The values a request gets for the sampler fields it leaves out (the chat page shows them)."""
+        params: dict[str, Any] = dataclasses.asdict(self.settings.sampling)
+        params["max_tokens"] = None  # until the model stops or the context is full
+        return JSONResponse({"default_generation_settings": {"params": params},
+                             "build_info": f"pipx-llama {__version__}"})
 
     async def health(self, request: Request) -> Response:
         sch = self.scheduler
@@ -360,6 +376,30 @@ def _page_file(name: str, media_type: str) -> Callable[[Request], Awaitable[Resp
     return serve
 
 
+def vendor_files(root: Path = VENDOR) -> dict[str, tuple[Path, str]]:
+    """Path under ``/vendor/`` -> (file, media type) for each servable file under ``root``, listed once.
+
+    Only names found by walking the folder can ever be served, so no request path is joined onto a
+    file system path; a file whose real location is outside the folder (a symbolic link) is left out.
+    """
+    real_root = root.resolve()
+    files = {}
+    for path in sorted(root.rglob("*")):
+        media = VENDOR_MEDIA.get(path.suffix)
+        if media and path.is_file() and path.resolve().is_relative_to(real_root):
+            files[path.relative_to(root).as_posix()] = (path, media)
+    return files
+
+
+def _vendor_route(files: dict[str, tuple[Path, str]]) -> Callable[[Request], Awaitable[Response]]:
+    async def serve(request: Request) -> Response:
+        found = files.get(request.path_params["path"])
+        if found is None:
+            raise HTTPException(404)
+        return FileResponse(found[0], media_type=found[1], headers=PAGE_HEADERS)
+    return serve
+
+
 def create_app(registry: ModelRegistry, settings: ServerSettings | None = None) -> Starlette:
     """The ASGI app; its scheduler starts with the app's lifespan and stops (cancelling all) with it."""
     settings = settings or ServerSettings()
@@ -370,6 +410,7 @@ def create_app(registry: ModelRegistry, settings: ServerSettings | None = None) 
 
     routes = [
         route("/health", server.health, "GET"),
+        route("/props", server.props, "GET"),
         route("/v1/models", server.models, "GET"),
         route("/v1/models/{model:path}", server.model, "GET"),
         route("/v1/chat/completions", server.chat_completions, "POST"),
@@ -379,6 +420,7 @@ def create_app(registry: ModelRegistry, settings: ServerSettings | None = None) 
         route("/api/tags", server.ollama_tags, "GET"),
         route("/api/version", server.ollama_version, "GET"),
         *(route(path, _page_file(name, media), "GET") for path, (name, media) in PAGE_FILES.items()),
+        route("/vendor/{path:path}", _vendor_route(vendor_files()), "GET"),
     ]
     middleware = []
     if settings.allowed_hosts is not None:

@@ -1,6 +1,7 @@
 // pipx-llama's chat page: talks to this server's OpenAI-compatible API (streaming), keeps
-// conversations in localStorage, and renders the model's Markdown by building DOM nodes.
-// Model text only ever reaches the page as text nodes (textContent / append(string)); never as HTML.
+// conversations in localStorage, and renders the model's Markdown with markdown-it (raw HTML off),
+// highlight.js and KaTeX, through DOMPurify. The vendored libraries are loaded before this file
+// (index.html); nothing is fetched from anywhere but this server.
 "use strict";
 
 (() => {
@@ -11,19 +12,36 @@
     model: "pipx-llama.model",
     apiKey: "pipx-llama.apiKey",
   };
-  const DEFAULT_SETTINGS = { temperature: null, top_p: null, max_tokens: null, system: "" };
-  const MAX_NESTING = 16; // Markdown nesting beyond this is shown as plain text
+  // every sampler option the API takes: the request field, its input, and the values the server accepts
+  // (lo and hi inclusive; `above`: strictly greater than lo)
+  const SAMPLER_FIELDS = [
+    { key: "temperature", id: "set-temperature", name: "Temperature", lo: 0, hi: 2 },
+    { key: "top_k", id: "set-top-k", name: "Top-k", lo: 0, hi: null, integer: true },
+    { key: "top_p", id: "set-top-p", name: "Top-p", lo: 0, hi: 1 },
+    { key: "min_p", id: "set-min-p", name: "Min-p", lo: 0, hi: 1 },
+    { key: "repeat_penalty", id: "set-repeat-penalty", name: "Repeat penalty", lo: 0, hi: null, above: true },
+    { key: "repeat_last_n", id: "set-repeat-last-n", name: "Repeat window", lo: -1, hi: null, integer: true },
+    { key: "presence_penalty", id: "set-presence-penalty", name: "Presence penalty", lo: -2, hi: 2 },
+    { key: "frequency_penalty", id: "set-frequency-penalty", name: "Frequency penalty", lo: -2, hi: 2 },
+    { key: "max_tokens", id: "set-max-tokens", name: "Max tokens", lo: 1, hi: null, integer: true },
+    { key: "seed", id: "set-seed", name: "Seed", lo: null, hi: null, integer: true },
+  ];
+  const UNSET_DEFAULT = { max_tokens: "no limit", seed: "random" }; // what a null server default means
+  const EXPORT_FORMAT = "pipx-llama.conversation";
 
   const $ = (id) => document.getElementById(id);
   const ui = {
     sidebar: $("sidebar"), scrim: $("scrim"), menuBtn: $("menu-btn"), newChat: $("new-chat"),
-    convList: $("conv-list"), title: $("conv-title"), model: $("model"), settingsBtn: $("settings-btn"),
+    convSearch: $("conv-search"), convList: $("conv-list"), convNone: $("conv-none"),
+    importBtn: $("import-btn"), importFile: $("import-file"),
+    title: $("conv-title"), model: $("model"), exportBtn: $("export-btn"), settingsBtn: $("settings-btn"),
     banner: $("banner"), bannerText: $("banner-text"), bannerRetry: $("banner-retry"),
     bannerClose: $("banner-close"), messages: $("messages"), empty: $("empty"), composer: $("composer"),
-    input: $("input"), send: $("send"), stop: $("stop"),
+    input: $("input"), send: $("send"), stop: $("stop"), status: $("status"),
     settings: $("settings"), settingsForm: $("settings-form"), settingsError: $("settings-error"),
-    setTemperature: $("set-temperature"), setTopP: $("set-top-p"), setMaxTokens: $("set-max-tokens"),
     setSystem: $("set-system"), settingsReset: $("settings-reset"), settingsCancel: $("settings-cancel"),
+    exportDialog: $("export-dialog"), exportJson: $("export-json"), exportMd: $("export-md"),
+    exportCancel: $("export-cancel"),
     keyDialog: $("key-dialog"), keyForm: $("key-form"), keyInput: $("key-input"), keyError: $("key-error"),
     keyCancel: $("key-cancel"),
   };
@@ -31,7 +49,8 @@
   const state = {
     convs: [],        // [{id, title, renamed, created, updated, messages: [{role, content, state, meta, error}]}]
     activeId: null,
-    settings: { ...DEFAULT_SETTINGS },
+    settings: emptySettings(),
+    defaults: null,   // the server's sampler defaults (GET /props), once known
     models: [],
     busy: null,       // {convId, msg, controller} while an answer streams
   };
@@ -56,6 +75,12 @@
     return Date.now().toString(36) + Math.random().toString(36).slice(2, 10);
   }
 
+  function emptySettings() {
+    const s = { system: "" };
+    for (const { key } of SAMPLER_FIELDS) s[key] = null; // null: the server's default
+    return s;
+  }
+
   function storageGet(key, fallback) {
     try {
       const raw = localStorage.getItem(key);
@@ -75,212 +100,210 @@
     }
   }
 
-  // -- Markdown (a small subset) to DOM ------------------------------------------------------------
-
-  const FENCE = /^ {0,3}(`{3,}|~{3,})\s*([^\s`]*)[^`]*$/;
-  const HEADING = /^ {0,3}(#{1,6})[ \t]+(.*?)(?:[ \t]+#+)?[ \t]*$/;
-  const RULE = /^ {0,3}([-*_])(?:[ \t]*\1){2,}[ \t]*$/;
-  const QUOTE = /^ {0,3}> ?(.*)$/;
-  const ITEM = /^( *)([-*+]|\d{1,9}[.)])[ \t]+(.*)$/;
-  const BLANK = /^\s*$/;
-
-  function isBlockStart(line) {
-    return FENCE.test(line) || HEADING.test(line) || RULE.test(line) || QUOTE.test(line) || ITEM.test(line);
+  function announce(text) {
+    ui.status.textContent = "";
+    requestAnimationFrame(() => { ui.status.textContent = text; }); // a change, so it is read again
   }
 
-  function renderMarkdown(text, parent) {
-    renderBlocks(String(text).replace(/\r\n?/g, "\n").split("\n"), parent, 0);
-  }
+  // -- Markdown ----------------------------------------------------------------------------------------
+  // markdown-it makes HTML from the model's text with raw HTML turned off (so "<script>" stays text) and
+  // only http(s)/mailto links; DOMPurify then cleans that HTML again before it becomes DOM nodes, so a
+  // bug in any library on the way cannot put live markup on the page. Formulas leave markdown-it as
+  // placeholders holding their TeX as text; KaTeX fills them in with DOM nodes afterwards, because its
+  // HTML string output carries inline styles, which the page's CSP (style-src 'self') refuses.
 
-  function renderBlocks(lines, parent, depth) {
-    if (depth > MAX_NESTING) {
-      parent.append(el("p", { text: lines.join("\n"), class: "plain" }));
-      return;
-    }
-    let i = 0;
-    while (i < lines.length) {
-      const line = lines[i];
-      let m;
-      if (BLANK.test(line)) {
-        i++;
-      } else if ((m = FENCE.exec(line))) {
-        const closing = new RegExp(`^ {0,3}${m[1][0] === "`" ? "`" : "~"}{${m[1].length},}\\s*$`);
-        const body = [];
-        for (i++; i < lines.length && !closing.test(lines[i]); i++) body.push(lines[i]);
-        i++; // the closing fence (an answer still streaming may not have it yet)
-        parent.append(codeBlock(body.join("\n"), m[2]));
-      } else if ((m = HEADING.exec(line))) {
-        const h = el(`h${Math.min(m[1].length + 2, 6)}`);
-        renderInline(m[2], h, depth);
-        parent.append(h);
-        i++;
-      } else if (RULE.test(line)) {
-        parent.append(el("hr"));
-        i++;
-      } else if (QUOTE.test(line)) {
-        const inner = [];
-        for (; i < lines.length && (m = QUOTE.exec(lines[i])); i++) inner.push(m[1]);
-        const q = el("blockquote");
-        renderBlocks(inner, q, depth + 1);
-        parent.append(q);
-      } else if (ITEM.test(line)) {
-        i = renderList(lines, i, parent, depth);
-      } else {
-        const para = [line];
-        for (i++; i < lines.length && !BLANK.test(lines[i]) && !isBlockStart(lines[i]); i++) para.push(lines[i]);
-        const p = el("p");
-        para.forEach((l, k) => {
-          if (k) p.append(el("br"));
-          renderInline(l.trim(), p, depth);
-        });
-        parent.append(p);
+  const md = window.markdownit({ html: false, linkify: true, breaks: true, highlight: highlightCode });
+  md.linkify.set({ fuzzyLink: false, fuzzyEmail: false }); // only text that is plainly a URL becomes a link
+  md.disable("image"); // a picture would be fetched from another site; ![x](url) stays text and a link
+  // the answer's headings sit below the page's own (h1) and the dialogs' (h2): "#" becomes h3
+  md.core.ruler.push("shift_headings", (st) => {
+    for (const t of st.tokens) {
+      if (t.type === "heading_open" || t.type === "heading_close") {
+        t.tag = `h${Math.min(Number(t.tag[1]) + 2, 6)}`;
       }
     }
-  }
-
-  function renderList(lines, i, parent, depth) {
-    const first = ITEM.exec(lines[i]);
-    const indent = first[1].length;
-    const ordered = /\d/.test(first[2]);
-    const list = el(ordered ? "ol" : "ul");
-    if (ordered && parseInt(first[2], 10) !== 1) list.start = parseInt(first[2], 10);
-    let item = null;
-    const flush = () => {
-      if (!item) return;
-      const li = el("li");
-      renderBlocks(item, li, depth + 1);
-      list.append(li);
+  });
+  // a table column's alignment as a class: markdown-it writes it as an inline style, which the CSP refuses
+  for (const rule of ["th_open", "td_open"]) {
+    md.renderer.rules[rule] = (tokens, idx, options, env, self) => {
+      const token = tokens[idx];
+      const align = /text-align:\s*(left|center|right)/.exec(token.attrGet("style") || "");
+      token.attrs = (token.attrs || []).filter(([name]) => name !== "style");
+      if (align) token.attrJoin("class", `align-${align[1]}`);
+      return self.renderToken(tokens, idx, options);
     };
-    let contentIndent = 0;
-    while (i < lines.length) {
-      const line = lines[i];
-      const m = ITEM.exec(line);
-      if (m && m[1].length <= indent + 1 && /\d/.test(m[2]) === ordered) {
-        flush();
-        item = [m[3]];
-        contentIndent = m[1].length + m[2].length + 1;
-        i++;
-        continue;
-      }
-      if (m && m[1].length <= indent + 1) break; // a list of the other kind starts
-      const lead = line.length - line.trimStart().length;
-      if (BLANK.test(line)) {
-        let j = i + 1;
-        while (j < lines.length && BLANK.test(lines[j])) j++;
-        const next = j < lines.length ? lines[j] : null;
-        const nm = next === null ? null : ITEM.exec(next);
-        const continues = next !== null && ((nm && nm[1].length <= indent + 1 && /\d/.test(nm[2]) === ordered)
-          || next.length - next.trimStart().length > indent + 1);
-        if (!continues) break;
-        item.push("");
-        i++;
-      } else if (lead > indent + 1) {
-        item.push(line.slice(Math.min(lead, contentIndent)));
-        i++;
-      } else if (!isBlockStart(line) && item.length && !BLANK.test(item[item.length - 1])) {
-        item.push(line); // a lazy continuation of the item's paragraph
-        i++;
-      } else {
-        break;
+  }
+  md.use(window.texmath, {
+    delimiters: ["dollars", "brackets"],
+    engine: {
+      renderToString: (tex, options) =>
+        `<span class="tex${options.displayMode ? " tex-display" : ""}">${md.utils.escapeHtml(tex)}</span>`,
+    },
+  });
+
+  const PURIFY = {
+    RETURN_DOM_FRAGMENT: true,
+    ALLOWED_URI_REGEXP: /^(?:https?|mailto):/i, // relative links would point into this server's API
+    FORBID_TAGS: ["style", "form", "input", "button", "textarea", "select", "img", "picture", "video",
+      "audio", "iframe", "object", "embed"],
+    FORBID_ATTR: ["style", "id", "name"], // no inline styles (CSP), no ids that could shadow the page's
+  };
+  window.DOMPurify.addHook("afterSanitizeAttributes", (node) => {
+    if (node.nodeName === "A" && node.hasAttribute("href")) {
+      node.setAttribute("target", "_blank");
+      node.setAttribute("rel", "noopener noreferrer");
+    }
+  });
+
+  const KATEX = { throwOnError: false, trust: false, strict: "ignore", maxSize: 50, maxExpand: 1000 };
+  const texCache = new Map(); // "D"/"I" + TeX -> a rendered node to clone: streaming repaints reuse it
+
+  function highlightCode(code, lang) {
+    const name = (lang || "").toLowerCase();
+    if (name && window.hljs.getLanguage(name)) {
+      try {
+        return window.hljs.highlight(code, { language: name, ignoreIllegals: true }).value;
+      } catch {
+        // shown plain below
       }
     }
-    flush();
-    parent.append(list);
-    return i;
+    return ""; // markdown-it escapes the code itself
   }
 
-  // a URL may hold balanced parentheses (Wikipedia's do) but not end in punctuation
-  const URL_BODY = "(?:[^\\s<>\"'`()]|\\([^\\s<>\"'`()]*\\))*(?:[^\\s<>\"'`()\\[\\].,;:!?]|\\([^\\s<>\"'`()]*\\))";
-  const INLINE = new RegExp([
-    "(?<!`)(?<tick>`+)(?!`)(?<code>[\\s\\S]*?[^`])\\k<tick>(?!`)",
-    "\\*\\*\\*(?=\\S)(?<bi>[\\s\\S]*?\\S)\\*\\*\\*",
-    "\\*\\*(?=\\S)(?<b1>[\\s\\S]*?\\S)\\*\\*",
-    "(?<![\\w_])__(?=\\S)(?<b2>[\\s\\S]*?\\S)__(?![\\w_])",
-    "\\*(?=[^\\s*])(?<i1>[\\s\\S]*?[^\\s*]|)\\*(?!\\*)",
-    "(?<![\\w_])_(?=[^\\s_])(?<i2>[\\s\\S]*?[^\\s_]|)_(?![\\w_])",
-    "\\[(?<label>[^\\[\\]\\n]+)\\]\\(\\s*<?(?<url>(?:[^\\s<>()]|\\([^\\s<>()]*\\))+)>?\\s*\\)",
-    `(?<bare>\\bhttps?:\\/\\/${URL_BODY})`,
-  ].join("|"), "g");
-
-  function safeUrl(raw) {
-    try {
-      const url = new URL(raw); // relative URLs throw: only absolute links are made
-      return url.protocol === "http:" || url.protocol === "https:" ? url.href : null;
-    } catch {
-      return null;
+  function renderTex(placeholder) {
+    const display = placeholder.classList.contains("tex-display");
+    const tex = placeholder.textContent;
+    const key = (display ? "D" : "I") + tex;
+    let done = texCache.get(key);
+    if (!done) {
+      done = el(display ? "div" : "span", { class: "math" });
+      try {
+        window.katex.render(tex, done, { ...KATEX, displayMode: display });
+      } catch (err) {
+        const why = String(err.message || err);
+        done.replaceChildren(el("code", { class: "tex-error", text: tex, title: why }));
+      }
+      texCache.set(key, done);
+      if (texCache.size > 500) texCache.delete(texCache.keys().next().value);
     }
+    placeholder.replaceWith(done.cloneNode(true));
   }
 
-  function link(href, parent, label, depth) {
-    const a = el("a", { href, target: "_blank", rel: "noopener noreferrer" });
-    if (label === null) a.append(href);
-    else renderInline(label, a, depth + 1);
-    parent.append(a);
+  function codeBlock(pre) {
+    const code = pre.querySelector("code");
+    const lang = code && /\blanguage-(\S+)/.exec(code.className);
+    if (code) code.classList.add("hljs");
+    const copy = el("button", { type: "button", class: "btn btn-small copy", text: "Copy",
+      "aria-label": `Copy the ${lang ? lang[1] + " " : ""}code` });
+    const box = el("div", { class: "code" },
+      el("div", { class: "code-head" },
+        el("span", { class: "code-lang", text: lang ? lang[1] : "code" }), copy));
+    pre.replaceWith(box);
+    box.append(pre);
   }
 
-  function renderInline(text, parent, depth) {
-    if (depth > MAX_NESTING) {
-      parent.append(text);
+  // HTML from markdown-it -> clean DOM nodes, with code blocks, tables and formulas finished
+  function toNodes(html) {
+    const frag = window.DOMPurify.sanitize(html, PURIFY);
+    for (const a of frag.querySelectorAll("a:not([href])")) a.replaceWith(...a.childNodes);
+    for (const pre of frag.querySelectorAll("pre")) codeBlock(pre);
+    for (const table of frag.querySelectorAll("table")) {
+      const wrap = el("div", { class: "table-wrap" });
+      table.replaceWith(wrap);
+      wrap.append(table);
+    }
+    for (const tex of frag.querySelectorAll(".tex")) renderTex(tex);
+    return [...frag.childNodes];
+  }
+
+  // The text's top-level blocks as [first token, end token) ranges, each with a key that changes
+  // whenever its source lines or kind do. A streaming answer is parsed whole on each paint (cheap) but
+  // only the blocks that changed (in practice the last one) are rendered, highlighted, typeset and
+  // sanitized again, so that work stays the same however long the answer grows.
+  function topBlocks(tokens, lines) {
+    const blocks = [];
+    let start = 0;
+    let depth = 0;
+    for (let i = 0; i < tokens.length; i++) {
+      depth += tokens[i].nesting;
+      if (depth === 0) {
+        const map = tokens[start].map;
+        blocks.push({ from: start, to: i + 1,
+          key: map ? `${tokens[start].type}\u0000${lines.slice(map[0], map[1]).join("\n")}` : null });
+        start = i + 1;
+      }
+    }
+    return blocks;
+  }
+
+  // Render `text` into `body`. With `cache` (an array the caller keeps between calls) only the blocks
+  // that changed are rebuilt; without it, or when the text defines link references (which reach back
+  // into earlier blocks), everything is.
+  function renderMarkdown(body, text, cache) {
+    const env = {};
+    const tokens = md.parse(String(text), env);
+    if (!cache || (env.references && Object.keys(env.references).length)) {
+      body.replaceChildren(...toNodes(md.renderer.render(tokens, md.options, env)));
+      if (cache) cache.splice(0, cache.length, { key: null, nodes: [...body.childNodes] });
       return;
     }
-    const re = new RegExp(INLINE.source, "g");
-    let last = 0;
-    let m;
-    while ((m = re.exec(text))) {
-      if (m.index > last) parent.append(text.slice(last, m.index));
-      last = re.lastIndex;
-      const g = m.groups;
-      if (g.code !== undefined) {
-        parent.append(el("code", { text: g.code.length > 2 && /^ .* $/.test(g.code) ? g.code.slice(1, -1) : g.code }));
-      } else if (g.bi !== undefined) {
-        const em = el("em");
-        renderInline(g.bi, em, depth + 2);
-        parent.append(el("strong", {}, em));
-      } else if (g.b1 !== undefined || g.b2 !== undefined) {
-        const b = el("strong");
-        renderInline(g.b1 ?? g.b2, b, depth + 1);
-        parent.append(b);
-      } else if (g.i1 !== undefined || g.i2 !== undefined) {
-        const em = el("em");
-        renderInline(g.i1 ?? g.i2, em, depth + 1);
-        parent.append(em);
-      } else if (g.label !== undefined) {
-        const href = safeUrl(g.url);
-        if (href) link(href, parent, g.label, depth);
-        else parent.append(m[0]); // javascript:, data:, relative...: shown as the text it is
-      } else {
-        const href = safeUrl(g.bare);
-        if (href) link(href, parent, null, depth);
-        else parent.append(m[0]);
-      }
+    if (!cache.length) body.replaceChildren();
+    const blocks = topBlocks(tokens, String(text).split("\n"));
+    let same = 0;
+    while (same < cache.length && same < blocks.length && cache[same].key !== null
+           && cache[same].key === blocks[same].key) same++;
+    for (const old of cache.splice(same)) for (const n of old.nodes) n.remove();
+    for (const b of blocks.slice(same)) {
+      const nodes = toNodes(md.renderer.render(tokens.slice(b.from, b.to), md.options, env));
+      body.append(...nodes);
+      cache.push({ key: b.key, nodes });
     }
-    if (last < text.length) parent.append(text.slice(last));
   }
 
-  function codeBlock(code, lang) {
-    const codeEl = el("code", { text: code });
-    const copy = el("button", { type: "button", class: "btn btn-small copy", text: "Copy" });
-    copy.addEventListener("click", () => copyText(code, copy, codeEl));
-    return el("div", { class: "code" },
-      el("div", { class: "code-head" }, el("span", { class: "code-lang", text: lang || "code" }), copy),
-      el("pre", {}, codeEl));
-  }
+  // -- clipboard and files -------------------------------------------------------------------------------
 
-  async function copyText(text, button, node) {
+  async function copyText(text) {
     try {
       if (!navigator.clipboard) throw new Error("no clipboard");
       await navigator.clipboard.writeText(text);
-      button.textContent = "Copied";
+      return true;
     } catch {
-      // pages served over plain http from another machine get no clipboard API: select for Ctrl+C
-      const range = document.createRange();
-      range.selectNodeContents(node);
-      const sel = window.getSelection();
-      sel.removeAllRanges();
-      sel.addRange(range);
-      button.textContent = "Selected";
+      // pages served over plain http from another machine get no clipboard API
+      const focused = document.activeElement;
+      const area = el("textarea", { value: text, readOnly: true, class: "offscreen", "aria-hidden": "true" });
+      document.body.append(area);
+      area.select();
+      let ok = false;
+      try {
+        ok = document.execCommand("copy");
+      } catch {
+        ok = false;
+      }
+      area.remove();
+      if (focused && focused.focus) focused.focus();
+      return ok;
     }
-    setTimeout(() => { button.textContent = "Copy"; }, 1500);
+  }
+
+  async function copyWithFeedback(text, button, label) {
+    const ok = await copyText(text);
+    button.textContent = ok ? "Copied" : "Copy failed";
+    announce(ok ? "Copied to the clipboard." : "The browser did not allow copying.");
+    setTimeout(() => { button.textContent = label; }, 1500);
+  }
+
+  function download(name, text, type) {
+    const url = URL.createObjectURL(new Blob([text], { type }));
+    const a = el("a", { href: url, download: name, class: "offscreen" });
+    document.body.append(a);
+    a.click();
+    a.remove();
+    setTimeout(() => URL.revokeObjectURL(url), 10_000);
+  }
+
+  function fileName(title, ext) {
+    const slug = title.toLowerCase().replace(/[^\p{L}\p{N}]+/gu, "-").replace(/^-+|-+$/g, "").slice(0, 60);
+    return `${slug || "conversation"}.${ext}`;
   }
 
   // -- persistence ------------------------------------------------------------------------------------
@@ -299,51 +322,53 @@
     return out;
   }
 
+  // a conversation as stored or imported, checked field by field; null when it is not one
+  function cleanConversation(c) {
+    if (!c || typeof c !== "object" || !Array.isArray(c.messages)) return null;
+    return {
+      id: typeof c.id === "string" && c.id ? c.id : newId(),
+      title: typeof c.title === "string" && c.title ? c.title : "New chat",
+      renamed: !!c.renamed,
+      created: Number(c.created) || Date.now(),
+      updated: Number(c.updated) || Date.now(),
+      messages: c.messages.filter(validMessage).map((m) => ({
+        role: m.role,
+        content: m.content,
+        // an answer that was streaming when the page went away was cut off
+        state: m.state === "streaming" ? "stopped" : (typeof m.state === "string" ? m.state : "done"),
+        meta: cleanMeta(m.meta),
+        error: typeof m.error === "string" ? m.error : undefined,
+      })),
+    };
+  }
+
   function loadConversations() {
     const raw = storageGet(KEYS.convs, []);
-    const convs = Array.isArray(raw) ? raw : [];
-    state.convs = convs
-      .filter((c) => c && typeof c === "object" && typeof c.id === "string" && Array.isArray(c.messages))
-      .map((c) => ({
-        id: c.id,
-        title: typeof c.title === "string" && c.title ? c.title : "New chat",
-        renamed: !!c.renamed,
-        created: Number(c.created) || Date.now(),
-        updated: Number(c.updated) || Date.now(),
-        messages: c.messages.filter(validMessage).map((m) => ({
-          role: m.role,
-          content: m.content,
-          // an answer that was streaming when the page went away was cut off
-          state: m.state === "streaming" ? "stopped" : (typeof m.state === "string" ? m.state : "done"),
-          meta: cleanMeta(m.meta),
-          error: typeof m.error === "string" ? m.error : undefined,
-        })),
-      }));
+    state.convs = (Array.isArray(raw) ? raw : []).filter((c) => c && typeof c.id === "string")
+      .map(cleanConversation).filter(Boolean);
     const active = storageGet(KEYS.active, null);
     state.activeId = state.convs.some((c) => c.id === active) ? active : null;
   }
 
+  // soon: within half a second, however often it is asked for (a streaming answer asks per token)
   let saveTimer = null;
   function saveConversations(soon = false) {
-    clearTimeout(saveTimer);
-    saveTimer = null;
     if (soon) {
-      saveTimer = setTimeout(() => saveConversations(false), 500);
+      if (saveTimer === null) saveTimer = setTimeout(() => saveConversations(false), 500);
       return;
     }
+    clearTimeout(saveTimer);
+    saveTimer = null;
     storageSet(KEYS.convs, state.convs);
     storageSet(KEYS.active, state.activeId);
   }
 
   function loadSettings() {
-    const s = storageGet(KEYS.settings, {});
+    const s = storageGet(KEYS.settings, {}) || {};
     const num = (v) => (typeof v === "number" && Number.isFinite(v) ? v : null);
-    state.settings = {
-      temperature: num(s.temperature),
-      top_p: num(s.top_p),
-      max_tokens: num(s.max_tokens),
-      system: typeof s.system === "string" ? s.system : "",
-    };
+    state.settings = emptySettings();
+    for (const { key } of SAMPLER_FIELDS) state.settings[key] = num(s[key]);
+    state.settings.system = typeof s.system === "string" ? s.system : "";
   }
 
   // -- the API ----------------------------------------------------------------------------------------
@@ -445,6 +470,19 @@
     renderModels();
   }
 
+  async function loadDefaults() {
+    try {
+      const res = await api("props");
+      if (!res.ok) return;
+      const body = await res.json();
+      const params = body && body.default_generation_settings && body.default_generation_settings.params;
+      if (params && typeof params === "object") state.defaults = params;
+    } catch {
+      // the settings then say "server default" without the value
+    }
+    showDefaults();
+  }
+
   // -- conversations ----------------------------------------------------------------------------------
 
   function activeConv() {
@@ -503,6 +541,146 @@
     input.select();
   }
 
+  function titleFrom(text) {
+    const flat = text.trim().replace(/\s+/g, " ");
+    return flat.length > 48 ? flat.slice(0, 47) + "\u2026" : flat;
+  }
+
+  function exportJson(conv) {
+    const { title, created, updated, messages } = conv;
+    const data = { format: EXPORT_FORMAT, version: 1, exported: new Date().toISOString(),
+      conversation: { title, created, updated, messages } };
+    download(fileName(conv.title, "json"), JSON.stringify(data, null, 2) + "\n", "application/json");
+  }
+
+  function exportMarkdown(conv) {
+    const parts = [`# ${conv.title}`];
+    for (const m of conv.messages) {
+      const who = m.role === "user" ? "You" : (m.meta.model || "Assistant");
+      parts.push(`## ${who}`, m.content + (m.state === "stopped" ? "\n\n*(stopped)*" : ""));
+    }
+    download(fileName(conv.title, "md"), parts.join("\n\n") + "\n", "text/markdown");
+  }
+
+  // An export of this page (one conversation, or a list of them), or any object with a `messages`
+  // list of {role, content}; imported conversations always get new ids, so nothing is overwritten.
+  function importConversations(data) {
+    const items = Array.isArray(data) ? data : [data];
+    const convs = items.map((item) => cleanConversation(item && item.format === EXPORT_FORMAT
+      ? item.conversation : item)).filter((c) => c && c.messages.length);
+    if (!convs.length) {
+      throw new Error("it holds no conversation (expected a JSON export of this page, or an object with " +
+        "a \"messages\" list of {role, content})");
+    }
+    for (const conv of convs) {
+      conv.id = newId();
+      if (conv.title === "New chat") conv.title = titleFrom(conv.messages[0].content) || "Imported chat";
+      conv.renamed = true;
+      conv.updated = Date.now();
+      state.convs.push(conv);
+    }
+    state.activeId = convs[convs.length - 1].id;
+    saveConversations();
+    renderAll();
+    return convs.length;
+  }
+
+  async function importFile(file) {
+    try {
+      const text = await file.text();
+      let data;
+      try {
+        data = JSON.parse(text);
+      } catch (err) {
+        throw new Error(`it is not JSON (${err.message})`);
+      }
+      const n = importConversations(data);
+      hideBanner();
+      announce(`Imported ${n} conversation${n === 1 ? "" : "s"}.`);
+      closeSidebar();
+    } catch (err) {
+      showBanner(`Could not import ${file.name}: ${err.message}.`);
+    }
+  }
+
+  // -- messages: copy, regenerate, edit and resend, delete ------------------------------------------------
+
+  function busyHere(conv) {
+    return !!state.busy && state.busy.convId === conv.id;
+  }
+
+  // one answer is generated at a time: asking for another says so instead of losing the request
+  function modelFree() {
+    if (state.busy) announce("Another answer is still being written: wait for it, or stop it (Esc).");
+    return !state.busy;
+  }
+
+  function regenerate(conv) {
+    const last = conv.messages[conv.messages.length - 1];
+    if (!modelFree() || !last || last.role !== "assistant") return;
+    conv.messages.pop();
+    generate(conv);
+  }
+
+  function deleteMessage(conv, msg) {
+    if (busyHere(conv)) return;
+    if (!window.confirm(msg.role === "user" ? "Delete this message?" : "Delete this answer?")) return;
+    conv.messages = conv.messages.filter((m) => m !== msg);
+    conv.updated = Date.now();
+    saveConversations();
+    renderAll();
+    ui.input.focus();
+  }
+
+  function startEdit(conv, msg, node) {
+    if (!modelFree()) return;
+    const area = el("textarea", { class: "edit-input", value: msg.content, rows: 3,
+      "aria-label": "Edit your message; Enter sends it, Esc cancels" });
+    const cancel = el("button", { type: "button", class: "btn btn-small edit-cancel", text: "Cancel" });
+    const save = el("button", { type: "button", class: "btn btn-small btn-primary edit-send", text: "Send" });
+    const box = el("div", { class: "edit" }, area, el("div", { class: "edit-buttons" }, cancel, save));
+    const close = () => {
+      fillMessage(conv, msg, node);
+      const again = node.querySelector(".act-edit");
+      if (again) again.focus();
+    };
+    const submit = () => {
+      const text = area.value;
+      if (!text.trim() || !modelFree()) return;
+      const at = conv.messages.indexOf(msg);
+      if (at < 0) return;
+      msg.content = text;
+      conv.messages.splice(at + 1); // the later turns answered the old text
+      if (at === 0 && !conv.renamed) conv.title = titleFrom(text);
+      generate(conv);
+      ui.input.focus();
+    };
+    area.addEventListener("keydown", (e) => {
+      if (e.key === "Enter" && !e.shiftKey && !e.isComposing && !e.altKey && !e.ctrlKey && !e.metaKey) {
+        e.preventDefault();
+        submit();
+      } else if (e.key === "Escape") {
+        e.preventDefault();
+        e.stopPropagation();
+        close();
+      }
+    });
+    cancel.addEventListener("click", close);
+    save.addEventListener("click", submit);
+    node.replaceChildren(node.querySelector(".msg-role"), box);
+    area.style.height = `${Math.min(Math.max(area.scrollHeight, 80), 400)}px`;
+    area.focus();
+    area.setSelectionRange(area.value.length, area.value.length);
+  }
+
+  function lastAnswer(conv) {
+    for (let i = conv.messages.length - 1; i >= 0; i--) {
+      const m = conv.messages[i];
+      if (m.role === "assistant" && m.content) return m;
+    }
+    return null;
+  }
+
   // -- rendering --------------------------------------------------------------------------------------
 
   function renderAll() {
@@ -511,8 +689,17 @@
     renderComposer();
   }
 
+  function matches(conv, query) {
+    if (!query) return true;
+    const q = query.toLocaleLowerCase();
+    return conv.title.toLocaleLowerCase().includes(q)
+      || conv.messages.some((m) => m.content.toLocaleLowerCase().includes(q));
+  }
+
   function renderSidebar() {
-    const items = [...state.convs].sort((a, b) => b.updated - a.updated).map((conv) => {
+    const query = ui.convSearch.value.trim();
+    const shown = [...state.convs].filter((c) => matches(c, query)).sort((a, b) => b.updated - a.updated);
+    const items = shown.map((conv) => {
       const active = conv.id === state.activeId;
       const open = el("button", { type: "button", class: "conv-open", text: conv.title, title: conv.title });
       open.addEventListener("click", () => selectConversation(conv.id));
@@ -527,14 +714,16 @@
       return li;
     });
     ui.convList.replaceChildren(...items);
+    ui.convNone.hidden = !query || items.length > 0;
   }
 
   function renderModels() {
     const saved = storageGet(KEYS.model, null);
     const current = ui.model.value || saved;
-    ui.model.replaceChildren(...state.models.map((id) => el("option", { value: id, text: id })));
+    ui.model.replaceChildren(...state.models.map((id) => el("option", { value: id, text: id, title: id })));
     if (state.models.includes(current)) ui.model.value = current;
     ui.model.disabled = !state.models.length;
+    ui.model.title = ui.model.value || "Model";
     renderComposer();
   }
 
@@ -542,6 +731,7 @@
     const conv = activeConv();
     ui.title.textContent = conv ? conv.title : "New chat";
     document.title = conv ? `${conv.title} · pipx-llama` : "pipx-llama chat";
+    ui.exportBtn.disabled = !conv || !conv.messages.length;
     msgNodes.clear();
     const nodes = conv ? conv.messages.map((m) => messageNode(conv, m)) : [];
     ui.messages.replaceChildren(ui.empty, ...nodes);
@@ -556,35 +746,82 @@
     return node;
   }
 
-  function fillMessage(conv, msg, node) {
-    node.dataset.state = msg.state || "done";
-    if (msg.meta && msg.meta.requestId) node.dataset.requestId = msg.meta.requestId;
-    const body = el("div", { class: "msg-body" });
+  // needs: "model" (the action asks for an answer), "conversation" (it changes the messages), or null
+  function actionButton(cls, text, label, onClick, needs) {
+    const b = el("button", { type: "button", class: `btn-link ${cls}`, text, "aria-label": label });
+    if (needs) b.dataset.needs = needs;
+    b.addEventListener("click", onClick);
+    return b;
+  }
+
+  function actionBlocked(button, conv) {
+    return button.dataset.needs === "model" ? !!state.busy : busyHere(conv);
+  }
+
+  function messageActions(conv, msg, node) {
+    const isLast = conv.messages[conv.messages.length - 1] === msg;
+    const who = msg.role === "user" ? "message" : "answer";
+    const acts = [];
+    const copy = actionButton("act-copy", "Copy", `Copy this ${who} (Markdown)`,
+      () => copyWithFeedback(msg.content, copy, "Copy"), null);
+    if (msg.content) acts.push(copy);
     if (msg.role === "user") {
-      body.classList.add("plain");
-      body.textContent = msg.content;
-    } else if (msg.state === "streaming" && !msg.content) {
-      body.append(el("span", { class: "thinking", text: "Thinking\u2026" }));
+      acts.push(actionButton("act-edit", "Edit", "Edit this message and send it again",
+        () => startEdit(conv, msg, node), "model"));
+    } else if (isLast) {
+      const retry = msg.state === "error";
+      acts.push(actionButton("act-regen", retry ? "Retry" : "Regenerate",
+        retry ? "Ask for this answer again" : "Answer again", () => regenerate(conv), "model"));
+    }
+    acts.push(actionButton("act-delete", "Delete", `Delete this ${who}`,
+      () => deleteMessage(conv, msg), "conversation"));
+    for (const b of acts) if (b.dataset.needs) b.disabled = actionBlocked(b, conv);
+    return el("span", { class: "msg-actions" }, ...acts);
+  }
+
+  // The whole message. While an answer streams only its body is repainted (paint); when it ends, the
+  // body built block by block is kept and brought up to date the same way (a full render of a long
+  // answer would cost a visible pause just as it completes).
+  function fillMessage(conv, msg, node) {
+    const streaming = msg.state === "streaming";
+    node.dataset.state = msg.state || "done";
+    node.setAttribute("aria-busy", streaming ? "true" : "false");
+    if (msg.meta && msg.meta.requestId) node.dataset.requestId = msg.meta.requestId;
+    let body = node.mdCache && node.querySelector(".msg-body");
+    const kept = !!body && msg.role === "assistant" && !!msg.content;
+    if (kept) {
+      renderMarkdown(body, msg.content, node.mdCache);
     } else {
-      renderMarkdown(msg.content, body);
-    }
-    const kids = [el("div", { class: "msg-role", text: msg.role === "user" ? "You" : (msg.meta.model || "Assistant") }),
-      body];
-    if (msg.error) kids.push(el("p", { class: "error-text msg-error", role: "alert", text: msg.error }));
-    const meta = metaText(msg);
-    if (meta || (msg.role === "assistant" && msg.state === "error")) {
-      const foot = el("div", { class: "msg-meta" }, el("span", { text: meta }));
-      if (msg.role === "assistant" && msg.state === "error" && conv.messages[conv.messages.length - 1] === msg) {
-        const retry = el("button", { type: "button", class: "btn btn-small", text: "Retry" });
-        retry.addEventListener("click", () => {
-          conv.messages.pop();
-          generate(conv);
-        });
-        foot.append(retry);
+      body = el("div", { class: "msg-body" });
+      node.mdCache = null;
+      if (msg.role === "user") {
+        body.classList.add("plain");
+        body.textContent = msg.content;
+      } else if (streaming && !msg.content) {
+        body.append(el("span", { class: "thinking", text: "Thinking\u2026" }));
+        node.mdCache = [];
+      } else if (streaming) {
+        node.mdCache = [];
+        renderMarkdown(body, msg.content, node.mdCache);
+      } else {
+        renderMarkdown(body, msg.content, null);
       }
-      kids.push(foot);
     }
-    node.replaceChildren(...kids);
+    if (!streaming) node.mdCache = null;
+    const after = [];
+    if (msg.error) after.push(el("p", { class: "error-text msg-error", role: "alert", text: msg.error }));
+    if (!streaming) {
+      after.push(el("div", { class: "msg-foot" }, el("span", { class: "msg-meta", text: metaText(msg) }),
+        messageActions(conv, msg, node)));
+    }
+    if (kept) { // the body stays where it is: moving it would lay all of it out again
+      while (body.nextSibling) body.nextSibling.remove();
+      node.append(...after);
+    } else {
+      const who = msg.role === "user" ? "You" : (msg.meta.model || "Assistant");
+      const role = el("div", { class: "msg-role", text: who });
+      node.replaceChildren(role, body, ...after);
+    }
   }
 
   function metaText(msg) {
@@ -598,21 +835,46 @@
     return parts.join(" \u00b7 ");
   }
 
-  const pendingPaint = new Map(); // message -> its conversation, repainted on the next frame
+  function setActionsEnabled() {
+    const conv = activeConv();
+    if (!conv) return;
+    for (const b of ui.messages.querySelectorAll(".msg-actions [data-needs]")) b.disabled = actionBlocked(b, conv);
+  }
+
+  // Repaints wait for the next animation frame, and after an expensive one for as long again as it
+  // took, so rendering never takes more than about half of the page's time: typing stays responsive
+  // however long the answer grows.
+  const pendingPaint = new Map(); // message -> its conversation
+  let paintQueued = false;
+  let paintCost = 0;
+  let paintEnd = 0;
   function paintSoon(conv, msg) {
-    const first = pendingPaint.size === 0;
     pendingPaint.set(msg, conv);
-    if (!first) return;
-    requestAnimationFrame(() => {
-      const box = ui.messages;
-      const stick = box.scrollHeight - box.scrollTop - box.clientHeight < 80;
-      for (const [m, c] of pendingPaint) {
-        const node = msgNodes.get(m);
-        if (node) fillMessage(c, m, node);
+    if (paintQueued) return;
+    paintQueued = true;
+    const wait = paintEnd + paintCost - performance.now();
+    if (wait > 4) setTimeout(() => requestAnimationFrame(paint), wait);
+    else requestAnimationFrame(paint);
+  }
+
+  function paint() {
+    const t0 = performance.now();
+    paintQueued = false;
+    const box = ui.messages;
+    const stick = box.scrollHeight - box.scrollTop - box.clientHeight < 80;
+    for (const [m, c] of pendingPaint) {
+      const node = msgNodes.get(m);
+      if (!node) continue;
+      if (m.state === "streaming" && node.mdCache) {
+        renderMarkdown(node.querySelector(".msg-body"), m.content, node.mdCache);
+      } else {
+        fillMessage(c, m, node);
       }
-      pendingPaint.clear();
-      if (stick) box.scrollTop = box.scrollHeight;
-    });
+    }
+    pendingPaint.clear();
+    if (stick) box.scrollTop = box.scrollHeight;
+    paintEnd = performance.now();
+    paintCost = paintEnd - t0;
   }
 
   function renderComposer() {
@@ -648,9 +910,7 @@
       messages.push({ role: m.role, content: m.content });
     }
     const body = { model: ui.model.value, messages, stream: true, stream_options: { include_usage: true } };
-    if (s.temperature !== null) body.temperature = s.temperature;
-    if (s.top_p !== null) body.top_p = s.top_p;
-    if (s.max_tokens !== null) body.max_tokens = s.max_tokens;
+    for (const { key } of SAMPLER_FIELDS) if (s[key] !== null) body[key] = s[key];
     return body;
   }
 
@@ -663,16 +923,14 @@
     }
     const conv = activeConv() || newConversation();
     conv.messages.push({ role: "user", content: text, state: "done", meta: {} });
-    if (!conv.renamed && conv.messages.length === 1) {
-      const flat = text.trim().replace(/\s+/g, " ");
-      conv.title = flat.length > 48 ? flat.slice(0, 47) + "\u2026" : flat;
-    }
+    if (!conv.renamed && conv.messages.length === 1) conv.title = titleFrom(text);
     ui.input.value = "";
     autoGrow();
     generate(conv);
   }
 
   async function generate(conv) {
+    if (state.busy) return;
     const msg = { role: "assistant", content: "", state: "streaming", meta: { model: ui.model.value } };
     const body = requestBody(conv);
     conv.messages.push(msg);
@@ -736,6 +994,7 @@
       if (state.convs.includes(conv)) { // not deleted meanwhile
         saveConversations();
         paintSoon(conv, msg);
+        setActionsEnabled();
         if (conv.id === state.activeId && document.activeElement === document.body) ui.input.focus();
       }
     }
@@ -781,43 +1040,56 @@
 
   // -- settings dialog ----------------------------------------------------------------------------------
 
-  function openSettings() {
-    const s = state.settings;
-    const show = (v) => (v === null ? "" : String(v));
-    ui.setTemperature.value = show(s.temperature);
-    ui.setTopP.value = show(s.top_p);
-    ui.setMaxTokens.value = show(s.max_tokens);
-    ui.setSystem.value = s.system;
-    ui.settingsError.hidden = true;
-    ui.settings.showModal();
-    ui.setTemperature.focus();
+  function defaultText(key) {
+    const d = state.defaults;
+    if (!d || !(key in d)) return "server default";
+    const v = d[key];
+    return v === null || v === undefined ? (UNSET_DEFAULT[key] || "server default") : String(v);
   }
 
-  function readNumber(input, name, lo, hi, integer) {
-    const raw = input.value.trim();
+  function showDefaults() {
+    for (const { key, id } of SAMPLER_FIELDS) {
+      const input = $(id);
+      input.placeholder = defaultText(key);
+      input.title = `Server default: ${defaultText(key)}`;
+    }
+  }
+
+  function openSettings() {
+    const s = state.settings;
+    for (const { key, id } of SAMPLER_FIELDS) $(id).value = s[key] === null ? "" : String(s[key]);
+    ui.setSystem.value = s.system;
+    ui.settingsError.hidden = true;
+    showDefaults();
+    ui.settings.showModal();
+    $(SAMPLER_FIELDS[0].id).focus();
+  }
+
+  function readNumber({ id, name, lo, hi, integer, above }) {
+    const raw = $(id).value.trim();
     if (!raw) return null;
     const v = Number(raw);
-    if (!Number.isFinite(v) || v < lo || (hi !== null && v > hi) || (integer && !Number.isInteger(v))) {
-      const range = hi === null ? `at least ${lo}` : `between ${lo} and ${hi}`;
-      throw new Error(`${name} must be ${integer ? "a whole number " : "a number "}${range}, or empty.`);
+    const low = lo !== null && (above ? v <= lo : v < lo);
+    if (!Number.isFinite(v) || low || (hi !== null && v > hi) || (integer && !Number.isSafeInteger(v))) {
+      let range = "";
+      if (hi !== null) range = ` between ${lo} and ${hi}`;
+      else if (lo !== null) range = above ? ` above ${lo}` : ` of at least ${lo}`;
+      throw new Error(`${name} must be ${integer ? "a whole number" : "a number"}${range}, or empty.`);
     }
     return v;
   }
 
   function saveSettings(e) {
     e.preventDefault();
+    const next = { system: ui.setSystem.value };
     try {
-      state.settings = {
-        temperature: readNumber(ui.setTemperature, "Temperature", 0, 2, false),
-        top_p: readNumber(ui.setTopP, "Top-p", 0, 1, false),
-        max_tokens: readNumber(ui.setMaxTokens, "Max tokens", 1, null, true),
-        system: ui.setSystem.value,
-      };
+      for (const field of SAMPLER_FIELDS) next[field.key] = readNumber(field);
     } catch (err) {
       ui.settingsError.textContent = err.message;
       ui.settingsError.hidden = false;
       return;
     }
+    state.settings = next;
     storageSet(KEYS.settings, state.settings);
     ui.settings.close();
     ui.input.focus();
@@ -846,6 +1118,24 @@
 
   // -- wiring -------------------------------------------------------------------------------------------
 
+  function onKey(e) {
+    if (ui.settings.open || ui.keyDialog.open || ui.exportDialog.open) return;
+    if (e.key === "Escape") {
+      if (state.busy) stop();
+      else closeSidebar();
+    } else if ((e.ctrlKey || e.metaKey) && e.shiftKey && !e.altKey && e.code === "KeyC") {
+      e.preventDefault();
+      const conv = activeConv();
+      const answer = conv && lastAnswer(conv);
+      if (!answer) {
+        announce("There is no answer to copy yet.");
+        return;
+      }
+      copyText(answer.content)
+        .then((ok) => announce(ok ? "Copied the last answer." : "The browser did not allow copying."));
+    }
+  }
+
   function init() {
     loadSettings();
     loadConversations();
@@ -866,10 +1156,10 @@
       stop();
       ui.input.focus();
     });
-    document.addEventListener("keydown", (e) => {
-      if (e.key !== "Escape" || ui.settings.open || ui.keyDialog.open) return;
-      if (state.busy) stop();
-      else closeSidebar();
+    document.addEventListener("keydown", onKey);
+    ui.messages.addEventListener("click", (e) => {
+      const button = e.target.closest(".code .copy");
+      if (button) copyWithFeedback(button.closest(".code").querySelector("pre").textContent, button, "Copy");
     });
     ui.newChat.addEventListener("click", () => {
       const conv = activeConv();
@@ -879,12 +1169,43 @@
       closeSidebar();
       ui.input.focus();
     });
-    ui.model.addEventListener("change", () => storageSet(KEYS.model, ui.model.value));
+    ui.convSearch.addEventListener("input", renderSidebar);
+    ui.convSearch.addEventListener("keydown", (e) => {
+      if (e.key === "Escape" && ui.convSearch.value) {
+        e.stopPropagation();
+        ui.convSearch.value = "";
+        renderSidebar();
+      }
+    });
+    ui.importBtn.addEventListener("click", () => ui.importFile.click());
+    ui.importFile.addEventListener("change", () => {
+      const file = ui.importFile.files[0];
+      ui.importFile.value = "";
+      if (file) importFile(file);
+    });
+    ui.exportBtn.addEventListener("click", () => {
+      if (activeConv()) ui.exportDialog.showModal();
+    });
+    ui.exportCancel.addEventListener("click", () => ui.exportDialog.close());
+    ui.exportJson.addEventListener("click", () => {
+      ui.exportDialog.close();
+      exportJson(activeConv());
+    });
+    ui.exportMd.addEventListener("click", () => {
+      ui.exportDialog.close();
+      exportMarkdown(activeConv());
+    });
+    ui.model.addEventListener("change", () => {
+      storageSet(KEYS.model, ui.model.value);
+      ui.model.title = ui.model.value;
+    });
     ui.settingsBtn.addEventListener("click", openSettings);
     ui.settingsForm.addEventListener("submit", saveSettings);
     ui.settingsCancel.addEventListener("click", () => ui.settings.close());
     ui.settingsReset.addEventListener("click", () => {
-      ui.setTemperature.value = ui.setTopP.value = ui.setMaxTokens.value = ui.setSystem.value = "";
+      for (const { id } of SAMPLER_FIELDS) $(id).value = "";
+      ui.setSystem.value = "";
+      ui.settingsError.hidden = true;
     });
     ui.menuBtn.addEventListener("click", () => (ui.sidebar.classList.contains("open") ? closeSidebar() : openSidebar()));
     ui.scrim.addEventListener("click", closeSidebar);
@@ -901,7 +1222,9 @@
     });
 
     renderAll();
+    showDefaults();
     loadModels();
+    loadDefaults();
     ui.input.focus();
   }
 
