@@ -31,7 +31,6 @@ def test_tokenize_prints_llama_cpp_ids(smollm2_path, golden):
 
 
 @pytest.mark.slow
-@pytest.mark.fidelity
 def test_run_greedy_completion(smollm2_path, golden):
     case = golden["cases"][0]
     ids, text = golden_prefix(case)
@@ -41,7 +40,6 @@ def test_run_greedy_completion(smollm2_path, golden):
 
 
 @pytest.mark.slow
-@pytest.mark.fidelity
 def test_run_reads_prompt_from_stdin_and_stops_at_stop_string(smollm2_path, golden):
     case = golden["cases"][0]
     _, text = golden_prefix(case)

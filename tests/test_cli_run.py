@@ -164,7 +164,6 @@ def test_plan_is_shown_as_a_table():
 
 
 @pytest.mark.slow
-@pytest.mark.fidelity
 def test_bare_model_file_completes_a_prompt(smollm2_path, golden):
     case = golden["cases"][0]
     ids, text = golden_prefix(case)
@@ -175,7 +174,6 @@ def test_bare_model_file_completes_a_prompt(smollm2_path, golden):
 
 
 @pytest.mark.slow
-@pytest.mark.fidelity
 def test_json_gives_text_token_counts_and_timings(smollm2_path, golden):
     case = golden["cases"][0]
     ids, text = golden_prefix(case)

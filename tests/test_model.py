@@ -11,7 +11,7 @@ from pipx_llama.engine.model import load_model
 from pipx_llama.engine.perplexity import window_perplexity
 from pipx_llama.engine.sampler import GREEDY
 
-pytestmark = [pytest.mark.slow, pytest.mark.fidelity]
+pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
@@ -34,6 +34,7 @@ def test_tokenizer_matches_llama_cpp(model, golden):
         assert model.tokenizer.encode(case["prompt"]) == case["prompt_ids"], case["prompt"]
 
 
+@pytest.mark.fidelity
 def test_logits_match_llama_cpp(model, golden):
     top1_hits, positions, deltas = 0, 0, []
     ctx = model.new_context(512)
@@ -55,6 +56,7 @@ def test_logits_match_llama_cpp(model, golden):
     assert median <= 0.4
 
 
+@pytest.mark.fidelity
 def test_greedy_generation_follows_llama_cpp(model, golden):
     ctx = model.new_context(512)
     for case in golden["cases"]:
@@ -114,6 +116,7 @@ def _check_stable(tokenizer, first_row, next_row) -> list[str]:
     return problems
 
 
+@pytest.mark.fidelity
 def test_stable_answers_hold_in_our_engine(model):
     """Every answer other tests rely on is there, with no near-tie on the way, in this CPU's arithmetic."""
     ctx = model.new_context(512)
