@@ -3,10 +3,12 @@
 Installed packages often live in read-only site-packages (pipx, system Python), where numba's
 default in-tree ``__pycache__`` cannot be written; without a writable cache every run recompiles.
 
-The folder is named after a digest of the engine's kernel sources (and ``PIPX_LLAMA_SIMD``, which
-changes the code the SIMD kernels compile to): numba checks only the modification time of the file
+The folder is named after a digest of the engine's kernel sources and of the settings that change
+the code they compile to (``PIPX_LLAMA_SIMD``, and numba's ``NUMBA_CPU_NAME``/``NUMBA_CPU_FEATURES``,
+which choose the SIMD tier and LLVM's target): numba checks only the modification time of the file
 that defines a function, not of the files whose code it inlines, so a kernel compiled against an
-older ``simd.py`` would otherwise be reused. Folders of other digests unused for a week are removed.
+older ``simd.py`` or for another tier would otherwise be reused. Folders of other digests unused for
+a week are removed.
 
 A user's own ``NUMBA_CACHE_DIR`` wins (and is then theirs to keep consistent).
 """
@@ -21,6 +23,7 @@ import platformdirs
 
 _KERNELS = Path(__file__).resolve().parent / "engine" / "kernels"
 _STALE_S = 7 * 24 * 3600
+_TARGET_SETTINGS = ("PIPX_LLAMA_SIMD", "NUMBA_CPU_NAME", "NUMBA_CPU_FEATURES")
 
 
 def _digest() -> str:
@@ -31,7 +34,8 @@ def _digest() -> str:
             h.update(path.read_bytes())
         except OSError:
             pass
-    h.update(os.environ.get("PIPX_LLAMA_SIMD", "").strip().lower().encode())
+    for name in _TARGET_SETTINGS:
+        h.update(f"{name}={os.environ.get(name, '').strip().lower()}\n".encode())
     return h.hexdigest()[:12]
 
 

@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+from greedy import golden_prefix
 
 
 def cli(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
@@ -32,18 +33,22 @@ def test_tokenize_prints_llama_cpp_ids(smollm2_path, golden):
 @pytest.mark.slow
 def test_run_greedy_completion(smollm2_path, golden):
     case = golden["cases"][0]
-    out = cli("run", "-m", str(smollm2_path), "-p", case["prompt"], "-n", str(case["safe_prefix_len"]),
-              "--temp", "0", "-t", "2")
+    ids, text = golden_prefix(case)
+    out = cli("run", "-m", str(smollm2_path), "-p", case["prompt"], "-n", str(len(ids)), "--temp", "0", "-t", "2")
     assert out.returncode == 0, out.stderr
-    assert out.stdout == case["prompt"] + case["safe_prefix_text"] + "\n"
+    assert out.stdout == case["prompt"] + text + "\n"
 
 
 @pytest.mark.slow
-def test_run_reads_prompt_from_stdin_and_stops_at_stop_string(smollm2_path):
+def test_run_reads_prompt_from_stdin_and_stops_at_stop_string(smollm2_path, golden):
+    case = golden["cases"][0]
+    _, text = golden_prefix(case)
+    line, newline, _ = text.partition("\n")
+    assert newline, "the golden prefix must reach the end of a line"
     out = cli("run", "-m", str(smollm2_path), "-n", "40", "--temp", "0", "--stop", "\n", "--verbose",
-              stdin="The capital of France is")
+              stdin=case["prompt"])
     assert out.returncode == 0, out.stderr
-    assert out.stdout == "The capital of France is Paris.\n"
+    assert out.stdout == case["prompt"] + line + "\n"
     assert "tokens/s" in out.stderr
 
 
@@ -85,10 +90,11 @@ def test_run_by_name_pulls_into_the_store_then_reuses_it(smollm2_path, golden, t
     monkeypatch.setenv("PIPX_LLAMA_HOME", str(tmp_path / "home"))
     monkeypatch.setenv("PIPX_LLAMA_CONFIG_DIR", str(tmp_path / "config"))
     case = golden["cases"][0]
-    args = ("run", "smollm2-135m-instruct", "-p", case["prompt"], "-n", "2", "--temp", "0", "--offline")
+    ids, text = golden_prefix(case)
+    args = ("run", "smollm2-135m-instruct", "-p", case["prompt"], "-n", str(len(ids)), "--temp", "0", "--offline")
     first = cli(*args, "--from-dir", str(smollm2_path.parent))
     assert first.returncode == 0, first.stderr
-    assert first.stdout.startswith(case["prompt"] + " Paris")
+    assert first.stdout == case["prompt"] + text + "\n"
     stored = list((tmp_path / "home").rglob("*.gguf"))
     assert stored, "the model was not installed in the store"
     second = cli(*args)  # no --from-dir: the store has it now

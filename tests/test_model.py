@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from greedy import WIDE, StableAnswer, all_stable, golden_prefix
 
 from pipx_llama.engine.generate import generate
 from pipx_llama.engine.model import load_model
@@ -33,6 +34,7 @@ def test_tokenizer_matches_llama_cpp(model, golden):
         assert model.tokenizer.encode(case["prompt"]) == case["prompt_ids"], case["prompt"]
 
 
+@pytest.mark.fidelity
 def test_logits_match_llama_cpp(model, golden):
     top1_hits, positions, deltas = 0, 0, []
     ctx = model.new_context(512)
@@ -54,15 +56,16 @@ def test_logits_match_llama_cpp(model, golden):
     assert median <= 0.4
 
 
+@pytest.mark.fidelity
 def test_greedy_generation_follows_llama_cpp(model, golden):
     ctx = model.new_context(512)
     for case in golden["cases"]:
         ctx.reset()
-        n = case["safe_prefix_len"]
-        gen = generate(ctx, case["prompt_ids"], max_tokens=n, sampler=GREEDY)
+        want_ids, want_text = golden_prefix(case)
+        gen = generate(ctx, case["prompt_ids"], max_tokens=len(want_ids), sampler=GREEDY)
         ids = [p.token for p in gen if p.token >= 0]
-        assert ids == case["greedy_ids"][:n], case["prompt"]
-        assert gen.text == case["safe_prefix_text"]
+        assert ids == want_ids, case["prompt"]
+        assert gen.text == want_text
 
 
 def test_window_perplexity_matches_llama_cpp(model, golden):
@@ -70,6 +73,80 @@ def test_window_perplexity_matches_llama_cpp(model, golden):
     ppl = window_perplexity(model, ref["ids"][: ref["n_tokens"]])
     print(f"\nwindow perplexity: ours {ppl:.4f}, llama.cpp {ref['ppl']:.4f} ({ppl / ref['ppl'] - 1:+.2%})")
     assert abs(ppl / ref["ppl"] - 1) <= 0.02
+
+
+# --- the conversations other tests assert greedy answers of (tests/greedy.py) --------------------------------
+
+
+def _top2(row) -> tuple[int, float]:
+    row = np.asarray(row, np.float32).reshape(-1)
+    second, first = np.argsort(row)[-2:]
+    return int(first), float(row[first] - row[second])
+
+
+def _answer_gaps(tokenizer, case: StableAnswer, first_row, next_row) -> tuple[str, list[float], bool]:
+    """Greedy tokens until ``case.answer`` is out (and one more where the turn must end there): their
+    text, the top-2 gap of each step, and whether the last step ends the turn."""
+    row, ids, gaps = first_row, [], []
+    while len(tokenizer.decode(ids)) < len(case.answer) and len(ids) < 64:
+        token, gap = _top2(row)
+        ids.append(token)
+        gaps.append(gap)
+        row = next_row(token)
+    ended = True
+    if case.ends:
+        token, gap = _top2(row)
+        gaps.append(gap)
+        ended = tokenizer.is_eog(token)
+    return tokenizer.decode(ids), gaps, ended
+
+
+def _prompt_ids(tokenizer, case: StableAnswer) -> list[int]:
+    text = tokenizer.chat_prompt(list(case.messages), add_generation_prompt=True)
+    return tokenizer.encode(text, add_special=True, parse_special=True)
+
+
+def _check_stable(tokenizer, first_row, next_row) -> list[str]:
+    problems = []
+    for case in all_stable():
+        text, gaps, ended = _answer_gaps(tokenizer, case, first_row(case), next_row)
+        if not (text.startswith(case.answer) and ended and min(gaps) >= WIDE):
+            problems.append(f"{case.messages[-1]['content']!r}: {text!r}, ended {ended}, "
+                            f"gaps {' '.join(f'{g:.2f}' for g in gaps)}")
+    return problems
+
+
+@pytest.mark.fidelity
+def test_stable_answers_hold_in_our_engine(model):
+    """Every answer other tests rely on is there, with no near-tie on the way, in this CPU's arithmetic."""
+    ctx = model.new_context(512)
+
+    def first_row(case):
+        ctx.reset()
+        return ctx.eval(_prompt_ids(model.tokenizer, case))
+
+    problems = _check_stable(model.tokenizer, first_row, lambda token: ctx.eval([token]))
+    assert not problems, "\n".join(problems)
+
+
+def test_stable_answers_hold_in_llama_cpp(model, smollm2_path):
+    llama_cpp = pytest.importorskip("llama_cpp")
+    llm = llama_cpp.Llama(model_path=str(smollm2_path), n_ctx=512, logits_all=True, verbose=False, n_threads=2)
+
+    def first_row(case):
+        llm.reset()
+        llm.eval(_prompt_ids(model.tokenizer, case))
+        return llm.scores[llm.n_tokens - 1]
+
+    def next_row(token):
+        llm.eval([token])
+        return llm.scores[llm.n_tokens - 1]
+
+    try:
+        problems = _check_stable(model.tokenizer, first_row, next_row)
+    finally:
+        llm.close()
+    assert not problems, "\n".join(problems)
 
 
 # --- Llama 3.1's per-pair RoPE factors (rope_freqs.weight), on a tiny model, against llama.cpp -------------

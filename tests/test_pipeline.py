@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from greedy import golden_prefix
 from httpserver import FileServer
 
 from pipx_llama.config import Config
@@ -383,15 +384,17 @@ def test_interrupted_quantization_resumes_at_quantize_and_reuses_the_conversion(
 # --- acceptance (a): a GGUF model over HTTP, straight to an answer ----------------------------------------------
 
 
-def test_gguf_model_served_over_http_to_an_answer(tmp_path, smollm2_path):
+def test_gguf_model_served_over_http_to_an_answer(tmp_path, smollm2_path, golden):
+    case = golden["cases"][0]
+    ids, text = golden_prefix(case)
     with FileServer() as srv:
         srv.put(f"/gguf/{smollm2_path.name}", file=smollm2_path)
         m = smol_gguf_manifest(tmp_path, smollm2_path, srv.url("/gguf/"))
         env = cli_env(tmp_path)
-        args = ["run", "smol-gguf", "--manifest", str(m), "-p", "The capital of France is", "-n", "8", "--temp", "0"]
+        args = ["run", "smol-gguf", "--manifest", str(m), "-p", case["prompt"], "-n", str(len(ids)), "--temp", "0"]
         r = pipx_llama(*args, env=env)
         assert r.returncode == 0, r.stderr
-        assert r.stdout.startswith("The capital of France is") and "Paris" in r.stdout
+        assert r.stdout == case["prompt"] + text + "\n"
         sent = srv.bytes_sent
         size = smollm2_path.stat().st_size
         # parts are split above the span their connection asked for: only a straggler's rest, taken
@@ -399,4 +402,4 @@ def test_gguf_model_served_over_http_to_an_answer(tmp_path, smollm2_path):
         assert size <= sent <= size + srv.bytes_requested_twice(f"/gguf/{smollm2_path.name}")
         r = pipx_llama(*args, env=env)  # the second run goes straight to the answer
         assert r.returncode == 0, r.stderr
-        assert "Paris" in r.stdout and srv.bytes_sent == sent
+        assert r.stdout == case["prompt"] + text + "\n" and srv.bytes_sent == sent

@@ -14,11 +14,11 @@ import venv
 from pathlib import Path
 
 import pytest
+from greedy import golden_prefix
 
 pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parent.parent
-PROMPT = "The capital of France is"
 
 
 class PipxRun:
@@ -69,21 +69,26 @@ def test_pipx_run_help(pipx_run):
         assert command in out.stdout
 
 
-def test_pipx_run_one_shot_from_a_file(pipx_run, smollm2_path):
+def test_pipx_run_one_shot_from_a_file(pipx_run, smollm2_path, golden):
+    case = golden["cases"][0]
+    ids, text = golden_prefix(case)
     t0 = time.perf_counter()
-    out = pipx_run("-m", str(smollm2_path), "-p", PROMPT, "-n", "4", "--temp", "0")
+    out = pipx_run("-m", str(smollm2_path), "-p", case["prompt"], "-n", str(len(ids)), "--temp", "0")
     print(f"\none-shot with -m, first run (compiles the kernels): {time.perf_counter() - t0:.1f} s")
     assert out.returncode == 0, out.stderr[-3000:]
-    assert out.stdout.startswith(PROMPT + " Paris")
+    assert out.stdout == case["prompt"] + text + "\n"
 
 
-def test_pipx_run_one_shot_by_name_from_a_folder(pipx_run, smollm2_path):
-    args = ("run", "smollm2-135m-instruct", "--offline", "-p", PROMPT, "-n", "4", "--temp", "0", "--json")
+def test_pipx_run_one_shot_by_name_from_a_folder(pipx_run, smollm2_path, golden):
+    case = golden["cases"][0]
+    ids, text = golden_prefix(case)
+    args = ("run", "smollm2-135m-instruct", "--offline", "-p", case["prompt"], "-n", str(len(ids)), "--temp", "0",
+            "--json")
     t0 = time.perf_counter()
     first = pipx_run(*args, "--from-dir", str(smollm2_path.parent))
     print(f"\none-shot by name, first (installs into the store): {time.perf_counter() - t0:.1f} s")
     assert first.returncode == 0, first.stderr[-3000:]
-    assert json.loads(first.stdout)["text"].startswith(" Paris")
+    assert json.loads(first.stdout)["text"] == text
     assert list((Path(pipx_run.env["PIPX_LLAMA_HOME"]) / "models").rglob("*.gguf"))
 
     t0 = time.perf_counter()

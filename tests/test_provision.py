@@ -28,7 +28,9 @@ from test_pipeline import (
 from pipx_llama.cli.main import main
 from pipx_llama.pipeline import INTERMEDIATE, STATE_FILE
 
-PROMPT = "The capital of France is the city of"
+# Our Q4_0 of the converted weights answers " Paris" first, by 2.87 in llama.cpp and by 3.02 / 2.98 in our engine
+# (AVX-512 / AVX2 code); "The capital of France is the city of" led by only 1.44 there.
+PROMPT = "The Eiffel Tower is in the city of"
 
 
 @pytest.fixture
@@ -93,9 +95,9 @@ def test_hf_weights_fetched_converted_quantized_and_answering(tmp_path, served, 
         assert record["sha256"] == sha256(vdir / f"{quant}.gguf") and record["quantization"] == quant.upper()
         assert {s["sha256"] for s in record["sources"]} == {f["sha256"] for f in files_of(smol_hf_folder)}
 
-    r = pipx_llama("run", "-m", str(vdir / "q4_0.gguf"), "-p", PROMPT, "-n", "8", "--temp", "0", env=env)
+    r = pipx_llama("run", "-m", str(vdir / "q4_0.gguf"), "-p", PROMPT, "-n", "1", "--temp", "0", env=env)
     assert r.returncode == 0, r.stderr
-    assert r.stdout.startswith(PROMPT) and "Paris" in r.stdout[len(PROMPT):]
+    assert r.stdout == PROMPT + " Paris\n"
 
     # idempotent: nothing fetched, nothing rewritten
     mtime = (vdir / "q4_0.gguf").stat().st_mtime_ns
