@@ -164,3 +164,71 @@ def test_cli_helpers() -> None:
             _size(bad)
     assert is_loopback("127.0.0.1") and is_loopback("localhost") and is_loopback("::1") and is_loopback("[::1]")
     assert not is_loopback("0.0.0.0") and not is_loopback("192.168.1.2") and not is_loopback("example.com")
+
+
+# -- hostile values: every numeric field of every route --------------------------------------------------------
+
+HUGE = 10 ** 400  # json.loads makes an int of it; float() of it overflows
+NUMERIC = {  # parser -> fields holding a number, as (param, body)
+    "chat": [(k, {"messages": MSG, k: HUGE}) for k in
+             ("temperature", "top_p", "presence_penalty", "frequency_penalty", "min_p", "top_k", "repeat_last_n",
+              "repeat_penalty", "seed", "max_tokens", "max_completion_tokens")],
+    "completion": [(k, {"prompt": "x", k: HUGE}) for k in ("temperature", "top_k", "seed", "max_tokens")],
+    "ollama_generate": [(f"options.{k}", {"prompt": "p", "options": {k: HUGE}}) for k in
+                        ("temperature", "top_p", "min_p", "top_k", "repeat_penalty", "repeat_last_n",
+                         "presence_penalty", "frequency_penalty", "seed", "num_predict")],
+    "ollama_chat": [(f"options.{k}", {"messages": MSG, "options": {k: HUGE}}) for k in
+                    ("temperature", "top_k", "seed", "num_predict", "repeat_last_n")],
+}
+PARSERS = {"chat": schemas.parse_chat, "completion": schemas.parse_completion,
+           "ollama_generate": schemas.parse_ollama_generate, "ollama_chat": schemas.parse_ollama_chat}
+
+
+@pytest.mark.parametrize("kind,param,body", [(kind, param, body) for kind, cases in NUMERIC.items()
+                                             for param, body in cases])
+@pytest.mark.parametrize("sign", [1, -1])
+def test_huge_numbers_are_400s_naming_the_field(kind: str, param: str, body: dict, sign: int) -> None:
+    if sign < 0:
+        body = {k: ({kk: -vv for kk, vv in v.items()} if k == "options" else -v if v is HUGE else v)
+                for k, v in body.items()}
+    err = _fails(PARSERS[kind], body, param)
+    assert len(err.message) < 200, err.message  # the value is quoted cut short, not 400 digits
+
+
+def test_int64_is_the_largest_number() -> None:
+    assert schemas.parse_chat({"messages": MSG, "seed": 2 ** 63 - 1}).sampling["seed"] == 2 ** 63 - 1
+    assert schemas.parse_chat({"messages": MSG, "seed": -(2 ** 63)}).sampling["seed"] == 2 ** 63
+    _fails(schemas.parse_chat, {"messages": MSG, "seed": 2 ** 63}, "seed")
+    _fails(schemas.parse_chat, {"messages": MSG, "top_k": 1e300}, "top_k")
+    assert schemas.parse_chat({"messages": MSG, "top_k": 5.0}).sampling["top_k"] == 5
+
+
+def test_quoted_values_stay_short() -> None:
+    deep: list = []
+    inner = deep
+    for _ in range(5000):  # repr() of this would exceed the recursion limit
+        inner.append([])
+        inner = inner[0]
+    for body in ({"messages": MSG, "temperature": deep}, {"messages": MSG, "stream": "x" * 100_000},
+                 {"messages": [{"role": "r" * 100_000, "content": "x"}]},
+                 {"messages": [{"role": "user", "content": [{"type": "t" * 100_000}]}]}):
+        err = _fails(schemas.parse_chat, body)
+        assert len(err.message) < 300, err.message[:400]
+
+
+def _guarded_client(tmp_path: Path, **settings) -> TestClient:
+    reg = ModelRegistry([ModelSpec("m", tmp_path / "missing.gguf")])
+    return TestClient(create_app(reg, ServerSettings(**settings)))
+
+
+JSON = {"Content-Type": "application/json"}
+
+
+def test_deeply_nested_json_is_a_400(tmp_path: Path) -> None:
+    with _guarded_client(tmp_path) as c:
+        for body in (b"[" * 100_000, b'{"messages": ' + b"[" * 50_000 + b"]" * 50_000 + b"}",
+                     b'{"a": ' * 20_000 + b"1" + b"}" * 20_000):
+            r = c.post("/v1/chat/completions", content=body, headers=JSON)
+            assert r.status_code == 400 and "deeply" in r.json()["error"]["message"], r.text[:300]
+            r = c.post("/api/chat", content=body, headers=JSON)
+            assert r.status_code == 400 and "deeply" in r.json()["error"], r.text[:300]

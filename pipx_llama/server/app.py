@@ -104,6 +104,8 @@ class Server:
             return json.loads(body, parse_constant=_reject_constant)
         except (ValueError, UnicodeDecodeError) as err:
             raise bad_request(f"the request body is not valid JSON: {err}") from None
+        except RecursionError:
+            raise bad_request("the request body nests arrays or objects too deeply to be a request") from None
 
     async def _prepare(self, req: schemas.GenRequest, endpoint: str, prompt_param: str) -> _Prepared:
         spec = self.registry.find(req.model)

@@ -23,12 +23,13 @@ from pipx_llama import __version__
 from pipx_llama.engine.generate import GenerationStats
 from pipx_llama.engine.sampler import SamplerConfig
 from pipx_llama.errors import UsageError
-from pipx_llama.server.errors import APIError, bad_request, unsupported
+from pipx_llama.server.errors import APIError, bad_request, quote, unsupported
 
 MAX_STOP = 16
 CHAT_ROLES = ("system", "developer", "user", "assistant", "tool", "function")
 FINGERPRINT = f"pipx-llama-{__version__}"
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's documented default for /v1/completions
+NUMBER_LIMIT = 1 << 63  # numbers are int64 in OpenAI's and Ollama's APIs; larger ones are refused, never rounded
 
 
 @dataclass
@@ -79,15 +80,20 @@ class _Body:
         v = self.body.get(key)
         if v is None:
             return None
+        param = self._param(key)
         kind = "an integer" if integer else "a number"
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or (integer and not isinstance(v, int)
-                                                                      and not float(v).is_integer()):
-            raise bad_request(f"'{self._param(key)}' must be {kind}, got {v!r}", self._param(key))
-        if not math.isfinite(v):
-            raise bad_request(f"'{self._param(key)}' must be finite, got {v!r}", self._param(key))
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            raise bad_request(f"'{param}' must be {kind}, got {quote(v)}", param)
+        if isinstance(v, float) and not math.isfinite(v):
+            raise bad_request(f"'{param}' must be finite, got {quote(v)}", param)
+        if integer and isinstance(v, float) and not v.is_integer():
+            raise bad_request(f"'{param}' must be {kind}, got {quote(v)}", param)
+        # int/float comparisons are exact in Python, so a 400-digit integer is compared, never converted
         if (lo is not None and v < lo) or (hi is not None and v > hi):
             bounds = f"at least {lo}" if hi is None else f"between {lo} and {hi}"
-            raise bad_request(f"'{self._param(key)}' must be {bounds}, got {v!r}", self._param(key))
+            raise bad_request(f"'{param}' must be {bounds}, got {quote(v)}", param)
+        if not -NUMBER_LIMIT <= v < NUMBER_LIMIT:
+            raise bad_request(f"'{param}' is out of range: {quote(v)} (the limit is ±2**63)", param)
         return int(v) if integer else float(v)
 
     def boolean(self, key: str) -> bool | None:
@@ -95,7 +101,7 @@ class _Body:
         if v is None:
             return None
         if not isinstance(v, bool):
-            raise bad_request(f"'{self._param(key)}' must be true or false, got {v!r}", self._param(key))
+            raise bad_request(f"'{self._param(key)}' must be true or false, got {quote(v)}", self._param(key))
         return v
 
     def string(self, key: str, *, required: bool = False) -> str | None:
@@ -188,7 +194,7 @@ def _content_text(content: Any, param: str) -> str:
             if not isinstance(part, dict) or not isinstance(part.get("type"), str):
                 raise bad_request(f"'{param}[{i}]' must be an object with a 'type'", f"{param}[{i}]")
             if part["type"] != "text":
-                raise unsupported(f"{param}[{i}].type", f"content of type '{part['type']}' (text only)")
+                raise unsupported(f"{param}[{i}].type", f"content of type {quote(part['type'])} (text only)")
             if not isinstance(part.get("text"), str):
                 raise bad_request(f"'{param}[{i}].text' must be a string", f"{param}[{i}].text")
             parts.append(part["text"])
@@ -207,7 +213,8 @@ def _messages(value: Any, param: str = "messages", *, allow_empty: bool = False)
         mb = _Body(m, where)
         role = mb.string("role", required=True)
         if role not in CHAT_ROLES:
-            raise bad_request(f"'{where}.role' must be one of {', '.join(CHAT_ROLES)}, got {role!r}", f"{where}.role")
+            raise bad_request(f"'{where}.role' must be one of {', '.join(CHAT_ROLES)}, got {quote(role)}",
+                              f"{where}.role")
         if m.get("images"):
             raise unsupported(f"{where}.images", "image input")
         out.append({"role": "system" if role == "developer" else role,
