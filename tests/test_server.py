@@ -323,6 +323,26 @@ def test_body_limit(http: httpx.Client, model_name: str) -> None:
     _error(http.post("/v1/chat/completions", content=chunks()), 413, code="request_too_large")
 
 
+def test_hostile_numbers_and_nesting_are_400s(http: httpx.Client, model_name: str) -> None:
+    hdr = {"Content-Type": "application/json"}
+    msgs = json.dumps(MESSAGES)
+    for route, body, param in [
+        ("/v1/chat/completions", f'{{"messages": {msgs}, "temperature": {"9" * 400}}}', "temperature"),
+        ("/v1/chat/completions", f'{{"messages": {msgs}, "max_tokens": {"9" * 400}}}', "max_tokens"),
+        ("/v1/completions", f'{{"prompt": "x", "seed": -{"9" * 400}}}', "seed"),
+    ]:
+        msg = _error(http.post(route, content=body.encode(), headers=hdr), 400, param=param)
+        assert len(msg) < 200
+    r = http.post("/api/chat", content=f'{{"messages": {msgs}, "options": {{"top_k": {"9" * 400}}}}}'.encode(),
+                  headers=hdr)
+    assert r.status_code == 400 and "options.top_k" in r.json()["error"]
+    _error(http.post("/v1/chat/completions", content=b"[" * 50_000, headers=hdr), 400)
+    for stream in (False, True):
+        r = http.post("/api/generate", json={"model": model_name, "prompt": "hi", "context": [10 ** 6],
+                                             "stream": stream})
+        assert r.status_code == 400 and "context" in r.json()["error"]
+
+
 def test_host_check(live: Live) -> None:
     r = httpx.get(live.url + "/health", headers={"Host": "attacker.example"})
     assert r.status_code == 403

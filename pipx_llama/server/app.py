@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import anyio
+import anyio.to_thread
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
@@ -35,7 +37,7 @@ from pipx_llama import __version__
 from pipx_llama.engine.sampler import SamplerConfig
 from pipx_llama.errors import ChatTemplateError, PipxLlamaError, TokenizerError, UsageError
 from pipx_llama.server import schemas
-from pipx_llama.server.errors import APIError, bad_request, from_engine, internal
+from pipx_llama.server.errors import APIError, bad_request, from_engine, internal, quote
 from pipx_llama.server.middleware import (
     AuthMiddleware,
     BodyLimitMiddleware,
@@ -48,6 +50,7 @@ from pipx_llama.server.scheduler import Done, Failed, Job, QueueFull, Scheduler,
 log = logging.getLogger("pipx_llama.server")
 
 LOCAL_ORIGINS = r"https?://(localhost|127\.0\.0\.1|\[::1\])(:\d+)?"
+TOKENIZE_THREADS = 2  # prompts rendered and tokenized at once; more wait (the engine runs one job anyway)
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 STATIC = Path(__file__).with_name("static")
 PAGE_FILES = {  # URL path -> (file in STATIC, media type); nothing else of STATIC is served
@@ -93,6 +96,7 @@ class Server:
         self.registry = registry
         self.settings = settings
         self.scheduler: Scheduler | None = None
+        self.tokenize_limiter: anyio.CapacityLimiter | None = None  # made in the lifespan, on the event loop
 
     # -- plumbing -----------------------------------------------------------------------------------
 
@@ -110,11 +114,11 @@ class Server:
     async def _prepare(self, req: schemas.GenRequest, endpoint: str, prompt_param: str) -> _Prepared:
         spec = self.registry.find(req.model)
         loaded = await self._load(spec)
-        ids, text = await run_in_threadpool(_tokenize, loaded, req, prompt_param)
-        n_ctx = loaded.n_ctx
-        if len(ids) >= n_ctx or (req.max_tokens is not None and len(ids) + req.max_tokens > n_ctx):
-            raise schemas.context_error(len(ids), req.max_tokens, n_ctx, prompt_param)
-        max_tokens = req.max_tokens if req.max_tokens is not None else n_ctx - len(ids)
+        # megabytes of text hold the GIL for seconds: few at a time, and never on the event loop
+        ids, text = await anyio.to_thread.run_sync(_tokenize, loaded, req, prompt_param,
+                                                   limiter=self.tokenize_limiter)
+        _check_room(loaded, len(ids), req, prompt_param)
+        max_tokens = req.max_tokens if req.max_tokens is not None else loaded.n_ctx - len(ids)
         job = Job(schemas.new_id("req"), endpoint, loaded, ids, max_tokens, req.sampler(self.settings.sampling),
                   req.stop)
         job.bind()
@@ -314,24 +318,39 @@ def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not valid JSON")
 
 
+def _check_ids(loaded: LoadedModel, ids: list[int], param: str) -> None:
+    n_vocab = loaded.model.hparams.n_vocab
+    bad = next((t for t in ids if not 0 <= t < n_vocab), None)
+    if bad is not None:
+        raise bad_request(f"token id {quote(bad)} in '{param}' is outside the vocabulary (0..{n_vocab - 1})",
+                          param)
+
+
+def _check_room(loaded: LoadedModel, n_prompt: int, req: schemas.GenRequest, prompt_param: str,
+                *, at_least: bool = False) -> None:
+    """400 when ``n_prompt`` tokens (or, ``at_least``, that many or more) leave no room to generate."""
+    n_ctx = loaded.n_ctx
+    if n_prompt >= n_ctx or (req.max_tokens is not None and n_prompt + req.max_tokens > n_ctx):
+        raise schemas.context_error(n_prompt, req.max_tokens, n_ctx, prompt_param, at_least=at_least)
+
+
 def _tokenize(loaded: LoadedModel, req: schemas.GenRequest, prompt_param: str) -> tuple[list[int], str]:
+    """The prompt's token ids and its text; refuses, before encoding it, text too long for the context."""
     tok = loaded.model.tokenizer
+    if isinstance(req.prompt, list):
+        _check_room(loaded, len(req.prompt), req, prompt_param)
+        _check_ids(loaded, req.prompt, prompt_param)
+        return list(req.prompt), tok.decode(req.prompt)
     try:
-        if req.messages is not None:
-            text = tok.chat_prompt(req.messages, add_generation_prompt=True)
-            return req.context + tok.encode(text), text
-        if isinstance(req.prompt, list):
-            n_vocab = loaded.model.hparams.n_vocab
-            bad = [t for t in req.prompt if not 0 <= t < n_vocab]
-            if bad:
-                raise bad_request(f"token id {bad[0]} is outside the vocabulary (0..{n_vocab - 1})", prompt_param)
-            return list(req.prompt), tok.decode(req.prompt)
-        ids = req.context + tok.encode(req.prompt, add_special=not req.context)
+        text = tok.chat_prompt(req.messages, add_generation_prompt=True) if req.messages is not None else req.prompt
+        _check_room(loaded, len(req.context) + loaded.pieces.min_tokens(text), req, prompt_param, at_least=True)
+        _check_ids(loaded, req.context, "context")
+        ids = req.context + tok.encode(text, add_special=req.messages is not None or not req.context)
     except (ChatTemplateError, TokenizerError, UsageError) as err:
         raise from_engine(err, prompt_param) from None
     if not ids:
         raise bad_request("the prompt is empty", prompt_param)
-    return ids, req.prompt
+    return ids, text
 
 
 async def _cancel_on_disconnect(request: Request, job: Job) -> None:
@@ -412,6 +431,7 @@ def create_app(registry: ModelRegistry, settings: ServerSettings | None = None) 
 
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         server.scheduler = Scheduler(settings.max_queue)
+        server.tokenize_limiter = anyio.CapacityLimiter(TOKENIZE_THREADS)
         try:
             yield
         finally:

@@ -429,13 +429,15 @@ def ollama_final(stats: GenerationStats, total_seconds: float, load_seconds: flo
     }
 
 
-def context_error(n_prompt: int, max_tokens: int | None, n_ctx: int, prompt_param: str) -> APIError:
-    if max_tokens is None:
-        msg = (f"This model's maximum context length is {n_ctx} tokens; the prompt has {n_prompt}, "
+def context_error(n_prompt: int, max_tokens: int | None, n_ctx: int, prompt_param: str, *,
+                  at_least: bool = False) -> APIError:
+    """``at_least``: ``n_prompt`` is a lower bound (the text was refused before it was tokenized)."""
+    has = f"at least {n_prompt}" if at_least else f"{n_prompt}"
+    if max_tokens is None or n_prompt >= n_ctx:
+        msg = (f"This model's maximum context length is {n_ctx} tokens; the prompt has {has}, "
                f"which leaves no room to generate. Shorten the messages or the prompt.")
-    else:
-        msg = (f"This model's maximum context length is {n_ctx} tokens. However, you requested "
-               f"{n_prompt + max_tokens} tokens ({n_prompt} in the prompt, {max_tokens} for the completion). "
-               f"Please reduce the length of the messages or the completion.")
-    return APIError(400, msg, param=prompt_param if max_tokens is None else "max_tokens",
-                    code="context_length_exceeded")
+        return APIError(400, msg, param=prompt_param, code="context_length_exceeded")
+    msg = (f"This model's maximum context length is {n_ctx} tokens. However, you requested "
+           f"{'at least ' if at_least else ''}{n_prompt + max_tokens} tokens ({has} in the prompt, {max_tokens} "
+           f"for the completion). Please reduce the length of the messages or the completion.")
+    return APIError(400, msg, param="max_tokens", code="context_length_exceeded")
