@@ -320,7 +320,21 @@ def test_body_limit(http: httpx.Client, model_name: str) -> None:
             yield b"y" * 1024
         yield b'"}]}'
 
-    _error(http.post("/v1/chat/completions", content=chunks()), 413, code="request_too_large")
+    _error(http.post("/v1/chat/completions", content=chunks(), headers={"Content-Type": "application/json"}), 413,
+           code="request_too_large")
+
+
+def test_web_pages_of_other_sites_cannot_make_it_generate(live: Live, model_name: str) -> None:
+    """A page may POST text/plain anywhere without asking; the server refuses before touching the model."""
+    body = json.dumps({"model": model_name, "messages": MESSAGES, "max_tokens": 1})
+    r = httpx.post(live.url + "/v1/chat/completions", content=body, headers={**AUTH, "Content-Type": "text/plain"})
+    _error(r, 415, code="unsupported_media_type")
+    r = httpx.post(live.url + "/v1/chat/completions", content=body,
+                   headers={**AUTH, "Content-Type": "application/json", "Origin": "https://evil.example"})
+    _error(r, 403, code="origin_not_allowed")
+    r = httpx.post(live.url + "/api/generate", content=body,
+                   headers={**AUTH, "Content-Type": "application/json", "Origin": "null"})
+    assert r.status_code == 403 and "--cors-origin" in r.json()["error"]
 
 
 def test_hostile_numbers_and_nesting_are_400s(http: httpx.Client, model_name: str) -> None:

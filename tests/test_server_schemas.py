@@ -148,8 +148,9 @@ def test_guards_without_a_model(tmp_path: Path) -> None:
         assert c.get("/api/tags").json() == {"error": "You didn't provide an API key. Send it as "
                                                       "'Authorization: Bearer KEY'."}
         auth = {"Authorization": "Bearer k"}
-        assert c.post("/v1/chat/completions", content=b"x" * 101, headers=auth).status_code == 413
-        assert c.post("/v1/chat/completions", content=b"{", headers=auth).status_code == 400
+        json_auth = {**auth, "Content-Type": "application/json"}
+        assert c.post("/v1/chat/completions", content=b"x" * 101, headers=json_auth).status_code == 413
+        assert c.post("/v1/chat/completions", content=b"{", headers=json_auth).status_code == 400
         r = c.post("/v1/chat/completions", json={"model": "m", "messages": MSG}, headers=auth)
         assert r.status_code == 500 and r.json()["error"]["code"] == "model_load_failed"
         assert c.get("/health", headers={"Host": "evil.example"}).status_code == 403
@@ -232,3 +233,59 @@ def test_deeply_nested_json_is_a_400(tmp_path: Path) -> None:
             assert r.status_code == 400 and "deeply" in r.json()["error"]["message"], r.text[:300]
             r = c.post("/api/chat", content=body, headers=JSON)
             assert r.status_code == 400 and "deeply" in r.json()["error"], r.text[:300]
+
+
+# -- requests from web pages -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("content_type", [None, "text/plain", "application/x-www-form-urlencoded",
+                                          "multipart/form-data; boundary=x", "application/jsonx"])
+def test_post_needs_json_content_type(tmp_path: Path, content_type: str | None) -> None:
+    """The content types a page may POST without a CORS preflight never reach the model."""
+    headers = {"Content-Type": content_type} if content_type else {}
+    body = b'{"messages": [{"role": "user", "content": "hi"}]}'
+    with _guarded_client(tmp_path) as c:
+        r = c.post("/v1/chat/completions", content=body, headers=headers)
+        assert r.status_code == 415 and r.json()["error"]["code"] == "unsupported_media_type"
+        r = c.post("/api/generate", content=body, headers=headers)
+        assert r.status_code == 415 and "application/json" in r.json()["error"]  # Ollama's shape
+        ok = c.post("/v1/chat/completions", content=body, headers={"Content-Type": "Application/JSON; charset=utf-8"})
+        assert ok.status_code == 500 and ok.json()["error"]["code"] == "model_load_failed"  # got past the guard
+
+
+@pytest.mark.parametrize("origin,cors,allowed", [
+    ("https://evil.example", [], False),
+    ("null", [], False),
+    ("http://localhost.evil.example", [], False),
+    ("http://127.0.0.1.evil.example:8080", [], False),
+    ("http://localhost:5173", [], True),
+    ("http://127.0.0.1", [], True),
+    ("http://[::1]:3000", [], True),
+    ("http://testserver", [], True),  # the server's own page (same origin as Host)
+    ("https://testserver", [], False),  # another scheme is another origin
+    ("http://testserver:81", [], False),
+    ("https://app.example", ["https://app.example"], True),
+    ("https://app.example", ["https://other.example"], False),
+    ("https://evil.example", ["*"], True),
+])
+def test_foreign_origins_are_refused(tmp_path: Path, origin: str, cors: list[str], allowed: bool) -> None:
+    body = {"messages": [{"role": "user", "content": "hi"}]}
+    with _guarded_client(tmp_path, cors_origins=cors) as c:
+        r = c.post("/v1/chat/completions", json=body, headers={"Origin": origin})
+        if allowed:
+            assert r.status_code == 500 and r.json()["error"]["code"] == "model_load_failed"
+        else:
+            assert r.status_code == 403 and r.json()["error"]["code"] == "origin_not_allowed"
+            assert "--cors-origin" in r.json()["error"]["message"]
+            r = c.post("/api/chat", json=body, headers={"Origin": origin})
+            assert r.status_code == 403 and isinstance(r.json()["error"], str)
+        assert c.post("/v1/chat/completions", json=body).status_code == 500  # no Origin: not a web page
+
+
+def test_preflight_from_a_foreign_origin_is_still_answered_by_cors(tmp_path: Path) -> None:
+    pre = {"Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": "content-type"}
+    with _guarded_client(tmp_path) as c:
+        ok = c.options("/v1/chat/completions", headers={"Origin": "http://localhost:5173", **pre})
+        assert ok.status_code == 200 and ok.headers["access-control-allow-origin"] == "http://localhost:5173"
+        bad = c.options("/v1/chat/completions", headers={"Origin": "https://evil.example", **pre})
+        assert bad.status_code == 400 and "access-control-allow-origin" not in bad.headers

@@ -42,6 +42,8 @@ from pipx_llama.server.middleware import (
     AuthMiddleware,
     BodyLimitMiddleware,
     HostCheckMiddleware,
+    JsonBodyMiddleware,
+    OriginCheckMiddleware,
     error_response,
 )
 from pipx_llama.server.registry import LoadedModel, ModelRegistry, ModelSpec
@@ -409,8 +411,10 @@ def create_app(registry: ModelRegistry, settings: ServerSettings | None = None) 
         Middleware(CORSMiddleware, allow_origins=origins, allow_origin_regex=None if "*" in origins else LOCAL_ORIGINS,
                    allow_methods=["GET", "POST", "OPTIONS"], allow_headers=["Authorization", "Content-Type"],
                    expose_headers=["Retry-After", "X-Request-Id"], max_age=600),
+        Middleware(OriginCheckMiddleware, origins=origins, origin_regex=LOCAL_ORIGINS),
         Middleware(AuthMiddleware, api_key=settings.api_key),
         Middleware(BodyLimitMiddleware, limit=settings.max_body_bytes),
+        Middleware(JsonBodyMiddleware),
     ]
 
     async def on_api_error(request: Request, exc: APIError) -> Response:

@@ -1,4 +1,5 @@
-"""Pure-ASGI guards in front of the endpoints: Host check, Bearer key, request body limit.
+"""Pure-ASGI guards in front of the endpoints: Host and Origin checks, Bearer key, JSON bodies only,
+request body limit.
 
 Pure ASGI (not ``BaseHTTPMiddleware``) so that streamed responses pass through untouched and a
 client disconnect reaches the endpoint.
@@ -7,7 +8,9 @@ client disconnect reaches the endpoint.
 from __future__ import annotations
 
 import hmac
+import re
 from typing import Any
+from urllib.parse import urlsplit
 
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -68,6 +71,76 @@ class AuthMiddleware:
                 msg = ("You didn't provide an API key. Send it as 'Authorization: Bearer KEY'." if not auth
                        else "Incorrect API key provided.")
                 err = APIError(401, msg, code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+                await error_response(scope, err)(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+class OriginCheckMiddleware:
+    """Refuse a request sent by a web page of another origin, unless ``--cors-origin`` lets that origin in.
+
+    CORS only hides the answer from such a page; the request itself still runs. A page may send a
+    ``text/plain`` POST to any address without asking first, so without an API key any site the user
+    visits could make the model generate. Browsers name the page's origin in ``Origin``; the server's
+    own page (same origin), localhost pages and the configured origins pass. Requests without
+    ``Origin`` (curl, SDKs) are not from a page and pass.
+    """
+
+    def __init__(self, app: ASGIApp, origins: list[str], origin_regex: str) -> None:
+        self.app = app
+        self.any = "*" in origins
+        self.origins = {o.rstrip("/").lower() for o in origins}
+        self.regex = re.compile(origin_regex)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["method"] != "OPTIONS":  # preflights are CORSMiddleware's
+            origin = _header(scope, b"origin")
+            if origin is not None and not self._allowed(origin, scope):
+                shown = origin if len(origin) <= 80 else origin[:60] + "…"
+                err = APIError(403, f"requests from web pages at {shown} are not allowed; start the server "
+                                    f"with --cors-origin {shown} to allow them", code="origin_not_allowed")
+                await error_response(scope, err)(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+    def _allowed(self, origin: str, scope: Scope) -> bool:
+        origin = origin.strip().lower()
+        if self.any or origin in self.origins or self.regex.fullmatch(origin):
+            return True
+        host = _header(scope, b"host")
+        return host is not None and _same_origin(origin, scope.get("scheme", "http"), host)
+
+
+def _same_origin(origin: str, scheme: str, host: str) -> bool:
+    """``origin`` is this server as the client reached it (scheme, Host and port, default ports filled in)."""
+    default = {"http": 80, "https": 443}
+    try:
+        page = urlsplit(origin)
+        here = urlsplit(f"{scheme}://{host.strip()}")
+        return (page.scheme == here.scheme and page.hostname is not None and page.hostname == here.hostname
+                and (page.port or default.get(page.scheme)) == (here.port or default.get(here.scheme)))
+    except ValueError:  # a port that is not a number, a malformed IPv6 literal
+        return False
+
+
+class JsonBodyMiddleware:
+    """415 for a POST whose ``Content-Type`` is not ``application/json``.
+
+    The content types a web page may send without a CORS preflight (``text/plain``, forms) are thus
+    refused: a foreign page that sends JSON must ask first, and the CORS policy answers no.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["method"] == "POST":
+            given = _header(scope, b"content-type")
+            if given is None or given.split(";", 1)[0].strip().lower() != "application/json":
+                what = f"Content-Type {given[:60]!r}" if given else "no Content-Type"
+                err = APIError(415, f"the request body must be JSON sent as Content-Type: application/json, not "
+                                    f"{what} (curl: add -H 'Content-Type: application/json')",
+                               code="unsupported_media_type")
                 await error_response(scope, err)(scope, receive, send)
                 return
         await self.app(scope, receive, send)
