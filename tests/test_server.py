@@ -444,6 +444,14 @@ def test_refuses_public_bind_without_key(smollm2_path: Path) -> None:
     assert proc.returncode == 2 and "without an API key" in err
 
 
+@pytest.mark.parametrize("flag,value", [("--header-timeout", "0"), ("--body-timeout", "-1"),
+                                        ("--body-timeout", "nan"), ("--max-connections", "0")])
+def test_refuses_bad_limits(smollm2_path: Path, flag: str, value: str) -> None:
+    proc = _start(["-m", str(smollm2_path), "--port", "0", flag, value])
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 2 and f"{flag} must be" in err, err
+
+
 def test_port_in_use(live: Live, smollm2_path: Path) -> None:
     port = live.url.rsplit(":", 1)[1]
     proc = _start(["-m", str(smollm2_path), "--port", port])

@@ -235,6 +235,14 @@ def test_deeply_nested_json_is_a_400(tmp_path: Path) -> None:
             assert r.status_code == 400 and "deeply" in r.json()["error"], r.text[:300]
 
 
+def test_huge_content_length_is_a_413(tmp_path: Path) -> None:
+    with _guarded_client(tmp_path) as c:
+        r = c.post("/v1/chat/completions", content=b"{}", headers={**JSON, "Content-Length": "9" * 5000})
+        assert r.status_code == 413
+        r = c.post("/v1/chat/completions", content=b"{}", headers={**JSON, "Content-Length": "\u00b2".encode("latin-1")})
+        assert r.status_code == 400
+
+
 # -- requests from web pages -------------------------------------------------------------------------------
 
 

@@ -29,7 +29,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
@@ -79,6 +79,7 @@ class ServerSettings:
     api_key: str | None = None
     max_queue: int = 16  # requests waiting beyond the one running; more get 503
     max_body_bytes: int = 4 << 20
+    body_timeout: float | None = 60.0  # seconds from a request's headers to the end of its body; slower: 408
     cors_origins: list[str] = field(default_factory=list)  # besides localhost pages; "*" for any
     allowed_hosts: list[str] | None = None  # Host header values accepted (DNS-rebinding guard); None: any
     sampling: SamplerConfig = field(default_factory=SamplerConfig)  # defaults for fields a request leaves out
@@ -413,7 +414,7 @@ def create_app(registry: ModelRegistry, settings: ServerSettings | None = None) 
                    expose_headers=["Retry-After", "X-Request-Id"], max_age=600),
         Middleware(OriginCheckMiddleware, origins=origins, origin_regex=LOCAL_ORIGINS),
         Middleware(AuthMiddleware, api_key=settings.api_key),
-        Middleware(BodyLimitMiddleware, limit=settings.max_body_bytes),
+        Middleware(BodyLimitMiddleware, limit=settings.max_body_bytes, timeout=settings.body_timeout),
         Middleware(JsonBodyMiddleware),
     ]
 
@@ -429,6 +430,12 @@ def create_app(registry: ModelRegistry, settings: ServerSettings | None = None) 
             err = APIError(exc.status_code, str(exc.detail))
         return error_response(request.scope, err)
 
+    async def on_client_gone(request: Request, exc: ClientDisconnect) -> Response:
+        # not an error of the server: one line, no traceback (the answer goes nowhere)
+        log.info("%s %s: the client closed the connection before its request body was complete",
+                 request.method, request.url.path)
+        return Response(status_code=400)
+
     async def on_unexpected(request: Request, exc: Exception) -> Response:
         log.exception("unexpected error on %s %s", request.method, request.url.path)
         return error_response(request.scope, internal(f"internal error: {type(exc).__name__}"))
@@ -443,6 +450,6 @@ def create_app(registry: ModelRegistry, settings: ServerSettings | None = None) 
 
     app = Starlette(routes=routes, middleware=middleware, lifespan=contextlib.asynccontextmanager(lifespan),
                     exception_handlers={APIError: on_api_error, HTTPException: on_http_error,
-                                        Exception: on_unexpected})
+                                        ClientDisconnect: on_client_gone, Exception: on_unexpected})
     app.state.server = server
     return app

@@ -1,5 +1,5 @@
 """Pure-ASGI guards in front of the endpoints: Host and Origin checks, Bearer key, JSON bodies only,
-request body limit.
+request body limits (size and time).
 
 Pure ASGI (not ``BaseHTTPMiddleware``) so that streamed responses pass through untouched and a
 client disconnect reaches the endpoint.
@@ -7,6 +7,7 @@ client disconnect reaches the endpoint.
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import re
 from typing import Any
@@ -153,12 +154,22 @@ class BodyTooLarge(APIError):
                          code="request_too_large")
 
 
-class BodyLimitMiddleware:
-    """413 for a body over the limit: by Content-Length up front, or counted as a chunked body arrives."""
+class BodyTooSlow(APIError):
+    def __init__(self, timeout: float) -> None:
+        # Connection: close -- the rest of the body is never read, so the connection cannot serve another request
+        super().__init__(408, f"The request body did not arrive within {timeout:g} s.", code="request_timeout",
+                         headers={"Connection": "close"})
 
-    def __init__(self, app: ASGIApp, limit: int) -> None:
+
+class BodyLimitMiddleware:
+    """413 for a body over the limit: by Content-Length up front, or counted as a chunked body arrives;
+    408 for a body still incomplete ``timeout`` seconds after its headers (a client sending a byte now
+    and then would otherwise hold its request open for ever)."""
+
+    def __init__(self, app: ASGIApp, limit: int, timeout: float | None = None) -> None:
         self.app = app
         self.limit = limit
+        self.timeout = timeout
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -166,22 +177,36 @@ class BodyLimitMiddleware:
             return
         length = _header(scope, b"content-length")
         if length is not None:
-            if not length.strip().isdigit():
-                err = APIError(400, f"invalid Content-Length header: {length!r}")
+            length = length.strip()
+            if not re.fullmatch(r"[0-9]+", length):
+                err = APIError(400, f"invalid Content-Length header: {length[:40]!r}")
                 await error_response(scope, err)(scope, receive, send)
                 return
-            if int(length) > self.limit:
-                await error_response(scope, BodyTooLarge(self.limit, int(length)))(scope, receive, send)
+            if len(length) > 18 or int(length) > self.limit:  # 18 digits: int() of 5000 would refuse
+                size = int(length) if len(length) <= 18 else None
+                await error_response(scope, BodyTooLarge(self.limit, size))(scope, receive, send)
                 return
         seen = 0
+        complete = False
+        loop = asyncio.get_running_loop()
+        deadline = None if self.timeout is None else loop.time() + self.timeout
 
         async def limited() -> Message:
-            nonlocal seen
-            message: dict[str, Any] = await receive()
+            nonlocal seen, complete
+            if complete or deadline is None:  # after the body, receive() waits for the disconnect
+                message: dict[str, Any] = await receive()
+            else:
+                try:
+                    message = await asyncio.wait_for(receive(), max(0.0, deadline - loop.time()))
+                except asyncio.TimeoutError:
+                    raise BodyTooSlow(self.timeout) from None  # raised inside request.body(): answered 408
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
                 if seen > self.limit:
                     raise BodyTooLarge(self.limit)  # raised inside request.body(): the endpoint answers 413
+                complete = not message.get("more_body", False)
+            else:
+                complete = True
             return message
 
         await self.app(scope, limited, send)
