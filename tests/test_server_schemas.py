@@ -297,3 +297,13 @@ def test_preflight_from_a_foreign_origin_is_still_answered_by_cors(tmp_path: Pat
         assert ok.status_code == 200 and ok.headers["access-control-allow-origin"] == "http://localhost:5173"
         bad = c.options("/v1/chat/completions", headers={"Origin": "https://evil.example", **pre})
         assert bad.status_code == 400 and "access-control-allow-origin" not in bad.headers
+
+
+@pytest.mark.parametrize("field,value", [("temperature", 5e-324), ("temperature", 1e-300), ("repeat_penalty", 5e-324),
+                                         ("repeat_penalty", 1e300), ("repeat_penalty", 0)])
+def test_sampling_values_that_overflow_the_sampler_are_refused(field: str, value: float) -> None:
+    """Logits divided by these overflow to inf, and inf - inf made the sampler's probabilities NaN (a 500)."""
+    _fails(schemas.parse_chat, {"messages": MSG, field: value}, field)
+    _fails(schemas.parse_ollama_chat, {"messages": MSG, "options": {field: value}}, f"options.{field}")
+    ok = schemas.parse_chat({"messages": MSG, "temperature": 1e-6, "repeat_penalty": 1.1})
+    assert ok.sampler(SamplerConfig()).temperature == 1e-6

@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
@@ -108,11 +109,12 @@ class Server:
         if not body.strip():
             raise bad_request("the request body is empty; send a JSON object")
         try:
-            return json.loads(body, parse_constant=_reject_constant)
+            value = json.loads(body, parse_constant=_reject_constant)
         except (ValueError, UnicodeDecodeError) as err:
             raise bad_request(f"the request body is not valid JSON: {err}") from None
         except RecursionError:
             raise bad_request("the request body nests arrays or objects too deeply to be a request") from None
+        return _without_surrogates(value) if _MAY_HOLD_SURROGATES.search(body) else value
 
     async def _prepare(self, req: schemas.GenRequest, endpoint: str, prompt_param: str) -> _Prepared:
         spec = self.registry.find(req.model)
@@ -319,6 +321,39 @@ class Server:
 
 def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not valid JSON")
+
+
+# "\ud800" escapes, or surrogates encoded in the UTF-8 bytes (json.loads decodes with surrogatepass)
+_MAY_HOLD_SURROGATES = re.compile(rb"\\u[dD][89a-fA-F]|\xed[\xa0-\xbf]")
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _without_surrogates(value: Any) -> Any:
+    """``value`` with each lone surrogate made U+FFFD, in place (iteratively: values nest ~1000 deep).
+
+    JSON may escape a lone surrogate, but such a string cannot be written as UTF-8: echoed in an answer
+    (a model name, an echoed prompt) it would fail the response. The tokenizer reads them as U+FFFD too.
+    """
+    def fix(text: str) -> str:
+        return _SURROGATE.sub("\ufffd", text)
+
+    if isinstance(value, str):
+        return fix(value)
+    stack = [value]
+    while stack:
+        node = stack.pop()
+        items = list(enumerate(node)) if isinstance(node, list) else list(node.items()) if isinstance(node, dict) \
+            else []
+        for key, item in items:
+            if isinstance(item, str):
+                item = fix(item)
+            elif isinstance(item, (list, dict)):
+                stack.append(item)
+            if isinstance(key, str) and _SURROGATE.search(key):
+                del node[key]
+                key = fix(key)
+            node[key] = item
+    return value
 
 
 def _check_ids(loaded: LoadedModel, ids: list[int], param: str) -> None:

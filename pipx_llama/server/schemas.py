@@ -29,6 +29,9 @@ MAX_STOP = 16
 CHAT_ROLES = ("system", "developer", "user", "assistant", "tool", "function")
 FINGERPRINT = f"pipx-llama-{__version__}"
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's documented default for /v1/completions
+# the sampler divides logits by these: beyond them float32/float64 overflow to inf, and inf - inf is NaN
+MIN_TEMPERATURE = 1e-6  # above 0: anything smaller is greedy in effect
+REPEAT_PENALTY = (0.01, 100.0)
 NUMBER_LIMIT = 1 << 63  # numbers are int64 in OpenAI's and Ollama's APIs; larger ones are refused, never rounded
 
 
@@ -150,9 +153,10 @@ def _openai_common(b: _Body) -> GenRequest:
         v = b.number(key, lo, integer=True)
         if v is not None:
             s[key] = v
-    v = b.number("repeat_penalty", 0.0)
+    v = b.number("repeat_penalty", *REPEAT_PENALTY)
     if v is not None:
         s["repeat_penalty"] = v
+    _check_temperature(s, "temperature")
     seed = b.number("seed", integer=True)
     if seed is not None:
         s["seed"] = seed & 0xFFFFFFFFFFFFFFFF  # numpy seeds must be >= 0; OpenAI allows negatives
@@ -173,6 +177,12 @@ def _openai_common(b: _Body) -> GenRequest:
     if fmt is not None and not (isinstance(fmt, dict) and fmt.get("type") == "text"):
         raise unsupported("response_format", "response_format other than {\"type\": \"text\"}")
     return req
+
+
+def _check_temperature(sampling: dict[str, Any], param: str) -> None:
+    t = sampling.get("temperature")
+    if t is not None and 0.0 < t < MIN_TEMPERATURE:
+        raise bad_request(f"'{param}' must be 0 (greedy) or at least {MIN_TEMPERATURE:g}, got {t!r}", param)
 
 
 def _max_tokens(b: _Body, *keys: str) -> int | None:
@@ -256,7 +266,7 @@ def parse_completion(body: Any) -> GenRequest:
 
 
 _OLLAMA_OPTIONS = (("temperature", 0.0, None, False), ("top_p", 0.0, 1.0, False), ("min_p", 0.0, 1.0, False),
-                   ("top_k", 0, None, True), ("repeat_penalty", 0.0, None, False),
+                   ("top_k", 0, None, True), ("repeat_penalty", *REPEAT_PENALTY, False),
                    ("repeat_last_n", -1, None, True), ("presence_penalty", -2.0, 2.0, False),
                    ("frequency_penalty", -2.0, 2.0, False))
 
@@ -278,6 +288,7 @@ def _ollama_common(b: _Body) -> GenRequest:
         seed = ob.number("seed", integer=True)
         if seed is not None:
             req.sampling["seed"] = seed & 0xFFFFFFFFFFFFFFFF
+        _check_temperature(req.sampling, "options.temperature")
         n = ob.number("num_predict", integer=True)
         req.max_tokens = n if n is not None and n > 0 else None  # -1 / -2: until the context is full
         req.stop = ob.stop()
