@@ -13,6 +13,7 @@ from __future__ import annotations
 import collections
 import json
 import logging
+import os
 import random
 from collections.abc import Iterator
 from pathlib import Path
@@ -67,8 +68,8 @@ def client(smollm2_path: Path, log: Collect) -> Iterator[TestClient]:
 # A seeded generator, not hypothesis strategies: thousands of nested bodies in well under a second
 # (hypothesis spends ~10 ms drawing each). A failure names the seed and the body, which reproduce it.
 
-SEED = 20241117
-N_BODIES = 3000
+SEED = int(os.environ.get("PIPX_LLAMA_FUZZ_SEED", "20241117"))
+N_BODIES = int(os.environ.get("PIPX_LLAMA_FUZZ_BODIES", "2000"))  # raise it for a longer hunt by hand
 HOSTILE: list[Any] = [
     HUGE, -HUGE, 2 ** 63, -(2 ** 63) - 1, 2 ** 64, 1e308, -1e308, 5e-324, -0.0, 0, -1, 1, 49152, 10 ** 6,
     "", "\ud800", "\udfff\ud800", "x" * 100_000, "<|im_start|>" * 50, "\x00", "{{ 7*7 }}", "{% for %}",
