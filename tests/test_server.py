@@ -321,7 +321,41 @@ def test_body_limit(http: httpx.Client, model_name: str) -> None:
             yield b"y" * 1024
         yield b'"}]}'
 
-    _error(http.post("/v1/chat/completions", content=chunks()), 413, code="request_too_large")
+    _error(http.post("/v1/chat/completions", content=chunks(), headers={"Content-Type": "application/json"}), 413,
+           code="request_too_large")
+
+
+def test_web_pages_of_other_sites_cannot_make_it_generate(live: Live, model_name: str) -> None:
+    """A page may POST text/plain anywhere without asking; the server refuses before touching the model."""
+    body = json.dumps({"model": model_name, "messages": MESSAGES, "max_tokens": 1})
+    r = httpx.post(live.url + "/v1/chat/completions", content=body, headers={**AUTH, "Content-Type": "text/plain"})
+    _error(r, 415, code="unsupported_media_type")
+    r = httpx.post(live.url + "/v1/chat/completions", content=body,
+                   headers={**AUTH, "Content-Type": "application/json", "Origin": "https://evil.example"})
+    _error(r, 403, code="origin_not_allowed")
+    r = httpx.post(live.url + "/api/generate", content=body,
+                   headers={**AUTH, "Content-Type": "application/json", "Origin": "null"})
+    assert r.status_code == 403 and "--cors-origin" in r.json()["error"]
+
+
+def test_hostile_numbers_and_nesting_are_400s(http: httpx.Client, model_name: str) -> None:
+    hdr = {"Content-Type": "application/json"}
+    msgs = json.dumps(MESSAGES)
+    for route, body, param in [
+        ("/v1/chat/completions", f'{{"messages": {msgs}, "temperature": {"9" * 400}}}', "temperature"),
+        ("/v1/chat/completions", f'{{"messages": {msgs}, "max_tokens": {"9" * 400}}}', "max_tokens"),
+        ("/v1/completions", f'{{"prompt": "x", "seed": -{"9" * 400}}}', "seed"),
+    ]:
+        msg = _error(http.post(route, content=body.encode(), headers=hdr), 400, param=param)
+        assert len(msg) < 200
+    r = http.post("/api/chat", content=f'{{"messages": {msgs}, "options": {{"top_k": {"9" * 400}}}}}'.encode(),
+                  headers=hdr)
+    assert r.status_code == 400 and "options.top_k" in r.json()["error"]
+    _error(http.post("/v1/chat/completions", content=b"[" * 50_000, headers=hdr), 400)
+    for stream in (False, True):
+        r = http.post("/api/generate", json={"model": model_name, "prompt": "hi", "context": [10 ** 6],
+                                             "stream": stream})
+        assert r.status_code == 400 and "context" in r.json()["error"]
 
 
 def test_host_check(live: Live) -> None:
@@ -409,6 +443,14 @@ def test_refuses_public_bind_without_key(smollm2_path: Path) -> None:
     proc = _start(["-m", str(smollm2_path), "--host", "0.0.0.0", "--port", "0"])
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 2 and "without an API key" in err
+
+
+@pytest.mark.parametrize("flag,value", [("--header-timeout", "0"), ("--body-timeout", "-1"),
+                                        ("--body-timeout", "nan"), ("--max-connections", "0")])
+def test_refuses_bad_limits(smollm2_path: Path, flag: str, value: str) -> None:
+    proc = _start(["-m", str(smollm2_path), "--port", "0", flag, value])
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 2 and f"{flag} must be" in err, err
 
 
 def test_port_in_use(live: Live, smollm2_path: Path) -> None:

@@ -148,8 +148,9 @@ def test_guards_without_a_model(tmp_path: Path) -> None:
         assert c.get("/api/tags").json() == {"error": "You didn't provide an API key. Send it as "
                                                       "'Authorization: Bearer KEY'."}
         auth = {"Authorization": "Bearer k"}
-        assert c.post("/v1/chat/completions", content=b"x" * 101, headers=auth).status_code == 413
-        assert c.post("/v1/chat/completions", content=b"{", headers=auth).status_code == 400
+        json_auth = {**auth, "Content-Type": "application/json"}
+        assert c.post("/v1/chat/completions", content=b"x" * 101, headers=json_auth).status_code == 413
+        assert c.post("/v1/chat/completions", content=b"{", headers=json_auth).status_code == 400
         r = c.post("/v1/chat/completions", json={"model": "m", "messages": MSG}, headers=auth)
         assert r.status_code == 500 and r.json()["error"]["code"] == "model_load_failed"
         assert c.get("/health", headers={"Host": "evil.example"}).status_code == 403
@@ -164,3 +165,145 @@ def test_cli_helpers() -> None:
             _size(bad)
     assert is_loopback("127.0.0.1") and is_loopback("localhost") and is_loopback("::1") and is_loopback("[::1]")
     assert not is_loopback("0.0.0.0") and not is_loopback("192.168.1.2") and not is_loopback("example.com")
+
+
+# -- hostile values: every numeric field of every route --------------------------------------------------------
+
+HUGE = 10 ** 400  # json.loads makes an int of it; float() of it overflows
+NUMERIC = {  # parser -> fields holding a number, as (param, body)
+    "chat": [(k, {"messages": MSG, k: HUGE}) for k in
+             ("temperature", "top_p", "presence_penalty", "frequency_penalty", "min_p", "top_k", "repeat_last_n",
+              "repeat_penalty", "seed", "max_tokens", "max_completion_tokens")],
+    "completion": [(k, {"prompt": "x", k: HUGE}) for k in ("temperature", "top_k", "seed", "max_tokens")],
+    "ollama_generate": [(f"options.{k}", {"prompt": "p", "options": {k: HUGE}}) for k in
+                        ("temperature", "top_p", "min_p", "top_k", "repeat_penalty", "repeat_last_n",
+                         "presence_penalty", "frequency_penalty", "seed", "num_predict")],
+    "ollama_chat": [(f"options.{k}", {"messages": MSG, "options": {k: HUGE}}) for k in
+                    ("temperature", "top_k", "seed", "num_predict", "repeat_last_n")],
+}
+PARSERS = {"chat": schemas.parse_chat, "completion": schemas.parse_completion,
+           "ollama_generate": schemas.parse_ollama_generate, "ollama_chat": schemas.parse_ollama_chat}
+
+
+@pytest.mark.parametrize("kind,param,body", [(kind, param, body) for kind, cases in NUMERIC.items()
+                                             for param, body in cases])
+@pytest.mark.parametrize("sign", [1, -1])
+def test_huge_numbers_are_400s_naming_the_field(kind: str, param: str, body: dict, sign: int) -> None:
+    if sign < 0:
+        body = {k: ({kk: -vv for kk, vv in v.items()} if k == "options" else -v if v is HUGE else v)
+                for k, v in body.items()}
+    err = _fails(PARSERS[kind], body, param)
+    assert len(err.message) < 200, err.message  # the value is quoted cut short, not 400 digits
+
+
+def test_int64_is_the_largest_number() -> None:
+    assert schemas.parse_chat({"messages": MSG, "seed": 2 ** 63 - 1}).sampling["seed"] == 2 ** 63 - 1
+    assert schemas.parse_chat({"messages": MSG, "seed": -(2 ** 63)}).sampling["seed"] == 2 ** 63
+    _fails(schemas.parse_chat, {"messages": MSG, "seed": 2 ** 63}, "seed")
+    _fails(schemas.parse_chat, {"messages": MSG, "top_k": 1e300}, "top_k")
+    assert schemas.parse_chat({"messages": MSG, "top_k": 5.0}).sampling["top_k"] == 5
+
+
+def test_quoted_values_stay_short() -> None:
+    deep: list = []
+    inner = deep
+    for _ in range(5000):  # repr() of this would exceed the recursion limit
+        inner.append([])
+        inner = inner[0]
+    for body in ({"messages": MSG, "temperature": deep}, {"messages": MSG, "stream": "x" * 100_000},
+                 {"messages": [{"role": "r" * 100_000, "content": "x"}]},
+                 {"messages": [{"role": "user", "content": [{"type": "t" * 100_000}]}]}):
+        err = _fails(schemas.parse_chat, body)
+        assert len(err.message) < 300, err.message[:400]
+
+
+def _guarded_client(tmp_path: Path, **settings) -> TestClient:
+    reg = ModelRegistry([ModelSpec("m", tmp_path / "missing.gguf")])
+    return TestClient(create_app(reg, ServerSettings(**settings)))
+
+
+JSON = {"Content-Type": "application/json"}
+
+
+def test_deeply_nested_json_is_a_400(tmp_path: Path) -> None:
+    with _guarded_client(tmp_path) as c:
+        for body in (b"[" * 100_000, b'{"messages": ' + b"[" * 50_000 + b"]" * 50_000 + b"}",
+                     b'{"a": ' * 20_000 + b"1" + b"}" * 20_000):
+            r = c.post("/v1/chat/completions", content=body, headers=JSON)
+            assert r.status_code == 400 and "deeply" in r.json()["error"]["message"], r.text[:300]
+            r = c.post("/api/chat", content=body, headers=JSON)
+            assert r.status_code == 400 and "deeply" in r.json()["error"], r.text[:300]
+
+
+def test_huge_content_length_is_a_413(tmp_path: Path) -> None:
+    with _guarded_client(tmp_path) as c:
+        r = c.post("/v1/chat/completions", content=b"{}", headers={**JSON, "Content-Length": "9" * 5000})
+        assert r.status_code == 413
+        r = c.post("/v1/chat/completions", content=b"{}", headers={**JSON, "Content-Length": "\u00b2".encode("latin-1")})
+        assert r.status_code == 400
+
+
+# -- requests from web pages -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("content_type", [None, "text/plain", "application/x-www-form-urlencoded",
+                                          "multipart/form-data; boundary=x", "application/jsonx"])
+def test_post_needs_json_content_type(tmp_path: Path, content_type: str | None) -> None:
+    """The content types a page may POST without a CORS preflight never reach the model."""
+    headers = {"Content-Type": content_type} if content_type else {}
+    body = b'{"messages": [{"role": "user", "content": "hi"}]}'
+    with _guarded_client(tmp_path) as c:
+        r = c.post("/v1/chat/completions", content=body, headers=headers)
+        assert r.status_code == 415 and r.json()["error"]["code"] == "unsupported_media_type"
+        r = c.post("/api/generate", content=body, headers=headers)
+        assert r.status_code == 415 and "application/json" in r.json()["error"]  # Ollama's shape
+        ok = c.post("/v1/chat/completions", content=body, headers={"Content-Type": "Application/JSON; charset=utf-8"})
+        assert ok.status_code == 500 and ok.json()["error"]["code"] == "model_load_failed"  # got past the guard
+
+
+@pytest.mark.parametrize("origin,cors,allowed", [
+    ("https://evil.example", [], False),
+    ("null", [], False),
+    ("http://localhost.evil.example", [], False),
+    ("http://127.0.0.1.evil.example:8080", [], False),
+    ("http://localhost:5173", [], True),
+    ("http://127.0.0.1", [], True),
+    ("http://[::1]:3000", [], True),
+    ("http://testserver", [], True),  # the server's own page (same origin as Host)
+    ("https://testserver", [], False),  # another scheme is another origin
+    ("http://testserver:81", [], False),
+    ("https://app.example", ["https://app.example"], True),
+    ("https://app.example", ["https://other.example"], False),
+    ("https://evil.example", ["*"], True),
+])
+def test_foreign_origins_are_refused(tmp_path: Path, origin: str, cors: list[str], allowed: bool) -> None:
+    body = {"messages": [{"role": "user", "content": "hi"}]}
+    with _guarded_client(tmp_path, cors_origins=cors) as c:
+        r = c.post("/v1/chat/completions", json=body, headers={"Origin": origin})
+        if allowed:
+            assert r.status_code == 500 and r.json()["error"]["code"] == "model_load_failed"
+        else:
+            assert r.status_code == 403 and r.json()["error"]["code"] == "origin_not_allowed"
+            assert "--cors-origin" in r.json()["error"]["message"]
+            r = c.post("/api/chat", json=body, headers={"Origin": origin})
+            assert r.status_code == 403 and isinstance(r.json()["error"], str)
+        assert c.post("/v1/chat/completions", json=body).status_code == 500  # no Origin: not a web page
+
+
+def test_preflight_from_a_foreign_origin_is_still_answered_by_cors(tmp_path: Path) -> None:
+    pre = {"Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": "content-type"}
+    with _guarded_client(tmp_path) as c:
+        ok = c.options("/v1/chat/completions", headers={"Origin": "http://localhost:5173", **pre})
+        assert ok.status_code == 200 and ok.headers["access-control-allow-origin"] == "http://localhost:5173"
+        bad = c.options("/v1/chat/completions", headers={"Origin": "https://evil.example", **pre})
+        assert bad.status_code == 400 and "access-control-allow-origin" not in bad.headers
+
+
+@pytest.mark.parametrize("field,value", [("temperature", 5e-324), ("temperature", 1e-300), ("repeat_penalty", 5e-324),
+                                         ("repeat_penalty", 1e300), ("repeat_penalty", 0)])
+def test_sampling_values_that_overflow_the_sampler_are_refused(field: str, value: float) -> None:
+    """Logits divided by these overflow to inf, and inf - inf made the sampler's probabilities NaN (a 500)."""
+    _fails(schemas.parse_chat, {"messages": MSG, field: value}, field)
+    _fails(schemas.parse_ollama_chat, {"messages": MSG, "options": {field: value}}, f"options.{field}")
+    ok = schemas.parse_chat({"messages": MSG, "temperature": 1e-6, "repeat_penalty": 1.1})
+    assert ok.sampler(SamplerConfig()).temperature == 1e-6

@@ -67,6 +67,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="requests that may wait for the engine; more get 503 with Retry-After (default 16)")
     p.add_argument("--max-body", type=_size, default=4 << 20, metavar="SIZE",
                    help="largest request body accepted, e.g. 4M (default 4M); larger ones get 413")
+    p.add_argument("--max-connections", type=int, default=64, metavar="N",
+                   help="open connections at once; requests on more get 503 (default 64)")
+    p.add_argument("--header-timeout", type=float, default=20.0, metavar="SECONDS",
+                   help="a connection must send a request's headers within this time of opening or of its "
+                        "previous answer, or it is closed (default 20)")
+    p.add_argument("--body-timeout", type=float, default=60.0, metavar="SECONDS",
+                   help="a request's body must arrive within this time of its headers, or it gets 408 "
+                        "(default 60)")
     p.add_argument("--cors-origin", action="append", default=[], metavar="ORIGIN",
                    help="let web pages from ORIGIN call the API (repeatable; '*' = any). Pages on "
                         "localhost may always")
@@ -93,6 +101,7 @@ def run(args: argparse.Namespace) -> int:
     import uvicorn
 
     from pipx_llama.server import ModelRegistry, ModelSpec, ServerSettings, create_app
+    from pipx_llama.server.protocol import ConnectionLimits, uvicorn_config
 
     api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
     loopback = is_loopback(args.host)
@@ -107,13 +116,20 @@ def run(args: argparse.Namespace) -> int:
     if args.threads is not None and args.threads < 1:
         raise UsageError(f"threads must be at least 1, got {args.threads}", "pass -t 1 or more")
     sampling = sampler_config(args)
+    if args.max_connections < 1:
+        raise UsageError(f"--max-connections must be at least 1, got {args.max_connections}",
+                         "pass --max-connections 64")
+    for flag, value in (("--header-timeout", args.header_timeout), ("--body-timeout", args.body_timeout)):
+        if not value > 0:  # also refuses nan
+            raise UsageError(f"{flag} must be a positive number of seconds, got {value:g}", f"pass {flag} 30")
     if not 0 <= args.port <= 65535:
         raise UsageError(f"--port {args.port} is not a port number", "pass a port between 1 and 65535, or 0")
 
     specs = _specs(args, ModelSpec)
     registry = ModelRegistry(specs, threads=args.threads, ctx_size=args.ctx_size)
     settings = ServerSettings(
-        api_key=api_key, max_queue=args.max_queue, max_body_bytes=args.max_body, cors_origins=args.cors_origin,
+        api_key=api_key, max_queue=args.max_queue, max_body_bytes=args.max_body, body_timeout=args.body_timeout,
+        cors_origins=args.cors_origin,
         allowed_hosts=sorted({*LOOPBACK_NAMES, args.host.lower()}) if loopback else None, sampling=sampling,
     )
     _setup_logging(args.log_level)
@@ -132,7 +148,8 @@ def run(args: argparse.Namespace) -> int:
         f"  Chat page: {page}\n"
     )
     sys.stderr.flush()
-    config = uvicorn.Config(app, log_level=args.log_level, timeout_graceful_shutdown=3, server_header=False,
+    limits = ConnectionLimits(header_timeout=args.header_timeout, max_connections=args.max_connections)
+    config = uvicorn_config(app, limits, log_level=args.log_level, timeout_graceful_shutdown=3, server_header=False,
                             log_config=None)
     server = uvicorn.Server(config)
     if args.open:

@@ -18,18 +18,21 @@ import contextlib
 import dataclasses
 import json
 import logging
+import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import anyio
+import anyio.to_thread
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
@@ -37,11 +40,13 @@ from pipx_llama import __version__
 from pipx_llama.engine.sampler import SamplerConfig
 from pipx_llama.errors import ChatTemplateError, PipxLlamaError, TokenizerError, UsageError
 from pipx_llama.server import schemas
-from pipx_llama.server.errors import APIError, bad_request, from_engine, internal
+from pipx_llama.server.errors import APIError, bad_request, from_engine, internal, quote
 from pipx_llama.server.middleware import (
     AuthMiddleware,
     BodyLimitMiddleware,
     HostCheckMiddleware,
+    JsonBodyMiddleware,
+    OriginCheckMiddleware,
     error_response,
 )
 from pipx_llama.server.registry import LoadedModel, ModelRegistry, ModelSpec
@@ -50,6 +55,7 @@ from pipx_llama.server.scheduler import Done, Failed, Job, QueueFull, Scheduler,
 log = logging.getLogger("pipx_llama.server")
 
 LOCAL_ORIGINS = r"https?://(localhost|127\.0\.0\.1|\[::1\])(:\d+)?"
+TOKENIZE_THREADS = 2  # prompts rendered and tokenized at once; more wait (the engine runs one job anyway)
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 STATIC = Path(__file__).with_name("static")
 PAGE_FILES = {  # URL path -> (file in STATIC, media type); nothing else of STATIC is served
@@ -83,6 +89,7 @@ class ServerSettings:
     api_key: str | None = None
     max_queue: int = 16  # requests waiting beyond the one running; more get 503
     max_body_bytes: int = 4 << 20
+    body_timeout: float | None = 60.0  # seconds from a request's headers to the end of its body; slower: 408
     cors_origins: list[str] = field(default_factory=list)  # besides localhost pages; "*" for any
     allowed_hosts: list[str] | None = None  # Host header values accepted (DNS-rebinding guard); None: any
     sampling: SamplerConfig = field(default_factory=SamplerConfig)  # defaults for fields a request leaves out
@@ -102,6 +109,7 @@ class Server:
         self.registry = registry
         self.settings = settings
         self.scheduler: Scheduler | None = None
+        self.tokenize_limiter: anyio.CapacityLimiter | None = None  # made in the lifespan, on the event loop
 
     # -- plumbing -----------------------------------------------------------------------------------
 
@@ -110,18 +118,21 @@ class Server:
         if not body.strip():
             raise bad_request("the request body is empty; send a JSON object")
         try:
-            return json.loads(body, parse_constant=_reject_constant)
+            value = json.loads(body, parse_constant=_reject_constant)
         except (ValueError, UnicodeDecodeError) as err:
             raise bad_request(f"the request body is not valid JSON: {err}") from None
+        except RecursionError:
+            raise bad_request("the request body nests arrays or objects too deeply to be a request") from None
+        return _without_surrogates(value) if _MAY_HOLD_SURROGATES.search(body) else value
 
     async def _prepare(self, req: schemas.GenRequest, endpoint: str, prompt_param: str) -> _Prepared:
         spec = self.registry.find(req.model)
         loaded = await self._load(spec)
-        ids, text = await run_in_threadpool(_tokenize, loaded, req, prompt_param)
-        n_ctx = loaded.n_ctx
-        if len(ids) >= n_ctx or (req.max_tokens is not None and len(ids) + req.max_tokens > n_ctx):
-            raise schemas.context_error(len(ids), req.max_tokens, n_ctx, prompt_param)
-        max_tokens = req.max_tokens if req.max_tokens is not None else n_ctx - len(ids)
+        # megabytes of text hold the GIL for seconds: few at a time, and never on the event loop
+        ids, text = await anyio.to_thread.run_sync(_tokenize, loaded, req, prompt_param,
+                                                   limiter=self.tokenize_limiter)
+        _check_room(loaded, len(ids), req, prompt_param)
+        max_tokens = req.max_tokens if req.max_tokens is not None else loaded.n_ctx - len(ids)
         job = Job(schemas.new_id("req"), endpoint, loaded, ids, max_tokens, req.sampler(self.settings.sampling),
                   req.stop)
         job.bind()
@@ -328,24 +339,72 @@ def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not valid JSON")
 
 
+# "\ud800" escapes, or surrogates encoded in the UTF-8 bytes (json.loads decodes with surrogatepass)
+_MAY_HOLD_SURROGATES = re.compile(rb"\\u[dD][89a-fA-F]|\xed[\xa0-\xbf]")
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _without_surrogates(value: Any) -> Any:
+    """``value`` with each lone surrogate made U+FFFD, in place (iteratively: values nest ~1000 deep).
+
+    JSON may escape a lone surrogate, but such a string cannot be written as UTF-8: echoed in an answer
+    (a model name, an echoed prompt) it would fail the response. The tokenizer reads them as U+FFFD too.
+    """
+    def fix(text: str) -> str:
+        return _SURROGATE.sub("\ufffd", text)
+
+    if isinstance(value, str):
+        return fix(value)
+    stack = [value]
+    while stack:
+        node = stack.pop()
+        items = list(enumerate(node)) if isinstance(node, list) else list(node.items()) if isinstance(node, dict) \
+            else []
+        for key, item in items:
+            if isinstance(item, str):
+                item = fix(item)
+            elif isinstance(item, (list, dict)):
+                stack.append(item)
+            if isinstance(key, str) and _SURROGATE.search(key):
+                del node[key]
+                key = fix(key)
+            node[key] = item
+    return value
+
+
+def _check_ids(loaded: LoadedModel, ids: list[int], param: str) -> None:
+    n_vocab = loaded.model.hparams.n_vocab
+    bad = next((t for t in ids if not 0 <= t < n_vocab), None)
+    if bad is not None:
+        raise bad_request(f"token id {quote(bad)} in '{param}' is outside the vocabulary (0..{n_vocab - 1})",
+                          param)
+
+
+def _check_room(loaded: LoadedModel, n_prompt: int, req: schemas.GenRequest, prompt_param: str,
+                *, at_least: bool = False) -> None:
+    """400 when ``n_prompt`` tokens (or, ``at_least``, that many or more) leave no room to generate."""
+    n_ctx = loaded.n_ctx
+    if n_prompt >= n_ctx or (req.max_tokens is not None and n_prompt + req.max_tokens > n_ctx):
+        raise schemas.context_error(n_prompt, req.max_tokens, n_ctx, prompt_param, at_least=at_least)
+
+
 def _tokenize(loaded: LoadedModel, req: schemas.GenRequest, prompt_param: str) -> tuple[list[int], str]:
+    """The prompt's token ids and its text; refuses, before encoding it, text too long for the context."""
     tok = loaded.model.tokenizer
+    if isinstance(req.prompt, list):
+        _check_room(loaded, len(req.prompt), req, prompt_param)
+        _check_ids(loaded, req.prompt, prompt_param)
+        return list(req.prompt), tok.decode(req.prompt)
     try:
-        if req.messages is not None:
-            text = tok.chat_prompt(req.messages, add_generation_prompt=True)
-            return req.context + tok.encode(text), text
-        if isinstance(req.prompt, list):
-            n_vocab = loaded.model.hparams.n_vocab
-            bad = [t for t in req.prompt if not 0 <= t < n_vocab]
-            if bad:
-                raise bad_request(f"token id {bad[0]} is outside the vocabulary (0..{n_vocab - 1})", prompt_param)
-            return list(req.prompt), tok.decode(req.prompt)
-        ids = req.context + tok.encode(req.prompt, add_special=not req.context)
+        text = tok.chat_prompt(req.messages, add_generation_prompt=True) if req.messages is not None else req.prompt
+        _check_room(loaded, len(req.context) + loaded.pieces.min_tokens(text), req, prompt_param, at_least=True)
+        _check_ids(loaded, req.context, "context")
+        ids = req.context + tok.encode(text, add_special=req.messages is not None or not req.context)
     except (ChatTemplateError, TokenizerError, UsageError) as err:
         raise from_engine(err, prompt_param) from None
     if not ids:
         raise bad_request("the prompt is empty", prompt_param)
-    return ids, req.prompt
+    return ids, text
 
 
 async def _cancel_on_disconnect(request: Request, job: Job) -> None:
@@ -430,8 +489,10 @@ def create_app(registry: ModelRegistry, settings: ServerSettings | None = None) 
         Middleware(CORSMiddleware, allow_origins=origins, allow_origin_regex=None if "*" in origins else LOCAL_ORIGINS,
                    allow_methods=["GET", "POST", "OPTIONS"], allow_headers=["Authorization", "Content-Type"],
                    expose_headers=["Retry-After", "X-Request-Id"], max_age=600),
+        Middleware(OriginCheckMiddleware, origins=origins, origin_regex=LOCAL_ORIGINS),
         Middleware(AuthMiddleware, api_key=settings.api_key),
-        Middleware(BodyLimitMiddleware, limit=settings.max_body_bytes),
+        Middleware(BodyLimitMiddleware, limit=settings.max_body_bytes, timeout=settings.body_timeout),
+        Middleware(JsonBodyMiddleware),
     ]
 
     async def on_api_error(request: Request, exc: APIError) -> Response:
@@ -446,12 +507,19 @@ def create_app(registry: ModelRegistry, settings: ServerSettings | None = None) 
             err = APIError(exc.status_code, str(exc.detail))
         return error_response(request.scope, err)
 
+    async def on_client_gone(request: Request, exc: ClientDisconnect) -> Response:
+        # not an error of the server: one line, no traceback (the answer goes nowhere)
+        log.info("%s %s: the client closed the connection before its request body was complete",
+                 request.method, request.url.path)
+        return Response(status_code=400)
+
     async def on_unexpected(request: Request, exc: Exception) -> Response:
         log.exception("unexpected error on %s %s", request.method, request.url.path)
         return error_response(request.scope, internal(f"internal error: {type(exc).__name__}"))
 
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         server.scheduler = Scheduler(settings.max_queue)
+        server.tokenize_limiter = anyio.CapacityLimiter(TOKENIZE_THREADS)
         try:
             yield
         finally:
@@ -459,6 +527,6 @@ def create_app(registry: ModelRegistry, settings: ServerSettings | None = None) 
 
     app = Starlette(routes=routes, middleware=middleware, lifespan=contextlib.asynccontextmanager(lifespan),
                     exception_handlers={APIError: on_api_error, HTTPException: on_http_error,
-                                        Exception: on_unexpected})
+                                        ClientDisconnect: on_client_gone, Exception: on_unexpected})
     app.state.server = server
     return app

@@ -6,9 +6,20 @@ OpenAI clients (``/v1/...``) read ``{"error": {"message", "type", "param", "code
 
 from __future__ import annotations
 
+import reprlib
 from typing import Any
 
 from pipx_llama.errors import PipxLlamaError
+
+# a client's value quoted in an error message: short, and safe for values nested a thousand deep
+_QUOTE = reprlib.Repr()
+_QUOTE.maxlevel, _QUOTE.maxstring, _QUOTE.maxlong, _QUOTE.maxother = 3, 60, 40, 60
+_QUOTE.maxlist = _QUOTE.maxtuple = _QUOTE.maxdict = _QUOTE.maxset = 6
+
+
+def quote(value: Any) -> str:
+    """``repr(value)`` cut to a few dozen characters (a request may hold megabytes, or deep nesting)."""
+    return _QUOTE.repr(value)
 
 
 class APIError(Exception):
@@ -41,7 +52,8 @@ def unsupported(param: str, what: str) -> APIError:
 
 
 def model_not_found(name: str, available: list[str]) -> APIError:
-    return APIError(404, f"The model `{name}` does not exist on this server; it serves: {', '.join(available)}",
+    shown = name if len(name) <= 80 else name[:60] + "…"
+    return APIError(404, f"The model `{shown}` does not exist on this server; it serves: {', '.join(available)}",
                     param="model", code="model_not_found")
 
 

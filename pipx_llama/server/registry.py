@@ -18,6 +18,7 @@ from typing import Any
 from pipx_llama.engine.model import Context, Model, load_model
 from pipx_llama.errors import PipxLlamaError, UsageError
 from pipx_llama.server.errors import bad_request, model_not_found
+from pipx_llama.tokenizer.tokenizer import ATTR_LSTRIP, ATTR_RSTRIP, Tokenizer
 
 log = logging.getLogger("pipx_llama.server")
 
@@ -32,12 +33,40 @@ class ModelSpec:
     digest: str | None = None  # sha256 of the file when the store knows it
 
 
+@dataclass(frozen=True)
+class PieceBound:
+    """How much text one token can stand for: a prompt of N bytes has at least N / max_bytes tokens.
+
+    Lets the server refuse a prompt that cannot fit the context without tokenizing it (megabytes of
+    text cost seconds of CPU). Special tokens count by their text; a vocabulary whose special tokens
+    swallow the spaces next to them (lstrip/rstrip) makes spaces free, so they are not counted there.
+    """
+
+    max_bytes: int
+    spaces_free: bool
+
+    def min_tokens(self, text: str) -> int:
+        data = text.encode("utf-8", "surrogatepass")  # a lone surrogate becomes U+FFFD: 3 bytes either way
+        n = len(data)
+        if self.spaces_free:
+            n -= sum(data.count(c) for c in b" \t\n\v\f\r")
+        return -(-n // self.max_bytes)
+
+
+def piece_bound(tokenizer: Tokenizer) -> PieceBound:
+    longest = max(len(tokenizer.token_to_piece(i, special=True)) for i in range(tokenizer.n_vocab))
+    strips = any(tokenizer.token_attr(i) & (ATTR_LSTRIP | ATTR_RSTRIP) for i in range(tokenizer.n_vocab))
+    # at least one UTF-8 character: an unknown character becomes one <unk> token
+    return PieceBound(max(longest, 4), strips)
+
+
 @dataclass
 class LoadedModel:
     spec: ModelSpec
     model: Model
     context: Context
     load_seconds: float
+    pieces: PieceBound
 
     @property
     def n_ctx(self) -> int:
@@ -116,9 +145,10 @@ class ModelRegistry:
                         spec.name, n_ctx, model.hparams.n_ctx_train, model.hparams.n_ctx_train)
             n_ctx = model.hparams.n_ctx_train
         context = model.new_context(n_ctx)
+        pieces = piece_bound(model.tokenizer)
         seconds = time.perf_counter() - t0
         log.info("loaded %s (%s) in %.2f s, context %d tokens", spec.name, spec.path, seconds, context.n_ctx)
-        return LoadedModel(spec, model, context, seconds)
+        return LoadedModel(spec, model, context, seconds, pieces)
 
     def summary(self, spec: ModelSpec) -> dict[str, Any]:
         """File facts for listings (size, time, architecture, quantization) without loading the weights."""

@@ -23,12 +23,16 @@ from pipx_llama import __version__
 from pipx_llama.engine.generate import GenerationStats
 from pipx_llama.engine.sampler import SamplerConfig
 from pipx_llama.errors import UsageError
-from pipx_llama.server.errors import APIError, bad_request, unsupported
+from pipx_llama.server.errors import APIError, bad_request, quote, unsupported
 
 MAX_STOP = 16
 CHAT_ROLES = ("system", "developer", "user", "assistant", "tool", "function")
 FINGERPRINT = f"pipx-llama-{__version__}"
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's documented default for /v1/completions
+# the sampler divides logits by these: beyond them float32/float64 overflow to inf, and inf - inf is NaN
+MIN_TEMPERATURE = 1e-6  # above 0: anything smaller is greedy in effect
+REPEAT_PENALTY = (0.01, 100.0)
+NUMBER_LIMIT = 1 << 63  # numbers are int64 in OpenAI's and Ollama's APIs; larger ones are refused, never rounded
 
 
 @dataclass
@@ -79,15 +83,20 @@ class _Body:
         v = self.body.get(key)
         if v is None:
             return None
+        param = self._param(key)
         kind = "an integer" if integer else "a number"
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or (integer and not isinstance(v, int)
-                                                                      and not float(v).is_integer()):
-            raise bad_request(f"'{self._param(key)}' must be {kind}, got {v!r}", self._param(key))
-        if not math.isfinite(v):
-            raise bad_request(f"'{self._param(key)}' must be finite, got {v!r}", self._param(key))
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            raise bad_request(f"'{param}' must be {kind}, got {quote(v)}", param)
+        if isinstance(v, float) and not math.isfinite(v):
+            raise bad_request(f"'{param}' must be finite, got {quote(v)}", param)
+        if integer and isinstance(v, float) and not v.is_integer():
+            raise bad_request(f"'{param}' must be {kind}, got {quote(v)}", param)
+        # int/float comparisons are exact in Python, so a 400-digit integer is compared, never converted
         if (lo is not None and v < lo) or (hi is not None and v > hi):
             bounds = f"at least {lo}" if hi is None else f"between {lo} and {hi}"
-            raise bad_request(f"'{self._param(key)}' must be {bounds}, got {v!r}", self._param(key))
+            raise bad_request(f"'{param}' must be {bounds}, got {quote(v)}", param)
+        if not -NUMBER_LIMIT <= v < NUMBER_LIMIT:
+            raise bad_request(f"'{param}' is out of range: {quote(v)} (the limit is ±2**63)", param)
         return int(v) if integer else float(v)
 
     def boolean(self, key: str) -> bool | None:
@@ -95,7 +104,7 @@ class _Body:
         if v is None:
             return None
         if not isinstance(v, bool):
-            raise bad_request(f"'{self._param(key)}' must be true or false, got {v!r}", self._param(key))
+            raise bad_request(f"'{self._param(key)}' must be true or false, got {quote(v)}", self._param(key))
         return v
 
     def string(self, key: str, *, required: bool = False) -> str | None:
@@ -144,9 +153,10 @@ def _openai_common(b: _Body) -> GenRequest:
         v = b.number(key, lo, integer=True)
         if v is not None:
             s[key] = v
-    v = b.number("repeat_penalty", 0.0)
+    v = b.number("repeat_penalty", *REPEAT_PENALTY)
     if v is not None:
         s["repeat_penalty"] = v
+    _check_temperature(s, "temperature")
     seed = b.number("seed", integer=True)
     if seed is not None:
         s["seed"] = seed & 0xFFFFFFFFFFFFFFFF  # numpy seeds must be >= 0; OpenAI allows negatives
@@ -169,6 +179,12 @@ def _openai_common(b: _Body) -> GenRequest:
     return req
 
 
+def _check_temperature(sampling: dict[str, Any], param: str) -> None:
+    t = sampling.get("temperature")
+    if t is not None and 0.0 < t < MIN_TEMPERATURE:
+        raise bad_request(f"'{param}' must be 0 (greedy) or at least {MIN_TEMPERATURE:g}, got {t!r}", param)
+
+
 def _max_tokens(b: _Body, *keys: str) -> int | None:
     for key in keys:
         v = b.number(key, 1, integer=True)
@@ -188,7 +204,7 @@ def _content_text(content: Any, param: str) -> str:
             if not isinstance(part, dict) or not isinstance(part.get("type"), str):
                 raise bad_request(f"'{param}[{i}]' must be an object with a 'type'", f"{param}[{i}]")
             if part["type"] != "text":
-                raise unsupported(f"{param}[{i}].type", f"content of type '{part['type']}' (text only)")
+                raise unsupported(f"{param}[{i}].type", f"content of type {quote(part['type'])} (text only)")
             if not isinstance(part.get("text"), str):
                 raise bad_request(f"'{param}[{i}].text' must be a string", f"{param}[{i}].text")
             parts.append(part["text"])
@@ -207,7 +223,8 @@ def _messages(value: Any, param: str = "messages", *, allow_empty: bool = False)
         mb = _Body(m, where)
         role = mb.string("role", required=True)
         if role not in CHAT_ROLES:
-            raise bad_request(f"'{where}.role' must be one of {', '.join(CHAT_ROLES)}, got {role!r}", f"{where}.role")
+            raise bad_request(f"'{where}.role' must be one of {', '.join(CHAT_ROLES)}, got {quote(role)}",
+                              f"{where}.role")
         if m.get("images"):
             raise unsupported(f"{where}.images", "image input")
         out.append({"role": "system" if role == "developer" else role,
@@ -249,7 +266,7 @@ def parse_completion(body: Any) -> GenRequest:
 
 
 _OLLAMA_OPTIONS = (("temperature", 0.0, None, False), ("top_p", 0.0, 1.0, False), ("min_p", 0.0, 1.0, False),
-                   ("top_k", 0, None, True), ("repeat_penalty", 0.0, None, False),
+                   ("top_k", 0, None, True), ("repeat_penalty", *REPEAT_PENALTY, False),
                    ("repeat_last_n", -1, None, True), ("presence_penalty", -2.0, 2.0, False),
                    ("frequency_penalty", -2.0, 2.0, False))
 
@@ -271,6 +288,7 @@ def _ollama_common(b: _Body) -> GenRequest:
         seed = ob.number("seed", integer=True)
         if seed is not None:
             req.sampling["seed"] = seed & 0xFFFFFFFFFFFFFFFF
+        _check_temperature(req.sampling, "options.temperature")
         n = ob.number("num_predict", integer=True)
         req.max_tokens = n if n is not None and n > 0 else None  # -1 / -2: until the context is full
         req.stop = ob.stop()
@@ -422,13 +440,15 @@ def ollama_final(stats: GenerationStats, total_seconds: float, load_seconds: flo
     }
 
 
-def context_error(n_prompt: int, max_tokens: int | None, n_ctx: int, prompt_param: str) -> APIError:
-    if max_tokens is None:
-        msg = (f"This model's maximum context length is {n_ctx} tokens; the prompt has {n_prompt}, "
+def context_error(n_prompt: int, max_tokens: int | None, n_ctx: int, prompt_param: str, *,
+                  at_least: bool = False) -> APIError:
+    """``at_least``: ``n_prompt`` is a lower bound (the text was refused before it was tokenized)."""
+    has = f"at least {n_prompt}" if at_least else f"{n_prompt}"
+    if max_tokens is None or n_prompt >= n_ctx:
+        msg = (f"This model's maximum context length is {n_ctx} tokens; the prompt has {has}, "
                f"which leaves no room to generate. Shorten the messages or the prompt.")
-    else:
-        msg = (f"This model's maximum context length is {n_ctx} tokens. However, you requested "
-               f"{n_prompt + max_tokens} tokens ({n_prompt} in the prompt, {max_tokens} for the completion). "
-               f"Please reduce the length of the messages or the completion.")
-    return APIError(400, msg, param=prompt_param if max_tokens is None else "max_tokens",
-                    code="context_length_exceeded")
+        return APIError(400, msg, param=prompt_param, code="context_length_exceeded")
+    msg = (f"This model's maximum context length is {n_ctx} tokens. However, you requested "
+           f"{'at least ' if at_least else ''}{n_prompt + max_tokens} tokens ({has} in the prompt, {max_tokens} "
+           f"for the completion). Please reduce the length of the messages or the completion.")
+    return APIError(400, msg, param="max_tokens", code="context_length_exceeded")
