@@ -180,6 +180,16 @@ def test_not_toml():
     assert "not valid TOML" in refused("name = ")
 
 
+def test_hostile_toml_gives_short_one_line_problems():
+    assert "nested too deeply" in refused("a = " + "[" * 100_000 + "]" * 100_000)
+    assert "nested too deeply" in refused("a = " + "{b = " * 100_000 + "}" * 100_000)
+    huge = "x" * 1_000_000
+    text = GOOD.replace('name = "tiny"', f'name = "{huge}"').replace('license = "MIT"', f'"{huge}\\n" = 1')
+    err = pytest.raises(ManifestError, parse, text).value
+    assert len(err.problems) == 3 and len(err.message) < 1000 and "xxx..." in err.message
+    assert all("\n" not in problem for problem in err.problems)
+
+
 def test_plain_http_allowed_for_loopback_or_with_flag():
     local = GOOD.replace("https://example.org/tiny/", "http://127.0.0.1:8080/tiny/")
     assert parse(local).variant().sources[0].base.startswith("http://127.0.0.1")
