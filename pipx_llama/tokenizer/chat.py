@@ -107,7 +107,9 @@ def _compile(template: str) -> jinja2.Template | ChatTemplateError:
     except jinja2.TemplateSyntaxError as err:
         return ChatTemplateError(f"the chat template does not parse (line {err.lineno}): {_cut(err.message)}",
                                  _BROKEN)
-    except (RecursionError, MemoryError, SyntaxError, ValueError):
+    except jinja2.TemplateError as err:
+        return ChatTemplateError(f"the chat template does not compile: {_cut(err)}", _BROKEN)
+    except (RecursionError, SyntaxError):  # the parser's recursion, or Python's limits on the generated code
         return ChatTemplateError("the chat template does not parse: it is nested too deeply", _BROKEN)
 
 
