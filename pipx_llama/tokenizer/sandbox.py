@@ -4,10 +4,11 @@ jinja2's ``ImmutableSandboxedEnvironment`` keeps a template away from Python's i
 mutating its inputs, but not from spinning or exhausting memory: two nested loops over
 ``range(100000)`` run for hours, ``'x' * 10**10`` allocates 10 GB, a macro that calls itself twice
 doubles its output at every level. A chat template comes from a model file and the server renders it
-for every request, so a template is hostile input: every render here runs under a ``Budget``.
+for every request, so a template is hostile input: every render here runs under a budget.
 
 - **Steps and time.** Every loop iteration, call, filter and intercepted operator is a step; the
-  render stops after ``Limits.max_steps`` steps or ``Limits.seconds`` of wall time, checked at each.
+  render stops after ``Limits.max_steps`` steps or ``Limits.seconds`` of wall time (the clock is read
+  every 32 steps, and while a big value is measured).
   Templates are rewritten after parsing so that each ``for`` loop iterates through ``_loop_items``
   (one step per item): a loop with an empty body is counted too.
 - **Size.** No value an operation creates may stand for more than ``Limits.max_chars`` characters
@@ -18,8 +19,10 @@ for every request, so a template is hostile input: every render here runs under 
   ``center``, ``indent``, ``format``, ``batch``, ``slice``, ``replace``, ``wordwrap``, ``join``,
   ``sum``, ``tojson``, ``pprint`` -- are checked *before* they run, so nothing large is ever
   allocated; every other result is checked after. Output is capped at ``max_chars`` too.
-- **Work.** The sizes of all values created add up to at most ``Limits.max_work``: a loop that builds
-  and drops big strings stops as well.
+- **Work.** The sizes of all values created and written (each ``{{ }}``, and each pass of a loop
+  body's template text) add up to at most ``Limits.max_work``: a loop that builds and drops big
+  strings stops, and so does a macro or ``{% set %}`` block whose output would be joined into one
+  huge string.
 - **Nesting.** Calls (macros, ``caller()``, recursive loops) nest at most ``Limits.max_depth`` deep.
 
 Anything over budget raises ``BudgetExceeded``; the caller turns it into its own error.
