@@ -805,7 +805,7 @@ def manifest_from_mirrors(name: str, mirrors: Sequence[str], *, allow_http: bool
             continue
         shown = redact_url(base) if remote else str(_mirror_dir(base))
         try:
-            raw = _mirror_read(base, "index.json", MAX_INDEX_BYTES, token, shown)
+            raw = _mirror_read(base, "index.json", MAX_INDEX_BYTES, token, shown, allow_http)
         except (SourceNotFound, OSError):
             continue  # no index (the mirror only holds blobs), or a folder we cannot read
         except (NetworkError, AccessDenied):
@@ -819,10 +819,11 @@ def manifest_from_mirrors(name: str, mirrors: Sequence[str], *, allow_http: bool
     return None
 
 
-def _mirror_read(base: str, rel: str, limit: int, token: str | None, shown: str) -> bytes:
+def _mirror_read(base: str, rel: str, limit: int, token: str | None, shown: str, allow_http: bool) -> bytes:
     """The bytes of ``manifests/<rel>`` of a mirror (URL or folder), at most ``limit`` of them."""
     if _is_url(base):
-        return fetch_document(f"{base.rstrip('/')}/manifests/{quote(rel, safe='/')}", max_bytes=limit, token=token)
+        return fetch_document(f"{base.rstrip('/')}/manifests/{quote(rel, safe='/')}", max_bytes=limit, token=token,
+                              allow_http=allow_http)
     path = _mirror_dir(base) / "manifests" / rel
     with open(path, "rb") as f:
         if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
@@ -876,7 +877,7 @@ def _index_entries(raw: bytes, shown: str) -> list[_IndexEntry]:
 def _mirror_manifest(base: str, shown: str, entry: _IndexEntry, name: str, token: str | None,
                      allow_http: bool, catalog: Catalog | None) -> Manifest:
     try:
-        raw = _mirror_read(base, entry.file, MAX_MANIFEST_BYTES, token, shown)
+        raw = _mirror_read(base, entry.file, MAX_MANIFEST_BYTES, token, shown, allow_http)
     except (SourceNotFound, FileNotFoundError):
         raise MirrorError(shown, f"its index lists manifests/{entry.file} for {name!r}, but the file is missing") \
             from None

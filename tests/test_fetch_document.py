@@ -57,3 +57,10 @@ def test_a_trickling_server_hits_the_deadline(srv):
     srv.faults("/slow").rate = 4000  # 5 s for the whole body
     with pytest.raises(FetchError, match="took more than 1 s"):
         fetch_document(url, max_bytes=1 << 20, timeout=1.0)
+
+
+def test_a_redirect_to_plain_http_elsewhere_is_refused(srv):
+    url = srv.redirect("/r", "http://example.invalid/d")
+    with pytest.raises(FetchError, match=r"redirected to plain http \(example\.invalid\); refusing"):
+        fetch_document(url, max_bytes=100)
+    assert [path for _, path, _ in srv.requests] == ["/r"]

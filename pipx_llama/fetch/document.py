@@ -15,14 +15,16 @@ import httpx
 
 from pipx_llama import __version__
 from pipx_llama.fetch.errors import AccessDenied, FetchError, NetworkError, SourceNotFound
-from pipx_llama.fetch.http import redact_url
+from pipx_llama.fetch.http import _is_loopback, redact_url
 
 DEFAULT_TIMEOUT = 30.0
 
 
-def fetch_document(url: str, *, max_bytes: int, token: str | None = None,
+def fetch_document(url: str, *, max_bytes: int, token: str | None = None, allow_http: bool = False,
                    timeout: float = DEFAULT_TIMEOUT) -> bytes:
     """The body of ``url`` (at most ``max_bytes``), fetched in at most about ``timeout`` seconds.
+
+    As for downloads, a redirect to plain http is refused unless to loopback or ``allow_http``.
 
     Raises ``SourceNotFound`` (404/410), ``AccessDenied`` (401/403), ``NetworkError`` (no connection,
     a timeout, a 5xx) or ``FetchError`` (what the server sent is not acceptable: another status, a body
@@ -33,8 +35,15 @@ def fetch_document(url: str, *, max_bytes: int, token: str | None = None,
     if token:
         headers["Authorization"] = f"Bearer {token}"
     deadline = time.monotonic() + timeout
+
+    def stay_on_https(request: httpx.Request) -> None:  # every request, redirects included, before it is sent
+        if request.url.scheme == "http" and not allow_http and not _is_loopback(request.url.host):
+            raise FetchError(f"{shown} redirected to plain http ({request.url.host}); refusing",
+                             "use a server that stays on https, or allow plain http explicitly")
+
     try:
-        with httpx.Client(follow_redirects=True, timeout=timeout, trust_env=True) as client, \
+        with httpx.Client(follow_redirects=True, timeout=timeout, trust_env=True,
+                          event_hooks={"request": [stay_on_https]}) as client, \
                 client.stream("GET", url, headers=headers) as resp:
             _check_status(resp, shown)
             encoding = resp.headers.get("content-encoding", "identity").strip().lower()
