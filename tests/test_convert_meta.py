@@ -8,6 +8,7 @@ model-parallel code computes over the unmerged shards, and its vocabulary must b
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -26,7 +27,7 @@ from gguf import GGMLQuantizationType as QT
 from gguf import quants as gguf_quants
 
 from pipx_llama.convert import convert
-from pipx_llama.convert.meta import _n_ctx
+from pipx_llama.convert.meta import _n_ctx, read_meta_checkpoint
 from pipx_llama.convert.torchzip import ConvertSecurityError
 from pipx_llama.engine.gguf_reader import open_gguf
 from pipx_llama.engine.model import load_model
@@ -263,3 +264,54 @@ def test_a_malicious_shard_stops_the_conversion(tmp_path, meta_dir):
         convert(d, out, "f16")
     assert not marker.exists()
     assert not out.exists() and not list(tmp_path.glob(".evil.gguf*"))
+
+
+@pytest.mark.parametrize("change, field, expect", [
+    ({"n_layers": 1e8}, "n_layers", "must be an integer from 1 to 1024, got 100000000.0"),
+    ({"n_layers": 10**30}, "n_layers", "must be an integer from 1 to 1024"),
+    ({"n_layers": "32"}, "n_layers", "got '32'"),
+    ({"n_layers": None}, "n_layers", "got None"),
+    ({"n_layers": 32.5}, "n_layers", "must be an integer"),
+    ({"dim": float("nan")}, "dim", "got nan"),
+    ({"dim": True}, "dim", "got True"),
+    ({"dim": -4096}, "dim", "from 1 to"),
+    ({"n_heads": 0}, "n_heads", "from 1 to"),
+    ({"n_kv_heads": -2}, "n_kv_heads", "from 1 to"),
+    ({"vocab_size": 1e12}, "vocab_size", "must be an integer from 1 to"),
+    ({"norm_eps": float("nan")}, "norm_eps", "must be a finite number above 0 and below 1, got nan"),
+    ({"norm_eps": float("inf")}, "norm_eps", "got inf"),
+    ({"norm_eps": -1e-6}, "norm_eps", "got -1e-06"),
+    ({"norm_eps": "1e-6"}, "norm_eps", "got '1e-6'"),
+    ({"rope_theta": -10000.0}, "rope_theta", "must be a finite number above 0, got -10000.0"),
+    ({"rope_theta": float("nan")}, "rope_theta", "got nan"),
+    ({"rope_theta": [1]}, "rope_theta", "got [1]"),
+])
+def test_hostile_params_json_is_refused_before_any_allocation(tmp_path, monkeypatch, change, field, expect):
+    """Checked before a shard is opened or anything is sized from the values (n_layers 1e8 sized a set of
+    900 million tensor names)."""
+    monkeypatch.setattr("pipx_llama.convert.meta.load_torch_zip", lambda p: pytest.fail("a shard was loaded"))
+    d = tmp_path / "m"
+    d.mkdir()
+    (d / "consolidated.00.pth").write_bytes(b"")
+    (d / "params.json").write_text(json.dumps({**PARAMS, **change}))
+    with pytest.raises(ModelFileError) as exc:
+        read_meta_checkpoint(d)
+    assert exc.value.message.startswith(f"{d / 'params.json'}: {field} ") and expect in exc.value.message
+    assert "\n" not in exc.value.message
+
+
+@pytest.mark.parametrize("text, expect", [
+    ("[]", "must hold a JSON object, not list"),
+    ("null", "must hold a JSON object, not NoneType"),
+    ("[" * 100_000 + "]" * 100_000, "JSON nested too deeply"),
+    ('{"dim": 4096, ', "not valid JSON"),
+    (b'{"dim": "\xff"}', "not UTF-8 text (byte 9)"),
+])
+def test_a_params_json_that_is_no_object_is_refused(tmp_path, monkeypatch, text, expect):
+    monkeypatch.setattr("pipx_llama.convert.meta.load_torch_zip", lambda p: pytest.fail("a shard was loaded"))
+    d = tmp_path / "m"
+    d.mkdir()
+    (d / "consolidated.00.pth").write_bytes(b"")
+    (d / "params.json").write_bytes(text if isinstance(text, bytes) else text.encode())
+    with pytest.raises(ModelFileError, match=re.escape(expect)):
+        read_meta_checkpoint(d)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import json
 import os
@@ -514,6 +515,20 @@ def test_wrong_size_at_source_fails_before_downloading(server, tmp_path):
         download(url, tmp_path / "z.part", size=len(data) + 1, sha256=sha(data), options=opts())
     assert "size mismatch" in err.value.message and "nothing was downloaded" in err.value.message
     assert not (tmp_path / "z.part").exists()
+
+
+@pytest.mark.parametrize("known_size", [False, True])
+def test_a_content_encoding_not_asked_for_is_refused_not_inflated(server, tmp_path, known_size):
+    """A gzip bomb: 64 MiB of zeros in 64 KB, sent compressed although identity was asked for."""
+    plain = bytes(64 * MB)
+    bomb = gzip.compress(plain, compresslevel=9)
+    url = server.put("/bomb", bomb, headers={"Content-Encoding": "gzip"})
+    dest = tmp_path / "b.part"
+    with pytest.raises(FetchError) as err:
+        download(url, dest, size=len(plain) if known_size else None, sha256=sha(plain), options=opts())
+    assert "Content-Encoding 'gzip' although identity was asked for" in err.value.message
+    assert all(h.get("Accept-Encoding") == "identity" for _, _, h in server.requests)
+    assert not dest.exists() or dest.stat().st_size == 0
 
 
 def test_finished_file_without_state_is_verified_not_refetched(server, tmp_path):

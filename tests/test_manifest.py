@@ -3,6 +3,7 @@ a tampered manifest with its own message naming the file and the field; names an
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -153,6 +154,22 @@ def test_tampered_manifest_refused_with_specific_message(old, new, expect):
     assert re.search(expect, msg), msg
 
 
+# every form pip would act on beyond "download this exact wheel" (tests/test_fetch_pip_source.py has more)
+HOSTILE_REQUIREMENTS = [
+    "evilpkg @ http://example.invalid/evilpkg-1.0.tar.gz", "-rhttp://example.invalid/reqs.txt",
+    "--requirement=http://example.invalid/reqs.txt", "evilpkg[extra]==1.0", "evilpkg==1.0; python_version>'3'",
+    "evilpkg == 1.0", "evilpkg==1.0\n--no-binary=:all:", "evilpkg>=1.0", "./evilpkg-1.0-py3-none-any.whl",
+]
+
+
+@pytest.mark.parametrize("req", HOSTILE_REQUIREMENTS)
+def test_pip_requirement_must_be_an_exact_pin(req):
+    text = GOOD.replace('requirement = "tiny-model==1.0"', f"requirement = {json.dumps(req)}")
+    msg = refused(text)
+    assert re.search(r"test\.toml: variants\[0\]\.sources\[1\]\.requirement: .* is not name==version", msg), msg
+    assert len(msg.splitlines()) == 1
+
+
 def test_all_problems_reported_at_once():
     text = GOOD.replace('license = "MIT"', 'license = "MIT"\nfoo = 1').replace("size = 10\n", "size = -1\n")
     err = pytest.raises(ManifestError, parse, text).value
@@ -161,6 +178,16 @@ def test_all_problems_reported_at_once():
 
 def test_not_toml():
     assert "not valid TOML" in refused("name = ")
+
+
+def test_hostile_toml_gives_short_one_line_problems():
+    assert "nested too deeply" in refused("a = " + "[" * 100_000 + "]" * 100_000)
+    assert "nested too deeply" in refused("a = " + "{b = " * 100_000 + "}" * 100_000)
+    huge = "x" * 1_000_000
+    text = GOOD.replace('name = "tiny"', f'name = "{huge}"').replace('license = "MIT"', f'"{huge}\\n" = 1')
+    err = pytest.raises(ManifestError, parse, text).value
+    assert len(err.problems) == 3 and len(err.message) < 1000 and "xxx..." in err.message
+    assert all("\n" not in problem for problem in err.problems)
 
 
 def test_plain_http_allowed_for_loopback_or_with_flag():

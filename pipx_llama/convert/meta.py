@@ -14,7 +14,6 @@ tokenizer when params.json says -1, training context guessed from the model gene
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +21,8 @@ from typing import Any
 
 import numpy as np
 
+from pipx_llama.convert import hparams
+from pipx_llama.convert.hparams import LIMITS, read_json_object
 from pipx_llama.convert.torchzip import TorchTensor, load_torch_zip
 from pipx_llama.convert.writer import SOURCE_DTYPES, LlamaParams, SourceTensor
 from pipx_llama.errors import ModelFileError, UnsupportedModelError
@@ -119,22 +120,23 @@ def read_meta_checkpoint(src: Path) -> MetaCheckpoint:
     shards = find_shards(src)
     params_file = src / "params.json"
     try:
-        raw = json.loads(params_file.read_text(encoding="utf-8"))
+        raw = read_json_object(params_file)
     except FileNotFoundError as err:
         raise ModelFileError(f"{src} has no params.json", "copy the model's params.json into the folder") from err
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ModelFileError(f"cannot read {params_file}: {err}", "check that the file is complete") from err
     if raw.get("moe"):
         raise UnsupportedModelError(f"{src} is a mixture-of-experts model", "only dense LLaMA models are supported")
-    try:
-        dim, n_layers, n_heads = int(raw["dim"]), int(raw["n_layers"]), int(raw["n_heads"])
-        n_kv_heads = int(raw.get("n_kv_heads") or n_heads)
-        norm_eps = float(raw["norm_eps"])
-        vocab_size = int(raw.get("vocab_size", -1))
-    except (KeyError, TypeError, ValueError) as err:
-        raise ModelFileError(f"{params_file} lacks a valid {err}", "compare it with Meta's original params.json") \
-            from err
-    if min(dim, n_layers, n_heads, n_kv_heads) <= 0 or dim % n_heads or n_heads % n_kv_heads or (dim // n_heads) % 2:
+    # every value checked before anything is sized from it (a params.json may say n_layers 1e8)
+    dim = hparams.integer(raw, "dim", params_file, maximum=LIMITS["width"])
+    n_layers = hparams.integer(raw, "n_layers", params_file, maximum=LIMITS["layers"])
+    n_heads = hparams.integer(raw, "n_heads", params_file, maximum=LIMITS["heads"])
+    n_kv_heads = (hparams.integer(raw, "n_kv_heads", params_file, maximum=LIMITS["heads"])
+                  if raw.get("n_kv_heads") is not None else n_heads)
+    norm_eps = hparams.number(raw, "norm_eps", params_file, below=1.0)
+    vocab_size = -1
+    if raw.get("vocab_size", -1) != -1:
+        vocab_size = hparams.integer(raw, "vocab_size", params_file, maximum=LIMITS["vocab"])
+    rope_theta = hparams.number(raw, "rope_theta", params_file) if raw.get("rope_theta") is not None else None
+    if dim % n_heads or n_heads % n_kv_heads or (dim // n_heads) % 2:
         raise ModelFileError(f"{params_file}: implausible dimensions (dim {dim}, {n_heads} heads, "
                              f"{n_kv_heads} KV heads, {n_layers} layers)")
 
@@ -210,6 +212,6 @@ def read_meta_checkpoint(src: Path) -> MetaCheckpoint:
     params = LlamaParams(
         n_vocab=n_vocab, n_ctx=_n_ctx(raw), n_embd=dim, n_layer=n_layers, n_ff=n_ff, n_head=n_heads,
         n_head_kv=n_kv_heads, norm_eps=norm_eps,
-        rope_theta=float(raw["rope_theta"]) if raw.get("rope_theta") is not None else None,
+        rope_theta=rope_theta,
     )
     return MetaCheckpoint(src, shards, params, tensors, _tokenizer_path(src), vocab_size)

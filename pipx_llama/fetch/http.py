@@ -16,6 +16,11 @@ Resume state
     tenth of the time, at most 10 s apart. It is written before the data file is created, so a
     data file without a state file is always a finished download (re-hashed before it is trusted).
 
+Encodings
+    Requests ask for ``Accept-Encoding: identity`` and a response with any other ``Content-Encoding``
+    is refused: decoding gzip or brotli would write an unbounded number of bytes for a file whose size
+    the manifest may not give (a 6 MB "gzip bomb" expands to gigabytes), and the sha256 is of the file.
+
 Never mixing two versions
     Every ranged request carries ``If-Range`` (a strong ETag, else Last-Modified). A server whose
     file changed answers 200 with the new file; a 206 whose ETag, Last-Modified or total differs
@@ -636,7 +641,7 @@ class _Job:
         self.etag: str | None = None
         self.last_modified: str | None = None
         self.ranges = True
-        self.decode = False
+        self.decode = False  # always: _request refuses a Content-Encoding (kept in the state file's format)
         self.sources: list[str] = []
         self.session_bytes = 0
         self.session_received = 0
@@ -1007,6 +1012,13 @@ class _Job:
             raise FetchError(f"{self.shown_url} redirected to plain http ({final.host}); refusing",
                              "use a source that stays on https, or allow plain http explicitly")
         code = resp.status_code
+        encoding = resp.headers.get("content-encoding", "identity").strip().lower()
+        if code in (200, 206) and encoding not in ("", "identity"):
+            resp.close()
+            raise FetchError(
+                f"{self.shown_url} sent {self.name} with Content-Encoding {encoding[:40]!r} although identity "
+                "was asked for; refused (decoding it could write far more than the file's size)",
+                "the server compresses on the fly; have it serve the file as it is")
         if code in (200, 206, 416):
             return resp
         resp.close()
@@ -1143,8 +1155,6 @@ class _Job:
 
     def _plan(self, resp: httpx.Response) -> tuple[_Part, httpx.Response] | None:
         code = resp.status_code
-        enc = resp.headers.get("content-encoding", "identity").strip().lower()
-        self.decode = enc not in ("", "identity")
         self.etag = self.last_modified = None
         self.sources = []
         self._learn_validators(resp)
@@ -1157,7 +1167,7 @@ class _Job:
                                  "(HTTP 416)", "try another source")
             total: int | None = 0
             self.ranges = True
-        elif code == 206 and not self.decode:
+        elif code == 206:
             cr = _content_range(resp.headers.get("content-range"))
             if cr is None or cr[0] != 0:
                 raise FetchError(f"the server sent an invalid Content-Range for {self.name}: "
@@ -1167,7 +1177,7 @@ class _Job:
         else:
             self.ranges = False
             length = resp.headers.get("content-length")
-            total = int(length) if length and length.isdigit() and not self.decode else None
+            total = int(length) if length and length.isdigit() else None
         if self.size is not None and total is not None and total != self.size:
             raise ChecksumError(
                 f"size mismatch for {self.name} at {self.shown_url}: expected {self.size} bytes, "
@@ -1387,7 +1397,7 @@ class _Job:
         enough or _FLUSH_AFTER seconds old, so slow connections still show progress and checkpoint.
         """
         _widen_reads(resp)
-        chunks = resp.iter_bytes() if self.decode else resp.iter_raw()
+        chunks = resp.iter_raw()
         block: list[bytes | memoryview] = []
         pending = 0
         flushed = time.monotonic()

@@ -9,6 +9,10 @@ globals ``raise_exception`` and ``strftime_now``. Templates get ``messages``, ``
 
 A model without a template gets ChatML when its vocabulary has ``<|im_start|>``, else Llama-2's
 ``[INST]`` format.
+
+A template comes from a model file, so it is hostile input: it is rendered by ``sandbox.py``'s
+``BudgetedEnvironment`` (the same immutable sandbox, with every render bounded in time, output size,
+work and call depth: ``RENDER_LIMITS``), and a template longer than ``MAX_TEMPLATE_CHARS`` is refused.
 """
 
 from __future__ import annotations
@@ -22,9 +26,16 @@ from typing import Any, ClassVar
 import jinja2
 import jinja2.ext
 import jinja2.nodes
-from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from pipx_llama.errors import ChatTemplateError
+from pipx_llama.tokenizer.sandbox import BudgetedEnvironment, BudgetExceeded, Limits, render
+
+# Real templates are a few KB (the longest, with tool calling, tens of KB).
+MAX_TEMPLATE_CHARS = 1 << 20
+RENDER_LIMITS = Limits()
+_BROKEN = "the model's tokenizer.chat_template is broken; supply a working template"
+_STOPPED = ("a chat template renders a conversation in well under a millisecond: this one loops, recurses or "
+            "grows without bound (check the model's tokenizer.chat_template), or the conversation is far too long")
 
 CHATML_TEMPLATE = (
     "{% for message in messages %}"
@@ -80,14 +91,32 @@ def _strftime_now(fmt: str) -> str:
 
 
 @lru_cache(maxsize=16)
-def _compile(template: str) -> jinja2.Template:
-    env = ImmutableSandboxedEnvironment(
+def _compile(template: str) -> jinja2.Template | ChatTemplateError:
+    """The compiled template, or the error it gives (cached too: a bad template is not parsed per request)."""
+    if len(template) > MAX_TEMPLATE_CHARS:
+        return ChatTemplateError(f"the chat template is {len(template)} characters long (at most "
+                                 f"{MAX_TEMPLATE_CHARS})", _BROKEN)
+    env = BudgetedEnvironment(
         trim_blocks=True, lstrip_blocks=True, extensions=[_GenerationBlock, jinja2.ext.loopcontrols]
     )
     env.filters["tojson"] = _tojson
     env.globals["raise_exception"] = _raise_exception
     env.globals["strftime_now"] = _strftime_now
-    return env.from_string(template)
+    try:
+        return env.compile_template(template)
+    except jinja2.TemplateSyntaxError as err:
+        return ChatTemplateError(f"the chat template does not parse (line {err.lineno}): {_cut(err.message)}",
+                                 _BROKEN)
+    except jinja2.TemplateError as err:
+        return ChatTemplateError(f"the chat template does not compile: {_cut(err)}", _BROKEN)
+    except (RecursionError, SyntaxError):  # the parser's recursion, or Python's limits on the generated code
+        return ChatTemplateError("the chat template does not parse: it is nested too deeply", _BROKEN)
+
+
+def _cut(text: object, limit: int = 300) -> str:
+    """An error text short enough for one line of a message (a template chooses what it says)."""
+    s = " ".join(str(text).split())
+    return s if len(s) <= limit else s[:limit - 3] + "..."
 
 
 def builtin_template(vocab: Container[str] | None) -> str:
@@ -130,28 +159,28 @@ def render_chat(
     eos_token: str,
     add_generation_prompt: bool = True,
     vocab: Container[str] | None = None,
+    limits: Limits | None = None,
 ) -> str:
-    """Render ``messages`` with ``template`` (None: ChatML if ``vocab`` has ``<|im_start|>``, else Llama-2)."""
+    """Render ``messages`` with ``template`` (None: ChatML if ``vocab`` has ``<|im_start|>``, else Llama-2).
+
+    The render runs within ``limits`` (default ``RENDER_LIMITS``); a template that exceeds them raises
+    ``ChatTemplateError`` saying which limit it hit.
+    """
     checked = _validate(messages)
     text = template if template else builtin_template(vocab)
     hint = "the model's chat template cannot handle this conversation; check roles and their order"
+    compiled = _compile(text)
+    if isinstance(compiled, ChatTemplateError):
+        raise compiled
+    context = {"messages": checked, "tools": None, "documents": None,
+               "add_generation_prompt": add_generation_prompt, "bos_token": bos_token, "eos_token": eos_token}
     try:
-        compiled = _compile(text)
-    except jinja2.TemplateSyntaxError as err:
-        raise ChatTemplateError(
-            f"the chat template does not parse (line {err.lineno}): {err.message}",
-            "the model's tokenizer.chat_template is broken; supply a working template",
-        ) from err
-    try:
-        return compiled.render(
-            messages=checked,
-            tools=None,
-            documents=None,
-            add_generation_prompt=add_generation_prompt,
-            bos_token=bos_token,
-            eos_token=eos_token,
-        )
+        return render(compiled, context, limits or RENDER_LIMITS)
+    except BudgetExceeded as err:
+        raise ChatTemplateError(f"the chat template was stopped: {err}", _STOPPED) from None
+    except RecursionError:
+        raise ChatTemplateError("the chat template was stopped: it recursed too deeply", _STOPPED) from None
     except jinja2.TemplateError as err:
-        raise ChatTemplateError(f"chat template error: {err.message or err}", hint) from err
-    except (TypeError, ValueError, KeyError, AttributeError, IndexError, ZeroDivisionError) as err:
-        raise ChatTemplateError(f"chat template failed: {type(err).__name__}: {err}", hint) from err
+        raise ChatTemplateError(f"chat template error: {_cut(err.message or err)}", hint) from err
+    except (TypeError, ValueError, KeyError, AttributeError, IndexError, ArithmeticError) as err:
+        raise ChatTemplateError(f"chat template failed: {type(err).__name__}: {_cut(err)}", hint) from err
