@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import tarfile
 from pathlib import Path
 
 import platformdirs
@@ -25,7 +26,16 @@ SMOLLM2_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db
 
 VOCAB_REQ = "llama-cpp-python==0.3.36"
 VOCAB_PREFIX = "llama_cpp_python-0.3.36/vendor/llama.cpp/models/"
-VOCAB_NAMES = ["ggml-vocab-llama-spm.gguf", "ggml-vocab-llama-bpe.gguf"]
+# Every vocab test file of a tokenizer model we implement (SPM "llama", BPE "gpt2"), with .inp/.out pairs.
+VOCAB_NAMES = [
+    f"ggml-vocab-{name}.gguf"
+    for name in (
+        "llama-spm", "llama-bpe", "phi-3", "qwen2", "qwen35", "deepseek-llm", "deepseek-coder", "gpt-2",
+        "starcoder", "falcon", "command-r", "refact", "mpt",
+    )
+]  # fmt: skip
+# Vocab files llama.cpp ships without .inp/.out: checked against llama.cpp itself (differential tests).
+VOCAB_ONLY_NAMES = [f"ggml-vocab-{name}.gguf" for name in ("aquila", "baichuan", "gpt-neox")]
 
 REPO = Path(__file__).resolve().parent.parent
 SHARED = REPO.parent / "shared"
@@ -66,16 +76,34 @@ def smollm2_path() -> Path:
 def vocab_dir() -> Path:
     """llama.cpp's vocab test files (GGUF vocab + .inp/.out), from llama-cpp-python's sdist."""
     data = _data_dir() / "vocab"
-    wanted = [n + s for n in VOCAB_NAMES for s in ("", ".inp", ".out")]
-    if all((data / n).exists() for n in wanted):
+    wanted = [n + s for n in VOCAB_NAMES for s in ("", ".inp", ".out")] + VOCAB_ONLY_NAMES
+    missing = [n for n in wanted if not (data / n).exists()]
+    if not missing:
         return data
     try:
         sdist = pip_download(VOCAB_REQ, _data_dir() / "sdists", sdist=True)
-        for name in wanted:
-            extract_member(sdist, VOCAB_PREFIX + name, data / name, None)
+        _extract_from_sdist(sdist, missing, data)
     except PipxLlamaError as err:
         _unavailable("llama.cpp's vocab test files", err)
     return data
+
+
+def _extract_from_sdist(sdist: Path, names: list[str], dest: Path) -> None:
+    """Extract ``names`` from the models folder in one pass over the tar.gz (a lookup per member rescans it)."""
+    members = {VOCAB_PREFIX + n: n for n in names}
+    dest.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(sdist, "r:gz") as tf:
+        for info in tf:
+            name = members.pop(info.name, None)
+            src = tf.extractfile(info) if name is not None else None
+            if src is None:
+                continue
+            tmp = dest / (name + ".tmp")
+            tmp.write_bytes(src.read())
+            tmp.replace(dest / name)
+    if members:
+        missing = FileNotFoundError(f"not in {sdist.name}: {sorted(members)}")
+        _unavailable("llama.cpp's vocab test files", missing)
 
 
 @pytest.fixture(scope="session")

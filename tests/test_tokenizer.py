@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import VOCAB_NAMES
 
 from pipx_llama.engine.gguf_reader import open_gguf
 from pipx_llama.errors import TokenizerError, UsageError
@@ -60,7 +61,7 @@ def any_tok(request: pytest.FixtureRequest) -> Tokenizer:
 # -- llama.cpp's own vocab tests ---------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", [SPM, BPE])
+@pytest.mark.parametrize("name", VOCAB_NAMES)
 def test_llama_cpp_vocab_cases(vocab_dir: Path, name: str) -> None:
     tok = Tokenizer.from_gguf_metadata(open_gguf(vocab_dir / name).metadata, name)
     cases = read_vocab_cases(vocab_dir, name)
