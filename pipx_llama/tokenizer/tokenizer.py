@@ -272,6 +272,12 @@ class Tokenizer:
                 if tid is not None:
                     ids[slot] = tid
                     attrs[tid] |= ATTR_CONTROL
+        # Control tokens such as Gemma's "<unused0>" are marked unused, as llama.cpp's load() does (it walks
+        # its text -> id map, so of duplicate texts only the id that map keeps).
+        for tid in np.flatnonzero(attrs & ATTR_CONTROL).tolist():
+            text = self._tokens[tid]
+            if "unused" in text and self._token_to_id[text] == tid:
+                attrs[tid] |= ATTR_UNUSED
         eog = {ids[s] for s in ("fim_pad", "fim_rep", "fim_sep") if ids[s] is not None}
         for text in _EOG_TEXTS:
             tid = self._token_to_id.get(text)
