@@ -120,3 +120,26 @@ def ppl_text_path() -> Path:
     if not path.exists():
         _unavailable("the perplexity text", FileNotFoundError(str(path)))
     return path
+
+
+# The real Gemma-3-270M and Qwen2.5-Coder-1.5B-Instruct GGUFs (issue 11). Until their pip fixtures exist
+# they are read from a folder (PIPX_LLAMA_TEST_MODELS_DIR) and the tests that need them skip without them.
+GEMMA3_270M_FILE = "gemma-3-270m-q4_k_m.gguf"
+QWEN25_CODER_FILE = "qwen2.5-coder-1.5b-instruct-q4_k_m.gguf"
+
+
+def _local_model(name: str) -> Path:
+    path = Path(os.environ.get("PIPX_LLAMA_TEST_MODELS_DIR") or "/work/models") / name
+    if not path.is_file():
+        pytest.skip(f"{name} not found in {path.parent} (set PIPX_LLAMA_TEST_MODELS_DIR)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def gemma3_270m_path() -> Path:
+    return _local_model(GEMMA3_270M_FILE)
+
+
+@pytest.fixture(scope="session")
+def qwen25_coder_path() -> Path:
+    return _local_model(QWEN25_CODER_FILE)
