@@ -89,7 +89,7 @@ def vocab_dir() -> Path:
 
 
 def _extract_from_sdist(sdist: Path, names: list[str], dest: Path) -> None:
-    """Extract ``names`` from the models folder in one pass over the tar.gz (a lookup per member rescans it)."""
+    """Extract ``names`` from the models folder in one pass over the tar.gz (each lookup would rescan it)."""
     members = {VOCAB_PREFIX + n: n for n in names}
     dest.mkdir(parents=True, exist_ok=True)
     with tarfile.open(sdist, "r:gz") as tf:
@@ -104,6 +104,28 @@ def _extract_from_sdist(sdist: Path, names: list[str], dest: Path) -> None:
     if members:
         missing = FileNotFoundError(f"not in {sdist.name}: {sorted(members)}")
         _unavailable("llama.cpp's vocab test files", missing)
+
+
+@pytest.fixture(scope="session")
+def chat_templates_dir() -> Path:
+    """llama.cpp's collection of real models' chat templates (models/templates/*.jinja), from the sdist."""
+    data = _data_dir() / "chat-templates"
+    if (data / "complete").exists():
+        return data
+    prefix = VOCAB_PREFIX + "templates/"
+    try:
+        sdist = pip_download(VOCAB_REQ, _data_dir() / "sdists", sdist=True)
+    except PipxLlamaError as err:
+        _unavailable("llama.cpp's chat templates", err)
+    data.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(sdist, "r:gz") as tf:
+        for info in tf:
+            name = info.name[len(prefix) :] if info.name.startswith(prefix) else ""
+            src = tf.extractfile(info) if name.endswith(".jinja") else None
+            if src is not None:
+                (data / name).write_bytes(src.read())
+    (data / "complete").touch()
+    return data
 
 
 @pytest.fixture(scope="session")
@@ -122,7 +144,7 @@ def ppl_text_path() -> Path:
     return path
 
 
-# The real Gemma-3-270M and Qwen2.5-Coder-1.5B-Instruct GGUFs (issue 11). Until their pip fixtures exist
+# The real Gemma-3-270M and Qwen2.5-Coder-1.5B-Instruct GGUFs (issue 11). Until their pip fixtures
 # they are read from a folder (PIPX_LLAMA_TEST_MODELS_DIR) and the tests that need them skip without them.
 GEMMA3_270M_FILE = "gemma-3-270m-q4_k_m.gguf"
 QWEN25_CODER_FILE = "qwen2.5-coder-1.5b-instruct-q4_k_m.gguf"

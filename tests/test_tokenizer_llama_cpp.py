@@ -30,9 +30,12 @@ N_STRINGS = 2000
 WHITESPACE = [chr(c) for c in (0x9, 0xA, 0xB, 0xC, 0xD, 0x20, 0x85, 0xA0, 0x1680, *range(0x2000, 0x200B))] + [
     "\u2028", "\u2029", "\u202f", "\u205f", "\u3000",
 ]  # fmt: skip
-NOT_WHITESPACE = ["\x1c", "\x1f", "\u200b", "\u200c", "\u200d", "\ufeff", "\u180e", "\u2060", "\x00", "\x7f", "\x08"]
+NOT_WHITESPACE = [
+    "\x1c", "\x1f", "\u200b", "\u200c", "\u200d", "\ufeff", "\u180e", "\u2060", "\x00", "\x7f", "\x08",
+]  # fmt: skip
 WORDS = [
-    "Hello", "world", "the", "THE", "Don", "it", "I", "McDonald", "iPhone", "naïve", "café", "Straße", "ΑΘΗΝΑ",
+    "Hello", "world", "the", "THE", "Don", "it", "I", "McDonald", "iPhone", "naïve", "café", "Straße",
+    "ΑΘΗΝΑ",
     "καλημέρα", "Привет", "мир", "שלום", "مرحبا", "नमस्ते", "हिन्दी", "สวัสดี", "ქართული", "Հայերեն", "tiếng",
     "Việt", "ǅemal", "ﬁle", "ＡＢＣ", "ａｂｃ", "µ", "ß", "Ω", "ℕ", "𝐀𝐁𝐂", "𝒳", "def", "return", "self",
 ]  # fmt: skip
@@ -41,14 +44,21 @@ NUMBERS = ["٠١٢٣", "۴۵۶", "०१२", "০১", "๑๒๓", "０１２�
 PUNCTUATION = list("!\"#$%&'()*+,-./:;<=>?@[\\]^_`{|}~、。「」『』！？，：；（）《》…—–“”‘’«»¡¿·•§¶†‡※〜～・") + [
     "...", "?!", "``", "--", "->", "=>", "::", "<=", ">>>", "@@", "##", "$$", "{{", "}}", "*/", "/*",
 ]  # fmt: skip
-CJK = ["你好", "世界", "中文字符", "漢字", "日本語", "こんにちは", "カタカナ", "ｶﾀｶﾅ", "한국어", "안녕하세요", "ㄱㄴ", "𠀀𠀁", "㐀", "々", "ー"]
+CJK = [
+    "你好", "世界", "中文字符", "漢字", "日本語", "こんにちは", "カタカナ", "ｶﾀｶﾅ", "한국어", "안녕하세요", "ㄱㄴ",
+    "𠀀𠀁", "㐀", "々", "ー",
+]  # fmt: skip
 EMOJI = ["🦙", "😀", "👍🏽", "👨‍👩‍👧‍👦", "🇫🇷", "❤️", "☺︎", "✨", "🚀", "🏳️‍🌈", "©", "™", "🀄", "1️⃣", "#️⃣"]
-MARKS = ["\u0301", "\u0308", "\u0327", "\u20dd", "\u093e", "\u094d", "\u0e31", "\u05b7", "\u064b", "\ufe0f", "\U000e0100"]
+MARKS = [
+    "\u0301", "\u0308", "\u0327", "\u20dd", "\u093e", "\u094d", "\u0e31", "\u05b7", "\u064b", "\ufe0f",
+    "\U000e0100",
+]  # fmt: skip
 # Replacement char, private use, unassigned in llama.cpp's table (U+0378, U+13683), SPM's space mark,
 # texts that look like byte or special tokens, soft hyphen, bidi controls.
 ODD = [
-    "\ufffd", "\ue000", "\U000f0000", "\u0378", "\U0001d400", "\U00013683", "\u2581", "\u2581\u2581", "<0x41>",
-    "<unk>", "<s>", "</s>", "[INST]", "<|endoftext|>", "<|im_start|>", "<|im_", "\U0010fffd", "\u00ad", "\u200e",
+    "\ufffd", "\ue000", "\U000f0000", "\u0378", "\U0001d400", "\U00013683", "\u2581", "\u2581\u2581",
+    "<0x41>", "<unk>", "<s>", "</s>", "[INST]", "<|endoftext|>", "<|im_start|>", "<|im_", "\U0010fffd", "\u00ad",
+    "\u200e",
 ]  # fmt: skip
 
 
@@ -90,7 +100,9 @@ def _segment(rng: random.Random, specials: list[str]) -> str:
         return rng.choice(specials)
     if k < 0.92:
         return _long_run(rng)
-    lo, hi = rng.choice([(0x20, 0x7E), (0xA0, 0x2FFF), (0x3000, 0xD7FF), (0xE000, 0xFFFF), (0x10000, 0x10FFFF)])
+    lo, hi = rng.choice(
+        [(0x20, 0x7E), (0xA0, 0x2FFF), (0x3000, 0xD7FF), (0xE000, 0xFFFF), (0x10000, 0x10FFFF)]
+    )
     return chr(rng.randint(lo, hi))
 
 
@@ -107,7 +119,9 @@ def generate_texts(seed: int, n: int, specials: list[str]) -> list[str]:
 
 
 def _special_texts(tok: Tokenizer, rng: random.Random) -> list[str]:
-    ids = [i for i in range(tok.n_vocab) if tok.token_attr(i) & (ATTR_CONTROL | ATTR_USER_DEFINED | ATTR_UNKNOWN)]
+    ids = [
+        i for i in range(tok.n_vocab) if tok.token_attr(i) & (ATTR_CONTROL | ATTR_USER_DEFINED | ATTR_UNKNOWN)
+    ]
     return [tok.token_text(i) for i in rng.sample(ids, min(len(ids), 60))]
 
 
