@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import tarfile
 from pathlib import Path
 
 import platformdirs
@@ -28,7 +29,16 @@ VOCAB_REQ = "llama-cpp-python==0.3.36"
 # fragment before this value was copied here); pip refuses any other archive before building anything.
 VOCAB_SDIST_SHA256 = "832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e"
 VOCAB_PREFIX = "llama_cpp_python-0.3.36/vendor/llama.cpp/models/"
-VOCAB_NAMES = ["ggml-vocab-llama-spm.gguf", "ggml-vocab-llama-bpe.gguf"]
+# Every vocab test file of a tokenizer model we implement (SPM "llama", BPE "gpt2"), with .inp/.out pairs.
+VOCAB_NAMES = [
+    f"ggml-vocab-{name}.gguf"
+    for name in (
+        "llama-spm", "llama-bpe", "phi-3", "qwen2", "qwen35", "deepseek-llm", "deepseek-coder", "gpt-2",
+        "starcoder", "falcon", "command-r", "refact", "mpt",
+    )
+]  # fmt: skip
+# Vocab files llama.cpp ships without .inp/.out: checked against llama.cpp itself (differential tests).
+VOCAB_ONLY_NAMES = [f"ggml-vocab-{name}.gguf" for name in ("aquila", "baichuan", "gpt-neox")]
 
 REPO = Path(__file__).resolve().parent.parent
 SHARED = REPO.parent / "shared"
@@ -68,15 +78,55 @@ def smollm2_path() -> Path:
 def vocab_dir() -> Path:
     """llama.cpp's vocab test files (GGUF vocab + .inp/.out), from llama-cpp-python's sdist."""
     data = _data_dir() / "vocab"
-    wanted = [n + s for n in VOCAB_NAMES for s in ("", ".inp", ".out")]
-    if all((data / n).exists() for n in wanted):
+    wanted = [n + s for n in VOCAB_NAMES for s in ("", ".inp", ".out")] + VOCAB_ONLY_NAMES
+    missing = [n for n in wanted if not (data / n).exists()]
+    if not missing:
         return data
     try:
         sdist = download_pinned_sdist(VOCAB_REQ, VOCAB_SDIST_SHA256, _data_dir() / "sdists")
-        for name in wanted:
-            extract_member(sdist, VOCAB_PREFIX + name, data / name, None)
+        _extract_from_sdist(sdist, missing, data)
     except PipxLlamaError as err:
         _unavailable("llama.cpp's vocab test files", err)
+    return data
+
+
+def _extract_from_sdist(sdist: Path, names: list[str], dest: Path) -> None:
+    """Extract ``names`` from the models folder in one pass over the tar.gz (each lookup would rescan it)."""
+    members = {VOCAB_PREFIX + n: n for n in names}
+    dest.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(sdist, "r:gz") as tf:
+        for info in tf:
+            name = members.pop(info.name, None)
+            src = tf.extractfile(info) if name is not None else None
+            if src is None:
+                continue
+            tmp = dest / (name + ".tmp")
+            tmp.write_bytes(src.read())
+            tmp.replace(dest / name)
+    if members:
+        missing = FileNotFoundError(f"not in {sdist.name}: {sorted(members)}")
+        _unavailable("llama.cpp's vocab test files", missing)
+
+
+@pytest.fixture(scope="session")
+def chat_templates_dir() -> Path:
+    """llama.cpp's collection of real models' chat templates (models/templates/*.jinja), from the sdist."""
+    data = _data_dir() / "chat-templates"
+    if (data / "complete").exists():
+        return data
+    prefix = VOCAB_PREFIX + "templates/"
+    try:
+        sdist = download_pinned_sdist(VOCAB_REQ, VOCAB_SDIST_SHA256, _data_dir() / "sdists")
+    except PipxLlamaError as err:
+        _unavailable("llama.cpp's chat templates", err)
+    data.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(sdist, "r:gz") as tf:
+        for info in tf:
+            name = info.name[len(prefix) :] if info.name.startswith(prefix) else ""
+            src = tf.extractfile(info) if name.endswith(".jinja") else None
+            if src is not None:
+                (data / name).write_bytes(src.read())
+    (data / "complete").touch()
     return data
 
 
@@ -94,3 +144,26 @@ def ppl_text_path() -> Path:
     if not path.exists():
         _unavailable("the perplexity text", FileNotFoundError(str(path)))
     return path
+
+
+# The real Gemma-3-270M and Qwen2.5-Coder-1.5B-Instruct GGUFs (issue 11). Until their pip fixtures
+# they are read from a folder (PIPX_LLAMA_TEST_MODELS_DIR) and the tests that need them skip without them.
+GEMMA3_270M_FILE = "gemma-3-270m-q4_k_m.gguf"
+QWEN25_CODER_FILE = "qwen2.5-coder-1.5b-instruct-q4_k_m.gguf"
+
+
+def _local_model(name: str) -> Path:
+    path = Path(os.environ.get("PIPX_LLAMA_TEST_MODELS_DIR") or "/work/models") / name
+    if not path.is_file():
+        pytest.skip(f"{name} not found in {path.parent} (set PIPX_LLAMA_TEST_MODELS_DIR)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def gemma3_270m_path() -> Path:
+    return _local_model(GEMMA3_270M_FILE)
+
+
+@pytest.fixture(scope="session")
+def qwen25_coder_path() -> Path:
+    return _local_model(QWEN25_CODER_FILE)

@@ -10,9 +10,11 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import VOCAB_NAMES
 
 from pipx_llama.engine.gguf_reader import open_gguf
 from pipx_llama.errors import TokenizerError, UsageError
+from pipx_llama.tokenizer.spm import ATTR_CONTROL, ATTR_NORMAL, ATTR_UNUSED
 from pipx_llama.tokenizer.tokenizer import StreamDecoder, Tokenizer
 
 SPM = "ggml-vocab-llama-spm.gguf"
@@ -60,7 +62,7 @@ def any_tok(request: pytest.FixtureRequest) -> Tokenizer:
 # -- llama.cpp's own vocab tests ---------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", [SPM, BPE])
+@pytest.mark.parametrize("name", VOCAB_NAMES)
 def test_llama_cpp_vocab_cases(vocab_dir: Path, name: str) -> None:
     tok = Tokenizer.from_gguf_metadata(open_gguf(vocab_dir / name).metadata, name)
     cases = read_vocab_cases(vocab_dir, name)
@@ -340,3 +342,16 @@ def test_build_and_encode_speed(vocab_dir: Path, smollm2_path: Path) -> None:
         # Generous bounds for a shared machine; typical figures are ~0.05 s and ~0.05 s.
         assert t1 - t0 < 1.0, f"building {path.name} took {t1 - t0:.2f} s"
         assert t2 - t1 < 2.0, f"encoding 6 KB with {path.name} took {t2 - t1:.2f} s"
+
+
+def test_control_tokens_named_unused_are_marked_unused() -> None:
+    # llama.cpp's load(): a control token whose text contains "unused" also gets LLAMA_TOKEN_ATTR_UNUSED
+    # (Gemma's <unused0>...), what llama_vocab_get_attr reports.
+    meta = _meta(**{
+        "tokenizer.ggml.tokens": ["a", "b", "ab", "<unused0>", "<ctrl>", "unused"],
+        "tokenizer.ggml.token_type": [1, 1, 1, 3, 3, 1],
+    })  # fmt: skip
+    tok = Tokenizer.from_gguf_metadata(meta, "tiny.gguf")
+    assert tok.token_attr(3) == ATTR_CONTROL | ATTR_UNUSED
+    assert tok.token_attr(4) == ATTR_CONTROL
+    assert tok.token_attr(5) == ATTR_NORMAL

@@ -85,3 +85,23 @@ def test_unknown_pre_tokenizer_message() -> None:
         bpe.BpeModel({}, [], "mystery-pre", "m.gguf")
     assert "mystery-pre" in info.value.message and "m.gguf" in info.value.message
     assert "smollm" in info.value.hint
+
+
+@pytest.fixture(scope="module")
+def deepseek_llm(vocab_dir: Path) -> Tokenizer:
+    path = vocab_dir / "ggml-vocab-deepseek-llm.gguf"
+    return Tokenizer.from_gguf_metadata(open_gguf(path).metadata, path.name)
+
+
+def test_regexes_without_categories_see_non_ascii_whitespace_as_vertical_tab(deepseek_llm: Tokenizer) -> None:
+    # llama.cpp runs a regex without \p{..} through std::wregex on the text with every non-ASCII
+    # whitespace replaced by "\x0b": U+2029 and U+3000 then fall outside deepseek-llm's CJK range
+    # [ࠀ-一] and its punctuation class [\u3000-。]. Expected ids from llama.cpp (llama-cpp-python 0.3.36).
+    assert deepseek_llm.encode("\u2029 ", False, False) == [350, 20535]
+    assert deepseek_llm.encode("a  \u3000", False, False) == [64, 243, 88946]
+    assert deepseek_llm._bpe.split_words("a  \u3000") == ["a", "  \u3000"]  # one "\\s+$" word
+
+
+def test_non_ascii_whitespace_is_the_regex_modules() -> None:
+    every = "".join(map(chr, [*range(0x80, 0xD800), *range(0xE000, 0x110000)]))
+    assert list(bpe.NON_ASCII_WHITESPACE) == [ord(c) for c in regex.findall(r"\s", every)]

@@ -10,6 +10,9 @@ The regexes are llama.cpp's (src/llama-vocab.cpp), run with the ``regex`` module
 same White_Space set llama.cpp uses; ``\\p{L}``, ``\\p{N}``, ``\\p{M}``, ``\\p{P}`` and ``\\p{S}`` are
 replaced by explicit classes built from llama.cpp's own Unicode table (``unicode_ranges``), so code
 points assigned in a newer Unicode version than llama.cpp's split the way llama.cpp splits them.
+A regex without such a category runs in llama.cpp through ``std::wregex`` on the text with every
+non-ASCII whitespace character replaced by ``\\x0b`` (unicode.cpp, ``unicode_regex_split``); so it
+does here, which matters where a literal range covers such a character (deepseek's ``[ࠀ-一]``).
 """
 
 from __future__ import annotations
@@ -164,7 +167,12 @@ PRE_TOKENIZERS: dict[str, PreTokenizer] = {
     **_pre("deepseek-v3 hunyuan-dense joyai-llm hy_v4", "deepseek3", clean_spaces=False),
 }
 
-_COMPILED: dict[str, list[regex.Pattern[str]]] = {}
+_COMPILED: dict[str, list[tuple[regex.Pattern[str], bool]]] = {}
+# Non-ASCII White_Space -> "\x0b", for the regexes llama.cpp matches with std::wregex (see the module doc).
+# llama.cpp's unicode_set_whitespace above U+007F.
+NON_ASCII_WHITESPACE = (0x85, 0xA0, 0x1680, *range(0x2000, 0x200B), 0x2028, 0x2029, 0x202F, 0x205F, 0x3000)
+_WS_TO_VT = dict.fromkeys(NON_ASCII_WHITESPACE, "\x0b")
+_NON_ASCII_WS = frozenset(map(chr, _WS_TO_VT))
 
 
 def pre_tokenizer(name: str, source: str) -> PreTokenizer:
@@ -272,7 +280,9 @@ class BpeModel:
         self._ranks: dict[str, int] | None = None
         patterns = _COMPILED.get(pre.regexes)
         if patterns is None:
-            patterns = [regex.compile(with_llama_categories(p)) for p in _REGEXES[pre.regexes]]
+            patterns = [
+                (regex.compile(with_llama_categories(p)), "\\p{" not in p) for p in _REGEXES[pre.regexes]
+            ]
             _COMPILED[pre.regexes] = patterns
         self._patterns = patterns
         self._cache: dict[str, tuple[int, ...]] = {}
@@ -290,11 +300,14 @@ class BpeModel:
     def split_words(self, text: str) -> list[str]:
         """The pre-tokenizer's words, before byte encoding."""
         pieces = [text]
-        for pattern in self._patterns:
+        has_ws = not _NON_ASCII_WS.isdisjoint(text)
+        for pattern, wide in self._patterns:
             out: list[str] = []
             for piece in pieces:
                 pos = 0
-                for m in pattern.finditer(piece):
+                # The substitution keeps one character per code point, so match offsets hold for ``piece``.
+                target = piece.translate(_WS_TO_VT) if wide and has_ws else piece
+                for m in pattern.finditer(target):
                     start, end = m.span()
                     if start > pos:
                         out.append(piece[pos:start])

@@ -5,7 +5,11 @@ The Jinja environment is the one ``transformers`` builds in ``_compile_jinja_tem
 extension, a ``{% generation %}`` block that just renders its body, a ``tojson`` filter that does not
 HTML-escape (``json.dumps`` with ``ensure_ascii=False`` and the same optional arguments), and the
 globals ``raise_exception`` and ``strftime_now``. Templates get ``messages``, ``add_generation_prompt``,
-``bos_token``, ``eos_token`` and ``tools=None``, ``documents=None``.
+``bos_token`` and ``eos_token``; ``tools`` and ``documents`` stay undefined, as llama.cpp leaves them
+without tools (templates such as Hermes-2-Pro and Command-R+ loop over ``tools`` unconditionally).
+
+Like llama.cpp (common/chat.cpp), a first system message that the template does not use -- Gemma's
+templates raise on one -- is merged into the next message (``system + "\n" + content``).
 
 A model without a template gets ChatML when its vocabulary has ``<|im_start|>``, else Llama-2's
 ``[INST]`` format.
@@ -151,6 +155,51 @@ def _validate(messages: Any) -> list[dict[str, Any]]:
     return checked
 
 
+_SYSTEM_PROBE = "System message 7f3a"
+_TEMPLATE_FAILURES = (
+    jinja2.TemplateError, TypeError, ValueError, KeyError, AttributeError, IndexError, ArithmeticError,
+)  # fmt: skip
+
+
+@lru_cache(maxsize=16)
+def supports_system_role(template: str) -> bool:
+    """Whether the template puts a first system message in its output.
+
+    llama.cpp's capability probe renders [system, user] and checks that the system content was read
+    (jinja/caps.cpp); reading it here means it shows up in the output, which also covers templates that
+    raise on a system message before touching it (Gemma) or silently skip it.
+    """
+    probe = [{"role": "system", "content": _SYSTEM_PROBE}, {"role": "user", "content": "User message"}]
+    compiled = _compile(template)
+    if isinstance(compiled, ChatTemplateError):
+        return False
+    context = {"messages": probe, "add_generation_prompt": True, "bos_token": "", "eos_token": ""}
+    try:
+        text = render(compiled, context, RENDER_LIMITS)
+    except (*_TEMPLATE_FAILURES, BudgetExceeded, RecursionError):
+        return False
+    return _SYSTEM_PROBE in text
+
+
+def _merge_system_message(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """llama.cpp's ``system_message_not_supported``: system content + "\n" + the next message's content."""
+    system, rest = messages[0], messages[1:]
+    if not rest:
+        # llama.cpp drops it and renders no messages at all, which templates indexing messages[0] fail on.
+        raise ChatTemplateError(
+            "the chat template has no system role and the conversation is only a system message",
+            "add a user message after the system message",
+        )
+    first, second = system["content"], rest[0].get("content")
+    if not isinstance(first, str) or not isinstance(second, str):
+        raise ChatTemplateError(
+            "the chat template has no system role and the system message cannot be merged into the next "
+            "one (content parts instead of text)",
+            "send the system message and the first user message as plain strings",
+        )
+    return [{**rest[0], "content": first + "\n" + second}, *rest[1:]]
+
+
 def render_chat(
     template: str | None,
     messages: list[dict[str, Any]],
@@ -172,8 +221,11 @@ def render_chat(
     compiled = _compile(text)
     if isinstance(compiled, ChatTemplateError):
         raise compiled
-    context = {"messages": checked, "tools": None, "documents": None,
-               "add_generation_prompt": add_generation_prompt, "bos_token": bos_token, "eos_token": eos_token}
+    if checked[0]["role"] == "system" and not supports_system_role(text):
+        checked = _merge_system_message(checked)
+    # like llama.cpp, no `tools` or `documents` without tools: templates test `tools is defined`
+    context = {"messages": checked, "add_generation_prompt": add_generation_prompt, "bos_token": bos_token,
+               "eos_token": eos_token}
     try:
         return render(compiled, context, limits or RENDER_LIMITS)
     except BudgetExceeded as err:

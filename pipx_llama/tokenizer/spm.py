@@ -40,7 +40,12 @@ _SP_UNKNOWN = 2
 _SP_BYTE = 6
 
 
+_SMALL_VARINTS = [bytes([v]) for v in range(0x80)]
+
+
 def _varint(value: int) -> bytes:
+    if 0 <= value < 0x80:
+        return _SMALL_VARINTS[value]
     if value < 0:
         value += 1 << 64
     out = bytearray()
@@ -68,12 +73,16 @@ def build_model_proto(
     """Serialized ``sentencepiece.ModelProto`` (field numbers from sentencepiece_model.proto)."""
     parts = []
     pack_score = struct.Struct("<f").pack
+    bytes_tag = _varint((1 << 3) | 2)  # field 1 (ModelProto.pieces, SentencePiece.piece), length-delimited
     score_tag = _varint((2 << 3) | 5)
+    varint = _varint
+    # Written inline (not through _field_bytes): a 262k-piece vocabulary is built on every model load.
     for text, score, sp_type in zip(tokens, scores.tolist(), sp_types):
-        piece = _field_bytes(1, text.encode("utf-8", "surrogateescape")) + score_tag + pack_score(score)
+        raw = text.encode("utf-8", "surrogateescape")
+        piece = bytes_tag + varint(len(raw)) + raw + score_tag + pack_score(score)
         if sp_type != _SP_NORMAL:
             piece += _field_varint(3, sp_type)
-        parts.append(_field_bytes(1, piece))
+        parts.append(bytes_tag + varint(len(piece)) + piece)
     trainer = (
         _field_varint(3, 2)  # model_type = BPE
         + _field_varint(4, len(tokens))  # vocab_size

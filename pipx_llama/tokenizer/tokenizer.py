@@ -14,6 +14,7 @@ with ``parse_special``), then each remaining fragment goes through the SPM or BP
 from __future__ import annotations
 
 import codecs
+import itertools
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -132,6 +133,31 @@ def _clean_spaces(buf: bytearray) -> bytes:
         buf[total] = x
         total += 1
     return bytes(buf[:total])
+
+
+_Special = tuple[str, int, bool, bool]  # text, id, lstrip, rstrip
+
+
+class _SpecialTexts:
+    """Special tokens in partition order, indexed by their first two characters.
+
+    Partitioning tries every special token in turn, but most cannot occur in a given text (Gemma has
+    6,000 "<unusedN>"); the character pairs of the text pick the few that can, in the same order.
+    """
+
+    def __init__(self, entries: list[_Special]) -> None:
+        self.entries = entries
+        self._index: dict[str, list[int]] = {}
+        for order, entry in enumerate(entries):
+            self._index.setdefault(entry[0][:2], []).append(order)
+
+    def candidates(self, text: str) -> list[_Special]:
+        keys = set(text)
+        keys.update(text[i : i + 2] for i in range(len(text) - 1))
+        groups = [self._index[key] for key in keys & self._index.keys()]
+        if sum(map(len, groups)) * 4 > len(self.entries):
+            return self.entries  # most of them: cheaper to try all than to sort the subset
+        return [self.entries[o] for o in sorted(itertools.chain.from_iterable(groups))]
 
 
 class Tokenizer:
@@ -272,6 +298,12 @@ class Tokenizer:
                 if tid is not None:
                     ids[slot] = tid
                     attrs[tid] |= ATTR_CONTROL
+        # Control tokens such as Gemma's "<unused0>" are marked unused, as llama.cpp's load() does (it walks
+        # its text -> id map, so of duplicate texts only the id that map keeps).
+        for tid in np.flatnonzero(attrs & ATTR_CONTROL).tolist():
+            text = self._tokens[tid]
+            if "unused" in text and self._token_to_id[text] == tid:
+                attrs[tid] |= ATTR_UNUSED
         eog = {ids[s] for s in ("fim_pad", "fim_rep", "fim_sep") if ids[s] is not None}
         for text in _EOG_TEXTS:
             tid = self._token_to_id.get(text)
@@ -312,8 +344,8 @@ class Tokenizer:
         entries = [
             (self._tokens[t], t, bool(attrs[t] & ATTR_LSTRIP), bool(attrs[t] & ATTR_RSTRIP)) for t in special
         ]
-        self._special_all = entries
-        self._special_user = [e for e in entries if not attrs[e[1]] & _ATTR_SPECIAL]
+        self._special_all = _SpecialTexts(entries)
+        self._special_user = _SpecialTexts([e for e in entries if not attrs[e[1]] & _ATTR_SPECIAL])
 
     # -- public properties --------------------------------------------------------------------
 
@@ -423,7 +455,8 @@ class Tokenizer:
     def _partition(self, text: str, parse_special: bool) -> list[str | int]:
         """``tokenizer_st_partition``: cut special tokens out of the text, longest first."""
         frags: list[str | int] = [text]
-        for tok_text, tid, lstrip, rstrip in self._special_all if parse_special else self._special_user:
+        specials = self._special_all if parse_special else self._special_user
+        for tok_text, tid, lstrip, rstrip in specials.candidates(text):
             if tok_text not in text:
                 continue
             new: list[str | int] = []
