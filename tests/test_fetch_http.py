@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
 import random
@@ -720,3 +721,50 @@ def test_unwritable_destination_is_a_clean_error(server, tmp_path):
     blocker.write_text("not a folder")
     with pytest.raises(FetchError, match="cannot write the download"):
         download(url, blocker / "u.part", size=len(data), sha256=sha(data), options=opts())
+
+
+# ---- resume-state saves: what a kill can cost
+
+
+def record_saves(monkeypatch) -> list[tuple[float, int]]:
+    """(time, bytes the state claims) of every resume-state save."""
+    saves: list[tuple[float, int]] = []
+    real = fetch_http._Job._write_state
+
+    def spy(job, snap: dict) -> None:
+        real(job, snap)
+        saves.append((time.monotonic(), sum(p[2] for p in snap["parts"])))
+    monkeypatch.setattr(fetch_http._Job, "_write_state", spy)
+    return saves
+
+
+def test_slow_syncs_space_saves_at_most_two_seconds_apart(server, tmp_path, monkeypatch):
+    # a disk whose sync takes 0.4 s made saves 4+ s apart (ten times the sync): a kill then lost that much
+    data = blob(8 * MB, 26)
+    url = server.put("/sync", data)
+    server.faults("/sync").rate = MB
+    real_sync = fetch_http._fdatasync
+
+    def slow_sync(fd: int) -> None:
+        time.sleep(0.4)
+        real_sync(fd)
+    monkeypatch.setattr(fetch_http, "_fdatasync", slow_sync)
+    saves = record_saves(monkeypatch)
+    download(url, tmp_path / "s.part", size=len(data), sha256=sha(data), options=opts(checkpoint_interval=1.0))
+    gaps = [b[0] - a[0] for a, b in itertools.pairwise(saves)]
+    assert len(gaps) >= 3 and max(gaps) < 3.0, gaps  # 2 s + the 0.4 s sync + slack for a busy machine
+
+
+@pytest.mark.parametrize("parallel", [False, True])
+def test_saves_come_at_least_every_checkpoint_bytes_per_connection(server, tmp_path, monkeypatch, parallel):
+    data = blob(24 * MB, 27)
+    url = server.put("/many", data)
+    server.faults("/many").rate = 12 * MB   # per connection: seconds between time-based saves hold many MB
+    saves = record_saves(monkeypatch)
+    o = opts(checkpoint_interval=10.0, checkpoint_bytes=MB,
+             **({"parallel_parts": 3, "part_threshold": MB} if parallel else {}))
+    download(url, tmp_path / "m.part", size=len(data), sha256=sha(data), options=o)
+    claimed = [b for _, b in saves]
+    steps = [b - a for a, b in itertools.pairwise(claimed)]
+    # 1 MB per busy connection, plus what the writer wrote while the save synced (a few blocks at most)
+    assert len(steps) >= 6 and max(steps) <= (3 if parallel else 1) * MB + 3 * fetch_http._WRITE_BLOCK, steps

@@ -13,7 +13,8 @@ Resume state
     once a second, always after an ``fdatasync`` of the data, so the state never claims bytes that
     are not on disk, even after a power cut. Writes to the file can wait while it syncs, so when a
     sync takes long (a link faster than the disk) the saves are spaced out to keep syncing under a
-    tenth of the time, at most 10 s apart. It is written before the data file is created, so a
+    tenth of the time -- but never more than 2 s or ``checkpoint_bytes`` (32 MB) per busy connection
+    apart, which bounds what a kill costs. It is written before the data file is created, so a
     data file without a state file is always a finished download (re-hashed before it is trusted).
 
 Never mixing two versions
@@ -116,7 +117,7 @@ _HASH_JOIN_BELOW = 128 << 10
 _FLUSH_AFTER = 0.25
 _READ_SIZE = 1 << 20
 _SYNC_SHARE = 10
-_CHECKPOINT_MAX = 10.0
+_CHECKPOINT_MAX = 2.0
 _MAX_RESTARTS = 3
 _JOIN_GRACE = 1.0
 # A host name that does not resolve is not retried like a dropped connection: "no such name" is final,
@@ -150,7 +151,8 @@ class FetchOptions:
     min_part: int = 4 << 20            # an idle connection splits a busy part only if both halves get this much
     straggler_after: float = 3.0       # an idle connection takes over a part silent this long (or far slower)
     checkpoint_interval: float = 1.0   # seconds between resume-state saves (bytes since are lost on a kill);
-                                       # longer (up to 10 s) while each save's data sync takes long
+                                       # longer (up to 2 s) while each save's data sync takes long
+    checkpoint_bytes: int = 32 << 20   # ... and a save at least every this many bytes per busy connection
 
 
 class _Retry(Exception):
@@ -602,7 +604,8 @@ class _Writer(threading.Thread):
                     part.done += n
                     job.session_bytes += n
                     finished = part.complete and all(p.complete for p in job.parts)
-                if finished:
+                    due = job._checkpoint_due_locked()
+                if finished or due:
                     job.wake.set()
         except Exception as exc:  # noqa: BLE001  (re-raised by the supervising thread)
             job._fail(self.stop, exc)
@@ -639,6 +642,7 @@ class _Job:
         self.decode = False
         self.sources: list[str] = []
         self.session_bytes = 0
+        self.saved_bytes = 0   # session_bytes when the resume state was last snapshotted
         self.session_received = 0
         self.session_start = time.monotonic()
         self.client: httpx.Client | None = None
@@ -768,8 +772,14 @@ class _Job:
     def _checkpoint(self, fd: int) -> None:
         with self.lock:
             snap = self._snapshot()
+            self.saved_bytes = self.session_bytes
         _fdatasync(fd)
         self._write_state(snap)
+
+    def _checkpoint_due_locked(self) -> bool:
+        """Whether ``checkpoint_bytes`` per busy connection were written since the last save (lock held)."""
+        busy = sum(1 for p in self.parts if p.active and not p.complete) or 1
+        return self.session_bytes - self.saved_bytes >= self.opt.checkpoint_bytes * busy
 
     def _discard(self) -> None:
         for p in (self.dest, self.state_path, Path(str(self.state_path) + ".tmp")):
@@ -915,6 +925,8 @@ class _Job:
         cp_every = self.opt.checkpoint_interval
         samples: collections.deque[tuple[float, int]] = collections.deque()
         while True:
+            # cleared before looking: a writer that finishes or fills a checkpoint after this sets it again
+            self.wake.clear()
             self._drain_events()
             if self.error is not None or self._all_complete() or not any(w.is_alive() for w in workers):
                 break
@@ -922,6 +934,7 @@ class _Job:
             with self.lock:
                 done = sum(p.done for p in self.parts)
                 session = self.session_bytes
+                due = self._checkpoint_due_locked()
             samples.append((now, session))
             while samples and samples[0][0] < now - _SPEED_WINDOW:
                 samples.popleft()
@@ -932,7 +945,7 @@ class _Job:
                 eta = ((self.total - done) / speed if speed and self.total is not None else None)
                 self._emit(ProgressEvent("progress", self.name, done=done, total=self.total, speed=speed,
                                          eta=eta, source=self.shown_url))
-            if now - last_cp >= cp_every:
+            if now - last_cp >= cp_every or due:
                 self._checkpoint(fd)
                 last_cp = time.monotonic()
                 # while the data syncs, the writer's writes can wait for it (ext4 does): on a link faster
