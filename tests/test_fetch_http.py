@@ -447,7 +447,8 @@ def test_server_ignoring_range(server, tmp_path):
     ev = Events()
     download(url, tmp_path / "b.part", size=len(data), sha256=sha(data), options=opts(), on_event=ev)
     assert (tmp_path / "b.part").read_bytes() == data
-    assert "starting over" in ev.of("retry")[0].message
+    # asked for the rest with a Range first, which it ignored too
+    assert "starting over" in ev.of("retry")[1].message
     # a partial from a server that did honour Range, resumed after it stopped doing so
     server.faults("/nr").ignore_range = False
     server.faults("/nr").drop_times = 1
@@ -458,6 +459,33 @@ def test_server_ignoring_range(server, tmp_path):
     download(url, tmp_path / "c.part", size=len(data), sha256=sha(data), options=opts(), on_event=ev)
     assert (tmp_path / "c.part").read_bytes() == data
     assert "ignored the Range" in ev.of("restart")[0].message
+
+
+@pytest.mark.parametrize("parallel", [False, True])
+def test_server_cutting_every_response_short_still_completes(server, tmp_path, parallel):
+    data = blob(12 * MB, 28)
+    url = server.put("/cut", data)
+    server.faults("/cut").drop_after = 700 * 1024
+    server.faults("/cut").drop_times = -1
+    ev = Events()
+    o = opts(max_retries=2, **({"parallel_parts": 3, "part_threshold": MB, "min_part": MB} if parallel else {}))
+    download(url, tmp_path / "c.part", size=len(data), sha256=sha(data), options=o, on_event=ev)
+    assert (tmp_path / "c.part").read_bytes() == data
+    assert len(ev.of("retry")) >= 12 and all("continuing" in e.message for e in ev.of("retry"))
+    assert server.bytes_sent == len(data), "every byte sent once: each cut is continued where it stopped"
+
+
+def test_whole_file_answered_200_then_cut_continues_with_a_range(server, tmp_path):
+    data = blob(10 * MB, 29)
+    url = server.put("/w", data)
+    server.faults("/w").whole_range_as_200 = True
+    server.faults("/w").drop_after = 3 * MB
+    server.faults("/w").drop_times = -1
+    dest = tmp_path / "w.part"
+    download(url, dest, size=len(data), sha256=sha(data), options=opts(max_retries=1))
+    assert dest.read_bytes() == data
+    assert server.bytes_sent == len(data), "nothing fetched twice, nothing started over"
+    assert ranges_requested(server, "/w")[:2] == ["bytes=0-", f"bytes={3 * MB}-{len(data) - 1}"]
 
 
 def test_stalled_connection_is_retried(server, tmp_path):

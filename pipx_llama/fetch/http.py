@@ -22,7 +22,9 @@ Never mixing two versions
     file changed answers 200 with the new file; a 206 whose ETag, Last-Modified or total differs
     from the state is treated the same way: the partial is discarded and the download starts over
     cleanly. A server that ignores ``Range`` (200 to a ranged request) gets a single stream from
-    byte 0, and a broken connection to such a server starts over (it cannot resume).
+    byte 0; when that stream breaks, the rest is asked for with a ``Range`` (some servers answer a
+    whole-file range with 200 yet honour others), and only a server that ignores it too is started
+    over from byte 0 (it cannot resume).
     Resuming with a different URL keeps the bytes (the expected sha256 is the same) but keeps the
     validators only for the same scheme, host and path (a renewed presigned link); the final hash
     check is the last line of defence and the error then names every source that contributed.
@@ -39,7 +41,8 @@ Parallel parts
     others (the only case where bytes are asked for twice). A connection with no bytes for ``stall_timeout`` seconds
     (httpx read timeout) is retried from where it stopped. Retries: exponential backoff with jitter
     on connection errors, timeouts, 5xx, 408 and 429 (``Retry-After`` honoured, capped at
-    ``backoff_max``); an attempt that delivered at least ``min_part`` bytes resets the count.
+    ``backoff_max``); a response cut short after delivering data is continued at once with a new
+    range and does not count as a retry, so a server that cuts every response short still completes.
     404/410 are not retried (``SourceNotFound``: the caller tries its next source).
 
 Hashing
@@ -119,6 +122,9 @@ _READ_SIZE = 1 << 20
 _SYNC_SHARE = 10
 _CHECKPOINT_MAX = 2.0
 _MAX_RESTARTS = 3
+# A failed attempt that still delivered this much is continued at once, without counting as a retry:
+# a server (or proxy) that cuts every response short still completes the file, range by range.
+_MIN_PROGRESS = 64 << 10
 _JOIN_GRACE = 1.0
 # A host name that does not resolve is not retried like a dropped connection: "no such name" is final,
 # "temporary failure" (typical of a machine with no network) gets this many retries, so an offline
@@ -1333,21 +1339,23 @@ class _Job:
                 reason, retry_after = self._reason(exc)
                 if stop.is_set() or part.all_queued:
                     return
-                if not self.ranges:
+                if not self.ranges and (self.total is None or self.decode or part.qpos == 0):
                     raise _Restart(reason, retry=True, retry_after=retry_after) from None
-                if part.queued - before >= self.opt.min_part:
-                    attempt = 0
-                attempt += 1
+                # a server that cuts responses short but sends data is healthy: ask for the rest at once,
+                # as the first retry of a new series (a whole-file 200 is asked for a Range now, see _accept)
+                progressed = part.queued - before >= _MIN_PROGRESS
+                attempt = 1 if progressed else attempt + 1
                 if attempt > self.opt.max_retries:
                     raise self._gave_up(reason, attempt - 1) from None
-                delay = self._backoff(attempt, retry_after)
+                delay = 0.0 if progressed else self._backoff(attempt, retry_after)
                 with self.lock:
                     done = sum(p.done for p in self.parts)
                 self.events.put(ProgressEvent(
                     "retry", self.name, done=done, total=self.total, source=self.shown_url,
-                    message=f"{reason} at byte {part.qpos}; retry {attempt}/{self.opt.max_retries} "
-                            f"in {delay:.1f}s"))
-                if stop.wait(delay):
+                    message=f"{reason} at byte {part.qpos}; " + (
+                        "continuing from there" if progressed else
+                        f"retry {attempt}/{self.opt.max_retries} in {delay:.1f}s")))
+                if delay and stop.wait(delay):
                     return
             finally:
                 if resp is not None:
@@ -1377,6 +1385,9 @@ class _Job:
                     self.etag = self.last_modified = None
                 self._learn_validators(resp)
                 return
+            if not self.ranges:
+                # the stream of a whole-file 200 broke, and the Range asking for the rest was ignored too
+                raise _Restart("the request for the rest of the file was answered from byte 0", retry=True)
             if self._validators_differ(resp):
                 raise _Restart("the file at the source has changed (new ETag/Last-Modified)")
             raise _Restart("the server ignored the Range request and sent the whole file")
@@ -1389,6 +1400,9 @@ class _Job:
         if self._validators_differ(resp):
             raise _Restart("the file at the source has changed (new ETag/Last-Modified)")
         self._learn_validators(resp)
+        if not self.ranges:
+            with self.lock:
+                self.ranges = True  # it answered a whole-file request with 200, yet honours Range: resumable
         if 0 <= cr[1] < part.req_end:
             with self.lock:
                 part.req_end = cr[1]  # a server may answer a shorter range than asked
