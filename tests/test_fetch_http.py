@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import email.utils
 import hashlib
 import itertools
 import json
@@ -796,3 +797,73 @@ def test_saves_come_at_least_every_checkpoint_bytes_per_connection(server, tmp_p
     steps = [b - a for a, b in itertools.pairwise(claimed)]
     # 1 MB per busy connection, plus what the writer wrote while the save synced (a few blocks at most)
     assert len(steps) >= 6 and max(steps) <= (3 if parallel else 1) * MB + 3 * fetch_http._WRITE_BLOCK, steps
+
+
+# ---- servers whose validators change from response to response (load balancers)
+
+
+@pytest.mark.parametrize("last_modified", [True, False])
+def test_per_response_etags_of_a_load_balancer_still_complete(server, tmp_path, last_modified):
+    data = blob(12 * MB, 30)
+    url = server.put("/lb", data)
+    server.faults("/lb").etag_per_response = True
+    server.faults("/lb").no_last_modified = not last_modified
+    ev = Events()
+    dest = tmp_path / "lb.part"
+    download(url, dest, size=len(data), sha256=sha(data), on_event=ev,
+             options=opts(parallel_parts=4, part_threshold=MB, min_part=MB))
+    assert dest.read_bytes() == data
+    assert ev.kinds().count("restart") <= 1
+    [notice] = ev.of("notice")
+    assert ("using Last-Modified" if last_modified else "sha256 check at the end decides") in notice.message
+    # once switched, ranged requests carry the date (or nothing) and are answered 206
+    last = server.requests[-1][2]
+    assert last.get("If-Range") == (email.utils.formatdate(server._resources["/lb"].last_modified, usegmt=True)
+                                    if last_modified else None)
+
+
+def test_a_switch_to_last_modified_is_kept_for_the_resume(server, tmp_path):
+    data = blob(8 * MB, 31)
+    url = server.put("/lb2", data)
+    server.faults("/lb2").etag_per_response = True
+    server.faults("/lb2").rate = 2 * MB
+    dest = tmp_path / "lb2.part"
+    o = opts(parallel_parts=4, part_threshold=MB, min_part=MB)
+
+    def stop_midway(ev: ProgressEvent) -> None:
+        if ev.kind == "progress" and ev.done >= 2 * MB:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        download(url, dest, size=len(data), sha256=sha(data), options=o, on_event=stop_midway)
+    assert state_of(dest)["validators"] == "last-modified" and state_of(dest)["etag"] is None
+    done, _ = partial_progress(dest)
+    server.faults("/lb2").rate = None
+    ev = Events()
+    download(url, dest, size=len(data), sha256=sha(data), options=o, on_event=ev)
+    assert dest.read_bytes() == data
+    assert "restart" not in ev.kinds() and ev.of("start")[0].done == done > 0
+
+
+@pytest.mark.parametrize("parallel", [False, True])
+def test_a_file_changed_once_is_still_restarted_not_mixed(server, tmp_path, parallel):
+    # a real change (new ETag, same date, same size) seen by several parts at once counts as one change
+    old, new = blob(6 * MB, 32), blob(6 * MB, 33)
+    url = server.put("/chg", old, last_modified=1_600_000_000)
+    dest = tmp_path / "chg.part"
+    o = {"parallel_parts": 4, "part_threshold": MB, "min_part": MB // 2} if parallel else {}
+    server.faults("/chg").rate = 2 * MB
+
+    def stop_midway(ev: ProgressEvent) -> None:
+        if ev.kind == "progress" and ev.done >= 2 * MB:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        download(url, dest, size=len(new), sha256=sha(new), options=opts(**o), on_event=stop_midway)
+    assert partial_progress(dest)[0] >= 2 * MB
+    server.put("/chg", new, last_modified=1_600_000_000)
+    server.faults("/chg").rate = None
+    ev = Events()
+    download(url, dest, size=len(new), sha256=sha(new), options=opts(**o), on_event=ev)
+    assert dest.read_bytes() == new
+    assert ev.kinds().count("restart") == 1 and not ev.of("notice")

@@ -12,7 +12,7 @@ from pipx_llama.store import human_bytes
 
 # kinds worth a line of their own ("start" and "waiting-lock" once per file and source)
 _LINE_KINDS = {"plan", "start", "retry", "restart", "waiting-lock", "source-failed", "source-missing",
-               "verified", "stored", "cached", "installed", "verify-failed"}
+               "verified", "stored", "cached", "installed", "verify-failed", "notice"}
 _ONCE_KINDS = {"start", "waiting-lock"}
 
 
@@ -124,6 +124,8 @@ def _line(ev: ProgressEvent) -> str:
         return f"{ev.file}: {ev.message or 'stored'}{src}"
     if k == "cached":
         return f"{ev.file}: {ev.message or 'already in the store'}"
+    if k == "notice":
+        return f"{ev.file}: note: {ev.message}" + (f" ({ev.source})" if ev.source else "")
     if k in ("retry", "restart"):
         return f"{ev.file}: {ev.message or k}"
     return f"{ev.file}: {ev.message or k}"

@@ -21,7 +21,9 @@ Never mixing two versions
     Every ranged request carries ``If-Range`` (a strong ETag, else Last-Modified). A server whose
     file changed answers 200 with the new file; a 206 whose ETag, Last-Modified or total differs
     from the state is treated the same way: the partial is discarded and the download starts over
-    cleanly. A server that ignores ``Range`` (200 to a ranged request) gets a single stream from
+    cleanly. Validators that change again within one download come from a server that labels the
+    same bytes differently per response (a load balancer): the ETag is then dropped for
+    Last-Modified if that stayed the same, else both are, and the final sha256 check decides. A server that ignores ``Range`` (200 to a ranged request) gets a single stream from
     byte 0; when that stream breaks, the rest is asked for with a ``Range`` (some servers answer a
     whole-file range with 200 yet honour others), and only a server that ignores it too is started
     over from byte 0 (it cannot resume).
@@ -326,6 +328,13 @@ def _content_range(value: str | None) -> tuple[int, int, int | None] | None:
         return None
     total = None if m.group(3) == "*" else int(m.group(3))
     return int(m.group(1)), int(m.group(2)), total
+
+
+def _validator_matches(resp: httpx.Response, validator: str) -> bool:
+    """Whether ``resp`` carries ``validator`` (an ETag, or else a Last-Modified date)."""
+    if validator.startswith(('"', "W/")):
+        return resp.headers.get("etag") == validator
+    return resp.headers.get("last-modified") == validator
 
 
 def _retry_after(resp: httpx.Response) -> float | None:
@@ -644,6 +653,10 @@ class _Job:
         self.total: int | None = None
         self.etag: str | None = None
         self.last_modified: str | None = None
+        self.validators = "any"   # which validators this source keeps stable: any | last-modified | none
+        self.changes = 0          # times the validators changed during this download (see _believe_change)
+        self._changed_in: threading.Event | None = None
+        self._believed = True
         self.ranges = True
         self.decode = False
         self.sources: list[str] = []
@@ -758,7 +771,8 @@ class _Job:
         return {
             "version": STATE_VERSION, "url": self.url, "sources": list(self.sources), "file": self.name,
             "sha256": self.sha256, "size": self.size, "total": self.total, "etag": self.etag,
-            "last_modified": self.last_modified, "ranges": self.ranges, "decode": self.decode,
+            "last_modified": self.last_modified, "validators": self.validators, "changes": self.changes,
+            "ranges": self.ranges, "decode": self.decode,
             "parts": [[p.start, p.end, p.done] for p in self.parts], "updated": time.time(),
         }
 
@@ -837,6 +851,9 @@ class _Job:
         old, new = urlsplit(state["url"]), urlsplit(self.url)
         if (old.scheme, old.netloc, old.path) == (new.scheme, new.netloc, new.path):
             self.etag, self.last_modified = state.get("etag"), state.get("last_modified")
+            mode, changes = state.get("validators"), state.get("changes")
+            self.validators = mode if mode in ("any", "last-modified", "none") else "any"
+            self.changes = changes if isinstance(changes, int) and changes >= 0 else 0
         else:
             self.etag = self.last_modified = None
         self.ranges, self.decode = True, False
@@ -1062,6 +1079,33 @@ class _Job:
             return self.etag
         return self.last_modified
 
+    def _believe_change(self, resp: httpx.Response) -> bool:
+        """A response's validators differ from ours: True if that means the file changed.
+
+        The first change is believed (the partial is discarded). Validators that change again within
+        one download belong to a server that labels the same bytes differently from response to
+        response (a load balancer whose servers compute ETags apart): they stop being used -- the ETag
+        alone when Last-Modified stayed the same, else both -- and the sha256 checked at the end, as
+        always, is what guarantees the bytes.
+        """
+        with self.lock:
+            if self._changed_in is self.stop:
+                return self._believed  # parallel parts seeing the same change: it counts once per attempt
+            self._changed_in = self.stop
+            self.changes += 1
+            self._believed = self.changes < 2
+            if self._believed:
+                return True
+            same_date = self.last_modified is not None and self.last_modified == resp.headers.get("last-modified")
+            if self.validators == "any" and self.etag is not None and same_date:
+                self.validators, self.etag = "last-modified", None
+                note = "its ETag changes from response to response; using Last-Modified instead"
+            else:
+                self.validators, self.etag, self.last_modified = "none", None, None
+                note = "its ETag/Last-Modified change from response to response; the sha256 check at the end decides"
+        self.events.put(ProgressEvent("notice", self.name, source=self.shown_url, message=note))
+        return False
+
     def _validators_differ(self, resp: httpx.Response) -> bool:
         etag, lm = resp.headers.get("etag"), resp.headers.get("last-modified")
         if self.etag and etag:
@@ -1072,8 +1116,9 @@ class _Job:
 
     def _learn_validators(self, resp: httpx.Response) -> None:
         with self.lock:
-            if self.etag is None and self.last_modified is None:
-                self.etag = resp.headers.get("etag")
+            if self.etag is None and self.last_modified is None and self.validators != "none":
+                if self.validators == "any":
+                    self.etag = resp.headers.get("etag")
                 self.last_modified = resp.headers.get("last-modified")
             if self.url not in self.sources:
                 self.sources.append(self.url)
@@ -1388,8 +1433,12 @@ class _Job:
             if not self.ranges:
                 # the stream of a whole-file 200 broke, and the Range asking for the rest was ignored too
                 raise _Restart("the request for the rest of the file was answered from byte 0", retry=True)
-            if self._validators_differ(resp):
-                raise _Restart("the file at the source has changed (new ETag/Last-Modified)")
+            sent = resp.request.headers.get("if-range")
+            if sent is not None and not _validator_matches(resp, sent):
+                if self._believe_change(resp):
+                    raise _Restart("the file at the source has changed (new ETag/Last-Modified)")
+                # the If-Range validator was this server's own whim: ask again with what is still trusted
+                raise _Retry("the server sent the whole file instead of the range (If-Range did not match)", 0.0)
             raise _Restart("the server ignored the Range request and sent the whole file")
         cr = _content_range(resp.headers.get("content-range"))
         if cr is None or cr[0] != part.qpos:
@@ -1397,7 +1446,7 @@ class _Job:
                          f"for byte {part.qpos})")
         if cr[2] is not None and self.total is not None and cr[2] != self.total:
             raise _Restart(f"the file at the source changed size ({self.total} -> {cr[2]} bytes)")
-        if self._validators_differ(resp):
+        if self._validators_differ(resp) and self._believe_change(resp):
             raise _Restart("the file at the source has changed (new ETag/Last-Modified)")
         self._learn_validators(resp)
         if not self.ranges:
