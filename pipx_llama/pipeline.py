@@ -430,6 +430,8 @@ def pull_options_from_config(config: Config, **overrides: Any) -> PullOptions:
         fetch.parallel_parts = config.parallel_parts
     if config.part_threshold:
         fetch.part_threshold = config.part_threshold
+    if config.give_up_after:
+        fetch.give_up_after = config.give_up_after
     base = PullOptions(mirrors=list(config.mirrors), url=config.url, offline=config.offline,
                        allow_http=config.allow_http, token=config.token, hf_token=config.hf_token, fetch=fetch)
     return dataclasses.replace(base, **overrides)

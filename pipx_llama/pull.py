@@ -492,7 +492,10 @@ def _ensure_blob(ctx: _Context, manifest: Manifest, variant: Variant, mf: Manife
                                message="fetched by another process meanwhile"))
             return None
         mine: list[SourceFailure] = []
-        for attempt in _attempts(variant, mf, ctx.options):
+        attempts = _attempts(variant, mf, ctx.options)
+        for i, attempt in enumerate(attempts):
+            # said only when true: the hints of the fetch layer cannot know whether another source follows
+            next_one = "; trying the next source" if i + 1 < len(attempts) else ""
             if attempt.network and ctx.options.offline:
                 mine.append(SourceFailure(mf.path, attempt.label, "offline", "not tried: offline mode",
                                           "run without --offline / PIPX_LLAMA_OFFLINE"))
@@ -508,7 +511,7 @@ def _ensure_blob(ctx: _Context, manifest: Manifest, variant: Variant, mf: Manife
                         "free some space and run the same command again", folder=str(store.root),
                         needed=mf.size, free=store.free_bytes()) from None
                 mine.append(SourceFailure(mf.path, attempt.label, "error", str(err)))
-                emit(ProgressEvent("source-failed", mf.path, source=attempt.label, message=str(err)))
+                emit(ProgressEvent("source-failed", mf.path, source=attempt.label, message=str(err) + next_one))
                 continue
             except PipxLlamaError as err:
                 kind = next(k for cls, k in _FAILURE_KINDS if isinstance(err, cls))
@@ -517,21 +520,24 @@ def _ensure_blob(ctx: _Context, manifest: Manifest, variant: Variant, mf: Manife
                     pass  # said once, in the final error, if no other source has the file
                 elif kind == "not-found":
                     # not a fault of the source: it just does not have the file
-                    emit(ProgressEvent("source-missing", mf.path, source=attempt.label, message=err.message))
+                    emit(ProgressEvent("source-missing", mf.path, source=attempt.label,
+                                       message=err.message + next_one))
                 else:
-                    emit(ProgressEvent("source-failed", mf.path, source=attempt.label, message=err.message))
+                    emit(ProgressEvent("source-failed", mf.path, source=attempt.label,
+                                       message=err.message + next_one))
                 continue
             emit(ProgressEvent("stored", mf.path, mf.size or 0, mf.size, source=attempt.label,
                                message=f"stored ({how})"))
             failures += [f for f in mine if f.kind == "checksum"]
             return attempt.label, how
         failures += mine
-        raise _all_failed(manifest, variant, mf, mine)
+        raise _all_failed(manifest, variant, mf, mine, kept=store.partial_size(mf.sha256) > 0)
     finally:
         lock.release()
 
 
-def _all_failed(manifest: Manifest, variant: Variant, mf: ManifestFile, mine: list[SourceFailure]) -> FetchError:
+def _all_failed(manifest: Manifest, variant: Variant, mf: ManifestFile, mine: list[SourceFailure], *,
+                kept: bool = False) -> FetchError:
     if not mine:
         return PullError(
             f"{manifest.name} ({variant.name}): no source for {mf.path}",
@@ -541,7 +547,8 @@ def _all_failed(manifest: Manifest, variant: Variant, mf: ManifestFile, mine: li
     if any(f.kind == "offline" for f in mine) and all(f.kind in ("offline", "no-url", "not-found") for f in mine):
         return OfflineError(msg, "run without --offline, or give a local copy with --from-dir DIR")
     hint = "; ".join(dict.fromkeys(f.hint for f in mine if f.hint))
-    return PullError(msg, hint or "check the network and the sources, then retry (downloads resume)", mine)
+    return PullError(msg, hint or "check the network and the sources, then retry"
+                     + (" (the partial download resumes)" if kept else ""), mine)
 
 
 # --- pull ----------------------------------------------------------------------------------------------------
@@ -893,6 +900,8 @@ def ensure_model(name: str, *, variant: str | None = None, on_event: EventCallba
         fetch.parallel_parts = cfg.parallel_parts
     if cfg.part_threshold:
         fetch.part_threshold = cfg.part_threshold
+    if cfg.give_up_after:
+        fetch.give_up_after = cfg.give_up_after
     options = PullOptions(variant=variant, mirrors=cfg.mirrors, url=cfg.url, offline=off,
                           allow_http=cfg.allow_http, token=cfg.token, hf_token=cfg.hf_token, fetch=fetch)
     return pull(Store(cfg.home), manifest, options, on_event)

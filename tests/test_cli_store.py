@@ -158,6 +158,24 @@ def test_config_file_mirrors_and_bad_keys(tmp_path, env, srv, capsys):
     assert "fromconfig" in out
 
 
+def test_config_give_up_after_bounds_a_stalled_pull(tmp_path, env, srv, capsys):
+    import time
+
+    mf = str(manifest_file(tmp_path, srv.url("/r/")))
+    srv.faults("/r/m.gguf").stall_after = 0
+    srv.faults("/r/m.gguf").stall_for = 60
+    srv.faults("/r/m.gguf").stall_times = -1
+    env["config"].mkdir()
+    (env["config"] / "config.toml").write_text("give_up_after = 1.5\n")
+    t0 = time.monotonic()
+    code, _, err = cli(capsys, "pull", "clitest", "--manifest", mf)
+    assert code == 1 and "nothing received for 2 s" in err and time.monotonic() - t0 < 10
+    for bad, why in (("-1", "positive number"), ('"soon"', "must be a number")):
+        (env["config"] / "config.toml").write_text(f"give_up_after = {bad}\n")
+        code, _, err = cli(capsys, "list")
+        assert code == 2 and "give_up_after" in err and why in err
+
+
 def test_mirror_export_then_pull_elsewhere_through_the_environment(tmp_path, env, srv, capsys, monkeypatch):
     mf = str(manifest_file(tmp_path, srv.url("/r/")))
     assert cli(capsys, "pull", "clitest", "--manifest", mf)[0] == 0

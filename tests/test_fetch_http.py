@@ -867,3 +867,67 @@ def test_a_file_changed_once_is_still_restarted_not_mixed(server, tmp_path, para
     download(url, dest, size=len(new), sha256=sha(new), options=opts(**o), on_event=ev)
     assert dest.read_bytes() == new
     assert ev.kinds().count("restart") == 1 and not ev.of("notice")
+
+
+# ---- a source that sends nothing: give up in bounded time, and say only what is true
+
+
+def test_total_stall_gives_up_within_give_up_after(server, tmp_path):
+    assert FetchOptions().give_up_after <= 60
+    data = blob(2 * MB, 34)
+    url = server.put("/dead", data)
+    server.faults("/dead").stall_after = 0      # headers, then silence, on every response
+    server.faults("/dead").stall_for = 60
+    server.faults("/dead").stall_times = -1
+    t0 = time.monotonic()
+    with pytest.raises(NetworkError) as err:
+        # per-connection timeouts and retries alone would take minutes
+        download(url, tmp_path / "d.part", size=len(data), sha256=sha(data),
+                 options=opts(give_up_after=2.0, stall_timeout=30.0, max_retries=6, backoff_base=1.0))
+    assert time.monotonic() - t0 < 5
+    assert "nothing received for 2 s" in err.value.message
+    assert "kept" not in err.value.hint and "give_up_after" in err.value.hint
+
+
+@pytest.mark.parametrize("ranges", [True, False])
+def test_a_stall_says_whether_anything_is_kept(server, tmp_path, ranges):
+    data = blob(4 * MB, 35)
+    url = server.put("/half", data)
+    server.faults("/half").ignore_range = not ranges
+    server.faults("/half").drop_after = MB
+    dest = tmp_path / "h.part"
+    with pytest.raises(NetworkError):
+        download(url, dest, size=len(data), sha256=sha(data), options=opts(max_retries=0))
+    server.faults("/half").stall_after = 0
+    server.faults("/half").stall_for = 60
+    server.faults("/half").stall_times = -1
+    with pytest.raises(NetworkError) as err:
+        download(url, dest, size=len(data), sha256=sha(data), options=opts(give_up_after=1.5))
+    if ranges:
+        assert "1.0 MB downloaded so far are kept and the next run resumes" in err.value.hint
+        assert partial_progress(dest)[0] == MB
+    else:
+        # a server that ignores Range: the next run starts over, so nothing is said to be kept
+        assert "kept" not in err.value.hint and "resume" not in err.value.hint
+
+
+def test_retries_exhausted_before_any_byte_do_not_claim_a_partial(server, tmp_path):
+    url = server.put("/503", blob(1000))
+    server.faults("/503").status = 503
+    with pytest.raises(NetworkError) as err:
+        download(url, tmp_path / "x.part", size=1000, sha256=sha(blob(1000)), options=opts(max_retries=1))
+    assert "kept" not in err.value.hint and "resume" not in err.value.hint
+
+
+def test_failure_hints_never_promise_another_source(server, tmp_path):
+    # the downloader cannot know whether the caller has another source: the caller says so
+    data = blob(5000, 36)
+    url = server.put("/wrong", data)
+    with pytest.raises(ChecksumError) as size_err:
+        download(url, tmp_path / "a.part", size=4000, sha256=sha(data), options=opts())
+    with pytest.raises(ChecksumError) as hash_err:
+        download(url, tmp_path / "b.part", size=len(data), sha256="0" * 64, options=opts())
+    with pytest.raises(SourceNotFound) as missing:
+        download(server.url("/nothing"), tmp_path / "c.part", size=1, sha256="0" * 64, options=opts())
+    for err in (size_err, hash_err, missing):
+        assert "source will be tried" not in err.value.hint, err.value.hint

@@ -541,3 +541,17 @@ def test_ensure_model_uses_config_and_environment(tmp_path, srv, monkeypatch):
 
     r = ensure_model("cfgmodel")
     assert r.file_path().read_bytes() == data and r.file_path() == tmp_path / "home/models/cfgmodel/v/m.gguf"
+
+
+def test_hints_say_another_source_is_tried_only_when_there_is_one(srv, store):
+    data = blob(50_000, 40)
+    srv.put("/a/m.gguf", data[:40_000])   # the wrong size
+    srv.put("/b/m.gguf", data[:40_000])
+    m = make_manifest({"m.gguf": data}, [{"type": "url", "base": srv.url("/a/")},
+                                         {"type": "url", "base": srv.url("/b/")}])
+    evs: list = []
+    with pytest.raises(PullError) as err:
+        pull(store, m, PullOptions(fetch=FetchOptions(backoff_base=0.01)), events(evs))
+    failed = [e.message for e in evs if e.kind == "source-failed"]
+    assert failed[0].endswith("trying the next source") and not failed[1].endswith("trying the next source")
+    assert "will be tried" not in err.value.hint and "resume" not in err.value.hint

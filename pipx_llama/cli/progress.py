@@ -115,7 +115,7 @@ def _line(ev: ProgressEvent) -> str:
     if k == "source-failed":
         return f"warning: {ev.file}: source {ev.source} failed: {ev.message}"
     if k == "source-missing":
-        return f"{ev.file}: not available from {ev.source}; trying the next source"
+        return ev.message or f"{ev.file}: not available from {ev.source}"
     if k == "verify-failed":
         return f"BAD {ev.file} ({ev.source}): {ev.message}"
     if k == "verified":

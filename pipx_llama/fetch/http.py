@@ -41,7 +41,8 @@ Parallel parts
     no byte a server has already pushed into a socket is thrown away. A thread also takes over the
     rest of a part that had no bytes for ``straggler_after`` seconds or runs far slower than the
     others (the only case where bytes are asked for twice). A connection with no bytes for ``stall_timeout`` seconds
-    (httpx read timeout) is retried from where it stopped. Retries: exponential backoff with jitter
+    (httpx read timeout) is retried from where it stopped; after ``give_up_after`` seconds (60) without a
+    byte from the source, retries included, the download gives up. Retries: exponential backoff with jitter
     on connection errors, timeouts, 5xx, 408 and 429 (``Retry-After`` honoured, capped at
     ``backoff_max``); a response cut short after delivering data is continued at once with a new
     range and does not count as a retry, so a server that cuts every response short still completes.
@@ -74,6 +75,7 @@ Concurrency: one download per ``dest`` at a time -- the caller holds the per-blo
 from __future__ import annotations
 
 import collections
+import contextlib
 import email.utils
 import errno
 import hashlib
@@ -161,6 +163,7 @@ class FetchOptions:
     checkpoint_interval: float = 1.0   # seconds between resume-state saves (bytes since are lost on a kill);
                                        # longer (up to 2 s) while each save's data sync takes long
     checkpoint_bytes: int = 32 << 20   # ... and a save at least every this many bytes per busy connection
+    give_up_after: float = 60.0        # no byte from the source for this long, retries included -> give up
 
 
 class _Retry(Exception):
@@ -222,8 +225,9 @@ def download(url: str, dest: Path, *, size: int | None, sha256: str, options: Fe
     On success ``dest`` holds the verified bytes, fsynced (the caller renames it into the store) and the
     state file is gone. ``label`` names the file in events and messages (default: ``dest.name``).
     Raises ``OfflineError`` (before any network use), ``FetchError`` (refused URL, protocol errors),
-    ``SourceNotFound``, ``AccessDenied``, ``NetworkError`` (retries exhausted; partial kept),
-    ``DiskFullError`` (partial kept), ``ChecksumError`` (bad bytes deleted).
+    ``SourceNotFound``, ``AccessDenied``, ``NetworkError`` (retries exhausted, or no byte for
+    ``give_up_after`` seconds), ``DiskFullError``, ``ChecksumError`` (bad bytes deleted). Whether a partial
+    download was kept for a resume is said in the hint, and only when it was.
     """
     dest = Path(dest)
     name = label or dest.name
@@ -248,12 +252,15 @@ def download(url: str, dest: Path, *, size: int | None, sha256: str, options: Fe
 
 
 def partial_progress(dest: Path) -> tuple[int, int | None] | None:
-    """(bytes on disk, total or None) of a partial download at ``dest``, or None if there is none.
+    """(bytes a next call resumes from, total or None) of a partial download at ``dest``, or None if
+    there is none. A download from a server that cannot resume counts 0 bytes: the next call starts over.
 
     Reads only the state file; for listings of unfinished downloads.
     """
     try:
         state = json.loads(Path(str(dest) + ".json").read_text())
+        if not state["ranges"] or state.get("decode"):
+            return 0, state.get("total")
         return sum(int(p[2]) for p in state["parts"]), state.get("total")
     except (OSError, ValueError, KeyError, TypeError, IndexError):
         return None
@@ -664,6 +671,7 @@ class _Job:
         self.saved_bytes = 0   # session_bytes when the resume state was last snapshotted
         self.session_received = 0
         self.session_start = time.monotonic()
+        self.last_byte = self.session_start   # when the source last sent a byte (or the call began)
         self.client: httpx.Client | None = None
         self.hasher: _Hasher | None = None
 
@@ -686,11 +694,13 @@ class _Job:
                 except _Restart as r:
                     state = None
                     self._discard()
+                    self.parts = []
                     if r.retry:
                         retries += 1
                         if retries > self.opt.max_retries:
                             raise self._gave_up(r.reason, retries - 1) from None
                         delay = self._backoff(retries, r.retry_after)
+                        self._check_patience(r.reason, delay)
                         self._emit(ProgressEvent(
                             "retry", self.name, source=self.shown_url,
                             message=f"{r.reason}; the server cannot resume, starting over in {delay:.1f}s "
@@ -835,8 +845,8 @@ class _Job:
         return DiskFullError(
             f"not enough disk space for {self.name} in {folder}: "
             f"{_human(needed)} still needed, {_human(free)} free",
-            "free some space (or point PIPX_LLAMA_HOME at a bigger disk) and run the same command "
-            f"again: the {_human(done)} already downloaded are kept and the download resumes",
+            "free some space (or point PIPX_LLAMA_HOME at a bigger disk) and run the same command again"
+            + self._kept(": "),
             folder=folder, needed=needed, free=free,
         )
 
@@ -968,6 +978,10 @@ class _Job:
                 eta = ((self.total - done) / speed if speed and self.total is not None else None)
                 self._emit(ProgressEvent("progress", self.name, done=done, total=self.total, speed=speed,
                                          eta=eta, source=self.shown_url))
+            if now - self.last_byte >= self.opt.give_up_after:
+                # every connection is stuck (in a read, a connect or a backoff): do not wait for them
+                self.error = self._stalled("no connection is receiving anything", now - self.last_byte)
+                break
             if now - last_cp >= cp_every or due:
                 self._checkpoint(fd)
                 last_cp = time.monotonic()
@@ -980,7 +994,7 @@ class _Job:
         self._drain_events()
         if self.error is None and not self._all_complete():
             self.error = FetchError(f"download of {self.name} stopped before it was complete",
-                                    "run the same command again to resume")
+                                    "run the same command again" + self._kept(": "))
 
     def _finish(self, digest: str, length: int) -> None:
         if self.size is not None and length != self.size:
@@ -988,15 +1002,15 @@ class _Job:
             raise ChecksumError(
                 f"size mismatch for {self.name} from {self._sources_text()}: expected {self.size} bytes, "
                 f"got {length}; the download was deleted",
-                "another source will be tried; if every source fails, the manifest may be out of date",
+                "the source does not serve the file the manifest describes; if no source does, the manifest "
+                "may be out of date",
                 file=self.name, source=self.url, expected=self.sha256, actual=f"(size {length} bytes)")
         if digest != self.sha256:
             self._discard()
             raise ChecksumError(
                 f"checksum mismatch for {self.name} from {self._sources_text()}: expected sha256 "
                 f"{self.sha256}, got {digest}; the bad download was deleted",
-                "another source will be tried; if this keeps happening the source serves a different "
-                "file than the manifest describes",
+                "if this keeps happening the source serves a different file than the manifest describes",
                 file=self.name, source=self.url, expected=self.sha256, actual=digest)
         with open(self.dest, "rb+") as f:
             if os.fstat(f.fileno()).st_size != length:
@@ -1029,8 +1043,12 @@ class _Job:
         if self.opt.token:
             headers["Authorization"] = f"Bearer {self.opt.token}"
         client: httpx.Client = self.client  # type: ignore[assignment]
+        o = self.opt
+        left = max(0.1, o.give_up_after - (time.monotonic() - self.last_byte))
+        timeout = httpx.Timeout(connect=min(o.timeout, left), read=min(o.stall_timeout, left),
+                                write=min(o.timeout, left), pool=min(o.timeout, left))
         try:
-            resp = client.send(client.build_request("GET", self.url, headers=headers), stream=True)
+            resp = client.send(client.build_request("GET", self.url, headers=headers, timeout=timeout), stream=True)
         except httpx.TooManyRedirects:
             raise FetchError(f"too many redirects fetching {self.name} from {self.shown_url}",
                              "the source is misconfigured; try another source") from None
@@ -1048,7 +1066,7 @@ class _Job:
         resp.close()
         if code in (404, 410):
             raise SourceNotFound(f"{self.name} is not at {self.shown_url} (HTTP {code})",
-                                 "the next source will be tried; if none has it, the manifest may be out of date")
+                                 "if no source has it, the manifest may be out of date")
         if code in (401, 403):
             raise self._access_denied(code)
         if code in (408, 429) or code >= 500:
@@ -1068,7 +1086,7 @@ class _Job:
                     "read token at https://huggingface.co/settings/tokens and set HF_TOKEN to it, then retry")
         elif re.search(r"(?i)(x-amz-signature|signature=|expires=|policy=|key-pair-id=)", p.query or ""):
             hint = ("this looks like a presigned download link, and such links expire: request a fresh one "
-                    "(e.g. from Meta's download form) and pass it again, then retry -- finished bytes are kept")
+                    "(e.g. from Meta's download form) and pass it again, then retry" + self._kept(" -- "))
         else:
             hint = ("the server wants credentials: if it accepts a bearer token set HF_TOKEN to it, "
                     "otherwise ask whoever runs the server for access")
@@ -1128,7 +1146,10 @@ class _Job:
         if isinstance(exc, _Retry):
             return exc.reason, exc.retry_after
         if isinstance(exc, httpx.ReadTimeout):
-            return f"no data for {self.opt.stall_timeout:g}s (stalled connection)", None
+            waited = self.opt.stall_timeout
+            with contextlib.suppress(RuntimeError, AttributeError, KeyError, TypeError):
+                waited = exc.request.extensions["timeout"]["read"]
+            return f"no data for {waited:g}s (stalled connection)", None
         if isinstance(exc, httpx.ConnectTimeout):
             return "connecting timed out", None
         if isinstance(exc, httpx.ConnectError):
@@ -1171,9 +1192,32 @@ class _Job:
     def _gave_up(self, reason: str, retries: int) -> NetworkError:
         return NetworkError(
             f"could not download {self.name} from {self.shown_url}: {reason} (gave up after {retries} retries)",
-            "check the network connection or proxy settings (HTTPS_PROXY); what was downloaded is kept "
-            "and the next run resumes it",
+            "check the network connection or proxy settings (HTTPS_PROXY)" + self._kept("; "),
         )
+
+    def _check_patience(self, reason: str, delay: float) -> None:
+        """Give up now if waiting ``delay`` more would leave the source silent for ``give_up_after`` seconds."""
+        idle = time.monotonic() - self.last_byte
+        if idle + delay >= self.opt.give_up_after:
+            raise self._stalled(reason, idle)
+
+    def _stalled(self, reason: str, idle: float) -> NetworkError:
+        return NetworkError(
+            f"could not download {self.name} from {self.shown_url}: nothing received for {idle:.0f} s ({reason})",
+            "check the network connection or proxy settings (HTTPS_PROXY), or try later" + self._kept("; ")
+            + f"; `give_up_after` in the config file sets this limit ({self.opt.give_up_after:g} s)",
+        )
+
+    def _kept(self, lead: str) -> str:
+        """What the next run can build on, for a hint (``lead`` + text), or '' when nothing is kept."""
+        with self.lock:
+            done = sum(p.done for p in self.parts)
+            resumable = self.ranges and not self.decode
+        if not done:
+            return ""
+        if not resumable:
+            return lead + "this source cannot resume a download, so the next run starts it over"
+        return lead + f"the {_human(done)} downloaded so far are kept and the next run resumes from there"
 
     # ---- the first request of a fresh download
 
@@ -1201,6 +1245,7 @@ class _Job:
                 if attempt > o.max_retries:
                     raise self._gave_up(reason, attempt - 1) from None
                 delay = self._backoff(attempt, retry_after)
+                self._check_patience(reason, delay)
                 self._emit(ProgressEvent("retry", self.name, source=self.shown_url,
                                          message=f"{reason}; retry {attempt}/{o.max_retries} in {delay:.1f}s"))
                 time.sleep(delay)
@@ -1236,7 +1281,8 @@ class _Job:
             raise ChecksumError(
                 f"size mismatch for {self.name} at {self.shown_url}: expected {self.size} bytes, "
                 f"the server has {total}; nothing was downloaded",
-                "another source will be tried; if every source fails, the manifest may be out of date",
+                "the source holds another version of the file; if no source has this one, the manifest may be "
+                "out of date",
                 file=self.name, source=self.url, expected=self.sha256, actual=f"(size {total} bytes)")
         self.total = total if total is not None else self.size
         o = self.opt
@@ -1393,6 +1439,7 @@ class _Job:
                 if attempt > self.opt.max_retries:
                     raise self._gave_up(reason, attempt - 1) from None
                 delay = 0.0 if progressed else self._backoff(attempt, retry_after)
+                self._check_patience(reason, delay)
                 with self.lock:
                     done = sum(p.done for p in self.parts)
                 self.events.put(ProgressEvent(
@@ -1478,7 +1525,7 @@ class _Job:
                     room = size if part.end is None else part.end + 1 - part.qpos - pending
                     n = max(0, min(size, room))
                     part.reserved = part.queued + pending + n
-                    part.last_data = now
+                    part.last_data = self.last_byte = now
                     part.received += n
                     self.session_received += n
                 if n:
