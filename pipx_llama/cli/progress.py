@@ -13,7 +13,7 @@ from pipx_llama.store import human_bytes
 # kinds worth a line of their own ("start" and "waiting-lock" once per file and source)
 _LINE_KINDS = {"plan", "start", "retry", "restart", "waiting-lock", "source-failed", "source-missing",
                "verified", "stored", "cached", "installed", "verify-failed", "notice"}
-_ONCE_KINDS = {"start", "waiting-lock"}
+_ONCE_KINDS = {"start", "waiting-lock", "notice"}
 
 
 class EventRenderer:
@@ -75,7 +75,7 @@ class EventRenderer:
         if self.mode == "bars":
             self._bar(ev)
         if ev.kind in _LINE_KINDS:
-            key = (ev.kind, ev.file, ev.source if ev.kind == "start" else None)
+            key = (ev.kind, ev.file, ev.source if ev.kind == "start" else ev.message if ev.kind == "notice" else None)
             if ev.kind in _ONCE_KINDS and key in self._said:
                 return
             self._said.add(key)
