@@ -509,22 +509,9 @@ def _ensure_blob(ctx: _Context, manifest: Manifest, variant: Variant, mf: Manife
                 how = attempt.run(ctx, mf)
             except DiskFullError:
                 raise
-            except (OSError, PipxLlamaError) as err:
+            except OSError as err:
                 if store.refused_write(err):
                     raise  # the store, not the source: pull() says the store is read-only
-                if isinstance(err, PipxLlamaError):
-                    kind = next(k for cls, k in _FAILURE_KINDS if isinstance(err, cls))
-                    mine.append(SourceFailure(mf.path, attempt.label, kind, err.message, err.hint))
-                    if kind == "no-url":
-                        pass  # said once, in the final error, if no other source has the file
-                    elif kind == "not-found":
-                        # not a fault of the source: it just does not have the file
-                        emit(ProgressEvent("source-missing", mf.path, source=attempt.label,
-                                           message=err.message + next_one))
-                    else:
-                        emit(ProgressEvent("source-failed", mf.path, source=attempt.label,
-                                           message=err.message + next_one))
-                    continue
                 if err.errno == errno.ENOSPC:
                     raise DiskFullError(
                         f"the disk of {store.root} filled up while storing {mf.path}: {err}",
@@ -532,6 +519,21 @@ def _ensure_blob(ctx: _Context, manifest: Manifest, variant: Variant, mf: Manife
                         needed=mf.size, free=store.free_bytes()) from None
                 mine.append(SourceFailure(mf.path, attempt.label, "error", str(err)))
                 emit(ProgressEvent("source-failed", mf.path, source=attempt.label, message=str(err) + next_one))
+                continue
+            except PipxLlamaError as err:
+                if store.refused_write(err):
+                    raise
+                kind = next(k for cls, k in _FAILURE_KINDS if isinstance(err, cls))
+                mine.append(SourceFailure(mf.path, attempt.label, kind, err.message, err.hint))
+                if kind == "no-url":
+                    pass  # said once, in the final error, if no other source has the file
+                elif kind == "not-found":
+                    # not a fault of the source: it just does not have the file
+                    emit(ProgressEvent("source-missing", mf.path, source=attempt.label,
+                                       message=err.message + next_one))
+                else:
+                    emit(ProgressEvent("source-failed", mf.path, source=attempt.label,
+                                       message=err.message + next_one))
                 continue
             emit(ProgressEvent("stored", mf.path, mf.size or 0, mf.size, source=attempt.label,
                                message=f"stored ({how})"))
