@@ -317,6 +317,12 @@ def test_a_read_only_store_lists_verifies_and_runs_but_refuses_changes(tmp_path,
         run = subprocess.run([sys.executable, "-m", "pipx_llama.cli", "run", "tiny-one", *args, "-p", "hi", "-n", "3",
                               "--temp", "0"], capture_output=True, text=True, timeout=600, check=False)
         assert run.returncode == 0 and run.stdout.startswith("hi"), run.stderr
+        # serve and bench find their model file the same way, without writing
+        from pipx_llama.cli.main import build_parser
+        from pipx_llama.cli.options import model_file
+
+        serve_args = build_parser().parse_args(["serve", "tiny-two", *args])
+        assert model_file(serve_args, "tiny-two") == home / "models" / "tiny-two" / "q8_0" / "m.gguf"
         for command in (["pull", "tiny-one", *args], ["gc"], ["rm", "tiny-two", *args]):
             code, out, err = cli(capsys, *command)
             assert code == 1 and "is read-only" in err and "unexpected" not in err, (command, err)
