@@ -685,6 +685,7 @@ class _Job:
                 return
             self._discard()
         self.client = self._make_client()
+        self.last_byte = time.monotonic()  # patience counts from here, not from hashing a finished file
         try:
             restarts = retries = 0
             while True:
