@@ -262,7 +262,8 @@ def check_installed(store: Store, manifest: Manifest, variant: Variant, final: P
     if variant.format == "gguf":
         record = store.read_provenance(manifest.name, variant.name) or {}
         rel = final.relative_to(store.variant_dir(manifest.name, variant.name)).as_posix()
-        entry = next((f for f in record.get("files", []) if isinstance(f, dict) and f.get("path") == rel), None)
+        entry = next((f for f in record.get("files", []) if isinstance(f, dict) and f.get("path") == rel),
+                     None)
         what, again = "verified when it was installed", "then run again to fetch it"
     else:
         entry = _read_json(provenance_path(final))
@@ -270,8 +271,8 @@ def check_installed(store: Store, manifest: Manifest, variant: Variant, final: P
     problem = recorded_file_problem(final, entry) if entry else None
     if problem is not None:
         raise ModelFileError(f"{final} is not the file {what}: {problem}",
-                             f"`pipx-llama verify {manifest.name}` re-hashes it and removes it if it is damaged; "
-                             + again)
+                             f"`pipx-llama verify {manifest.name}` re-hashes it and removes it if it is "
+                             f"damaged; {again}")
 
 
 def is_ready(store: Store, manifest: Manifest, variant: Variant, quant: str) -> bool:
@@ -861,7 +862,8 @@ def prepare(plan: RunPlan, *, pull_options: PullOptions | None = None, on_event:
             raise store.read_only_error(f"prepare {label} {plan.quant}", read_only)
         check_installed(store, manifest, variant, path)
         for stage in STAGES:
-            emit(ProgressEvent("stage-skipped", stage, source=label, message=f"{path.name} is already in the store"))
+            emit(ProgressEvent("stage-skipped", stage, source=label,
+                               message=f"{path.name} is already in the store"))
     else:
         store.ensure()
         lock = store.lock(f"pipeline-{manifest.name}-{variant.name}")

@@ -518,7 +518,8 @@ def _ensure_blob(ctx: _Context, manifest: Manifest, variant: Variant, mf: Manife
                         "free some space and run the same command again", folder=str(store.root),
                         needed=mf.size, free=store.free_bytes()) from None
                 mine.append(SourceFailure(mf.path, attempt.label, "error", str(err)))
-                emit(ProgressEvent("source-failed", mf.path, source=attempt.label, message=str(err) + next_one))
+                emit(ProgressEvent("source-failed", mf.path, source=attempt.label,
+                                   message=str(err) + next_one))
                 continue
             except PipxLlamaError as err:
                 if store.refused_write(err):
@@ -701,7 +702,8 @@ def verify_installed(store: Store, iv: InstalledVariant, on_event: EventCallback
     repair = remove_bad and read_only is None
     expected = _expected_files(iv, manifest)
     recorded = {str(f.get("path")): str(f.get("sha256")) for f in iv.files}
-    checks = [_verify_file(store, iv, rel, sha, recorded.get(rel), emit, repair) for rel, sha in expected.items()]
+    checks = [_verify_file(store, iv, rel, sha, recorded.get(rel), emit, repair)
+              for rel, sha in expected.items()]
     checks += _verify_derived(store, iv, expected, emit, repair)
     if checks and all(c.ok for c in checks) and read_only is None:
         record = dict(iv.record)
@@ -723,8 +725,8 @@ def _expected_files(iv: InstalledVariant, manifest: Manifest | None) -> dict[str
     """path -> sha256 of the variant's files by its manifest (else its record, if no manifest is known)."""
     if manifest is None and iv.record.get("manifest_text"):
         try:
-            manifest = parse_manifest(str(iv.record["manifest_text"]), f"the record of {iv.model} ({iv.variant})",
-                                      allow_http=True)
+            origin = f"the record of {iv.model} ({iv.variant})"
+            manifest = parse_manifest(str(iv.record["manifest_text"]), origin, allow_http=True)
         except PipxLlamaError:
             manifest = None
     variant = next((v for v in manifest.variants if v.name == iv.variant), None) if manifest else None
@@ -743,7 +745,8 @@ def _report(emit: EventCallback, iv: InstalledVariant, check: FileCheck) -> File
     return check
 
 
-def _hash_file(store: Store, iv: InstalledVariant, rel: str, emit: EventCallback) -> tuple[str | None, str, str]:
+def _hash_file(store: Store, iv: InstalledVariant, rel: str,
+               emit: EventCallback) -> tuple[str | None, str, str]:
     """(sha256, "", "") of a regular file of the variant, or (None, status, why): never raises for a
     damaged store. ``status`` is missing, not-a-file or bad (unreadable)."""
     target = iv.path / rel
@@ -754,13 +757,15 @@ def _hash_file(store: Store, iv: InstalledVariant, rel: str, emit: EventCallback
     except OSError as err:
         return None, "bad", f"unreadable: {err.strerror}"
     if stat.S_ISDIR(st.st_mode):
-        return None, "not-a-file", f"{target} is a folder, not the file (move it away, or `pipx-llama rm {iv.model}`)"
+        return None, "not-a-file", (f"{target} is a folder, not the file (move it away, or "
+                                    f"`pipx-llama rm {iv.model}`)")
     if not stat.S_ISREG(st.st_mode):
         return None, "not-a-file", f"{target} is not a regular file"
     emit(ProgressEvent("start", rel, 0, st.st_size, source=iv.model, message="hashing"))
     ctx = _Context(store, PullOptions(), emit)
     try:
-        return sha256_file(target, ctx.progress(ManifestFile(rel, "0" * 64, st.st_size), iv.model, st.st_size)), "", ""
+        on_bytes = ctx.progress(ManifestFile(rel, "0" * 64, st.st_size), iv.model, st.st_size)
+        return sha256_file(target, on_bytes), "", ""
     except OSError as err:
         return None, "bad", f"unreadable: {err.strerror}"
 
@@ -780,16 +785,18 @@ def _verify_file(store: Store, iv: InstalledVariant, rel: str, expected: str, re
             blob.unlink(missing_ok=True)
             link_or_copy(target, blob)
             return _report(emit, iv, FileCheck(rel, "restored", expected, actual,
-                                               detail=f"its blob was {state}; restored from the verified file"))
-        return _report(emit, iv, FileCheck(rel, "blob-missing", expected, actual, detail=f"its blob {blob} is {state}"))
+                                               detail=f"its blob was {state}; restored from the verified "
+                                                      "file"))
+        return _report(emit, iv, FileCheck(rel, "blob-missing", expected, actual,
+                                           detail=f"its blob {blob} is {state}"))
     if recorded is not None and actual == recorded != expected:
         check = FileCheck(rel, "stale", expected, actual, detail=f"intact, but the manifest now lists sha256 "
                                                                 f"{expected}, not {actual}", removed=repair)
         if repair:
             target.unlink()  # the blob is intact under its own name: gc removes it once nothing uses it
         return _report(emit, iv, check)
-    check = FileCheck(rel, "bad", expected, actual, detail=f"sha256 mismatch: expected {expected}, got {actual}",
-                      removed=repair)
+    check = FileCheck(rel, "bad", expected, actual, removed=repair,
+                      detail=f"sha256 mismatch: expected {expected}, got {actual}")
     if repair:
         with contextlib.suppress(FileNotFoundError, NotADirectoryError):
             if blob.is_file() and os.path.samefile(blob, target):
@@ -830,8 +837,9 @@ def _verify_derived(store: Store, iv: InstalledVariant, sources: dict[str, str],
             record = None
         recorded = str(record.get("sha256")) if isinstance(record, dict) else ""
         if not isinstance(record, dict) or record.get("kind") != "derived" or record.get("path") != name:
-            check = FileCheck(name, "bad", recorded, detail=f"its record {rec_path.name} is damaged", removed=repair)
-        elif {s.get("path"): s.get("sha256") for s in record.get("sources", []) if isinstance(s, dict)} != sources:
+            check = FileCheck(name, "bad", recorded, detail=f"its record {rec_path.name} is damaged",
+                              removed=repair)
+        elif _derived_sources(record) != sources:
             check = FileCheck(name, "stale", recorded, detail="made from other files than the manifest lists",
                               removed=repair)
         else:
@@ -842,7 +850,8 @@ def _verify_derived(store: Store, iv: InstalledVariant, sources: dict[str, str],
                 check = FileCheck(name, "ok", recorded, actual, detail="as recorded when it was made")
             else:
                 check = FileCheck(name, "bad", recorded, actual, removed=repair,
-                                  detail=f"sha256 mismatch: recorded {recorded} when it was made, got {actual}")
+                                  detail=f"sha256 mismatch: recorded {recorded} when it was made, got "
+                                         f"{actual}")
         if check.removed:
             # the pipeline makes it again on the next run
             rec_path.unlink(missing_ok=True)
@@ -850,6 +859,10 @@ def _verify_derived(store: Store, iv: InstalledVariant, sources: dict[str, str],
                 final.unlink(missing_ok=True)
         out.append(_report(emit, iv, check))
     return out
+
+
+def _derived_sources(record: dict[str, Any]) -> dict[Any, Any]:
+    return {s.get("path"): s.get("sha256") for s in record.get("sources", []) if isinstance(s, dict)}
 
 
 # --- import --------------------------------------------------------------------------------------------------

@@ -71,7 +71,7 @@ class StoreReadOnlyError(StoreError):
 
 
 def is_read_only_error(err: BaseException | None) -> bool:
-    """Whether ``err`` (or an error that caused it) is a write refused by the filesystem or its permissions."""
+    """Whether ``err`` (or an error that caused it) is a write refused by a filesystem or permissions."""
     while err is not None:
         if isinstance(err, OSError) and err.errno in _READ_ONLY_ERRNOS:
             return True
@@ -159,7 +159,8 @@ def link_or_copy(src: Path, dest: Path, *, copy: bool = False) -> str:
     """
     if dest.is_dir() and not dest.is_symlink():
         raise ModelFileError(f"{dest} is a folder where a file belongs",
-                             "move it away or delete it (`pipx-llama rm MODEL` removes the whole model), then retry")
+                             "move it away or delete it (`pipx-llama rm MODEL` removes the whole model), "
+                             "then retry")
     with contextlib.suppress(FileNotFoundError):
         if not copy and os.path.samefile(src, dest):
             return "present"
@@ -485,7 +486,7 @@ class Store:
 
     @contextlib.contextmanager
     def writing(self, action: str) -> Iterator[None]:
-        """Check that the store can be changed, and turn a write refused inside it into ``StoreReadOnlyError``."""
+        """Check that the store can be changed; turn a write refused inside it into ``StoreReadOnlyError``."""
         self.check_writable(action)
         try:
             yield

@@ -187,7 +187,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             return True
         if cond.startswith(('"', "W/")):
             return cond == etag and not cond.startswith("W/")
-        return cond == email.utils.formatdate(res.last_modified, usegmt=True) and not res.faults.no_last_modified
+        date = email.utils.formatdate(res.last_modified, usegmt=True)
+        return cond == date and not res.faults.no_last_modified
 
     def _status(self, code: int, headers: dict[str, str] | None = None) -> None:
         body = f"{code}\n".encode()

@@ -42,7 +42,8 @@ def read_only(folder: Path) -> Iterator[None]:
 def _read_only_mount(folder: Path) -> Iterator[None]:
     if sys.platform != "linux":
         _skip("root is not stopped by permissions, and read-only bind mounts need Linux")
-    done = subprocess.run(["mount", "--bind", str(folder), str(folder)], capture_output=True, text=True, check=False)
+    done = subprocess.run(["mount", "--bind", str(folder), str(folder)], capture_output=True, text=True,
+                          check=False)
     if done.returncode != 0:
         _skip(f"cannot bind-mount {folder}: {done.stderr.strip()}")
     try:

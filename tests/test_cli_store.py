@@ -293,7 +293,8 @@ def _tiny_manifest(tmp_path: Path, srv: FileServer, name: str, seed: int) -> Pat
     doc = {"format": 1, "name": name, "description": "tiny", "license": "test", "architecture": "llama",
            "parameters": 1000, "context_length": 64,
            "variants": [{"name": "q8_0", "format": "gguf", "quantization": "Q8_0",
-                         "files": [{"path": "m.gguf", "size": len(data), "sha256": hashlib.sha256(data).hexdigest()}],
+                         "files": [{"path": "m.gguf", "size": len(data),
+                                    "sha256": hashlib.sha256(data).hexdigest()}],
                          "sources": [{"type": "url", "base": srv.url(f"/{name}/")}]}]}
     path = tmp_path / f"{name}.toml"
     path.write_text(render_manifest(doc))
@@ -314,8 +315,9 @@ def test_a_read_only_store_lists_verifies_and_runs_but_refuses_changes(tmp_path,
         code, out, err = cli(capsys, "verify", *args)
         assert code == 0 and out.count("all files verified") == 2, err
         assert out.count("the store is read-only") == 1 and "not recorded" in out   # said once
-        run = subprocess.run([sys.executable, "-m", "pipx_llama.cli", "run", "tiny-one", *args, "-p", "hi", "-n", "3",
-                              "--temp", "0"], capture_output=True, text=True, timeout=600, check=False)
+        run = subprocess.run([sys.executable, "-m", "pipx_llama.cli", "run", "tiny-one", *args, "-p", "hi",
+                              "-n", "3", "--temp", "0"], capture_output=True, text=True, timeout=600,
+                             check=False)
         assert run.returncode == 0 and run.stdout.startswith("hi"), run.stderr
         # serve and bench find their model file the same way, without writing
         from pipx_llama.cli.main import build_parser
@@ -344,7 +346,8 @@ def test_damage_a_run_notices_and_verify_repairs(tmp_path, env, srv, capsys):
         byte = f.read(1)
         f.seek(at)
         f.write(bytes([byte[0] ^ 0x01]))
-    run = [sys.executable, "-m", "pipx_llama.cli", "run", "tiny-dmg", "--manifest", str(mf), "-p", "hi", "-n", "2"]
+    run = [sys.executable, "-m", "pipx_llama.cli", "run", "tiny-dmg", "--manifest", str(mf), "-p", "hi",
+           "-n", "2"]
     r = subprocess.run(run, capture_output=True, text=True, timeout=600, check=False)
     assert r.returncode == 3 and "is not the file verified when it was installed" in r.stderr, r.stderr
     assert "header or tensor table differs" in r.stderr and "pipx-llama verify tiny-dmg" in r.stderr

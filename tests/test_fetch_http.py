@@ -469,7 +469,8 @@ def test_server_cutting_every_response_short_still_completes(server, tmp_path, p
     server.faults("/cut").drop_after = 700 * 1024
     server.faults("/cut").drop_times = -1
     ev = Events()
-    o = opts(max_retries=2, **({"parallel_parts": 3, "part_threshold": MB, "min_part": MB} if parallel else {}))
+    parts = {"parallel_parts": 3, "part_threshold": MB, "min_part": MB} if parallel else {}
+    o = opts(max_retries=2, **parts)
     download(url, tmp_path / "c.part", size=len(data), sha256=sha(data), options=o, on_event=ev)
     assert (tmp_path / "c.part").read_bytes() == data
     assert len(ev.of("retry")) >= 12 and all("continuing" in e.message for e in ev.of("retry"))
@@ -779,7 +780,8 @@ def test_slow_syncs_space_saves_at_most_two_seconds_apart(server, tmp_path, monk
         real_sync(fd)
     monkeypatch.setattr(fetch_http, "_fdatasync", slow_sync)
     saves = record_saves(monkeypatch)
-    download(url, tmp_path / "s.part", size=len(data), sha256=sha(data), options=opts(checkpoint_interval=1.0))
+    download(url, tmp_path / "s.part", size=len(data), sha256=sha(data),
+             options=opts(checkpoint_interval=1.0))
     gaps = [b[0] - a[0] for a, b in itertools.pairwise(saves)]
     assert len(gaps) >= 3 and max(gaps) < 3.0, gaps  # 2 s + the 0.4 s sync + slack for a busy machine
 
@@ -818,8 +820,8 @@ def test_per_response_etags_of_a_load_balancer_still_complete(server, tmp_path, 
     assert ("using Last-Modified" if last_modified else "sha256 check at the end decides") in notice.message
     # once switched, ranged requests carry the date (or nothing) and are answered 206
     last = server.requests[-1][2]
-    assert last.get("If-Range") == (email.utils.formatdate(server._resources["/lb"].last_modified, usegmt=True)
-                                    if last_modified else None)
+    date = email.utils.formatdate(server._resources["/lb"].last_modified, usegmt=True)
+    assert last.get("If-Range") == (date if last_modified else None)
 
 
 def test_a_switch_to_last_modified_is_kept_for_the_resume(server, tmp_path):

@@ -380,7 +380,7 @@ def test_interrupted_quantization_resumes_at_quantize_and_reuses_the_conversion(
     assert {e.kind for e in events} == {"stage-skipped", "ready"}
 
 
-# --- derived files: their provenance chain, a changed file, a read-only store --------------------------------
+# --- derived files: their provenance chain, a changed file, a read-only store -------------------------------
 
 
 @pytest.fixture(scope="module")
@@ -391,7 +391,8 @@ def tiny_meta(tmp_path_factory, vocab_dir) -> Path:
 
     g = open_gguf(vocab_dir / "ggml-vocab-llama-spm.gguf")
     m = g.metadata
-    model = llama_tokenizer_model(m["tokenizer.ggml.tokens"], m["tokenizer.ggml.scores"], m["tokenizer.ggml.token_type"])
+    model = llama_tokenizer_model(m["tokenizer.ggml.tokens"], m["tokenizer.ggml.scores"],
+                                  m["tokenizer.ggml.token_type"])
     g.close()
     shards = random_meta_shards(np.random.default_rng(5), 32000, 32, 1, 2, 1)
     params = {"dim": 32, "multiple_of": 32, "n_heads": 2, "n_layers": 1, "norm_eps": 1e-05, "vocab_size": -1}
@@ -403,7 +404,8 @@ def _prepared_meta(tmp_path: Path, folder: Path) -> tuple[Config, Manifest, Path
     m = write_manifest(tmp_path, {
         "format": 1, "name": "tiny-meta", "description": "a tiny Meta checkpoint", "license": "test",
         "architecture": "llama", "parameters": 2_100_000, "context_length": 512,
-        "variants": [{"name": "original", "format": "meta-pth", "quantization": "Q8_0", "files": files_of(folder),
+        "variants": [{"name": "original", "format": "meta-pth", "quantization": "Q8_0",
+                      "files": files_of(folder),
                       "sources": [{"type": "url", "base": "https://127.0.0.1:9/none/"}]}]})
     manifest = parse_manifest(m.read_text(), str(m))
     p = make_plan("tiny-meta", hardware=hw(), config=cfg, catalog=Catalog([manifest]),

@@ -636,7 +636,8 @@ def test_pull_into_a_read_only_store_says_so_and_writes_nothing(srv, store):
     before = sorted(str(p) for p in store.root.rglob("*"))
     with read_only(store.root):
         for manifest in (m, other):
-            with pytest.raises(StoreReadOnlyError, match=f"cannot pull {manifest.name}: the store .* is read-only"):
+            expected = f"cannot pull {manifest.name}: the store .* is read-only"
+            with pytest.raises(StoreReadOnlyError, match=expected):
                 pull(store, manifest)
     assert sorted(str(p) for p in store.root.rglob("*")) == before
 

@@ -370,8 +370,8 @@ def test_a_write_refused_although_access_said_yes_is_a_read_only_error(populated
         return real_open(path, flags, *args, **kwargs)
     monkeypatch.setattr(os, "open", refusing)
     assert store.read_only_reason() is None
-    with (pytest.raises(StoreReadOnlyError, match=r"cannot gc the store: .*locks/store\.lock: Read-only file"),
-          store.exclusive(action="gc the store")):
+    expected = r"cannot gc the store: .*locks/store\.lock: Read-only file"
+    with pytest.raises(StoreReadOnlyError, match=expected), store.exclusive(action="gc the store"):
         store.gc()
     with store.shared(read_only_ok=True):
         pass

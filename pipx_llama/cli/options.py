@@ -67,8 +67,8 @@ def model_file(args: argparse.Namespace, name: str | None = None) -> Path:
     if variant.format != "gguf":
         raise UnsupportedModelError(
             f"{manifest.name} ({variant.name}) holds original weights, not a GGUF file",
-            f"run it once with `pipx-llama run {manifest.name}` (which converts and quantizes it), or convert it "
-            f"yourself: pipx-llama convert FOLDER {manifest.name}.gguf, then pass -m that file",
+            f"run it once with `pipx-llama run {manifest.name}` (which converts and quantizes it), or "
+            f"convert it yourself: pipx-llama convert FOLDER {manifest.name}.gguf, then pass -m that file",
         )
     path = final_path(s.store, manifest, variant, default_quant(variant))
     check_installed(s.store, manifest, variant, path)

@@ -75,7 +75,8 @@ class EventRenderer:
         if self.mode == "bars":
             self._bar(ev)
         if ev.kind in _LINE_KINDS:
-            key = (ev.kind, ev.file, ev.source if ev.kind == "start" else ev.message if ev.kind == "notice" else None)
+            detail = ev.source if ev.kind == "start" else ev.message if ev.kind == "notice" else None
+            key = (ev.kind, ev.file, detail)
             if ev.kind in _ONCE_KINDS and key in self._said:
                 return
             self._said.add(key)

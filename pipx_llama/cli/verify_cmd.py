@@ -54,10 +54,10 @@ def run(args: argparse.Namespace) -> int:
                                         + (f", {removed} removed" if removed else "")))
     if bad:
         if s.store.read_only_reason() is not None:
-            hint = ("the store is read-only: ask whoever manages it to run `pipx-llama verify` (which removes "
-                    "damaged files) and then `pipx-llama pull MODEL`")
+            hint = ("the store is read-only: ask whoever manages it to run `pipx-llama verify` (which "
+                    "removes damaged files) and then `pipx-llama pull MODEL`")
         else:
             hint = ("run `pipx-llama pull MODEL` to fetch the damaged files again (a run rebuilds derived "
-                    "files)" + ("" if not args.keep_bad else "; without --keep-bad, verify removes them first"))
+                    "files)" + ("; without --keep-bad, verify removes them first" if args.keep_bad else ""))
         raise ModelFileError(f"verification failed for {len(bad)} file(s): " + "; ".join(bad), hint)
     return 0

@@ -23,7 +23,8 @@ Never mixing two versions
     from the state is treated the same way: the partial is discarded and the download starts over
     cleanly. Validators that change again within one download come from a server that labels the
     same bytes differently per response (a load balancer): the ETag is then dropped for
-    Last-Modified if that stayed the same, else both are, and the final sha256 check decides. A server that ignores ``Range`` (200 to a ranged request) gets a single stream from
+    Last-Modified if that stayed the same, else both are, and the final sha256 check decides.
+    A server that ignores ``Range`` (200 to a ranged request) gets a single stream from
     byte 0; when that stream breaks, the rest is asked for with a ``Range`` (some servers answer a
     whole-file range with 200 yet honour others), and only a server that ignores it too is started
     over from byte 0 (it cannot resume).
@@ -1049,7 +1050,8 @@ class _Job:
         timeout = httpx.Timeout(connect=min(o.timeout, left), read=min(o.stall_timeout, left),
                                 write=min(o.timeout, left), pool=min(o.timeout, left))
         try:
-            resp = client.send(client.build_request("GET", self.url, headers=headers, timeout=timeout), stream=True)
+            request = client.build_request("GET", self.url, headers=headers, timeout=timeout)
+            resp = client.send(request, stream=True)
         except httpx.TooManyRedirects:
             raise FetchError(f"too many redirects fetching {self.name} from {self.shown_url}",
                              "the source is misconfigured; try another source") from None
@@ -1115,13 +1117,15 @@ class _Job:
             self._believed = self.changes < 2
             if self._believed:
                 return True
-            same_date = self.last_modified is not None and self.last_modified == resp.headers.get("last-modified")
+            lm = resp.headers.get("last-modified")
+            same_date = self.last_modified is not None and self.last_modified == lm
             if self.validators == "any" and self.etag is not None and same_date:
                 self.validators, self.etag = "last-modified", None
                 note = "its ETag changes from response to response; using Last-Modified instead"
             else:
                 self.validators, self.etag, self.last_modified = "none", None, None
-                note = "its ETag/Last-Modified change from response to response; the sha256 check at the end decides"
+                note = ("its ETag/Last-Modified change from response to response; the sha256 check at the "
+                        "end decides")
         self.events.put(ProgressEvent("notice", self.name, source=self.shown_url, message=note))
         return False
 
@@ -1197,14 +1201,15 @@ class _Job:
         )
 
     def _check_patience(self, reason: str, delay: float) -> None:
-        """Give up now if waiting ``delay`` more would leave the source silent for ``give_up_after`` seconds."""
+        """Give up now if waiting ``delay`` more leaves the source silent for ``give_up_after`` seconds."""
         idle = time.monotonic() - self.last_byte
         if idle + delay >= self.opt.give_up_after:
             raise self._stalled(reason, idle)
 
     def _stalled(self, reason: str, idle: float) -> NetworkError:
         return NetworkError(
-            f"could not download {self.name} from {self.shown_url}: nothing received for {idle:.0f} s ({reason})",
+            f"could not download {self.name} from {self.shown_url}: nothing received for {idle:.0f} s "
+            f"({reason})",
             "check the network connection or proxy settings (HTTPS_PROXY), or try later" + self._kept("; ")
             + f"; `give_up_after` in the config file sets this limit ({self.opt.give_up_after:g} s)",
         )
@@ -1282,8 +1287,8 @@ class _Job:
             raise ChecksumError(
                 f"size mismatch for {self.name} at {self.shown_url}: expected {self.size} bytes, "
                 f"the server has {total}; nothing was downloaded",
-                "the source holds another version of the file; if no source has this one, the manifest may be "
-                "out of date",
+                "the source holds another version of the file; if no source has this one, the manifest may "
+                "be out of date",
                 file=self.name, source=self.url, expected=self.sha256, actual=f"(size {total} bytes)")
         self.total = total if total is not None else self.size
         o = self.opt
@@ -1486,7 +1491,8 @@ class _Job:
                 if self._believe_change(resp):
                     raise _Restart("the file at the source has changed (new ETag/Last-Modified)")
                 # the If-Range validator was this server's own whim: ask again with what is still trusted
-                raise _Retry("the server sent the whole file instead of the range (If-Range did not match)", 0.0)
+                raise _Retry("the server sent the whole file instead of the range (If-Range did not match)",
+                             0.0)
             raise _Restart("the server ignored the Range request and sent the whole file")
         cr = _content_range(resp.headers.get("content-range"))
         if cr is None or cr[0] != part.qpos:
