@@ -29,7 +29,7 @@ else:  # pragma: no cover
 
 APP = "pipx-llama"
 _KEYS = {"home": str, "mirrors": list, "offline": bool, "allow_http": bool, "parallel_parts": int,
-         "part_threshold": int}
+         "part_threshold": int, "give_up_after": float}
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"", "0", "false", "no", "off"}
 
@@ -52,6 +52,7 @@ class Config:
     hf_token: str | None = None
     parallel_parts: int | None = None
     part_threshold: int | None = None
+    give_up_after: float | None = None   # seconds without a byte from a source before a download gives up
 
     @property
     def config_file(self) -> Path:
@@ -95,8 +96,14 @@ def _read_file(path: Path) -> dict:
         kind = _KEYS.get(key)
         if kind is None:
             raise ConfigError(f"{path}: unknown key {key!r}", f"allowed keys: {', '.join(sorted(_KEYS))}")
+        if kind is float and isinstance(value, int) and not isinstance(value, bool):
+            value = data[key] = float(value)
         if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-            raise ConfigError(f"{path}: {key} must be a {kind.__name__}, got {value!r}", "fix the config file")
+            what = "number" if kind is float else kind.__name__
+            raise ConfigError(f"{path}: {key} must be a {what}, got {value!r}", "fix the config file")
+        if kind is float and not 0 < value < float("inf"):
+            raise ConfigError(f"{path}: {key} must be a positive number of seconds, got {value!r}",
+                              "fix the config file")
         if kind is list and not all(isinstance(v, str) for v in value):
             raise ConfigError(f"{path}: {key} must be a list of strings", "fix the config file")
     return data
@@ -121,4 +128,5 @@ def load_config(env: Mapping[str, str] | None = None) -> Config:
         hf_token=env.get("HF_TOKEN") or None,
         parallel_parts=data.get("parallel_parts"),
         part_threshold=data.get("part_threshold"),
+        give_up_after=data.get("give_up_after"),
     )

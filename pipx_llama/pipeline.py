@@ -31,7 +31,12 @@ then the F16 intermediate is deleted. Every output is written under a temporary 
 when complete; each stage's completion is recorded in ``models/<name>/<variant>/.pipeline.json``
 (written atomically), so a run killed at any moment resumes at the stage it was in: fetched blobs
 and partial downloads stay, a finished conversion is reused. One process at a time works on a
-variant (a lock); another waits and then finds the work done.
+variant (a lock); another waits and then finds the work done. A store this user cannot write is only
+read: a model already prepared in it runs (no lock, no state written), anything else is refused.
+
+Before a prepared GGUF is handed out, its size and the digest of its header and tensor table are
+compared with what was recorded when it was verified or made (``check_installed``): a file changed
+since is refused with a ``ModelFileError`` instead of being run.
 
 Progress goes to ``on_event(ProgressEvent)``: the pull's, converter's and quantizer's own events,
 plus ``stage`` (a stage starts; ``file`` is the stage name), ``stage-done``, ``stage-skipped``
@@ -50,7 +55,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pipx_llama import __version__
-from pipx_llama.errors import PipxLlamaError, UsageError
+from pipx_llama.errors import ModelFileError, PipxLlamaError, UsageError
 from pipx_llama.fetch.errors import FetchError, OfflineError
 from pipx_llama.fetch.events import ProgressEvent
 from pipx_llama.hardware import (
@@ -63,7 +68,16 @@ from pipx_llama.hardware import (
 )
 from pipx_llama.manifest import Catalog, Manifest, Variant
 from pipx_llama.pull import PullOptions, estimate_gguf_bytes, estimated_file_size, manifest_from_mirrors, pull
-from pipx_llama.store import Store, atomic_write_json, human_bytes, now_iso, sha256_file
+from pipx_llama.store import (
+    DERIVED_PROVENANCE_SUFFIX,
+    Store,
+    atomic_write_json,
+    gguf_header_digest,
+    human_bytes,
+    now_iso,
+    recorded_file_problem,
+    sha256_file,
+)
 
 if TYPE_CHECKING:
     from pipx_llama.config import Config
@@ -78,7 +92,7 @@ CONVERTIBLE = ("meta-pth", "hf-safetensors")
 QUANT_LADDER = ("Q8_0", "Q6_K", "Q5_K_M", "Q5_K_S", "Q5_1", "Q5_0", "Q4_K_M", "Q4_K_S", "Q4_1", "Q4_0")
 STATE_FILE = ".pipeline.json"
 INTERMEDIATE = "intermediate-f16.gguf"
-PROVENANCE_SUFFIX = ".provenance.json"
+PROVENANCE_SUFFIX = DERIVED_PROVENANCE_SUFFIX
 # Alternatives offered when the chosen context does not fit.
 _SMALLER_CONTEXTS = (2048, 1024, 512)
 
@@ -237,6 +251,28 @@ def _gguf_ready(store: Store, manifest: Manifest, variant: Variant) -> bool:
     recorded = {f.get("path"): f.get("sha256") for f in record.get("files", [])}
     return recorded == _source_hashes(variant) and all(
         store.has_blob(f.sha256, f.size) and (folder / f.path).is_file() for f in variant.files)
+
+
+def check_installed(store: Store, manifest: Manifest, variant: Variant, final: Path) -> None:
+    """Raise ``ModelFileError`` when the runnable GGUF ``final``, as it is now, is not the file that was
+    verified (a pulled GGUF) or made (a derived one): its size, or the digest of its header and tensor
+    table, differs from the record. Cheap (no full hash); a missing file is left to the pipeline."""
+    if not os.path.lexists(final):
+        return
+    if variant.format == "gguf":
+        record = store.read_provenance(manifest.name, variant.name) or {}
+        rel = final.relative_to(store.variant_dir(manifest.name, variant.name)).as_posix()
+        entry = next((f for f in record.get("files", []) if isinstance(f, dict) and f.get("path") == rel),
+                     None)
+        what, again = "verified when it was installed", "then run again to fetch it"
+    else:
+        entry = _read_json(provenance_path(final))
+        what, again = "recorded when it was made", "the next run makes it again"
+    problem = recorded_file_problem(final, entry) if entry else None
+    if problem is not None:
+        raise ModelFileError(f"{final} is not the file {what}: {problem}",
+                             f"`pipx-llama verify {manifest.name}` re-hashes it and removes it if it is "
+                             f"damaged; {again}")
 
 
 def is_ready(store: Store, manifest: Manifest, variant: Variant, quant: str) -> bool:
@@ -430,6 +466,8 @@ def pull_options_from_config(config: Config, **overrides: Any) -> PullOptions:
         fetch.parallel_parts = config.parallel_parts
     if config.part_threshold:
         fetch.part_threshold = config.part_threshold
+    if config.give_up_after:
+        fetch.give_up_after = config.give_up_after
     base = PullOptions(mirrors=list(config.mirrors), url=config.url, offline=config.offline,
                        allow_http=config.allow_http, token=config.token, hf_token=config.hf_token, fetch=fetch)
     return dataclasses.replace(base, **overrides)
@@ -688,6 +726,7 @@ class _Pipeline:
 
     def run(self, pull_options: PullOptions, keep_intermediate: bool) -> Path:
         final, quant = self.plan.final_path, self.plan.quant
+        check_installed(self.store, self.manifest, self.variant, final)
         if _derived_ready(final, self.variant, quant):
             for s in STAGES:
                 self.stage("stage-skipped", s, f"{final.name} is already in the store")
@@ -762,7 +801,7 @@ class _Pipeline:
         self.emit(ProgressEvent("start", final.name, 0, size, message="hashing"))
         digest = sha256_file(final)
         self.emit(ProgressEvent("done", final.name, size, size, message=f"sha256 {digest}"))
-        record = self.provenance(state, q, digest, size)
+        record = {**self.provenance(state, q, digest, size), **gguf_header_digest(final)}
         atomic_write_json(provenance_path(final), record)
         state["current"] = None
         quants[quant] = {"status": "done", "at": now_iso(), "path": final.name, "sha256": digest, "size": size,
@@ -806,14 +845,25 @@ def prepare(plan: RunPlan, *, pull_options: PullOptions | None = None, on_event:
     options = dataclasses.replace(pull_options or plan.pull_options or PullOptions(), variant=variant.name,
                                   extra_bytes=plan.intermediate_bytes + plan.final_bytes)
     label = f"{manifest.name} ({variant.name})"
+    read_only = store.read_only_reason()
     if variant.format == "gguf":
         path = final_path(store, manifest, variant, plan.quant)
+        check_installed(store, manifest, variant, path)
         if _gguf_ready(store, manifest, variant):
             emit(ProgressEvent("stage-skipped", "fetch", source=label, message="already in the store, verified"))
         else:
             emit(ProgressEvent("stage", "fetch", source=label, message=f"fetching {len(variant.files)} file(s)"))
             pull(store, manifest, options, emit)
             emit(ProgressEvent("stage-done", "fetch", source=label, message="all files verified"))
+    elif read_only is not None:
+        # nothing can be written, so nothing can change: the file is used as it is, without locks
+        path = final_path(store, manifest, variant, plan.quant)
+        if not _derived_ready(path, variant, plan.quant):
+            raise store.read_only_error(f"prepare {label} {plan.quant}", read_only)
+        check_installed(store, manifest, variant, path)
+        for stage in STAGES:
+            emit(ProgressEvent("stage-skipped", stage, source=label,
+                               message=f"{path.name} is already in the store"))
     else:
         store.ensure()
         lock = store.lock(f"pipeline-{manifest.name}-{variant.name}")

@@ -13,6 +13,7 @@ Library code: reports through ``on_event(ProgressEvent)`` callbacks and exceptio
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import errno
 import hashlib
@@ -55,11 +56,14 @@ from pipx_llama.manifest import (
     url_problem,
 )
 from pipx_llama.store import (
+    DERIVED_PROVENANCE_SUFFIX,
+    PROVENANCE,
     InstalledVariant,
     Store,
     atomic_write_bytes,
     atomic_write_json,
     copy_hashing,
+    gguf_header_digest,
     human_bytes,
     link_or_copy,
     now_iso,
@@ -493,7 +497,10 @@ def _ensure_blob(ctx: _Context, manifest: Manifest, variant: Variant, mf: Manife
                                message="fetched by another process meanwhile"))
             return None
         mine: list[SourceFailure] = []
-        for attempt in _attempts(variant, mf, ctx.options):
+        attempts = _attempts(variant, mf, ctx.options)
+        for i, attempt in enumerate(attempts):
+            # said only when true: the hints of the fetch layer cannot know whether another source follows
+            next_one = "; trying the next source" if i + 1 < len(attempts) else ""
             if attempt.network and ctx.options.offline:
                 mine.append(SourceFailure(mf.path, attempt.label, "offline", "not tried: offline mode",
                                           "run without --offline / PIPX_LLAMA_OFFLINE"))
@@ -503,36 +510,44 @@ def _ensure_blob(ctx: _Context, manifest: Manifest, variant: Variant, mf: Manife
             except DiskFullError:
                 raise
             except OSError as err:
+                if store.refused_write(err):
+                    raise  # the store, not the source: pull() says the store is read-only
                 if err.errno == errno.ENOSPC:
                     raise DiskFullError(
                         f"the disk of {store.root} filled up while storing {mf.path}: {err}",
                         "free some space and run the same command again", folder=str(store.root),
                         needed=mf.size, free=store.free_bytes()) from None
                 mine.append(SourceFailure(mf.path, attempt.label, "error", str(err)))
-                emit(ProgressEvent("source-failed", mf.path, source=attempt.label, message=str(err)))
+                emit(ProgressEvent("source-failed", mf.path, source=attempt.label,
+                                   message=str(err) + next_one))
                 continue
             except PipxLlamaError as err:
+                if store.refused_write(err):
+                    raise
                 kind = next(k for cls, k in _FAILURE_KINDS if isinstance(err, cls))
                 mine.append(SourceFailure(mf.path, attempt.label, kind, err.message, err.hint))
                 if kind == "no-url":
                     pass  # said once, in the final error, if no other source has the file
                 elif kind == "not-found":
                     # not a fault of the source: it just does not have the file
-                    emit(ProgressEvent("source-missing", mf.path, source=attempt.label, message=err.message))
+                    emit(ProgressEvent("source-missing", mf.path, source=attempt.label,
+                                       message=err.message + next_one))
                 else:
-                    emit(ProgressEvent("source-failed", mf.path, source=attempt.label, message=err.message))
+                    emit(ProgressEvent("source-failed", mf.path, source=attempt.label,
+                                       message=err.message + next_one))
                 continue
             emit(ProgressEvent("stored", mf.path, mf.size or 0, mf.size, source=attempt.label,
                                message=f"stored ({how})"))
             failures += [f for f in mine if f.kind == "checksum"]
             return attempt.label, how
         failures += mine
-        raise _all_failed(manifest, variant, mf, mine)
+        raise _all_failed(manifest, variant, mf, mine, kept=store.partial_size(mf.sha256) > 0)
     finally:
         lock.release()
 
 
-def _all_failed(manifest: Manifest, variant: Variant, mf: ManifestFile, mine: list[SourceFailure]) -> FetchError:
+def _all_failed(manifest: Manifest, variant: Variant, mf: ManifestFile, mine: list[SourceFailure], *,
+                kept: bool = False) -> FetchError:
     if not mine:
         return PullError(
             f"{manifest.name} ({variant.name}): no source for {mf.path}",
@@ -542,7 +557,8 @@ def _all_failed(manifest: Manifest, variant: Variant, mf: ManifestFile, mine: li
     if any(f.kind == "offline" for f in mine) and all(f.kind in ("offline", "no-url", "not-found") for f in mine):
         return OfflineError(msg, "run without --offline, or give a local copy with --from-dir DIR")
     hint = "; ".join(dict.fromkeys(f.hint for f in mine if f.hint))
-    return PullError(msg, hint or "check the network and the sources, then retry (downloads resume)", mine)
+    return PullError(msg, hint or "check the network and the sources, then retry"
+                     + (" (the partial download resumes)" if kept else ""), mine)
 
 
 # --- pull ----------------------------------------------------------------------------------------------------
@@ -559,7 +575,16 @@ def _known_source(store: Store, sha256: str) -> dict[str, Any]:
 
 def pull(store: Store, manifest: Manifest, options: PullOptions | None = None,
          on_event: EventCallback | None = None) -> PullResult:
-    """Make ``store`` hold every file of the chosen variant, verified, under models/<name>/<variant>/."""
+    """Make ``store`` hold every file of the chosen variant, verified, under models/<name>/<variant>/.
+
+    A store this user cannot change raises ``StoreReadOnlyError`` before anything is written.
+    """
+    with store.writing(f"pull {manifest.name}"):
+        return _pull(store, manifest, options, on_event)
+
+
+def _pull(store: Store, manifest: Manifest, options: PullOptions | None,
+          on_event: EventCallback | None) -> PullResult:
     options = options or PullOptions()
     emit: EventCallback = on_event or (lambda e: None)
     variant = manifest.variant(options.variant)
@@ -598,14 +623,22 @@ def pull(store: Store, manifest: Manifest, options: PullOptions | None = None,
 def _install(store: Store, manifest: Manifest, variant: Variant, records: Mapping[str, Mapping[str, Any]]) -> Path:
     with store.lock(f"model-{manifest.name}"):
         old = store.read_provenance(manifest.name, variant.name) or {}
+        before = {f.get("path"): f for f in old.get("files", []) if isinstance(f, dict)}
         files = []
         for mf in variant.files:
             mode = store.install_file(manifest.name, variant.name, mf.path, mf.sha256)
             size = store.blob_path(mf.sha256).stat().st_size
-            files.append({"path": mf.path, "sha256": mf.sha256, "size": size,
-                          "source": records[mf.path]["source"], "method": records[mf.path]["method"],
-                          "fetched_at": records[mf.path]["fetched_at"],
-                          "stored_as": "copy" if mode == "copy" else "link"})
+            entry = {"path": mf.path, "sha256": mf.sha256, "size": size,
+                     "source": records[mf.path]["source"], "method": records[mf.path]["method"],
+                     "fetched_at": records[mf.path]["fetched_at"],
+                     "stored_as": "copy" if mode == "copy" else "link"}
+            if mf.path.endswith(".gguf"):
+                # what loading checks cheaply (size, header and tensor table): see store.recorded_file_problem
+                prev = before.get(mf.path) or {}
+                known = prev.get("sha256") == mf.sha256 and "header_sha256" in prev
+                entry.update({k: prev[k] for k in ("header_bytes", "header_sha256")} if known
+                             else gguf_header_digest(store.blob_path(mf.sha256)))
+            files.append(entry)
         record = {
             "format": 1,
             "model": manifest.name,
@@ -629,54 +662,207 @@ def _install(store: Store, manifest: Manifest, variant: Variant, records: Mappin
 
 @dataclass(frozen=True)
 class FileCheck:
+    """What verifying one file found.
+
+    ``status``: ok; restored (the file is intact, its missing or damaged blob was made again from it);
+    bad (damaged); stale (intact, but not the file the manifest lists now); missing; not-a-file (e.g. a
+    folder in its place); blob-missing (the file is intact, its blob is not and was not restored).
+    ``expected`` is the manifest's sha256 (a derived file's: its record's).
+    """
+
     path: str
-    status: str        # ok | bad | missing
+    status: str
     expected: str
     actual: str | None = None
+    detail: str = ""
+    removed: bool = False
+
+    @property
+    def ok(self) -> bool:
+        return self.status in ("ok", "restored")
 
 
 def verify_installed(store: Store, iv: InstalledVariant, on_event: EventCallback | None = None,
-                     *, remove_bad: bool = True) -> list[FileCheck]:
-    """Re-hash every file of an installed variant (and its blob, where it is a separate copy).
+                     *, remove_bad: bool = True, manifest: Manifest | None = None) -> list[FileCheck]:
+    """Re-hash every file of an installed variant against its manifest, and its derived files against
+    their provenance chain (made from exactly the manifest's files; their own recorded sha256).
 
-    A file that no longer matches is removed with its blob (nothing unverified is ever used; ``pull``
-    fetches it again); the provenance records the verification time when everything matched.
+    The manifest is ``manifest`` (the user's catalog) where given, else the one recorded at install.
+    A damaged file is removed with its blob (nothing unverified is ever used; ``pull`` fetches it
+    again, a run rebuilds a derived file), a missing or damaged blob of an intact file is restored from
+    it, and the verification time is recorded when everything matched -- all only where the store can
+    be written: a read-only store is only reported on (a ``notice`` event says so).
     """
     emit: EventCallback = on_event or (lambda e: None)
-    checks: list[FileCheck] = []
-    for f in iv.files:
-        rel, expected = str(f["path"]), str(f["sha256"])
-        target = iv.path / rel
-        blob = store.blob_path(expected)
-        if not target.is_file():
-            checks.append(FileCheck(rel, "missing", expected))
-            emit(ProgressEvent("verify-failed", rel, source=iv.model, message=f"missing: {target}"))
-            continue
-        total = target.stat().st_size
-        emit(ProgressEvent("start", rel, 0, total, source=iv.model, message="hashing"))
-        ctx = _Context(store, PullOptions(), emit)
-        actual = sha256_file(target, ctx.progress(ManifestFile(rel, expected, total), iv.model, total))
-        blob_ok = True
-        if actual == expected and blob.exists() and not os.path.samefile(blob, target):
-            blob_ok = sha256_file(blob) == expected
-        if actual == expected and blob_ok:
-            checks.append(FileCheck(rel, "ok", expected, actual))
-            emit(ProgressEvent("verified", rel, total, total, source=iv.model))
-            continue
-        checks.append(FileCheck(rel, "bad", expected, actual if actual != expected else "(blob differs)"))
-        emit(ProgressEvent("verify-failed", rel, source=iv.model,
-                           message=f"sha256 mismatch: expected {expected}, got {actual}"))
-        if remove_bad:
-            if blob.exists() and (not blob_ok or os.path.samefile(blob, target)):
-                blob.unlink()
-            target.unlink()
-    if checks and all(c.status == "ok" for c in checks):
+    read_only = store.read_only_reason()
+    if read_only is not None:
+        emit(ProgressEvent("notice", str(store.root), source="verify",
+                           message=f"the store is read-only ({read_only}): damage is reported, not repaired, "
+                                   "and verification times are not recorded"))
+    repair = remove_bad and read_only is None
+    expected = _expected_files(iv, manifest)
+    recorded = {str(f.get("path")): str(f.get("sha256")) for f in iv.files}
+    checks = [_verify_file(store, iv, rel, sha, recorded.get(rel), emit, repair)
+              for rel, sha in expected.items()]
+    checks += _verify_derived(store, iv, expected, emit, repair)
+    if checks and all(c.ok for c in checks) and read_only is None:
         record = dict(iv.record)
         record["verified_at"] = now_iso()
-        with store.lock(f"model-{iv.model}"):
-            store.write_provenance(iv.model, iv.variant, record)
+        try:
+            with store.lock(f"model-{iv.model}"):
+                store.write_provenance(iv.model, iv.variant, record)
+        except OSError as err:
+            if not store.refused_write(err):
+                raise
+            emit(ProgressEvent("notice", str(store.root), source="verify",
+                               message=f"the verification time could not be recorded: {err.strerror}"))
+        else:
             iv.record = record
     return checks
+
+
+def _expected_files(iv: InstalledVariant, manifest: Manifest | None) -> dict[str, str]:
+    """path -> sha256 of the variant's files by its manifest (else its record, if no manifest is known)."""
+    if manifest is None and iv.record.get("manifest_text"):
+        try:
+            origin = f"the record of {iv.model} ({iv.variant})"
+            manifest = parse_manifest(str(iv.record["manifest_text"]), origin, allow_http=True)
+        except PipxLlamaError:
+            manifest = None
+    variant = next((v for v in manifest.variants if v.name == iv.variant), None) if manifest else None
+    if variant is None:
+        return {str(f.get("path")): str(f.get("sha256")) for f in iv.files}
+    return {f.path: f.sha256 for f in variant.files}
+
+
+def _report(emit: EventCallback, iv: InstalledVariant, check: FileCheck) -> FileCheck:
+    if check.ok:
+        size = (iv.path / check.path).stat().st_size
+        emit(ProgressEvent("verified", check.path, size, size, source=iv.model, message=check.detail or None))
+    else:
+        emit(ProgressEvent("verify-failed", check.path, source=iv.model,
+                           message=check.detail + ("; removed" if check.removed else "")))
+    return check
+
+
+def _hash_file(store: Store, iv: InstalledVariant, rel: str,
+               emit: EventCallback) -> tuple[str | None, str, str]:
+    """(sha256, "", "") of a regular file of the variant, or (None, status, why): never raises for a
+    damaged store. ``status`` is missing, not-a-file or bad (unreadable)."""
+    target = iv.path / rel
+    try:
+        st = os.stat(target)
+    except FileNotFoundError:
+        return None, "missing", f"missing: {target}"
+    except OSError as err:
+        return None, "bad", f"unreadable: {err.strerror}"
+    if stat.S_ISDIR(st.st_mode):
+        return None, "not-a-file", (f"{target} is a folder, not the file (move it away, or "
+                                    f"`pipx-llama rm {iv.model}`)")
+    if not stat.S_ISREG(st.st_mode):
+        return None, "not-a-file", f"{target} is not a regular file"
+    emit(ProgressEvent("start", rel, 0, st.st_size, source=iv.model, message="hashing"))
+    ctx = _Context(store, PullOptions(), emit)
+    try:
+        on_bytes = ctx.progress(ManifestFile(rel, "0" * 64, st.st_size), iv.model, st.st_size)
+        return sha256_file(target, on_bytes), "", ""
+    except OSError as err:
+        return None, "bad", f"unreadable: {err.strerror}"
+
+
+def _verify_file(store: Store, iv: InstalledVariant, rel: str, expected: str, recorded: str | None,
+                 emit: EventCallback, repair: bool) -> FileCheck:
+    target = iv.path / rel
+    actual, status, why = _hash_file(store, iv, rel, emit)
+    if actual is None:
+        return _report(emit, iv, FileCheck(rel, status, expected, detail=why))
+    blob = store.blob_path(expected)
+    if actual == expected:
+        state = _blob_state(blob, target, expected)
+        if state == "ok":
+            return _report(emit, iv, FileCheck(rel, "ok", expected, actual))
+        if repair and state != "folder":
+            blob.unlink(missing_ok=True)
+            link_or_copy(target, blob)
+            return _report(emit, iv, FileCheck(rel, "restored", expected, actual,
+                                               detail=f"its blob was {state}; restored from the verified "
+                                                      "file"))
+        return _report(emit, iv, FileCheck(rel, "blob-missing", expected, actual,
+                                           detail=f"its blob {blob} is {state}"))
+    if recorded is not None and actual == recorded != expected:
+        check = FileCheck(rel, "stale", expected, actual, detail=f"intact, but the manifest now lists sha256 "
+                                                                f"{expected}, not {actual}", removed=repair)
+        if repair:
+            target.unlink()  # the blob is intact under its own name: gc removes it once nothing uses it
+        return _report(emit, iv, check)
+    check = FileCheck(rel, "bad", expected, actual, removed=repair,
+                      detail=f"sha256 mismatch: expected {expected}, got {actual}")
+    if repair:
+        with contextlib.suppress(FileNotFoundError, NotADirectoryError):
+            if blob.is_file() and os.path.samefile(blob, target):
+                blob.unlink()
+        target.unlink()
+    return _report(emit, iv, check)
+
+
+def _blob_state(blob: Path, target: Path, expected: str) -> str:
+    """ok | missing | damaged | folder: the blob of an intact model file."""
+    try:
+        st = os.stat(blob)
+    except FileNotFoundError:
+        return "missing"
+    if stat.S_ISDIR(st.st_mode):
+        return "folder"
+    if os.path.samefile(blob, target):
+        return "ok"
+    try:
+        return "ok" if sha256_file(blob) == expected else "damaged"
+    except OSError:
+        return "damaged"
+
+
+def _verify_derived(store: Store, iv: InstalledVariant, sources: dict[str, str], emit: EventCallback,
+                    repair: bool) -> list[FileCheck]:
+    """Derived files (quantizations made by the pipeline): each ``<file>.provenance.json`` must name the
+    manifest's source files, and the file must still hash to what was recorded when it was made."""
+    out = []
+    for rec_path in sorted(iv.path.glob("?*" + DERIVED_PROVENANCE_SUFFIX)):
+        if rec_path.name == PROVENANCE:
+            continue
+        name = rec_path.name[:-len(DERIVED_PROVENANCE_SUFFIX)]
+        final = iv.path / name
+        try:
+            record = json.loads(rec_path.read_text())
+        except (OSError, ValueError):
+            record = None
+        recorded = str(record.get("sha256")) if isinstance(record, dict) else ""
+        if not isinstance(record, dict) or record.get("kind") != "derived" or record.get("path") != name:
+            check = FileCheck(name, "bad", recorded, detail=f"its record {rec_path.name} is damaged",
+                              removed=repair)
+        elif _derived_sources(record) != sources:
+            check = FileCheck(name, "stale", recorded, detail="made from other files than the manifest lists",
+                              removed=repair)
+        else:
+            actual, status, why = _hash_file(store, iv, name, emit)
+            if actual is None:
+                check = FileCheck(name, status, recorded, detail=why)
+            elif actual == recorded and final.stat().st_size == record.get("size"):
+                check = FileCheck(name, "ok", recorded, actual, detail="as recorded when it was made")
+            else:
+                check = FileCheck(name, "bad", recorded, actual, removed=repair,
+                                  detail=f"sha256 mismatch: recorded {recorded} when it was made, got "
+                                         f"{actual}")
+        if check.removed:
+            # the pipeline makes it again on the next run
+            rec_path.unlink(missing_ok=True)
+            if not final.is_dir():
+                final.unlink(missing_ok=True)
+        out.append(_report(emit, iv, check))
+    return out
+
+
+def _derived_sources(record: dict[str, Any]) -> dict[Any, Any]:
+    return {s.get("path"): s.get("sha256") for s in record.get("sources", []) if isinstance(s, dict)}
 
 
 # --- import --------------------------------------------------------------------------------------------------
@@ -726,6 +912,7 @@ def import_gguf(store: Store, catalog: Catalog, file: Path, name: str, *, copy: 
     file = Path(file)
     if not is_valid_model_name(name):
         raise UsageError(f"{name!r} is not a valid model name", "use lowercase letters, digits, '.', '_' and '-'")
+    store.check_writable(f"import {file.name}")
     existing = catalog.get(name)
     summary = _gguf_summary(file)
     emit(ProgressEvent("start", file.name, 0, file.stat().st_size, message=f"hashing {file}"))
@@ -753,8 +940,9 @@ def import_gguf(store: Store, catalog: Catalog, file: Path, name: str, *, copy: 
         text = "# written by `pipx-llama import`\n" + render_manifest(data)
         dest = store.manifests_dir / f"{name}.toml"
         manifest = parse_manifest(text, str(dest))
-        store.manifests_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_bytes(dest, text.encode())
+        with store.writing(f"import {file.name}"):
+            store.manifests_dir.mkdir(parents=True, exist_ok=True)
+            atomic_write_bytes(dest, text.encode())
     variant = next(v for v in manifest.variants if any(f.sha256 == sha for f in v.files))
     options = PullOptions(variant=variant.name, local_files={sha: file}, offline=True, copy=copy)
     return pull(store, manifest, options, on_event)
@@ -1006,6 +1194,8 @@ def ensure_model(name: str, *, variant: str | None = None, on_event: EventCallba
         fetch.parallel_parts = cfg.parallel_parts
     if cfg.part_threshold:
         fetch.part_threshold = cfg.part_threshold
+    if cfg.give_up_after:
+        fetch.give_up_after = cfg.give_up_after
     options = PullOptions(variant=variant, mirrors=cfg.mirrors, url=cfg.url, offline=off,
                           allow_http=cfg.allow_http, token=cfg.token, hf_token=cfg.hf_token, fetch=fetch)
     return pull(Store(cfg.home), manifest, options, on_event)

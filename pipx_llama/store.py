@@ -11,7 +11,17 @@ Layout under the root (``PIPX_LLAMA_HOME``, default ``platformdirs.user_data_dir
     locks/                                 cross-process locks
 
 Every write goes to a temporary name in the destination folder and is renamed into place, so a crash
-leaves the old state or the new one. Locks are OS locks (``flock`` on POSIX, ``msvcrt.locking`` on
+leaves the old state or the new one.
+
+A store may be read-only to its user (a shared lab install, a read-only mount): reading it -- list,
+verify, run -- needs no write (a shared lock is taken on the lock file its writers made, if any), while
+a change (pull, gc, rm, import) stops with ``StoreReadOnlyError`` before touching anything. Read-only is
+detected with ``os.access`` (which sees read-only mounts even for root) and, where that is wrong (root
+on a chmod'ed folder passes it, network filesystems may refuse later), from the error of the write.
+
+Each installed GGUF's record also holds the size and a sha256 of its header and tensor table (the
+bytes before the tensor data), so that loading it can notice cheaply that it is not the file that
+was verified, without hashing gigabytes. Locks are OS locks (``flock`` on POSIX, ``msvcrt.locking`` on
 Windows) that the kernel releases when their process dies, so a killed process never leaves a stale lock.
 Pulls hold the store lock shared; ``gc`` and the blob removal of ``rm`` hold it exclusively, so a
 blob is never deleted between being downloaded and being linked into a model folder.
@@ -27,6 +37,7 @@ import json
 import os
 import shutil
 import socket
+import stat
 import sys
 import tempfile
 import time
@@ -35,16 +46,37 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pipx_llama.errors import ModelFileError, PipxLlamaError
 from pipx_llama.fetch.errors import DiskFullError
 
 CHUNK = 1 << 20
 PROVENANCE = ".provenance.json"
+DERIVED_PROVENANCE_SUFFIX = ".provenance.json"   # <file>.provenance.json: a derived file's record
+# What a refused write says: a read-only filesystem, or no permission.
+_READ_ONLY_ERRNOS = frozenset({errno.EROFS, errno.EACCES, errno.EPERM})
 FREE_BYTES_ENV = "PIPX_LLAMA_FREE_BYTES"  # testing hook: pretend the store's disk has this many free bytes
 
 if sys.platform == "win32":  # pragma: no cover - exercised on Windows only
     import msvcrt
 else:
     import fcntl
+
+
+class StoreError(PipxLlamaError):
+    """The store cannot do what was asked."""
+
+
+class StoreReadOnlyError(StoreError):
+    """The store cannot be changed by this user (read-only mount or permissions); reading it still works."""
+
+
+def is_read_only_error(err: BaseException | None) -> bool:
+    """Whether ``err`` (or an error that caused it) is a write refused by a filesystem or permissions."""
+    while err is not None:
+        if isinstance(err, OSError) and err.errno in _READ_ONLY_ERRNOS:
+            return True
+        err = err.__cause__
+    return False
 
 
 def now_iso() -> str:
@@ -125,6 +157,10 @@ def link_or_copy(src: Path, dest: Path, *, copy: bool = False) -> str:
 
     Returns "link", "copy" or "present" (``dest`` already is that very file).
     """
+    if dest.is_dir() and not dest.is_symlink():
+        raise ModelFileError(f"{dest} is a folder where a file belongs",
+                             "move it away or delete it (`pipx-llama rm MODEL` removes the whole model), "
+                             "then retry")
     with contextlib.suppress(FileNotFoundError):
         if not copy and os.path.samefile(src, dest):
             return "present"
@@ -165,9 +201,20 @@ class Lock:
         return self._fd is not None
 
     def try_acquire(self, shared: bool = False) -> bool:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        """Take the lock if free. A shared lock in a folder this user cannot write is taken on the
+        existing lock file opened read-only (its writers still exclude us); without one, the OSError
+        of the refused creation is raised."""
         while True:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            except OSError as err:
+                if not shared or not is_read_only_error(err):
+                    raise
+                try:
+                    fd = os.open(self.path, os.O_RDONLY)
+                except FileNotFoundError:
+                    raise err from None
             if not _os_lock(fd, shared):
                 os.close(fd)
                 return False
@@ -246,6 +293,51 @@ def _os_unlock(fd: int) -> None:
     fcntl.flock(fd, fcntl.LOCK_UN)
 
 
+def gguf_header_digest(path: Path) -> dict[str, Any]:
+    """``{"header_bytes": n, "header_sha256": hex}`` of a GGUF's header and tensor table (the bytes
+    before its tensor data), or {} when ``path`` is not a GGUF file that can be read."""
+    from pipx_llama.engine.gguf_reader import open_gguf
+
+    try:
+        g = open_gguf(path)
+    except PipxLlamaError:
+        return {}
+    try:
+        n = g.data_offset
+    finally:
+        g.close()
+    with open(path, "rb") as f:
+        head = f.read(n)
+    return {"header_bytes": n, "header_sha256": hashlib.sha256(head).hexdigest()}
+
+
+def recorded_file_problem(path: Path, record: dict[str, Any]) -> str | None:
+    """Why ``path`` is not the file ``record`` describes (its ``size``, ``header_bytes`` and
+    ``header_sha256``, where recorded), or None. Reads the header and tensor table only: cheap enough
+    for every load."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return "it is missing"
+    except OSError as err:
+        return f"it cannot be read ({err.strerror or err})"
+    if not stat.S_ISREG(st.st_mode):
+        return "it is not a regular file (a folder?)"
+    size = record.get("size")
+    if isinstance(size, int) and st.st_size != size:
+        return f"it has {st.st_size} bytes where {size} were recorded"
+    n, digest = record.get("header_bytes"), record.get("header_sha256")
+    if isinstance(n, int) and isinstance(digest, str):
+        try:
+            with open(path, "rb") as f:
+                head = f.read(n)
+        except OSError as err:
+            return f"it cannot be read ({err.strerror or err})"
+        if hashlib.sha256(head).hexdigest() != digest:
+            return "its header or tensor table differs from the one recorded when it was verified"
+    return None
+
+
 def _downloaded(part: Path) -> int:
     from pipx_llama.fetch.http import partial_progress
 
@@ -256,6 +348,21 @@ def _downloaded(part: Path) -> int:
         return part.stat().st_size
     except FileNotFoundError:
         return 0
+
+
+def _strerror(err: BaseException) -> str:
+    while err is not None:
+        if isinstance(err, OSError) and err.strerror:
+            return err.strerror
+        err = err.__cause__  # type: ignore[assignment]
+    return "write refused"
+
+
+def _read_only_mount(folder: Path) -> bool:
+    try:
+        return bool(os.statvfs(folder).f_flag & getattr(os, "ST_RDONLY", 1))
+    except (OSError, AttributeError):
+        return False
 
 
 # --- records -------------------------------------------------------------------------------------------------
@@ -349,6 +456,57 @@ class Store:
         for d in (self.blobs_dir, self.partial_dir, self.models_dir, self.locks_dir):
             d.mkdir(parents=True, exist_ok=True)
 
+    # read-only stores
+    def read_only_reason(self) -> str | None:
+        """Why this user cannot change the store, or None. ``os.access`` sees permissions and read-only
+        mounts (root passes the permission test, rightly: root can write); errors of actual writes are
+        turned into ``StoreReadOnlyError`` by ``writing()``."""
+        folder = self.root
+        while not folder.exists() and folder.parent != folder:
+            folder = folder.parent
+        dirs = [folder] + [d for d in (self.blobs_dir, self.partial_dir, self.models_dir, self.locks_dir,
+                                       self.manifests_dir) if d.is_dir()]
+        for d in dirs:
+            if not os.access(d, os.W_OK | os.X_OK):
+                return f"{d} is not writable" + (" (read-only filesystem)" if _read_only_mount(d) else "")
+        return None
+
+    def read_only_error(self, action: str, why: str) -> StoreReadOnlyError:
+        return StoreReadOnlyError(
+            f"cannot {action}: the store {self.root} is read-only ({why})",
+            "reading works (list, verify, run); to change the store, ask whoever manages it, or point "
+            "PIPX_LLAMA_HOME at a store of your own",
+        )
+
+    def check_writable(self, action: str) -> None:
+        """Raise ``StoreReadOnlyError`` before anything is written if this user cannot change the store."""
+        why = self.read_only_reason()
+        if why is not None:
+            raise self.read_only_error(action, why)
+
+    @contextlib.contextmanager
+    def writing(self, action: str) -> Iterator[None]:
+        """Check that the store can be changed; turn a write refused inside it into ``StoreReadOnlyError``."""
+        self.check_writable(action)
+        try:
+            yield
+        except (OSError, PipxLlamaError) as err:
+            where = self.refused_write(err)
+            if where is None:
+                raise
+            raise self.read_only_error(action, f"{where}: {_strerror(err)}") from err
+
+    def refused_write(self, err: BaseException | None) -> str | None:
+        """The store path of a write refusal in ``err`` (or its causes), or None if it is not one."""
+        root = os.path.abspath(self.root)
+        while err is not None:
+            if isinstance(err, OSError) and err.errno in _READ_ONLY_ERRNOS:
+                for name in (err.filename, err.filename2):
+                    if name is not None and os.path.abspath(os.fsdecode(name)).startswith(root + os.sep):
+                        return os.fsdecode(name)
+            err = err.__cause__
+        return None
+
     # blobs and partials
     def blob_path(self, sha256: str) -> Path:
         return self.blobs_dir / sha256
@@ -371,7 +529,7 @@ class Store:
         """Move a verified file (on the store's filesystem) into the blob store."""
         self.blobs_dir.mkdir(parents=True, exist_ok=True)
         dest = self.blob_path(sha256)
-        if dest.exists():
+        if dest.is_file() and dest.stat().st_size == verified.stat().st_size:
             # same hash, same bytes: keep the existing file so the model folders' hard links stay shared
             verified.unlink()
             return dest
@@ -504,23 +662,34 @@ class Store:
     # removal
     @contextlib.contextmanager
     def exclusive(self, on_wait: Callable[[str, float], None] | None = None,
-                  timeout: float | None = None) -> Iterator[None]:
-        """Hold the store lock exclusively: no pull, import or install runs meanwhile."""
-        lock = self.store_lock()
-        lock.acquire(on_wait=on_wait, timeout=timeout)
-        try:
-            yield
-        finally:
-            lock.release()
+                  timeout: float | None = None, *, action: str = "change the store") -> Iterator[None]:
+        """Hold the store lock exclusively: no pull, import or install runs meanwhile. A store this user
+        cannot change raises ``StoreReadOnlyError`` (naming ``action``) before anything is touched."""
+        with self.writing(action):
+            lock = self.store_lock()
+            lock.acquire(on_wait=on_wait, timeout=timeout)
+            try:
+                yield
+            finally:
+                lock.release()
 
     @contextlib.contextmanager
-    def shared(self, on_wait: Callable[[str, float], None] | None = None) -> Iterator[None]:
-        lock = self.store_lock()
-        lock.acquire(shared=True, on_wait=on_wait)
+    def shared(self, on_wait: Callable[[str, float], None] | None = None, *,
+               read_only_ok: bool = False) -> Iterator[None]:
+        """Hold the store lock shared: no gc or rm runs meanwhile. With ``read_only_ok``, a store this user
+        cannot write whose writers never made a lock file is read without a lock (nobody changes it)."""
+        lock: Lock | None = self.store_lock()
+        try:
+            lock.acquire(shared=True, on_wait=on_wait)  # type: ignore[union-attr]
+        except OSError as err:
+            if not (read_only_ok and is_read_only_error(err)):
+                raise
+            lock = None
         try:
             yield
         finally:
-            lock.release()
+            if lock is not None:
+                lock.release()
 
     def remove_model(self, model: str, variant: str | None = None, *, keep_blobs: bool = False,
                      extra_partials: set[str] = frozenset()) -> RemovalReport:

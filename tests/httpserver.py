@@ -11,7 +11,8 @@ Faults (a ``Faults`` per resource, changeable while serving; each ``*_times`` co
 responses get the fault, ``-1`` = every one): dropped connection after N body bytes, one corrupted
 byte at an absolute offset, Range ignored (200 + whole body), queued statuses with Retry-After
 (429/503/...), a stall after N bytes, a fixed status (404, 403), a bearer token demanded (401),
-per-connection rate cap in bytes/s, chunked responses without Content-Length.
+per-connection rate cap in bytes/s, chunked responses without Content-Length, a fresh ETag per response
+(a load balancer), no Last-Modified, a whole-file Range answered 200.
 
 For benchmarks the server also runs as a separate process: ``serve_cli()`` (see its docstring).
 """
@@ -55,6 +56,10 @@ class Faults:
     chunked: bool = False
     no_etag: bool = False
     max_range: int | None = None    # a 206 covers at most this many bytes (RFC 9110 allows shorter answers)
+    etag_per_response: bool = False  # a fresh ETag on every response (load balancers whose servers label the
+                                     # same bytes differently): an If-Range ETag never matches
+    no_last_modified: bool = False
+    whole_range_as_200: bool = False  # a Range covering the whole file is answered 200 (as some servers do)
 
 
 @dataclass
@@ -130,26 +135,32 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             self._status(401, {"WWW-Authenticate": "Bearer"})
             return
 
+        etag = res.etag
+        if faults.etag_per_response:
+            with owner._lock:
+                owner._etags += 1
+                etag = f'"{res.etag.strip(chr(34))}-{owner._etags}"'
         start, end, partial = 0, res.size - 1, False
         rng = self.headers.get("Range")
-        if rng and not faults.ignore_range and self._if_range_ok(res):
+        if rng and not faults.ignore_range and self._if_range_ok(res, etag):
             parsed = _parse_range(rng, res.size)
             if parsed == "unsatisfiable":
                 self._status(416, {"Content-Range": f"bytes */{res.size}"})
                 return
-            if parsed is not None:
+            if parsed is not None and not (faults.whole_range_as_200 and parsed == (0, res.size - 1)):
                 start, end = parsed
                 if faults.max_range is not None:
                     end = min(end, start + faults.max_range - 1)
                 partial = True
         length = end - start + 1
         headers = {
-            "Last-Modified": email.utils.formatdate(res.last_modified, usegmt=True),
             "Accept-Ranges": "none" if faults.ignore_range else "bytes",
             "Content-Type": "application/octet-stream",
         }
+        if not faults.no_last_modified:
+            headers["Last-Modified"] = email.utils.formatdate(res.last_modified, usegmt=True)
         if not faults.no_etag:
-            headers["ETag"] = res.etag
+            headers["ETag"] = etag
         if faults.chunked:
             headers["Transfer-Encoding"] = "chunked"
         else:
@@ -172,13 +183,14 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             except OSError:
                 pass
 
-    def _if_range_ok(self, res: Resource) -> bool:
+    def _if_range_ok(self, res: Resource, etag: str) -> bool:
         cond = self.headers.get("If-Range")
         if cond is None:
             return True
         if cond.startswith(('"', "W/")):
-            return cond == res.etag and not cond.startswith("W/")
-        return cond == email.utils.formatdate(res.last_modified, usegmt=True)
+            return cond == etag and not cond.startswith("W/")
+        date = email.utils.formatdate(res.last_modified, usegmt=True)
+        return cond == date and not res.faults.no_last_modified
 
     def _status(self, code: int, headers: dict[str, str] | None = None) -> None:
         body = f"{code}\n".encode()
@@ -308,6 +320,7 @@ class FileServer:
         self._lock = threading.Lock()
         self._closing = threading.Event()
         self._sent = 0
+        self._etags = 0
         self.requests: list[tuple[str, str, dict[str, str]]] = []
         self._httpd = _Server(("127.0.0.1", port), _Handler)
         self._httpd.owner = self

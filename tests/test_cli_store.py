@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 from httpserver import FileServer
+from readonly import read_only
 from tinymodel import write_tiny_llama
 
 from pipx_llama.cli.main import main
@@ -158,6 +159,24 @@ def test_config_file_mirrors_and_bad_keys(tmp_path, env, srv, capsys):
     assert "fromconfig" in out
 
 
+def test_config_give_up_after_bounds_a_stalled_pull(tmp_path, env, srv, capsys):
+    import time
+
+    mf = str(manifest_file(tmp_path, srv.url("/r/")))
+    srv.faults("/r/m.gguf").stall_after = 0
+    srv.faults("/r/m.gguf").stall_for = 60
+    srv.faults("/r/m.gguf").stall_times = -1
+    env["config"].mkdir()
+    (env["config"] / "config.toml").write_text("give_up_after = 1.5\n")
+    t0 = time.monotonic()
+    code, _, err = cli(capsys, "pull", "clitest", "--manifest", mf)
+    assert code == 1 and "nothing received for 2 s" in err and time.monotonic() - t0 < 10
+    for bad, why in (("-1", "positive number"), ('"soon"', "must be a number")):
+        (env["config"] / "config.toml").write_text(f"give_up_after = {bad}\n")
+        code, _, err = cli(capsys, "list")
+        assert code == 2 and "give_up_after" in err and why in err
+
+
 def test_mirror_export_then_pull_elsewhere_through_the_environment(tmp_path, env, srv, capsys, monkeypatch):
     mf = str(manifest_file(tmp_path, srv.url("/r/")))
     assert cli(capsys, "pull", "clitest", "--manifest", mf)[0] == 0
@@ -264,3 +283,75 @@ def test_config_precedence_environment_over_file(tmp_path):
     (conf / "config.toml").write_text("offline = 'yes'\n")
     with pytest.raises(ConfigError, match="offline must be a bool"):
         load_config({"PIPX_LLAMA_CONFIG_DIR": str(conf)})
+
+
+def _tiny_manifest(tmp_path: Path, srv: FileServer, name: str, seed: int) -> Path:
+    gguf = tmp_path / f"{name}.gguf"
+    write_tiny_llama(gguf, seed=seed)
+    data = gguf.read_bytes()
+    srv.put(f"/{name}/m.gguf", data)
+    doc = {"format": 1, "name": name, "description": "tiny", "license": "test", "architecture": "llama",
+           "parameters": 1000, "context_length": 64,
+           "variants": [{"name": "q8_0", "format": "gguf", "quantization": "Q8_0",
+                         "files": [{"path": "m.gguf", "size": len(data),
+                                    "sha256": hashlib.sha256(data).hexdigest()}],
+                         "sources": [{"type": "url", "base": srv.url(f"/{name}/")}]}]}
+    path = tmp_path / f"{name}.toml"
+    path.write_text(render_manifest(doc))
+    return path
+
+
+def test_a_read_only_store_lists_verifies_and_runs_but_refuses_changes(tmp_path, env, srv, capsys):
+    one, two = _tiny_manifest(tmp_path, srv, "tiny-one", 1), _tiny_manifest(tmp_path, srv, "tiny-two", 2)
+    args = ["--manifest", str(one), "--manifest", str(two)]
+    for name in ("tiny-one", "tiny-two"):
+        code, _, err = cli(capsys, "pull", name, *args)
+        assert code == 0, err
+    home = env["home"]
+    before = {str(p): p.stat().st_mtime_ns for p in home.rglob("*")}
+    with read_only(home):
+        code, out, err = cli(capsys, "list")
+        assert code == 0 and "tiny-one" in out and "tiny-two" in out, err
+        code, out, err = cli(capsys, "verify", *args)
+        assert code == 0 and out.count("all files verified") == 2, err
+        assert out.count("the store is read-only") == 1 and "not recorded" in out   # said once
+        run = subprocess.run([sys.executable, "-m", "pipx_llama.cli", "run", "tiny-one", *args, "-p", "hi",
+                              "-n", "3", "--temp", "0"], capture_output=True, text=True, timeout=600,
+                             check=False)
+        assert run.returncode == 0 and run.stdout.startswith("hi"), run.stderr
+        # serve and bench find their model file the same way, without writing
+        from pipx_llama.cli.main import build_parser
+        from pipx_llama.cli.options import model_file
+
+        serve_args = build_parser().parse_args(["serve", "tiny-two", *args])
+        assert model_file(serve_args, "tiny-two") == home / "models" / "tiny-two" / "q8_0" / "m.gguf"
+        for command in (["pull", "tiny-one", *args], ["gc"], ["rm", "tiny-two", *args]):
+            code, out, err = cli(capsys, *command)
+            assert code == 1 and "is read-only" in err and "unexpected" not in err, (command, err)
+            assert "list, verify, run" in err
+    assert {str(p): p.stat().st_mtime_ns for p in home.rglob("*")} == before
+
+
+def test_damage_a_run_notices_and_verify_repairs(tmp_path, env, srv, capsys):
+    mf = _tiny_manifest(tmp_path, srv, "tiny-dmg", 3)
+    code, _, err = cli(capsys, "pull", "tiny-dmg", "--manifest", str(mf))
+    assert code == 0, err
+    target = env["home"] / "models" / "tiny-dmg" / "q8_0" / "m.gguf"
+    # a still valid file: the lowest byte of the RoPE base (a float32 after its key and type), changed in
+    # place -- same size, same inode as the blob
+    key = b"llama.rope.freq_base"
+    at = target.read_bytes().index(key) + len(key) + 4
+    with open(target, "r+b") as f:
+        f.seek(at)
+        byte = f.read(1)
+        f.seek(at)
+        f.write(bytes([byte[0] ^ 0x01]))
+    run = [sys.executable, "-m", "pipx_llama.cli", "run", "tiny-dmg", "--manifest", str(mf), "-p", "hi",
+           "-n", "2"]
+    r = subprocess.run(run, capture_output=True, text=True, timeout=600, check=False)
+    assert r.returncode == 3 and "is not the file verified when it was installed" in r.stderr, r.stderr
+    assert "header or tensor table differs" in r.stderr and "pipx-llama verify tiny-dmg" in r.stderr
+    code, out, err = cli(capsys, "verify", "tiny-dmg", "--manifest", str(mf))
+    assert code == 3 and "1 of 1 file(s) failed verification, 1 removed" in out
+    r = subprocess.run(run, capture_output=True, text=True, timeout=600, check=False)
+    assert r.returncode == 0 and r.stdout.startswith("hi"), r.stderr   # fetched again, then run

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import email.utils
 import gzip
 import hashlib
+import itertools
 import json
 import os
 import random
@@ -447,7 +449,8 @@ def test_server_ignoring_range(server, tmp_path):
     ev = Events()
     download(url, tmp_path / "b.part", size=len(data), sha256=sha(data), options=opts(), on_event=ev)
     assert (tmp_path / "b.part").read_bytes() == data
-    assert "starting over" in ev.of("retry")[0].message
+    # asked for the rest with a Range first, which it ignored too
+    assert "starting over" in ev.of("retry")[1].message
     # a partial from a server that did honour Range, resumed after it stopped doing so
     server.faults("/nr").ignore_range = False
     server.faults("/nr").drop_times = 1
@@ -458,6 +461,34 @@ def test_server_ignoring_range(server, tmp_path):
     download(url, tmp_path / "c.part", size=len(data), sha256=sha(data), options=opts(), on_event=ev)
     assert (tmp_path / "c.part").read_bytes() == data
     assert "ignored the Range" in ev.of("restart")[0].message
+
+
+@pytest.mark.parametrize("parallel", [False, True])
+def test_server_cutting_every_response_short_still_completes(server, tmp_path, parallel):
+    data = blob(12 * MB, 28)
+    url = server.put("/cut", data)
+    server.faults("/cut").drop_after = 700 * 1024
+    server.faults("/cut").drop_times = -1
+    ev = Events()
+    parts = {"parallel_parts": 3, "part_threshold": MB, "min_part": MB} if parallel else {}
+    o = opts(max_retries=2, **parts)
+    download(url, tmp_path / "c.part", size=len(data), sha256=sha(data), options=o, on_event=ev)
+    assert (tmp_path / "c.part").read_bytes() == data
+    assert len(ev.of("retry")) >= 12 and all("continuing" in e.message for e in ev.of("retry"))
+    assert server.bytes_sent == len(data), "every byte sent once: each cut is continued where it stopped"
+
+
+def test_whole_file_answered_200_then_cut_continues_with_a_range(server, tmp_path):
+    data = blob(10 * MB, 29)
+    url = server.put("/w", data)
+    server.faults("/w").whole_range_as_200 = True
+    server.faults("/w").drop_after = 3 * MB
+    server.faults("/w").drop_times = -1
+    dest = tmp_path / "w.part"
+    download(url, dest, size=len(data), sha256=sha(data), options=opts(max_retries=1))
+    assert dest.read_bytes() == data
+    assert server.bytes_sent == len(data), "nothing fetched twice, nothing started over"
+    assert ranges_requested(server, "/w")[:2] == ["bytes=0-", f"bytes={3 * MB}-{len(data) - 1}"]
 
 
 def test_stalled_connection_is_retried(server, tmp_path):
@@ -735,3 +766,185 @@ def test_unwritable_destination_is_a_clean_error(server, tmp_path):
     blocker.write_text("not a folder")
     with pytest.raises(FetchError, match="cannot write the download"):
         download(url, blocker / "u.part", size=len(data), sha256=sha(data), options=opts())
+
+
+# ---- resume-state saves: what a kill can cost
+
+
+def record_saves(monkeypatch) -> list[tuple[float, int]]:
+    """(time, bytes the state claims) of every resume-state save."""
+    saves: list[tuple[float, int]] = []
+    real = fetch_http._Job._write_state
+
+    def spy(job, snap: dict) -> None:
+        real(job, snap)
+        saves.append((time.monotonic(), sum(p[2] for p in snap["parts"])))
+    monkeypatch.setattr(fetch_http._Job, "_write_state", spy)
+    return saves
+
+
+def test_slow_syncs_space_saves_at_most_two_seconds_apart(server, tmp_path, monkeypatch):
+    # a disk whose sync takes 0.4 s made saves 4+ s apart (ten times the sync): a kill then lost that much
+    data = blob(8 * MB, 26)
+    url = server.put("/sync", data)
+    server.faults("/sync").rate = MB
+    real_sync = fetch_http._fdatasync
+
+    def slow_sync(fd: int) -> None:
+        time.sleep(0.4)
+        real_sync(fd)
+    monkeypatch.setattr(fetch_http, "_fdatasync", slow_sync)
+    saves = record_saves(monkeypatch)
+    download(url, tmp_path / "s.part", size=len(data), sha256=sha(data),
+             options=opts(checkpoint_interval=1.0))
+    gaps = [b[0] - a[0] for a, b in itertools.pairwise(saves)]
+    assert len(gaps) >= 3 and max(gaps) < 3.0, gaps  # 2 s + the 0.4 s sync + slack for a busy machine
+
+
+@pytest.mark.parametrize("parallel", [False, True])
+def test_saves_come_at_least_every_checkpoint_bytes_per_connection(server, tmp_path, monkeypatch, parallel):
+    data = blob(24 * MB, 27)
+    url = server.put("/many", data)
+    server.faults("/many").rate = 12 * MB   # per connection: seconds between time-based saves hold many MB
+    saves = record_saves(monkeypatch)
+    o = opts(checkpoint_interval=10.0, checkpoint_bytes=MB,
+             **({"parallel_parts": 3, "part_threshold": MB} if parallel else {}))
+    download(url, tmp_path / "m.part", size=len(data), sha256=sha(data), options=o)
+    claimed = [b for _, b in saves]
+    steps = [b - a for a, b in itertools.pairwise(claimed)]
+    # 1 MB per busy connection, plus what the writer wrote while the save synced (a few blocks at most)
+    assert len(steps) >= 6 and max(steps) <= (3 if parallel else 1) * MB + 3 * fetch_http._WRITE_BLOCK, steps
+
+
+# ---- servers whose validators change from response to response (load balancers)
+
+
+@pytest.mark.parametrize("last_modified", [True, False])
+def test_per_response_etags_of_a_load_balancer_still_complete(server, tmp_path, last_modified):
+    data = blob(12 * MB, 30)
+    url = server.put("/lb", data)
+    server.faults("/lb").etag_per_response = True
+    server.faults("/lb").no_last_modified = not last_modified
+    ev = Events()
+    dest = tmp_path / "lb.part"
+    download(url, dest, size=len(data), sha256=sha(data), on_event=ev,
+             options=opts(parallel_parts=4, part_threshold=MB, min_part=MB))
+    assert dest.read_bytes() == data
+    assert ev.kinds().count("restart") <= 1
+    [notice] = ev.of("notice")
+    assert ("using Last-Modified" if last_modified else "sha256 check at the end decides") in notice.message
+    # once switched, ranged requests carry the date (or nothing) and are answered 206
+    last = server.requests[-1][2]
+    date = email.utils.formatdate(server._resources["/lb"].last_modified, usegmt=True)
+    assert last.get("If-Range") == (date if last_modified else None)
+
+
+def test_a_switch_to_last_modified_is_kept_for_the_resume(server, tmp_path):
+    data = blob(8 * MB, 31)
+    url = server.put("/lb2", data)
+    server.faults("/lb2").etag_per_response = True
+    server.faults("/lb2").rate = 2 * MB
+    dest = tmp_path / "lb2.part"
+    o = opts(parallel_parts=4, part_threshold=MB, min_part=MB)
+
+    def stop_midway(ev: ProgressEvent) -> None:
+        if ev.kind == "progress" and ev.done >= 2 * MB:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        download(url, dest, size=len(data), sha256=sha(data), options=o, on_event=stop_midway)
+    assert state_of(dest)["validators"] == "last-modified" and state_of(dest)["etag"] is None
+    done, _ = partial_progress(dest)
+    server.faults("/lb2").rate = None
+    ev = Events()
+    download(url, dest, size=len(data), sha256=sha(data), options=o, on_event=ev)
+    assert dest.read_bytes() == data
+    assert "restart" not in ev.kinds() and ev.of("start")[0].done == done > 0
+
+
+@pytest.mark.parametrize("parallel", [False, True])
+def test_a_file_changed_once_is_still_restarted_not_mixed(server, tmp_path, parallel):
+    # a real change (new ETag, same date, same size) seen by several parts at once counts as one change
+    old, new = blob(6 * MB, 32), blob(6 * MB, 33)
+    url = server.put("/chg", old, last_modified=1_600_000_000)
+    dest = tmp_path / "chg.part"
+    o = {"parallel_parts": 4, "part_threshold": MB, "min_part": MB // 2} if parallel else {}
+    server.faults("/chg").rate = 2 * MB
+
+    def stop_midway(ev: ProgressEvent) -> None:
+        if ev.kind == "progress" and ev.done >= 2 * MB:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        download(url, dest, size=len(new), sha256=sha(new), options=opts(**o), on_event=stop_midway)
+    assert partial_progress(dest)[0] >= 2 * MB
+    server.put("/chg", new, last_modified=1_600_000_000)
+    server.faults("/chg").rate = None
+    ev = Events()
+    download(url, dest, size=len(new), sha256=sha(new), options=opts(**o), on_event=ev)
+    assert dest.read_bytes() == new
+    assert ev.kinds().count("restart") == 1 and not ev.of("notice")
+
+
+# ---- a source that sends nothing: give up in bounded time, and say only what is true
+
+
+def test_total_stall_gives_up_within_give_up_after(server, tmp_path):
+    assert FetchOptions().give_up_after <= 60
+    data = blob(2 * MB, 34)
+    url = server.put("/dead", data)
+    server.faults("/dead").stall_after = 0      # headers, then silence, on every response
+    server.faults("/dead").stall_for = 60
+    server.faults("/dead").stall_times = -1
+    t0 = time.monotonic()
+    with pytest.raises(NetworkError) as err:
+        # per-connection timeouts and retries alone would take minutes
+        download(url, tmp_path / "d.part", size=len(data), sha256=sha(data),
+                 options=opts(give_up_after=2.0, stall_timeout=30.0, max_retries=6, backoff_base=1.0))
+    assert time.monotonic() - t0 < 5
+    assert "nothing received for 2 s" in err.value.message
+    assert "kept" not in err.value.hint and "give_up_after" in err.value.hint
+
+
+@pytest.mark.parametrize("ranges", [True, False])
+def test_a_stall_says_whether_anything_is_kept(server, tmp_path, ranges):
+    data = blob(4 * MB, 35)
+    url = server.put("/half", data)
+    server.faults("/half").ignore_range = not ranges
+    server.faults("/half").drop_after = MB
+    dest = tmp_path / "h.part"
+    with pytest.raises(NetworkError):
+        download(url, dest, size=len(data), sha256=sha(data), options=opts(max_retries=0))
+    server.faults("/half").stall_after = 0
+    server.faults("/half").stall_for = 60
+    server.faults("/half").stall_times = -1
+    with pytest.raises(NetworkError) as err:
+        download(url, dest, size=len(data), sha256=sha(data), options=opts(give_up_after=1.5))
+    if ranges:
+        assert "1.0 MB downloaded so far are kept and the next run resumes" in err.value.hint
+        assert partial_progress(dest)[0] == MB
+    else:
+        # a server that ignores Range: the next run starts over, so nothing is said to be kept
+        assert "kept" not in err.value.hint and "resume" not in err.value.hint
+
+
+def test_retries_exhausted_before_any_byte_do_not_claim_a_partial(server, tmp_path):
+    url = server.put("/503", blob(1000))
+    server.faults("/503").status = 503
+    with pytest.raises(NetworkError) as err:
+        download(url, tmp_path / "x.part", size=1000, sha256=sha(blob(1000)), options=opts(max_retries=1))
+    assert "kept" not in err.value.hint and "resume" not in err.value.hint
+
+
+def test_failure_hints_never_promise_another_source(server, tmp_path):
+    # the downloader cannot know whether the caller has another source: the caller says so
+    data = blob(5000, 36)
+    url = server.put("/wrong", data)
+    with pytest.raises(ChecksumError) as size_err:
+        download(url, tmp_path / "a.part", size=4000, sha256=sha(data), options=opts())
+    with pytest.raises(ChecksumError) as hash_err:
+        download(url, tmp_path / "b.part", size=len(data), sha256="0" * 64, options=opts())
+    with pytest.raises(SourceNotFound) as missing:
+        download(server.url("/nothing"), tmp_path / "c.part", size=1, sha256="0" * 64, options=opts())
+    for err in (size_err, hash_err, missing):
+        assert "source will be tried" not in err.value.hint, err.value.hint

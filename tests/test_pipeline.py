@@ -381,6 +381,105 @@ def test_interrupted_quantization_resumes_at_quantize_and_reuses_the_conversion(
     assert {e.kind for e in events} == {"stage-skipped", "ready"}
 
 
+# --- derived files: their provenance chain, a changed file, a read-only store -------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_meta(tmp_path_factory, vocab_dir) -> Path:
+    """A tiny random Meta checkpoint (1 layer, dim 32) with llama.cpp's SentencePiece vocabulary."""
+    import numpy as np
+    from convert_helpers import llama_tokenizer_model, random_meta_shards, write_meta_folder
+
+    g = open_gguf(vocab_dir / "ggml-vocab-llama-spm.gguf")
+    m = g.metadata
+    model = llama_tokenizer_model(m["tokenizer.ggml.tokens"], m["tokenizer.ggml.scores"],
+                                  m["tokenizer.ggml.token_type"])
+    g.close()
+    shards = random_meta_shards(np.random.default_rng(5), 32000, 32, 1, 2, 1)
+    params = {"dim": 32, "multiple_of": 32, "n_heads": 2, "n_layers": 1, "norm_eps": 1e-05, "vocab_size": -1}
+    return write_meta_folder(tmp_path_factory.mktemp("meta") / "tiny", shards, params, model)
+
+
+def _prepared_meta(tmp_path: Path, folder: Path) -> tuple[Config, Manifest, Path]:
+    cfg = Config(home=tmp_path / "home", config_dir=tmp_path / "config")
+    m = write_manifest(tmp_path, {
+        "format": 1, "name": "tiny-meta", "description": "a tiny Meta checkpoint", "license": "test",
+        "architecture": "llama", "parameters": 2_100_000, "context_length": 512,
+        "variants": [{"name": "original", "format": "meta-pth", "quantization": "Q8_0",
+                      "files": files_of(folder),
+                      "sources": [{"type": "url", "base": "https://127.0.0.1:9/none/"}]}]})
+    manifest = parse_manifest(m.read_text(), str(m))
+    p = make_plan("tiny-meta", hardware=hw(), config=cfg, catalog=Catalog([manifest]),
+                  pull_options=PullOptions(from_dirs=[folder], offline=True))
+    return cfg, manifest, prepare(p)
+
+
+def _plan_again(cfg: Config, manifest: Manifest):
+    return make_plan("tiny-meta", hardware=hw(), config=cfg, catalog=Catalog([manifest]))
+
+
+def test_verify_follows_a_derived_files_provenance_chain(tmp_path, tiny_meta):
+    from pipx_llama.pull import verify_installed
+
+    cfg, manifest, path = _prepared_meta(tmp_path, tiny_meta)
+    store = Store(cfg.home)
+    [iv] = store.installed()
+    checks = {c.path: c for c in verify_installed(store, iv, manifest=manifest)}
+    assert checks[path.name].status == "ok" and checks[path.name].expected == sha256(path)
+    assert all(c.ok for c in checks.values()) and len(checks) == len(manifest.variants[0].files) + 1
+    record = json.loads(provenance_path(path).read_text())
+    assert record["header_bytes"] > 0 and len(record["header_sha256"]) == 64
+    # tensor data changed (the cheap check cannot see it; verify hashes everything): removed, then rebuilt
+    with open(path, "r+b") as f:
+        f.seek(path.stat().st_size - 10)
+        f.write(b"\x7f")
+    checks = {c.path: c for c in verify_installed(store, iv, manifest=manifest)}
+    assert checks[path.name].status == "bad" and checks[path.name].removed
+    assert not path.exists() and not provenance_path(path).exists()
+    assert prepare(_plan_again(cfg, manifest)) == path and sha256(path) == record["sha256"]
+    # a derived file whose record names other source files than the manifest is not the manifest's model
+    forged = {**record, "sources": [{**record["sources"][0], "sha256": "0" * 64}, *record["sources"][1:]]}
+    provenance_path(path).write_text(json.dumps(forged))
+    checks = {c.path: c for c in verify_installed(store, iv, manifest=manifest, remove_bad=False)}
+    assert checks[path.name].status == "stale" and not checks[path.name].removed and path.exists()
+
+
+def test_a_derived_file_changed_since_it_was_made_is_refused(tmp_path, tiny_meta):
+    from pipx_llama.errors import ModelFileError
+
+    cfg, manifest, path = _prepared_meta(tmp_path, tiny_meta)
+    key = b"llama.attention.layer_norm_rms_epsilon"
+    at = path.read_bytes().index(key) + len(key) + 4
+    with open(path, "r+b") as f:   # still a valid GGUF, same size: only the header digest tells
+        f.seek(at)
+        byte = f.read(1)
+        f.seek(at)
+        f.write(bytes([byte[0] ^ 0x01]))
+    with pytest.raises(ModelFileError, match="is not the file recorded when it was made: its header") as err:
+        prepare(_plan_again(cfg, manifest))
+    assert "pipx-llama verify tiny-meta" in err.value.hint
+
+
+def test_a_prepared_model_runs_from_a_read_only_store(tmp_path, tiny_meta):
+    from readonly import read_only
+
+    from pipx_llama.store import StoreReadOnlyError
+
+    cfg, manifest, path = _prepared_meta(tmp_path, tiny_meta)
+    home = cfg.home
+    before = {str(p): p.stat().st_mtime_ns for p in home.rglob("*")}
+    with read_only(home):
+        p = _plan_again(cfg, manifest)
+        assert p.stages == []
+        events = []
+        assert prepare(p, on_event=events.append) == path
+        assert {e.kind for e in events} == {"stage-skipped", "ready"}
+        other = make_plan("tiny-meta", quant="Q4_0", hardware=hw(), config=cfg, catalog=Catalog([manifest]))
+        with pytest.raises(StoreReadOnlyError, match="cannot prepare tiny-meta .original. Q4_0"):
+            prepare(other)
+    assert {str(p): p.stat().st_mtime_ns for p in home.rglob("*")} == before
+
+
 # --- acceptance (a): a GGUF model over HTTP, straight to an answer ----------------------------------------------
 
 

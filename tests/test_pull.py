@@ -5,6 +5,7 @@ puller, mirror export served by ``python -m http.server``, GGUF import, verify."
 from __future__ import annotations
 
 import contextlib
+import errno
 import gzip
 import hashlib
 import json
@@ -21,8 +22,10 @@ from pathlib import Path
 import pytest
 from httpserver import FileServer
 from package_index import marker_sdist, publish, wheel_bytes
+from readonly import read_only
 from tinymodel import write_tiny_llama
 
+from pipx_llama.errors import ModelFileError
 from pipx_llama.fetch.errors import DiskFullError, OfflineError
 from pipx_llama.fetch.http import FetchOptions
 from pipx_llama.manifest import Manifest, ManifestError, load_catalog, parse_manifest, render_manifest
@@ -38,7 +41,7 @@ from pipx_llama.pull import (
     pull,
     verify_installed,
 )
-from pipx_llama.store import Store
+from pipx_llama.store import InstalledVariant, Store, StoreReadOnlyError, recorded_file_problem
 
 MB = 1_000_000
 
@@ -691,3 +694,126 @@ def test_a_compressed_mirror_document_is_refused_not_inflated(srv):
 
 def test_an_unreachable_mirror_or_one_without_an_index_is_passed_over(tmp_path, srv):
     assert manifest_from_mirrors("x", [srv.url("/none/"), str(tmp_path / "nothing"), "http://127.0.0.1:9/"]) is None
+
+
+def test_hints_say_another_source_is_tried_only_when_there_is_one(srv, store):
+    data = blob(50_000, 40)
+    srv.put("/a/m.gguf", data[:40_000])   # the wrong size
+    srv.put("/b/m.gguf", data[:40_000])
+    m = make_manifest({"m.gguf": data}, [{"type": "url", "base": srv.url("/a/")},
+                                         {"type": "url", "base": srv.url("/b/")}])
+    evs: list = []
+    with pytest.raises(PullError) as err:
+        pull(store, m, PullOptions(fetch=FetchOptions(backoff_base=0.01)), events(evs))
+    failed = [e.message for e in evs if e.kind == "source-failed"]
+    assert failed[0].endswith("trying the next source") and not failed[1].endswith("trying the next source")
+    assert "will be tried" not in err.value.hint and "resume" not in err.value.hint
+
+
+# --- verify: against the manifest, blobs, folders, derived files; read-only stores -------------------------
+
+
+def _pulled(srv: FileServer, store: Store, data: bytes, **kw) -> tuple[Manifest, InstalledVariant]:
+    srv.put("/r/m.gguf", data)
+    m = make_manifest({"m.gguf": data}, [{"type": "url", "base": srv.url("/r/")}], **kw)
+    pull(store, m)
+    [iv] = store.installed()
+    return m, iv
+
+
+def test_verify_checks_the_manifest_not_only_the_record(srv, store):
+    data = blob(100_000, 41)
+    m, iv = _pulled(srv, store, data)
+    forged = data[:-1] + b"!"
+    target = iv.path / "m.gguf"
+    target.unlink()
+    target.write_bytes(forged)   # the file and its record replaced together
+    record = store.read_provenance("t", "v")
+    record["files"][0]["sha256"] = sha(forged)
+    record["manifest_text"] = record["manifest_text"].replace(sha(data), sha(forged))
+    store.write_provenance("t", "v", record)
+    [iv] = store.installed()
+    [check] = verify_installed(store, iv, manifest=m)
+    assert check.status == "stale" and check.expected == sha(data) and check.actual == sha(forged)
+    assert check.removed and not target.exists() and store.has_blob(sha(data))
+
+
+def test_verify_reports_a_deleted_blob_and_restores_it_from_the_verified_file(srv, store):
+    data = blob(100_000, 42)
+    m, iv = _pulled(srv, store, data)
+    store.blob_path(sha(data)).unlink()
+    evs: list = []
+    [check] = verify_installed(store, iv, events(evs), manifest=m)
+    assert check.status == "restored" and check.ok and "blob was missing" in check.detail
+    assert os.path.samefile(store.blob_path(sha(data)), iv.path / "m.gguf")
+    [check] = verify_installed(store, iv, manifest=m)
+    assert check.status == "ok"
+
+
+def test_a_model_file_replaced_by_a_folder_is_reported_not_a_crash(srv, store):
+    data = blob(100_000, 43)
+    m, iv = _pulled(srv, store, data)
+    target = iv.path / "m.gguf"
+    target.unlink()
+    target.mkdir()
+    [check] = verify_installed(store, iv, manifest=m)
+    assert check.status == "not-a-file" and "is a folder" in check.detail and target.is_dir()
+    with pytest.raises(ModelFileError, match="is a folder where a file belongs"):
+        pull(store, m)
+
+
+def test_verify_of_a_read_only_store_reports_without_repairing(srv, store):
+    data = blob(100_000, 44)
+    m, iv = _pulled(srv, store, data)
+    target = iv.path / "m.gguf"
+    with open(target, "r+b") as f:
+        f.write(b"\0")
+    verified_at = iv.record["verified_at"]
+    evs: list = []
+    with read_only(store.root):
+        [check] = verify_installed(store, iv, events(evs), manifest=m)
+        [iv2] = store.installed()
+    assert check.status == "bad" and not check.removed and target.exists()
+    assert iv2.record["verified_at"] == verified_at
+    [notice] = [e for e in evs if e.kind == "notice"]
+    assert "read-only" in notice.message and "not recorded" in notice.message
+
+
+def test_pull_into_a_read_only_store_says_so_and_writes_nothing(srv, store):
+    data = blob(100_000, 45)
+    m, _ = _pulled(srv, store, data)
+    other = make_manifest({"n.gguf": blob(1000, 46)}, [{"type": "url", "base": srv.url("/r/")}], name="u")
+    before = sorted(str(p) for p in store.root.rglob("*"))
+    with read_only(store.root):
+        for manifest in (m, other):
+            expected = f"cannot pull {manifest.name}: the store .* is read-only"
+            with pytest.raises(StoreReadOnlyError, match=expected):
+                pull(store, manifest)
+    assert sorted(str(p) for p in store.root.rglob("*")) == before
+
+
+def test_a_write_refused_mid_pull_is_the_store_not_a_bad_source(srv, store, monkeypatch):
+    # where os.access says yes (root, network filesystems), the refused write itself tells
+    data = blob(100_000, 47)
+    srv.put("/r/m.gguf", data)
+    m = make_manifest({"m.gguf": data}, [{"type": "url", "base": srv.url("/r/")}])
+    store.ensure()
+    real_open = os.open
+    partial = str(store.partial_dir)
+
+    def refusing(path, flags, *args, **kwargs):
+        if str(path).startswith(partial) and flags & os.O_CREAT:
+            raise OSError(errno.EACCES, os.strerror(errno.EACCES), str(path))
+        return real_open(path, flags, *args, **kwargs)
+    monkeypatch.setattr(os, "open", refusing)
+    with pytest.raises(StoreReadOnlyError, match=r"cannot pull t: .*partial.*Permission denied"):
+        pull(store, m)
+
+
+def test_install_records_the_header_digest_of_a_gguf(tmp_path, srv, store):
+    gguf = tmp_path / "tiny.gguf"
+    write_tiny_llama(gguf, seed=5)
+    _, iv = _pulled(srv, store, gguf.read_bytes())
+    [entry] = iv.files
+    assert entry["header_bytes"] > 0 and len(entry["header_sha256"]) == 64
+    assert recorded_file_problem(iv.path / "m.gguf", entry) is None

@@ -1,8 +1,10 @@
 """The store: atomic writes, blobs and model folders, cross-process locks (also after SIGKILL), the disk
-pre-check (probe override and a real small tmpfs), removal and gc."""
+pre-check (probe override and a real small tmpfs), removal and gc, read-only stores (a real one, and
+writes refused where os.access says yes), and the cheap record of a GGUF's header."""
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import signal
@@ -12,16 +14,22 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from readonly import read_only
+from tinymodel import write_tiny_llama
 
+from pipx_llama.errors import ModelFileError
 from pipx_llama.fetch.errors import DiskFullError
 from pipx_llama.store import (
     PROVENANCE,
     Lock,
     Store,
+    StoreReadOnlyError,
     atomic_write_bytes,
     atomic_write_json,
+    gguf_header_digest,
     human_bytes,
     link_or_copy,
+    recorded_file_problem,
 )
 
 
@@ -283,3 +291,116 @@ def test_installed_reports_incomplete_variant(tmp_path):
 def test_hardlink_probe_and_human_bytes(tmp_path):
     assert Store(tmp_path).supports_hardlinks()
     assert human_bytes(999) == "999 B" and human_bytes(4081004224) == "4.1 GB" and human_bytes(None) == "?"
+
+
+def test_a_folder_where_a_file_belongs_is_a_clean_error(tmp_path):
+    src = tmp_path / "src"
+    src.write_bytes(b"data")
+    (tmp_path / "dest").mkdir()
+    with pytest.raises(ModelFileError, match="is a folder where a file belongs"):
+        link_or_copy(src, tmp_path / "dest")
+
+
+def test_commit_blob_replaces_a_blob_of_the_wrong_size(tmp_path):
+    store = Store(tmp_path)
+    h = add_blob(store, b"right bytes")
+    store.blob_path(h).write_bytes(b"truncated")   # damaged in place
+    add_blob(store, b"right bytes")
+    assert store.blob_path(h).read_bytes() == b"right bytes"
+
+
+# --- read-only stores ---
+
+@pytest.fixture
+def populated(tmp_path) -> Store:
+    store = Store(tmp_path / "store")
+    install(store, "m", "v", {"a.bin": b"model bytes"})
+    (store.partial_dir / f"{sha(b'half')}.part").write_bytes(b"half")
+    with store.shared():
+        pass  # writers leave the store's lock file behind
+    return store
+
+
+def test_a_read_only_store_refuses_changes_before_touching_anything(populated):
+    store = populated
+    assert store.read_only_reason() is None
+    before = sorted(str(p) for p in store.root.rglob("*"))
+    with read_only(store.root):
+        assert "is not writable" in store.read_only_reason()
+        for action, body in (("gc the store", store.gc), ("remove m", lambda: store.remove_model("m"))):
+            with pytest.raises(StoreReadOnlyError) as err, store.exclusive(action=action):
+                body()
+            assert f"cannot {action}: the store {store.root} is read-only" in err.value.message
+            assert "list, verify, run" in err.value.hint and "PIPX_LLAMA_HOME" in err.value.hint
+        assert [iv.model for iv in store.installed()] == ["m"] and len(store.partials()) == 1
+    assert sorted(str(p) for p in store.root.rglob("*")) == before
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="flock is POSIX")
+def test_reading_a_read_only_store_shares_its_writers_lock(populated):
+    import fcntl
+
+    store = populated
+    with read_only(store.root), store.shared(read_only_ok=True):
+        fd = os.open(store.locks_dir / "store.lock", os.O_RDONLY)
+        try:
+            with pytest.raises(BlockingIOError):   # what gc would take: it waits for the reader
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        finally:
+            os.close(fd)
+
+
+def test_a_read_only_store_never_locked_is_read_without_a_lock(tmp_path):
+    store = Store(tmp_path / "store")
+    install(store, "m", "v", {"a.bin": b"model bytes"})
+    assert not store.locks_dir.exists() or not any(store.locks_dir.iterdir())
+    with read_only(store.root), store.shared(read_only_ok=True):
+        assert [iv.model for iv in store.installed()] == ["m"]
+
+
+def test_a_write_refused_although_access_said_yes_is_a_read_only_error(populated, monkeypatch):
+    # root passes os.access on a chmod'ed folder, and network filesystems can refuse at the write itself
+    store = populated
+    real_open = os.open
+    root = str(store.root)
+
+    def refusing(path, flags, *args, **kwargs):
+        if str(path).startswith(root) and flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT):
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(path))
+        return real_open(path, flags, *args, **kwargs)
+    monkeypatch.setattr(os, "open", refusing)
+    assert store.read_only_reason() is None
+    expected = r"cannot gc the store: .*locks/store\.lock: Read-only file"
+    with pytest.raises(StoreReadOnlyError, match=expected), store.exclusive(action="gc the store"):
+        store.gc()
+    with store.shared(read_only_ok=True):
+        pass
+    # a refusal elsewhere (a user's file) is not the store's
+    with pytest.raises(PermissionError), store.writing("import"):
+        raise PermissionError(errno.EACCES, "Permission denied", str(Path(root).parent / "elsewhere.gguf"))
+    assert [iv.model for iv in store.installed()] == ["m"]
+
+
+# --- the cheap record of a GGUF ---
+
+def test_header_digest_notices_a_changed_header_or_size_but_reads_only_the_header(tmp_path):
+    path = tmp_path / "m.gguf"
+    write_tiny_llama(path, seed=3)
+    record = {"size": path.stat().st_size, **gguf_header_digest(path)}
+    assert 0 < record["header_bytes"] < record["size"]
+    assert recorded_file_problem(path, record) is None
+    with open(path, "r+b") as f:   # a tensor's data: not what the cheap check reads
+        f.seek(record["header_bytes"] + 10)
+        f.write(b"\xff")
+    assert recorded_file_problem(path, record) is None
+    with open(path, "r+b") as f:   # a byte of the tensor table
+        f.seek(record["header_bytes"] - 40)
+        f.write(b"\xee")
+    assert "header or tensor table differs" in recorded_file_problem(path, record)
+    with open(path, "ab") as f:
+        f.write(b"x")
+    assert "bytes where" in recorded_file_problem(path, record)
+    path.unlink()
+    path.mkdir()
+    assert "not a regular file" in recorded_file_problem(path, record)
+    assert gguf_header_digest(tmp_path / "m.gguf") == {}

@@ -19,7 +19,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     store = Store(load_config().home)
     with renderer_for(args.json) as out:
-        with store.exclusive(on_wait=common.store_waiter(out.say)):
+        with store.exclusive(on_wait=common.store_waiter(out.say), action="gc the store"):
             report = store.gc(dry_run=args.dry_run)
         if args.json:
             out.emit_json({"kind": "gc", "dry_run": args.dry_run, "files": [str(p) for p in report.files],

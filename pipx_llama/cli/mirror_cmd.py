@@ -38,7 +38,7 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"not installed: {', '.join(missing)}" if missing else "no installed models to export",
                          "`pipx-llama list` shows what is installed")
     with renderer_for(args.json) as out:
-        with s.store.shared():
+        with s.store.shared(read_only_ok=True):
             report = export_mirror(s.store, args.dir, variants, link=args.link, on_event=out)
         if args.json:
             out.emit_json({"kind": "exported", "dir": str(args.dir), "blobs": report.blobs,

@@ -51,21 +51,29 @@ def model_file(args: argparse.Namespace, name: str | None = None) -> Path:
 
     Progress goes to stderr. ``args`` carries the pull options a command added: ``--variant``,
     ``--from-dir``, ``store_common.add_network_options`` and ``add_manifest_option`` (all optional).
+    A model already in the store is used without writing to it (the store may be read-only), once its
+    size and header digest match its record.
     """
     from pipx_llama.cli import store_common as common
     from pipx_llama.cli.progress import EventRenderer
     from pipx_llama.errors import UnsupportedModelError
+    from pipx_llama.pipeline import check_installed, default_quant, final_path, is_ready
     from pipx_llama.pull import pull
 
     s = common.open_session(args)
     manifest = common.resolve(s, name or DEFAULT_MODEL, args)
-    mode = "bars" if sys.stderr.isatty() else "plain"
-    with EventRenderer(mode, sys.stderr) as out:
-        result = pull(s.store, manifest, common.pull_options(args, s), out)
-    ggufs = [f["path"] for f in result.files if f["path"].endswith(".gguf")]
-    if not ggufs:
+    options = common.pull_options(args, s)
+    variant = manifest.variant(options.variant)
+    if variant.format != "gguf":
         raise UnsupportedModelError(
-            f"{result.model} ({result.variant}) holds original weights, not a GGUF file",
-            f"convert it: pipx-llama convert {result.path} {result.model}.gguf, then pass -m that file",
+            f"{manifest.name} ({variant.name}) holds original weights, not a GGUF file",
+            f"run it once with `pipx-llama run {manifest.name}` (which converts and quantizes it), or "
+            f"convert it yourself: pipx-llama convert FOLDER {manifest.name}.gguf, then pass -m that file",
         )
-    return result.file_path(ggufs[0])
+    path = final_path(s.store, manifest, variant, default_quant(variant))
+    check_installed(s.store, manifest, variant, path)
+    if not is_ready(s.store, manifest, variant, default_quant(variant)):
+        with EventRenderer("bars" if sys.stderr.isatty() else "plain", sys.stderr) as out:
+            pull(s.store, manifest, options, out)
+        check_installed(s.store, manifest, variant, path)
+    return path

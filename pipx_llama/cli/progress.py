@@ -12,8 +12,8 @@ from pipx_llama.store import human_bytes
 
 # kinds worth a line of their own ("start" and "waiting-lock" once per file and source)
 _LINE_KINDS = {"plan", "start", "retry", "restart", "waiting-lock", "source-failed", "source-missing",
-               "verified", "stored", "cached", "installed", "verify-failed"}
-_ONCE_KINDS = {"start", "waiting-lock"}
+               "verified", "stored", "cached", "installed", "verify-failed", "notice"}
+_ONCE_KINDS = {"start", "waiting-lock", "notice"}
 
 
 class EventRenderer:
@@ -75,7 +75,8 @@ class EventRenderer:
         if self.mode == "bars":
             self._bar(ev)
         if ev.kind in _LINE_KINDS:
-            key = (ev.kind, ev.file, ev.source if ev.kind == "start" else None)
+            detail = ev.source if ev.kind == "start" else ev.message if ev.kind == "notice" else None
+            key = (ev.kind, ev.file, detail)
             if ev.kind in _ONCE_KINDS and key in self._said:
                 return
             self._said.add(key)
@@ -115,7 +116,7 @@ def _line(ev: ProgressEvent) -> str:
     if k == "source-failed":
         return f"warning: {ev.file}: source {ev.source} failed: {ev.message}"
     if k == "source-missing":
-        return f"{ev.file}: not available from {ev.source}; trying the next source"
+        return ev.message or f"{ev.file}: not available from {ev.source}"
     if k == "verify-failed":
         return f"BAD {ev.file} ({ev.source}): {ev.message}"
     if k == "verified":
@@ -124,6 +125,8 @@ def _line(ev: ProgressEvent) -> str:
         return f"{ev.file}: {ev.message or 'stored'}{src}"
     if k == "cached":
         return f"{ev.file}: {ev.message or 'already in the store'}"
+    if k == "notice":
+        return f"{ev.file}: note: {ev.message}" + (f" ({ev.source})" if ev.source else "")
     if k in ("retry", "restart"):
         return f"{ev.file}: {ev.message or k}"
     return f"{ev.file}: {ev.message or k}"

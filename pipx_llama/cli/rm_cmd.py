@@ -37,7 +37,7 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"{args.model!r} is not installed" + (f" (variant {variant})" if variant else ""),
                          "`pipx-llama list` shows what is installed")
     with renderer_for(args.json) as out:
-        with s.store.exclusive(on_wait=common.store_waiter(out.say)):
+        with s.store.exclusive(on_wait=common.store_waiter(out.say), action=f"remove {name}"):
             report = s.store.remove_model(name, variant, keep_blobs=args.keep_blobs, extra_partials=hashes)
             imported = s.store.manifests_dir / f"{name}.toml"
             if variant is None and imported.exists():

@@ -84,6 +84,8 @@ def pull_options(args: argparse.Namespace, s: Session) -> PullOptions:
         fetch.parallel_parts = parallel
     if s.config.part_threshold is not None:
         fetch.part_threshold = s.config.part_threshold
+    if s.config.give_up_after is not None:
+        fetch.give_up_after = s.config.give_up_after
     return PullOptions(
         variant=getattr(args, "variant", None),
         from_dirs=[Path(d) for d in getattr(args, "from_dir", [])],

@@ -1,4 +1,5 @@
-"""``pipx-llama verify [MODEL]``: re-hash installed files against their recorded sha256 and report."""
+"""``pipx-llama verify [MODEL]``: re-hash installed files against their manifests (derived files against
+their provenance) and report; works on a read-only store (reports without repairing)."""
 
 from __future__ import annotations
 
@@ -38,18 +39,25 @@ def run(args: argparse.Namespace) -> int:
                 bad.append(f"{label}: incomplete install (no provenance record)")
                 out.say(f"BAD {label}: incomplete install; run pull again")
                 continue
-            with s.store.shared():
-                checks = verify_installed(s.store, iv, out, remove_bad=not args.keep_bad)
-            failed = [c for c in checks if c.status != "ok"]
+            with s.store.shared(read_only_ok=True):
+                checks = verify_installed(s.store, iv, out, remove_bad=not args.keep_bad,
+                                          manifest=s.catalog.get(iv.model))
+            failed = [c for c in checks if not c.ok]
             bad += [f"{label} {c.path}: {c.status}" for c in failed]
             if args.json:
                 out.emit_json({"kind": "verify", "model": iv.model, "variant": iv.variant,
-                               "files": [c.__dict__ for c in checks], "ok": not failed})
+                               "files": [{**c.__dict__, "ok": c.ok} for c in checks], "ok": not failed})
             else:
+                removed = sum(c.removed for c in failed)
                 out.say(f"{label}: " + ("all files verified" if not failed else
-                                        f"{len(failed)} of {len(checks)} file(s) damaged"
-                                        + ("" if args.keep_bad else " and removed")))
+                                        f"{len(failed)} of {len(checks)} file(s) failed verification"
+                                        + (f", {removed} removed" if removed else "")))
     if bad:
-        raise ModelFileError(f"verification failed for {len(bad)} file(s): " + "; ".join(bad),
-                             "run `pipx-llama pull MODEL` to fetch the damaged files again")
+        if s.store.read_only_reason() is not None:
+            hint = ("the store is read-only: ask whoever manages it to run `pipx-llama verify` (which "
+                    "removes damaged files) and then `pipx-llama pull MODEL`")
+        else:
+            hint = ("run `pipx-llama pull MODEL` to fetch the damaged files again (a run rebuilds derived "
+                    "files)" + ("; without --keep-bad, verify removes them first" if args.keep_bad else ""))
+        raise ModelFileError(f"verification failed for {len(bad)} file(s): " + "; ".join(bad), hint)
     return 0

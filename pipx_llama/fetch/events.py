@@ -9,6 +9,7 @@ Kinds used by the downloader (others may add their own, e.g. ``source-failed``, 
 - ``progress``  periodic: ``done``/``total`` bytes, ``speed`` (bytes/s), ``eta`` (s)
 - ``retry``     a request failed and will be retried; ``message`` says why and after how long
 - ``restart``   the partial download was discarded (the source's file changed, or Range was ignored)
+- ``notice``    something worth knowing that changes nothing for the caller (e.g. validators dropped)
 - ``verified``  size and sha256 matched
 - ``done``      the file is complete and verified
 """

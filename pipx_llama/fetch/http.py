@@ -13,7 +13,8 @@ Resume state
     once a second, always after an ``fdatasync`` of the data, so the state never claims bytes that
     are not on disk, even after a power cut. Writes to the file can wait while it syncs, so when a
     sync takes long (a link faster than the disk) the saves are spaced out to keep syncing under a
-    tenth of the time, at most 10 s apart. It is written before the data file is created, so a
+    tenth of the time -- but never more than 2 s or ``checkpoint_bytes`` (32 MB) per busy connection
+    apart, which bounds what a kill costs. It is written before the data file is created, so a
     data file without a state file is always a finished download (re-hashed before it is trusted).
 
 Encodings
@@ -25,8 +26,13 @@ Never mixing two versions
     Every ranged request carries ``If-Range`` (a strong ETag, else Last-Modified). A server whose
     file changed answers 200 with the new file; a 206 whose ETag, Last-Modified or total differs
     from the state is treated the same way: the partial is discarded and the download starts over
-    cleanly. A server that ignores ``Range`` (200 to a ranged request) gets a single stream from
-    byte 0, and a broken connection to such a server starts over (it cannot resume).
+    cleanly. Validators that change again within one download come from a server that labels the
+    same bytes differently per response (a load balancer): the ETag is then dropped for
+    Last-Modified if that stayed the same, else both are, and the final sha256 check decides.
+    A server that ignores ``Range`` (200 to a ranged request) gets a single stream from
+    byte 0; when that stream breaks, the rest is asked for with a ``Range`` (some servers answer a
+    whole-file range with 200 yet honour others), and only a server that ignores it too is started
+    over from byte 0 (it cannot resume).
     Resuming with a different URL keeps the bytes (the expected sha256 is the same) but keeps the
     validators only for the same scheme, host and path (a renewed presigned link); the final hash
     check is the last line of defence and the error then names every source that contributed.
@@ -41,9 +47,11 @@ Parallel parts
     no byte a server has already pushed into a socket is thrown away. A thread also takes over the
     rest of a part that had no bytes for ``straggler_after`` seconds or runs far slower than the
     others (the only case where bytes are asked for twice). A connection with no bytes for ``stall_timeout`` seconds
-    (httpx read timeout) is retried from where it stopped. Retries: exponential backoff with jitter
+    (httpx read timeout) is retried from where it stopped; after ``give_up_after`` seconds (60) without a
+    byte from the source, retries included, the download gives up. Retries: exponential backoff with jitter
     on connection errors, timeouts, 5xx, 408 and 429 (``Retry-After`` honoured, capped at
-    ``backoff_max``); an attempt that delivered at least ``min_part`` bytes resets the count.
+    ``backoff_max``); a response cut short after delivering data is continued at once with a new
+    range and does not count as a retry, so a server that cuts every response short still completes.
     404/410 are not retried (``SourceNotFound``: the caller tries its next source).
 
 Hashing
@@ -73,6 +81,7 @@ Concurrency: one download per ``dest`` at a time -- the caller holds the per-blo
 from __future__ import annotations
 
 import collections
+import contextlib
 import email.utils
 import errno
 import hashlib
@@ -121,8 +130,11 @@ _HASH_JOIN_BELOW = 128 << 10
 _FLUSH_AFTER = 0.25
 _READ_SIZE = 1 << 20
 _SYNC_SHARE = 10
-_CHECKPOINT_MAX = 10.0
+_CHECKPOINT_MAX = 2.0
 _MAX_RESTARTS = 3
+# A failed attempt that still delivered this much is continued at once, without counting as a retry:
+# a server (or proxy) that cuts every response short still completes the file, range by range.
+_MIN_PROGRESS = 64 << 10
 _JOIN_GRACE = 1.0
 # A host name that does not resolve is not retried like a dropped connection: "no such name" is final,
 # "temporary failure" (typical of a machine with no network) gets this many retries, so an offline
@@ -155,7 +167,9 @@ class FetchOptions:
     min_part: int = 4 << 20            # an idle connection splits a busy part only if both halves get this much
     straggler_after: float = 3.0       # an idle connection takes over a part silent this long (or far slower)
     checkpoint_interval: float = 1.0   # seconds between resume-state saves (bytes since are lost on a kill);
-                                       # longer (up to 10 s) while each save's data sync takes long
+                                       # longer (up to 2 s) while each save's data sync takes long
+    checkpoint_bytes: int = 32 << 20   # ... and a save at least every this many bytes per busy connection
+    give_up_after: float = 60.0        # no byte from the source for this long, retries included -> give up
 
 
 class _Retry(Exception):
@@ -217,8 +231,9 @@ def download(url: str, dest: Path, *, size: int | None, sha256: str, options: Fe
     On success ``dest`` holds the verified bytes, fsynced (the caller renames it into the store) and the
     state file is gone. ``label`` names the file in events and messages (default: ``dest.name``).
     Raises ``OfflineError`` (before any network use), ``FetchError`` (refused URL, protocol errors),
-    ``SourceNotFound``, ``AccessDenied``, ``NetworkError`` (retries exhausted; partial kept),
-    ``DiskFullError`` (partial kept), ``ChecksumError`` (bad bytes deleted).
+    ``SourceNotFound``, ``AccessDenied``, ``NetworkError`` (retries exhausted, or no byte for
+    ``give_up_after`` seconds), ``DiskFullError``, ``ChecksumError`` (bad bytes deleted). Whether a partial
+    download was kept for a resume is said in the hint, and only when it was.
     """
     dest = Path(dest)
     name = label or dest.name
@@ -243,12 +258,15 @@ def download(url: str, dest: Path, *, size: int | None, sha256: str, options: Fe
 
 
 def partial_progress(dest: Path) -> tuple[int, int | None] | None:
-    """(bytes on disk, total or None) of a partial download at ``dest``, or None if there is none.
+    """(bytes a next call resumes from, total or None) of a partial download at ``dest``, or None if
+    there is none. A download from a server that cannot resume counts 0 bytes: the next call starts over.
 
     Reads only the state file; for listings of unfinished downloads.
     """
     try:
         state = json.loads(Path(str(dest) + ".json").read_text())
+        if not state["ranges"] or state.get("decode"):
+            return 0, state.get("total")
         return sum(int(p[2]) for p in state["parts"]), state.get("total")
     except (OSError, ValueError, KeyError, TypeError, IndexError):
         return None
@@ -323,6 +341,13 @@ def _content_range(value: str | None) -> tuple[int, int, int | None] | None:
         return None
     total = None if m.group(3) == "*" else int(m.group(3))
     return int(m.group(1)), int(m.group(2)), total
+
+
+def _validator_matches(resp: httpx.Response, validator: str) -> bool:
+    """Whether ``resp`` carries ``validator`` (an ETag, or else a Last-Modified date)."""
+    if validator.startswith(('"', "W/")):
+        return resp.headers.get("etag") == validator
+    return resp.headers.get("last-modified") == validator
 
 
 def _retry_after(resp: httpx.Response) -> float | None:
@@ -607,7 +632,8 @@ class _Writer(threading.Thread):
                     part.done += n
                     job.session_bytes += n
                     finished = part.complete and all(p.complete for p in job.parts)
-                if finished:
+                    due = job._checkpoint_due_locked()
+                if finished or due:
                     job.wake.set()
         except Exception as exc:  # noqa: BLE001  (re-raised by the supervising thread)
             job._fail(self.stop, exc)
@@ -640,12 +666,18 @@ class _Job:
         self.total: int | None = None
         self.etag: str | None = None
         self.last_modified: str | None = None
+        self.validators = "any"   # which validators this source keeps stable: any | last-modified | none
+        self.changes = 0          # times the validators changed during this download (see _believe_change)
+        self._changed_in: threading.Event | None = None
+        self._believed = True
         self.ranges = True
         self.decode = False  # always: _request refuses a Content-Encoding (kept in the state file's format)
         self.sources: list[str] = []
         self.session_bytes = 0
+        self.saved_bytes = 0   # session_bytes when the resume state was last snapshotted
         self.session_received = 0
         self.session_start = time.monotonic()
+        self.last_byte = self.session_start   # when the source last sent a byte (or the call began)
         self.client: httpx.Client | None = None
         self.hasher: _Hasher | None = None
 
@@ -659,6 +691,7 @@ class _Job:
                 return
             self._discard()
         self.client = self._make_client()
+        self.last_byte = time.monotonic()  # patience counts from here, not from hashing a finished file
         try:
             restarts = retries = 0
             while True:
@@ -668,11 +701,13 @@ class _Job:
                 except _Restart as r:
                     state = None
                     self._discard()
+                    self.parts = []
                     if r.retry:
                         retries += 1
                         if retries > self.opt.max_retries:
                             raise self._gave_up(r.reason, retries - 1) from None
                         delay = self._backoff(retries, r.retry_after)
+                        self._check_patience(r.reason, delay)
                         self._emit(ProgressEvent(
                             "retry", self.name, source=self.shown_url,
                             message=f"{r.reason}; the server cannot resume, starting over in {delay:.1f}s "
@@ -753,7 +788,8 @@ class _Job:
         return {
             "version": STATE_VERSION, "url": self.url, "sources": list(self.sources), "file": self.name,
             "sha256": self.sha256, "size": self.size, "total": self.total, "etag": self.etag,
-            "last_modified": self.last_modified, "ranges": self.ranges, "decode": self.decode,
+            "last_modified": self.last_modified, "validators": self.validators, "changes": self.changes,
+            "ranges": self.ranges, "decode": self.decode,
             "parts": [[p.start, p.end, p.done] for p in self.parts], "updated": time.time(),
         }
 
@@ -773,8 +809,14 @@ class _Job:
     def _checkpoint(self, fd: int) -> None:
         with self.lock:
             snap = self._snapshot()
+            self.saved_bytes = self.session_bytes
         _fdatasync(fd)
         self._write_state(snap)
+
+    def _checkpoint_due_locked(self) -> bool:
+        """Whether ``checkpoint_bytes`` per busy connection were written since the last save (lock held)."""
+        busy = sum(1 for p in self.parts if p.active and not p.complete) or 1
+        return self.session_bytes - self.saved_bytes >= self.opt.checkpoint_bytes * busy
 
     def _discard(self) -> None:
         for p in (self.dest, self.state_path, Path(str(self.state_path) + ".tmp")):
@@ -810,8 +852,8 @@ class _Job:
         return DiskFullError(
             f"not enough disk space for {self.name} in {folder}: "
             f"{_human(needed)} still needed, {_human(free)} free",
-            "free some space (or point PIPX_LLAMA_HOME at a bigger disk) and run the same command "
-            f"again: the {_human(done)} already downloaded are kept and the download resumes",
+            "free some space (or point PIPX_LLAMA_HOME at a bigger disk) and run the same command again"
+            + self._kept(": "),
             folder=folder, needed=needed, free=free,
         )
 
@@ -826,6 +868,9 @@ class _Job:
         old, new = urlsplit(state["url"]), urlsplit(self.url)
         if (old.scheme, old.netloc, old.path) == (new.scheme, new.netloc, new.path):
             self.etag, self.last_modified = state.get("etag"), state.get("last_modified")
+            mode, changes = state.get("validators"), state.get("changes")
+            self.validators = mode if mode in ("any", "last-modified", "none") else "any"
+            self.changes = changes if isinstance(changes, int) and changes >= 0 else 0
         else:
             self.etag = self.last_modified = None
         self.ranges, self.decode = True, False
@@ -920,6 +965,8 @@ class _Job:
         cp_every = self.opt.checkpoint_interval
         samples: collections.deque[tuple[float, int]] = collections.deque()
         while True:
+            # cleared before looking: a writer that finishes or fills a checkpoint after this sets it again
+            self.wake.clear()
             self._drain_events()
             if self.error is not None or self._all_complete() or not any(w.is_alive() for w in workers):
                 break
@@ -927,6 +974,7 @@ class _Job:
             with self.lock:
                 done = sum(p.done for p in self.parts)
                 session = self.session_bytes
+                due = self._checkpoint_due_locked()
             samples.append((now, session))
             while samples and samples[0][0] < now - _SPEED_WINDOW:
                 samples.popleft()
@@ -937,7 +985,11 @@ class _Job:
                 eta = ((self.total - done) / speed if speed and self.total is not None else None)
                 self._emit(ProgressEvent("progress", self.name, done=done, total=self.total, speed=speed,
                                          eta=eta, source=self.shown_url))
-            if now - last_cp >= cp_every:
+            if now - self.last_byte >= self.opt.give_up_after:
+                # every connection is stuck (in a read, a connect or a backoff): do not wait for them
+                self.error = self._stalled("no connection is receiving anything", now - self.last_byte)
+                break
+            if now - last_cp >= cp_every or due:
                 self._checkpoint(fd)
                 last_cp = time.monotonic()
                 # while the data syncs, the writer's writes can wait for it (ext4 does): on a link faster
@@ -949,7 +1001,7 @@ class _Job:
         self._drain_events()
         if self.error is None and not self._all_complete():
             self.error = FetchError(f"download of {self.name} stopped before it was complete",
-                                    "run the same command again to resume")
+                                    "run the same command again" + self._kept(": "))
 
     def _finish(self, digest: str, length: int) -> None:
         if self.size is not None and length != self.size:
@@ -957,15 +1009,15 @@ class _Job:
             raise ChecksumError(
                 f"size mismatch for {self.name} from {self._sources_text()}: expected {self.size} bytes, "
                 f"got {length}; the download was deleted",
-                "another source will be tried; if every source fails, the manifest may be out of date",
+                "the source does not serve the file the manifest describes; if no source does, the manifest "
+                "may be out of date",
                 file=self.name, source=self.url, expected=self.sha256, actual=f"(size {length} bytes)")
         if digest != self.sha256:
             self._discard()
             raise ChecksumError(
                 f"checksum mismatch for {self.name} from {self._sources_text()}: expected sha256 "
                 f"{self.sha256}, got {digest}; the bad download was deleted",
-                "another source will be tried; if this keeps happening the source serves a different "
-                "file than the manifest describes",
+                "if this keeps happening the source serves a different file than the manifest describes",
                 file=self.name, source=self.url, expected=self.sha256, actual=digest)
         with open(self.dest, "rb+") as f:
             if os.fstat(f.fileno()).st_size != length:
@@ -998,8 +1050,13 @@ class _Job:
         if self.opt.token:
             headers["Authorization"] = f"Bearer {self.opt.token}"
         client: httpx.Client = self.client  # type: ignore[assignment]
+        o = self.opt
+        left = max(0.1, o.give_up_after - (time.monotonic() - self.last_byte))
+        timeout = httpx.Timeout(connect=min(o.timeout, left), read=min(o.stall_timeout, left),
+                                write=min(o.timeout, left), pool=min(o.timeout, left))
         try:
-            resp = client.send(client.build_request("GET", self.url, headers=headers), stream=True)
+            request = client.build_request("GET", self.url, headers=headers, timeout=timeout)
+            resp = client.send(request, stream=True)
         except httpx.TooManyRedirects:
             raise FetchError(f"too many redirects fetching {self.name} from {self.shown_url}",
                              "the source is misconfigured; try another source") from None
@@ -1024,7 +1081,7 @@ class _Job:
         resp.close()
         if code in (404, 410):
             raise SourceNotFound(f"{self.name} is not at {self.shown_url} (HTTP {code})",
-                                 "the next source will be tried; if none has it, the manifest may be out of date")
+                                 "if no source has it, the manifest may be out of date")
         if code in (401, 403):
             raise self._access_denied(code)
         if code in (408, 429) or code >= 500:
@@ -1044,7 +1101,7 @@ class _Job:
                     "read token at https://huggingface.co/settings/tokens and set HF_TOKEN to it, then retry")
         elif re.search(r"(?i)(x-amz-signature|signature=|expires=|policy=|key-pair-id=)", p.query or ""):
             hint = ("this looks like a presigned download link, and such links expire: request a fresh one "
-                    "(e.g. from Meta's download form) and pass it again, then retry -- finished bytes are kept")
+                    "(e.g. from Meta's download form) and pass it again, then retry" + self._kept(" -- "))
         else:
             hint = ("the server wants credentials: if it accepts a bearer token set HF_TOKEN to it, "
                     "otherwise ask whoever runs the server for access")
@@ -1054,6 +1111,35 @@ class _Job:
         if self.etag and not self.etag.startswith("W/"):
             return self.etag
         return self.last_modified
+
+    def _believe_change(self, resp: httpx.Response) -> bool:
+        """A response's validators differ from ours: True if that means the file changed.
+
+        The first change is believed (the partial is discarded). Validators that change again within
+        one download belong to a server that labels the same bytes differently from response to
+        response (a load balancer whose servers compute ETags apart): they stop being used -- the ETag
+        alone when Last-Modified stayed the same, else both -- and the sha256 checked at the end, as
+        always, is what guarantees the bytes.
+        """
+        with self.lock:
+            if self._changed_in is self.stop:
+                return self._believed  # parallel parts seeing the same change: it counts once per attempt
+            self._changed_in = self.stop
+            self.changes += 1
+            self._believed = self.changes < 2
+            if self._believed:
+                return True
+            lm = resp.headers.get("last-modified")
+            same_date = self.last_modified is not None and self.last_modified == lm
+            if self.validators == "any" and self.etag is not None and same_date:
+                self.validators, self.etag = "last-modified", None
+                note = "its ETag changes from response to response; using Last-Modified instead"
+            else:
+                self.validators, self.etag, self.last_modified = "none", None, None
+                note = ("its ETag/Last-Modified change from response to response; the sha256 check at the "
+                        "end decides")
+        self.events.put(ProgressEvent("notice", self.name, source=self.shown_url, message=note))
+        return False
 
     def _validators_differ(self, resp: httpx.Response) -> bool:
         etag, lm = resp.headers.get("etag"), resp.headers.get("last-modified")
@@ -1065,8 +1151,9 @@ class _Job:
 
     def _learn_validators(self, resp: httpx.Response) -> None:
         with self.lock:
-            if self.etag is None and self.last_modified is None:
-                self.etag = resp.headers.get("etag")
+            if self.etag is None and self.last_modified is None and self.validators != "none":
+                if self.validators == "any":
+                    self.etag = resp.headers.get("etag")
                 self.last_modified = resp.headers.get("last-modified")
             if self.url not in self.sources:
                 self.sources.append(self.url)
@@ -1076,7 +1163,10 @@ class _Job:
         if isinstance(exc, _Retry):
             return exc.reason, exc.retry_after
         if isinstance(exc, httpx.ReadTimeout):
-            return f"no data for {self.opt.stall_timeout:g}s (stalled connection)", None
+            waited = self.opt.stall_timeout
+            with contextlib.suppress(RuntimeError, AttributeError, KeyError, TypeError):
+                waited = exc.request.extensions["timeout"]["read"]
+            return f"no data for {waited:g}s (stalled connection)", None
         if isinstance(exc, httpx.ConnectTimeout):
             return "connecting timed out", None
         if isinstance(exc, httpx.ConnectError):
@@ -1119,9 +1209,33 @@ class _Job:
     def _gave_up(self, reason: str, retries: int) -> NetworkError:
         return NetworkError(
             f"could not download {self.name} from {self.shown_url}: {reason} (gave up after {retries} retries)",
-            "check the network connection or proxy settings (HTTPS_PROXY); what was downloaded is kept "
-            "and the next run resumes it",
+            "check the network connection or proxy settings (HTTPS_PROXY)" + self._kept("; "),
         )
+
+    def _check_patience(self, reason: str, delay: float) -> None:
+        """Give up now if waiting ``delay`` more leaves the source silent for ``give_up_after`` seconds."""
+        idle = time.monotonic() - self.last_byte
+        if idle + delay >= self.opt.give_up_after:
+            raise self._stalled(reason, idle)
+
+    def _stalled(self, reason: str, idle: float) -> NetworkError:
+        return NetworkError(
+            f"could not download {self.name} from {self.shown_url}: nothing received for {idle:.0f} s "
+            f"({reason})",
+            "check the network connection or proxy settings (HTTPS_PROXY), or try later" + self._kept("; ")
+            + f"; `give_up_after` in the config file sets this limit ({self.opt.give_up_after:g} s)",
+        )
+
+    def _kept(self, lead: str) -> str:
+        """What the next run can build on, for a hint (``lead`` + text), or '' when nothing is kept."""
+        with self.lock:
+            done = sum(p.done for p in self.parts)
+            resumable = self.ranges and not self.decode
+        if not done:
+            return ""
+        if not resumable:
+            return lead + "this source cannot resume a download, so the next run starts it over"
+        return lead + f"the {_human(done)} downloaded so far are kept and the next run resumes from there"
 
     # ---- the first request of a fresh download
 
@@ -1149,6 +1263,7 @@ class _Job:
                 if attempt > o.max_retries:
                     raise self._gave_up(reason, attempt - 1) from None
                 delay = self._backoff(attempt, retry_after)
+                self._check_patience(reason, delay)
                 self._emit(ProgressEvent("retry", self.name, source=self.shown_url,
                                          message=f"{reason}; retry {attempt}/{o.max_retries} in {delay:.1f}s"))
                 time.sleep(delay)
@@ -1182,7 +1297,8 @@ class _Job:
             raise ChecksumError(
                 f"size mismatch for {self.name} at {self.shown_url}: expected {self.size} bytes, "
                 f"the server has {total}; nothing was downloaded",
-                "another source will be tried; if every source fails, the manifest may be out of date",
+                "the source holds another version of the file; if no source has this one, the manifest may "
+                "be out of date",
                 file=self.name, source=self.url, expected=self.sha256, actual=f"(size {total} bytes)")
         self.total = total if total is not None else self.size
         o = self.opt
@@ -1330,21 +1446,24 @@ class _Job:
                 reason, retry_after = self._reason(exc)
                 if stop.is_set() or part.all_queued:
                     return
-                if not self.ranges:
+                if not self.ranges and (self.total is None or self.decode or part.qpos == 0):
                     raise _Restart(reason, retry=True, retry_after=retry_after) from None
-                if part.queued - before >= self.opt.min_part:
-                    attempt = 0
-                attempt += 1
+                # a server that cuts responses short but sends data is healthy: ask for the rest at once,
+                # as the first retry of a new series (a whole-file 200 is asked for a Range now, see _accept)
+                progressed = part.queued - before >= _MIN_PROGRESS
+                attempt = 1 if progressed else attempt + 1
                 if attempt > self.opt.max_retries:
                     raise self._gave_up(reason, attempt - 1) from None
-                delay = self._backoff(attempt, retry_after)
+                delay = 0.0 if progressed else self._backoff(attempt, retry_after)
+                self._check_patience(reason, delay)
                 with self.lock:
                     done = sum(p.done for p in self.parts)
                 self.events.put(ProgressEvent(
                     "retry", self.name, done=done, total=self.total, source=self.shown_url,
-                    message=f"{reason} at byte {part.qpos}; retry {attempt}/{self.opt.max_retries} "
-                            f"in {delay:.1f}s"))
-                if stop.wait(delay):
+                    message=f"{reason} at byte {part.qpos}; " + (
+                        "continuing from there" if progressed else
+                        f"retry {attempt}/{self.opt.max_retries} in {delay:.1f}s")))
+                if delay and stop.wait(delay):
                     return
             finally:
                 if resp is not None:
@@ -1374,8 +1493,16 @@ class _Job:
                     self.etag = self.last_modified = None
                 self._learn_validators(resp)
                 return
-            if self._validators_differ(resp):
-                raise _Restart("the file at the source has changed (new ETag/Last-Modified)")
+            if not self.ranges:
+                # the stream of a whole-file 200 broke, and the Range asking for the rest was ignored too
+                raise _Restart("the request for the rest of the file was answered from byte 0", retry=True)
+            sent = resp.request.headers.get("if-range")
+            if sent is not None and not _validator_matches(resp, sent):
+                if self._believe_change(resp):
+                    raise _Restart("the file at the source has changed (new ETag/Last-Modified)")
+                # the If-Range validator was this server's own whim: ask again with what is still trusted
+                raise _Retry("the server sent the whole file instead of the range (If-Range did not match)",
+                             0.0)
             raise _Restart("the server ignored the Range request and sent the whole file")
         cr = _content_range(resp.headers.get("content-range"))
         if cr is None or cr[0] != part.qpos:
@@ -1383,9 +1510,12 @@ class _Job:
                          f"for byte {part.qpos})")
         if cr[2] is not None and self.total is not None and cr[2] != self.total:
             raise _Restart(f"the file at the source changed size ({self.total} -> {cr[2]} bytes)")
-        if self._validators_differ(resp):
+        if self._validators_differ(resp) and self._believe_change(resp):
             raise _Restart("the file at the source has changed (new ETag/Last-Modified)")
         self._learn_validators(resp)
+        if not self.ranges:
+            with self.lock:
+                self.ranges = True  # it answered a whole-file request with 200, yet honours Range: resumable
         if 0 <= cr[1] < part.req_end:
             with self.lock:
                 part.req_end = cr[1]  # a server may answer a shorter range than asked
@@ -1412,7 +1542,7 @@ class _Job:
                     room = size if part.end is None else part.end + 1 - part.qpos - pending
                     n = max(0, min(size, room))
                     part.reserved = part.queued + pending + n
-                    part.last_data = now
+                    part.last_data = self.last_byte = now
                     part.received += n
                     self.session_received += n
                 if n:
