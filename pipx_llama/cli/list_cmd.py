@@ -73,15 +73,19 @@ def _available(s: common.Session, as_json: bool) -> int:
         for v in m.variants:
             size = human_bytes(v.known_size) if v.sizes_complete else "~" + human_bytes(
                 sum(estimated_file_size(m, v, f) for f in v.files))
-            rows.append([m.name, ", ".join(m.aliases), v.name, v.quantization or v.format, size,
+            rows.append([m.name, ", ".join(m.aliases), v.name, v.quantization or v.format, size, m.license,
                          "yes" if (m.name, v.name) in installed else ""])
             data.append({"model": m.name, "aliases": list(m.aliases), "variant": v.name, "format": v.format,
                          "quantization": v.quantization, "size": v.known_size if v.sizes_complete else None,
                          "installed": (m.name, v.name) in installed, "license": m.license,
+                         "license_url": m.license_url, "license_notice": m.license_notice,
                          "description": m.description, "manifest": m.origin})
     if as_json:
         json.dump(data, sys.stdout, indent=2)
         sys.stdout.write("\n")
     else:
-        print(_table(rows, ["MODEL", "ALIASES", "VARIANT", "QUANT", "SIZE", "INSTALLED"]))
+        print(_table(rows, ["MODEL", "ALIASES", "VARIANT", "QUANT", "SIZE", "LICENSE", "INSTALLED"]))
+        for m in s.catalog:
+            if m.license_notice:
+                print(f"\n{m.name}: {m.license_notice}")
     return 0
