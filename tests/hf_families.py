@@ -339,7 +339,7 @@ def _weights(arch: str, d: Dims, n_vocab: int, tied: bool, seed: int) -> dict[st
     return out
 
 
-TIED = {"qwen2": True, "qwen3": False, "gemma2": True, "gemma3": True, "phi3": False}
+TIED = {"qwen2": True, "qwen3": True, "gemma2": True, "gemma3": True, "phi3": False}
 
 
 def write_family_folder(folder: Path, arch: str, vocab_dir: Path, dims: Dims | None = None, *, seed: int = 0,
