@@ -343,11 +343,13 @@ TIED = {"qwen2": True, "qwen3": True, "gemma2": True, "gemma3": True, "phi3": Fa
 
 
 def write_family_folder(folder: Path, arch: str, vocab_dir: Path, dims: Dims | None = None, *, seed: int = 0,
-                        window: int = 5, pattern: int = 2, shards: int = 2) -> dict[str, np.ndarray]:
+                        window: int = 5, pattern: int = 2, shards: int = 2, dtype: str = "BF16",
+                        layer_types: list[str] | None = None) -> dict[str, np.ndarray]:
     """Write the tiny ``arch`` model as Hugging Face ships it; returns its weights (bfloat16 values, float32).
 
     ``window`` is the sliding window (Gemma), ``pattern`` Gemma 3's period of sliding and global layers
-    (real models: 6, which llama.cpp's converter assumes without writing it).
+    (real models: 6, which llama.cpp's converter assumes without writing it) unless ``layer_types`` lists
+    each layer's kind. ``dtype``: BF16 (as Hugging Face ships these models), F16 or F32.
     """
     folder.mkdir(parents=True, exist_ok=True)
     d = dims or SMALL[arch]
@@ -362,18 +364,23 @@ def write_family_folder(folder: Path, arch: str, vocab_dir: Path, dims: Dims | N
         raise ValueError(f"no tiny Hugging Face folder for {arch!r}")
     tied = TIED[arch]
     cfg = _config(arch, d, n_vocab, tied, window, pattern)
+    if layer_types is not None:
+        cfg["layer_types"] = layer_types
+    cfg["torch_dtype"] = {"BF16": "bfloat16", "F16": "float16", "F32": "float32"}[dtype]
     (folder / "config.json").write_text(json.dumps(cfg, indent=2))
     (folder / "generation_config.json").write_text(json.dumps({"bos_token_id": cfg.get("bos_token_id"),
                                                                "eos_token_id": cfg.get("eos_token_id"),
                                                                "do_sample": True, "temperature": 0.7}))
-    weights = {k: (bf16(v).astype(np.uint32) << 16).view(np.float32).reshape(v.shape)
-               for k, v in _weights(arch, d, n_vocab, tied, seed).items()}
+    exact = {"BF16": lambda v: (bf16(v).astype(np.uint32) << 16).view(np.float32).reshape(v.shape),
+             "F16": lambda v: v.astype(np.float16).astype(np.float32), "F32": lambda v: v}[dtype]
+    store = {"BF16": bf16, "F16": lambda v: v.astype(np.float16), "F32": lambda v: v}[dtype]
+    weights = {k: exact(v) for k, v in _weights(arch, d, n_vocab, tied, seed).items()}
     names = sorted(weights)
     weight_map = {}
     for s in range(shards):
         fname = f"model-{s + 1:05d}-of-{shards:05d}.safetensors" if shards > 1 else "model.safetensors"
         part = names[s::shards]
-        write_safetensors(folder / fname, {n: ("BF16", bf16(weights[n])) for n in part})
+        write_safetensors(folder / fname, {n: (dtype, store(weights[n])) for n in part})
         weight_map.update({n: fname for n in part})
     if shards > 1:
         (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
@@ -385,10 +392,9 @@ def run_llama_cpp_converter(tree: Path, folder: Path, out: Path, outtype: str = 
     import subprocess
     import sys
 
-    env = {**os.environ, "NO_LOCAL_GGUF": ""}
-    env.pop("NO_LOCAL_GGUF")
+    env = {k: v for k, v in os.environ.items() if k != "NO_LOCAL_GGUF"}  # the tree's own gguf-py, not PyPI's
     proc = subprocess.run([sys.executable, str(tree / "convert_hf_to_gguf.py"), str(folder), "--outfile", str(out),
-                           "--outtype", outtype], capture_output=True, text=True, env=env, timeout=600)
+                           "--outtype", outtype], capture_output=True, text=True, env=env, timeout=600, check=False)
     if proc.returncode != 0:
         raise RuntimeError(f"convert_hf_to_gguf.py failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
     return out
