@@ -324,3 +324,39 @@ def test_original_weights_flow_through_convert_and_quantize(tmp_path, vocab_dir)
     finally:
         m.close()
     assert np.isfinite(logits).all() and os.path.getsize(path) > 0
+
+
+@pytest.mark.parametrize("prefix", ["model.language_model.", "language_model.model."])  # transformers 5 / 4
+def test_gemma3_multimodal_checkpoint_converts_its_text_model(tmp_path, vocab_dir, converted, prefix):
+    """Gemma3ForConditionalGeneration: the text model's weights under language_model., the hyper-parameters
+    in text_config; the vision tower and projector are left out (they go to llama.cpp's mmproj file)."""
+    from convert_helpers import write_safetensors
+
+    from pipx_llama.convert.hf import read_safetensors_header
+
+    plain, _, plain_gguf = converted["gemma3"]
+    folder = tmp_path / "gemma-3-mm"
+    folder.mkdir()
+    for p in plain.iterdir():
+        if p.suffix != ".safetensors" and p.name != "model.safetensors.index.json":
+            (folder / p.name).write_bytes(p.read_bytes())
+    tensors = {}
+    for shard in sorted(plain.glob("*.safetensors")):
+        for name, t in read_safetensors_header(shard).items():
+            tensors[name.replace("model.", prefix, 1)] = (t.kind, t.read())
+    tensors["model.vision_tower.vision_model.embeddings.patch_embedding.weight"] = ("F32", np.ones((4, 3), np.float32))
+    tensors["model.multi_modal_projector.mm_input_projection_weight"] = ("F32", np.ones((4, 4), np.float32))
+    write_safetensors(folder / "model.safetensors", tensors)
+    text = json.loads((plain / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({
+        "architectures": ["Gemma3ForConditionalGeneration"], "model_type": "gemma3", "text_config": text,
+        "vision_config": {"model_type": "siglip_vision_model", "hidden_size": 4}, "mm_tokens_per_image": 256}))
+    ours = convert(folder, tmp_path / "mm.gguf", "f32").path
+    g, h = open_gguf(ours), open_gguf(plain_gguf)
+    try:
+        assert sorted(g.tensors) == sorted(h.tensors)  # the order follows the shards, which differ here
+        for name in g.tensors:
+            assert bytes(g.tensor_bytes(name)) == bytes(h.tensor_bytes(name)), name
+    finally:
+        g.close()
+        h.close()

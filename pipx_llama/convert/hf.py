@@ -293,7 +293,7 @@ def read_hf_model(src: Path) -> HfModel:
         return _read_llama(src, cfg)
     fam = HF_FAMILIES[family]
     weights = find_weights(src)
-    embd = weights.get("model.embed_tokens.weight") or weights.get("model.language_model.embed_tokens.weight")
+    embd = next((t for n, t in weights.items() if _hf_name(n) == "model.embed_tokens.weight"), None)
     d = read_dims(src, cfg, fam.defaults, embd.shape[0] if embd is not None and embd.shape else None)
     vocab = fam.vocab(src, cfg, d)
     n_rows = d.n_vocab
