@@ -17,7 +17,8 @@ windows smaller than a test prompt (gemma2/3, Gemma 3 with its own pattern and l
 fused qkv and gate_up, partial rotary and LongRoPE factors (phi3).
 
 ``llama_cpp_tree()`` extracts llama.cpp's own converter (convert_hf_to_gguf.py, conversion/, gguf-py/)
-and the vocab files from the llama-cpp-python sdist the suite already fetches.
+and the vocab files from the llama-cpp-python sdist the suite already fetches; the ``llama_models``
+fixture of the test modules (``llama_models_dir()``) gives its ``models/`` folder (``models`` below).
 """
 
 from __future__ import annotations
@@ -33,6 +34,8 @@ import numpy as np
 from convert_helpers import bf16, llama_tokenizer_model, write_safetensors
 
 from pipx_llama.engine.gguf_reader import open_gguf
+from pipx_llama.errors import PipxLlamaError
+from pipx_llama.fetch.pip_source import pip_download
 from pipx_llama.tokenizer.spm import _field_bytes, _field_varint, build_model_proto
 
 FAMILIES = ("qwen2", "qwen3", "gemma2", "gemma3", "phi3")
@@ -76,14 +79,17 @@ QUANT = {
 # ---- llama.cpp's sources and vocab files, from the llama-cpp-python sdist ------------------------------------
 
 def llama_cpp_tree(data_dir: Path) -> Path:
-    """The llama.cpp tree of the sdist in ``data_dir/sdists`` with the files these tests use, extracted once."""
+    """The llama.cpp tree of the llama-cpp-python sdist (fetched through pip into ``data_dir/sdists`` when it is
+    not there yet) with the files these tests use, extracted once."""
     dest = data_dir / "llama.cpp-0.3.36"
     marker = dest / ".complete"
     if marker.exists():
         return dest
     sdist = data_dir / "sdists" / SDIST
     if not sdist.exists():
-        raise FileNotFoundError(f"{sdist} (the conftest's vocab_dir fixture downloads it)")
+        from conftest import VOCAB_REQ
+
+        sdist = pip_download(VOCAB_REQ, data_dir / "sdists", sdist=True)
     wanted = ("convert_hf_to_gguf.py", "conversion/", "gguf-py/gguf/", "models/ggml-vocab-qwen2.gguf",
               "models/ggml-vocab-phi-3.gguf")
     with tarfile.open(sdist, "r:gz") as tf:
@@ -99,6 +105,18 @@ def llama_cpp_tree(data_dir: Path) -> Path:
                 out.write(src.read())
     marker.write_text("ok")
     return dest
+
+
+def llama_models_dir() -> Path:
+    """llama.cpp's ``models/`` folder (vocab files) from the sdist, or a skip (a failure where CI requires
+    test data) with the reason."""
+    from conftest import _data_dir, _unavailable
+
+    try:
+        return llama_cpp_tree(_data_dir()) / "models"
+    except (PipxLlamaError, OSError, tarfile.TarError) as err:
+        _unavailable("llama.cpp's sources from the llama-cpp-python sdist", err)
+        raise
 
 
 def _vocab_meta(path: Path) -> dict[str, Any]:
@@ -342,7 +360,7 @@ def _weights(arch: str, d: Dims, n_vocab: int, tied: bool, seed: int) -> dict[st
 TIED = {"qwen2": True, "qwen3": True, "gemma2": True, "gemma3": True, "phi3": False}
 
 
-def write_family_folder(folder: Path, arch: str, vocab_dir: Path, dims: Dims | None = None, *, seed: int = 0,
+def write_family_folder(folder: Path, arch: str, models: Path, dims: Dims | None = None, *, seed: int = 0,
                         window: int = 5, pattern: int = 2, shards: int = 2, dtype: str = "BF16",
                         layer_types: list[str] | None = None) -> dict[str, np.ndarray]:
     """Write the tiny ``arch`` model as Hugging Face ships it; returns its weights (bfloat16 values, float32).
@@ -355,11 +373,11 @@ def write_family_folder(folder: Path, arch: str, vocab_dir: Path, dims: Dims | N
     d = dims or SMALL[arch]
     if arch in ("qwen2", "qwen3"):
         n_vocab = 151936
-        write_qwen_tokenizer(folder, vocab_dir / "ggml-vocab-qwen2.gguf", arch)
+        write_qwen_tokenizer(folder, models / "ggml-vocab-qwen2.gguf", arch)
     elif arch in ("gemma2", "gemma3"):
         n_vocab = write_gemma_tokenizer(folder)
     elif arch == "phi3":
-        n_vocab = write_phi3_tokenizer(folder, vocab_dir / "ggml-vocab-phi-3.gguf")
+        n_vocab = write_phi3_tokenizer(folder, models / "ggml-vocab-phi-3.gguf")
     else:
         raise ValueError(f"no tiny Hugging Face folder for {arch!r}")
     tied = TIED[arch]

@@ -27,7 +27,7 @@ from gguf import GGMLQuantizationType as Q
 from hf_families import (
     FAMILIES,
     gguf_differences,
-    llama_cpp_tree,
+    llama_models_dir,
     run_llama_cpp_converter,
     write_family_folder,
 )
@@ -58,18 +58,23 @@ TOP_NAMES = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weigh
 VOCAB_IDS = {"qwen2": 151643, "qwen3": 151643, "gemma2": 335, "gemma3": 335, "phi3": 32000}
 
 
+@pytest.fixture(scope="session")
+def llama_models() -> Path:
+    return llama_models_dir()
+
+
 def _ids(arch: str, n: int = 40) -> list[int]:
     return [int(i) for i in np.random.default_rng(5).integers(3, VOCAB_IDS[arch], n)]
 
 
 @pytest.fixture(scope="module")
-def converted(tmp_path_factory, vocab_dir) -> dict[str, tuple[Path, dict[str, np.ndarray], Path]]:
+def converted(tmp_path_factory, llama_models) -> dict[str, tuple[Path, dict[str, np.ndarray], Path]]:
     """Each family's folder, its weights and its F32 conversion, made once."""
     root = tmp_path_factory.mktemp("families")
     out = {}
     for arch in FAMILIES:
         folder = root / arch
-        weights = write_family_folder(folder, arch, vocab_dir)
+        weights = write_family_folder(folder, arch, llama_models)
         out[arch] = (folder, weights, convert(folder, root / f"{arch}.f32.gguf", "f32").path)
     return out
 
@@ -187,13 +192,13 @@ def test_tokenizer_rules_per_family(converted):
      [True, False, False, True, True, True, True, True]),
     (["full_attention"] * 8, "no window"),
 ])
-def test_gemma3_layer_pattern(tmp_path, vocab_dir, layer_types, pattern):
+def test_gemma3_layer_pattern(tmp_path, llama_models, layer_types, pattern):
     """llama.cpp assumes Gemma 3's five sliding layers per global one when the file does not say; other layouts
     are written (a period or one flag per layer) so that the file runs as the model was trained."""
     from hf_families import Dims
 
     folder = tmp_path / "g3"
-    write_family_folder(folder, "gemma3", vocab_dir, Dims(n_layers=8, head_dim=24), layer_types=layer_types)
+    write_family_folder(folder, "gemma3", llama_models, Dims(n_layers=8, head_dim=24), layer_types=layer_types)
     md = _meta(convert(folder, tmp_path / "g3.gguf", "f16").path)
     key = "gemma3.attention.sliding_window_pattern"
     if pattern == "no window":
@@ -210,9 +215,9 @@ def test_gemma3_layer_pattern(tmp_path, vocab_dir, layer_types, pattern):
         m.close()
 
 
-def test_float16_norms_get_their_offset_in_float16(tmp_path, vocab_dir):
+def test_float16_norms_get_their_offset_in_float16(tmp_path, llama_models):
     """llama.cpp adds Gemma's 1 to a float16 norm in float16 (torch), to bfloat16 and float32 ones in float32."""
-    weights = write_family_folder(tmp_path / "g2", "gemma2", vocab_dir, dtype="F16")
+    weights = write_family_folder(tmp_path / "g2", "gemma2", llama_models, dtype="F16")
     g = open_gguf(convert(tmp_path / "g2", tmp_path / "g2.gguf", "f16").path)
     try:
         w = weights["model.layers.0.input_layernorm.weight"].astype(np.float16)
@@ -232,9 +237,9 @@ def test_float16_norms_get_their_offset_in_float16(tmp_path, vocab_dir):
     ("qwen3", {"num_hidden_layers": 2}, ModelFileError, "unexpected"),
     ("qwen2", {"intermediate_size": 100}, ModelFileError, r"ffn_\w+\.weight has shape"),
 ])
-def test_bad_folders_are_refused(tmp_path, vocab_dir, arch, change, error, match):
+def test_bad_folders_are_refused(tmp_path, llama_models, arch, change, error, match):
     folder = tmp_path / arch
-    write_family_folder(folder, arch, vocab_dir)
+    write_family_folder(folder, arch, llama_models)
     cfg = json.loads((folder / "config.json").read_text())
     (folder / "config.json").write_text(json.dumps({**cfg, **change}))
     with pytest.raises(error, match=match):
@@ -242,9 +247,9 @@ def test_bad_folders_are_refused(tmp_path, vocab_dir, arch, change, error, match
     assert not (tmp_path / "out.gguf").exists()
 
 
-def test_gemma2_needs_its_tokenizer_model(tmp_path, vocab_dir):
+def test_gemma2_needs_its_tokenizer_model(tmp_path, llama_models):
     folder = tmp_path / "g2"
-    write_family_folder(folder, "gemma2", vocab_dir)
+    write_family_folder(folder, "gemma2", llama_models)
     (folder / "tokenizer.model").unlink()
     with pytest.raises(ModelFileError, match="tokenizer.model"):
         convert(folder, tmp_path / "out.gguf", "f16")
@@ -252,14 +257,14 @@ def test_gemma2_needs_its_tokenizer_model(tmp_path, vocab_dir):
 
 # ---- llama.cpp's own converter as the oracle ----------------------------------------------------------------
 
-def _require_llama_cpp_converter(vocab_dir: Path) -> Path:
+def _require_llama_cpp_converter(llama_models: Path) -> Path:
     missing = [m for m in ("torch", "transformers", "sentencepiece") if importlib.util.find_spec(m) is None]
     if missing:
         reason = (f"llama.cpp's convert_hf_to_gguf.py needs {', '.join(missing)} (not installed): "
                   "pip install torch transformers to compare with it")
         print(f"\nSKIP: {reason}")
         pytest.skip(reason)
-    return llama_cpp_tree(vocab_dir.parent)
+    return llama_models.parent
 
 
 @pytest.mark.slow
@@ -267,12 +272,12 @@ def _require_llama_cpp_converter(vocab_dir: Path) -> Path:
     *[(a, "BF16", "f16") for a in FAMILIES],
     ("gemma2", "F16", "f16"), ("phi3", "F32", "q8_0"), ("qwen3", "BF16", "bf16"), ("gemma3", "BF16", "f32"),
 ])
-def test_equal_to_llama_cpps_converter(tmp_path, vocab_dir, arch, dtype, outtype):
+def test_equal_to_llama_cpps_converter(tmp_path, llama_models, arch, dtype, outtype):
     """Metadata (keys, order, types, values) and tensors (names, order, types, shapes, bytes) as
     convert_hf_to_gguf.py writes them; Gemma 3 with llama.cpp's own layer pattern (see the next test)."""
-    tree = _require_llama_cpp_converter(vocab_dir)
+    tree = _require_llama_cpp_converter(llama_models)
     folder = tmp_path / arch
-    write_family_folder(folder, arch, vocab_dir, dtype=dtype, pattern=6)
+    write_family_folder(folder, arch, llama_models, dtype=dtype, pattern=6)
     theirs = run_llama_cpp_converter(tree, folder, tmp_path / "llama.gguf", outtype)
     ours = convert(folder, tmp_path / "ours.gguf", outtype).path
     assert gguf_differences(ours, theirs) == []
@@ -280,10 +285,10 @@ def test_equal_to_llama_cpps_converter(tmp_path, vocab_dir, arch, dtype, outtype
 
 
 @pytest.mark.slow
-def test_gemma3_other_patterns_differ_from_llama_cpp_only_by_the_pattern(tmp_path, vocab_dir):
-    tree = _require_llama_cpp_converter(vocab_dir)
+def test_gemma3_other_patterns_differ_from_llama_cpp_only_by_the_pattern(tmp_path, llama_models):
+    tree = _require_llama_cpp_converter(llama_models)
     folder = tmp_path / "gemma3"
-    write_family_folder(folder, "gemma3", vocab_dir, pattern=2)
+    write_family_folder(folder, "gemma3", llama_models, pattern=2)
     theirs = run_llama_cpp_converter(tree, folder, tmp_path / "llama.gguf")
     ours = convert(folder, tmp_path / "ours.gguf", "f16").path
     diff = gguf_differences(ours, theirs)
@@ -292,13 +297,13 @@ def test_gemma3_other_patterns_differ_from_llama_cpp_only_by_the_pattern(tmp_pat
 
 # ---- through the pipeline -----------------------------------------------------------------------------------
 
-def test_original_weights_flow_through_convert_and_quantize(tmp_path, vocab_dir):
+def test_original_weights_flow_through_convert_and_quantize(tmp_path, llama_models):
     """A manifest variant of format hf-safetensors: fetched (from a local folder), converted, quantized, run."""
     from pipx_llama.hardware import HardwareProfile
     from pipx_llama.pipeline import make_plan, prepare
 
     folder = tmp_path / "weights"
-    write_family_folder(folder, "gemma3", vocab_dir, shards=1)
+    write_family_folder(folder, "gemma3", llama_models, shards=1)
     files = [{"path": p.name, "size": p.stat().st_size, "sha256": hashlib.sha256(p.read_bytes()).hexdigest()}
              for p in sorted(folder.iterdir())]
     text = render_manifest({
@@ -327,7 +332,7 @@ def test_original_weights_flow_through_convert_and_quantize(tmp_path, vocab_dir)
 
 
 @pytest.mark.parametrize("prefix", ["model.language_model.", "language_model.model."])  # transformers 5 / 4
-def test_gemma3_multimodal_checkpoint_converts_its_text_model(tmp_path, vocab_dir, converted, prefix):
+def test_gemma3_multimodal_checkpoint_converts_its_text_model(tmp_path, llama_models, converted, prefix):
     """Gemma3ForConditionalGeneration: the text model's weights under language_model., the hyper-parameters
     in text_config; the vision tower and projector are left out (they go to llama.cpp's mmproj file)."""
     from convert_helpers import write_safetensors

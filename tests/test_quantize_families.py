@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 from gguf import GGMLQuantizationType as Q
-from hf_families import FAMILIES, QUANT, write_family_folder
+from hf_families import FAMILIES, QUANT, llama_models_dir, write_family_folder
 from quantize_oracles import llama_quantize
 from tinymodel import write_tiny_model
 
@@ -23,6 +23,11 @@ from pipx_llama.quant.rules import FILE_TYPES
 from pipx_llama.quantize import quantize_model
 
 QUANTS = ("Q4_K_M", "Q5_K_M", "Q6_K", "Q8_0", "Q4_0")
+
+
+@pytest.fixture(scope="session")
+def llama_models() -> Path:
+    return llama_models_dir()
 
 
 def _same_as_llama_cpp(src: Path, tmp_path: Path, ftype: str) -> dict[str, str]:
@@ -36,9 +41,9 @@ def _same_as_llama_cpp(src: Path, tmp_path: Path, ftype: str) -> dict[str, str]:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("arch", FAMILIES)
-def test_converted_family_quantizes_like_llama_cpp(arch, tmp_path, vocab_dir):
+def test_converted_family_quantizes_like_llama_cpp(arch, tmp_path, llama_models):
     folder = tmp_path / arch
-    write_family_folder(folder, arch, vocab_dir, QUANT[arch], seed=7)
+    write_family_folder(folder, arch, llama_models, QUANT[arch], seed=7)
     src = convert(folder, tmp_path / f"{arch}-f16.gguf", "f16").path
     for ftype in QUANTS:
         types = _same_as_llama_cpp(src, tmp_path, ftype)
