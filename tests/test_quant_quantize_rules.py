@@ -133,13 +133,27 @@ def test_rows_off_256_fall_back(ftype: str, expected: Q) -> None:
     assert c["output.weight"].target == Q.Q8_0
 
 
-def test_rows_off_32_fall_back_to_f16_or_are_refused() -> None:
+def test_rows_off_32_fall_back_to_f16() -> None:
     tensors = [("blk.0.attn_q.weight", (100, 64), Q.F32), ("blk.0.attn_k.weight", (256, 64), Q.F32)]
     c = choose("Q4_K_M", tensors, n_layer=1)
     assert c["blk.0.attn_q.weight"].target == Q.F16 and c["blk.0.attn_q.weight"].fallback
     assert c["blk.0.attn_k.weight"].target == Q.Q4_K
-    with pytest.raises(UnsupportedModelError, match="no fallback"):
-        choose("Q4_0", tensors, n_layer=1)
+    # a 32-block type has nothing smaller to fall back to: F16, as llama.cpp's tensor_type_fallback does
+    for ftype in ("Q4_0", "Q5_1", "Q8_0"):
+        c = choose(ftype, tensors, n_layer=1)
+        assert c["blk.0.attn_q.weight"].target == Q.F16 and c["blk.0.attn_q.weight"].fallback
+
+
+def test_an_80_layer_qwen2_is_a_70b_model() -> None:
+    """llama.cpp types every 80-layer qwen2 (Qwen2/2.5-72B) LLM_TYPE_70B, whatever its head counts, so its
+    Q4_K attn_v layers become Q5_K; an 80-layer llama without grouped-query attention is not a 70B."""
+    tensors = llama_tensors(80, dim=512, ffn=512, kv=512)
+    for arch, heads, kv in (("qwen2", 8, 8), ("qwen2", 8, 1)):
+        c = choose("Q4_K_M", tensors, arch=arch, n_layer=80, n_head=heads, n_head_kv=kv)
+        assert layers_with(c, "attn_v.weight", Q.Q4_K) == [] and layers_with(c, "attn_v.weight", Q.Q5_K)
+    for arch, n_layer in (("llama", 80), ("qwen2", 64), ("qwen3", 80), ("gemma3", 80)):
+        c = choose("Q4_K_M", tensors, arch=arch, n_layer=n_layer, n_head=8, n_head_kv=8)
+        assert layers_with(c, "attn_v.weight", Q.Q5_K) == [] and layers_with(c, "attn_v.weight", Q.Q4_K)
 
 
 def test_special_tensors_stay_unquantized() -> None:
@@ -156,7 +170,7 @@ def test_model_info_from_metadata() -> None:
     md = {"general.architecture": "llama", "llama.block_count": 80, "llama.attention.head_count": 64,
           "llama.attention.head_count_kv": 8}
     info = rules.ModelInfo.from_metadata(md)
-    assert (info.n_layer, info.n_head, info.n_head_kv, info.n_expert, info.is_llama_70b) == (80, 64, 8, 0, True)
+    assert (info.n_layer, info.n_head, info.n_head_kv, info.n_expert, info.is_70b) == (80, 64, 8, 0, True)
     with pytest.raises(UnsupportedModelError, match="block_count"):
         rules.ModelInfo.from_metadata({"general.architecture": "llama"})
 

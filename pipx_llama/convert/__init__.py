@@ -1,10 +1,12 @@
 """Convert original checkpoints to GGUF: Meta's ``consolidated.NN.pth`` folders and Hugging Face folders.
 
 ``convert(src_dir, out_path, outtype)`` recognises the folder's format, validates it, reads its
-tokenizer and writes a llama-architecture GGUF v3 file in F32, F16, BF16 or Q8_0, one tensor in
-memory at a time. Modules: ``torchzip`` (torch zip archives through a restricted unpickler), ``meta``
-(shards, merging), ``hf`` (safetensors, Q/K un-permutation), ``vocab`` (tokenizer metadata),
-``writer`` (GGUF output).
+tokenizer and writes a GGUF v3 file in F32, F16, BF16 or Q8_0, one tensor in memory at a time, as
+llama.cpp's converters write it: Meta's checkpoints as ``llama``, Hugging Face folders of Llama,
+Qwen2/2.5, Qwen3, Gemma 2/3 and Phi-3 as their own architectures. Modules: ``torchzip`` (torch zip
+archives through a restricted unpickler), ``meta`` (shards, merging), ``hf`` (safetensors, the
+generic Hugging Face path), ``families`` (what each Hugging Face family does differently),
+``vocab`` (tokenizer metadata), ``writer`` (GGUF output).
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from pathlib import Path
 from pipx_llama.convert.hf import read_hf_model
 from pipx_llama.convert.meta import read_meta_checkpoint
 from pipx_llama.convert.torchzip import ConvertSecurityError
-from pipx_llama.convert.vocab import load_vocab, spm_vocab
+from pipx_llama.convert.vocab import spm_vocab
 from pipx_llama.convert.writer import OUTTYPES, ConvertResult, model_metadata, outtype_from_name, write_gguf
 from pipx_llama.errors import ModelFileError, UsageError
 from pipx_llama.fetch.events import EventCallback
@@ -60,8 +62,7 @@ def convert(
         params, tensors = ckpt.params, ckpt.tensors
     else:
         model = read_hf_model(src)
-        params, tensors = model.params, model.tensors
-        vocab = load_vocab(src, params.n_vocab)
+        params, tensors, vocab = model.params, model.tensors, model.vocab
     result = write_gguf(out_path, params, vocab, tensors, qtype, model_metadata(src, tensors), on_event)
     result.source_format = fmt
     return result

@@ -1,4 +1,4 @@
-"""Hugging Face model folders of the Llama architecture: config.json plus safetensors weights.
+"""Hugging Face model folders: config.json plus safetensors weights, of the families in ``families``.
 
 Weights are ``model.safetensors``, or shards listed by ``model.safetensors.index.json``. A safetensors
 file is an 8-byte little-endian header length, a JSON header (dtype, shape and byte range of each
@@ -6,11 +6,15 @@ tensor) and the raw data; it is read here directly -- header parsed and checked,
 read on demand -- so no torch or safetensors package is needed and nothing is held beyond the tensor
 being written.
 
-Hugging Face's conversion script permuted the rows of q_proj and k_proj so that rotary embedding
-could rotate halves (``rotate_half``); llama.cpp rotates consecutive pairs, so the permutation is
-undone exactly as convert_hf_to_gguf.py's ``LlamaModel.permute`` does -- with the KV head count for
-k_proj. A model with tied embeddings has no lm_head.weight and gets no output.weight: llama.cpp then
-uses token_embd.weight for the output.
+Tensors are written in the order llama.cpp's converter writes them: generated tensors (RoPE factors)
+first, then shard by shard (in file-name order) each shard's tensors by name.
+
+Llama: Hugging Face's conversion script permuted the rows of q_proj and k_proj so that rotary
+embedding could rotate halves (``rotate_half``); llama.cpp's llama rotates consecutive pairs, so the
+permutation is undone exactly as convert_hf_to_gguf.py's ``LlamaModel.permute`` does -- with the KV
+head count for k_proj. The other families rotate halves in llama.cpp too, and are not permuted. A
+model with tied embeddings has no lm_head.weight and gets no output.weight: llama.cpp then uses
+token_embd.weight for the output.
 """
 
 from __future__ import annotations
@@ -26,12 +30,14 @@ from typing import Any
 import numpy as np
 
 from pipx_llama.convert import hparams
+from pipx_llama.convert.families import HF_ARCHITECTURES, HF_FAMILIES, Dims, layer_shapes, tensor_name_map
 from pipx_llama.convert.hparams import LIMITS, read_json_object
 from pipx_llama.convert.torchzip import read_exact
-from pipx_llama.convert.writer import SOURCE_DTYPES, LlamaParams, SourceTensor
+from pipx_llama.convert.vocab import Vocab, load_vocab
+from pipx_llama.convert.writer import SOURCE_DTYPES, LlamaParams, ModelParams, SourceTensor
 from pipx_llama.errors import ModelFileError, UnsupportedModelError
 
-ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM")
+LLAMA_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM")
 _MAX_HEADER = 100 << 20
 _TOP = {
     "model.embed_tokens.weight": "token_embd.weight",
@@ -185,30 +191,39 @@ def hf_permute(w: np.ndarray, n_head: int) -> np.ndarray:
 
 @dataclass
 class HfModel:
-    """A Hugging Face folder, validated: hyper-parameters and the tensors to write."""
+    """A Hugging Face folder, validated: its family, hyper-parameters, vocabulary and the tensors to write."""
 
     src: Path
     config: dict[str, Any]
-    params: LlamaParams
+    family: str
+    params: ModelParams
+    vocab: Vocab
     tensors: list[SourceTensor]
+    n_vocab: int
 
 
-def _loader(t: SafeTensor, n_head: int | None) -> Callable[[], np.ndarray]:
-    if n_head is None:
-        return t.read
-    return lambda: permute(t.read(), n_head)
-
-
-def _get(cfg: dict[str, Any], keys: tuple[str, ...], path: Path, limit: str) -> int:
-    """The first of ``keys`` set in ``cfg``, a checked integer up to ``LIMITS[limit]``."""
+def _get(cfg: dict[str, Any], keys: tuple[str, ...], path: Path, limit: str, default: int | None = None) -> int:
+    """The first of ``keys`` set in ``cfg``, a checked integer up to ``LIMITS[limit]`` (or ``default``)."""
     key = hparams.first_key(cfg, keys)
     if key is None:
+        if default is not None:
+            return default
         raise ModelFileError(f"{path} lacks {keys[0]}", "config.json must describe the model's dimensions")
     return hparams.integer(cfg, key, path, maximum=LIMITS[limit])
 
 
-def read_hf_model(src: Path) -> HfModel:
-    """Open a Hugging Face Llama folder (no tensor data is read yet)."""
+def _get_float(cfg: dict[str, Any], keys: tuple[str, ...], path: Path, default: float | None = None, *,
+               below: float = math.inf) -> float:
+    key = hparams.first_key(cfg, keys)
+    if key is None:
+        if default is not None:
+            return float(default)
+        raise ModelFileError(f"{path} lacks {keys[0]}", "config.json must describe the model")
+    return hparams.number(cfg, key, path, below=below)
+
+
+def read_config(src: Path) -> dict[str, Any]:
+    """config.json (bounded, a JSON object), with a multimodal model's text_config merged in (as llama.cpp does)."""
     cfg_path = src / "config.json"
     try:
         cfg = read_json_object(cfg_path)
@@ -218,34 +233,168 @@ def read_hf_model(src: Path) -> HfModel:
         if not isinstance(cfg["text_config"], dict):
             raise ModelFileError(f"{cfg_path}: text_config must be an object")
         cfg = {**cfg, **cfg["text_config"]}
+    return cfg
+
+
+def family_of_config(src: Path, cfg: dict[str, Any]) -> str:
     archs = cfg.get("architectures") or []
     if not isinstance(archs, list):
         archs = [archs]
-    if not any(isinstance(a, str) and a in ARCHITECTURES for a in archs):
-        raise UnsupportedModelError(f"{src}: architecture {archs or cfg.get('model_type')} is not supported",
-                                    "pipx-llama converts Llama-architecture models (" + ", ".join(ARCHITECTURES) + ")")
+    for a in archs:
+        if not isinstance(a, str):
+            continue
+        if a in LLAMA_ARCHITECTURES:
+            return "llama"
+        if a in HF_ARCHITECTURES:
+            return HF_ARCHITECTURES[a]
+    known = ", ".join((*LLAMA_ARCHITECTURES, *HF_ARCHITECTURES))
+    raise UnsupportedModelError(f"{src}: architecture {archs or cfg.get('model_type')} is not supported",
+                                f"pipx-llama converts these Hugging Face architectures: {known}")
+
+
+def read_dims(src: Path, cfg: dict[str, Any], defaults: dict[str, Any],
+              n_embd_rows: Callable[[], int | None] = lambda: None) -> Dims:
+    """The model's sizes from config.json, each checked (type, bounds) before anything is sized from it, then
+    against each other; ``n_embd_rows`` (the embedding's rows, read only when vocab_size is missing)."""
+    path = src / "config.json"
+    n_embd = _get(cfg, ("hidden_size", "n_embd", "dim"), path, "width")
+    n_layer = _get(cfg, ("num_hidden_layers", "n_layers", "n_layer", "num_layers"), path, "layers")
+    n_head = _get(cfg, ("num_attention_heads", "n_head", "n_heads"), path, "heads",
+                  default=defaults.get("num_attention_heads"))
+    n_head_kv = _get(cfg, ("num_key_value_heads", "n_kv_heads", "n_head_kv"), path, "heads",
+                     default=defaults.get("num_key_value_heads", n_head))
+    n_ff = _get(cfg, ("intermediate_size", "n_inner", "hidden_dim"), path, "width")
+    n_ctx = _get(cfg, ("max_position_embeddings", "n_ctx", "n_positions", "max_length", "max_sequence_length",
+                       "model_max_length"), path, "context", default=defaults.get("max_position_embeddings"))
+    norm_eps = _get_float(cfg, ("rms_norm_eps", "norm_eps"), path, default=defaults.get("rms_norm_eps"), below=1.0)
+    head_dim = _get(cfg, ("head_dim",), path, "head_dim", default=defaults.get("head_dim", n_embd // max(n_head, 1)))
+    if n_head % n_head_kv or head_dim % 2:
+        raise ModelFileError(f"{path}: implausible dimensions ({n_embd} wide, {n_layer} layers, {n_head} heads, "
+                             f"{n_head_kv} KV heads, head size {head_dim})")
+    if hparams.first_key(cfg, ("vocab_size",)) is not None or defaults.get("vocab_size"):
+        n_vocab = _get(cfg, ("vocab_size",), path, "vocab", default=defaults.get("vocab_size"))
+    else:
+        rows = n_embd_rows()
+        if rows is None:
+            raise ModelFileError(f"{path} lacks vocab_size", "config.json must describe the model's dimensions")
+        n_vocab = rows
+    tied = bool(cfg.get("tie_word_embeddings", defaults.get("tie_word_embeddings", False)))
+    return Dims(n_embd, n_layer, n_head, n_head_kv, n_ff, head_dim, n_ctx, norm_eps, n_vocab, tied)
+
+
+def _embedding_rows(weights: dict[str, SafeTensor]) -> int | None:
+    embd = next((t for n, t in weights.items() if _hf_name(n) == "model.embed_tokens.weight"), None)
+    return embd.shape[0] if embd is not None and embd.shape else None
+
+
+def _hf_name(name: str) -> str | None:
+    """A weight's name as llama.cpp's converter sees it, or None for tensors it skips."""
+    if name.endswith(_SKIPPED_SUFFIXES):
+        return None
+    # multimodal checkpoints: the text model's weights, without the vision tower and projector
+    if "vision_tower" in name or "multi_modal_projector" in name or name.startswith(("vision_", "audio_")):
+        return None
+    return name.replace("language_model.", "")
+
+
+def _plus_one(t: SafeTensor) -> tuple[str, Callable[[], np.ndarray]]:
+    """Gemma's ``norm + 1``: in float16 for float16 weights, in float32 otherwise (bfloat16 is widened
+    first), as llama.cpp's converter computes it with torch."""
+    if t.kind == "F16":
+        return "F16", lambda: t.read() + np.float16(1)
+    if t.kind == "BF16":
+        return "F32", lambda: (t.read().astype(np.uint32) << 16).view(np.float32) + np.float32(1)
+    return "F32", lambda: t.read() + np.float32(1)
+
+
+def _loader(t: SafeTensor, n_head: int | None) -> Callable[[], np.ndarray]:
+    if n_head is None:
+        return t.read
+    return lambda: permute(t.read(), n_head)
+
+
+def _rows(t: SafeTensor, n: int) -> Callable[[], np.ndarray]:
+    return lambda: np.ascontiguousarray(t.read()[:n])
+
+
+def read_hf_model(src: Path) -> HfModel:
+    """Open a Hugging Face folder of a supported family (no tensor data is read yet)."""
+    cfg = read_config(src)
+    family = family_of_config(src, cfg)
+    if family == "llama":
+        return _read_llama(src, cfg)
+    fam = HF_FAMILIES[family]
+    d = read_dims(src, cfg, fam.defaults, lambda: _embedding_rows(find_weights(src)))
+    weights = find_weights(src)
+    embd = next((t for n, t in weights.items() if _hf_name(n) == "model.embed_tokens.weight"), None)
+    vocab = fam.vocab(src, cfg, d)
+    n_rows = d.n_vocab
+    if fam.trim_embeddings and embd is not None:
+        n_rows = min(embd.shape[0], len(vocab.tokens))
+
+    names = tensor_name_map(fam.arch, d.n_layer)
+    by_gguf: dict[str, tuple[str, SafeTensor]] = {}
+    unknown = []
+    for name, t in weights.items():
+        hf_name = _hf_name(name)
+        if hf_name is None or (fam.tied_only and hf_name == "lm_head.weight"):
+            continue
+        gguf_name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+        if gguf_name is None or gguf_name in by_gguf:
+            unknown.append(name)
+            continue
+        by_gguf[gguf_name] = (hf_name, t)
+    if unknown:
+        raise UnsupportedModelError(f"{src}: unexpected tensors {unknown[:5]}",
+                                    f"this is not a plain {fam.examples} model")
+
+    want: dict[str, tuple[int, ...]] = {"token_embd.weight": (d.n_vocab, d.n_embd), "output_norm.weight": (d.n_embd,)}
+    for i in range(d.n_layer):
+        want.update({f"blk.{i}.{k}": v for k, v in layer_shapes(fam, d).items()})
+    if "output.weight" in by_gguf:
+        want["output.weight"] = (d.n_vocab, d.n_embd)
+    elif not (d.tied or fam.tied_only):
+        raise ModelFileError(f"{src}: lm_head.weight is missing and config.json does not tie the embeddings",
+                             "the weights are incomplete; download them again")
+    _check_names(src, want, by_gguf, d.n_layer)
+
+    tensors = list(fam.extra(cfg, d, src)) if fam.extra is not None else []
+    for gguf_name, (hf_name, t) in by_gguf.items():
+        if t.shape != want[gguf_name]:
+            raise ModelFileError(f"{src}: {gguf_name} has shape {list(t.shape)}, expected "
+                                 f"{list(want[gguf_name])} from config.json")
+        if fam.norm_offset and hf_name.endswith("norm.weight"):
+            kind, load = _plus_one(t)
+            tensors.append(SourceTensor(gguf_name, t.shape, kind, load))
+        elif gguf_name == "token_embd.weight" and n_rows != t.shape[0]:
+            tensors.append(SourceTensor(gguf_name, (n_rows, *t.shape[1:]), t.kind, _rows(t, n_rows)))
+        else:
+            tensors.append(SourceTensor(gguf_name, t.shape, t.kind, t.read))
+    return HfModel(src, cfg, family, fam.params(cfg, d, src), vocab, tensors, n_rows)
+
+
+def _check_names(src: Path, want: dict[str, tuple[int, ...]], have: dict[str, Any], n_layer: int) -> None:
+    missing = sorted(set(want) - set(have))
+    extra = sorted(set(have) - set(want))
+    if "token_embd.weight" in missing:
+        raise ModelFileError(f"{src}: model.embed_tokens.weight is missing")
+    if missing or extra:
+        raise ModelFileError(f"{src}: the tensors do not match config.json's {n_layer} layers"
+                             + (f"; missing {missing[:4]}" if missing else "")
+                             + (f"; unexpected {extra[:4]}" if extra else ""),
+                             "check that config.json belongs to these weights")
+
+
+def _read_llama(src: Path, cfg: dict[str, Any]) -> HfModel:
+    """A Llama-architecture folder: Q/K rows un-permuted, LlamaModel's keys and vocabulary rules."""
+    cfg_path = src / "config.json"
     if cfg.get("attention_bias") or cfg.get("mlp_bias"):
         raise UnsupportedModelError(f"{src}: models with attention or MLP biases are not supported")
-
-    # every value checked before anything is sized from it (a config.json may say 1e8 layers)
-    n_embd = _get(cfg, ("hidden_size", "n_embd", "dim"), cfg_path, "width")
-    n_layer = _get(cfg, ("num_hidden_layers", "n_layers", "n_layer", "num_layers"), cfg_path, "layers")
-    n_head = _get(cfg, ("num_attention_heads", "n_head", "n_heads"), cfg_path, "heads")
-    n_head_kv = (hparams.integer(cfg, "num_key_value_heads", cfg_path, maximum=LIMITS["heads"])
-                 if cfg.get("num_key_value_heads") is not None else n_head)
-    n_ff = _get(cfg, ("intermediate_size", "n_inner", "hidden_dim"), cfg_path, "width")
-    n_ctx = _get(cfg, ("max_position_embeddings", "n_ctx", "n_positions", "max_length", "max_sequence_length",
-                       "model_max_length"), cfg_path, "context")
-    eps_key = hparams.first_key(cfg, ("rms_norm_eps", "norm_eps"))
-    if eps_key is None:
-        raise ModelFileError(f"{cfg_path} lacks rms_norm_eps", "config.json must describe the model's dimensions")
-    norm_eps = hparams.number(cfg, eps_key, cfg_path, below=1.0)
-    if n_embd % n_head or n_head % n_head_kv or (n_embd // n_head) % 2:
-        raise ModelFileError(f"{cfg_path}: implausible dimensions ({n_embd} wide, {n_head} heads, {n_head_kv} KV heads)")
-    head_dim = cfg.get("head_dim")
-    if head_dim is not None and hparams.integer(cfg, "head_dim", cfg_path, maximum=LIMITS["head_dim"]) != (
-            n_embd // n_head):
-        raise UnsupportedModelError(f"{src}: head_dim {head_dim} differs from hidden_size / heads",
+    d = read_dims(src, cfg, {}, lambda: _embedding_rows(find_weights(src)))
+    if d.n_embd % d.n_head or (d.n_embd // d.n_head) % 2:
+        raise ModelFileError(f"{cfg_path}: implausible dimensions ({d.n_embd} wide, {d.n_head} heads)")
+    if d.head_dim != d.n_embd // d.n_head:
+        raise UnsupportedModelError(f"{src}: head_dim {d.head_dim} differs from hidden_size / heads",
                                     "such models are not supported by pipx-llama's engine")
     scaling = cfg.get("rope_scaling") or {}
     if not isinstance(scaling, dict):
@@ -255,12 +404,11 @@ def read_hf_model(src: Path) -> HfModel:
     if rope_type == "linear" and "factor" in scaling:
         linear = hparams.number(scaling, "factor", f"{cfg_path} rope_scaling")
     elif rope_type not in (None, "default", "llama3"):
-        raise UnsupportedModelError(f"{src}: RoPE scaling {str(rope_type)[:40]!r} is not supported",
+        raise UnsupportedModelError(f"{src}: RoPE scaling {rope_type!r} is not supported",
                                     "only linear and Llama 3.1 ('llama3') RoPE scaling are supported")
     rope_theta = hparams.number(cfg, "rope_theta", cfg_path) if cfg.get("rope_theta") is not None else None
-    cfg_vocab = hparams.integer(cfg, "vocab_size", cfg_path, maximum=LIMITS["vocab"]) if cfg.get("vocab_size") else None
-
     weights = find_weights(src)
+
     unknown = []
     by_gguf: dict[str, tuple[SafeTensor, int | None]] = {}
     for name, t in weights.items():
@@ -272,7 +420,7 @@ def read_hf_model(src: Path) -> HfModel:
         parts = name.split(".", 3)
         if len(parts) == 4 and parts[:2] == ["model", "layers"] and parts[2].isdigit() and parts[3] in _LAYER:
             rest = parts[3]
-            heads = n_head if rest.startswith("self_attn.q_proj") else n_head_kv if rest.startswith(
+            heads = d.n_head if rest.startswith("self_attn.q_proj") else d.n_head_kv if rest.startswith(
                 "self_attn.k_proj") else None
             by_gguf[f"blk.{int(parts[2])}.{_LAYER[rest]}"] = (t, heads)
         else:
@@ -281,48 +429,38 @@ def read_hf_model(src: Path) -> HfModel:
         raise UnsupportedModelError(f"{src}: unexpected tensors {unknown[:5]}",
                                     "this is not a plain Llama-architecture model")
 
-    embd = by_gguf.get("token_embd.weight")
-    if embd is None:
-        raise ModelFileError(f"{src}: model.embed_tokens.weight is missing")
-    n_vocab = cfg_vocab or embd[0].shape[0]
-    head_dim = n_embd // n_head
-    kv_dim = n_head_kv * head_dim
-    want: dict[str, tuple[int, ...]] = {"token_embd.weight": (n_vocab, n_embd), "output_norm.weight": (n_embd,)}
-    for i in range(n_layer):
+    kv_dim = d.n_head_kv * d.head_dim
+    want: dict[str, tuple[int, ...]] = {"token_embd.weight": (d.n_vocab, d.n_embd), "output_norm.weight": (d.n_embd,)}
+    for i in range(d.n_layer):
         p = f"blk.{i}."
         want.update({
-            p + "attn_norm.weight": (n_embd,), p + "ffn_norm.weight": (n_embd,),
-            p + "attn_q.weight": (n_embd, n_embd), p + "attn_k.weight": (kv_dim, n_embd),
-            p + "attn_v.weight": (kv_dim, n_embd), p + "attn_output.weight": (n_embd, n_embd),
-            p + "ffn_gate.weight": (n_ff, n_embd), p + "ffn_up.weight": (n_ff, n_embd),
-            p + "ffn_down.weight": (n_embd, n_ff),
+            p + "attn_norm.weight": (d.n_embd,), p + "ffn_norm.weight": (d.n_embd,),
+            p + "attn_q.weight": (d.n_embd, d.n_embd), p + "attn_k.weight": (kv_dim, d.n_embd),
+            p + "attn_v.weight": (kv_dim, d.n_embd), p + "attn_output.weight": (d.n_embd, d.n_embd),
+            p + "ffn_gate.weight": (d.n_ff, d.n_embd), p + "ffn_up.weight": (d.n_ff, d.n_embd),
+            p + "ffn_down.weight": (d.n_embd, d.n_ff),
         })
     if "output.weight" in by_gguf:
-        want["output.weight"] = (n_vocab, n_embd)
+        want["output.weight"] = (d.n_vocab, d.n_embd)
     elif not cfg.get("tie_word_embeddings"):
         raise ModelFileError(f"{src}: lm_head.weight is missing and config.json does not tie the embeddings",
                              "the weights are incomplete; download them again")
-    missing = sorted(set(want) - set(by_gguf))
-    extra = sorted(set(by_gguf) - set(want))
-    if missing or extra:
-        raise ModelFileError(f"{src}: the tensors do not match config.json's {n_layer} layers"
-                             + (f"; missing {missing[:4]}" if missing else "")
-                             + (f"; unexpected {extra[:4]}" if extra else ""),
-                             "check that config.json belongs to these weights")
+    _check_names(src, want, by_gguf, d.n_layer)
     tensors = []
     if rope_type == "llama3":
-        factors = llama3_rope_factors(rope_theta if rope_theta is not None else 10000.0, head_dim, scaling,
+        factors = llama3_rope_factors(float(rope_theta if rope_theta is not None else 10000.0), d.head_dim, scaling,
                                       cfg_path)
         tensors.append(SourceTensor("rope_freqs.weight", factors.shape, "F32", lambda: factors))
-    for name, shape in want.items():
-        t, heads = by_gguf[name]
+    for name, (t, heads) in by_gguf.items():
+        shape = want[name]
         if t.shape != shape:
             raise ModelFileError(f"{src}: {name} has shape {list(t.shape)}, expected {list(shape)} from config.json")
         tensors.append(SourceTensor(name, shape, t.kind, _loader(t, heads)))
 
     params = LlamaParams(
-        n_vocab=n_vocab, n_ctx=n_ctx, n_embd=n_embd, n_layer=n_layer, n_ff=n_ff, n_head=n_head,
-        n_head_kv=n_head_kv, norm_eps=norm_eps, rope_theta=rope_theta,
-        rope_dim=head_dim, rope_scaling_linear=linear, key_length=head_dim if "head_dim" in cfg else None,
+        n_vocab=d.n_vocab, n_ctx=d.n_ctx, n_embd=d.n_embd, n_layer=d.n_layer, n_ff=d.n_ff, n_head=d.n_head,
+        n_head_kv=d.n_head_kv, norm_eps=d.norm_eps, rope_theta=float(rope_theta) if rope_theta is not None else None,
+        rope_dim=d.head_dim, rope_scaling_linear=linear, key_length=d.head_dim if "head_dim" in cfg else None,
     )
-    return HfModel(src, cfg, params, tensors)
+    vocab = load_vocab(src, d.n_vocab)
+    return HfModel(src, cfg, "llama", params.model_params(), vocab, tensors, d.n_vocab)

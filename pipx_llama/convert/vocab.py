@@ -164,6 +164,72 @@ def _special_vocab(model_dir: Path, *, load_merges: bool, n_vocab: int | None) -
         ) from err
 
 
+_SPECIAL_TYPES = ("bos", "eos", "unk", "sep", "pad", "cls", "mask")
+
+
+def add_special_flags(model_dir: Path) -> dict[str, bool]:
+    """``tokenizer.ggml.add_*_token`` as the gguf-py in llama.cpp's own tree decides them.
+
+    That version (newer than gguf 0.19 on PyPI) reads tokenizer.json's post-processor first -- a
+    ByteLevel step means no BOS and no EOS, Roberta's adds BOS, EOS and SEP, a template adds what it
+    starts and ends with -- and lets tokenizer_config.json's ``add_*_token`` fill in only what the
+    post-processor left open.
+    """
+    tj_path, tc_path = model_dir / "tokenizer.json", model_dir / "tokenizer_config.json"
+    tokenizer = _read_json(tj_path) if tj_path.is_file() else None
+    config = _read_json(tc_path) if tc_path.is_file() else None
+    add: dict[str, bool] = {}
+    if tokenizer:
+        cfg = dict(config or {})
+        bos, cls, eos, sep = (cfg.get(k) for k in ("bos_token", "cls_token", "eos_token", "sep_token"))
+        bos = bos if bos or not (cls and config) else cls
+        eos = eos if eos or not (sep and config) else sep
+        post = tokenizer.get("post_processor") or {}
+        for proc in post.get("processors", [post]) if post else []:
+            kind = proc.get("type")
+            if kind == "ByteLevel":
+                add.setdefault("bos", False)
+                add.setdefault("eos", False)
+            elif kind == "RobertaProcessing":
+                add.update(bos=True, eos=True, sep=True)
+            elif kind == "TemplateProcessing":
+                single, pair = proc.get("single", []), proc.get("pair", [])
+                first = last = None
+                if len(single) > 1:
+                    if first := single[0].get("SpecialToken", {}).get("id"):
+                        if not config:
+                            bos = first
+                        elif first not in (bos, cls):
+                            bos, cls = bos or first, cls or first
+                        add["bos"] = first in (bos, cls)
+                    if last := single[-1].get("SpecialToken", {}).get("id"):
+                        if not config or last != eos:
+                            eos = last
+                        add["eos"] = True
+                if pair:
+                    start = 1 if first and pair[0].get("SpecialToken", {}).get("id") == first else 0
+                    stop = -1 if last and pair[-1].get("SpecialToken", {}).get("id") == last else None
+                    middle = pair[start:stop]
+                    if middle and middle[0].get("Sequence", {}).get("id") == "A" and \
+                            middle[-1].get("Sequence", {}).get("id") == "B" and (middle := middle[1:-1]):
+                        add_sep = False
+                        entry = middle[0].get("SpecialToken", {}).get("id")
+                        if entry and entry in (sep, eos) and not last:
+                            add_sep = True
+                        if len(middle) == 2:
+                            entry = middle[1].get("SpecialToken", {}).get("id")
+                            if entry and entry in (sep, eos):
+                                add_sep = True
+                        add["sep"] = add_sep
+    if not config:
+        return add
+    for typ in _SPECIAL_TYPES:
+        value = config.get(f"add_{typ}_token")
+        if isinstance(value, bool) and typ not in add:
+            add[typ] = value
+    return add
+
+
 def looks_special(token: str) -> bool:
     """convert_hf_to_gguf.py ``does_token_look_special``."""
     if token in ("<pad>", "<mask>", "<2mass>", "[@BOS@]"):
@@ -175,8 +241,7 @@ def looks_special(token: str) -> bool:
     )
 
 
-def spm_vocab(tokenizer_model: Path, model_dir: Path, vocab_size: int | None = None) -> Vocab:
-    """The vocabulary of a SentencePiece ``tokenizer.model`` (``_create_vocab_sentencepiece``)."""
+def _load_sp(tokenizer_model: Path) -> sentencepiece.SentencePieceProcessor:
     sp = sentencepiece.SentencePieceProcessor()
     try:
         data = tokenizer_model.read_bytes()
@@ -186,9 +251,12 @@ def spm_vocab(tokenizer_model: Path, model_dir: Path, vocab_size: int | None = N
             f"{tokenizer_model} is not a SentencePiece model: {err}",
             "Llama 3's tiktoken-style tokenizer.model is not supported; Llama 1/2 need their original file",
         ) from err
+    return sp
+
+
+def _sp_pieces(sp: sentencepiece.SentencePieceProcessor, vocab_size: int) -> tuple[list[str], list[float], list[int]]:
+    """Every piece, its score and type, padded with unused ``[PADn]`` entries up to ``vocab_size``."""
     n_sp = sp.vocab_size()
-    if vocab_size is None:
-        vocab_size = n_sp
     tokens = [f"[PAD{i}]" for i in range(vocab_size)]
     scores = [-10000.0] * vocab_size
     types = [UNUSED] * vocab_size
@@ -204,6 +272,21 @@ def spm_vocab(tokenizer_model: Path, model_dir: Path, vocab_size: int | None = N
         else:
             typ = NORMAL
         tokens[i], scores[i], types[i] = sp.IdToPiece(i), sp.GetScore(i), typ
+    return tokens, scores, types
+
+
+def spm_vocab(tokenizer_model: Path, model_dir: Path, vocab_size: int | None = None,
+              llama_defaults: bool = True) -> Vocab:
+    """The vocabulary of a SentencePiece ``tokenizer.model`` (``_create_vocab_sentencepiece``).
+
+    ``llama_defaults`` fills in the SentencePiece model's own BOS/EOS/UNK ids and llama.cpp's add-BOS
+    default where the folder does not name them (Meta's layout has no tokenizer_config.json); other
+    families get exactly what ``gguf.SpecialVocab`` finds, as llama.cpp's converter writes.
+    """
+    sp = _load_sp(tokenizer_model)
+    if vocab_size is None:
+        vocab_size = sp.vocab_size()
+    tokens, scores, types = _sp_pieces(sp, vocab_size)
 
     added_file = model_dir / "added_tokens.json"
     if added_file.is_file():
@@ -227,22 +310,26 @@ def spm_vocab(tokenizer_model: Path, model_dir: Path, vocab_size: int | None = N
 
     sv = _special_vocab(model_dir, load_merges=False, n_vocab=len(tokens))
     special_ids = dict(sv.special_token_ids)
-    # Folders without tokenizer_config.json (Meta's original layout) leave these to llama.cpp's SPM
-    # defaults; writing the SentencePiece model's own ids and llama.cpp's defaults says the same, explicitly.
-    for typ, tid in (("bos", sp.bos_id()), ("eos", sp.eos_id()), ("unk", sp.unk_id())):
-        if typ not in special_ids and 0 <= tid < vocab_size:
-            special_ids[typ] = tid
-    add_special = dict(sv.add_special_token)
-    add_special.setdefault("bos", True)
-    add_special.setdefault("eos", False)
+    add_special = dict(sv.add_special_token) if llama_defaults else add_special_flags(model_dir)
+    if llama_defaults:
+        # Folders without tokenizer_config.json (Meta's original layout) leave these to llama.cpp's SPM
+        # defaults; writing the SentencePiece model's own ids and llama.cpp's defaults says the same, explicitly.
+        for typ, tid in (("bos", sp.bos_id()), ("eos", sp.eos_id()), ("unk", sp.unk_id())):
+            if typ not in special_ids and 0 <= tid < vocab_size:
+                special_ids[typ] = tid
+        add_special.setdefault("bos", True)
+        add_special.setdefault("eos", False)
     return Vocab(
         model="llama", pre="default", tokens=tokens, token_types=types, scores=scores,
         special_ids=special_ids, add_special=add_special, chat_template=sv.chat_template,
     )
 
 
-def bpe_vocab(model_dir: Path, vocab_size: int | None = None) -> Vocab:
-    """The vocabulary of a byte-level BPE ``tokenizer.json`` (``_set_vocab_gpt2`` / ``get_vocab_base``)."""
+def bpe_vocab(model_dir: Path, vocab_size: int | None = None, current_rules: bool = False) -> Vocab:
+    """The vocabulary of a byte-level BPE ``tokenizer.json`` (``_set_vocab_gpt2`` / ``get_vocab_base``).
+
+    ``current_rules``: the add-BOS/EOS flags of llama.cpp's current gguf-py (``add_special_flags``).
+    """
     path = model_dir / "tokenizer.json"
     tj = _read_json(path)
     try:
@@ -285,26 +372,72 @@ def bpe_vocab(model_dir: Path, vocab_size: int | None = None) -> Vocab:
         raise ModelFileError(f"{path} has no merges", "a byte-level BPE tokenizer needs its merges list")
     return Vocab(
         model="gpt2", pre=detect_pre(tok), tokens=tokens, token_types=types, merges=list(sv.merges),
-        special_ids=dict(sv.special_token_ids), add_special=dict(sv.add_special_token),
+        special_ids=dict(sv.special_token_ids),
+        add_special=add_special_flags(model_dir) if current_rules else dict(sv.add_special_token),
         chat_template=sv.chat_template,
     )
 
 
-def load_vocab(model_dir: Path, vocab_size: int | None = None, tokenizer_model: Path | None = None) -> Vocab:
+def phi3_vocab(model_dir: Path, vocab_size: int | None = None) -> Vocab:
+    """Phi-3's vocabulary as convert_hf_to_gguf.py's ``Phi3MiniModel.set_vocab`` builds it.
+
+    A ``GPT2Tokenizer`` (Phi-4-mini) is byte-level BPE. Otherwise the SentencePiece pieces, then the
+    added tokens of added_tokens.json, tokenizer_config.json and tokenizer.json, each CONTROL when it
+    is marked special and USER_DEFINED when not -- unlike LLaMA's rules, without guessing from the text
+    and without turning ``▁`` into spaces.
+    """
+    config_file = model_dir / "tokenizer_config.json"
+    config = _read_json(config_file) if config_file.is_file() else {}
+    if config.get("tokenizer_class") == "GPT2Tokenizer":
+        return bpe_vocab(model_dir, vocab_size, current_rules=True)
+    tokenizer_model = model_dir / "tokenizer.model"
+    if not tokenizer_model.is_file():
+        raise ModelFileError(f"{model_dir} has no tokenizer.model", "Phi-3 models ship one; copy it into the folder")
+    sp = _load_sp(tokenizer_model)
+    if vocab_size is None:
+        vocab_size = sp.vocab_size()
+    tokens, scores, types = _sp_pieces(sp, vocab_size)
+    added_file = model_dir / "added_tokens.json"
+    if added_file.is_file():
+        for text, tid in _read_json(added_file).items():
+            if isinstance(tid, int) and 0 <= tid < vocab_size:
+                tokens[tid], scores[tid], types[tid] = text, -1000.0, USER_DEFINED
+    entries: list[tuple[Path, int, dict[str, Any]]] = [
+        (config_file, int(k), v) for k, v in config.get("added_tokens_decoder", {}).items()]
+    tokenizer_json = model_dir / "tokenizer.json"
+    if tokenizer_json.is_file():
+        entries += [(tokenizer_json, int(a["id"]), a) for a in _read_json(tokenizer_json).get("added_tokens") or []]
+    for source, tid, data in entries:
+        if not 0 <= tid < vocab_size:
+            raise ModelFileError(f"{source}: added token {data.get('content')!r} has id {tid}, outside the "
+                                 f"{vocab_size}-token vocabulary", "check config.json's vocab_size")
+        tokens[tid], scores[tid] = data["content"], -1000.0
+        types[tid] = CONTROL if data.get("special") else USER_DEFINED
+    sv = _special_vocab(model_dir, load_merges=False, n_vocab=len(tokens))
+    return Vocab(model="llama", pre="default", tokens=tokens, token_types=types, scores=scores,
+                 special_ids=dict(sv.special_token_ids), add_special=add_special_flags(model_dir),
+                 chat_template=sv.chat_template)
+
+
+def load_vocab(model_dir: Path, vocab_size: int | None = None, tokenizer_model: Path | None = None,
+               llama_rules: bool = True) -> Vocab:
     """The model's vocabulary: tokenizer.model first, then a byte-level BPE tokenizer.json.
 
-    ``LlamaModel.set_vocab``'s two llama-specific rules are applied here too.
+    With ``llama_rules``, ``LlamaModel.set_vocab``'s two llama-specific rules are applied too (other
+    families' converters -- Qwen's, Gemma's -- use the base rules only).
     """
     tokenizer_model = tokenizer_model or model_dir / "tokenizer.model"
     if tokenizer_model.is_file():
-        vocab = spm_vocab(tokenizer_model, model_dir, vocab_size)
+        vocab = spm_vocab(tokenizer_model, model_dir, vocab_size, llama_defaults=llama_rules)
     elif (model_dir / "tokenizer.json").is_file():
-        vocab = bpe_vocab(model_dir, vocab_size)
+        vocab = bpe_vocab(model_dir, vocab_size, current_rules=not llama_rules)
     else:
         raise ModelFileError(
             f"{model_dir} has neither tokenizer.model nor tokenizer.json",
             "copy the model's tokenizer files into the folder",
         )
+    if not llama_rules:
+        return vocab
     config_file = model_dir / "tokenizer_config.json"
     if config_file.is_file():
         prefix = _read_json(config_file).get("add_prefix_space")

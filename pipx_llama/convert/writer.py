@@ -1,4 +1,4 @@
-"""Write a llama-architecture GGUF v3 file from a stream of source tensors, one tensor in memory at a time.
+"""Write a GGUF v3 model file from a stream of source tensors, one tensor in memory at a time.
 
 ``gguf.GGUFWriter`` is driven in its streaming mode: every tensor's name, shape and type is declared
 first (``add_tensor_info``), the header, key/values and tensor infos are written, then each tensor is
@@ -10,6 +10,12 @@ Output types follow llama.cpp's converters: 1-D tensors and norms are F32; every
 requested type, except that Q8_0 falls back to F16 for a row length that is not a multiple of 32
 (``gguf.quants`` raises ``QuantError`` there, and convert_hf_to_gguf.py falls back the same way).
 Conversions and Q8_0 use ``gguf.quants``, row block by row block, so temporaries stay small.
+
+Metadata follows llama.cpp's converters key for key and in their order: ``general.architecture``,
+the family's early keys (Phi-3's LongRoPE attention factor, which llama.cpp adds while it prepares
+the tensors), ``general.type`` and the other ``general.*`` keys, the family's hyper-parameters
+(``ModelParams.kvs``, with ``general.file_type`` where the family writes it), the quantization
+version, then the tokenizer.
 """
 
 from __future__ import annotations
@@ -21,10 +27,12 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import gguf
 import numpy as np
 from gguf import GGMLQuantizationType as QT
+from gguf import GGUFValueType as VT
 
 from pipx_llama.convert.vocab import Vocab
 from pipx_llama.errors import ModelFileError, UsageError
@@ -54,6 +62,31 @@ class SourceTensor:
     load: Callable[[], np.ndarray]
 
 
+@dataclass(frozen=True)
+class KV:
+    """One metadata key/value with its GGUF type (``sub_type``: the element type of an array)."""
+
+    key: str
+    value: Any
+    vtype: VT
+    sub_type: VT | None = None
+
+
+FILE_TYPE_KEY = "general.file_type"
+
+
+@dataclass
+class ModelParams:
+    """A model's architecture and hyper-parameter metadata, in the order llama.cpp's converter writes it.
+
+    ``kvs`` holds ``general.file_type`` with value None: the writer fills in the output type's.
+    """
+
+    arch: str
+    kvs: list[KV]
+    early: list[KV] = field(default_factory=list)
+
+
 @dataclass
 class LlamaParams:
     """The ``llama.*`` hyper-parameters llama.cpp's loader reads."""
@@ -74,6 +107,28 @@ class LlamaParams:
     @property
     def head_dim(self) -> int:
         return self.n_embd // self.n_head
+
+    def model_params(self) -> ModelParams:
+        """The ``llama.*`` keys in the order convert_hf_to_gguf.py's LlamaModel adds them."""
+        a = "llama"
+        kvs = [KV(f"{a}.block_count", self.n_layer, VT.UINT32), KV(f"{a}.context_length", self.n_ctx, VT.UINT32),
+               KV(f"{a}.embedding_length", self.n_embd, VT.UINT32),
+               KV(f"{a}.feed_forward_length", self.n_ff, VT.UINT32),
+               KV(f"{a}.attention.head_count", self.n_head, VT.UINT32),
+               KV(f"{a}.attention.head_count_kv", self.n_head_kv, VT.UINT32)]
+        if self.rope_theta is not None:
+            kvs.append(KV(f"{a}.rope.freq_base", self.rope_theta, VT.FLOAT32))
+        kvs.append(KV(f"{a}.attention.layer_norm_rms_epsilon", self.norm_eps, VT.FLOAT32))
+        if self.key_length is not None:
+            kvs += [KV(f"{a}.attention.key_length", self.key_length, VT.UINT32),
+                    KV(f"{a}.attention.value_length", self.key_length, VT.UINT32)]
+        kvs += [KV(FILE_TYPE_KEY, None, VT.UINT32), KV(f"{a}.vocab_size", self.n_vocab, VT.UINT32),
+                KV(f"{a}.rope.dimension_count", self.rope_dim if self.rope_dim is not None else self.head_dim,
+                   VT.UINT32)]
+        if self.rope_scaling_linear is not None:
+            kvs += [KV(f"{a}.rope.scaling.type", gguf.RopeScalingType.LINEAR.value, VT.STRING),
+                    KV(f"{a}.rope.scaling.factor", self.rope_scaling_linear, VT.FLOAT32)]
+        return ModelParams(a, kvs)
 
 
 @dataclass
@@ -152,28 +207,6 @@ def convert_tensor(arr: np.ndarray, kind: str, qtype: QT) -> np.ndarray:
     return out
 
 
-def _add_params(w: gguf.GGUFWriter, p: LlamaParams, outtype: QT) -> None:
-    """Hyper-parameters in the order convert_hf_to_gguf.py's LlamaModel adds them."""
-    w.add_block_count(p.n_layer)
-    w.add_context_length(p.n_ctx)
-    w.add_embedding_length(p.n_embd)
-    w.add_feed_forward_length(p.n_ff)
-    w.add_head_count(p.n_head)
-    w.add_head_count_kv(p.n_head_kv)
-    if p.rope_theta is not None:
-        w.add_rope_freq_base(p.rope_theta)
-    w.add_layer_norm_rms_eps(p.norm_eps)
-    if p.key_length is not None:
-        w.add_key_length(p.key_length)
-        w.add_value_length(p.key_length)
-    w.add_file_type(FILE_TYPES[outtype])
-    w.add_vocab_size(p.n_vocab)
-    w.add_rope_dimension_count(p.rope_dim if p.rope_dim is not None else p.head_dim)
-    if p.rope_scaling_linear is not None:
-        w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
-        w.add_rope_scaling_factor(p.rope_scaling_linear)
-
-
 def model_metadata(src_dir: Path, tensors: Sequence[SourceTensor]) -> gguf.Metadata:
     """``general.*`` (and sampling defaults from generation_config.json) as llama.cpp derives them."""
     total = sum(math.prod(t.shape) for t in tensors)
@@ -188,9 +221,15 @@ def model_metadata(src_dir: Path, tensors: Sequence[SourceTensor]) -> gguf.Metad
     return meta
 
 
+def _add_kvs(w: gguf.GGUFWriter, kvs: Sequence[KV], outtype: QT) -> None:
+    for kv in kvs:
+        value = int(FILE_TYPES[outtype]) if kv.key == FILE_TYPE_KEY else kv.value
+        w.add_key_value(kv.key, value, kv.vtype, sub_type=kv.sub_type)
+
+
 def write_gguf(
     out_path: str | Path,
-    params: LlamaParams,
+    params: LlamaParams | ModelParams,
     vocab: Vocab,
     tensors: Sequence[SourceTensor],
     outtype: QT,
@@ -224,11 +263,13 @@ def write_gguf(
     emit = on_event or (lambda _ev: None)
     tmp = folder / f".{out_path.name}.{os.getpid()}.partial"
     started = time.monotonic()
-    w = gguf.GGUFWriter(None, gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.LLAMA])
+    model = params.model_params() if isinstance(params, LlamaParams) else params
+    w = gguf.GGUFWriter(None, model.arch)
     try:
+        _add_kvs(w, model.early, outtype)
         w.add_type(gguf.GGUFType.MODEL)
         meta.set_gguf_meta_model(w)
-        _add_params(w, params, outtype)
+        _add_kvs(w, model.kvs, outtype)
         w.add_quantization_version(gguf.GGML_QUANT_VERSION)
         vocab.add_to_gguf(w)
         for t, q in plan:

@@ -13,7 +13,11 @@ Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K_S, Q4_K_M, Q5_K_S, Q5_K_M and Q6_K. In short:
   and in every third layer between (``use_more_bits``); Q4_K_S gives the first four ``attn_v`` and
   the first eighth of the ``ffn_down`` layers Q5_K;
 - a row length that is not a multiple of the chosen type's block falls back: Q4_K -> Q5_0,
-  Q5_K -> Q5_1, Q6_K -> Q8_0, and to F16 if that does not fit either.
+  Q5_K -> Q5_1, Q6_K -> Q8_0, and to F16 if that does not fit either (a 32-block type such as
+  Q4_0 or Q8_0 goes to F16 directly);
+- architectures differ only through llama.cpp's model type: ``LLM_TYPE_70B`` (an 80-layer llama with
+  grouped-query attention, any 80-layer qwen2, ...) gives Q5_K instead of Q4_K to ``attn_v``; the
+  fused ``attn_qkv`` of Phi-3 counts and is upgraded as ``attn_v``.
 
 The counters (``i_attention_wv``, ``i_ffn_down``) advance in llama.cpp's tensor order, which
 ``llama_tensor_order`` reproduces (its loader sorts tensors by layer, then by name).
@@ -147,9 +151,12 @@ class ModelInfo:
         return cls(arch, n_layer, n_head, num("attention.head_count_kv", n_head), num("expert_count"))
 
     @property
-    def is_llama_70b(self) -> bool:
-        """llama.cpp's ``LLM_TYPE_70B``: an 80-layer llama with grouped-query attention."""
-        return self.arch == "llama" and self.n_layer == 80 and self.n_head != self.n_head_kv
+    def is_70b(self) -> bool:
+        """llama.cpp's ``LLM_TYPE_70B``, as each architecture's ``load_arch_hparams`` sets it: an 80-layer
+        llama with grouped-query attention, any 80-layer qwen2 (Qwen2/2.5-72B), deci and olmo, a 68-layer jais2."""
+        if self.arch == "llama":
+            return self.n_layer == 80 and self.n_head != self.n_head_kv
+        return _LAYERS_70B.get(self.arch) == self.n_layer
 
 
 @dataclass(frozen=True)
@@ -168,6 +175,8 @@ def _use_more_bits(i_layer: int, n_layers: int) -> bool:
 
 
 _FALLBACK = {Q.Q4_K: Q.Q5_0, Q.Q5_K: Q.Q5_1, Q.Q6_K: Q.Q8_0}
+# src/models/<arch>.cpp: the layer count at which these architectures are typed LLM_TYPE_70B
+_LAYERS_70B = {"qwen2": 80, "deci": 80, "olmo": 80, "jais2": 68}
 
 
 class _Chooser:
@@ -209,7 +218,7 @@ class _Chooser:
                 new_type = Q.Q6_K
             elif ftype == "Q4_K_S" and self.i_attention_wv < 4:
                 new_type = Q.Q5_K
-            if model.is_llama_70b and new_type in (Q.Q3_K, Q.Q4_K):
+            if model.is_70b and new_type in (Q.Q3_K, Q.Q4_K):
                 new_type = Q.Q5_K
             if model.n_expert == 8:
                 new_type = Q.Q8_0
@@ -241,7 +250,9 @@ class _Chooser:
         ncols = shape[0]
         if ncols % GGML_QUANT_SIZES[new_type][0] == 0:
             return TensorChoice(name, shape, source, new_type)
-        fallback = _FALLBACK.get(new_type)
+        block = GGML_QUANT_SIZES[new_type][0]
+        # a 32-block type has no smaller block to fall back to: F16 (tensor_type_fallback's default case)
+        fallback = _FALLBACK.get(new_type, new_type if block <= 32 else None)
         if fallback is None:
             raise UnsupportedModelError(
                 f"tensor {name!r} has rows of {ncols} values, not a multiple of {new_type.name}'s block of "
