@@ -32,9 +32,9 @@ TEXT = (Path(__file__).parent / "data" / "fidelity-text.txt").read_text()
 NEAR_TIE = 0.5
 # name -> (fixture, overall top-1 agreement, median |Δlogit| over llama.cpp's top 8, greedy prompt, chat)
 MODELS = {
-    "gemma3": ("gemma3_270m_path", 0.93, 0.20, "The history of the printing press begins", False),
-    "qwen2": ("qwen25_coder_path", 0.97, 0.15, "Write a Python function that checks whether a number is prime.",
-              True),
+    # prompts whose greedy answers llama.cpp gives with clear margins for many tokens (16 and 14 here)
+    "gemma3": ("gemma3_270m_path", 0.93, 0.20, "January, February, March, April,", False),
+    "qwen2": ("qwen25_coder_path", 0.97, 0.15, "What is the capital of France?", True),
 }
 TOKENIZE = [
     "Hello world", " leading space", "def f(x):\n    return x**2  # squares\n", "naïve café résumé", "日本語のテキスト",
@@ -124,7 +124,7 @@ def test_greedy_text_follows_llama_cpp_to_its_first_near_tie(request, arch):
             logits = ctx.eval([ours[-1]])[-1]
     finally:
         m.close()
-    llm = _llama(path, n_ctx=512, logits_all=False)
+    llm = _llama(path, n_ctx=512, logits_all=True)
     try:
         llm.eval(ids)
         ref, margins = [], []
@@ -178,11 +178,11 @@ def test_run_by_name_from_an_empty_store_fetches_the_parts_once(tmp_path, gemma3
     env = {**os.environ, "PIPX_LLAMA_HOME": str(tmp_path / "home"), "PIPX_LLAMA_CONFIG_DIR": str(tmp_path / "cfg")}
     cmd = [sys.executable, "-m", "pipx_llama.cli", "run", "gemma-3-270m", "-p", "The capital of France is", "-n", "4",
            "--temp", "0"]
-    first = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    first = subprocess.run(cmd, check=False, env=env, capture_output=True, text=True, timeout=600)
     assert first.returncode == 0, first.stderr
     assert first.stdout.startswith("The capital of France is") and len(first.stdout) > len("The capital of France is")
     assert "Gemma Terms of Use" in first.stderr and "4 wheels" in first.stderr
     assert "sha256 a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818" in first.stderr
-    second = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    second = subprocess.run(cmd, check=False, env=env, capture_output=True, text=True, timeout=600)
     assert second.returncode == 0 and second.stdout == first.stdout
     assert "wheels" not in second.stderr and "Terms of Use" not in second.stderr
