@@ -55,6 +55,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pipx_llama import __version__
+from pipx_llama.engine.arch import family_of
 from pipx_llama.errors import ModelFileError, PipxLlamaError, UsageError
 from pipx_llama.fetch.errors import FetchError, OfflineError
 from pipx_llama.fetch.events import ProgressEvent
@@ -533,6 +534,7 @@ def make_plan(name: str | None = None, *, variant: str | None = None, quant: str
     cat = catalog or load_catalog(user_dirs=cfg.user_manifest_dirs, allow_http=cfg.allow_http)
     opts = pull_options or pull_options_from_config(cfg)
     manifest = resolve_model(name or DEFAULT_MODEL, cat, opts)
+    family_of(manifest.architecture, manifest.origin)  # refused by name before anything is downloaded
     store = Store(cfg.home)
     hw = hardware or detect_hardware(cfg.home)
     ctx = _context(manifest, n_ctx)

@@ -21,7 +21,7 @@ from httpserver import FileServer
 
 from pipx_llama.config import Config
 from pipx_llama.engine.gguf_reader import open_gguf
-from pipx_llama.errors import UsageError
+from pipx_llama.errors import UnsupportedModelError, UsageError
 from pipx_llama.fetch.errors import OfflineError
 from pipx_llama.hardware import RUNTIME_OVERHEAD, HardwareProfile, kv_cache_bytes
 from pipx_llama.manifest import Catalog, Manifest, parse_manifest, render_manifest
@@ -125,9 +125,9 @@ def _file(path: str, size: int | None, seed: str) -> dict:
 
 
 def synthetic(name: str, parameters: int, variants: list[dict], *, ctx: int = 4096, aliases=(),
-              default: str | None = None) -> Manifest:
+              default: str | None = None, architecture: str = "llama") -> Manifest:
     data = {"format": 1, "name": name, "aliases": list(aliases), "description": "t", "license": "t",
-            "architecture": "llama", "parameters": parameters, "context_length": ctx, "default_variant": default,
+            "architecture": architecture, "parameters": parameters, "context_length": ctx, "default_variant": default,
             "variants": variants}
     return parse_manifest(render_manifest(data), f"{name}.toml")
 
@@ -165,6 +165,14 @@ def cfg(tmp_path) -> Config:
 
 def plan(cfg: Config, name: str, hardware: HardwareProfile, catalog=(TINY, TINY_HF, MISTRAL, SMOL, META), **kw):
     return make_plan(name, hardware=hardware, config=cfg, catalog=Catalog(catalog), **kw)
+
+
+def test_an_unsupported_architecture_is_refused_by_name_before_any_download(cfg):
+    mamba = synthetic("mamba-t", TINY_PARAMS, [gguf_v("q4_k_m", "Q4_K_M", 668788096)], architecture="mamba")
+    with pytest.raises(UnsupportedModelError, match="mamba-t.toml: architecture 'mamba' is not supported"):
+        plan(cfg, "mamba-t", hw(), catalog=(mamba,))
+    qwen = synthetic("qwen-t", TINY_PARAMS, [gguf_v("q4_k_m", "Q4_K_M", 668788096)], architecture="qwen2")
+    assert plan(cfg, "qwen-t", hw(), catalog=(qwen,)).stages == ["fetch"]
 
 
 def test_default_when_it_fits(cfg):
