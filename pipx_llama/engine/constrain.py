@@ -211,8 +211,8 @@ class Constraint:
         """Advance past ``token`` (one that ``apply`` allowed)."""
         self._fresh = False
         if not self._matcher.consume_token(int(token)):
-            self._check()
-            raise GrammarError(f"token {token} does not continue the output '{self.param}' allows", param=self.param)
+            raise GrammarError(f"token {token} does not continue the output '{self.param}' allows: "
+                               f"{_cut(self._matcher.get_error())}", param=self.param)
 
     @property
     def accepting(self) -> bool:
