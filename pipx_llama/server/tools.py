@@ -33,7 +33,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
-from pipx_llama.engine.constrain import json_in_lark, lark_grammar
+from pipx_llama.engine.constrain import GrammarError, json_in_lark, lark_grammar
 from pipx_llama.tokenizer.chat import builtin_template, tool_caps
 from pipx_llama.tokenizer.tokenizer import ATTR_CONTROL, ATTR_USER_DEFINED, Tokenizer
 
@@ -188,6 +188,9 @@ def new_call_id(fmt: str) -> str:
 def _call_schema(tool: dict[str, Any], args_key: str) -> dict[str, Any]:
     f = tool["function"]
     params = dict(f.get("parameters") or {"type": "object", "properties": {}})
+    if "x-guidance" in params:  # llguidance's own options (whitespace, leniency) are the server's to set
+        raise GrammarError(f"the parameters of tool {f['name']!r} must not contain 'x-guidance'",
+                           "remove that key from the schema", param="tools")
     # its own "$id" makes the tool's local references ("#/$defs/...") resolve within its schema
     params.setdefault("$id", f"urn:pipx-llama:tool:{f['name']}")
     return {"type": "object", "properties": {"name": {"const": f["name"]}, args_key: params},
