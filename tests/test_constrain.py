@@ -18,6 +18,8 @@ from pipx_llama.engine.constrain import (
     json_in_lark,
     json_schema_grammar,
     lark_grammar,
+    mask_logits,
+    mask_logits_ref,
     token_bytes,
 )
 from pipx_llama.engine.gguf_reader import open_gguf
@@ -113,6 +115,16 @@ def test_apply_masks_a_copy(smol: Tokenizer) -> None:
     assert np.isneginf(out[: smol.n_vocab][~allowed]).all() and np.isneginf(out[smol.n_vocab:]).all()
     texts = {smol.token_to_piece(int(t)) for t in np.flatnonzero(allowed)}
     assert texts and all(b"true".startswith(s) or b"false".startswith(s) for s in texts)
+
+
+@pytest.mark.parametrize(("n_logits", "n_vocab", "density"), [(1000, 1000, 0.5), (1037, 1000, 0.02), (64, 70, 1.0)])
+def test_mask_logits_matches_numpy(n_logits: int, n_vocab: int, density: float) -> None:
+    rng = np.random.default_rng(n_logits)
+    words = np.packbits(rng.random(((n_vocab + 31) // 32) * 32) < density, bitorder="little").view(np.int32)
+    logits = rng.standard_normal(n_logits).astype(np.float32)
+    out = np.empty(n_logits, np.float32)
+    mask_logits(logits, words, n_vocab, out)
+    assert np.array_equal(out, mask_logits_ref(logits, words, n_vocab))
 
 
 def test_lark_grammar_names_special_tokens_by_id(qwen: Tokenizer) -> None:

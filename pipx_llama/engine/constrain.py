@@ -33,6 +33,7 @@ from typing import Any
 
 import llguidance as llg
 import numpy as np
+from numba import njit
 
 from pipx_llama.errors import UsageError
 from pipx_llama.tokenizer.tokenizer import ATTR_CONTROL, ATTR_USER_DEFINED, Tokenizer
@@ -187,24 +188,26 @@ class Constraint:
             raise GrammarError(f"'{self.param}' cannot constrain the output: {_cut(self._matcher.get_error())}",
                                param=self.param)
 
-    def allowed(self) -> np.ndarray:
-        """Which token ids may come next (bool, one per vocabulary entry)."""
+    def _mask(self) -> np.ndarray:
+        """The current state's bitmask (bit ``i`` of word ``i // 32``: token ``i`` may come next)."""
         if not self._fresh:
             self._matcher.unsafe_compute_mask_ptr(self._bits.ctypes.data, self._bits.nbytes)
             self._check()
+            if not self._bits.any():
+                raise GrammarError(f"'{self.param}' cannot be satisfied: no token can continue the output",
+                                   param=self.param)
             self._fresh = True
-        bits = np.unpackbits(self._bits.view(np.uint8), bitorder="little")[: self.vocab.n_vocab]
-        if not bits.any():
-            raise GrammarError(f"'{self.param}' cannot be satisfied: no token can continue the output",
-                               param=self.param)
+        return self._bits
+
+    def allowed(self) -> np.ndarray:
+        """Which token ids may come next (bool, one per vocabulary entry)."""
+        bits = np.unpackbits(self._mask().view(np.uint8), bitorder="little")[: self.vocab.n_vocab]
         return bits.astype(bool)
 
     def apply(self, logits: np.ndarray) -> np.ndarray:
-        """A copy of ``logits`` with every token the grammar forbids at -inf."""
-        allowed = self.allowed()
-        out = np.full(logits.shape, -np.inf, dtype=logits.dtype)
-        n = min(logits.size, allowed.size)
-        out[:n] = np.where(allowed[:n], logits[:n], -np.inf)
+        """A copy of ``logits`` (float32) with every token the grammar forbids at -inf."""
+        out = np.empty(logits.shape[0], dtype=np.float32)
+        mask_logits(np.ascontiguousarray(logits, dtype=np.float32), self._mask(), self.vocab.n_vocab, out)
         return out
 
     def accept(self, token: int) -> None:
@@ -218,3 +221,24 @@ class Constraint:
     def accepting(self) -> bool:
         """Whether the output so far is complete under the grammar."""
         return self._matcher.is_accepting()
+
+
+@njit(cache=True, nogil=True)
+def mask_logits(logits: np.ndarray, words: np.ndarray, n: int, out: np.ndarray) -> None:
+    """``out[i] = logits[i]`` where bit ``i`` of ``words`` is set (``i < n``), else -inf.
+
+    A loop over the vocabulary: numpy's masked select costs ~1 ms per token on a 152k vocabulary.
+    """
+    for i in range(out.shape[0]):
+        if i < n and (words[i >> 5] >> (i & 31)) & 1:
+            out[i] = logits[i]
+        else:
+            out[i] = -np.inf
+
+
+def mask_logits_ref(logits: np.ndarray, words: np.ndarray, n: int) -> np.ndarray:
+    """``mask_logits``' numpy twin."""
+    allowed = np.zeros(logits.shape[0], dtype=bool)
+    m = min(n, logits.shape[0])
+    allowed[:m] = np.unpackbits(words.view(np.uint8), bitorder="little")[:m].astype(bool)
+    return np.where(allowed, logits, -np.inf).astype(np.float32)
