@@ -56,6 +56,7 @@ from pipx_llama.server.middleware import (
 from pipx_llama.server.registry import LoadedModel, ModelRegistry, ModelSpec
 from pipx_llama.server.scheduler import Done, Failed, Job, QueueFull, Scheduler, Text
 from pipx_llama.server.tools import Content, ToolCall, ToolPlan, plan_chat
+from pipx_llama.tokenizer.tokenizer import Tokenizer
 
 log = logging.getLogger("pipx_llama.server")
 
@@ -467,7 +468,7 @@ def _tokenize(loaded: LoadedModel, req: schemas.GenRequest, prompt_param: str) -
         raise from_engine(err, prompt_param) from None
 
 
-def _constraint(tok: Any, req: schemas.GenRequest, plan: ToolPlan | None) -> Constraint | None:
+def _constraint(tok: Tokenizer, req: schemas.GenRequest, plan: ToolPlan | None) -> Constraint | None:
     """The grammar the answer follows: a forced tool call, else the requested JSON schema, else none."""
     if plan is not None and plan.grammar is not None:
         return Constraint(plan.grammar, tok, param="tools")
