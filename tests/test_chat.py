@@ -21,6 +21,7 @@ from pipx_llama.tokenizer.chat import (
     _tojson,
     builtin_template,
     render_chat,
+    tool_caps,
 )
 from pipx_llama.tokenizer.sandbox import Limits
 from pipx_llama.tokenizer.tokenizer import Tokenizer
@@ -425,3 +426,30 @@ def test_llama_cpp_templates_render_like_transformers(chat_templates_dir: Path, 
 
 def test_template_list_is_llama_cpps(chat_templates_dir: Path) -> None:
     assert sorted(p.stem for p in chat_templates_dir.glob("*.jinja")) == sorted(LLAMA_CPP_TEMPLATES)
+
+
+TOOLS_PROBE = "{% if tools is defined %}[{{ tools | map(attribute='function.name') | join(',') }}]{% endif %}" \
+              "{% for m in messages %}{{ m.content }}{% endfor %}"
+
+
+def test_tools_are_defined_only_with_tools() -> None:
+    msgs = [{"role": "user", "content": "hi"}]
+    tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
+    assert render(TOOLS_PROBE, msgs) == "hi"
+    assert render(TOOLS_PROBE, msgs, tools=[tool]) == "[f]hi"
+
+
+@pytest.mark.parametrize(("name", "caps"), [
+    ("Qwen-Qwen2.5-7B-Instruct.jinja", (True, True, True)),
+    ("meta-llama-Llama-3.1-8B-Instruct.jinja", (True, True, True)),
+    ("mistralai-Mistral-Nemo-Instruct-2407.jinja", (True, True, True)),
+    ("google-gemma-2-2b-it.jinja", (False, False, False)),  # no tool role: it raises on one
+])
+def test_tool_caps(chat_templates_dir: Path, name: str, caps: tuple[bool, bool, bool]) -> None:
+    got = tool_caps((chat_templates_dir / name).read_text())
+    assert (got.tools, got.tool_calls, got.tool_responses) == caps
+
+
+def test_tool_caps_of_chatml(smol_meta: dict) -> None:
+    got = tool_caps(smol_meta["tokenizer.chat_template"])  # renders any role's content, knows nothing of tools
+    assert (got.tools, got.tool_calls, got.tool_responses) == (False, False, True)

@@ -14,6 +14,7 @@ from pipx_llama.engine.sampler import SamplerConfig
 from pipx_llama.errors import UsageError
 from pipx_llama.server import ModelRegistry, ModelSpec, ServerSettings, create_app, schemas
 from pipx_llama.server.errors import APIError
+from pipx_llama.server.tools import ToolCall
 
 MSG = [{"role": "user", "content": "hi"}]
 
@@ -58,7 +59,10 @@ def test_chat_messages() -> None:
     ("temperature", -1), ("temperature", float("inf")), ("temperature", True), ("top_p", 2), ("max_tokens", -5),
     ("max_tokens", "9"), ("stop", ["a"] * 17), ("stop", [1]), ("seed", 1.5), ("n", 3), ("best_of", 2),
     ("logit_bias", {"1": 5}), ("logprobs", True), ("top_logprobs", 2), ("tools", [{"type": "function"}]),
-    ("response_format", {"type": "json_object"}), ("stream_options", "yes"), ("frequency_penalty", -3),
+    ("response_format", {"type": "xml"}), ("response_format", {"type": "json_schema", "json_schema": {"schema": 5}}),
+    ("tool_choice", "required"), ("tool_choice", {"type": "function", "function": {"name": "nope"}}),
+    ("parallel_tool_calls", "yes"), ("functions", [{"name": "f"}]),
+    ("stream_options", "yes"), ("frequency_penalty", -3),
 ])
 def test_chat_rejects(field: str, value: object) -> None:
     err = _fails(schemas.parse_chat, {"messages": MSG, field: value})
@@ -102,7 +106,7 @@ def test_ollama_requests() -> None:
     assert (raw.prompt, raw.messages, raw.stream, raw.context, raw.max_tokens) == ("p", None, False, [1, 2], None)
     load_only = schemas.parse_ollama_chat({"model": "m", "messages": []})
     assert load_only.messages is None and load_only.prompt is None
-    _fails(schemas.parse_ollama_generate, {"prompt": "p", "format": "json"}, "format")
+    _fails(schemas.parse_ollama_generate, {"prompt": "p", "format": "yaml"}, "format")
     _fails(schemas.parse_ollama_generate, {"prompt": "p", "context": ["a"]}, "context")
     _fails(schemas.parse_ollama_chat, {"messages": [{"role": "user", "content": "x", "images": ["AA=="]}]})
 
@@ -307,3 +311,91 @@ def test_sampling_values_that_overflow_the_sampler_are_refused(field: str, value
     _fails(schemas.parse_ollama_chat, {"messages": MSG, "options": {field: value}}, f"options.{field}")
     ok = schemas.parse_chat({"messages": MSG, "temperature": 1e-6, "repeat_penalty": 1.1})
     assert ok.sampler(SamplerConfig()).temperature == 1e-6
+
+
+# -- structured output and tools --------------------------------------------------------------------------
+
+WEATHER = {"type": "function", "function": {"name": "get_weather", "description": "Weather in a city",
+                                            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}
+
+
+def test_response_formats() -> None:
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}}}
+    r = schemas.parse_chat({"messages": MSG, "response_format": {"type": "json_schema", "json_schema": {
+        "name": "A", "schema": schema, "strict": True}}})
+    assert (r.response_schema, r.response_param) == (schema, "response_format.json_schema.schema")
+    r = schemas.parse_chat({"messages": MSG, "response_format": {"type": "json_object"}})
+    assert (r.response_schema, r.response_param) == ({"type": "object"}, "response_format")
+    assert schemas.parse_chat({"messages": MSG, "response_format": {"type": "text"}}).response_schema is None
+    assert schemas.parse_completion({"prompt": "x", "response_format": {"type": "json_object"}}).response_schema
+    r = schemas.parse_ollama_chat({"messages": MSG, "format": "json"})
+    assert (r.response_schema, r.response_param) == ({"type": "object"}, "format")
+    assert schemas.parse_ollama_generate({"prompt": "p", "format": schema}).response_schema == schema
+    assert schemas.parse_ollama_generate({"prompt": "p", "format": ""}).response_schema is None
+    _fails(schemas.parse_chat, {"messages": MSG, "response_format": {"type": "json_schema", "json_schema": "x"}},
+           "response_format.json_schema")
+    _fails(schemas.parse_chat, {"messages": MSG, "response_format": {}}, "response_format.type")
+
+
+def test_tools_and_tool_choice() -> None:
+    r = schemas.parse_chat({"messages": MSG, "tools": [WEATHER, {"type": "function", "function": {"name": "now"}}],
+                            "tool_choice": {"type": "function", "function": {"name": "now"}},
+                            "parallel_tool_calls": False})
+    assert [t["function"]["name"] for t in r.tools] == ["get_weather", "now"]
+    assert r.tools[1]["function"]["parameters"] == {"type": "object", "properties": {}}  # none given: no arguments
+    assert (r.tool_choice.mode, r.tool_choice.name, r.parallel_tool_calls) == ("function", "now", False)
+    r = schemas.parse_chat({"messages": MSG, "tools": [WEATHER]})
+    assert (r.tool_choice.mode, r.parallel_tool_calls) == ("auto", True)
+    assert schemas.parse_chat({"messages": MSG, "tools": [WEATHER], "tool_choice": "required"}).tool_choice.mode \
+        == "required"
+    assert schemas.parse_chat({"messages": MSG, "tools": []}).tools is None
+    ollama = schemas.parse_ollama_chat({"messages": MSG, "tools": [{"function": WEATHER["function"]}]})
+    assert ollama.tools == [WEATHER]  # Ollama clients may leave out "type"
+    bad_name = {"type": "function", "function": {"name": "no spaces"}}
+    _fails(schemas.parse_chat, {"messages": MSG, "tools": [bad_name]}, "tools[0].function.name")
+    _fails(schemas.parse_chat, {"messages": MSG, "tools": [WEATHER, WEATHER]}, "tools[1].function.name")
+    _fails(schemas.parse_chat, {"messages": MSG, "tools": [WEATHER] * 129}, "tools")
+    _fails(schemas.parse_chat, {"messages": MSG, "tools": [{"type": "code_interpreter"}]}, "tools[0].type")
+    _fails(schemas.parse_chat, {"messages": MSG, "tools": [{"type": "function", "function": {
+        "name": "f", "parameters": "x"}}]}, "tools[0].function.parameters")
+    _fails(schemas.parse_chat, {"messages": MSG, "tools": [WEATHER], "tool_choice": "sometimes"}, "tool_choice")
+    # a response format applies to the answer; with tools the answer may be a call
+    err = _fails(schemas.parse_chat, {"messages": MSG, "tools": [WEATHER], "response_format": {"type": "json_object"}},
+                 "response_format")
+    assert err.code == "unsupported_parameter"
+    assert schemas.parse_chat({"messages": MSG, "tools": [WEATHER], "tool_choice": "none",
+                               "response_format": {"type": "json_object"}}).response_schema
+    _fails(schemas.parse_ollama_chat, {"messages": MSG, "tools": [WEATHER], "format": "json"}, "format")
+
+
+def test_tool_messages() -> None:
+    call = {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Oslo"}'}}
+    r = schemas.parse_chat({"messages": [*MSG, {"role": "assistant", "content": None, "tool_calls": [call]},
+                                         {"role": "tool", "tool_call_id": "call_1", "content": "-3 C"}]})
+    assert r.messages[1] == {"role": "assistant", "content": "", "tool_calls": [
+        {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": {"city": "Oslo"}}}]}
+    assert r.messages[2] == {"role": "tool", "content": "-3 C", "tool_call_id": "call_1"}
+    r = schemas.parse_ollama_chat({"messages": [*MSG, {"role": "assistant", "content": "", "tool_calls": [
+        {"function": {"name": "get_weather", "arguments": {"city": "Oslo"}}}]},
+        {"role": "tool", "tool_name": "get_weather", "content": "-3 C"}]})
+    assert r.messages[1]["tool_calls"][0]["function"]["arguments"] == {"city": "Oslo"}
+    assert r.messages[2]["name"] == "get_weather"
+    bad = {**call, "function": {"name": "get_weather", "arguments": "{not json"}}
+    _fails(schemas.parse_chat, {"messages": [*MSG, {"role": "assistant", "tool_calls": [bad]}]},
+           "messages[1].tool_calls[0].function.arguments")
+    _fails(schemas.parse_chat, {"messages": [*MSG, {"role": "assistant", "tool_calls": [{"id": "x"}]}]},
+           "messages[1].tool_calls[0].function")
+
+
+def test_tool_call_responses() -> None:
+    call = ToolCall("call_9", "get_weather", '{"city": "Oslo"}')
+    c = schemas.chat_completion("chatcmpl-1", 5, "m", "\n", GenerationStats(finish_reason="stop"), [call])
+    choice = c["choices"][0]
+    assert choice["finish_reason"] == "tool_calls" and choice["message"]["content"] is None
+    assert choice["message"]["tool_calls"] == [{"id": "call_9", "type": "function",
+                                                "function": {"name": "get_weather", "arguments": '{"city": "Oslo"}'}}]
+    first, rest = schemas.tool_call_deltas(2, call)
+    assert first["tool_calls"][0] == {"index": 2, "id": "call_9", "type": "function",
+                                      "function": {"name": "get_weather", "arguments": ""}}
+    assert rest["tool_calls"][0] == {"index": 2, "function": {"arguments": '{"city": "Oslo"}'}}
+    assert schemas.ollama_tool_calls([call]) == [{"function": {"name": "get_weather", "arguments": {"city": "Oslo"}}}]

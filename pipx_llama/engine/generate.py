@@ -5,6 +5,9 @@ turn only evaluates what is new). Generation ends at an end-of-generation token,
 ``max_tokens``, or when a stop string appears (the stop string itself is not emitted). When the
 context fills, ``context_shift=True`` does what llama.cpp does -- keep the first ``n_keep`` tokens,
 drop half of the rest and re-rotate the cached keys -- otherwise ``ContextFullError`` is raised.
+
+A ``Constraint`` (engine/constrain.py) restricts each step's logits to the tokens its grammar allows
+before the sampler draws, and follows the drawn token; it is per sequence, like the sampler.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
+from pipx_llama.engine.constrain import Constraint
 from pipx_llama.engine.model import Context
 from pipx_llama.engine.sampler import Sampler, SamplerConfig
 from pipx_llama.errors import ContextFullError, UsageError
@@ -59,6 +63,8 @@ class Generation:
     stop: Sequence[str] = ()
     context_shift: bool = False
     n_keep: int = 0
+    constraint: Constraint | None = None
+    special: bool = False  # emit control tokens' text (a tool-call marker such as [TOOL_CALLS])
     stats: GenerationStats = field(default_factory=GenerationStats)
     text: str = ""  # everything emitted so far
 
@@ -84,7 +90,7 @@ class Generation:
         stats.n_prompt_evaluated = len(new)
         stats.prompt_seconds = time.perf_counter() - t0
 
-        decoder = tok.stream_decoder()
+        decoder = tok.stream_decoder(special=self.special)
         pending = ""  # text held back because it may be the start of a stop string
         stopped_by_string = False
         t1 = time.perf_counter()
@@ -93,7 +99,11 @@ class Generation:
                 if stats.n_generated >= self.max_tokens:
                     stats.finish_reason = "length"
                     break
+                if self.constraint is not None:
+                    logits = self.constraint.apply(logits)
                 token = self.sampler.sample(logits, ctx.tokens)
+                if self.constraint is not None:
+                    self.constraint.accept(token)
                 stats.n_generated += 1
                 if tok.is_eog(token):
                     stats.finish_reason = "stop"
@@ -149,12 +159,16 @@ def generate(
     parse_special: bool = True,
     context_shift: bool = False,
     n_keep: int | None = None,
+    constraint: Constraint | None = None,
+    special: bool = False,
 ) -> Generation:
     """Start generating from ``prompt`` (text, tokenized with the model's tokenizer, or token ids).
 
     ``max_tokens`` < 0 means until the context is full (with ``context_shift``, until EOS).
     ``n_keep`` is how many leading tokens a context shift keeps (default: the whole prompt,
-    capped at half the context, as llama.cpp's ``--keep -1``).
+    capped at half the context, as llama.cpp's ``--keep -1``). ``constraint`` limits every token to
+    what its grammar allows (single use: it follows this generation's tokens). ``special`` makes control
+    tokens part of the text (end-of-generation tokens never are).
     """
     if isinstance(prompt, str):
         ids = context.model.tokenizer.encode(prompt, add_special=add_special, parse_special=parse_special)
@@ -167,7 +181,7 @@ def generate(
     if n_keep is None:
         n_keep = min(len(ids), context.n_ctx // 2)
     return Generation(context, ids, max_tokens, Sampler(sampler or SamplerConfig()), tuple(stop),
-                      context_shift, n_keep)
+                      context_shift, n_keep, constraint, special)
 
 
 def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:

@@ -6,8 +6,11 @@
 ``static/`` and its vendored libraries from ``static/vendor/`` (no API key needed to load it; its API
 calls send the key).
 
-A request is validated, its model loaded (first use only) and its prompt tokenized before it is
-queued, so every client mistake is a 4xx before any byte of a stream is sent. Generation runs on the
+A request is validated, its model loaded (first use only), its prompt tokenized and its output
+grammar compiled (``response_format``/``format``, a forced tool call) before it is queued, so every
+client mistake -- a hostile schema too -- is a 4xx before any byte of a stream is sent. Chat answers to
+requests with tools go through ``tools.ToolParser``, which turns them into ``tool_calls`` (streamed as
+deltas when each call is complete). Generation runs on the
 scheduler's worker thread; a client that goes away cancels its job.
 """
 
@@ -37,6 +40,7 @@ from starlette.responses import FileResponse, JSONResponse, Response, StreamingR
 from starlette.routing import Route
 
 from pipx_llama import __version__
+from pipx_llama.engine.constrain import Constraint, GrammarError, json_schema_grammar
 from pipx_llama.engine.sampler import SamplerConfig
 from pipx_llama.errors import ChatTemplateError, PipxLlamaError, TokenizerError, UsageError
 from pipx_llama.server import schemas
@@ -51,6 +55,8 @@ from pipx_llama.server.middleware import (
 )
 from pipx_llama.server.registry import LoadedModel, ModelRegistry, ModelSpec
 from pipx_llama.server.scheduler import Done, Failed, Job, QueueFull, Scheduler, Text
+from pipx_llama.server.tools import Content, ToolCall, ToolPlan, plan_chat
+from pipx_llama.tokenizer.tokenizer import Tokenizer
 
 log = logging.getLogger("pipx_llama.server")
 
@@ -100,6 +106,15 @@ class _Prepared:
     job: Job
     model: LoadedModel
     prompt_text: str  # for echo
+    tools: ToolPlan | None = None  # a chat with tools: how its answer is parsed
+
+
+@dataclass
+class _Prompt:
+    ids: list[int]
+    text: str
+    constraint: Constraint | None = None
+    tools: ToolPlan | None = None
 
 
 class Server:
@@ -129,12 +144,13 @@ class Server:
         spec = self.registry.find(req.model)
         loaded = await self._load(spec)
         # megabytes of text hold the GIL for seconds: few at a time, and never on the event loop
-        ids, text = await anyio.to_thread.run_sync(_tokenize, loaded, req, prompt_param,
-                                                   limiter=self.tokenize_limiter)
+        prompt = await anyio.to_thread.run_sync(_tokenize, loaded, req, prompt_param,
+                                                limiter=self.tokenize_limiter)
+        ids = prompt.ids
         _check_room(loaded, len(ids), req, prompt_param)
         max_tokens = req.max_tokens if req.max_tokens is not None else loaded.n_ctx - len(ids)
         job = Job(schemas.new_id("req"), endpoint, loaded, ids, max_tokens, req.sampler(self.settings.sampling),
-                  req.stop)
+                  req.stop, prompt.constraint, special=prompt.tools is not None and prompt.tools.parse)
         job.bind()
         try:
             self.scheduler.submit(job)
@@ -142,7 +158,7 @@ class Server:
             raise APIError(503, f"The server is busy: {full.waiting} requests are waiting. Retry in "
                                 f"{full.retry_after} s.", type="server_error", code="server_busy",
                            headers={"Retry-After": str(full.retry_after)}) from None
-        return _Prepared(job, loaded, text)
+        return _Prepared(job, loaded, prompt.text, prompt.tools)
 
     async def _load(self, spec: ModelSpec) -> LoadedModel:
         try:
@@ -175,21 +191,40 @@ class Server:
         rid, created, name = schemas.new_id("chatcmpl"), int(time.time()), p.model.spec.name
         headers = {"X-Request-Id": p.job.id}
         if req.stream:
-            return StreamingResponse(self._chat_stream(p.job, rid, created, name, req.include_usage),
+            return StreamingResponse(self._chat_stream(p.job, rid, created, name, req.include_usage, p.tools),
                                      media_type="text/event-stream", headers={**SSE_HEADERS, **headers})
         text = await self._collect(request, p.job)
-        return JSONResponse(schemas.chat_completion(rid, created, name, text, p.job.stats), headers=headers)
+        text, calls = _split_calls(text, p.tools)
+        return JSONResponse(schemas.chat_completion(rid, created, name, text, p.job.stats, calls), headers=headers)
 
-    async def _chat_stream(self, job: Job, rid: str, created: int, name: str, include_usage: bool
-                           ) -> AsyncIterator[str]:
+    async def _chat_stream(self, job: Job, rid: str, created: int, name: str, include_usage: bool,
+                           tools: ToolPlan | None) -> AsyncIterator[str]:
+        parser = tools.parser() if tools is not None and tools.parse else None
+        n_calls = 0
+
+        def chunks(events: list[Content | ToolCall]) -> list[str]:
+            nonlocal n_calls
+            out = []
+            for e in events:
+                if isinstance(e, Content):
+                    out.append(_sse(schemas.chat_chunk(rid, created, name, {"content": e.text}, None, include_usage)))
+                else:
+                    out += [_sse(schemas.chat_chunk(rid, created, name, d, None, include_usage))
+                            for d in schemas.tool_call_deltas(n_calls, e)]
+                    n_calls += 1
+            return out
+
         try:
             yield _sse(schemas.chat_chunk(rid, created, name, {"role": "assistant", "content": "", "refusal": None},
                                           None, include_usage))
             async for ev in job.events():
                 if isinstance(ev, Text):
-                    yield _sse(schemas.chat_chunk(rid, created, name, {"content": ev.text}, None, include_usage))
+                    for chunk in chunks(parser.feed(ev.text) if parser else [Content(ev.text)]):
+                        yield chunk
                 elif isinstance(ev, Done):
-                    yield _sse(schemas.chat_chunk(rid, created, name, {}, schemas.finish_reason(ev.stats),
+                    for chunk in chunks(parser.finish() if parser else []):
+                        yield chunk
+                    yield _sse(schemas.chat_chunk(rid, created, name, {}, schemas.finish_reason(ev.stats, n_calls > 0),
                                                   include_usage))
                     if include_usage:
                         yield _sse(schemas.usage_chunk(rid, created, name, "chat.completion.chunk", ev.stats))
@@ -263,17 +298,19 @@ class Server:
         name = p.model.spec.name
         headers = {"X-Request-Id": p.job.id}
 
-        def piece(text: str) -> dict[str, Any]:
+        def piece(text: str, calls: list[ToolCall] | None = None) -> dict[str, Any]:
             body: dict[str, Any] = {"model": name, "created_at": schemas.ollama_time()}
             if kind == "generate":
                 body["response"] = text
             else:
                 body["message"] = {"role": "assistant", "content": text}
+                if calls:
+                    body["message"]["tool_calls"] = schemas.ollama_tool_calls(calls)
             body["done"] = False
             return body
 
-        def final(job: Job, text: str) -> dict[str, Any]:
-            body = piece(text)
+        def final(job: Job, text: str, calls: list[ToolCall] | None = None) -> dict[str, Any]:
+            body = piece(text, calls)
             body.update(schemas.ollama_final(job.stats, time.perf_counter() - t0, load_seconds))
             if kind == "generate":
                 body["context"] = job.prompt + job.tokens
@@ -281,14 +318,25 @@ class Server:
 
         if not req.stream:
             text = await self._collect(request, p.job)
-            return JSONResponse(final(p.job, text), headers=headers)
+            text, calls = _split_calls(text, p.tools)
+            return JSONResponse(final(p.job, text, calls), headers=headers)
+
+        parser = p.tools.parser() if p.tools is not None and p.tools.parse else None
+
+        def pieces(events: list[Content | ToolCall]) -> list[str]:
+            text = "".join(e.text for e in events if isinstance(e, Content))
+            calls = [e for e in events if isinstance(e, ToolCall)]
+            return [_ndjson(piece(text, calls))] if text or calls else []
 
         async def lines() -> AsyncIterator[str]:
             try:
                 async for ev in p.job.events():
                     if isinstance(ev, Text):
-                        yield _ndjson(piece(ev.text))
+                        for line in pieces(parser.feed(ev.text)) if parser else [_ndjson(piece(ev.text))]:
+                            yield line
                     elif isinstance(ev, Done):
+                        for line in pieces(parser.finish()) if parser else []:
+                            yield line
                         yield _ndjson(final(p.job, ""))
                     else:
                         yield _ndjson(_generation_error(ev.error).ollama_body())
@@ -388,23 +436,55 @@ def _check_room(loaded: LoadedModel, n_prompt: int, req: schemas.GenRequest, pro
         raise schemas.context_error(n_prompt, req.max_tokens, n_ctx, prompt_param, at_least=at_least)
 
 
-def _tokenize(loaded: LoadedModel, req: schemas.GenRequest, prompt_param: str) -> tuple[list[int], str]:
-    """The prompt's token ids and its text; refuses, before encoding it, text too long for the context."""
+def _tokenize(loaded: LoadedModel, req: schemas.GenRequest, prompt_param: str) -> _Prompt:
+    """The prompt's token ids and text, and the answer's grammar; refuses, before encoding it, text too
+    long for the context."""
     tok = loaded.model.tokenizer
-    if isinstance(req.prompt, list):
-        _check_room(loaded, len(req.prompt), req, prompt_param)
-        _check_ids(loaded, req.prompt, prompt_param)
-        return list(req.prompt), tok.decode(req.prompt)
+    plan = None
     try:
-        text = tok.chat_prompt(req.messages, add_generation_prompt=True) if req.messages is not None else req.prompt
-        _check_room(loaded, len(req.context) + loaded.pieces.min_tokens(text), req, prompt_param, at_least=True)
-        _check_ids(loaded, req.context, "context")
-        ids = req.context + tok.encode(text, add_special=req.messages is not None or not req.context)
+        if isinstance(req.prompt, list):
+            _check_room(loaded, len(req.prompt), req, prompt_param)
+            _check_ids(loaded, req.prompt, prompt_param)
+            ids, text = list(req.prompt), tok.decode(req.prompt)
+        else:
+            if req.messages is not None and (req.tools or any(m["role"] == "tool" or "tool_calls" in m
+                                                              for m in req.messages)):
+                plan = plan_chat(tok, req.messages, req.tools, req.tool_choice, req.parallel_tool_calls)
+                text = tok.chat_prompt(plan.messages, tools=plan.tools)
+            elif req.messages is not None:
+                text = tok.chat_prompt(req.messages, add_generation_prompt=True)
+            else:
+                text = req.prompt
+            _check_room(loaded, len(req.context) + loaded.pieces.min_tokens(text), req, prompt_param,
+                        at_least=True)
+            _check_ids(loaded, req.context, "context")
+            ids = req.context + tok.encode(text, add_special=req.messages is not None or not req.context)
+        if not ids:
+            raise bad_request("the prompt is empty", prompt_param)
+        return _Prompt(ids, text, _constraint(tok, req, plan), plan)
+    except GrammarError as err:
+        raise bad_request(err.message, err.param) from None
     except (ChatTemplateError, TokenizerError, UsageError) as err:
         raise from_engine(err, prompt_param) from None
-    if not ids:
-        raise bad_request("the prompt is empty", prompt_param)
-    return ids, text
+
+
+def _constraint(tok: Tokenizer, req: schemas.GenRequest, plan: ToolPlan | None) -> Constraint | None:
+    """The grammar the answer follows: a forced tool call, else the requested JSON schema, else none."""
+    if plan is not None and plan.grammar is not None:
+        return Constraint(plan.grammar, tok, param="tools")
+    if req.response_schema is not None:
+        param = req.response_param or "response_format"
+        return Constraint(json_schema_grammar(req.response_schema, param=param), tok, param=param)
+    return None
+
+
+def _split_calls(text: str, tools: ToolPlan | None) -> tuple[str, list[ToolCall]]:
+    """A whole answer's text and tool calls."""
+    if tools is None or not tools.parse:
+        return text, []
+    parser = tools.parser()
+    events = parser.feed(text) + parser.finish()
+    return "".join(e.text for e in events if isinstance(e, Content)), [e for e in events if isinstance(e, ToolCall)]
 
 
 async def _cancel_on_disconnect(request: Request, job: Job) -> None:
@@ -416,6 +496,8 @@ async def _cancel_on_disconnect(request: Request, job: Job) -> None:
 
 
 def _generation_error(err: BaseException) -> APIError:
+    if isinstance(err, GrammarError):  # a schema whose later steps exceed the grammar limits
+        return bad_request(err.message, err.param)
     if isinstance(err, PipxLlamaError):
         return APIError(500, f"generation failed: {err.message}", type="server_error", code="generation_failed")
     return internal(f"generation failed: {type(err).__name__}: {err}")

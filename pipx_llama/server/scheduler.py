@@ -20,6 +20,7 @@ from collections import deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
+from pipx_llama.engine.constrain import Constraint
 from pipx_llama.engine.generate import GenerationStats, generate
 from pipx_llama.engine.sampler import SamplerConfig
 from pipx_llama.errors import PipxLlamaError
@@ -81,6 +82,8 @@ class Job:
     max_tokens: int
     sampler: SamplerConfig
     stop: tuple[str, ...] = ()
+    constraint: Constraint | None = None  # the grammar its tokens must follow (structured output, a forced call)
+    special: bool = False  # control tokens are part of its text (tool-call markers)
     tokens: list[int] = field(default_factory=list)  # generated ids (Ollama returns them as context)
     stats: GenerationStats | None = None
     submitted: float = 0.0
@@ -193,7 +196,7 @@ class Scheduler:
             gen = None
             try:
                 gen = generate(job.model.context, job.prompt, max_tokens=job.max_tokens, sampler=job.sampler,
-                               stop=job.stop)
+                               stop=job.stop, constraint=job.constraint, special=job.special)
                 it = iter(gen)
                 for piece in it:
                     if piece.token >= 0:

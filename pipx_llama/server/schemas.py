@@ -2,8 +2,11 @@
 
 Requests are checked field by field into a ``GenRequest`` (what the engine needs, nothing more); a bad
 field becomes a 400 naming the field. Fields this server does not implement are refused when they
-would change the answer (``n`` > 1, ``logprobs``, tools, JSON mode) and ignored when they would not
+would change the answer (``n`` > 1, ``logprobs``, ``logit_bias``) and ignored when they would not
 (``user``, ``store``, ``metadata``, unknown keys), so clients written for other servers still work.
+Structured output (``response_format``, Ollama's ``format``) becomes the JSON schema the answer is
+constrained to; ``tools`` are normalized to OpenAI's function shape, assistant tool calls carry their
+arguments as objects (the form chat templates render).
 
 Response builders produce OpenAI's exact objects (``chat.completion``, ``chat.completion.chunk``,
 ``text_completion``) and Ollama's NDJSON lines.
@@ -12,7 +15,9 @@ Response builders produce OpenAI's exact objects (``chat.completion``, ``chat.co
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
+import re
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -24,6 +29,7 @@ from pipx_llama.engine.generate import GenerationStats
 from pipx_llama.engine.sampler import SamplerConfig
 from pipx_llama.errors import UsageError
 from pipx_llama.server.errors import APIError, bad_request, quote, unsupported
+from pipx_llama.server.tools import ToolCall, ToolChoice
 
 MAX_STOP = 16
 CHAT_ROLES = ("system", "developer", "user", "assistant", "tool", "function")
@@ -32,6 +38,9 @@ COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's documented default for /v1/compl
 # the sampler divides logits by these: beyond them float32/float64 overflow to inf, and inf - inf is NaN
 MIN_TEMPERATURE = 1e-6  # above 0: anything smaller is greedy in effect
 REPEAT_PENALTY = (0.01, 100.0)
+MAX_TOOLS = 128  # OpenAI's limit
+TOOL_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")  # OpenAI: letters, digits, '_' and '-', up to 64 (and '.')
+ANY_OBJECT: dict[str, Any] = {"type": "object"}  # JSON mode: any JSON object
 NUMBER_LIMIT = 1 << 63  # numbers are int64 in OpenAI's and Ollama's APIs; larger ones are refused, never rounded
 
 
@@ -40,7 +49,7 @@ class GenRequest:
     """One validated generation request, whichever API it came through."""
 
     model: str | None
-    messages: list[dict[str, str]] | None = None  # chat: rendered with the model's template
+    messages: list[dict[str, Any]] | None = None  # chat: rendered with the model's template
     prompt: str | list[int] | None = None  # completion: text or token ids
     max_tokens: int | None = None  # None: until end of text or the context is full
     sampling: dict[str, Any] = field(default_factory=dict)  # SamplerConfig fields the client set
@@ -49,6 +58,11 @@ class GenRequest:
     include_usage: bool = False
     echo: bool = False
     context: list[int] = field(default_factory=list)  # Ollama /api/generate: ids of the previous turn
+    tools: list[dict[str, Any]] | None = None  # function tools, OpenAI's shape
+    tool_choice: ToolChoice = field(default_factory=ToolChoice)
+    parallel_tool_calls: bool = True
+    response_schema: Any = None  # the JSON schema the answer must match; None: free text
+    response_param: str | None = None  # the field it came from, named in errors
 
     def sampler(self, defaults: SamplerConfig) -> SamplerConfig:
         s = dict(self.sampling)
@@ -171,12 +185,116 @@ def _openai_common(b: _Body) -> GenRequest:
     b.refuse_if("logit_bias", "logit_bias", allowed=({},))
     b.refuse_if("logprobs", "logprobs", allowed=(False, 0))
     b.refuse_if("top_logprobs", "top_logprobs", allowed=(0,))
-    b.refuse_if("tools", "tool calling", allowed=([],))
-    b.refuse_if("functions", "function calling", allowed=([],))
-    fmt = b.body.get("response_format")
-    if fmt is not None and not (isinstance(fmt, dict) and fmt.get("type") == "text"):
-        raise unsupported("response_format", "response_format other than {\"type\": \"text\"}")
+    b.refuse_if("functions", "the deprecated functions (use tools)", allowed=([],))
+    b.refuse_if("function_call", "the deprecated function_call (use tool_choice)", allowed=("none", "auto"))
+    req.response_schema, req.response_param = _response_format(b.body.get("response_format"))
     return req
+
+
+def _response_format(value: Any) -> tuple[Any, str | None]:
+    """OpenAI's ``response_format``: the schema the answer is held to (None for text) and its field."""
+    if value is None:
+        return None, None
+    b = _Body(value, "response_format")
+    kind = b.string("type", required=True)
+    if kind == "text":
+        return None, None
+    if kind == "json_object":
+        return ANY_OBJECT, "response_format"
+    if kind != "json_schema":
+        raise bad_request(f"'response_format.type' must be text, json_object or json_schema, got {quote(kind)}",
+                          "response_format.type")
+    jb = _Body(b.body.get("json_schema"), "response_format.json_schema")
+    jb.string("name")
+    jb.boolean("strict")  # the schema is always enforced
+    schema = jb.body.get("schema")
+    if schema is None:
+        return ANY_OBJECT, "response_format.json_schema"
+    if not isinstance(schema, (dict, bool)):
+        raise bad_request("'response_format.json_schema.schema' must be a JSON schema object",
+                          "response_format.json_schema.schema")
+    return schema, "response_format.json_schema.schema"
+
+
+def _tools(value: Any, param: str = "tools") -> list[dict[str, Any]] | None:
+    """Function tools in OpenAI's shape; Ollama sends the same (its ``type`` may be missing)."""
+    if value is None or value == []:
+        return None
+    if not isinstance(value, list):
+        raise bad_request(f"'{param}' must be a list of tools", param)
+    if len(value) > MAX_TOOLS:
+        raise bad_request(f"'{param}' has {len(value)} tools; at most {MAX_TOOLS} are allowed", param)
+    out, seen = [], set()
+    for i, tool in enumerate(value):
+        where = f"{param}[{i}]"
+        tb = _Body(tool, where)
+        kind = tb.string("type") or "function"
+        if kind != "function":
+            raise unsupported(f"{where}.type", f"tools of type {quote(kind)} (function tools only)")
+        fb = _Body(tb.body.get("function"), f"{where}.function")
+        name = fb.string("name", required=True)
+        if not TOOL_NAME.fullmatch(name):
+            raise bad_request(f"'{where}.function.name' must be 1 to 64 letters, digits, '_', '-' or '.', got "
+                              f"{quote(name)}", f"{where}.function.name")
+        if name in seen:
+            raise bad_request(f"'{where}.function.name': two tools are named {quote(name)}", f"{where}.function.name")
+        seen.add(name)
+        fn: dict[str, Any] = {"name": name}
+        description = fb.string("description")
+        if description:
+            fn["description"] = description
+        params = fb.body.get("parameters")
+        if params is not None and not isinstance(params, dict):
+            raise bad_request(f"'{where}.function.parameters' must be a JSON schema object",
+                              f"{where}.function.parameters")
+        fb.boolean("strict")
+        fn["parameters"] = params if params is not None else {"type": "object", "properties": {}}
+        out.append({"type": "function", "function": fn})
+    return out
+
+
+def _tool_choice(value: Any, tools: list[dict[str, Any]] | None) -> ToolChoice:
+    if value is None:
+        return ToolChoice("auto")
+    if isinstance(value, str):
+        if value not in ("none", "auto", "required"):
+            raise bad_request(f"'tool_choice' must be none, auto, required or a function, got {quote(value)}",
+                              "tool_choice")
+        if value == "required" and not tools:
+            raise bad_request("'tool_choice' is required, but the request has no 'tools'", "tool_choice")
+        return ToolChoice(value)
+    b = _Body(value, "tool_choice")
+    if b.string("type", required=True) != "function":
+        raise bad_request("'tool_choice.type' must be function", "tool_choice.type")
+    name = _Body(b.body.get("function"), "tool_choice.function").string("name", required=True)
+    if name not in {t["function"]["name"] for t in tools or []}:
+        raise bad_request(f"'tool_choice.function.name' is {quote(name)}, which is not one of the 'tools'",
+                          "tool_choice.function.name")
+    return ToolChoice("function", name)
+
+
+def _tool_calls(value: Any, param: str) -> list[dict[str, Any]]:
+    """An assistant message's calls, arguments as objects (OpenAI sends them as JSON text, Ollama as objects)."""
+    if not isinstance(value, list) or len(value) > MAX_TOOLS:
+        raise bad_request(f"'{param}' must be a list of at most {MAX_TOOLS} tool calls", param)
+    out = []
+    for i, call in enumerate(value):
+        where = f"{param}[{i}]"
+        cb = _Body(call, where)
+        call_id = cb.string("id") or f"call_{i}"
+        fb = _Body(cb.body.get("function"), f"{where}.function")
+        name = fb.string("name", required=True)
+        args = fb.body.get("arguments")
+        if isinstance(args, str):
+            try:
+                args = json.loads(args) if args.strip() else {}
+            except (ValueError, RecursionError):
+                args = None
+        if not isinstance(args, dict):
+            raise bad_request(f"'{where}.function.arguments' must be a JSON object (or its JSON text)",
+                              f"{where}.function.arguments")
+        out.append({"id": call_id, "type": "function", "function": {"name": name, "arguments": args}})
+    return out
 
 
 def _check_temperature(sampling: dict[str, Any], param: str) -> None:
@@ -212,7 +330,7 @@ def _content_text(content: Any, param: str) -> str:
     raise bad_request(f"'{param}' must be a string or a list of content parts", param)
 
 
-def _messages(value: Any, param: str = "messages", *, allow_empty: bool = False) -> list[dict[str, str]]:
+def _messages(value: Any, param: str = "messages", *, allow_empty: bool = False) -> list[dict[str, Any]]:
     if value is None and allow_empty:
         return []
     if not isinstance(value, list) or (not value and not allow_empty):
@@ -227,8 +345,16 @@ def _messages(value: Any, param: str = "messages", *, allow_empty: bool = False)
                               f"{where}.role")
         if m.get("images"):
             raise unsupported(f"{where}.images", "image input")
-        out.append({"role": "system" if role == "developer" else role,
-                    "content": _content_text(m.get("content"), f"{where}.content")})
+        msg: dict[str, Any] = {"role": "system" if role == "developer" else role,
+                               "content": _content_text(m.get("content"), f"{where}.content")}
+        if role == "assistant" and m.get("tool_calls"):
+            msg["tool_calls"] = _tool_calls(m["tool_calls"], f"{where}.tool_calls")
+        if role == "tool":
+            call_id = mb.string("tool_call_id")
+            name = mb.string("tool_name") or mb.string("name")  # Ollama names the tool instead
+            msg.update({"tool_call_id": call_id} if call_id else {})
+            msg.update({"name": name} if name else {})
+        out.append(msg)
     return out
 
 
@@ -238,7 +364,18 @@ def parse_chat(body: Any) -> GenRequest:
     req = _openai_common(b)
     req.messages = _messages(b.body.get("messages"))
     req.max_tokens = _max_tokens(b, "max_completion_tokens", "max_tokens")
+    req.tools = _tools(b.body.get("tools"))
+    req.tool_choice = _tool_choice(b.body.get("tool_choice"), req.tools)
+    parallel = b.boolean("parallel_tool_calls")
+    req.parallel_tool_calls = True if parallel is None else parallel
+    _check_tools_and_format(req)
     return req
+
+
+def _check_tools_and_format(req: GenRequest) -> None:
+    if req.tools and req.tool_choice.mode != "none" and req.response_schema is not None:
+        raise unsupported(req.response_param or "format", "a response format together with tools (unless "
+                                                          "tool_choice is none)")
 
 
 def parse_completion(body: Any) -> GenRequest:
@@ -276,8 +413,12 @@ def _ollama_common(b: _Body) -> GenRequest:
     stream = b.boolean("stream")
     req.stream = True if stream is None else stream  # Ollama streams unless told not to
     fmt = b.body.get("format")
-    if fmt not in (None, ""):
-        raise unsupported("format", "structured output (format)")
+    if fmt == "json":
+        req.response_schema, req.response_param = ANY_OBJECT, "format"
+    elif isinstance(fmt, dict):
+        req.response_schema, req.response_param = fmt, "format"
+    elif fmt not in (None, ""):
+        raise bad_request(f"'format' must be \"json\" or a JSON schema object, got {quote(fmt)}", "format")
     opts = b.body.get("options")
     if opts is not None:
         ob = _Body(opts, "options")
@@ -322,8 +463,8 @@ def parse_ollama_chat(body: Any) -> GenRequest:
     """``POST /api/chat``; an empty message list only loads the model, as Ollama does."""
     b = _Body(body)
     req = _ollama_common(b)
-    if b.body.get("tools"):
-        raise unsupported("tools", "tool calling")
+    req.tools = _tools(b.body.get("tools"))
+    _check_tools_and_format(req)
     msgs = _messages(b.body.get("messages"), allow_empty=True)
     req.messages = msgs or None
     return req
@@ -345,12 +486,31 @@ def usage(stats: GenerationStats) -> dict[str, Any]:
     }
 
 
-def finish_reason(stats: GenerationStats) -> str:
+def finish_reason(stats: GenerationStats, called: bool = False) -> str:
+    """``called``: the answer holds tool calls (OpenAI says ``tool_calls`` even when the limit was hit)."""
+    if called:
+        return "tool_calls"
     # a cancelled request has no reader; "stop" keeps the object valid for logs
     return "length" if stats.finish_reason == "length" else "stop"
 
 
-def chat_completion(rid: str, created: int, model: str, text: str, stats: GenerationStats) -> dict[str, Any]:
+def tool_call_object(call: ToolCall) -> dict[str, Any]:
+    return {"id": call.id, "type": "function", "function": {"name": call.name, "arguments": call.arguments}}
+
+
+def tool_call_deltas(index: int, call: ToolCall) -> list[dict[str, Any]]:
+    """A call as streamed deltas: its id and name, then its arguments."""
+    return [{"tool_calls": [{"index": index, "id": call.id, "type": "function",
+                             "function": {"name": call.name, "arguments": ""}}]},
+            {"tool_calls": [{"index": index, "function": {"arguments": call.arguments}}]}]
+
+
+def chat_completion(rid: str, created: int, model: str, text: str, stats: GenerationStats,
+                    calls: list[ToolCall] | None = None) -> dict[str, Any]:
+    message: dict[str, Any] = {"role": "assistant", "content": text, "refusal": None, "annotations": []}
+    if calls:
+        message["content"] = text if text.strip() else None
+        message["tool_calls"] = [tool_call_object(c) for c in calls]
     return {
         "id": rid,
         "object": "chat.completion",
@@ -358,9 +518,9 @@ def chat_completion(rid: str, created: int, model: str, text: str, stats: Genera
         "model": model,
         "choices": [{
             "index": 0,
-            "message": {"role": "assistant", "content": text, "refusal": None, "annotations": []},
+            "message": message,
             "logprobs": None,
-            "finish_reason": finish_reason(stats),
+            "finish_reason": finish_reason(stats, bool(calls)),
         }],
         "usage": usage(stats),
         "system_fingerprint": FINGERPRINT,
@@ -424,6 +584,11 @@ def model_object(name: str, created: int) -> dict[str, Any]:
 
 def ollama_time(t: float | None = None) -> str:
     return datetime.fromtimestamp(time.time() if t is None else t, timezone.utc).isoformat().replace("+00:00", "Z")
+
+
+def ollama_tool_calls(calls: list[ToolCall]) -> list[dict[str, Any]]:
+    """Ollama's shape: arguments as an object, no id."""
+    return [{"function": {"name": c.name, "arguments": json.loads(c.arguments)}} for c in calls]
 
 
 def ollama_final(stats: GenerationStats, total_seconds: float, load_seconds: float) -> dict[str, Any]:

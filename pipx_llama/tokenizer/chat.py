@@ -11,6 +11,11 @@ without tools (templates such as Hermes-2-Pro and Command-R+ loop over ``tools``
 Like llama.cpp (common/chat.cpp), a first system message that the template does not use -- Gemma's
 templates raise on one -- is merged into the next message (``system + "\n" + content``).
 
+With tools, ``tools`` is defined (OpenAI's list of ``{"type": "function", "function": {...}}``), and
+``tool_caps`` tells, as llama.cpp's capability probes do (jinja/caps.cpp), whether the template shows
+the tools, an assistant message's tool calls and a tool message's content -- the server describes in
+a system message what the template leaves out.
+
 A model without a template gets ChatML when its vocabulary has ``<|im_start|>``, else Llama-2's
 ``[INST]`` format.
 
@@ -23,6 +28,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Container
+from dataclasses import dataclass
 from datetime import datetime
 from functools import lru_cache
 from typing import Any, ClassVar
@@ -181,6 +187,50 @@ def supports_system_role(template: str) -> bool:
     return _SYSTEM_PROBE in text
 
 
+@dataclass(frozen=True)
+class ToolCaps:
+    """What of a tool conversation a template puts in its output."""
+
+    tools: bool  # the tools it is given
+    tool_calls: bool  # an assistant message's tool calls
+    tool_responses: bool  # a tool message's content
+
+
+_PROBE_TOOL = {"type": "function", "function": {
+    "name": "probe_tool_7f3a", "description": "Probe tool 7f3a",
+    "parameters": {"type": "object", "properties": {"arg": {"type": "string"}}, "required": ["arg"]}}}
+_PROBE_CALL = {"role": "assistant", "content": "", "tool_calls": [{
+    "id": "call7f3a0", "type": "function", "function": {"name": "probe_call_7f3a", "arguments": {"arg": "x"}}}]}
+_PROBE_RESPONSE = {"role": "tool", "tool_call_id": "call7f3a0", "name": "probe_call_7f3a",
+                   "content": "Tool response 7f3a"}
+
+
+def _probe(template: str, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None) -> str:
+    compiled = _compile(template)
+    if isinstance(compiled, ChatTemplateError):
+        return ""
+    context: dict[str, Any] = {"messages": messages, "add_generation_prompt": True, "bos_token": "", "eos_token": ""}
+    if tools is not None:
+        context["tools"] = tools
+    try:
+        return render(compiled, context, RENDER_LIMITS)
+    except (*_TEMPLATE_FAILURES, BudgetExceeded, RecursionError):
+        return ""
+
+
+@lru_cache(maxsize=16)
+def tool_caps(template: str) -> ToolCaps:
+    """Which parts of a tool conversation the template shows (each probed on its own, as llama.cpp does)."""
+    user = {"role": "user", "content": "User message"}
+    tools = [_PROBE_TOOL]
+    return ToolCaps(
+        tools="probe_tool_7f3a" in _probe(template, [user], tools),
+        tool_calls="probe_call_7f3a" in _probe(template, [user, _PROBE_CALL], tools),
+        tool_responses="Tool response 7f3a" in _probe(
+            template, [user, _PROBE_CALL, _PROBE_RESPONSE], tools),
+    )
+
+
 def _merge_system_message(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """llama.cpp's ``system_message_not_supported``: system content + "\n" + the next message's content."""
     system, rest = messages[0], messages[1:]
@@ -209,8 +259,11 @@ def render_chat(
     add_generation_prompt: bool = True,
     vocab: Container[str] | None = None,
     limits: Limits | None = None,
+    tools: list[dict[str, Any]] | None = None,
 ) -> str:
     """Render ``messages`` with ``template`` (None: ChatML if ``vocab`` has ``<|im_start|>``, else Llama-2).
+
+    ``tools`` (None: no tools, and ``tools`` stays undefined) is the OpenAI list of function tools.
 
     The render runs within ``limits`` (default ``RENDER_LIMITS``); a template that exceeds them raises
     ``ChatTemplateError`` saying which limit it hit.
@@ -224,8 +277,10 @@ def render_chat(
     if checked[0]["role"] == "system" and not supports_system_role(text):
         checked = _merge_system_message(checked)
     # like llama.cpp, no `tools` or `documents` without tools: templates test `tools is defined`
-    context = {"messages": checked, "add_generation_prompt": add_generation_prompt, "bos_token": bos_token,
-               "eos_token": eos_token}
+    context: dict[str, Any] = {"messages": checked, "add_generation_prompt": add_generation_prompt,
+                               "bos_token": bos_token, "eos_token": eos_token}
+    if tools is not None:
+        context["tools"] = tools
     try:
         return render(compiled, context, limits or RENDER_LIMITS)
     except BudgetExceeded as err:

@@ -556,12 +556,14 @@ class Tokenizer:
     def stream_decoder(self, special: bool = False) -> StreamDecoder:
         return StreamDecoder(self, special=special)
 
-    def chat_prompt(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> str:
+    def chat_prompt(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
+                    tools: list[dict[str, Any]] | None = None) -> str:
         """The conversation as prompt text for ``encode(text)`` (default flags), as llama.cpp builds it.
 
         The model's chat template (or the built-in fallback) is rendered with this vocabulary's BOS/EOS
         texts; when the tokenizer adds BOS itself, a BOS the template wrote at the very start is
         removed (llama.cpp's common_chat_templates_apply does the same), so the ids hold one BOS.
+        ``tools`` (OpenAI's function tools) are handed to the template; None leaves ``tools`` undefined.
         """
         from pipx_llama.tokenizer.chat import render_chat
 
@@ -572,6 +574,7 @@ class Tokenizer:
             eos_token=self.eos_token,
             add_generation_prompt=add_generation_prompt,
             vocab=self._token_to_id,
+            tools=tools,
         )
         if self.add_bos and self.bos_token and text.startswith(self.bos_token):
             text = text[len(self.bos_token) :]
