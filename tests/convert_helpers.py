@@ -389,7 +389,7 @@ def write_smollm2_hf_folder(folder: Path, gguf_path: Path) -> dict[str, np.ndarr
     back, two safetensors shards, config.json, tokenizer.json / tokenizer_config.json from its vocabulary,
     generation_config.json. Returns what each GGUF tensor of a conversion must hold, as float32."""
     from pipx_llama.convert.hf import hf_permute
-    from pipx_llama.engine.gguf_reader import open_gguf
+    from pipx_llama.formats.gguf import open_gguf
 
     folder.mkdir(parents=True)
     g = open_gguf(gguf_path)

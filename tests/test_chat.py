@@ -11,7 +11,7 @@ import jinja2.ext
 import pytest
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-from pipx_llama.engine.gguf_reader import open_gguf
+from pipx_llama.formats.gguf import open_gguf
 from pipx_llama.errors import ChatTemplateError
 from pipx_llama.tokenizer.chat import (
     CHATML_TEMPLATE,

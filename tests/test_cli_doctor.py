@@ -10,9 +10,9 @@ from test_pipeline import smol_gguf_manifest
 
 from pipx_llama.cli.main import main
 from pipx_llama.config import Config
-from pipx_llama.manifest import Catalog, parse_manifest
-from pipx_llama.pipeline import make_plan, prepare
-from pipx_llama.pull import PullOptions
+from pipx_llama.models.manifest import Catalog, parse_manifest
+from pipx_llama.models.plan import make_plan, prepare
+from pipx_llama.models.pull import PullOptions
 
 
 @pytest.fixture

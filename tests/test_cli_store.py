@@ -16,7 +16,7 @@ from readonly import read_only
 from tinymodel import write_tiny_llama
 
 from pipx_llama.cli.main import main
-from pipx_llama.manifest import render_manifest
+from pipx_llama.models.manifest import render_manifest
 
 DATA = (b"pipx-llama test model " * 20000)[:300_000]
 SHA = hashlib.sha256(DATA).hexdigest()

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from convert_helpers import llama_tokenizer_model, random_meta_shards, write_meta_folder, write_torch_zip
 
-from pipx_llama.engine.gguf_reader import open_gguf
+from pipx_llama.formats.gguf import open_gguf
 
 PARAMS = {"dim": 32, "multiple_of": 32, "n_heads": 2, "n_layers": 1, "norm_eps": 1e-05, "vocab_size": -1}
 

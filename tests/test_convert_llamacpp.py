@@ -15,7 +15,7 @@ from convert_helpers import (
 )
 
 from pipx_llama.convert import convert
-from pipx_llama.engine.gguf_reader import open_gguf
+from pipx_llama.formats.gguf import open_gguf
 
 llama_cpp = pytest.importorskip("llama_cpp")
 

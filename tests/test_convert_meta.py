@@ -29,7 +29,7 @@ from gguf import quants as gguf_quants
 from pipx_llama.convert import convert
 from pipx_llama.convert.meta import _n_ctx, read_meta_checkpoint
 from pipx_llama.convert.torchzip import ConvertSecurityError
-from pipx_llama.engine.gguf_reader import open_gguf
+from pipx_llama.formats.gguf import open_gguf
 from pipx_llama.engine.model import load_model
 from pipx_llama.errors import ModelFileError
 

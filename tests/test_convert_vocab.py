@@ -28,7 +28,7 @@ from pipx_llama.convert.vocab import (
     load_vocab,
     spm_vocab,
 )
-from pipx_llama.engine.gguf_reader import open_gguf
+from pipx_llama.formats.gguf import open_gguf
 from pipx_llama.errors import ModelFileError, UnsupportedModelError
 
 BPE = "ggml-vocab-llama-bpe.gguf"

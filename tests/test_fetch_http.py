@@ -30,7 +30,7 @@ from pipx_llama.fetch.errors import (
     OfflineError,
     SourceNotFound,
 )
-from pipx_llama.fetch.events import ProgressEvent
+from pipx_llama.events import ProgressEvent
 from pipx_llama.fetch.http import FetchOptions, download, partial_progress, redact_url
 
 MB = 1 << 20

@@ -26,7 +26,7 @@ from test_pipeline import (
 )
 
 from pipx_llama.cli.main import main
-from pipx_llama.pipeline import INTERMEDIATE, STATE_FILE
+from pipx_llama.models.plan import INTERMEDIATE, STATE_FILE
 
 # Our Q4_0 of the converted weights answers " Paris" first, by 2.87 in llama.cpp and by 3.02 / 2.98 in our engine
 # (AVX-512 / AVX2 code); "The capital of France is the city of" led by only 1.44 there.

@@ -8,7 +8,7 @@ from gguf import GGMLQuantizationType
 from numba import njit
 from quantize_oracles import adversarial_rows, ggml_quantize, real_rows
 
-from pipx_llama.quant import kquants
+from pipx_llama.formats import kquants
 from pipx_llama.quant import quantize_kquants as qk
 from pipx_llama.quant.quantize_legacy import STATUS_NONFINITE, STATUS_SCALE_OVERFLOW
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 from conftest import VOCAB_NAMES, VOCAB_ONLY_NAMES
 
-from pipx_llama.engine.gguf_reader import open_gguf
+from pipx_llama.formats.gguf import open_gguf
 from pipx_llama.tokenizer.spm import ATTR_CONTROL, ATTR_NORMAL, ATTR_UNKNOWN, ATTR_USER_DEFINED
 from pipx_llama.tokenizer.tokenizer import Tokenizer
 

@@ -13,7 +13,7 @@ import sys
 from typing import Any
 
 from pipx_llama.cli import store_common as common
-from pipx_llama.store import human_bytes
+from pipx_llama.models.store import human_bytes
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -30,7 +30,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def _model_rows(s: common.Session, args: argparse.Namespace, hw: Any) -> list[dict[str, Any]]:
     from pipx_llama.errors import PipxLlamaError
-    from pipx_llama.pipeline import (
+    from pipx_llama.models.plan import (
         DEFAULT_CTX,
         choose,
         default_quant,
@@ -85,7 +85,7 @@ def _table(rows: list[list[str]], header: list[str]) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from pipx_llama.hardware import detect_hardware, ram_budget, simd_summary
+    from pipx_llama.system import detect_hardware, ram_budget, simd_summary
 
     s = common.open_session(args)
     hw = detect_hardware(s.store.root)

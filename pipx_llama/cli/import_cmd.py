@@ -13,8 +13,8 @@ from pathlib import Path
 from pipx_llama.cli import store_common as common
 from pipx_llama.cli.progress import renderer_for
 from pipx_llama.errors import UsageError
-from pipx_llama.pull import PullResult, import_gguf, match_folder, pull
-from pipx_llama.store import sha256_file
+from pipx_llama.models.pull import PullResult, import_gguf, match_folder, pull
+from pipx_llama.models.store import sha256_file
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:

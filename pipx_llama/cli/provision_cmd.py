@@ -52,7 +52,7 @@ from typing import Any
 
 from pipx_llama.cli import store_common as common
 from pipx_llama.errors import PipxLlamaError, UsageError
-from pipx_llama.store import human_bytes
+from pipx_llama.models.store import human_bytes
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -208,15 +208,15 @@ class _Output:
 
 
 def _pull_options(pf: ProvisionFile, item: Item, cfg: Any) -> Any:
-    from pipx_llama.pipeline import pull_options_from_config
+    from pipx_llama.models.plan import pull_options_from_config
 
     return pull_options_from_config(cfg, from_dirs=item.from_dirs, url=item.url or cfg.url)
 
 
 def _plan_all(pf: ProvisionFile, cfg: Any, catalog: Any, out: _Output) -> tuple[list[tuple[Item, Any]], int]:
     """Plan every item; (plans, exit code of the first refusal or 0)."""
-    from pipx_llama.hardware import detect_hardware
-    from pipx_llama.pipeline import make_plan
+    from pipx_llama.system import detect_hardware
+    from pipx_llama.models.plan import make_plan
 
     hw = detect_hardware(cfg.home)
     plans: list[tuple[Item, Any]] = []
@@ -262,8 +262,8 @@ def _check_total_disk(plans: list[tuple[Item, Any]], hw: Any, out: _Output) -> i
 
 def run(args: argparse.Namespace) -> int:
     from pipx_llama.config import load_config
-    from pipx_llama.manifest import load_catalog
-    from pipx_llama.pipeline import prepare
+    from pipx_llama.models.manifest import load_catalog
+    from pipx_llama.models.plan import prepare
 
     pf = load_provision_file(args.file)
     cfg = load_config()

@@ -8,7 +8,7 @@ from pathlib import Path
 from pipx_llama.cli import store_common as common
 from pipx_llama.cli.progress import renderer_for
 from pipx_llama.errors import PipxLlamaError
-from pipx_llama.pull import pull
+from pipx_llama.models.pull import pull
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:

@@ -7,9 +7,9 @@ from pathlib import Path
 
 from pipx_llama.cli.progress import renderer_for
 from pipx_llama.errors import PipxLlamaError
-from pipx_llama.fetch.events import ProgressEvent
+from pipx_llama.events import ProgressEvent
 from pipx_llama.quant.rules import FILE_TYPES
-from pipx_llama.quantize import quantize_model
+from pipx_llama.quant.file import quantize_model
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:

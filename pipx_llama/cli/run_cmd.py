@@ -129,7 +129,7 @@ def prepare_model(args: argparse.Namespace, *, color: bool = False) -> Prepared:
                              f"run `pipx-llama quantize {args.model_file} OUT.gguf {args.quant}` first")
         return Prepared(args.model_file, args.model_file.stem, args.threads, args.ctx_size)
 
-    from pipx_llama import pipeline
+    from pipx_llama.models import plan as pipeline
 
     s = common.open_session(args)
     options = common.pull_options(args, s)
@@ -183,7 +183,7 @@ def show_plan(plan: Any, stream: TextIO, color: bool) -> None:
     from rich.console import Console
     from rich.text import Text
 
-    from pipx_llama.store import human_bytes
+    from pipx_llama.models.store import human_bytes
 
     rows = [
         ("model", f"{plan.model} ({plan.variant}, {plan.source_format})"),

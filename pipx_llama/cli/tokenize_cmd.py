@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 
-from pipx_llama.engine.gguf_reader import open_gguf
+from pipx_llama.formats.gguf import open_gguf
 from pipx_llama.tokenizer.tokenizer import Tokenizer
 
 

@@ -36,7 +36,7 @@ from gguf import GGUFValueType as VT
 
 from pipx_llama.convert.vocab import Vocab
 from pipx_llama.errors import ModelFileError, UsageError
-from pipx_llama.fetch.events import EventCallback, ProgressEvent
+from pipx_llama.events import EventCallback, ProgressEvent
 
 OUTTYPES: dict[str, QT] = {"f32": QT.F32, "f16": QT.F16, "bf16": QT.BF16, "q8_0": QT.Q8_0}
 FILE_TYPES: dict[QT, gguf.LlamaFileType] = {

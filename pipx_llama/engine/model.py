@@ -24,7 +24,7 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from pipx_llama.engine.arch import ACT_GELU, ROPE_NEOX, Family, HyperParams, family_of
 from pipx_llama.engine.arch.base import architecture, bad_file, read_hparams
-from pipx_llama.engine.gguf_reader import GGUFFile, TensorInfo, open_gguf
+from pipx_llama.formats.gguf import GGUFFile, TensorInfo, open_gguf
 from pipx_llama.engine.kernels import WEIGHT_KERNELS, WeightKernel, ops, packed
 from pipx_llama.engine.kernels import floats as _floats  # noqa: F401  (registers kernels)
 from pipx_llama.engine.kernels import fused as fused_kernels

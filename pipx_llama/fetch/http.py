@@ -115,7 +115,7 @@ from pipx_llama.fetch.errors import (
     OfflineError,
     SourceNotFound,
 )
-from pipx_llama.fetch.events import EventCallback, ProgressEvent
+from pipx_llama.events import EventCallback, ProgressEvent
 
 STATE_VERSION = 1
 _TICK = 0.1

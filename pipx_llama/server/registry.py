@@ -161,7 +161,7 @@ class ModelRegistry:
 def _summarize(spec: ModelSpec) -> dict[str, Any]:
     import gguf
 
-    from pipx_llama.engine.gguf_reader import open_gguf
+    from pipx_llama.formats.gguf import open_gguf
 
     st = spec.path.stat()
     out: dict[str, Any] = {"size": st.st_size, "mtime": st.st_mtime, "family": "", "parameter_size": "",

@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 from gguf import GGMLQuantizationType
 
-from pipx_llama.engine.gguf_reader import GGUFFile
+from pipx_llama.formats.gguf import GGUFFile
 from pipx_llama.errors import ModelFileError, UnsupportedModelError
 
 ROPE_NORM = 0  # ggml's GGML_ROPE_TYPE_NORMAL: pairs (2i, 2i+1)

@@ -38,6 +38,6 @@ def register(kernel: WeightKernel) -> WeightKernel:
     return kernel
 
 
-from pipx_llama.engine.kernels.warmup import cache_is_warm, warm_up
+from pipx_llama.engine.warmup import cache_is_warm, warm_up
 
 __all__ = ["WEIGHT_KERNELS", "WeightKernel", "cache_is_warm", "register", "warm_up"]

@@ -2,7 +2,7 @@
 
 Fidelity with ggml's CPU backend: for F16 weights the activations are rounded to fp16 first, for
 BF16 weights to bf16 (``vec_dot_type`` in ggml-cpu.c), then products are summed in float32.
-numpy twins: :mod:`pipx_llama.quant.floats`.
+numpy twins: :mod:`pipx_llama.formats.floats`.
 
 fp16 values are decoded through a 65536-entry float32 table (``FP16_TABLE``, as ggml's CPU backend
 does); it is passed to the kernels as an argument so it is not frozen into every compiled kernel.

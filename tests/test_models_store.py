@@ -19,7 +19,7 @@ from tinymodel import write_tiny_llama
 
 from pipx_llama.errors import ModelFileError
 from pipx_llama.fetch.errors import DiskFullError
-from pipx_llama.store import (
+from pipx_llama.models.store import (
     PROVENANCE,
     Lock,
     Store,
@@ -166,7 +166,7 @@ def test_lock_of_killed_process_is_recovered(tmp_path):
     code = textwrap.dedent(f"""
         import time
         from pathlib import Path
-        from pipx_llama.store import Store
+        from pipx_llama.models.store import Store
         lock = Store(Path({str(tmp_path)!r})).blob_lock("ab" * 32)
         lock.acquire()
         print("locked", flush=True)

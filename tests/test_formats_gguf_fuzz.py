@@ -27,7 +27,7 @@ import pytest
 from gguf import GGMLQuantizationType, GGUFValueType
 from tinymodel import write_tiny_llama
 
-from pipx_llama.engine.gguf_reader import open_gguf
+from pipx_llama.formats.gguf import open_gguf
 from pipx_llama.errors import ModelFileError, PipxLlamaError
 
 SEED = 20240501

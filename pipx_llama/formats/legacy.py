@@ -36,7 +36,7 @@ from typing import ClassVar
 import numpy as np
 from gguf import GGMLQuantizationType
 
-from pipx_llama.quant.floats import round_to_fp16
+from pipx_llama.formats.floats import round_to_fp16
 
 QK = 32
 

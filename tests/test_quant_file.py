@@ -16,10 +16,10 @@ from gguf import GGMLQuantizationType, GGUFReader, GGUFValueType
 from quantize_oracles import llama_quantize
 from tinymodel import write_tiny_llama
 
-from pipx_llama.engine.gguf_reader import open_gguf
+from pipx_llama.formats.gguf import open_gguf
 from pipx_llama.errors import ModelFileError, UnsupportedModelError, UsageError
 from pipx_llama.quant.rules import FILE_TYPES
-from pipx_llama.quantize import (
+from pipx_llama.quant.file import (
     QUANTIZERS,
     QuantizeValueError,
     _Writer,
@@ -289,7 +289,7 @@ def test_memory_stays_bounded(tmp_path: Path) -> None:
     size = src.stat().st_size
     script = textwrap.dedent(f"""
         import json
-        from pipx_llama.quantize import quantize_model
+        from pipx_llama.quant.file import quantize_model
 
         def status(key):
             for line in open("/proc/self/status"):

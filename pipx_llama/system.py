@@ -38,7 +38,7 @@ from typing import Any
 from pipx_llama.errors import UsageError
 
 FAKE_RAM_ENV = "PIPX_LLAMA_FAKE_RAM"
-FREE_BYTES_ENV = "PIPX_LLAMA_FREE_BYTES"  # same variable as pipx_llama.store's disk-check hook
+FREE_BYTES_ENV = "PIPX_LLAMA_FREE_BYTES"  # same variable as pipx_llama.models.store's disk-check hook
 
 # Runtime memory besides the weights and the KV cache: Python, numpy/numba, scratch buffers, logits.
 RUNTIME_OVERHEAD = 300 << 20

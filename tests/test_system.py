@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from pipx_llama import hardware
+from pipx_llama import system
 from pipx_llama.errors import UsageError
-from pipx_llama.hardware import (
+from pipx_llama.system import (
     RAM_HEADROOM,
     RUNTIME_OVERHEAD,
     HardwareProfile,
@@ -172,7 +172,7 @@ def _fake_run(outputs: dict[str, str]):
                   "simd": {"avx", "avx2", "sse4_2", "fma", "f16c"}, "total": 34359738368}),
 ])
 def test_macos_probe(monkeypatch, tmp_path, sysctl, expect):
-    monkeypatch.setattr(hardware, "_psutil", lambda: None)
+    monkeypatch.setattr(system, "_psutil", lambda: None)
     run = _fake_run({"sysctl": sysctl, "sysctl -n": "FPU FMA F16C SSE4.2\nAVX2 BMI2" if "Intel" in sysctl else "",
                      "vm_stat": VM_STAT})
     hw = detect_hardware(tmp_path, env={}, system="Darwin", run=run)
@@ -185,7 +185,7 @@ def test_macos_probe(monkeypatch, tmp_path, sysctl, expect):
 
 
 def test_macos_probe_without_tools_still_returns_a_profile(monkeypatch, tmp_path):
-    monkeypatch.setattr(hardware, "_psutil", lambda: None)
+    monkeypatch.setattr(system, "_psutil", lambda: None)
     hw = detect_hardware(tmp_path, env={}, system="Darwin", run=lambda cmd: "")
     assert hw.physical_cores >= 1 and hw.logical_cores >= 1
     assert hw.cpu_model  # platform fallback
@@ -209,7 +209,7 @@ def test_this_machine(tmp_path):
 def test_linux_without_psutil_reads_proc(monkeypatch, tmp_path):
     if not os.path.exists("/proc/meminfo"):
         pytest.skip("Linux only")
-    monkeypatch.setattr(hardware, "_psutil", lambda: None)
+    monkeypatch.setattr(system, "_psutil", lambda: None)
     hw = detect_hardware(tmp_path, env={}, system="Linux")
     total, _ = parse_meminfo(Path("/proc/meminfo").read_text())
     assert hw.ram_total <= total and hw.ram_available > 0
@@ -228,8 +228,8 @@ def test_overrides(tmp_path):
 def test_cgroup_limit_caps_memory(monkeypatch, tmp_path):
     files = {"/sys/fs/cgroup/memory.max": "1073741824\n", "/sys/fs/cgroup/memory.current": "268435456\n",
              "/sys/fs/cgroup/cpu.max": "100000 100000\n"}
-    real = hardware._read
-    monkeypatch.setattr(hardware, "_read", lambda p: files.get(p, real(p)))
+    real = system._read
+    monkeypatch.setattr(system, "_read", lambda p: files.get(p, real(p)))
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3}, raising=False)
     hw = detect_hardware(tmp_path, env={}, system="Linux")
     assert hw.ram_total == 1 << 30

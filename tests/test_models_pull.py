@@ -28,8 +28,8 @@ from tinymodel import write_tiny_llama
 from pipx_llama.errors import ModelFileError
 from pipx_llama.fetch.errors import DiskFullError, OfflineError
 from pipx_llama.fetch.http import FetchOptions
-from pipx_llama.manifest import Manifest, ManifestError, load_catalog, parse_manifest, render_manifest
-from pipx_llama.pull import (
+from pipx_llama.models.manifest import Manifest, ManifestError, load_catalog, parse_manifest, render_manifest
+from pipx_llama.models.pull import (
     MirrorError,
     PullError,
     PullOptions,
@@ -41,7 +41,7 @@ from pipx_llama.pull import (
     pull,
     verify_installed,
 )
-from pipx_llama.store import InstalledVariant, Store, StoreReadOnlyError, recorded_file_problem
+from pipx_llama.models.store import InstalledVariant, Store, StoreReadOnlyError, recorded_file_problem
 
 MB = 1_000_000
 
@@ -379,9 +379,9 @@ def test_no_manifest_makes_pip_run_an_sdist(tmp_path, index, store, monkeypatch)
 PULL_SCRIPT = """
 import json, sys
 from pathlib import Path
-from pipx_llama.manifest import load_manifest
-from pipx_llama.pull import pull
-from pipx_llama.store import Store
+from pipx_llama.models.manifest import load_manifest
+from pipx_llama.models.pull import pull
+from pipx_llama.models.store import Store
 m = load_manifest(Path(sys.argv[2]))
 r = pull(Store(Path(sys.argv[1])), m, on_event=lambda e: print(json.dumps(e.to_json()), flush=True))
 print(json.dumps({"kind": "result", "fetched": r.fetched}), flush=True)
@@ -565,7 +565,7 @@ def test_ensure_model_uses_config_and_environment(tmp_path, srv, monkeypatch):
     monkeypatch.setenv("PIPX_LLAMA_HOME", str(tmp_path / "home"))
     monkeypatch.setenv("PIPX_LLAMA_MIRROR", srv.url("/lab"))
     monkeypatch.delenv("PIPX_LLAMA_OFFLINE", raising=False)
-    from pipx_llama.pull import ensure_model
+    from pipx_llama.models.pull import ensure_model
 
     r = ensure_model("cfgmodel")
     assert r.file_path().read_bytes() == data and r.file_path() == tmp_path / "home/models/cfgmodel/v/m.gguf"

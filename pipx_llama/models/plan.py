@@ -24,7 +24,7 @@ checkpoints (what llama.cpp did in March 2023) and Q4_K_M for others, unless the
 
     fetch      pull(): every file verified against the manifest into the store
     convert    pipx_llama.convert -> models/<name>/<variant>/intermediate-f16.gguf
-    quantize   pipx_llama.quantize -> models/<name>/<variant>/<quant>.gguf
+    quantize   pipx_llama.quant.file -> models/<name>/<variant>/<quant>.gguf
                + <quant>.gguf.provenance.json (source hashes -> derived file hash)
 
 then the F16 intermediate is deleted. Every output is written under a temporary name and renamed
@@ -57,8 +57,8 @@ from typing import TYPE_CHECKING, Any
 from pipx_llama import __version__
 from pipx_llama.errors import ModelFileError, PipxLlamaError, UsageError
 from pipx_llama.fetch.errors import FetchError, OfflineError
-from pipx_llama.fetch.events import ProgressEvent
-from pipx_llama.hardware import (
+from pipx_llama.events import ProgressEvent
+from pipx_llama.system import (
     RUNTIME_OVERHEAD,
     HardwareProfile,
     detect_hardware,
@@ -66,9 +66,9 @@ from pipx_llama.hardware import (
     ram_budget,
     ram_needed,
 )
-from pipx_llama.manifest import Catalog, Manifest, Variant
-from pipx_llama.pull import PullOptions, estimate_gguf_bytes, estimated_file_size, manifest_from_mirrors, pull
-from pipx_llama.store import (
+from pipx_llama.models.manifest import Catalog, Manifest, Variant
+from pipx_llama.models.pull import PullOptions, estimate_gguf_bytes, estimated_file_size, manifest_from_mirrors, pull
+from pipx_llama.models.store import (
     DERIVED_PROVENANCE_SUFFIX,
     Store,
     atomic_write_json,
@@ -164,7 +164,7 @@ def _shape_from_files(folder: Path, variant: Variant) -> ModelShape | None:
             path = next((p for n, p in names.items() if n.endswith(".gguf") and p.is_file()), None)
             if path is None:
                 return None
-            from pipx_llama.engine.gguf_reader import open_gguf
+            from pipx_llama.formats.gguf import open_gguf
 
             g = open_gguf(path)
             try:
@@ -527,7 +527,7 @@ def make_plan(name: str | None = None, *, variant: str | None = None, quant: str
     ``InsufficientResourcesError`` or ``SourceUnavailableError`` before any download.
     """
     from pipx_llama.config import load_config
-    from pipx_llama.manifest import load_catalog
+    from pipx_llama.models.manifest import load_catalog
 
     cfg = config or load_config()
     cat = catalog or load_catalog(user_dirs=cfg.user_manifest_dirs, allow_http=cfg.allow_http)
@@ -787,7 +787,7 @@ class _Pipeline:
         self.stage("stage-done", "convert", f"{inter.name}: {human_bytes(st.st_size)} in {result.seconds:.1f} s")
 
     def quantize(self, state: dict[str, Any], inter: Path, final: Path, quant: str) -> None:
-        from pipx_llama.quantize import quantize_model
+        from pipx_llama.quant.file import quantize_model
 
         provenance_path(final).unlink(missing_ok=True)
         final.unlink(missing_ok=True)

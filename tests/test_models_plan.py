@@ -20,12 +20,12 @@ from greedy import golden_prefix
 from httpserver import FileServer
 
 from pipx_llama.config import Config
-from pipx_llama.engine.gguf_reader import open_gguf
+from pipx_llama.formats.gguf import open_gguf
 from pipx_llama.errors import UsageError
 from pipx_llama.fetch.errors import OfflineError
-from pipx_llama.hardware import RUNTIME_OVERHEAD, HardwareProfile, kv_cache_bytes
-from pipx_llama.manifest import Catalog, Manifest, parse_manifest, render_manifest
-from pipx_llama.pipeline import (
+from pipx_llama.system import RUNTIME_OVERHEAD, HardwareProfile, kv_cache_bytes
+from pipx_llama.models.manifest import Catalog, Manifest, parse_manifest, render_manifest
+from pipx_llama.models.plan import (
     INTERMEDIATE,
     KNOWN_SHAPES,
     STATE_FILE,
@@ -40,8 +40,8 @@ from pipx_llama.pipeline import (
     provenance_path,
     read_state,
 )
-from pipx_llama.pull import PullOptions, estimate_gguf_bytes
-from pipx_llama.store import Store
+from pipx_llama.models.pull import PullOptions, estimate_gguf_bytes
+from pipx_llama.models.store import Store
 
 GB = 1_000_000_000
 SMOL_PARAMS = 134515008
@@ -419,7 +419,7 @@ def _plan_again(cfg: Config, manifest: Manifest):
 
 
 def test_verify_follows_a_derived_files_provenance_chain(tmp_path, tiny_meta):
-    from pipx_llama.pull import verify_installed
+    from pipx_llama.models.pull import verify_installed
 
     cfg, manifest, path = _prepared_meta(tmp_path, tiny_meta)
     store = Store(cfg.home)
@@ -463,7 +463,7 @@ def test_a_derived_file_changed_since_it_was_made_is_refused(tmp_path, tiny_meta
 def test_a_prepared_model_runs_from_a_read_only_store(tmp_path, tiny_meta):
     from readonly import read_only
 
-    from pipx_llama.store import StoreReadOnlyError
+    from pipx_llama.models.store import StoreReadOnlyError
 
     cfg, manifest, path = _prepared_meta(tmp_path, tiny_meta)
     home = cfg.home

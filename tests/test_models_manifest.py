@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from pipx_llama.errors import UsageError
-from pipx_llama.manifest import (
+from pipx_llama.models.manifest import (
     Catalog,
     ManifestError,
     bundled_manifest_dir,
