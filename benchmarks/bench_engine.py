@@ -46,7 +46,7 @@ def prompt_tokens(n_vocab: int, n: int) -> list[int]:
 
 
 def measure_ours(model_path: str, threads: int, n_prompt: int, n_gen: int) -> dict:
-    from pipx_llama.engine.model import load_model
+    from pipx_llama.engine import load_model
 
     t0 = time.perf_counter()
     model = load_model(model_path, threads=threads)

@@ -1,5 +1,9 @@
 """What this machine has: OS, CPU model and SIMD features, cores, RAM, free disk where the store lives.
 
+The one place that asks: the CPU numba compiles for (``compile_target``, which the engine's kernels
+choose their SIMD code and fp16 conversion from), the default thread count (``default_threads``,
+container-aware: the process's CPU affinity and a cgroup CPU quota), RAM and disk.
+
 ``detect_hardware(store_path)`` returns a ``HardwareProfile``. Every probe has fallbacks, and a probe
 that fails leaves its field at a safe default instead of raising:
 
@@ -14,8 +18,8 @@ that fails leaves its field at a safe default instead of raising:
 
 Free disk is measured with ``shutil.disk_usage`` on the store folder, or its nearest existing parent.
 
-Test and what-if overrides (environment): ``PIPX_LLAMA_FAKE_RAM`` (bytes, or with a suffix: ``512M``,
-``8G``, ``16GiB``) pretends the machine has that much RAM, all of it available; ``PIPX_LLAMA_FREE_BYTES``
+Test and what-if overrides (environment): ``PIPX_LLAMA_FAKE_RAM`` (bytes, or a size: ``512M``,
+``8G``, ``16GiB``; see :mod:`pipx_llama.units`) pretends the machine has that much RAM, all of it available; ``PIPX_LLAMA_FREE_BYTES``
 pretends the store's disk has that many bytes free (the store's disk pre-check honours it too).
 
 Also the resource arithmetic the planner uses: the f16 KV cache size, the RAM a model needs to run,
@@ -25,6 +29,7 @@ and whether that fits comfortably.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import platform
 import re
@@ -35,10 +40,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from pipx_llama.errors import UsageError
+from pipx_llama.units import parse_size
 
 FAKE_RAM_ENV = "PIPX_LLAMA_FAKE_RAM"
-FREE_BYTES_ENV = "PIPX_LLAMA_FREE_BYTES"  # same variable as pipx_llama.models.store's disk-check hook
+FREE_BYTES_ENV = "PIPX_LLAMA_FREE_BYTES"  # testing hook: pretend the store's disk has this many free bytes
+# Where a Linux container's cgroup limits are read (a variable so tests can point it at a fake tree).
+CGROUP_ROOT = "/sys/fs/cgroup"
 
 # Runtime memory besides the weights and the KV cache: Python, numpy/numba, scratch buffers, logits.
 RUNTIME_OVERHEAD = 300 << 20
@@ -59,8 +66,6 @@ _MAC_CPU_FEATURES = {"fma": "fma", "f16c": "f16c", "avx1.0": "avx", "avx2": "avx
                      "avx512bw": "avx512bw", "avx512vl": "avx512vl", "sse4.2": "sse4_2"}
 # IsProcessorFeaturePresent ids (winnt.h)
 _WIN_FEATURES = {39: "avx", 40: "avx2", 41: "avx512f", 19: "neon", 43: "dotprod"}
-
-_SIZE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?)b?\s*", re.IGNORECASE)
 
 
 @dataclass(frozen=True)
@@ -85,8 +90,7 @@ class HardwareProfile:
     @property
     def threads(self) -> int:
         """The default thread count: physical cores, within what this process may use."""
-        usable = self.usable_cores or self.logical_cores
-        return max(1, min(self.physical_cores, usable))
+        return threads_for(self.physical_cores, self.usable_cores or self.logical_cores)
 
     def to_json(self) -> dict[str, Any]:
         out = asdict(self)
@@ -98,16 +102,6 @@ class HardwareProfile:
 
 
 # --- parsing helpers (pure; tested with recorded outputs) ------------------------------------------------------
-
-
-def parse_size(text: str, what: str = "size") -> int:
-    """``"123"``, ``"512M"``, ``"8G"``, ``"16GiB"`` -> bytes (k/M/G/T are powers of 1000; with ``i``, of 1024)."""
-    m = _SIZE.fullmatch(text)
-    if m is None:
-        raise UsageError(f"{what}: {text!r} is not a size", "write bytes, or a number with K, M, G or T (e.g. 8G)")
-    value, unit, binary = float(m.group(1)), m.group(2).lower(), bool(m.group(3))
-    power = " kmgt".index(unit) if unit else 0
-    return int(value * (1024 if binary else 1000) ** power)
 
 
 def parse_cpuinfo(text: str) -> dict[str, Any]:
@@ -200,9 +194,22 @@ def parse_cgroup_cpus(text: str | None) -> int | None:
     if not text:
         return None
     parts = text.split()
-    if len(parts) != 2 or parts[0] == "max" or not parts[0].isdigit() or not parts[1].isdigit() or not int(parts[1]):
+    if len(parts) != 2:
         return None
-    return max(1, -(-int(parts[0]) // int(parts[1])))
+    return _quota_cpus(parts[0], parts[1])
+
+
+def parse_cgroup_v1_cpus(quota_text: str | None, period_text: str | None) -> int | None:
+    """CPUs allowed by cgroup v1's ``cpu.cfs_quota_us`` / ``cpu.cfs_period_us`` (quota -1: unlimited)."""
+    if not quota_text or not period_text:
+        return None
+    return _quota_cpus(quota_text.strip(), period_text.strip())
+
+
+def _quota_cpus(quota: str, period: str) -> int | None:
+    if not quota.isdigit() or not period.isdigit() or not int(period) or not int(quota):
+        return None  # "max", "-1" or garbage: no quota
+    return max(1, -(-int(quota) // int(period)))
 
 
 # --- probes ---------------------------------------------------------------------------------------------------
@@ -233,12 +240,52 @@ def _psutil() -> Any:
     return psutil
 
 
-def llvm_simd() -> tuple[str, ...]:
-    """The host CPU's SIMD features as LLVM (and so numba) sees them; () when llvmlite is unavailable."""
-    try:
-        import llvmlite.binding as llvm
+def is_x86() -> bool:
+    return platform.machine().lower() in ("x86_64", "amd64")
 
-        features = llvm.get_host_cpu_features()
+
+@dataclass(frozen=True)
+class CpuTarget:
+    """The CPU numba compiles for: LLVM's name for it and its features (LLVM's spelling, e.g. "avx2")."""
+
+    name: str
+    features: Mapping[str, bool]
+
+    def has(self, *names: str) -> bool:
+        return all(self.features.get(n, False) for n in names)
+
+
+def compile_target() -> CpuTarget:
+    """The one CPU-feature probe: the host as LLVM sees it, or the CPU named by ``NUMBA_CPU_NAME`` (then
+    only the features ``NUMBA_CPU_FEATURES`` lists count, as numba compiles for exactly those)."""
+    import numba
+    from llvmlite import binding as llvm_binding
+
+    name = numba.config.CPU_NAME
+    if name and name != "host":
+        listed = (numba.config.CPU_FEATURES or "").split(",")
+        return CpuTarget(str(name), {f[1:]: f[0] == "+" for f in listed if f})
+    return CpuTarget(llvm_binding.get_host_cpu_name(), dict(llvm_binding.get_host_cpu_features()))
+
+
+def target_features() -> dict[str, bool]:
+    """``compile_target().features`` as a plain dict."""
+    return dict(compile_target().features)
+
+
+def target_has_f16c() -> bool:
+    """Whether numba compiles for an x86 CPU with F16C (one instruction for fp16 <-> float32).
+
+    LLVM lowers a ``half`` -> ``float`` extension to that instruction with F16C, but to a runtime
+    library call without it, which numba's JIT cannot resolve (the process crashes).
+    """
+    return is_x86() and compile_target().has("f16c")
+
+
+def llvm_simd() -> tuple[str, ...]:
+    """The SIMD features of the CPU numba compiles for; () when llvmlite is unavailable."""
+    try:
+        features = compile_target().features
     except Exception:  # noqa: BLE001 - any failure here only means "no extra information"
         return ()
     names = {_LLVM_NAMES.get(k, k) for k, on in features.items() if on}
@@ -258,12 +305,13 @@ def _linux(info: dict[str, Any]) -> None:
         if line.startswith("PRETTY_NAME="):
             info["os_version"] = f"{line.split('=', 1)[1].strip(chr(34))} (kernel {platform.release()})"
     # containers: the cgroup's limits are what this process really gets
-    limit, usage = parse_cgroup_memory(_read("/sys/fs/cgroup/memory.max"), _read("/sys/fs/cgroup/memory.current"))
+    root = CGROUP_ROOT
+    limit, usage = parse_cgroup_memory(_read(f"{root}/memory.max"), _read(f"{root}/memory.current"))
     if limit is None:
-        limit, usage = parse_cgroup_memory(_read("/sys/fs/cgroup/memory/memory.limit_in_bytes"),
-                                           _read("/sys/fs/cgroup/memory/memory.usage_in_bytes"))
+        limit, usage = parse_cgroup_memory(_read(f"{root}/memory/memory.limit_in_bytes"),
+                                           _read(f"{root}/memory/memory.usage_in_bytes"))
     info["cgroup_memory"] = (limit, usage)
-    info["cgroup_cpus"] = parse_cgroup_cpus(_read("/sys/fs/cgroup/cpu.max"))
+    info["cgroup_cpus"] = cgroup_cpus()
 
 
 def _macos(info: dict[str, Any], run: Callable[[list[str]], str]) -> None:
@@ -310,6 +358,58 @@ def _windows(info: dict[str, Any]) -> None:  # pragma: no cover - exercised on W
         if ctypes.windll.kernel32.GlobalMemoryStatusEx(ctypes.byref(st)):
             info["ram_total"], info["ram_available"] = int(st.ullTotalPhys), int(st.ullAvailPhys)
     info["os_version"] = platform.version()
+
+
+def cgroup_cpus() -> int | None:
+    """The CPUs a Linux container's cgroup CPU quota allows (v2 ``cpu.max``, else v1 CFS), None if none."""
+    root = CGROUP_ROOT
+    v2 = parse_cgroup_cpus(_read(f"{root}/cpu.max"))
+    if v2 is not None:
+        return v2
+    for folder in ("cpu", "cpu,cpuacct"):
+        v1 = parse_cgroup_v1_cpus(_read(f"{root}/{folder}/cpu.cfs_quota_us"),
+                                  _read(f"{root}/{folder}/cpu.cfs_period_us"))
+        if v1 is not None:
+            return v1
+    return None
+
+
+def _affinity_cpus() -> int:
+    """The logical CPUs this process may run on (its affinity mask where the OS has one)."""
+    with contextlib.suppress(AttributeError, OSError):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+def usable_cores() -> int:
+    """The logical CPUs this process may use: its affinity, lowered by a container's CPU quota."""
+    usable = _affinity_cpus()
+    quota = cgroup_cpus() if platform.system() == "Linux" else None
+    return min(usable, quota) if quota else usable
+
+
+def physical_cores() -> int:
+    """Physical cores where they can be counted (psutil, /proc/cpuinfo), else half the logical ones."""
+    ps = _psutil()
+    if ps is not None:
+        with contextlib.suppress(Exception):
+            n = ps.cpu_count(logical=False)
+            if n:
+                return int(n)
+    counted = parse_cpuinfo(_read("/proc/cpuinfo") or "")["physical_cores"]
+    return counted or max(1, (os.cpu_count() or 2) // 2)
+
+
+def threads_for(physical: int, usable: int) -> int:
+    """The default thread count: one per physical core (SMT siblings share the vector units), within
+    what the process may use."""
+    return max(1, min(physical, usable))
+
+
+@functools.cache
+def default_threads() -> int:
+    """The default thread count of this process (the engine's and the quantizer's; ``doctor`` shows it)."""
+    return threads_for(physical_cores(), usable_cores())
 
 
 def nearest_existing(path: Path) -> Path:
@@ -361,9 +461,7 @@ def detect_hardware(store_path: Path, *, env: Mapping[str, str] | None = None,
         info["cpu_model"] = platform.processor() or platform.machine() or "unknown CPU"
     logical = int(info["logical_cores"] or logical)
     physical = int(info["physical_cores"] or max(1, logical // 2))
-    usable = logical
-    with contextlib.suppress(AttributeError, OSError):
-        usable = len(os.sched_getaffinity(0))
+    usable = _affinity_cpus()
     cg_cpus = info.get("cgroup_cpus")
     if cg_cpus and cg_cpus < usable:
         usable = cg_cpus

@@ -33,9 +33,9 @@ from typing import Any
 import numpy as np
 from convert_helpers import bf16, llama_tokenizer_model, write_safetensors
 
-from pipx_llama.formats.gguf import open_gguf
 from pipx_llama.errors import PipxLlamaError
 from pipx_llama.fetch.pip_source import download_pinned_sdist
+from pipx_llama.formats.gguf import open_gguf
 from pipx_llama.tokenizer.spm import _field_bytes, _field_varint, build_model_proto
 
 FAMILIES = ("qwen2", "qwen3", "gemma2", "gemma3", "phi3")

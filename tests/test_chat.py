@@ -11,8 +11,8 @@ import jinja2.ext
 import pytest
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-from pipx_llama.formats.gguf import open_gguf
 from pipx_llama.errors import ChatTemplateError
+from pipx_llama.formats.gguf import open_gguf
 from pipx_llama.tokenizer.chat import (
     CHATML_TEMPLATE,
     LLAMA2_TEMPLATE,

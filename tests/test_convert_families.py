@@ -35,9 +35,9 @@ from hf_families import (
 from pipx_llama.config import Config
 from pipx_llama.convert import convert
 from pipx_llama.convert.vocab import CONTROL, NORMAL, UNUSED, USER_DEFINED
-from pipx_llama.formats.gguf import open_gguf
 from pipx_llama.engine.model import load_model
 from pipx_llama.errors import ModelFileError, UnsupportedModelError
+from pipx_llama.formats.gguf import open_gguf
 from pipx_llama.models.manifest import Catalog, parse_manifest, render_manifest
 from pipx_llama.models.pull import PullOptions
 
@@ -299,8 +299,8 @@ def test_gemma3_other_patterns_differ_from_llama_cpp_only_by_the_pattern(tmp_pat
 
 def test_original_weights_flow_through_convert_and_quantize(tmp_path, llama_models):
     """A manifest variant of format hf-safetensors: fetched (from a local folder), converted, quantized, run."""
-    from pipx_llama.system import HardwareProfile
     from pipx_llama.models.plan import make_plan, prepare
+    from pipx_llama.system import HardwareProfile
 
     folder = tmp_path / "weights"
     write_family_folder(folder, "gemma3", llama_models, shards=1)

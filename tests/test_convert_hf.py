@@ -35,9 +35,9 @@ from pipx_llama.convert.hf import (
     read_hf_model,
     read_safetensors_header,
 )
-from pipx_llama.formats.gguf import open_gguf
 from pipx_llama.engine.model import load_model
 from pipx_llama.errors import ModelFileError, UnsupportedModelError
+from pipx_llama.formats.gguf import open_gguf
 from pipx_llama.quant.file import quantize_model
 
 DIM, N_LAYERS, N_HEADS, N_KV, N_VOCAB = 64, 2, 8, 2, 32000

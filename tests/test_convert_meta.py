@@ -29,9 +29,9 @@ from gguf import quants as gguf_quants
 from pipx_llama.convert import convert
 from pipx_llama.convert.meta import _n_ctx, read_meta_checkpoint
 from pipx_llama.convert.torchzip import ConvertSecurityError
-from pipx_llama.formats.gguf import open_gguf
 from pipx_llama.engine.model import load_model
 from pipx_llama.errors import ModelFileError
+from pipx_llama.formats.gguf import open_gguf
 
 DIM, N_LAYERS, N_HEADS, N_SHARDS, N_VOCAB = 64, 2, 4, 2, 32000
 PARAMS = {"dim": DIM, "multiple_of": 32, "n_heads": N_HEADS, "n_layers": N_LAYERS, "norm_eps": 1e-06, "vocab_size": -1}

@@ -28,8 +28,8 @@ from pipx_llama.convert.vocab import (
     load_vocab,
     spm_vocab,
 )
-from pipx_llama.formats.gguf import open_gguf
 from pipx_llama.errors import ModelFileError, UnsupportedModelError
+from pipx_llama.formats.gguf import open_gguf
 
 BPE = "ggml-vocab-llama-bpe.gguf"
 SPM = "ggml-vocab-llama-spm.gguf"

@@ -21,6 +21,7 @@ import pytest
 from httpserver import FileServer
 
 from pipx_llama.errors import UsageError
+from pipx_llama.events import ProgressEvent
 from pipx_llama.fetch import http as fetch_http
 from pipx_llama.fetch.errors import (
     AccessDenied,
@@ -30,7 +31,6 @@ from pipx_llama.fetch.errors import (
     OfflineError,
     SourceNotFound,
 )
-from pipx_llama.events import ProgressEvent
 from pipx_llama.fetch.http import FetchOptions, download, partial_progress, redact_url
 
 MB = 1 << 20

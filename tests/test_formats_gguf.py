@@ -19,8 +19,8 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFReader, GGUFValueTy
 from gguf.quants import dequantize
 from tinymodel import write_tiny_llama
 
-from pipx_llama.formats.gguf import MAX_ARRAY, open_gguf
 from pipx_llama.errors import ModelFileError
+from pipx_llama.formats.gguf import MAX_ARRAY, open_gguf
 
 T = GGMLQuantizationType
 V = GGUFValueType

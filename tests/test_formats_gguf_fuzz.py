@@ -27,8 +27,8 @@ import pytest
 from gguf import GGMLQuantizationType, GGUFValueType
 from tinymodel import write_tiny_llama
 
-from pipx_llama.formats.gguf import open_gguf
 from pipx_llama.errors import ModelFileError, PipxLlamaError
+from pipx_llama.formats.gguf import open_gguf
 
 SEED = 20240501
 CASE_SECONDS = 2.0  # per case; a clean load of a tiny model takes a few milliseconds

@@ -9,9 +9,9 @@ import pytest
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 from gguf import quants as gq
 
-from pipx_llama.formats.gguf import open_gguf
 from pipx_llama.formats import legacy as ql
 from pipx_llama.formats.floats import round_to_fp16
+from pipx_llama.formats.gguf import open_gguf
 
 FORMATS = [ql.Q4_0, ql.Q4_1, ql.Q5_0, ql.Q5_1, ql.Q8_0]
 

@@ -14,11 +14,11 @@ import pytest
 from gguf import GGMLQuantizationType
 from test_quant_legacy import adversarial_rows, quantized, random_blocks
 
-from pipx_llama.formats.gguf import open_gguf
 from pipx_llama.engine.kernels import WEIGHT_KERNELS
 from pipx_llama.engine.kernels import legacy as kl
 from pipx_llama.engine.kernels.floats import FP16_TABLE
 from pipx_llama.formats import legacy as ql
+from pipx_llama.formats.gguf import open_gguf
 
 FORMATS = [ql.Q4_0, ql.Q4_1, ql.Q5_0, ql.Q5_1, ql.Q8_0]
 G = GGMLQuantizationType

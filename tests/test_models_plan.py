@@ -20,10 +20,9 @@ from greedy import golden_prefix
 from httpserver import FileServer
 
 from pipx_llama.config import Config
-from pipx_llama.formats.gguf import open_gguf
 from pipx_llama.errors import UsageError
 from pipx_llama.fetch.errors import OfflineError
-from pipx_llama.system import RUNTIME_OVERHEAD, HardwareProfile, kv_cache_bytes
+from pipx_llama.formats.gguf import open_gguf
 from pipx_llama.models.manifest import Catalog, Manifest, parse_manifest, render_manifest
 from pipx_llama.models.plan import (
     INTERMEDIATE,
@@ -42,6 +41,7 @@ from pipx_llama.models.plan import (
 )
 from pipx_llama.models.pull import PullOptions, estimate_gguf_bytes
 from pipx_llama.models.store import Store
+from pipx_llama.system import RUNTIME_OVERHEAD, HardwareProfile, kv_cache_bytes
 
 GB = 1_000_000_000
 SMOL_PARAMS = 134515008

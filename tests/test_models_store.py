@@ -27,7 +27,6 @@ from pipx_llama.models.store import (
     atomic_write_bytes,
     atomic_write_json,
     gguf_header_digest,
-    human_bytes,
     link_or_copy,
     recorded_file_problem,
 )
@@ -288,9 +287,8 @@ def test_installed_reports_incomplete_variant(tmp_path):
     assert not iv.complete and iv.size == 0
 
 
-def test_hardlink_probe_and_human_bytes(tmp_path):
+def test_hardlink_probe(tmp_path):
     assert Store(tmp_path).supports_hardlinks()
-    assert human_bytes(999) == "999 B" and human_bytes(4081004224) == "4.1 GB" and human_bytes(None) == "?"
 
 
 def test_a_folder_where_a_file_belongs_is_a_clean_error(tmp_path):

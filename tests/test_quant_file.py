@@ -16,9 +16,8 @@ from gguf import GGMLQuantizationType, GGUFReader, GGUFValueType
 from quantize_oracles import llama_quantize
 from tinymodel import write_tiny_llama
 
-from pipx_llama.formats.gguf import open_gguf
 from pipx_llama.errors import ModelFileError, UnsupportedModelError, UsageError
-from pipx_llama.quant.rules import FILE_TYPES
+from pipx_llama.formats.gguf import open_gguf
 from pipx_llama.quant.file import (
     QUANTIZERS,
     QuantizeValueError,
@@ -29,6 +28,7 @@ from pipx_llama.quant.file import (
     widen_f16,
     widen_f16_ref,
 )
+from pipx_llama.quant.rules import FILE_TYPES
 
 Q = GGMLQuantizationType
 # 8 layers make use_more_bits pick a mix of layers; dim 320 forces every K-quant fallback.

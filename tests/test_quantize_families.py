@@ -19,8 +19,8 @@ from tinymodel import write_tiny_model
 
 from pipx_llama.convert import convert
 from pipx_llama.formats.gguf import open_gguf
-from pipx_llama.quant.rules import FILE_TYPES
 from pipx_llama.quant.file import quantize_model
+from pipx_llama.quant.rules import FILE_TYPES
 
 QUANTS = ("Q4_K_M", "Q5_K_M", "Q6_K", "Q8_0", "Q4_0")
 

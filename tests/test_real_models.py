@@ -21,9 +21,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipx_llama.formats.gguf import open_gguf
 from pipx_llama.engine.model import load_model
 from pipx_llama.engine.perplexity import log_softmax_at, perplexity
+from pipx_llama.formats.gguf import open_gguf
 from pipx_llama.tokenizer.tokenizer import Tokenizer
 
 pytestmark = pytest.mark.slow

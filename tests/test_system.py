@@ -23,7 +23,6 @@ from pipx_llama.system import (
     parse_cgroup_memory,
     parse_cpuinfo,
     parse_meminfo,
-    parse_size,
     parse_sysctl,
     parse_vm_stat,
     ram_budget,
@@ -109,17 +108,6 @@ hw.optional.avx2_0: 1
 hw.optional.avx512f: 0
 hw.optional.sse4_2: 1
 """
-
-
-def test_parse_size():
-    assert parse_size("123") == 123
-    assert parse_size("512M") == 512_000_000
-    assert parse_size("8G") == 8_000_000_000
-    assert parse_size("16GiB") == 16 << 30
-    assert parse_size("1.5g") == 1_500_000_000
-    assert parse_size(" 2 kb ") == 2000
-    with pytest.raises(UsageError, match="not a size"):
-        parse_size("lots")
 
 
 def test_parse_cpuinfo_x86_counts_physical_cores_and_flags():
@@ -272,3 +260,67 @@ def test_kv_cache_formula_matches_the_engine(smollm2_path):
     assert kv_cache_bytes(30, 4096, 3, 64) == 94_371_840  # SmolLM2 at 4096 tokens: 90 MiB
     assert ram_needed(1000, 2000) == 3000 + RUNTIME_OVERHEAD
     model.close()
+
+
+# --- the one thread default and the one CPU probe -----------------------------------------------------------
+
+
+def _fake_cgroup(monkeypatch, tmp_path, files: dict[str, str], affinity: int, physical: int) -> None:
+    for rel, text in files.items():
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_text(text)
+    monkeypatch.setattr(system, "CGROUP_ROOT", str(tmp_path))
+    monkeypatch.setattr(system.platform, "system", lambda: "Linux")
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(affinity)), raising=False)
+    monkeypatch.setattr(system, "physical_cores", lambda: physical)
+    system.default_threads.cache_clear()
+
+
+@pytest.mark.parametrize(("files", "affinity", "physical", "threads"), [
+    ({}, 8, 4, 4),                                                        # no container: physical cores
+    ({"cpu.max": "150000 100000\n"}, 8, 4, 2),                            # cgroup v2 quota of 1.5 CPUs
+    ({"cpu.max": "max 100000\n"}, 8, 4, 4),                               # v2, unlimited
+    ({"cpu/cpu.cfs_quota_us": "100000\n", "cpu/cpu.cfs_period_us": "100000\n"}, 8, 4, 1),  # v1 quota
+    ({"cpu,cpuacct/cpu.cfs_quota_us": "-1\n", "cpu,cpuacct/cpu.cfs_period_us": "100000\n"}, 8, 4, 4),
+    ({}, 3, 4, 3),                                                        # taskset to 3 CPUs
+])
+def test_default_threads_is_container_aware(monkeypatch, tmp_path, files, affinity, physical, threads):
+    _fake_cgroup(monkeypatch, tmp_path, files, affinity, physical)
+    try:
+        assert system.default_threads() == threads
+        hw = detect_hardware(tmp_path, env={}, system="Linux")
+        assert hw.usable_cores == min(affinity, system.cgroup_cpus() or affinity)
+    finally:
+        system.default_threads.cache_clear()
+
+
+def test_the_engine_and_the_planner_use_the_one_thread_default():
+    from pipx_llama.engine import model
+
+    assert model.default_threads is system.default_threads
+    assert _profile(physical_cores=4, usable_cores=3).threads == system.threads_for(4, 3) == 3
+
+
+def test_parse_cgroup_v1_cpus():
+    assert system.parse_cgroup_v1_cpus("250000", "100000") == 3
+    assert system.parse_cgroup_v1_cpus("-1", "100000") is None
+    assert system.parse_cgroup_v1_cpus(None, "100000") is None and system.parse_cgroup_v1_cpus("5", "0") is None
+
+
+def test_compile_target_follows_numba_cpu_name(monkeypatch):
+    import numba
+
+    monkeypatch.setattr(numba.config, "CPU_NAME", "haswell")
+    monkeypatch.setattr(numba.config, "CPU_FEATURES", "+avx,+avx2,+fma,-f16c")
+    target = system.compile_target()
+    assert target.name == "haswell" and target.has("avx2", "fma") and not target.has("f16c")
+    assert target.features == {"avx": True, "avx2": True, "fma": True, "f16c": False}
+    assert not system.target_has_f16c()
+
+
+def test_the_kernels_ask_the_one_probe():
+    from pipx_llama.engine.kernels import ops, simd
+
+    assert simd._host_features is system.target_features
+    assert ops._target_has_f16c is system.target_has_f16c
+    assert ops.HAVE_F16C == system.target_has_f16c()

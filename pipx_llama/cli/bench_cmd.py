@@ -70,8 +70,7 @@ def run(args: argparse.Namespace) -> int:
 
         path = model_file(args, args.model)
 
-    from pipx_llama.engine.kernels import warm_up
-    from pipx_llama.engine.model import load_model
+    from pipx_llama.engine import load_model, warm_up
 
     warm_up(lambda message: print(message, file=sys.stderr), path)
     t0 = time.perf_counter()

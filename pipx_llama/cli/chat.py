@@ -24,9 +24,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Protocol, TextIO
 
-from pipx_llama.engine.generate import Generation, generate
-from pipx_llama.engine.model import Context, Model
-from pipx_llama.engine.sampler import SamplerConfig
+from pipx_llama.engine import Context, Generation, Model, SamplerConfig, generate
 from pipx_llama.errors import ChatTemplateError, ContextFullError, PipxLlamaError, UsageError
 
 PROMPT = "> "

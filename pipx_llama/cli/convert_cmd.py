@@ -7,7 +7,7 @@ from pathlib import Path
 
 from pipx_llama.cli.progress import renderer_for
 from pipx_llama.cli.store_common import add_json
-from pipx_llama.models.store import human_bytes
+from pipx_llama.units import human_bytes
 
 # pipx_llama.convert.OUTTYPES, spelled out so the CLI starts without importing the converters
 OUTTYPES = ("f32", "f16", "bf16", "q8_0")

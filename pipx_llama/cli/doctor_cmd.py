@@ -13,7 +13,7 @@ import sys
 from typing import Any
 
 from pipx_llama.cli import store_common as common
-from pipx_llama.models.store import human_bytes
+from pipx_llama.units import human_bytes
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:

@@ -9,7 +9,7 @@ from pipx_llama.cli import store_common as common
 from pipx_llama.cli.progress import renderer_for
 from pipx_llama.errors import UsageError
 from pipx_llama.models.pull import export_mirror
-from pipx_llama.models.store import human_bytes
+from pipx_llama.units import human_bytes
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:

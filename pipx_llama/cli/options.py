@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from pipx_llama.engine.sampler import SamplerConfig
+from pipx_llama.engine import SamplerConfig
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 

@@ -7,8 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from pipx_llama.engine.model import load_model
-from pipx_llama.engine.perplexity import perplexity
+from pipx_llama.engine import load_model, perplexity
 from pipx_llama.errors import UsageError
 
 

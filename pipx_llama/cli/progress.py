@@ -8,7 +8,7 @@ import sys
 from typing import Any, TextIO
 
 from pipx_llama.events import ProgressEvent
-from pipx_llama.models.store import human_bytes
+from pipx_llama.units import human_bytes
 
 # kinds worth a line of their own ("start" and "waiting-lock" once per file and source)
 _LINE_KINDS = {"plan", "start", "retry", "restart", "waiting-lock", "source-failed", "source-missing",

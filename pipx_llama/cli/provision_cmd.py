@@ -52,7 +52,7 @@ from typing import Any
 
 from pipx_llama.cli import store_common as common
 from pipx_llama.errors import PipxLlamaError, UsageError
-from pipx_llama.models.store import human_bytes
+from pipx_llama.units import human_bytes
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -215,8 +215,8 @@ def _pull_options(pf: ProvisionFile, item: Item, cfg: Any) -> Any:
 
 def _plan_all(pf: ProvisionFile, cfg: Any, catalog: Any, out: _Output) -> tuple[list[tuple[Item, Any]], int]:
     """Plan every item; (plans, exit code of the first refusal or 0)."""
-    from pipx_llama.system import detect_hardware
     from pipx_llama.models.plan import make_plan
+    from pipx_llama.system import detect_hardware
 
     hw = detect_hardware(cfg.home)
     plans: list[tuple[Item, Any]] = []

@@ -8,8 +8,8 @@ from pathlib import Path
 from pipx_llama.cli.progress import renderer_for
 from pipx_llama.errors import PipxLlamaError
 from pipx_llama.events import ProgressEvent
-from pipx_llama.quant.rules import FILE_TYPES
 from pipx_llama.quant.file import quantize_model
+from pipx_llama.quant.rules import FILE_TYPES
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:

@@ -24,8 +24,7 @@ from pipx_llama.cli.options import (
     add_sampling_options,
     sampler_config,
 )
-from pipx_llama.engine.generate import Generation, generate
-from pipx_llama.engine.model import Model, load_model
+from pipx_llama.engine import Generation, Model, generate, load_model
 from pipx_llama.errors import UsageError
 
 ONE_SHOT_TOKENS = 256
@@ -89,7 +88,7 @@ def run(args: argparse.Namespace) -> int:
             raise UsageError("the prompt read from stdin is empty", "pipe some text, or pass -p TEXT")
     color = color_enabled(sys.stderr)
     prepared = prepare_model(args, color=color)
-    from pipx_llama.engine.kernels import warm_up
+    from pipx_llama.engine import warm_up
     warm_up(lambda message: print(message, file=sys.stderr), prepared.path)
     t0 = time.perf_counter()
     model = load_model(prepared.path, threads=prepared.threads)
@@ -183,7 +182,7 @@ def show_plan(plan: Any, stream: TextIO, color: bool) -> None:
     from rich.console import Console
     from rich.text import Text
 
-    from pipx_llama.models.store import human_bytes
+    from pipx_llama.units import human_bytes
 
     rows = [
         ("model", f"{plan.model} ({plan.variant}, {plan.source_format})"),

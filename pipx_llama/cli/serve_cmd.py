@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING
 from pipx_llama.cli import store_common as common
 from pipx_llama.cli.options import DEFAULT_MODEL, add_sampling_options, model_file, sampler_config
 from pipx_llama.errors import ModelFileError, UsageError
+from pipx_llama.units import parse_size
 
 API_KEY_ENV = "PIPX_LLAMA_API_KEY"
 if TYPE_CHECKING:
@@ -32,14 +33,11 @@ LOOPBACK_NAMES = ["localhost", "127.0.0.1", "::1", "[::1]"]
 
 
 def _size(text: str) -> int:
-    units = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
-    t = text.strip().lower().removesuffix("b").removesuffix("i")
-    mult = units.get(t[-1:], 1)
-    number = t[:-1] if t[-1:] in units else t
+    """A positive size for argparse (units as everywhere: :mod:`pipx_llama.units`)."""
     try:
-        value = int(float(number) * mult)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 4M, 512K, 1048576)") from None
+        value = parse_size(text)
+    except UsageError as err:
+        raise argparse.ArgumentTypeError(f"{err.message} ({err.hint})") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"size must be positive, got {text!r}")
     return value
@@ -66,7 +64,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-queue", type=int, default=16, metavar="N",
                    help="requests that may wait for the engine; more get 503 with Retry-After (default 16)")
     p.add_argument("--max-body", type=_size, default=4 << 20, metavar="SIZE",
-                   help="largest request body accepted, e.g. 4M (default 4M); larger ones get 413")
+                   help="largest request body accepted, e.g. 4M (4,000,000 bytes) or 4Mi (4,194,304; the "
+                        "default); larger ones get 413")
     p.add_argument("--max-connections", type=int, default=64, metavar="N",
                    help="open connections at once; requests on more get 503 (default 64)")
     p.add_argument("--header-timeout", type=float, default=20.0, metavar="SECONDS",

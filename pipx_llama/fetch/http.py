@@ -106,6 +106,7 @@ import httpx
 
 from pipx_llama import __version__
 from pipx_llama.errors import UsageError
+from pipx_llama.events import EventCallback, ProgressEvent
 from pipx_llama.fetch.errors import (
     AccessDenied,
     ChecksumError,
@@ -115,7 +116,6 @@ from pipx_llama.fetch.errors import (
     OfflineError,
     SourceNotFound,
 )
-from pipx_llama.events import EventCallback, ProgressEvent
 
 STATE_VERSION = 1
 _TICK = 0.1

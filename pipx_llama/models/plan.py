@@ -56,8 +56,25 @@ from typing import TYPE_CHECKING, Any
 
 from pipx_llama import __version__
 from pipx_llama.errors import ModelFileError, PipxLlamaError, UsageError
-from pipx_llama.fetch.errors import FetchError, OfflineError
 from pipx_llama.events import ProgressEvent
+from pipx_llama.fetch.errors import FetchError, OfflineError
+from pipx_llama.models.manifest import Catalog, Manifest, Variant
+from pipx_llama.models.pull import (
+    PullOptions,
+    estimate_gguf_bytes,
+    estimated_file_size,
+    manifest_from_mirrors,
+    pull,
+)
+from pipx_llama.models.store import (
+    DERIVED_PROVENANCE_SUFFIX,
+    Store,
+    atomic_write_json,
+    gguf_header_digest,
+    now_iso,
+    recorded_file_problem,
+    sha256_file,
+)
 from pipx_llama.system import (
     RUNTIME_OVERHEAD,
     HardwareProfile,
@@ -66,18 +83,7 @@ from pipx_llama.system import (
     ram_budget,
     ram_needed,
 )
-from pipx_llama.models.manifest import Catalog, Manifest, Variant
-from pipx_llama.models.pull import PullOptions, estimate_gguf_bytes, estimated_file_size, manifest_from_mirrors, pull
-from pipx_llama.models.store import (
-    DERIVED_PROVENANCE_SUFFIX,
-    Store,
-    atomic_write_json,
-    gguf_header_digest,
-    human_bytes,
-    now_iso,
-    recorded_file_problem,
-    sha256_file,
-)
+from pipx_llama.units import human_bytes
 
 if TYPE_CHECKING:
     from pipx_llama.config import Config

@@ -30,6 +30,7 @@ from typing import Any, BinaryIO
 from urllib.parse import quote, urlsplit
 
 from pipx_llama.errors import PipxLlamaError, UsageError
+from pipx_llama.events import ProgressEvent
 from pipx_llama.fetch.document import fetch_document
 from pipx_llama.fetch.errors import (
     AccessDenied,
@@ -40,7 +41,6 @@ from pipx_llama.fetch.errors import (
     OfflineError,
     SourceNotFound,
 )
-from pipx_llama.events import ProgressEvent
 from pipx_llama.fetch.http import FetchOptions, download, redact_url
 from pipx_llama.fetch.pip_source import (
     PipChecksumError,
@@ -72,11 +72,11 @@ from pipx_llama.models.store import (
     atomic_write_json,
     copy_hashing,
     gguf_header_digest,
-    human_bytes,
     link_or_copy,
     now_iso,
     sha256_file,
 )
+from pipx_llama.units import human_bytes
 
 EventCallback = Callable[[ProgressEvent], None]
 

@@ -48,13 +48,14 @@ from typing import Any
 
 from pipx_llama.errors import ModelFileError, PipxLlamaError
 from pipx_llama.fetch.errors import DiskFullError
+from pipx_llama.system import disk_free, nearest_existing
+from pipx_llama.units import human_bytes
 
 CHUNK = 1 << 20
 PROVENANCE = ".provenance.json"
 DERIVED_PROVENANCE_SUFFIX = ".provenance.json"   # <file>.provenance.json: a derived file's record
 # What a refused write says: a read-only filesystem, or no permission.
 _READ_ONLY_ERRNOS = frozenset({errno.EROFS, errno.EACCES, errno.EPERM})
-FREE_BYTES_ENV = "PIPX_LLAMA_FREE_BYTES"  # testing hook: pretend the store's disk has this many free bytes
 
 if sys.platform == "win32":  # pragma: no cover - exercised on Windows only
     import msvcrt
@@ -81,17 +82,6 @@ def is_read_only_error(err: BaseException | None) -> bool:
 
 def now_iso() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
-
-
-def human_bytes(n: float | None) -> str:
-    if n is None:
-        return "?"
-    n = float(n)
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if abs(n) < 1000 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    return f"{n:.1f} TB"
 
 
 def sha256_file(path: Path, on_bytes: Callable[[int], None] | None = None) -> str:
@@ -591,15 +581,10 @@ class Store:
 
     # disk space
     def free_bytes(self) -> int:
-        folder = self.root
-        while not folder.exists() and folder.parent != folder:
-            folder = folder.parent
+        """Free bytes on the store's disk (``PIPX_LLAMA_FREE_BYTES`` pretends, for tests)."""
         if self._probe is not None:
-            return self._probe(folder)
-        override = os.environ.get(FREE_BYTES_ENV)
-        if override:
-            return int(override)
-        return shutil.disk_usage(folder).free
+            return self._probe(nearest_existing(self.root))
+        return disk_free(self.root)
 
     def check_space(self, needed: int, what: str) -> None:
         """Refuse, before any byte is written, work that needs more than the free space of the store's disk."""

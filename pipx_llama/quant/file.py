@@ -38,14 +38,11 @@ import numpy as np
 from gguf import GGML_QUANT_SIZES, GGML_QUANT_VERSION, GGMLQuantizationType, GGUFValueType, GGUFWriter
 from numba import njit, prange
 
-from pipx_llama.formats.gguf import GGUFFile, TensorInfo, open_gguf
-from pipx_llama.engine.kernels import WEIGHT_KERNELS
-from pipx_llama.engine.kernels import floats as _floats  # noqa: F401  (registers dequantizers)
-from pipx_llama.engine.kernels import kquants as _kquants  # noqa: F401
-from pipx_llama.engine.kernels import legacy as _legacy  # noqa: F401
+from pipx_llama.engine import WEIGHT_KERNELS
 from pipx_llama.errors import ModelFileError, UnsupportedModelError, UsageError
 from pipx_llama.events import ProgressEvent
 from pipx_llama.formats.floats import fp32_to_bf16_bits
+from pipx_llama.formats.gguf import GGUFFile, TensorInfo, open_gguf
 from pipx_llama.quant.quantize_kquants import KQUANT_QUANTIZERS
 from pipx_llama.quant.quantize_legacy import (
     LEGACY_QUANTIZERS,

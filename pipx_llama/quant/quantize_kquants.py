@@ -31,7 +31,7 @@ import numpy as np
 from gguf import GGMLQuantizationType
 from numba import njit, prange
 
-from pipx_llama.engine.kernels.floats import FP16_TABLE
+from pipx_llama.formats.fp16 import FP16_TABLE
 from pipx_llama.formats.kquants import BLOCK_Q4_K, BLOCK_Q5_K, BLOCK_Q6_K, QK_K
 from pipx_llama.formats.kquants import nearest_int as nearest_int_ref
 from pipx_llama.quant.quantize_legacy import (

@@ -36,7 +36,7 @@ from llvmlite import ir
 from numba import njit, prange, types
 from numba.extending import intrinsic
 
-from pipx_llama.engine.kernels.floats import fp32_bits_to_fp16_bits
+from pipx_llama.formats.fp16 import fp32_bits_to_fp16_bits
 
 QK = 32
 STATUS_NONFINITE = 1

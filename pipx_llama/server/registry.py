@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipx_llama.engine.model import Context, Model, load_model
+from pipx_llama.engine import Context, Model, load_model
 from pipx_llama.errors import PipxLlamaError, UsageError
 from pipx_llama.server.errors import bad_request, model_not_found
 from pipx_llama.tokenizer.tokenizer import ATTR_LSTRIP, ATTR_RSTRIP, Tokenizer

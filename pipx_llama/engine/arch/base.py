@@ -34,8 +34,8 @@ from typing import Any
 import numpy as np
 from gguf import GGMLQuantizationType
 
-from pipx_llama.formats.gguf import GGUFFile
 from pipx_llama.errors import ModelFileError, UnsupportedModelError
+from pipx_llama.formats.gguf import GGUFFile
 
 ROPE_NORM = 0  # ggml's GGML_ROPE_TYPE_NORMAL: pairs (2i, 2i+1)
 ROPE_NEOX = 2  # GGML_ROPE_TYPE_NEOX: pairs (i, i + n_rot/2)

@@ -29,7 +29,7 @@ from gguf import GGMLQuantizationType
 from numba import get_num_threads, njit, prange
 
 from pipx_llama.engine.kernels import register
-from pipx_llama.engine.kernels.floats import FP16_TABLE
+from pipx_llama.formats.fp16 import FP16_TABLE
 from pipx_llama.formats.kquants import BLOCK_Q4_K, BLOCK_Q5_K, BLOCK_Q6_K, QK_K
 
 _i32 = np.int32

@@ -35,8 +35,8 @@ from gguf import GGMLQuantizationType
 from numba import njit, prange
 
 from pipx_llama.engine.kernels import register
-from pipx_llama.engine.kernels.floats import FP16_TABLE, fp32_bits_to_fp16_bits
 from pipx_llama.formats import legacy as fmt
+from pipx_llama.formats.fp16 import FP16_TABLE, fp32_bits_to_fp16_bits
 
 QK = 32
 # From this many tokens on, the tiled kernel wins over one reduction per block and token.
