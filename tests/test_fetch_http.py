@@ -20,17 +20,10 @@ import httpx
 import pytest
 from httpserver import FileServer
 
-from pipx_llama.errors import UsageError
+from pipx_llama.errors import FetchError, UsageError
 from pipx_llama.events import ProgressEvent
 from pipx_llama.fetch import http as fetch_http
-from pipx_llama.fetch.errors import (
-    AccessDenied,
-    ChecksumError,
-    FetchError,
-    NetworkError,
-    OfflineError,
-    SourceNotFound,
-)
+from pipx_llama.fetch.errors import AccessDenied, ChecksumError, NetworkError, OfflineError, SourceNotFound
 from pipx_llama.fetch.http import FetchOptions, download, partial_progress, redact_url
 
 MB = 1 << 20

@@ -24,11 +24,11 @@ from pipx_llama.errors import UsageError
 from pipx_llama.fetch.errors import OfflineError
 from pipx_llama.formats.gguf import open_gguf
 from pipx_llama.models.manifest import Catalog, Manifest, parse_manifest, render_manifest
+from pipx_llama.errors import DiskFullError, InsufficientResourcesError
 from pipx_llama.models.plan import (
     INTERMEDIATE,
     KNOWN_SHAPES,
     STATE_FILE,
-    InsufficientResourcesError,
     ModelShape,
     SourceUnavailableError,
     default_quant,
@@ -243,10 +243,10 @@ def test_forced_quantization_that_does_not_fit_suggests_one_that_does(cfg):
 def test_disk_refusal_counts_the_conversion(cfg):
     p = plan(cfg, "tiny-hf", hw())
     assert plan(cfg, "tiny-hf", hw(disk=p.peak_disk_bytes - 1)).quant == "Q4_K_S"  # a smaller file fits
-    with pytest.raises(InsufficientResourcesError) as exc:
+    with pytest.raises(DiskFullError) as exc:  # the one error for a disk too small, wherever (exit code 5)
         plan(cfg, "tiny-hf", hw(disk=p.download_bytes + p.intermediate_bytes))
     err = exc.value
-    assert err.resource == "disk" and err.needed == p.peak_disk_bytes
+    assert err.resource == "disk" and err.needed == p.peak_disk_bytes and err.exit_code == 5
     assert "F16 conversion" in err.message and "Q4_K_M file" in err.message
     assert "pipx-llama gc" in err.hint
     assert [a["model"] for a in err.alternatives][:1] == ["mistral"]

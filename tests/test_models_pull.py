@@ -25,8 +25,8 @@ from package_index import marker_sdist, publish, wheel_bytes
 from readonly import read_only
 from tinymodel import write_tiny_llama
 
-from pipx_llama.errors import ModelFileError
-from pipx_llama.fetch.errors import DiskFullError, OfflineError
+from pipx_llama.errors import DiskFullError, ModelFileError
+from pipx_llama.fetch.errors import OfflineError
 from pipx_llama.fetch.http import FetchOptions
 from pipx_llama.models.manifest import Manifest, ManifestError, load_catalog, parse_manifest, render_manifest
 from pipx_llama.models.pull import (

@@ -17,15 +17,13 @@ import pytest
 from readonly import read_only
 from tinymodel import write_tiny_llama
 
-from pipx_llama.errors import ModelFileError
-from pipx_llama.fetch.errors import DiskFullError
+from pipx_llama.errors import DiskFullError, ModelFileError
+from pipx_llama.files import atomic_write_bytes, atomic_write_json
 from pipx_llama.models.store import (
     PROVENANCE,
     Lock,
     Store,
     StoreReadOnlyError,
-    atomic_write_bytes,
-    atomic_write_json,
     gguf_header_digest,
     link_or_copy,
     recorded_file_problem,

@@ -143,7 +143,7 @@ def test_killed_during_conversion_resumes_there_without_downloading_again(tmp_pa
     state = json.loads((vdir / STATE_FILE).read_text())
     assert state["current"] == "convert" and state["stages"]["convert"]["status"] == "running"
     assert state["stages"]["fetch"]["status"] == "done"
-    assert list(vdir.glob(f".{INTERMEDIATE}.*.partial"))  # the half-written conversion
+    assert list(vdir.glob(f".{INTERMEDIATE}.*.tmp"))  # the half-written conversion
     assert not (vdir / INTERMEDIATE).exists() and not (vdir / "q4_0.gguf").exists()
     assert srv.bytes_sent >= sum(p.stat().st_size for p in smol_hf_folder.iterdir())  # all of it fetched
 
@@ -155,7 +155,7 @@ def test_killed_during_conversion_resumes_there_without_downloading_again(tmp_pa
     assert stages(evs) == [("stage-skipped", "fetch"), ("stage", "convert"), ("stage-done", "convert"),
                            ("stage", "quantize"), ("stage-done", "quantize")]
     assert srv.bytes_sent == 0 and srv.requests == []
-    assert not list(vdir.glob(".*.partial")) and not (vdir / INTERMEDIATE).exists()
+    assert not list(vdir.glob(".*.tmp")) and not (vdir / INTERMEDIATE).exists()
     record = json.loads((vdir / "q4_0.gguf.provenance.json").read_text())
     assert record["sha256"] == sha256(vdir / "q4_0.gguf")
 

@@ -334,3 +334,48 @@ def test_cli_quantize(models: dict[str, Path], tmp_path: Path) -> None:
 
     out = cli("quantize", str(models["f16-untied"]), str(dst), "Q9_9")
     assert out.returncode == 2 and "unknown quantization type" in out.stderr and "hint:" in out.stderr
+
+
+# --- the disk: one error, and the output reaches it before it is renamed -----------------------------------------
+
+
+def test_a_full_disk_is_disk_full_error_before_and_while_writing(models: dict[str, Path], tmp_path: Path,
+                                                                  monkeypatch) -> None:
+    from pipx_llama.errors import DiskFullError
+
+    dst = tmp_path / "q.gguf"
+    monkeypatch.setenv("PIPX_LLAMA_FREE_BYTES", "1000")
+    with pytest.raises(DiskFullError, match="not enough disk space in .* for the quantized model q.gguf") as err:
+        quantize_model(models["f16-untied"], dst, "Q4_0")
+    assert err.value.exit_code == 5 and os.listdir(tmp_path) == []
+    monkeypatch.delenv("PIPX_LLAMA_FREE_BYTES")
+
+    def full(self, tensor) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(_Writer, "write_tensor_data", full)
+    with pytest.raises(DiskFullError, match="No space left on device"):
+        quantize_model(models["f16-untied"], dst, "Q4_0")
+    assert os.listdir(tmp_path) == []
+
+
+def test_the_output_is_on_disk_before_it_is_renamed(models: dict[str, Path], tmp_path: Path, monkeypatch) -> None:
+    """`quantize` used to rename its output without the fsync `convert` did: both now share one writer."""
+    from pipx_llama import files
+
+    calls: list[tuple[str, str]] = []
+    real_fsync, real_replace = files.fsync_path, os.replace
+    monkeypatch.setattr(files, "fsync_path", lambda p: (calls.append(("fsync", Path(p).name)), real_fsync(p)))
+    monkeypatch.setattr(files.os, "replace", lambda a, b: (calls.append(("rename", Path(a).name)), real_replace(a, b)))
+    quantize_model(models["f16-untied"], tmp_path / "q.gguf", "Q4_0")
+    tmp = calls[0][1]
+    assert tmp.startswith(".q.gguf.") and tmp.endswith(".tmp")
+    assert calls == [("fsync", tmp), ("rename", tmp), ("fsync", tmp_path.name)]
+
+
+def test_cli_full_disk_exit_code(models: dict[str, Path], tmp_path: Path) -> None:
+    env = {**os.environ, "PIPX_LLAMA_FREE_BYTES": "1000"}
+    out = subprocess.run([sys.executable, "-m", "pipx_llama.cli", "quantize", str(models["f16-untied"]),
+                          str(tmp_path / "q.gguf"), "Q4_0"], capture_output=True, text=True, timeout=600,
+                         check=False, env=env)
+    assert out.returncode == 5 and "not enough disk space" in out.stderr, out.stderr

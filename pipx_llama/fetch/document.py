@@ -14,7 +14,8 @@ import time
 import httpx
 
 from pipx_llama import __version__
-from pipx_llama.fetch.errors import AccessDenied, FetchError, NetworkError, SourceNotFound
+from pipx_llama.errors import FetchError
+from pipx_llama.fetch.errors import AccessDenied, NetworkError, SourceNotFound
 from pipx_llama.fetch.http import _is_loopback, redact_url
 
 DEFAULT_TIMEOUT = 30.0

@@ -105,17 +105,9 @@ from urllib.parse import urlsplit
 import httpx
 
 from pipx_llama import __version__
-from pipx_llama.errors import UsageError
+from pipx_llama.errors import DiskFullError, FetchError, UsageError
 from pipx_llama.events import EventCallback, ProgressEvent
-from pipx_llama.fetch.errors import (
-    AccessDenied,
-    ChecksumError,
-    DiskFullError,
-    FetchError,
-    NetworkError,
-    OfflineError,
-    SourceNotFound,
-)
+from pipx_llama.fetch.errors import AccessDenied, ChecksumError, NetworkError, OfflineError, SourceNotFound
 
 STATE_VERSION = 1
 _TICK = 0.1

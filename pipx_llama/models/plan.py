@@ -2,7 +2,8 @@
 
 ``make_plan(name)`` resolves the name or alias, looks at the hardware and the store, and decides the
 variant, the quantization, the thread count and the context size. It refuses *before any download*
-(``InsufficientResourcesError``) when the RAM or the disk is short, naming what would fit instead,
+(``InsufficientResourcesError``; ``DiskFullError`` for the disk) when the RAM or the disk is short,
+naming what would fit instead,
 and (``SourceUnavailableError``) when no source can provide a missing file.
 
 Estimates:
@@ -55,9 +56,17 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pipx_llama import __version__
-from pipx_llama.errors import ModelFileError, PipxLlamaError, UsageError
+from pipx_llama.errors import (
+    DiskFullError,
+    FetchError,
+    InsufficientResourcesError,
+    ModelFileError,
+    PipxLlamaError,
+    UsageError,
+)
 from pipx_llama.events import ProgressEvent
-from pipx_llama.fetch.errors import FetchError, OfflineError
+from pipx_llama.fetch.errors import OfflineError
+from pipx_llama.files import atomic_write_json
 from pipx_llama.models.manifest import Catalog, Manifest, Variant
 from pipx_llama.models.pull import (
     PullOptions,
@@ -69,7 +78,6 @@ from pipx_llama.models.pull import (
 from pipx_llama.models.store import (
     DERIVED_PROVENANCE_SUFFIX,
     Store,
-    atomic_write_json,
     gguf_header_digest,
     now_iso,
     recorded_file_problem,
@@ -101,24 +109,6 @@ INTERMEDIATE = "intermediate-f16.gguf"
 PROVENANCE_SUFFIX = DERIVED_PROVENANCE_SUFFIX
 # Alternatives offered when the chosen context does not fit.
 _SMALLER_CONTEXTS = (2048, 1024, 512)
-
-
-class InsufficientResourcesError(PipxLlamaError):
-    """The machine lacks the RAM or the disk for the model; raised before anything is downloaded.
-
-    ``resource`` is "ram" or "disk"; ``alternatives`` lists what would fit (dicts with model, variant,
-    quant, n_ctx, ram_bytes, peak_disk_bytes, args).
-    """
-
-    exit_code = 5
-
-    def __init__(self, message: str, hint: str, *, resource: str, needed: int, available: int,
-                 alternatives: Sequence[dict[str, Any]] = ()) -> None:
-        super().__init__(message, hint)
-        self.resource = resource
-        self.needed = needed
-        self.available = available
-        self.alternatives = list(alternatives)
 
 
 class SourceUnavailableError(FetchError):
@@ -653,8 +643,9 @@ def _refusal(manifest: Manifest, target: Option, options: Sequence[Option], hw: 
             parts.append(f"{target.quant} file {human_bytes(target.final_bytes)}")
         message = (f"not enough disk space for {what} in {store.root}: it needs {human_bytes(target.peak_disk_bytes)} "
                    f"at peak ({' + '.join(parts)}); {human_bytes(hw.disk_free)} is free")
-        resource, needed, available = "disk", target.peak_disk_bytes, hw.disk_free
         last = "or free disk space (pipx-llama gc removes unused files) or point PIPX_LLAMA_HOME at a bigger disk"
+        return DiskFullError(message, _alternatives_hint(alternatives, last), folder=str(store.root),
+                             needed=target.peak_disk_bytes, free=hw.disk_free, alternatives=alternatives)
     hint = _alternatives_hint(alternatives, last)
     return InsufficientResourcesError(message, hint, resource=resource, needed=needed, available=available,
                                       alternatives=alternatives)
@@ -717,10 +708,8 @@ class _Pipeline:
 
     def clean_temporaries(self) -> None:
         """Leftovers of a killed conversion or quantization (we hold the variant's lock: nobody else writes)."""
-        patterns = (f".{INTERMEDIATE}.*.partial", ".*.gguf.*.tmp")
-        for pattern in patterns:
-            for p in self.folder.glob(pattern):
-                p.unlink(missing_ok=True)
+        for p in self.folder.glob(".*.gguf.*.tmp"):  # pipx_llama.files.temp_path's names
+            p.unlink(missing_ok=True)
 
     def source_dir(self) -> Path:
         """The folder the converter reads: where config.json (HF) or params.json (Meta) is."""

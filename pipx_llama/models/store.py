@@ -39,15 +39,14 @@ import shutil
 import socket
 import stat
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipx_llama.errors import ModelFileError, PipxLlamaError
-from pipx_llama.fetch.errors import DiskFullError
+from pipx_llama.errors import DiskFullError, ModelFileError, PipxLlamaError, StoreError
+from pipx_llama.files import atomic_output, atomic_write_json, temp_path
 from pipx_llama.system import disk_free, nearest_existing
 from pipx_llama.units import human_bytes
 
@@ -61,10 +60,6 @@ if sys.platform == "win32":  # pragma: no cover - exercised on Windows only
     import msvcrt
 else:
     import fcntl
-
-
-class StoreError(PipxLlamaError):
-    """The store cannot do what was asked."""
 
 
 class StoreReadOnlyError(StoreError):
@@ -97,48 +92,17 @@ def sha256_file(path: Path, on_bytes: Callable[[int], None] | None = None) -> st
     return digest.hexdigest()
 
 
-def _temp_in(folder: Path, name: str) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=folder)
-    os.close(fd)
-    return Path(tmp)
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file in the same folder and an atomic rename."""
-    tmp = _temp_in(path.parent, path.name)
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_json(path: Path, obj: Any) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
-
-
 def copy_hashing(src: Path, dest: Path, on_bytes: Callable[[int], None] | None = None) -> tuple[str, int]:
     """Copy ``src`` to ``dest`` atomically, returning (sha256, size) of what was copied."""
-    tmp = _temp_in(dest.parent, dest.name)
     digest = hashlib.sha256()
     size = 0
-    try:
-        with open(src, "rb") as fi, open(tmp, "wb") as fo:
-            while chunk := fi.read(CHUNK):
-                digest.update(chunk)
-                fo.write(chunk)
-                size += len(chunk)
-                if on_bytes is not None:
-                    on_bytes(size)
-        os.replace(tmp, dest)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    with atomic_output(dest) as tmp, open(src, "rb") as fi, open(tmp, "wb") as fo:
+        while chunk := fi.read(CHUNK):
+            digest.update(chunk)
+            fo.write(chunk)
+            size += len(chunk)
+            if on_bytes is not None:
+                on_bytes(size)
     return digest.hexdigest(), size
 
 
@@ -600,7 +564,7 @@ class Store:
     def supports_hardlinks(self) -> bool:
         if self._hardlinks is None:
             self.ensure()
-            a = _temp_in(self.partial_dir, "linkprobe")
+            a = temp_path(self.partial_dir / "linkprobe")
             b = a.with_name(a.name + ".2")
             try:
                 os.link(a, b)
