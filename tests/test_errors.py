@@ -53,7 +53,7 @@ def test_a_full_disk_is_one_class_everywhere():
 def test_readme_lists_the_table():
     text = (Path(__file__).parent.parent / "README.md").read_text()
     section = text.split("## Errors and exit codes", 1)[1].split("\n## ", 1)[0]
-    rows = dict(re.findall(r"^\| (\d+) \| (.+) \|$", section, re.M))
+    rows = dict(re.findall(r"^\| (\d+) \| (.+) \|$", section, re.MULTILINE))
     for concern in errors.CONCERNS:
         assert f"`{concern.__name__}`" in rows[str(concern.exit_code)], concern
     assert set(rows) == {"0", "130"} | {str(c.exit_code) for c in errors.CONCERNS}

@@ -20,11 +20,10 @@ from greedy import golden_prefix
 from httpserver import FileServer
 
 from pipx_llama.config import Config
-from pipx_llama.errors import UsageError
+from pipx_llama.errors import DiskFullError, InsufficientResourcesError, UsageError
 from pipx_llama.fetch.errors import OfflineError
 from pipx_llama.formats.gguf import open_gguf
 from pipx_llama.models.manifest import Catalog, Manifest, parse_manifest, render_manifest
-from pipx_llama.errors import DiskFullError, InsufficientResourcesError
 from pipx_llama.models.plan import (
     INTERMEDIATE,
     KNOWN_SHAPES,
