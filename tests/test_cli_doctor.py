@@ -6,13 +6,14 @@ from __future__ import annotations
 import json
 
 import pytest
-from test_pipeline import smol_gguf_manifest
+from test_models_plan import smol_gguf_manifest
 
 from pipx_llama.cli.main import main
 from pipx_llama.config import Config
 from pipx_llama.models.manifest import Catalog, parse_manifest
-from pipx_llama.models.plan import make_plan, prepare
-from pipx_llama.models.pull import PullOptions
+from pipx_llama.models.plan import make_plan
+from pipx_llama.models.prepare import prepare
+from pipx_llama.models.sources import PullOptions
 
 
 @pytest.fixture

@@ -39,7 +39,7 @@ from pipx_llama.engine.model import load_model
 from pipx_llama.errors import ModelFileError, UnsupportedModelError
 from pipx_llama.formats.gguf import open_gguf
 from pipx_llama.models.manifest import Catalog, parse_manifest, render_manifest
-from pipx_llama.models.pull import PullOptions
+from pipx_llama.models.sources import PullOptions
 
 LAYER_NAMES = {  # Hugging Face name in a layer -> llama.cpp's, per family where they differ
     "input_layernorm.weight": "attn_norm.weight", "self_attn.q_proj.weight": "attn_q.weight",
@@ -299,7 +299,8 @@ def test_gemma3_other_patterns_differ_from_llama_cpp_only_by_the_pattern(tmp_pat
 
 def test_original_weights_flow_through_convert_and_quantize(tmp_path, llama_models):
     """A manifest variant of format hf-safetensors: fetched (from a local folder), converted, quantized, run."""
-    from pipx_llama.models.plan import make_plan, prepare
+    from pipx_llama.models.plan import make_plan
+    from pipx_llama.models.prepare import prepare
     from pipx_llama.system import HardwareProfile
 
     folder = tmp_path / "weights"

@@ -12,7 +12,7 @@ import numba
 import numpy as np
 import pytest
 from gguf import GGMLQuantizationType
-from test_quant_legacy import adversarial_rows, quantized, random_blocks
+from test_formats_legacy import adversarial_rows, quantized, random_blocks
 
 from pipx_llama.engine.kernels import WEIGHT_KERNELS
 from pipx_llama.engine.kernels import legacy as kl

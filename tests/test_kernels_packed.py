@@ -11,8 +11,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from test_formats_legacy import quantized
 from test_kernels_kquants import random_blocks
-from test_quant_legacy import quantized
 
 from pipx_llama.engine.kernels import WEIGHT_KERNELS, packed, simd
 from pipx_llama.formats import kquants as kq

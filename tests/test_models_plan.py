@@ -23,22 +23,18 @@ from pipx_llama.config import Config
 from pipx_llama.errors import DiskFullError, InsufficientResourcesError, UsageError
 from pipx_llama.fetch.errors import OfflineError
 from pipx_llama.formats.gguf import open_gguf
-from pipx_llama.models.manifest import Catalog, Manifest, parse_manifest, render_manifest
-from pipx_llama.models.plan import (
-    INTERMEDIATE,
+from pipx_llama.models.estimates import (
     KNOWN_SHAPES,
-    STATE_FILE,
     ModelShape,
-    SourceUnavailableError,
-    default_quant,
+    estimate_gguf_bytes,
     estimated_shape,
-    make_plan,
     model_shape,
-    prepare,
-    provenance_path,
-    read_state,
 )
-from pipx_llama.models.pull import PullOptions, estimate_gguf_bytes
+from pipx_llama.models.manifest import Catalog, Manifest, parse_manifest, render_manifest
+from pipx_llama.models.plan import SourceUnavailableError, make_plan
+from pipx_llama.models.prepare import prepare
+from pipx_llama.models.runnable import INTERMEDIATE, STATE_FILE, default_quant, provenance_path, read_state
+from pipx_llama.models.sources import PullOptions
 from pipx_llama.models.store import Store
 from pipx_llama.system import RUNTIME_OVERHEAD, HardwareProfile, kv_cache_bytes
 
@@ -418,7 +414,7 @@ def _plan_again(cfg: Config, manifest: Manifest):
 
 
 def test_verify_follows_a_derived_files_provenance_chain(tmp_path, tiny_meta):
-    from pipx_llama.models.pull import verify_installed
+    from pipx_llama.models.verify import verify_installed
 
     cfg, manifest, path = _prepared_meta(tmp_path, tiny_meta)
     store = Store(cfg.home)

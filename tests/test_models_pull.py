@@ -28,20 +28,14 @@ from tinymodel import write_tiny_llama
 from pipx_llama.errors import DiskFullError, ModelFileError
 from pipx_llama.fetch.errors import OfflineError
 from pipx_llama.fetch.http import FetchOptions
+from pipx_llama.models.estimates import estimated_file_size
+from pipx_llama.models.imports import import_gguf
 from pipx_llama.models.manifest import Manifest, ManifestError, load_catalog, parse_manifest, render_manifest
-from pipx_llama.models.pull import (
-    MirrorError,
-    PullError,
-    PullOptions,
-    estimated_file_size,
-    export_mirror,
-    import_gguf,
-    manifest_from_mirrors,
-    plan_space,
-    pull,
-    verify_installed,
-)
+from pipx_llama.models.mirror import MirrorError, export_mirror, manifest_from_mirrors
+from pipx_llama.models.pull import PullError, plan_space, pull
+from pipx_llama.models.sources import PullOptions
 from pipx_llama.models.store import InstalledVariant, Store, StoreReadOnlyError, recorded_file_problem
+from pipx_llama.models.verify import verify_installed
 
 MB = 1_000_000
 

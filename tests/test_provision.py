@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 from httpserver import FileServer
-from test_pipeline import (
+from test_models_plan import (
     cli_env,
     files_of,
     pipx_llama,
@@ -26,7 +26,7 @@ from test_pipeline import (
 )
 
 from pipx_llama.cli.main import main
-from pipx_llama.models.plan import INTERMEDIATE, STATE_FILE
+from pipx_llama.models.runnable import INTERMEDIATE, STATE_FILE
 
 # Our Q4_0 of the converted weights answers " Paris" first, by 2.87 in llama.cpp and by 3.02 / 2.98 in our engine
 # (AVX-512 / AVX2 code); "The capital of France is the city of" led by only 1.44 there.

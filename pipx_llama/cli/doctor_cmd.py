@@ -30,13 +30,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def _model_rows(s: common.Session, args: argparse.Namespace, hw: Any) -> list[dict[str, Any]]:
     from pipx_llama.errors import PipxLlamaError
-    from pipx_llama.models.plan import (
-        DEFAULT_CTX,
-        choose,
-        default_quant,
-        options_for,
-        unavailable_reason,
-    )
+    from pipx_llama.models.plan import DEFAULT_CTX, choose, options_for, unavailable_reason
+    from pipx_llama.models.runnable import default_quant
 
     opts = common.pull_options(args, s)
     rows = []

@@ -13,7 +13,8 @@ from pathlib import Path
 from pipx_llama.cli import store_common as common
 from pipx_llama.cli.progress import renderer_for
 from pipx_llama.errors import UsageError
-from pipx_llama.models.pull import PullResult, import_gguf, match_folder, pull
+from pipx_llama.models.imports import import_gguf, match_folder
+from pipx_llama.models.pull import PullResult, pull
 from pipx_llama.models.store import sha256_file
 
 

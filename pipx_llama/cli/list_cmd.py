@@ -8,7 +8,7 @@ import json
 import sys
 
 from pipx_llama.cli import store_common as common
-from pipx_llama.models.pull import estimated_file_size
+from pipx_llama.models.estimates import estimated_file_size
 from pipx_llama.units import human_bytes
 
 

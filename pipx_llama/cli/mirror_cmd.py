@@ -8,7 +8,7 @@ from pathlib import Path
 from pipx_llama.cli import store_common as common
 from pipx_llama.cli.progress import renderer_for
 from pipx_llama.errors import UsageError
-from pipx_llama.models.pull import export_mirror
+from pipx_llama.models.mirror import export_mirror
 from pipx_llama.units import human_bytes
 
 

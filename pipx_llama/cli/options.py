@@ -57,8 +57,8 @@ def model_file(args: argparse.Namespace, name: str | None = None) -> Path:
     from pipx_llama.cli import store_common as common
     from pipx_llama.cli.progress import EventRenderer
     from pipx_llama.errors import UnsupportedModelError
-    from pipx_llama.models.plan import check_installed, default_quant, final_path, is_ready
     from pipx_llama.models.pull import pull
+    from pipx_llama.models.runnable import check_installed, default_quant, final_path, is_ready
 
     s = common.open_session(args)
     manifest = common.resolve(s, name or DEFAULT_MODEL, args)

@@ -263,7 +263,7 @@ def _check_total_disk(plans: list[tuple[Item, Any]], hw: Any, out: _Output) -> i
 def run(args: argparse.Namespace) -> int:
     from pipx_llama.config import load_config
     from pipx_llama.models.manifest import load_catalog
-    from pipx_llama.models.plan import prepare
+    from pipx_llama.models.prepare import prepare
 
     pf = load_provision_file(args.file)
     cfg = load_config()

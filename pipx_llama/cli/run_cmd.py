@@ -128,17 +128,18 @@ def prepare_model(args: argparse.Namespace, *, color: bool = False) -> Prepared:
                              f"run `pipx-llama quantize {args.model_file} OUT.gguf {args.quant}` first")
         return Prepared(args.model_file, args.model_file.stem, args.threads, args.ctx_size)
 
-    from pipx_llama.models import plan as pipeline
+    from pipx_llama.models.plan import make_plan
+    from pipx_llama.models.prepare import prepare
 
     s = common.open_session(args)
     options = common.pull_options(args, s)
-    plan = pipeline.make_plan(args.model or DEFAULT_MODEL, variant=args.variant, quant=args.quant,
-                              threads=args.threads, n_ctx=args.ctx_size, config=s.config, catalog=s.catalog,
-                              pull_options=options)
+    plan = make_plan(args.model or DEFAULT_MODEL, variant=args.variant, quant=args.quant,
+                     threads=args.threads, n_ctx=args.ctx_size, config=s.config, catalog=s.catalog,
+                     pull_options=options)
     if plan.stages:
         show_plan(plan, sys.stderr, color)
     with StageRenderer(sys.stderr, quiet=not plan.stages) as on_event:
-        path = pipeline.prepare(plan, pull_options=options, on_event=on_event)
+        path = prepare(plan, pull_options=options, on_event=on_event)
     return Prepared(Path(path), plan.model, plan.threads, plan.n_ctx, plan.quant)
 
 
@@ -148,7 +149,7 @@ def check_name(args: argparse.Namespace) -> None:
 
 
 class StageRenderer:
-    """Progress of ``pipeline.prepare`` on ``stream``: bars on a terminal, plain lines otherwise, and a
+    """Progress of ``prepare`` on ``stream``: bars on a terminal, plain lines otherwise, and a
     line as each stage starts and ends. ``quiet`` (nothing left to do) shows only why a run waits."""
 
     def __init__(self, stream: TextIO, *, quiet: bool = False) -> None:

@@ -8,7 +8,7 @@ import argparse
 from pipx_llama.cli import store_common as common
 from pipx_llama.cli.progress import renderer_for
 from pipx_llama.errors import ModelFileError, UsageError
-from pipx_llama.models.pull import verify_installed
+from pipx_llama.models.verify import verify_installed
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:

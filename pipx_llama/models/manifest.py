@@ -588,11 +588,11 @@ def load_manifest(path: Path, *, allow_http: bool = False, bundled: bool = False
 
 def bundled_manifest_dir() -> Path:
     """The manifests shipped with pipx-llama: inside the wheel, or the top-level folder of a checkout."""
-    here = Path(__file__).resolve().parent
-    for candidate in (here / "manifests", here.parent / "manifests"):
+    package = Path(__file__).resolve().parent.parent  # pipx_llama/
+    for candidate in (package / "manifests", package.parent / "manifests"):
         if candidate.is_dir():
             return candidate
-    return here / "manifests"
+    return package / "manifests"
 
 
 class Catalog:

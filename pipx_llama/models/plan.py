@@ -1,17 +1,16 @@
-"""From a model name to a runnable GGUF in the store: plan for this machine, then fetch -> convert -> quantize.
+"""Planning: what running a model takes on this machine, decided before anything is downloaded.
 
 ``make_plan(name)`` resolves the name or alias, looks at the hardware and the store, and decides the
 variant, the quantization, the thread count and the context size. It refuses *before any download*
 (``InsufficientResourcesError``; ``DiskFullError`` for the disk) when the RAM or the disk is short,
-naming what would fit instead,
-and (``SourceUnavailableError``) when no source can provide a missing file.
+naming what would fit instead, and (``SourceUnavailableError``) when no source can provide a missing
+file. :mod:`pipx_llama.models.prepare` then runs the plan.
 
 Estimates:
 
 - RAM = the runnable GGUF (weights are mmap'd and every page is read per token) + the f16 KV cache
-  (``2 * n_layers * n_ctx * n_kv_heads * head_dim * 2`` bytes) + a fixed runtime overhead. The layer and
-  head counts come from the model's own files when they are in the store, else from a table of
-  well-known models (by parameter count), else from a rough estimate that errs on the high side.
+  (``2 * n_layers * n_ctx * n_kv_heads * head_dim * 2`` bytes) + a fixed runtime overhead. The layer
+  and head counts come from :mod:`pipx_llama.models.estimates`.
 - Disk (peak) = what is left to download + the F16 intermediate of a conversion (2 bytes/parameter)
   + the quantized file.
 
@@ -20,93 +19,46 @@ option that does. A ready GGUF variant has a fixed quantization; original weight
 Hugging Face safetensors) can be quantized to any type pipx-llama writes: by default Q4_0 for Meta's
 checkpoints (what llama.cpp did in March 2023) and Q4_K_M for others, unless the variant's
 ``quantization`` in the manifest names a type to produce.
-
-``prepare(plan)`` runs the stages. For a ready GGUF it is a pull. For original weights:
-
-    fetch      pull(): every file verified against the manifest into the store
-    convert    pipx_llama.convert -> models/<name>/<variant>/intermediate-f16.gguf
-    quantize   pipx_llama.quant.file -> models/<name>/<variant>/<quant>.gguf
-               + <quant>.gguf.provenance.json (source hashes -> derived file hash)
-
-then the F16 intermediate is deleted. Every output is written under a temporary name and renamed
-when complete; each stage's completion is recorded in ``models/<name>/<variant>/.pipeline.json``
-(written atomically), so a run killed at any moment resumes at the stage it was in: fetched blobs
-and partial downloads stay, a finished conversion is reused. One process at a time works on a
-variant (a lock); another waits and then finds the work done. A store this user cannot write is only
-read: a model already prepared in it runs (no lock, no state written), anything else is refused.
-
-Before a prepared GGUF is handed out, its size and the digest of its header and tensor table are
-compared with what was recorded when it was verified or made (``check_installed``): a file changed
-since is refused with a ``ModelFileError`` instead of being run.
-
-Progress goes to ``on_event(ProgressEvent)``: the pull's, converter's and quantizer's own events,
-plus ``stage`` (a stage starts; ``file`` is the stage name), ``stage-done``, ``stage-skipped``
-(already done; ``message`` says why) and ``ready`` (``file`` is the runnable GGUF's path).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
-import math
-import os
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pipx_llama import __version__
 from pipx_llama.errors import (
     DiskFullError,
     FetchError,
     InsufficientResourcesError,
-    ModelFileError,
     PipxLlamaError,
     UsageError,
 )
-from pipx_llama.events import ProgressEvent
 from pipx_llama.fetch.errors import OfflineError
-from pipx_llama.files import atomic_write_json
+from pipx_llama.models.estimates import ModelShape, estimate_gguf_bytes, estimated_file_size, model_shape
 from pipx_llama.models.manifest import Catalog, Manifest, Variant
-from pipx_llama.models.pull import (
-    PullOptions,
-    estimate_gguf_bytes,
-    estimated_file_size,
-    manifest_from_mirrors,
-    pull,
+from pipx_llama.models.mirror import manifest_from_mirrors
+from pipx_llama.models.runnable import (
+    CONVERTIBLE,
+    QUANT_LADDER,
+    convert_done,
+    default_quant,
+    final_path,
+    is_ready,
 )
-from pipx_llama.models.store import (
-    DERIVED_PROVENANCE_SUFFIX,
-    Store,
-    gguf_header_digest,
-    now_iso,
-    recorded_file_problem,
-    sha256_file,
-)
-from pipx_llama.system import (
-    RUNTIME_OVERHEAD,
-    HardwareProfile,
-    detect_hardware,
-    kv_cache_bytes,
-    ram_budget,
-    ram_needed,
-)
+from pipx_llama.models.sources import PullOptions
+from pipx_llama.models.store import Store
+from pipx_llama.system import RUNTIME_OVERHEAD, HardwareProfile, detect_hardware, ram_budget, ram_needed
 from pipx_llama.units import human_bytes
 
 if TYPE_CHECKING:
     from pipx_llama.config import Config
 
-EventCallback = Callable[[ProgressEvent], None]
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 DEFAULT_CTX = 4096  # the engine's default context (pipx_llama.engine.model.DEFAULT_CTX)
-STAGES = ("fetch", "convert", "quantize")
-CONVERTIBLE = ("meta-pth", "hf-safetensors")
-# What original weights can be quantized to, largest first (pipx_llama.quant.rules.FILE_TYPES).
-QUANT_LADDER = ("Q8_0", "Q6_K", "Q5_K_M", "Q5_K_S", "Q5_1", "Q5_0", "Q4_K_M", "Q4_K_S", "Q4_1", "Q4_0")
-STATE_FILE = ".pipeline.json"
-INTERMEDIATE = "intermediate-f16.gguf"
-PROVENANCE_SUFFIX = DERIVED_PROVENANCE_SUFFIX
 # Alternatives offered when the chosen context does not fit.
 _SMALLER_CONTEXTS = (2048, 1024, 512)
 
@@ -115,190 +67,6 @@ class SourceUnavailableError(FetchError):
     """No configured source can provide a file the model needs (no URL given, offline, no source)."""
 
 
-# --- model shapes (for the KV cache) ---------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class ModelShape:
-    """What the KV cache size depends on. ``exact`` is False for an estimate from the parameter count."""
-
-    n_layers: int
-    n_kv_heads: int
-    head_dim: int
-    exact: bool = True
-
-    def kv_bytes(self, n_ctx: int) -> int:
-        return kv_cache_bytes(self.n_layers, n_ctx, self.n_kv_heads, self.head_dim)
-
-
-# Well-known models by exact parameter count (from their config.json / params.json).
-KNOWN_SHAPES = {
-    134515008: ModelShape(30, 3, 64),       # SmolLM2-135M
-    1100048384: ModelShape(22, 4, 64),      # TinyLlama 1.1B
-    6738415616: ModelShape(32, 32, 128),    # LLaMA 7B, Llama 2 7B
-    7241732096: ModelShape(32, 8, 128),     # Mistral 7B
-    13015864320: ModelShape(40, 40, 128),   # LLaMA 13B, Llama 2 13B
-    32528943616: ModelShape(60, 52, 128),   # LLaMA 30B
-}
-
-
-def estimated_shape(parameters: int) -> ModelShape:
-    """A LLaMA-like shape for ``parameters`` weights without grouped-query attention, plus 25%.
-
-    With dim d and d/128 layers of 12*d^2 weights each, parameters ~ 12 d^3 / 128.
-    """
-    dim = max(64.0, (parameters * 128 / 12) ** (1 / 3))
-    layers = max(1, math.ceil(dim / 128 * 1.25))
-    return ModelShape(layers, max(1, round(dim / 128)), 128, exact=False)
-
-
-def _shape_from_files(folder: Path, variant: Variant) -> ModelShape | None:
-    """The exact shape from the model's own files, when they are in the store."""
-    names = {f.path.rsplit("/", 1)[-1]: folder / f.path for f in variant.files}
-    try:
-        if variant.format == "gguf":
-            path = next((p for n, p in names.items() if n.endswith(".gguf") and p.is_file()), None)
-            if path is None:
-                return None
-            from pipx_llama.formats.gguf import open_gguf
-
-            g = open_gguf(path)
-            try:
-                md = g.metadata
-                arch = str(md.get("general.architecture", "llama"))
-                heads = int(md[f"{arch}.attention.head_count"])
-                kv = int(md.get(f"{arch}.attention.head_count_kv", heads))
-                head_dim = int(md.get(f"{arch}.attention.key_length", int(md[f"{arch}.embedding_length"]) // heads))
-                return ModelShape(int(md[f"{arch}.block_count"]), kv, head_dim)
-            finally:
-                g.close()
-        if "config.json" in names and names["config.json"].is_file():
-            c = json.loads(names["config.json"].read_text())
-            heads = int(c["num_attention_heads"])
-            return ModelShape(int(c["num_hidden_layers"]), int(c.get("num_key_value_heads") or heads),
-                              int(c.get("head_dim") or int(c["hidden_size"]) // heads))
-        if "params.json" in names and names["params.json"].is_file():
-            p = json.loads(names["params.json"].read_text())
-            heads = int(p["n_heads"])
-            return ModelShape(int(p["n_layers"]), int(p.get("n_kv_heads") or heads), int(p["dim"]) // heads)
-    except (OSError, ValueError, KeyError, TypeError, PipxLlamaError):
-        return None
-    return None
-
-
-def model_shape(store: Store, manifest: Manifest, variant: Variant) -> ModelShape:
-    """The model's shape: from its files in the store, else the table of known models, else an estimate."""
-    local = _shape_from_files(store.variant_dir(manifest.name, variant.name), variant)
-    if local is not None:
-        return local
-    return KNOWN_SHAPES.get(manifest.parameters) or estimated_shape(manifest.parameters)
-
-
-# --- where things live ------------------------------------------------------------------------------------------
-
-
-def default_quant(variant: Variant) -> str:
-    """The quantization a variant runs in: a GGUF's own, or the target for converting original weights."""
-    if variant.format == "gguf":
-        return (variant.quantization or "unknown").upper()
-    if variant.quantization and variant.quantization.upper() in QUANT_LADDER:
-        return variant.quantization.upper()
-    return "Q4_0" if variant.format == "meta-pth" else "Q4_K_M"
-
-
-def final_path(store: Store, manifest: Manifest, variant: Variant, quant: str) -> Path:
-    """The runnable GGUF: a GGUF variant's file, or ``<quant>.gguf`` derived from original weights."""
-    folder = store.variant_dir(manifest.name, variant.name)
-    if variant.format == "gguf":
-        ggufs = [f.path for f in variant.files if f.path.endswith(".gguf")] or [variant.files[0].path]
-        return folder / ggufs[0]
-    return folder / f"{quant.lower()}.gguf"
-
-
-def provenance_path(final: Path) -> Path:
-    return final.with_name(final.name + PROVENANCE_SUFFIX)
-
-
-def _read_json(path: Path) -> dict[str, Any] | None:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) else None
-
-
-def _source_hashes(variant: Variant) -> dict[str, str]:
-    return {f.path: f.sha256 for f in variant.files}
-
-
-def _derived_ready(final: Path, variant: Variant, quant: str) -> bool:
-    """A derived GGUF is usable when its provenance matches the file and the manifest's sources."""
-    record = _read_json(provenance_path(final))
-    if record is None or not final.is_file():
-        return False
-    sources = {s.get("path"): s.get("sha256") for s in record.get("sources", []) if isinstance(s, dict)}
-    return (record.get("size") == final.stat().st_size and str(record.get("quantization", "")).upper() == quant
-            and sources == _source_hashes(variant))
-
-
-def _gguf_ready(store: Store, manifest: Manifest, variant: Variant) -> bool:
-    folder = store.variant_dir(manifest.name, variant.name)
-    record = store.read_provenance(manifest.name, variant.name) or {}
-    recorded = {f.get("path"): f.get("sha256") for f in record.get("files", [])}
-    return recorded == _source_hashes(variant) and all(
-        store.has_blob(f.sha256, f.size) and (folder / f.path).is_file() for f in variant.files)
-
-
-def check_installed(store: Store, manifest: Manifest, variant: Variant, final: Path) -> None:
-    """Raise ``ModelFileError`` when the runnable GGUF ``final``, as it is now, is not the file that was
-    verified (a pulled GGUF) or made (a derived one): its size, or the digest of its header and tensor
-    table, differs from the record. Cheap (no full hash); a missing file is left to the pipeline."""
-    if not os.path.lexists(final):
-        return
-    if variant.format == "gguf":
-        record = store.read_provenance(manifest.name, variant.name) or {}
-        rel = final.relative_to(store.variant_dir(manifest.name, variant.name)).as_posix()
-        entry = next((f for f in record.get("files", []) if isinstance(f, dict) and f.get("path") == rel),
-                     None)
-        what, again = "verified when it was installed", "then run again to fetch it"
-    else:
-        entry = _read_json(provenance_path(final))
-        what, again = "recorded when it was made", "the next run makes it again"
-    problem = recorded_file_problem(final, entry) if entry else None
-    if problem is not None:
-        raise ModelFileError(f"{final} is not the file {what}: {problem}",
-                             f"`pipx-llama verify {manifest.name}` re-hashes it and removes it if it is "
-                             f"damaged; {again}")
-
-
-def is_ready(store: Store, manifest: Manifest, variant: Variant, quant: str) -> bool:
-    """The runnable GGUF for (variant, quant) is in the store, complete and recorded."""
-    if variant.format == "gguf":
-        return _gguf_ready(store, manifest, variant)
-    return _derived_ready(final_path(store, manifest, variant, quant), variant, quant)
-
-
-def _state_path(store: Store, manifest: Manifest, variant: Variant) -> Path:
-    return store.variant_dir(manifest.name, variant.name) / STATE_FILE
-
-
-def read_state(store: Store, manifest: Manifest, variant: Variant) -> dict[str, Any]:
-    """The variant's stage record (empty when missing, unreadable or for other source files)."""
-    state = _read_json(_state_path(store, manifest, variant)) or {}
-    if state.get("sources") != _source_hashes(variant):
-        return {}
-    return state
-
-
-def _convert_done(store: Store, manifest: Manifest, variant: Variant, state: dict[str, Any] | None = None) -> bool:
-    state = read_state(store, manifest, variant) if state is None else state
-    conv = state.get("stages", {}).get("convert", {})
-    inter = store.variant_dir(manifest.name, variant.name) / INTERMEDIATE
-    try:
-        st = inter.stat()
-    except OSError:
-        return False
-    return conv.get("status") == "done" and conv.get("size") == st.st_size and conv.get("mtime_ns") == st.st_mtime_ns
 
 
 # --- options and their costs ------------------------------------------------------------------------------------
@@ -368,7 +136,7 @@ def _option(store: Store, manifest: Manifest, variant: Variant, quant: str, shap
         if missing:
             stages.append("fetch")
         if converts:
-            if not _convert_done(store, manifest, variant):
+            if not convert_done(store, manifest, variant):
                 intermediate = estimate_gguf_bytes(manifest.parameters, "F16")
                 stages.append("convert")
             stages.append("quantize")
@@ -672,211 +440,3 @@ def _unavailable(manifest: Manifest, variant: Variant, why: str, hw: HardwarePro
         "--url URL (a '*' in it stands for each file's path)"
     return SourceUnavailableError(message, f"pass {url}, or --from-dir DIR with the files you already have"
                                   + instead)
-
-
-# --- running the stages -----------------------------------------------------------------------------------------
-
-
-def _noop(_ev: ProgressEvent) -> None:
-    pass
-
-
-class _Pipeline:
-    def __init__(self, plan: RunPlan, store: Store, manifest: Manifest, variant: Variant, emit: EventCallback) -> None:
-        self.plan = plan
-        self.store = store
-        self.manifest = manifest
-        self.variant = variant
-        self.emit = emit
-        self.folder = store.variant_dir(manifest.name, variant.name)
-        self.label = f"{manifest.name} ({variant.name})"
-
-    def stage(self, kind: str, name: str, message: str) -> None:
-        self.emit(ProgressEvent(kind, name, source=self.label, message=message))
-
-    # the state file
-    def load(self) -> dict[str, Any]:
-        state = read_state(self.store, self.manifest, self.variant)
-        if not state:
-            state = {"format": 1, "model": self.manifest.name, "variant": self.variant.name,
-                     "sources": _source_hashes(self.variant), "current": None, "stages": {}}
-        state.setdefault("stages", {})
-        return state
-
-    def save(self, state: dict[str, Any]) -> None:
-        atomic_write_json(self.folder / STATE_FILE, state)
-
-    def clean_temporaries(self) -> None:
-        """Leftovers of a killed conversion or quantization (we hold the variant's lock: nobody else writes)."""
-        for p in self.folder.glob(".*.gguf.*.tmp"):  # pipx_llama.files.temp_path's names
-            p.unlink(missing_ok=True)
-
-    def source_dir(self) -> Path:
-        """The folder the converter reads: where config.json (HF) or params.json (Meta) is."""
-        key = "params.json" if self.variant.format == "meta-pth" else "config.json"
-        for f in self.variant.files:
-            if f.path.rsplit("/", 1)[-1] == key:
-                return (self.folder / f.path).parent
-        return self.folder
-
-    def run(self, pull_options: PullOptions, keep_intermediate: bool) -> Path:
-        final, quant = self.plan.final_path, self.plan.quant
-        check_installed(self.store, self.manifest, self.variant, final)
-        if _derived_ready(final, self.variant, quant):
-            for s in STAGES:
-                self.stage("stage-skipped", s, f"{final.name} is already in the store")
-            return final
-        state = self.fetch(pull_options)
-        self.clean_temporaries()
-
-        inter = self.folder / INTERMEDIATE
-        if _convert_done(self.store, self.manifest, self.variant, state):
-            self.stage("stage-skipped", "convert", f"reusing the finished conversion {inter.name}")
-        else:
-            self.convert(state, inter)
-        self.quantize(state, inter, final, quant)
-        if not keep_intermediate:
-            inter.unlink(missing_ok=True)
-            state["stages"]["convert"] = {**state["stages"].get("convert", {}), "status": "removed",
-                                          "removed_at": now_iso()}
-            self.save(state)
-        return final
-
-    def fetch(self, pull_options: PullOptions) -> dict[str, Any]:
-        """Pull the variant (a no-op for files already in the store); returns the updated state."""
-        missing = any(not self.store.has_blob(f.sha256, f.size) for f in self.variant.files)
-        if missing:
-            self.stage("stage", "fetch", f"fetching and verifying {len(self.variant.files)} file(s)")
-        else:
-            self.stage("stage-skipped", "fetch", "every file is already in the store, verified")
-
-        def pulled(ev: ProgressEvent) -> None:
-            # pull's "installed" would read as "ready" while conversion is still to come; stage-done says it
-            if ev.kind != "installed":
-                self.emit(ev)
-
-        result = pull(self.store, self.manifest, pull_options, pulled)
-        state = self.load()
-        state["stages"]["fetch"] = {"status": "done", "at": now_iso(), "fetched": result.fetched}
-        self.save(state)
-        if missing:
-            self.stage("stage-done", "fetch", "all files verified")
-        return state
-
-    def convert(self, state: dict[str, Any], inter: Path) -> None:
-        from pipx_llama.convert import convert
-
-        inter.unlink(missing_ok=True)
-        state["current"] = "convert"
-        state["stages"]["convert"] = {"status": "running", "started_at": now_iso(), "pid": os.getpid()}
-        self.save(state)
-        self.stage("stage", "convert", f"converting the {self.variant.format} weights to an F16 GGUF")
-        result = convert(self.source_dir(), inter, "f16", on_event=self.emit)
-        st = inter.stat()
-        state["current"] = None
-        state["stages"]["convert"] = {"status": "done", "at": now_iso(), "path": INTERMEDIATE, "outtype": "F16",
-                                      "size": st.st_size, "mtime_ns": st.st_mtime_ns,
-                                      "seconds": round(result.seconds, 2), "tensors": result.n_tensors,
-                                      "source_format": result.source_format}
-        self.save(state)
-        self.stage("stage-done", "convert", f"{inter.name}: {human_bytes(st.st_size)} in {result.seconds:.1f} s")
-
-    def quantize(self, state: dict[str, Any], inter: Path, final: Path, quant: str) -> None:
-        from pipx_llama.quant.file import quantize_model
-
-        provenance_path(final).unlink(missing_ok=True)
-        final.unlink(missing_ok=True)
-        state["current"] = "quantize"
-        quants = state["stages"].setdefault("quantize", {})
-        quants[quant] = {"status": "running", "started_at": now_iso(), "pid": os.getpid()}
-        self.save(state)
-        self.stage("stage", "quantize", f"quantizing to {quant} with {self.plan.threads} thread(s)")
-        q = quantize_model(inter, final, quant, threads=self.plan.threads, on_event=self.emit)
-        size = final.stat().st_size
-        self.emit(ProgressEvent("start", final.name, 0, size, message="hashing"))
-        digest = sha256_file(final)
-        self.emit(ProgressEvent("done", final.name, size, size, message=f"sha256 {digest}"))
-        record = {**self.provenance(state, q, digest, size), **gguf_header_digest(final)}
-        atomic_write_json(provenance_path(final), record)
-        state["current"] = None
-        quants[quant] = {"status": "done", "at": now_iso(), "path": final.name, "sha256": digest, "size": size,
-                         "seconds": round(q.seconds, 2)}
-        self.save(state)
-        self.stage("stage-done", "quantize", f"{final.name}: {human_bytes(size)} in {q.seconds:.1f} s")
-
-    def provenance(self, state: dict[str, Any], q: Any, digest: str, size: int) -> dict[str, Any]:
-        pulled = self.store.read_provenance(self.manifest.name, self.variant.name) or {}
-        sizes = {f.get("path"): f.get("size") for f in pulled.get("files", [])}
-        conv = state["stages"].get("convert", {})
-        return {
-            "format": 1, "kind": "derived", "model": self.manifest.name, "variant": self.variant.name,
-            "quantization": self.plan.quant, "path": self.plan.final_path.name, "sha256": digest, "size": size,
-            "created_at": now_iso(), "created_by": f"pipx-llama {__version__}",
-            "manifest": {"origin": self.manifest.origin, "sha256": self.manifest.text_sha256},
-            "sources": [{"path": f.path, "sha256": f.sha256, "size": sizes.get(f.path, f.size)}
-                        for f in self.variant.files],
-            "steps": [
-                {"stage": "convert", "from": self.variant.format, "to": "F16", "seconds": conv.get("seconds"),
-                 "tensors": conv.get("tensors")},
-                {"stage": "quantize", "from": "F16", "to": self.plan.quant, "threads": self.plan.threads,
-                 "seconds": round(q.seconds, 2), "tensors": q.n_tensors, "fallbacks": q.n_fallback},
-            ],
-        }
-
-
-def prepare(plan: RunPlan, *, pull_options: PullOptions | None = None, on_event: EventCallback | None = None,
-            keep_intermediate: bool = False) -> Path:
-    """Run the plan's stages and return the runnable GGUF's path in the store.
-
-    ``pull_options`` default to those the plan was made with. ``keep_intermediate`` keeps the F16
-    conversion (for quantizing the same weights again).
-    """
-    emit = on_event or _noop
-    if plan.manifest is None:
-        raise UsageError("this plan carries no manifest", "make plans with make_plan()")
-    manifest = plan.manifest
-    variant = manifest.variant(plan.variant)
-    store = Store(plan.store_root)
-    options = dataclasses.replace(pull_options or plan.pull_options or PullOptions(), variant=variant.name,
-                                  extra_bytes=plan.intermediate_bytes + plan.final_bytes)
-    label = f"{manifest.name} ({variant.name})"
-    read_only = store.read_only_reason()
-    if variant.format == "gguf":
-        path = final_path(store, manifest, variant, plan.quant)
-        check_installed(store, manifest, variant, path)
-        if _gguf_ready(store, manifest, variant):
-            emit(ProgressEvent("stage-skipped", "fetch", source=label, message="already in the store, verified"))
-        else:
-            emit(ProgressEvent("stage", "fetch", source=label, message=f"fetching {len(variant.files)} file(s)"))
-            pull(store, manifest, options, emit)
-            emit(ProgressEvent("stage-done", "fetch", source=label, message="all files verified"))
-    elif read_only is not None:
-        # nothing can be written, so nothing can change: the file is used as it is, without locks
-        path = final_path(store, manifest, variant, plan.quant)
-        if not _derived_ready(path, variant, plan.quant):
-            raise store.read_only_error(f"prepare {label} {plan.quant}", read_only)
-        check_installed(store, manifest, variant, path)
-        for stage in STAGES:
-            emit(ProgressEvent("stage-skipped", stage, source=label,
-                               message=f"{path.name} is already in the store"))
-    else:
-        store.ensure()
-        lock = store.lock(f"pipeline-{manifest.name}-{variant.name}")
-        if not lock.try_acquire():
-            emit(ProgressEvent("waiting-lock", label, source=label,
-                               message=f"{lock.holder()} is preparing this model; waiting for it"))
-            lock.acquire()
-        try:
-            with store.shared():
-                path = _Pipeline(plan, store, manifest, variant, emit).run(options, keep_intermediate)
-        finally:
-            lock.release()
-    emit(ProgressEvent("ready", str(path), path.stat().st_size, path.stat().st_size, source=label,
-                       message=f"{label} {plan.quant} is ready"))
-    return path
-
-
-def plan_and_prepare(name: str | None = None, *, on_event: EventCallback | None = None, **kwargs: Any) -> Path:
-    """``make_plan`` then ``prepare`` with the user's configuration (the one call a script needs)."""
-    return prepare(make_plan(name, **kwargs), on_event=on_event)
-
