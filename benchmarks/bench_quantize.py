@@ -143,8 +143,12 @@ def main() -> None:
         src = tmp / "model-f16.gguf"
         t = time.perf_counter()
         size = write_model(src, args.layers)
-        print(f"wrote {src.name}: {args.layers} layers, {params / 1e9:.2f} B parameters, {size / 2**30:.2f} GiB "
-              f"in {time.perf_counter() - t:.0f} s", file=sys.stderr)
+        print(
+            f"wrote {src.name}: {args.layers} layers, {params / 1e9:.2f} B parameters, {size / 2**30:.2f} "
+            f"GiB "
+            f"in {time.perf_counter() - t:.0f} s",
+            file=sys.stderr,
+        )
         for ftype in args.types:
             best: dict[str, dict] = {}
             for _ in range(args.runs):
@@ -180,9 +184,11 @@ def main() -> None:
           f"{'llama s':>7} {'GB/s':>5} {'RSS GiB':>7} | {'speed':>6} | identical")
     for r in results:
         gb = r["input_bytes"] / 1e9
-        print(f"{r['type']:7} {r['layers']:>6} {r['threads']:>3} | {r['ours_s']:7.1f} {gb / r['ours_s']:5.2f} "
-              f"{r['ours_rss'] / 2**30:7.2f} | {r['llama_s']:7.1f} {gb / r['llama_s']:5.2f} "
-              f"{r['llama_rss'] / 2**30:7.2f} | {r['speed_ratio']:5.2f}x | {r['identical']}")
+        print(
+            f"{r['type']:7} {r['layers']:>6} {r['threads']:>3} | {r['ours_s']:7.1f} {gb / r['ours_s']:5.2f} "
+            f"{r['ours_rss'] / 2**30:7.2f} | {r['llama_s']:7.1f} {gb / r['llama_s']:5.2f} "
+            f"{r['llama_rss'] / 2**30:7.2f} | {r['speed_ratio']:5.2f}x | {r['identical']}"
+        )
 
 
 if __name__ == "__main__":

@@ -39,14 +39,21 @@ def free_bytes(folder: Path) -> int:
     return disk_free(folder)
 
 
-def disk_full_error(folder: Path, what: str, needed: int | None = None, err: OSError | None = None) -> DiskFullError:
+def disk_full_error(
+    folder: Path, what: str, needed: int | None = None, err: OSError | None = None
+) -> DiskFullError:
     """The one ``DiskFullError`` for "``what`` does not fit in ``folder``" (before or while writing)."""
     free = free_bytes(folder)
     need = f"it needs {human_bytes(needed)}, " if needed is not None else ""
     cause = f" ({err.strerror})" if err is not None and err.strerror else ""
-    return DiskFullError(f"not enough disk space in {folder} for {what}{cause}: {need}{human_bytes(free)} free",
-                         "free some disk space (pipx-llama gc removes unused files) or write elsewhere, then "
-                         "run the same command again", folder=str(folder), needed=needed, free=free)
+    return DiskFullError(
+        f"not enough disk space in {folder} for {what}{cause}: {need}{human_bytes(free)} free",
+        "free some disk space (pipx-llama gc removes unused files) or write elsewhere, then "
+        "run the same command again",
+        folder=str(folder),
+        needed=needed,
+        free=free,
+    )
 
 
 def check_free(folder: Path, needed: int, what: str) -> None:

@@ -19,8 +19,9 @@ that fails leaves its field at a safe default instead of raising:
 Free disk is measured with ``shutil.disk_usage`` on the store folder, or its nearest existing parent.
 
 Test and what-if overrides (environment): ``PIPX_LLAMA_FAKE_RAM`` (bytes, or a size: ``512M``,
-``8G``, ``16GiB``; see :mod:`pipx_llama.units`) pretends the machine has that much RAM, all of it available; ``PIPX_LLAMA_FREE_BYTES``
-pretends the store's disk has that many bytes free (the store's disk pre-check honours it too).
+``8G``, ``16GiB``; see :mod:`pipx_llama.units`) pretends the machine has that much RAM, all of it
+available; ``PIPX_LLAMA_FREE_BYTES`` pretends the disk has that many bytes free (every disk check
+honours it: the planner's, the store's, the converter's and the quantizer's).
 
 Also the resource arithmetic the planner uses: the f16 KV cache size, the RAM a model needs to run,
 and whether that fits comfortably.
@@ -57,11 +58,20 @@ SIMD_FEATURES = ("sse4_2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", 
                  "avx_vnni", "neon", "dotprod", "fp16", "sve")
 _LINUX_ARM_FLAGS = {"asimd": "neon", "neon": "neon", "asimddp": "dotprod", "asimdhp": "fp16", "sve": "sve"}
 _LLVM_NAMES = {"sse4.2": "sse4_2", "avx512vnni": "avx512_vnni", "avxvnni": "avx_vnni", "fullfp16": "fp16"}
-_MAC_KEYS = {"hw.optional.avx2_0": "avx2", "hw.optional.avx1_0": "avx", "hw.optional.fma": "fma",
-             "hw.optional.avx512f": "avx512f", "hw.optional.avx512bw": "avx512bw", "hw.optional.avx512vl": "avx512vl",
-             "hw.optional.sse4_2": "sse4_2", "hw.optional.neon": "neon", "hw.optional.arm64": "neon",
-             "hw.optional.arm.FEAT_DotProd": "dotprod", "hw.optional.arm.FEAT_FP16": "fp16",
-             "hw.optional.neon_fp16": "fp16"}
+_MAC_KEYS = {
+    "hw.optional.avx2_0": "avx2",
+    "hw.optional.avx1_0": "avx",
+    "hw.optional.fma": "fma",
+    "hw.optional.avx512f": "avx512f",
+    "hw.optional.avx512bw": "avx512bw",
+    "hw.optional.avx512vl": "avx512vl",
+    "hw.optional.sse4_2": "sse4_2",
+    "hw.optional.neon": "neon",
+    "hw.optional.arm64": "neon",
+    "hw.optional.arm.FEAT_DotProd": "dotprod",
+    "hw.optional.arm.FEAT_FP16": "fp16",
+    "hw.optional.neon_fp16": "fp16",
+}
 _MAC_CPU_FEATURES = {"fma": "fma", "f16c": "f16c", "avx1.0": "avx", "avx2": "avx2", "avx512f": "avx512f",
                      "avx512bw": "avx512bw", "avx512vl": "avx512vl", "sse4.2": "sse4_2"}
 # IsProcessorFeaturePresent ids (winnt.h)
@@ -101,7 +111,7 @@ class HardwareProfile:
         return out
 
 
-# --- parsing helpers (pure; tested with recorded outputs) ------------------------------------------------------
+# --- parsing helpers (pure; tested with recorded outputs) ---------------------------------------------------
 
 
 def parse_cpuinfo(text: str) -> dict[str, Any]:
@@ -212,7 +222,7 @@ def _quota_cpus(quota: str, period: str) -> int | None:
     return max(1, -(-int(quota) // int(period)))
 
 
-# --- probes ---------------------------------------------------------------------------------------------------
+# --- probes -------------------------------------------------------------------------------------------------
 
 
 def _read(path: str) -> str | None:
@@ -323,7 +333,9 @@ def _macos(info: dict[str, Any], run: Callable[[list[str]], str]) -> None:
         if values.get(key, "").isdigit():
             info[field] = int(values[key])
     simd = {name for key, name in _MAC_KEYS.items() if values.get(key) == "1"}
-    features = (run(["sysctl", "-n", "machdep.cpu.features", "machdep.cpu.leaf7_features"]) or "").lower().split()
+    features = (
+        (run(["sysctl", "-n", "machdep.cpu.features", "machdep.cpu.leaf7_features"]) or "").lower().split()
+    )
     simd |= {_MAC_CPU_FEATURES[f] for f in features if f in _MAC_CPU_FEATURES}
     info["simd"] = tuple(f for f in SIMD_FEATURES if f in simd)
     info["ram_available"] = parse_vm_stat(run(["vm_stat"]))
@@ -434,7 +446,8 @@ def disk_free(path: Path, env: Mapping[str, str] | None = None) -> int:
 
 def detect_hardware(store_path: Path, *, env: Mapping[str, str] | None = None,
                     system: str | None = None, run: Callable[[list[str]], str] = _run) -> HardwareProfile:
-    """Probe the machine (``system``/``run`` replace ``platform.system()`` and the command runner in tests)."""
+    """Probe the machine (``system``/``run`` replace ``platform.system()`` and the command runner in
+    tests)."""
     env = os.environ if env is None else env
     system = system or platform.system()
     notes: list[str] = []
@@ -452,7 +465,9 @@ def detect_hardware(store_path: Path, *, env: Mapping[str, str] | None = None,
         with contextlib.suppress(Exception):
             vm = ps.virtual_memory()
             info["ram_total"] = info["ram_total"] or int(vm.total)
-            info["ram_available"] = int(vm.available) if info["ram_available"] is None else info["ram_available"]
+            info["ram_available"] = (
+                int(vm.available) if info["ram_available"] is None else info["ram_available"]
+            )
         with contextlib.suppress(Exception):
             info["physical_cores"] = info["physical_cores"] or ps.cpu_count(logical=False)
     if not info["simd"]:
@@ -489,7 +504,7 @@ def detect_hardware(store_path: Path, *, env: Mapping[str, str] | None = None,
     )
 
 
-# --- resource arithmetic ----------------------------------------------------------------------------------------
+# --- resource arithmetic ------------------------------------------------------------------------------------
 
 
 def kv_cache_bytes(n_layers: int, n_ctx: int, n_kv_heads: int, head_dim: int) -> int:
@@ -515,7 +530,9 @@ def simd_summary(hw: HardwareProfile) -> str:
     if "avx2" in s and "fma" in s:
         return "AVX2 + FMA: the kernels are vectorized"
     if "neon" in s:
-        return "NEON: the kernels are vectorized" + (" (with dot-product instructions)" if "dotprod" in s else "")
+        return "NEON: the kernels are vectorized" + (
+            " (with dot-product instructions)" if "dotprod" in s else ""
+        )
     if "avx" in s:
         return "AVX without AVX2: the kernels run, about half as fast as on an AVX2 machine"
     return "no AVX2 or NEON detected: the kernels run, but expect slow generation"

@@ -45,7 +45,9 @@ SHARED = REPO.parent / "shared"
 
 
 def _data_dir() -> Path:
-    root = os.environ.get("PIPX_LLAMA_TEST_DATA") or os.path.join(platformdirs.user_cache_dir("pipx-llama"), "test-data")
+    root = os.environ.get("PIPX_LLAMA_TEST_DATA") or os.path.join(
+        platformdirs.user_cache_dir("pipx-llama"), "test-data"
+    )
     path = Path(root)
     path.mkdir(parents=True, exist_ok=True)
     return path

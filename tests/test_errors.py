@@ -45,7 +45,9 @@ def test_a_full_disk_is_one_class_everywhere():
 
     assert http.DiskFullError is store.DiskFullError is errors.DiskFullError
     err = disk_full_error(Path("/"), "a test", 10)
-    assert isinstance(err, errors.InsufficientResourcesError) and err.exit_code == 5 and err.resource == "disk"
+    assert (
+        isinstance(err, errors.InsufficientResourcesError) and err.exit_code == 5 and err.resource == "disk"
+    )
     names = {c.__name__ for c in _all_errors()}
     assert not {n for n in names if "disk" in n.lower()} - {"DiskFullError"}
 

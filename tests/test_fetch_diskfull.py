@@ -1,4 +1,5 @@
-"""Disk full: download() into a small tmpfs that the test mounts (root only; skipped otherwise, reason printed)."""
+"""Disk full: download() into a small tmpfs that the test mounts (root only; skipped otherwise, reason
+printed)."""
 
 from __future__ import annotations
 

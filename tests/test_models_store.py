@@ -215,8 +215,12 @@ def tmpfs(tmp_path):
         pytest.skip(reason)
     mnt = tmp_path / "small"
     mnt.mkdir()
-    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mnt)], capture_output=True, text=True,
-                          check=False)
+    proc = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mnt)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     if proc.returncode != 0:
         reason = f"cannot mount a tmpfs: {proc.stderr.strip()}"
         print(f"\nSKIP: {reason}")

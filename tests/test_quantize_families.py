@@ -66,7 +66,9 @@ def test_an_80_layer_qwen2_quantizes_like_llama_cpps_70b(tmp_path):
 
 def test_rows_off_32_quantize_like_llama_cpp(tmp_path):
     src = tmp_path / "d48.gguf"
-    write_tiny_model(src, arch="qwen2", dim=48, n_heads=4, n_kv_heads=2, ffn=96, qtype=Q.F32, tied=False, seed=2)
+    write_tiny_model(
+        src, arch="qwen2", dim=48, n_heads=4, n_kv_heads=2, ffn=96, qtype=Q.F32, tied=False, seed=2
+    )
     for ftype in ("Q4_0", "Q8_0", "Q4_K_M"):
         types = _same_as_llama_cpp(src, tmp_path, ftype)
         assert types["blk.0.attn_q.weight"] == "F16" and types["blk.0.ffn_down.weight"] != "F16"

@@ -161,8 +161,13 @@ def _fake_run(outputs: dict[str, str]):
 ])
 def test_macos_probe(monkeypatch, tmp_path, sysctl, expect):
     monkeypatch.setattr(system, "_psutil", lambda: None)
-    run = _fake_run({"sysctl": sysctl, "sysctl -n": "FPU FMA F16C SSE4.2\nAVX2 BMI2" if "Intel" in sysctl else "",
-                     "vm_stat": VM_STAT})
+    run = _fake_run(
+        {
+            "sysctl": sysctl,
+            "sysctl -n": "FPU FMA F16C SSE4.2\nAVX2 BMI2" if "Intel" in sysctl else "",
+            "vm_stat": VM_STAT,
+        }
+    )
     hw = detect_hardware(tmp_path, env={}, system="Darwin", run=run)
     assert hw.os == "macOS"
     assert hw.cpu_model == expect["cpu"]
@@ -304,7 +309,9 @@ def test_the_engine_and_the_planner_use_the_one_thread_default():
 def test_parse_cgroup_v1_cpus():
     assert system.parse_cgroup_v1_cpus("250000", "100000") == 3
     assert system.parse_cgroup_v1_cpus("-1", "100000") is None
-    assert system.parse_cgroup_v1_cpus(None, "100000") is None and system.parse_cgroup_v1_cpus("5", "0") is None
+    assert (
+        system.parse_cgroup_v1_cpus(None, "100000") is None and system.parse_cgroup_v1_cpus("5", "0") is None
+    )
 
 
 def test_compile_target_follows_numba_cpu_name(monkeypatch):

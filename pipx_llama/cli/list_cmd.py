@@ -1,4 +1,5 @@
-"""``pipx-llama list``: installed models (size, quantization, source, verification time) and partial downloads;
+"""``pipx-llama list``: installed models (size, quantization, source, verification time) and partial
+downloads;
 ``--available`` lists every model the manifests describe."""
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""``pipx-llama rm MODEL``: remove an installed model, its partial downloads and the blobs nothing else uses."""
+"""``pipx-llama rm MODEL``: remove an installed model, its partial downloads and the blobs nothing else
+uses."""
 
 from __future__ import annotations
 

@@ -45,9 +45,13 @@ def _size(text: str) -> int:
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("serve", help="serve models over an OpenAI- and Ollama-compatible HTTP API")
-    p.add_argument("model", nargs="*", default=[],
-                   help=f"model names or aliases, pulled into the store when missing (default: {DEFAULT_MODEL} "
-                        "unless -m is given)")
+    p.add_argument(
+        "model",
+        nargs="*",
+        default=[],
+        help=f"model names or aliases, pulled into the store when missing (default: {DEFAULT_MODEL} "
+        "unless -m is given)",
+    )
     p.add_argument("-m", "--model-file", action="append", default=[], type=Path, metavar="PATH.gguf",
                    help="also serve this GGUF file, named after its file name without .gguf (repeatable)")
     p.add_argument("--variant", default=None, help="variant of the named models (default: the manifest's)")
@@ -127,9 +131,13 @@ def run(args: argparse.Namespace) -> int:
     specs = _specs(args, ModelSpec)
     registry = ModelRegistry(specs, threads=args.threads, ctx_size=args.ctx_size)
     settings = ServerSettings(
-        api_key=api_key, max_queue=args.max_queue, max_body_bytes=args.max_body, body_timeout=args.body_timeout,
+        api_key=api_key,
+        max_queue=args.max_queue,
+        max_body_bytes=args.max_body,
+        body_timeout=args.body_timeout,
         cors_origins=args.cors_origin,
-        allowed_hosts=sorted({*LOOPBACK_NAMES, args.host.lower()}) if loopback else None, sampling=sampling,
+        allowed_hosts=sorted({*LOOPBACK_NAMES, args.host.lower()}) if loopback else None,
+        sampling=sampling,
     )
     _setup_logging(args.log_level)
     if args.preload:
@@ -148,8 +156,14 @@ def run(args: argparse.Namespace) -> int:
     )
     sys.stderr.flush()
     limits = ConnectionLimits(header_timeout=args.header_timeout, max_connections=args.max_connections)
-    config = uvicorn_config(app, limits, log_level=args.log_level, timeout_graceful_shutdown=3, server_header=False,
-                            log_config=None)
+    config = uvicorn_config(
+        app,
+        limits,
+        log_level=args.log_level,
+        timeout_graceful_shutdown=3,
+        server_header=False,
+        log_config=None,
+    )
     server = uvicorn.Server(config)
     if args.open:
         threading.Thread(target=_open_when_started, args=(server, page), daemon=True).start()
@@ -198,7 +212,9 @@ def _bind(host: str, port: int) -> socket.socket:
     try:
         infos = socket.getaddrinfo(host.strip("[]"), port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     except socket.gaierror as err:
-        raise UsageError(f"cannot listen on {host}: {err.strerror}", "pass an address of this machine") from None
+        raise UsageError(
+            f"cannot listen on {host}: {err.strerror}", "pass an address of this machine"
+        ) from None
     family, kind, proto, _, addr = infos[0]
     sock = socket.socket(family, kind, proto)
     if os.name == "posix":
@@ -208,7 +224,9 @@ def _bind(host: str, port: int) -> socket.socket:
         sock.listen(128)
     except OSError as err:
         sock.close()
-        raise UsageError(f"cannot listen on {host}:{port}: {err.strerror}",
-                         "another program may use that port; pick another with --port (0 = any free port)") from None
+        raise UsageError(
+            f"cannot listen on {host}:{port}: {err.strerror}",
+            "another program may use that port; pick another with --port (0 = any free port)",
+        ) from None
     sock.set_inheritable(True)
     return sock

@@ -110,11 +110,14 @@ class LlamaParams:
     def model_params(self) -> ModelParams:
         """The ``llama.*`` keys in the order convert_hf_to_gguf.py's LlamaModel adds them."""
         a = "llama"
-        kvs = [KV(f"{a}.block_count", self.n_layer, VT.UINT32), KV(f"{a}.context_length", self.n_ctx, VT.UINT32),
-               KV(f"{a}.embedding_length", self.n_embd, VT.UINT32),
-               KV(f"{a}.feed_forward_length", self.n_ff, VT.UINT32),
-               KV(f"{a}.attention.head_count", self.n_head, VT.UINT32),
-               KV(f"{a}.attention.head_count_kv", self.n_head_kv, VT.UINT32)]
+        kvs = [
+            KV(f"{a}.block_count", self.n_layer, VT.UINT32),
+            KV(f"{a}.context_length", self.n_ctx, VT.UINT32),
+            KV(f"{a}.embedding_length", self.n_embd, VT.UINT32),
+            KV(f"{a}.feed_forward_length", self.n_ff, VT.UINT32),
+            KV(f"{a}.attention.head_count", self.n_head, VT.UINT32),
+            KV(f"{a}.attention.head_count_kv", self.n_head_kv, VT.UINT32),
+        ]
         if self.rope_theta is not None:
             kvs.append(KV(f"{a}.rope.freq_base", self.rope_theta, VT.FLOAT32))
         kvs.append(KV(f"{a}.attention.layer_norm_rms_epsilon", self.norm_eps, VT.FLOAT32))
@@ -266,16 +269,24 @@ def write_gguf(
             w.add_quantization_version(gguf.GGML_QUANT_VERSION)
             vocab.add_to_gguf(w)
             for t, q in plan:
-                w.add_tensor_info(t.name, t.shape, np.dtype(np.float32), tensor_nbytes(t.shape, q), raw_dtype=q)
+                w.add_tensor_info(
+                    t.name, t.shape, np.dtype(np.float32), tensor_nbytes(t.shape, q), raw_dtype=q
+                )
             w.write_header_to_file(path=tmp)
             w.write_kv_data_to_file()
             w.write_ti_data_to_file()
-            emit(ProgressEvent("start", label, 0, total, message=f"writing {len(plan)} tensors as {outtype.name}"))
+            emit(
+                ProgressEvent(
+                    "start", label, 0, total, message=f"writing {len(plan)} tensors as {outtype.name}"
+                )
+            )
             done = 0
             for i, (t, q) in enumerate(plan):
                 data = t.load()
                 if tuple(data.shape) != tuple(t.shape):
-                    raise ModelFileError(f"tensor {t.name}: expected shape {t.shape}, the source gave {data.shape}")
+                    raise ModelFileError(
+                        f"tensor {t.name}: expected shape {t.shape}, the source gave {data.shape}"
+                    )
                 data = convert_tensor(data, t.kind, q)
                 w.write_tensor_data(data)
                 del data

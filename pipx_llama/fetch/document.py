@@ -32,7 +32,10 @@ def fetch_document(url: str, *, max_bytes: int, token: str | None = None, allow_
     too large, too slow or content-encoded), each naming the URL without its query string.
     """
     shown = redact_url(url)
-    headers = {"Accept-Encoding": "identity", "User-Agent": f"pipx-llama/{__version__} httpx/{httpx.__version__}"}
+    headers = {
+        "Accept-Encoding": "identity",
+        "User-Agent": f"pipx-llama/{__version__} httpx/{httpx.__version__}",
+    }
     if token:
         headers["Authorization"] = f"Bearer {token}"
     deadline = time.monotonic() + timeout

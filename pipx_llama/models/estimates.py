@@ -96,7 +96,9 @@ def _shape_from_files(folder: Path, variant: Variant) -> ModelShape | None:
                 arch = str(md.get("general.architecture", "llama"))
                 heads = int(md[f"{arch}.attention.head_count"])
                 kv = int(md.get(f"{arch}.attention.head_count_kv", heads))
-                head_dim = int(md.get(f"{arch}.attention.key_length", int(md[f"{arch}.embedding_length"]) // heads))
+                head_dim = int(
+                    md.get(f"{arch}.attention.key_length", int(md[f"{arch}.embedding_length"]) // heads)
+                )
                 return ModelShape(int(md[f"{arch}.block_count"]), kv, head_dim)
             finally:
                 g.close()

@@ -64,11 +64,14 @@ def _gguf_summary(path: Path) -> dict[str, Any]:
 
 def import_gguf(store: Store, catalog: Catalog, file: Path, name: str, *, copy: bool = False,
                 on_event: EventCallback | None = None) -> PullResult:
-    """Register an arbitrary GGUF file as model ``name``: writes its manifest under the store, then imports it."""
+    """Register an arbitrary GGUF file as model ``name``: writes its manifest under the store, then imports
+    it."""
     emit: EventCallback = on_event or (lambda e: None)
     file = Path(file)
     if not is_valid_model_name(name):
-        raise UsageError(f"{name!r} is not a valid model name", "use lowercase letters, digits, '.', '_' and '-'")
+        raise UsageError(
+            f"{name!r} is not a valid model name", "use lowercase letters, digits, '.', '_' and '-'"
+        )
     store.check_writable(f"import {file.name}")
     existing = catalog.get(name)
     summary = _gguf_summary(file)
@@ -86,13 +89,24 @@ def import_gguf(store: Store, catalog: Catalog, file: Path, name: str, *, copy: 
         rel = file.name if unsafe_path_reason(file.name) is None and file.suffix == ".gguf" else "model.gguf"
         ctx_note = "" if summary["context_length"] else " (context length not in the file; 2048 assumed)"
         data = {
-            "format": 1, "name": name,
-            "description": f"imported from {file.name}" + (f" ({summary['name']})" if summary["name"] else "") + ctx_note,
-            "license": f"unknown: imported by the user{' (file says: ' + str(summary['license']) + ')' if summary['license'] else ''}",
-            "architecture": summary["architecture"], "parameters": summary["parameters"],
+            "format": 1,
+            "name": name,
+            "description": f"imported from {file.name}"
+            + (f" ({summary['name']})" if summary["name"] else "")
+            + ctx_note,
+            "license": "unknown: imported by the user"
+            + (f" (file says: {summary['license']})" if summary["license"] else ""),
+            "architecture": summary["architecture"],
+            "parameters": summary["parameters"],
             "context_length": summary["context_length"] or 2048,
-            "variants": [{"name": (quant or "gguf").lower(), "format": "gguf", "quantization": quant or "unknown",
-                          "files": [{"path": rel, "size": size, "sha256": sha}]}],
+            "variants": [
+                {
+                    "name": (quant or "gguf").lower(),
+                    "format": "gguf",
+                    "quantization": quant or "unknown",
+                    "files": [{"path": rel, "size": size, "sha256": sha}],
+                }
+            ],
         }
         text = "# written by `pipx-llama import`\n" + render_manifest(data)
         dest = store.manifests_dir / f"{name}.toml"

@@ -40,8 +40,10 @@ class MirrorError(ModelFileError):
     """A mirror's manifest index, or a manifest it lists, is unusable; the message names the mirror."""
 
     def __init__(self, mirror: str, problem: str) -> None:
-        super().__init__(f"mirror {mirror}: {problem}",
-                         "fix the mirror, or stop using it (--mirror, PIPX_LLAMA_MIRROR, mirrors in the config)")
+        super().__init__(
+            f"mirror {mirror}: {problem}",
+            "fix the mirror, or stop using it (--mirror, PIPX_LLAMA_MIRROR, mirrors in the config)",
+        )
         self.mirror = mirror
 
 
@@ -89,8 +91,12 @@ def manifest_from_mirrors(name: str, mirrors: Sequence[str], *, allow_http: bool
 def _mirror_read(base: str, rel: str, limit: int, token: str | None, shown: str, allow_http: bool) -> bytes:
     """The bytes of ``manifests/<rel>`` of a mirror (URL or folder), at most ``limit`` of them."""
     if is_url(base):
-        return fetch_document(f"{base.rstrip('/')}/manifests/{quote(rel, safe='/')}", max_bytes=limit, token=token,
-                              allow_http=allow_http)
+        return fetch_document(
+            f"{base.rstrip('/')}/manifests/{quote(rel, safe='/')}",
+            max_bytes=limit,
+            token=token,
+            allow_http=allow_http,
+        )
     path = mirror_dir(base) / "manifests" / rel
     with open(path, "rb") as f:
         if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
@@ -133,7 +139,9 @@ def _index_entries(raw: bytes, shown: str) -> list[_IndexEntry]:
         if not isinstance(aliases, list) or not all(isinstance(a, str) for a in aliases):
             raise bad(f"{where}.aliases must be a list of strings")
         if not isinstance(file, str) or not file or unsafe_path_reason(file):
-            reason = unsafe_path_reason(file) if isinstance(file, str) and file else "must be a non-empty string"
+            reason = (
+                unsafe_path_reason(file) if isinstance(file, str) and file else "must be a non-empty string"
+            )
             raise bad(f"{where}.file {_short(file)}: {reason}")
         if digest is not None and (not isinstance(digest, str) or not re.fullmatch(r"[0-9a-f]{64}", digest)):
             raise bad(f"{where}.sha256 {_short(digest)} is not 64 lowercase hexadecimal digits")
@@ -146,8 +154,9 @@ def _mirror_manifest(base: str, shown: str, entry: _IndexEntry, name: str, token
     try:
         raw = _mirror_read(base, entry.file, MAX_MANIFEST_BYTES, token, shown, allow_http)
     except (SourceNotFound, FileNotFoundError):
-        raise MirrorError(shown, f"its index lists manifests/{entry.file} for {name!r}, but the file is missing") \
-            from None
+        raise MirrorError(
+            shown, f"its index lists manifests/{entry.file} for {name!r}, but the file is missing"
+        ) from None
     except FetchError as err:
         raise MirrorError(shown, f"cannot read manifests/{entry.file}: {err.message}") from None
     except OSError as err:
@@ -164,14 +173,20 @@ def _mirror_manifest(base: str, shown: str, entry: _IndexEntry, name: str, token
     m = parse_manifest(text, redact_url(origin) if is_url(base) else origin, allow_http=allow_http)
     keys = (m.name, *m.aliases)
     if name.lower() not in (k.lower() for k in keys):
-        raise MirrorError(shown, f"manifests/{entry.file}, listed for {name!r}, is the manifest of {m.name!r} "
-                                 f"(aliases: {', '.join(m.aliases) or 'none'})")
+        raise MirrorError(
+            shown,
+            f"manifests/{entry.file}, listed for {name!r}, is the manifest of {m.name!r} "
+            f"(aliases: {', '.join(m.aliases) or 'none'})",
+        )
     if catalog is not None:
         for key in keys:
             known = catalog.get(key)
             if known is not None:
-                raise MirrorError(shown, f"manifests/{entry.file} names {key!r}, which is already the model "
-                                         f"{known.name!r} ({known.origin}); a mirror cannot replace a known model")
+                raise MirrorError(
+                    shown,
+                    f"manifests/{entry.file} names {key!r}, which is already the model "
+                    f"{known.name!r} ({known.origin}); a mirror cannot replace a known model",
+                )
     return m
 
 
@@ -226,16 +241,26 @@ def export_mirror(store: Store, dest: Path, variants: Sequence[InstalledVariant]
             if out.is_file() and out.stat().st_size == size:
                 continue
             if not src.is_file():
-                report.skipped.append(f"{iv.model} ({iv.variant}) {f['path']}: blob missing (run verify/pull)")
+                report.skipped.append(
+                    f"{iv.model} ({iv.variant}) {f['path']}: blob missing (run verify/pull)"
+                )
                 continue
-            emit(ProgressEvent("start", str(f["path"]), 0, size, source=iv.model, message=f"exporting {sha[:12]}"))
+            emit(
+                ProgressEvent(
+                    "start", str(f["path"]), 0, size, source=iv.model, message=f"exporting {sha[:12]}"
+                )
+            )
             if link and link_or_copy(src, out) == "link":
                 pass
             else:
-                actual, _ = copy_hashing(src, out, ctx.progress(ManifestFile(str(f["path"]), sha, size), iv.model, size))
+                actual, _ = copy_hashing(
+                    src, out, ctx.progress(ManifestFile(str(f["path"]), sha, size), iv.model, size)
+                )
                 if actual != sha:
                     out.unlink(missing_ok=True)
-                    raise checksum_error(ManifestFile(str(f["path"]), sha, size), f"the store's blob {src}", actual)
+                    raise checksum_error(
+                        ManifestFile(str(f["path"]), sha, size), f"the store's blob {src}", actual
+                    )
                 report.bytes_written += size
             report.blobs.append(sha)
             emit(ProgressEvent("stored", str(f["path"]), size, size, source=iv.model, message="exported"))
@@ -248,5 +273,7 @@ def export_mirror(store: Store, dest: Path, variants: Sequence[InstalledVariant]
                                  "sha256": m.text_sha256}
             if name not in report.manifests:
                 report.manifests.append(name)
-    atomic_write_json(index_path, {"format": 1, "manifests": sorted(entries.values(), key=lambda e: e["name"])})
+    atomic_write_json(
+        index_path, {"format": 1, "manifests": sorted(entries.values(), key=lambda e: e["name"])}
+    )
     return report

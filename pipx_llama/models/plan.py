@@ -69,7 +69,7 @@ class SourceUnavailableError(FetchError):
 
 
 
-# --- options and their costs ------------------------------------------------------------------------------------
+# --- options and their costs --------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -102,7 +102,9 @@ class Option:
         return self.fits_ram and self.fits_disk
 
 
-def _missing_download(store: Store, manifest: Manifest, variant: Variant, options: PullOptions) -> tuple[int, bool]:
+def _missing_download(
+    store: Store, manifest: Manifest, variant: Variant, options: PullOptions
+) -> tuple[int, bool]:
     """(bytes still to download, whether any file is missing from the store)."""
     total, missing = 0, False
     for mf in variant.files:
@@ -126,7 +128,9 @@ def _option(store: Store, manifest: Manifest, variant: Variant, quant: str, shap
     if ready:
         weights = final.stat().st_size
     elif not converts:
-        weights = variant.known_size if variant.sizes_complete else estimate_gguf_bytes(manifest.parameters, quant)
+        weights = (
+            variant.known_size if variant.sizes_complete else estimate_gguf_bytes(manifest.parameters, quant)
+        )
     else:
         weights = estimate_gguf_bytes(manifest.parameters, quant)
     download = intermediate = final_new = 0
@@ -143,8 +147,20 @@ def _option(store: Store, manifest: Manifest, variant: Variant, quant: str, shap
             final_new = weights
     kv = shape.kv_bytes(n_ctx)
     ram = ram_needed(weights, kv)
-    return Option(variant, quant, weights, kv, ram, download, intermediate, final_new, tuple(stages), ready,
-                  fits_ram=ram <= ram_budget(hw), fits_disk=download + intermediate + final_new <= hw.disk_free)
+    return Option(
+        variant,
+        quant,
+        weights,
+        kv,
+        ram,
+        download,
+        intermediate,
+        final_new,
+        tuple(stages),
+        ready,
+        fits_ram=ram <= ram_budget(hw),
+        fits_disk=download + intermediate + final_new <= hw.disk_free,
+    )
 
 
 def options_for(store: Store, manifest: Manifest, hw: HardwareProfile, n_ctx: int,
@@ -156,8 +172,9 @@ def options_for(store: Store, manifest: Manifest, hw: HardwareProfile, n_ctx: in
     out: list[Option] = []
     for v in variants:
         shape = model_shape(store, manifest, v)
-        quants = [default_quant(v)] + ([q for q in QUANT_LADDER if q != default_quant(v)] if v.format in CONVERTIBLE
-                                       else [])
+        quants = [default_quant(v)] + (
+            [q for q in QUANT_LADDER if q != default_quant(v)] if v.format in CONVERTIBLE else []
+        )
         for q in quants:
             out.append(_option(store, manifest, v, q, shape, n_ctx, hw, opts))
     out.sort(key=lambda o: 0 if (o.variant == default_v and o.quant == default_quant(default_v)) else 1)
@@ -184,7 +201,7 @@ def choose(options: Sequence[Option], quant: str | None = None, *, check_ram: bo
     return max(fitting, key=lambda o: (o.weights_bytes, o.ready, not o.converts))
 
 
-# --- the plan ---------------------------------------------------------------------------------------------------
+# --- the plan -----------------------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -232,8 +249,15 @@ def pull_options_from_config(config: Config, **overrides: Any) -> PullOptions:
         fetch.part_threshold = config.part_threshold
     if config.give_up_after:
         fetch.give_up_after = config.give_up_after
-    base = PullOptions(mirrors=list(config.mirrors), url=config.url, offline=config.offline,
-                       allow_http=config.allow_http, token=config.token, hf_token=config.hf_token, fetch=fetch)
+    base = PullOptions(
+        mirrors=list(config.mirrors),
+        url=config.url,
+        offline=config.offline,
+        allow_http=config.allow_http,
+        token=config.token,
+        hf_token=config.hf_token,
+        fetch=fetch,
+    )
     return dataclasses.replace(base, **overrides)
 
 
@@ -242,8 +266,14 @@ def resolve_model(name: str, catalog: Catalog, options: PullOptions) -> Manifest
     found = catalog.get(name)
     if found is not None:
         return found
-    remote = manifest_from_mirrors(name, options.mirrors, allow_http=options.allow_http, offline=options.offline,
-                                   token=options.token, catalog=catalog)
+    remote = manifest_from_mirrors(
+        name,
+        options.mirrors,
+        allow_http=options.allow_http,
+        offline=options.offline,
+        token=options.token,
+        catalog=catalog,
+    )
     return remote or catalog.resolve(name)
 
 
@@ -262,7 +292,9 @@ def _context(manifest: Manifest, n_ctx: int | None) -> int:
     return n_ctx
 
 
-def unavailable_reason(store: Store, manifest: Manifest, variant: Variant, options: PullOptions) -> str | None:
+def unavailable_reason(
+    store: Store, manifest: Manifest, variant: Variant, options: PullOptions
+) -> str | None:
     """Why the variant's missing files cannot be fetched with these options, in a few words (None: some
     source may work)."""
     missing = [f for f in variant.files if not store.has_blob(f.sha256, f.size)]
@@ -305,7 +337,9 @@ def make_plan(name: str | None = None, *, variant: str | None = None, quant: str
     wanted = _canonical_quant(quant) if quant else None
     options = options_for(store, manifest, hw, ctx, opts, variant=variant)
     if wanted is not None and not any(o.quant == wanted for o in options):
-        have = sorted({o.quant for o in options}, key=lambda q: QUANT_LADDER.index(q) if q in QUANT_LADDER else -1)
+        have = sorted(
+            {o.quant for o in options}, key=lambda q: QUANT_LADDER.index(q) if q in QUANT_LADDER else -1
+        )
         raise UsageError(f"{manifest.name} cannot run in {wanted}", "available: " + ", ".join(have))
     chosen = choose(options, wanted, check_ram=check_ram)
     if chosen is None:
@@ -320,13 +354,26 @@ def make_plan(name: str | None = None, *, variant: str | None = None, quant: str
             raise _unavailable(manifest, v, why, hw, ctx, cat, store, opts)
     reason = _reason(chosen, options, wanted, variant)
     return RunPlan(
-        model=manifest.name, variant=v.name, source_format=v.format, quant=chosen.quant,
-        download_bytes=chosen.download_bytes, peak_disk_bytes=chosen.peak_disk_bytes, ram_bytes=chosen.ram_bytes,
-        threads=threads or hw.threads, n_ctx=ctx, stages=list(chosen.stages),
-        final_path=final_path(store, manifest, v, chosen.quant), store_root=store.root,
-        parameters=manifest.parameters, weights_bytes=chosen.weights_bytes, kv_bytes=chosen.kv_bytes,
-        intermediate_bytes=chosen.intermediate_bytes, final_bytes=chosen.final_bytes, reason=reason,
-        manifest=manifest, pull_options=opts,
+        model=manifest.name,
+        variant=v.name,
+        source_format=v.format,
+        quant=chosen.quant,
+        download_bytes=chosen.download_bytes,
+        peak_disk_bytes=chosen.peak_disk_bytes,
+        ram_bytes=chosen.ram_bytes,
+        threads=threads or hw.threads,
+        n_ctx=ctx,
+        stages=list(chosen.stages),
+        final_path=final_path(store, manifest, v, chosen.quant),
+        store_root=store.root,
+        parameters=manifest.parameters,
+        weights_bytes=chosen.weights_bytes,
+        kv_bytes=chosen.kv_bytes,
+        intermediate_bytes=chosen.intermediate_bytes,
+        final_bytes=chosen.final_bytes,
+        reason=reason,
+        manifest=manifest,
+        pull_options=opts,
     )
 
 
@@ -334,7 +381,9 @@ def _reason(chosen: Option, options: Sequence[Option], wanted: str | None, varia
     if wanted is not None:
         return f"{wanted} as asked"
     if chosen is options[0]:
-        return "the manifest's default" if variant is None else f"the default of variant {chosen.variant.name}"
+        return (
+            "the manifest's default" if variant is None else f"the default of variant {chosen.variant.name}"
+        )
     d = options[0]
     short = "RAM" if not d.fits_ram else "disk space"
     return f"the default ({d.variant.name}, {d.quant}) needs more {short} than this machine has; " \
@@ -397,10 +446,13 @@ def _refusal(manifest: Manifest, target: Option, options: Sequence[Option], hw: 
     alternatives += _other_models(manifest, hw, n_ctx, catalog, store, opts, check_ram)[:2]
     what = _label(manifest, target)
     if ram_short:
-        message = (f"not enough memory for {what}: it needs {human_bytes(target.ram_bytes)} of RAM (weights "
-                   f"{human_bytes(target.weights_bytes)} + KV cache {human_bytes(target.kv_bytes)} for {n_ctx} tokens + "
-                   f"{human_bytes(RUNTIME_OVERHEAD)} runtime); {human_bytes(hw.ram_available)} is available "
-                   f"(at most {human_bytes(ram_budget(hw))} may be used comfortably)")
+        message = (
+            f"not enough memory for {what}: it needs {human_bytes(target.ram_bytes)} of RAM (weights "
+            f"{human_bytes(target.weights_bytes)} + KV cache {human_bytes(target.kv_bytes)} for {n_ctx} "
+            f"tokens + "
+            f"{human_bytes(RUNTIME_OVERHEAD)} runtime); {human_bytes(hw.ram_available)} is available "
+            f"(at most {human_bytes(ram_budget(hw))} may be used comfortably)"
+        )
         resource, needed, available = "ram", target.ram_bytes, hw.ram_available
         last = "or close other programs to free memory"
     else:
@@ -409,9 +461,13 @@ def _refusal(manifest: Manifest, target: Option, options: Sequence[Option], hw: 
             parts.append(f"F16 conversion {human_bytes(target.intermediate_bytes)}")
         if target.final_bytes:
             parts.append(f"{target.quant} file {human_bytes(target.final_bytes)}")
-        message = (f"not enough disk space for {what} in {store.root}: it needs {human_bytes(target.peak_disk_bytes)} "
-                   f"at peak ({' + '.join(parts)}); {human_bytes(hw.disk_free)} is free")
-        last = "or free disk space (pipx-llama gc removes unused files) or point PIPX_LLAMA_HOME at a bigger disk"
+        message = (
+            f"not enough disk space for {what} in {store.root}: it needs "
+            f"{human_bytes(target.peak_disk_bytes)} "
+            f"at peak ({' + '.join(parts)}); {human_bytes(hw.disk_free)} is free"
+        )
+        last = ("or free disk space (pipx-llama gc removes unused files) or point PIPX_LLAMA_HOME at a "
+                "bigger disk")
         return DiskFullError(message, _alternatives_hint(alternatives, last), folder=str(store.root),
                              needed=target.peak_disk_bytes, free=hw.disk_free, alternatives=alternatives)
     hint = _alternatives_hint(alternatives, last)
@@ -427,10 +483,20 @@ def _alternatives_hint(alternatives: Sequence[dict[str, Any]], last: str) -> str
     return "what would fit: " + "; ".join(shown) + "; " + last
 
 
-def _unavailable(manifest: Manifest, variant: Variant, why: str, hw: HardwareProfile, n_ctx: int, catalog: Catalog,
-                 store: Store, opts: PullOptions) -> PipxLlamaError:
+def _unavailable(
+    manifest: Manifest,
+    variant: Variant,
+    why: str,
+    hw: HardwareProfile,
+    n_ctx: int,
+    catalog: Catalog,
+    store: Store,
+    opts: PullOptions,
+) -> PipxLlamaError:
     other = _other_models(manifest, hw, n_ctx, catalog, store, opts, True)
-    instead = f"; or run a model that downloads by itself: `pipx-llama run {other[0]['model']}`" if other else ""
+    instead = (
+        f"; or run a model that downloads by itself: `pipx-llama run {other[0]['model']}`" if other else ""
+    )
     message = f"cannot obtain {manifest.name} ({variant.name}): {why}"
     if opts.offline:
         return OfflineError(message, "run without --offline / PIPX_LLAMA_OFFLINE, or give the files with "

@@ -56,7 +56,9 @@ def _noop(_ev: ProgressEvent) -> None:
 
 
 class _Pipeline:
-    def __init__(self, plan: RunPlan, store: Store, manifest: Manifest, variant: Variant, emit: EventCallback) -> None:
+    def __init__(
+        self, plan: RunPlan, store: Store, manifest: Manifest, variant: Variant, emit: EventCallback
+    ) -> None:
         self.plan = plan
         self.store = store
         self.manifest = manifest
@@ -81,7 +83,8 @@ class _Pipeline:
         atomic_write_json(self.folder / STATE_FILE, state)
 
     def clean_temporaries(self) -> None:
-        """Leftovers of a killed conversion or quantization (we hold the variant's lock: nobody else writes)."""
+        """Leftovers of a killed conversion or quantization (we hold the variant's lock: nobody else
+        writes)."""
         for p in self.folder.glob(".*.gguf.*.tmp"):  # pipx_llama.files.temp_path's names
             p.unlink(missing_ok=True)
 
@@ -148,12 +151,21 @@ class _Pipeline:
         result = convert(self.source_dir(), inter, "f16", on_event=self.emit)
         st = inter.stat()
         state["current"] = None
-        state["stages"]["convert"] = {"status": "done", "at": now_iso(), "path": INTERMEDIATE, "outtype": "F16",
-                                      "size": st.st_size, "mtime_ns": st.st_mtime_ns,
-                                      "seconds": round(result.seconds, 2), "tensors": result.n_tensors,
-                                      "source_format": result.source_format}
+        state["stages"]["convert"] = {
+            "status": "done",
+            "at": now_iso(),
+            "path": INTERMEDIATE,
+            "outtype": "F16",
+            "size": st.st_size,
+            "mtime_ns": st.st_mtime_ns,
+            "seconds": round(result.seconds, 2),
+            "tensors": result.n_tensors,
+            "source_format": result.source_format,
+        }
         self.save(state)
-        self.stage("stage-done", "convert", f"{inter.name}: {human_bytes(st.st_size)} in {result.seconds:.1f} s")
+        self.stage(
+            "stage-done", "convert", f"{inter.name}: {human_bytes(st.st_size)} in {result.seconds:.1f} s"
+        )
 
     def quantize(self, state: dict[str, Any], inter: Path, final: Path, quant: str) -> None:
         from pipx_llama.quant.file import quantize_model
@@ -173,8 +185,14 @@ class _Pipeline:
         record = {**self.provenance(state, q, digest, size), **gguf_header_digest(final)}
         atomic_write_json(provenance_path(final), record)
         state["current"] = None
-        quants[quant] = {"status": "done", "at": now_iso(), "path": final.name, "sha256": digest, "size": size,
-                         "seconds": round(q.seconds, 2)}
+        quants[quant] = {
+            "status": "done",
+            "at": now_iso(),
+            "path": final.name,
+            "sha256": digest,
+            "size": size,
+            "seconds": round(q.seconds, 2),
+        }
         self.save(state)
         self.stage("stage-done", "quantize", f"{final.name}: {human_bytes(size)} in {q.seconds:.1f} s")
 
@@ -183,17 +201,38 @@ class _Pipeline:
         sizes = {f.get("path"): f.get("size") for f in pulled.get("files", [])}
         conv = state["stages"].get("convert", {})
         return {
-            "format": 1, "kind": "derived", "model": self.manifest.name, "variant": self.variant.name,
-            "quantization": self.plan.quant, "path": self.plan.final_path.name, "sha256": digest, "size": size,
-            "created_at": now_iso(), "created_by": f"pipx-llama {__version__}",
+            "format": 1,
+            "kind": "derived",
+            "model": self.manifest.name,
+            "variant": self.variant.name,
+            "quantization": self.plan.quant,
+            "path": self.plan.final_path.name,
+            "sha256": digest,
+            "size": size,
+            "created_at": now_iso(),
+            "created_by": f"pipx-llama {__version__}",
             "manifest": {"origin": self.manifest.origin, "sha256": self.manifest.text_sha256},
-            "sources": [{"path": f.path, "sha256": f.sha256, "size": sizes.get(f.path, f.size)}
-                        for f in self.variant.files],
+            "sources": [
+                {"path": f.path, "sha256": f.sha256, "size": sizes.get(f.path, f.size)}
+                for f in self.variant.files
+            ],
             "steps": [
-                {"stage": "convert", "from": self.variant.format, "to": "F16", "seconds": conv.get("seconds"),
-                 "tensors": conv.get("tensors")},
-                {"stage": "quantize", "from": "F16", "to": self.plan.quant, "threads": self.plan.threads,
-                 "seconds": round(q.seconds, 2), "tensors": q.n_tensors, "fallbacks": q.n_fallback},
+                {
+                    "stage": "convert",
+                    "from": self.variant.format,
+                    "to": "F16",
+                    "seconds": conv.get("seconds"),
+                    "tensors": conv.get("tensors"),
+                },
+                {
+                    "stage": "quantize",
+                    "from": "F16",
+                    "to": self.plan.quant,
+                    "threads": self.plan.threads,
+                    "seconds": round(q.seconds, 2),
+                    "tensors": q.n_tensors,
+                    "fallbacks": q.n_fallback,
+                },
             ],
         }
 
@@ -219,9 +258,17 @@ def prepare(plan: RunPlan, *, pull_options: PullOptions | None = None, on_event:
         path = final_path(store, manifest, variant, plan.quant)
         check_installed(store, manifest, variant, path)
         if gguf_ready(store, manifest, variant):
-            emit(ProgressEvent("stage-skipped", "fetch", source=label, message="already in the store, verified"))
+            emit(
+                ProgressEvent(
+                    "stage-skipped", "fetch", source=label, message="already in the store, verified"
+                )
+            )
         else:
-            emit(ProgressEvent("stage", "fetch", source=label, message=f"fetching {len(variant.files)} file(s)"))
+            emit(
+                ProgressEvent(
+                    "stage", "fetch", source=label, message=f"fetching {len(variant.files)} file(s)"
+                )
+            )
             pull(store, manifest, options, emit)
             emit(ProgressEvent("stage-done", "fetch", source=label, message="all files verified"))
     elif read_only is not None:
@@ -250,6 +297,8 @@ def prepare(plan: RunPlan, *, pull_options: PullOptions | None = None, on_event:
     return path
 
 
-def plan_and_prepare(name: str | None = None, *, on_event: EventCallback | None = None, **kwargs: Any) -> Path:
+def plan_and_prepare(
+    name: str | None = None, *, on_event: EventCallback | None = None, **kwargs: Any
+) -> Path:
     """``make_plan`` then ``prepare`` with the user's configuration (the one call a script needs)."""
     return prepare(make_plan(name, **kwargs), on_event=on_event)

@@ -216,14 +216,16 @@ def _all_failed(manifest: Manifest, variant: Variant, mf: ManifestFile, mine: li
             "this variant lists no download source: use --from-dir DIR, --mirror URL or import", mine)
     lines = "\n".join(f"  {f.source}: {f.message}" for f in mine)
     msg = f"could not fetch {mf.path} of {manifest.name} ({variant.name}) from any source:\n{lines}"
-    if any(f.kind == "offline" for f in mine) and all(f.kind in ("offline", "no-url", "not-found") for f in mine):
+    if any(f.kind == "offline" for f in mine) and all(
+        f.kind in ("offline", "no-url", "not-found") for f in mine
+    ):
         return OfflineError(msg, "run without --offline, or give a local copy with --from-dir DIR")
     hint = "; ".join(dict.fromkeys(f.hint for f in mine if f.hint))
     return PullError(msg, hint or "check the network and the sources, then retry"
                      + (" (the partial download resumes)" if kept else ""), mine)
 
 
-# --- pull ----------------------------------------------------------------------------------------------------
+# --- pull ---------------------------------------------------------------------------------------------------
 
 
 def _known_source(store: Store, sha256: str) -> dict[str, Any]:
@@ -258,7 +260,9 @@ def _pull(store: Store, manifest: Manifest, options: PullOptions | None,
             "waiting-lock", manifest.name, message=f"the store is busy ({holder}: gc or rm); waiting"))):
         plan = plan_space(store, manifest, variant, options)
         if plan.needed:
-            what = f"{manifest.name} ({variant.name})" + (" (sizes partly estimated)" if plan.estimated else "")
+            what = f"{manifest.name} ({variant.name})" + (
+                " (sizes partly estimated)" if plan.estimated else ""
+            )
             store.check_space(plan.needed, what)
         emit(ProgressEvent("plan", manifest.name, 0, plan.needed,
                            message=f"({variant.name}): {len(variant.files)} file(s), "
@@ -280,11 +284,19 @@ def _pull(store: Store, manifest: Manifest, options: PullOptions | None,
         path = _install(store, manifest, variant, records)
     emit(ProgressEvent("installed", manifest.name, variant.known_size, variant.known_size,
                        message=f"{manifest.name} ({variant.name}) is ready in {path}"))
-    return PullResult(manifest.name, variant.name, path, store.read_provenance(manifest.name, variant.name)["files"],
-                      failures, fetched)
+    return PullResult(
+        manifest.name,
+        variant.name,
+        path,
+        store.read_provenance(manifest.name, variant.name)["files"],
+        failures,
+        fetched,
+    )
 
 
-def _install(store: Store, manifest: Manifest, variant: Variant, records: Mapping[str, Mapping[str, Any]]) -> Path:
+def _install(
+    store: Store, manifest: Manifest, variant: Variant, records: Mapping[str, Mapping[str, Any]]
+) -> Path:
     with store.lock(f"model-{manifest.name}"):
         old = store.read_provenance(manifest.name, variant.name) or {}
         before = {f.get("path"): f for f in old.get("files", []) if isinstance(f, dict)}
@@ -310,7 +322,11 @@ def _install(store: Store, manifest: Manifest, variant: Variant, records: Mappin
             "variant_format": variant.format,
             "quantization": variant.quantization,
             "architecture": manifest.architecture,
-            "manifest": {"origin": manifest.origin, "sha256": manifest.text_sha256, "bundled": manifest.bundled},
+            "manifest": {
+                "origin": manifest.origin,
+                "sha256": manifest.text_sha256,
+                "bundled": manifest.bundled,
+            },
             "manifest_text": manifest.text,
             "installed_at": old.get("installed_at") or now_iso(),
             # every file was hashed on its way into the store

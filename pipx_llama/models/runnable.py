@@ -69,8 +69,11 @@ def derived_ready(final: Path, variant: Variant, quant: str) -> bool:
     if record is None or not final.is_file():
         return False
     sources = {s.get("path"): s.get("sha256") for s in record.get("sources", []) if isinstance(s, dict)}
-    return (record.get("size") == final.stat().st_size and str(record.get("quantization", "")).upper() == quant
-            and sources == source_hashes(variant))
+    return (
+        record.get("size") == final.stat().st_size
+        and str(record.get("quantization", "")).upper() == quant
+        and sources == source_hashes(variant)
+    )
 
 
 def gguf_ready(store: Store, manifest: Manifest, variant: Variant) -> bool:
@@ -122,7 +125,9 @@ def read_state(store: Store, manifest: Manifest, variant: Variant) -> dict[str, 
     return state
 
 
-def convert_done(store: Store, manifest: Manifest, variant: Variant, state: dict[str, Any] | None = None) -> bool:
+def convert_done(
+    store: Store, manifest: Manifest, variant: Variant, state: dict[str, Any] | None = None
+) -> bool:
     state = read_state(store, manifest, variant) if state is None else state
     conv = state.get("stages", {}).get("convert", {})
     inter = store.variant_dir(manifest.name, variant.name) / INTERMEDIATE
@@ -130,4 +135,8 @@ def convert_done(store: Store, manifest: Manifest, variant: Variant, state: dict
         st = inter.stat()
     except OSError:
         return False
-    return conv.get("status") == "done" and conv.get("size") == st.st_size and conv.get("mtime_ns") == st.st_mtime_ns
+    return (
+        conv.get("status") == "done"
+        and conv.get("size") == st.st_size
+        and conv.get("mtime_ns") == st.st_mtime_ns
+    )

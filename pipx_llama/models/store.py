@@ -137,7 +137,7 @@ def link_or_copy(src: Path, dest: Path, *, copy: bool = False) -> str:
     return mode
 
 
-# --- locks ---------------------------------------------------------------------------------------------------
+# --- locks --------------------------------------------------------------------------------------------------
 
 
 class Lock:
@@ -319,7 +319,7 @@ def _read_only_mount(folder: Path) -> bool:
         return False
 
 
-# --- records -------------------------------------------------------------------------------------------------
+# --- records ------------------------------------------------------------------------------------------------
 
 
 @dataclass
@@ -390,7 +390,7 @@ class RemovalReport:
         return sum(1 for q in self.files if q.exists() and q.lstat().st_ino == ino)
 
 
-# --- the store -----------------------------------------------------------------------------------------------
+# --- the store ----------------------------------------------------------------------------------------------
 
 
 class Store:
@@ -551,14 +551,18 @@ class Store:
         return disk_free(self.root)
 
     def check_space(self, needed: int, what: str) -> None:
-        """Refuse, before any byte is written, work that needs more than the free space of the store's disk."""
+        """Refuse, before any byte is written, work that needs more than the free space of the store's
+        disk."""
         free = self.free_bytes()
         if needed > free:
             raise DiskFullError(
                 f"not enough disk space in {self.root} for {what}: need {human_bytes(needed)} "
                 f"({needed} bytes), {human_bytes(free)} ({free} bytes) free",
-                "free some space (pipx-llama gc removes unused files), or point PIPX_LLAMA_HOME at a bigger disk",
-                folder=str(self.root), needed=needed, free=free,
+                "free some space (pipx-llama gc removes unused files), or point PIPX_LLAMA_HOME at a bigger "
+                "disk",
+                folder=str(self.root),
+                needed=needed,
+                free=free,
             )
 
     def supports_hardlinks(self) -> bool:

@@ -266,7 +266,8 @@ def _check_widenable(choices: list[TensorChoice]) -> None:
     for c in choices:
         if c.source != c.target and c.source not in (Q.F32, Q.F16, Q.BF16) and c.source not in WEIGHT_KERNELS:
             raise UnsupportedModelError(
-                f"tensor {c.name!r} is stored as {c.source.name}, which pipx-llama cannot convert to {c.target.name}",
+                f"tensor {c.name!r} is stored as {c.source.name}, which pipx-llama cannot convert to "
+                f"{c.target.name}",
                 "quantize from an F32, F16 or BF16 model (or one in Q4_0..Q8_0, Q4_K..Q6_K)",
             )
 
@@ -275,7 +276,8 @@ def _value_error(src: Path, choice: TensorChoice, row: int, code: int, x: np.nda
     if code & STATUS_NONFINITE:
         bad = int(np.count_nonzero(~np.isfinite(x)))
         return QuantizeValueError(
-            f"{src}: tensor {choice.name!r} holds NaN or infinite values ({bad} in row {row}); it cannot be quantized",
+            f"{src}: tensor {choice.name!r} holds NaN or infinite values ({bad} in row {row}); it cannot be "
+            f"quantized",
             "the model file is damaged or was converted from broken weights; re-download or re-convert it",
         )
     biggest = float(np.max(np.abs(x)))
@@ -286,7 +288,9 @@ def _value_error(src: Path, choice: TensorChoice, row: int, code: int, x: np.nda
     )
 
 
-def _quantized_tensor(src_path: Path, source: _TensorSource, choice: TensorChoice, chunk_elements: int) -> np.ndarray:
+def _quantized_tensor(
+    src_path: Path, source: _TensorSource, choice: TensorChoice, chunk_elements: int
+) -> np.ndarray:
     """The tensor's bytes in its target type, built chunk by chunk: uint8 [rows, target row bytes]."""
     n, rows = source.n, source.rows
     target = choice.target
@@ -333,11 +337,15 @@ def _store_float(x: np.ndarray, out: np.ndarray, target: GGMLQuantizationType, s
 
 def _check_paths(src: Path, dst: Path) -> None:
     if not dst.parent.is_dir():
-        raise UsageError(f"{dst.parent}: no such folder for the output file", "create the folder or fix the path")
+        raise UsageError(
+            f"{dst.parent}: no such folder for the output file", "create the folder or fix the path"
+        )
     if dst.is_dir():
         raise UsageError(f"{dst}: is a folder", "give the output a file name, e.g. model-Q4_K_M.gguf")
     if dst.exists() and src.exists() and os.path.samefile(src, dst):
-        raise UsageError(f"{dst}: the output would overwrite the input", "write the quantized model to another file")
+        raise UsageError(
+            f"{dst}: the output would overwrite the input", "write the quantized model to another file"
+        )
 
 
 def plan_quantization(g: GGUFFile, ft: FileType) -> list[TensorChoice]:
@@ -389,7 +397,9 @@ def quantize_model(
         previous_threads = numba.get_num_threads()
         if threads is not None:
             if threads < 1:
-                raise UsageError(f"--threads must be at least 1, got {threads}", "pass a positive thread count")
+                raise UsageError(
+                    f"--threads must be at least 1, got {threads}", "pass a positive thread count"
+                )
             numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
         try:
             return _write(g, src, dst, ft, choices, bytes_out, on_event, chunk_elements)
@@ -410,8 +420,13 @@ def _write(g: GGUFFile, src: Path, dst: Path, ft: FileType, choices: list[Tensor
         try:
             _copy_metadata(writer, g, ft)
             for c in choices:
-                writer.add_tensor_info(c.name, tuple(reversed(c.shape)), np.dtype(np.float32), _output_bytes(c),
-                                       raw_dtype=c.target)
+                writer.add_tensor_info(
+                    c.name,
+                    tuple(reversed(c.shape)),
+                    np.dtype(np.float32),
+                    _output_bytes(c),
+                    raw_dtype=c.target,
+                )
             emit(ProgressEvent("start", label, 0, bytes_in,
                                message=f"{len(choices)} tensors to {ft.name}, {bytes_out / 2**20:.1f} MiB"))
             writer.write_header_to_file()
@@ -419,10 +434,17 @@ def _write(g: GGUFFile, src: Path, dst: Path, ft: FileType, choices: list[Tensor
             writer.write_ti_data_to_file()
             _write_tensors(writer, g, src, choices, bytes_in, emit, chunk_elements, label, t0)
         finally:
-            writer.close()  # before atomic_output renames or removes the file (Windows cannot while it is open)
+            writer.close()  # before atomic_output renames or removes it (Windows cannot while it is open)
     seconds = time.monotonic() - t0
-    emit(ProgressEvent("done", label, bytes_in, bytes_in,
-                       message=f"{bytes_in / 2**20:.1f} MiB -> {bytes_out / 2**20:.1f} MiB in {seconds:.1f} s"))
+    emit(
+        ProgressEvent(
+            "done",
+            label,
+            bytes_in,
+            bytes_in,
+            message=f"{bytes_in / 2**20:.1f} MiB -> {bytes_out / 2**20:.1f} MiB in {seconds:.1f} s",
+        )
+    )
     return QuantizeResult(dst, ft.name, len(choices), bytes_in, bytes_out, seconds,
                           sum(c.fallback for c in choices), {c.name: c.target.name for c in choices})
 

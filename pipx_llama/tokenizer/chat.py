@@ -38,8 +38,10 @@ from pipx_llama.tokenizer.sandbox import BudgetedEnvironment, BudgetExceeded, Li
 MAX_TEMPLATE_CHARS = 1 << 20
 RENDER_LIMITS = Limits()
 _BROKEN = "the model's tokenizer.chat_template is broken; supply a working template"
-_STOPPED = ("a chat template renders a conversation in well under a millisecond: this one loops, recurses or "
-            "grows without bound (check the model's tokenizer.chat_template), or the conversation is far too long")
+_STOPPED = (
+    "a chat template renders a conversation in well under a millisecond: this one loops, recurses or "
+    "grows without bound (check the model's tokenizer.chat_template), or the conversation is far too long"
+)
 
 CHATML_TEMPLATE = (
     "{% for message in messages %}"
