@@ -119,8 +119,13 @@ def write_model(path: Path, ftype_name: str, seed: int = 7) -> int:
         else:
             block, size = GGML_QUANT_SIZES[c.target]
             # numpy byte shape [rows, row bytes]; the writer turns it into ggml's element shape
-            w.add_tensor_info(c.name, (rows, cols // block * size), np.dtype(np.uint8), rows * cols // block * size,
-                              raw_dtype=c.target)
+            w.add_tensor_info(
+                c.name,
+                (rows, cols // block * size),
+                np.dtype(np.uint8),
+                rows * cols // block * size,
+                raw_dtype=c.target,
+            )
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_ti_data_to_file()
@@ -183,7 +188,9 @@ def main() -> None:
     need = 4_200_000_000
     free = shutil.disk_usage(folder).free
     if free < need + 2_000_000_000:
-        raise SystemExit(f"{folder}: {free / 1e9:.1f} GB free; the model needs {need / 1e9:.1f} GB plus 2 GB to spare")
+        raise SystemExit(
+            f"{folder}: {free / 1e9:.1f} GB free; the model needs {need / 1e9:.1f} GB plus 2 GB to spare"
+        )
     try:
         import llama_cpp  # noqa: F401
 
@@ -199,14 +206,18 @@ def main() -> None:
             if not path.exists():
                 t = time.perf_counter()
                 size = write_model(path, ftype)
-                print(f"wrote {path} ({size / 1e9:.2f} GB) in {time.perf_counter() - t:.0f} s", file=sys.stderr)
+                print(
+                    f"wrote {path} ({size / 1e9:.2f} GB) in {time.perf_counter() - t:.0f} s", file=sys.stderr
+                )
             size = path.stat().st_size
             for threads in args.threads:
                 bw = _bandwidth_child(threads)
                 runs: dict[str, list[dict]] = {e: [] for e in engines}
                 for _ in range(args.runs):
                     for engine in engines:
-                        runs[engine].append(bench_engine.run_child(engine, str(path), threads, args.prompt, args.gen))
+                        runs[engine].append(
+                            bench_engine.run_child(engine, str(path), threads, args.prompt, args.gen)
+                        )
                 row = {"type": ftype, "threads": threads, "file_bytes": size, "read_GBps": bw,
                        "load": os.getloadavg()[0]}
                 for engine in engines:
@@ -227,12 +238,20 @@ def main() -> None:
 
 
 def _print_row(row: dict, engines: list[str]) -> None:
-    print(f"\n{row['type']}, {row['threads']} thread(s), load {row['load']:.1f}: file {row['file_bytes'] / 1e9:.2f} GB, "
-          f"machine read bandwidth {row['read_GBps']:.1f} GB/s")
-    print(f"{'engine':>10} {'pp tok/s':>9} {'tg tok/s':>9} {'weights GB/s':>12} {'peak RSS MiB':>12} {'load s':>7}")
+    print(
+        f"\n{row['type']}, {row['threads']} thread(s), load {row['load']:.1f}: file "
+        f"{row['file_bytes'] / 1e9:.2f} GB, "
+        f"machine read bandwidth {row['read_GBps']:.1f} GB/s"
+    )
+    print(
+        f"{'engine':>10} {'pp tok/s':>9} {'tg tok/s':>9} {'weights GB/s':>12} {'peak RSS MiB':>12} "
+        f"{'load s':>7}"
+    )
     for e in engines:
-        print(f"{e:>10} {row[f'{e}:pp_tps']:>9.2f} {row[f'{e}:tg_tps']:>9.2f} {row[f'{e}:weight_GBps']:>12.1f} "
-              f"{row[f'{e}:peak_rss_mb']:>12.0f} {row[f'{e}:load_s']:>7.1f}")
+        print(
+            f"{e:>10} {row[f'{e}:pp_tps']:>9.2f} {row[f'{e}:tg_tps']:>9.2f} {row[f'{e}:weight_GBps']:>12.1f} "
+            f"{row[f'{e}:peak_rss_mb']:>12.0f} {row[f'{e}:load_s']:>7.1f}"
+        )
     if "llama.cpp" in engines:
         print(f"{'ratio':>10} {row['ours:pp_tps'] / row['llama.cpp:pp_tps']:>8.2f}x "
               f"{row['ours:tg_tps'] / row['llama.cpp:tg_tps']:>8.2f}x")

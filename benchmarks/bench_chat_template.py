@@ -40,7 +40,7 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=1000)
     args = ap.parse_args()
 
-    from pipx_llama.engine.gguf_reader import open_gguf
+    from pipx_llama.formats.gguf import open_gguf
     from pipx_llama.tokenizer import chat
 
     g = open_gguf(args.model or _default_model())
@@ -56,8 +56,11 @@ def main() -> None:
             t = time.perf_counter()
             out = chat.render_chat(template, messages, bos_token="<|im_start|>", eos_token="<|im_end|>")
             times.append(time.perf_counter() - t)
-        print(f"{len(messages):4d} messages, {len(out):7d} chars: median {statistics.median(times) * 1e6:8.1f} us, "
-              f"p90 {sorted(times)[int(0.9 * len(times))] * 1e6:8.1f} us")
+        print(
+            f"{len(messages):4d} messages, {len(out):7d} chars: median "
+            f"{statistics.median(times) * 1e6:8.1f} us, "
+            f"p90 {sorted(times)[int(0.9 * len(times))] * 1e6:8.1f} us"
+        )
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from pipx_llama.engine.constrain import Constraint, GrammarError, json_schema_grammar, token_bytes
-from pipx_llama.engine.gguf_reader import open_gguf
+from pipx_llama.formats.gguf import open_gguf
 from pipx_llama.tokenizer.tokenizer import Tokenizer
 
 SCHEMA = {
@@ -56,7 +56,8 @@ COVERAGE: dict[str, tuple[Any, Any, Any]] = {  # feature: (schema, valid documen
     "const": ({"const": "x"}, "x", "y"),
     "nested object + required": ({"type": "object", "properties": {"o": {"type": "object", "properties": {
         "a": {"type": "integer"}}, "required": ["a"]}}, "required": ["o"]}, {"o": {"a": 1}}, {"o": {}}),
-    "minItems/maxItems": ({"type": "array", "items": {"type": "integer"}, "minItems": 2, "maxItems": 3}, [1, 2], [1]),
+    "minItems/maxItems": ({"type": "array", "items": {"type": "integer"}, "minItems": 2, "maxItems": 3},
+                          [1, 2], [1]),
     "minLength/maxLength": ({"type": "string", "minLength": 2, "maxLength": 4}, "abc", "abcdef"),
     "pattern": ({"type": "string", "pattern": "^[a-z]+-[0-9]{2}$"}, "ab-12", "ab-1x"),
     "minimum/maximum": ({"type": "integer", "minimum": 10, "maximum": 20}, 15, 25),
@@ -68,7 +69,8 @@ COVERAGE: dict[str, tuple[Any, Any, Any]] = {  # feature: (schema, valid documen
                          {"type": "object", "properties": {"b": {"type": "integer"}}, "required": ["b"]}]},
               {"a": 1, "b": 2}, {"a": 1}),
     "type list (nullable)": ({"type": ["string", "null"]}, None, 1),
-    "$defs/$ref": ({"$defs": {"p": {"type": "object", "properties": {"x": {"type": "integer"}}, "required": ["x"]}},
+    "$defs/$ref": ({"$defs": {"p": {"type": "object", "properties": {"x": {"type": "integer"}},
+                                    "required": ["x"]}},
                     "type": "object", "properties": {"p": {"$ref": "#/$defs/p"}}, "required": ["p"]},
                    {"p": {"x": 1}}, {"p": {"y": 1}}),
     "recursive $ref": ({"$defs": {"n": {"type": "object", "properties": {
@@ -82,11 +84,13 @@ COVERAGE: dict[str, tuple[Any, Any, Any]] = {  # feature: (schema, valid documen
     "format date-time": ({"type": "string", "format": "date-time"}, "2024-01-02T03:04:05Z", "yesterday"),
     "format email": ({"type": "string", "format": "email"}, "a@b.co", "nope"),
     "format uuid": ({"type": "string", "format": "uuid"}, "123e4567-e89b-12d3-a456-426614174000", "xyz"),
-    "prefixItems": ({"type": "array", "prefixItems": [{"type": "integer"}, {"type": "string"}], "items": False},
+    "prefixItems": ({"type": "array", "prefixItems": [{"type": "integer"}, {"type": "string"}],
+                     "items": False},
                     [1, "a"], ["a", 1]),
     "uniqueItems": ({"type": "array", "items": {"type": "integer"}, "uniqueItems": True}, [1, 2], [1, 1]),
-    "Pydantic Optional": ({"type": "object", "properties": {"a": {"anyOf": [{"type": "integer"}, {"type": "null"}],
-                                                                  "default": None}}}, {"a": None}, {"a": "x"}),
+    "Pydantic Optional": ({"type": "object", "properties": {
+                               "a": {"anyOf": [{"type": "integer"}, {"type": "null"}], "default": None}}},
+                          {"a": None}, {"a": "x"}),
 }
 
 
@@ -105,7 +109,8 @@ class Llguidance:
 
     def __init__(self, tok: Tokenizer) -> None:
         self.tok = tok
-        self.c = Constraint(json_schema_grammar({"type": "boolean"}, param="s"), tok, param="s")  # builds the vocabulary
+        # builds the vocabulary
+        self.c = Constraint(json_schema_grammar({"type": "boolean"}, param="s"), tok, param="s")
 
     def compile(self, schema: Any) -> Any:
         return Constraint(json_schema_grammar(schema, param="s"), self.tok, param="s")
@@ -160,7 +165,8 @@ class Xgrammar:
         self.xgr = xgrammar
         eog = sorted(tok.stop_ids)
         info = xgrammar.TokenizerInfo([p.removeprefix(b"\xff") for p in token_bytes(tok)],
-                                      vocab_type=xgrammar.VocabType.RAW, vocab_size=tok.n_vocab, stop_token_ids=eog)
+                                      vocab_type=xgrammar.VocabType.RAW, vocab_size=tok.n_vocab,
+                                      stop_token_ids=eog)
         self.compiler = xgrammar.GrammarCompiler(info, max_threads=1)
         self.eos = eog[0]
         self.mask = xgrammar.allocate_token_bitmask(1, tok.n_vocab)
@@ -221,7 +227,10 @@ def coverage(tok: Tokenizer, lib: Any) -> dict[str, str]:
                 state = lib.compile(schema)
                 ok = all(lib.step(state, t) for t in tok.encode(_dump(doc), add_special=False))
                 verdicts.append(ok and lib.accepts_end(state))
-            out[feature] = "ok" if verdicts == [True, False] else "rejects valid" if not verdicts[0] else "not enforced"
+            if verdicts == [True, False]:
+                out[feature] = "ok"
+            else:
+                out[feature] = "rejects valid" if not verdicts[0] else "not enforced"
         except (GrammarError, ValueError, RuntimeError) as err:  # a refusal to compile is a result here
             out[feature] = f"refused: {str(err)[:50]}"
     return out
@@ -245,10 +254,13 @@ def generation(path: Path, threads: int) -> dict[str, float]:
 
     model = load_model(path, threads=threads)
     ctx = model.new_context(1024)
-    prompt = model.tokenizer.chat_prompt([{"role": "user", "content": "Describe a user of a web shop as JSON."}])
+    ask = "Describe a user of a web shop as JSON."
+    prompt = model.tokenizer.chat_prompt([{"role": "user", "content": ask}])
     out = {}
     for label, constrained in (("free", False), ("constrained", True)):
-        c = Constraint(json_schema_grammar(SCHEMA, param="s"), model.tokenizer, param="s") if constrained else None
+        c = None
+        if constrained:
+            c = Constraint(json_schema_grammar(SCHEMA, param="s"), model.tokenizer, param="s")
         ctx.truncate(0)
         gen = generate(ctx, prompt, max_tokens=96, sampler=GREEDY, constraint=c)
         for _ in gen:
@@ -262,7 +274,8 @@ def main() -> None:
     ap.add_argument("--smollm2", type=Path, required=True, help="a SmolLM2 GGUF (49,152-token vocabulary)")
     ap.add_argument("--qwen", type=Path, help="a Qwen2.5 GGUF (151,936-token vocabulary)")
     ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--generate", action="store_true", help="also SmolLM2's generation speed, free and constrained")
+    ap.add_argument("--generate", action="store_true",
+                    help="also SmolLM2's generation speed, free and constrained")
     ap.add_argument("-t", "--threads", type=int, default=1)
     ap.add_argument("--json", type=Path, help="write the results here")
     args = ap.parse_args()
@@ -276,8 +289,9 @@ def main() -> None:
         for lib in libraries(tok):
             r = speed(tok, lib, args.repeats)
             results[label][lib.name] = r
-            print(f"  {lib.name:13s} vocabulary {r['setup_ms']:7.0f} ms | schema {r['compile_ms']:8.1f} ms | per token "
-                  f"median {r['token_ms_median']:.3f} ms, mean {r['token_ms_mean']:.3f} ms, p95 {r['token_ms_p95']:.3f} ms")
+            print(f"  {lib.name:13s} vocabulary {r['setup_ms']:7.0f} ms | schema {r['compile_ms']:8.1f} ms | "
+                  f"per token median {r['token_ms_median']:.3f} ms, mean {r['token_ms_mean']:.3f} ms, "
+                  f"p95 {r['token_ms_p95']:.3f} ms")
             if label == "smollm2":
                 cov = coverage(tok, lib)
                 results[label][lib.name]["coverage"] = cov

@@ -94,8 +94,9 @@ import json, resource, sys, time
 from pipx_llama.convert import convert
 t = time.monotonic()
 r = convert(sys.argv[1], sys.argv[2], sys.argv[3])
+rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 print(json.dumps({"seconds": time.monotonic() - t, "bytes": r.nbytes, "tensors": r.n_tensors,
-                  "types": r.tensor_types, "peak_rss_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}))
+                  "types": r.tensor_types, "peak_rss_kib": rss}))
 """
 
 
@@ -115,13 +116,18 @@ def main() -> None:
     base = args.dir or Path(tempfile.gettempdir())
     base.mkdir(parents=True, exist_ok=True)
     n_ff = meta_ffn(args.dim, args.multiple_of)
-    params = 2 * args.vocab * args.dim + args.layers * (4 * args.dim * args.dim + 3 * n_ff * args.dim + 2 * args.dim)
+    params = 2 * args.vocab * args.dim + args.layers * (
+        4 * args.dim * args.dim + 3 * n_ff * args.dim + 2 * args.dim
+    )
     out_bytes = params * {"f32": 4, "f16": 2, "bf16": 2, "q8_0": 34 / 32}[args.outtype]
     need = params * 2 + out_bytes + (1 << 30)
     free = shutil.disk_usage(base).free
-    print(f"model: dim {args.dim}, {args.layers} layers, FFN {n_ff}, vocab {args.vocab}, {params / 1e9:.2f}B params, "
-          f"{args.shards} shard(s); checkpoint {params * 2 / 1e9:.1f} GB, output {out_bytes / 1e9:.1f} GB; "
-          f"free disk {free / 1e9:.1f} GB")
+    print(
+        f"model: dim {args.dim}, {args.layers} layers, FFN {n_ff}, vocab {args.vocab}, {params / 1e9:.2f}B "
+        f"params, "
+        f"{args.shards} shard(s); checkpoint {params * 2 / 1e9:.1f} GB, output {out_bytes / 1e9:.1f} GB; "
+        f"free disk {free / 1e9:.1f} GB"
+    )
     if free < need:
         sys.exit(f"not enough free disk in {base}: need {need / 1e9:.1f} GB")
 
@@ -130,7 +136,9 @@ def main() -> None:
         src = work / "7B"
         src.mkdir()
         t = time.monotonic()
-        written = write_checkpoint(src, args.dim, args.layers, args.heads, args.vocab, args.shards, args.multiple_of)
+        written = write_checkpoint(
+            src, args.dim, args.layers, args.heads, args.vocab, args.shards, args.multiple_of
+        )
         print(f"wrote the checkpoint ({written / 1e9:.2f} GB) in {time.monotonic() - t:.0f}s")
         out = work / f"model.{args.outtype}.gguf"
         proc = subprocess.run([sys.executable, "-c", CHILD, str(src), str(out), args.outtype],

@@ -46,7 +46,7 @@ def prompt_tokens(n_vocab: int, n: int) -> list[int]:
 
 
 def measure_ours(model_path: str, threads: int, n_prompt: int, n_gen: int) -> dict:
-    from pipx_llama.engine.model import load_model
+    from pipx_llama.engine import load_model
 
     t0 = time.perf_counter()
     model = load_model(model_path, threads=threads)
@@ -64,16 +64,28 @@ def measure_ours(model_path: str, threads: int, n_prompt: int, n_gen: int) -> di
         logits = ctx.eval([tok])
         tok = int(logits[0].argmax())
     tg_s = time.perf_counter() - t
-    return {"load_s": load_s, "pp_tps": n_prompt / pp_s, "tg_tps": n_gen / tg_s, "weight_bytes": model.weight_bytes,
-            "kv_bytes": ctx.kv_bytes}
+    return {
+        "load_s": load_s,
+        "pp_tps": n_prompt / pp_s,
+        "tg_tps": n_gen / tg_s,
+        "weight_bytes": model.weight_bytes,
+        "kv_bytes": ctx.kv_bytes,
+    }
 
 
 def measure_llama_cpp(model_path: str, threads: int, n_prompt: int, n_gen: int) -> dict:
     import llama_cpp
 
     t0 = time.perf_counter()
-    llm = llama_cpp.Llama(model_path=model_path, n_ctx=n_prompt + n_gen + 8, n_batch=n_prompt, n_ubatch=n_prompt,
-                          n_threads=threads, n_threads_batch=threads, verbose=False)
+    llm = llama_cpp.Llama(
+        model_path=model_path,
+        n_ctx=n_prompt + n_gen + 8,
+        n_batch=n_prompt,
+        n_ubatch=n_prompt,
+        n_threads=threads,
+        n_threads_batch=threads,
+        verbose=False,
+    )
     llm.eval([1, 2, 3])
     llm.reset()
     load_s = time.perf_counter() - t0
@@ -148,16 +160,25 @@ def main() -> None:
         rows.append(row)
 
     if args.json:
-        print(json.dumps({"model": model, "runs": args.runs, "prompt": args.prompt, "gen": args.gen, "rows": rows}))
+        print(
+            json.dumps(
+                {"model": model, "runs": args.runs, "prompt": args.prompt, "gen": args.gen, "rows": rows}
+            )
+        )
         return
     print(f"model {Path(model).name}; medians of {args.runs} runs; pp = {args.prompt}-token prompt, "
           f"tg = {args.gen} generated tokens")
-    header = f"{'threads':>7} {'engine':>10} {'pp tok/s':>9} {'tg tok/s':>9} {'peak RSS MB':>11} {'load s':>7}"
+    header = (
+        f"{'threads':>7} {'engine':>10} {'pp tok/s':>9} {'tg tok/s':>9} {'peak RSS MB':>11} {'load s':>7}"
+    )
     print(header)
     for row in rows:
         for engine in engines:
-            print(f"{row['threads']:>7} {engine:>10} {row[f'{engine}:pp_tps']:>9.1f} {row[f'{engine}:tg_tps']:>9.1f} "
-                  f"{row[f'{engine}:peak_rss_mb']:>11.0f} {row[f'{engine}:load_s']:>7.2f}")
+            print(
+                f"{row['threads']:>7} {engine:>10} {row[f'{engine}:pp_tps']:>9.1f} "
+                f"{row[f'{engine}:tg_tps']:>9.1f} "
+                f"{row[f'{engine}:peak_rss_mb']:>11.0f} {row[f'{engine}:load_s']:>7.2f}"
+            )
         if "llama.cpp" in engines:
             print(f"{row['threads']:>7} {'ratio':>10} {row['ours:pp_tps'] / row['llama.cpp:pp_tps']:>8.2f}x "
                   f"{row['ours:tg_tps'] / row['llama.cpp:tg_tps']:>8.2f}x")

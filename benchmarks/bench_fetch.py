@@ -60,8 +60,9 @@ class Server:
         portfile = workdir / f"port-{os.getpid()}-{int(rate)}"
         code = ("import sys; sys.path.insert(0, sys.argv[1]); import httpserver; "
                 "httpserver.serve_cli(sys.argv[2:])")
-        self.proc = subprocess.Popen([sys.executable, "-c", code, str(REPO / "tests"), str(path), str(portfile),
-                                      str(rate)])
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", code, str(REPO / "tests"), str(path), str(portfile), str(rate)]
+        )
         deadline = time.monotonic() + 30
         while not portfile.exists():
             if time.monotonic() > deadline or self.proc.poll() is not None:
@@ -130,18 +131,23 @@ def loopback(args: argparse.Namespace, work: Path) -> dict:
     curl_file = disk / "curl.bin"
     cases: dict[str, Callable[[], None] | list[list[str]]] = {
         "curl -o /dev/null": [["curl", "-s", "-o", "/dev/null", srv.url]],
-        "curl -o file, then openssl sha256": [["curl", "-s", "-o", str(curl_file), srv.url],
-                                              ["openssl", "dgst", "-sha256", str(curl_file)]],
+        "curl -o file, then openssl sha256": [
+            ["curl", "-s", "-o", str(curl_file), srv.url],
+            ["openssl", "dgst", "-sha256", str(curl_file)],
+        ],
         "httpx bare loop, 64 KiB reads": lambda: bare_httpx(srv.url, False),
         "httpx bare loop, 1 MiB reads": lambda: bare_httpx(srv.url, True),
         "sha256 alone, from memory": lambda: sha256_alone(size),
         "download() 1 conn -> disk": lambda: fetch(srv.url, disk / "f.part", size, digest, 1),
-        f"download() {args.parts} parts -> disk": lambda: fetch(srv.url, disk / "f.part", size, digest, args.parts),
+        f"download() {args.parts} parts -> disk": lambda: fetch(
+            srv.url, disk / "f.part", size, digest, args.parts
+        ),
     }
     if shm is not None:
         cases["download() 1 conn -> tmpfs"] = lambda: fetch(srv.url, shm / "f.part", size, digest, 1)
-        cases[f"download() {args.parts} parts -> tmpfs"] = lambda: fetch(srv.url, shm / "f.part", size, digest,
-                                                                        args.parts)
+        cases[f"download() {args.parts} parts -> tmpfs"] = lambda: fetch(
+            srv.url, shm / "f.part", size, digest, args.parts
+        )
     if shutil.which("curl") is None:
         del cases["curl -o /dev/null"], cases["curl -o file, then openssl sha256"]
     elif shutil.which("openssl") is None:
@@ -171,7 +177,12 @@ def loopback(args: argparse.Namespace, work: Path) -> dict:
     ref = table.get("curl -o /dev/null", {}).get("median_mib_s")
     for row in table.values():
         row["vs_curl"] = row["median_mib_s"] / ref if ref else None
-    return {"size_mib": args.size_mb, "runs": args.runs, "load_range": (min(loads), max(loads)), "rows": table}
+    return {
+        "size_mib": args.size_mb,
+        "runs": args.runs,
+        "load_range": (min(loads), max(loads)),
+        "rows": table,
+    }
 
 
 def capped(args: argparse.Namespace, work: Path) -> dict:
@@ -213,20 +224,28 @@ def main() -> None:
             lo, hi = lp["load_range"]
             print(f"\nloopback, {lp['size_mib']} MiB file, {lp['runs']} alternating runs "
                   f"(load average before: {report['load_before'][0]:.1f}, {lo:.1f}-{hi:.1f} during)")
-            print(f"  {'case':40s} {'median MiB/s':>12s} {'best MiB/s':>11s} {'CPU s/GiB':>10s} {'vs curl':>8s}")
+            print(
+                f"  {'case':40s} {'median MiB/s':>12s} {'best MiB/s':>11s} {'CPU s/GiB':>10s} {'vs curl':>8s}"
+            )
             for name, row in lp["rows"].items():
                 vs = f"{row['vs_curl'] * 100:.0f}%" if row["vs_curl"] is not None else "-"
                 print(f"  {name:40s} {row['median_mib_s']:12.0f} {row['best_mib_s']:11.0f} "
                       f"{row['cpu_s_per_gib']:10.2f} {vs:>8s}")
             sha = lp["rows"].get("sha256 alone, from memory")
             if sha is not None and sha["vs_curl"] is not None:
-                print(f"  sha256 alone runs at {sha['vs_curl'] * 100:.0f}% of curl's speed here: no download that "
-                      "hashes can go faster; with other work on the machine, CPU s/GiB decides")
+                print(
+                    f"  sha256 alone runs at {sha['vs_curl'] * 100:.0f}% of curl's speed here: no download "
+                    f"that "
+                    "hashes can go faster; with other work on the machine, CPU s/GiB decides"
+                )
         if not args.skip_capped:
             report["capped"] = cp = capped(args, work)
-            print(f"\nper-connection cap {cp['cap_mb_s']:g} MB/s, {cp['size_mib']} MiB file: "
-                  f"1 connection {cp['one_conn_mb_s']:.1f} MB/s, {cp['parts']} parts {cp['parts_mb_s']:.1f} MB/s "
-                  f"-> {cp['speedup']:.2f}x")
+            print(
+                f"\nper-connection cap {cp['cap_mb_s']:g} MB/s, {cp['size_mib']} MiB file: "
+                f"1 connection {cp['one_conn_mb_s']:.1f} MB/s, {cp['parts']} parts {cp['parts_mb_s']:.1f} "
+                f"MB/s "
+                f"-> {cp['speedup']:.2f}x"
+            )
     report["load_after"] = os.getloadavg()
     print(f"\nload average after: {report['load_after'][0]:.1f} on {report['cpus']} CPUs")
     if args.json:

@@ -29,7 +29,7 @@ DIM, FFN, HEADS, VOCAB = 4096, 11008, 32, 32000
 
 OURS = """
 import json, sys, time
-from pipx_llama.quantize import quantize_model
+from pipx_llama.quant.file import quantize_model
 src, dst, ftype, threads = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
 t = time.perf_counter()
 quantize_model(src, dst, ftype, threads=threads)
@@ -143,8 +143,12 @@ def main() -> None:
         src = tmp / "model-f16.gguf"
         t = time.perf_counter()
         size = write_model(src, args.layers)
-        print(f"wrote {src.name}: {args.layers} layers, {params / 1e9:.2f} B parameters, {size / 2**30:.2f} GiB "
-              f"in {time.perf_counter() - t:.0f} s", file=sys.stderr)
+        print(
+            f"wrote {src.name}: {args.layers} layers, {params / 1e9:.2f} B parameters, {size / 2**30:.2f} "
+            f"GiB "
+            f"in {time.perf_counter() - t:.0f} s",
+            file=sys.stderr,
+        )
         for ftype in args.types:
             best: dict[str, dict] = {}
             for _ in range(args.runs):
@@ -180,9 +184,11 @@ def main() -> None:
           f"{'llama s':>7} {'GB/s':>5} {'RSS GiB':>7} | {'speed':>6} | identical")
     for r in results:
         gb = r["input_bytes"] / 1e9
-        print(f"{r['type']:7} {r['layers']:>6} {r['threads']:>3} | {r['ours_s']:7.1f} {gb / r['ours_s']:5.2f} "
-              f"{r['ours_rss'] / 2**30:7.2f} | {r['llama_s']:7.1f} {gb / r['llama_s']:5.2f} "
-              f"{r['llama_rss'] / 2**30:7.2f} | {r['speed_ratio']:5.2f}x | {r['identical']}")
+        print(
+            f"{r['type']:7} {r['layers']:>6} {r['threads']:>3} | {r['ours_s']:7.1f} {gb / r['ours_s']:5.2f} "
+            f"{r['ours_rss'] / 2**30:7.2f} | {r['llama_s']:7.1f} {gb / r['llama_s']:5.2f} "
+            f"{r['llama_rss'] / 2**30:7.2f} | {r['speed_ratio']:5.2f}x | {r['identical']}"
+        )
 
 
 if __name__ == "__main__":

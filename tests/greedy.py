@@ -55,8 +55,9 @@ FOLLOW_UP = "And the capital of Italy?"
 # llama.cpp 2.46 4.84 5.43 3.46 3.82 5.18 1.97 2.77; ours AVX-512 2.30 .. 2.01, AVX2 2.42 .. 2.03
 CHAT = StableAnswer((user(QUESTION),), ANSWER, ends=True)
 # "The capital of Italy is Rome." + end: llama.cpp >= 3.70, ours >= 3.52 on both
-SECOND_TURN = StableAnswer((user(QUESTION), assistant(ANSWER), user(FOLLOW_UP)), "The capital of Italy is Rome.",
-                           ends=True)
+SECOND_TURN = StableAnswer(
+    (user(QUESTION), assistant(ANSWER), user(FOLLOW_UP)), "The capital of Italy is Rome.", ends=True
+)
 # with a system prompt: llama.cpp 2.70 4.05 5.54 3.57 4.14 5.33 2.38 (the end of the turn only 0.94)
 BRIEFLY = StableAnswer(({"role": "system", "content": "Answer briefly."}, user(QUESTION)), ANSWER, ends=False)
 # typed over two lines: llama.cpp 3.06 5.00 4.21 3.33 3.71 4.31 2.11, ours >= 2.05 on both

@@ -33,9 +33,9 @@ from typing import Any
 import numpy as np
 from convert_helpers import bf16, llama_tokenizer_model, write_safetensors
 
-from pipx_llama.engine.gguf_reader import open_gguf
 from pipx_llama.errors import PipxLlamaError
 from pipx_llama.fetch.pip_source import download_pinned_sdist
+from pipx_llama.formats.gguf import open_gguf
 from pipx_llama.tokenizer.spm import _field_bytes, _field_varint, build_model_proto
 
 FAMILIES = ("qwen2", "qwen3", "gemma2", "gemma3", "phi3")
@@ -76,11 +76,12 @@ QUANT = {
 }
 
 
-# ---- llama.cpp's sources and vocab files, from the llama-cpp-python sdist ------------------------------------
+# ---- llama.cpp's sources and vocab files, from the llama-cpp-python sdist ----------------------------------
+
 
 def llama_cpp_tree(data_dir: Path) -> Path:
-    """The llama.cpp tree of the llama-cpp-python sdist (fetched through pip into ``data_dir/sdists`` when it is
-    not there yet) with the files these tests use, extracted once."""
+    """The llama.cpp tree of the llama-cpp-python sdist (fetched through pip into ``data_dir/sdists`` when
+    it is not there yet) with the files these tests use, extracted once."""
     dest = data_dir / "llama.cpp-0.3.36"
     marker = dest / ".complete"
     if marker.exists():
@@ -127,10 +128,12 @@ def _vocab_meta(path: Path) -> dict[str, Any]:
         g.close()
 
 
-# ---- tokenizers ----------------------------------------------------------------------------------------------
+# ---- tokenizers --------------------------------------------------------------------------------------------
 
-QWEN_SPLIT = ("(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}| ?[^\\s\\p{L}\\p{N}]+[\\r\\n]*|"
-              "\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+")
+QWEN_SPLIT = (
+    "(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}| ?[^\\s\\p{L}\\p{N}]+[\\r\\n]*|"
+    "\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+"
+)
 # Qwen 2.5's added tokens after <|endoftext|> (151643): (text, special)
 QWEN25_ADDED = [
     ("<|endoftext|>", True), ("<|im_start|>", True), ("<|im_end|>", True), ("<|object_ref_start|>", True),
@@ -143,12 +146,14 @@ QWEN25_ADDED = [
 QWEN3_ADDED = QWEN25_ADDED + [("<tool_response>", False), ("</tool_response>", False), ("<think>", False),
                               ("</think>", False)]
 QWEN_TEMPLATE = (
-    "{%- for message in messages %}{{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>\\n' }}"
+    "{%- for message in messages %}{{- '<|im_start|>' + message.role + '\\n' + message.content + "
+    "'<|im_end|>\\n' }}"
     "{%- endfor %}{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
 )
 GEMMA_TEMPLATE = (
     "{{ bos_token }}{% for message in messages %}{% set role = 'model' if message['role'] == 'assistant' "
-    "else message['role'] %}{{ '<start_of_turn>' + role + '\\n' + message['content'] | trim + '<end_of_turn>\\n' }}"
+    "else message['role'] %}{{ '<start_of_turn>' + role + '\\n' + message['content'] | trim + "
+    "'<end_of_turn>\\n' }}"
     "{% endfor %}{% if add_generation_prompt %}{{'<start_of_turn>model\\n'}}{% endif %}"
 )
 
@@ -166,30 +171,81 @@ def write_qwen_tokenizer(folder: Path, vocab_gguf: Path, arch: str) -> int:
     added = QWEN3_ADDED if arch == "qwen3" else QWEN25_ADDED
     added_json = [_added_entry(151643 + i, t, s) for i, (t, s) in enumerate(added)]
     tj = {
-        "version": "1.0", "truncation": None, "padding": None, "added_tokens": added_json,
+        "version": "1.0",
+        "truncation": None,
+        "padding": None,
+        "added_tokens": added_json,
         "normalizer": {"type": "NFC"},
-        "pre_tokenizer": {"type": "Sequence", "pretokenizers": [
-            {"type": "Split", "pattern": {"Regex": QWEN_SPLIT}, "behavior": "Isolated", "invert": False},
-            {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": False, "use_regex": False}]},
-        "post_processor": {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": False, "use_regex": False},
-        "decoder": {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": False, "use_regex": False},
-        "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": "",
-                  "end_of_word_suffix": "", "fuse_unk": False, "byte_fallback": False, "ignore_merges": False,
-                  "vocab": {t: i for i, t in enumerate(tokens)}, "merges": merges},
+        "pre_tokenizer": {
+            "type": "Sequence",
+            "pretokenizers": [
+                {"type": "Split", "pattern": {"Regex": QWEN_SPLIT}, "behavior": "Isolated", "invert": False},
+                {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": False, "use_regex": False},
+            ],
+        },
+        "post_processor": {
+            "type": "ByteLevel",
+            "add_prefix_space": False,
+            "trim_offsets": False,
+            "use_regex": False,
+        },
+        "decoder": {
+            "type": "ByteLevel",
+            "add_prefix_space": False,
+            "trim_offsets": False,
+            "use_regex": False,
+        },
+        "model": {
+            "type": "BPE",
+            "dropout": None,
+            "unk_token": None,
+            "continuing_subword_prefix": "",
+            "end_of_word_suffix": "",
+            "fuse_unk": False,
+            "byte_fallback": False,
+            "ignore_merges": False,
+            "vocab": {t: i for i, t in enumerate(tokens)},
+            "merges": merges,
+        },
     }
     (folder / "tokenizer.json").write_text(json.dumps(tj, ensure_ascii=False), encoding="utf-8")
-    (folder / "tokenizer_config.json").write_text(json.dumps({
-        "add_bos_token": False, "add_prefix_space": False,
-        "added_tokens_decoder": {str(a["id"]): {k: v for k, v in a.items() if k != "id"} for a in added_json},
-        "bos_token": None, "chat_template": QWEN_TEMPLATE, "clean_up_tokenization_spaces": False,
-        "eos_token": "<|im_end|>", "errors": "replace", "model_max_length": 131072, "pad_token": "<|endoftext|>",
-        "split_special_tokens": False, "tokenizer_class": "Qwen2Tokenizer", "unk_token": None,
-    }, ensure_ascii=False), encoding="utf-8")
+    (folder / "tokenizer_config.json").write_text(
+        json.dumps(
+            {
+                "add_bos_token": False,
+                "add_prefix_space": False,
+                "added_tokens_decoder": {
+                    str(a["id"]): {k: v for k, v in a.items() if k != "id"} for a in added_json
+                },
+                "bos_token": None,
+                "chat_template": QWEN_TEMPLATE,
+                "clean_up_tokenization_spaces": False,
+                "eos_token": "<|im_end|>",
+                "errors": "replace",
+                "model_max_length": 131072,
+                "pad_token": "<|endoftext|>",
+                "split_special_tokens": False,
+                "tokenizer_class": "Qwen2Tokenizer",
+                "unk_token": None,
+            },
+            ensure_ascii=False,
+        ),
+        encoding="utf-8",
+    )
     return 151643 + len(added)
 
 
 # Gemma's SentencePiece layout: ids 0..4, then the chat markers, bytes, and merged pieces.
-GEMMA_CONTROL = ["<pad>", "<eos>", "<bos>", "<unk>", "<mask>", "[multimodal]", "<start_of_turn>", "<end_of_turn>"]
+GEMMA_CONTROL = [
+    "<pad>",
+    "<eos>",
+    "<bos>",
+    "<unk>",
+    "<mask>",
+    "[multimodal]",
+    "<start_of_turn>",
+    "<end_of_turn>",
+]
 GEMMA_PIECES = [
     "▁t", "he", "in", "▁a", "er", "on", "▁th", "▁the", "ll", "▁w", "or", "▁s", "el", "▁h", "▁he", "▁hel",
     "▁hell", "▁hello", "ld", "▁wor", "▁world", "▁i", "▁is", "lo", "re", "at", "▁▁", "\n", "\n\n",
@@ -198,7 +254,8 @@ GEMMA_CHARS = ["▁", *"etaoinshrdlcumwfgypbvkjxqz", *"0123456789", *",.!?'"]
 
 
 def write_gemma_tokenizer(folder: Path) -> int:
-    """Gemma-style tokenizer.model (+ tokenizer.json's added tokens, tokenizer_config.json); returns its size."""
+    """Gemma-style tokenizer.model (+ tokenizer.json's added tokens, tokenizer_config.json); returns its
+    size."""
     tokens = list(GEMMA_CONTROL)
     sp_types = [3, 3, 3, 2, 4, 4, 4, 4]  # control, control, control, unknown, user-defined...
     scores = [0.0] * len(tokens)
@@ -215,13 +272,29 @@ def write_gemma_tokenizer(folder: Path) -> int:
     (folder / "tokenizer.model").write_bytes(proto + _field_bytes(2, trainer))
     special = {0, 1, 2, 3, 6, 7}
     added = [_added_entry(i, t, i in special) for i, t in enumerate(GEMMA_CONTROL)]
-    (folder / "tokenizer.json").write_text(json.dumps({
-        "version": "1.0", "added_tokens": added, "normalizer": {"type": "Replace", "pattern": {"String": " "},
-                                                                "content": "▁"},
-        "pre_tokenizer": None, "post_processor": None, "decoder": None,
-        "model": {"type": "BPE", "dropout": None, "unk_token": "<unk>", "byte_fallback": True, "fuse_unk": True,
-                  "vocab": {t: i for i, t in enumerate(tokens)}, "merges": []},
-    }, ensure_ascii=False), encoding="utf-8")
+    (folder / "tokenizer.json").write_text(
+        json.dumps(
+            {
+                "version": "1.0",
+                "added_tokens": added,
+                "normalizer": {"type": "Replace", "pattern": {"String": " "}, "content": "▁"},
+                "pre_tokenizer": None,
+                "post_processor": None,
+                "decoder": None,
+                "model": {
+                    "type": "BPE",
+                    "dropout": None,
+                    "unk_token": "<unk>",
+                    "byte_fallback": True,
+                    "fuse_unk": True,
+                    "vocab": {t: i for i, t in enumerate(tokens)},
+                    "merges": [],
+                },
+            },
+            ensure_ascii=False,
+        ),
+        encoding="utf-8",
+    )
     (folder / "tokenizer_config.json").write_text(json.dumps({
         "add_bos_token": True, "add_eos_token": False,
         "added_tokens_decoder": {str(a["id"]): {k: v for k, v in a.items() if k != "id"} for a in added},
@@ -233,11 +306,22 @@ def write_gemma_tokenizer(folder: Path) -> int:
 
 
 # Phi-3's added tokens (id, text, special), as tokenizer.json lists them.
-PHI3_ADDED = [(0, "<unk>", True), (1, "<s>", True), (2, "</s>", False), (32000, "<|endoftext|>", True),
-              (32001, "<|assistant|>", True), (32002, "<|placeholder1|>", True), (32003, "<|placeholder2|>", True),
-              (32004, "<|placeholder3|>", True), (32005, "<|placeholder4|>", True), (32006, "<|system|>", True),
-              (32007, "<|end|>", True), (32008, "<|placeholder5|>", True), (32009, "<|placeholder6|>", True),
-              (32010, "<|user|>", True)]
+PHI3_ADDED = [
+    (0, "<unk>", True),
+    (1, "<s>", True),
+    (2, "</s>", False),
+    (32000, "<|endoftext|>", True),
+    (32001, "<|assistant|>", True),
+    (32002, "<|placeholder1|>", True),
+    (32003, "<|placeholder2|>", True),
+    (32004, "<|placeholder3|>", True),
+    (32005, "<|placeholder4|>", True),
+    (32006, "<|system|>", True),
+    (32007, "<|end|>", True),
+    (32008, "<|placeholder5|>", True),
+    (32009, "<|placeholder6|>", True),
+    (32010, "<|user|>", True),
+]
 
 
 def write_phi3_tokenizer(folder: Path, vocab_gguf: Path) -> int:
@@ -256,18 +340,36 @@ def write_phi3_tokenizer(folder: Path, vocab_gguf: Path) -> int:
         "model": {"type": "BPE", "unk_token": "<unk>", "byte_fallback": True, "fuse_unk": True,
                   "vocab": {t: i for i, t in enumerate(tokens)}, "merges": []},
     }, ensure_ascii=False), encoding="utf-8")
-    (folder / "tokenizer_config.json").write_text(json.dumps({
-        "add_bos_token": False, "add_eos_token": False,
-        "added_tokens_decoder": {str(a["id"]): {k: v for k, v in a.items() if k != "id"} for a in added},
-        "bos_token": "<s>", "chat_template": meta["tokenizer.chat_template"], "clean_up_tokenization_spaces": False,
-        "eos_token": "<|endoftext|>", "legacy": False, "model_max_length": 4096, "pad_token": "<|endoftext|>",
-        "padding_side": "left", "sp_model_kwargs": {}, "tokenizer_class": "LlamaTokenizer", "unk_token": "<unk>",
-        "use_default_system_prompt": False,
-    }, ensure_ascii=False), encoding="utf-8")
+    (folder / "tokenizer_config.json").write_text(
+        json.dumps(
+            {
+                "add_bos_token": False,
+                "add_eos_token": False,
+                "added_tokens_decoder": {
+                    str(a["id"]): {k: v for k, v in a.items() if k != "id"} for a in added
+                },
+                "bos_token": "<s>",
+                "chat_template": meta["tokenizer.chat_template"],
+                "clean_up_tokenization_spaces": False,
+                "eos_token": "<|endoftext|>",
+                "legacy": False,
+                "model_max_length": 4096,
+                "pad_token": "<|endoftext|>",
+                "padding_side": "left",
+                "sp_model_kwargs": {},
+                "tokenizer_class": "LlamaTokenizer",
+                "unk_token": "<unk>",
+                "use_default_system_prompt": False,
+            },
+            ensure_ascii=False,
+        ),
+        encoding="utf-8",
+    )
     return 32064
 
 
-# ---- weights and config --------------------------------------------------------------------------------------
+# ---- weights and config ------------------------------------------------------------------------------------
+
 
 def _config(arch: str, d: Dims, n_vocab: int, tied: bool, window: int, pattern: int) -> dict[str, Any]:
     head_dim = d.head_dim or d.dim // d.n_heads
@@ -278,15 +380,37 @@ def _config(arch: str, d: Dims, n_vocab: int, tied: bool, window: int, pattern: 
         "torch_dtype": "bfloat16", "initializer_range": 0.02, "attention_dropout": 0.0, "use_cache": True,
     }
     if arch in ("qwen2", "qwen3"):
-        cfg.update({"hidden_act": "silu", "max_position_embeddings": 32768, "rms_norm_eps": 1e-6,
-                    "rope_theta": 1000000.0, "rope_scaling": None, "sliding_window": None, "use_sliding_window": False,
-                    "max_window_layers": d.n_layers, "bos_token_id": 151643, "eos_token_id": 151645})
+        cfg.update(
+            {
+                "hidden_act": "silu",
+                "max_position_embeddings": 32768,
+                "rms_norm_eps": 1e-6,
+                "rope_theta": 1000000.0,
+                "rope_scaling": None,
+                "sliding_window": None,
+                "use_sliding_window": False,
+                "max_window_layers": d.n_layers,
+                "bos_token_id": 151643,
+                "eos_token_id": 151645,
+            }
+        )
         if arch == "qwen3":
             cfg.update({"head_dim": head_dim, "attention_bias": False})
     elif arch in ("gemma2", "gemma3"):
-        cfg.update({"head_dim": head_dim, "hidden_activation": "gelu_pytorch_tanh", "query_pre_attn_scalar": head_dim,
-                    "rms_norm_eps": 1e-6, "sliding_window": window, "attention_bias": False,
-                    "pad_token_id": 0, "eos_token_id": 1, "bos_token_id": 2, "max_position_embeddings": 8192})
+        cfg.update(
+            {
+                "head_dim": head_dim,
+                "hidden_activation": "gelu_pytorch_tanh",
+                "query_pre_attn_scalar": head_dim,
+                "rms_norm_eps": 1e-6,
+                "sliding_window": window,
+                "attention_bias": False,
+                "pad_token_id": 0,
+                "eos_token_id": 1,
+                "bos_token_id": 2,
+                "max_position_embeddings": 8192,
+            }
+        )
         if arch == "gemma2":
             cfg.update({"attn_logit_softcapping": 5.0, "final_logit_softcapping": 3.0, "rope_theta": 10000.0,
                         "cache_implementation": "hybrid"})
@@ -300,13 +424,27 @@ def _config(arch: str, d: Dims, n_vocab: int, tied: bool, window: int, pattern: 
     elif arch == "phi3":
         rot = int(0.75 * d.dim) // d.n_heads
         rng = np.random.default_rng(99)
-        cfg.update({"hidden_act": "silu", "max_position_embeddings": 131072, "original_max_position_embeddings": 256,
-                    "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "partial_rotary_factor": 0.75,
-                    "rope_scaling": {"type": "longrope",
-                                     "long_factor": [round(float(v), 4) for v in 4.0 + rng.random(rot // 2)],
-                                     "short_factor": [round(float(v), 4) for v in 1.0 + 0.5 * rng.random(rot // 2)]},
-                    "sliding_window": 262144, "bos_token_id": 1, "eos_token_id": 32000, "pad_token_id": 32000,
-                    "embd_pdrop": 0.0, "resid_pdrop": 0.0})
+        cfg.update(
+            {
+                "hidden_act": "silu",
+                "max_position_embeddings": 131072,
+                "original_max_position_embeddings": 256,
+                "rms_norm_eps": 1e-5,
+                "rope_theta": 10000.0,
+                "partial_rotary_factor": 0.75,
+                "rope_scaling": {
+                    "type": "longrope",
+                    "long_factor": [round(float(v), 4) for v in 4.0 + rng.random(rot // 2)],
+                    "short_factor": [round(float(v), 4) for v in 1.0 + 0.5 * rng.random(rot // 2)],
+                },
+                "sliding_window": 262144,
+                "bos_token_id": 1,
+                "eos_token_id": 32000,
+                "pad_token_id": 32000,
+                "embd_pdrop": 0.0,
+                "resid_pdrop": 0.0,
+            }
+        )
     return cfg
 
 
@@ -318,7 +456,9 @@ def _weights(arch: str, d: Dims, n_vocab: int, tied: bool, seed: int) -> dict[st
     gemma = arch.startswith("gemma")
 
     def w(*shape: int, std: float | None = None) -> np.ndarray:
-        return (rng.standard_normal(shape) * (std if std is not None else shape[-1] ** -0.5)).astype(np.float32)
+        return (rng.standard_normal(shape) * (std if std is not None else shape[-1] ** -0.5)).astype(
+            np.float32
+        )
 
     def norm(n: int) -> np.ndarray:  # Gemma stores the offset from 1
         return ((0.0 if gemma else 1.0) + 0.1 * rng.standard_normal(n)).astype(np.float32)
@@ -401,7 +541,9 @@ def write_family_folder(folder: Path, arch: str, models: Path, dims: Dims | None
         write_safetensors(folder / fname, {n: (dtype, store(weights[n])) for n in part})
         weight_map.update({n: fname for n in part})
     if shards > 1:
-        (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+        (folder / "model.safetensors.index.json").write_text(
+            json.dumps({"metadata": {}, "weight_map": weight_map})
+        )
     return weights
 
 
@@ -411,8 +553,22 @@ def run_llama_cpp_converter(tree: Path, folder: Path, out: Path, outtype: str = 
     import sys
 
     env = {k: v for k, v in os.environ.items() if k != "NO_LOCAL_GGUF"}  # the tree's own gguf-py, not PyPI's
-    proc = subprocess.run([sys.executable, str(tree / "convert_hf_to_gguf.py"), str(folder), "--outfile", str(out),
-                           "--outtype", outtype], capture_output=True, text=True, env=env, timeout=600, check=False)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(tree / "convert_hf_to_gguf.py"),
+            str(folder),
+            "--outfile",
+            str(out),
+            "--outtype",
+            outtype,
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+        check=False,
+    )
     if proc.returncode != 0:
         raise RuntimeError(f"convert_hf_to_gguf.py failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
     return out
@@ -427,7 +583,11 @@ def gguf_differences(ours: Path, theirs: Path) -> list[str]:
     out = []
 
     def fields(r: GGUFReader) -> dict[str, tuple[Any, Any]]:
-        return {k: ([t.name for t in f.types], f.contents()) for k, f in r.fields.items() if not k.startswith("GGUF.")}
+        return {
+            k: ([t.name for t in f.types], f.contents())
+            for k, f in r.fields.items()
+            if not k.startswith("GGUF.")
+        }
 
     fa, fb = fields(a), fields(b)
     if list(fa) != list(fb):

@@ -216,7 +216,9 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     def _send_body(self, res: Resource, start: int, length: int) -> None:
         owner = self.server.owner
         faults = res.faults
-        drop_at = faults.drop_after if faults.drop_after is not None and self._take(faults, "drop_times") else None
+        drop_at = (
+            faults.drop_after if faults.drop_after is not None and self._take(faults, "drop_times") else None
+        )
         stall_at = (faults.stall_after if faults.stall_after is not None and self._take(faults, "stall_times")
                     else None)
         rate = faults.rate
@@ -347,7 +349,8 @@ class FileServer:
 
     def put(self, path: str, data: bytes | None = None, *, file: Path | None = None, etag: str | None = None,
             last_modified: float | None = None, headers: dict[str, str] | None = None) -> str:
-        """Publish ``data`` (or the file ``file``) at ``path``; a changed body gets a new ETag. Returns the URL.
+        """Publish ``data`` (or the file ``file``) at ``path``; a changed body gets a new ETag. Returns the
+        URL.
 
         ``headers`` are sent with every response for it, over the defaults (e.g. a Content-Type, or a
         Content-Encoding the body does not really have).

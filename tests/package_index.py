@@ -49,7 +49,9 @@ def wheel_bytes(name: str, version: str, members: dict[str, bytes]) -> bytes:
         for member, data in members.items():
             z.writestr(member, data)
         z.writestr(f"{dist}/METADATA", f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n")
-        z.writestr(f"{dist}/WHEEL", "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n")
+        z.writestr(
+            f"{dist}/WHEEL", "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n"
+        )
         z.writestr(f"{dist}/RECORD", "")
     return buf.getvalue()
 
@@ -65,7 +67,8 @@ def marker_sdist(name: str, version: str, marker: Path) -> bytes:
         "    import os\n"
         f"    p = os.path.join(d, '{name.replace('-', '_')}-{version}.dist-info')\n"
         "    os.makedirs(p, exist_ok=True)\n"
-        f"    open(os.path.join(p, 'METADATA'), 'w').write('Metadata-Version: 2.1\\nName: {name}\\nVersion: {version}\\n')\n"
+        f"    open(os.path.join(p, 'METADATA'), 'w').write('Metadata-Version: 2.1\\nName: {name}\\nVersion: "
+        f"{version}\\n')\n"
         "    return os.path.basename(p)\n"
         "def get_requires_for_build_wheel(config_settings=None):\n    return []\n"
         "def prepare_metadata_for_build_wheel(d, config_settings=None):\n    return _meta(d)\n"

@@ -135,7 +135,9 @@ def require_llama_cpp() -> ModuleType:
     return llama_cpp
 
 
-def llama_quantize(src: Path, dst: Path, ftype: int, threads: int = 2, allow_requantize: bool = False) -> None:
+def llama_quantize(
+    src: Path, dst: Path, ftype: int, threads: int = 2, allow_requantize: bool = False
+) -> None:
     """``llama_model_quantize(src, dst)`` with llama.cpp's defaults and the given llama_ftype."""
     llama_cpp = require_llama_cpp()
     params = llama_cpp.llama_model_quantize_default_params()

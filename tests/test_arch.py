@@ -160,7 +160,9 @@ def test_context_shift_rerotates_every_layers_keys(tmp_path, arch, fused):
         fresh = m.new_context(96, n_batch=16, fused=fused)
         fresh.eval(IDS[:4] + IDS[16:36])
         rows, window = shifted.kv.rows[0], shifted.kv.windows[0]
-        read = np.arange(max(0, 24 - window + 1) if window else 0, 24) % rows  # what position 24 reads, by row
+        read = (
+            np.arange(max(0, 24 - window + 1) if window else 0, 24) % rows
+        )  # what position 24 reads, by row
         k_shifted = shifted.kv.k_layer(0)[read].astype(np.float32)
         k_fresh = fresh.kv.k_layer(0)[read].astype(np.float32)
         assert shifted.n_past == 24 and np.isfinite(shifted.eval(IDS[36:38])).all()

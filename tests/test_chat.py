@@ -11,8 +11,8 @@ import jinja2.ext
 import pytest
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-from pipx_llama.engine.gguf_reader import open_gguf
 from pipx_llama.errors import ChatTemplateError
+from pipx_llama.formats.gguf import open_gguf
 from pipx_llama.tokenizer.chat import (
     CHATML_TEMPLATE,
     LLAMA2_TEMPLATE,
@@ -118,7 +118,8 @@ def test_transformers_environment() -> None:
     assert render("{{ {'a': 1} | tojson(indent=2) }}", msgs) == '{\n  "a": 1\n}'
     assert render("{{ strftime_now('%Y') }}", msgs) == str(datetime.datetime.now().year)
     # trim_blocks + lstrip_blocks: block tags leave no newline or indentation behind.
-    template = "{% for m in messages %}\n    {% if m.role == 'user' %}\n[{{ m.content }}]\n    {% endif %}\n{% endfor %}"
+    template = ("{% for m in messages %}\n    {% if m.role == 'user' %}\n[{{ m.content }}]\n    {% endif "
+                "%}\n{% endfor %}")
     assert render(template, msgs) == "[é <b>&]\n"
     # transformers' {% generation %} marker renders its body; loop controls are enabled.
     assert render("{% generation %}G{% endgeneration %}", msgs) == "G"
@@ -141,29 +142,46 @@ def test_chat_prompt_has_one_bos(vocab_dir: Path) -> None:
     assert ids[0] == tok.bos_id and ids.count(tok.bos_id) == 1
 
 
-# --- hostile templates: bounded in time, size, work and nesting ----------------------------------------------
+# --- hostile templates: bounded in time, size, work and nesting ---------------------------------------------
 
 # Small limits keep each case quick and make it stop on the same limit on every machine.
 SMALL = Limits(seconds=60.0, max_steps=20_000, max_chars=1 << 20, max_work=1 << 24, max_depth=32)
 NEST = "{% set a = 'x' * 100000 %}{% set b = [a,a,a,a,a,a,a,a,a,a] %}{% set c = [b,b,b,b,b,b,b,b,b,b] %}"
 HOSTILE = [
-    ("{% for a in range(100000) %}{% for b in range(100000) %}{% endfor %}{% endfor %}", "more than 20000 steps"),
-    ("{% set L = range(100000) %}{% for a in L %}{% for b in L %}{% endfor %}{% endfor %}", "more than 20000 steps"),
-    ("{% macro f(n) %}{% if n %}{{ f(n-1) }}{{ f(n-1) }}{% else %}x{% endif %}{% endmacro %}{{ f(30) }}",
-     "more than 20000 steps"),
+    (
+        "{% for a in range(100000) %}{% for b in range(100000) %}{% endfor %}{% endfor %}",
+        "more than 20000 steps",
+    ),
+    (
+        "{% set L = range(100000) %}{% for a in L %}{% for b in L %}{% endfor %}{% endfor %}",
+        "more than 20000 steps",
+    ),
+    (
+        "{% macro f(n) %}{% if n %}{{ f(n-1) }}{{ f(n-1) }}{% else %}x{% endif %}{% endmacro %}{{ f(30) }}",
+        "more than 20000 steps",
+    ),
     ("{% macro f(n) %}{{ f(n + 1) }}{% endmacro %}{{ f(0) }}", "nest more than 32 deep"),
     ("{% for x in [1] recursive %}{{ loop([1]) }}{% endfor %}", "nest more than 32 deep"),
     ("{{ 'x' * 10**10 }}", "a repeated value would be 10000000000 characters"),
     ("{{ [1] * 10**9 }}", "a repeated value would be"),
     ("{{ 2 ** (10**9) }}", "a power of integers would exceed 65536 bits"),
-    ("{% set ns = namespace(v=3) %}{% for i in range(40) %}{% set ns.v = ns.v * ns.v %}{% endfor %}{{ ns.v > 0 }}",
-     "a product of integers would exceed 65536 bits"),
-    ("{% set ns = namespace(s='x') %}{% for i in range(64) %}{% set ns.s = ns.s + ns.s %}{% endfor %}",
-     "a concatenation would be 2097152 characters"),
-    ("{% set ns = namespace(s='x') %}{% for i in range(64) %}{% set ns.s = ns.s ~ ns.s %}{% endfor %}",
-     "a '~' concatenation would be"),
-    ("{% set ns = namespace(s=[1]) %}{% for i in range(64) %}{% set ns.s = ns.s + ns.s %}{% endfor %}",
-     "a concatenation would be"),
+    (
+        "{% set ns = namespace(v=3) %}{% for i in range(40) %}{% set ns.v = ns.v * ns.v %}{% endfor %}{{ "
+        "ns.v > 0 }}",
+        "a product of integers would exceed 65536 bits",
+    ),
+    (
+        "{% set ns = namespace(s='x') %}{% for i in range(64) %}{% set ns.s = ns.s + ns.s %}{% endfor %}",
+        "a concatenation would be 2097152 characters",
+    ),
+    (
+        "{% set ns = namespace(s='x') %}{% for i in range(64) %}{% set ns.s = ns.s ~ ns.s %}{% endfor %}",
+        "a '~' concatenation would be",
+    ),
+    (
+        "{% set ns = namespace(s=[1]) %}{% for i in range(64) %}{% set ns.s = ns.s + ns.s %}{% endfor %}",
+        "a concatenation would be",
+    ),
     ("{{ 'x'|center(10**10) }}", "a padded string would be 10000000000"),
     ("{{ 'x'.center(10**10) }}", "a padded string would be 10000000000"),
     ("{{ 'x'.zfill(10**10) }}", "a padded string"),
@@ -180,7 +198,10 @@ HOSTILE = [
     ("{{ ('x' * 100000)|replace('x', 'y' * 100000) }}", "a string after replace"),
     ("{{ range(1000)|join('x' * 100000) }}", "a joined string would be"),
     ("{{ ('x' * 100000).join(['a'] * 1000) }}", "a joined string would be"),
-    ("{{ ('x' * 100).wordwrap }}{{ ('x ' * 100000)|wordwrap(1, wrapstring='y' * 1000) }}", "a wrapped string"),
+    (
+        "{{ ('x' * 100).wordwrap }}{{ ('x ' * 100000)|wordwrap(1, wrapstring='y' * 1000) }}",
+        "a wrapped string",
+    ),
     ("{{ ('\t' * 100000).expandtabs(100000) }}", "a string with expanded tabs"),
     ("{{ ('x' * 100000).translate({120: 'y' * 100000}) }}", "a translated string"),
     ("{{ ([[1]] * 30000)|sum(start=[]) }}", "more than 20000 steps"),  # sums of lists: a step per item
@@ -194,10 +215,15 @@ HOSTILE = [
     (NEST + "{{ '%s' % [c] }}", "the values of a '%' format"),
     (NEST + "{{ '{}'.format(c) }}", "the values of str.format"),
     ("{% for i in range(100000) %}{{ 'x' * 1000 }}{% endfor %}", "its output would be more than 1048576"),
-    ("{% set big = 'x' * 1000000 %}{% set x %}{% for i in range(100000) %}{{ big }}{% endfor %}{% endset %}",
-     "more than 16777216 characters"),
-    ("{% macro m() %}{% for i in range(100000) %}" + "A" * 1000 + "{% endfor %}{% endmacro %}{{ m() }}",
-     "more than 16777216 characters"),
+    (
+        "{% set big = 'x' * 1000000 %}{% set x %}{% for i in range(100000) %}{{ big }}{% endfor %}{% endset "
+        "%}",
+        "more than 16777216 characters",
+    ),
+    (
+        "{% macro m() %}{% for i in range(100000) %}" + "A" * 1000 + "{% endfor %}{% endmacro %}{{ m() }}",
+        "more than 16777216 characters",
+    ),
 ]
 
 
@@ -256,14 +282,17 @@ FEATURES = """{%- set ns = namespace(n=0, sys='') -%}
 {% for row in [1, 2, 3, 4, 5]|batch(2, 0) %}{{ row|sum }};{% endfor %} {{ 'a,b'.split(',')|reverse|join }}
 {% for x in [[1, [2]], [3]] recursive %}<{{ x if x is number else loop(x) }}>{% endfor %}
 {%- generation %} gen{% endgeneration %}{{ raise_exception('no') if false }}{{ ([1] * 3 + [2])|string }}
-"""
+"""  # noqa: E501
 
 
 def test_real_template_features_render_as_in_the_plain_sandbox():
     """The budgeted environment gives the same text as jinja2's own immutable sandbox."""
-    messages = [{"role": "system", "content": "  Be brief.  "}, {"role": "user", "content": "Hi  there"},
-                {"role": "assistant", "content": "Hello", "tool_calls": [{"name": "f", "arguments": {"x": 1}}]},
-                {"role": "user", "content": "Bye"}]
+    messages = [
+        {"role": "system", "content": "  Be brief.  "},
+        {"role": "user", "content": "Hi  there"},
+        {"role": "assistant", "content": "Hello", "tool_calls": [{"name": "f", "arguments": {"x": 1}}]},
+        {"role": "user", "content": "Bye"},
+    ]
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
                                         extensions=[_GenerationBlock, jinja2.ext.loopcontrols])
     env.filters["tojson"] = _tojson
@@ -428,7 +457,8 @@ def test_template_list_is_llama_cpps(chat_templates_dir: Path) -> None:
     assert sorted(p.stem for p in chat_templates_dir.glob("*.jinja")) == sorted(LLAMA_CPP_TEMPLATES)
 
 
-TOOLS_PROBE = "{% if tools is defined %}[{{ tools | map(attribute='function.name') | join(',') }}]{% endif %}" \
+TOOLS_PROBE = "{% if tools is defined %}[{{ tools | map(attribute='function.name') | join(',') }}]" \
+              "{% endif %}" \
               "{% for m in messages %}{{ m.content }}{% endfor %}"
 
 
@@ -451,5 +481,6 @@ def test_tool_caps(chat_templates_dir: Path, name: str, caps: tuple[bool, bool, 
 
 
 def test_tool_caps_of_chatml(smol_meta: dict) -> None:
-    got = tool_caps(smol_meta["tokenizer.chat_template"])  # renders any role's content, knows nothing of tools
+    # renders any role's content, knows nothing of tools
+    got = tool_caps(smol_meta["tokenizer.chat_template"])
     assert (got.tools, got.tool_calls, got.tool_responses) == (False, False, True)

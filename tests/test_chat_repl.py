@@ -20,7 +20,7 @@ from pipx_llama.engine.sampler import GREEDY
 # The questions and answers come from tests/greedy.py: measured with no near-tie on any CPU.
 
 
-# --- multi-line input ----------------------------------------------------------------------------------------
+# --- multi-line input ---------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize(("text", "more"), [
@@ -54,7 +54,7 @@ def test_plain_reader_joins_continued_lines():
         reader.read()
 
 
-# --- the session, in-process ---------------------------------------------------------------------------------
+# --- the session, in-process --------------------------------------------------------------------------------
 
 
 @pytest.fixture(scope="module")
@@ -133,11 +133,15 @@ def test_save_as_json_and_markdown(model, tmp_path):
     doc = json.loads((tmp_path / "chat.json").read_text())
     assert doc["model"] == "smollm2" and doc["settings"]["max_tokens"] == 24
     assert [m["role"] for m in doc["messages"]] == ["system", "user", "assistant"]
-    assert doc["messages"][1]["content"] == QUESTION and doc["messages"][2]["content"].startswith(BRIEFLY.answer)
+    assert doc["messages"][1]["content"] == QUESTION and doc["messages"][2]["content"].startswith(
+        BRIEFLY.answer
+    )
     s.handle(f"/save {tmp_path / 'chat.md'}")
     md = (tmp_path / "chat.md").read_text()
     assert md.startswith("# Chat with smollm2\n")
-    assert "## System\n\nAnswer briefly.\n" in md and f"## You\n\n{QUESTION}\n" in md and "## smollm2\n\n" in md
+    assert (
+        "## System\n\nAnswer briefly.\n" in md and f"## You\n\n{QUESTION}\n" in md and "## smollm2\n\n" in md
+    )
     s.handle(f"/save {tmp_path / 'no-such-dir' / 'chat.md'}")
     assert "error: cannot write" in err.getvalue()
     assert not list(tmp_path.glob("*.tmp"))
@@ -198,7 +202,9 @@ def test_a_message_longer_than_the_context_is_refused_and_the_session_goes_on(mo
 @pytest.mark.slow
 def test_run_repl_reads_scripted_input(model, tmp_path):
     s, _out, _err = session(model, max_tokens=24)
-    reader = PlainReader(io.StringIO(f"{QUESTION}\n\n/set max_tokens 4\nTell me \\\nmore.\n/exit\nnever read\n"))
+    reader = PlainReader(
+        io.StringIO(f"{QUESTION}\n\n/set max_tokens 4\nTell me \\\nmore.\n/exit\nnever read\n")
+    )
     assert run_repl(s, reader) == 0
     assert [m["content"] for m in s.messages if m["role"] == "user"] == [QUESTION, "Tell me \nmore."]
     assert s.max_tokens == 4
@@ -216,7 +222,7 @@ def test_ctrl_c_while_a_turn_is_prepared_keeps_the_session(model, monkeypatch):
     assert s.messages == [] and "[stopped]" in err.getvalue()
 
 
-# --- through a pseudo-terminal -------------------------------------------------------------------------------
+# --- through a pseudo-terminal ------------------------------------------------------------------------------
 
 
 def _spawn(args: list[str], tmp_path, env: dict | None = None):
@@ -282,7 +288,9 @@ def test_chat_in_a_terminal(smollm2_path, tmp_path):
     print(f"\nterminal chat session: {time.perf_counter() - t0:.1f} s")
 
     doc = json.loads((tmp_path / "chat.json").read_text())
-    assert [m["content"] for m in doc["messages"] if m["role"] == "user"] == [TWO_LINES.messages[0]["content"]]
+    assert [m["content"] for m in doc["messages"] if m["role"] == "user"] == [
+        TWO_LINES.messages[0]["content"]
+    ]
     history = (tmp_path / "history").read_text()
     assert QUESTION in history and "/reset" in history
     assert "\x1b[2m" in log.getvalue()  # notices are dim on a colour terminal
@@ -296,9 +304,23 @@ def test_bare_command_chats_with_the_default_model_without_colour_under_no_color
 
     env = {"PIPX_LLAMA_HOME": str(tmp_path / "home"), "PIPX_LLAMA_CONFIG_DIR": str(tmp_path / "config"),
            "NO_COLOR": "1"}
-    pulled = subprocess.run([sys.executable, "-m", "pipx_llama.cli", "pull", "smollm2", "--offline", "--from-dir",
-                             str(smollm2_path.parent)], env={**os.environ, **env}, capture_output=True, text=True,
-                            timeout=300, check=False)
+    pulled = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pipx_llama.cli",
+            "pull",
+            "smollm2",
+            "--offline",
+            "--from-dir",
+            str(smollm2_path.parent),
+        ],
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
     assert pulled.returncode == 0, pulled.stderr
     child, log = _spawn([], tmp_path, env=env)
     child.expect("smollm2-135m-instruct \\(Q4_1, context 4096 tokens")

@@ -34,7 +34,9 @@ def test_tokenize_prints_llama_cpp_ids(smollm2_path, golden):
 def test_run_greedy_completion(smollm2_path, golden):
     case = golden["cases"][0]
     ids, text = golden_prefix(case)
-    out = cli("run", "-m", str(smollm2_path), "-p", case["prompt"], "-n", str(len(ids)), "--temp", "0", "-t", "2")
+    out = cli(
+        "run", "-m", str(smollm2_path), "-p", case["prompt"], "-n", str(len(ids)), "--temp", "0", "-t", "2"
+    )
     assert out.returncode == 0, out.stderr
     assert out.stdout == case["prompt"] + text + "\n"
 
@@ -55,7 +57,9 @@ def test_run_reads_prompt_from_stdin_and_stops_at_stop_string(smollm2_path, gold
 @pytest.mark.slow
 def test_perplexity_matches_llama_cpp_chunked(smollm2_path, golden, ppl_text_path):
     ref = golden["chunk_perplexity"]
-    out = cli("perplexity", "-m", str(smollm2_path), "--ctx-size", str(ref["n_ctx"]), str(ppl_text_path), "--json")
+    out = cli(
+        "perplexity", "-m", str(smollm2_path), "--ctx-size", str(ref["n_ctx"]), str(ppl_text_path), "--json"
+    )
     assert out.returncode == 0, out.stderr
     result = json.loads(out.stdout)
     print(f"\nchunked perplexity: ours {result['ppl']:.4f}, llama.cpp {ref['ppl']:.4f} "
@@ -91,7 +95,17 @@ def test_run_by_name_pulls_into_the_store_then_reuses_it(smollm2_path, golden, t
     monkeypatch.setenv("PIPX_LLAMA_CONFIG_DIR", str(tmp_path / "config"))
     case = golden["cases"][0]
     ids, text = golden_prefix(case)
-    args = ("run", "smollm2-135m-instruct", "-p", case["prompt"], "-n", str(len(ids)), "--temp", "0", "--offline")
+    args = (
+        "run",
+        "smollm2-135m-instruct",
+        "-p",
+        case["prompt"],
+        "-n",
+        str(len(ids)),
+        "--temp",
+        "0",
+        "--offline",
+    )
     first = cli(*args, "--from-dir", str(smollm2_path.parent))
     assert first.returncode == 0, first.stderr
     assert first.stdout == case["prompt"] + text + "\n"

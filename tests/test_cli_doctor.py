@@ -1,4 +1,5 @@
-"""``pipx-llama doctor``: the hardware and, per known model, what would run here and whether it fits -- as text
+"""``pipx-llama doctor``: the hardware and, per known model, what would run here and whether it fits -- as
+text
 and as JSON, with the RAM/disk overrides, an installed model, and a model that needs a URL."""
 
 from __future__ import annotations
@@ -6,13 +7,14 @@ from __future__ import annotations
 import json
 
 import pytest
-from test_pipeline import smol_gguf_manifest
+from test_models_plan import smol_gguf_manifest
 
 from pipx_llama.cli.main import main
 from pipx_llama.config import Config
-from pipx_llama.manifest import Catalog, parse_manifest
-from pipx_llama.pipeline import make_plan, prepare
-from pipx_llama.pull import PullOptions
+from pipx_llama.models.manifest import Catalog, parse_manifest
+from pipx_llama.models.plan import make_plan
+from pipx_llama.models.prepare import prepare
+from pipx_llama.models.sources import PullOptions
 
 
 @pytest.fixture
@@ -46,7 +48,9 @@ def test_json_with_overrides(env, capsys, tmp_path):
     assert data["ram_budget"] == 1_350_000_000 and data["simd_summary"]
     models = {m["model"]: m for m in data["models"]}
     smol = models["smollm2-135m-instruct"]
-    assert smol["fits"] and smol["status"] == "fits" and smol["quant"] == "Q4_1" and smol["stages"] == ["fetch"]
+    assert (
+        smol["fits"] and smol["status"] == "fits" and smol["quant"] == "Q4_1" and smol["stages"] == ["fetch"]
+    )
     tiny = models["tinyllama-1.1b-chat"]
     assert tiny["fits"] and tiny["quant"] == "Q4_K_M" and tiny["ram_bytes"] < 1_350_000_000
     assert tiny["format"] == "hf-safetensors" and tiny["stages"] == ["fetch", "convert", "quantize"]

@@ -18,8 +18,15 @@ from pipx_llama.cli import run_cmd
 
 def cli(*args: str, stdin: str | None = "", env: dict | None = None) -> subprocess.CompletedProcess:
     """The CLI in a subprocess; stdin is a pipe (empty unless given), never a terminal."""
-    return subprocess.run([sys.executable, "-m", "pipx_llama.cli", *args], capture_output=True, text=True, check=False,
-                          input=stdin, timeout=600, env={**os.environ, **(env or {})})
+    return subprocess.run(
+        [sys.executable, "-m", "pipx_llama.cli", *args],
+        capture_output=True,
+        text=True,
+        check=False,
+        input=stdin,
+        timeout=600,
+        env={**os.environ, **(env or {})},
+    )
 
 
 @pytest.fixture
@@ -30,7 +37,7 @@ def home(tmp_path, monkeypatch):
     return tmp_path / "home"
 
 
-# --- routing -------------------------------------------------------------------------------------------------
+# --- routing ------------------------------------------------------------------------------------------------
 
 
 class _Stdin(io.StringIO):
@@ -140,9 +147,18 @@ def test_colour_only_on_a_terminal_without_no_color(monkeypatch):
 def test_plan_is_shown_as_a_table():
     from types import SimpleNamespace
 
-    plan = SimpleNamespace(model="tinyllama-1.1b-chat", variant="safetensors", source_format="hf-safetensors",
-                           quant="Q4_0", download_bytes=2_200_000_000, peak_disk_bytes=4_400_000_000,
-                           ram_bytes=900_000_000, threads=2, n_ctx=2048, stages=["fetch", "convert", "quantize"])
+    plan = SimpleNamespace(
+        model="tinyllama-1.1b-chat",
+        variant="safetensors",
+        source_format="hf-safetensors",
+        quant="Q4_0",
+        download_bytes=2_200_000_000,
+        peak_disk_bytes=4_400_000_000,
+        ram_bytes=900_000_000,
+        threads=2,
+        n_ctx=2048,
+        stages=["fetch", "convert", "quantize"],
+    )
     buf = io.StringIO()
     run_cmd.show_plan(plan, buf, color=False)
     text = buf.getvalue()
@@ -160,7 +176,7 @@ def test_plan_is_shown_as_a_table():
     ]
 
 
-# --- one-shot on the real model ------------------------------------------------------------------------------
+# --- one-shot on the real model -----------------------------------------------------------------------------
 
 
 @pytest.mark.slow
@@ -177,13 +193,18 @@ def test_bare_model_file_completes_a_prompt(smollm2_path, golden):
 def test_json_gives_text_token_counts_and_timings(smollm2_path, golden):
     case = golden["cases"][0]
     ids, text = golden_prefix(case)
-    out = cli("run", "-m", str(smollm2_path), "-n", str(len(ids)), "--temp", "0", "--json", stdin=case["prompt"])
+    out = cli(
+        "run", "-m", str(smollm2_path), "-n", str(len(ids)), "--temp", "0", "--json", stdin=case["prompt"]
+    )
     assert out.returncode == 0, out.stderr
     result = json.loads(out.stdout)
     assert result["text"] == text
     assert result["mode"] == "completion" and result["finish_reason"] == "length"
-    assert result["tokens"] == {"prompt": len(case["prompt_ids"]), "prompt_evaluated": len(case["prompt_ids"]),
-                                "generated": len(ids)}
+    assert result["tokens"] == {
+        "prompt": len(case["prompt_ids"]),
+        "prompt_evaluated": len(case["prompt_ids"]),
+        "generated": len(ids),
+    }
     assert set(result["timings"]) == {"load_ms", "prompt_ms", "generation_ms", "prompt_tokens_per_second",
                                       "generation_tokens_per_second"}
     assert all(v > 0 for v in result["timings"].values())

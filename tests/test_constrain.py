@@ -22,7 +22,7 @@ from pipx_llama.engine.constrain import (
     mask_logits_ref,
     token_bytes,
 )
-from pipx_llama.engine.gguf_reader import open_gguf
+from pipx_llama.formats.gguf import open_gguf
 from pipx_llama.tokenizer.tokenizer import Tokenizer
 
 pydantic = pytest.importorskip("pydantic")
@@ -117,7 +117,9 @@ def test_apply_masks_a_copy(smol: Tokenizer) -> None:
     assert texts and all(b"true".startswith(s) or b"false".startswith(s) for s in texts)
 
 
-@pytest.mark.parametrize(("n_logits", "n_vocab", "density"), [(1000, 1000, 0.5), (1037, 1000, 0.02), (64, 70, 1.0)])
+@pytest.mark.parametrize(
+    ("n_logits", "n_vocab", "density"), [(1000, 1000, 0.5), (1037, 1000, 0.02), (64, 70, 1.0)]
+)
 def test_mask_logits_matches_numpy(n_logits: int, n_vocab: int, density: float) -> None:
     rng = np.random.default_rng(n_logits)
     words = np.packbits(rng.random(((n_vocab + 31) // 32) * 32) < density, bitorder="little").view(np.int32)
@@ -172,7 +174,8 @@ def test_generation_always_validates(smollm2_path: Path, model: type[pydantic.Ba
 
     m = load_model(smollm2_path, threads=1)
     ctx = m.new_context(1024)
-    prompt = m.tokenizer.chat_prompt([{"role": "user", "content": f"Give an example {model.__name__} as JSON."}])
+    ask = f"Give an example {model.__name__} as JSON."
+    prompt = m.tokenizer.chat_prompt([{"role": "user", "content": ask}])
     schema = model.model_json_schema()
     for cfg in (GREEDY, SamplerConfig(seed=7, temperature=1.0), SamplerConfig(seed=8, temperature=1.0)):
         c = Constraint(json_schema_grammar(schema, param="schema"), m.tokenizer, param="schema")

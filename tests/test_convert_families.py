@@ -35,22 +35,31 @@ from hf_families import (
 from pipx_llama.config import Config
 from pipx_llama.convert import convert
 from pipx_llama.convert.vocab import CONTROL, NORMAL, UNUSED, USER_DEFINED
-from pipx_llama.engine.gguf_reader import open_gguf
 from pipx_llama.engine.model import load_model
 from pipx_llama.errors import ModelFileError, UnsupportedModelError
-from pipx_llama.manifest import Catalog, parse_manifest, render_manifest
-from pipx_llama.pull import PullOptions
+from pipx_llama.formats.gguf import open_gguf
+from pipx_llama.models.manifest import Catalog, parse_manifest, render_manifest
+from pipx_llama.models.sources import PullOptions
 
 LAYER_NAMES = {  # Hugging Face name in a layer -> llama.cpp's, per family where they differ
-    "input_layernorm.weight": "attn_norm.weight", "self_attn.q_proj.weight": "attn_q.weight",
-    "self_attn.k_proj.weight": "attn_k.weight", "self_attn.v_proj.weight": "attn_v.weight",
-    "self_attn.q_proj.bias": "attn_q.bias", "self_attn.k_proj.bias": "attn_k.bias",
-    "self_attn.v_proj.bias": "attn_v.bias", "self_attn.o_proj.weight": "attn_output.weight",
-    "self_attn.q_norm.weight": "attn_q_norm.weight", "self_attn.k_norm.weight": "attn_k_norm.weight",
-    "self_attn.qkv_proj.weight": "attn_qkv.weight", "mlp.gate_up_proj.weight": "ffn_up.weight",
-    "mlp.gate_proj.weight": "ffn_gate.weight", "mlp.up_proj.weight": "ffn_up.weight",
-    "mlp.down_proj.weight": "ffn_down.weight", "post_attention_layernorm.weight": "ffn_norm.weight",
-    "pre_feedforward_layernorm.weight": "ffn_norm.weight", "post_feedforward_layernorm.weight": "post_ffw_norm.weight",
+    "input_layernorm.weight": "attn_norm.weight",
+    "self_attn.q_proj.weight": "attn_q.weight",
+    "self_attn.k_proj.weight": "attn_k.weight",
+    "self_attn.v_proj.weight": "attn_v.weight",
+    "self_attn.q_proj.bias": "attn_q.bias",
+    "self_attn.k_proj.bias": "attn_k.bias",
+    "self_attn.v_proj.bias": "attn_v.bias",
+    "self_attn.o_proj.weight": "attn_output.weight",
+    "self_attn.q_norm.weight": "attn_q_norm.weight",
+    "self_attn.k_norm.weight": "attn_k_norm.weight",
+    "self_attn.qkv_proj.weight": "attn_qkv.weight",
+    "mlp.gate_up_proj.weight": "ffn_up.weight",
+    "mlp.gate_proj.weight": "ffn_gate.weight",
+    "mlp.up_proj.weight": "ffn_up.weight",
+    "mlp.down_proj.weight": "ffn_down.weight",
+    "post_attention_layernorm.weight": "ffn_norm.weight",
+    "pre_feedforward_layernorm.weight": "ffn_norm.weight",
+    "post_feedforward_layernorm.weight": "post_ffw_norm.weight",
 }
 GEMMA_LAYER_NAMES = {**LAYER_NAMES, "post_attention_layernorm.weight": "post_attention_norm.weight"}
 TOP_NAMES = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
@@ -149,9 +158,12 @@ def test_family_metadata(converted):
     assert (g3["gemma3.rope.freq_base"], g3["gemma3.rope.freq_base_swa"]) == (1e6, 1e4)
     assert (g3["gemma3.attention.sliding_window"], g3["gemma3.attention.sliding_window_pattern"]) == (5, 2)
     assert "gemma3.final_logit_softcapping" not in g3 and g3["tokenizer.ggml.add_space_prefix"] is False
-    # Phi-3: partial rotary (0.75 of 64 wide / 4 heads), LongRoPE beyond 256 positions with its attention factor
+    # Phi-3: partial rotary (0.75 of 64 wide / 4 heads), LongRoPE beyond 256 positions with its
+    # attention factor
     assert p3["phi3.rope.dimension_count"] == 12 and p3["phi3.rope.scaling.original_context_length"] == 256
-    assert p3["phi3.rope.scaling.attn_factor"] == pytest.approx(np.sqrt(1 + np.log(131072 / 256) / np.log(256)))
+    assert p3["phi3.rope.scaling.attn_factor"] == pytest.approx(
+        np.sqrt(1 + np.log(131072 / 256) / np.log(256))
+    )
     assert list(p3)[:2] == ["general.architecture", "phi3.rope.scaling.attn_factor"]  # as llama.cpp orders it
     cfg = json.loads((converted["phi3"][0] / "config.json").read_text())
     g = open_gguf(converted["phi3"][2])
@@ -193,12 +205,14 @@ def test_tokenizer_rules_per_family(converted):
     (["full_attention"] * 8, "no window"),
 ])
 def test_gemma3_layer_pattern(tmp_path, llama_models, layer_types, pattern):
-    """llama.cpp assumes Gemma 3's five sliding layers per global one when the file does not say; other layouts
-    are written (a period or one flag per layer) so that the file runs as the model was trained."""
+    """llama.cpp assumes Gemma 3's five sliding layers per global one when the file does not say; other
+    layouts are written (a period or one flag per layer) so that the file runs as the model was trained."""
     from hf_families import Dims
 
     folder = tmp_path / "g3"
-    write_family_folder(folder, "gemma3", llama_models, Dims(n_layers=8, head_dim=24), layer_types=layer_types)
+    write_family_folder(
+        folder, "gemma3", llama_models, Dims(n_layers=8, head_dim=24), layer_types=layer_types
+    )
     md = _meta(convert(folder, tmp_path / "g3.gguf", "f16").path)
     key = "gemma3.attention.sliding_window_pattern"
     if pattern == "no window":
@@ -216,7 +230,8 @@ def test_gemma3_layer_pattern(tmp_path, llama_models, layer_types, pattern):
 
 
 def test_float16_norms_get_their_offset_in_float16(tmp_path, llama_models):
-    """llama.cpp adds Gemma's 1 to a float16 norm in float16 (torch), to bfloat16 and float32 ones in float32."""
+    """llama.cpp adds Gemma's 1 to a float16 norm in float16 (torch), to bfloat16 and float32 ones in
+    float32."""
     weights = write_family_folder(tmp_path / "g2", "gemma2", llama_models, dtype="F16")
     g = open_gguf(convert(tmp_path / "g2", tmp_path / "g2.gguf", "f16").path)
     try:
@@ -255,7 +270,8 @@ def test_gemma2_needs_its_tokenizer_model(tmp_path, llama_models):
         convert(folder, tmp_path / "out.gguf", "f16")
 
 
-# ---- llama.cpp's own converter as the oracle ----------------------------------------------------------------
+# ---- llama.cpp's own converter as the oracle ---------------------------------------------------------------
+
 
 def _require_llama_cpp_converter(llama_models: Path) -> Path:
     missing = [m for m in ("torch", "transformers", "sentencepiece") if importlib.util.find_spec(m) is None]
@@ -295,12 +311,15 @@ def test_gemma3_other_patterns_differ_from_llama_cpp_only_by_the_pattern(tmp_pat
     assert len(diff) == 1 and diff[0].startswith("metadata keys") and "sliding_window_pattern" in diff[0]
 
 
-# ---- through the pipeline -----------------------------------------------------------------------------------
+# ---- through the pipeline ----------------------------------------------------------------------------------
+
 
 def test_original_weights_flow_through_convert_and_quantize(tmp_path, llama_models):
-    """A manifest variant of format hf-safetensors: fetched (from a local folder), converted, quantized, run."""
-    from pipx_llama.hardware import HardwareProfile
-    from pipx_llama.pipeline import make_plan, prepare
+    """A manifest variant of format hf-safetensors: fetched (from a local folder), converted, quantized,
+    run."""
+    from pipx_llama.models.plan import make_plan
+    from pipx_llama.models.prepare import prepare
+    from pipx_llama.system import HardwareProfile
 
     folder = tmp_path / "weights"
     write_family_folder(folder, "gemma3", llama_models, shards=1)
@@ -349,13 +368,24 @@ def test_gemma3_multimodal_checkpoint_converts_its_text_model(tmp_path, llama_mo
     for shard in sorted(plain.glob("*.safetensors")):
         for name, t in read_safetensors_header(shard).items():
             tensors[name.replace("model.", prefix, 1)] = (t.kind, t.read())
-    tensors["model.vision_tower.vision_model.embeddings.patch_embedding.weight"] = ("F32", np.ones((4, 3), np.float32))
+    tensors["model.vision_tower.vision_model.embeddings.patch_embedding.weight"] = (
+        "F32",
+        np.ones((4, 3), np.float32),
+    )
     tensors["model.multi_modal_projector.mm_input_projection_weight"] = ("F32", np.ones((4, 4), np.float32))
     write_safetensors(folder / "model.safetensors", tensors)
     text = json.loads((plain / "config.json").read_text())
-    (folder / "config.json").write_text(json.dumps({
-        "architectures": ["Gemma3ForConditionalGeneration"], "model_type": "gemma3", "text_config": text,
-        "vision_config": {"model_type": "siglip_vision_model", "hidden_size": 4}, "mm_tokens_per_image": 256}))
+    (folder / "config.json").write_text(
+        json.dumps(
+            {
+                "architectures": ["Gemma3ForConditionalGeneration"],
+                "model_type": "gemma3",
+                "text_config": text,
+                "vision_config": {"model_type": "siglip_vision_model", "hidden_size": 4},
+                "mm_tokens_per_image": 256,
+            }
+        )
+    )
     ours = convert(folder, tmp_path / "mm.gguf", "f32").path
     g, h = open_gguf(ours), open_gguf(plain_gguf)
     try:

@@ -35,10 +35,10 @@ from pipx_llama.convert.hf import (
     read_hf_model,
     read_safetensors_header,
 )
-from pipx_llama.engine.gguf_reader import open_gguf
 from pipx_llama.engine.model import load_model
 from pipx_llama.errors import ModelFileError, UnsupportedModelError
-from pipx_llama.quantize import quantize_model
+from pipx_llama.formats.gguf import open_gguf
+from pipx_llama.quant.file import quantize_model
 
 DIM, N_LAYERS, N_HEADS, N_KV, N_VOCAB = 64, 2, 8, 2, 32000
 IDS = [1, 450, 4996, 17354, 1701, 1134, 29889]
@@ -77,7 +77,8 @@ def test_permute_undoes_hugging_faces_rotary_layout(heads):
     w = rng.standard_normal((heads * hd, 24))
     np.testing.assert_array_equal(permute(hf_permute(w, heads), heads), w)
     x = rng.standard_normal(24)
-    # HF's rotate_half rope on HF's rows gives, row for row, what llama.cpp's rope gives on the un-permuted rows.
+    # HF's rotate_half rope on HF's rows gives, row for row, what llama.cpp's rope gives on the un-
+    # permuted rows.
     hf = _rope_half((hf_permute(w, heads) @ x).reshape(heads, hd), pos=5)
     ours = _rope_consecutive((w @ x).reshape(heads, hd), pos=5)
     np.testing.assert_allclose(permute(hf.reshape(-1, 1), heads).reshape(heads, hd), ours, atol=1e-12)
@@ -115,7 +116,9 @@ def tokenizer_model(vocab_dir) -> bytes:
 @pytest.fixture(scope="module")
 def weights() -> dict[str, np.ndarray]:
     """One shard holding the whole random model, in Meta's names and layout (no permutation)."""
-    return random_meta_shards(np.random.default_rng(3), N_VOCAB, DIM, N_LAYERS, N_HEADS, 1, n_kv_heads=N_KV)[0]
+    return random_meta_shards(np.random.default_rng(3), N_VOCAB, DIM, N_LAYERS, N_HEADS, 1, n_kv_heads=N_KV)[
+        0
+    ]
 
 
 def write_hf_folder(folder: Path, weights: dict[str, np.ndarray], tokenizer_model: bytes, dtype: str = "F16",
@@ -144,11 +147,23 @@ def write_hf_folder(folder: Path, weights: dict[str, np.ndarray], tokenizer_mode
         write_safetensors(folder / fname, {n: (dtype, conv(hf[n])) for n in part})
         weight_map.update({n: fname for n in part})
     if shards > 1:
-        (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
-    cfg = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": DIM,
-           "intermediate_size": weights["layers.0.feed_forward.w1.weight"].shape[0], "num_attention_heads": N_HEADS,
-           "num_key_value_heads": N_KV, "num_hidden_layers": N_LAYERS, "max_position_embeddings": 4096,
-           "rms_norm_eps": 1e-6, "vocab_size": N_VOCAB, "tie_word_embeddings": tied, **config}
+        (folder / "model.safetensors.index.json").write_text(
+            json.dumps({"metadata": {}, "weight_map": weight_map})
+        )
+    cfg = {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "hidden_size": DIM,
+        "intermediate_size": weights["layers.0.feed_forward.w1.weight"].shape[0],
+        "num_attention_heads": N_HEADS,
+        "num_key_value_heads": N_KV,
+        "num_hidden_layers": N_LAYERS,
+        "max_position_embeddings": 4096,
+        "rms_norm_eps": 1e-6,
+        "vocab_size": N_VOCAB,
+        "tie_word_embeddings": tied,
+        **config,
+    }
     (folder / "config.json").write_text(json.dumps(cfg))
     (folder / "tokenizer.model").write_bytes(tokenizer_model)
     (folder / "tokenizer_config.json").write_text(json.dumps({"add_bos_token": True, "add_eos_token": False,
@@ -214,8 +229,13 @@ def test_unsupported_configs(tmp_path, weights, tokenizer_model, change, error):
 
 
 def test_linear_rope_scaling_is_written(tmp_path, weights, tokenizer_model):
-    src = write_hf_folder(tmp_path / "hf", weights, tokenizer_model, rope_scaling={"type": "linear", "factor": 2.0},
-                          rope_theta=500000.0)
+    src = write_hf_folder(
+        tmp_path / "hf",
+        weights,
+        tokenizer_model,
+        rope_scaling={"type": "linear", "factor": 2.0},
+        rope_theta=500000.0,
+    )
     g = open_gguf(convert(src, tmp_path / "m.gguf", "f16").path)
     assert g.metadata["llama.rope.scaling.type"] == "linear"
     assert g.metadata["llama.rope.scaling.factor"] == 2.0
@@ -224,7 +244,8 @@ def test_linear_rope_scaling_is_written(tmp_path, weights, tokenizer_model):
 
 
 def test_llama3_rope_scaling_becomes_rope_freqs(tmp_path, weights, tokenizer_model):
-    """Llama 3.1's rope_scaling is written as llama.cpp writes it: a rope_freqs.weight tensor, no scaling type."""
+    """Llama 3.1's rope_scaling is written as llama.cpp writes it: a rope_freqs.weight tensor, no scaling
+    type."""
     scaling = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                "original_max_position_embeddings": 64}
     src = write_hf_folder(tmp_path / "hf", weights, tokenizer_model, rope_scaling=scaling, rope_theta=10000.0)
@@ -272,7 +293,8 @@ def test_missing_shard_and_wrong_shapes(tmp_path, weights, tokenizer_model):
         convert(src, tmp_path / "m.gguf", "f16")
 
 
-# ---- the real SmolLM2, as a Hugging Face folder ---------------------------------------------------------------
+# ---- the real SmolLM2, as a Hugging Face folder ------------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def smollm2_hf(tmp_path_factory, smollm2_path) -> tuple[Path, dict[str, np.ndarray]]:
@@ -329,9 +351,12 @@ def test_smollm2_from_hugging_face_layout(tmp_path, smollm2_hf, smollm2_path, go
     finally:
         a.close()
         b.close()
-    print(f"\nconverted {r.n_tensors} tensors ({r.nbytes / 2**20:.0f} MiB) in {seconds:.2f}s; top-1 agreement with the "
-          f"Q4_1 original {agree}/{positions}; median |dlogit| vs original {np.median(d_orig):.3f} "
-          f"(max {max(d_orig):.3f}), vs llama.cpp's logits {np.median(d_golden):.3f}")
+    print(
+        f"\nconverted {r.n_tensors} tensors ({r.nbytes / 2**20:.0f} MiB) in {seconds:.2f}s; top-1 agreement "
+        f"with the "
+        f"Q4_1 original {agree}/{positions}; median |dlogit| vs original {np.median(d_orig):.3f} "
+        f"(max {max(d_orig):.3f}), vs llama.cpp's logits {np.median(d_golden):.3f}"
+    )
     # The converted model carries the Q4_1 weights exactly (up to bf16/f16 rounding); what differs is the
     # Q4_1 engine path's 8-bit activation quantization, so the logits stay within that noise.
     assert agree >= 0.9 * positions
@@ -366,7 +391,9 @@ GOOD_CONFIG = {"architectures": ["LlamaForCausalLM"], "hidden_size": 64, "interm
     ({"text_config": [1]}, "text_config", "must be an object"),
 ])
 def test_hostile_config_json_is_refused_before_any_allocation(tmp_path, monkeypatch, change, field, expect):
-    monkeypatch.setattr("pipx_llama.convert.hf.find_weights", lambda src: pytest.fail("the weights were opened"))
+    monkeypatch.setattr(
+        "pipx_llama.convert.hf.find_weights", lambda src: pytest.fail("the weights were opened")
+    )
     src = tmp_path / "hf"
     src.mkdir()
     (src / "config.json").write_text(json.dumps({**GOOD_CONFIG, **change}))

@@ -15,7 +15,7 @@ from convert_helpers import (
 )
 
 from pipx_llama.convert import convert
-from pipx_llama.engine.gguf_reader import open_gguf
+from pipx_llama.formats.gguf import open_gguf
 
 llama_cpp = pytest.importorskip("llama_cpp")
 
@@ -36,7 +36,9 @@ def run_llama_cpp(path: Path, ids: list[int]) -> np.ndarray:
 def meta_case(tmp_path_factory, vocab_dir):
     g = open_gguf(vocab_dir / "ggml-vocab-llama-spm.gguf")
     m = g.metadata
-    model = llama_tokenizer_model(m["tokenizer.ggml.tokens"], m["tokenizer.ggml.scores"], m["tokenizer.ggml.token_type"])
+    model = llama_tokenizer_model(
+        m["tokenizer.ggml.tokens"], m["tokenizer.ggml.scores"], m["tokenizer.ggml.token_type"]
+    )
     g.close()
     shards = random_meta_shards(np.random.default_rng(11), 32000, PARAMS["dim"], PARAMS["n_layers"],
                                 PARAMS["n_heads"], 2)
@@ -75,7 +77,10 @@ def test_smollm2_conversion_runs_in_llama_cpp(tmp_path, smollm2_path, golden):
                 deltas.extend(abs(float(row[t]) - v) for t, v in top)
     finally:
         llm.close()
-    print(f"\nllama.cpp on the converted F16 file vs llama.cpp on the Q4_1 original: top-1 {agree}/{positions}, "
-          f"median |dlogit| {np.median(deltas):.3f}")
+    print(
+        f"\nllama.cpp on the converted F16 file vs llama.cpp on the Q4_1 original: top-1 "
+        f"{agree}/{positions}, "
+        f"median |dlogit| {np.median(deltas):.3f}"
+    )
     assert agree >= 0.9 * positions
     assert np.median(deltas) <= 0.25

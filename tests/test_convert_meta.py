@@ -29,12 +29,19 @@ from gguf import quants as gguf_quants
 from pipx_llama.convert import convert
 from pipx_llama.convert.meta import _n_ctx, read_meta_checkpoint
 from pipx_llama.convert.torchzip import ConvertSecurityError
-from pipx_llama.engine.gguf_reader import open_gguf
 from pipx_llama.engine.model import load_model
 from pipx_llama.errors import ModelFileError
+from pipx_llama.formats.gguf import open_gguf
 
 DIM, N_LAYERS, N_HEADS, N_SHARDS, N_VOCAB = 64, 2, 4, 2, 32000
-PARAMS = {"dim": DIM, "multiple_of": 32, "n_heads": N_HEADS, "n_layers": N_LAYERS, "norm_eps": 1e-06, "vocab_size": -1}
+PARAMS = {
+    "dim": DIM,
+    "multiple_of": 32,
+    "n_heads": N_HEADS,
+    "n_layers": N_LAYERS,
+    "norm_eps": 1e-06,
+    "vocab_size": -1,
+}
 IDS = [1, 450, 4996, 17354, 1701, 1134, 29889, 13, 3492, 31999]
 
 
@@ -50,7 +57,9 @@ def spm_vocab_meta(vocab_dir) -> dict:
 @pytest.fixture(scope="module")
 def tokenizer_model(spm_vocab_meta) -> bytes:
     m = spm_vocab_meta
-    return llama_tokenizer_model(m["tokenizer.ggml.tokens"], m["tokenizer.ggml.scores"], m["tokenizer.ggml.token_type"])
+    return llama_tokenizer_model(
+        m["tokenizer.ggml.tokens"], m["tokenizer.ggml.scores"], m["tokenizer.ggml.token_type"]
+    )
 
 
 @pytest.fixture(scope="module")
@@ -78,13 +87,24 @@ def merged(shards: list[dict[str, np.ndarray]], name: str) -> np.ndarray:
 
 
 GGUF_NAMES = {
-    "tok_embeddings.weight": "token_embd.weight", "norm.weight": "output_norm.weight", "output.weight": "output.weight",
-    **{f"layers.{i}.{k}": f"blk.{i}.{v}" for i in range(N_LAYERS) for k, v in {
-        "attention.wq.weight": "attn_q.weight", "attention.wk.weight": "attn_k.weight",
-        "attention.wv.weight": "attn_v.weight", "attention.wo.weight": "attn_output.weight",
-        "feed_forward.w1.weight": "ffn_gate.weight", "feed_forward.w2.weight": "ffn_down.weight",
-        "feed_forward.w3.weight": "ffn_up.weight", "attention_norm.weight": "attn_norm.weight",
-        "ffn_norm.weight": "ffn_norm.weight"}.items()},
+    "tok_embeddings.weight": "token_embd.weight",
+    "norm.weight": "output_norm.weight",
+    "output.weight": "output.weight",
+    **{
+        f"layers.{i}.{k}": f"blk.{i}.{v}"
+        for i in range(N_LAYERS)
+        for k, v in {
+            "attention.wq.weight": "attn_q.weight",
+            "attention.wk.weight": "attn_k.weight",
+            "attention.wv.weight": "attn_v.weight",
+            "attention.wo.weight": "attn_output.weight",
+            "feed_forward.w1.weight": "ffn_gate.weight",
+            "feed_forward.w2.weight": "ffn_down.weight",
+            "feed_forward.w3.weight": "ffn_up.weight",
+            "attention_norm.weight": "attn_norm.weight",
+            "ffn_norm.weight": "ffn_norm.weight",
+        }.items()
+    },
 }
 
 

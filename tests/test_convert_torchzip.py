@@ -113,7 +113,9 @@ def _payloads(marker: Path) -> dict[str, bytes]:
 def test_malicious_pickles_are_refused_and_never_run(tmp_path, case):
     marker = tmp_path / "pwned"
     payload = _payloads(marker)[case]
-    path = write_torch_zip(tmp_path / "consolidated.00.pth", {"w": np.ones((2, 2), np.float16)}, data_pkl=payload)
+    path = write_torch_zip(
+        tmp_path / "consolidated.00.pth", {"w": np.ones((2, 2), np.float16)}, data_pkl=payload
+    )
     with pytest.raises(ConvertSecurityError) as err:
         load_torch_zip(path)
     assert "refused" in err.value.message or "tried to" in err.value.message
@@ -185,14 +187,23 @@ def test_compressed_members_are_refused(tmp_path):
 
 
 def test_tensor_past_its_storage_is_refused(tmp_path):
-    pkl = state_dict_pickle([("w", "F16", "0", 4, (2, 2))]).replace(b"K\x00(K\x02K\x02t", b"K\x02(K\x02K\x02t", 1)
+    pkl = state_dict_pickle([("w", "F16", "0", 4, (2, 2))]).replace(
+        b"K\x00(K\x02K\x02t", b"K\x02(K\x02K\x02t", 1
+    )
     path = write_torch_zip(tmp_path / "x.pth", {"w": np.ones((2, 2), np.float16)}, data_pkl=pkl)
     with pytest.raises(ModelFileError, match="past the end"):
         load_torch_zip(path)
 
 
-@pytest.mark.parametrize("case", ["os.system (pickled as posix.system)", "builtins.eval", "STACK_GLOBAL (protocol 4)",
-                                  "INST (protocol 0)"])
+@pytest.mark.parametrize(
+    "case",
+    [
+        "os.system (pickled as posix.system)",
+        "builtins.eval",
+        "STACK_GLOBAL (protocol 4)",
+        "INST (protocol 0)",
+    ],
+)
 def test_the_payloads_are_live(tmp_path, case):
     """Unpickled by a plain pickle.loads (in a child process) the payload does run: the refusal is real."""
     marker = tmp_path / "pwned"
@@ -204,7 +215,9 @@ def test_the_payloads_are_live(tmp_path, case):
 
 def test_expanded_views_are_refused(tmp_path):
     # size (64, 64) with stride (0, 1) over a 4-element storage: a huge tensor from a few bytes
-    pkl = state_dict_pickle([("w", "F16", "0", 4, (2, 2))]).replace(b"(K\x02K\x02t(K\x02K\x01t", b"(K@K@t(K\x00K\x01t")
+    pkl = state_dict_pickle([("w", "F16", "0", 4, (2, 2))]).replace(
+        b"(K\x02K\x02t(K\x02K\x01t", b"(K@K@t(K\x00K\x01t"
+    )
     path = write_torch_zip(tmp_path / "x.pth", {"w": np.ones((2, 2), np.float16)}, data_pkl=pkl)
     with pytest.raises(ModelFileError, match="more elements than its storage"):
         load_torch_zip(path)

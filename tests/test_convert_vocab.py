@@ -1,4 +1,5 @@
-"""Tokenizer metadata as llama.cpp's converters write it: pre-tokenizer detection by chkhsh, SPM and BPE vocabs."""
+"""Tokenizer metadata as llama.cpp's converters write it: pre-tokenizer detection by chkhsh, SPM and BPE
+vocabs."""
 
 from __future__ import annotations
 
@@ -28,8 +29,8 @@ from pipx_llama.convert.vocab import (
     load_vocab,
     spm_vocab,
 )
-from pipx_llama.engine.gguf_reader import open_gguf
 from pipx_llama.errors import ModelFileError, UnsupportedModelError
+from pipx_llama.formats.gguf import open_gguf
 
 BPE = "ggml-vocab-llama-bpe.gguf"
 SPM = "ggml-vocab-llama-spm.gguf"
@@ -104,9 +105,13 @@ def _bpe_dir(tmp_path: Path, meta: dict, **config) -> Path:
 def test_bpe_vocab_like_get_vocab_base(tmp_path, smollm_meta):
     tj = tokenizer_json_from_gguf(smollm_meta, SMOLLM_PRE_TOKENIZER, BYTELEVEL_POST)
     tj["added_tokens"].append({"id": 100, "content": "▁user▁word", "special": False, "normalized": True})
-    tj["added_tokens"].append({"id": 101, "content": "<|looks_special|>", "special": False, "normalized": False})
+    tj["added_tokens"].append(
+        {"id": 101, "content": "<|looks_special|>", "special": False, "normalized": False}
+    )
     (tmp_path / "tokenizer.json").write_text(json.dumps(tj, ensure_ascii=False))
-    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<|im_start|>", "eos_token": "<|im_end|>"}))
+    (tmp_path / "tokenizer_config.json").write_text(
+        json.dumps({"bos_token": "<|im_start|>", "eos_token": "<|im_end|>"})
+    )
     v = bpe_vocab(tmp_path, vocab_size=49160)
     assert v.model == "gpt2" and v.pre == "smollm"
     assert len(v.tokens) == 49160 and v.tokens[49155] == "[PAD49155]" and v.token_types[49155] == UNUSED

@@ -23,7 +23,7 @@ from pipx_llama.convert.writer import (
     tensor_type,
     write_gguf,
 )
-from pipx_llama.errors import ModelFileError, UsageError
+from pipx_llama.errors import DiskFullError, ModelFileError, UsageError
 
 
 def test_output_type_rules():
@@ -50,7 +50,9 @@ def test_conversions_are_exact(small_chunks, kind, qtype):
     x = (rng.standard_normal((37, 96)) * 3).astype(np.float32)
     x[0, :4] = [0.0, -0.0, 65000.0, 1e-7]
     src = {"F16": x.astype(np.float16), "BF16": bf16(x), "F32": x}[kind]
-    f32 = {"F16": src.astype(np.float32), "BF16": (src.astype(np.uint32) << 16).view(np.float32), "F32": src}[kind]
+    f32 = {"F16": src.astype(np.float32), "BF16": (src.astype(np.uint32) << 16).view(np.float32), "F32": src}[
+        kind
+    ]
     got = convert_tensor(src, kind, qtype)
     if qtype == QT.F32:
         np.testing.assert_array_equal(got, f32)
@@ -70,7 +72,9 @@ def _vocab() -> Vocab:
 
 
 def _params() -> LlamaParams:
-    return LlamaParams(n_vocab=16, n_ctx=128, n_embd=32, n_layer=1, n_ff=64, n_head=2, n_head_kv=2, norm_eps=1e-5)
+    return LlamaParams(
+        n_vocab=16, n_ctx=128, n_embd=32, n_layer=1, n_ff=64, n_head=2, n_head_kv=2, norm_eps=1e-5
+    )
 
 
 def _tensors(rng: np.random.Generator, on_load=None) -> list[SourceTensor]:
@@ -136,8 +140,8 @@ def test_refuses_when_the_disk_is_too_small(tmp_path, monkeypatch):
     class Usage:
         free = 1000
 
-    monkeypatch.setattr(writer.shutil, "disk_usage", lambda _p: Usage())
-    with pytest.raises(ModelFileError, match="not enough free disk space"):
+    monkeypatch.setattr("shutil.disk_usage", lambda _p: Usage())
+    with pytest.raises(DiskFullError, match="not enough disk space in .* for the converted model m.gguf"):
         write_gguf(tmp_path / "m.gguf", _params(), _vocab(), _tensors(np.random.default_rng(0)), QT.F16,
                    gguf.Metadata(name="m"))
     assert list(tmp_path.iterdir()) == []
@@ -180,3 +184,29 @@ def test_cli_outtypes_match_the_converter():
     from pipx_llama.cli import convert_cmd
 
     assert tuple(convert_cmd.OUTTYPES) == tuple(writer.OUTTYPES)
+
+
+def test_a_disk_filling_up_while_writing_is_disk_full_error(tmp_path, monkeypatch):
+    def full(self, tensor):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(gguf.GGUFWriter, "write_tensor_data", full)
+    with pytest.raises(DiskFullError, match="No space left on device") as err:
+        write_gguf(tmp_path / "m.gguf", _params(), _vocab(), _tensors(np.random.default_rng(0)), QT.F16,
+                   gguf.Metadata(name="m"))
+    assert err.value.exit_code == 5 and list(tmp_path.iterdir()) == []
+
+
+def test_the_output_is_on_disk_before_it_is_renamed(tmp_path, monkeypatch):
+    from pipx_llama import files
+
+    calls = []
+    real_fsync, real_replace = files.fsync_path, files.os.replace
+    monkeypatch.setattr(files, "fsync_path", lambda p: (calls.append(("fsync", Path(p).name)), real_fsync(p)))
+    monkeypatch.setattr(
+        files.os, "replace", lambda a, b: (calls.append(("rename", Path(a).name)), real_replace(a, b))
+    )
+    write_gguf(tmp_path / "m.gguf", _params(), _vocab(), _tensors(np.random.default_rng(0)), QT.F16,
+               gguf.Metadata(name="m"))
+    tmp = calls[0][1]
+    assert calls == [("fsync", tmp), ("rename", tmp), ("fsync", tmp_path.name)]

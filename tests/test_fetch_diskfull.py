@@ -1,4 +1,5 @@
-"""Disk full: download() into a small tmpfs that the test mounts (root only; skipped otherwise, reason printed)."""
+"""Disk full: download() into a small tmpfs that the test mounts (root only; skipped otherwise, reason
+printed)."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import time
 import pytest
 from httpserver import FileServer
 
-from pipx_llama.fetch.errors import DiskFullError
+from pipx_llama.errors import DiskFullError
 from pipx_llama.fetch.http import FetchOptions, download, partial_progress
 
 MB = 1 << 20

@@ -7,8 +7,9 @@ import gzip
 import pytest
 from httpserver import FileServer
 
+from pipx_llama.errors import FetchError
 from pipx_llama.fetch.document import fetch_document
-from pipx_llama.fetch.errors import AccessDenied, FetchError, NetworkError, SourceNotFound
+from pipx_llama.fetch.errors import AccessDenied, NetworkError, SourceNotFound
 
 
 @pytest.fixture

@@ -1,4 +1,5 @@
-"""download() against the real threaded test server (tests/httpserver.py) on 127.0.0.1, with injected faults."""
+"""download() against the real threaded test server (tests/httpserver.py) on 127.0.0.1, with injected
+faults."""
 
 from __future__ import annotations
 
@@ -20,17 +21,10 @@ import httpx
 import pytest
 from httpserver import FileServer
 
-from pipx_llama.errors import UsageError
+from pipx_llama.errors import FetchError, UsageError
+from pipx_llama.events import ProgressEvent
 from pipx_llama.fetch import http as fetch_http
-from pipx_llama.fetch.errors import (
-    AccessDenied,
-    ChecksumError,
-    FetchError,
-    NetworkError,
-    OfflineError,
-    SourceNotFound,
-)
-from pipx_llama.fetch.events import ProgressEvent
+from pipx_llama.fetch.errors import AccessDenied, ChecksumError, NetworkError, OfflineError, SourceNotFound
 from pipx_llama.fetch.http import FetchOptions, download, partial_progress, redact_url
 
 MB = 1 << 20
@@ -167,12 +161,20 @@ def test_redirects_followed_and_token_kept_on_origin(tmp_path):
         a.faults("/real").require_token = "s3cret"
         a.redirect("/r1", "/r2")
         a.redirect("/r2", "/real")
-        download(a.url("/r1"), tmp_path / "x.part", size=len(data), sha256=sha(data), options=opts(token="s3cret"))
+        download(
+            a.url("/r1"), tmp_path / "x.part", size=len(data), sha256=sha(data), options=opts(token="s3cret")
+        )
         assert (tmp_path / "x.part").read_bytes() == data
         assert all(h.get("Authorization") == "Bearer s3cret" for _, _, h in a.requests)
         # a redirect to another origin (a CDN) must not carry the token along
         a.redirect("/to-cdn", b_url)
-        download(a.url("/to-cdn"), tmp_path / "y.part", size=len(data), sha256=sha(data), options=opts(token="s3cret"))
+        download(
+            a.url("/to-cdn"),
+            tmp_path / "y.part",
+            size=len(data),
+            sha256=sha(data),
+            options=opts(token="s3cret"),
+        )
         assert (tmp_path / "y.part").read_bytes() == data
         assert b.requests and all("Authorization" not in h for _, _, h in b.requests)
 
@@ -196,7 +198,9 @@ def test_offline_refuses_before_network(server, tmp_path):
     data = blob(1000)
     url = server.put("/o", data)
     with pytest.raises(OfflineError) as err:
-        download(url, tmp_path / "sub" / "o.part", size=len(data), sha256=sha(data), options=opts(offline=True))
+        download(
+            url, tmp_path / "sub" / "o.part", size=len(data), sha256=sha(data), options=opts(offline=True)
+        )
     assert "offline" in err.value.message
     assert server.requests == []
     assert not (tmp_path / "sub").exists()
@@ -216,9 +220,28 @@ def test_tls_is_verified_and_ca_bundle_from_environment(tmp_path, monkeypatch):
     if shutil.which("openssl") is None:
         pytest.skip("openssl command not available to make a test certificate")
     cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out",
-                    str(cert), "-days", "1", "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"],
-                   check=True, capture_output=True)
+    subprocess.run(
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            str(key),
+            "-out",
+            str(cert),
+            "-days",
+            "1",
+            "-subj",
+            "/CN=127.0.0.1",
+            "-addext",
+            "subjectAltName=IP:127.0.0.1",
+        ],
+        check=True,
+        capture_output=True,
+    )
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.load_cert_chain(cert, key)
     data = blob(MB, 5)
@@ -498,7 +521,14 @@ def test_stalled_connection_is_retried(server, tmp_path):
     server.faults("/stall").stall_for = 30
     ev = Events()
     t0 = time.monotonic()
-    download(url, tmp_path / "s.part", size=len(data), sha256=sha(data), options=opts(stall_timeout=0.5), on_event=ev)
+    download(
+        url,
+        tmp_path / "s.part",
+        size=len(data),
+        sha256=sha(data),
+        options=opts(stall_timeout=0.5),
+        on_event=ev,
+    )
     assert time.monotonic() - t0 < 5
     assert (tmp_path / "s.part").read_bytes() == data
     assert "stalled" in ev.of("retry")[0].message

@@ -36,7 +36,8 @@ def emit(ev):
 
 url, dest, size, sha = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
 download(url, dest, size=size, sha256=sha,
-         options=FetchOptions(backoff_base=0.05, backoff_max=1.0, checkpoint_interval=0.25), on_event=emit, label="big.bin")
+         options=FetchOptions(backoff_base=0.05, backoff_max=1.0, checkpoint_interval=0.25), on_event=emit,
+         label="big.bin")
 print(json.dumps({"kind": "returned"}), flush=True)
 """
 

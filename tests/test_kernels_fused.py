@@ -16,8 +16,8 @@ import pytest
 from numba import njit
 
 from pipx_llama.engine.kernels import runtime, simd
-from pipx_llama.engine.kernels.warmup import write_tiny_model
 from pipx_llama.engine.model import load_model
+from pipx_llama.engine.warmup import write_tiny_model
 
 pytestmark = pytest.mark.skipif(simd.TIER is None, reason="no packed kernels on this CPU")
 

@@ -1,4 +1,4 @@
-"""numba K-quant kernels against their numpy twins in pipx_llama.quant.kquants.
+"""numba K-quant kernels against their numpy twins in pipx_llama.formats.kquants.
 
 Weight blocks are random bytes (gguf-py cannot quantize K-quants) with finite fp16 scales. When
 llama-cpp-python is installed, one more test checks against its compiled ggml: blocks quantized by
@@ -17,7 +17,7 @@ from gguf import GGMLQuantizationType
 
 from pipx_llama.engine.kernels import WEIGHT_KERNELS
 from pipx_llama.engine.kernels import kquants as kk
-from pipx_llama.quant import kquants as kq
+from pipx_llama.formats import kquants as kq
 
 TYPES = [kq.Q4_K, kq.Q5_K, kq.Q6_K]
 ids = [c.__name__ for c in TYPES]

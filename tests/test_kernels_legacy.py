@@ -1,4 +1,4 @@
-"""numba kernels of Q4_0/Q4_1/Q5_0/Q5_1/Q8_0 against their numpy twins (pipx_llama.quant.legacy),
+"""numba kernels of Q4_0/Q4_1/Q5_0/Q5_1/Q8_0 against their numpy twins (pipx_llama.formats.legacy),
 and against ggml's own C functions when llama-cpp-python is installed."""
 
 from __future__ import annotations
@@ -12,13 +12,13 @@ import numba
 import numpy as np
 import pytest
 from gguf import GGMLQuantizationType
-from test_quant_legacy import adversarial_rows, quantized, random_blocks
+from test_formats_legacy import adversarial_rows, quantized, random_blocks
 
-from pipx_llama.engine.gguf_reader import open_gguf
 from pipx_llama.engine.kernels import WEIGHT_KERNELS
 from pipx_llama.engine.kernels import legacy as kl
 from pipx_llama.engine.kernels.floats import FP16_TABLE
-from pipx_llama.quant import legacy as ql
+from pipx_llama.formats import legacy as ql
+from pipx_llama.formats.gguf import open_gguf
 
 FORMATS = [ql.Q4_0, ql.Q4_1, ql.Q5_0, ql.Q5_1, ql.Q8_0]
 G = GGMLQuantizationType

@@ -11,12 +11,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from test_formats_legacy import quantized
 from test_kernels_kquants import random_blocks
-from test_quant_legacy import quantized
 
 from pipx_llama.engine.kernels import WEIGHT_KERNELS, packed, simd
-from pipx_llama.quant import kquants as kq
-from pipx_llama.quant import legacy as ql
+from pipx_llama.formats import kquants as kq
+from pipx_llama.formats import legacy as ql
 
 pytestmark = pytest.mark.skipif(simd.TIER is None, reason="no packed kernels on this CPU")
 

@@ -87,7 +87,9 @@ def test_wheel_holds_every_module_and_nothing_else(names: set[str]) -> None:
 def test_wheel_holds_the_manifests(names: set[str]) -> None:
     shipped = {p.name for p in (REPO / "manifests").glob("*.toml")}
     assert shipped, "the manifests/ folder has no manifest"
-    in_wheel = {n.removeprefix("pipx_llama/manifests/") for n in names if n.startswith("pipx_llama/manifests/")}
+    in_wheel = {
+        n.removeprefix("pipx_llama/manifests/") for n in names if n.startswith("pipx_llama/manifests/")
+    }
     assert shipped <= in_wheel
     assert "smollm2-135m-instruct.toml" in in_wheel
 
@@ -114,8 +116,23 @@ def test_installed_wheel_runs(wheel: Path, names: set[str], tmp_path: Path) -> N
     # a plain path line: the editable install's own .pth in there is not processed, so the source
     # tree stays out of sys.path
     Path(child_site, "parent_env.pth").write_text(sysconfig.get_path("purelib") + "\n")
-    subprocess.run([sys.executable, "-m", "pip", "--python", str(python), "install", "--no-deps", "--no-index",
-                    "--ignore-installed", "--quiet", str(wheel)], check=True, timeout=300)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "--python",
+            str(python),
+            "install",
+            "--no-deps",
+            "--no-index",
+            "--ignore-installed",
+            "--quiet",
+            str(wheel),
+        ],
+        check=True,
+        timeout=300,
+    )
     clean_env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME")}
 
     version = _pyproject()["project"]["version"]

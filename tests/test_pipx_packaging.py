@@ -35,8 +35,13 @@ class PipxRun:
 def pipx_run(tmp_path_factory) -> PipxRun:
     root = tmp_path_factory.mktemp("pipx")
     t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "build", "--wheel", "--outdir", str(root / "dist"), str(REPO)],
-                          capture_output=True, text=True, timeout=600, check=False)
+    proc = subprocess.run(
+        [sys.executable, "-m", "build", "--wheel", "--outdir", str(root / "dist"), str(REPO)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
     assert proc.returncode == 0, f"build failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     (wheel,) = (root / "dist").glob("pipx_llama-*.whl")
 
@@ -50,8 +55,14 @@ def pipx_run(tmp_path_factory) -> PipxRun:
         "NUMBA_CACHE_DIR": str(root / "numba-cache"), "PIPX_LLAMA_HISTORY": "off",
         "PIP_DISABLE_PIP_VERSION_CHECK": "1",
     })
-    proc = subprocess.run([str(bindir / "python"), "-m", "pip", "install", "--quiet", "pipx"], capture_output=True,
-                          text=True, env=env, timeout=600, check=False)
+    proc = subprocess.run(
+        [str(bindir / "python"), "-m", "pip", "install", "--quiet", "pipx"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+        check=False,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     pipx = bindir / ("pipx.exe" if os.name == "nt" else "pipx")
     print(f"\nwheel built and pipx installed in {time.perf_counter() - t0:.1f} s")
@@ -82,8 +93,18 @@ def test_pipx_run_one_shot_from_a_file(pipx_run, smollm2_path, golden):
 def test_pipx_run_one_shot_by_name_from_a_folder(pipx_run, smollm2_path, golden):
     case = golden["cases"][0]
     ids, text = golden_prefix(case)
-    args = ("run", "smollm2-135m-instruct", "--offline", "-p", case["prompt"], "-n", str(len(ids)), "--temp", "0",
-            "--json")
+    args = (
+        "run",
+        "smollm2-135m-instruct",
+        "--offline",
+        "-p",
+        case["prompt"],
+        "-n",
+        str(len(ids)),
+        "--temp",
+        "0",
+        "--json",
+    )
     t0 = time.perf_counter()
     first = pipx_run(*args, "--from-dir", str(smollm2_path.parent))
     print(f"\none-shot by name, first (installs into the store): {time.perf_counter() - t0:.1f} s")

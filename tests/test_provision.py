@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 from httpserver import FileServer
-from test_pipeline import (
+from test_models_plan import (
     cli_env,
     files_of,
     pipx_llama,
@@ -26,9 +26,10 @@ from test_pipeline import (
 )
 
 from pipx_llama.cli.main import main
-from pipx_llama.pipeline import INTERMEDIATE, STATE_FILE
+from pipx_llama.models.runnable import INTERMEDIATE, STATE_FILE
 
-# Our Q4_0 of the converted weights answers " Paris" first, by 2.87 in llama.cpp and by 3.02 / 2.98 in our engine
+# Our Q4_0 of the converted weights answers " Paris" first, by 2.87 in llama.cpp and by 3.02 / 2.98 in our
+# engine
 # (AVX-512 / AVX2 code); "The capital of France is the city of" led by only 1.44 there.
 PROMPT = "The Eiffel Tower is in the city of"
 
@@ -59,12 +60,14 @@ def stages(evs: list[dict]) -> list[tuple[str, str]]:
     return [(e["kind"], e["file"]) for e in evs if e["kind"] in ("stage", "stage-done", "stage-skipped")]
 
 
-# --- (b) the 1B-style path ----------------------------------------------------------------------------------------
+# --- (b) the 1B-style path ----------------------------------------------------------------------------------
 
 
 def test_hf_weights_fetched_converted_quantized_and_answering(tmp_path, served, smol_hf_folder):  # noqa: F811
     srv, _, _ = served
-    lab = provision_file(tmp_path, 'store = "lab-store"\n\n[[models]]\nname = "smol-hf"\nquant = ["q4_0", "Q8_0"]\n')
+    lab = provision_file(
+        tmp_path, 'store = "lab-store"\n\n[[models]]\nname = "smol-hf"\nquant = ["q4_0", "Q8_0"]\n'
+    )
     env = cli_env(tmp_path)
     r = pipx_llama("provision", str(lab), "--json", env=env)
     assert r.returncode == 0, r.stderr + r.stdout[-2000:]
@@ -72,12 +75,22 @@ def test_hf_weights_fetched_converted_quantized_and_answering(tmp_path, served, 
     assert evs[0]["kind"] == "provision" and evs[0]["store"] == str(tmp_path / "lab-store")
     plans = [e for e in evs if e["kind"] == "model-plan"]
     assert [p["quant"] for p in plans] == ["Q4_0", "Q8_0"]
-    assert plans[0]["stages"] == ["fetch", "convert", "quantize"] and plans[0]["source_format"] == "hf-safetensors"
+    assert (
+        plans[0]["stages"] == ["fetch", "convert", "quantize"]
+        and plans[0]["source_format"] == "hf-safetensors"
+    )
     assert stages(evs) == [
-        ("stage", "fetch"), ("stage-done", "fetch"), ("stage", "convert"), ("stage-done", "convert"),
-        ("stage", "quantize"), ("stage-done", "quantize"),
+        ("stage", "fetch"),
+        ("stage-done", "fetch"),
+        ("stage", "convert"),
+        ("stage-done", "convert"),
+        ("stage", "quantize"),
+        ("stage-done", "quantize"),
         # the second quantization reuses the conversion, which is removed after it
-        ("stage-skipped", "fetch"), ("stage-skipped", "convert"), ("stage", "quantize"), ("stage-done", "quantize"),
+        ("stage-skipped", "fetch"),
+        ("stage-skipped", "convert"),
+        ("stage", "quantize"),
+        ("stage-done", "quantize"),
     ]
     assert {"start", "progress", "verified", "stored"} <= {e["kind"] for e in evs}
     assert all(e["model"] == "smol-hf" for e in evs if e["kind"] in ("stage", "progress", "stored"))
@@ -112,7 +125,7 @@ def test_hf_weights_fetched_converted_quantized_and_answering(tmp_path, served, 
     assert r.returncode == 0 and "2 of 2 model(s) ready" in r.stdout
 
 
-# --- (c) killed during conversion -----------------------------------------------------------------------------------
+# --- (c) killed during conversion ---------------------------------------------------------------------------
 
 
 @pytest.mark.skipif(not hasattr(signal, "SIGKILL"), reason="SIGKILL is POSIX-only")
@@ -121,8 +134,13 @@ def test_killed_during_conversion_resumes_there_without_downloading_again(tmp_pa
     lab = provision_file(tmp_path, '[[models]]\nname = "smol-hf"\nquant = "Q4_0"\n')
     env = cli_env(tmp_path)
     vdir = tmp_path / "home" / "models" / "smol-hf" / "original"
-    proc = subprocess.Popen([sys.executable, "-m", "pipx_llama.cli", "provision", str(lab), "--json"], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pipx_llama.cli", "provision", str(lab), "--json"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     seen: list[dict] = []
     converting = threading.Event()
 
@@ -130,12 +148,16 @@ def test_killed_during_conversion_resumes_there_without_downloading_again(tmp_pa
         for line in proc.stdout:
             ev = json.loads(line)
             seen.append(ev)
-            if ev["kind"] == "progress" and ev["file"] == INTERMEDIATE:  # the converter wrote its first tensor
+            if (
+                ev["kind"] == "progress" and ev["file"] == INTERMEDIATE
+            ):  # the converter wrote its first tensor
                 proc.send_signal(signal.SIGKILL)
                 converting.set()
     reader = threading.Thread(target=read, daemon=True)
     reader.start()
-    assert converting.wait(timeout=120), proc.stderr.read() if proc.poll() is not None else "no conversion seen"
+    assert converting.wait(timeout=120), (
+        proc.stderr.read() if proc.poll() is not None else "no conversion seen"
+    )
     proc.wait(timeout=30)
     reader.join(timeout=10)
     assert proc.returncode == -signal.SIGKILL
@@ -143,7 +165,7 @@ def test_killed_during_conversion_resumes_there_without_downloading_again(tmp_pa
     state = json.loads((vdir / STATE_FILE).read_text())
     assert state["current"] == "convert" and state["stages"]["convert"]["status"] == "running"
     assert state["stages"]["fetch"]["status"] == "done"
-    assert list(vdir.glob(f".{INTERMEDIATE}.*.partial"))  # the half-written conversion
+    assert list(vdir.glob(f".{INTERMEDIATE}.*.tmp"))  # the half-written conversion
     assert not (vdir / INTERMEDIATE).exists() and not (vdir / "q4_0.gguf").exists()
     assert srv.bytes_sent >= sum(p.stat().st_size for p in smol_hf_folder.iterdir())  # all of it fetched
 
@@ -155,12 +177,12 @@ def test_killed_during_conversion_resumes_there_without_downloading_again(tmp_pa
     assert stages(evs) == [("stage-skipped", "fetch"), ("stage", "convert"), ("stage-done", "convert"),
                            ("stage", "quantize"), ("stage-done", "quantize")]
     assert srv.bytes_sent == 0 and srv.requests == []
-    assert not list(vdir.glob(".*.partial")) and not (vdir / INTERMEDIATE).exists()
+    assert not list(vdir.glob(".*.tmp")) and not (vdir / INTERMEDIATE).exists()
     record = json.loads((vdir / "q4_0.gguf.provenance.json").read_text())
     assert record["sha256"] == sha256(vdir / "q4_0.gguf")
 
 
-# --- (d) too little RAM or disk -------------------------------------------------------------------------------------
+# --- (d) too little RAM or disk -----------------------------------------------------------------------------
 
 
 def test_too_little_ram_is_refused_before_any_request(tmp_path, served):
@@ -171,7 +193,9 @@ def test_too_little_ram_is_refused_before_any_request(tmp_path, served):
     r = pipx_llama("provision", str(lab), "--json", env=env)
     assert r.returncode == 5, r.stderr + r.stdout
     [refused] = [e for e in events(r.stdout) if e["kind"] == "model-refused"]
-    assert refused["exit_code"] == 5 and "not enough memory for smol-hf (original, Q8_0)" in refused["message"]
+    assert (
+        refused["exit_code"] == 5 and "not enough memory for smol-hf (original, Q8_0)" in refused["message"]
+    )
     assert refused["alternatives"][0]["args"] == ["smol-hf", "--quant", "Q4_K_M"]
     assert "pipx-llama run smol-hf --quant Q4_K_M" in refused["hint"]
     assert events(r.stdout)[-1]["ok"] is False
@@ -196,7 +220,7 @@ def test_too_little_disk_is_refused_before_any_request(tmp_path, served):
     assert srv.requests == []
 
 
-# --- the file, in process -------------------------------------------------------------------------------------------
+# --- the file, in process -----------------------------------------------------------------------------------
 
 
 @pytest.fixture
@@ -235,8 +259,12 @@ def test_invalid_files_exit_2(tmp_path, env, capsys, body, problem):
 
 def test_unknown_model_or_quantization_refuses_everything(tmp_path, env, capsys, smollm2_path):
     smol_gguf_manifest(tmp_path, smollm2_path, "http://127.0.0.1:9/")
-    lab = provision_file(tmp_path, '[[models]]\nname = "smol-gguf"\n\n[[models]]\nname = "smol-gfuf"\n\n'
-                                   '[[models]]\nname = "smol-gguf"\nquant = "Q4_0"\n', manifests=["smol-gguf.toml"])
+    lab = provision_file(
+        tmp_path,
+        '[[models]]\nname = "smol-gguf"\n\n[[models]]\nname = "smol-gfuf"\n\n'
+        '[[models]]\nname = "smol-gguf"\nquant = "Q4_0"\n',
+        manifests=["smol-gguf.toml"],
+    )
     code, out, _ = cli(capsys, "provision", str(lab), "--json")
     assert code == 2
     evs = events(out)
@@ -252,7 +280,9 @@ def test_unknown_model_or_quantization_refuses_everything(tmp_path, env, capsys,
 def test_dry_run_and_the_all_models_disk_check(tmp_path, env, capsys, smollm2_path, smol_hf_folder):  # noqa: F811
     smol_gguf_manifest(tmp_path, smollm2_path, "http://127.0.0.1:9/")
     smol_hf_manifest(tmp_path, files_of(smol_hf_folder), "http://127.0.0.1:9/")
-    lab = provision_file(tmp_path, '[[models]]\nname = "smol-gguf"\n\n[[models]]\nname = "smol-hf"\nquant = "Q4_0"\n')
+    lab = provision_file(
+        tmp_path, '[[models]]\nname = "smol-gguf"\n\n[[models]]\nname = "smol-hf"\nquant = "Q4_0"\n'
+    )
     code, out, _ = cli(capsys, "provision", str(lab), "--dry-run", "--json")
     assert code == 0
     evs = events(out)

@@ -8,7 +8,7 @@ from gguf import GGMLQuantizationType
 from numba import njit
 from quantize_oracles import adversarial_rows, ggml_quantize, real_rows
 
-from pipx_llama.quant import kquants
+from pipx_llama.formats import kquants
 from pipx_llama.quant import quantize_kquants as qk
 from pipx_llama.quant.quantize_legacy import STATUS_NONFINITE, STATUS_SCALE_OVERFLOW
 
@@ -29,12 +29,33 @@ def _nearest_many(v: np.ndarray, out: np.ndarray) -> None:
 
 def test_nearest_int_matches_the_bit_trick_everywhere() -> None:
     rng = np.random.default_rng(3)
-    v = np.concatenate([
-        np.array([0.5, 1.5, 2.5, -0.5, -2.5, 4194303.0, -4194303.0, 4194304.5, 1e7, -1e7, 3e38, np.inf, -np.inf,
-                  np.nan, 1e-45, -0.0], np.float32),
-        (rng.standard_normal(5000) * 40).astype(np.float32),
-        (rng.standard_normal(1000) * 1e8).astype(np.float32),
-    ])
+    v = np.concatenate(
+        [
+            np.array(
+                [
+                    0.5,
+                    1.5,
+                    2.5,
+                    -0.5,
+                    -2.5,
+                    4194303.0,
+                    -4194303.0,
+                    4194304.5,
+                    1e7,
+                    -1e7,
+                    3e38,
+                    np.inf,
+                    -np.inf,
+                    np.nan,
+                    1e-45,
+                    -0.0,
+                ],
+                np.float32,
+            ),
+            (rng.standard_normal(5000) * 40).astype(np.float32),
+            (rng.standard_normal(1000) * 1e8).astype(np.float32),
+        ]
+    )
     out = np.empty(v.size, np.int64)
     _nearest_many(v, out)
     with np.errstate(invalid="ignore"):
@@ -47,8 +68,13 @@ def test_nearest_int_matches_the_bit_trick_everywhere() -> None:
 def test_kernel_matches_twin(qtype: GGMLQuantizationType) -> None:
     q = qk.KQUANT_QUANTIZERS[qtype]
     rng = np.random.default_rng(int(qtype))
-    x = np.concatenate([adversarial_rows(512, 256), rng.standard_normal((6, 512)) * rng.uniform(1e-4, 10, (6, 1)),
-                        adversarial_rows(512, 32, seed=5)]).astype(np.float32)
+    x = np.concatenate(
+        [
+            adversarial_rows(512, 256),
+            rng.standard_normal((6, 512)) * rng.uniform(1e-4, 10, (6, 1)),
+            adversarial_rows(512, 32, seed=5),
+        ]
+    ).astype(np.float32)
     status = np.full(x.shape[0], 99, np.uint8)
     got = q(x, status=status)
     with np.errstate(all="ignore"):

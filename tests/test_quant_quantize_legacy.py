@@ -1,4 +1,5 @@
-"""The Q4_0/Q4_1/Q5_0/Q5_1/Q8_0 quantizers: numba kernels, numpy twins, gguf-py and ggml agree byte for byte."""
+"""The Q4_0/Q4_1/Q5_0/Q5_1/Q8_0 quantizers: numba kernels, numpy twins, gguf-py and ggml agree byte for
+byte."""
 
 from __future__ import annotations
 
@@ -49,8 +50,29 @@ def test_fp16_bits_round_to_nearest_even_like_numpy() -> None:
 
 
 def test_c_low_byte_matches_twin_including_undefined_conversions() -> None:
-    v = np.array([0.0, 0.49, 0.5, 15.99, 16.5, -0.9, -1.0, -128.5, 127.9, 255.5, 256.0, 3e9, -3e9, 2147483520.0,
-                  -2147483648.0, np.inf, -np.inf, np.nan], np.float32)
+    v = np.array(
+        [
+            0.0,
+            0.49,
+            0.5,
+            15.99,
+            16.5,
+            -0.9,
+            -1.0,
+            -128.5,
+            127.9,
+            255.5,
+            256.0,
+            3e9,
+            -3e9,
+            2147483520.0,
+            -2147483648.0,
+            np.inf,
+            -np.inf,
+            np.nan,
+        ],
+        np.float32,
+    )
     out = np.empty(v.size, np.int64)
     _low_bytes_many(v, out)
     assert np.array_equal(out, ql.c_low_byte_ref(v))
@@ -62,7 +84,9 @@ def test_c_low_byte_matches_twin_including_undefined_conversions() -> None:
 def test_kernel_matches_twin(qtype: GGMLQuantizationType) -> None:
     q = ql.LEGACY_QUANTIZERS[qtype]
     rng = np.random.default_rng(int(qtype))
-    x = np.concatenate([adversarial_rows(256, 32), (rng.standard_normal((9, 256)) * rng.uniform(1e-4, 10, (9, 1)))])
+    x = np.concatenate(
+        [adversarial_rows(256, 32), (rng.standard_normal((9, 256)) * rng.uniform(1e-4, 10, (9, 1)))]
+    )
     x = x.astype(np.float32)
     status = np.full(x.shape[0], 99, np.uint8)
     assert np.array_equal(q(x, status=status), q.reference(x))
@@ -91,7 +115,9 @@ def test_matches_gguf_py_on_adversarial_blocks(qtype: GGMLQuantizationType) -> N
 
 
 @pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
-def test_matches_ggml_on_adversarial_and_real_blocks(qtype: GGMLQuantizationType, smol_rows: np.ndarray) -> None:
+def test_matches_ggml_on_adversarial_and_real_blocks(
+    qtype: GGMLQuantizationType, smol_rows: np.ndarray
+) -> None:
     q = ql.LEGACY_QUANTIZERS[qtype]
     x = np.concatenate([adversarial_rows(576, 32), smol_rows[:256]])
     assert np.array_equal(q(x), ggml_quantize(qtype, x))

@@ -14,8 +14,15 @@ from pipx_llama.quant import rules
 Q = GGMLQuantizationType
 
 
-def llama_tensors(n_layer: int, dim: int = 4096, ffn: int = 11008, kv: int = 4096, vocab: int = 32000,
-                  tied: bool = False, qtype: GGMLQuantizationType = Q.F16) -> list[tuple[str, tuple[int, ...], Q]]:
+def llama_tensors(
+    n_layer: int,
+    dim: int = 4096,
+    ffn: int = 11008,
+    kv: int = 4096,
+    vocab: int = 32000,
+    tied: bool = False,
+    qtype: GGMLQuantizationType = Q.F16,
+) -> list[tuple[str, tuple[int, ...], Q]]:
     """A llama model's tensor list in ggml shape order, as a converter writes it (file order)."""
     out = [("token_embd.weight", (dim, vocab), qtype)]
     for i in range(n_layer):
@@ -45,10 +52,22 @@ MORE_BITS_32 = [0, 1, 2, 3, 6, 9, 12, 15, 18, 21, 24, 27, 28, 29, 30, 31]
 
 
 def test_llama_order_sorts_by_layer_then_bytewise_name() -> None:
-    names = ["blk.10.attn_q.weight", "output.weight", "blk.2.ffn_up.weight", "blk.2.attn_k.weight", "token_embd.weight",
-             "output_norm.weight"]
-    assert rules.llama_tensor_order(names) == ["output.weight", "output_norm.weight", "token_embd.weight",
-                                               "blk.2.attn_k.weight", "blk.2.ffn_up.weight", "blk.10.attn_q.weight"]
+    names = [
+        "blk.10.attn_q.weight",
+        "output.weight",
+        "blk.2.ffn_up.weight",
+        "blk.2.attn_k.weight",
+        "token_embd.weight",
+        "output_norm.weight",
+    ]
+    assert rules.llama_tensor_order(names) == [
+        "output.weight",
+        "output_norm.weight",
+        "token_embd.weight",
+        "blk.2.attn_k.weight",
+        "blk.2.ffn_up.weight",
+        "blk.10.attn_q.weight",
+    ]
 
 
 @pytest.mark.parametrize("ftype", list(rules.FILE_TYPES))
@@ -115,7 +134,9 @@ def test_counting_follows_layer_order_not_file_order() -> None:
 
 def test_llama_70b_gets_q5_K_attn_v() -> None:
     c = choose("Q4_K_M", llama_tensors(80, dim=8192, ffn=28672, kv=1024), n_layer=80, n_head=64, n_head_kv=8)
-    assert set(layers_with(c, "attn_v.weight", Q.Q6_K)) | set(layers_with(c, "attn_v.weight", Q.Q5_K)) == set(range(80))
+    assert set(layers_with(c, "attn_v.weight", Q.Q6_K)) | set(layers_with(c, "attn_v.weight", Q.Q5_K)) == set(
+        range(80)
+    )
     assert layers_with(c, "attn_v.weight", Q.Q4_K) == []
 
 
@@ -157,8 +178,12 @@ def test_an_80_layer_qwen2_is_a_70b_model() -> None:
 
 
 def test_special_tensors_stay_unquantized() -> None:
-    tensors = [("blk.0.ffn_gate_inp.weight", (4096, 8), Q.F32), ("position_embd.weight", (768, 512), Q.F32),
-               ("blk.0.ssm_conv1d.weight", (4, 1024), Q.F32), ("blk.0.attn_q.bias_weight_not", (4096, 4096), Q.F32)]
+    tensors = [
+        ("blk.0.ffn_gate_inp.weight", (4096, 8), Q.F32),
+        ("position_embd.weight", (768, 512), Q.F32),
+        ("blk.0.ssm_conv1d.weight", (4, 1024), Q.F32),
+        ("blk.0.attn_q.bias_weight_not", (4096, 4096), Q.F32),
+    ]
     c = choose("Q4_0", tensors, n_layer=1)
     assert {n: x.target for n, x in c.items()} == {
         "position_embd.weight": Q.F32, "blk.0.attn_q.bias_weight_not": Q.F32,

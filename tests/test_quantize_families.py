@@ -18,9 +18,9 @@ from quantize_oracles import llama_quantize
 from tinymodel import write_tiny_model
 
 from pipx_llama.convert import convert
-from pipx_llama.engine.gguf_reader import open_gguf
+from pipx_llama.formats.gguf import open_gguf
+from pipx_llama.quant.file import quantize_model
 from pipx_llama.quant.rules import FILE_TYPES
-from pipx_llama.quantize import quantize_model
 
 QUANTS = ("Q4_K_M", "Q5_K_M", "Q6_K", "Q8_0", "Q4_0")
 
@@ -66,7 +66,9 @@ def test_an_80_layer_qwen2_quantizes_like_llama_cpps_70b(tmp_path):
 
 def test_rows_off_32_quantize_like_llama_cpp(tmp_path):
     src = tmp_path / "d48.gguf"
-    write_tiny_model(src, arch="qwen2", dim=48, n_heads=4, n_kv_heads=2, ffn=96, qtype=Q.F32, tied=False, seed=2)
+    write_tiny_model(
+        src, arch="qwen2", dim=48, n_heads=4, n_kv_heads=2, ffn=96, qtype=Q.F32, tied=False, seed=2
+    )
     for ftype in ("Q4_0", "Q8_0", "Q4_K_M"):
         types = _same_as_llama_cpp(src, tmp_path, ftype)
         assert types["blk.0.attn_q.weight"] == "F16" and types["blk.0.ffn_down.weight"] != "F16"

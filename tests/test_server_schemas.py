@@ -163,7 +163,8 @@ def test_guards_without_a_model(tmp_path: Path) -> None:
 
 
 def test_cli_helpers() -> None:
-    assert _size("4M") == 4 << 20 and _size("512k") == 512 << 10 and _size("100") == 100 and _size("1GiB") == 1 << 30
+    assert _size("4Mi") == 4 << 20 and _size("512Ki") == 512 << 10 and _size("100") == 100
+    assert _size("4M") == 4_000_000 and _size("1GiB") == 1 << 30  # the units every command uses
     for bad in ("x", "0", "-1K"):
         with pytest.raises(argparse.ArgumentTypeError):
             _size(bad)

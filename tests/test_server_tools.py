@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from pipx_llama.engine.constrain import Constraint
-from pipx_llama.engine.gguf_reader import open_gguf
+from pipx_llama.formats.gguf import open_gguf
 from pipx_llama.server.tools import (
     Content,
     ToolCall,

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 from conftest import VOCAB_NAMES
 
-from pipx_llama.engine.gguf_reader import open_gguf
 from pipx_llama.errors import TokenizerError, UsageError
+from pipx_llama.formats.gguf import open_gguf
 from pipx_llama.tokenizer.spm import ATTR_CONTROL, ATTR_NORMAL, ATTR_UNUSED
 from pipx_llama.tokenizer.tokenizer import StreamDecoder, Tokenizer
 

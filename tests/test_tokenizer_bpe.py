@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import regex
 
-from pipx_llama.engine.gguf_reader import open_gguf
 from pipx_llama.errors import TokenizerError
+from pipx_llama.formats.gguf import open_gguf
 from pipx_llama.tokenizer import bpe
 from pipx_llama.tokenizer.tokenizer import Tokenizer
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 from conftest import VOCAB_NAMES, VOCAB_ONLY_NAMES
 
-from pipx_llama.engine.gguf_reader import open_gguf
+from pipx_llama.formats.gguf import open_gguf
 from pipx_llama.tokenizer.spm import ATTR_CONTROL, ATTR_NORMAL, ATTR_UNKNOWN, ATTR_USER_DEFINED
 from pipx_llama.tokenizer.tokenizer import Tokenizer
 
@@ -41,11 +41,13 @@ WORDS = [
 ]  # fmt: skip
 CONTRACTIONS = ["'s", "'t", "'re", "'ve", "'m", "'ll", "'d", "'S", "'RE", "'Ve", "'LL", "’s", "'x", "''"]
 NUMBERS = ["٠١٢٣", "۴۵۶", "०१२", "০১", "๑๒๓", "０１２３", "²³¹", "½¾", "①②⑩", "ⅠⅡⅫ", "〇", "𝟎𝟏𝟐"]
-PUNCTUATION = list("!\"#$%&'()*+,-./:;<=>?@[\\]^_`{|}~、。「」『』！？，：；（）《》…—–“”‘’«»¡¿·•§¶†‡※〜～・") + [
+PUNCTUATION = list("!\"#$%&'()*+,-./:;<=>?@[\\]^_`{|}~"
+                   "、。「」『』！？，：；（）《》…—–“”‘’«»¡¿·•§¶†‡※〜～・") + [
     "...", "?!", "``", "--", "->", "=>", "::", "<=", ">>>", "@@", "##", "$$", "{{", "}}", "*/", "/*",
 ]  # fmt: skip
 CJK = [
-    "你好", "世界", "中文字符", "漢字", "日本語", "こんにちは", "カタカナ", "ｶﾀｶﾅ", "한국어", "안녕하세요", "ㄱㄴ",
+    "你好", "世界", "中文字符", "漢字", "日本語", "こんにちは", "カタカナ", "ｶﾀｶﾅ", "한국어", "안녕하세요",
+    "ㄱㄴ",
     "𠀀𠀁", "㐀", "々", "ー",
 ]  # fmt: skip
 EMOJI = ["🦙", "😀", "👍🏽", "👨‍👩‍👧‍👦", "🇫🇷", "❤️", "☺︎", "✨", "🚀", "🏳️‍🌈", "©", "™", "🀄", "1️⃣", "#️⃣"]
@@ -57,7 +59,8 @@ MARKS = [
 # texts that look like byte or special tokens, soft hyphen, bidi controls.
 ODD = [
     "\ufffd", "\ue000", "\U000f0000", "\u0378", "\U0001d400", "\U00013683", "\u2581", "\u2581\u2581",
-    "<0x41>", "<unk>", "<s>", "</s>", "[INST]", "<|endoftext|>", "<|im_start|>", "<|im_", "\U0010fffd", "\u00ad",
+    "<0x41>", "<unk>", "<s>", "</s>", "[INST]", "<|endoftext|>", "<|im_start|>", "<|im_", "\U0010fffd",
+    "\u00ad",
     "\u200e",
 ]  # fmt: skip
 

@@ -49,12 +49,14 @@ SPM_CHARS = ["▁", *"etaoinshrdlcumwfgypbvkjxqz", *"0123456789", *",.!?'"]
 
 CHATML_TEMPLATE = (
     "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + "
-    "'<|im_end|>' + '\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+    "'<|im_end|>' + '\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% "
+    "endif %}"
 )
 
 
 def gpt2_byte_chars() -> list[str]:
-    """GPT-2's byte-to-unicode map as a list: entry ``i`` stands for byte ``order[i]``; see ``gpt2_byte_order``."""
+    """GPT-2's byte-to-unicode map as a list: entry ``i`` stands for byte ``order[i]``; see
+    ``gpt2_byte_order``."""
     return [chr(c) for _, c in _gpt2_pairs()]
 
 
@@ -64,7 +66,11 @@ def gpt2_byte_order() -> list[int]:
 
 
 def _gpt2_pairs() -> list[tuple[int, int]]:
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    printable = [
+        *range(ord("!"), ord("~") + 1),
+        *range(ord("¡"), ord("¬") + 1),
+        *range(ord("®"), ord("ÿ") + 1),
+    ]
     pairs = [(b, b) for b in printable]
     n = 0
     for b in range(256):
@@ -182,14 +188,31 @@ FAMILY_FEATURES: dict[str, dict[str, Any]] = {
     "llama": {},
     "qwen2": {"biases": True},
     "qwen3": {"qk_norm": True, "head_dim": 24},
-    "gemma2": {"post_norms": True, "tied_only": True,
-               "meta": {"attention.sliding_window": 6, "attn_logit_softcapping": 5.0,
-                        "final_logit_softcapping": 3.0}},
-    "gemma3": {"post_norms": True, "qk_norm": True,
-               "meta": {"attention.sliding_window": 5, "attention.sliding_window_pattern": 2,
-                        "rope.freq_base_swa": 10000.0, "rope.freq_base": 1000000.0}},
-    "phi3": {"fused": True, "rot": 12, "longrope": True,
-             "meta": {"rope.scaling.original_context_length": 256, "rope.scaling.attn_factor": 1.1902380714238083}},
+    "gemma2": {
+        "post_norms": True,
+        "tied_only": True,
+        "meta": {
+            "attention.sliding_window": 6,
+            "attn_logit_softcapping": 5.0,
+            "final_logit_softcapping": 3.0,
+        },
+    },
+    "gemma3": {
+        "post_norms": True,
+        "qk_norm": True,
+        "meta": {
+            "attention.sliding_window": 5,
+            "attention.sliding_window_pattern": 2,
+            "rope.freq_base_swa": 10000.0,
+            "rope.freq_base": 1000000.0,
+        },
+    },
+    "phi3": {
+        "fused": True,
+        "rot": 12,
+        "longrope": True,
+        "meta": {"rope.scaling.original_context_length": 256, "rope.scaling.attn_factor": 1.1902380714238083},
+    },
 }
 
 
@@ -215,7 +238,8 @@ def write_tiny_model(
     extra_metadata: Mapping[str, Any] | None = None,
     rope_freqs: np.ndarray | None = None,
 ) -> dict[str, np.ndarray]:
-    """Write a small valid GGUF v3 of family ``arch`` to ``path``; return its weights as float32 arrays by name.
+    """Write a small valid GGUF v3 of family ``arch`` to ``path``; return its weights as float32 arrays by
+    name.
 
     Every feature of the family is exercised (``FAMILY_FEATURES``): biases, q/k norms, post norms,
     soft-capping, sliding windows smaller than a test prompt, partial rotary, LongRoPE factors,
@@ -247,7 +271,9 @@ def write_tiny_model(
         raise ValueError(f"tokenizer must be 'bpe' or 'spm', not {tokenizer!r}")
     if vocab is not None:
         if vocab < len(tokens):
-            raise ValueError(f"vocab {vocab} is smaller than the {tokenizer} vocabulary's {len(tokens)} tokens")
+            raise ValueError(
+                f"vocab {vocab} is smaller than the {tokenizer} vocabulary's {len(tokens)} tokens"
+            )
         n_pad = vocab - len(tokens)
         tokens += [f"[PAD{i}]" for i in range(n_pad)]
         types += [int(TokenType.UNUSED)] * n_pad
@@ -295,8 +321,10 @@ def write_tiny_model(
     # (name, numpy shape, std, mean); matrices scaled by 1/sqrt(fan-in) keep activations near unit size
     plan: list[tuple[str, tuple[int, ...], float, float]] = [("token_embd.weight", (n_vocab, dim), 1.0, 0.0)]
     if features.get("longrope"):
-        plan += [("rope_factors_short.weight", (n_rot // 2,), 0.3, 1.5), ("rope_factors_long.weight", (n_rot // 2,),
-                                                                           1.0, 4.0)]
+        plan += [
+            ("rope_factors_short.weight", (n_rot // 2,), 0.3, 1.5),
+            ("rope_factors_long.weight", (n_rot // 2,), 1.0, 4.0),
+        ]
     for i in range(n_layers):
         p = f"blk.{i}."
         plan.append((p + "attn_norm.weight", (dim,), 0.1, 1.0))

@@ -39,14 +39,17 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("-n", "--n-gen", type=int, default=128, metavar="N",
                    help="generated tokens of the tg test, 0 to skip it (default 128)")
     p.add_argument("-t", "--threads", type=int, default=None, help="threads (default: physical cores)")
-    p.add_argument("-r", "--repetitions", type=int, default=3, metavar="N", help="runs of each test (default 3)")
+    p.add_argument(
+        "-r", "--repetitions", type=int, default=3, metavar="N", help="runs of each test (default 3)"
+    )
     p.add_argument("--json", action="store_true", help="print the results as JSON")
     common.add_network_options(p)
     common.add_manifest_option(p)
 
 
 def bench_tokens(n_vocab: int, n: int) -> list[int]:
-    """n fixed pseudo-random token ids, clear of the first 256 (special and byte tokens in most vocabularies)."""
+    """n fixed pseudo-random token ids, clear of the first 256 (special and byte tokens in most
+    vocabularies)."""
     span = max(1, n_vocab - 256)
     return [256 % n_vocab + (i * 7919 + 13) % span for i in range(n)]
 
@@ -57,10 +60,14 @@ def _stats(values: list[float]) -> tuple[float, float]:
 
 def run(args: argparse.Namespace) -> int:
     if args.model is not None and args.model_file is not None:
-        raise UsageError(f"both a model name ({args.model}) and -m {args.model_file} were given", "pass one of them")
+        raise UsageError(
+            f"both a model name ({args.model}) and -m {args.model_file} were given", "pass one of them"
+        )
     for flag, value, least in (("-p", args.n_prompt, 0), ("-n", args.n_gen, 0), ("-r", args.repetitions, 1)):
         if value < least:
-            raise UsageError(f"{flag} {value}: must be at least {least}", f"pass {flag} {max(least, 1)} or more")
+            raise UsageError(
+                f"{flag} {value}: must be at least {least}", f"pass {flag} {max(least, 1)} or more"
+            )
     if args.n_prompt == 0 and args.n_gen == 0:
         raise UsageError("nothing to measure: both -p and -n are 0", "pass -p 256 or -n 128")
     if args.model_file is not None:
@@ -70,8 +77,7 @@ def run(args: argparse.Namespace) -> int:
 
         path = model_file(args, args.model)
 
-    from pipx_llama.engine.kernels import warm_up
-    from pipx_llama.engine.model import load_model
+    from pipx_llama.engine import load_model, warm_up
 
     warm_up(lambda message: print(message, file=sys.stderr), path)
     t0 = time.perf_counter()
@@ -79,8 +85,10 @@ def run(args: argparse.Namespace) -> int:
     load_s = time.perf_counter() - t0
     n_ctx = max(args.n_prompt, args.n_gen + 1)
     if n_ctx > model.hparams.n_ctx_train:
-        raise UsageError(f"the tests need {n_ctx} positions; {path.name} was trained on {model.hparams.n_ctx_train}",
-                         "pass smaller -p / -n")
+        raise UsageError(
+            f"the tests need {n_ctx} positions; {path.name} was trained on {model.hparams.n_ctx_train}",
+            "pass smaller -p / -n",
+        )
     ctx = model.new_context(n_ctx, n_batch=max(1, args.n_prompt))
     ctx.eval(bench_tokens(model.hparams.n_vocab, 2))  # first touch of every buffer, outside the timing
     results = []
@@ -119,8 +127,11 @@ def run(args: argparse.Namespace) -> int:
     print(f"| {'-' * 30} | {'-' * 9}:| {'-' * 8}:| {'-' * 7}:| {'-' * 7}:| {'-' * 18}:|")
     for r in results:
         speed = f"{r['tokens_per_second']:.2f} ± {r['stddev']:.2f}"
-        print(f"| {path.name[:30]:<30} | {info['size_bytes'] / 2**30:>5.2f} GiB | {_human(info['params']):>8} | "
-              f"{model.threads:>7} | {r['test']:>7} | {speed:>18} |")
+        print(
+            f"| {path.name[:30]:<30} | {info['size_bytes'] / 2**30:>5.2f} GiB | {_human(info['params']):>8} "
+            f"| "
+            f"{model.threads:>7} | {r['test']:>7} | {speed:>18} |"
+        )
     return 0
 
 

@@ -24,9 +24,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Protocol, TextIO
 
-from pipx_llama.engine.generate import Generation, generate
-from pipx_llama.engine.model import Context, Model
-from pipx_llama.engine.sampler import SamplerConfig
+from pipx_llama.engine import Context, Generation, Model, SamplerConfig, generate
 from pipx_llama.errors import ChatTemplateError, ContextFullError, PipxLlamaError, UsageError
 
 PROMPT = "> "
@@ -61,7 +59,7 @@ _ALIASES = {"temperature": "temp", "top-p": "top_p", "top-k": "top_k", "min-p": 
             "n_predict": "max_tokens"}
 
 
-# --- input ---------------------------------------------------------------------------------------------------
+# --- input --------------------------------------------------------------------------------------------------
 
 
 def needs_more(text: str) -> bool:
@@ -180,7 +178,7 @@ def make_reader(color: bool) -> LineReader:
     return PlainReader(sys.stdin, sys.stderr if sys.stdin.isatty() else None)
 
 
-# --- Ctrl-C during an answer ---------------------------------------------------------------------------------
+# --- Ctrl-C during an answer --------------------------------------------------------------------------------
 
 
 class StopOnInterrupt:
@@ -211,7 +209,7 @@ class StopOnInterrupt:
             signal.signal(signal.SIGINT, self._previous)
 
 
-# --- the session ---------------------------------------------------------------------------------------------
+# --- the session --------------------------------------------------------------------------------------------
 
 
 @dataclasses.dataclass
@@ -230,7 +228,9 @@ class Notices:
         from rich.console import Console
 
         # force_terminal=False: without colour, no escape sequence at all (not even dim or bold)
-        self.console = Console(file=err, highlight=False, no_color=not color, soft_wrap=True, force_terminal=color)
+        self.console = Console(
+            file=err, highlight=False, no_color=not color, soft_wrap=True, force_terminal=color
+        )
 
     def info(self, text: str) -> None:
         self.console.print(text, style="dim", markup=False)
@@ -362,8 +362,10 @@ class ChatSession:
         if finish == "cancelled":
             self.notices.info("[stopped]")
         elif finish == "context-full":
-            self.notices.warn(f"[context full: the answer was cut after {gen.stats.n_generated} tokens; older "
-                              "exchanges will be dropped to make room, or /reset starts afresh]")
+            self.notices.warn(
+                f"[context full: the answer was cut after {gen.stats.n_generated} tokens; older "
+                "exchanges will be dropped to make room, or /reset starts afresh]"
+            )
         elif finish == "length":
             self.notices.info(f"[max_tokens reached ({self.max_tokens}); /set max_tokens N to change it]")
         return finish
@@ -415,8 +417,12 @@ class ChatSession:
         elif name == "save":
             self._save(rest)
         else:
-            self.notices.error(UsageError(f"unknown command /{name}",
-                                          "/help lists the commands; start with // to send a text beginning with /"))
+            self.notices.error(
+                UsageError(
+                    f"unknown command /{name}",
+                    "/help lists the commands; start with // to send a text beginning with /",
+                )
+            )
         return True
 
     def reset(self) -> None:
@@ -450,7 +456,9 @@ class ChatSession:
             self.notices.error(UsageError(f"unknown setting {parts[0]!r}", "one of: " + ", ".join(_SETTINGS)))
             return
         if len(parts) != 2:
-            self.notices.error(UsageError(f"/set {key} takes one value", f"e.g. /set {key} {self.settings()[key]}"))
+            self.notices.error(
+                UsageError(f"/set {key} takes one value", f"e.g. /set {key} {self.settings()[key]}")
+            )
             return
         field, parse = _SETTINGS[key]
         try:
@@ -477,7 +485,9 @@ class ChatSession:
 
     def _save(self, rest: str) -> None:
         if not rest:
-            self.notices.error(UsageError("/save needs a file name", "/save chat.md (Markdown) or /save chat.json"))
+            self.notices.error(
+                UsageError("/save needs a file name", "/save chat.md (Markdown) or /save chat.json")
+            )
             return
         path = Path(rest).expanduser()
         text = self.to_json() if path.suffix.lower() == ".json" else self.to_markdown()

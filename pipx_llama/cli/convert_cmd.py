@@ -7,7 +7,7 @@ from pathlib import Path
 
 from pipx_llama.cli.progress import renderer_for
 from pipx_llama.cli.store_common import add_json
-from pipx_llama.store import human_bytes
+from pipx_llama.units import human_bytes
 
 # pipx_llama.convert.OUTTYPES, spelled out so the CLI starts without importing the converters
 OUTTYPES = ("f32", "f16", "bf16", "q8_0")
@@ -23,7 +23,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("src", type=Path, metavar="SRC_DIR",
                    help="folder with consolidated.NN.pth + params.json (+ tokenizer.model here or one level "
                         "up), or with config.json + model.safetensors + tokenizer files")
-    p.add_argument("out", type=Path, metavar="OUT.gguf", help="GGUF file to write (replaced atomically when done)")
+    p.add_argument(
+        "out", type=Path, metavar="OUT.gguf", help="GGUF file to write (replaced atomically when done)"
+    )
     p.add_argument("--outtype", choices=OUTTYPES, default="f16",
                    help="type of the weight matrices; 1-D tensors are always f32 (default: f16)")
     add_json(p)
@@ -35,9 +37,18 @@ def run(args: argparse.Namespace) -> int:
     with renderer_for(args.json) as out:
         r = convert(args.src, args.out, args.outtype, on_event=out)
         if args.json:
-            out.emit_json({"kind": "result", "path": str(r.path), "format": r.source_format, "outtype": r.outtype,
-                           "tensors": r.n_tensors, "bytes": r.nbytes, "seconds": round(r.seconds, 2),
-                           "tensor_types": r.tensor_types})
+            out.emit_json(
+                {
+                    "kind": "result",
+                    "path": str(r.path),
+                    "format": r.source_format,
+                    "outtype": r.outtype,
+                    "tensors": r.n_tensors,
+                    "bytes": r.nbytes,
+                    "seconds": round(r.seconds, 2),
+                    "tensor_types": r.tensor_types,
+                }
+            )
         else:
             types = ", ".join(f"{n} {t}" for t, n in sorted(r.tensor_types.items()))
             out.say(f"wrote {r.path} ({human_bytes(r.nbytes)}; {r.n_tensors} tensors: {types}) "

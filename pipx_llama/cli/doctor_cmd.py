@@ -13,14 +13,17 @@ import sys
 from typing import Any
 
 from pipx_llama.cli import store_common as common
-from pipx_llama.store import human_bytes
+from pipx_llama.units import human_bytes
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("doctor", help="show the hardware and which models fit it, with which quantization",
-                       description="Detect the OS, CPU (model, cores, SIMD features), RAM and the free disk where "
-                                   "the store lives, and show which known models fit, in which quantization. "
-                                   "PIPX_LLAMA_FAKE_RAM and PIPX_LLAMA_FREE_BYTES pretend other figures (what-if).")
+    p = sub.add_parser(
+        "doctor",
+        help="show the hardware and which models fit it, with which quantization",
+        description="Detect the OS, CPU (model, cores, SIMD features), RAM and the free disk where "
+        "the store lives, and show which known models fit, in which quantization. "
+        "PIPX_LLAMA_FAKE_RAM and PIPX_LLAMA_FREE_BYTES pretend other figures (what-if).",
+    )
     p.add_argument("-c", "--ctx", type=int, default=None, metavar="N",
                    help="plan for this context size (default: each model's, at most 4096)")
     common.add_network_options(p)
@@ -30,13 +33,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def _model_rows(s: common.Session, args: argparse.Namespace, hw: Any) -> list[dict[str, Any]]:
     from pipx_llama.errors import PipxLlamaError
-    from pipx_llama.pipeline import (
-        DEFAULT_CTX,
-        choose,
-        default_quant,
-        options_for,
-        unavailable_reason,
-    )
+    from pipx_llama.models.plan import DEFAULT_CTX, choose, options_for, unavailable_reason
+    from pipx_llama.models.runnable import default_quant
 
     opts = common.pull_options(args, s)
     rows = []
@@ -45,7 +43,9 @@ def _model_rows(s: common.Session, args: argparse.Namespace, hw: Any) -> list[di
         try:
             options = options_for(s.store, m, hw, n_ctx, opts)
         except PipxLlamaError as err:
-            rows.append({"model": m.name, "aliases": list(m.aliases), "fits": False, "status": f"error: {err}"})
+            rows.append(
+                {"model": m.name, "aliases": list(m.aliases), "fits": False, "status": f"error: {err}"}
+            )
             continue
         chosen = choose(options)
         shown = chosen or options[0]
@@ -66,16 +66,37 @@ def _model_rows(s: common.Session, args: argparse.Namespace, hw: Any) -> list[di
             status = f"fits as {chosen.quant} (the default {default.quant} does not)"
         if unavailable and chosen is not None:
             status += f"; {unavailable}"
-        rows.append({
-            "model": m.name, "aliases": list(m.aliases), "variant": shown.variant.name,
-            "format": shown.variant.format, "quant": shown.quant, "default_quant": default_quant(default.variant),
-            "n_ctx": n_ctx, "ram_bytes": shown.ram_bytes, "download_bytes": shown.download_bytes,
-            "peak_disk_bytes": shown.peak_disk_bytes, "stages": list(shown.stages), "ready": shown.ready,
-            "fits": chosen is not None, "unavailable": unavailable, "status": status,
-            "options": [{"variant": o.variant.name, "quant": o.quant, "ram_bytes": o.ram_bytes,
-                         "peak_disk_bytes": o.peak_disk_bytes, "fits_ram": o.fits_ram, "fits_disk": o.fits_disk,
-                         "ready": o.ready} for o in options],
-        })
+        rows.append(
+            {
+                "model": m.name,
+                "aliases": list(m.aliases),
+                "variant": shown.variant.name,
+                "format": shown.variant.format,
+                "quant": shown.quant,
+                "default_quant": default_quant(default.variant),
+                "n_ctx": n_ctx,
+                "ram_bytes": shown.ram_bytes,
+                "download_bytes": shown.download_bytes,
+                "peak_disk_bytes": shown.peak_disk_bytes,
+                "stages": list(shown.stages),
+                "ready": shown.ready,
+                "fits": chosen is not None,
+                "unavailable": unavailable,
+                "status": status,
+                "options": [
+                    {
+                        "variant": o.variant.name,
+                        "quant": o.quant,
+                        "ram_bytes": o.ram_bytes,
+                        "peak_disk_bytes": o.peak_disk_bytes,
+                        "fits_ram": o.fits_ram,
+                        "fits_disk": o.fits_disk,
+                        "ready": o.ready,
+                    }
+                    for o in options
+                ],
+            }
+        )
     return rows
 
 
@@ -85,7 +106,7 @@ def _table(rows: list[list[str]], header: list[str]) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from pipx_llama.hardware import detect_hardware, ram_budget, simd_summary
+    from pipx_llama.system import detect_hardware, ram_budget, simd_summary
 
     s = common.open_session(args)
     hw = detect_hardware(s.store.root)
@@ -114,10 +135,14 @@ def run(args: argparse.Namespace) -> int:
         if "variant" not in r:
             table.append([r["model"], ", ".join(r["aliases"]), "", "", "", "", r["status"]])
             continue
-        runs = f"{r['variant']} ({r['quant']})" if r["format"] == "gguf" else f"{r['variant']} -> {r['quant']}"
+        runs = (
+            f"{r['variant']} ({r['quant']})" if r["format"] == "gguf" else f"{r['variant']} -> {r['quant']}"
+        )
         table.append([r["model"], ", ".join(r["aliases"]), runs, human_bytes(r["ram_bytes"]),
                       human_bytes(r["download_bytes"]), human_bytes(r["peak_disk_bytes"]), r["status"]])
     print(_table(table, ["MODEL", "ALIASES", "RUNS AS", "RAM", "DOWNLOAD", "PEAK DISK", "STATUS"]))
-    print("\nRAM = weights + KV cache for the context + runtime; PEAK DISK = download + conversion + quantized "
-          "file. `->` marks original weights that are converted and quantized here.")
+    print(
+        "\nRAM = weights + KV cache for the context + runtime; PEAK DISK = download + conversion + quantized "
+        "file. `->` marks original weights that are converted and quantized here."
+    )
     return 0

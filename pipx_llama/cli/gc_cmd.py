@@ -7,7 +7,8 @@ import argparse
 from pipx_llama.cli import store_common as common
 from pipx_llama.cli.progress import renderer_for
 from pipx_llama.config import load_config
-from pipx_llama.store import Store, human_bytes
+from pipx_llama.models.store import Store
+from pipx_llama.units import human_bytes
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:

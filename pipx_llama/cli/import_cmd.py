@@ -13,8 +13,9 @@ from pathlib import Path
 from pipx_llama.cli import store_common as common
 from pipx_llama.cli.progress import renderer_for
 from pipx_llama.errors import UsageError
-from pipx_llama.pull import PullResult, import_gguf, match_folder, pull
-from pipx_llama.store import sha256_file
+from pipx_llama.models.imports import import_gguf, match_folder
+from pipx_llama.models.pull import PullResult, pull
+from pipx_llama.models.store import sha256_file
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -43,13 +44,21 @@ def run(args: argparse.Namespace) -> int:
                 raise UsageError("--name registers a single GGUF file, not a folder", "give the .gguf file")
             if args.model:
                 m = s.catalog.resolve(args.model)
-                pairs = [(m, m.variant(args.variant))] if args.variant else (
-                    [(mm, v) for mm, v in match_folder(s.catalog, path) if mm.name == m.name] or [(m, m.variant())])
+                pairs = (
+                    [(m, m.variant(args.variant))]
+                    if args.variant
+                    else (
+                        [(mm, v) for mm, v in match_folder(s.catalog, path) if mm.name == m.name]
+                        or [(m, m.variant())]
+                    )
+                )
             else:
                 pairs = match_folder(s.catalog, path)
                 if not pairs:
-                    raise UsageError(f"{path} holds no complete set of files of any known model",
-                                     "name the model with --model (files are matched by path or name and size)")
+                    raise UsageError(
+                        f"{path} holds no complete set of files of any known model",
+                        "name the model with --model (files are matched by path or name and size)",
+                    )
             for m, v in pairs:
                 opts = common.pull_options(args, s)
                 opts.variant, opts.from_dirs, opts.offline, opts.mirrors = v.name, [path], True, []

@@ -1,4 +1,5 @@
-"""``pipx-llama list``: installed models (size, quantization, source, verification time) and partial downloads;
+"""``pipx-llama list``: installed models (size, quantization, source, verification time) and partial
+downloads;
 ``--available`` lists every model the manifests describe."""
 
 from __future__ import annotations
@@ -8,8 +9,8 @@ import json
 import sys
 
 from pipx_llama.cli import store_common as common
-from pipx_llama.pull import estimated_file_size
-from pipx_llama.store import human_bytes
+from pipx_llama.models.estimates import estimated_file_size
+from pipx_llama.units import human_bytes
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:

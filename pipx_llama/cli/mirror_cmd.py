@@ -1,4 +1,5 @@
-"""``pipx-llama mirror export DIR``: write installed models as a static mirror tree any HTTP server can serve."""
+"""``pipx-llama mirror export DIR``: write installed models as a static mirror tree any HTTP server can
+serve."""
 
 from __future__ import annotations
 
@@ -8,8 +9,8 @@ from pathlib import Path
 from pipx_llama.cli import store_common as common
 from pipx_llama.cli.progress import renderer_for
 from pipx_llama.errors import UsageError
-from pipx_llama.pull import export_mirror
-from pipx_llama.store import human_bytes
+from pipx_llama.models.mirror import export_mirror
+from pipx_llama.units import human_bytes
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -35,8 +36,10 @@ def run(args: argparse.Namespace) -> int:
     variants = [iv for iv in s.store.installed() if not names or iv.model in names]
     missing = sorted(set(names) - {iv.model for iv in variants})
     if missing or not variants:
-        raise UsageError(f"not installed: {', '.join(missing)}" if missing else "no installed models to export",
-                         "`pipx-llama list` shows what is installed")
+        raise UsageError(
+            f"not installed: {', '.join(missing)}" if missing else "no installed models to export",
+            "`pipx-llama list` shows what is installed",
+        )
     with renderer_for(args.json) as out:
         with s.store.shared(read_only_ok=True):
             report = export_mirror(s.store, args.dir, variants, link=args.link, on_event=out)
@@ -47,8 +50,10 @@ def run(args: argparse.Namespace) -> int:
         else:
             for sk in report.skipped:
                 out.say(f"skipped {sk}")
-            out.say(f"exported {len(report.blobs)} new blob(s) ({human_bytes(report.bytes_written)} written) and "
-                    f"{len(report.manifests)} manifest(s) to {args.dir}")
+            out.say(
+                f"exported {len(report.blobs)} new blob(s) ({human_bytes(report.bytes_written)} written) and "
+                f"{len(report.manifests)} manifest(s) to {args.dir}"
+            )
             out.say(f"serve it, e.g. `python -m http.server -d {args.dir} 8000`, and on other machines: "
                     "pipx-llama pull MODEL --mirror http://HOST:8000/ (or PIPX_LLAMA_MIRROR)")
     return 0

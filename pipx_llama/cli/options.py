@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from pipx_llama.engine.sampler import SamplerConfig
+from pipx_llama.engine import SamplerConfig
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 
@@ -16,7 +16,9 @@ def add_model_options(p: argparse.ArgumentParser, *, by_name: bool = False) -> N
         p.add_argument("model", nargs="?", default=None,
                        help="model name or alias, pulled into the store when missing "
                             "(default: smollm2-135m-instruct); or use -m FILE")
-        p.add_argument("--variant", default=None, help="variant name or quantization (default: the manifest's)")
+        p.add_argument(
+            "--variant", default=None, help="variant name or quantization (default: the manifest's)"
+        )
     p.add_argument("-m", "--model-file", type=Path, required=not by_name, default=None, metavar="PATH.gguf",
                    help="GGUF model file to run")
     p.add_argument("-t", "--threads", type=int, default=None, help="threads (default: physical cores)")
@@ -26,7 +28,9 @@ def add_model_options(p: argparse.ArgumentParser, *, by_name: bool = False) -> N
 
 def add_sampling_options(p: argparse.ArgumentParser) -> None:
     d = SamplerConfig()
-    p.add_argument("--temp", type=float, default=d.temperature, help=f"temperature, 0 = greedy (default {d.temperature})")
+    p.add_argument(
+        "--temp", type=float, default=d.temperature, help=f"temperature, 0 = greedy (default {d.temperature})"
+    )
     p.add_argument("--top-k", type=int, default=d.top_k, help=f"top-k, 0 = off (default {d.top_k})")
     p.add_argument("--top-p", type=float, default=d.top_p, help=f"top-p, 1.0 = off (default {d.top_p})")
     p.add_argument("--min-p", type=float, default=d.min_p, help=f"min-p, 0.0 = off (default {d.min_p})")
@@ -57,8 +61,8 @@ def model_file(args: argparse.Namespace, name: str | None = None) -> Path:
     from pipx_llama.cli import store_common as common
     from pipx_llama.cli.progress import EventRenderer
     from pipx_llama.errors import UnsupportedModelError
-    from pipx_llama.pipeline import check_installed, default_quant, final_path, is_ready
-    from pipx_llama.pull import pull
+    from pipx_llama.models.pull import pull
+    from pipx_llama.models.runnable import check_installed, default_quant, final_path, is_ready
 
     s = common.open_session(args)
     manifest = common.resolve(s, name or DEFAULT_MODEL, args)

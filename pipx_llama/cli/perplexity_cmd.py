@@ -7,14 +7,15 @@ import json
 import sys
 from pathlib import Path
 
-from pipx_llama.engine.model import load_model
-from pipx_llama.engine.perplexity import perplexity
+from pipx_llama.engine import load_model, perplexity
 from pipx_llama.errors import UsageError
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("perplexity", help="perplexity of a model over a text file (llama.cpp's method)")
-    p.add_argument("-m", "--model-file", type=Path, required=True, metavar="PATH.gguf", help="GGUF model file")
+    p.add_argument(
+        "-m", "--model-file", type=Path, required=True, metavar="PATH.gguf", help="GGUF model file"
+    )
     p.add_argument("textfile", type=Path, help="UTF-8 text to score")
     p.add_argument("-c", "--ctx-size", type=int, default=512, help="chunk size in tokens (default 512)")
     p.add_argument("-t", "--threads", type=int, default=None, help="threads (default: physical cores)")

@@ -1,4 +1,5 @@
-"""Rendering ProgressEvents: rich progress bars on a terminal, plain lines otherwise, or NDJSON (``--json``)."""
+"""Rendering ProgressEvents: rich progress bars on a terminal, plain lines otherwise, or NDJSON
+(``--json``)."""
 
 from __future__ import annotations
 
@@ -7,8 +8,8 @@ import os
 import sys
 from typing import Any, TextIO
 
-from pipx_llama.fetch.events import ProgressEvent
-from pipx_llama.store import human_bytes
+from pipx_llama.events import ProgressEvent
+from pipx_llama.units import human_bytes
 
 # kinds worth a line of their own ("start" and "waiting-lock" once per file and source)
 _LINE_KINDS = {"plan", "start", "retry", "restart", "waiting-lock", "source-failed", "source-missing",
@@ -120,7 +121,11 @@ def _line(ev: ProgressEvent) -> str:
     if k == "verify-failed":
         return f"BAD {ev.file} ({ev.source}): {ev.message}"
     if k == "verified":
-        return f"ok  {ev.file}" + (f": {ev.message}" if ev.message else "") + (f" ({ev.source})" if ev.source else "")
+        return (
+            f"ok  {ev.file}"
+            + (f": {ev.message}" if ev.message else "")
+            + (f" ({ev.source})" if ev.source else "")
+        )
     if k == "stored":
         return f"{ev.file}: {ev.message or 'stored'}{src}"
     if k == "cached":

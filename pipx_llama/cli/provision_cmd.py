@@ -2,7 +2,7 @@
 
 The file::
 
-    store = "/srv/pipx-llama"           # optional: the store (default: PIPX_LLAMA_HOME, config file, platform dir)
+    store = "/srv/pipx-llama"           # optional: the store (default: PIPX_LLAMA_HOME, config, platform dir)
     mirrors = ["https://models.lab.example/pipx-llama"]   # optional: tried before the manifests' sources
     manifests = ["lab-models.toml"]     # optional: more manifests (paths relative to this file)
     offline = false                     # optional: never touch the network
@@ -52,7 +52,7 @@ from typing import Any
 
 from pipx_llama.cli import store_common as common
 from pipx_llama.errors import PipxLlamaError, UsageError
-from pipx_llama.store import human_bytes
+from pipx_llama.units import human_bytes
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -60,8 +60,16 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_RESOURCES = 0, 1, 2, 5
-_TOP = {"store": str, "mirrors": list, "manifests": list, "offline": bool, "allow_http": bool, "check_ram": bool,
-        "threads": int, "models": list}
+_TOP = {
+    "store": str,
+    "mirrors": list,
+    "manifests": list,
+    "offline": bool,
+    "allow_http": bool,
+    "check_ram": bool,
+    "threads": int,
+    "models": list,
+}
 _MODEL = {"name": str, "variant": str, "quant": (str, list), "from_dir": (str, list), "url": str}
 
 
@@ -101,16 +109,20 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                "disk); 130 interrupted. File format: `pydoc pipx_llama.cli.provision_cmd`.",
     )
     p.add_argument("file", type=Path, metavar="FILE.toml", help="the provision file")
-    p.add_argument("--dry-run", action="store_true", help="plan only: show what would be done, change nothing")
+    p.add_argument(
+        "--dry-run", action="store_true", help="plan only: show what would be done, change nothing"
+    )
     common.add_manifest_option(p)
     p.add_argument("--json", action="store_true", help="newline-delimited JSON events instead of text")
 
 
-# --- the file ---------------------------------------------------------------------------------------------------
+# --- the file -----------------------------------------------------------------------------------------------
 
 
 def _bad(path: Path, where: str, problem: str) -> UsageError:
-    return UsageError(f"{path}: {where}: {problem}", "fix the provision file (format: pydoc pipx_llama.cli.provision_cmd)")
+    return UsageError(
+        f"{path}: {where}: {problem}", "fix the provision file (format: pydoc pipx_llama.cli.provision_cmd)"
+    )
 
 
 def _check_type(path: Path, where: str, value: Any, kind: Any) -> None:
@@ -169,7 +181,7 @@ def load_provision_file(path: Path) -> ProvisionFile:
     return out
 
 
-# --- running ----------------------------------------------------------------------------------------------------
+# --- running ------------------------------------------------------------------------------------------------
 
 
 class _Output:
@@ -208,37 +220,57 @@ class _Output:
 
 
 def _pull_options(pf: ProvisionFile, item: Item, cfg: Any) -> Any:
-    from pipx_llama.pipeline import pull_options_from_config
+    from pipx_llama.models.plan import pull_options_from_config
 
     return pull_options_from_config(cfg, from_dirs=item.from_dirs, url=item.url or cfg.url)
 
 
 def _plan_all(pf: ProvisionFile, cfg: Any, catalog: Any, out: _Output) -> tuple[list[tuple[Item, Any]], int]:
     """Plan every item; (plans, exit code of the first refusal or 0)."""
-    from pipx_llama.hardware import detect_hardware
-    from pipx_llama.pipeline import make_plan
+    from pipx_llama.models.plan import make_plan
+    from pipx_llama.system import detect_hardware
 
     hw = detect_hardware(cfg.home)
     plans: list[tuple[Item, Any]] = []
     code = EXIT_OK
     for item in pf.items:
         try:
-            plan = make_plan(item.name, variant=item.variant, quant=item.quant, threads=pf.threads, hardware=hw,
-                             config=cfg, catalog=catalog, pull_options=_pull_options(pf, item, cfg),
-                             check_ram=pf.check_ram)
+            plan = make_plan(
+                item.name,
+                variant=item.variant,
+                quant=item.quant,
+                threads=pf.threads,
+                hardware=hw,
+                config=cfg,
+                catalog=catalog,
+                pull_options=_pull_options(pf, item, cfg),
+                check_ram=pf.check_ram,
+            )
         except PipxLlamaError as err:
-            out.record("model-refused", f"refused: {item.name}{' ' + item.quant if item.quant else ''}: {err.message}"
-                       + (f"\n  hint: {err.hint}" if err.hint else ""),
-                       index=item.index, model=item.name, quant=item.quant, message=err.message, hint=err.hint,
-                       exit_code=err.exit_code, alternatives=getattr(err, "alternatives", []))
+            out.record(
+                "model-refused",
+                f"refused: {item.name}{' ' + item.quant if item.quant else ''}: {err.message}"
+                + (f"\n  hint: {err.hint}" if err.hint else ""),
+                index=item.index,
+                model=item.name,
+                quant=item.quant,
+                message=err.message,
+                hint=err.hint,
+                exit_code=err.exit_code,
+                alternatives=getattr(err, "alternatives", []),
+            )
             code = code or err.exit_code
             continue
         plans.append((item, plan))
         steps = " -> ".join(plan.stages) or "nothing to do (ready)"
-        out.record("model-plan", f"[{item.index + 1}/{len(pf.items)}] {plan.model} ({plan.variant}, {plan.quant}): "
-                   f"{steps}; download {human_bytes(plan.download_bytes)}, peak disk "
-                   f"{human_bytes(plan.peak_disk_bytes)}, RAM {human_bytes(plan.ram_bytes)}",
-                   index=item.index, **plan.to_json())
+        out.record(
+            "model-plan",
+            f"[{item.index + 1}/{len(pf.items)}] {plan.model} ({plan.variant}, {plan.quant}): "
+            f"{steps}; download {human_bytes(plan.download_bytes)}, peak disk "
+            f"{human_bytes(plan.peak_disk_bytes)}, RAM {human_bytes(plan.ram_bytes)}",
+            index=item.index,
+            **plan.to_json(),
+        )
     if code == EXIT_OK and len(plans) > 1:
         code = _check_total_disk(plans, hw, out)
     return plans, code
@@ -254,7 +286,8 @@ def _check_total_disk(plans: list[tuple[Item, Any]], hw: Any, out: _Output) -> i
         return EXIT_OK
     message = (f"not enough disk space for all {len(plans)} models together in {hw.store_path}: they need "
                f"{human_bytes(total)} at peak, {human_bytes(hw.disk_free)} is free")
-    hint = "provision fewer models or quantizations at once, free disk space (pipx-llama gc), or use a bigger disk"
+    hint = ("provision fewer models or quantizations at once, free disk space (pipx-llama gc), or use a "
+            "bigger disk")
     out.record("model-refused", f"refused: {message}\n  hint: {hint}", index=None, model=None, quant=None,
                message=message, hint=hint, exit_code=EXIT_RESOURCES, alternatives=[])
     return EXIT_RESOURCES
@@ -262,8 +295,8 @@ def _check_total_disk(plans: list[tuple[Item, Any]], hw: Any, out: _Output) -> i
 
 def run(args: argparse.Namespace) -> int:
     from pipx_llama.config import load_config
-    from pipx_llama.manifest import load_catalog
-    from pipx_llama.pipeline import prepare
+    from pipx_llama.models.manifest import load_catalog
+    from pipx_llama.models.prepare import prepare
 
     pf = load_provision_file(args.file)
     cfg = load_config()
@@ -278,8 +311,15 @@ def run(args: argparse.Namespace) -> int:
         plans, code = _plan_all(pf, cfg, catalog, out)
         if code != EXIT_OK or args.dry_run:
             ok = code == EXIT_OK
-            out.record("result", "nothing was downloaded" + ("" if ok else ": fix the problems above and run again"),
-                       ok=ok, exit_code=code, ready=[], failed=[], dry_run=args.dry_run)
+            out.record(
+                "result",
+                "nothing was downloaded" + ("" if ok else ": fix the problems above and run again"),
+                ok=ok,
+                exit_code=code,
+                ready=[],
+                failed=[],
+                dry_run=args.dry_run,
+            )
             return code
         ready: list[str] = []
         failed: list[str] = []
@@ -293,17 +333,38 @@ def run(args: argparse.Namespace) -> int:
             except PipxLlamaError as err:
                 failed.append(plan.model)
                 code = code or EXIT_FAILED
-                out.record("model-failed", f"FAILED {plan.model} ({plan.variant}, {plan.quant}): {err.message}"
-                           + (f"\n  hint: {err.hint}" if err.hint else ""), index=item.index, model=plan.model,
-                           variant=plan.variant, quant=plan.quant, message=err.message, hint=err.hint,
-                           exit_code=err.exit_code)
+                out.record(
+                    "model-failed",
+                    f"FAILED {plan.model} ({plan.variant}, {plan.quant}): {err.message}"
+                    + (f"\n  hint: {err.hint}" if err.hint else ""),
+                    index=item.index,
+                    model=plan.model,
+                    variant=plan.variant,
+                    quant=plan.quant,
+                    message=err.message,
+                    hint=err.hint,
+                    exit_code=err.exit_code,
+                )
                 continue
             ready.append(str(path))
             seconds = time.monotonic() - started
-            out.record("model-ready", f"ready: {plan.model} ({plan.variant}, {plan.quant}) at {path}",
-                       index=item.index, model=plan.model, variant=plan.variant, quant=plan.quant, path=str(path),
-                       size=path.stat().st_size, stages=list(plan.stages), seconds=round(seconds, 2))
+            out.record(
+                "model-ready",
+                f"ready: {plan.model} ({plan.variant}, {plan.quant}) at {path}",
+                index=item.index,
+                model=plan.model,
+                variant=plan.variant,
+                quant=plan.quant,
+                path=str(path),
+                size=path.stat().st_size,
+                stages=list(plan.stages),
+                seconds=round(seconds, 2),
+            )
         out.model = None
-        summary = f"{len(ready)} of {len(plans)} model(s) ready" + (f"; failed: {', '.join(failed)}" if failed else "")
-        out.record("result", summary, ok=not failed, exit_code=code, ready=ready, failed=failed, dry_run=False)
+        summary = f"{len(ready)} of {len(plans)} model(s) ready" + (
+            f"; failed: {', '.join(failed)}" if failed else ""
+        )
+        out.record(
+            "result", summary, ok=not failed, exit_code=code, ready=ready, failed=failed, dry_run=False
+        )
     return code

@@ -7,9 +7,9 @@ from pathlib import Path
 
 from pipx_llama.cli.progress import renderer_for
 from pipx_llama.errors import PipxLlamaError
-from pipx_llama.fetch.events import ProgressEvent
+from pipx_llama.events import ProgressEvent
+from pipx_llama.quant.file import quantize_model
 from pipx_llama.quant.rules import FILE_TYPES
-from pipx_llama.quantize import quantize_model
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -41,16 +41,29 @@ def run(args: argparse.Namespace) -> int:
                                     allow_requantize=args.allow_requantize, on_event=on_event)
         except PipxLlamaError as err:
             if args.json:
-                out.emit_json({"kind": "error", "file": str(args.output), "message": err.message, "hint": err.hint})
+                out.emit_json(
+                    {"kind": "error", "file": str(args.output), "message": err.message, "hint": err.hint}
+                )
             raise
         if args.json:
-            out.emit_json({"kind": "result", "path": str(result.path), "type": result.file_type,
-                           "tensors": result.n_tensors, "bytes_in": result.bytes_in, "bytes_out": result.bytes_out,
-                           "seconds": round(result.seconds, 3), "fallbacks": result.n_fallback})
+            out.emit_json(
+                {
+                    "kind": "result",
+                    "path": str(result.path),
+                    "type": result.file_type,
+                    "tensors": result.n_tensors,
+                    "bytes_in": result.bytes_in,
+                    "bytes_out": result.bytes_out,
+                    "seconds": round(result.seconds, 3),
+                    "fallbacks": result.n_fallback,
+                }
+            )
         elif out.mode == "bars":
             out.say(f"wrote {result.path} ({result.file_type}, {result.bytes_out / 2**20:.1f} MiB, "
                     f"{result.seconds:.1f} s)")
         if result.n_fallback:
-            out.say(f"note: {result.n_fallback} of {result.n_tensors} tensors used a fallback type because their "
-                    "rows do not fit the chosen type's block size (as llama.cpp does)")
+            out.say(
+                f"note: {result.n_fallback} of {result.n_tensors} tensors used a fallback type because their "
+                "rows do not fit the chosen type's block size (as llama.cpp does)"
+            )
     return 0

@@ -1,4 +1,5 @@
-"""``pipx-llama rm MODEL``: remove an installed model, its partial downloads and the blobs nothing else uses."""
+"""``pipx-llama rm MODEL``: remove an installed model, its partial downloads and the blobs nothing else
+uses."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import argparse
 from pipx_llama.cli import store_common as common
 from pipx_llama.cli.progress import renderer_for
 from pipx_llama.errors import UsageError
-from pipx_llama.store import human_bytes
+from pipx_llama.units import human_bytes
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:

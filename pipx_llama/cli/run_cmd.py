@@ -1,4 +1,5 @@
-"""``pipx-llama [run] MODEL``: plan, prepare (fetch, verify, convert, quantize), load, then chat or answer once.
+"""``pipx-llama [run] MODEL``: plan, prepare (fetch, verify, convert, quantize), load, then chat or answer
+once.
 
 The mode follows the input: ``-p TEXT`` (or ``-p -``) or text piped on stdin is a one-shot run (a raw
 completion; a single chat turn with ``--chat``; JSON with ``--json``); otherwise, with a terminal on
@@ -24,8 +25,7 @@ from pipx_llama.cli.options import (
     add_sampling_options,
     sampler_config,
 )
-from pipx_llama.engine.generate import Generation, generate
-from pipx_llama.engine.model import Model, load_model
+from pipx_llama.engine import Generation, Model, generate, load_model
 from pipx_llama.errors import UsageError
 
 ONE_SHOT_TOKENS = 256
@@ -39,7 +39,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                     "text piped on stdin, completes it once and exits.",
     )
     add_model_options(p, by_name=True)
-    p.add_argument("--ctx", dest="ctx_size", type=int, default=None, metavar="N", help="same as -c/--ctx-size")
+    p.add_argument(
+        "--ctx", dest="ctx_size", type=int, default=None, metavar="N", help="same as -c/--ctx-size"
+    )
     p.add_argument("--quant", default=None, metavar="TYPE",
                    help="quantization to run, e.g. Q4_0 or Q4_K_M (default: the planner's choice)")
     p.add_argument("--from-dir", action="append", default=[], type=Path, metavar="DIR",
@@ -52,15 +54,20 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help=f"tokens to generate; -1 = until end of text or full context "
                         f"(default {ONE_SHOT_TOKENS} for a prompt, -1 in a chat)")
     add_sampling_options(p)
-    p.add_argument("--stop", action="append", default=[], metavar="TEXT", help="stop at this text (repeatable)")
+    p.add_argument(
+        "--stop", action="append", default=[], metavar="TEXT", help="stop at this text (repeatable)"
+    )
     p.add_argument("--chat", action="store_true",
                    help="use the model's chat template: a chat even without a terminal (a message per line "
                         "of stdin), or one chat turn with -p")
     p.add_argument("--system", default=None, help="system prompt for a chat")
     p.add_argument("--json", action="store_true",
                    help="one-shot: print one JSON object (text, token counts, timings) instead of the text")
-    p.add_argument("--context-shift", action="store_true",
-                   help="one-shot: when the context fills, drop the older half of it and go on (llama.cpp style)")
+    p.add_argument(
+        "--context-shift",
+        action="store_true",
+        help="one-shot: when the context fills, drop the older half of it and go on (llama.cpp style)",
+    )
     p.add_argument("--verbose", action="store_true",
                    help="print prompt and generation speed to stderr (after each answer in a chat)")
 
@@ -80,7 +87,9 @@ def run(args: argparse.Namespace) -> int:
     sampling = sampler_config(args)
     chat_repl = _wants_repl(args)
     if args.json and chat_repl:
-        raise UsageError("--json answers one prompt; there is none", "pass -p TEXT, or pipe the prompt on stdin")
+        raise UsageError(
+            "--json answers one prompt; there is none", "pass -p TEXT, or pipe the prompt on stdin"
+        )
     if args.model_file is None:
         check_name(args)  # an unknown name is worth hearing about before anything else
     if not chat_repl and (args.prompt is None or args.prompt == "-"):
@@ -89,7 +98,7 @@ def run(args: argparse.Namespace) -> int:
             raise UsageError("the prompt read from stdin is empty", "pipe some text, or pass -p TEXT")
     color = color_enabled(sys.stderr)
     prepared = prepare_model(args, color=color)
-    from pipx_llama.engine.kernels import warm_up
+    from pipx_llama.engine import warm_up
     warm_up(lambda message: print(message, file=sys.stderr), prepared.path)
     t0 = time.perf_counter()
     model = load_model(prepared.path, threads=prepared.threads)
@@ -114,7 +123,7 @@ def color_enabled(stream: TextIO) -> bool:
     return stream.isatty()
 
 
-# --- model: name -> plan -> prepared file --------------------------------------------------------------------
+# --- model: name -> plan -> prepared file -------------------------------------------------------------------
 
 
 def prepare_model(args: argparse.Namespace, *, color: bool = False) -> Prepared:
@@ -129,17 +138,18 @@ def prepare_model(args: argparse.Namespace, *, color: bool = False) -> Prepared:
                              f"run `pipx-llama quantize {args.model_file} OUT.gguf {args.quant}` first")
         return Prepared(args.model_file, args.model_file.stem, args.threads, args.ctx_size)
 
-    from pipx_llama import pipeline
+    from pipx_llama.models.plan import make_plan
+    from pipx_llama.models.prepare import prepare
 
     s = common.open_session(args)
     options = common.pull_options(args, s)
-    plan = pipeline.make_plan(args.model or DEFAULT_MODEL, variant=args.variant, quant=args.quant,
-                              threads=args.threads, n_ctx=args.ctx_size, config=s.config, catalog=s.catalog,
-                              pull_options=options)
+    plan = make_plan(args.model or DEFAULT_MODEL, variant=args.variant, quant=args.quant,
+                     threads=args.threads, n_ctx=args.ctx_size, config=s.config, catalog=s.catalog,
+                     pull_options=options)
     if plan.stages:
         show_plan(plan, sys.stderr, color)
     with StageRenderer(sys.stderr, quiet=not plan.stages) as on_event:
-        path = pipeline.prepare(plan, pull_options=options, on_event=on_event)
+        path = prepare(plan, pull_options=options, on_event=on_event)
     return Prepared(Path(path), plan.model, plan.threads, plan.n_ctx, plan.quant)
 
 
@@ -149,7 +159,7 @@ def check_name(args: argparse.Namespace) -> None:
 
 
 class StageRenderer:
-    """Progress of ``pipeline.prepare`` on ``stream``: bars on a terminal, plain lines otherwise, and a
+    """Progress of ``prepare`` on ``stream``: bars on a terminal, plain lines otherwise, and a
     line as each stage starts and ends. ``quiet`` (nothing left to do) shows only why a run waits."""
 
     def __init__(self, stream: TextIO, *, quiet: bool = False) -> None:
@@ -183,7 +193,7 @@ def show_plan(plan: Any, stream: TextIO, color: bool) -> None:
     from rich.console import Console
     from rich.text import Text
 
-    from pipx_llama.store import human_bytes
+    from pipx_llama.units import human_bytes
 
     rows = [
         ("model", f"{plan.model} ({plan.variant}, {plan.source_format})"),
@@ -203,15 +213,26 @@ def show_plan(plan: Any, stream: TextIO, color: bool) -> None:
         console.print(Text.assemble(("  " + label.ljust(14), "dim"), value))
 
 
-# --- chat ----------------------------------------------------------------------------------------------------
+# --- chat ---------------------------------------------------------------------------------------------------
 
 
-def _chat(model: Model, ctx: Any, args: argparse.Namespace, sampling: Any, prepared: Prepared, color: bool) -> int:
+def _chat(
+    model: Model, ctx: Any, args: argparse.Namespace, sampling: Any, prepared: Prepared, color: bool
+) -> int:
     from pipx_llama.cli.chat import ChatSession, make_reader, run_repl
 
     max_tokens = args.n_predict if args.n_predict is not None else -1
-    session = ChatSession(model, ctx, sampler=sampling, max_tokens=max_tokens, system=args.system, stop=args.stop,
-                          verbose=args.verbose, name=prepared.name, color=color)
+    session = ChatSession(
+        model,
+        ctx,
+        sampler=sampling,
+        max_tokens=max_tokens,
+        system=args.system,
+        stop=args.stop,
+        verbose=args.verbose,
+        name=prepared.name,
+        color=color,
+    )
     if sys.stdin.isatty():
         quant = prepared.quant or file_type_name(model)
         session.notices.info(
@@ -231,7 +252,7 @@ def file_type_name(model: Model) -> str:
         return "GGUF"
 
 
-# --- one-shot ------------------------------------------------------------------------------------------------
+# --- one-shot -----------------------------------------------------------------------------------------------
 
 
 def _one_shot(model: Model, ctx: Any, args: argparse.Namespace, sampling: Any, prepared: Prepared,
@@ -249,7 +270,9 @@ def _one_shot(model: Model, ctx: Any, args: argparse.Namespace, sampling: Any, p
     if args.json:
         for _ in gen:
             pass
-        sys.stdout.write(json.dumps(result_json(gen, prepared, args, load_seconds), ensure_ascii=False) + "\n")
+        sys.stdout.write(
+            json.dumps(result_json(gen, prepared, args, load_seconds), ensure_ascii=False) + "\n"
+        )
         return 0
     if not args.chat:
         sys.stdout.write(args.prompt)  # a completion reads on from its prompt, as llama.cpp prints it
@@ -270,7 +293,11 @@ def result_json(gen: Generation, prepared: Prepared, args: argparse.Namespace, l
         "mode": "chat" if args.chat else "completion",
         "text": gen.text,
         "finish_reason": s.finish_reason,
-        "tokens": {"prompt": s.n_prompt, "prompt_evaluated": s.n_prompt_evaluated, "generated": s.n_generated},
+        "tokens": {
+            "prompt": s.n_prompt,
+            "prompt_evaluated": s.n_prompt_evaluated,
+            "generated": s.n_generated,
+        },
         "timings": {
             "load_ms": round(load_seconds * 1000, 3),
             "prompt_ms": round(s.prompt_seconds * 1000, 3),

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING
 from pipx_llama.cli import store_common as common
 from pipx_llama.cli.options import DEFAULT_MODEL, add_sampling_options, model_file, sampler_config
 from pipx_llama.errors import ModelFileError, UsageError
+from pipx_llama.units import parse_size
 
 API_KEY_ENV = "PIPX_LLAMA_API_KEY"
 if TYPE_CHECKING:
@@ -32,14 +33,11 @@ LOOPBACK_NAMES = ["localhost", "127.0.0.1", "::1", "[::1]"]
 
 
 def _size(text: str) -> int:
-    units = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
-    t = text.strip().lower().removesuffix("b").removesuffix("i")
-    mult = units.get(t[-1:], 1)
-    number = t[:-1] if t[-1:] in units else t
+    """A positive size for argparse (units as everywhere: :mod:`pipx_llama.units`)."""
     try:
-        value = int(float(number) * mult)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 4M, 512K, 1048576)") from None
+        value = parse_size(text)
+    except UsageError as err:
+        raise argparse.ArgumentTypeError(f"{err.message} ({err.hint})") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"size must be positive, got {text!r}")
     return value
@@ -47,9 +45,13 @@ def _size(text: str) -> int:
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("serve", help="serve models over an OpenAI- and Ollama-compatible HTTP API")
-    p.add_argument("model", nargs="*", default=[],
-                   help=f"model names or aliases, pulled into the store when missing (default: {DEFAULT_MODEL} "
-                        "unless -m is given)")
+    p.add_argument(
+        "model",
+        nargs="*",
+        default=[],
+        help=f"model names or aliases, pulled into the store when missing (default: {DEFAULT_MODEL} "
+        "unless -m is given)",
+    )
     p.add_argument("-m", "--model-file", action="append", default=[], type=Path, metavar="PATH.gguf",
                    help="also serve this GGUF file, named after its file name without .gguf (repeatable)")
     p.add_argument("--variant", default=None, help="variant of the named models (default: the manifest's)")
@@ -66,7 +68,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-queue", type=int, default=16, metavar="N",
                    help="requests that may wait for the engine; more get 503 with Retry-After (default 16)")
     p.add_argument("--max-body", type=_size, default=4 << 20, metavar="SIZE",
-                   help="largest request body accepted, e.g. 4M (default 4M); larger ones get 413")
+                   help="largest request body accepted, e.g. 4M (4,000,000 bytes) or 4Mi (4,194,304; the "
+                        "default); larger ones get 413")
     p.add_argument("--max-connections", type=int, default=64, metavar="N",
                    help="open connections at once; requests on more get 503 (default 64)")
     p.add_argument("--header-timeout", type=float, default=20.0, metavar="SECONDS",
@@ -128,9 +131,13 @@ def run(args: argparse.Namespace) -> int:
     specs = _specs(args, ModelSpec)
     registry = ModelRegistry(specs, threads=args.threads, ctx_size=args.ctx_size)
     settings = ServerSettings(
-        api_key=api_key, max_queue=args.max_queue, max_body_bytes=args.max_body, body_timeout=args.body_timeout,
+        api_key=api_key,
+        max_queue=args.max_queue,
+        max_body_bytes=args.max_body,
+        body_timeout=args.body_timeout,
         cors_origins=args.cors_origin,
-        allowed_hosts=sorted({*LOOPBACK_NAMES, args.host.lower()}) if loopback else None, sampling=sampling,
+        allowed_hosts=sorted({*LOOPBACK_NAMES, args.host.lower()}) if loopback else None,
+        sampling=sampling,
     )
     _setup_logging(args.log_level)
     if args.preload:
@@ -149,8 +156,14 @@ def run(args: argparse.Namespace) -> int:
     )
     sys.stderr.flush()
     limits = ConnectionLimits(header_timeout=args.header_timeout, max_connections=args.max_connections)
-    config = uvicorn_config(app, limits, log_level=args.log_level, timeout_graceful_shutdown=3, server_header=False,
-                            log_config=None)
+    config = uvicorn_config(
+        app,
+        limits,
+        log_level=args.log_level,
+        timeout_graceful_shutdown=3,
+        server_header=False,
+        log_config=None,
+    )
     server = uvicorn.Server(config)
     if args.open:
         threading.Thread(target=_open_when_started, args=(server, page), daemon=True).start()
@@ -199,7 +212,9 @@ def _bind(host: str, port: int) -> socket.socket:
     try:
         infos = socket.getaddrinfo(host.strip("[]"), port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     except socket.gaierror as err:
-        raise UsageError(f"cannot listen on {host}: {err.strerror}", "pass an address of this machine") from None
+        raise UsageError(
+            f"cannot listen on {host}: {err.strerror}", "pass an address of this machine"
+        ) from None
     family, kind, proto, _, addr = infos[0]
     sock = socket.socket(family, kind, proto)
     if os.name == "posix":
@@ -209,7 +224,9 @@ def _bind(host: str, port: int) -> socket.socket:
         sock.listen(128)
     except OSError as err:
         sock.close()
-        raise UsageError(f"cannot listen on {host}:{port}: {err.strerror}",
-                         "another program may use that port; pick another with --port (0 = any free port)") from None
+        raise UsageError(
+            f"cannot listen on {host}:{port}: {err.strerror}",
+            "another program may use that port; pick another with --port (0 = any free port)",
+        ) from None
     sock.set_inheritable(True)
     return sock

@@ -12,9 +12,9 @@ from pipx_llama.errors import UsageError
 
 if TYPE_CHECKING:
     from pipx_llama.config import Config
-    from pipx_llama.manifest import Catalog, Manifest
-    from pipx_llama.pull import PullOptions
-    from pipx_llama.store import Store
+    from pipx_llama.models.manifest import Catalog, Manifest
+    from pipx_llama.models.sources import PullOptions
+    from pipx_llama.models.store import Store
 
 # The heavy modules (httpx, the store, manifests) are imported when a command runs, not when the
 # parser is built, so that `pipx-llama run` does not pay for them.
@@ -54,8 +54,8 @@ class Session:
 
 def open_session(args: argparse.Namespace) -> Session:
     from pipx_llama.config import load_config
-    from pipx_llama.manifest import load_catalog
-    from pipx_llama.store import Store
+    from pipx_llama.models.manifest import load_catalog
+    from pipx_llama.models.store import Store
 
     config = load_config()
     allow_http = bool(getattr(args, "allow_http", False) or config.allow_http)
@@ -74,7 +74,7 @@ def offline(args: argparse.Namespace, config: Config) -> bool:
 
 def pull_options(args: argparse.Namespace, s: Session) -> PullOptions:
     from pipx_llama.fetch.http import FetchOptions
-    from pipx_llama.pull import PullOptions
+    from pipx_llama.models.sources import PullOptions
 
     fetch = FetchOptions()
     parallel = getattr(args, "parallel", None) or s.config.parallel_parts
@@ -102,7 +102,7 @@ def pull_options(args: argparse.Namespace, s: Session) -> PullOptions:
 
 def resolve(s: Session, name: str, args: argparse.Namespace) -> Manifest:
     """A model by name or alias: the known manifests, else the manifest index of a configured mirror."""
-    from pipx_llama.pull import manifest_from_mirrors
+    from pipx_llama.models.mirror import manifest_from_mirrors
 
     m = s.catalog.get(name)
     if m is not None:

@@ -6,13 +6,15 @@ import argparse
 import json
 import sys
 
-from pipx_llama.engine.gguf_reader import open_gguf
+from pipx_llama.formats.gguf import open_gguf
 from pipx_llama.tokenizer.tokenizer import Tokenizer
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("tokenize", help="print the token ids of a text as JSON")
-    p.add_argument("-m", "--model-file", required=True, metavar="PATH.gguf", help="GGUF file whose vocabulary to use")
+    p.add_argument(
+        "-m", "--model-file", required=True, metavar="PATH.gguf", help="GGUF file whose vocabulary to use"
+    )
     p.add_argument("text", help="text to tokenize ('-' reads standard input)")
     p.add_argument("--no-special", action="store_true", help="do not add BOS/EOS as the model would")
     p.add_argument("--no-parse-special", action="store_true",

@@ -8,12 +8,14 @@ import argparse
 from pipx_llama.cli import store_common as common
 from pipx_llama.cli.progress import renderer_for
 from pipx_llama.errors import ModelFileError, UsageError
-from pipx_llama.pull import verify_installed
+from pipx_llama.models.verify import verify_installed
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("verify", help="re-hash installed models and report any damage")
-    p.add_argument("model", nargs="?", default=None, help="model name or alias (default: every installed model)")
+    p.add_argument(
+        "model", nargs="?", default=None, help="model name or alias (default: every installed model)"
+    )
     p.add_argument("--variant", default=None, help="only this variant")
     p.add_argument("--keep-bad", action="store_true",
                    help="leave damaged files in place (default: remove them so `pull` fetches them again)")

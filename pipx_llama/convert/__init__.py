@@ -19,7 +19,7 @@ from pipx_llama.convert.torchzip import ConvertSecurityError
 from pipx_llama.convert.vocab import spm_vocab
 from pipx_llama.convert.writer import OUTTYPES, ConvertResult, model_metadata, outtype_from_name, write_gguf
 from pipx_llama.errors import ModelFileError, UsageError
-from pipx_llama.fetch.events import EventCallback
+from pipx_llama.events import EventCallback
 
 __all__ = ["OUTTYPES", "ConvertResult", "ConvertSecurityError", "convert", "detect_format"]
 

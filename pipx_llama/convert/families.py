@@ -33,14 +33,35 @@ from pipx_llama.errors import ModelFileError, UnsupportedModelError
 _DEFAULTS: dict[str, dict[str, Any]] = {
     "qwen2": {"rope_theta": 10000.0, "rms_norm_eps": 1e-6, "max_position_embeddings": 32768},
     "qwen3": {"rope_theta": 10000.0, "rms_norm_eps": 1e-6, "max_position_embeddings": 32768, "head_dim": 128},
-    "gemma2": {"max_position_embeddings": 8192, "rms_norm_eps": 1e-6, "head_dim": 256,
-               "attn_logit_softcapping": 50.0, "final_logit_softcapping": 30.0, "sliding_window": 4096,
-               "vocab_size": 256000},
-    "gemma3": {"max_position_embeddings": 131072, "rms_norm_eps": 1e-6, "head_dim": 256, "num_attention_heads": 8,
-               "num_key_value_heads": 4, "rope_theta": 1000000.0, "rope_local_base_freq": 10000.0,
-               "sliding_window": 4096, "vocab_size": 262208, "tie_word_embeddings": True},
-    "phi3": {"max_position_embeddings": 4096, "original_max_position_embeddings": 4096, "rms_norm_eps": 1e-5,
-             "rope_theta": 10000.0, "partial_rotary_factor": 1.0, "vocab_size": 32064},
+    "gemma2": {
+        "max_position_embeddings": 8192,
+        "rms_norm_eps": 1e-6,
+        "head_dim": 256,
+        "attn_logit_softcapping": 50.0,
+        "final_logit_softcapping": 30.0,
+        "sliding_window": 4096,
+        "vocab_size": 256000,
+    },
+    "gemma3": {
+        "max_position_embeddings": 131072,
+        "rms_norm_eps": 1e-6,
+        "head_dim": 256,
+        "num_attention_heads": 8,
+        "num_key_value_heads": 4,
+        "rope_theta": 1000000.0,
+        "rope_local_base_freq": 10000.0,
+        "sliding_window": 4096,
+        "vocab_size": 262208,
+        "tie_word_embeddings": True,
+    },
+    "phi3": {
+        "max_position_embeddings": 4096,
+        "original_max_position_embeddings": 4096,
+        "rms_norm_eps": 1e-5,
+        "rope_theta": 10000.0,
+        "partial_rotary_factor": 1.0,
+        "vocab_size": 32064,
+    },
 }
 GEMMA3_PATTERN = 6  # llama.cpp's default period of sliding-window and global layers for gemma3
 
@@ -107,7 +128,8 @@ def layer_shapes(fam: HfFamily, d: Dims) -> dict[str, tuple[int, ...]]:
     return s
 
 
-# ---- rope parameters as transformers standardizes them ------------------------------------------------------
+# ---- rope parameters as transformers standardizes them -----------------------------------------------------
+
 
 def rope_parameters(cfg: dict[str, Any], defaults: dict[str, Any]) -> dict[str, Any]:
     """The global (full-attention) RoPE parameters: type, theta, scaling keys."""
@@ -141,8 +163,12 @@ def _rope_scaling_kvs(a: str, rope: dict[str, Any], src: Path, allowed: tuple[st
     if rope.get("original_max_position_embeddings") is None:
         raise ModelFileError(f"{src}: YaRN rope_scaling needs original_max_position_embeddings")
     out.append(_u32(f"{a}.rope.scaling.original_context_length", rope["original_max_position_embeddings"]))
-    for key, gguf_key in (("extrapolation_factor", "yarn_ext_factor"), ("attention_factor", "yarn_attn_factor"),
-                          ("beta_fast", "yarn_beta_fast"), ("beta_slow", "yarn_beta_slow")):
+    for key, gguf_key in (
+        ("extrapolation_factor", "yarn_ext_factor"),
+        ("attention_factor", "yarn_attn_factor"),
+        ("beta_fast", "yarn_beta_fast"),
+        ("beta_slow", "yarn_beta_slow"),
+    ):
         value = rope.get(key, rope.get("attn_factor") if key == "attention_factor" else None)
         if value is not None:
             out.append(_f32(f"{a}.rope.scaling.{gguf_key}", value))
@@ -163,8 +189,9 @@ def _number(key: str, v: Any) -> float:
 def _u32(key: str, v: Any) -> KV:
     n = _number(key, v)
     if n != int(n) or not 0 <= n < 1 << 32:
-        raise ModelFileError(f"config.json: the value for {key} must be an integer from 0 to 2**32-1, got {n!r}",
-                             _BAD_VALUE)
+        raise ModelFileError(
+            f"config.json: the value for {key} must be an integer from 0 to 2**32-1, got {n!r}", _BAD_VALUE
+        )
     return KV(key, int(n), VT.UINT32)
 
 
@@ -172,7 +199,8 @@ def _f32(key: str, v: Any) -> KV:
     return KV(key, float(_number(key, v)), VT.FLOAT32)
 
 
-# ---- Qwen2 / Qwen3: the base TextModel's keys ----------------------------------------------------------------
+# ---- Qwen2 / Qwen3: the base TextModel's keys --------------------------------------------------------------
+
 
 def _qwen_params(arch: str) -> Callable[[dict[str, Any], Dims, Path], ModelParams]:
     def params(cfg: dict[str, Any], d: Dims, src: Path) -> ModelParams:
@@ -185,7 +213,10 @@ def _qwen_params(arch: str) -> Callable[[dict[str, Any], Dims, Path], ModelParam
         kvs += [_f32(f"{a}.rope.freq_base", rope["rope_theta"]), _f32(f"{a}.attention.layer_norm_rms_epsilon",
                                                                        d.norm_eps)]
         if arch == "qwen3" or cfg.get("head_dim") is not None:
-            kvs += [_u32(f"{a}.attention.key_length", d.head_dim), _u32(f"{a}.attention.value_length", d.head_dim)]
+            kvs += [
+                _u32(f"{a}.attention.key_length", d.head_dim),
+                _u32(f"{a}.attention.value_length", d.head_dim),
+            ]
         kvs.append(KV(FILE_TYPE_KEY, None, VT.UINT32))
         return ModelParams(a, kvs)
 
@@ -197,7 +228,8 @@ def _base_vocab(model_dir: Path, cfg: dict[str, Any], d: Dims) -> Vocab:
     return load_vocab(model_dir, d.n_vocab, llama_rules=False)
 
 
-# ---- Gemma 2 / Gemma 3 ---------------------------------------------------------------------------------------
+# ---- Gemma 2 / Gemma 3 -------------------------------------------------------------------------------------
+
 
 def _gemma2_params(cfg: dict[str, Any], d: Dims, src: Path) -> ModelParams:
     a = "gemma2"
@@ -205,8 +237,10 @@ def _gemma2_params(cfg: dict[str, Any], d: Dims, src: Path) -> ModelParams:
                                                        "sliding_window")}
     for key, value in caps.items():
         if value is None:
-            raise UnsupportedModelError(f"{src}: Gemma 2 with {key} = null is not supported",
-                                        "llama.cpp's gemma2 always soft-caps and slides; use the model's own config")
+            raise UnsupportedModelError(
+                f"{src}: Gemma 2 with {key} = null is not supported",
+                "llama.cpp's gemma2 always soft-caps and slides; use the model's own config",
+            )
     return ModelParams(a, [
         _u32(f"{a}.context_length", d.n_ctx), _u32(f"{a}.embedding_length", d.n_embd),
         _u32(f"{a}.block_count", d.n_layer), _u32(f"{a}.feed_forward_length", d.n_ff),
@@ -226,8 +260,10 @@ def gemma3_sliding_layers(cfg: dict[str, Any], n_layer: int, src: Path) -> list[
     if types is not None:
         if not isinstance(types, list) or len(types) != n_layer or any(
                 t not in ("sliding_attention", "full_attention") for t in types):
-            raise ModelFileError(f"{src}: layer_types should list sliding_attention/full_attention for each of "
-                                 f"the {n_layer} layers")
+            raise ModelFileError(
+                f"{src}: layer_types should list sliding_attention/full_attention for each of "
+                f"the {n_layer} layers"
+            )
         return [t == "sliding_attention" for t in types]
     period = int(_u32("sliding_window_pattern", cfg.get("sliding_window_pattern", GEMMA3_PATTERN)).value)
     if period < 1:
@@ -282,24 +318,35 @@ def _gemma_vocab(model_dir: Path, cfg: dict[str, Any], d: Dims) -> Vocab:
         vocab.add_space_prefix = False
         return vocab
     if cfg.get("model_type") == "gemma2" or "Gemma2ForCausalLM" in (cfg.get("architectures") or []):
-        raise ModelFileError(f"{model_dir} has no tokenizer.model", "Gemma 2 models ship one; copy it into the folder")
+        raise ModelFileError(
+            f"{model_dir} has no tokenizer.model", "Gemma 2 models ship one; copy it into the folder"
+        )
     return bpe_vocab(model_dir, d.n_vocab, current_rules=True)
 
 
-# ---- Phi-3 ---------------------------------------------------------------------------------------------------
+# ---- Phi-3 -------------------------------------------------------------------------------------------------
+
 
 def phi3_rope(cfg: dict[str, Any], d: Dims, src: Path) -> tuple[dict[str, Any], int, int]:
     """(rope parameters, rotated dimensions per head, original context) as Phi3MiniModel derives them."""
     dflt = _DEFAULTS["phi3"]
     rope = rope_parameters(cfg, dflt)
-    rot_pct = float(_number("partial_rotary_factor", rope.get("partial_rotary_factor",
-                                                             cfg.get("partial_rotary_factor", dflt["partial_rotary_factor"]))))
+    rot_pct = float(
+        _number(
+            "partial_rotary_factor",
+            rope.get(
+                "partial_rotary_factor", cfg.get("partial_rotary_factor", dflt["partial_rotary_factor"])
+            ),
+        )
+    )
     rope_dims = int(rot_pct * d.n_embd) // d.n_head
     orig = rope.get("original_max_position_embeddings",
                     cfg.get("original_max_position_embeddings", dflt["original_max_position_embeddings"]))
     if not (0 < rope_dims <= d.head_dim and rope_dims % 2 == 0) or int(orig) < 1:
-        raise ModelFileError(f"{src}: partial_rotary_factor {rot_pct} or original_max_position_embeddings {orig} "
-                             "is implausible")
+        raise ModelFileError(
+            f"{src}: partial_rotary_factor {rot_pct} or original_max_position_embeddings {orig} "
+            "is implausible"
+        )
     return rope, rope_dims, int(orig)
 
 
@@ -313,10 +360,14 @@ def _phi3_longrope(cfg: dict[str, Any], d: Dims, src: Path) -> tuple[float, list
         return None
     kind = str(rope.get("rope_type") or "").lower()
     if kind not in ("su", "longrope"):
-        raise UnsupportedModelError(f"{src}: Phi-3 RoPE scaling {kind or '(missing type)'!r} is not supported",
-                                    "only LongRoPE ('longrope' / 'su') is")
+        raise UnsupportedModelError(
+            f"{src}: Phi-3 RoPE scaling {kind or '(missing type)'!r} is not supported",
+            "only LongRoPE ('longrope' / 'su') is",
+        )
     if short_f is None or len(long_f) != len(short_f) or len(long_f) != rope_dims // 2:
-        raise ModelFileError(f"{src}: rope_scaling's long and short factors must both have {rope_dims // 2} entries")
+        raise ModelFileError(
+            f"{src}: rope_scaling's long and short factors must both have {rope_dims // 2} entries"
+        )
     scale = d.n_ctx / orig
     attn_factor = math.sqrt(1 + math.log(scale) / math.log(orig)) if scale > 1.0 else 1.0
     return attn_factor, [float(v) for v in long_f], [float(v) for v in short_f]
@@ -328,16 +379,25 @@ def _phi3_params(cfg: dict[str, Any], d: Dims, src: Path) -> ModelParams:
     longrope = _phi3_longrope(cfg, d, src)
     early = [_f32(f"{a}.rope.scaling.attn_factor", longrope[0])] if longrope else []
     window = cfg.get("sliding_window")
-    return ModelParams(a, [
-        _u32(f"{a}.context_length", d.n_ctx), _u32(f"{a}.rope.scaling.original_context_length", orig),
-        _u32(f"{a}.embedding_length", d.n_embd), _u32(f"{a}.feed_forward_length", d.n_ff),
-        _u32(f"{a}.block_count", d.n_layer), _u32(f"{a}.attention.head_count", d.n_head),
-        _u32(f"{a}.attention.head_count_kv", d.n_head_kv), _f32(f"{a}.attention.layer_norm_rms_epsilon", d.norm_eps),
-        _u32(f"{a}.rope.dimension_count", rope_dims), _f32(f"{a}.rope.freq_base", rope["rope_theta"]),
-        KV(FILE_TYPE_KEY, None, VT.UINT32),
-        # llama.cpp writes 0 for "no window" (Phi-4) and ignores the value for Phi-3
-        _u32(f"{a}.attention.sliding_window", window if window is not None else 0),
-    ], early)
+    return ModelParams(
+        a,
+        [
+            _u32(f"{a}.context_length", d.n_ctx),
+            _u32(f"{a}.rope.scaling.original_context_length", orig),
+            _u32(f"{a}.embedding_length", d.n_embd),
+            _u32(f"{a}.feed_forward_length", d.n_ff),
+            _u32(f"{a}.block_count", d.n_layer),
+            _u32(f"{a}.attention.head_count", d.n_head),
+            _u32(f"{a}.attention.head_count_kv", d.n_head_kv),
+            _f32(f"{a}.attention.layer_norm_rms_epsilon", d.norm_eps),
+            _u32(f"{a}.rope.dimension_count", rope_dims),
+            _f32(f"{a}.rope.freq_base", rope["rope_theta"]),
+            KV(FILE_TYPE_KEY, None, VT.UINT32),
+            # llama.cpp writes 0 for "no window" (Phi-4) and ignores the value for Phi-3
+            _u32(f"{a}.attention.sliding_window", window if window is not None else 0),
+        ],
+        early,
+    )
 
 
 def _phi3_extra(cfg: dict[str, Any], d: Dims, src: Path) -> list[SourceTensor]:
@@ -345,7 +405,10 @@ def _phi3_extra(cfg: dict[str, Any], d: Dims, src: Path) -> list[SourceTensor]:
     if longrope is None:
         return []
     out = []
-    for name, values in (("rope_factors_long.weight", longrope[1]), ("rope_factors_short.weight", longrope[2])):
+    for name, values in (
+        ("rope_factors_long.weight", longrope[1]),
+        ("rope_factors_short.weight", longrope[2]),
+    ):
         arr = np.asarray(values, np.float32)
         out.append(SourceTensor(name, arr.shape, "F32", lambda arr=arr: arr))
     return out
@@ -356,15 +419,48 @@ def _phi3_vocab(model_dir: Path, cfg: dict[str, Any], d: Dims) -> Vocab:
 
 
 HF_FAMILIES: dict[str, HfFamily] = {
-    "qwen2": HfFamily("qwen2", "Qwen2, Qwen2.5", _qwen_params("qwen2"), _base_vocab, qkv_bias=True,
-                      defaults=_DEFAULTS["qwen2"]),
-    "qwen3": HfFamily("qwen3", "Qwen3", _qwen_params("qwen3"), _base_vocab, qk_norm=True, defaults=_DEFAULTS["qwen3"]),
-    "gemma2": HfFamily("gemma2", "Gemma 2", _gemma2_params, _gemma_vocab, post_norms=True, norm_offset=True,
-                       tied_only=True, defaults=_DEFAULTS["gemma2"]),
-    "gemma3": HfFamily("gemma3", "Gemma 3", _gemma3_params, _gemma_vocab, qk_norm=True, post_norms=True,
-                       norm_offset=True, tied_only=True, trim_embeddings=True, defaults=_DEFAULTS["gemma3"]),
-    "phi3": HfFamily("phi3", "Phi-3, Phi-3.5, Phi-4-mini", _phi3_params, _phi3_vocab, fused=True,
-                     extra=_phi3_extra, defaults=_DEFAULTS["phi3"]),
+    "qwen2": HfFamily(
+        "qwen2",
+        "Qwen2, Qwen2.5",
+        _qwen_params("qwen2"),
+        _base_vocab,
+        qkv_bias=True,
+        defaults=_DEFAULTS["qwen2"],
+    ),
+    "qwen3": HfFamily(
+        "qwen3", "Qwen3", _qwen_params("qwen3"), _base_vocab, qk_norm=True, defaults=_DEFAULTS["qwen3"]
+    ),
+    "gemma2": HfFamily(
+        "gemma2",
+        "Gemma 2",
+        _gemma2_params,
+        _gemma_vocab,
+        post_norms=True,
+        norm_offset=True,
+        tied_only=True,
+        defaults=_DEFAULTS["gemma2"],
+    ),
+    "gemma3": HfFamily(
+        "gemma3",
+        "Gemma 3",
+        _gemma3_params,
+        _gemma_vocab,
+        qk_norm=True,
+        post_norms=True,
+        norm_offset=True,
+        tied_only=True,
+        trim_embeddings=True,
+        defaults=_DEFAULTS["gemma3"],
+    ),
+    "phi3": HfFamily(
+        "phi3",
+        "Phi-3, Phi-3.5, Phi-4-mini",
+        _phi3_params,
+        _phi3_vocab,
+        fused=True,
+        extra=_phi3_extra,
+        defaults=_DEFAULTS["phi3"],
+    ),
 }
 # Hugging Face ``architectures`` -> family (llama is handled by hf.py's own path)
 HF_ARCHITECTURES: dict[str, str] = {

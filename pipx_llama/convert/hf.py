@@ -84,7 +84,9 @@ def read_safetensors_header(path: Path) -> dict[str, SafeTensor]:
                 raise ModelFileError(f"{path} is too short to be a safetensors file", "download it again")
             (n,) = struct.unpack("<Q", head)
             if n > _MAX_HEADER:
-                raise ModelFileError(f"{path}: implausible safetensors header size {n}", "the file is damaged")
+                raise ModelFileError(
+                    f"{path}: implausible safetensors header size {n}", "the file is damaged"
+                )
             header_bytes = f.read(n)
             size = f.seek(0, 2)
     except OSError as err:
@@ -104,22 +106,38 @@ def read_safetensors_header(path: Path) -> dict[str, SafeTensor]:
         if name == "__metadata__":
             continue
         try:
-            dtype, shape, (begin, end) = info["dtype"], tuple(int(d) for d in info["shape"]), info["data_offsets"]
+            dtype, shape, (begin, end) = (
+                info["dtype"],
+                tuple(int(d) for d in info["shape"]),
+                info["data_offsets"],
+            )
         except (KeyError, TypeError, ValueError) as err:
-            raise ModelFileError(f"{path}: bad header entry for {name}: {err}", "the file is damaged") from err
+            raise ModelFileError(
+                f"{path}: bad header entry for {name}: {err}", "the file is damaged"
+            ) from err
         if dtype not in SOURCE_DTYPES:
             raise UnsupportedModelError(f"{path}: tensor {name} is {dtype}",
                                         "only F16, BF16 and F32 safetensors weights are supported")
         nbytes = math.prod(shape) * SOURCE_DTYPES[dtype].itemsize
-        if not (isinstance(begin, int) and isinstance(end, int) and 0 <= begin <= end and end - begin == nbytes
-                and base + end <= size and min(shape, default=0) >= 0):
-            raise ModelFileError(f"{path}: tensor {name} has an inconsistent byte range or the file is truncated",
-                                 "download the file again")
+        if not (
+            isinstance(begin, int)
+            and isinstance(end, int)
+            and 0 <= begin <= end
+            and end - begin == nbytes
+            and base + end <= size
+            and min(shape, default=0) >= 0
+        ):
+            raise ModelFileError(
+                f"{path}: tensor {name} has an inconsistent byte range or the file is truncated",
+                "download the file again",
+            )
         out[name] = SafeTensor(path, dtype, shape, base + begin, nbytes)
     return out
 
 
-def llama3_rope_factors(base: float, head_dim: int, scaling: dict, source: Path | str = "config.json") -> np.ndarray:
+def llama3_rope_factors(
+    base: float, head_dim: int, scaling: dict, source: Path | str = "config.json"
+) -> np.ndarray:
     """Llama 3.1's per-pair RoPE factors f32 [head_dim // 2], as llama.cpp's converter computes them.
 
     Pairs that turn fast (wavelength below original_context / high_freq_factor) keep their angle,
@@ -132,8 +150,11 @@ def llama3_rope_factors(base: float, head_dim: int, scaling: dict, source: Path 
     factor, low, high, old_ctx = (f32(hparams.number(values, k, where)) for k in (
         "factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"))
     if not high > low:
-        raise ModelFileError(f"{source}: implausible llama3 rope_scaling (high_freq_factor {high:g} must exceed "
-                             f"low_freq_factor {low:g})", "check config.json against the model's published one")
+        raise ModelFileError(
+            f"{source}: implausible llama3 rope_scaling (high_freq_factor {high:g} must exceed "
+            f"low_freq_factor {low:g})",
+            "check config.json against the model's published one",
+        )
     freqs = f32(1.0) / (f32(base) ** (np.arange(0, head_dim, 2, dtype=f32) / f32(head_dim)))
     wavelen = f32(2 * math.pi) / freqs
     smooth = (old_ctx / wavelen - low) / (high - low)
@@ -150,8 +171,10 @@ def find_weights(src: Path) -> dict[str, SafeTensor]:
         if not isinstance(weight_map, dict) or not all(
                 isinstance(v, str) and v and "/" not in v and "\\" not in v and v not in (".", "..")
                 for v in weight_map.values()):
-            raise ModelFileError(f"{index}: weight_map must map tensor names to shard file names in the folder",
-                                 "check that the file is complete")
+            raise ModelFileError(
+                f"{index}: weight_map must map tensor names to shard file names in the folder",
+                "check that the file is complete",
+            )
         files = sorted(set(weight_map.values()))
         for name in files:
             if not (src / name).is_file():
@@ -180,13 +203,17 @@ def find_weights(src: Path) -> dict[str, SafeTensor]:
 def permute(w: np.ndarray, n_head: int) -> np.ndarray:
     """Undo Hugging Face's rotary row permutation (convert_hf_to_gguf.py ``LlamaModel.permute``)."""
     rows = w.shape[0]
-    return np.ascontiguousarray(w.reshape(n_head, 2, rows // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape))
+    return np.ascontiguousarray(
+        w.reshape(n_head, 2, rows // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+    )
 
 
 def hf_permute(w: np.ndarray, n_head: int) -> np.ndarray:
     """What Hugging Face's convert_llama_weights_to_hf.py did; ``permute`` is its inverse."""
     rows = w.shape[0]
-    return np.ascontiguousarray(w.reshape(n_head, rows // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape))
+    return np.ascontiguousarray(
+        w.reshape(n_head, rows // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+    )
 
 
 @dataclass
@@ -202,7 +229,9 @@ class HfModel:
     n_vocab: int
 
 
-def _get(cfg: dict[str, Any], keys: tuple[str, ...], path: Path, limit: str, default: int | None = None) -> int:
+def _get(
+    cfg: dict[str, Any], keys: tuple[str, ...], path: Path, limit: str, default: int | None = None
+) -> int:
     """The first of ``keys`` set in ``cfg``, a checked integer up to ``LIMITS[limit]`` (or ``default``)."""
     key = hparams.first_key(cfg, keys)
     if key is None:
@@ -223,12 +252,15 @@ def _get_float(cfg: dict[str, Any], keys: tuple[str, ...], path: Path, default: 
 
 
 def read_config(src: Path) -> dict[str, Any]:
-    """config.json (bounded, a JSON object), with a multimodal model's text_config merged in (as llama.cpp does)."""
+    """config.json (bounded, a JSON object), with a multimodal model's text_config merged in (as llama.cpp
+    does)."""
     cfg_path = src / "config.json"
     try:
         cfg = read_json_object(cfg_path)
     except FileNotFoundError as err:
-        raise ModelFileError(f"cannot read {cfg_path}: no such file", "check that the file is complete") from err
+        raise ModelFileError(
+            f"cannot read {cfg_path}: no such file", "check that the file is complete"
+        ) from err
     if "text_config" in cfg:
         if not isinstance(cfg["text_config"], dict):
             raise ModelFileError(f"{cfg_path}: text_config must be an object")
@@ -266,17 +298,25 @@ def read_dims(src: Path, cfg: dict[str, Any], defaults: dict[str, Any],
     n_ff = _get(cfg, ("intermediate_size", "n_inner", "hidden_dim"), path, "width")
     n_ctx = _get(cfg, ("max_position_embeddings", "n_ctx", "n_positions", "max_length", "max_sequence_length",
                        "model_max_length"), path, "context", default=defaults.get("max_position_embeddings"))
-    norm_eps = _get_float(cfg, ("rms_norm_eps", "norm_eps"), path, default=defaults.get("rms_norm_eps"), below=1.0)
-    head_dim = _get(cfg, ("head_dim",), path, "head_dim", default=defaults.get("head_dim", n_embd // max(n_head, 1)))
+    norm_eps = _get_float(
+        cfg, ("rms_norm_eps", "norm_eps"), path, default=defaults.get("rms_norm_eps"), below=1.0
+    )
+    head_dim = _get(
+        cfg, ("head_dim",), path, "head_dim", default=defaults.get("head_dim", n_embd // max(n_head, 1))
+    )
     if n_head % n_head_kv or head_dim % 2:
-        raise ModelFileError(f"{path}: implausible dimensions ({n_embd} wide, {n_layer} layers, {n_head} heads, "
-                             f"{n_head_kv} KV heads, head size {head_dim})")
+        raise ModelFileError(
+            f"{path}: implausible dimensions ({n_embd} wide, {n_layer} layers, {n_head} heads, "
+            f"{n_head_kv} KV heads, head size {head_dim})"
+        )
     if hparams.first_key(cfg, ("vocab_size",)) is not None or defaults.get("vocab_size"):
         n_vocab = _get(cfg, ("vocab_size",), path, "vocab", default=defaults.get("vocab_size"))
     else:
         rows = n_embd_rows()
         if rows is None:
-            raise ModelFileError(f"{path} lacks vocab_size", "config.json must describe the model's dimensions")
+            raise ModelFileError(
+                f"{path} lacks vocab_size", "config.json must describe the model's dimensions"
+            )
         n_vocab = rows
     tied = bool(cfg.get("tie_word_embeddings", defaults.get("tie_word_embeddings", False)))
     return Dims(n_embd, n_layer, n_head, n_head_kv, n_ff, head_dim, n_ctx, norm_eps, n_vocab, tied)
@@ -348,7 +388,10 @@ def read_hf_model(src: Path) -> HfModel:
         raise UnsupportedModelError(f"{src}: unexpected tensors {unknown[:5]}",
                                     f"this is not a plain {fam.examples} model")
 
-    want: dict[str, tuple[int, ...]] = {"token_embd.weight": (d.n_vocab, d.n_embd), "output_norm.weight": (d.n_embd,)}
+    want: dict[str, tuple[int, ...]] = {
+        "token_embd.weight": (d.n_vocab, d.n_embd),
+        "output_norm.weight": (d.n_embd,),
+    }
     for i in range(d.n_layer):
         want.update({f"blk.{i}.{k}": v for k, v in layer_shapes(fam, d).items()})
     if "output.weight" in by_gguf:
@@ -430,7 +473,10 @@ def _read_llama(src: Path, cfg: dict[str, Any]) -> HfModel:
                                     "this is not a plain Llama-architecture model")
 
     kv_dim = d.n_head_kv * d.head_dim
-    want: dict[str, tuple[int, ...]] = {"token_embd.weight": (d.n_vocab, d.n_embd), "output_norm.weight": (d.n_embd,)}
+    want: dict[str, tuple[int, ...]] = {
+        "token_embd.weight": (d.n_vocab, d.n_embd),
+        "output_norm.weight": (d.n_embd,),
+    }
     for i in range(d.n_layer):
         p = f"blk.{i}."
         want.update({
@@ -448,19 +494,31 @@ def _read_llama(src: Path, cfg: dict[str, Any]) -> HfModel:
     _check_names(src, want, by_gguf, d.n_layer)
     tensors = []
     if rope_type == "llama3":
-        factors = llama3_rope_factors(float(rope_theta if rope_theta is not None else 10000.0), d.head_dim, scaling,
-                                      cfg_path)
+        factors = llama3_rope_factors(
+            float(rope_theta if rope_theta is not None else 10000.0), d.head_dim, scaling, cfg_path
+        )
         tensors.append(SourceTensor("rope_freqs.weight", factors.shape, "F32", lambda: factors))
     for name, (t, heads) in by_gguf.items():
         shape = want[name]
         if t.shape != shape:
-            raise ModelFileError(f"{src}: {name} has shape {list(t.shape)}, expected {list(shape)} from config.json")
+            raise ModelFileError(
+                f"{src}: {name} has shape {list(t.shape)}, expected {list(shape)} from config.json"
+            )
         tensors.append(SourceTensor(name, shape, t.kind, _loader(t, heads)))
 
     params = LlamaParams(
-        n_vocab=d.n_vocab, n_ctx=d.n_ctx, n_embd=d.n_embd, n_layer=d.n_layer, n_ff=d.n_ff, n_head=d.n_head,
-        n_head_kv=d.n_head_kv, norm_eps=d.norm_eps, rope_theta=float(rope_theta) if rope_theta is not None else None,
-        rope_dim=d.head_dim, rope_scaling_linear=linear, key_length=d.head_dim if "head_dim" in cfg else None,
+        n_vocab=d.n_vocab,
+        n_ctx=d.n_ctx,
+        n_embd=d.n_embd,
+        n_layer=d.n_layer,
+        n_ff=d.n_ff,
+        n_head=d.n_head,
+        n_head_kv=d.n_head_kv,
+        norm_eps=d.norm_eps,
+        rope_theta=float(rope_theta) if rope_theta is not None else None,
+        rope_dim=d.head_dim,
+        rope_scaling_linear=linear,
+        key_length=d.head_dim if "head_dim" in cfg else None,
     )
     vocab = load_vocab(src, d.n_vocab)
     return HfModel(src, cfg, "llama", params.model_params(), vocab, tensors, d.n_vocab)

@@ -36,10 +36,13 @@ def read_json_object(path: Path) -> dict[str, Any]:
     except FileNotFoundError:
         raise
     except OSError as err:
-        raise ModelFileError(f"cannot read {path}: {err.strerror or err}", "check that the file is complete") \
-            from None
+        raise ModelFileError(
+            f"cannot read {path}: {err.strerror or err}", "check that the file is complete"
+        ) from None
     if len(data) > MAX_JSON_BYTES:
-        raise ModelFileError(f"{path} is larger than {MAX_JSON_BYTES} bytes: not a model configuration", _HINT)
+        raise ModelFileError(
+            f"{path} is larger than {MAX_JSON_BYTES} bytes: not a model configuration", _HINT
+        )
     try:
         value = json.loads(data.decode("utf-8"))
     except UnicodeDecodeError as err:
@@ -65,8 +68,9 @@ def integer(cfg: dict[str, Any], key: str, path: Path | str, *, maximum: int, mi
     ok = (isinstance(value, int) and not isinstance(value, bool)) or (
         isinstance(value, float) and math.isfinite(value) and value.is_integer())
     if not ok or not minimum <= value <= maximum:
-        raise ModelFileError(f"{path}: {key} must be an integer from {minimum} to {maximum}, got {_shown(value)}",
-                             _HINT)
+        raise ModelFileError(
+            f"{path}: {key} must be an integer from {minimum} to {maximum}, got {_shown(value)}", _HINT
+        )
     return int(value)
 
 

@@ -28,7 +28,11 @@ from pipx_llama.convert.writer import SOURCE_DTYPES, LlamaParams, SourceTensor
 from pipx_llama.errors import ModelFileError, UnsupportedModelError
 
 _SHARD_RE = re.compile(r"consolidated\.(\d{2})\.pth")
-_TOP = {"tok_embeddings.weight": "token_embd.weight", "norm.weight": "output_norm.weight", "output.weight": "output.weight"}
+_TOP = {
+    "tok_embeddings.weight": "token_embd.weight",
+    "norm.weight": "output_norm.weight",
+    "output.weight": "output.weight",
+}
 _LAYER = {
     "attention_norm.weight": "attn_norm.weight",
     "attention.wq.weight": "attn_q.weight",
@@ -57,13 +61,19 @@ class MetaCheckpoint:
 
 def find_shards(src: Path) -> list[Path]:
     """``consolidated.00.pth``, ``.01``, ... in order; a gap in the numbering is an error."""
-    found = sorted((int(m.group(1)), p) for p in src.glob("consolidated.*.pth") if (m := _SHARD_RE.fullmatch(p.name)))
+    found = sorted(
+        (int(m.group(1)), p) for p in src.glob("consolidated.*.pth") if (m := _SHARD_RE.fullmatch(p.name))
+    )
     if not found:
-        raise ModelFileError(f"{src} holds no consolidated.NN.pth files", "point to the folder of one model size")
+        raise ModelFileError(
+            f"{src} holds no consolidated.NN.pth files", "point to the folder of one model size"
+        )
     numbers = [n for n, _ in found]
     if numbers != list(range(len(found))):
-        raise ModelFileError(f"{src}: shard files are not numbered 00..{len(found) - 1:02d} (found {numbers})",
-                             "a shard is missing; download it again")
+        raise ModelFileError(
+            f"{src}: shard files are not numbered 00..{len(found) - 1:02d} (found {numbers})",
+            "a shard is missing; download it again",
+        )
     return [p for _, p in found]
 
 
@@ -122,9 +132,13 @@ def read_meta_checkpoint(src: Path) -> MetaCheckpoint:
     try:
         raw = read_json_object(params_file)
     except FileNotFoundError as err:
-        raise ModelFileError(f"{src} has no params.json", "copy the model's params.json into the folder") from err
+        raise ModelFileError(
+            f"{src} has no params.json", "copy the model's params.json into the folder"
+        ) from err
     if raw.get("moe"):
-        raise UnsupportedModelError(f"{src} is a mixture-of-experts model", "only dense LLaMA models are supported")
+        raise UnsupportedModelError(
+            f"{src} is a mixture-of-experts model", "only dense LLaMA models are supported"
+        )
     # every value checked before anything is sized from it (a params.json may say n_layers 1e8)
     dim = hparams.integer(raw, "dim", params_file, maximum=LIMITS["width"])
     n_layers = hparams.integer(raw, "n_layers", params_file, maximum=LIMITS["layers"])
@@ -156,7 +170,8 @@ def read_meta_checkpoint(src: Path) -> MetaCheckpoint:
         missing, extra = sorted(expected_names - set(names)), sorted(set(names) - expected_names)
         raise ModelFileError(
             f"{src}: the tensors do not match params.json's {n_layers} layers"
-            + (f"; missing {missing[:4]}" if missing else "") + (f"; unexpected {extra[:4]}" if extra else ""),
+            + (f"; missing {missing[:4]}" if missing else "")
+            + (f"; unexpected {extra[:4]}" if extra else ""),
             "check that params.json belongs to these shards",
         )
 
@@ -165,7 +180,9 @@ def read_meta_checkpoint(src: Path) -> MetaCheckpoint:
         parts = [part[name] for part in loaded]
         kinds = {t.kind for t in parts}
         if len(kinds) != 1:
-            raise ModelFileError(f"{src}: tensor {name} has different types in different shards ({sorted(kinds)})")
+            raise ModelFileError(
+                f"{src}: tensor {name} has different types in different shards ({sorted(kinds)})"
+            )
         if len(parts[0].shape) == 1:
             merged[name] = (parts[0].shape, parts[:1])
             continue
@@ -198,7 +215,9 @@ def read_meta_checkpoint(src: Path) -> MetaCheckpoint:
             raise ModelFileError(f"{src}: {name} has shape {list(merged[name][0])}, expected {list(shape)} "
                                  "from params.json", "check that params.json belongs to these shards")
     if vocab_size not in (-1, n_vocab):
-        raise ModelFileError(f"{params_file} says vocab_size {vocab_size} but tok_embeddings has {n_vocab} rows")
+        raise ModelFileError(
+            f"{params_file} says vocab_size {vocab_size} but tok_embeddings has {n_vocab} rows"
+        )
 
     tensors: list[SourceTensor] = []
     order = list(_TOP)[:1] + [f"layers.{i}.{k}" for i in range(n_layers) for k in _LAYER] + list(_TOP)[1:]
@@ -207,7 +226,9 @@ def read_meta_checkpoint(src: Path) -> MetaCheckpoint:
         gguf_name = _gguf_name(name)
         if parts[0].dtype != SOURCE_DTYPES[parts[0].kind]:
             raise UnsupportedModelError(f"{src}: tensor {name} has an unsupported type")
-        tensors.append(SourceTensor(gguf_name, shape, parts[0].kind, _merged_loader(parts, shape, _merge_axis(name))))
+        tensors.append(
+            SourceTensor(gguf_name, shape, parts[0].kind, _merged_loader(parts, shape, _merge_axis(name)))
+        )
 
     params = LlamaParams(
         n_vocab=n_vocab, n_ctx=_n_ctx(raw), n_embd=dim, n_layer=n_layers, n_ff=n_ff, n_head=n_heads,

@@ -46,7 +46,9 @@ _STORAGE_TYPES: dict[str, tuple[str, np.dtype]] = {
     "BFloat16Storage": ("BF16", np.dtype("<u2")),
     "FloatStorage": ("F32", np.dtype("<f4")),
 }
-_SECURITY_HINT = "the file may be malicious; nothing from it was run. Get the checkpoint from its original source"
+_SECURITY_HINT = (
+    "the file may be malicious; nothing from it was run. Get the checkpoint from its original source"
+)
 _REFUSED_OPCODES = {"EXT1", "EXT2", "EXT4"}
 _MAX_PICKLE_BYTES = 256 << 20
 
@@ -91,7 +93,9 @@ class TorchTensor(_Frozen):
 
     __slots__ = ("dtype", "kind", "shape", "storage", "storage_offset", "stride")
 
-    def __init__(self, storage: _Storage, storage_offset: int, shape: tuple[int, ...], stride: tuple[int, ...]):
+    def __init__(
+        self, storage: _Storage, storage_offset: int, shape: tuple[int, ...], stride: tuple[int, ...]
+    ):
         self._init(kind=storage.kind, dtype=storage.dtype, shape=shape, stride=stride,
                    storage_offset=storage_offset, storage=storage)
 
@@ -125,7 +129,9 @@ class TorchTensor(_Frozen):
         if self.numel == 0:
             return out.reshape(self.shape)
         if self.is_contiguous():
-            read_exact(st.path, st.offset + self.storage_offset * st.dtype.itemsize, out.reshape(-1).view(np.uint8))
+            read_exact(
+                st.path, st.offset + self.storage_offset * st.dtype.itemsize, out.reshape(-1).view(np.uint8)
+            )
             return out.reshape(self.shape)
         span = self.storage_offset + sum((n - 1) * s for n, s in zip(self.shape, self.stride)) + 1
         raw = np.empty(span - self.storage_offset, st.dtype)
@@ -181,7 +187,9 @@ class _Rebuild(_Frozen):
                 raise ModelFileError("unexpected arguments to _rebuild_tensor_v2 in the checkpoint")
             metadata = rest[2] if len(rest) == 3 else None
             if metadata and any(bool(v) for v in dict(metadata).values()):
-                raise UnsupportedModelError(f"a tensor in the checkpoint has conj/neg flags set: {metadata!r}")
+                raise UnsupportedModelError(
+                    f"a tensor in the checkpoint has conj/neg flags set: {metadata!r}"
+                )
         elif rest:
             raise ModelFileError("unexpected arguments to _rebuild_tensor in the checkpoint")
         offset = _int(storage_offset, "storage offset")
@@ -190,11 +198,15 @@ class _Rebuild(_Frozen):
         if len(shape) != len(strides):
             raise ModelFileError("a tensor's size and stride differ in length in the checkpoint")
         if math.prod(shape) > storage.numel:
-            raise ModelFileError("a tensor in the checkpoint has more elements than its storage (an expanded view)")
+            raise ModelFileError(
+                "a tensor in the checkpoint has more elements than its storage (an expanded view)"
+            )
         if math.prod(shape) > 0:
             last = offset + sum((n - 1) * s for n, s in zip(shape, strides))
             if last >= storage.numel:
-                raise ModelFileError(f"a tensor reaches past the end of storage {storage.key} in the checkpoint")
+                raise ModelFileError(
+                    f"a tensor reaches past the end of storage {storage.key} in the checkpoint"
+                )
         return TorchTensor(storage, offset, shape, strides)
 
 
@@ -216,7 +228,8 @@ class _RestrictedUnpickler(pickle.Unpickler):
         obj = self._allowed.get((module, name))
         if obj is None:
             raise ConvertSecurityError(
-                f"{self._path}: refused to load: its pickle asks for '{module}.{name}', which is not tensor data",
+                f"{self._path}: refused to load: its pickle asks for '{module}.{name}', which is not tensor "
+                f"data",
                 _SECURITY_HINT,
             )
         return obj
@@ -226,8 +239,10 @@ class _RestrictedUnpickler(pickle.Unpickler):
             raise ModelFileError(f"{self._path}: unexpected persistent id in the pickle: {pid!r}")
         _, stype, key, _location, numel = pid
         if not isinstance(stype, _StorageType) or self._types.get(stype.name) is not stype:
-            raise UnsupportedModelError(f"{self._path}: unsupported storage type in the checkpoint: {stype!r}",
-                                        "only float16, bfloat16 and float32 tensors are supported")
+            raise UnsupportedModelError(
+                f"{self._path}: unsupported storage type in the checkpoint: {stype!r}",
+                "only float16, bfloat16 and float32 tensors are supported",
+            )
         if not isinstance(key, str):
             raise ModelFileError(f"{self._path}: bad storage key {key!r} in the pickle")
         numel = _int(numel, "storage size")
@@ -238,7 +253,9 @@ class _RestrictedUnpickler(pickle.Unpickler):
             return known
         member = self._members.get(key)
         if member is None:
-            raise ModelFileError(f"{self._path}: the archive has no data/{key} for a tensor", "the file is damaged")
+            raise ModelFileError(
+                f"{self._path}: the archive has no data/{key} for a tensor", "the file is damaged"
+            )
         offset, size = member
         if size != numel * stype.dtype.itemsize:
             raise ModelFileError(f"{self._path}: data/{key} holds {size} bytes, expected {numel} x "
@@ -258,7 +275,9 @@ def _scan_opcodes(data: bytes, path: Path) -> None:
                     _SECURITY_HINT,
                 )
     except (ValueError, struct.error) as err:
-        raise ModelFileError(f"{path}: the pickle in the archive is malformed: {err}", "the file is damaged") from err
+        raise ModelFileError(
+            f"{path}: the pickle in the archive is malformed: {err}", "the file is damaged"
+        ) from err
 
 
 def _data_offset(f: io.BufferedReader, info: zipfile.ZipInfo, path: Path) -> int:
@@ -272,8 +291,10 @@ def _data_offset(f: io.BufferedReader, info: zipfile.ZipInfo, path: Path) -> int
     if flags & 1:
         raise UnsupportedModelError(f"{path}: {info.filename} is encrypted")
     if method != zipfile.ZIP_STORED:
-        raise UnsupportedModelError(f"{path}: {info.filename} is compressed; torch stores tensor data uncompressed",
-                                    "re-save the checkpoint with torch.save")
+        raise UnsupportedModelError(
+            f"{path}: {info.filename} is compressed; torch stores tensor data uncompressed",
+            "re-save the checkpoint with torch.save",
+        )
     return info.header_offset + 30 + name_len + extra_len
 
 
@@ -285,8 +306,10 @@ def load_torch_zip(path: str | Path) -> dict[str, TorchTensor]:
             infos = zf.infolist()
             pkls = [i for i in infos if i.filename.endswith("/data.pkl") and i.filename.count("/") == 1]
             if len(pkls) != 1:
-                raise ModelFileError(f"{path}: expected one <name>/data.pkl in the archive, found {len(pkls)}",
-                                     "this is not a checkpoint written by torch.save")
+                raise ModelFileError(
+                    f"{path}: expected one <name>/data.pkl in the archive, found {len(pkls)}",
+                    "this is not a checkpoint written by torch.save",
+                )
             prefix = pkls[0].filename[: -len("data.pkl")]
             byteorder = prefix + "byteorder"
             if byteorder in zf.namelist() and zf.read(byteorder).strip() not in (b"little", b""):

@@ -44,7 +44,9 @@ NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
 
 # convert_hf_to_gguf.py get_vocab_base_pre: the check text whose token ids identify a pre-tokenizer.
 CHKTXT = (
-    "\n \n\n \n\n\n \t \t\t \t\n  \n   \n    \n     \n🚀 (normal) 😶\u200d🌫️ (multiple emojis concatenated) ✅ 🦙🦙 "
+    "\n \n\n \n\n\n \t \t\t \t\n  \n   \n    \n     \n🚀 (normal) 😶\u200d🌫️ (multiple emojis concatenated) "
+    "✅ "
+    "🦙🦙 "
     "3 33 333 3333 33333 333333 3333333 33333333 3.3 3..3 3...3 កាន់តែពិសេសអាច😁 ?我想在apple工作1314151天～ "
     "------======= нещо на Български ''''''```````\"\"\"\"......!!!!!!?????? I've been 'told he's there, "
     "'RE you sure? 'M not sure I'll make it, 'D you like some tea? We'Ve a'lL"
@@ -150,7 +152,9 @@ def _read_json(path: Path) -> Any:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ModelFileError(f"cannot read {path}: {err}", "check that the file is complete and valid JSON") from err
+        raise ModelFileError(
+            f"cannot read {path}: {err}", "check that the file is complete and valid JSON"
+        ) from err
 
 
 def _special_vocab(model_dir: Path, *, load_merges: bool, n_vocab: int | None) -> gguf.SpecialVocab:
@@ -254,7 +258,9 @@ def _load_sp(tokenizer_model: Path) -> sentencepiece.SentencePieceProcessor:
     return sp
 
 
-def _sp_pieces(sp: sentencepiece.SentencePieceProcessor, vocab_size: int) -> tuple[list[str], list[float], list[int]]:
+def _sp_pieces(
+    sp: sentencepiece.SentencePieceProcessor, vocab_size: int
+) -> tuple[list[str], list[float], list[int]]:
     """Every piece, its score and type, padded with unused ``[PADn]`` entries up to ``vocab_size``."""
     n_sp = sp.vocab_size()
     tokens = [f"[PAD{i}]" for i in range(vocab_size)]
@@ -313,7 +319,8 @@ def spm_vocab(tokenizer_model: Path, model_dir: Path, vocab_size: int | None = N
     add_special = dict(sv.add_special_token) if llama_defaults else add_special_flags(model_dir)
     if llama_defaults:
         # Folders without tokenizer_config.json (Meta's original layout) leave these to llama.cpp's SPM
-        # defaults; writing the SentencePiece model's own ids and llama.cpp's defaults says the same, explicitly.
+        # defaults; writing the SentencePiece model's own ids and llama.cpp's defaults says the
+        # same, explicitly.
         for typ, tid in (("bos", sp.bos_id()), ("eos", sp.eos_id()), ("unk", sp.unk_id())):
             if typ not in special_ids and 0 <= tid < vocab_size:
                 special_ids[typ] = tid
@@ -339,13 +346,15 @@ def bpe_vocab(model_dir: Path, vocab_size: int | None = None, current_rules: boo
         for text, a in added.items():
             full[text] = int(a["id"])
     except (KeyError, TypeError, ValueError, AttributeError) as err:
-        raise ModelFileError(f"{path} is not a valid tokenizer.json: {err!r}", "check that the file is complete") \
-            from err
+        raise ModelFileError(
+            f"{path} is not a valid tokenizer.json: {err!r}", "check that the file is complete"
+        ) from err
     if vocab_size is None:
         vocab_size = len(full)
     if full and max(full.values()) >= vocab_size:
         raise ModelFileError(
-            f"{path} has token ids up to {max(full.values())} but the model's vocabulary has {vocab_size} entries",
+            f"{path} has token ids up to {max(full.values())} but the model's vocabulary has {vocab_size} "
+            f"entries",
             "check config.json's vocab_size against the tokenizer",
         )
     reverse = {tid: text for text, tid in full.items()}
@@ -392,7 +401,9 @@ def phi3_vocab(model_dir: Path, vocab_size: int | None = None) -> Vocab:
         return bpe_vocab(model_dir, vocab_size, current_rules=True)
     tokenizer_model = model_dir / "tokenizer.model"
     if not tokenizer_model.is_file():
-        raise ModelFileError(f"{model_dir} has no tokenizer.model", "Phi-3 models ship one; copy it into the folder")
+        raise ModelFileError(
+            f"{model_dir} has no tokenizer.model", "Phi-3 models ship one; copy it into the folder"
+        )
     sp = _load_sp(tokenizer_model)
     if vocab_size is None:
         vocab_size = sp.vocab_size()
@@ -406,7 +417,9 @@ def phi3_vocab(model_dir: Path, vocab_size: int | None = None) -> Vocab:
         (config_file, int(k), v) for k, v in config.get("added_tokens_decoder", {}).items()]
     tokenizer_json = model_dir / "tokenizer.json"
     if tokenizer_json.is_file():
-        entries += [(tokenizer_json, int(a["id"]), a) for a in _read_json(tokenizer_json).get("added_tokens") or []]
+        entries += [
+            (tokenizer_json, int(a["id"]), a) for a in _read_json(tokenizer_json).get("added_tokens") or []
+        ]
     for source, tid, data in entries:
         if not 0 <= tid < vocab_size:
             raise ModelFileError(f"{source}: added token {data.get('content')!r} has id {tid}, outside the "
@@ -545,7 +558,11 @@ def _pre_tokenizer(spec: dict[str, Any] | None) -> Callable[[Pieces], Pieces]:
         digits = regex.compile(r"\p{N}" if spec.get("individual_digits") else r"\p{N}+")
         return _split(digits, "isolated", False)
     if kind == "ByteLevel":
-        gpt2 = _split(regex.compile(_BYTELEVEL_REGEX), "isolated", False) if spec.get("use_regex", True) else None
+        gpt2 = (
+            _split(regex.compile(_BYTELEVEL_REGEX), "isolated", False)
+            if spec.get("use_regex", True)
+            else None
+        )
         prefix = bool(spec.get("add_prefix_space"))
 
         def run(pieces: Pieces) -> Pieces:

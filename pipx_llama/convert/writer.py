@@ -21,8 +21,6 @@ version, then the tokenizer.
 from __future__ import annotations
 
 import math
-import os
-import shutil
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -36,7 +34,8 @@ from gguf import GGUFValueType as VT
 
 from pipx_llama.convert.vocab import Vocab
 from pipx_llama.errors import ModelFileError, UsageError
-from pipx_llama.fetch.events import EventCallback, ProgressEvent
+from pipx_llama.events import EventCallback, ProgressEvent
+from pipx_llama.files import atomic_output, check_free
 
 OUTTYPES: dict[str, QT] = {"f32": QT.F32, "f16": QT.F16, "bf16": QT.BF16, "q8_0": QT.Q8_0}
 FILE_TYPES: dict[QT, gguf.LlamaFileType] = {
@@ -111,11 +110,14 @@ class LlamaParams:
     def model_params(self) -> ModelParams:
         """The ``llama.*`` keys in the order convert_hf_to_gguf.py's LlamaModel adds them."""
         a = "llama"
-        kvs = [KV(f"{a}.block_count", self.n_layer, VT.UINT32), KV(f"{a}.context_length", self.n_ctx, VT.UINT32),
-               KV(f"{a}.embedding_length", self.n_embd, VT.UINT32),
-               KV(f"{a}.feed_forward_length", self.n_ff, VT.UINT32),
-               KV(f"{a}.attention.head_count", self.n_head, VT.UINT32),
-               KV(f"{a}.attention.head_count_kv", self.n_head_kv, VT.UINT32)]
+        kvs = [
+            KV(f"{a}.block_count", self.n_layer, VT.UINT32),
+            KV(f"{a}.context_length", self.n_ctx, VT.UINT32),
+            KV(f"{a}.embedding_length", self.n_embd, VT.UINT32),
+            KV(f"{a}.feed_forward_length", self.n_ff, VT.UINT32),
+            KV(f"{a}.attention.head_count", self.n_head, VT.UINT32),
+            KV(f"{a}.attention.head_count_kv", self.n_head_kv, VT.UINT32),
+        ]
         if self.rope_theta is not None:
             kvs.append(KV(f"{a}.rope.freq_base", self.rope_theta, VT.FLOAT32))
         kvs.append(KV(f"{a}.attention.layer_norm_rms_epsilon", self.norm_eps, VT.FLOAT32))
@@ -251,53 +253,48 @@ def write_gguf(
 
     plan = [(t, tensor_type(t.name, t.shape, outtype)) for t in tensors]
     total = sum(tensor_nbytes(t.shape, q) for t, q in plan)
-    free = shutil.disk_usage(folder).free
-    if free < total + _DISK_MARGIN:
-        raise ModelFileError(
-            f"not enough free disk space in {folder}: the converted model needs {total / 2**30:.1f} GiB, "
-            f"{free / 2**30:.1f} GiB are free",
-            "free some space or write the output somewhere else",
-        )
+    check_free(folder, total + _DISK_MARGIN, f"the converted model {out_path.name}")
 
     label = out_path.name
     emit = on_event or (lambda _ev: None)
-    tmp = folder / f".{out_path.name}.{os.getpid()}.partial"
     started = time.monotonic()
     model = params.model_params() if isinstance(params, LlamaParams) else params
     w = gguf.GGUFWriter(None, model.arch)
-    try:
-        _add_kvs(w, model.early, outtype)
-        w.add_type(gguf.GGUFType.MODEL)
-        meta.set_gguf_meta_model(w)
-        _add_kvs(w, model.kvs, outtype)
-        w.add_quantization_version(gguf.GGML_QUANT_VERSION)
-        vocab.add_to_gguf(w)
-        for t, q in plan:
-            w.add_tensor_info(t.name, t.shape, np.dtype(np.float32), tensor_nbytes(t.shape, q), raw_dtype=q)
-        w.write_header_to_file(path=tmp)
-        w.write_kv_data_to_file()
-        w.write_ti_data_to_file()
-        emit(ProgressEvent("start", label, 0, total, message=f"writing {len(plan)} tensors as {outtype.name}"))
-        done = 0
-        for i, (t, q) in enumerate(plan):
-            data = t.load()
-            if tuple(data.shape) != tuple(t.shape):
-                raise ModelFileError(f"tensor {t.name}: expected shape {t.shape}, the source gave {data.shape}")
-            data = convert_tensor(data, t.kind, q)
-            w.write_tensor_data(data)
-            del data
-            done += tensor_nbytes(t.shape, q)
-            emit(ProgressEvent("progress", label, done, total,
-                               message=f"[{i + 1}/{len(plan)}] {t.name} {q.name} {list(t.shape)}"))
-        for f in w.fout or []:
-            f.flush()
-            os.fsync(f.fileno())
-        w.close()
-        os.replace(tmp, out_path)
-    except BaseException:
-        w.close()
-        tmp.unlink(missing_ok=True)
-        raise
+    with atomic_output(out_path, f"the converted model {out_path.name}") as tmp:
+        try:
+            _add_kvs(w, model.early, outtype)
+            w.add_type(gguf.GGUFType.MODEL)
+            meta.set_gguf_meta_model(w)
+            _add_kvs(w, model.kvs, outtype)
+            w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+            vocab.add_to_gguf(w)
+            for t, q in plan:
+                w.add_tensor_info(
+                    t.name, t.shape, np.dtype(np.float32), tensor_nbytes(t.shape, q), raw_dtype=q
+                )
+            w.write_header_to_file(path=tmp)
+            w.write_kv_data_to_file()
+            w.write_ti_data_to_file()
+            emit(
+                ProgressEvent(
+                    "start", label, 0, total, message=f"writing {len(plan)} tensors as {outtype.name}"
+                )
+            )
+            done = 0
+            for i, (t, q) in enumerate(plan):
+                data = t.load()
+                if tuple(data.shape) != tuple(t.shape):
+                    raise ModelFileError(
+                        f"tensor {t.name}: expected shape {t.shape}, the source gave {data.shape}"
+                    )
+                data = convert_tensor(data, t.kind, q)
+                w.write_tensor_data(data)
+                del data
+                done += tensor_nbytes(t.shape, q)
+                emit(ProgressEvent("progress", label, done, total,
+                                   message=f"[{i + 1}/{len(plan)}] {t.name} {q.name} {list(t.shape)}"))
+        finally:
+            w.close()  # before atomic_output renames or removes the file (Windows cannot while it is open)
     emit(ProgressEvent("done", label, total, total, message=f"wrote {out_path}"))
     counts: dict[str, int] = {}
     for _, q in plan:

@@ -118,7 +118,8 @@ def vocabulary(tok: Tokenizer) -> Vocabulary:
                 raise GrammarError(f"{tok.source}: the vocabulary has no end-of-generation token",
                                    "constrained output needs a model that can end its answer")
             eos = tok.eos_id if tok.eos_id in eog else eog[0]
-            lltok = llg.LLTokenizer(_Wrapper(tok, token_bytes(tok), eos), n_vocab=tok.n_vocab, eos_token=list(eog))
+            wrapper = _Wrapper(tok, token_bytes(tok), eos)
+            lltok = llg.LLTokenizer(wrapper, n_vocab=tok.n_vocab, eos_token=list(eog))
             found = _VOCABS[tok] = Vocabulary(lltok, tok.n_vocab, eog)
         return found
 
@@ -143,8 +144,8 @@ def json_schema_grammar(schema: Any, *, param: str) -> str:
 def lark_grammar(text: str, *, param: str) -> str:
     """A grammar from llguidance's Lark syntax (``%json {...}`` embeds a JSON schema)."""
     if len(text) > MAX_GRAMMAR_CHARS:
-        raise GrammarError(f"'{param}' makes a grammar of {len(text)} characters; at most {MAX_GRAMMAR_CHARS} "
-                           f"are allowed", param=param)
+        raise GrammarError(f"'{param}' makes a grammar of {len(text)} characters; at most "
+                           f"{MAX_GRAMMAR_CHARS} are allowed", param=param)
     return llg.LLMatcher.grammar_from_lark(text)
 
 
@@ -185,8 +186,8 @@ class Constraint:
 
     def _check(self) -> None:
         if self._matcher.is_error():
-            raise GrammarError(f"'{self.param}' cannot constrain the output: {_cut(self._matcher.get_error())}",
-                               param=self.param)
+            problem = _cut(self._matcher.get_error())
+            raise GrammarError(f"'{self.param}' cannot constrain the output: {problem}", param=self.param)
 
     def _mask(self) -> np.ndarray:
         """The current state's bitmask (bit ``i`` of word ``i // 32``: token ``i`` may come next)."""

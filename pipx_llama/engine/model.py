@@ -24,15 +24,16 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from pipx_llama.engine.arch import ACT_GELU, ROPE_NEOX, Family, HyperParams, family_of
 from pipx_llama.engine.arch.base import architecture, bad_file, read_hparams
-from pipx_llama.engine.gguf_reader import GGUFFile, TensorInfo, open_gguf
 from pipx_llama.engine.kernels import WEIGHT_KERNELS, WeightKernel, ops, packed
 from pipx_llama.engine.kernels import floats as _floats  # noqa: F401  (registers kernels)
 from pipx_llama.engine.kernels import fused as fused_kernels
 from pipx_llama.engine.kernels import kquants as _kquants  # noqa: F401
 from pipx_llama.engine.kernels import legacy as _legacy  # noqa: F401
-from pipx_llama.engine.kernels.floats import FP16_TABLE as _FP16_TABLE
 from pipx_llama.engine.kv_cache import KVCache, check_shift
 from pipx_llama.errors import ContextFullError, UnsupportedModelError, UsageError
+from pipx_llama.formats.fp16 import FP16_TABLE as _FP16_TABLE
+from pipx_llama.formats.gguf import GGUFFile, TensorInfo, open_gguf
+from pipx_llama.system import default_threads
 from pipx_llama.tokenizer.tokenizer import Tokenizer
 
 DEFAULT_CTX = 4096
@@ -261,21 +262,6 @@ def _drop_pages(g: GGUFFile, offset: int, nbytes: int) -> None:
             mm.madvise(mmap.MADV_DONTNEED, start, end - start)
         except (OSError, ValueError, AttributeError):
             pass
-
-
-def default_threads() -> int:
-    """Physical cores where they can be counted, else half the logical ones (SMT), at least 1."""
-    try:
-        import psutil
-
-        physical = psutil.cpu_count(logical=False)
-        if physical:
-            return physical
-    except ImportError:
-        pass
-    import os
-
-    return max(1, (os.cpu_count() or 2) // 2)
 
 
 # --- loading --------------------------------------------------------------------------------------------------

@@ -44,7 +44,8 @@ def perplexity(
     add_bos: bool | None = None,
     on_chunk: Callable[[int, int, float], None] | None = None,
 ) -> PerplexityResult:
-    """llama.cpp's chunked perplexity over ``tokens``; ``on_chunk(i, n_chunks, running_ppl)`` reports progress."""
+    """llama.cpp's chunked perplexity over ``tokens``; ``on_chunk(i, n_chunks, running_ppl)`` reports
+    progress."""
     if n_ctx < 4:
         raise UsageError(f"context size {n_ctx} is too small for perplexity", "use -c 128 or more")
     tok = model.tokenizer

@@ -14,7 +14,8 @@ import time
 import httpx
 
 from pipx_llama import __version__
-from pipx_llama.fetch.errors import AccessDenied, FetchError, NetworkError, SourceNotFound
+from pipx_llama.errors import FetchError
+from pipx_llama.fetch.errors import AccessDenied, NetworkError, SourceNotFound
 from pipx_llama.fetch.http import _is_loopback, redact_url
 
 DEFAULT_TIMEOUT = 30.0
@@ -31,7 +32,10 @@ def fetch_document(url: str, *, max_bytes: int, token: str | None = None, allow_
     too large, too slow or content-encoded), each naming the URL without its query string.
     """
     shown = redact_url(url)
-    headers = {"Accept-Encoding": "identity", "User-Agent": f"pipx-llama/{__version__} httpx/{httpx.__version__}"}
+    headers = {
+        "Accept-Encoding": "identity",
+        "User-Agent": f"pipx-llama/{__version__} httpx/{httpx.__version__}",
+    }
     if token:
         headers["Authorization"] = f"Bearer {token}"
     deadline = time.monotonic() + timeout

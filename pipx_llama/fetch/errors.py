@@ -1,18 +1,15 @@
-"""Errors raised while fetching files; all are ``PipxLlamaError`` subclasses with a message and a hint.
+"""Errors raised while fetching files: ``FetchError`` subclasses (pipx_llama.errors), exit code 1.
 
 Callers trying several sources in order treat them differently: ``SourceNotFound`` and
 ``ChecksumError`` mean "try the next source" (and, for a checksum, report the bad one);
-``AccessDenied`` needs the user to act; ``DiskFullError`` and ``OfflineError`` stop the whole pull;
+``AccessDenied`` needs the user to act; ``OfflineError`` (and ``pipx_llama.errors.DiskFullError``,
+not a fetch error: exit code 5) stop the whole pull;
 ``NetworkError`` means retries were exhausted (the partial download is kept for a later resume).
 """
 
 from __future__ import annotations
 
-from pipx_llama.errors import PipxLlamaError
-
-
-class FetchError(PipxLlamaError):
-    """A file could not be fetched (base class; also used for protocol errors and refused URLs)."""
+from pipx_llama.errors import FetchError
 
 
 class SourceNotFound(FetchError):
@@ -37,17 +34,6 @@ class ChecksumError(FetchError):
 
 class NetworkError(FetchError):
     """Connection errors, timeouts or server errors persisted after every retry."""
-
-
-class DiskFullError(FetchError):
-    """The disk ran out of space; what was downloaded so far is kept for a later resume."""
-
-    def __init__(self, message: str, hint: str = "", *, folder: str, needed: int | None,
-                 free: int) -> None:
-        super().__init__(message, hint)
-        self.folder = folder
-        self.needed = needed
-        self.free = free
 
 
 class OfflineError(FetchError):

@@ -46,12 +46,13 @@ Parallel parts
     half of the biggest remaining part (if both halves keep ``min_part``) above the span in flight:
     no byte a server has already pushed into a socket is thrown away. A thread also takes over the
     rest of a part that had no bytes for ``straggler_after`` seconds or runs far slower than the
-    others (the only case where bytes are asked for twice). A connection with no bytes for ``stall_timeout`` seconds
-    (httpx read timeout) is retried from where it stopped; after ``give_up_after`` seconds (60) without a
-    byte from the source, retries included, the download gives up. Retries: exponential backoff with jitter
-    on connection errors, timeouts, 5xx, 408 and 429 (``Retry-After`` honoured, capped at
-    ``backoff_max``); a response cut short after delivering data is continued at once with a new
-    range and does not count as a retry, so a server that cuts every response short still completes.
+    others (the only case where bytes are asked for twice). A connection with no bytes for
+    ``stall_timeout`` seconds (httpx read timeout) is retried from where it stopped; after
+    ``give_up_after`` seconds (60) without a byte from the source, retries included, the download gives
+    up. Retries: exponential backoff with jitter on connection errors, timeouts, 5xx, 408 and 429
+    (``Retry-After`` honoured, capped at ``backoff_max``); a response cut short after delivering data
+    is continued at once with a new range and does not count as a retry, so a server that cuts every
+    response short still completes.
     404/410 are not retried (``SourceNotFound``: the caller tries its next source).
 
 Hashing
@@ -105,17 +106,9 @@ from urllib.parse import urlsplit
 import httpx
 
 from pipx_llama import __version__
-from pipx_llama.errors import UsageError
-from pipx_llama.fetch.errors import (
-    AccessDenied,
-    ChecksumError,
-    DiskFullError,
-    FetchError,
-    NetworkError,
-    OfflineError,
-    SourceNotFound,
-)
-from pipx_llama.fetch.events import EventCallback, ProgressEvent
+from pipx_llama.errors import DiskFullError, FetchError, UsageError
+from pipx_llama.events import EventCallback, ProgressEvent
+from pipx_llama.fetch.errors import AccessDenied, ChecksumError, NetworkError, OfflineError, SourceNotFound
 
 STATE_VERSION = 1
 _TICK = 0.1
@@ -155,16 +148,16 @@ class FetchOptions:
     """How to fetch. The first eight fields are the contract; the rest tune retry and part behaviour."""
 
     parallel_parts: int = 4            # connections per big file
-    part_threshold: int = 64 << 20     # files at least this big are fetched in parallel ranged parts
-    stall_timeout: float = 30.0        # no byte for this long -> the connection is retried (httpx read timeout)
+    part_threshold: int = 64 << 20  # files at least this big are fetched in parallel ranged parts
+    stall_timeout: float = 30.0  # no byte for this long -> the connection is retried (httpx read timeout)
     max_retries: int = 6               # per part; exponential backoff with jitter; Retry-After honoured
     token: str | None = None           # bearer token for gated hosts (HF_TOKEN style)
     allow_http: bool = False           # plain http only for loopback unless allowed
     offline: bool = False              # refuse before any network use
     timeout: float = 30.0              # connect / send / connection-pool timeout
     backoff_base: float = 1.0          # first retry waits 0.5-1x this, doubling per retry
-    backoff_max: float = 60.0          # cap of one wait, Retry-After included
-    min_part: int = 4 << 20            # an idle connection splits a busy part only if both halves get this much
+    backoff_max: float = 60.0  # cap of one wait, Retry-After included
+    min_part: int = 4 << 20  # an idle connection splits a busy part only if both halves get this much
     straggler_after: float = 3.0       # an idle connection takes over a part silent this long (or far slower)
     checkpoint_interval: float = 1.0   # seconds between resume-state saves (bytes since are lost on a kill);
                                        # longer (up to 2 s) while each save's data sync takes long
@@ -768,7 +761,11 @@ class _Job:
             parts = [_Part(int(s), None if e is None else int(e), int(d)) for s, e, d in state["parts"]]
             pos = 0
             for i, p in enumerate(parts):
-                if p.start != pos or p.done < 0 or (p.end is None and (i != len(parts) - 1 or total is not None)):
+                if (
+                    p.start != pos
+                    or p.done < 0
+                    or (p.end is None and (i != len(parts) - 1 or total is not None))
+                ):
                     return None
                 if p.end is not None:
                     if p.done > p.end + 1 - p.start:
@@ -826,7 +823,8 @@ class _Job:
                 pass
 
     def _finished_file_ok(self) -> bool:
-        """A data file without state is a finished download from an earlier run: trust it only if it verifies."""
+        """A data file without state is a finished download from an earlier run: trust it only if it
+        verifies."""
         try:
             if self.size is None or self.dest.stat().st_size != self.size:
                 return False
@@ -1073,9 +1071,11 @@ class _Job:
         if code in (200, 206) and encoding not in ("", "identity"):
             resp.close()
             raise FetchError(
-                f"{self.shown_url} sent {self.name} with Content-Encoding {encoding[:40]!r} although identity "
+                f"{self.shown_url} sent {self.name} with Content-Encoding {encoding[:40]!r} although "
+                f"identity "
                 "was asked for; refused (decoding it could write far more than the file's size)",
-                "the server compresses on the fly; have it serve the file as it is")
+                "the server compresses on the fly; have it serve the file as it is",
+            )
         if code in (200, 206, 416):
             return resp
         resp.close()
@@ -1172,7 +1172,9 @@ class _Job:
         if isinstance(exc, httpx.ConnectError):
             cause: BaseException | None = exc
             while cause is not None:
-                if isinstance(cause, ssl.SSLCertVerificationError) or "CERTIFICATE_VERIFY_FAILED" in str(cause):
+                if isinstance(cause, ssl.SSLCertVerificationError) or "CERTIFICATE_VERIFY_FAILED" in str(
+                    cause
+                ):
                     raise FetchError(
                         f"the TLS certificate of {urlsplit(self.url).hostname} could not be verified: {exc}",
                         "if you are behind a proxy that inspects TLS, point SSL_CERT_FILE at its CA bundle",
@@ -1208,7 +1210,8 @@ class _Job:
 
     def _gave_up(self, reason: str, retries: int) -> NetworkError:
         return NetworkError(
-            f"could not download {self.name} from {self.shown_url}: {reason} (gave up after {retries} retries)",
+            f"could not download {self.name} from {self.shown_url}: {reason} (gave up after {retries} "
+            f"retries)",
             "check the network connection or proxy settings (HTTPS_PROXY)" + self._kept("; "),
         )
 
@@ -1264,8 +1267,14 @@ class _Job:
                     raise self._gave_up(reason, attempt - 1) from None
                 delay = self._backoff(attempt, retry_after)
                 self._check_patience(reason, delay)
-                self._emit(ProgressEvent("retry", self.name, source=self.shown_url,
-                                         message=f"{reason}; retry {attempt}/{o.max_retries} in {delay:.1f}s"))
+                self._emit(
+                    ProgressEvent(
+                        "retry",
+                        self.name,
+                        source=self.shown_url,
+                        message=f"{reason}; retry {attempt}/{o.max_retries} in {delay:.1f}s",
+                    )
+                )
                 time.sleep(delay)
 
     def _plan(self, resp: httpx.Response) -> tuple[_Part, httpx.Response] | None:
@@ -1386,7 +1395,9 @@ class _Job:
     def _parallel(self) -> bool:
         """Whether the file is fetched as ranged parts over several connections (once its size is known)."""
         o = self.opt
-        return self.ranges and self.total is not None and o.parallel_parts > 1 and self.total >= o.part_threshold
+        return (
+            self.ranges and self.total is not None and o.parallel_parts > 1 and self.total >= o.part_threshold
+        )
 
     def _rate_per_connection(self, now: float) -> float:
         """Bytes/s this call has received, per connection now busy (called with the lock held)."""
@@ -1401,7 +1412,9 @@ class _Job:
         stop.set()
         self.wake.set()
 
-    def _worker(self, first: tuple[_Part, httpx.Response] | None, stop: threading.Event, writer: _Writer) -> None:
+    def _worker(
+        self, first: tuple[_Part, httpx.Response] | None, stop: threading.Event, writer: _Writer
+    ) -> None:
         try:
             while not stop.is_set():
                 if first is not None:
@@ -1424,7 +1437,9 @@ class _Job:
             if first is not None:
                 first[1].close()
 
-    def _fetch_part(self, part: _Part, resp: httpx.Response | None, stop: threading.Event, writer: _Writer) -> None:
+    def _fetch_part(
+        self, part: _Part, resp: httpx.Response | None, stop: threading.Event, writer: _Writer
+    ) -> None:
         attempt = 0
         while not part.all_queued and not stop.is_set():
             before = part.queued

@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from pipx_llama.errors import PipxLlamaError
+from pipx_llama.errors import FetchError
 
 CHUNK = 1 << 20
 
@@ -56,7 +56,7 @@ PIP_ENV_KEPT = frozenset({
 })
 
 
-class PipSourceError(PipxLlamaError):
+class PipSourceError(FetchError):
     """A package could not be downloaded through pip, or its contents did not verify."""
 
 
@@ -161,8 +161,10 @@ def _download_pinned(pins: list[tuple[str, str]], dest: Path, *, sdist: bool) ->
     names = [parse_pinned(requirement)[0] for requirement, _ in pins]
     for requirement, sha256 in pins:
         if not isinstance(sha256, str) or not _SHA256.fullmatch(sha256):
-            raise PipSourceError(f"refusing to download {requirement}: {sha256!r} is not a sha256 (64 hex digits)",
-                                 "fix the manifest's pip source")
+            raise PipSourceError(
+                f"refusing to download {requirement}: {sha256!r} is not a sha256 (64 hex digits)",
+                "fix the manifest's pip source",
+            )
     if len({canonical_name(n) for n in names}) != len(names):
         raise PipSourceError(f"refusing to download {len(pins)} pins that name a package twice",
                              "list each package once")
@@ -187,7 +189,9 @@ def _download_pinned(pins: list[tuple[str, str]], dest: Path, *, sdist: bool) ->
                "--disable-pip-version-check", "--progress-bar", "off", "--quiet", f"--dest={out}",
                f"--requirement={reqs}"]
         env = pip_environment(os.environ)
-        proc = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)  # safe: no shell, no user text
+        proc = subprocess.run(
+            cmd, capture_output=True, text=True, check=False, env=env
+        )  # safe: no shell, no user text
         if proc.returncode != 0:
             _raise_pip_failure([pins[i] for i in todo], kind, proc.stderr)
         files = list(out.iterdir()) if out.is_dir() else []
@@ -197,13 +201,19 @@ def _download_pinned(pins: list[tuple[str, str]], dest: Path, *, sdist: bool) ->
             if len(mine) != 1:
                 raise PipSourceError(
                     f"pip download of {requirement} did not produce one {kind} of that package "
-                    f"(got {sorted(p.name for p in files)})", "check your pip configuration (index-url, find-links)")
+                    f"(got {sorted(p.name for p in files)})",
+                    "check your pip configuration (index-url, find-links)",
+                )
             actual = sha256_file(mine[0])
             if actual != sha256:
                 raise PipChecksumError(
-                    f"checksum mismatch for the {kind} {mine[0].name} ({requirement}): expected sha256 {sha256}, "
-                    f"got {actual}", "your package index serves a different file than the published one",
-                    expected=sha256, actual=actual)
+                    f"checksum mismatch for the {kind} {mine[0].name} ({requirement}): expected sha256 "
+                    f"{sha256}, "
+                    f"got {actual}",
+                    "your package index serves a different file than the published one",
+                    expected=sha256,
+                    actual=actual,
+                )
             found[i] = dest / mine[0].name
             os.replace(mine[0], found[i])
         return [found[i] for i in range(len(pins))]
@@ -235,10 +245,13 @@ def _raise_pip_failure(pins: list[tuple[str, str]], kind: str, stderr: str) -> N
         expected = _EXPECTED_HASH.findall(stderr)
         requirement, sha256 = next(((r, h) for r, h in pins if h in expected), pins[0])
         raise PipChecksumError(
-            f"checksum mismatch for the {kind} of {requirement}: expected sha256 {sha256}, got {got.group(1)} "
+            f"checksum mismatch for the {kind} of {requirement}: expected sha256 {sha256}, got "
+            f"{got.group(1)} "
             "(pip refused it before unpacking)",
             "your package index serves a different file than the published one",
-            expected=sha256, actual=got.group(1))
+            expected=sha256,
+            actual=got.group(1),
+        )
     lines = [line.strip() for line in stderr.splitlines() if line.strip() and not line.startswith("WARNING")]
     last = lines[-1] if lines else "(no output)"
     what = pins[0][0] if len(pins) == 1 else f"{pins[0][0]} (and {len(pins) - 1} more)"
@@ -306,7 +319,8 @@ def extract_member(archive: Path, member: str, dest: Path, expected_sha256: str 
         actual = digest.hexdigest()
         if expected_sha256 is not None and actual != expected_sha256:
             raise PipSourceError(
-                f"checksum mismatch for {member} from {archive.name}: expected sha256 {expected_sha256}, got {actual}",
+                f"checksum mismatch for {member} from {archive.name}: expected sha256 {expected_sha256}, "
+                f"got {actual}",
                 "the package does not carry the published file; try another source",
             )
         os.replace(tmp, dest)

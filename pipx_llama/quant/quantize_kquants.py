@@ -31,9 +31,9 @@ import numpy as np
 from gguf import GGMLQuantizationType
 from numba import njit, prange
 
-from pipx_llama.engine.kernels.floats import FP16_TABLE
-from pipx_llama.quant.kquants import BLOCK_Q4_K, BLOCK_Q5_K, BLOCK_Q6_K, QK_K
-from pipx_llama.quant.kquants import nearest_int as nearest_int_ref
+from pipx_llama.formats.fp16 import FP16_TABLE
+from pipx_llama.formats.kquants import BLOCK_Q4_K, BLOCK_Q5_K, BLOCK_Q6_K, QK_K
+from pipx_llama.formats.kquants import nearest_int as nearest_int_ref
 from pipx_llama.quant.quantize_legacy import (
     STATUS_NONFINITE,
     STATUS_SCALE_OVERFLOW,
@@ -188,8 +188,17 @@ def _scale_min_k4(j: int, s: np.ndarray) -> tuple[int, int]:
 
 @njit(inline="always")
 def _q45_K_superblock(
-    x: np.ndarray, r: int, xb: int, lane0: int, nmax: int, scale: np.ndarray, the_min: np.ndarray, L: np.ndarray,
-    s12: np.ndarray, lf: np.ndarray, table: np.ndarray,
+    x: np.ndarray,
+    r: int,
+    xb: int,
+    lane0: int,
+    nmax: int,
+    scale: np.ndarray,
+    the_min: np.ndarray,
+    L: np.ndarray,
+    s12: np.ndarray,
+    lf: np.ndarray,
+    table: np.ndarray,
 ) -> tuple[int, int]:
     """The rest of ``quantize_row_q{4,5}_K_ref`` for one super-block whose sub-blocks are lanes
     lane0..lane0+7: 6-bit scales and mins into s12, final quants into lf. Returns fp16 bits of d, dmin."""
@@ -420,7 +429,9 @@ def _q6_K_row(x: np.ndarray, out: np.ndarray, r: int, table: np.ndarray) -> int:
                         lf[16 * j + k] = L[k, b * 16 + j]
                     continue
                 for k in range(16):
-                    lf[16 * j + k] = _clamp(nearest_int(x[r, xb + 16 * j + k] / d), i32(-32), i32(31)) + i32(32)
+                    lf[16 * j + k] = _clamp(nearest_int(x[r, xb + 16 * j + k] / d), i32(-32), i32(31)) + i32(
+                        32
+                    )
             for half in range(2):
                 lb = 128 * half
                 for k in range(32):
@@ -564,7 +575,9 @@ def quantize_q4_K_ref(x: np.ndarray) -> np.ndarray:
     L, s, hd, hm = _q45_K_ref(x, 15, -1.0, 0.1, 20)
     q = L.reshape(-1, 4, 2, 32)
     qs = (q[:, :, 0] | (q[:, :, 1] << 4)).reshape(-1, 128)
-    blocks = np.concatenate([_fp16_bytes(hd), _fp16_bytes(hm), s.astype(np.uint8), qs.astype(np.uint8)], axis=1)
+    blocks = np.concatenate(
+        [_fp16_bytes(hd), _fp16_bytes(hm), s.astype(np.uint8), qs.astype(np.uint8)], axis=1
+    )
     return blocks.reshape(x.shape[0], -1)
 
 
@@ -578,7 +591,8 @@ def quantize_q5_K_ref(x: np.ndarray) -> np.ndarray:
     shifts = np.arange(8).reshape(1, 4, 2, 1)
     qh = (high << shifts).sum(axis=(1, 2))
     blocks = np.concatenate(
-        [_fp16_bytes(hd), _fp16_bytes(hm), s.astype(np.uint8), qh.astype(np.uint8), qs.astype(np.uint8)], axis=1
+        [_fp16_bytes(hd), _fp16_bytes(hm), s.astype(np.uint8), qh.astype(np.uint8), qs.astype(np.uint8)],
+        axis=1,
     )
     return blocks.reshape(x.shape[0], -1)
 

@@ -36,7 +36,7 @@ from llvmlite import ir
 from numba import njit, prange, types
 from numba.extending import intrinsic
 
-from pipx_llama.engine.kernels.floats import fp32_bits_to_fp16_bits
+from pipx_llama.formats.fp16 import fp32_bits_to_fp16_bits
 
 QK = 32
 STATUS_NONFINITE = 1
@@ -365,7 +365,10 @@ def quantize_q5_0_ref(x: np.ndarray) -> np.ndarray:
     xb = _blocks_ref(x)
     _, mx = _absmax_ref(xb)
     d = (mx / np.float32(-16)).astype(np.float32)
-    q = np.minimum(31, _int8_ref(c_low_byte_ref(_products_ref(xb, _inverse_ref(d)) + np.float32(16.5)))) & 0xFF
+    q = (
+        np.minimum(31, _int8_ref(c_low_byte_ref(_products_ref(xb, _inverse_ref(d)) + np.float32(16.5))))
+        & 0xFF
+    )
     return _rows(xb, _fp16_bytes_ref(d), _qh_ref(q), _nibbles_ref(q))
 
 

@@ -100,10 +100,17 @@ def category(name: str) -> str:
         return "output"
     if name in ("token_embd.weight", "per_layer_token_embd.weight"):
         return "token_embd"
-    for key, cat in (("attn_qkv.weight", "attn_qkv"), ("attn_kv_b.weight", "attn_kv_b"), ("attn_v.weight", "attn_v"),
-                     ("attn_k.weight", "attn_k"), ("attn_q.weight", "attn_q"),
-                     ("attn_output.weight", "attn_output"), ("ffn_up", "ffn_up"), ("ffn_gate", "ffn_gate"),
-                     ("ffn_down", "ffn_down")):
+    for key, cat in (
+        ("attn_qkv.weight", "attn_qkv"),
+        ("attn_kv_b.weight", "attn_kv_b"),
+        ("attn_v.weight", "attn_v"),
+        ("attn_k.weight", "attn_k"),
+        ("attn_q.weight", "attn_q"),
+        ("attn_output.weight", "attn_output"),
+        ("ffn_up", "ffn_up"),
+        ("ffn_gate", "ffn_gate"),
+        ("ffn_down", "ffn_down"),
+    ):
         if key in name:
             return cat
     return "other"
@@ -136,7 +143,9 @@ class ModelInfo:
     def from_metadata(cls, metadata: Mapping[str, Any]) -> ModelInfo:
         arch = metadata.get("general.architecture")
         if not isinstance(arch, str):
-            raise UnsupportedModelError("the model has no general.architecture", "this is not a llama.cpp model file")
+            raise UnsupportedModelError(
+                "the model has no general.architecture", "this is not a llama.cpp model file"
+            )
 
         def num(key: str, default: int = 0) -> int:
             v = metadata.get(f"{arch}.{key}", default)
@@ -153,7 +162,8 @@ class ModelInfo:
     @property
     def is_70b(self) -> bool:
         """llama.cpp's ``LLM_TYPE_70B``, as each architecture's ``load_arch_hparams`` sets it: an 80-layer
-        llama with grouped-query attention, any 80-layer qwen2 (Qwen2/2.5-72B), deci and olmo, a 68-layer jais2."""
+        llama with grouped-query attention, any 80-layer qwen2 (Qwen2/2.5-72B), deci and olmo, a 68-layer
+        jais2."""
         if self.arch == "llama":
             return self.n_layer == 80 and self.n_head != self.n_head_kv
         return _LAYERS_70B.get(self.arch) == self.n_layer
@@ -201,8 +211,10 @@ class _Chooser:
                                         "its name should start with blk.N. as llama.cpp names layers")
         i_layer = int(m.group(1))
         if not 0 <= i_layer < self.model.n_layer:
-            raise UnsupportedModelError(f"tensor {name!r} is in layer {i_layer}, outside 0..{self.model.n_layer - 1}",
-                                        "the file's block_count does not match its tensors")
+            raise UnsupportedModelError(
+                f"tensor {name!r} is in layer {i_layer}, outside 0..{self.model.n_layer - 1}",
+                "the file's block_count does not match its tensors",
+            )
         return i_layer
 
     def impl(self, name: str, shape: Sequence[int], new_type: GGMLQuantizationType) -> GGMLQuantizationType:
@@ -239,7 +251,12 @@ class _Chooser:
             elif ftype == "Q4_K_S" and model.arch != "falcon" and i_layer < n_layer // 8:
                 new_type = Q.Q5_K
             self.i_ffn_down += 1
-        elif cat == "attn_output" and model.arch != "falcon" and model.n_expert == 8 and ftype in ("Q4_K_S", "Q4_K_M"):
+        elif (
+            cat == "attn_output"
+            and model.arch != "falcon"
+            and model.n_expert == 8
+            and ftype in ("Q4_K_S", "Q4_K_M")
+        ):
             new_type = Q.Q5_K
         return new_type
 
@@ -256,7 +273,8 @@ class _Chooser:
         if fallback is None:
             raise UnsupportedModelError(
                 f"tensor {name!r} has rows of {ncols} values, not a multiple of {new_type.name}'s block of "
-                f"{GGML_QUANT_SIZES[new_type][0]}, and llama.cpp defines no fallback type for {new_type.name}",
+                f"{GGML_QUANT_SIZES[new_type][0]}, and llama.cpp defines no fallback type for "
+                f"{new_type.name}",
                 "choose a K-quant file type (Q4_K_M, Q5_K_M, Q6_K), which fall back to other types",
             )
         if ncols % GGML_QUANT_SIZES[fallback][0]:

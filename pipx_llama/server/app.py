@@ -40,8 +40,7 @@ from starlette.responses import FileResponse, JSONResponse, Response, StreamingR
 from starlette.routing import Route
 
 from pipx_llama import __version__
-from pipx_llama.engine.constrain import Constraint, GrammarError, json_schema_grammar
-from pipx_llama.engine.sampler import SamplerConfig
+from pipx_llama.engine import Constraint, GrammarError, SamplerConfig, json_schema_grammar
 from pipx_llama.errors import ChatTemplateError, PipxLlamaError, TokenizerError, UsageError
 from pipx_llama.server import schemas
 from pipx_llama.server.errors import APIError, bad_request, from_engine, internal, quote

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipx_llama.engine.model import Context, Model, load_model
+from pipx_llama.engine import Context, Model, load_model
 from pipx_llama.errors import PipxLlamaError, UsageError
 from pipx_llama.server.errors import bad_request, model_not_found
 from pipx_llama.tokenizer.tokenizer import ATTR_LSTRIP, ATTR_RSTRIP, Tokenizer
@@ -161,7 +161,7 @@ class ModelRegistry:
 def _summarize(spec: ModelSpec) -> dict[str, Any]:
     import gguf
 
-    from pipx_llama.engine.gguf_reader import open_gguf
+    from pipx_llama.formats.gguf import open_gguf
 
     st = spec.path.stat()
     out: dict[str, Any] = {"size": st.st_size, "mtime": st.st_mtime, "family": "", "parameter_size": "",

@@ -20,9 +20,7 @@ from collections import deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
-from pipx_llama.engine.constrain import Constraint
-from pipx_llama.engine.generate import GenerationStats, generate
-from pipx_llama.engine.sampler import SamplerConfig
+from pipx_llama.engine import Constraint, GenerationStats, SamplerConfig, generate
 from pipx_llama.errors import PipxLlamaError
 from pipx_llama.server.registry import LoadedModel
 

@@ -25,8 +25,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 from pipx_llama import __version__
-from pipx_llama.engine.generate import GenerationStats
-from pipx_llama.engine.sampler import SamplerConfig
+from pipx_llama.engine import GenerationStats, SamplerConfig
 from pipx_llama.errors import UsageError
 from pipx_llama.server.errors import APIError, bad_request, quote, unsupported
 from pipx_llama.server.tools import ToolCall, ToolChoice

@@ -33,7 +33,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
-from pipx_llama.engine.constrain import GrammarError, json_in_lark, lark_grammar
+from pipx_llama.engine import GrammarError, json_in_lark, lark_grammar
 from pipx_llama.tokenizer.chat import builtin_template, tool_caps
 from pipx_llama.tokenizer.tokenizer import ATTR_CONTROL, ATTR_USER_DEFINED, Tokenizer
 

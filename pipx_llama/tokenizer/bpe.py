@@ -361,7 +361,8 @@ class BpeModel:
 
 
 def _merge_scan(syms: list[str], ranks: dict[str, int]) -> list[str]:
-    """Merge the best pair (lowest rank, then leftmost) until none has a rank; O(n^2), fast for short words."""
+    """Merge the best pair (lowest rank, then leftmost) until none has a rank; O(n^2), fast for short
+    words."""
     get = ranks.get
     pair_ranks = [get(a + " " + b, _INF) for a, b in itertools.pairwise(syms)]
     while pair_ranks:

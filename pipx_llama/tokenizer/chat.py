@@ -44,8 +44,10 @@ from pipx_llama.tokenizer.sandbox import BudgetedEnvironment, BudgetExceeded, Li
 MAX_TEMPLATE_CHARS = 1 << 20
 RENDER_LIMITS = Limits()
 _BROKEN = "the model's tokenizer.chat_template is broken; supply a working template"
-_STOPPED = ("a chat template renders a conversation in well under a millisecond: this one loops, recurses or "
-            "grows without bound (check the model's tokenizer.chat_template), or the conversation is far too long")
+_STOPPED = (
+    "a chat template renders a conversation in well under a millisecond: this one loops, recurses or "
+    "grows without bound (check the model's tokenizer.chat_template), or the conversation is far too long"
+)
 
 CHATML_TEMPLATE = (
     "{% for message in messages %}"
@@ -200,7 +202,8 @@ _PROBE_TOOL = {"type": "function", "function": {
     "name": "probe_tool_7f3a", "description": "Probe tool 7f3a",
     "parameters": {"type": "object", "properties": {"arg": {"type": "string"}}, "required": ["arg"]}}}
 _PROBE_CALL = {"role": "assistant", "content": "", "tool_calls": [{
-    "id": "call7f3a0", "type": "function", "function": {"name": "probe_call_7f3a", "arguments": {"arg": "x"}}}]}
+    "id": "call7f3a0", "type": "function",
+    "function": {"name": "probe_call_7f3a", "arguments": {"arg": "x"}}}]}
 _PROBE_RESPONSE = {"role": "tool", "tool_call_id": "call7f3a0", "name": "probe_call_7f3a",
                    "content": "Tool response 7f3a"}
 
@@ -209,7 +212,8 @@ def _probe(template: str, messages: list[dict[str, Any]], tools: list[dict[str, 
     compiled = _compile(template)
     if isinstance(compiled, ChatTemplateError):
         return ""
-    context: dict[str, Any] = {"messages": messages, "add_generation_prompt": True, "bos_token": "", "eos_token": ""}
+    context: dict[str, Any] = {"messages": messages, "add_generation_prompt": True, "bos_token": "",
+                               "eos_token": ""}
     if tools is not None:
         context["tools"] = tools
     try:

@@ -82,7 +82,9 @@ class _Budget:
         if self.steps & 31:
             return  # the clock is read every 32 steps: a step is small, and reading it costs as much
         if self.steps > self.limits.max_steps:
-            raise BudgetExceeded(f"it took more than {self.limits.max_steps} steps (loop iterations and calls)")
+            raise BudgetExceeded(
+                f"it took more than {self.limits.max_steps} steps (loop iterations and calls)"
+            )
         self.clock()
 
     def clock(self) -> None:
@@ -248,7 +250,7 @@ def _joined(budget: _Budget, sep: str, items: list[Any], what: str) -> None:
     budget.size(sum(budget.weigh(x, what) for x in items) + len(sep) * max(0, len(items) - 1), what)
 
 
-# --- filters --------------------------------------------------------------------------------------------------
+# --- filters ------------------------------------------------------------------------------------------------
 
 Bound = dict[str, Any]
 
@@ -335,9 +337,17 @@ def _f_pprint(budget: _Budget, a: Bound) -> None:
 
 # A check may rewrite the bound arguments (``join`` lists its input once), or return the result itself.
 _FILTER_CHECKS: dict[str, Callable[[_Budget, Bound], Any]] = {
-    "center": _f_center, "indent": _f_indent, "format": _f_format, "batch": _f_count("linecount"),
-    "slice": _f_count("slices"), "replace": _f_replace, "wordwrap": _f_wordwrap, "join": _f_join, "sum": _f_sum,
-    "tojson": _f_tojson, "pprint": _f_pprint,
+    "center": _f_center,
+    "indent": _f_indent,
+    "format": _f_format,
+    "batch": _f_count("linecount"),
+    "slice": _f_count("slices"),
+    "replace": _f_replace,
+    "wordwrap": _f_wordwrap,
+    "join": _f_join,
+    "sum": _f_sum,
+    "tojson": _f_tojson,
+    "pprint": _f_pprint,
 }
 # urlize multiplies each URL by its attribute arguments and no chat template uses it
 _FILTERS_REMOVED = ("urlize",)
@@ -383,7 +393,8 @@ def _guard_filter(name: str, func: Callable[..., Any]) -> Callable[..., Any]:
     return guarded
 
 
-# --- the environment ------------------------------------------------------------------------------------------
+# --- the environment ----------------------------------------------------------------------------------------
+
 
 def _loop_items(iterable: Any, body_chars: int) -> Iterator[Any]:
     """What a ``for`` loop iterates: the same items, one step each, each accounted for the template text
@@ -475,7 +486,9 @@ class BudgetedEnvironment(ImmutableSandboxedEnvironment):
         budget.depth += 1
         try:
             if budget.depth > budget.limits.max_depth:
-                raise BudgetExceeded(f"calls (macros, recursive loops) nest more than {budget.limits.max_depth} deep")
+                raise BudgetExceeded(
+                    f"calls (macros, recursive loops) nest more than {budget.limits.max_depth} deep"
+                )
             result = super().call(context, obj, *args, **kwargs)
         finally:
             budget.depth -= 1

@@ -1,4 +1,5 @@
-"""SentencePiece-style vocabularies (``tokenizer.ggml.model == "llama"``), as llama.cpp's ``llm_tokenizer_spm``.
+"""SentencePiece-style vocabularies (``tokenizer.ggml.model == "llama"``), as llama.cpp's
+``llm_tokenizer_spm``.
 
 llama.cpp tokenizes a fragment by splitting it into UTF-8 characters and repeatedly merging the
 adjacent pair whose concatenation is a vocab token with the highest score (the leftmost on a tie);

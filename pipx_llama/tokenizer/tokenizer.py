@@ -64,7 +64,8 @@ _FIM_PAD_TEXTS = ("<|fim_pad|>", "<fim-pad>", "<fim_pad>", "<PAD>", "[PAD]")
 _FIM_REP_TEXTS = ("<|fim_repo|>", "<|repo_name|>", "<fim-repo>", "<REPO>", "<reponame>")
 _FIM_SEP_TEXTS = ("<|file_sep|>",)
 _EOG_TEXTS = (
-    "<|eot_id|>", "<|im_end|>", "<|end|>", "<|return|>", "<|call|>", "<|flush|>", "<|calls|>", "<end_of_turn>",
+    "<|eot_id|>", "<|im_end|>", "<|end|>", "<|return|>", "<|call|>", "<|flush|>", "<|calls|>",
+    "<end_of_turn>",
     "<|endoftext|>", "</s>", "<|eom_id|>", "<EOT>", "_<EOT>", "[EOT]", "[EOS]", "<|end_of_text|>",
     "<end_of_utterance>", "<eos>", "<turn|>", "<|tool_response>", "<｜end▁of▁sentence｜>", "[e~[",
 )  # fmt: skip
@@ -289,7 +290,8 @@ class Tokenizer:
     def _detect_special_tokens(self, meta: Mapping[str, Any]) -> None:
         ids, attrs = self._ids, self._attrs
         for slot, texts in (
-            ("eot", _EOT_TEXTS), ("eom", _EOM_TEXTS), ("fim_pre", _FIM_PRE_TEXTS), ("fim_suf", _FIM_SUF_TEXTS),
+            ("eot", _EOT_TEXTS), ("eom", _EOM_TEXTS), ("fim_pre", _FIM_PRE_TEXTS),
+            ("fim_suf", _FIM_SUF_TEXTS),
             ("fim_mid", _FIM_MID_TEXTS), ("fim_pad", _FIM_PAD_TEXTS), ("fim_rep", _FIM_REP_TEXTS),
             ("fim_sep", _FIM_SEP_TEXTS),
         ):  # fmt: skip
@@ -500,7 +502,8 @@ class Tokenizer:
         return int(token_id)
 
     def token_to_piece(self, token_id: int, special: bool = False) -> bytes:
-        """``llama_token_to_piece``: the token's bytes; control/unknown tokens are empty unless ``special``."""
+        """``llama_token_to_piece``: the token's bytes; control/unknown tokens are empty unless
+        ``special``."""
         tid = self._check_id(token_id)
         attr = self._attrs[tid]
         if not special and attr & _ATTR_SPECIAL:

@@ -16,7 +16,9 @@ from pipx_llama.engine.arch.qwen2 import QWEN2
 from pipx_llama.engine.arch.qwen3 import QWEN3
 from pipx_llama.errors import UnsupportedModelError
 
-FAMILIES: dict[str, Family] = {name: f for f in (LLAMA, QWEN2, QWEN3, GEMMA2, GEMMA3, PHI3) for name in f.names}
+FAMILIES: dict[str, Family] = {
+    name: f for f in (LLAMA, QWEN2, QWEN3, GEMMA2, GEMMA3, PHI3) for name in f.names
+}
 SUPPORTED_ARCHITECTURES = tuple(FAMILIES)
 
 
@@ -26,8 +28,11 @@ def family_of(arch: str, where: str | Path = "") -> Family:
     if family is None:
         place = f"{where}: " if where else ""
         raise UnsupportedModelError(
-            f"{place}architecture {arch!r} is not supported (supported: {', '.join(SUPPORTED_ARCHITECTURES)})",
-            "use a model of a supported family: " + "; ".join(f.examples for f in dict.fromkeys(FAMILIES.values())))
+            f"{place}architecture {arch!r} is not supported (supported: "
+            f"{', '.join(SUPPORTED_ARCHITECTURES)})",
+            "use a model of a supported family: "
+            + "; ".join(f.examples for f in dict.fromkeys(FAMILIES.values())),
+        )
     return family
 
 

@@ -34,8 +34,8 @@ from typing import Any
 import numpy as np
 from gguf import GGMLQuantizationType
 
-from pipx_llama.engine.gguf_reader import GGUFFile
 from pipx_llama.errors import ModelFileError, UnsupportedModelError
+from pipx_llama.formats.gguf import GGUFFile
 
 ROPE_NORM = 0  # ggml's GGML_ROPE_TYPE_NORMAL: pairs (2i, 2i+1)
 ROPE_NEOX = 2  # GGML_ROPE_TYPE_NEOX: pairs (i, i + n_rot/2)
@@ -110,11 +110,13 @@ class Family:
     extra: Callable[[Meta, HyperParams], HyperParams] | None = None
 
 
-# --- reading metadata -----------------------------------------------------------------------------------------
+# --- reading metadata ---------------------------------------------------------------------------------------
 
 
 def bad_file(path: Path, problem: str) -> ModelFileError:
-    return ModelFileError(f"{path}: {problem}", "the file is damaged or not a complete model; download it again")
+    return ModelFileError(
+        f"{path}: {problem}", "the file is damaged or not a complete model; download it again"
+    )
 
 
 class Meta:
@@ -142,8 +144,10 @@ class Meta:
         if info is None:
             raise bad_file(self.g.path, f"tensor {name!r} is missing")
         if info.shape != (n,) or info.qtype != GGMLQuantizationType.F32:
-            raise bad_file(self.g.path, f"tensor {name!r} should be F32 of shape [{n}], found {info.qtype.name} "
-                                        f"{list(info.shape)}")
+            raise bad_file(
+                self.g.path,
+                f"tensor {name!r} should be F32 of shape [{n}], found {info.qtype.name} {list(info.shape)}",
+            )
         return self.g.tensor_bytes(name).view(np.float32)
 
     def factors(self, name: str, n: int) -> tuple[float, ...] | None:
@@ -193,8 +197,11 @@ def read_hparams(g: GGUFFile, family: Family) -> HyperParams:
     n_ctx_train = m.int("context_length")
     if not (0 < dim <= 1 << 16 and 0 < n_heads <= 1 << 12 and 0 < n_layers <= 1024 and 0 < ffn_dim <= 1 << 20
             and 0 < n_ctx_train):
-        raise bad_file(g.path, f"implausible hyper-parameters: dim {dim}, heads {n_heads}, layers {n_layers}, "
-                               f"ffn {ffn_dim}, context {n_ctx_train}")
+        raise bad_file(
+            g.path,
+            f"implausible hyper-parameters: dim {dim}, heads {n_heads}, layers {n_layers}, "
+            f"ffn {ffn_dim}, context {n_ctx_train}",
+        )
     n_kv_heads = m.int("attention.head_count_kv", n_heads)
     if not 0 < n_kv_heads <= n_heads or n_heads % n_kv_heads:
         raise bad_file(g.path, f"{n_heads} attention heads cannot be grouped over {n_kv_heads} KV heads")
@@ -202,8 +209,10 @@ def read_hparams(g: GGUFFile, family: Family) -> HyperParams:
         raise bad_file(g.path, f"embedding length {dim} is not a multiple of the {n_heads} heads")
     head_dim = m.int("attention.key_length", dim // n_heads)
     if head_dim != m.int("attention.value_length", head_dim) or head_dim % 2 or not 0 < head_dim <= 1024:
-        raise UnsupportedModelError(f"{g.path}: head size {head_dim} (key/value lengths differ or odd) is not "
-                                    "supported", "use a standard model of a supported family")
+        raise UnsupportedModelError(
+            f"{g.path}: head size {head_dim} (key/value lengths differ or odd) is not supported",
+            "use a standard model of a supported family",
+        )
     n_rot = m.int("rope.dimension_count", head_dim)
     if not 0 < n_rot <= head_dim or n_rot % 2:
         raise bad_file(g.path, f"RoPE dimension count {n_rot} does not fit the head size {head_dim}")

@@ -4,8 +4,8 @@
 stored in that type (``matmul``) and expands rows of it to float32 (``dequantize``, used for the
 token-embedding lookup). Kernel modules register themselves here when imported.
 
-``warm_up(on_event)`` compiles every kernel ahead of a first run and says so through ``on_event``;
-``cache_is_warm()`` tells whether that is still to do (see :mod:`.warmup`).
+Compiling them all ahead of a first run is :mod:`pipx_llama.engine.warmup`'s job, outside this
+package (it loads a model, which imports the kernels).
 """
 
 from __future__ import annotations
@@ -38,6 +38,4 @@ def register(kernel: WeightKernel) -> WeightKernel:
     return kernel
 
 
-from pipx_llama.engine.kernels.warmup import cache_is_warm, warm_up
-
-__all__ = ["WEIGHT_KERNELS", "WeightKernel", "cache_is_warm", "register", "warm_up"]
+__all__ = ["WEIGHT_KERNELS", "WeightKernel", "register"]

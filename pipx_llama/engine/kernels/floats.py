@@ -2,12 +2,10 @@
 
 Fidelity with ggml's CPU backend: for F16 weights the activations are rounded to fp16 first, for
 BF16 weights to bf16 (``vec_dot_type`` in ggml-cpu.c), then products are summed in float32.
-numpy twins: :mod:`pipx_llama.quant.floats`.
+numpy twins: :mod:`pipx_llama.formats.floats`.
 
-fp16 values are decoded through a 65536-entry float32 table (``FP16_TABLE``, as ggml's CPU backend
-does); it is passed to the kernels as an argument so it is not frozen into every compiled kernel.
-float32 -> fp16 rounding works on the bit pattern with integers only (round to nearest even), so
-neither fastmath nor the FPU's rounding mode can change it.
+fp16 values are decoded through ``FP16_TABLE`` and rounded with the integer-only routines of
+:mod:`pipx_llama.formats.fp16` (written once there, for the kernels and the quantizer alike).
 
 Kernels take ``w`` as uint8 rows of raw ggml data (often a read-only mmap view); the
 ``WeightKernel`` objects registered at import reinterpret them as uint16/float32 rows without a copy.
@@ -20,44 +18,10 @@ from gguf import GGMLQuantizationType
 from numba import njit, prange
 
 from pipx_llama.engine.kernels import register
-
-FP16_TABLE = np.arange(65536, dtype=np.uint16).view(np.float16).astype(np.float32)
+from pipx_llama.formats.fp16 import FP16_TABLE, fp32_bits_to_bf16_bits, fp32_bits_to_fp16_bits
 
 # Rows converted to float32 together: each converted row then serves every token of the call.
 _ROW_TILE = 16
-
-
-@njit(inline="always")
-def fp32_bits_to_fp16_bits(a: int) -> int:
-    """float32 bit pattern -> fp16 bit pattern, round to nearest even; NaNs keep their top payload bits."""
-    sign = (a >> 16) & 0x8000
-    a = a & 0x7FFFFFFF
-    if a > 0x7F800000:
-        mant = (a & 0x7FFFFF) >> 13
-        return sign | 0x7C00 | (mant if mant != 0 else 1)
-    if a >= 0x477FF000:
-        return sign | 0x7C00
-    if a >= 0x38800000:
-        return sign | ((a - 0x38000000 + 0xFFF + ((a >> 13) & 1)) >> 13)
-    if a < 0x33000000:
-        return sign
-    # fp16 subnormal: the result counts units of 2**-24; shift the 24-bit significand down to them.
-    shift = 126 - (a >> 23)
-    m = (a & 0x7FFFFF) | 0x800000
-    half = m >> shift
-    rem = m & ((1 << shift) - 1)
-    halfway = 1 << (shift - 1)
-    if rem > halfway or (rem == halfway and (half & 1) == 1):
-        half += 1
-    return sign | half
-
-
-@njit(inline="always")
-def fp32_bits_to_bf16_bits(u: int) -> int:
-    """float32 bit pattern -> bf16 bit pattern as ``ggml_compute_fp32_to_bf16``."""
-    if (u & 0x7FFFFFFF) > 0x7F800000:
-        return (u >> 16) | 64
-    return (u + (0x7FFF + ((u >> 16) & 1))) >> 16
 
 
 @njit(cache=True)

@@ -4,7 +4,7 @@ A matmul first quantizes the float32 activations to Q8_K (``quantize_q8_K``, bit
 ggml's ``quantize_row_q8_K_ref``), then takes integer dot products the way ggml's CPU backend does
 (``ggml_vec_dot_q{4,5,6}_K_q8_K``): per super-block an int32 sum of scale * q * q8, scaled by
 ``d * y.d``, minus ``dmin * y.d`` times the mins against the activations' 16-value sums (bsums).
-The numpy twins live in ``pipx_llama.quant.kquants``.
+The numpy twins live in ``pipx_llama.formats.kquants``.
 
 Two matmul shapes:
 - few tokens (generation): ``_q*_K_matvec`` streams each weight row once per token and decodes it
@@ -29,8 +29,8 @@ from gguf import GGMLQuantizationType
 from numba import get_num_threads, njit, prange
 
 from pipx_llama.engine.kernels import register
-from pipx_llama.engine.kernels.floats import FP16_TABLE
-from pipx_llama.quant.kquants import BLOCK_Q4_K, BLOCK_Q5_K, BLOCK_Q6_K, QK_K
+from pipx_llama.formats.fp16 import FP16_TABLE
+from pipx_llama.formats.kquants import BLOCK_Q4_K, BLOCK_Q5_K, BLOCK_Q6_K, QK_K
 
 _i32 = np.int32
 _f32 = np.float32

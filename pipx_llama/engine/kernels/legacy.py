@@ -3,7 +3,7 @@
 A matmul quantizes the activations the way ggml's CPU backend does (Q8_0 for Q4_0/Q5_0/Q8_0
 weights, Q8_1 for Q4_1/Q5_1; ``quantize_row_q8_*_ref``), takes an exact integer dot product per
 32-element block and scales it in float32 by ``d_w * d_x`` (plus ``m_w * s_x`` for the ``_1``
-types), as ``ggml_vec_dot_*_q8_*`` does. numpy twins: :mod:`pipx_llama.quant.legacy`.
+types), as ``ggml_vec_dot_*_q8_*`` does. numpy twins: :mod:`pipx_llama.formats.legacy`.
 
 Two shapes of work:
 
@@ -35,8 +35,8 @@ from gguf import GGMLQuantizationType
 from numba import njit, prange
 
 from pipx_llama.engine.kernels import register
-from pipx_llama.engine.kernels.floats import FP16_TABLE, fp32_bits_to_fp16_bits
-from pipx_llama.quant import legacy as fmt
+from pipx_llama.formats import legacy as fmt
+from pipx_llama.formats.fp16 import FP16_TABLE, fp32_bits_to_fp16_bits
 
 QK = 32
 # From this many tokens on, the tiled kernel wins over one reduction per block and token.

@@ -21,8 +21,8 @@ vectorizes it; a libm ``expf`` call per element is about eight times slower here
 Numba cannot type float16 arrays, so the kernels take an F16 cache as ``uint16`` holding the F16
 bits; the Python wrapper ``attention`` accepts ``float16`` arrays and views them. F16->F32 uses the
 CPU's conversion instruction where numba targets F16C (``HAVE_F16C``), else integer arithmetic;
-F32->F16 is always integer arithmetic (round to nearest even, ggml's portable routine). All of
-them are exact.
+F32->F16 likewise, the integer routine being :mod:`pipx_llama.formats.fp16`'s (round to nearest
+even; NaN as the hardware does it, so both give the same bits). All of them are exact.
 
 Small batches run serially: each ``prange`` region costs about a microsecond of thread wake-up,
 more than the whole op for one token of a small model. Every kernel picks serial or parallel
@@ -32,16 +32,17 @@ from its work size, so one compiled function serves both decoding and prompt pro
 from __future__ import annotations
 
 import math
-import platform
 from collections.abc import Sequence
 
 import numba
 import numpy as np
-from llvmlite import binding as llvm_binding
 from llvmlite import ir
 from numba import njit, prange, types
 from numba.core.errors import TypingError
 from numba.extending import intrinsic, overload
+
+from pipx_llama.formats.fp16 import fp32_bits_to_fp16_bits
+from pipx_llama.system import target_has_f16c as _target_has_f16c
 
 # Reductions need "reassoc" to vectorize; "nnan"/"ninf" stay off because masked logits are -inf
 # and exp(-inf - max) must give 0, not poison. Every kernel uses error_model="numpy": numba's
@@ -111,45 +112,8 @@ def f16_bits_to_f32(h):
 
 @njit(cache=True, error_model="numpy")
 def f32_to_f16_bits_sw(f):
-    """float32 -> F16 bits, round to nearest even, as ggml's ``ggml_compute_fp32_to_fp16``.
-
-    Integer arithmetic only: the classic float formulation (``(|f| * 2**112) * 2**-110`` and an
-    addition that rounds) broke when numba compiled it inside a "reassoc" caller and cached that
-    code -- overflowing values no longer became infinity. NaN stays NaN (quiet, sign kept).
-    """
-    w = np.int64(_f32_as_u32(f))
-    sign = (w >> 16) & 0x8000
-    a = w & 0x7FFFFFFF
-    if a > 0x7F800000:
-        return np.uint16(sign | 0x7E00)
-    if a >= 0x477FF000:  # rounds to 65520 or more: infinity
-        return np.uint16(sign | 0x7C00)
-    if a >= 0x38800000:  # normal F16
-        return np.uint16(sign | ((a - 0x38000000 + 0xFFF + ((a >> 13) & 1)) >> 13))
-    if a < 0x33000000:  # below half the smallest subnormal: zero
-        return np.uint16(sign)
-    shift = 126 - (a >> 23)
-    m = (a & 0x7FFFFF) | 0x800000
-    half = m >> shift
-    rem = m & ((1 << shift) - 1)
-    halfway = 1 << (shift - 1)
-    if rem > halfway or (rem == halfway and (half & 1) == 1):
-        half += 1
-    return np.uint16(sign | half)
-
-
-def _target_has_f16c() -> bool:
-    """Whether numba compiles for an x86 CPU with F16C (hardware F16->F32 conversion).
-
-    LLVM lowers a ``half`` -> ``float`` extension to one instruction with F16C, but to a runtime
-    library call without it, which numba's JIT cannot resolve (the process crashes). A CPU named
-    through NUMBA_CPU_NAME counts only if NUMBA_CPU_FEATURES lists +f16c.
-    """
-    if platform.machine().lower() not in ("x86_64", "amd64"):
-        return False
-    if numba.config.CPU_NAME and numba.config.CPU_NAME != "host":
-        return "+f16c" in (numba.config.CPU_FEATURES or "")
-    return bool(llvm_binding.get_host_cpu_features().get("f16c", False))
+    """float32 -> F16 bits without F16C, by the one rounding of :mod:`pipx_llama.formats.fp16`."""
+    return np.uint16(fp32_bits_to_fp16_bits(np.int64(_f32_as_u32(f))))
 
 
 HAVE_F16C = _target_has_f16c()

@@ -481,9 +481,9 @@ class PackedMatrix:
 
     def matmul(self, x: np.ndarray, out: np.ndarray) -> None:
         """out[t, r] = dot(row r, x[t]) with the activations quantized as the portable kernels do."""
-        from pipx_llama.engine.kernels.floats import FP16_TABLE
         from pipx_llama.engine.kernels.kquants import quantize_q8_K
         from pipx_llama.engine.kernels.legacy import quantize_q8_1
+        from pipx_llama.formats.fp16 import FP16_TABLE
 
         T, n = x.shape
         if n != self.cols or out.shape != (T, self.rows):

@@ -30,12 +30,12 @@ from __future__ import annotations
 import os
 import platform
 
-import numba
-from llvmlite import binding as llvm_binding
 from llvmlite import ir
 from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic
+
+from pipx_llama.system import target_features as _host_features
 
 LANES = 16  # weight rows per group: the int32 lanes of one 512-bit vector
 PREFETCH_BYTES = 8192  # how far ahead single-token kernels prefetch weights
@@ -46,13 +46,6 @@ _I32 = ir.IntType(32)
 _I64 = ir.IntType(64)
 _F32 = ir.FloatType()
 _HALF = ir.HalfType()
-
-
-def _host_features() -> dict[str, bool]:
-    if numba.config.CPU_NAME and numba.config.CPU_NAME != "host":
-        feats = numba.config.CPU_FEATURES or ""
-        return {f[1:]: f[0] == "+" for f in feats.split(",") if f}
-    return dict(llvm_binding.get_host_cpu_features())
 
 
 def detect_tier() -> str | None:

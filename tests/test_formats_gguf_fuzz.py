@@ -27,8 +27,8 @@ import pytest
 from gguf import GGMLQuantizationType, GGUFValueType
 from tinymodel import write_tiny_llama
 
-from pipx_llama.engine.gguf_reader import open_gguf
 from pipx_llama.errors import ModelFileError, PipxLlamaError
+from pipx_llama.formats.gguf import open_gguf
 
 SEED = 20240501
 CASE_SECONDS = 2.0  # per case; a clean load of a tiny model takes a few milliseconds
@@ -153,7 +153,11 @@ def mutations(blob: bytes, n: int, seed: int) -> Iterator[tuple[str, bytes]]:
         kind = i % 3
         if kind == 0:
             # most truncations cut the header, where parsing happens; some cut the tensor data
-            cut = int(rng.integers(0, header_end)) if rng.random() < 0.7 else int(rng.integers(header_end, size))
+            cut = (
+                int(rng.integers(0, header_end))
+                if rng.random() < 0.7
+                else int(rng.integers(header_end, size))
+            )
             yield f"truncate to {cut} bytes", blob[:cut]
         elif kind == 1:
             out = bytearray(blob)
@@ -263,7 +267,9 @@ def tiny_blobs(tmp_path_factory) -> dict[str, bytes]:
     for tokenizer, qtype, tied in (("bpe", _engine_type(GGMLQuantizationType.Q4_0), True),
                                    ("spm", _engine_type(GGMLQuantizationType.Q8_0), False)):
         path = folder / f"{tokenizer}.gguf"
-        write_tiny_llama(path, tokenizer=tokenizer, qtype=qtype, tied=tied, vocab=320 if tokenizer == "bpe" else None)
+        write_tiny_llama(
+            path, tokenizer=tokenizer, qtype=qtype, tied=tied, vocab=320 if tokenizer == "bpe" else None
+        )
         blobs[tokenizer] = path.read_bytes()
     return blobs
 
@@ -278,10 +284,18 @@ def regressions(blobs: dict[str, bytes]) -> list[tuple[str, bytes]]:
     hello = "▁hello".encode()
     return [
         # SentencePiece's proto loader raised UnicodeDecodeError on a byte piece that is not UTF-8
-        ("spm: byte token '<0x3A>' damaged to b'<0x3\\xc7>'", _replace_once(blobs["spm"], b"<0x3A>", b"<0x3\xc7>")),
-        ("spm: token '▁hello' with a broken UTF-8 lead byte", _replace_once(blobs["spm"], hello, b"\xc7" + hello[1:])),
-        ("bpe: token 'hello' with a stray continuation byte",
-         _replace_once(blobs["bpe"], b"\x05\0\0\0\0\0\0\0hello", b"\x05\0\0\0\0\0\0\0h\x9allo")),
+        (
+            "spm: byte token '<0x3A>' damaged to b'<0x3\\xc7>'",
+            _replace_once(blobs["spm"], b"<0x3A>", b"<0x3\xc7>"),
+        ),
+        (
+            "spm: token '▁hello' with a broken UTF-8 lead byte",
+            _replace_once(blobs["spm"], hello, b"\xc7" + hello[1:]),
+        ),
+        (
+            "bpe: token 'hello' with a stray continuation byte",
+            _replace_once(blobs["bpe"], b"\x05\0\0\0\0\0\0\0hello", b"\x05\0\0\0\0\0\0\0h\x9allo"),
+        ),
     ]
 
 
@@ -322,8 +336,12 @@ def test_harness_reports_hangs_and_stray_exceptions(tmp_path) -> None:
         run_cases(target, cases, tmp_path, message_names_file=True, seconds=0.2)
     report = str(info.value)
     assert "4 of 4 cases misbehaved" in report
-    for expected in ("#0 sleeps: no result within 0.2 s", "#1 raises KeyError: KeyError", "#2 allocates: allocated",
-                     "#3 vague: message does not name the file"):
+    for expected in (
+        "#0 sleeps: no result within 0.2 s",
+        "#1 raises KeyError: KeyError",
+        "#2 allocates: allocated",
+        "#3 vague: message does not name the file",
+    ):
         assert expected in report, report
 
 

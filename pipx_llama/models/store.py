@@ -39,31 +39,27 @@ import shutil
 import socket
 import stat
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipx_llama.errors import ModelFileError, PipxLlamaError
-from pipx_llama.fetch.errors import DiskFullError
+from pipx_llama.errors import DiskFullError, ModelFileError, PipxLlamaError, StoreError
+from pipx_llama.files import atomic_output, atomic_write_json, temp_path
+from pipx_llama.system import disk_free, nearest_existing
+from pipx_llama.units import human_bytes
 
 CHUNK = 1 << 20
 PROVENANCE = ".provenance.json"
 DERIVED_PROVENANCE_SUFFIX = ".provenance.json"   # <file>.provenance.json: a derived file's record
 # What a refused write says: a read-only filesystem, or no permission.
 _READ_ONLY_ERRNOS = frozenset({errno.EROFS, errno.EACCES, errno.EPERM})
-FREE_BYTES_ENV = "PIPX_LLAMA_FREE_BYTES"  # testing hook: pretend the store's disk has this many free bytes
 
 if sys.platform == "win32":  # pragma: no cover - exercised on Windows only
     import msvcrt
 else:
     import fcntl
-
-
-class StoreError(PipxLlamaError):
-    """The store cannot do what was asked."""
 
 
 class StoreReadOnlyError(StoreError):
@@ -83,17 +79,6 @@ def now_iso() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
 
 
-def human_bytes(n: float | None) -> str:
-    if n is None:
-        return "?"
-    n = float(n)
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if abs(n) < 1000 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    return f"{n:.1f} TB"
-
-
 def sha256_file(path: Path, on_bytes: Callable[[int], None] | None = None) -> str:
     """sha256 of a file, streaming; ``on_bytes(done)`` is called after every chunk."""
     digest = hashlib.sha256()
@@ -107,48 +92,17 @@ def sha256_file(path: Path, on_bytes: Callable[[int], None] | None = None) -> st
     return digest.hexdigest()
 
 
-def _temp_in(folder: Path, name: str) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=folder)
-    os.close(fd)
-    return Path(tmp)
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file in the same folder and an atomic rename."""
-    tmp = _temp_in(path.parent, path.name)
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_json(path: Path, obj: Any) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
-
-
 def copy_hashing(src: Path, dest: Path, on_bytes: Callable[[int], None] | None = None) -> tuple[str, int]:
     """Copy ``src`` to ``dest`` atomically, returning (sha256, size) of what was copied."""
-    tmp = _temp_in(dest.parent, dest.name)
     digest = hashlib.sha256()
     size = 0
-    try:
-        with open(src, "rb") as fi, open(tmp, "wb") as fo:
-            while chunk := fi.read(CHUNK):
-                digest.update(chunk)
-                fo.write(chunk)
-                size += len(chunk)
-                if on_bytes is not None:
-                    on_bytes(size)
-        os.replace(tmp, dest)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    with atomic_output(dest) as tmp, open(src, "rb") as fi, open(tmp, "wb") as fo:
+        while chunk := fi.read(CHUNK):
+            digest.update(chunk)
+            fo.write(chunk)
+            size += len(chunk)
+            if on_bytes is not None:
+                on_bytes(size)
     return digest.hexdigest(), size
 
 
@@ -183,7 +137,7 @@ def link_or_copy(src: Path, dest: Path, *, copy: bool = False) -> str:
     return mode
 
 
-# --- locks ---------------------------------------------------------------------------------------------------
+# --- locks --------------------------------------------------------------------------------------------------
 
 
 class Lock:
@@ -296,7 +250,7 @@ def _os_unlock(fd: int) -> None:
 def gguf_header_digest(path: Path) -> dict[str, Any]:
     """``{"header_bytes": n, "header_sha256": hex}`` of a GGUF's header and tensor table (the bytes
     before its tensor data), or {} when ``path`` is not a GGUF file that can be read."""
-    from pipx_llama.engine.gguf_reader import open_gguf
+    from pipx_llama.formats.gguf import open_gguf
 
     try:
         g = open_gguf(path)
@@ -365,7 +319,7 @@ def _read_only_mount(folder: Path) -> bool:
         return False
 
 
-# --- records -------------------------------------------------------------------------------------------------
+# --- records ------------------------------------------------------------------------------------------------
 
 
 @dataclass
@@ -436,7 +390,7 @@ class RemovalReport:
         return sum(1 for q in self.files if q.exists() and q.lstat().st_ino == ino)
 
 
-# --- the store -----------------------------------------------------------------------------------------------
+# --- the store ----------------------------------------------------------------------------------------------
 
 
 class Store:
@@ -591,31 +545,30 @@ class Store:
 
     # disk space
     def free_bytes(self) -> int:
-        folder = self.root
-        while not folder.exists() and folder.parent != folder:
-            folder = folder.parent
+        """Free bytes on the store's disk (``PIPX_LLAMA_FREE_BYTES`` pretends, for tests)."""
         if self._probe is not None:
-            return self._probe(folder)
-        override = os.environ.get(FREE_BYTES_ENV)
-        if override:
-            return int(override)
-        return shutil.disk_usage(folder).free
+            return self._probe(nearest_existing(self.root))
+        return disk_free(self.root)
 
     def check_space(self, needed: int, what: str) -> None:
-        """Refuse, before any byte is written, work that needs more than the free space of the store's disk."""
+        """Refuse, before any byte is written, work that needs more than the free space of the store's
+        disk."""
         free = self.free_bytes()
         if needed > free:
             raise DiskFullError(
                 f"not enough disk space in {self.root} for {what}: need {human_bytes(needed)} "
                 f"({needed} bytes), {human_bytes(free)} ({free} bytes) free",
-                "free some space (pipx-llama gc removes unused files), or point PIPX_LLAMA_HOME at a bigger disk",
-                folder=str(self.root), needed=needed, free=free,
+                "free some space (pipx-llama gc removes unused files), or point PIPX_LLAMA_HOME at a bigger "
+                "disk",
+                folder=str(self.root),
+                needed=needed,
+                free=free,
             )
 
     def supports_hardlinks(self) -> bool:
         if self._hardlinks is None:
             self.ensure()
-            a = _temp_in(self.partial_dir, "linkprobe")
+            a = temp_path(self.partial_dir / "linkprobe")
             b = a.with_name(a.name + ".2")
             try:
                 os.link(a, b)

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from pipx_llama import hardware
+from pipx_llama import system
 from pipx_llama.errors import UsageError
-from pipx_llama.hardware import (
+from pipx_llama.system import (
     RAM_HEADROOM,
     RUNTIME_OVERHEAD,
     HardwareProfile,
@@ -23,7 +23,6 @@ from pipx_llama.hardware import (
     parse_cgroup_memory,
     parse_cpuinfo,
     parse_meminfo,
-    parse_size,
     parse_sysctl,
     parse_vm_stat,
     ram_budget,
@@ -111,17 +110,6 @@ hw.optional.sse4_2: 1
 """
 
 
-def test_parse_size():
-    assert parse_size("123") == 123
-    assert parse_size("512M") == 512_000_000
-    assert parse_size("8G") == 8_000_000_000
-    assert parse_size("16GiB") == 16 << 30
-    assert parse_size("1.5g") == 1_500_000_000
-    assert parse_size(" 2 kb ") == 2000
-    with pytest.raises(UsageError, match="not a size"):
-        parse_size("lots")
-
-
 def test_parse_cpuinfo_x86_counts_physical_cores_and_flags():
     info = parse_cpuinfo(X86_CPUINFO)
     assert info["model"] == "Intel(R) Core(TM) i7-8650U CPU @ 1.90GHz"
@@ -172,9 +160,14 @@ def _fake_run(outputs: dict[str, str]):
                   "simd": {"avx", "avx2", "sse4_2", "fma", "f16c"}, "total": 34359738368}),
 ])
 def test_macos_probe(monkeypatch, tmp_path, sysctl, expect):
-    monkeypatch.setattr(hardware, "_psutil", lambda: None)
-    run = _fake_run({"sysctl": sysctl, "sysctl -n": "FPU FMA F16C SSE4.2\nAVX2 BMI2" if "Intel" in sysctl else "",
-                     "vm_stat": VM_STAT})
+    monkeypatch.setattr(system, "_psutil", lambda: None)
+    run = _fake_run(
+        {
+            "sysctl": sysctl,
+            "sysctl -n": "FPU FMA F16C SSE4.2\nAVX2 BMI2" if "Intel" in sysctl else "",
+            "vm_stat": VM_STAT,
+        }
+    )
     hw = detect_hardware(tmp_path, env={}, system="Darwin", run=run)
     assert hw.os == "macOS"
     assert hw.cpu_model == expect["cpu"]
@@ -185,7 +178,7 @@ def test_macos_probe(monkeypatch, tmp_path, sysctl, expect):
 
 
 def test_macos_probe_without_tools_still_returns_a_profile(monkeypatch, tmp_path):
-    monkeypatch.setattr(hardware, "_psutil", lambda: None)
+    monkeypatch.setattr(system, "_psutil", lambda: None)
     hw = detect_hardware(tmp_path, env={}, system="Darwin", run=lambda cmd: "")
     assert hw.physical_cores >= 1 and hw.logical_cores >= 1
     assert hw.cpu_model  # platform fallback
@@ -209,7 +202,7 @@ def test_this_machine(tmp_path):
 def test_linux_without_psutil_reads_proc(monkeypatch, tmp_path):
     if not os.path.exists("/proc/meminfo"):
         pytest.skip("Linux only")
-    monkeypatch.setattr(hardware, "_psutil", lambda: None)
+    monkeypatch.setattr(system, "_psutil", lambda: None)
     hw = detect_hardware(tmp_path, env={}, system="Linux")
     total, _ = parse_meminfo(Path("/proc/meminfo").read_text())
     assert hw.ram_total <= total and hw.ram_available > 0
@@ -228,8 +221,8 @@ def test_overrides(tmp_path):
 def test_cgroup_limit_caps_memory(monkeypatch, tmp_path):
     files = {"/sys/fs/cgroup/memory.max": "1073741824\n", "/sys/fs/cgroup/memory.current": "268435456\n",
              "/sys/fs/cgroup/cpu.max": "100000 100000\n"}
-    real = hardware._read
-    monkeypatch.setattr(hardware, "_read", lambda p: files.get(p, real(p)))
+    real = system._read
+    monkeypatch.setattr(system, "_read", lambda p: files.get(p, real(p)))
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3}, raising=False)
     hw = detect_hardware(tmp_path, env={}, system="Linux")
     assert hw.ram_total == 1 << 30
@@ -272,3 +265,69 @@ def test_kv_cache_formula_matches_the_engine(smollm2_path):
     assert kv_cache_bytes(30, 4096, 3, 64) == 94_371_840  # SmolLM2 at 4096 tokens: 90 MiB
     assert ram_needed(1000, 2000) == 3000 + RUNTIME_OVERHEAD
     model.close()
+
+
+# --- the one thread default and the one CPU probe -----------------------------------------------------------
+
+
+def _fake_cgroup(monkeypatch, tmp_path, files: dict[str, str], affinity: int, physical: int) -> None:
+    for rel, text in files.items():
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_text(text)
+    monkeypatch.setattr(system, "CGROUP_ROOT", str(tmp_path))
+    monkeypatch.setattr(system.platform, "system", lambda: "Linux")
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(affinity)), raising=False)
+    monkeypatch.setattr(system, "physical_cores", lambda: physical)
+    system.default_threads.cache_clear()
+
+
+@pytest.mark.parametrize(("files", "affinity", "physical", "threads"), [
+    ({}, 8, 4, 4),                                                        # no container: physical cores
+    ({"cpu.max": "150000 100000\n"}, 8, 4, 2),                            # cgroup v2 quota of 1.5 CPUs
+    ({"cpu.max": "max 100000\n"}, 8, 4, 4),                               # v2, unlimited
+    ({"cpu/cpu.cfs_quota_us": "100000\n", "cpu/cpu.cfs_period_us": "100000\n"}, 8, 4, 1),  # v1 quota
+    ({"cpu,cpuacct/cpu.cfs_quota_us": "-1\n", "cpu,cpuacct/cpu.cfs_period_us": "100000\n"}, 8, 4, 4),
+    ({}, 3, 4, 3),                                                        # taskset to 3 CPUs
+])
+def test_default_threads_is_container_aware(monkeypatch, tmp_path, files, affinity, physical, threads):
+    _fake_cgroup(monkeypatch, tmp_path, files, affinity, physical)
+    try:
+        assert system.default_threads() == threads
+        hw = detect_hardware(tmp_path, env={}, system="Linux")
+        assert hw.usable_cores == min(affinity, system.cgroup_cpus() or affinity)
+    finally:
+        system.default_threads.cache_clear()
+
+
+def test_the_engine_and_the_planner_use_the_one_thread_default():
+    from pipx_llama.engine import model
+
+    assert model.default_threads is system.default_threads
+    assert _profile(physical_cores=4, usable_cores=3).threads == system.threads_for(4, 3) == 3
+
+
+def test_parse_cgroup_v1_cpus():
+    assert system.parse_cgroup_v1_cpus("250000", "100000") == 3
+    assert system.parse_cgroup_v1_cpus("-1", "100000") is None
+    assert (
+        system.parse_cgroup_v1_cpus(None, "100000") is None and system.parse_cgroup_v1_cpus("5", "0") is None
+    )
+
+
+def test_compile_target_follows_numba_cpu_name(monkeypatch):
+    import numba
+
+    monkeypatch.setattr(numba.config, "CPU_NAME", "haswell")
+    monkeypatch.setattr(numba.config, "CPU_FEATURES", "+avx,+avx2,+fma,-f16c")
+    target = system.compile_target()
+    assert target.name == "haswell" and target.has("avx2", "fma") and not target.has("f16c")
+    assert target.features == {"avx": True, "avx2": True, "fma": True, "f16c": False}
+    assert not system.target_has_f16c()
+
+
+def test_the_kernels_ask_the_one_probe():
+    from pipx_llama.engine.kernels import ops, simd
+
+    assert simd._host_features is system.target_features
+    assert ops._target_has_f16c is system.target_has_f16c
+    assert ops.HAVE_F16C == system.target_has_f16c()

@@ -20,28 +20,23 @@ from greedy import golden_prefix
 from httpserver import FileServer
 
 from pipx_llama.config import Config
-from pipx_llama.engine.gguf_reader import open_gguf
-from pipx_llama.errors import UnsupportedModelError, UsageError
+from pipx_llama.errors import DiskFullError, InsufficientResourcesError, UnsupportedModelError, UsageError
 from pipx_llama.fetch.errors import OfflineError
-from pipx_llama.hardware import RUNTIME_OVERHEAD, HardwareProfile, kv_cache_bytes
-from pipx_llama.manifest import Catalog, Manifest, parse_manifest, render_manifest
-from pipx_llama.pipeline import (
-    INTERMEDIATE,
+from pipx_llama.formats.gguf import open_gguf
+from pipx_llama.models.estimates import (
     KNOWN_SHAPES,
-    STATE_FILE,
-    InsufficientResourcesError,
     ModelShape,
-    SourceUnavailableError,
-    default_quant,
+    estimate_gguf_bytes,
     estimated_shape,
-    make_plan,
     model_shape,
-    prepare,
-    provenance_path,
-    read_state,
 )
-from pipx_llama.pull import PullOptions, estimate_gguf_bytes
-from pipx_llama.store import Store
+from pipx_llama.models.manifest import Catalog, Manifest, parse_manifest, render_manifest
+from pipx_llama.models.plan import SourceUnavailableError, make_plan
+from pipx_llama.models.prepare import prepare
+from pipx_llama.models.runnable import INTERMEDIATE, STATE_FILE, default_quant, provenance_path, read_state
+from pipx_llama.models.sources import PullOptions
+from pipx_llama.models.store import Store
+from pipx_llama.system import RUNTIME_OVERHEAD, HardwareProfile, kv_cache_bytes
 
 GB = 1_000_000_000
 SMOL_PARAMS = 134515008
@@ -54,7 +49,7 @@ def sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-# --- shared helpers (also used by test_provision.py) --------------------------------------------------------------
+# --- shared helpers (also used by test_provision.py) --------------------------------------------------------
 
 
 def write_manifest(folder: Path, data: dict) -> Path:
@@ -78,11 +73,26 @@ def smol_gguf_manifest(folder: Path, gguf: Path, base: str, name: str = "smol-gg
 
 
 def smol_hf_manifest(folder: Path, files: list[dict], base: str, name: str = "smol-hf") -> Path:
-    return write_manifest(folder, {
-        "format": 1, "name": name, "description": "SmolLM2 as Hugging Face safetensors, served locally",
-        "license": "Apache-2.0", "architecture": "llama", "parameters": SMOL_PARAMS, "context_length": SMOL_CTX,
-        "variants": [{"name": "original", "format": "hf-safetensors", "files": files,
-                      "sources": [{"type": "url", "base": base}]}]})
+    return write_manifest(
+        folder,
+        {
+            "format": 1,
+            "name": name,
+            "description": "SmolLM2 as Hugging Face safetensors, served locally",
+            "license": "Apache-2.0",
+            "architecture": "llama",
+            "parameters": SMOL_PARAMS,
+            "context_length": SMOL_CTX,
+            "variants": [
+                {
+                    "name": "original",
+                    "format": "hf-safetensors",
+                    "files": files,
+                    "sources": [{"type": "url", "base": base}],
+                }
+            ],
+        },
+    )
 
 
 def cli_env(tmp: Path, **extra: str) -> dict[str, str]:
@@ -108,13 +118,23 @@ def smol_hf_folder(tmp_path_factory, smollm2_path) -> Path:
     return folder
 
 
-# --- planning on synthetic manifests ------------------------------------------------------------------------------
+# --- planning on synthetic manifests ------------------------------------------------------------------------
 
 
 def hw(ram: float = 16 * GB, disk: float = 100 * GB, cores: int = 4) -> HardwareProfile:
-    return HardwareProfile(os="Linux", os_version="test", arch="x86_64", cpu_model="test CPU", physical_cores=cores,
-                           logical_cores=2 * cores, simd=("avx2", "fma"), ram_total=int(ram), ram_available=int(ram),
-                           store_path=Path("/unused"), disk_free=int(disk))
+    return HardwareProfile(
+        os="Linux",
+        os_version="test",
+        arch="x86_64",
+        cpu_model="test CPU",
+        physical_cores=cores,
+        logical_cores=2 * cores,
+        simd=("avx2", "fma"),
+        ram_total=int(ram),
+        ram_available=int(ram),
+        store_path=Path("/unused"),
+        disk_free=int(disk),
+    )
 
 
 def _file(path: str, size: int | None, seed: str) -> dict:
@@ -126,15 +146,29 @@ def _file(path: str, size: int | None, seed: str) -> dict:
 
 def synthetic(name: str, parameters: int, variants: list[dict], *, ctx: int = 4096, aliases=(),
               default: str | None = None, architecture: str = "llama") -> Manifest:
-    data = {"format": 1, "name": name, "aliases": list(aliases), "description": "t", "license": "t",
-            "architecture": architecture, "parameters": parameters, "context_length": ctx, "default_variant": default,
-            "variants": variants}
+    data = {
+        "format": 1,
+        "name": name,
+        "aliases": list(aliases),
+        "description": "t",
+        "license": "t",
+        "architecture": architecture,
+        "parameters": parameters,
+        "context_length": ctx,
+        "default_variant": default,
+        "variants": variants,
+    }
     return parse_manifest(render_manifest(data), f"{name}.toml")
 
 
 def gguf_v(name: str, quant: str, size: int) -> dict:
-    return {"name": name, "format": "gguf", "quantization": quant, "files": [_file(f"{name}.gguf", size, name)],
-            "sources": [{"type": "url", "base": "https://example.org/m/"}]}
+    return {
+        "name": name,
+        "format": "gguf",
+        "quantization": quant,
+        "files": [_file(f"{name}.gguf", size, name)],
+        "sources": [{"type": "url", "base": "https://example.org/m/"}],
+    }
 
 
 def hf_v(size: int, quantization: str | None = None, sources=None) -> dict:
@@ -163,7 +197,9 @@ def cfg(tmp_path) -> Config:
     return Config(home=tmp_path / "home", config_dir=tmp_path / "config")
 
 
-def plan(cfg: Config, name: str, hardware: HardwareProfile, catalog=(TINY, TINY_HF, MISTRAL, SMOL, META), **kw):
+def plan(
+    cfg: Config, name: str, hardware: HardwareProfile, catalog=(TINY, TINY_HF, MISTRAL, SMOL, META), **kw
+):
     return make_plan(name, hardware=hardware, config=cfg, catalog=Catalog(catalog), **kw)
 
 
@@ -192,7 +228,11 @@ def test_default_when_it_fits(cfg):
 
 def test_conversion_plan_counts_download_f16_and_quantized_file(cfg):
     p = plan(cfg, "tiny", hw(), variant="original")
-    assert (p.source_format, p.quant, p.stages) == ("hf-safetensors", "Q4_K_M", ["fetch", "convert", "quantize"])
+    assert (p.source_format, p.quant, p.stages) == (
+        "hf-safetensors",
+        "Q4_K_M",
+        ["fetch", "convert", "quantize"],
+    )
     assert p.download_bytes == 2200119864 + 600
     assert p.intermediate_bytes == TINY_PARAMS * 2
     assert p.final_bytes == p.weights_bytes == estimate_gguf_bytes(TINY_PARAMS, "Q4_K_M")
@@ -235,7 +275,10 @@ def test_refused_before_download_names_smaller_context_and_other_models(cfg):
     args = [a["args"] for a in err.alternatives]
     assert ["mistral", "--ctx", "2048", "--variant", "q4_k_s", "--quant", "Q4_K_S"] in args
     assert ["tiny"] in args and args.index(["tiny"]) < args.index(["smol"])  # largest model first
-    assert "pipx-llama run mistral --ctx 2048 --variant q4_k_s --quant Q4_K_S" in err.hint and "close other programs" in err.hint
+    assert (
+        "pipx-llama run mistral --ctx 2048 --variant q4_k_s --quant Q4_K_S" in err.hint
+        and "close other programs" in err.hint
+    )
     assert not (cfg.home / "blobs").exists()  # nothing was written
 
 
@@ -251,10 +294,10 @@ def test_forced_quantization_that_does_not_fit_suggests_one_that_does(cfg):
 def test_disk_refusal_counts_the_conversion(cfg):
     p = plan(cfg, "tiny-hf", hw())
     assert plan(cfg, "tiny-hf", hw(disk=p.peak_disk_bytes - 1)).quant == "Q4_K_S"  # a smaller file fits
-    with pytest.raises(InsufficientResourcesError) as exc:
+    with pytest.raises(DiskFullError) as exc:  # the one error for a disk too small, wherever (exit code 5)
         plan(cfg, "tiny-hf", hw(disk=p.download_bytes + p.intermediate_bytes))
     err = exc.value
-    assert err.resource == "disk" and err.needed == p.peak_disk_bytes
+    assert err.resource == "disk" and err.needed == p.peak_disk_bytes and err.exit_code == 5
     assert "F16 conversion" in err.message and "Q4_K_M file" in err.message
     assert "pipx-llama gc" in err.hint
     assert [a["model"] for a in err.alternatives][:1] == ["mistral"]
@@ -309,7 +352,7 @@ def test_shape_from_the_models_own_files(tmp_path, smollm2_path):
     assert (shape.n_layers, shape.n_kv_heads, shape.head_dim, shape.exact) == (30, 3, 64, True)
 
 
-# --- the stages, for real -----------------------------------------------------------------------------------------
+# --- the stages, for real -----------------------------------------------------------------------------------
 
 
 class Stop(Exception):
@@ -325,8 +368,13 @@ def test_gguf_is_fetched_and_a_second_prepare_touches_nothing(tmp_path, smollm2_
     assert p.stages == ["fetch"] and p.download_bytes == 0  # found in the folder
     events = []
     path = prepare(p, on_event=events.append)
-    assert path == cfg.home / "models" / "smol-gguf" / "q4_1" / smollm2_path.name and sha256(path) == sha256(smollm2_path)
-    assert [(e.kind, e.file) for e in events if e.kind.startswith("stage")] == [("stage", "fetch"), ("stage-done", "fetch")]
+    assert path == cfg.home / "models" / "smol-gguf" / "q4_1" / smollm2_path.name and sha256(path) == sha256(
+        smollm2_path
+    )
+    assert [(e.kind, e.file) for e in events if e.kind.startswith("stage")] == [
+        ("stage", "fetch"),
+        ("stage-done", "fetch"),
+    ]
     record = cfg.home / "models" / "smol-gguf" / "q4_1" / ".provenance.json"
     before = record.stat().st_mtime_ns
     p2 = make_plan("smol-gguf", hardware=hw(), config=cfg, catalog=catalog, pull_options=opts)
@@ -373,8 +421,12 @@ def test_interrupted_quantization_resumes_at_quantize_and_reuses_the_conversion(
     g.close()
     record = json.loads(provenance_path(path).read_text())
     assert record["sha256"] == sha256(path) and record["size"] == path.stat().st_size
-    assert {s["path"]: s["sha256"] for s in record["sources"]} == {f.path: f.sha256 for f in manifest.variants[0].files}
-    assert [s["stage"] for s in record["steps"]] == ["convert", "quantize"] and record["quantization"] == "Q4_0"
+    assert {s["path"]: s["sha256"] for s in record["sources"]} == {
+        f.path: f.sha256 for f in manifest.variants[0].files
+    }
+    assert [s["stage"] for s in record["steps"]] == ["convert", "quantize"] and record[
+        "quantization"
+    ] == "Q4_0"
 
     # kept on request: another quantization of the same weights needs no conversion
     assert (vdir / INTERMEDIATE).is_file()
@@ -427,7 +479,7 @@ def _plan_again(cfg: Config, manifest: Manifest):
 
 
 def test_verify_follows_a_derived_files_provenance_chain(tmp_path, tiny_meta):
-    from pipx_llama.pull import verify_installed
+    from pipx_llama.models.verify import verify_installed
 
     cfg, manifest, path = _prepared_meta(tmp_path, tiny_meta)
     store = Store(cfg.home)
@@ -471,7 +523,7 @@ def test_a_derived_file_changed_since_it_was_made_is_refused(tmp_path, tiny_meta
 def test_a_prepared_model_runs_from_a_read_only_store(tmp_path, tiny_meta):
     from readonly import read_only
 
-    from pipx_llama.store import StoreReadOnlyError
+    from pipx_llama.models.store import StoreReadOnlyError
 
     cfg, manifest, path = _prepared_meta(tmp_path, tiny_meta)
     home = cfg.home
@@ -488,7 +540,7 @@ def test_a_prepared_model_runs_from_a_read_only_store(tmp_path, tiny_meta):
     assert {str(p): p.stat().st_mtime_ns for p in home.rglob("*")} == before
 
 
-# --- acceptance (a): a GGUF model over HTTP, straight to an answer ----------------------------------------------
+# --- acceptance (a): a GGUF model over HTTP, straight to an answer ------------------------------------------
 
 
 def test_gguf_model_served_over_http_to_an_answer(tmp_path, smollm2_path, golden):
@@ -498,7 +550,18 @@ def test_gguf_model_served_over_http_to_an_answer(tmp_path, smollm2_path, golden
         srv.put(f"/gguf/{smollm2_path.name}", file=smollm2_path)
         m = smol_gguf_manifest(tmp_path, smollm2_path, srv.url("/gguf/"))
         env = cli_env(tmp_path)
-        args = ["run", "smol-gguf", "--manifest", str(m), "-p", case["prompt"], "-n", str(len(ids)), "--temp", "0"]
+        args = [
+            "run",
+            "smol-gguf",
+            "--manifest",
+            str(m),
+            "-p",
+            case["prompt"],
+            "-n",
+            str(len(ids)),
+            "--temp",
+            "0",
+        ]
         r = pipx_llama(*args, env=env)
         assert r.returncode == 0, r.stderr
         assert r.stdout == case["prompt"] + text + "\n"

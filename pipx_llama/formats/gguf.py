@@ -128,7 +128,9 @@ class _Cursor:
 
     def need(self, n: int, what: str) -> None:
         if n < 0 or self.pos + n > len(self.buf):
-            raise self.fail(f"truncated file: {what} needs {n} bytes but only {len(self.buf) - self.pos} remain")
+            raise self.fail(
+                f"truncated file: {what} needs {n} bytes but only {len(self.buf) - self.pos} remain"
+            )
 
     def scalar(self, fmt: str, what: str) -> Any:
         size = struct.calcsize(fmt)
@@ -210,7 +212,9 @@ def open_gguf(path: str | Path) -> GGUFFile:
     except FileNotFoundError:
         raise ModelFileError(f"{path}: no such file", "check the path to the model file") from None
     except OSError as err:
-        raise ModelFileError(f"{path}: cannot open: {err.strerror}", "check the path and its permissions") from None
+        raise ModelFileError(
+            f"{path}: cannot open: {err.strerror}", "check the path and its permissions"
+        ) from None
     if stat.S_ISDIR(mode):
         raise ModelFileError(f"{path}: is a folder, not a GGUF file", "pass the path of a .gguf file")
     if not stat.S_ISREG(mode):
@@ -240,7 +244,10 @@ def _parse(path: Path, mm: mmap.mmap, buf: memoryview, size: int) -> GGUFFile:
                              "pass a .gguf model file; older GGML/GGJT files must be converted first")
     cur.pos = 4
     version = cur.u32("version")
-    if version not in SUPPORTED_VERSIONS and int.from_bytes(struct.pack("<I", version), "big") in SUPPORTED_VERSIONS:
+    if (
+        version not in SUPPORTED_VERSIONS
+        and int.from_bytes(struct.pack("<I", version), "big") in SUPPORTED_VERSIONS
+    ):
         raise ModelFileError(f"{path}: a big-endian GGUF file, which pipx-llama cannot read",
                              "use the little-endian (ordinary) version of this model")
     if version not in SUPPORTED_VERSIONS:
@@ -284,10 +291,14 @@ def _parse(path: Path, mm: mmap.mmap, buf: memoryview, size: int) -> GGUFFile:
         try:
             qtype = GGMLQuantizationType(code)
         except ValueError:
-            raise ModelFileError(f"{path}: tensor {name!r} has unknown ggml type {code}",
-                                 "the file is damaged or made by a newer tool; download or convert it again") from None
+            raise ModelFileError(
+                f"{path}: tensor {name!r} has unknown ggml type {code}",
+                "the file is damaged or made by a newer tool; download or convert it again",
+            ) from None
         if name in tensors:
-            raise ModelFileError(f"{path}: tensor {name!r} appears twice", "the file is damaged; download it again")
+            raise ModelFileError(
+                f"{path}: tensor {name!r} appears twice", "the file is damaged; download it again"
+            )
         if rel % alignment:
             raise ModelFileError(f"{path}: tensor {name!r} data offset {rel} is not aligned to {alignment}",
                                  "the file is damaged; download it again")
@@ -295,7 +306,8 @@ def _parse(path: Path, mm: mmap.mmap, buf: memoryview, size: int) -> GGUFFile:
         start = data_offset + rel
         if start + nbytes > size:
             raise ModelFileError(
-                f"{path}: tensor {name!r} ends at byte {start + nbytes}, past the end of the {size}-byte file",
+                f"{path}: tensor {name!r} ends at byte {start + nbytes}, past the end of the {size}-byte "
+                f"file",
                 "the file is truncated; download it again (pipx-llama resumes partial downloads)",
             )
         tensors[name] = TensorInfo(name, qtype, shape, start, nbytes)

@@ -36,7 +36,7 @@ from typing import ClassVar
 import numpy as np
 from gguf import GGMLQuantizationType
 
-from pipx_llama.quant.floats import round_to_fp16
+from pipx_llama.formats.floats import round_to_fp16
 
 QK = 32
 
@@ -108,7 +108,9 @@ class LegacyFormat:
         """uint8 [k, row_bytes] -> structured blocks [k, n/32]."""
         raw = np.ascontiguousarray(raw, dtype=np.uint8)
         if raw.ndim != 2 or raw.shape[1] % cls.type_size:
-            raise ValueError(f"{cls.__name__} rows must be uint8 [k, a multiple of {cls.type_size}], got {raw.shape}")
+            raise ValueError(
+                f"{cls.__name__} rows must be uint8 [k, a multiple of {cls.type_size}], got {raw.shape}"
+            )
         return raw.view(cls.block_dtype)
 
     @classmethod

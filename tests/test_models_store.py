@@ -17,17 +17,14 @@ import pytest
 from readonly import read_only
 from tinymodel import write_tiny_llama
 
-from pipx_llama.errors import ModelFileError
-from pipx_llama.fetch.errors import DiskFullError
-from pipx_llama.store import (
+from pipx_llama.errors import DiskFullError, ModelFileError
+from pipx_llama.files import atomic_write_bytes, atomic_write_json
+from pipx_llama.models.store import (
     PROVENANCE,
     Lock,
     Store,
     StoreReadOnlyError,
-    atomic_write_bytes,
-    atomic_write_json,
     gguf_header_digest,
-    human_bytes,
     link_or_copy,
     recorded_file_problem,
 )
@@ -166,7 +163,7 @@ def test_lock_of_killed_process_is_recovered(tmp_path):
     code = textwrap.dedent(f"""
         import time
         from pathlib import Path
-        from pipx_llama.store import Store
+        from pipx_llama.models.store import Store
         lock = Store(Path({str(tmp_path)!r})).blob_lock("ab" * 32)
         lock.acquire()
         print("locked", flush=True)
@@ -218,8 +215,12 @@ def tmpfs(tmp_path):
         pytest.skip(reason)
     mnt = tmp_path / "small"
     mnt.mkdir()
-    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mnt)], capture_output=True, text=True,
-                          check=False)
+    proc = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mnt)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     if proc.returncode != 0:
         reason = f"cannot mount a tmpfs: {proc.stderr.strip()}"
         print(f"\nSKIP: {reason}")
@@ -288,9 +289,8 @@ def test_installed_reports_incomplete_variant(tmp_path):
     assert not iv.complete and iv.size == 0
 
 
-def test_hardlink_probe_and_human_bytes(tmp_path):
+def test_hardlink_probe(tmp_path):
     assert Store(tmp_path).supports_hardlinks()
-    assert human_bytes(999) == "999 B" and human_bytes(4081004224) == "4.1 GB" and human_bytes(None) == "?"
 
 
 def test_a_folder_where_a_file_belongs_is_a_clean_error(tmp_path):

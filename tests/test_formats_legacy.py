@@ -9,9 +9,9 @@ import pytest
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 from gguf import quants as gq
 
-from pipx_llama.engine.gguf_reader import open_gguf
-from pipx_llama.quant import legacy as ql
-from pipx_llama.quant.floats import round_to_fp16
+from pipx_llama.formats import legacy as ql
+from pipx_llama.formats.floats import round_to_fp16
+from pipx_llama.formats.gguf import open_gguf
 
 FORMATS = [ql.Q4_0, ql.Q4_1, ql.Q5_0, ql.Q5_1, ql.Q8_0]
 
@@ -84,7 +84,9 @@ def test_dequantize_matches_gguf_on_random_bytes(fmt: type[ql.LegacyFormat]) -> 
 @pytest.mark.parametrize(("name", "qtype"), [("blk.0.ffn_down.weight", GGMLQuantizationType.Q4_1),
                                              ("blk.7.attn_q.weight", GGMLQuantizationType.Q4_1),
                                              ("token_embd.weight", GGMLQuantizationType.Q8_0)])
-def test_dequantize_matches_gguf_on_smollm2(smollm2_path: Path, name: str, qtype: GGMLQuantizationType) -> None:
+def test_dequantize_matches_gguf_on_smollm2(
+    smollm2_path: Path, name: str, qtype: GGMLQuantizationType
+) -> None:
     g = open_gguf(smollm2_path)
     info = g.tensors[name]
     assert info.qtype == qtype
@@ -96,7 +98,12 @@ def test_dequantize_matches_gguf_on_smollm2(smollm2_path: Path, name: str, qtype
 def test_q8_0_reference_matches_gguf_quantizer() -> None:
     """gguf-py's Q8_0 quantizer is bit-exact with quantize_row_q8_0_ref: same qs, same fp16 d."""
     rng = np.random.default_rng(13)
-    x = np.concatenate([rng.standard_normal((5, 128)).astype(np.float32), adversarial_rows()[[0, 1, 3, 4, 5, 7]].repeat(2, 1)])
+    x = np.concatenate(
+        [
+            rng.standard_normal((5, 128)).astype(np.float32),
+            adversarial_rows()[[0, 1, 3, 4, 5, 7]].repeat(2, 1),
+        ]
+    )
     qs, d = ql.quantize_row_q8_0(x)
     with np.errstate(over="ignore"):  # the 3e38 row's d is inf in fp16
         blocks = gq.quantize(x, GGMLQuantizationType.Q8_0).view(ql.BLOCK_Q8_0)

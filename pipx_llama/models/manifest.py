@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from pipx_llama.errors import PipxLlamaError, UsageError
+from pipx_llama.errors import ModelFileError, UsageError
 from pipx_llama.fetch.pip_source import canonical_name, requirement_problem
 
 if sys.version_info >= (3, 11):
@@ -47,8 +47,21 @@ _ALIAS = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 _VARIANT_NAME = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
 _DRIVE = re.compile(r"[A-Za-z]:")
 
-_TOP_KEYS = {"format", "name", "aliases", "description", "license", "license_url", "license_notice", "homepage",
-             "architecture", "parameters", "context_length", "default_variant", "variants"}
+_TOP_KEYS = {
+    "format",
+    "name",
+    "aliases",
+    "description",
+    "license",
+    "license_url",
+    "license_notice",
+    "homepage",
+    "architecture",
+    "parameters",
+    "context_length",
+    "default_variant",
+    "variants",
+}
 _VARIANT_KEYS = {"name", "format", "quantization", "description", "files", "sources"}
 _FILE_KEYS = {"path", "size", "sha256"}
 _SOURCE_KEYS = {
@@ -61,10 +74,8 @@ _SOURCE_KEYS = {
 _PART_KEYS = {"requirement", "wheel_sha256", "member"}
 
 
-class ManifestError(PipxLlamaError):
+class ManifestError(ModelFileError):
     """A manifest file is malformed or unsafe; the message names the file and every offending field."""
-
-    exit_code = 3
 
     def __init__(self, origin: str, problems: Sequence[str], hint: str = "") -> None:
         self.origin = origin
@@ -182,7 +193,8 @@ class Manifest:
         return hashlib.sha256(self.text.encode()).hexdigest()
 
     def variant(self, wanted: str | None = None) -> Variant:
-        """The variant named ``wanted`` (or whose quantization is ``wanted``, case-insensitively), else the default."""
+        """The variant named ``wanted`` (or whose quantization is ``wanted``, case-insensitively), else the
+        default."""
         if wanted is None:
             if self.default_variant is None:
                 return self.variants[0]
@@ -200,7 +212,9 @@ class Manifest:
         )
 
     def variant_labels(self) -> list[str]:
-        return [f"{v.name} ({v.format}{', ' + v.quantization if v.quantization else ''})" for v in self.variants]
+        return [
+            f"{v.name} ({v.format}{', ' + v.quantization if v.quantization else ''})" for v in self.variants
+        ]
 
 
 # --- validation ---------------------------------------------------------------------------------------------
@@ -395,7 +409,8 @@ def _requirement(c: _Checker, table: Mapping[str, Any], where: str) -> str | Non
 
 
 def _check_parts(c: _Checker, table: Mapping[str, Any], where: str, paths: set[str]) -> Source | None:
-    """A ``pip-parts`` source: ``file`` (optional when the variant has one file) made of ``parts`` in order."""
+    """A ``pip-parts`` source: ``file`` (optional when the variant has one file) made of ``parts`` in
+    order."""
     file = table.get("file")
     if file is None and len(paths) == 1:
         file = next(iter(paths))
@@ -454,7 +469,9 @@ def _check_variant(c: _Checker, table: Any, where: str) -> Variant | None:
         c.bad(where, "must be a table")
         return None
     c.keys(table, _VARIANT_KEYS, where)
-    name = c.string(table, "name", where, pattern=_VARIANT_NAME, what="variant name (lowercase a-z 0-9 . _ -)")
+    name = c.string(
+        table, "name", where, pattern=_VARIANT_NAME, what="variant name (lowercase a-z 0-9 . _ -)"
+    )
     fmt = table.get("format")
     if fmt not in VARIANT_FORMATS:
         c.bad(f"{where}.format", f"{_shown(fmt)} is not one of {', '.join(VARIANT_FORMATS)}")
@@ -494,7 +511,9 @@ def _check_variant(c: _Checker, table: Any, where: str) -> Variant | None:
                 c.bad(f"{where}.files", f"path {seen[prefix]!r} is also a folder of {path!r}")
 
     # members may name a path that was refused above: that problem is already reported once
-    raw_paths = {ft.get("path") for ft in files_raw if isinstance(ft, dict) and isinstance(ft.get("path"), str)}
+    raw_paths = {
+        ft.get("path") for ft in files_raw if isinstance(ft, dict) and isinstance(ft.get("path"), str)
+    }
     sources_raw = table.get("sources", [])
     sources: list[Source] = []
     if not isinstance(sources_raw, list):
@@ -570,10 +589,21 @@ def parse_manifest(text: str, origin: str, *, allow_http: bool = False, bundled:
     if c.problems:
         raise ManifestError(origin, c.problems)
     return Manifest(
-        name=name, aliases=tuple(aliases), description=description, license=license_,
-        architecture=architecture, parameters=parameters, context_length=context_length,
-        variants=tuple(variants), origin=origin, text=text, license_url=license_url, license_notice=license_notice,
-        homepage=homepage, default_variant=default, bundled=bundled,
+        name=name,
+        aliases=tuple(aliases),
+        description=description,
+        license=license_,
+        architecture=architecture,
+        parameters=parameters,
+        context_length=context_length,
+        variants=tuple(variants),
+        origin=origin,
+        text=text,
+        license_url=license_url,
+        license_notice=license_notice,
+        homepage=homepage,
+        default_variant=default,
+        bundled=bundled,
     )  # type: ignore[arg-type]  # every None above was reported as a problem
 
 
@@ -590,11 +620,11 @@ def load_manifest(path: Path, *, allow_http: bool = False, bundled: bool = False
 
 def bundled_manifest_dir() -> Path:
     """The manifests shipped with pipx-llama: inside the wheel, or the top-level folder of a checkout."""
-    here = Path(__file__).resolve().parent
-    for candidate in (here / "manifests", here.parent / "manifests"):
+    package = Path(__file__).resolve().parent.parent  # pipx_llama/
+    for candidate in (package / "manifests", package.parent / "manifests"):
         if candidate.is_dir():
             return candidate
-    return here / "manifests"
+    return package / "manifests"
 
 
 class Catalog:
@@ -645,7 +675,8 @@ def manifest_files(folder: Path) -> list[Path]:
 
 def load_catalog(extra: Sequence[Path] = (), *, user_dirs: Sequence[Path] = (), allow_http: bool = False,
                  include_bundled: bool = True) -> Catalog:
-    """Bundled manifests, then every ``*.toml`` in ``user_dirs``, then the ``extra`` files (``--manifest``)."""
+    """Bundled manifests, then every ``*.toml`` in ``user_dirs``, then the ``extra`` files
+    (``--manifest``)."""
     manifests: list[Manifest] = []
     if include_bundled:
         manifests += [load_manifest(p, allow_http=allow_http, bundled=True)
@@ -681,7 +712,11 @@ def render_manifest(data: Mapping[str, Any]) -> str:
         lines += [f"{k} = {_toml_value(v)}" for k, v in variant.items()
                   if k not in ("files", "sources") and v is not None]
         for f in variant.get("files", []):
-            lines += ["", "[[variants.files]]"] + [f"{k} = {_toml_value(v)}" for k, v in f.items() if v is not None]
+            lines += ["", "[[variants.files]]"] + [
+                f"{k} = {_toml_value(v)}" for k, v in f.items() if v is not None
+            ]
         for s in variant.get("sources", []):
-            lines += ["", "[[variants.sources]]"] + [f"{k} = {_toml_value(v)}" for k, v in s.items() if v is not None]
+            lines += ["", "[[variants.sources]]"] + [
+                f"{k} = {_toml_value(v)}" for k, v in s.items() if v is not None
+            ]
     return "\n".join(lines) + "\n"

@@ -13,8 +13,10 @@ with ``gguf.GGUFWriter`` whose tensors are byte-for-byte what llama.cpp's quanti
 - memory stays bounded: a tensor is read in chunks of rows (about ``chunk_elements`` values) with
   ordinary reads, so the page cache, not the process, holds the input; at most one output tensor
   is held at a time;
-- output goes to a hidden temporary file next to ``dst``, renamed to ``dst`` only once complete; any
-  failure or interruption (including an exception raised by ``on_event``) deletes it;
+- output goes to a hidden temporary file next to ``dst``, flushed to disk and renamed to ``dst`` only
+  once complete (:func:`pipx_llama.files.atomic_output`, as the converter writes); any failure or
+  interruption (including an exception raised by ``on_event``) deletes it, and a full disk is a
+  ``DiskFullError``;
 - progress: ``on_event(ProgressEvent)`` gets ``start``, then one ``progress`` event per tensor
   (``done``/``total`` in input bytes, the tensor and its types in ``message``), then ``done``.
 
@@ -25,7 +27,6 @@ NaN or infinite weights, and values too large for a format's fp16 scales, are re
 from __future__ import annotations
 
 import os
-import shutil
 import struct
 import time
 from collections.abc import Callable
@@ -38,14 +39,13 @@ import numpy as np
 from gguf import GGML_QUANT_SIZES, GGML_QUANT_VERSION, GGMLQuantizationType, GGUFValueType, GGUFWriter
 from numba import njit, prange
 
-from pipx_llama.engine.gguf_reader import GGUFFile, TensorInfo, open_gguf
-from pipx_llama.engine.kernels import WEIGHT_KERNELS
-from pipx_llama.engine.kernels import floats as _floats  # noqa: F401  (registers dequantizers)
-from pipx_llama.engine.kernels import kquants as _kquants  # noqa: F401
-from pipx_llama.engine.kernels import legacy as _legacy  # noqa: F401
+from pipx_llama.engine import WEIGHT_KERNELS
 from pipx_llama.errors import ModelFileError, UnsupportedModelError, UsageError
-from pipx_llama.fetch.events import ProgressEvent
-from pipx_llama.quant.floats import fp32_to_bf16_bits
+from pipx_llama.events import ProgressEvent
+from pipx_llama.files import atomic_output, check_free
+from pipx_llama.formats.floats import fp32_to_bf16_bits
+from pipx_llama.formats.fp16 import fp16_bits
+from pipx_llama.formats.gguf import GGUFFile, TensorInfo, open_gguf
 from pipx_llama.quant.quantize_kquants import KQUANT_QUANTIZERS
 from pipx_llama.quant.quantize_legacy import (
     LEGACY_QUANTIZERS,
@@ -266,7 +266,8 @@ def _check_widenable(choices: list[TensorChoice]) -> None:
     for c in choices:
         if c.source != c.target and c.source not in (Q.F32, Q.F16, Q.BF16) and c.source not in WEIGHT_KERNELS:
             raise UnsupportedModelError(
-                f"tensor {c.name!r} is stored as {c.source.name}, which pipx-llama cannot convert to {c.target.name}",
+                f"tensor {c.name!r} is stored as {c.source.name}, which pipx-llama cannot convert to "
+                f"{c.target.name}",
                 "quantize from an F32, F16 or BF16 model (or one in Q4_0..Q8_0, Q4_K..Q6_K)",
             )
 
@@ -275,7 +276,8 @@ def _value_error(src: Path, choice: TensorChoice, row: int, code: int, x: np.nda
     if code & STATUS_NONFINITE:
         bad = int(np.count_nonzero(~np.isfinite(x)))
         return QuantizeValueError(
-            f"{src}: tensor {choice.name!r} holds NaN or infinite values ({bad} in row {row}); it cannot be quantized",
+            f"{src}: tensor {choice.name!r} holds NaN or infinite values ({bad} in row {row}); it cannot be "
+            f"quantized",
             "the model file is damaged or was converted from broken weights; re-download or re-convert it",
         )
     biggest = float(np.max(np.abs(x)))
@@ -286,7 +288,9 @@ def _value_error(src: Path, choice: TensorChoice, row: int, code: int, x: np.nda
     )
 
 
-def _quantized_tensor(src_path: Path, source: _TensorSource, choice: TensorChoice, chunk_elements: int) -> np.ndarray:
+def _quantized_tensor(
+    src_path: Path, source: _TensorSource, choice: TensorChoice, chunk_elements: int
+) -> np.ndarray:
     """The tensor's bytes in its target type, built chunk by chunk: uint8 [rows, target row bytes]."""
     n, rows = source.n, source.rows
     target = choice.target
@@ -320,7 +324,7 @@ def _store_float(x: np.ndarray, out: np.ndarray, target: GGMLQuantizationType, s
     if target == Q.F32:
         out[...] = x.view(np.uint8)
     elif target == Q.F16:
-        out[...] = x.astype(np.float16).view(np.uint8)
+        out[...] = fp16_bits(x).view(np.uint8)
     elif target == Q.BF16:
         out[...] = fp32_to_bf16_bits(x).view(np.uint8)
     else:
@@ -331,17 +335,17 @@ def _store_float(x: np.ndarray, out: np.ndarray, target: GGMLQuantizationType, s
 # --- the driver ----------------------------------------------------------------------------------
 
 
-def _tmp_path(dst: Path) -> Path:
-    return dst.with_name(f".{dst.name}.{os.getpid()}.tmp")
-
-
 def _check_paths(src: Path, dst: Path) -> None:
     if not dst.parent.is_dir():
-        raise UsageError(f"{dst.parent}: no such folder for the output file", "create the folder or fix the path")
+        raise UsageError(
+            f"{dst.parent}: no such folder for the output file", "create the folder or fix the path"
+        )
     if dst.is_dir():
         raise UsageError(f"{dst}: is a folder", "give the output a file name, e.g. model-Q4_K_M.gguf")
     if dst.exists() and src.exists() and os.path.samefile(src, dst):
-        raise UsageError(f"{dst}: the output would overwrite the input", "write the quantized model to another file")
+        raise UsageError(
+            f"{dst}: the output would overwrite the input", "write the quantized model to another file"
+        )
 
 
 def plan_quantization(g: GGUFFile, ft: FileType) -> list[TensorChoice]:
@@ -389,14 +393,13 @@ def quantize_model(
                 "quantize from an F32/F16/BF16 model, or pass --allow-requantize (quality suffers)",
             )
         bytes_out = sum(_output_bytes(c) for c in choices)
-        free = shutil.disk_usage(dst.parent).free
-        if free < bytes_out + (1 << 20):
-            raise UsageError(f"{dst.parent}: {free / 2**30:.1f} GiB free, the output needs {bytes_out / 2**30:.1f} GiB",
-                             "free some disk space or write the output elsewhere")
+        check_free(dst.parent, bytes_out + (1 << 20), f"the quantized model {dst.name}")
         previous_threads = numba.get_num_threads()
         if threads is not None:
             if threads < 1:
-                raise UsageError(f"--threads must be at least 1, got {threads}", "pass a positive thread count")
+                raise UsageError(
+                    f"--threads must be at least 1, got {threads}", "pass a positive thread count"
+                )
             numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
         try:
             return _write(g, src, dst, ft, choices, bytes_out, on_event, chunk_elements)
@@ -412,45 +415,59 @@ def _write(g: GGUFFile, src: Path, dst: Path, ft: FileType, choices: list[Tensor
     label = str(dst)
     bytes_in = sum(g.tensors[c.name].nbytes for c in choices)
     t0 = time.monotonic()
-    tmp = _tmp_path(dst)
-    writer = _Writer(tmp, g.metadata.get("general.architecture", ""))
-    try:
-        _copy_metadata(writer, g, ft)
-        for c in choices:
-            writer.add_tensor_info(c.name, tuple(reversed(c.shape)), np.dtype(np.float32), _output_bytes(c),
-                                   raw_dtype=c.target)
-        emit(ProgressEvent("start", label, 0, bytes_in,
-                           message=f"{len(choices)} tensors to {ft.name}, {bytes_out / 2**20:.1f} MiB"))
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_ti_data_to_file()
-        done = 0
-        with open(src, "rb", buffering=0) as f:
-            for i, c in enumerate(choices):
-                source = _TensorSource(f, g.tensors[c.name])
-                if c.source == c.target:
-                    data = source.raw()
-                else:
-                    data = _quantized_tensor(src, source, c, chunk_elements)
-                writer.write_tensor_data(data)
-                del data
-                done += source.info.nbytes
-                elapsed = time.monotonic() - t0
-                speed = done / elapsed if elapsed > 0 else None
-                eta = (bytes_in - done) / speed if speed else None
-                shape = "x".join(str(d) for d in c.shape)
-                what = c.target.name if c.source == c.target else f"{c.source.name} -> {c.target.name}"
-                fb = " (fallback)" if c.fallback else ""
-                emit(ProgressEvent("progress", label, done, bytes_in, speed, eta,
-                                   message=f"[{i + 1}/{len(choices)}] {c.name} [{shape}] {what}{fb}"))
-        writer.close()
-        os.replace(tmp, dst)
-    except BaseException:
-        writer.close()
-        tmp.unlink(missing_ok=True)
-        raise
+    with atomic_output(dst, f"the quantized model {dst.name}") as tmp:
+        writer = _Writer(tmp, g.metadata.get("general.architecture", ""))
+        try:
+            _copy_metadata(writer, g, ft)
+            for c in choices:
+                writer.add_tensor_info(
+                    c.name,
+                    tuple(reversed(c.shape)),
+                    np.dtype(np.float32),
+                    _output_bytes(c),
+                    raw_dtype=c.target,
+                )
+            emit(ProgressEvent("start", label, 0, bytes_in,
+                               message=f"{len(choices)} tensors to {ft.name}, {bytes_out / 2**20:.1f} MiB"))
+            writer.write_header_to_file()
+            writer.write_kv_data_to_file()
+            writer.write_ti_data_to_file()
+            _write_tensors(writer, g, src, choices, bytes_in, emit, chunk_elements, label, t0)
+        finally:
+            writer.close()  # before atomic_output renames or removes it (Windows cannot while it is open)
     seconds = time.monotonic() - t0
-    emit(ProgressEvent("done", label, bytes_in, bytes_in,
-                       message=f"{bytes_in / 2**20:.1f} MiB -> {bytes_out / 2**20:.1f} MiB in {seconds:.1f} s"))
+    emit(
+        ProgressEvent(
+            "done",
+            label,
+            bytes_in,
+            bytes_in,
+            message=f"{bytes_in / 2**20:.1f} MiB -> {bytes_out / 2**20:.1f} MiB in {seconds:.1f} s",
+        )
+    )
     return QuantizeResult(dst, ft.name, len(choices), bytes_in, bytes_out, seconds,
                           sum(c.fallback for c in choices), {c.name: c.target.name for c in choices})
+
+
+def _write_tensors(writer: GGUFWriter, g: GGUFFile, src: Path, choices: list[TensorChoice], bytes_in: int,
+                   emit: Callable[[ProgressEvent], None], chunk_elements: int, label: str, t0: float) -> None:
+    """Every tensor's data in its target type, one at a time, with a progress event each."""
+    done = 0
+    with open(src, "rb", buffering=0) as f:
+        for i, c in enumerate(choices):
+            source = _TensorSource(f, g.tensors[c.name])
+            if c.source == c.target:
+                data = source.raw()
+            else:
+                data = _quantized_tensor(src, source, c, chunk_elements)
+            writer.write_tensor_data(data)
+            del data
+            done += source.info.nbytes
+            elapsed = time.monotonic() - t0
+            speed = done / elapsed if elapsed > 0 else None
+            eta = (bytes_in - done) / speed if speed else None
+            shape = "x".join(str(d) for d in c.shape)
+            what = c.target.name if c.source == c.target else f"{c.source.name} -> {c.target.name}"
+            fb = " (fallback)" if c.fallback else ""
+            emit(ProgressEvent("progress", label, done, bytes_in, speed, eta,
+                               message=f"[{i + 1}/{len(choices)}] {c.name} [{shape}] {what}{fb}"))

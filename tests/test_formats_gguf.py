@@ -19,8 +19,8 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFReader, GGUFValueTy
 from gguf.quants import dequantize
 from tinymodel import write_tiny_llama
 
-from pipx_llama.engine.gguf_reader import MAX_ARRAY, open_gguf
 from pipx_llama.errors import ModelFileError
+from pipx_llama.formats.gguf import MAX_ARRAY, open_gguf
 
 T = GGMLQuantizationType
 V = GGUFValueType
@@ -131,7 +131,9 @@ def _tensors_agree(g, reader: GGUFReader) -> None:
         assert (info.offset, info.nbytes) == (t.data_offset, t.n_bytes), t.name
         view = g.tensor_bytes(t.name)
         assert view.dtype == np.uint8 and not view.flags.writeable
-        assert np.array_equal(view, np.asarray(reader.data[t.data_offset : t.data_offset + t.n_bytes])), t.name
+        assert np.array_equal(view, np.asarray(reader.data[t.data_offset : t.data_offset + t.n_bytes])), (
+            t.name
+        )
 
 
 def test_smollm2_agrees_with_gguf_py(smollm2_path: Path) -> None:
@@ -149,8 +151,19 @@ def test_smollm2_agrees_with_gguf_py(smollm2_path: Path) -> None:
     g.close()
 
 
-@pytest.mark.parametrize("qtype,tokenizer", [(T.F32, "spm"), (T.F16, "bpe"), (T.BF16, "spm"), (T.Q4_0, "bpe"),
-                                             (T.Q4_1, "spm"), (T.Q5_0, "bpe"), (T.Q5_1, "spm"), (T.Q8_0, "bpe")])
+@pytest.mark.parametrize(
+    "qtype,tokenizer",
+    [
+        (T.F32, "spm"),
+        (T.F16, "bpe"),
+        (T.BF16, "spm"),
+        (T.Q4_0, "bpe"),
+        (T.Q4_1, "spm"),
+        (T.Q5_0, "bpe"),
+        (T.Q5_1, "spm"),
+        (T.Q8_0, "bpe"),
+    ],
+)
 def test_tiny_model_agrees_with_gguf_py_and_its_weights(tmp_path: Path, qtype: T, tokenizer: str) -> None:
     path = tmp_path / "tiny.gguf"
     weights = write_tiny_llama(path, qtype=qtype, tokenizer=tokenizer, tied=tokenizer == "spm")
@@ -165,13 +178,19 @@ def test_tiny_model_agrees_with_gguf_py_and_its_weights(tmp_path: Path, qtype: T
         assert info.shape == expected.shape[::-1]
         assert info.qtype == (qtype if expected.ndim == 2 else T.F32)
         rows = g.tensor_bytes(name).reshape(expected.shape[0] if expected.ndim == 2 else 1, -1)
-        np.testing.assert_array_equal(dequantize(rows, info.qtype).reshape(expected.shape), expected, err_msg=name)
+        np.testing.assert_array_equal(
+            dequantize(rows, info.qtype).reshape(expected.shape), expected, err_msg=name
+        )
 
 
 def test_tiny_model_metadata(tmp_path: Path) -> None:
     path = tmp_path / "tiny.gguf"
-    write_tiny_llama(path, vocab=400, tokenizer="spm",
-                     extra_metadata={"llama.context_length": 64, "general.name": None, "x.f": (1.5, V.FLOAT64)})
+    write_tiny_llama(
+        path,
+        vocab=400,
+        tokenizer="spm",
+        extra_metadata={"llama.context_length": 64, "general.name": None, "x.f": (1.5, V.FLOAT64)},
+    )
     md = open_gguf(path).metadata
     assert md["general.architecture"] == "llama" and "general.name" not in md
     assert md["llama.context_length"] == 64 and md["x.f"] == 1.5
@@ -229,7 +248,9 @@ def test_custom_alignment(tmp_path: Path) -> None:
 
 def test_not_gguf(tmp_path: Path) -> None:
     rng = np.random.default_rng(1)
-    _refused(_write(tmp_path, rng.integers(0, 256, 4096, dtype=np.uint8).tobytes(), "random.gguf"), "not a GGUF")
+    _refused(
+        _write(tmp_path, rng.integers(0, 256, 4096, dtype=np.uint8).tobytes(), "random.gguf"), "not a GGUF"
+    )
     _refused(_write(tmp_path, b"Hello, this is a README, not a model.\n" * 20, "text.gguf"), "not a GGUF")
     _refused(_write(tmp_path, b"ggjt" + bytes(100), "old.bin"), "not a GGUF", "b'ggjt'")
     _refused(_write(tmp_path, b"", "empty.gguf"), "0 bytes")
@@ -280,7 +301,9 @@ def test_truncated_at_many_points(tmp_path: Path) -> None:
 
 # --- counts, lengths and sizes that do not fit the file -------------------------------------------
 
-@pytest.mark.parametrize("n_tensors,n_kv", [(U64_MAX, 1), (1 << 20, 1), (1, U64_MAX), (1, 1 << 19), (2, 1), (1, 2)])
+@pytest.mark.parametrize(
+    "n_tensors,n_kv", [(U64_MAX, 1), (1 << 20, 1), (1, U64_MAX), (1, 1 << 19), (2, 1), (1, 2)]
+)
 def test_bogus_header_counts(tmp_path: Path, n_tensors: int, n_kv: int) -> None:
     blob = _gguf([_kv_str("general.architecture", "llama")], [_ti("w", (32,), T.F32, 0)], bytes(128),
                  n_tensors=n_tensors, n_kv=n_kv)
@@ -330,7 +353,9 @@ def test_duplicate_key(tmp_path: Path) -> None:
 
 # --- tensor directory --------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("shape", [(0, 4), (32, 0), (1 << 41, 1), (32, U64_MAX), (32, 1 << 30, 1 << 30, 1 << 30)])
+@pytest.mark.parametrize(
+    "shape", [(0, 4), (32, 0), (1 << 41, 1), (32, U64_MAX), (32, 1 << 30, 1 << 30, 1 << 30)]
+)
 def test_impossible_dims(tmp_path: Path, shape: tuple[int, ...]) -> None:
     _refused(_write(tmp_path, _gguf([], [_ti("w", shape, T.F32, 0)], bytes(256))), "'w'")
 

@@ -1,5 +1,9 @@
 """What this machine has: OS, CPU model and SIMD features, cores, RAM, free disk where the store lives.
 
+The one place that asks: the CPU numba compiles for (``compile_target``, which the engine's kernels
+choose their SIMD code and fp16 conversion from), the default thread count (``default_threads``,
+container-aware: the process's CPU affinity and a cgroup CPU quota), RAM and disk.
+
 ``detect_hardware(store_path)`` returns a ``HardwareProfile``. Every probe has fallbacks, and a probe
 that fails leaves its field at a safe default instead of raising:
 
@@ -14,9 +18,10 @@ that fails leaves its field at a safe default instead of raising:
 
 Free disk is measured with ``shutil.disk_usage`` on the store folder, or its nearest existing parent.
 
-Test and what-if overrides (environment): ``PIPX_LLAMA_FAKE_RAM`` (bytes, or with a suffix: ``512M``,
-``8G``, ``16GiB``) pretends the machine has that much RAM, all of it available; ``PIPX_LLAMA_FREE_BYTES``
-pretends the store's disk has that many bytes free (the store's disk pre-check honours it too).
+Test and what-if overrides (environment): ``PIPX_LLAMA_FAKE_RAM`` (bytes, or a size: ``512M``,
+``8G``, ``16GiB``; see :mod:`pipx_llama.units`) pretends the machine has that much RAM, all of it
+available; ``PIPX_LLAMA_FREE_BYTES`` pretends the disk has that many bytes free (every disk check
+honours it: the planner's, the store's, the converter's and the quantizer's).
 
 Also the resource arithmetic the planner uses: the f16 KV cache size, the RAM a model needs to run,
 and whether that fits comfortably.
@@ -25,6 +30,7 @@ and whether that fits comfortably.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import platform
 import re
@@ -35,10 +41,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from pipx_llama.errors import UsageError
+from pipx_llama.units import parse_size
 
 FAKE_RAM_ENV = "PIPX_LLAMA_FAKE_RAM"
-FREE_BYTES_ENV = "PIPX_LLAMA_FREE_BYTES"  # same variable as pipx_llama.store's disk-check hook
+FREE_BYTES_ENV = "PIPX_LLAMA_FREE_BYTES"  # testing hook: pretend the store's disk has this many free bytes
+# Where a Linux container's cgroup limits are read (a variable so tests can point it at a fake tree).
+CGROUP_ROOT = "/sys/fs/cgroup"
 
 # Runtime memory besides the weights and the KV cache: Python, numpy/numba, scratch buffers, logits.
 RUNTIME_OVERHEAD = 300 << 20
@@ -50,17 +58,24 @@ SIMD_FEATURES = ("sse4_2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", 
                  "avx_vnni", "neon", "dotprod", "fp16", "sve")
 _LINUX_ARM_FLAGS = {"asimd": "neon", "neon": "neon", "asimddp": "dotprod", "asimdhp": "fp16", "sve": "sve"}
 _LLVM_NAMES = {"sse4.2": "sse4_2", "avx512vnni": "avx512_vnni", "avxvnni": "avx_vnni", "fullfp16": "fp16"}
-_MAC_KEYS = {"hw.optional.avx2_0": "avx2", "hw.optional.avx1_0": "avx", "hw.optional.fma": "fma",
-             "hw.optional.avx512f": "avx512f", "hw.optional.avx512bw": "avx512bw", "hw.optional.avx512vl": "avx512vl",
-             "hw.optional.sse4_2": "sse4_2", "hw.optional.neon": "neon", "hw.optional.arm64": "neon",
-             "hw.optional.arm.FEAT_DotProd": "dotprod", "hw.optional.arm.FEAT_FP16": "fp16",
-             "hw.optional.neon_fp16": "fp16"}
+_MAC_KEYS = {
+    "hw.optional.avx2_0": "avx2",
+    "hw.optional.avx1_0": "avx",
+    "hw.optional.fma": "fma",
+    "hw.optional.avx512f": "avx512f",
+    "hw.optional.avx512bw": "avx512bw",
+    "hw.optional.avx512vl": "avx512vl",
+    "hw.optional.sse4_2": "sse4_2",
+    "hw.optional.neon": "neon",
+    "hw.optional.arm64": "neon",
+    "hw.optional.arm.FEAT_DotProd": "dotprod",
+    "hw.optional.arm.FEAT_FP16": "fp16",
+    "hw.optional.neon_fp16": "fp16",
+}
 _MAC_CPU_FEATURES = {"fma": "fma", "f16c": "f16c", "avx1.0": "avx", "avx2": "avx2", "avx512f": "avx512f",
                      "avx512bw": "avx512bw", "avx512vl": "avx512vl", "sse4.2": "sse4_2"}
 # IsProcessorFeaturePresent ids (winnt.h)
 _WIN_FEATURES = {39: "avx", 40: "avx2", 41: "avx512f", 19: "neon", 43: "dotprod"}
-
-_SIZE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?)b?\s*", re.IGNORECASE)
 
 
 @dataclass(frozen=True)
@@ -85,8 +100,7 @@ class HardwareProfile:
     @property
     def threads(self) -> int:
         """The default thread count: physical cores, within what this process may use."""
-        usable = self.usable_cores or self.logical_cores
-        return max(1, min(self.physical_cores, usable))
+        return threads_for(self.physical_cores, self.usable_cores or self.logical_cores)
 
     def to_json(self) -> dict[str, Any]:
         out = asdict(self)
@@ -97,17 +111,7 @@ class HardwareProfile:
         return out
 
 
-# --- parsing helpers (pure; tested with recorded outputs) ------------------------------------------------------
-
-
-def parse_size(text: str, what: str = "size") -> int:
-    """``"123"``, ``"512M"``, ``"8G"``, ``"16GiB"`` -> bytes (k/M/G/T are powers of 1000; with ``i``, of 1024)."""
-    m = _SIZE.fullmatch(text)
-    if m is None:
-        raise UsageError(f"{what}: {text!r} is not a size", "write bytes, or a number with K, M, G or T (e.g. 8G)")
-    value, unit, binary = float(m.group(1)), m.group(2).lower(), bool(m.group(3))
-    power = " kmgt".index(unit) if unit else 0
-    return int(value * (1024 if binary else 1000) ** power)
+# --- parsing helpers (pure; tested with recorded outputs) ---------------------------------------------------
 
 
 def parse_cpuinfo(text: str) -> dict[str, Any]:
@@ -200,12 +204,25 @@ def parse_cgroup_cpus(text: str | None) -> int | None:
     if not text:
         return None
     parts = text.split()
-    if len(parts) != 2 or parts[0] == "max" or not parts[0].isdigit() or not parts[1].isdigit() or not int(parts[1]):
+    if len(parts) != 2:
         return None
-    return max(1, -(-int(parts[0]) // int(parts[1])))
+    return _quota_cpus(parts[0], parts[1])
 
 
-# --- probes ---------------------------------------------------------------------------------------------------
+def parse_cgroup_v1_cpus(quota_text: str | None, period_text: str | None) -> int | None:
+    """CPUs allowed by cgroup v1's ``cpu.cfs_quota_us`` / ``cpu.cfs_period_us`` (quota -1: unlimited)."""
+    if not quota_text or not period_text:
+        return None
+    return _quota_cpus(quota_text.strip(), period_text.strip())
+
+
+def _quota_cpus(quota: str, period: str) -> int | None:
+    if not quota.isdigit() or not period.isdigit() or not int(period) or not int(quota):
+        return None  # "max", "-1" or garbage: no quota
+    return max(1, -(-int(quota) // int(period)))
+
+
+# --- probes -------------------------------------------------------------------------------------------------
 
 
 def _read(path: str) -> str | None:
@@ -233,12 +250,52 @@ def _psutil() -> Any:
     return psutil
 
 
-def llvm_simd() -> tuple[str, ...]:
-    """The host CPU's SIMD features as LLVM (and so numba) sees them; () when llvmlite is unavailable."""
-    try:
-        import llvmlite.binding as llvm
+def is_x86() -> bool:
+    return platform.machine().lower() in ("x86_64", "amd64")
 
-        features = llvm.get_host_cpu_features()
+
+@dataclass(frozen=True)
+class CpuTarget:
+    """The CPU numba compiles for: LLVM's name for it and its features (LLVM's spelling, e.g. "avx2")."""
+
+    name: str
+    features: Mapping[str, bool]
+
+    def has(self, *names: str) -> bool:
+        return all(self.features.get(n, False) for n in names)
+
+
+def compile_target() -> CpuTarget:
+    """The one CPU-feature probe: the host as LLVM sees it, or the CPU named by ``NUMBA_CPU_NAME`` (then
+    only the features ``NUMBA_CPU_FEATURES`` lists count, as numba compiles for exactly those)."""
+    import numba
+    from llvmlite import binding as llvm_binding
+
+    name = numba.config.CPU_NAME
+    if name and name != "host":
+        listed = (numba.config.CPU_FEATURES or "").split(",")
+        return CpuTarget(str(name), {f[1:]: f[0] == "+" for f in listed if f})
+    return CpuTarget(llvm_binding.get_host_cpu_name(), dict(llvm_binding.get_host_cpu_features()))
+
+
+def target_features() -> dict[str, bool]:
+    """``compile_target().features`` as a plain dict."""
+    return dict(compile_target().features)
+
+
+def target_has_f16c() -> bool:
+    """Whether numba compiles for an x86 CPU with F16C (one instruction for fp16 <-> float32).
+
+    LLVM lowers a ``half`` -> ``float`` extension to that instruction with F16C, but to a runtime
+    library call without it, which numba's JIT cannot resolve (the process crashes).
+    """
+    return is_x86() and compile_target().has("f16c")
+
+
+def llvm_simd() -> tuple[str, ...]:
+    """The SIMD features of the CPU numba compiles for; () when llvmlite is unavailable."""
+    try:
+        features = compile_target().features
     except Exception:  # noqa: BLE001 - any failure here only means "no extra information"
         return ()
     names = {_LLVM_NAMES.get(k, k) for k, on in features.items() if on}
@@ -258,12 +315,13 @@ def _linux(info: dict[str, Any]) -> None:
         if line.startswith("PRETTY_NAME="):
             info["os_version"] = f"{line.split('=', 1)[1].strip(chr(34))} (kernel {platform.release()})"
     # containers: the cgroup's limits are what this process really gets
-    limit, usage = parse_cgroup_memory(_read("/sys/fs/cgroup/memory.max"), _read("/sys/fs/cgroup/memory.current"))
+    root = CGROUP_ROOT
+    limit, usage = parse_cgroup_memory(_read(f"{root}/memory.max"), _read(f"{root}/memory.current"))
     if limit is None:
-        limit, usage = parse_cgroup_memory(_read("/sys/fs/cgroup/memory/memory.limit_in_bytes"),
-                                           _read("/sys/fs/cgroup/memory/memory.usage_in_bytes"))
+        limit, usage = parse_cgroup_memory(_read(f"{root}/memory/memory.limit_in_bytes"),
+                                           _read(f"{root}/memory/memory.usage_in_bytes"))
     info["cgroup_memory"] = (limit, usage)
-    info["cgroup_cpus"] = parse_cgroup_cpus(_read("/sys/fs/cgroup/cpu.max"))
+    info["cgroup_cpus"] = cgroup_cpus()
 
 
 def _macos(info: dict[str, Any], run: Callable[[list[str]], str]) -> None:
@@ -275,7 +333,9 @@ def _macos(info: dict[str, Any], run: Callable[[list[str]], str]) -> None:
         if values.get(key, "").isdigit():
             info[field] = int(values[key])
     simd = {name for key, name in _MAC_KEYS.items() if values.get(key) == "1"}
-    features = (run(["sysctl", "-n", "machdep.cpu.features", "machdep.cpu.leaf7_features"]) or "").lower().split()
+    features = (
+        (run(["sysctl", "-n", "machdep.cpu.features", "machdep.cpu.leaf7_features"]) or "").lower().split()
+    )
     simd |= {_MAC_CPU_FEATURES[f] for f in features if f in _MAC_CPU_FEATURES}
     info["simd"] = tuple(f for f in SIMD_FEATURES if f in simd)
     info["ram_available"] = parse_vm_stat(run(["vm_stat"]))
@@ -312,6 +372,58 @@ def _windows(info: dict[str, Any]) -> None:  # pragma: no cover - exercised on W
     info["os_version"] = platform.version()
 
 
+def cgroup_cpus() -> int | None:
+    """The CPUs a Linux container's cgroup CPU quota allows (v2 ``cpu.max``, else v1 CFS), None if none."""
+    root = CGROUP_ROOT
+    v2 = parse_cgroup_cpus(_read(f"{root}/cpu.max"))
+    if v2 is not None:
+        return v2
+    for folder in ("cpu", "cpu,cpuacct"):
+        v1 = parse_cgroup_v1_cpus(_read(f"{root}/{folder}/cpu.cfs_quota_us"),
+                                  _read(f"{root}/{folder}/cpu.cfs_period_us"))
+        if v1 is not None:
+            return v1
+    return None
+
+
+def _affinity_cpus() -> int:
+    """The logical CPUs this process may run on (its affinity mask where the OS has one)."""
+    with contextlib.suppress(AttributeError, OSError):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+def usable_cores() -> int:
+    """The logical CPUs this process may use: its affinity, lowered by a container's CPU quota."""
+    usable = _affinity_cpus()
+    quota = cgroup_cpus() if platform.system() == "Linux" else None
+    return min(usable, quota) if quota else usable
+
+
+def physical_cores() -> int:
+    """Physical cores where they can be counted (psutil, /proc/cpuinfo), else half the logical ones."""
+    ps = _psutil()
+    if ps is not None:
+        with contextlib.suppress(Exception):
+            n = ps.cpu_count(logical=False)
+            if n:
+                return int(n)
+    counted = parse_cpuinfo(_read("/proc/cpuinfo") or "")["physical_cores"]
+    return counted or max(1, (os.cpu_count() or 2) // 2)
+
+
+def threads_for(physical: int, usable: int) -> int:
+    """The default thread count: one per physical core (SMT siblings share the vector units), within
+    what the process may use."""
+    return max(1, min(physical, usable))
+
+
+@functools.cache
+def default_threads() -> int:
+    """The default thread count of this process (the engine's and the quantizer's; ``doctor`` shows it)."""
+    return threads_for(physical_cores(), usable_cores())
+
+
 def nearest_existing(path: Path) -> Path:
     """``path`` or its nearest existing parent (the store may not exist yet)."""
     path = Path(path).expanduser().absolute()
@@ -334,7 +446,8 @@ def disk_free(path: Path, env: Mapping[str, str] | None = None) -> int:
 
 def detect_hardware(store_path: Path, *, env: Mapping[str, str] | None = None,
                     system: str | None = None, run: Callable[[list[str]], str] = _run) -> HardwareProfile:
-    """Probe the machine (``system``/``run`` replace ``platform.system()`` and the command runner in tests)."""
+    """Probe the machine (``system``/``run`` replace ``platform.system()`` and the command runner in
+    tests)."""
     env = os.environ if env is None else env
     system = system or platform.system()
     notes: list[str] = []
@@ -352,7 +465,9 @@ def detect_hardware(store_path: Path, *, env: Mapping[str, str] | None = None,
         with contextlib.suppress(Exception):
             vm = ps.virtual_memory()
             info["ram_total"] = info["ram_total"] or int(vm.total)
-            info["ram_available"] = int(vm.available) if info["ram_available"] is None else info["ram_available"]
+            info["ram_available"] = (
+                int(vm.available) if info["ram_available"] is None else info["ram_available"]
+            )
         with contextlib.suppress(Exception):
             info["physical_cores"] = info["physical_cores"] or ps.cpu_count(logical=False)
     if not info["simd"]:
@@ -361,9 +476,7 @@ def detect_hardware(store_path: Path, *, env: Mapping[str, str] | None = None,
         info["cpu_model"] = platform.processor() or platform.machine() or "unknown CPU"
     logical = int(info["logical_cores"] or logical)
     physical = int(info["physical_cores"] or max(1, logical // 2))
-    usable = logical
-    with contextlib.suppress(AttributeError, OSError):
-        usable = len(os.sched_getaffinity(0))
+    usable = _affinity_cpus()
     cg_cpus = info.get("cgroup_cpus")
     if cg_cpus and cg_cpus < usable:
         usable = cg_cpus
@@ -391,7 +504,7 @@ def detect_hardware(store_path: Path, *, env: Mapping[str, str] | None = None,
     )
 
 
-# --- resource arithmetic ----------------------------------------------------------------------------------------
+# --- resource arithmetic ------------------------------------------------------------------------------------
 
 
 def kv_cache_bytes(n_layers: int, n_ctx: int, n_kv_heads: int, head_dim: int) -> int:
@@ -417,7 +530,9 @@ def simd_summary(hw: HardwareProfile) -> str:
     if "avx2" in s and "fma" in s:
         return "AVX2 + FMA: the kernels are vectorized"
     if "neon" in s:
-        return "NEON: the kernels are vectorized" + (" (with dot-product instructions)" if "dotprod" in s else "")
+        return "NEON: the kernels are vectorized" + (
+            " (with dot-product instructions)" if "dotprod" in s else ""
+        )
     if "avx" in s:
         return "AVX without AVX2: the kernels run, about half as fast as on an AVX2 machine"
     return "no AVX2 or NEON detected: the kernels run, but expect slow generation"

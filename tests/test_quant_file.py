@@ -16,10 +16,9 @@ from gguf import GGMLQuantizationType, GGUFReader, GGUFValueType
 from quantize_oracles import llama_quantize
 from tinymodel import write_tiny_llama
 
-from pipx_llama.engine.gguf_reader import open_gguf
 from pipx_llama.errors import ModelFileError, UnsupportedModelError, UsageError
-from pipx_llama.quant.rules import FILE_TYPES
-from pipx_llama.quantize import (
+from pipx_llama.formats.gguf import open_gguf
+from pipx_llama.quant.file import (
     QUANTIZERS,
     QuantizeValueError,
     _Writer,
@@ -29,6 +28,7 @@ from pipx_llama.quantize import (
     widen_f16,
     widen_f16_ref,
 )
+from pipx_llama.quant.rules import FILE_TYPES
 
 Q = GGMLQuantizationType
 # 8 layers make use_more_bits pick a mix of layers; dim 320 forces every K-quant fallback.
@@ -51,7 +51,9 @@ def models(tmp_path_factory) -> dict[str, Path]:
 
 
 def field_types(path: Path) -> dict[str, list[int]]:
-    return {k: [int(t) for t in f.types] for k, f in GGUFReader(path).fields.items() if not k.startswith("GGUF.")}
+    return {
+        k: [int(t) for t in f.types] for k, f in GGUFReader(path).fields.items() if not k.startswith("GGUF.")
+    }
 
 
 @pytest.mark.parametrize("model", list(MODELS))
@@ -155,7 +157,9 @@ def test_progress_events(models: dict[str, Path], tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("exc", [RuntimeError, KeyboardInterrupt])
-def test_interrupted_run_leaves_no_file(exc: type[BaseException], models: dict[str, Path], tmp_path: Path) -> None:
+def test_interrupted_run_leaves_no_file(
+    exc: type[BaseException], models: dict[str, Path], tmp_path: Path
+) -> None:
     dst = tmp_path / "q.gguf"
     seen = []
 
@@ -173,7 +177,9 @@ def test_failure_keeps_an_existing_output(models: dict[str, Path], tmp_path: Pat
     dst = tmp_path / "q.gguf"
     dst.write_bytes(b"previous")
     with pytest.raises(KeyboardInterrupt):
-        quantize_model(models["f16-untied"], dst, "Q4_0", on_event=lambda ev: (_ for _ in ()).throw(KeyboardInterrupt))
+        quantize_model(
+            models["f16-untied"], dst, "Q4_0", on_event=lambda ev: (_ for _ in ()).throw(KeyboardInterrupt)
+        )
     assert dst.read_bytes() == b"previous"
     assert os.listdir(tmp_path) == ["q.gguf"]
 
@@ -187,7 +193,9 @@ def test_nonfinite_weights_are_refused_naming_the_tensor(bad: float, tmp_path: P
         f.seek(info.offset + 4 * (3 * 64 + 5))
         f.write(np.float32(bad).tobytes())
     dst = tmp_path / "out.gguf"
-    with pytest.raises(QuantizeValueError, match=r"'blk.0.ffn_up.weight' holds NaN or infinite values \(1 in row 3\)"):
+    with pytest.raises(
+        QuantizeValueError, match=r"'blk.0.ffn_up.weight' holds NaN or infinite values \(1 in row 3\)"
+    ):
         quantize_model(src, dst, "Q4_0")
     assert sorted(os.listdir(tmp_path)) == ["nan.gguf"]
     assert issubclass(QuantizeValueError, ModelFileError)
@@ -289,7 +297,7 @@ def test_memory_stays_bounded(tmp_path: Path) -> None:
     size = src.stat().st_size
     script = textwrap.dedent(f"""
         import json
-        from pipx_llama.quantize import quantize_model
+        from pipx_llama.quant.file import quantize_model
 
         def status(key):
             for line in open("/proc/self/status"):
@@ -303,7 +311,9 @@ def test_memory_stays_bounded(tmp_path: Path) -> None:
         quantize_model({str(src)!r}, {str(tmp_path / "q.gguf")!r}, "Q4_0", chunk_elements=1 << 20)
         print(json.dumps({{"base": base, "peak": status("VmHWM")}}))
     """)
-    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600, check=False)
+    out = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=600, check=False
+    )
     assert out.returncode == 0, out.stderr
     mem = json.loads(out.stdout)
     growth = mem["peak"] - mem["base"]
@@ -334,3 +344,54 @@ def test_cli_quantize(models: dict[str, Path], tmp_path: Path) -> None:
 
     out = cli("quantize", str(models["f16-untied"]), str(dst), "Q9_9")
     assert out.returncode == 2 and "unknown quantization type" in out.stderr and "hint:" in out.stderr
+
+
+# --- the disk: one error, and the output reaches it before it is renamed ------------------------------------
+
+
+def test_a_full_disk_is_disk_full_error_before_and_while_writing(models: dict[str, Path], tmp_path: Path,
+                                                                  monkeypatch) -> None:
+    from pipx_llama.errors import DiskFullError
+
+    dst = tmp_path / "q.gguf"
+    monkeypatch.setenv("PIPX_LLAMA_FREE_BYTES", "1000")
+    with pytest.raises(
+        DiskFullError, match="not enough disk space in .* for the quantized model q.gguf"
+    ) as err:
+        quantize_model(models["f16-untied"], dst, "Q4_0")
+    assert err.value.exit_code == 5 and os.listdir(tmp_path) == []
+    monkeypatch.delenv("PIPX_LLAMA_FREE_BYTES")
+
+    def full(self, tensor) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(_Writer, "write_tensor_data", full)
+    with pytest.raises(DiskFullError, match="No space left on device"):
+        quantize_model(models["f16-untied"], dst, "Q4_0")
+    assert os.listdir(tmp_path) == []
+
+
+def test_the_output_is_on_disk_before_it_is_renamed(
+    models: dict[str, Path], tmp_path: Path, monkeypatch
+) -> None:
+    """`quantize` used to rename its output without the fsync `convert` did: both now share one writer."""
+    from pipx_llama import files
+
+    calls: list[tuple[str, str]] = []
+    real_fsync, real_replace = files.fsync_path, os.replace
+    monkeypatch.setattr(files, "fsync_path", lambda p: (calls.append(("fsync", Path(p).name)), real_fsync(p)))
+    monkeypatch.setattr(
+        files.os, "replace", lambda a, b: (calls.append(("rename", Path(a).name)), real_replace(a, b))
+    )
+    quantize_model(models["f16-untied"], tmp_path / "q.gguf", "Q4_0")
+    tmp = calls[0][1]
+    assert tmp.startswith(".q.gguf.") and tmp.endswith(".tmp")
+    assert calls == [("fsync", tmp), ("rename", tmp), ("fsync", tmp_path.name)]
+
+
+def test_cli_full_disk_exit_code(models: dict[str, Path], tmp_path: Path) -> None:
+    env = {**os.environ, "PIPX_LLAMA_FREE_BYTES": "1000"}
+    out = subprocess.run([sys.executable, "-m", "pipx_llama.cli", "quantize", str(models["f16-untied"]),
+                          str(tmp_path / "q.gguf"), "Q4_0"], capture_output=True, text=True, timeout=600,
+                         check=False, env=env)
+    assert out.returncode == 5 and "not enough disk space" in out.stderr, out.stderr

@@ -1,0 +1,304 @@
+"""Running a plan: fetch -> convert -> quantize, each stage atomic and resumable.
+
+``prepare(plan)`` runs the stages. For a ready GGUF it is a pull. For original weights:
+
+    fetch      pull(): every file verified against the manifest into the store
+    convert    pipx_llama.convert -> models/<name>/<variant>/intermediate-f16.gguf
+    quantize   pipx_llama.quant -> models/<name>/<variant>/<quant>.gguf
+               + <quant>.gguf.provenance.json (source hashes -> derived file hash)
+
+then the F16 intermediate is deleted. Every output is written under a temporary name and renamed
+when complete; each stage's completion is recorded in ``models/<name>/<variant>/.pipeline.json``
+(written atomically), so a run killed at any moment resumes at the stage it was in: fetched blobs
+and partial downloads stay, a finished conversion is reused. One process at a time works on a
+variant (a lock); another waits and then finds the work done. A store this user cannot write is only
+read: a model already prepared in it runs (no lock, no state written), anything else is refused.
+
+Progress goes to ``on_event(ProgressEvent)``: the pull's, converter's and quantizer's own events,
+plus ``stage`` (a stage starts; ``file`` is the stage name), ``stage-done``, ``stage-skipped``
+(already done; ``message`` says why) and ``ready`` (``file`` is the runnable GGUF's path).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+from typing import Any
+
+from pipx_llama import __version__
+from pipx_llama.errors import UsageError
+from pipx_llama.events import EventCallback, ProgressEvent
+from pipx_llama.files import atomic_write_json
+from pipx_llama.models.manifest import Manifest, Variant
+from pipx_llama.models.plan import RunPlan, make_plan
+from pipx_llama.models.pull import pull
+from pipx_llama.models.runnable import (
+    INTERMEDIATE,
+    STAGES,
+    STATE_FILE,
+    check_installed,
+    convert_done,
+    derived_ready,
+    final_path,
+    gguf_ready,
+    provenance_path,
+    read_state,
+    source_hashes,
+)
+from pipx_llama.models.sources import PullOptions
+from pipx_llama.models.store import Store, gguf_header_digest, now_iso, sha256_file
+from pipx_llama.units import human_bytes
+
+
+def _noop(_ev: ProgressEvent) -> None:
+    pass
+
+
+class _Pipeline:
+    def __init__(
+        self, plan: RunPlan, store: Store, manifest: Manifest, variant: Variant, emit: EventCallback
+    ) -> None:
+        self.plan = plan
+        self.store = store
+        self.manifest = manifest
+        self.variant = variant
+        self.emit = emit
+        self.folder = store.variant_dir(manifest.name, variant.name)
+        self.label = f"{manifest.name} ({variant.name})"
+
+    def stage(self, kind: str, name: str, message: str) -> None:
+        self.emit(ProgressEvent(kind, name, source=self.label, message=message))
+
+    # the state file
+    def load(self) -> dict[str, Any]:
+        state = read_state(self.store, self.manifest, self.variant)
+        if not state:
+            state = {"format": 1, "model": self.manifest.name, "variant": self.variant.name,
+                     "sources": source_hashes(self.variant), "current": None, "stages": {}}
+        state.setdefault("stages", {})
+        return state
+
+    def save(self, state: dict[str, Any]) -> None:
+        atomic_write_json(self.folder / STATE_FILE, state)
+
+    def clean_temporaries(self) -> None:
+        """Leftovers of a killed conversion or quantization (we hold the variant's lock: nobody else
+        writes)."""
+        for p in self.folder.glob(".*.gguf.*.tmp"):  # pipx_llama.files.temp_path's names
+            p.unlink(missing_ok=True)
+
+    def source_dir(self) -> Path:
+        """The folder the converter reads: where config.json (HF) or params.json (Meta) is."""
+        key = "params.json" if self.variant.format == "meta-pth" else "config.json"
+        for f in self.variant.files:
+            if f.path.rsplit("/", 1)[-1] == key:
+                return (self.folder / f.path).parent
+        return self.folder
+
+    def run(self, pull_options: PullOptions, keep_intermediate: bool) -> Path:
+        final, quant = self.plan.final_path, self.plan.quant
+        check_installed(self.store, self.manifest, self.variant, final)
+        if derived_ready(final, self.variant, quant):
+            for s in STAGES:
+                self.stage("stage-skipped", s, f"{final.name} is already in the store")
+            return final
+        state = self.fetch(pull_options)
+        self.clean_temporaries()
+
+        inter = self.folder / INTERMEDIATE
+        if convert_done(self.store, self.manifest, self.variant, state):
+            self.stage("stage-skipped", "convert", f"reusing the finished conversion {inter.name}")
+        else:
+            self.convert(state, inter)
+        self.quantize(state, inter, final, quant)
+        if not keep_intermediate:
+            inter.unlink(missing_ok=True)
+            state["stages"]["convert"] = {**state["stages"].get("convert", {}), "status": "removed",
+                                          "removed_at": now_iso()}
+            self.save(state)
+        return final
+
+    def fetch(self, pull_options: PullOptions) -> dict[str, Any]:
+        """Pull the variant (a no-op for files already in the store); returns the updated state."""
+        missing = any(not self.store.has_blob(f.sha256, f.size) for f in self.variant.files)
+        if missing:
+            self.stage("stage", "fetch", f"fetching and verifying {len(self.variant.files)} file(s)")
+        else:
+            self.stage("stage-skipped", "fetch", "every file is already in the store, verified")
+
+        def pulled(ev: ProgressEvent) -> None:
+            # pull's "installed" would read as "ready" while conversion is still to come; stage-done says it
+            if ev.kind != "installed":
+                self.emit(ev)
+
+        result = pull(self.store, self.manifest, pull_options, pulled)
+        state = self.load()
+        state["stages"]["fetch"] = {"status": "done", "at": now_iso(), "fetched": result.fetched}
+        self.save(state)
+        if missing:
+            self.stage("stage-done", "fetch", "all files verified")
+        return state
+
+    def convert(self, state: dict[str, Any], inter: Path) -> None:
+        from pipx_llama.convert import convert
+
+        inter.unlink(missing_ok=True)
+        state["current"] = "convert"
+        state["stages"]["convert"] = {"status": "running", "started_at": now_iso(), "pid": os.getpid()}
+        self.save(state)
+        self.stage("stage", "convert", f"converting the {self.variant.format} weights to an F16 GGUF")
+        result = convert(self.source_dir(), inter, "f16", on_event=self.emit)
+        st = inter.stat()
+        state["current"] = None
+        state["stages"]["convert"] = {
+            "status": "done",
+            "at": now_iso(),
+            "path": INTERMEDIATE,
+            "outtype": "F16",
+            "size": st.st_size,
+            "mtime_ns": st.st_mtime_ns,
+            "seconds": round(result.seconds, 2),
+            "tensors": result.n_tensors,
+            "source_format": result.source_format,
+        }
+        self.save(state)
+        self.stage(
+            "stage-done", "convert", f"{inter.name}: {human_bytes(st.st_size)} in {result.seconds:.1f} s"
+        )
+
+    def quantize(self, state: dict[str, Any], inter: Path, final: Path, quant: str) -> None:
+        from pipx_llama.quant.file import quantize_model
+
+        provenance_path(final).unlink(missing_ok=True)
+        final.unlink(missing_ok=True)
+        state["current"] = "quantize"
+        quants = state["stages"].setdefault("quantize", {})
+        quants[quant] = {"status": "running", "started_at": now_iso(), "pid": os.getpid()}
+        self.save(state)
+        self.stage("stage", "quantize", f"quantizing to {quant} with {self.plan.threads} thread(s)")
+        q = quantize_model(inter, final, quant, threads=self.plan.threads, on_event=self.emit)
+        size = final.stat().st_size
+        self.emit(ProgressEvent("start", final.name, 0, size, message="hashing"))
+        digest = sha256_file(final)
+        self.emit(ProgressEvent("done", final.name, size, size, message=f"sha256 {digest}"))
+        record = {**self.provenance(state, q, digest, size), **gguf_header_digest(final)}
+        atomic_write_json(provenance_path(final), record)
+        state["current"] = None
+        quants[quant] = {
+            "status": "done",
+            "at": now_iso(),
+            "path": final.name,
+            "sha256": digest,
+            "size": size,
+            "seconds": round(q.seconds, 2),
+        }
+        self.save(state)
+        self.stage("stage-done", "quantize", f"{final.name}: {human_bytes(size)} in {q.seconds:.1f} s")
+
+    def provenance(self, state: dict[str, Any], q: Any, digest: str, size: int) -> dict[str, Any]:
+        pulled = self.store.read_provenance(self.manifest.name, self.variant.name) or {}
+        sizes = {f.get("path"): f.get("size") for f in pulled.get("files", [])}
+        conv = state["stages"].get("convert", {})
+        return {
+            "format": 1,
+            "kind": "derived",
+            "model": self.manifest.name,
+            "variant": self.variant.name,
+            "quantization": self.plan.quant,
+            "path": self.plan.final_path.name,
+            "sha256": digest,
+            "size": size,
+            "created_at": now_iso(),
+            "created_by": f"pipx-llama {__version__}",
+            "manifest": {"origin": self.manifest.origin, "sha256": self.manifest.text_sha256},
+            "sources": [
+                {"path": f.path, "sha256": f.sha256, "size": sizes.get(f.path, f.size)}
+                for f in self.variant.files
+            ],
+            "steps": [
+                {
+                    "stage": "convert",
+                    "from": self.variant.format,
+                    "to": "F16",
+                    "seconds": conv.get("seconds"),
+                    "tensors": conv.get("tensors"),
+                },
+                {
+                    "stage": "quantize",
+                    "from": "F16",
+                    "to": self.plan.quant,
+                    "threads": self.plan.threads,
+                    "seconds": round(q.seconds, 2),
+                    "tensors": q.n_tensors,
+                    "fallbacks": q.n_fallback,
+                },
+            ],
+        }
+
+
+def prepare(plan: RunPlan, *, pull_options: PullOptions | None = None, on_event: EventCallback | None = None,
+            keep_intermediate: bool = False) -> Path:
+    """Run the plan's stages and return the runnable GGUF's path in the store.
+
+    ``pull_options`` default to those the plan was made with. ``keep_intermediate`` keeps the F16
+    conversion (for quantizing the same weights again).
+    """
+    emit = on_event or _noop
+    if plan.manifest is None:
+        raise UsageError("this plan carries no manifest", "make plans with make_plan()")
+    manifest = plan.manifest
+    variant = manifest.variant(plan.variant)
+    store = Store(plan.store_root)
+    options = dataclasses.replace(pull_options or plan.pull_options or PullOptions(), variant=variant.name,
+                                  extra_bytes=plan.intermediate_bytes + plan.final_bytes)
+    label = f"{manifest.name} ({variant.name})"
+    read_only = store.read_only_reason()
+    if variant.format == "gguf":
+        path = final_path(store, manifest, variant, plan.quant)
+        check_installed(store, manifest, variant, path)
+        if gguf_ready(store, manifest, variant):
+            emit(
+                ProgressEvent(
+                    "stage-skipped", "fetch", source=label, message="already in the store, verified"
+                )
+            )
+        else:
+            emit(
+                ProgressEvent(
+                    "stage", "fetch", source=label, message=f"fetching {len(variant.files)} file(s)"
+                )
+            )
+            pull(store, manifest, options, emit)
+            emit(ProgressEvent("stage-done", "fetch", source=label, message="all files verified"))
+    elif read_only is not None:
+        # nothing can be written, so nothing can change: the file is used as it is, without locks
+        path = final_path(store, manifest, variant, plan.quant)
+        if not derived_ready(path, variant, plan.quant):
+            raise store.read_only_error(f"prepare {label} {plan.quant}", read_only)
+        check_installed(store, manifest, variant, path)
+        for stage in STAGES:
+            emit(ProgressEvent("stage-skipped", stage, source=label,
+                               message=f"{path.name} is already in the store"))
+    else:
+        store.ensure()
+        lock = store.lock(f"pipeline-{manifest.name}-{variant.name}")
+        if not lock.try_acquire():
+            emit(ProgressEvent("waiting-lock", label, source=label,
+                               message=f"{lock.holder()} is preparing this model; waiting for it"))
+            lock.acquire()
+        try:
+            with store.shared():
+                path = _Pipeline(plan, store, manifest, variant, emit).run(options, keep_intermediate)
+        finally:
+            lock.release()
+    emit(ProgressEvent("ready", str(path), path.stat().st_size, path.stat().st_size, source=label,
+                       message=f"{label} {plan.quant} is ready"))
+    return path
+
+
+def plan_and_prepare(
+    name: str | None = None, *, on_event: EventCallback | None = None, **kwargs: Any
+) -> Path:
+    """``make_plan`` then ``prepare`` with the user's configuration (the one call a script needs)."""
+    return prepare(make_plan(name, **kwargs), on_event=on_event)
