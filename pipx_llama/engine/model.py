@@ -37,9 +37,9 @@ from pipx_llama.tokenizer.tokenizer import Tokenizer
 
 DEFAULT_CTX = 4096
 DEFAULT_BATCH = 256
-# batches at most this long take the fused pass even with plain-kind (Q5_*) weights: generation
+# batches at most this long take the fused pass with plain-kind weights (no SIMD tier): generation
 _FUSED_PLAIN_MAX_T = 2
-# Models with Q5 weights take the fused pass only up to this size. Its portable loops run ~20% slower
+# Plain-kind models take the fused pass only up to this size. Its portable loops run ~20% slower
 # per byte than the per-op kernels, which pays only while the per-op path's parallel regions (~40 us,
 # hundreds per token) weigh more: SmolLM2 Q5_0 (0.1 GB) 85 vs 56 tok/s, 7B Q5_K_M (4.8 GB) 3.7 vs 4.6.
 _PLAIN_FUSED_MAX_BYTES = 512 << 20
@@ -182,13 +182,13 @@ def _pack(g: GGUFFile, layers: list[Layer], output: Weight, output_norm: np.ndar
     """
     weights = [w for layer in layers for w in layer.matrices()]
     weights.append(output)
-    if not all(packed.supported(w.qtype) for w in weights):
+    # without a SIMD tier every weight is plain: read in place from the file, so the per-op path
+    # that runs such a model's prompts maps the same pages (one copy in RAM)
+    plain = not packed.SIMD
+    if not all(packed.supported(w.qtype, plain) for w in weights):
         return None
     wdesc = np.zeros((len(weights), 4), np.int64)
     total = 0
-    # one Q5 weight (no packed layout) makes every weight plain: all read in place from the file, so
-    # the per-op path that runs such a model's prompts maps the same pages (one copy in RAM)
-    plain = any(packed.KIND_OF_QTYPE[w.qtype] in packed.PLAIN_KINDS for w in weights)
     if plain and sum(w.nbytes for w in weights) > _PLAIN_FUSED_MAX_BYTES:
         return None
     for i, w in enumerate(weights):
@@ -541,7 +541,7 @@ class Context:
         n_out = ids.size if all_logits else 1
         logits = np.empty((n_out, hp.n_vocab), np.float32)
         pw = self.model.packed
-        # plain-kind weights (Q5_*) have no fused multi-token kernel: prompts take the per-op path,
+        # plain-kind weights (no SIMD tier) have no fused multi-token kernel: prompts take the per-op path,
         # which decodes each block once for all the batch's tokens (same KV cache, same logits)
         fused = self._team is not None and pw is not None and (ids.size <= _FUSED_PLAIN_MAX_T or not pw.plain)
         if not fused:

@@ -174,6 +174,15 @@ class _Emit:
         return self.b.call(f, [a, x, c])
 
 
+def _shift(b: ir.IRBuilder, v: ir.Value, n: int, e: _Emit) -> ir.Value:
+    """v shifted left by n bits (right by -n when n < 0)."""
+    if n > 0:
+        return b.shl(v, e.const_i32(n))
+    if n < 0:
+        return b.lshr(v, e.const_i32(-n))
+    return v
+
+
 def _array_data(context, builder, aryty, ary) -> ir.Value:
     """The array's data pointer as i8*."""
     a = context.make_array(aryty)(context, builder, ary)
@@ -194,7 +203,14 @@ def _row_stride(context, builder, aryty, ary) -> ir.Value:
 #   d: 16 fp16 scales; m: 16 fp16 mins (Q4_1)
 # Records of one group follow each other; groups follow each other.
 
-LEGACY_RECORD = {"q4_0": 288, "q4_1": 320, "q8_0": 544}
+#   Q5_0/Q5_1 also hold, after qs, 16 lanes x 4 bytes of fifth bits, reordered at repack time so that
+#       byte i of lane r has, in bit k, the fifth bit of element 4k+i and in bit 4+k that of element
+#       16+4k+i: a constant shift and a mask then put step k's fifth bits at bit 4 of each byte.
+
+LEGACY_RECORD = {"q4_0": 288, "q4_1": 320, "q8_0": 544, "q5_0": 352, "q5_1": 384}
+# byte offsets in a record: (fifth bits or -1, d, m or -1)
+LEGACY_OFFSETS = {"q4_0": (-1, 256, -1), "q4_1": (-1, 256, 288), "q8_0": (-1, 512, -1), "q5_0": (256, 320, -1),
+                  "q5_1": (256, 320, 352)}
 
 
 def _legacy_codegen(kind: str, nt: int, tier: str):
@@ -229,6 +245,9 @@ def _legacy_codegen(kind: str, nt: int, tier: str):
             isum = [[e.zero_i32() for _ in range(e.parts)] for _ in range(nt)]
             n_steps = 8 if kind == "q8_0" else 4
             xoff = b.mul(blk, _I64(32))
+            qh_off, d_at, m_at = LEGACY_OFFSETS[kind]
+            qhv = [e.load(wbase, b.add(rb, _I64(qh_off + p * 4 * e.width)), e.vi32) if qh_off >= 0 else None
+                   for p in range(e.parts)]
             for k in range(n_steps):
                 for p in range(e.parts):
                     v = e.load(wbase, b.add(rb, _I64(k * 64 + p * 4 * e.width)), e.vi32)
@@ -246,28 +265,33 @@ def _legacy_codegen(kind: str, nt: int, tier: str):
                     else:
                         lo = b.and_(v, e.const_i32(0x0F0F0F0F))
                         hi = b.and_(b.lshr(v, e.const_i32(4)), e.const_i32(0x0F0F0F0F))
+                        if qh_off >= 0:
+                            m10 = e.const_i32(0x10101010)
+                            lo = b.or_(lo, b.and_(b.shl(qhv[p], e.const_i32(4 - k)), m10))
+                            hi = b.or_(hi, b.and_(b.lshr(qhv[p], e.const_i32(k)), m10))
                         for t in range(nt):
                             xa = e.splat_i32(e.load(rows_q[t], b.add(xoff, _I64(4 * k)), _I32))
                             xb = e.splat_i32(e.load(rows_q[t], b.add(xoff, _I64(16 + 4 * k)), _I32))
                             isum[t][p] = e.dpbusd(isum[t][p], lo, xa)
                             isum[t][p] = e.dpbusd(isum[t][p], hi, xb)
-            d_off = _I64(512 if kind == "q8_0" else 256)
             boff4 = b.mul(blk, _I64(4))
             for p in range(e.parts):
-                dw = e.half_to_f32(wbase, b.add(rb, b.add(d_off, _I64(p * 2 * e.width))))
+                dw = e.half_to_f32(wbase, b.add(rb, _I64(d_at + p * 2 * e.width)))
                 mw = None
-                if kind == "q4_1":
-                    mw = e.half_to_f32(wbase, b.add(rb, _I64(288 + p * 2 * e.width)))
+                if m_at >= 0:
+                    mw = e.half_to_f32(wbase, b.add(rb, _I64(m_at + p * 2 * e.width)))
                 for t in range(nt):
                     dx = e.splat_f32(e.load(rows_d[t], boff4, _F32))
                     s = isum[t][p]
                     if kind == "q4_0":
                         s = b.sub(s, e.splat_i32(b.shl(e.load(rows_sum[t], boff4, _I32), _I32(3))))
+                    elif kind == "q5_0":
+                        s = b.sub(s, e.splat_i32(b.shl(e.load(rows_sum[t], boff4, _I32), _I32(4))))
                     elif kind == "q8_0" and tier != "avx2":
                         s = b.sub(s, e.splat_i32(b.shl(e.load(rows_sum[t], boff4, _I32), _I32(7))))
                     acc = b.load(accs[t][p])
                     acc = e.fma(b.sitofp(s, e.vf32), b.fmul(dw, dx), acc)
-                    if kind == "q4_1":
+                    if mw is not None:
                         acc = e.fma(mw, e.splat_f32(e.load(rows_s[t], boff4, _F32)), acc)
                     b.store(acc, accs[t][p])
         for t in range(nt):
@@ -302,18 +326,24 @@ if TIER is not None:
     q4_1_x4 = _make_legacy_intrinsic("q4_1", 4)
     q8_0_x1 = _make_legacy_intrinsic("q8_0", 1)
     q8_0_x4 = _make_legacy_intrinsic("q8_0", 4)
+    q5_0_x1 = _make_legacy_intrinsic("q5_0", 1)
+    q5_0_x4 = _make_legacy_intrinsic("q5_0", 4)
+    q5_1_x1 = _make_legacy_intrinsic("q5_1", 1)
+    q5_1_x4 = _make_legacy_intrinsic("q5_1", 4)
 
 
 # ----------------------------------------------------------------------------- K-quant kernels
 # Records per group of 16 rows and super-block of 256 columns:
 #   Q4_K (2368 bytes): qs steps k < 32 as [k][lane][4 bytes] (qs bytes 4k..4k+3: sub-block 2(k//8) in
 #       the low nibbles, 2(k//8)+1 in the high ones); sc [8][lane] u8; m [8][lane] u8; d, dmin fp16 [lane]
+#   Q5_K (2880 bytes): qs as Q4_K; qh steps kk < 8 [kk][lane][4] (qh bytes 4kk..4kk+3: bit j is the
+#       fifth bit of that position of sub-block j); sc, m, d, dmin as Q4_K, 512 bytes later
 #   Q6_K (3360 bytes): ql steps k < 32 [k][lane][4]; qh steps k < 16 [k][lane][4]; sc [16][lane] i8;
 #       d fp16 [lane]
 # Activations are Q8_K: xq int8 [T, n], xd float32 [T, n/256], and the sums of 16 and of 32
 # consecutive xq as int32 (xb16 [T, n/16], xb32 [T, n/32]).
 
-KQUANT_RECORD = {"q4_K": 2368, "q6_K": 3360}
+KQUANT_RECORD = {"q4_K": 2368, "q5_K": 2880, "q6_K": 3360}
 
 
 def _kquant_codegen(kind: str, nt: int, tier: str):
@@ -352,7 +382,9 @@ def _kquant_codegen(kind: str, nt: int, tier: str):
                 e.prefetch_record(wbase, rb, rec)
             xo = b.mul(blk, _I64(256))
             isum = [[e.zero_i32() for _ in range(e.parts)] for _ in range(nt)]
-            if kind == "q4_K":
+            if kind in ("q4_K", "q5_K"):
+                extra = 512 if kind == "q5_K" else 0  # scales and mins sit after the fifth bits
+                m10 = e.const_i32(0x10101010)
                 for pair in range(4):
                     alo = [[e.zero_i32() for _ in range(e.parts)] for _ in range(nt)]
                     ahi = [[e.zero_i32() for _ in range(e.parts)] for _ in range(nt)]
@@ -362,12 +394,16 @@ def _kquant_codegen(kind: str, nt: int, tier: str):
                             v = e.load(wbase, b.add(rb, _I64(k * 64 + p * 4 * W)), e.vi32)
                             lo = b.and_(v, m0f)
                             hi = b.and_(b.lshr(v, e.const_i32(4)), m0f)
+                            if extra:
+                                qh = e.load(wbase, b.add(rb, _I64(2048 + kk * 64 + p * 4 * W)), e.vi32)
+                                lo = b.or_(lo, b.and_(_shift(b, qh, 4 - 2 * pair, e), m10))
+                                hi = b.or_(hi, b.and_(_shift(b, qh, 3 - 2 * pair, e), m10))
                             for t in range(nt):
                                 alo[t][p] = e.dpbusd(alo[t][p], lo, xq_splat(t, xo, 64 * pair + 4 * kk))
                                 ahi[t][p] = e.dpbusd(ahi[t][p], hi, xq_splat(t, xo, 64 * pair + 32 + 4 * kk))
                     for p in range(e.parts):
-                        sc_lo = bytes_i32(rb, 2048 + (2 * pair) * 16, p, False)
-                        sc_hi = bytes_i32(rb, 2048 + (2 * pair + 1) * 16, p, False)
+                        sc_lo = bytes_i32(rb, extra + 2048 + (2 * pair) * 16, p, False)
+                        sc_hi = bytes_i32(rb, extra + 2048 + (2 * pair + 1) * 16, p, False)
                         for t in range(nt):
                             isum[t][p] = b.add(isum[t][p], b.add(b.mul(alo[t][p], sc_lo), b.mul(ahi[t][p], sc_hi)))
                 xo32 = b.mul(blk, _I64(8 * 4))
@@ -375,13 +411,13 @@ def _kquant_codegen(kind: str, nt: int, tier: str):
                 summs = [[e.zero_i32() for _ in range(e.parts)] for _ in range(nt)]
                 for j in range(8):
                     for p in range(e.parts):
-                        mj = bytes_i32(rb, 2176 + j * 16, p, False)
+                        mj = bytes_i32(rb, extra + 2176 + j * 16, p, False)
                         for t in range(nt):
                             bj = e.splat_i32(e.load(r32[t], b.add(xo32, _I64(4 * j)), _I32))
                             summs[t][p] = b.add(summs[t][p], b.mul(mj, bj))
                 for p in range(e.parts):
-                    dw = e.half_to_f32(wbase, b.add(rb, _I64(2304 + p * 2 * W)))
-                    dmw = e.half_to_f32(wbase, b.add(rb, _I64(2336 + p * 2 * W)))
+                    dw = e.half_to_f32(wbase, b.add(rb, _I64(extra + 2304 + p * 2 * W)))
+                    dmw = e.half_to_f32(wbase, b.add(rb, _I64(extra + 2336 + p * 2 * W)))
                     for t in range(nt):
                         dy = e.splat_f32(e.load(rd[t], b.mul(blk, _I64(4)), _F32))
                         acc = b.load(accs[t][p])
@@ -459,5 +495,7 @@ def _make_kquant_intrinsic(kind: str, nt: int):
 if TIER is not None:
     q4_K_x1 = _make_kquant_intrinsic("q4_K", 1)
     q4_K_x4 = _make_kquant_intrinsic("q4_K", 4)
+    q5_K_x1 = _make_kquant_intrinsic("q5_K", 1)
+    q5_K_x4 = _make_kquant_intrinsic("q5_K", 4)
     q6_K_x1 = _make_kquant_intrinsic("q6_K", 1)
     q6_K_x2 = _make_kquant_intrinsic("q6_K", 2)
