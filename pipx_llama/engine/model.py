@@ -115,9 +115,13 @@ class Model:
         """Bytes of weights one generated token reads (every matrix once, the embedding row aside)."""
         return self.output.nbytes + sum(w.nbytes for layer in self.layers for w in layer.matrices())
 
-    def new_context(self, n_ctx: int | None = None, n_batch: int = DEFAULT_BATCH, *, fused: bool = True) -> Context:
-        """A fresh context; ``fused=False`` forces the per-op path (same logits, slower; for tests)."""
-        return Context(self, n_ctx, n_batch, fused=fused)
+    def new_context(self, n_ctx: int | None = None, n_batch: int = DEFAULT_BATCH, *, fused: bool = True,
+                    type_k: str = "f16", type_v: str = "f16") -> Context:
+        """A fresh context; ``fused=False`` forces the per-op path (same logits, slower; for tests).
+
+        ``type_k``/``type_v``: the KV cache's types, "f16" or "q8_0" (llama.cpp's --cache-type-k/-v).
+        """
+        return Context(self, n_ctx, n_batch, fused=fused, type_k=type_k, type_v=type_v)
 
     def close(self) -> None:
         self.gguf.close()
@@ -229,6 +233,11 @@ def _pack(g: GGUFFile, layers: list[Layer], output: Weight, output_norm: np.ndar
     need[4 * len(layers)] = act[-1]
     vecs, ldesc, out_norm = _layer_table(layers, output_norm)
     return PackedWeights(arena, wdesc, need, vecs, ldesc, out_norm, plain)
+
+
+def _kernel_cache(flat: np.ndarray) -> np.ndarray:
+    """A KV buffer as the numba kernels take it: F16 as its bits (uint16), q8_0 blocks as they are (uint8)."""
+    return flat.view(np.uint16) if flat.dtype == np.float16 else flat
 
 
 def _huge_page_buffer(size: int) -> np.ndarray:
@@ -402,9 +411,10 @@ def load_model(path: str | Path, *, threads: int | None = None) -> Model:
 
 
 class Context:
-    """One sequence's state: the KV cache (float16, as llama.cpp keeps it) and scratch buffers."""
+    """One sequence's state: the KV cache (float16 as llama.cpp keeps it, or q8_0) and scratch buffers."""
 
-    def __init__(self, model: Model, n_ctx: int | None, n_batch: int, *, fused: bool = True) -> None:
+    def __init__(self, model: Model, n_ctx: int | None, n_batch: int, *, fused: bool = True,
+                 type_k: str = "f16", type_v: str = "f16") -> None:
         hp = model.hparams
         if n_ctx is None:
             n_ctx = min(hp.n_ctx_train, DEFAULT_CTX)
@@ -420,7 +430,7 @@ class Context:
         self.n_batch = min(n_batch, n_ctx)
         self.n_past = 0
         self.tokens: list[int] = []  # what the cache holds, position by position
-        self.kv = KVCache(hp, n_ctx, self.n_batch)
+        self.kv = KVCache(hp, n_ctx, self.n_batch, type_k, type_v)
         # RoPE tables [tables, n_ctx, n_rot/2]: the global layers', then the sliding-window layers'
         tables = [ops.rope_cache(n_ctx, hp.n_rot, hp.rope_base, hp.rope_freq_scale, hp.factors_for(n_ctx),
                                  hp.rope_attn_factor)]
@@ -463,7 +473,7 @@ class Context:
         fpa[[fused_kernels.FP_EPS, fused_kernels.FP_Q_SCALE, fused_kernels.FP_KQ_SCALE, fused_kernels.FP_SOFTCAP]] = (
             hp.norm_eps, hp.q_scale, self.kq_scale, hp.attn_softcap)
         ldesc = pw.ldesc.copy()
-        ldesc[:, fused_kernels.LD_KV_OFF] = self.kv.offsets[:-1]
+        ldesc[:, fused_kernels.LD_KV_OFF] = self.kv.row_offsets[:-1]
         ldesc[:, fused_kernels.LD_KV_ROWS] = self.kv.rows
         k_widest = (widest + 255) // 256 * 256
         a8 = (np.empty(b * widest, np.int8), np.empty(b * widest // 32, np.float32),
@@ -475,7 +485,7 @@ class Context:
         bundle = fused_kernels.Bundle(
             hp=hpa, fp=fpa, par=self._par, stages=fused_kernels.stage_table(hp.n_layers),
             arenas=(pw.arena, m.gguf.data), wdesc=pw.wdesc, need=pw.need, ldesc=ldesc, vecs=pw.vecs,
-            cos=self.rope_cos, sin=self.rope_sin, kc=self.kv.k.view(np.uint16), vc=self.kv.v.view(np.uint16),
+            cos=self.rope_cos, sin=self.rope_sin, kc=_kernel_cache(self.kv.k), vc=_kernel_cache(self.kv.v),
             x=self._x, xb=self._xb, q=self._q, k=self._k, v=self._v, att=self._att, proj=self._proj,
             gate=self._gate, up=self._up, hidden=self._hidden, logits=self._logits, a8f=a8, akf=ak,
             scratch=np.empty((threads, self.n_ctx + 2 * hp.head_dim), np.float32),
@@ -620,10 +630,13 @@ class Context:
             cos, sin = self.rope_cos[table], self.rope_sin[table]
             rope(q_heads, positions, cos, sin)
             rope(k_heads, positions, cos, sin)
-            kc, vc = self.kv.k_layer(li), self.kv.v_layer(li)  # [rows, n_kv_heads, head_dim] f16
+            kc, vc = self.kv.k_layer(li), self.kv.v_layer(li)  # [rows, n_kv_heads, head_dim] f16, or q8_0 rows
             slots = positions % kc.shape[0]
-            kc[slots] = k_heads
-            vc[slots] = v_heads
+            for cache, heads in ((kc, k_heads), (vc, v_heads)):
+                if cache.dtype == np.uint8:
+                    ops.kv_store_rows(cache, slots, heads)
+                else:
+                    cache[slots] = heads
             ops.attention(q_heads, kc, vc, pos0, att.reshape(T, hp.n_heads, hp.head_dim), window=layer.window,
                           q_scale=hp.q_scale, kq_scale=self.kq_scale, softcap=hp.attn_softcap)
             layer.wo.matmul(att, proj)
