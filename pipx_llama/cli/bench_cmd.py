@@ -113,7 +113,8 @@ def run(args: argparse.Namespace) -> int:
         "model": str(path), "size_bytes": path.stat().st_size, "params": _params(model),
         "threads": model.threads, "engine": "fused" if model.packed is not None else "per-op",
         "cpu": platform.processor() or platform.machine(), "load_seconds": load_s,
-        "weight_bytes_per_token": model.weight_bytes, "results": results,
+        "weight_bytes_per_token": model.weight_bytes, "type_k": args.cache_type_k, "type_v": args.cache_type_v,
+        "kv_bytes": ctx.kv_bytes, "results": results,
     }
     model.close()
     if args.json:

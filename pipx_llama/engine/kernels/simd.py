@@ -138,6 +138,40 @@ class _Emit:
         ones = ir.Constant(self.vi16, [1] * (2 * self.width))
         return b.add(acc, b.call(maddwd, [p16, ones]))
 
+    # Integer dot products accumulated in chunks. On the avx2 tier a chunk's ``vpmaddubsw`` pairs add up
+    # in int16 lanes (vpaddw) and one ``vpmaddwd`` per chunk widens them to int32 -- by ones, or by the
+    # chunk's scales, which then cost no vpmulld -- instead of one vpmaddwd and one vpaddd per product:
+    # vpmaddubsw and vpmaddwd share one multiplier port on Zen 1-3. Callers size chunks so no int16
+    # lane can overflow (|activation| <= 127: a chunk of n products of weights < 2^b needs
+    # n * 2 * (2^b - 1) * 127 < 2^15). The VNNI tiers accumulate int32 with vpdpbusd as before.
+    def acc_zero(self) -> ir.Value:
+        if self.tier == "avx2":
+            return ir.Constant(self.vi16, [0] * (2 * self.width))
+        return self.zero_i32()
+
+    def acc_add(self, acc: ir.Value, a: ir.Value, x: ir.Value) -> ir.Value:
+        """acc += products of u8 a and s8 x (int16 pairs on the avx2 tier, int32 quads on VNNI)."""
+        if self.tier != "avx2":
+            return self.dpbusd(acc, a, x)
+        maddubs = self.fn("llvm.x86.avx2.pmadd.ub.sw", self.vi16, [self.vi8, self.vi8])
+        return self.b.add(acc, self.b.call(maddubs, [self.b.bitcast(a, self.vi8), self.b.bitcast(x, self.vi8)]))
+
+    def acc_sum(self, acc: ir.Value) -> ir.Value:
+        """The chunk's int32 sums per lane."""
+        if self.tier != "avx2":
+            return acc
+        maddwd = self.fn("llvm.x86.avx2.pmadd.wd", self.vi32, [self.vi16, self.vi16])
+        return self.b.call(maddwd, [acc, ir.Constant(self.vi16, [1] * (2 * self.width))])
+
+    def acc_scaled(self, acc: ir.Value, sc: ir.Value) -> ir.Value:
+        """The chunk's int32 sums per lane times ``sc`` (int32 lanes holding int16-range scales)."""
+        if self.tier != "avx2":
+            return self.b.mul(acc, sc)
+        b = self.b
+        sc16 = b.bitcast(b.or_(b.shl(sc, self.const_i32(16)), b.and_(sc, self.const_i32(0xFFFF))), self.vi16)
+        maddwd = self.fn("llvm.x86.avx2.pmadd.wd", self.vi32, [self.vi16, self.vi16])
+        return b.call(maddwd, [acc, sc16])
+
     def dpbssd_sign(self, acc: ir.Value, a: ir.Value, x: ir.Value) -> ir.Value:
         """acc[i] += sum_{k<4} s8(a[4i+k]) * s8(x[4i+k]) for the avx2 tier (sign trick, no saturation)."""
         b = self.b
@@ -248,6 +282,9 @@ def _legacy_codegen(kind: str, nt: int, tier: str):
             qh_off, d_at, m_at = LEGACY_OFFSETS[kind]
             qhv = [e.load(wbase, b.add(rb, _I64(qh_off + p * 4 * e.width)), e.vi32) if qh_off >= 0 else None
                    for p in range(e.parts)]
+            # 4-bit: the block's 8 products per lane fit one int16 chunk; 5-bit: its low and high halves
+            n_acc = 2 if qh_off >= 0 else 1
+            acc16 = [[[e.acc_zero() for _ in range(n_acc)] for _ in range(e.parts)] for _ in range(nt)]
             for k in range(n_steps):
                 for p in range(e.parts):
                     v = e.load(wbase, b.add(rb, _I64(k * 64 + p * 4 * e.width)), e.vi32)
@@ -272,8 +309,13 @@ def _legacy_codegen(kind: str, nt: int, tier: str):
                         for t in range(nt):
                             xa = e.splat_i32(e.load(rows_q[t], b.add(xoff, _I64(4 * k)), _I32))
                             xb = e.splat_i32(e.load(rows_q[t], b.add(xoff, _I64(16 + 4 * k)), _I32))
-                            isum[t][p] = e.dpbusd(isum[t][p], lo, xa)
-                            isum[t][p] = e.dpbusd(isum[t][p], hi, xb)
+                            acc16[t][p][0] = e.acc_add(acc16[t][p][0], lo, xa)
+                            acc16[t][p][n_acc - 1] = e.acc_add(acc16[t][p][n_acc - 1], hi, xb)
+            if kind != "q8_0":
+                for t in range(nt):
+                    for p in range(e.parts):
+                        for a in acc16[t][p]:
+                            isum[t][p] = b.add(isum[t][p], e.acc_sum(a))
             boff4 = b.mul(blk, _I64(4))
             for p in range(e.parts):
                 dw = e.half_to_f32(wbase, b.add(rb, _I64(d_at + p * 2 * e.width)))
@@ -385,27 +427,32 @@ def _kquant_codegen(kind: str, nt: int, tier: str):
             if kind in ("q4_K", "q5_K"):
                 extra = 512 if kind == "q5_K" else 0  # scales and mins sit after the fifth bits
                 m10 = e.const_i32(0x10101010)
+                # int16 chunks on avx2: 8 products of 4-bit quants (30480 at most), 4 of 5-bit ones (31496)
+                chunk = 4 if (extra and tier == "avx2") else 8
                 for pair in range(4):
-                    alo = [[e.zero_i32() for _ in range(e.parts)] for _ in range(nt)]
-                    ahi = [[e.zero_i32() for _ in range(e.parts)] for _ in range(nt)]
-                    for kk in range(8):
-                        k = 8 * pair + kk
+                    scs = [(bytes_i32(rb, extra + 2048 + (2 * pair) * 16, p, False),
+                            bytes_i32(rb, extra + 2048 + (2 * pair + 1) * 16, p, False)) for p in range(e.parts)]
+                    for c0 in range(0, 8, chunk):
+                        alo = [[e.acc_zero() for _ in range(e.parts)] for _ in range(nt)]
+                        ahi = [[e.acc_zero() for _ in range(e.parts)] for _ in range(nt)]
+                        for kk in range(c0, c0 + chunk):
+                            k = 8 * pair + kk
+                            for p in range(e.parts):
+                                v = e.load(wbase, b.add(rb, _I64(k * 64 + p * 4 * W)), e.vi32)
+                                lo = b.and_(v, m0f)
+                                hi = b.and_(b.lshr(v, e.const_i32(4)), m0f)
+                                if extra:
+                                    qh = e.load(wbase, b.add(rb, _I64(2048 + kk * 64 + p * 4 * W)), e.vi32)
+                                    lo = b.or_(lo, b.and_(_shift(b, qh, 4 - 2 * pair, e), m10))
+                                    hi = b.or_(hi, b.and_(_shift(b, qh, 3 - 2 * pair, e), m10))
+                                for t in range(nt):
+                                    alo[t][p] = e.acc_add(alo[t][p], lo, xq_splat(t, xo, 64 * pair + 4 * kk))
+                                    ahi[t][p] = e.acc_add(ahi[t][p], hi, xq_splat(t, xo, 64 * pair + 32 + 4 * kk))
                         for p in range(e.parts):
-                            v = e.load(wbase, b.add(rb, _I64(k * 64 + p * 4 * W)), e.vi32)
-                            lo = b.and_(v, m0f)
-                            hi = b.and_(b.lshr(v, e.const_i32(4)), m0f)
-                            if extra:
-                                qh = e.load(wbase, b.add(rb, _I64(2048 + kk * 64 + p * 4 * W)), e.vi32)
-                                lo = b.or_(lo, b.and_(_shift(b, qh, 4 - 2 * pair, e), m10))
-                                hi = b.or_(hi, b.and_(_shift(b, qh, 3 - 2 * pair, e), m10))
+                            sc_lo, sc_hi = scs[p]
                             for t in range(nt):
-                                alo[t][p] = e.dpbusd(alo[t][p], lo, xq_splat(t, xo, 64 * pair + 4 * kk))
-                                ahi[t][p] = e.dpbusd(ahi[t][p], hi, xq_splat(t, xo, 64 * pair + 32 + 4 * kk))
-                    for p in range(e.parts):
-                        sc_lo = bytes_i32(rb, extra + 2048 + (2 * pair) * 16, p, False)
-                        sc_hi = bytes_i32(rb, extra + 2048 + (2 * pair + 1) * 16, p, False)
-                        for t in range(nt):
-                            isum[t][p] = b.add(isum[t][p], b.add(b.mul(alo[t][p], sc_lo), b.mul(ahi[t][p], sc_hi)))
+                                isum[t][p] = b.add(isum[t][p], b.add(e.acc_scaled(alo[t][p], sc_lo),
+                                                                     e.acc_scaled(ahi[t][p], sc_hi)))
                 xo32 = b.mul(blk, _I64(8 * 4))
                 # min terms: one min vector live at a time (four tokens' sums would spill otherwise)
                 summs = [[e.zero_i32() for _ in range(e.parts)] for _ in range(nt)]
@@ -430,9 +477,15 @@ def _kquant_codegen(kind: str, nt: int, tier: str):
                 for h in range(2):
                     for g in range(2):
                         for qi in range(4):
-                            a = [[e.zero_i32() for _ in range(e.parts)] for _ in range(nt)]
+                            a = [[e.acc_zero() for _ in range(e.parts)] for _ in range(nt)]
                             for kq in range(4):
                                 kk = 4 * g + kq
+                                if kq == 2 and tier == "avx2":  # int16 chunks of 4 products < 64 (32004)
+                                    for p in range(e.parts):
+                                        sc = bytes_i32(rb, 3072 + (8 * h + 2 * qi + g) * 16, p, True)
+                                        for t in range(nt):
+                                            isum[t][p] = b.add(isum[t][p], e.acc_scaled(a[t][p], sc))
+                                            a[t][p] = e.acc_zero()
                                 for p in range(e.parts):
                                     po = _I64(p * 4 * W)
                                     ql_step = 16 * h + kk + (8 if qi in (1, 3) else 0)
@@ -450,11 +503,11 @@ def _kquant_codegen(kind: str, nt: int, tier: str):
                                         hb = b.lshr(qh, e.const_i32(2))
                                     q = b.or_(b.and_(ql, m0f), b.and_(hb, m30))
                                     for t in range(nt):
-                                        a[t][p] = e.dpbusd(a[t][p], q, xq_splat(t, xo, 128 * h + 4 * kk + 32 * qi))
+                                        a[t][p] = e.acc_add(a[t][p], q, xq_splat(t, xo, 128 * h + 4 * kk + 32 * qi))
                             for p in range(e.parts):
                                 sc = bytes_i32(rb, 3072 + (8 * h + 2 * qi + g) * 16, p, True)
                                 for t in range(nt):
-                                    isum[t][p] = b.add(isum[t][p], b.mul(a[t][p], sc))
+                                    isum[t][p] = b.add(isum[t][p], e.acc_scaled(a[t][p], sc))
                 xo16 = b.mul(blk, _I64(16 * 4))
                 corr = [[e.zero_i32() for _ in range(e.parts)] for _ in range(nt)]
                 for sb in range(16):
