@@ -11,18 +11,21 @@ Tiers, chosen once from the CPU numba compiles for (``TIER``):
 
 - ``"vnni512"``: AVX512-VNNI ``vpdpbusd`` on 512-bit vectors (Zen 4/5, Ice Lake and later Xeons);
 - ``"vnni256"``: AVX-VNNI ``vpdpbusd`` on 256-bit halves (Alder Lake and later cores);
-- ``"avx2"``: ``vpmaddubsw`` + ``vpmaddwd`` on 256-bit halves (Haswell, Zen 1-3);
-- ``None``: no packed kernels (not x86, or no AVX2/FMA/F16C); the engine uses the portable kernels.
+- ``"avx2"``: ``vpmaddubsw`` products summed in int16 chunks, then ``vpmaddwd`` (by ones, or by the
+  block scales), on 256-bit halves (Haswell, Zen 1-3);
+- ``None``: no packed kernels (not x86, or no AVX2/FMA/F16C); the engine uses the portable tier
+  (the plain kinds of :mod:`~pipx_llama.engine.kernels.packed` and the per-op kernels).
 
 All tiers compute the same integers and the same float32 operations in the same order, so their
 results are bit-identical; ``PIPX_LLAMA_SIMD`` (one of the tier names, or ``off``) forces a lower
 tier, which is how the tests run every tier on one machine.
 
 Weight bytes multiplied by activations are unsigned (``vpdpbusd``/``vpmaddubsw`` take u8 x s8):
-4-bit quants are stored as 0..15 and the offset (-8) comes off through the activations' block
-sums; Q8_0 weights are stored as ``q + 128`` and ``128 * sum(x)`` comes off the same way. On the
-``avx2`` tier ``vpmaddubsw`` saturates int16 pairs, which 4-bit quants (2 * 15 * 127) never reach;
-8-bit weights take the sign trick (``|q| * sign(x, q)``, at most 2 * 128 * 127) instead.
+4- and 5-bit quants are stored as 0..15 / 0..31 and the offset (-8 / -16) comes off through the
+activations' block sums; Q8_0 weights are stored as ``q + 128`` and ``128 * sum(x)`` comes off the
+same way. On the ``avx2`` tier ``vpmaddubsw`` saturates int16 pairs, which quants of up to 6 bits
+(2 * 63 * 127) never reach, nor the int16 chunk sums (see ``_Emit.acc_zero``); 8-bit weights take
+the sign trick (``|q| * sign(x, q)``, at most 2 * 128 * 127) instead.
 """
 
 from __future__ import annotations
