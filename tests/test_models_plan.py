@@ -226,6 +226,13 @@ def test_default_when_it_fits(cfg):
     assert plan(cfg, "mistral", hw(), n_ctx=512, threads=1).n_ctx == 512
 
 
+def test_a_q8_0_kv_cache_is_what_the_plan_counts(cfg):
+    p = plan(cfg, "1B", hw(), cache_types=("q8_0", "q8_0"))
+    kv = kv_cache_bytes(22, 2048, 4, 64, ("q8_0", "q8_0"))
+    assert p.kv_bytes == kv == kv_cache_bytes(22, 2048, 4, 64) * 34 // 64
+    assert p.ram_bytes == p.weights_bytes + kv + RUNTIME_OVERHEAD
+
+
 def test_conversion_plan_counts_download_f16_and_quantized_file(cfg):
     p = plan(cfg, "tiny", hw(), variant="original")
     assert (p.source_format, p.quant, p.stages) == (

@@ -43,6 +43,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "-r", "--repetitions", type=int, default=3, metavar="N", help="runs of each test (default 3)"
     )
     p.add_argument("--json", action="store_true", help="print the results as JSON")
+    from pipx_llama.cli.options import add_cache_type_options
+
+    add_cache_type_options(p)
     common.add_network_options(p)
     common.add_manifest_option(p)
 
@@ -89,7 +92,8 @@ def run(args: argparse.Namespace) -> int:
             f"the tests need {n_ctx} positions; {path.name} was trained on {model.hparams.n_ctx_train}",
             "pass smaller -p / -n",
         )
-    ctx = model.new_context(n_ctx, n_batch=max(1, args.n_prompt))
+    ctx = model.new_context(n_ctx, n_batch=max(1, args.n_prompt), type_k=args.cache_type_k,
+                            type_v=args.cache_type_v)
     ctx.eval(bench_tokens(model.hparams.n_vocab, 2))  # first touch of every buffer, outside the timing
     results = []
     tests = ([("pp", args.n_prompt)] if args.n_prompt else []) + ([("tg", args.n_gen)] if args.n_gen else [])
@@ -117,7 +121,9 @@ def run(args: argparse.Namespace) -> int:
         "model": str(path), "size_bytes": path.stat().st_size, "params": _params(model),
         "threads": model.threads, "engine": "fused" if model.packed is not None else "per-op",
         "cpu": platform.processor() or platform.machine(), "load_seconds": load_s,
-        "weight_bytes_per_token": model.weight_bytes, "results": results,
+        "weight_bytes_per_token": model.weight_bytes,
+        "type_k": args.cache_type_k, "type_v": args.cache_type_v,
+        "kv_bytes": ctx.kv_bytes, "results": results,
     }
     model.close()
     if args.json:

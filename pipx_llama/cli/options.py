@@ -26,6 +26,14 @@ def add_model_options(p: argparse.ArgumentParser, *, by_name: bool = False) -> N
                    help="context size in tokens (default: the model's, at most 4096)")
 
 
+def add_cache_type_options(p: argparse.ArgumentParser) -> None:
+    """llama.cpp's -ctk/--cache-type-k and -ctv/--cache-type-v (the types this engine has)."""
+    for short, which in (("-ctk", "k"), ("-ctv", "v")):
+        p.add_argument(short, f"--cache-type-{which}", dest=f"cache_type_{which}", choices=["f16", "q8_0"],
+                       default="f16",
+                       help=f"KV cache type for {which.upper()}: f16 (default) or q8_0 (half the memory)")
+
+
 def add_sampling_options(p: argparse.ArgumentParser) -> None:
     d = SamplerConfig()
     p.add_argument(

@@ -7,6 +7,7 @@ import json
 import sys
 from pathlib import Path
 
+from pipx_llama.cli.options import add_cache_type_options
 from pipx_llama.engine import load_model, perplexity
 from pipx_llama.errors import UsageError
 
@@ -20,6 +21,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("-c", "--ctx-size", type=int, default=512, help="chunk size in tokens (default 512)")
     p.add_argument("-t", "--threads", type=int, default=None, help="threads (default: physical cores)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
+    add_cache_type_options(p)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -34,7 +36,8 @@ def run(args: argparse.Namespace) -> int:
         if not args.json:
             sys.stderr.write(f"[{i}/{n}] {ppl:.4f}\n")
 
-    result = perplexity(model, tokens, args.ctx_size, on_chunk=progress)
+    result = perplexity(model, tokens, args.ctx_size, on_chunk=progress,
+                        cache_types=(args.cache_type_k, args.cache_type_v))
     if args.json:
         print(json.dumps({"ppl": result.ppl, "n_ctx": result.n_ctx, "chunks": result.n_chunks,
                           "scored": result.n_scored, "tokens": len(tokens)}))

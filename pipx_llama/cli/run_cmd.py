@@ -21,6 +21,7 @@ from typing import Any, TextIO
 from pipx_llama.cli import store_common as common
 from pipx_llama.cli.options import (
     DEFAULT_MODEL,
+    add_cache_type_options,
     add_model_options,
     add_sampling_options,
     sampler_config,
@@ -39,6 +40,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                     "text piped on stdin, completes it once and exits.",
     )
     add_model_options(p, by_name=True)
+    add_cache_type_options(p)
     p.add_argument(
         "--ctx", dest="ctx_size", type=int, default=None, metavar="N", help="same as -c/--ctx-size"
     )
@@ -102,7 +104,7 @@ def run(args: argparse.Namespace) -> int:
     warm_up(lambda message: print(message, file=sys.stderr), prepared.path)
     t0 = time.perf_counter()
     model = load_model(prepared.path, threads=prepared.threads)
-    ctx = model.new_context(prepared.n_ctx)
+    ctx = model.new_context(prepared.n_ctx, type_k=args.cache_type_k, type_v=args.cache_type_v)
     load_seconds = time.perf_counter() - t0
     if chat_repl:
         return _chat(model, ctx, args, sampling, prepared, color)
@@ -145,7 +147,7 @@ def prepare_model(args: argparse.Namespace, *, color: bool = False) -> Prepared:
     options = common.pull_options(args, s)
     plan = make_plan(args.model or DEFAULT_MODEL, variant=args.variant, quant=args.quant,
                      threads=args.threads, n_ctx=args.ctx_size, config=s.config, catalog=s.catalog,
-                     pull_options=options)
+                     pull_options=options, cache_types=(args.cache_type_k, args.cache_type_v))
     if plan.stages:
         show_plan(plan, sys.stderr, color)
     with StageRenderer(sys.stderr, quiet=not plan.stages) as on_event:

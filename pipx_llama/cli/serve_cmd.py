@@ -21,7 +21,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from pipx_llama.cli import store_common as common
-from pipx_llama.cli.options import DEFAULT_MODEL, add_sampling_options, model_file, sampler_config
+from pipx_llama.cli.options import (
+    DEFAULT_MODEL,
+    add_cache_type_options,
+    add_sampling_options,
+    model_file,
+    sampler_config,
+)
 from pipx_llama.errors import ModelFileError, UsageError
 from pipx_llama.units import parse_size
 
@@ -85,6 +91,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("-c", "--ctx-size", type=int, default=None,
                    help="context size per model in tokens (default: the model's, at most 4096)")
     add_sampling_options(p)
+    add_cache_type_options(p)
     p.add_argument("--preload", action="store_true", help="load every model at start-up, not on first use")
     p.add_argument("--open", action="store_true", help="open the chat page in the default web browser")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
@@ -129,7 +136,8 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"--port {args.port} is not a port number", "pass a port between 1 and 65535, or 0")
 
     specs = _specs(args, ModelSpec)
-    registry = ModelRegistry(specs, threads=args.threads, ctx_size=args.ctx_size)
+    registry = ModelRegistry(specs, threads=args.threads, ctx_size=args.ctx_size,
+                             cache_types=(args.cache_type_k, args.cache_type_v))
     settings = ServerSettings(
         api_key=api_key,
         max_queue=args.max_queue,

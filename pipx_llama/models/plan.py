@@ -122,7 +122,8 @@ def _missing_download(
 
 
 def _option(store: Store, manifest: Manifest, variant: Variant, quant: str, shape: ModelShape, n_ctx: int,
-            hw: HardwareProfile, options: PullOptions) -> Option:
+            hw: HardwareProfile, options: PullOptions,
+            cache_types: tuple[str, str] = ("f16", "f16")) -> Option:
     converts = variant.format in CONVERTIBLE
     final = final_path(store, manifest, variant, quant)
     ready = is_ready(store, manifest, variant, quant)
@@ -146,7 +147,7 @@ def _option(store: Store, manifest: Manifest, variant: Variant, quant: str, shap
                 stages.append("convert")
             stages.append("quantize")
             final_new = weights
-    kv = shape.kv_bytes(n_ctx)
+    kv = shape.kv_bytes(n_ctx, cache_types)
     ram = ram_needed(weights, kv)
     return Option(
         variant,
@@ -165,7 +166,8 @@ def _option(store: Store, manifest: Manifest, variant: Variant, quant: str, shap
 
 
 def options_for(store: Store, manifest: Manifest, hw: HardwareProfile, n_ctx: int,
-                pull_options: PullOptions | None = None, *, variant: str | None = None) -> list[Option]:
+                pull_options: PullOptions | None = None, *, variant: str | None = None,
+                cache_types: tuple[str, str] = ("f16", "f16")) -> list[Option]:
     """Every (variant, quantization) the model can run in, with its costs; the default comes first."""
     opts = pull_options or PullOptions()
     variants = [manifest.variant(variant)] if variant is not None else list(manifest.variants)
@@ -177,7 +179,7 @@ def options_for(store: Store, manifest: Manifest, hw: HardwareProfile, n_ctx: in
             [q for q in QUANT_LADDER if q != default_quant(v)] if v.format in CONVERTIBLE else []
         )
         for q in quants:
-            out.append(_option(store, manifest, v, q, shape, n_ctx, hw, opts))
+            out.append(_option(store, manifest, v, q, shape, n_ctx, hw, opts, cache_types))
     out.sort(key=lambda o: 0 if (o.variant == default_v and o.quant == default_quant(default_v)) else 1)
     return out
 
@@ -314,7 +316,8 @@ def unavailable_reason(
 def make_plan(name: str | None = None, *, variant: str | None = None, quant: str | None = None,
               threads: int | None = None, n_ctx: int | None = None, hardware: HardwareProfile | None = None,
               config: Config | None = None, catalog: Catalog | None = None,
-              pull_options: PullOptions | None = None, check_ram: bool = True) -> RunPlan:
+              pull_options: PullOptions | None = None, check_ram: bool = True,
+              cache_types: tuple[str, str] = ("f16", "f16")) -> RunPlan:
     """Plan running model ``name`` (default ``DEFAULT_MODEL``) here; see the module docstring.
 
     ``pull_options`` are the fetch options ``prepare`` will use (``--url``, ``--from-dir``, mirrors,
@@ -337,7 +340,7 @@ def make_plan(name: str | None = None, *, variant: str | None = None, quant: str
     if threads is not None and threads < 1:
         raise UsageError(f"--threads must be at least 1, got {threads}", "pass a positive thread count")
     wanted = _canonical_quant(quant) if quant else None
-    options = options_for(store, manifest, hw, ctx, opts, variant=variant)
+    options = options_for(store, manifest, hw, ctx, opts, variant=variant, cache_types=cache_types)
     if wanted is not None and not any(o.quant == wanted for o in options):
         have = sorted(
             {o.quant for o in options}, key=lambda q: QUANT_LADDER.index(q) if q in QUANT_LADDER else -1
