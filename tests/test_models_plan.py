@@ -330,6 +330,12 @@ def test_unavailable_sources_are_refused_before_download(cfg, tmp_path):
     assert "pipx-llama run mistral" in exc.value.hint
     p = plan(cfg, "llama-t", hw(), pull_options=PullOptions(url="https://meta.example/*?sig=1"))
     assert (p.quant, p.stages) == ("Q4_0", ["fetch", "convert", "quantize"])
+    # a folder counts for the files it holds, where the pull looks for them (sources.find_local)
+    with pytest.raises(SourceUnavailableError, match="T/consolidated.00.pth and 1 more not in"):
+        plan(cfg, "llama-t", hw(), pull_options=PullOptions(from_dirs=[tmp_path]))
+    (tmp_path / "T").mkdir()
+    (tmp_path / "T" / "consolidated.00.pth").write_bytes(b"w" * 1000)
+    (tmp_path / "T" / "params.json").write_bytes(b"j" * 101)
     assert plan(cfg, "llama-t", hw(), pull_options=PullOptions(from_dirs=[tmp_path])).quant == "Q4_0"
     with pytest.raises(OfflineError, match="offline"):
         plan(cfg, "mistral", hw(), pull_options=PullOptions(offline=True))
