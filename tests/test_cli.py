@@ -35,7 +35,8 @@ def test_run_greedy_completion(smollm2_path, golden):
     case = golden["cases"][0]
     ids, text = golden_prefix(case)
     out = cli(
-        "run", "-m", str(smollm2_path), "-p", case["prompt"], "-n", str(len(ids)), "--temp", "0", "-t", "2"
+        "run", "-m", str(smollm2_path), "--raw", "-p", case["prompt"], "-n", str(len(ids)), "--temp", "0",
+        "-t", "2",
     )
     assert out.returncode == 0, out.stderr
     assert out.stdout == case["prompt"] + text + "\n"
@@ -47,7 +48,7 @@ def test_run_reads_prompt_from_stdin_and_stops_at_stop_string(smollm2_path, gold
     _, text = golden_prefix(case)
     line, newline, _ = text.partition("\n")
     assert newline, "the golden prefix must reach the end of a line"
-    out = cli("run", "-m", str(smollm2_path), "-n", "40", "--temp", "0", "--stop", "\n", "--verbose",
+    out = cli("run", "-m", str(smollm2_path), "--raw", "-n", "40", "--temp", "0", "--stop", "\n", "--verbose",
               stdin=case["prompt"])
     assert out.returncode == 0, out.stderr
     assert out.stdout == case["prompt"] + line + "\n"
@@ -98,6 +99,7 @@ def test_run_by_name_pulls_into_the_store_then_reuses_it(smollm2_path, golden, t
     args = (
         "run",
         "smollm2-135m-instruct",
+        "--raw",
         "-p",
         case["prompt"],
         "-n",
