@@ -19,7 +19,7 @@ from pipx_llama.units import human_bytes
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "doctor",
-        help="show the hardware and which models fit it, with which quantization",
+        help="the hardware, and which models fit it in which quantization",
         description="Detect the OS, CPU (model, cores, SIMD features), RAM and the free disk where "
         "the store lives, and show which known models fit, in which quantization. "
         "PIPX_LLAMA_FAKE_RAM and PIPX_LLAMA_FREE_BYTES pretend other figures (what-if).",

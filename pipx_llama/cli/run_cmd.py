@@ -27,10 +27,10 @@ from pipx_llama.cli.options import (
     sampler_config,
 )
 from pipx_llama.cli.road import color_enabled
-from pipx_llama.engine import Generation, Model, generate, load_model
 from pipx_llama.errors import UsageError
 
 if TYPE_CHECKING:
+    from pipx_llama.engine import Generation, Model
     from pipx_llama.models.prepare import Runnable
 
 ONE_SHOT_TOKENS = 256
@@ -38,7 +38,7 @@ ONE_SHOT_TOKENS = 256
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
-        "run", help="run a model: chat in a terminal, or answer one prompt (-p TEXT or stdin)",
+        "run", help="chat with a model, or answer one prompt (-p, -f or stdin)",
         description="Run a model by name or alias (fetched, converted and quantized on first use) or a "
                     "GGUF file (-m). With a terminal on stdin and no prompt, starts a chat; with -p TEXT or "
                     "text piped on stdin, completes it once and exits.",
@@ -107,7 +107,8 @@ def run(args: argparse.Namespace) -> int:
             raise UsageError("the prompt read from stdin is empty", "pipe some text, or pass -p TEXT")
     color = color_enabled(sys.stderr)
     prepared = road.ready(args, ref, n_ctx=args.ctx_size, color=color)
-    from pipx_llama.engine import warm_up
+    from pipx_llama.engine import load_model, warm_up
+
     warm_up(lambda message: print(message, file=sys.stderr), prepared.path)
     t0 = time.perf_counter()
     model = load_model(prepared.path, threads=prepared.threads)
@@ -204,6 +205,8 @@ def file_type_name(model: Model) -> str:
 
 def _one_shot(model: Model, ctx: Any, args: argparse.Namespace, sampling: Any, prepared: Runnable,
               load_seconds: float) -> int:
+    from pipx_llama.engine import generate
+
     max_tokens = args.n_predict if args.n_predict is not None else ONE_SHOT_TOKENS
     mode = one_shot_mode(args, model)
     if mode == "chat":

@@ -8,7 +8,6 @@ import argparse
 from pipx_llama.cli import store_common as common
 from pipx_llama.cli.progress import renderer_for
 from pipx_llama.errors import ModelFileError, UsageError
-from pipx_llama.models.verify import verify_installed
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -24,6 +23,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from pipx_llama.models.verify import verify_installed
+
     s = common.open_session(args)
     name = None
     if args.model is not None:
