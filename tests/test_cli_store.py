@@ -331,8 +331,8 @@ def test_a_read_only_store_lists_verifies_and_runs_but_refuses_changes(tmp_path,
         code, out, err = cli(capsys, "verify", *args)
         assert code == 0 and out.count("all files verified") == 2, err
         assert out.count("the store is read-only") == 1 and "not recorded" in out   # said once
-        run = subprocess.run([sys.executable, "-m", "pipx_llama.cli", "run", "tiny-one", *args, "-p", "hi",
-                              "-n", "3", "--temp", "0"], capture_output=True, text=True, timeout=600,
+        run = subprocess.run([sys.executable, "-m", "pipx_llama.cli", "run", "tiny-one", *args, "--raw", "-p",
+                              "hi", "-n", "3", "--temp", "0"], capture_output=True, text=True, timeout=600,
                              check=False)
         assert run.returncode == 0 and run.stdout.startswith("hi"), run.stderr
         # serve and bench find their model file the same way (the one road), without writing
@@ -364,8 +364,8 @@ def test_damage_a_run_notices_and_verify_repairs(tmp_path, env, srv, capsys):
         byte = f.read(1)
         f.seek(at)
         f.write(bytes([byte[0] ^ 0x01]))
-    run = [sys.executable, "-m", "pipx_llama.cli", "run", "tiny-dmg", "--manifest", str(mf), "-p", "hi",
-           "-n", "2"]
+    run = [sys.executable, "-m", "pipx_llama.cli", "run", "tiny-dmg", "--manifest", str(mf), "--raw",
+           "-p", "hi", "-n", "2"]
     r = subprocess.run(run, capture_output=True, text=True, timeout=600, check=False)
     assert r.returncode == 3 and "is not the file verified when it was installed" in r.stderr, r.stderr
     assert "header or tensor table differs" in r.stderr and "pipx-llama verify tiny-dmg" in r.stderr

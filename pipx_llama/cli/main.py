@@ -79,7 +79,14 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     return parser
 
 
-def _print_error(err: PipxLlamaError) -> None:
+def _print_error(err: PipxLlamaError, as_json: bool = False) -> None:
+    """The error on stderr: two lines (message, hint), or with ``--json`` one JSON object."""
+    if as_json:
+        import json
+
+        record = {"kind": "error", "message": err.message, "hint": err.hint, "exit_code": err.exit_code}
+        sys.stderr.write(json.dumps(record, ensure_ascii=False) + "\n")
+        return
     from rich.console import Console
     from rich.markup import escape
 
@@ -147,7 +154,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             raise
         if implicit and raw:
             _suggest_command(err, args_list[1])
-        _print_error(err)
+        _print_error(err, as_json=getattr(args, "json", False))
         sys.exit(err.exit_code)
     except KeyboardInterrupt:
         sys.stderr.write("\ninterrupted\n")
@@ -160,6 +167,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         if debug:
             raise
         _print_error(PipxLlamaError(f"unexpected {type(err).__name__}: {err}",
-                                    "run again with --debug to see the traceback, and please report it"))
+                                    "run again with --debug to see the traceback, and please report it"),
+                     as_json=getattr(args, "json", False))
         sys.exit(1)
     sys.exit(code or 0)

@@ -31,6 +31,13 @@ def run(args: argparse.Namespace) -> int:
         m = s.catalog.get(args.model)
         name = m.name if m else args.model
     targets = [iv for iv in s.store.installed(name) if args.variant in (None, iv.variant)]
+    if not targets and args.model is None:
+        # an empty store is not damaged: say so, and succeed
+        with renderer_for(args.json) as out:
+            out.say(f"nothing to verify: no models are installed in {s.store.root}")
+            if args.json:
+                out.emit_json({"kind": "result", "verified": 0, "ok": True})
+        return 0
     if not targets:
         raise UsageError(f"nothing installed{' for ' + repr(args.model) if args.model else ''} to verify",
                          "`pipx-llama list` shows what is installed")
