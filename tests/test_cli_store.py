@@ -123,6 +123,24 @@ def test_list_shows_partials_and_rm_removes_them(tmp_path, env, srv, capsys):
     assert code == 0 and not (partial / f"{SHA}.part").exists()
 
 
+def test_verify_on_an_empty_store_says_so_and_succeeds(env, capsys):
+    code, out, err = cli(capsys, "verify")
+    assert code == 0 and out == f"nothing to verify: no models are installed in {env['home']}\n", err
+    code, out, _ = cli(capsys, "verify", "--json")
+    assert code == 0 and json.loads(out) == {"kind": "result", "verified": 0, "ok": True}
+    code, _, err = cli(capsys, "verify", "smollm2")  # a model asked for by name and not there is an error
+    assert code == 2 and "nothing installed for 'smollm2' to verify" in err
+
+
+@pytest.mark.parametrize("argv", [["pull", "tinylama-1.1b-chat", "--json"], ["list", "--json", "--manifest",
+                                                                            "/nonexistent/m.toml"]])
+def test_json_errors_are_json(env, capsys, argv):
+    code, _, err = cli(capsys, *argv)
+    record = json.loads(err)
+    assert code == record["exit_code"] != 0
+    assert record["kind"] == "error" and record["message"] and record["hint"]
+
+
 def test_errors_are_one_line_messages_with_exit_codes(tmp_path, env, srv, capsys):
     code, _, err = cli(capsys, "pull", "tinylama-1.1b-chat")
     assert (
