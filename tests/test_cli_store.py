@@ -123,6 +123,25 @@ def test_list_shows_partials_and_rm_removes_them(tmp_path, env, srv, capsys):
     assert code == 0 and not (partial / f"{SHA}.part").exists()
 
 
+@pytest.mark.parametrize("columns", [80, 120, 250])
+def test_list_available_fits_the_terminal(env, capsys, monkeypatch, columns):
+    monkeypatch.setenv("COLUMNS", str(columns))
+    code, out, _ = cli(capsys, "list", "--available")
+    assert code == 0
+    lines = out.splitlines()
+    assert max(map(len, lines)) <= columns
+    header = lines[0].split()
+    smol = next(line.split() for line in lines if line.startswith("smollm2-135m-instruct "))
+    assert smol[header.index("VARIANT"):][:2] == ["q4_1", "Q4_1"]
+    if columns == 250:
+        assert header == ["MODEL", "ALIASES", "VARIANT", "QUANT", "SIZE", "INSTALLED", "LICENSE"]
+    elif columns == 120:
+        assert header == ["MODEL", "VARIANT", "QUANT", "SIZE", "INSTALLED", "LICENSE"]
+    else:
+        assert header == ["MODEL", "VARIANT", "QUANT", "SIZE", "INSTALLED"]
+        assert "(ALIASES, LICENSE left out to fit 80 columns;" in out
+
+
 def test_verify_on_an_empty_store_says_so_and_succeeds(env, capsys):
     code, out, err = cli(capsys, "verify")
     assert code == 0 and out == f"nothing to verify: no models are installed in {env['home']}\n", err
