@@ -30,6 +30,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "perplexity": ("perplexity_cmd", "perplexity of a model over a text file (llama.cpp's method)"),
     "pull": ("pull_cmd", "download and verify a model into the store"),
     "list": ("list_cmd", "list installed models and partial downloads"),
+    "show": ("show_cmd", "a model's architecture, quantization, template, licence, files"),
     "rm": ("rm_cmd", "remove a model (and its partial downloads) from the store"),
     "verify": ("verify_cmd", "re-hash installed models and report any damage"),
     "gc": ("gc_cmd", "remove unreferenced blobs and partial downloads"),
