@@ -37,6 +37,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "mirror": ("mirror_cmd", "share the store with other machines (mirror export DIR)"),
     "import": ("import_cmd", "add a model folder or a GGUF file you already have to the store"),
     "serve": ("serve_cmd", "serve models over an OpenAI- and Ollama-compatible HTTP API"),
+    "ps": ("ps_cmd", "the models a running `pipx-llama serve` has loaded"),
     "convert": ("convert_cmd", "convert a Meta or Hugging Face model folder to GGUF"),
     "quantize": ("quantize_cmd", "quantize a GGUF model, byte for byte as llama-quantize does"),
     "doctor": ("doctor_cmd", "the hardware, and which models fit it in which quantization"),
