@@ -30,6 +30,7 @@ from pipx_llama.cli.road import color_enabled
 from pipx_llama.errors import UsageError
 
 if TYPE_CHECKING:
+    from pipx_llama.cli.liveness import Activity
     from pipx_llama.engine import Generation, Model
     from pipx_llama.models.prepare import Runnable
 
@@ -110,9 +111,12 @@ def run(args: argparse.Namespace) -> int:
     from pipx_llama.engine import load_model, warm_up
 
     warm_up(lambda message: print(message, file=sys.stderr), prepared.path)
+    from pipx_llama.cli.liveness import Activity
+
     t0 = time.perf_counter()
-    model = load_model(prepared.path, threads=prepared.threads)
-    ctx = model.new_context(prepared.n_ctx, type_k=args.cache_type_k, type_v=args.cache_type_v)
+    with Activity(sys.stderr, f"loading {prepared.name}"):
+        model = load_model(prepared.path, threads=prepared.threads)
+        ctx = model.new_context(prepared.n_ctx, type_k=args.cache_type_k, type_v=args.cache_type_v)
     load_seconds = time.perf_counter() - t0
     if chat_repl:
         return _chat(model, ctx, args, sampling, prepared, color)
@@ -219,15 +223,20 @@ def _one_shot(model: Model, ctx: Any, args: argparse.Namespace, sampling: Any, p
         text = args.prompt
     gen = generate(ctx, text, max_tokens=max_tokens, sampler=sampling, stop=args.stop,
                    context_shift=args.context_shift)
+    from pipx_llama.cli.liveness import Activity
+
+    busy = Activity(sys.stderr, "processing the prompt")
+    gen.on_prompt = busy.update
     if args.json:
-        for _ in gen:
-            pass
+        with busy:
+            for _ in gen:
+                busy.stop()
         record = result_json(gen, prepared, mode, load_seconds)
         sys.stdout.write(json.dumps(record, ensure_ascii=False) + "\n")
         return 0
-    if mode == "completion" and not args.no_display_prompt:
-        sys.stdout.write(args.prompt)  # a completion reads on from its prompt, as llama.cpp prints it
-    _stream(gen)
+    # a completion reads on from its prompt, as llama.cpp prints it
+    lead = args.prompt if mode == "completion" and not args.no_display_prompt else ""
+    _stream(gen, busy, lead)
     if args.verbose:
         _report(gen, load_seconds)
     return 0
@@ -257,14 +266,22 @@ def result_json(gen: Generation, prepared: Runnable, mode: str, load_seconds: fl
     }
 
 
-def _stream(gen: Generation) -> None:
-    """The text to stdout, ending with a newline whatever happens, so that an error (a full context, an
-    interruption) goes to stderr on a line of its own and never into the middle of the answer."""
+def _stream(gen: Generation, busy: Activity, lead: str = "") -> None:
+    """``lead`` then the text to stdout, ending with a newline whatever happens, so that an error (a full
+    context, an interruption) goes to stderr on a line of its own and never into the middle of the answer.
+    ``lead`` (a completion's prompt) waits for the prompt's evaluation, so a spinner on the same terminal
+    never draws over it."""
     try:
-        for piece in gen:
-            if piece.text:
-                sys.stdout.write(piece.text)
-                sys.stdout.flush()
+        with busy:
+            for piece in gen:
+                busy.stop()  # the prompt is evaluated: the sign of life goes before the first word
+                if lead:
+                    sys.stdout.write(lead)
+                    lead = ""
+                if piece.text:
+                    sys.stdout.write(piece.text)
+                    sys.stdout.flush()
+        sys.stdout.write(lead)  # nothing was generated
     finally:
         sys.stdout.write("\n")
         sys.stdout.flush()
