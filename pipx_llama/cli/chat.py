@@ -370,9 +370,15 @@ class ChatSession:
         finish = "stop"
         writer = self._writer()
         busy = Activity(self.err, "processing the prompt")
-        gen.on_prompt = busy.update
         it = iter(gen)
         with StopOnInterrupt() as guard, busy:
+
+            def on_prompt(done: int, total: int) -> None:
+                busy.update(done, total)
+                if guard.stopped:  # Ctrl-C while a long prompt is evaluated: stop after this batch
+                    raise KeyboardInterrupt
+
+            gen.on_prompt = on_prompt
             try:
                 for piece in it:
                     busy.stop()
