@@ -9,6 +9,11 @@ import time
 from pipx_llama.cli.liveness import Activity
 
 
+def test_on_a_non_terminal_the_first_line_waits_as_long_as_between_lines():
+    assert Activity(io.StringIO(), "loading", line_every=3.0).show_after == 3.0
+    assert Activity(io.StringIO(), "loading", terminal=True).show_after == 1.0
+
+
 def test_a_quick_step_shows_nothing():
     buf = io.StringIO()
     with Activity(buf, "loading", show_after=0.5, terminal=False):

@@ -1,8 +1,9 @@
 """Signs of life while something takes a while (loading a model, evaluating a long prompt).
 
-Anything over :data:`SHOW_AFTER` seconds gets a sign: on a terminal a rich spinner with what is happening,
-how far it is (``412/1600 tokens``) and the elapsed time, erased when done; elsewhere (a pipe, a CI log)
-a plain line every :data:`LINE_EVERY` seconds. What finishes sooner shows nothing at all.
+Anything over :data:`SHOW_AFTER` seconds gets a sign on a terminal: a rich spinner with what is happening,
+how far it is (``412/1600 tokens``) and the elapsed time, erased when done. Elsewhere (a pipe, a CI log)
+a plain line says the same every :data:`LINE_EVERY` seconds, the first after as long, so that a log
+does not fill with lines for steps of a second or two. What finishes sooner shows nothing at all.
 """
 
 from __future__ import annotations
@@ -20,14 +21,16 @@ class Activity:
     """``with Activity(stream, "loading smollm2") as a: ... a.update(done, total)``; ``stop()`` early ends
     it (before the answer's first word, say)."""
 
-    def __init__(self, stream: TextIO, what: str, *, unit: str = "tokens", show_after: float = SHOW_AFTER,
+    def __init__(self, stream: TextIO, what: str, *, unit: str = "tokens", show_after: float | None = None,
                  line_every: float = LINE_EVERY, terminal: bool | None = None) -> None:
         self.stream = stream
         self.what = what
         self.unit = unit
+        self.terminal = stream.isatty() and os.environ.get("TERM") != "dumb" if terminal is None else terminal
+        if show_after is None:
+            show_after = SHOW_AFTER if self.terminal else line_every
         self.show_after = show_after
         self.line_every = line_every
-        self.terminal = stream.isatty() and os.environ.get("TERM") != "dumb" if terminal is None else terminal
         self.done: int | None = None
         self.total: int | None = None
         self.t0 = time.monotonic()
