@@ -24,7 +24,7 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from pipx_llama.engine.arch import ACT_GELU, ROPE_NEOX, Family, HyperParams, family_of
 from pipx_llama.engine.arch.base import architecture, bad_file, read_hparams
-from pipx_llama.engine.kernels import WEIGHT_KERNELS, WeightKernel, ops, packed
+from pipx_llama.engine.kernels import WEIGHT_KERNELS, WeightKernel, attention, ops, packed
 from pipx_llama.engine.kernels import floats as _floats  # noqa: F401  (registers kernels)
 from pipx_llama.engine.kernels import fused as fused_kernels
 from pipx_llama.engine.kernels import kquants as _kquants  # noqa: F401
@@ -425,7 +425,7 @@ class Context:
                                          hp.rope_attn_factor))
         self.rope_cos = np.stack([c for c, _ in tables])
         self.rope_sin = np.stack([s for _, s in tables])
-        self.kq_scale = np.float32(hp.kq_scale) if hp.kq_scale else ops.attention_scale(hp.head_dim)
+        self.kq_scale = np.float32(hp.kq_scale) if hp.kq_scale else attention.attention_scale(hp.head_dim)
         b, q_dim, kv_dim = self.n_batch, hp.n_heads * hp.head_dim, hp.n_kv_heads * hp.head_dim
         self._x = np.empty((b, hp.dim), np.float32)  # residual stream
         self._xb = np.empty((b, hp.dim), np.float32)  # normed input of a sub-layer
@@ -620,10 +620,10 @@ class Context:
             slots = positions % kc.shape[0]
             for cache, heads in ((kc, k_heads), (vc, v_heads)):
                 if cache.dtype == np.uint8:
-                    ops.kv_store_rows(cache, slots, heads)
+                    attention.kv_store_rows(cache, slots, heads)
                 else:
                     cache[slots] = heads
-            ops.attention(q_heads, kc, vc, pos0, att.reshape(T, hp.n_heads, hp.head_dim), window=layer.window,
+            attention.attention(q_heads, kc, vc, pos0, att.reshape(T, hp.n_heads, hp.head_dim), window=layer.window,
                           q_scale=hp.q_scale, kq_scale=self.kq_scale, softcap=hp.attn_softcap)
             layer.wo.matmul(att, proj)
             if layer.attn_post_norm is not None:
