@@ -653,7 +653,7 @@ def test_write_chunks_splits_iovecs_and_continues_short_writes(tmp_path, monkeyp
 
 def counting_read_back(monkeypatch) -> list[int]:
     """Record how many bytes the hasher reads back from the file (instead of hashing them from memory)."""
-    read_back = fetch_http._Hasher._read_back
+    read_back = fetch_http.Hasher._read_back
     counts: list[int] = []
 
     def counting(self, f, buf, target, *, interruptible):
@@ -661,7 +661,7 @@ def counting_read_back(monkeypatch) -> list[int]:
         read_back(self, f, buf, target, interruptible=interruptible)
         counts.append(self.pos - before)
 
-    monkeypatch.setattr(fetch_http._Hasher, "_read_back", counting)
+    monkeypatch.setattr(fetch_http.Hasher, "_read_back", counting)
     return counts
 
 
@@ -679,14 +679,14 @@ def test_hasher_far_behind_reads_back_what_it_skipped(server, tmp_path, monkeypa
     monkeypatch.setattr(fetch_http, "_HASH_QUEUE", 1)
     monkeypatch.setattr(fetch_http, "_HASH_LAG_MAX", 128 * 1024)
     monkeypatch.setattr(fetch_http, "_WRITE_BLOCK", 64 * 1024)
-    update = fetch_http._Hasher._update
+    update = fetch_http.Hasher._update
     read_back_bytes = counting_read_back(monkeypatch)
 
     def slow_update(self, chunks, skip):
         time.sleep(0.002)
         update(self, chunks, skip)
 
-    monkeypatch.setattr(fetch_http._Hasher, "_update", slow_update)
+    monkeypatch.setattr(fetch_http.Hasher, "_update", slow_update)
     data = blob(6 * MB, 24)
     url = server.put("/lag", data)
     o = opts(parallel_parts=3, part_threshold=MB) if parallel else opts()
@@ -818,12 +818,12 @@ def test_slow_syncs_space_saves_at_most_two_seconds_apart(server, tmp_path, monk
     data = blob(8 * MB, 26)
     url = server.put("/sync", data)
     server.faults("/sync").rate = MB
-    real_sync = fetch_http._fdatasync
+    real_sync = fetch_http.fdatasync
 
     def slow_sync(fd: int) -> None:
         time.sleep(0.4)
         real_sync(fd)
-    monkeypatch.setattr(fetch_http, "_fdatasync", slow_sync)
+    monkeypatch.setattr(fetch_http, "fdatasync", slow_sync)
     saves = record_saves(monkeypatch)
     download(url, tmp_path / "s.part", size=len(data), sha256=sha(data),
              options=opts(checkpoint_interval=1.0))

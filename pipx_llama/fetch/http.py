@@ -110,37 +110,23 @@ from pipx_llama.errors import DiskFullError, FetchError, UsageError
 from pipx_llama.events import EventCallback, ProgressEvent
 from pipx_llama.fetch.errors import AccessDenied, ChecksumError, NetworkError, OfflineError, SourceNotFound
 
-STATE_VERSION = 1
-_TICK = 0.1
+__all__ = ["FetchOptions", "download", "partial_progress", "redact_url"]
+
 _PROGRESS_EVERY = 0.25
 _SPEED_WINDOW = 3.0
-_HASH_CHUNK = 4 << 20
-_WRITE_BLOCK = 2 << 20
-_WRITE_QUEUE = 8
-_HASH_QUEUE = 8
-_HASH_LAG_MAX = 32 << 20
-_HASH_JOIN_BELOW = 128 << 10
-_FLUSH_AFTER = 0.25
-_READ_SIZE = 1 << 20
 _SYNC_SHARE = 10
 _CHECKPOINT_MAX = 2.0
 _MAX_RESTARTS = 3
-# A failed attempt that still delivered this much is continued at once, without counting as a retry:
-# a server (or proxy) that cuts every response short still completes the file, range by range.
-_MIN_PROGRESS = 64 << 10
-_JOIN_GRACE = 1.0
-# A host name that does not resolve is not retried like a dropped connection: "no such name" is final,
-# "temporary failure" (typical of a machine with no network) gets this many retries, so an offline
-# user waits seconds, not the minute of a full backoff, before the next source or the error.
-_DNS_RETRIES = 1
-_DNS_FINAL = {getattr(socket, n) for n in ("EAI_NONAME", "EAI_NODATA", "EAI_FAIL") if hasattr(socket, n)}
-# A parallel download asks for a part in spans of about this many seconds of transfer (at least
-# 2 x min_part, at most _SPAN_MAX bytes): a part can then be split above its open span, so the bytes a
-# server has already pushed into the socket are never wasted. Each span is one more request (through
-# any redirect, e.g. Hugging Face's resolve URL to its CDN), so spans are seconds long, not fractions.
-_SPAN_SECONDS = 4.0
-_SPAN_MAX = 256 << 20
 _HEX64 = re.compile(r"[0-9a-f]{64}")
+
+
+# ---- options: what a caller tunes, and the timings the threads share
+
+
+# How often a thread waiting on a queue or an event looks again whether its attempt has stopped.
+TICK = 0.1
+# How long the end of an attempt waits for its threads before leaving them (daemons) behind.
+JOIN_GRACE = 1.0
 
 
 @dataclass
@@ -165,27 +151,28 @@ class FetchOptions:
     give_up_after: float = 60.0        # no byte from the source for this long, retries included -> give up
 
 
-class _Retry(Exception):
-    """A failed attempt worth retrying (HTTP 5xx/429/408, short body, bad Content-Range)."""
-
-    def __init__(self, reason: str, retry_after: float | None = None) -> None:
-        super().__init__(reason)
-        self.reason = reason
-        self.retry_after = retry_after
+# ---- parts and spans: the file as parts, and the state the threads share under one lock
 
 
-class _Restart(Exception):
-    """The partial download cannot be continued: discard it and start over."""
+# A parallel download asks for a part in spans of about this many seconds of transfer (at least
+# 2 x min_part, at most _SPAN_MAX bytes): a part can then be split above its open span, so the bytes a
+# server has already pushed into the socket are never wasted. Each span is one more request (through
+# any redirect, e.g. Hugging Face's resolve URL to its CDN), so spans are seconds long, not fractions.
+_SPAN_SECONDS = 4.0
+_SPAN_MAX = 256 << 20
 
-    def __init__(self, reason: str, *, retry: bool = False, retry_after: float | None = None) -> None:
-        super().__init__(reason)
-        self.reason = reason
-        self.retry = retry
-        self.retry_after = retry_after
+
+def human(n: int | None) -> str:
+    if n is None:
+        return "an unknown number of bytes"
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n} B"
 
 
 @dataclass
-class _Part:
+class Part:
     start: int
     end: int | None
     done: int = 0
@@ -216,235 +203,195 @@ class _Part:
         return self.end is not None and self.start + self.queued > self.end
 
 
-def download(url: str, dest: Path, *, size: int | None, sha256: str, options: FetchOptions,
-             on_event: EventCallback | None = None, label: str = "") -> None:
-    """Fetch ``url`` into ``dest``, resuming what an earlier run left there; verify size and sha256.
+class Parts:
+    """The parts of one download (``items``, in file order from byte 0) and the state its threads share.
 
-    ``dest`` is a '.part' file under the store's partial/ folder; its resume state is ``dest + '.json'``.
-    On success ``dest`` holds the verified bytes, fsynced (the caller renames it into the store) and the
-    state file is gone. ``label`` names the file in events and messages (default: ``dest.name``).
-    Raises ``OfflineError`` (before any network use), ``FetchError`` (refused URL, protocol errors),
-    ``SourceNotFound``, ``AccessDenied``, ``NetworkError`` (retries exhausted, or no byte for
-    ``give_up_after`` seconds), ``DiskFullError``, ``ChecksumError`` (bad bytes deleted). Whether a partial
-    download was kept for a resume is said in the hint, and only when it was.
+    Everything here is read and changed under ``lock``, except by the calling thread while no other
+    runs. ``stop`` is the attempt in progress (a fresh event per attempt: threads of an abandoned
+    attempt keep seeing theirs set), ``wake`` rouses the supervising loop, ``error`` is the attempt's
+    first error. ``ranges`` says whether the server honours ``Range`` (the download can resume).
     """
-    dest = Path(dest)
-    name = label or dest.name
-    if options.offline:
-        raise OfflineError(
-            f"{name} is not downloaded yet and offline mode is on (it would come from {redact_url(url)})",
-            "run again without --offline (and without PIPX_LLAMA_OFFLINE=1), or import the file "
-            "from a folder you already have",
-        )
-    _check_url(url, options.allow_http)
-    expected = sha256.strip().lower()
-    if not _HEX64.fullmatch(expected):
-        raise UsageError(f"invalid sha256 for {name}: {sha256!r} is not 64 hex digits",
-                         "fix the checksum in the manifest")
-    if size is not None and size < 0:
-        raise UsageError(f"invalid size for {name}: {size}", "fix the size in the manifest")
-    try:
-        _Job(url, dest, size, expected, options, on_event, name).run()
-    except OSError as exc:
-        raise FetchError(f"cannot write the download of {name} at {dest}: {exc.strerror or exc}",
-                         "check that the folder exists, is writable and its disk is healthy") from exc
 
+    def __init__(self, options: FetchOptions) -> None:
+        self.opt = options
+        self.lock = threading.Lock()
+        self.items: list[Part] = []
+        self.total: int | None = None
+        self.ranges = True
+        self.decode = False  # always: requests refuse a Content-Encoding (kept in the state file's format)
+        self.stop = threading.Event()
+        self.wake = threading.Event()
+        self.error: BaseException | None = None
+        self.session_bytes = 0
+        self.saved_bytes = 0   # session_bytes when the resume state was last snapshotted
+        self.session_received = 0
+        self.session_start = time.monotonic()
+        self.last_byte = self.session_start   # when the source last sent a byte (or the call began)
 
-def partial_progress(dest: Path) -> tuple[int, int | None] | None:
-    """(bytes a next call resumes from, total or None) of a partial download at ``dest``, or None if
-    there is none. A download from a server that cannot resume counts 0 bytes: the next call starts over.
+    def new_attempt(self) -> threading.Event:
+        """Fresh stop and wake events and no error, for a new transfer attempt; its stop event."""
+        self.stop = stop = threading.Event()
+        self.wake = threading.Event()
+        self.error = None
+        return stop
 
-    Reads only the state file; for listings of unfinished downloads.
-    """
-    try:
-        state = json.loads(Path(str(dest) + ".json").read_text())
-        if not state["ranges"] or state.get("decode"):
-            return 0, state.get("total")
-        return sum(int(p[2]) for p in state["parts"]), state.get("total")
-    except (OSError, ValueError, KeyError, TypeError, IndexError):
-        return None
+    def fail(self, stop: threading.Event, exc: BaseException) -> None:
+        """Record the first error of the current attempt and stop its threads."""
+        with self.lock:
+            if stop is self.stop and self.error is None:
+                self.error = exc
+        stop.set()
+        self.wake.set()
 
-
-def redact_url(url: str) -> str:
-    """The URL without its query string and credentials: presigned links carry secrets there."""
-    try:
-        p = urlsplit(url)
-    except ValueError:
-        return "<invalid URL>"
-    host = p.hostname or ""
-    if p.port:
-        host += f":{p.port}"
-    return f"{p.scheme}://{host}{p.path}" + ("?…" if p.query else "")
-
-
-def _is_loopback(host: str) -> bool:
-    if host == "localhost" or host.endswith(".localhost"):
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
-
-
-def _check_url(url: str, allow_http: bool) -> None:
-    try:
-        p = urlsplit(url)
-        host = p.hostname
-    except ValueError:
-        host = None
-        p = None
-    if p is None or p.scheme not in ("http", "https") or not host:
-        raise FetchError(f"cannot download {redact_url(url)}: not an http(s) URL",
-                         "check the URL in the manifest or on the command line")
-    if p.scheme == "http" and not allow_http and not _is_loopback(host):
-        raise FetchError(
-            f"refusing to download over plain http from {redact_url(url)}",
-            "use an https URL; plain http is accepted only for localhost or when explicitly allowed "
-            "(a trusted local mirror) -- the sha256 check still applies",
-        )
-
-
-_SSL_CONTEXTS: dict[tuple[str | None, str | None], ssl.SSLContext] = {}
-
-
-def _ssl_context() -> ssl.SSLContext:
-    """httpx's verifying context (certifi, or SSL_CERT_FILE / SSL_CERT_DIR), built once per setting."""
-    key = (os.environ.get("SSL_CERT_FILE"), os.environ.get("SSL_CERT_DIR"))
-    ctx = _SSL_CONTEXTS.get(key)
-    if ctx is None:
-        ctx = _SSL_CONTEXTS[key] = httpx.create_ssl_context(verify=True, trust_env=True)
-    return ctx
-
-
-def _human(n: int | None) -> str:
-    if n is None:
-        return "an unknown number of bytes"
-    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
-        if n >= scale:
-            return f"{n / scale:.1f} {unit}"
-    return f"{n} B"
-
-
-def _content_range(value: str | None) -> tuple[int, int, int | None] | None:
-    """Parse 'bytes a-b/total' (total may be '*')."""
-    if not value:
-        return None
-    m = re.fullmatch(r"\s*bytes\s+(\d+)-(\d+)/(\d+|\*)\s*", value)
-    if not m:
-        return None
-    total = None if m.group(3) == "*" else int(m.group(3))
-    return int(m.group(1)), int(m.group(2)), total
-
-
-def _validator_matches(resp: httpx.Response, validator: str) -> bool:
-    """Whether ``resp`` carries ``validator`` (an ETag, or else a Last-Modified date)."""
-    if validator.startswith(('"', "W/")):
-        return resp.headers.get("etag") == validator
-    return resp.headers.get("last-modified") == validator
-
-
-def _retry_after(resp: httpx.Response) -> float | None:
-    value = resp.headers.get("retry-after")
-    if not value:
-        return None
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        pass
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    return max(0.0, when.timestamp() - time.time())
-
-
-def _fdatasync(fd: int) -> None:
-    (getattr(os, "fdatasync", None) or os.fsync)(fd)
-
-
-_IOV_MAX = 1024
-
-
-def _write_chunks(fd: int, chunks: list[bytes | memoryview], offset: int) -> None:
-    """Write ``chunks`` back to back at ``offset`` without joining them (pwritev: one syscall, no copy)."""
-    pwritev = getattr(os, "pwritev", None)
-    if pwritev is None:
-        for chunk in chunks:
-            _write_all(fd, memoryview(chunk), offset)
-            offset += len(chunk)
-        return
-    while chunks:
-        group = chunks[:_IOV_MAX]
-        n = pwritev(fd, group, offset)
-        if not n:
-            raise OSError(errno.EIO, "the file accepted no bytes")
-        offset += n
-        # a short write (rare: a filling disk) continues after the last byte written
-        for i, chunk in enumerate(group):
-            if n < len(chunk):
-                chunks = [memoryview(chunk)[n:], *group[i + 1:], *chunks[len(group):]]
-                break
-            n -= len(chunk)
+    def lay_out(self, total: int | None) -> Part | None:
+        """Split a fresh download of ``total`` bytes into parts; the first, claimed (None: no bytes)."""
+        self.total = total
+        o = self.opt
+        if total == 0:
+            self.items = []
+            return None
+        if total is None:
+            self.items = [Part(0, None)]
+        elif self.parallel():
+            step = -(-total // o.parallel_parts)
+            self.items = [Part(s, min(s + step, total) - 1) for s in range(0, total, step)]
         else:
-            chunks = chunks[len(group):]
+            self.items = [Part(0, total - 1)]
+        now = time.monotonic()
+        p0 = self.items[0]
+        p0.active, p0.claimed_at, p0.last_data = True, now, now
+        return p0
+
+    def adopt(self, total: int | None, items: list[Part]) -> None:
+        """Continue a download an earlier run left: ``items`` as its resume state recorded them."""
+        self.total = total
+        self.items = items
+        for p in items:
+            p.queued = p.reserved = p.done
+        self.ranges, self.decode = True, False
+
+    def frontier(self) -> int:
+        with self.lock:
+            return self.frontier_locked()
+
+    def frontier_locked(self) -> int:
+        pos = 0
+        for p in self.items:
+            pos = p.pos
+            if not p.complete:
+                break
+        return pos
+
+    def all_complete(self) -> bool:
+        with self.lock:
+            return all(p.complete for p in self.items)
+
+    def claim(self) -> Part | None:
+        """An unclaimed part; else half of the biggest part in progress; else the rest of a straggler."""
+        now = time.monotonic()
+        with self.lock:
+            for p in self.items:
+                if not p.active and not p.complete:
+                    p.active, p.claimed_at, p.claimed_received, p.last_data = True, now, p.received, now
+                    return p
+            if not self.ranges or self.total is None:
+                return None
+            busy = [p for p in self.items if p.active and p.end is not None and not p.complete]
+            best, best_cut, best_new = None, 0, 0
+            for p in busy:
+                held = p.start + max(p.reserved, p.done)
+                left = p.end + 1 - held  # type: ignore[operator]
+                # above what its worker has received and what its open request asks for: nothing
+                # is fetched twice, nothing a server already sent is thrown away
+                cut = max(held + left // 2, p.req_end + 1)
+                new_size = p.end + 1 - cut  # type: ignore[operator]
+                if left >= 2 * self.opt.min_part and new_size >= self.opt.min_part and new_size > best_new:
+                    best, best_cut, best_new = p, cut, new_size
+            if best is not None:
+                cut = best_cut
+            else:
+                # take over a straggler: everything not yet on disk, including bytes its stuck worker
+                # holds unwritten (the writer trims that worker's blocks to the shortened part)
+                stragglers = [p for p in busy if self._straggling(p, p.end + 1 - p.pos, now)]  # type: ignore[operator]
+                if not stragglers:
+                    return None
+                best = max(stragglers, key=lambda p: p.end - p.pos)  # type: ignore[operator]
+                cut = best.pos
+            new = Part(cut, best.end, active=True, claimed_at=now, last_data=now)
+            best.end = cut - 1
+            self.items.insert(self.items.index(best) + 1, new)
+            return new
+
+    def _straggling(self, p: Part, left: int, now: float) -> bool:
+        """No bytes for straggler_after seconds, or on course to finish far later than a fresh connection."""
+        if now - p.last_data >= self.opt.straggler_after:
+            return True
+        age = now - p.claimed_at
+        if age < self.opt.straggler_after:
+            return False
+        rate = (p.received - p.claimed_received) / age
+        return rate * 4 < self.rate_per_connection(now) and left / max(rate, 1.0) > self.opt.straggler_after
+
+    def parallel(self) -> bool:
+        """Whether the file is fetched as ranged parts over several connections (once its size is known)."""
+        o = self.opt
+        return (
+            self.ranges and self.total is not None and o.parallel_parts > 1 and self.total >= o.part_threshold
+        )
+
+    def rate_per_connection(self, now: float) -> float:
+        """Bytes/s this call has received, per connection now busy (called with the lock held)."""
+        active = sum(1 for q in self.items if q.active and not q.complete) or 1
+        return self.session_received / max(now - self.session_start, 1e-3) / active
+
+    def open_span(self, part: Part) -> int | None:
+        """The last byte the next request of ``part`` asks for, recorded so that no split cuts below it."""
+        o = self.opt
+        with self.lock:
+            end = part.end
+            if end is not None and self.parallel():
+                per_conn = self.rate_per_connection(time.monotonic())
+                span = int(min(_SPAN_MAX, max(2 * o.min_part, per_conn * _SPAN_SECONDS)))
+                end = min(end, part.qpos + span - 1)
+            part.req_end = -1 if end is None else end
+            return end
+
+    def checkpoint_due_locked(self) -> bool:
+        """Whether ``checkpoint_bytes`` per busy connection were written since the last save (lock held)."""
+        busy = sum(1 for p in self.items if p.active and not p.complete) or 1
+        return self.session_bytes - self.saved_bytes >= self.opt.checkpoint_bytes * busy
+
+    def kept(self, lead: str) -> str:
+        """What the next run can build on, for a hint (``lead`` + text), or '' when nothing is kept."""
+        with self.lock:
+            done = sum(p.done for p in self.items)
+            resumable = self.ranges and not self.decode
+        if not done:
+            return ""
+        if not resumable:
+            return lead + "this source cannot resume a download, so the next run starts it over"
+        return lead + f"the {human(done)} downloaded so far are kept and the next run resumes from there"
 
 
-def _write_all(fd: int, data: memoryview, offset: int) -> None:
-    if hasattr(os, "pwrite"):
-        while data:
-            n = os.pwrite(fd, data, offset)
-            data = data[n:]
-            offset += n
-    else:
-        os.lseek(fd, offset, os.SEEK_SET)
-        while data:
-            n = os.write(fd, data)
-            data = data[n:]
+# ---- hashing: the sha256 of the finished prefix, as it grows
 
 
-def _trim(chunks: list[bytes | memoryview], n: int) -> list[bytes | memoryview]:
-    """The first ``n`` bytes of ``chunks`` (views, no copies)."""
-    out: list[bytes | memoryview] = []
-    for chunk in chunks:
-        if n <= 0:
-            break
-        out.append(chunk if len(chunk) <= n else memoryview(chunk)[:n])
-        n -= len(chunk)
-    return out
+_HASH_CHUNK = 4 << 20
+_HASH_QUEUE = 8
+_HASH_LAG_MAX = 32 << 20
+_HASH_JOIN_BELOW = 128 << 10
 
 
-def _widen_reads(resp: httpx.Response) -> None:
-    """Let the connection behind ``resp`` read the socket up to _READ_SIZE bytes at a time.
-
-    httpcore reads 64 KiB per call (a class constant, not a client setting) and h11 parses every read
-    in Python; on a fast link that parsing, not the network, limits a download. The connection's
-    network stream is public (the ``network_stream`` response extension): its ``read`` is wrapped on
-    this one object, so only our own client's connections change. h11 accepts reads of any size;
-    TLS sockets return one record (<= 16 KiB) per read whatever the size asked for.
-    """
-    stream = resp.extensions.get("network_stream")
-    read = getattr(stream, "read", None)
-    if read is None or getattr(read, "wide", False):
-        return
-
-    def wide_read(max_bytes: int, timeout: float | None = None) -> bytes:
-        return read(max(max_bytes, _READ_SIZE), timeout)
-
-    wide_read.wide = True  # type: ignore[attr-defined]
-    try:
-        stream.read = wide_read  # type: ignore[union-attr]
-    except AttributeError:
-        pass
+def file_sha256(path: Path) -> str:
+    """The hex sha256 of a whole file, read in big blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_HASH_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
-def _is_disk_full(exc: OSError) -> bool:
-    return exc.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC))
-
-
-_O_BINARY = getattr(os, "O_BINARY", 0)
-
-
-class _Hasher(threading.Thread):
+class Hasher(threading.Thread):
     """sha256 of the file's contiguous finished prefix.
 
     The part at the front hands its freshly written blocks over (no re-read); everything else --
@@ -471,7 +418,7 @@ class _Hasher(threading.Thread):
         """
         while offset - self.pos <= _HASH_LAG_MAX and self.is_alive() and not stop.is_set():
             try:
-                self._queue.put((offset, chunks, size), timeout=_TICK)
+                self._queue.put((offset, chunks, size), timeout=TICK)
                 return
             except queue.Full:
                 continue
@@ -540,7 +487,7 @@ class _Hasher(threading.Thread):
         self._finish_at = length
         while self.is_alive():
             try:
-                self._queue.put((-1, [], 0), timeout=_TICK)
+                self._queue.put((-1, [], 0), timeout=TICK)
                 break
             except queue.Full:
                 continue
@@ -554,10 +501,90 @@ class _Hasher(threading.Thread):
 
     def abort(self) -> None:
         self._abort.set()
-        self.join(_JOIN_GRACE)
+        self.join(JOIN_GRACE)
 
 
-class _Writer(threading.Thread):
+# ---- disk I/O: the writer thread, writes without copies, syncs, a full disk
+
+
+_WRITE_QUEUE = 8
+_IOV_MAX = 1024
+O_BINARY = getattr(os, "O_BINARY", 0)
+
+
+def fdatasync(fd: int) -> None:
+    (getattr(os, "fdatasync", None) or os.fsync)(fd)
+
+
+def _write_chunks(fd: int, chunks: list[bytes | memoryview], offset: int) -> None:
+    """Write ``chunks`` back to back at ``offset`` without joining them (pwritev: one syscall, no copy)."""
+    pwritev = getattr(os, "pwritev", None)
+    if pwritev is None:
+        for chunk in chunks:
+            _write_all(fd, memoryview(chunk), offset)
+            offset += len(chunk)
+        return
+    while chunks:
+        group = chunks[:_IOV_MAX]
+        n = pwritev(fd, group, offset)
+        if not n:
+            raise OSError(errno.EIO, "the file accepted no bytes")
+        offset += n
+        # a short write (rare: a filling disk) continues after the last byte written
+        for i, chunk in enumerate(group):
+            if n < len(chunk):
+                chunks = [memoryview(chunk)[n:], *group[i + 1:], *chunks[len(group):]]
+                break
+            n -= len(chunk)
+        else:
+            chunks = chunks[len(group):]
+
+
+def _write_all(fd: int, data: memoryview, offset: int) -> None:
+    if hasattr(os, "pwrite"):
+        while data:
+            n = os.pwrite(fd, data, offset)
+            data = data[n:]
+            offset += n
+    else:
+        os.lseek(fd, offset, os.SEEK_SET)
+        while data:
+            n = os.write(fd, data)
+            data = data[n:]
+
+
+def _trim(chunks: list[bytes | memoryview], n: int) -> list[bytes | memoryview]:
+    """The first ``n`` bytes of ``chunks`` (views, no copies)."""
+    out: list[bytes | memoryview] = []
+    for chunk in chunks:
+        if n <= 0:
+            break
+        out.append(chunk if len(chunk) <= n else memoryview(chunk)[:n])
+        n -= len(chunk)
+    return out
+
+
+def is_disk_full(exc: OSError) -> bool:
+    return exc.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC))
+
+
+def disk_full_error(dest: Path, name: str, parts: Parts) -> DiskFullError:
+    """The error for a disk too full to hold the rest of the download of ``name`` at ``dest``."""
+    folder = str(dest.parent)
+    with parts.lock:
+        done = sum(p.done for p in parts.items)
+    needed = None if parts.total is None else parts.total - done
+    free = shutil.disk_usage(folder).free
+    return DiskFullError(
+        f"not enough disk space for {name} in {folder}: "
+        f"{human(needed)} still needed, {human(free)} free",
+        "free some space (or point PIPX_LLAMA_HOME at a bigger disk) and run the same command again"
+        + parts.kept(": "),
+        folder=folder, needed=needed, free=free,
+    )
+
+
+class Writer(threading.Thread):
     """Writes the blocks the receiving threads queue, so receiving, writing and hashing overlap.
 
     One writer per attempt, with its own file descriptor; each write is trimmed to its part's current
@@ -566,19 +593,23 @@ class _Writer(threading.Thread):
     are kept -- unless a newer attempt has replaced this one (then its file is gone anyway).
     """
 
-    def __init__(self, job: _Job, stop: threading.Event) -> None:
+    def __init__(
+        self, parts: Parts, dest: Path, name: str, hasher: Hasher | None, stop: threading.Event
+    ) -> None:
         super().__init__(daemon=True, name="fetch-writer")
-        self.job = job
+        self.parts = parts
+        self.dest = dest
+        self.name = name
         self.stop = stop
-        self.hasher = job.hasher
-        self.queue: queue.Queue[tuple[_Part, list[bytes | memoryview], int] | None] = queue.Queue(
+        self.hasher = hasher
+        self.queue: queue.Queue[tuple[Part, list[bytes | memoryview], int] | None] = queue.Queue(
             maxsize=_WRITE_QUEUE)
 
-    def put(self, part: _Part, chunks: list[bytes | memoryview], size: int) -> None:
+    def put(self, part: Part, chunks: list[bytes | memoryview], size: int) -> None:
         """Queue ``size`` bytes in ``chunks`` for ``part`` (in order); waits while full, gives up on stop."""
         while not self.stop.is_set():
             try:
-                self.queue.put((part, chunks, size), timeout=_TICK)
+                self.queue.put((part, chunks, size), timeout=TICK)
                 return
             except queue.Full:
                 continue
@@ -587,27 +618,27 @@ class _Writer(threading.Thread):
         """Write what is queued (unless stopped) and end the thread."""
         while self.is_alive():
             try:
-                self.queue.put(None, timeout=_TICK)
+                self.queue.put(None, timeout=TICK)
                 break
             except queue.Full:
                 continue
 
     def run(self) -> None:
-        job = self.job
+        parts = self.parts
         fd = -1
         try:
-            fd = os.open(job.dest, os.O_WRONLY | _O_BINARY)
+            fd = os.open(self.dest, os.O_WRONLY | O_BINARY)
             while True:
                 item = self.queue.get()
                 if item is None:
                     return
                 part, chunks, size = item
-                with job.lock:
-                    if self.stop is not job.stop:
+                with parts.lock:
+                    if self.stop is not parts.stop:
                         continue
                     offset = part.pos
                     n = size if part.end is None else max(0, min(size, part.end + 1 - offset))
-                    at_front = job._frontier_locked() == offset
+                    at_front = parts.frontier_locked() == offset
                 if not n:
                     continue
                 if n < size:
@@ -615,422 +646,180 @@ class _Writer(threading.Thread):
                 try:
                     _write_chunks(fd, chunks, offset)
                 except OSError as exc:
-                    if _is_disk_full(exc):
-                        raise job._disk_full() from None
+                    if is_disk_full(exc):
+                        raise disk_full_error(self.dest, self.name, parts) from None
                     raise
                 if at_front and self.hasher is not None:
                     # before the frontier moves: the hasher would otherwise read these bytes back
                     self.hasher.offer(offset, chunks, n, self.stop)
-                with job.lock:
+                with parts.lock:
                     part.done += n
-                    job.session_bytes += n
-                    finished = part.complete and all(p.complete for p in job.parts)
-                    due = job._checkpoint_due_locked()
+                    parts.session_bytes += n
+                    finished = part.complete and all(p.complete for p in parts.items)
+                    due = parts.checkpoint_due_locked()
                 if finished or due:
-                    job.wake.set()
+                    parts.wake.set()
         except Exception as exc:  # noqa: BLE001  (re-raised by the supervising thread)
-            job._fail(self.stop, exc)
+            parts.fail(self.stop, exc)
         finally:
             if fd >= 0:
                 os.close(fd)
 
 
-class _Job:
-    """One call of download(): state, parts, worker threads and the supervising loop."""
+# ---- HTTP: URLs, requests, responses, validators, failure reasons, backoff and patience
 
-    def __init__(self, url: str, dest: Path, size: int | None, sha256: str, options: FetchOptions,
-                 on_event: EventCallback | None, name: str) -> None:
+
+# A host name that does not resolve is not retried like a dropped connection: "no such name" is final,
+# "temporary failure" (typical of a machine with no network) gets this many retries, so an offline
+# user waits seconds, not the minute of a full backoff, before the next source or the error.
+_DNS_RETRIES = 1
+_DNS_FINAL = {getattr(socket, n) for n in ("EAI_NONAME", "EAI_NODATA", "EAI_FAIL") if hasattr(socket, n)}
+
+
+class Retry(Exception):
+    """A failed attempt worth retrying (HTTP 5xx/429/408, short body, bad Content-Range)."""
+
+    def __init__(self, reason: str, retry_after: float | None = None) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.retry_after = retry_after
+
+
+class Restart(Exception):
+    """The partial download cannot be continued: discard it and start over."""
+
+    def __init__(self, reason: str, *, retry: bool = False, retry_after: float | None = None) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.retry = retry
+        self.retry_after = retry_after
+
+
+def redact_url(url: str) -> str:
+    """The URL without its query string and credentials: presigned links carry secrets there."""
+    try:
+        p = urlsplit(url)
+    except ValueError:
+        return "<invalid URL>"
+    host = p.hostname or ""
+    if p.port:
+        host += f":{p.port}"
+    return f"{p.scheme}://{host}{p.path}" + ("?…" if p.query else "")
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost" or host.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def check_url(url: str, allow_http: bool) -> None:
+    try:
+        p = urlsplit(url)
+        host = p.hostname
+    except ValueError:
+        host = None
+        p = None
+    if p is None or p.scheme not in ("http", "https") or not host:
+        raise FetchError(f"cannot download {redact_url(url)}: not an http(s) URL",
+                         "check the URL in the manifest or on the command line")
+    if p.scheme == "http" and not allow_http and not is_loopback(host):
+        raise FetchError(
+            f"refusing to download over plain http from {redact_url(url)}",
+            "use an https URL; plain http is accepted only for localhost or when explicitly allowed "
+            "(a trusted local mirror) -- the sha256 check still applies",
+        )
+
+
+_SSL_CONTEXTS: dict[tuple[str | None, str | None], ssl.SSLContext] = {}
+
+
+def _ssl_context() -> ssl.SSLContext:
+    """httpx's verifying context (certifi, or SSL_CERT_FILE / SSL_CERT_DIR), built once per setting."""
+    key = (os.environ.get("SSL_CERT_FILE"), os.environ.get("SSL_CERT_DIR"))
+    ctx = _SSL_CONTEXTS.get(key)
+    if ctx is None:
+        ctx = _SSL_CONTEXTS[key] = httpx.create_ssl_context(verify=True, trust_env=True)
+    return ctx
+
+
+def content_range(value: str | None) -> tuple[int, int, int | None] | None:
+    """Parse 'bytes a-b/total' (total may be '*')."""
+    if not value:
+        return None
+    m = re.fullmatch(r"\s*bytes\s+(\d+)-(\d+)/(\d+|\*)\s*", value)
+    if not m:
+        return None
+    total = None if m.group(3) == "*" else int(m.group(3))
+    return int(m.group(1)), int(m.group(2)), total
+
+
+def validator_matches(resp: httpx.Response, validator: str) -> bool:
+    """Whether ``resp`` carries ``validator`` (an ETag, or else a Last-Modified date)."""
+    if validator.startswith(('"', "W/")):
+        return resp.headers.get("etag") == validator
+    return resp.headers.get("last-modified") == validator
+
+
+def _retry_after(resp: httpx.Response) -> float | None:
+    value = resp.headers.get("retry-after")
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - time.time())
+
+
+class Source:
+    """The server behind one download's URL, as the download talks to it.
+
+    ``sources`` lists every URL whose bytes the download holds (a resumed download may have begun at
+    another). Validators and sources change under ``parts.lock``: receiving threads learn them.
+    """
+
+    def __init__(self, url: str, name: str, options: FetchOptions, parts: Parts,
+                 events: queue.SimpleQueue[ProgressEvent]) -> None:
         self.url = url
         self.shown_url = redact_url(url)
-        self.dest = dest
-        self.state_path = Path(str(dest) + ".json")
-        self.size = size
-        self.sha256 = sha256
-        self.opt = options
-        self.on_event = on_event
         self.name = name
-        self.lock = threading.Lock()
+        self.opt = options
+        self.parts = parts
+        self.events = events
+        self.client: httpx.Client | None = None
         self.dns_failures = 0
-        self.stop = threading.Event()
-        self.wake = threading.Event()
-        self.events: queue.SimpleQueue[ProgressEvent] = queue.SimpleQueue()
-        self.error: BaseException | None = None
-        self.parts: list[_Part] = []
-        self.total: int | None = None
         self.etag: str | None = None
         self.last_modified: str | None = None
         self.validators = "any"   # which validators this source keeps stable: any | last-modified | none
-        self.changes = 0          # times the validators changed during this download (see _believe_change)
+        self.changes = 0          # times the validators changed during this download (see believe_change)
         self._changed_in: threading.Event | None = None
         self._believed = True
-        self.ranges = True
-        self.decode = False  # always: _request refuses a Content-Encoding (kept in the state file's format)
         self.sources: list[str] = []
-        self.session_bytes = 0
-        self.saved_bytes = 0   # session_bytes when the resume state was last snapshotted
-        self.session_received = 0
-        self.session_start = time.monotonic()
-        self.last_byte = self.session_start   # when the source last sent a byte (or the call began)
-        self.client: httpx.Client | None = None
-        self.hasher: _Hasher | None = None
 
-    # ---- top level
-
-    def run(self) -> None:
-        self.dest.parent.mkdir(parents=True, exist_ok=True)
-        state = self._load_state()
-        if state is None:
-            if self._finished_file_ok():
-                return
-            self._discard()
-        self.client = self._make_client()
-        self.last_byte = time.monotonic()  # patience counts from here, not from hashing a finished file
-        try:
-            restarts = retries = 0
-            while True:
-                try:
-                    digest, length = self._transfer(state)
-                    break
-                except _Restart as r:
-                    state = None
-                    self._discard()
-                    self.parts = []
-                    if r.retry:
-                        retries += 1
-                        if retries > self.opt.max_retries:
-                            raise self._gave_up(r.reason, retries - 1) from None
-                        delay = self._backoff(retries, r.retry_after)
-                        self._check_patience(r.reason, delay)
-                        self._emit(ProgressEvent(
-                            "retry", self.name, source=self.shown_url,
-                            message=f"{r.reason}; the server cannot resume, starting over in {delay:.1f}s "
-                                    f"(retry {retries}/{self.opt.max_retries})"))
-                        time.sleep(delay)
-                    else:
-                        restarts += 1
-                        if restarts > _MAX_RESTARTS:
-                            raise FetchError(
-                                f"could not download {self.name} from {self.shown_url}: {r.reason}, "
-                                f"{restarts} times in a row",
-                                "the file at the source keeps changing; try again later or another source",
-                            ) from None
-                        self._emit(ProgressEvent("restart", self.name, source=self.shown_url,
-                                                 message=f"{r.reason}; discarding the partial download "
-                                                         "and starting over"))
-        finally:
-            self.client.close()
-        self._finish(digest, length)
-
-    def _make_client(self) -> httpx.Client:
+    def open(self) -> None:
+        """Make the client (its connection pool) the download's requests go through."""
         o = self.opt
         timeout = httpx.Timeout(connect=o.timeout, read=o.stall_timeout, write=o.timeout, pool=o.timeout)
         n = max(1, o.parallel_parts)
-        return httpx.Client(
+        self.client = httpx.Client(
             timeout=timeout, follow_redirects=True, trust_env=True, verify=_ssl_context(),
             limits=httpx.Limits(max_connections=2 * n + 2, max_keepalive_connections=n + 1),
             headers={"User-Agent": f"pipx-llama/{__version__} httpx/{httpx.__version__}"},
         )
 
-    def _emit(self, event: ProgressEvent) -> None:
-        if self.on_event is not None:
-            self.on_event(event)
+    def close(self) -> None:
+        if self.client is not None:
+            self.client.close()
 
-    def _drain_events(self) -> None:
-        while True:
-            try:
-                ev = self.events.get_nowait()
-            except queue.Empty:
-                return
-            self._emit(ev)
-
-    # ---- state on disk
-
-    def _load_state(self) -> dict | None:
-        """The saved state if it belongs to this file and is consistent with the data on disk."""
-        try:
-            state = json.loads(self.state_path.read_text())
-        except FileNotFoundError:
-            return None
-        except (OSError, ValueError):
-            return None
-        try:
-            if (state["version"] != STATE_VERSION or state["sha256"] != self.sha256
-                    or state["size"] != self.size or not state["ranges"] or state.get("decode")):
-                return None
-            total = state["total"]
-            parts = [_Part(int(s), None if e is None else int(e), int(d)) for s, e, d in state["parts"]]
-            pos = 0
-            for i, p in enumerate(parts):
-                if (
-                    p.start != pos
-                    or p.done < 0
-                    or (p.end is None and (i != len(parts) - 1 or total is not None))
-                ):
-                    return None
-                if p.end is not None:
-                    if p.done > p.end + 1 - p.start:
-                        return None
-                    pos = p.end + 1
-            if total is not None and pos != total:
-                return None
-            on_disk = self.dest.stat().st_size
-        except (KeyError, TypeError, ValueError, OSError):
-            return None
-        if on_disk < max((p.pos for p in parts), default=0):
-            return None
-        state["_parts"] = parts
-        return state
-
-    def _snapshot(self) -> dict:
-        return {
-            "version": STATE_VERSION, "url": self.url, "sources": list(self.sources), "file": self.name,
-            "sha256": self.sha256, "size": self.size, "total": self.total, "etag": self.etag,
-            "last_modified": self.last_modified, "validators": self.validators, "changes": self.changes,
-            "ranges": self.ranges, "decode": self.decode,
-            "parts": [[p.start, p.end, p.done] for p in self.parts], "updated": time.time(),
-        }
-
-    def _write_state(self, snap: dict) -> None:
-        tmp = Path(str(self.state_path) + ".tmp")
-        try:
-            with open(tmp, "w") as f:
-                json.dump(snap, f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, self.state_path)
-        except OSError as exc:
-            if _is_disk_full(exc):
-                raise self._disk_full() from None
-            raise
-
-    def _checkpoint(self, fd: int) -> None:
-        with self.lock:
-            snap = self._snapshot()
-            self.saved_bytes = self.session_bytes
-        _fdatasync(fd)
-        self._write_state(snap)
-
-    def _checkpoint_due_locked(self) -> bool:
-        """Whether ``checkpoint_bytes`` per busy connection were written since the last save (lock held)."""
-        busy = sum(1 for p in self.parts if p.active and not p.complete) or 1
-        return self.session_bytes - self.saved_bytes >= self.opt.checkpoint_bytes * busy
-
-    def _discard(self) -> None:
-        for p in (self.dest, self.state_path, Path(str(self.state_path) + ".tmp")):
-            try:
-                p.unlink()
-            except FileNotFoundError:
-                pass
-
-    def _finished_file_ok(self) -> bool:
-        """A data file without state is a finished download from an earlier run: trust it only if it
-        verifies."""
-        try:
-            if self.size is None or self.dest.stat().st_size != self.size:
-                return False
-        except FileNotFoundError:
-            return False
-        digest = hashlib.sha256()
-        with open(self.dest, "rb") as f:
-            while chunk := f.read(_HASH_CHUNK):
-                digest.update(chunk)
-        if digest.hexdigest() != self.sha256:
-            return False
-        self._emit(ProgressEvent("verified", self.name, done=self.size, total=self.size,
-                                 message="already downloaded"))
-        self._emit(ProgressEvent("done", self.name, done=self.size, total=self.size))
-        return True
-
-    def _disk_full(self) -> DiskFullError:
-        folder = str(self.dest.parent)
-        with self.lock:
-            done = sum(p.done for p in self.parts)
-        needed = None if self.total is None else self.total - done
-        free = shutil.disk_usage(folder).free
-        return DiskFullError(
-            f"not enough disk space for {self.name} in {folder}: "
-            f"{_human(needed)} still needed, {_human(free)} free",
-            "free some space (or point PIPX_LLAMA_HOME at a bigger disk) and run the same command again"
-            + self._kept(": "),
-            folder=folder, needed=needed, free=free,
-        )
-
-    # ---- one transfer attempt (fresh or resumed)
-
-    def _adopt(self, state: dict) -> None:
-        self.total = state["total"]
-        self.parts = state["_parts"]
-        for p in self.parts:
-            p.queued = p.reserved = p.done
-        self.sources = [s for s in state.get("sources", []) if isinstance(s, str)]
-        old, new = urlsplit(state["url"]), urlsplit(self.url)
-        if (old.scheme, old.netloc, old.path) == (new.scheme, new.netloc, new.path):
-            self.etag, self.last_modified = state.get("etag"), state.get("last_modified")
-            mode, changes = state.get("validators"), state.get("changes")
-            self.validators = mode if mode in ("any", "last-modified", "none") else "any"
-            self.changes = changes if isinstance(changes, int) and changes >= 0 else 0
-        else:
-            self.etag = self.last_modified = None
-        self.ranges, self.decode = True, False
-
-    def _transfer(self, state: dict | None) -> tuple[str, int]:
-        # a fresh event per attempt: threads of an abandoned attempt keep seeing theirs set
-        self.stop = stop = threading.Event()
-        self.wake = threading.Event()
-        self.error = None
-        first: tuple[_Part, httpx.Response] | None = None
-        if state is not None:
-            self._adopt(state)
-            if self.url not in self.sources:
-                self.sources.append(self.url)
-        else:
-            first = self._probe()
-            try:
-                self._write_state(self._snapshot())
-            except BaseException:
-                if first is not None:
-                    first[1].close()
-                raise
-        try:
-            fd = os.open(self.dest, os.O_RDWR | os.O_CREAT | _O_BINARY, 0o644)
-        except BaseException:
-            if first is not None:
-                first[1].close()
-            raise
-        hasher: _Hasher | None = None
-        writer: _Writer | None = None
-        workers: list[threading.Thread] = []
-        try:
-            if self.total is not None and os.fstat(fd).st_size < self.total:
-                os.ftruncate(fd, self.total)
-            done = sum(p.done for p in self.parts)
-            if self.total is not None and shutil.disk_usage(self.dest.parent).free < self.total - done:
-                raise self._disk_full()
-            self._emit(ProgressEvent(
-                "start", self.name, done=done, total=self.total, source=self.shown_url,
-                message=(f"resuming at {_human(done)}" if done else "starting")
-                + (f" of {_human(self.total)}" if self.total is not None else "")))
-            hasher = self.hasher = _Hasher(self.dest, self._frontier)
-            hasher.start()
-            writer = _Writer(self, stop)
-            writer.start()
-            workers.append(writer)
-            n = self.opt.parallel_parts if self._parallel() else 1
-            for i in range(max(1, n)):
-                w = threading.Thread(target=self._worker, args=(first if i == 0 else None, stop, writer),
-                                     daemon=True, name=f"fetch-part-{i}")
-                workers.append(w)
-                w.start()
-            first = None
-            self._supervise(workers, fd)
-            if self.error is not None:
-                raise self.error
-            with self.lock:
-                length = sum(p.done for p in self.parts)
-            # what is still unhashed (parts after the first) is hashed while the data is synced
-            hasher.finish(length)
-            self._checkpoint(fd)
-            digest = hasher.result()
-            hasher = None
-            return digest, length
-        except DiskFullError:
-            raise
-        except OSError as exc:
-            if _is_disk_full(exc):
-                raise self._disk_full() from None
-            raise
-        finally:
-            if first is not None:
-                first[1].close()
-            stop.set()
-            if writer is not None:
-                writer.close()
-            deadline = time.monotonic() + _JOIN_GRACE
-            for w in workers:
-                w.join(max(0.0, deadline - time.monotonic()))
-            if hasher is not None:
-                hasher.abort()
-            try:
-                if self.error is not None or any(w.is_alive() for w in workers) or hasher is not None:
-                    self._checkpoint(fd)
-            except (OSError, FetchError):
-                pass
-            finally:
-                os.close(fd)
-
-    def _supervise(self, workers: list[threading.Thread], fd: int) -> None:
-        last_cp = last_ev = time.monotonic()
-        cp_every = self.opt.checkpoint_interval
-        samples: collections.deque[tuple[float, int]] = collections.deque()
-        while True:
-            # cleared before looking: a writer that finishes or fills a checkpoint after this sets it again
-            self.wake.clear()
-            self._drain_events()
-            if self.error is not None or self._all_complete() or not any(w.is_alive() for w in workers):
-                break
-            now = time.monotonic()
-            with self.lock:
-                done = sum(p.done for p in self.parts)
-                session = self.session_bytes
-                due = self._checkpoint_due_locked()
-            samples.append((now, session))
-            while samples and samples[0][0] < now - _SPEED_WINDOW:
-                samples.popleft()
-            if now - last_ev >= _PROGRESS_EVERY:
-                last_ev = now
-                t0, b0 = samples[0]
-                speed = (session - b0) / (now - t0) if now - t0 > 0.2 else None
-                eta = ((self.total - done) / speed if speed and self.total is not None else None)
-                self._emit(ProgressEvent("progress", self.name, done=done, total=self.total, speed=speed,
-                                         eta=eta, source=self.shown_url))
-            if now - self.last_byte >= self.opt.give_up_after:
-                # every connection is stuck (in a read, a connect or a backoff): do not wait for them
-                self.error = self._stalled("no connection is receiving anything", now - self.last_byte)
-                break
-            if now - last_cp >= cp_every or due:
-                self._checkpoint(fd)
-                last_cp = time.monotonic()
-                # while the data syncs, the writer's writes can wait for it (ext4 does): on a link faster
-                # than the disk, sync less often so that syncing takes at most ~1/_SYNC_SHARE of the time
-                cp_every = min(max(self.opt.checkpoint_interval, (last_cp - now) * _SYNC_SHARE),
-                               max(self.opt.checkpoint_interval, _CHECKPOINT_MAX))
-            self.wake.wait(_TICK)
-        self.stop.set()
-        self._drain_events()
-        if self.error is None and not self._all_complete():
-            self.error = FetchError(f"download of {self.name} stopped before it was complete",
-                                    "run the same command again" + self._kept(": "))
-
-    def _finish(self, digest: str, length: int) -> None:
-        if self.size is not None and length != self.size:
-            self._discard()
-            raise ChecksumError(
-                f"size mismatch for {self.name} from {self._sources_text()}: expected {self.size} bytes, "
-                f"got {length}; the download was deleted",
-                "the source does not serve the file the manifest describes; if no source does, the manifest "
-                "may be out of date",
-                file=self.name, source=self.url, expected=self.sha256, actual=f"(size {length} bytes)")
-        if digest != self.sha256:
-            self._discard()
-            raise ChecksumError(
-                f"checksum mismatch for {self.name} from {self._sources_text()}: expected sha256 "
-                f"{self.sha256}, got {digest}; the bad download was deleted",
-                "if this keeps happening the source serves a different file than the manifest describes",
-                file=self.name, source=self.url, expected=self.sha256, actual=digest)
-        with open(self.dest, "rb+") as f:
-            if os.fstat(f.fileno()).st_size != length:
-                f.truncate(length)
-            _fdatasync(f.fileno())
-        for p in (self.state_path, Path(str(self.state_path) + ".tmp")):
-            try:
-                p.unlink()
-            except FileNotFoundError:
-                pass
-        self._emit(ProgressEvent("verified", self.name, done=length, total=length, source=self.shown_url,
-                                 message=f"sha256 {digest}"))
-        self._emit(ProgressEvent("done", self.name, done=length, total=length, source=self.shown_url))
-
-    def _sources_text(self) -> str:
+    def sources_text(self) -> str:
         shown = [redact_url(s) for s in self.sources if s != self.url]
         if not shown:
             return self.shown_url
@@ -1038,7 +827,7 @@ class _Job:
 
     # ---- requests
 
-    def _request(self, start: int | None, end: int | None, conditional: bool) -> httpx.Response:
+    def request(self, start: int | None, end: int | None, conditional: bool) -> httpx.Response:
         headers = {"Accept-Encoding": "identity"}
         if start is not None:
             headers["Range"] = f"bytes={start}-{'' if end is None else end}"
@@ -1049,7 +838,7 @@ class _Job:
             headers["Authorization"] = f"Bearer {self.opt.token}"
         client: httpx.Client = self.client  # type: ignore[assignment]
         o = self.opt
-        left = max(0.1, o.give_up_after - (time.monotonic() - self.last_byte))
+        left = max(0.1, o.give_up_after - (time.monotonic() - self.parts.last_byte))
         timeout = httpx.Timeout(connect=min(o.timeout, left), read=min(o.stall_timeout, left),
                                 write=min(o.timeout, left), pool=min(o.timeout, left))
         try:
@@ -1062,7 +851,7 @@ class _Job:
             raise FetchError(f"cannot fetch {self.name} from {self.shown_url}: {exc}",
                              "the source redirects somewhere unusable; try another source") from None
         final = resp.url
-        if final.scheme == "http" and not self.opt.allow_http and not _is_loopback(final.host):
+        if final.scheme == "http" and not self.opt.allow_http and not is_loopback(final.host):
             resp.close()
             raise FetchError(f"{self.shown_url} redirected to plain http ({final.host}); refusing",
                              "use a source that stays on https, or allow plain http explicitly")
@@ -1085,7 +874,7 @@ class _Job:
         if code in (401, 403):
             raise self._access_denied(code)
         if code in (408, 429) or code >= 500:
-            raise _Retry(f"HTTP {code}", _retry_after(resp))
+            raise Retry(f"HTTP {code}", _retry_after(resp))
         raise FetchError(f"unexpected answer HTTP {code} fetching {self.name} from {self.shown_url}",
                          "try another source, or report the problem to whoever runs it")
 
@@ -1101,18 +890,21 @@ class _Job:
                     "read token at https://huggingface.co/settings/tokens and set HF_TOKEN to it, then retry")
         elif re.search(r"(?i)(x-amz-signature|signature=|expires=|policy=|key-pair-id=)", p.query or ""):
             hint = ("this looks like a presigned download link, and such links expire: request a fresh one "
-                    "(e.g. from Meta's download form) and pass it again, then retry" + self._kept(" -- "))
+                    "(e.g. from Meta's download form) and pass it again, then retry"
+                    + self.parts.kept(" -- "))
         else:
             hint = ("the server wants credentials: if it accepts a bearer token set HF_TOKEN to it, "
                     "otherwise ask whoever runs the server for access")
         return AccessDenied(msg, hint)
+
+    # ---- validators: one version of the file
 
     def _if_range(self) -> str | None:
         if self.etag and not self.etag.startswith("W/"):
             return self.etag
         return self.last_modified
 
-    def _believe_change(self, resp: httpx.Response) -> bool:
+    def believe_change(self, resp: httpx.Response) -> bool:
         """A response's validators differ from ours: True if that means the file changed.
 
         The first change is believed (the partial is discarded). Validators that change again within
@@ -1121,10 +913,10 @@ class _Job:
         alone when Last-Modified stayed the same, else both -- and the sha256 checked at the end, as
         always, is what guarantees the bytes.
         """
-        with self.lock:
-            if self._changed_in is self.stop:
+        with self.parts.lock:
+            if self._changed_in is self.parts.stop:
                 return self._believed  # parallel parts seeing the same change: it counts once per attempt
-            self._changed_in = self.stop
+            self._changed_in = self.parts.stop
             self.changes += 1
             self._believed = self.changes < 2
             if self._believed:
@@ -1141,7 +933,7 @@ class _Job:
         self.events.put(ProgressEvent("notice", self.name, source=self.shown_url, message=note))
         return False
 
-    def _validators_differ(self, resp: httpx.Response) -> bool:
+    def validators_differ(self, resp: httpx.Response) -> bool:
         etag, lm = resp.headers.get("etag"), resp.headers.get("last-modified")
         if self.etag and etag:
             return etag != self.etag
@@ -1149,8 +941,8 @@ class _Job:
             return lm != self.last_modified
         return False
 
-    def _learn_validators(self, resp: httpx.Response) -> None:
-        with self.lock:
+    def learn_validators(self, resp: httpx.Response) -> None:
+        with self.parts.lock:
             if self.etag is None and self.last_modified is None and self.validators != "none":
                 if self.validators == "any":
                     self.etag = resp.headers.get("etag")
@@ -1158,9 +950,17 @@ class _Job:
             if self.url not in self.sources:
                 self.sources.append(self.url)
 
-    def _reason(self, exc: BaseException) -> tuple[str, float | None]:
+    def relearn_validators(self, resp: httpx.Response) -> None:
+        """Take the validators of ``resp``, a response with the whole file from byte 0, instead of ours."""
+        with self.parts.lock:
+            self.etag = self.last_modified = None
+        self.learn_validators(resp)
+
+    # ---- failures, retries and patience
+
+    def reason(self, exc: BaseException) -> tuple[str, float | None]:
         """Why an attempt failed, and the server's Retry-After; raises for errors not worth retrying."""
-        if isinstance(exc, _Retry):
+        if isinstance(exc, Retry):
             return exc.reason, exc.retry_after
         if isinstance(exc, httpx.ReadTimeout):
             waited = self.opt.stall_timeout
@@ -1189,7 +989,7 @@ class _Job:
 
     def _name_not_resolved(self, err: socket.gaierror) -> None:
         """Give up on this source at once (or after _DNS_RETRIES) when its host name does not resolve."""
-        with self.lock:
+        with self.parts.lock:
             self.dns_failures += 1
             failures = self.dns_failures
         if err.errno in _DNS_FINAL or failures > _DNS_RETRIES:
@@ -1202,49 +1002,217 @@ class _Job:
                 "have (--from-dir DIR)",
             ) from None
 
-    def _backoff(self, attempt: int, retry_after: float | None) -> float:
+    def backoff(self, attempt: int, retry_after: float | None) -> float:
         if retry_after is not None:
             return min(self.opt.backoff_max, retry_after)
         base = min(self.opt.backoff_max, self.opt.backoff_base * 2 ** (attempt - 1))
         return base * random.uniform(0.5, 1.0)
 
-    def _gave_up(self, reason: str, retries: int) -> NetworkError:
+    def gave_up(self, reason: str, retries: int) -> NetworkError:
         return NetworkError(
             f"could not download {self.name} from {self.shown_url}: {reason} (gave up after {retries} "
             f"retries)",
-            "check the network connection or proxy settings (HTTPS_PROXY)" + self._kept("; "),
+            "check the network connection or proxy settings (HTTPS_PROXY)" + self.parts.kept("; "),
         )
 
-    def _check_patience(self, reason: str, delay: float) -> None:
+    def check_patience(self, reason: str, delay: float) -> None:
         """Give up now if waiting ``delay`` more leaves the source silent for ``give_up_after`` seconds."""
-        idle = time.monotonic() - self.last_byte
+        idle = time.monotonic() - self.parts.last_byte
         if idle + delay >= self.opt.give_up_after:
-            raise self._stalled(reason, idle)
+            raise self.stalled(reason, idle)
 
-    def _stalled(self, reason: str, idle: float) -> NetworkError:
+    def stalled(self, reason: str, idle: float) -> NetworkError:
         return NetworkError(
             f"could not download {self.name} from {self.shown_url}: nothing received for {idle:.0f} s "
             f"({reason})",
-            "check the network connection or proxy settings (HTTPS_PROXY), or try later" + self._kept("; ")
+            "check the network connection or proxy settings (HTTPS_PROXY), or try later"
+            + self.parts.kept("; ")
             + f"; `give_up_after` in the config file sets this limit ({self.opt.give_up_after:g} s)",
         )
 
-    def _kept(self, lead: str) -> str:
-        """What the next run can build on, for a hint (``lead`` + text), or '' when nothing is kept."""
-        with self.lock:
-            done = sum(p.done for p in self.parts)
-            resumable = self.ranges and not self.decode
-        if not done:
-            return ""
-        if not resumable:
-            return lead + "this source cannot resume a download, so the next run starts it over"
-        return lead + f"the {_human(done)} downloaded so far are kept and the next run resumes from there"
+
+# ---- resume state: the file a later run continues from
+
+
+STATE_VERSION = 1
+
+
+def state_path(dest: Path) -> Path:
+    """Where the resume state of the partial download ``dest`` lives."""
+    return Path(str(dest) + ".json")
+
+
+def partial_progress(dest: Path) -> tuple[int, int | None] | None:
+    """(bytes a next call resumes from, total or None) of a partial download at ``dest``, or None if
+    there is none. A download from a server that cannot resume counts 0 bytes: the next call starts over.
+
+    Reads only the state file; for listings of unfinished downloads.
+    """
+    try:
+        state = json.loads(state_path(dest).read_text())
+        if not state["ranges"] or state.get("decode"):
+            return 0, state.get("total")
+        return sum(int(p[2]) for p in state["parts"]), state.get("total")
+    except (OSError, ValueError, KeyError, TypeError, IndexError):
+        return None
+
+
+@dataclass
+class SavedState:
+    """A resume state read back: the file's record, and its parts checked against the data on disk."""
+
+    record: dict
+    parts: list[Part]
+
+
+def load_state(dest: Path, sha256: str, size: int | None) -> SavedState | None:
+    """The saved state if it belongs to this file and is consistent with the data on disk."""
+    try:
+        state = json.loads(state_path(dest).read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError):
+        return None
+    try:
+        if (state["version"] != STATE_VERSION or state["sha256"] != sha256
+                or state["size"] != size or not state["ranges"] or state.get("decode")):
+            return None
+        total = state["total"]
+        parts = [Part(int(s), None if e is None else int(e), int(d)) for s, e, d in state["parts"]]
+        pos = 0
+        for i, p in enumerate(parts):
+            if (
+                p.start != pos
+                or p.done < 0
+                or (p.end is None and (i != len(parts) - 1 or total is not None))
+            ):
+                return None
+            if p.end is not None:
+                if p.done > p.end + 1 - p.start:
+                    return None
+                pos = p.end + 1
+        if total is not None and pos != total:
+            return None
+        on_disk = dest.stat().st_size
+    except (KeyError, TypeError, ValueError, OSError):
+        return None
+    if on_disk < max((p.pos for p in parts), default=0):
+        return None
+    return SavedState(state, parts)
+
+
+def adopt_state(saved: SavedState, parts: Parts, source: Source) -> None:
+    """Continue from ``saved``: its parts, and its validators if ``source`` is the same URL path."""
+    state = saved.record
+    parts.adopt(state["total"], saved.parts)
+    source.sources = [s for s in state.get("sources", []) if isinstance(s, str)]
+    old, new = urlsplit(state["url"]), urlsplit(source.url)
+    if (old.scheme, old.netloc, old.path) == (new.scheme, new.netloc, new.path):
+        source.etag, source.last_modified = state.get("etag"), state.get("last_modified")
+        mode, changes = state.get("validators"), state.get("changes")
+        source.validators = mode if mode in ("any", "last-modified", "none") else "any"
+        source.changes = changes if isinstance(changes, int) and changes >= 0 else 0
+    else:
+        source.etag = source.last_modified = None
+
+
+def state_snapshot(source: Source, parts: Parts, sha256: str, size: int | None) -> dict:
+    """The resume state as it is now (the caller holds the lock, or no other thread runs)."""
+    return {
+        "version": STATE_VERSION, "url": source.url, "sources": list(source.sources), "file": source.name,
+        "sha256": sha256, "size": size, "total": parts.total, "etag": source.etag,
+        "last_modified": source.last_modified, "validators": source.validators, "changes": source.changes,
+        "ranges": parts.ranges, "decode": parts.decode,
+        "parts": [[p.start, p.end, p.done] for p in parts.items], "updated": time.time(),
+    }
+
+
+def save_state(path: Path, snap: dict) -> None:
+    """Write ``snap`` to ``path`` atomically (temp file, fsync, rename); raises OSError."""
+    tmp = Path(str(path) + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump(snap, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def forget_state(dest: Path) -> None:
+    """Delete the resume state of ``dest`` (a finished download keeps its data)."""
+    path = state_path(dest)
+    for p in (path, Path(str(path) + ".tmp")):
+        try:
+            p.unlink()
+        except FileNotFoundError:
+            pass
+
+
+def discard_partial(dest: Path) -> None:
+    """Delete a partial download: its data and its resume state."""
+    try:
+        dest.unlink()
+    except FileNotFoundError:
+        pass
+    forget_state(dest)
+
+
+# ---- receiving threads: the first request, then each part span by span
+
+
+_WRITE_BLOCK = 2 << 20
+_FLUSH_AFTER = 0.25
+_READ_SIZE = 1 << 20
+# A failed attempt that still delivered this much is continued at once, without counting as a retry:
+# a server (or proxy) that cuts every response short still completes the file, range by range.
+_MIN_PROGRESS = 64 << 10
+
+
+def _widen_reads(resp: httpx.Response) -> None:
+    """Let the connection behind ``resp`` read the socket up to _READ_SIZE bytes at a time.
+
+    httpcore reads 64 KiB per call (a class constant, not a client setting) and h11 parses every read
+    in Python; on a fast link that parsing, not the network, limits a download. The connection's
+    network stream is public (the ``network_stream`` response extension): its ``read`` is wrapped on
+    this one object, so only our own client's connections change. h11 accepts reads of any size;
+    TLS sockets return one record (<= 16 KiB) per read whatever the size asked for.
+    """
+    stream = resp.extensions.get("network_stream")
+    read = getattr(stream, "read", None)
+    if read is None or getattr(read, "wide", False):
+        return
+
+    def wide_read(max_bytes: int, timeout: float | None = None) -> bytes:
+        return read(max(max_bytes, _READ_SIZE), timeout)
+
+    wide_read.wide = True  # type: ignore[attr-defined]
+    try:
+        stream.read = wide_read  # type: ignore[union-attr]
+    except AttributeError:
+        pass
+
+
+class Receiver:
+    """What the first request of a fresh download, and then every receiving thread, does."""
+
+    def __init__(self, parts: Parts, source: Source, events: queue.SimpleQueue[ProgressEvent],
+                 size: int | None, sha256: str) -> None:
+        self.parts = parts
+        self.source = source
+        self.events = events
+        self.size = size
+        self.sha256 = sha256
+        self.opt = parts.opt
+        self.name = source.name
 
     # ---- the first request of a fresh download
 
-    def _probe(self) -> tuple[_Part, httpx.Response] | None:
-        """Open the first response, learn size, validators and Range support; plan the parts."""
+    def probe(self, emit: Callable[[ProgressEvent], None]) -> tuple[Part, httpx.Response] | None:
+        """Open the first response, learn size, validators and Range support; plan the parts.
+
+        Runs in the calling thread before any other starts: its events go to ``emit`` at once.
+        """
         o = self.opt
+        source = self.source
         parallel = o.parallel_parts > 1 and self.size is not None and self.size >= o.part_threshold
         first_end = (min(-(-self.size // o.parallel_parts), 2 * o.min_part) - 1
                      if parallel and self.size else None)
@@ -1252,229 +1220,136 @@ class _Job:
         while True:
             try:
                 if self.size == 0:
-                    resp = self._request(None, None, conditional=False)
+                    resp = source.request(None, None, conditional=False)
                 else:
-                    resp = self._request(0, first_end, conditional=False)
+                    resp = source.request(0, first_end, conditional=False)
                 try:
                     return self._plan(resp)
                 except BaseException:
                     resp.close()
                     raise
-            except (_Retry, httpx.TransportError) as exc:
-                reason, retry_after = self._reason(exc)
+            except (Retry, httpx.TransportError) as exc:
+                reason, retry_after = source.reason(exc)
                 attempt += 1
                 if attempt > o.max_retries:
-                    raise self._gave_up(reason, attempt - 1) from None
-                delay = self._backoff(attempt, retry_after)
-                self._check_patience(reason, delay)
-                self._emit(
+                    raise source.gave_up(reason, attempt - 1) from None
+                delay = source.backoff(attempt, retry_after)
+                source.check_patience(reason, delay)
+                emit(
                     ProgressEvent(
                         "retry",
                         self.name,
-                        source=self.shown_url,
+                        source=source.shown_url,
                         message=f"{reason}; retry {attempt}/{o.max_retries} in {delay:.1f}s",
                     )
                 )
                 time.sleep(delay)
 
-    def _plan(self, resp: httpx.Response) -> tuple[_Part, httpx.Response] | None:
+    def _plan(self, resp: httpx.Response) -> tuple[Part, httpx.Response] | None:
         code = resp.status_code
-        self.etag = self.last_modified = None
-        self.sources = []
-        self._learn_validators(resp)
+        parts, source = self.parts, self.source
+        source.sources = []
+        source.relearn_validators(resp)
         cr = None
         if code == 416:
             unsatisfied = re.fullmatch(r"\s*bytes\s+\*/0\s*", resp.headers.get("content-range", ""))
             resp.close()
             if not unsatisfied:
-                raise FetchError(f"the server refused the first range of {self.name} at {self.shown_url} "
+                raise FetchError(f"the server refused the first range of {self.name} at {source.shown_url} "
                                  "(HTTP 416)", "try another source")
             total: int | None = 0
-            self.ranges = True
+            parts.ranges = True
         elif code == 206:
-            cr = _content_range(resp.headers.get("content-range"))
+            cr = content_range(resp.headers.get("content-range"))
             if cr is None or cr[0] != 0:
                 raise FetchError(f"the server sent an invalid Content-Range for {self.name}: "
                                  f"{resp.headers.get('content-range')!r}", "try another source")
             total = cr[2]
-            self.ranges = True
+            parts.ranges = True
         else:
-            self.ranges = False
+            parts.ranges = False
             length = resp.headers.get("content-length")
             total = int(length) if length and length.isdigit() else None
         if self.size is not None and total is not None and total != self.size:
             raise ChecksumError(
-                f"size mismatch for {self.name} at {self.shown_url}: expected {self.size} bytes, "
+                f"size mismatch for {self.name} at {source.shown_url}: expected {self.size} bytes, "
                 f"the server has {total}; nothing was downloaded",
                 "the source holds another version of the file; if no source has this one, the manifest may "
                 "be out of date",
-                file=self.name, source=self.url, expected=self.sha256, actual=f"(size {total} bytes)")
-        self.total = total if total is not None else self.size
-        o = self.opt
-        if self.total == 0:
-            self.parts = []
+                file=self.name, source=source.url, expected=self.sha256, actual=f"(size {total} bytes)")
+        p0 = parts.lay_out(total if total is not None else self.size)
+        if p0 is None:
             resp.close()
             return None
-        if self.total is None:
-            self.parts = [_Part(0, None)]
-        elif self._parallel():
-            step = -(-self.total // o.parallel_parts)
-            self.parts = [_Part(s, min(s + step, self.total) - 1) for s in range(0, self.total, step)]
-        else:
-            self.parts = [_Part(0, self.total - 1)]
-        now = time.monotonic()
-        p0 = self.parts[0]
-        p0.active, p0.claimed_at, p0.last_data = True, now, now
-        p0.req_end = cr[1] if cr is not None else -1 if self.total is None else self.total - 1
+        p0.req_end = cr[1] if cr is not None else -1 if parts.total is None else parts.total - 1
         return p0, resp
 
-    # ---- workers
+    # ---- a receiving thread
 
-    def _frontier(self) -> int:
-        with self.lock:
-            return self._frontier_locked()
-
-    def _frontier_locked(self) -> int:
-        pos = 0
-        for p in self.parts:
-            pos = p.pos
-            if not p.complete:
-                break
-        return pos
-
-    def _all_complete(self) -> bool:
-        with self.lock:
-            return all(p.complete for p in self.parts)
-
-    def _claim(self) -> _Part | None:
-        """An unclaimed part; else half of the biggest part in progress; else the rest of a straggler."""
-        now = time.monotonic()
-        with self.lock:
-            for p in self.parts:
-                if not p.active and not p.complete:
-                    p.active, p.claimed_at, p.claimed_received, p.last_data = True, now, p.received, now
-                    return p
-            if not self.ranges or self.total is None:
-                return None
-            busy = [p for p in self.parts if p.active and p.end is not None and not p.complete]
-            best, best_cut, best_new = None, 0, 0
-            for p in busy:
-                held = p.start + max(p.reserved, p.done)
-                left = p.end + 1 - held  # type: ignore[operator]
-                # above what its worker has received and what its open request asks for: nothing
-                # is fetched twice, nothing a server already sent is thrown away
-                cut = max(held + left // 2, p.req_end + 1)
-                new_size = p.end + 1 - cut  # type: ignore[operator]
-                if left >= 2 * self.opt.min_part and new_size >= self.opt.min_part and new_size > best_new:
-                    best, best_cut, best_new = p, cut, new_size
-            if best is not None:
-                cut = best_cut
-            else:
-                # take over a straggler: everything not yet on disk, including bytes its stuck worker
-                # holds unwritten (the writer trims that worker's blocks to the shortened part)
-                stragglers = [p for p in busy if self._straggling(p, p.end + 1 - p.pos, now)]  # type: ignore[operator]
-                if not stragglers:
-                    return None
-                best = max(stragglers, key=lambda p: p.end - p.pos)  # type: ignore[operator]
-                cut = best.pos
-            new = _Part(cut, best.end, active=True, claimed_at=now, last_data=now)
-            best.end = cut - 1
-            self.parts.insert(self.parts.index(best) + 1, new)
-            return new
-
-    def _straggling(self, p: _Part, left: int, now: float) -> bool:
-        """No bytes for straggler_after seconds, or on course to finish far later than a fresh connection."""
-        if now - p.last_data >= self.opt.straggler_after:
-            return True
-        age = now - p.claimed_at
-        if age < self.opt.straggler_after:
-            return False
-        rate = (p.received - p.claimed_received) / age
-        return rate * 4 < self._rate_per_connection(now) and left / max(rate, 1.0) > self.opt.straggler_after
-
-    def _parallel(self) -> bool:
-        """Whether the file is fetched as ranged parts over several connections (once its size is known)."""
-        o = self.opt
-        return (
-            self.ranges and self.total is not None and o.parallel_parts > 1 and self.total >= o.part_threshold
-        )
-
-    def _rate_per_connection(self, now: float) -> float:
-        """Bytes/s this call has received, per connection now busy (called with the lock held)."""
-        active = sum(1 for q in self.parts if q.active and not q.complete) or 1
-        return self.session_received / max(now - self.session_start, 1e-3) / active
-
-    def _fail(self, stop: threading.Event, exc: BaseException) -> None:
-        """Record the first error of the current attempt and stop its threads."""
-        with self.lock:
-            if stop is self.stop and self.error is None:
-                self.error = exc
-        stop.set()
-        self.wake.set()
-
-    def _worker(
-        self, first: tuple[_Part, httpx.Response] | None, stop: threading.Event, writer: _Writer
-    ) -> None:
+    def run(self, first: tuple[Part, httpx.Response] | None, stop: threading.Event, writer: Writer) -> None:
+        """Receive parts until none is left to claim or the attempt stops (a receiving thread's target)."""
+        parts = self.parts
         try:
             while not stop.is_set():
                 if first is not None:
                     part, resp = first
                     first = None
                 else:
-                    part, resp = self._claim(), None
+                    part, resp = parts.claim(), None
                 if part is None:
-                    if self._all_complete() or stop.wait(_TICK * 2):
+                    if parts.all_complete() or stop.wait(TICK * 2):
                         return
                     continue
                 try:
                     self._fetch_part(part, resp, stop, writer)
                 finally:
-                    with self.lock:
+                    with parts.lock:
                         part.active = False
         except Exception as exc:  # noqa: BLE001  (re-raised by the supervising thread)
-            self._fail(stop, exc)
+            parts.fail(stop, exc)
         finally:
             if first is not None:
                 first[1].close()
 
     def _fetch_part(
-        self, part: _Part, resp: httpx.Response | None, stop: threading.Event, writer: _Writer
+        self, part: Part, resp: httpx.Response | None, stop: threading.Event, writer: Writer
     ) -> None:
+        parts, source = self.parts, self.source
         attempt = 0
         while not part.all_queued and not stop.is_set():
             before = part.queued
             try:
                 if resp is None:
-                    resp = self._request(part.qpos, self._open_span(part), conditional=True)
+                    resp = source.request(part.qpos, parts.open_span(part), conditional=True)
                     self._accept(resp, part)
                 self._stream(resp, part, stop, writer)
                 if part.end is None and not stop.is_set():
-                    with self.lock:
+                    with parts.lock:
                         part.end = part.qpos - 1
-                        self.total = part.qpos
+                        parts.total = part.qpos
                     return
                 if part.qpos > part.req_end >= 0:
                     continue  # the span is done; the next one goes out on the same connection
                 if not part.all_queued and not stop.is_set():
-                    raise _Retry("the connection closed before the part was complete")
-            except (_Retry, httpx.TransportError) as exc:
-                reason, retry_after = self._reason(exc)
+                    raise Retry("the connection closed before the part was complete")
+            except (Retry, httpx.TransportError) as exc:
+                reason, retry_after = source.reason(exc)
                 if stop.is_set() or part.all_queued:
                     return
-                if not self.ranges and (self.total is None or self.decode or part.qpos == 0):
-                    raise _Restart(reason, retry=True, retry_after=retry_after) from None
+                if not parts.ranges and (parts.total is None or parts.decode or part.qpos == 0):
+                    raise Restart(reason, retry=True, retry_after=retry_after) from None
                 # a server that cuts responses short but sends data is healthy: ask for the rest at once,
                 # as the first retry of a new series (a whole-file 200 is asked for a Range now, see _accept)
                 progressed = part.queued - before >= _MIN_PROGRESS
                 attempt = 1 if progressed else attempt + 1
                 if attempt > self.opt.max_retries:
-                    raise self._gave_up(reason, attempt - 1) from None
-                delay = 0.0 if progressed else self._backoff(attempt, retry_after)
-                self._check_patience(reason, delay)
-                with self.lock:
-                    done = sum(p.done for p in self.parts)
+                    raise source.gave_up(reason, attempt - 1) from None
+                delay = 0.0 if progressed else source.backoff(attempt, retry_after)
+                source.check_patience(reason, delay)
+                with parts.lock:
+                    done = sum(p.done for p in parts.items)
                 self.events.put(ProgressEvent(
-                    "retry", self.name, done=done, total=self.total, source=self.shown_url,
+                    "retry", self.name, done=done, total=parts.total, source=source.shown_url,
                     message=f"{reason} at byte {part.qpos}; " + (
                         "continuing from there" if progressed else
                         f"retry {attempt}/{self.opt.max_retries} in {delay:.1f}s")))
@@ -1485,57 +1360,44 @@ class _Job:
                     resp.close()
                     resp = None
 
-    def _open_span(self, part: _Part) -> int | None:
-        """The last byte the next request of ``part`` asks for, recorded so that no split cuts below it."""
-        o = self.opt
-        with self.lock:
-            end = part.end
-            if end is not None and self._parallel():
-                per_conn = self._rate_per_connection(time.monotonic())
-                span = int(min(_SPAN_MAX, max(2 * o.min_part, per_conn * _SPAN_SECONDS)))
-                end = min(end, part.qpos + span - 1)
-            part.req_end = -1 if end is None else end
-            return end
-
-    def _accept(self, resp: httpx.Response, part: _Part) -> None:
+    def _accept(self, resp: httpx.Response, part: Part) -> None:
         """Check a ranged response continues this very file at this very offset."""
+        parts, source = self.parts, self.source
         code = resp.status_code
         if code == 416:
-            raise _Restart("the source can no longer serve the rest of the file (HTTP 416)")
+            raise Restart("the source can no longer serve the rest of the file (HTTP 416)")
         if code == 200:
-            if part.start == 0 and part.queued == 0 and len(self.parts) == 1:
-                with self.lock:
-                    self.etag = self.last_modified = None
-                self._learn_validators(resp)
+            if part.start == 0 and part.queued == 0 and len(parts.items) == 1:
+                source.relearn_validators(resp)
                 return
-            if not self.ranges:
+            if not parts.ranges:
                 # the stream of a whole-file 200 broke, and the Range asking for the rest was ignored too
-                raise _Restart("the request for the rest of the file was answered from byte 0", retry=True)
+                raise Restart("the request for the rest of the file was answered from byte 0", retry=True)
             sent = resp.request.headers.get("if-range")
-            if sent is not None and not _validator_matches(resp, sent):
-                if self._believe_change(resp):
-                    raise _Restart("the file at the source has changed (new ETag/Last-Modified)")
+            if sent is not None and not validator_matches(resp, sent):
+                if source.believe_change(resp):
+                    raise Restart("the file at the source has changed (new ETag/Last-Modified)")
                 # the If-Range validator was this server's own whim: ask again with what is still trusted
-                raise _Retry("the server sent the whole file instead of the range (If-Range did not match)",
-                             0.0)
-            raise _Restart("the server ignored the Range request and sent the whole file")
-        cr = _content_range(resp.headers.get("content-range"))
+                raise Retry("the server sent the whole file instead of the range (If-Range did not match)",
+                            0.0)
+            raise Restart("the server ignored the Range request and sent the whole file")
+        cr = content_range(resp.headers.get("content-range"))
         if cr is None or cr[0] != part.qpos:
-            raise _Retry(f"the server answered with the wrong range ({resp.headers.get('content-range')!r} "
-                         f"for byte {part.qpos})")
-        if cr[2] is not None and self.total is not None and cr[2] != self.total:
-            raise _Restart(f"the file at the source changed size ({self.total} -> {cr[2]} bytes)")
-        if self._validators_differ(resp) and self._believe_change(resp):
-            raise _Restart("the file at the source has changed (new ETag/Last-Modified)")
-        self._learn_validators(resp)
-        if not self.ranges:
-            with self.lock:
-                self.ranges = True  # it answered a whole-file request with 200, yet honours Range: resumable
+            raise Retry(f"the server answered with the wrong range ({resp.headers.get('content-range')!r} "
+                        f"for byte {part.qpos})")
+        if cr[2] is not None and parts.total is not None and cr[2] != parts.total:
+            raise Restart(f"the file at the source changed size ({parts.total} -> {cr[2]} bytes)")
+        if source.validators_differ(resp) and source.believe_change(resp):
+            raise Restart("the file at the source has changed (new ETag/Last-Modified)")
+        source.learn_validators(resp)
+        if not parts.ranges:
+            with parts.lock:
+                parts.ranges = True  # it answered a whole-file request with 200, yet honours Range: resumable
         if 0 <= cr[1] < part.req_end:
-            with self.lock:
+            with parts.lock:
                 part.req_end = cr[1]  # a server may answer a shorter range than asked
 
-    def _stream(self, resp: httpx.Response, part: _Part, stop: threading.Event, writer: _Writer) -> None:
+    def _stream(self, resp: httpx.Response, part: Part, stop: threading.Event, writer: Writer) -> None:
         """Receive the body and queue it for the writer in blocks of about _WRITE_BLOCK bytes.
 
         A block is the list of chunks as httpx delivered them (no copying); it is queued when it is big
@@ -1546,7 +1408,8 @@ class _Job:
         block: list[bytes | memoryview] = []
         pending = 0
         flushed = time.monotonic()
-        lock = self.lock
+        parts = self.parts
+        lock = parts.lock
         try:
             for chunk in chunks:
                 size = len(chunk)
@@ -1557,9 +1420,9 @@ class _Job:
                     room = size if part.end is None else part.end + 1 - part.qpos - pending
                     n = max(0, min(size, room))
                     part.reserved = part.queued + pending + n
-                    part.last_data = self.last_byte = now
+                    part.last_data = parts.last_byte = now
                     part.received += n
-                    self.session_received += n
+                    parts.session_received += n
                 if n:
                     block.append(chunk if n == size else memoryview(chunk)[:n])
                     pending += n
@@ -1575,7 +1438,317 @@ class _Job:
         if pending:
             self._queue_block(block, pending, part, writer)
 
-    def _queue_block(self, chunks: list[bytes | memoryview], size: int, part: _Part, writer: _Writer) -> None:
-        with self.lock:
+    def _queue_block(self, chunks: list[bytes | memoryview], size: int, part: Part, writer: Writer) -> None:
+        with self.parts.lock:
             part.queued += size
         writer.put(part, chunks, size)
+
+
+# ---- the supervisor: one call of download()
+
+def download(url: str, dest: Path, *, size: int | None, sha256: str, options: FetchOptions,
+             on_event: EventCallback | None = None, label: str = "") -> None:
+    """Fetch ``url`` into ``dest``, resuming what an earlier run left there; verify size and sha256.
+
+    ``dest`` is a '.part' file under the store's partial/ folder; its resume state is ``dest + '.json'``.
+    On success ``dest`` holds the verified bytes, fsynced (the caller renames it into the store) and the
+    state file is gone. ``label`` names the file in events and messages (default: ``dest.name``).
+    Raises ``OfflineError`` (before any network use), ``FetchError`` (refused URL, protocol errors),
+    ``SourceNotFound``, ``AccessDenied``, ``NetworkError`` (retries exhausted, or no byte for
+    ``give_up_after`` seconds), ``DiskFullError``, ``ChecksumError`` (bad bytes deleted). Whether a partial
+    download was kept for a resume is said in the hint, and only when it was.
+    """
+    dest = Path(dest)
+    name = label or dest.name
+    if options.offline:
+        raise OfflineError(
+            f"{name} is not downloaded yet and offline mode is on (it would come from {redact_url(url)})",
+            "run again without --offline (and without PIPX_LLAMA_OFFLINE=1), or import the file "
+            "from a folder you already have",
+        )
+    check_url(url, options.allow_http)
+    expected = sha256.strip().lower()
+    if not _HEX64.fullmatch(expected):
+        raise UsageError(f"invalid sha256 for {name}: {sha256!r} is not 64 hex digits",
+                         "fix the checksum in the manifest")
+    if size is not None and size < 0:
+        raise UsageError(f"invalid size for {name}: {size}", "fix the size in the manifest")
+    try:
+        _Job(url, dest, size, expected, options, on_event, name).run()
+    except OSError as exc:
+        raise FetchError(f"cannot write the download of {name} at {dest}: {exc.strerror or exc}",
+                         "check that the folder exists, is writable and its disk is healthy") from exc
+
+
+class _Job:
+    """One call of download(): its parts and source, the attempts, and the loop supervising each."""
+
+    def __init__(self, url: str, dest: Path, size: int | None, sha256: str, options: FetchOptions,
+                 on_event: EventCallback | None, name: str) -> None:
+        self.url = url
+        self.dest = dest
+        self.state_path = state_path(dest)
+        self.size = size
+        self.sha256 = sha256
+        self.opt = options
+        self.on_event = on_event
+        self.name = name
+        # events of the other threads, emitted by the calling thread
+        self.events: queue.SimpleQueue[ProgressEvent] = queue.SimpleQueue()
+        self.parts = Parts(options)
+        self.source = Source(url, name, options, self.parts, self.events)
+        self.shown_url = self.source.shown_url
+        self.receiver = Receiver(self.parts, self.source, self.events, size, sha256)
+
+    # ---- top level
+
+    def run(self) -> None:
+        self.dest.parent.mkdir(parents=True, exist_ok=True)
+        saved = load_state(self.dest, self.sha256, self.size)
+        if saved is None:
+            if self._finished_file_ok():
+                return
+            discard_partial(self.dest)
+        self.source.open()
+        self.parts.last_byte = time.monotonic()  # patience counts from here, not from hashing a finished file
+        try:
+            restarts = retries = 0
+            while True:
+                try:
+                    digest, length = self._transfer(saved)
+                    break
+                except Restart as r:
+                    saved = None
+                    discard_partial(self.dest)
+                    self.parts.items = []
+                    if r.retry:
+                        retries += 1
+                        if retries > self.opt.max_retries:
+                            raise self.source.gave_up(r.reason, retries - 1) from None
+                        delay = self.source.backoff(retries, r.retry_after)
+                        self.source.check_patience(r.reason, delay)
+                        self._emit(ProgressEvent(
+                            "retry", self.name, source=self.shown_url,
+                            message=f"{r.reason}; the server cannot resume, starting over in {delay:.1f}s "
+                                    f"(retry {retries}/{self.opt.max_retries})"))
+                        time.sleep(delay)
+                    else:
+                        restarts += 1
+                        if restarts > _MAX_RESTARTS:
+                            raise FetchError(
+                                f"could not download {self.name} from {self.shown_url}: {r.reason}, "
+                                f"{restarts} times in a row",
+                                "the file at the source keeps changing; try again later or another source",
+                            ) from None
+                        self._emit(ProgressEvent("restart", self.name, source=self.shown_url,
+                                                 message=f"{r.reason}; discarding the partial download "
+                                                         "and starting over"))
+        finally:
+            self.source.close()
+        self._finish(digest, length)
+
+    def _emit(self, event: ProgressEvent) -> None:
+        if self.on_event is not None:
+            self.on_event(event)
+
+    def _drain_events(self) -> None:
+        while True:
+            try:
+                ev = self.events.get_nowait()
+            except queue.Empty:
+                return
+            self._emit(ev)
+
+    # ---- state on disk
+
+    def _snapshot(self) -> dict:
+        return state_snapshot(self.source, self.parts, self.sha256, self.size)
+
+    def _write_state(self, snap: dict) -> None:
+        try:
+            save_state(self.state_path, snap)
+        except OSError as exc:
+            if is_disk_full(exc):
+                raise self._disk_full() from None
+            raise
+
+    def _checkpoint(self, fd: int) -> None:
+        with self.parts.lock:
+            snap = self._snapshot()
+            self.parts.saved_bytes = self.parts.session_bytes
+        fdatasync(fd)
+        self._write_state(snap)
+
+    def _finished_file_ok(self) -> bool:
+        """A data file without state is a finished download from an earlier run: trust it only if it
+        verifies."""
+        try:
+            if self.size is None or self.dest.stat().st_size != self.size:
+                return False
+        except FileNotFoundError:
+            return False
+        if file_sha256(self.dest) != self.sha256:
+            return False
+        self._emit(ProgressEvent("verified", self.name, done=self.size, total=self.size,
+                                 message="already downloaded"))
+        self._emit(ProgressEvent("done", self.name, done=self.size, total=self.size))
+        return True
+
+    def _disk_full(self) -> DiskFullError:
+        return disk_full_error(self.dest, self.name, self.parts)
+
+    # ---- one transfer attempt (fresh or resumed)
+
+    def _transfer(self, saved: SavedState | None) -> tuple[str, int]:
+        parts = self.parts
+        # a fresh event per attempt: threads of an abandoned attempt keep seeing theirs set
+        stop = parts.new_attempt()
+        first: tuple[Part, httpx.Response] | None = None
+        if saved is not None:
+            adopt_state(saved, parts, self.source)
+            if self.url not in self.source.sources:
+                self.source.sources.append(self.url)
+        else:
+            first = self.receiver.probe(self._emit)
+            try:
+                self._write_state(self._snapshot())
+            except BaseException:
+                if first is not None:
+                    first[1].close()
+                raise
+        try:
+            fd = os.open(self.dest, os.O_RDWR | os.O_CREAT | O_BINARY, 0o644)
+        except BaseException:
+            if first is not None:
+                first[1].close()
+            raise
+        hasher: Hasher | None = None
+        writer: Writer | None = None
+        workers: list[threading.Thread] = []
+        try:
+            if parts.total is not None and os.fstat(fd).st_size < parts.total:
+                os.ftruncate(fd, parts.total)
+            done = sum(p.done for p in parts.items)
+            if parts.total is not None and shutil.disk_usage(self.dest.parent).free < parts.total - done:
+                raise self._disk_full()
+            self._emit(ProgressEvent(
+                "start", self.name, done=done, total=parts.total, source=self.shown_url,
+                message=(f"resuming at {human(done)}" if done else "starting")
+                + (f" of {human(parts.total)}" if parts.total is not None else "")))
+            hasher = Hasher(self.dest, parts.frontier)
+            hasher.start()
+            writer = Writer(parts, self.dest, self.name, hasher, stop)
+            writer.start()
+            workers.append(writer)
+            n = self.opt.parallel_parts if parts.parallel() else 1
+            for i in range(max(1, n)):
+                w = threading.Thread(target=self.receiver.run, args=(first if i == 0 else None, stop, writer),
+                                     daemon=True, name=f"fetch-part-{i}")
+                workers.append(w)
+                w.start()
+            first = None
+            self._supervise(workers, fd)
+            if parts.error is not None:
+                raise parts.error
+            with parts.lock:
+                length = sum(p.done for p in parts.items)
+            # what is still unhashed (parts after the first) is hashed while the data is synced
+            hasher.finish(length)
+            self._checkpoint(fd)
+            digest = hasher.result()
+            hasher = None
+            return digest, length
+        except DiskFullError:
+            raise
+        except OSError as exc:
+            if is_disk_full(exc):
+                raise self._disk_full() from None
+            raise
+        finally:
+            if first is not None:
+                first[1].close()
+            stop.set()
+            if writer is not None:
+                writer.close()
+            deadline = time.monotonic() + JOIN_GRACE
+            for w in workers:
+                w.join(max(0.0, deadline - time.monotonic()))
+            if hasher is not None:
+                hasher.abort()
+            try:
+                if parts.error is not None or any(w.is_alive() for w in workers) or hasher is not None:
+                    self._checkpoint(fd)
+            except (OSError, FetchError):
+                pass
+            finally:
+                os.close(fd)
+
+    def _supervise(self, workers: list[threading.Thread], fd: int) -> None:
+        parts = self.parts
+        last_cp = last_ev = time.monotonic()
+        cp_every = self.opt.checkpoint_interval
+        samples: collections.deque[tuple[float, int]] = collections.deque()
+        while True:
+            # cleared before looking: a writer that finishes or fills a checkpoint after this sets it again
+            parts.wake.clear()
+            self._drain_events()
+            if parts.error is not None or parts.all_complete() or not any(w.is_alive() for w in workers):
+                break
+            now = time.monotonic()
+            with parts.lock:
+                done = sum(p.done for p in parts.items)
+                session = parts.session_bytes
+                due = parts.checkpoint_due_locked()
+            samples.append((now, session))
+            while samples and samples[0][0] < now - _SPEED_WINDOW:
+                samples.popleft()
+            if now - last_ev >= _PROGRESS_EVERY:
+                last_ev = now
+                t0, b0 = samples[0]
+                speed = (session - b0) / (now - t0) if now - t0 > 0.2 else None
+                eta = ((parts.total - done) / speed if speed and parts.total is not None else None)
+                self._emit(ProgressEvent("progress", self.name, done=done, total=parts.total, speed=speed,
+                                         eta=eta, source=self.shown_url))
+            if now - parts.last_byte >= self.opt.give_up_after:
+                # every connection is stuck (in a read, a connect or a backoff): do not wait for them
+                idle = now - parts.last_byte
+                parts.error = self.source.stalled("no connection is receiving anything", idle)
+                break
+            if now - last_cp >= cp_every or due:
+                self._checkpoint(fd)
+                last_cp = time.monotonic()
+                # while the data syncs, the writer's writes can wait for it (ext4 does): on a link faster
+                # than the disk, sync less often so that syncing takes at most ~1/_SYNC_SHARE of the time
+                cp_every = min(max(self.opt.checkpoint_interval, (last_cp - now) * _SYNC_SHARE),
+                               max(self.opt.checkpoint_interval, _CHECKPOINT_MAX))
+            parts.wake.wait(TICK)
+        parts.stop.set()
+        self._drain_events()
+        if parts.error is None and not parts.all_complete():
+            parts.error = FetchError(f"download of {self.name} stopped before it was complete",
+                                     "run the same command again" + parts.kept(": "))
+
+    def _finish(self, digest: str, length: int) -> None:
+        if self.size is not None and length != self.size:
+            discard_partial(self.dest)
+            raise ChecksumError(
+                f"size mismatch for {self.name} from {self.source.sources_text()}: expected {self.size} "
+                f"bytes, got {length}; the download was deleted",
+                "the source does not serve the file the manifest describes; if no source does, the manifest "
+                "may be out of date",
+                file=self.name, source=self.url, expected=self.sha256, actual=f"(size {length} bytes)")
+        if digest != self.sha256:
+            discard_partial(self.dest)
+            raise ChecksumError(
+                f"checksum mismatch for {self.name} from {self.source.sources_text()}: expected sha256 "
+                f"{self.sha256}, got {digest}; the bad download was deleted",
+                "if this keeps happening the source serves a different file than the manifest describes",
+                file=self.name, source=self.url, expected=self.sha256, actual=digest)
+        with open(self.dest, "rb+") as f:
+            if os.fstat(f.fileno()).st_size != length:
+                f.truncate(length)
+            fdatasync(f.fileno())
+        forget_state(self.dest)
+        self._emit(ProgressEvent("verified", self.name, done=length, total=length, source=self.shown_url,
+                                 message=f"sha256 {digest}"))
+        self._emit(ProgressEvent("done", self.name, done=length, total=length, source=self.shown_url))
