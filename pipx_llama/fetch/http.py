@@ -109,6 +109,7 @@ from pipx_llama import __version__
 from pipx_llama.errors import DiskFullError, FetchError, UsageError
 from pipx_llama.events import EventCallback, ProgressEvent
 from pipx_llama.fetch.errors import AccessDenied, ChecksumError, NetworkError, OfflineError, SourceNotFound
+from pipx_llama.fetch.options import JOIN_GRACE, TICK, FetchOptions
 
 __all__ = ["FetchOptions", "download", "partial_progress", "redact_url"]
 
@@ -118,37 +119,6 @@ _SYNC_SHARE = 10
 _CHECKPOINT_MAX = 2.0
 _MAX_RESTARTS = 3
 _HEX64 = re.compile(r"[0-9a-f]{64}")
-
-
-# ---- options: what a caller tunes, and the timings the threads share
-
-
-# How often a thread waiting on a queue or an event looks again whether its attempt has stopped.
-TICK = 0.1
-# How long the end of an attempt waits for its threads before leaving them (daemons) behind.
-JOIN_GRACE = 1.0
-
-
-@dataclass
-class FetchOptions:
-    """How to fetch. The first eight fields are the contract; the rest tune retry and part behaviour."""
-
-    parallel_parts: int = 4            # connections per big file
-    part_threshold: int = 64 << 20  # files at least this big are fetched in parallel ranged parts
-    stall_timeout: float = 30.0  # no byte for this long -> the connection is retried (httpx read timeout)
-    max_retries: int = 6               # per part; exponential backoff with jitter; Retry-After honoured
-    token: str | None = None           # bearer token for gated hosts (HF_TOKEN style)
-    allow_http: bool = False           # plain http only for loopback unless allowed
-    offline: bool = False              # refuse before any network use
-    timeout: float = 30.0              # connect / send / connection-pool timeout
-    backoff_base: float = 1.0          # first retry waits 0.5-1x this, doubling per retry
-    backoff_max: float = 60.0  # cap of one wait, Retry-After included
-    min_part: int = 4 << 20  # an idle connection splits a busy part only if both halves get this much
-    straggler_after: float = 3.0       # an idle connection takes over a part silent this long (or far slower)
-    checkpoint_interval: float = 1.0   # seconds between resume-state saves (bytes since are lost on a kill);
-                                       # longer (up to 2 s) while each save's data sync takes long
-    checkpoint_bytes: int = 32 << 20   # ... and a save at least every this many bytes per busy connection
-    give_up_after: float = 60.0        # no byte from the source for this long, retries included -> give up
 
 
 # ---- parts and spans: the file as parts, and the state the threads share under one lock
