@@ -7,13 +7,19 @@ alternate run by run (so machine noise hits both alike), and the table shows med
     python benchmarks/bench_engine.py --model M.gguf --threads 2 --runs 5
 
 llama.cpp is measured through llama-cpp-python when it is installed
-(``CMAKE_ARGS=-DGGML_NATIVE=ON pip install llama-cpp-python``, about 15 minutes to build).
+(``CMAKE_ARGS=-DGGML_NATIVE=ON pip install llama-cpp-python``, about 15 minutes to build), and through
+its own ``llama-bench`` when ``--llama-bench PATH`` (or ``LLAMA_BENCH=PATH``) names one built from the
+same source (same threads, one repetition per run, its pp and tg tests; its tg starts at depth 0,
+ours after the prompt).
+
+    python benchmarks/bench_engine.py --model M.gguf --engines ours llama-bench --llama-bench ~/llama-bench
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import statistics
 import subprocess
@@ -107,10 +113,28 @@ def measure_llama_cpp(model_path: str, threads: int, n_prompt: int, n_gen: int) 
     return {"load_s": load_s, "pp_tps": n_prompt / pp_s, "tg_tps": n_gen / tg_s}
 
 
+def measure_llama_bench(model_path: str, threads: int, n_prompt: int, n_gen: int) -> dict:
+    exe = os.environ.get("LLAMA_BENCH", "")
+    if not exe:
+        raise SystemExit("llama-bench engine: pass --llama-bench PATH or set LLAMA_BENCH")
+    cmd = [exe, "-m", model_path, "-t", str(threads), "-p", str(n_prompt), "-n", str(n_gen), "-r", "1",
+           "-b", str(max(n_prompt, 1)), "-ub", str(max(n_prompt, 1)), "-o", "json"]
+    t0 = time.perf_counter()
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+    tests = json.loads(out)
+    pp = next(t["avg_ts"] for t in tests if t["n_prompt"] > 0 and t["n_gen"] == 0)
+    tg = next(t["avg_ts"] for t in tests if t["n_gen"] > 0 and t["n_prompt"] == 0)
+    rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    return {"load_s": time.perf_counter() - t0, "pp_tps": pp, "tg_tps": tg, "child_rss_mb": rss}
+
+
+MEASURE = {"ours": measure_ours, "llama.cpp": measure_llama_cpp, "llama-bench": measure_llama_bench}
+
+
 def child(args: argparse.Namespace) -> None:
-    fn = measure_ours if args.engine == "ours" else measure_llama_cpp
-    result = fn(args.model, args.threads[0], args.prompt, args.gen)
-    result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    result = MEASURE[args.engine](args.model, args.threads[0], args.prompt, args.gen)
+    own_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    result["peak_rss_mb"] = result.pop("child_rss_mb", own_rss_mb)
     print(json.dumps(result))
 
 
@@ -123,6 +147,19 @@ def run_child(engine: str, model: str, threads: int, n_prompt: int, n_gen: int) 
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def default_engines() -> list[str]:
+    engines = ["ours"]
+    try:
+        import llama_cpp  # noqa: F401
+
+        engines.append("llama.cpp")
+    except ImportError:
+        print("llama-cpp-python is not installed: not measuring llama.cpp through it", file=sys.stderr)
+    if os.environ.get("LLAMA_BENCH"):
+        engines.append("llama-bench")
+    return engines
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=None, help="GGUF file (default: SmolLM2-135M-Instruct Q4_1)")
@@ -131,19 +168,18 @@ def main() -> None:
     p.add_argument("--prompt", type=int, default=256, help="prompt tokens (default 256)")
     p.add_argument("--gen", type=int, default=128, help="generated tokens (default 128)")
     p.add_argument("--json", action="store_true", help="print the results as JSON")
-    p.add_argument("--child", choices=["ours", "llama.cpp"], dest="engine", help=argparse.SUPPRESS)
+    p.add_argument("--engines", nargs="+", choices=list(MEASURE), default=None,
+                   help="default: ours, llama.cpp if llama-cpp-python is installed, llama-bench if given")
+    p.add_argument("--llama-bench", default=None, help="path of a llama-bench executable (or LLAMA_BENCH)")
+    p.add_argument("--child", choices=list(MEASURE), dest="engine", help=argparse.SUPPRESS)
     args = p.parse_args()
+    if args.llama_bench:
+        os.environ["LLAMA_BENCH"] = args.llama_bench
     if args.engine:
         child(args)
         return
     model = args.model or str(default_model())
-    try:
-        import llama_cpp  # noqa: F401
-
-        engines = ["ours", "llama.cpp"]
-    except ImportError:
-        print("llama-cpp-python is not installed: measuring our engine only", file=sys.stderr)
-        engines = ["ours"]
+    engines = args.engines or default_engines()
 
     rows = []
     for threads in args.threads:
@@ -151,7 +187,7 @@ def main() -> None:
         for _ in range(args.runs):
             for engine in engines:
                 runs[engine].append(run_child(engine, model, threads, args.prompt, args.gen))
-        row = {"threads": threads}
+        row = {"threads": threads, "load": os.getloadavg()[0]}
         for engine in engines:
             for key in ("pp_tps", "tg_tps", "peak_rss_mb", "load_s"):
                 row[f"{engine}:{key}"] = statistics.median(r[key] for r in runs[engine])
@@ -179,9 +215,10 @@ def main() -> None:
                 f"{row[f'{engine}:tg_tps']:>9.1f} "
                 f"{row[f'{engine}:peak_rss_mb']:>11.0f} {row[f'{engine}:load_s']:>7.2f}"
             )
-        if "llama.cpp" in engines:
-            print(f"{row['threads']:>7} {'ratio':>10} {row['ours:pp_tps'] / row['llama.cpp:pp_tps']:>8.2f}x "
-                  f"{row['ours:tg_tps'] / row['llama.cpp:tg_tps']:>8.2f}x")
+        for other in engines[1:]:
+            print(f"{row['threads']:>7} {'/' + other:>10} "
+                  f"{row['ours:pp_tps'] / row[f'{other}:pp_tps']:>8.2f}x "
+                  f"{row['ours:tg_tps'] / row[f'{other}:tg_tps']:>8.2f}x")
         print(f"{'':>7} weights streamed by our generation: {row['ours:weight_GBps']:.1f} GB/s")
 
 

@@ -507,9 +507,11 @@ def detect_hardware(store_path: Path, *, env: Mapping[str, str] | None = None,
 # --- resource arithmetic ------------------------------------------------------------------------------------
 
 
-def kv_cache_bytes(n_layers: int, n_ctx: int, n_kv_heads: int, head_dim: int) -> int:
-    """The engine's KV cache: keys and values, f16, for every layer and position."""
-    return 2 * n_layers * n_ctx * n_kv_heads * head_dim * 2
+def kv_cache_bytes(n_layers: int, n_ctx: int, n_kv_heads: int, head_dim: int,
+                   cache_types: tuple[str, str] = ("f16", "f16")) -> int:
+    """The engine's KV cache: keys and values (each f16, or q8_0: 34 bytes per 32), every layer, position."""
+    per = sum(head_dim // 32 * 34 if t == "q8_0" else 2 * head_dim for t in cache_types)
+    return n_layers * n_ctx * n_kv_heads * per
 
 
 def ram_needed(weights_bytes: int, kv_bytes: int) -> int:

@@ -16,7 +16,7 @@ from tinymodel import FAMILY_FEATURES, write_tiny_model
 
 from pipx_llama.engine.arch import FAMILIES, family_of
 from pipx_llama.engine.model import load_model
-from pipx_llama.errors import UnsupportedModelError
+from pipx_llama.errors import UnsupportedModelError, UsageError
 
 FAMILY_NAMES = sorted(FAMILY_FEATURES)
 IDS = [int(i) for i in np.random.default_rng(5).integers(3, 270, 40)]
@@ -28,18 +28,20 @@ def _write(tmp_path, arch, **kw):
     return path
 
 
-def _ours(path, n_ctx=128, fused=True, ids=IDS):
+def _ours(path, n_ctx=128, fused=True, ids=IDS, cache="f16"):
     m = load_model(path, threads=2)
     try:
-        return m.new_context(n_ctx, fused=fused).eval(ids, all_logits=True)
+        return m.new_context(n_ctx, fused=fused, type_k=cache, type_v=cache).eval(ids, all_logits=True)
     finally:
         m.close()
 
 
-def _llama_cpp(path, n_ctx=128, ids=IDS):
+def _llama_cpp(path, n_ctx=128, ids=IDS, cache="f16"):
+    """llama.cpp's logits; a q8_0 cache needs its flash-attention path (it refuses a quantized V without)."""
     llama_cpp = pytest.importorskip("llama_cpp")
+    ggml_type = {"f16": 1, "q8_0": 8}[cache]
     llm = llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, logits_all=True, verbose=False, n_threads=2,
-                          flash_attn=False)
+                          flash_attn=cache != "f16", type_k=ggml_type, type_v=ggml_type)
     try:
         llm.eval(ids)
         return np.array(llm.scores[: len(ids)], np.float32)
@@ -108,6 +110,76 @@ def test_fused_pass_equals_per_op_pass(tmp_path, arch, qtype):
         m.close()
     np.testing.assert_array_equal(fused, per_op)
     np.testing.assert_array_equal(steps, per_op[30:])
+
+
+@pytest.mark.parametrize("arch", [a for a in FAMILY_NAMES if a != "qwen3"])
+def test_q8_0_kv_cache_matches_llama_cpp_with_the_same_cache(tmp_path, arch):
+    """Heads of 32 (q8_0 blocks): K·q against q8_0 keys, V dequantized, as llama.cpp with -ctk/-ctv q8_0."""
+    path = tmp_path / f"{arch}-kv.gguf"
+    write_tiny_model(path, arch=arch, seed=3, n_layers=3, tied=False, dim=128)
+    ours, ref = _ours(path, cache="q8_0"), _llama_cpp(path, cache="q8_0")
+    f16 = _ours(path)
+    # llama.cpp rounds q's quants half to even (AVX2), we as its reference code (half away from zero)
+    np.testing.assert_allclose(ours, ref, atol=5e-3, rtol=0)
+    # the cache type shows, and we follow it
+    assert np.abs(ours - f16).mean() > 10 * np.abs(ours - ref).mean()
+
+
+def test_q8_0_kv_cache_is_refused_for_heads_not_made_of_32_value_blocks(tmp_path):
+    path = _write(tmp_path, "qwen3")  # heads of 24, which llama.cpp refuses for q8_0 too
+    m = load_model(path, threads=1)
+    try:
+        with pytest.raises(UsageError, match="multiple of 32"):
+            m.new_context(64, type_k="q8_0")
+        with pytest.raises(UsageError, match="cache type"):
+            m.new_context(64, type_v="q4_0")
+    finally:
+        m.close()
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma2"])
+def test_fused_pass_equals_per_op_pass_with_a_q8_0_cache(tmp_path, arch):
+    path = tmp_path / f"{arch}-kv-q4.gguf"
+    write_tiny_model(path, arch=arch, seed=4, n_layers=3, tied=False, dim=128, qtype=Q.Q4_0)
+    m = load_model(path, threads=2)
+    try:
+        if m.packed is None:
+            pytest.skip("no packed kernels on this CPU: the per-op path is the only one")
+        per_op = m.new_context(128, fused=False, type_k="q8_0", type_v="q8_0").eval(IDS, all_logits=True)
+        fused = m.new_context(128, type_k="q8_0", type_v="q8_0").eval(IDS, all_logits=True)
+        ctx = m.new_context(128, type_k="q8_0", type_v="q8_0")
+        ctx.eval(IDS[:30])
+        steps = np.concatenate([ctx.eval([t], all_logits=True) for t in IDS[30:]])
+        assert ctx.kv.k.dtype == np.uint8 and ctx.kv_bytes < m.new_context(128).kv_bytes * 0.55
+    finally:
+        m.close()
+    np.testing.assert_array_equal(fused, per_op)
+    np.testing.assert_array_equal(steps, per_op[30:])
+
+
+@pytest.mark.parametrize("arch", ["gemma3", "llama"])
+def test_context_shift_with_a_q8_0_cache(tmp_path, arch):
+    """q8_0 keys are dequantized, re-rotated and quantized again (as llama.cpp shifts a quantized K)."""
+    from pipx_llama.engine.kernels.ops import q8_0_load_ref
+
+    path = tmp_path / f"{arch}-kv-shift.gguf"
+    write_tiny_model(path, arch=arch, seed=3, n_layers=3, tied=False, dim=128, qtype=Q.Q8_0)
+    m = load_model(path, threads=2)
+    try:
+        shifted = m.new_context(96, n_batch=16, type_k="q8_0", type_v="q8_0")
+        shifted.eval(IDS[:36])
+        shifted.shift(4, 12)
+        fresh = m.new_context(96, n_batch=16, type_k="q8_0", type_v="q8_0")
+        fresh.eval(IDS[:4] + IDS[16:36])
+        rows, window = shifted.kv.rows[0], shifted.kv.windows[0]
+        read = np.arange(max(0, 24 - window + 1) if window else 0, 24) % rows
+        k_shifted = q8_0_load_ref(shifted.kv.k_layer(0)[read])
+        k_fresh = q8_0_load_ref(fresh.kv.k_layer(0)[read])
+        assert shifted.n_past == 24 and np.isfinite(shifted.eval(IDS[36:38])).all()
+    finally:
+        m.close()
+    # q8_0 steps are 1/127 of a block's largest value; the shifted keys went through two of them
+    np.testing.assert_allclose(k_shifted, k_fresh, atol=2.5 / 127 * float(np.abs(k_fresh).max()))
 
 
 def test_sliding_window_layers_keep_only_the_window(tmp_path):

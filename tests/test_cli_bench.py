@@ -35,6 +35,23 @@ def test_bench_json_reports_both_tests(smollm2_path):
 
 
 @pytest.mark.slow
+def test_bench_with_a_q8_0_kv_cache(smollm2_path):
+    """llama.cpp's -ctk/-ctv: the q8_0 cache (34 bytes per 32 values) next to the f16 one (64 bytes)."""
+    runs = {}
+    for cache in ("f16", "q8_0"):
+        out = cli("bench", "-m", str(smollm2_path), "-p", "16", "-n", "4", "-r", "1", "-t", "1", "--json",
+                  "-ctk", cache, "--cache-type-v", cache)
+        assert out.returncode == 0, out.stderr
+        runs[cache] = json.loads(out.stdout)
+    q8 = runs["q8_0"]
+    assert (q8["type_k"], q8["type_v"]) == ("q8_0", "q8_0") and runs["f16"]["type_k"] == "f16"
+    assert q8["kv_bytes"] * 64 == runs["f16"]["kv_bytes"] * 34
+    assert all(r["tokens_per_second"] > 0 for r in q8["results"])
+    bad = cli("bench", "-m", str(smollm2_path), "-ctk", "q4_0")
+    assert bad.returncode != 0 and "q4_0" in bad.stderr
+
+
+@pytest.mark.slow
 def test_bench_table(smollm2_path):
     out = cli("bench", "-m", str(smollm2_path), "-p", "16", "-n", "0", "-r", "1")
     assert out.returncode == 0, out.stderr

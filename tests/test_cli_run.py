@@ -13,7 +13,7 @@ import pytest
 from greedy import CHAT, QUESTION, golden_prefix
 
 from pipx_llama.cli import main as cli_main
-from pipx_llama.cli import run_cmd
+from pipx_llama.cli import road, run_cmd
 
 
 def cli(*args: str, stdin: str | None = "", env: dict | None = None) -> subprocess.CompletedProcess:
@@ -160,7 +160,7 @@ def test_plan_is_shown_as_a_table():
         stages=["fetch", "convert", "quantize"],
     )
     buf = io.StringIO()
-    run_cmd.show_plan(plan, buf, color=False)
+    road.show_plan(plan, buf, color=False)
     text = buf.getvalue()
     assert "\x1b[" not in text
     assert text.splitlines() == [

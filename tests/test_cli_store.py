@@ -144,12 +144,9 @@ def test_errors_are_one_line_messages_with_exit_codes(tmp_path, env, srv, capsys
         code, _, err = cli(capsys, "pull", "other", "--manifest", good)
     finally:
         del os.environ["PIPX_LLAMA_FREE_BYTES"]
-    assert (
-        code == 5
-        and "not enough disk space in" in err
-        and "(300000 bytes)" in err
-        and "(1000 bytes) free" in err
-    )
+    # refused by the planner `run` uses too, before any byte is written
+    assert code == 5 and "not enough disk space for other (q4_0, Q4_0) in" in err, err
+    assert "it needs 300.0 KB at peak (download 300.0 KB); 1.0 KB is free" in err and srv.requests == []
 
 
 def test_config_file_mirrors_and_bad_keys(tmp_path, env, srv, capsys):
@@ -338,12 +335,14 @@ def test_a_read_only_store_lists_verifies_and_runs_but_refuses_changes(tmp_path,
                               "-n", "3", "--temp", "0"], capture_output=True, text=True, timeout=600,
                              check=False)
         assert run.returncode == 0 and run.stdout.startswith("hi"), run.stderr
-        # serve and bench find their model file the same way, without writing
+        # serve and bench find their model file the same way (the one road), without writing
+        from pipx_llama.cli import road
         from pipx_llama.cli.main import build_parser
-        from pipx_llama.cli.options import model_file
+        from pipx_llama.models.reference import parse_reference
 
         serve_args = build_parser().parse_args(["serve", "tiny-two", *args])
-        assert model_file(serve_args, "tiny-two") == home / "models" / "tiny-two" / "q8_0" / "m.gguf"
+        ready = road.ready(serve_args, parse_reference("tiny-two"))
+        assert ready.path == home / "models" / "tiny-two" / "q8_0" / "m.gguf"
         for command in (["pull", "tiny-one", *args], ["gc"], ["rm", "tiny-two", *args]):
             code, out, err = cli(capsys, *command)
             assert code == 1 and "is read-only" in err and "unexpected" not in err, (command, err)

@@ -1,6 +1,6 @@
 """The fused forward pass (kernels.fused, kernels.runtime) against the per-op path of model.py.
 
-Tiny synthetic models (kernels.warmup) run through both paths. With legacy weight types the
+Tiny synthetic models (engine.warmup) run through both paths. With legacy weight types the
 logits must be the same bits for every batch size and thread count, and across the context
 operations (truncate, shift) that rewrite the KV cache behind the fused pass's back. With K-quants
 they agree to rounding: the portable K-quant kernels are compiled with fastmath, and their
@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from numba import njit
 
-from pipx_llama.engine.kernels import runtime, simd
+from pipx_llama.engine.kernels import packed, runtime, simd
 from pipx_llama.engine.model import load_model
 from pipx_llama.engine.warmup import write_tiny_model
 
@@ -68,22 +68,36 @@ def test_fused_logits_are_the_per_op_logits(tiny, threads):
 
 
 @pytest.mark.parametrize("threads", [1, 2, 3])
-def test_q5_weights_read_in_place_give_the_per_op_logits(tiny_q5, threads):
-    """Q5_0/Q5_1 (plain kinds, read from the mapped file): generation on the fused pass, prompts per-op."""
+def test_q5_weights_give_the_per_op_logits(tiny_q5, threads):
+    """Q5_0/Q5_1 repacked: prompts and generation on the fused pass, the per-op path's bits."""
     model = load_model(tiny_q5, threads=threads)
-    assert model.packed is not None and model.packed.plain
+    assert model.packed is not None and not model.packed.plain
+    fused, per_op = model.new_context(48, n_batch=8), model.new_context(48, n_batch=8, fused=False)
+    prompt = [1, 17, 260, 3, 99, 200, 45, 6, 7, 8, 9, 10, 11]
+    same_bits(fused.eval(prompt, all_logits=True), per_op.eval(prompt, all_logits=True))
+    for tok in (5, 77, 280):
+        same_bits(fused.eval([tok]), per_op.eval([tok]))
+    same_bits(fused.eval([4, 5, 6]), per_op.eval([4, 5, 6]))
+
+
+@pytest.mark.parametrize("fixture", ["tiny", "tiny_q5"])
+def test_portable_tier_reads_weights_in_place_with_the_per_op_logits(fixture, request, monkeypatch):
+    """Without a SIMD tier every weight is plain: generation on the fused pass, prompts per-op."""
+    monkeypatch.setattr(packed, "SIMD", False)
+    model = load_model(request.getfixturevalue(fixture), threads=2)
+    assert model.packed is not None and model.packed.plain and model.packed.arena.size == 0
     fused, per_op = model.new_context(48, n_batch=8), model.new_context(48, n_batch=8, fused=False)
     prompt = [1, 17, 260, 3, 99, 200, 45, 6, 7, 8, 9, 10, 11]
     same_bits(fused.eval(prompt, all_logits=True), per_op.eval(prompt, all_logits=True))
     for tok in (5, 77, 280):
         same_bits(fused.eval([tok]), per_op.eval([tok]))
     same_bits(fused.eval([4, 5], all_logits=True), per_op.eval([4, 5], all_logits=True))
-    same_bits(fused.eval([4, 5, 6]), per_op.eval([4, 5, 6]))
 
 
-def test_big_models_with_q5_weights_stay_on_the_per_op_path(tiny_q5, monkeypatch):
+def test_big_models_on_the_portable_tier_stay_on_the_per_op_path(tiny_q5, monkeypatch):
     from pipx_llama.engine import model as model_module
 
+    monkeypatch.setattr(packed, "SIMD", False)
     monkeypatch.setattr(model_module, "_PLAIN_FUSED_MAX_BYTES", 1024)
     assert load_model(tiny_q5, threads=2).packed is None
     monkeypatch.setattr(model_module, "_PLAIN_FUSED_MAX_BYTES", 1 << 30)
@@ -92,10 +106,11 @@ def test_big_models_with_q5_weights_stay_on_the_per_op_path(tiny_q5, monkeypatch
 
 def test_q5_K_logits_close_to_the_per_op_logits(tiny_k5):
     model = load_model(tiny_k5, threads=2)
-    assert model.packed is not None and model.packed.plain
+    assert model.packed is not None and not model.packed.plain
     fused, per_op = model.new_context(32, n_batch=4), model.new_context(32, n_batch=4, fused=False)
     prompt = [1, 17, 260, 3, 99, 200, 45, 6, 7]
-    np.testing.assert_array_equal(fused.eval(prompt, all_logits=True), per_op.eval(prompt, all_logits=True))
+    got, want = fused.eval(prompt, all_logits=True), per_op.eval(prompt, all_logits=True)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
     for tok in (5, 77, 280):
         got, want = fused.eval([tok]), per_op.eval([tok])
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())

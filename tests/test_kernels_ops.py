@@ -241,6 +241,52 @@ def test_attention_matches_ref(dtype, T, start_pos, H, KVH, D):
     np.testing.assert_allclose(np.median(np.abs(out - ref)), 0.0, atol=1e-6 * vmax)
 
 
+def _q8_rows(x: np.ndarray) -> np.ndarray:
+    out = np.empty(x.shape[:-1] + (x.shape[-1] // 32 * 34,), np.uint8)
+    for idx in np.ndindex(x.shape[:-1]):
+        ops.q8_0_store_row(x[idx], out[idx])
+    return out
+
+
+def test_q8_0_store_row_matches_ref_and_ggml_blocks():
+    from pipx_llama.formats import legacy as ql
+
+    rng = _rng(21)
+    x = (rng.standard_normal(256) * rng.uniform(0.01, 50)).astype(np.float32)
+    x[:32] = 0.0  # an all-zero block: d = 0, every quant 0
+    x[32:64] = np.arange(32, dtype=np.float32) - 16.0  # ties of the rounding (x/d = k + 0.5 for some)
+    got = np.empty(256 // 32 * 34, np.uint8)
+    ops.q8_0_store_row(x, got)
+    np.testing.assert_array_equal(got, ops.q8_0_store_row_ref(x))
+    qs, d = ql.quantize_row_q8_0(x[None, :])  # the quantizer's own reference (llama.cpp's bytes)
+    blocks = got.reshape(-1, 34)
+    np.testing.assert_array_equal(blocks[:, 2:].view(np.int8).reshape(-1), qs[0])
+    np.testing.assert_array_equal(blocks[:, :2].copy().view(np.float16).astype(np.float32)[:, 0], d[0])
+    back = np.empty(256, np.float32)
+    ops.q8_0_load_row(got, back)
+    np.testing.assert_array_equal(back, ops.q8_0_load_ref(got))
+
+
+@pytest.mark.parametrize("types", [("q8_0", "q8_0"), ("q8_0", "f16"), ("f16", "q8_0")])
+@pytest.mark.parametrize("T,start_pos,window,softcap", [(1, 50, 0, 0.0), (9, 20, 0, 0.0), (5, 30, 8, 30.0)])
+def test_attention_over_q8_0_caches_matches_ref(types, T, start_pos, window, softcap):
+    rng = _rng(T + start_pos)
+    H, KVH, D = 6, 2, 64
+    n_ctx = start_pos + T + 3
+    q = (rng.standard_normal((T, H, D)) * 2).astype(np.float32)
+    k, v = _kv(rng, n_ctx, KVH, D, np.float32), _kv(rng, n_ctx, KVH, D, np.float32)
+    kc = _q8_rows(k) if types[0] == "q8_0" else k.astype(np.float16)
+    vc = _q8_rows(v) if types[1] == "q8_0" else v.astype(np.float16)
+    out = np.empty_like(q)
+    ops.attention(q, kc, vc, start_pos, out, window=window, softcap=softcap)
+    ref = ops.attention_ref(q, kc, vc, start_pos, window=window, softcap=softcap)
+    np.testing.assert_allclose(out, ref, rtol=0, atol=3e-4 * np.abs(v).max())
+    # and the q8_0 side really is read as q8_0: f16 copies of the same values give other results
+    out16 = np.empty_like(q)
+    ops.attention(q, k.astype(np.float16), v.astype(np.float16), start_pos, out16, window=window, softcap=softcap)
+    assert np.abs(out16 - out).max() > 10 * np.abs(out - ref).max()
+
+
 @pytest.mark.parametrize("dtype", [np.float32, np.float16])
 def test_attention_independent_of_chunking(dtype):
     rng = _rng(11)

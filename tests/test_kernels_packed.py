@@ -20,7 +20,7 @@ from pipx_llama.formats import legacy as ql
 
 pytestmark = pytest.mark.skipif(simd.TIER is None, reason="no packed kernels on this CPU")
 
-LEGACY = [ql.Q4_0, ql.Q4_1, ql.Q8_0, ql.Q5_0, ql.Q5_1]  # Q5_*: plain kinds, portable loops
+LEGACY = [ql.Q4_0, ql.Q4_1, ql.Q8_0, ql.Q5_0, ql.Q5_1]
 KQUANTS = [kq.Q4_K, kq.Q6_K, kq.Q5_K]
 
 
@@ -87,9 +87,9 @@ def test_kquants_close_to_portable_kernels(cls) -> None:
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
 
 
-@pytest.mark.parametrize("fmt", [ql.Q4_0, ql.Q4_1, ql.Q8_0], ids=lambda f: f.__name__)
+@pytest.mark.parametrize("fmt", LEGACY, ids=lambda f: f.__name__)
 def test_plain_forms_of_packed_types_same_bits(fmt) -> None:
-    """The plain (in-place) forms models with Q5 weights use for their other weights."""
+    """The plain (in-place) forms: portable loops over the ggml rows in the mapped file."""
     rng = np.random.default_rng(11)
     raw = quantized(fmt, 37, 288, seed=4)
     x = (rng.standard_normal((3, 288)) * 3).astype(np.float32)
@@ -97,7 +97,7 @@ def test_plain_forms_of_packed_types_same_bits(fmt) -> None:
     np.testing.assert_array_equal(got.view(np.uint32), portable(fmt.qtype, raw, x).view(np.uint32))
 
 
-@pytest.mark.parametrize("cls", [kq.Q4_K, kq.Q6_K], ids=lambda c: c.__name__)
+@pytest.mark.parametrize("cls", KQUANTS, ids=lambda c: c.__name__)
 def test_plain_forms_of_kquants_close_to_portable(cls) -> None:
     rng = np.random.default_rng(12)
     raw = random_blocks(cls, rng, 37, 3, sane=True)
@@ -109,8 +109,20 @@ def test_plain_forms_of_kquants_close_to_portable(cls) -> None:
 
 def test_plain_kinds_keep_the_ggml_rows() -> None:
     raw = quantized(ql.Q5_1, 20, 64, seed=2)
-    m = packed.PackedMatrix(ql.Q5_1.qtype, raw)
+    m = packed.PackedMatrix(ql.Q5_1.qtype, raw, plain=True)
     assert m.kind in packed.PLAIN_KINDS and m.arena.size == 0 and np.array_equal(m.mapped, raw.reshape(-1))
+
+
+def test_q5_fifth_bits_reach_every_element() -> None:
+    """Row r has only fifth bit r set: every position of the reordered bits reaches its element."""
+    for fmt in (ql.Q5_0, ql.Q5_1):
+        raw = quantized(fmt, 32, 32, seed=9)
+        qh_at = 2 if fmt is ql.Q5_0 else 4
+        bits = (np.uint32(1) << np.arange(32, dtype=np.uint32)).astype("<u4")
+        raw[:, qh_at : qh_at + 4] = bits.view(np.uint8).reshape(32, 4)
+        x = np.eye(32, dtype=np.float32) * 4.0
+        got = packed_matmul(fmt.qtype, raw, x)
+        np.testing.assert_array_equal(got.view(np.uint32), portable(fmt.qtype, raw, x).view(np.uint32))
 
 
 def test_fp16_decoding_equals_the_lookup_table() -> None:

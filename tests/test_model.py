@@ -75,6 +75,39 @@ def test_window_perplexity_matches_llama_cpp(model, golden):
     assert abs(ppl / ref["ppl"] - 1) <= 0.02
 
 
+@pytest.mark.fidelity
+def test_q8_0_kv_cache_follows_llama_cpp_with_the_same_cache(model, golden, smollm2_path):
+    """-ctk/-ctv q8_0 against llama.cpp with the same cache (its flash-attention path, which a quantized V
+    requires): top-1 agreement at every position of the golden cases, perplexity of the golden window."""
+    from pipx_llama.engine.perplexity import log_softmax_at
+
+    llama_cpp = pytest.importorskip("llama_cpp")
+    window = golden["perplexity"]["ids"][: golden["perplexity"]["n_tokens"]]
+    seqs = [case["prompt_ids"] + case["greedy_ids"] for case in golden["cases"]] + [window]
+    ctx = model.new_context(512, type_k="q8_0", type_v="q8_0")
+    ours = []
+    for ids in seqs:
+        ctx.reset()
+        ours.append(ctx.eval(ids, all_logits=True))
+    llm = llama_cpp.Llama(model_path=str(smollm2_path), n_ctx=512, n_batch=512, logits_all=True, verbose=False,
+                          n_threads=2, flash_attn=True, type_k=8, type_v=8)  # 8: GGML_TYPE_Q8_0
+    theirs = []
+    try:
+        for ids in seqs:
+            llm.reset()
+            llm.eval(ids)
+            theirs.append(np.array(llm.scores[: len(ids)], np.float32))
+    finally:
+        llm.close()
+    top1 = np.mean(np.concatenate([a.argmax(1) == b.argmax(1) for a, b in zip(ours, theirs)]))
+    target = np.asarray(window[1:])
+    ppl = [float(np.exp(-log_softmax_at(lg[:-1], target).mean())) for lg in (ours[-1], theirs[-1])]
+    print(f"\nq8_0 KV cache: top-1 agreement {top1:.1%}; window perplexity ours {ppl[0]:.4f}, "
+          f"llama.cpp {ppl[1]:.4f} ({ppl[0] / ppl[1] - 1:+.2%}); f16 golden {golden['perplexity']['ppl']:.4f}")
+    assert top1 >= 0.95
+    assert abs(ppl[0] / ppl[1] - 1) <= 0.01
+
+
 # --- the conversations other tests assert greedy answers of (tests/greedy.py) --------------------------------
 
 

@@ -226,6 +226,13 @@ def test_default_when_it_fits(cfg):
     assert plan(cfg, "mistral", hw(), n_ctx=512, threads=1).n_ctx == 512
 
 
+def test_a_q8_0_kv_cache_is_what_the_plan_counts(cfg):
+    p = plan(cfg, "1B", hw(), cache_types=("q8_0", "q8_0"))
+    kv = kv_cache_bytes(22, 2048, 4, 64, ("q8_0", "q8_0"))
+    assert p.kv_bytes == kv == kv_cache_bytes(22, 2048, 4, 64) * 34 // 64
+    assert p.ram_bytes == p.weights_bytes + kv + RUNTIME_OVERHEAD
+
+
 def test_conversion_plan_counts_download_f16_and_quantized_file(cfg):
     p = plan(cfg, "tiny", hw(), variant="original")
     assert (p.source_format, p.quant, p.stages) == (
@@ -323,6 +330,12 @@ def test_unavailable_sources_are_refused_before_download(cfg, tmp_path):
     assert "pipx-llama run mistral" in exc.value.hint
     p = plan(cfg, "llama-t", hw(), pull_options=PullOptions(url="https://meta.example/*?sig=1"))
     assert (p.quant, p.stages) == ("Q4_0", ["fetch", "convert", "quantize"])
+    # a folder counts for the files it holds, where the pull looks for them (sources.find_local)
+    with pytest.raises(SourceUnavailableError, match="T/consolidated.00.pth and 1 more not in"):
+        plan(cfg, "llama-t", hw(), pull_options=PullOptions(from_dirs=[tmp_path]))
+    (tmp_path / "T").mkdir()
+    (tmp_path / "T" / "consolidated.00.pth").write_bytes(b"w" * 1000)
+    (tmp_path / "T" / "params.json").write_bytes(b"j" * 101)
     assert plan(cfg, "llama-t", hw(), pull_options=PullOptions(from_dirs=[tmp_path])).quant == "Q4_0"
     with pytest.raises(OfflineError, match="offline"):
         plan(cfg, "mistral", hw(), pull_options=PullOptions(offline=True))

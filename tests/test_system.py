@@ -263,6 +263,13 @@ def test_kv_cache_formula_matches_the_engine(smollm2_path):
         ctx = model.new_context(n_ctx)
         assert kv_cache_bytes(hp.n_layers, n_ctx, hp.n_kv_heads, hp.head_dim) == ctx.kv_bytes
     assert kv_cache_bytes(30, 4096, 3, 64) == 94_371_840  # SmolLM2 at 4096 tokens: 90 MiB
+    for types in (("q8_0", "q8_0"), ("q8_0", "f16")):
+        for n_ctx in (64, 300):
+            ctx = model.new_context(n_ctx, type_k=types[0], type_v=types[1])
+            assert kv_cache_bytes(hp.n_layers, n_ctx, hp.n_kv_heads, hp.head_dim, types) == ctx.kv_bytes
+    # a 7B (32 layers, 32 KV heads of 128) at 4096 tokens: 2.1 GB in f16, 1.1 GB in q8_0
+    assert kv_cache_bytes(32, 4096, 32, 128) == 2_147_483_648
+    assert kv_cache_bytes(32, 4096, 32, 128, ("q8_0", "q8_0")) == 1_140_850_688
     assert ram_needed(1000, 2000) == 3000 + RUNTIME_OVERHEAD
     model.close()
 

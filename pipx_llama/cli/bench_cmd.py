@@ -5,7 +5,8 @@ one batch, ``tg N`` generates N tokens one at a time (greedy, after a one-token 
 are a fixed pseudo-random sequence, as llama-bench uses random ids: speed does not depend on them.
 The table shows the mean and standard deviation of tokens/s; ``--json`` prints every run.
 
-Kernels are compiled (or loaded from the cache) and the model loaded before anything is timed.
+A model by name is prepared as ``run`` prepares it (``cli/road.py``). Kernels are compiled (or loaded
+from the cache) and the model loaded before anything is timed.
 """
 
 from __future__ import annotations
@@ -18,22 +19,19 @@ import sys
 import time
 from pathlib import Path
 
+from pipx_llama.cli import road
 from pipx_llama.errors import UsageError
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    from pipx_llama.cli import store_common as common
-
     p = sub.add_parser("bench", help="prompt and generation speed of a model (like llama-bench)",
                        description="Prompt processing (pp) and generation (tg) speed, in tokens/s, like "
                                    "llama.cpp's llama-bench. Each test runs -r times on a fresh context; the "
                                    "table shows mean and standard deviation, --json every run.")
     p.add_argument("model", nargs="?", default=None,
-                   help="model name or alias from the store (pulled when missing); or use -m FILE")
+                   help="model name or alias, prepared in the store when missing, or a GGUF file's path; or "
+                        "use -m FILE")
     p.add_argument("-m", "--model-file", type=Path, default=None, metavar="PATH.gguf", help="GGUF model file")
-    p.add_argument("--variant", default=None, help="variant of a named model (default: the manifest's)")
-    p.add_argument("--from-dir", action="append", default=[], type=Path, metavar="DIR",
-                   help="take a named model's files from this folder instead of downloading (repeatable)")
     p.add_argument("-p", "--n-prompt", type=int, default=256, metavar="N",
                    help="prompt tokens of the pp test, 0 to skip it (default 256)")
     p.add_argument("-n", "--n-gen", type=int, default=128, metavar="N",
@@ -43,8 +41,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "-r", "--repetitions", type=int, default=3, metavar="N", help="runs of each test (default 3)"
     )
     p.add_argument("--json", action="store_true", help="print the results as JSON")
-    common.add_network_options(p)
-    common.add_manifest_option(p)
+    from pipx_llama.cli.options import add_cache_type_options
+
+    add_cache_type_options(p)
+    road.add_road_options(p)
 
 
 def bench_tokens(n_vocab: int, n: int) -> list[int]:
@@ -59,10 +59,7 @@ def _stats(values: list[float]) -> tuple[float, float]:
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.model is not None and args.model_file is not None:
-        raise UsageError(
-            f"both a model name ({args.model}) and -m {args.model_file} were given", "pass one of them"
-        )
+    ref = road.reference(args, args.model)
     for flag, value, least in (("-p", args.n_prompt, 0), ("-n", args.n_gen, 0), ("-r", args.repetitions, 1)):
         if value < least:
             raise UsageError(
@@ -70,26 +67,23 @@ def run(args: argparse.Namespace) -> int:
             )
     if args.n_prompt == 0 and args.n_gen == 0:
         raise UsageError("nothing to measure: both -p and -n are 0", "pass -p 256 or -n 128")
-    if args.model_file is not None:
-        path = args.model_file
-    else:
-        from pipx_llama.cli.options import model_file
-
-        path = model_file(args, args.model)
+    n_ctx = max(args.n_prompt, args.n_gen + 1)
+    runnable = road.ready(args, ref, n_ctx=n_ctx, color=road.color_enabled(sys.stderr))
+    path = runnable.path
 
     from pipx_llama.engine import load_model, warm_up
 
     warm_up(lambda message: print(message, file=sys.stderr), path)
     t0 = time.perf_counter()
-    model = load_model(path, threads=args.threads)
+    model = load_model(path, threads=runnable.threads)
     load_s = time.perf_counter() - t0
-    n_ctx = max(args.n_prompt, args.n_gen + 1)
     if n_ctx > model.hparams.n_ctx_train:
         raise UsageError(
             f"the tests need {n_ctx} positions; {path.name} was trained on {model.hparams.n_ctx_train}",
             "pass smaller -p / -n",
         )
-    ctx = model.new_context(n_ctx, n_batch=max(1, args.n_prompt))
+    ctx = model.new_context(n_ctx, n_batch=max(1, args.n_prompt), type_k=args.cache_type_k,
+                            type_v=args.cache_type_v)
     ctx.eval(bench_tokens(model.hparams.n_vocab, 2))  # first touch of every buffer, outside the timing
     results = []
     tests = ([("pp", args.n_prompt)] if args.n_prompt else []) + ([("tg", args.n_gen)] if args.n_gen else [])
@@ -117,7 +111,9 @@ def run(args: argparse.Namespace) -> int:
         "model": str(path), "size_bytes": path.stat().st_size, "params": _params(model),
         "threads": model.threads, "engine": "fused" if model.packed is not None else "per-op",
         "cpu": platform.processor() or platform.machine(), "load_seconds": load_s,
-        "weight_bytes_per_token": model.weight_bytes, "results": results,
+        "weight_bytes_per_token": model.weight_bytes,
+        "type_k": args.cache_type_k, "type_v": args.cache_type_v,
+        "kv_bytes": ctx.kv_bytes, "results": results,
     }
     model.close()
     if args.json:

@@ -33,7 +33,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def _model_rows(s: common.Session, args: argparse.Namespace, hw: Any) -> list[dict[str, Any]]:
     from pipx_llama.errors import PipxLlamaError
-    from pipx_llama.models.plan import DEFAULT_CTX, choose, options_for, unavailable_reason
+    from pipx_llama.models.plan import DEFAULT_CTX, choose, options_for, road_cost
     from pipx_llama.models.runnable import default_quant
 
     opts = common.pull_options(args, s)
@@ -48,9 +48,10 @@ def _model_rows(s: common.Session, args: argparse.Namespace, hw: Any) -> list[di
             )
             continue
         chosen = choose(options)
-        shown = chosen or options[0]
-        default = options[0]
-        unavailable = None if shown.ready else unavailable_reason(s.store, m, shown.variant, opts)
+        # the default quantization by its cheapest road, as `run` would take it
+        default = min((o for o in options if o.quant == options[0].quant), key=road_cost)
+        shown = chosen or default
+        unavailable = shown.unavailable
         if chosen is None:
             short = []
             if not default.fits_ram:

@@ -220,7 +220,7 @@ class _Output:
 
 
 def _pull_options(pf: ProvisionFile, item: Item, cfg: Any) -> Any:
-    from pipx_llama.models.plan import pull_options_from_config
+    from pipx_llama.models.sources import pull_options_from_config
 
     return pull_options_from_config(cfg, from_dirs=item.from_dirs, url=item.url or cfg.url)
 

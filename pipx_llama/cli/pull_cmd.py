@@ -1,4 +1,9 @@
-"""``pipx-llama pull MODEL``: fetch and verify a model variant into the store."""
+"""``pipx-llama pull MODEL``: fetch and verify a model variant into the store.
+
+The variant is the one ``run`` would prepare (the same resolver and planner, ``models.plan.plan_for``,
+with the RAM left out: a store may be filled for other machines); ``--variant`` picks another. Only
+the fetch stage runs (``models.prepare.fetch``): original weights are converted on their first run.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +13,6 @@ from pathlib import Path
 from pipx_llama.cli import store_common as common
 from pipx_llama.cli.progress import renderer_for
 from pipx_llama.errors import PipxLlamaError
-from pipx_llama.models.pull import pull
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -19,7 +23,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "store. Interrupted downloads resume; sources are tried in order.",
     )
     p.add_argument("model", help="model name or alias (see `pipx-llama list --available`)")
-    p.add_argument("--variant", default=None, help="variant name or quantization (default: the manifest's)")
+    p.add_argument("--variant", default=None,
+                   help="variant name or quantization (default: what `pipx-llama run MODEL` would use)")
     p.add_argument("--from-dir", action="append", default=[], type=Path, metavar="DIR",
                    help="use files you already have in DIR (verified; hard-linked, or copied across disks)")
     p.add_argument(
@@ -31,17 +36,21 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from pipx_llama.models.plan import Request, plan_for
+    from pipx_llama.models.prepare import fetch
+    from pipx_llama.models.reference import Reference
+
     s = common.open_session(args)
-    manifest = common.resolve(s, args.model, args)
     options = common.pull_options(args, s)
+    ref = Reference("name", args.model)
     with renderer_for(args.json) as out:
         try:
-            result = pull(s.store, manifest, options, out)
+            plan = plan_for(ref, Request(variant=args.variant, check_ram=False, fetch_only=True,
+                                         pull_options=options, config=s.config, catalog=s.catalog))
+            result = fetch(plan, pull_options=options, on_event=out)
         except PipxLlamaError as err:
             if args.json:
-                out.emit_json(
-                    {"kind": "error", "file": manifest.name, "message": err.message, "hint": err.hint}
-                )
+                out.emit_json({"kind": "error", "file": args.model, "message": err.message, "hint": err.hint})
             raise
         bad = [f for f in result.failures if f.kind == "checksum"]
         if args.json:

@@ -1,9 +1,10 @@
 """``pipx-llama serve [MODEL …] [-m FILE.gguf …]``: the OpenAI- and Ollama-compatible HTTP server.
 
-Named models are pulled into the store (when missing) before the server starts; every model is
-loaded on its first request and kept. The socket is bound here, before uvicorn starts, so a port in
-use is a plain error and ``--port 0`` picks a free port (the URL is printed). ``/`` is a chat page;
-``--open`` opens it in the default browser once the server is up.
+Named models are prepared in the store (fetched, converted, quantized: the road every command takes,
+``cli/road.py``) before the server starts; every model is loaded on its first request and kept. The
+socket is bound here, before uvicorn starts, so a port in use is a plain error and ``--port 0`` picks
+a free port (the URL is printed). ``/`` is a chat page; ``--open`` opens it in the default browser
+once the server is up.
 """
 
 from __future__ import annotations
@@ -20,9 +21,9 @@ import webbrowser
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from pipx_llama.cli import store_common as common
-from pipx_llama.cli.options import DEFAULT_MODEL, add_sampling_options, model_file, sampler_config
-from pipx_llama.errors import ModelFileError, UsageError
+from pipx_llama.cli import road
+from pipx_llama.cli.options import DEFAULT_MODEL, add_cache_type_options, add_sampling_options, sampler_config
+from pipx_llama.errors import UsageError
 from pipx_llama.units import parse_size
 
 API_KEY_ENV = "PIPX_LLAMA_API_KEY"
@@ -49,16 +50,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "model",
         nargs="*",
         default=[],
-        help=f"model names or aliases, pulled into the store when missing (default: {DEFAULT_MODEL} "
+        help=f"model names or aliases, prepared in the store when missing (default: {DEFAULT_MODEL} "
         "unless -m is given)",
     )
     p.add_argument("-m", "--model-file", action="append", default=[], type=Path, metavar="PATH.gguf",
                    help="also serve this GGUF file, named after its file name without .gguf (repeatable)")
-    p.add_argument("--variant", default=None, help="variant of the named models (default: the manifest's)")
-    p.add_argument("--from-dir", action="append", default=[], type=Path, metavar="DIR",
-                   help="when pulling, use files you already have in DIR (verified against the manifest)")
-    common.add_network_options(p)
-    common.add_manifest_option(p)
+    road.add_road_options(p)
     p.add_argument("--host", default="127.0.0.1",
                    help="address to listen on (default 127.0.0.1; any other address needs an API key)")
     p.add_argument("--port", type=int, default=8080, help="port (default 8080; 0 = any free port)")
@@ -85,6 +82,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("-c", "--ctx-size", type=int, default=None,
                    help="context size per model in tokens (default: the model's, at most 4096)")
     add_sampling_options(p)
+    add_cache_type_options(p)
     p.add_argument("--preload", action="store_true", help="load every model at start-up, not on first use")
     p.add_argument("--open", action="store_true", help="open the chat page in the default web browser")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
@@ -129,7 +127,8 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"--port {args.port} is not a port number", "pass a port between 1 and 65535, or 0")
 
     specs = _specs(args, ModelSpec)
-    registry = ModelRegistry(specs, threads=args.threads, ctx_size=args.ctx_size)
+    registry = ModelRegistry(specs, threads=args.threads, ctx_size=args.ctx_size,
+                             cache_types=(args.cache_type_k, args.cache_type_v))
     settings = ServerSettings(
         api_key=api_key,
         max_queue=args.max_queue,
@@ -192,14 +191,19 @@ def _open_when_started(server: uvicorn.Server, url: str) -> None:
 
 
 def _specs(args: argparse.Namespace, spec_cls: type) -> list:
+    """Every model to serve, made ready by the road (``--variant``/``--quant`` apply to those by name)."""
+    from pipx_llama.models.reference import file_reference, parse_reference
+
     specs = []
+    color = road.color_enabled(sys.stderr)
     for path in args.model_file:
-        if not path.is_file():
-            raise ModelFileError(f"{path}: no such file", "check the path given with -m")
-        specs.append(spec_cls(path.name.removesuffix(".gguf"), path.resolve(), aliases=(path.name,)))
+        r = road.ready(args, file_reference(path), n_ctx=args.ctx_size, color=color, by_name_only=True)
+        specs.append(spec_cls(r.name, r.path, aliases=(path.name,)))
     names = args.model or ([] if args.model_file else [DEFAULT_MODEL])
     for name in dict.fromkeys(names):
-        specs.append(spec_cls(name, model_file(args, name)))
+        ref = parse_reference(name)
+        r = road.ready(args, ref, n_ctx=args.ctx_size, color=color, by_name_only=True)
+        specs.append(spec_cls(r.name if ref.is_file else name, r.path))
     return specs
 
 

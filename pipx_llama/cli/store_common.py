@@ -73,20 +73,14 @@ def offline(args: argparse.Namespace, config: Config) -> bool:
 
 
 def pull_options(args: argparse.Namespace, s: Session) -> PullOptions:
-    from pipx_llama.fetch.http import FetchOptions
-    from pipx_llama.models.sources import PullOptions
+    """The configuration's pull options, with the command line's on top."""
+    from pipx_llama.models.sources import pull_options_from_config
 
-    fetch = FetchOptions()
-    parallel = getattr(args, "parallel", None) or s.config.parallel_parts
-    if parallel is not None:
-        if parallel < 1:
-            raise UsageError(f"--parallel {parallel}: must be at least 1", "use 1 for a single connection")
-        fetch.parallel_parts = parallel
-    if s.config.part_threshold is not None:
-        fetch.part_threshold = s.config.part_threshold
-    if s.config.give_up_after is not None:
-        fetch.give_up_after = s.config.give_up_after
-    return PullOptions(
+    parallel = getattr(args, "parallel", None)
+    if parallel is not None and parallel < 1:
+        raise UsageError(f"--parallel {parallel}: must be at least 1", "use 1 for a single connection")
+    options = pull_options_from_config(
+        s.config,
         variant=getattr(args, "variant", None),
         from_dirs=[Path(d) for d in getattr(args, "from_dir", [])],
         mirrors=mirrors(args, s.config),
@@ -94,24 +88,19 @@ def pull_options(args: argparse.Namespace, s: Session) -> PullOptions:
         offline=offline(args, s.config),
         allow_http=s.allow_http,
         copy=bool(getattr(args, "copy", False)),
-        token=s.config.token,
-        hf_token=s.config.hf_token,
-        fetch=fetch,
     )
+    if parallel is not None and options.fetch is not None:
+        options.fetch.parallel_parts = parallel
+    return options
 
 
 def resolve(s: Session, name: str, args: argparse.Namespace) -> Manifest:
-    """A model by name or alias: the known manifests, else the manifest index of a configured mirror."""
-    from pipx_llama.models.mirror import manifest_from_mirrors
+    """A model by name or alias: the known manifests, else the manifest index of a configured mirror
+    (the resolver of every command, ``models.resolve``); raises with suggestions."""
+    from pipx_llama.models.reference import Reference
+    from pipx_llama.models.resolve import resolve_manifest
 
-    m = s.catalog.get(name)
-    if m is not None:
-        return m
-    remote = manifest_from_mirrors(name, mirrors(args, s.config), allow_http=s.allow_http,
-                                   offline=offline(args, s.config), token=s.config.token, catalog=s.catalog)
-    if remote is not None:
-        return remote
-    return s.catalog.resolve(name)  # raises with suggestions
+    return resolve_manifest(Reference("name", name), s.catalog, pull_options(args, s))
 
 
 def store_waiter(say: Callable[[str], None]) -> Callable[[str, float], None]:

@@ -6,6 +6,9 @@ keeps ``window + n_batch`` rows as a ring, position p in row p % rows: a batch o
 tokens writes its keys without overwriting any its first token still reads. All layers live in one
 flat buffer per K and V (what the fused pass indexes through its layer table).
 
+Each of K and V is float16 or, on request (``--cache-type-k/-v q8_0``, llama.cpp's names), ggml's
+q8_0 blocks in a uint8 buffer (34 bytes per 32 values: about half of float16); see ops.attention.
+
 Keys carry their position's rotation; ``shift`` re-rotates the keys it moves (RoPE rotations
 compose), so a context shift recomputes nothing.
 """
@@ -15,6 +18,7 @@ from __future__ import annotations
 import numpy as np
 
 from pipx_llama.engine.arch.base import ROPE_NEOX, HyperParams
+from pipx_llama.engine.kernels.ops import q8_0_load_ref, q8_0_store_row_ref
 from pipx_llama.errors import ContextFullError, UsageError
 
 
@@ -23,24 +27,52 @@ def layer_rows(hp: HyperParams, n_ctx: int, n_batch: int) -> list[int]:
     return [min(n_ctx, hp.swa_window + n_batch) if hp.is_swa(li) else n_ctx for li in range(hp.n_layers)]
 
 
-def kv_cache_bytes(hp: HyperParams, n_ctx: int, n_batch: int = 256) -> int:
-    """Bytes of K and V for a context of ``n_ctx`` (what a planner counts)."""
-    return 2 * sum(layer_rows(hp, n_ctx, n_batch)) * hp.n_kv_heads * hp.head_dim * 2
+CACHE_TYPES = ("f16", "q8_0")
+
+
+def check_cache_type(cache_type: str, head_dim: int, which: str = "K") -> None:
+    """Refuse a cache type this engine does not have, or q8_0 for heads not made of 32-value blocks."""
+    if cache_type not in CACHE_TYPES:
+        raise UsageError(f"unknown {which} cache type {cache_type!r}", f"use one of: {', '.join(CACHE_TYPES)}")
+    if cache_type == "q8_0" and head_dim % 32:
+        raise UsageError(f"a q8_0 {which} cache needs a head size that is a multiple of 32; this model's is "
+                         f"{head_dim}", f"use --cache-type-{which.lower()} f16")
+
+
+def row_bytes(head_dim: int, cache_type: str) -> int:
+    """Bytes of one KV head of one position."""
+    return head_dim // 32 * 34 if cache_type == "q8_0" else 2 * head_dim
+
+
+def kv_cache_bytes(hp: HyperParams, n_ctx: int, n_batch: int = 256, type_k: str = "f16",
+                   type_v: str = "f16") -> int:
+    """Bytes of K and V for a context of ``n_ctx`` with these cache types (what a planner counts)."""
+    per_row = hp.n_kv_heads * (row_bytes(hp.head_dim, type_k) + row_bytes(hp.head_dim, type_v))
+    return sum(layer_rows(hp, n_ctx, n_batch)) * per_row
+
+
+def _buffer(rows: int, hp: HyperParams, cache_type: str) -> np.ndarray:
+    if cache_type == "q8_0":
+        return np.zeros(rows * hp.n_kv_heads * row_bytes(hp.head_dim, cache_type), np.uint8)
+    return np.zeros(rows * hp.n_kv_heads * hp.head_dim, np.float16)
 
 
 class KVCache:
-    """K and V of every layer: ``k_layer(li)`` / ``v_layer(li)`` are float16 [rows, n_kv_heads, head_dim]."""
+    """K and V of every layer: ``k_layer(li)`` / ``v_layer(li)`` are float16 [rows, n_kv_heads, head_dim],
+    or uint8 [rows, n_kv_heads, head_dim/32*34] q8_0 rows."""
 
-    def __init__(self, hp: HyperParams, n_ctx: int, n_batch: int) -> None:
+    def __init__(self, hp: HyperParams, n_ctx: int, n_batch: int, type_k: str = "f16", type_v: str = "f16") -> None:
+        check_cache_type(type_k, hp.head_dim, "K")
+        check_cache_type(type_v, hp.head_dim, "V")
         self.hp = hp
         self.n_ctx = n_ctx
+        self.type_k, self.type_v = type_k, type_v
         self.rows = layer_rows(hp, n_ctx, n_batch)
-        per = hp.n_kv_heads * hp.head_dim
-        self.offsets = [0]
+        self.row_offsets = [0]  # first cache row of each layer (both caches)
         for r in self.rows:
-            self.offsets.append(self.offsets[-1] + r * per)
-        self.k = np.zeros(self.offsets[-1], np.float16)
-        self.v = np.zeros(self.offsets[-1], np.float16)
+            self.row_offsets.append(self.row_offsets[-1] + r)
+        self.k = _buffer(self.row_offsets[-1], hp, type_k)
+        self.v = _buffer(self.row_offsets[-1], hp, type_v)
         self.windows = [hp.swa_window if hp.is_swa(li) else 0 for li in range(hp.n_layers)]
 
     @property
@@ -48,8 +80,9 @@ class KVCache:
         return self.k.nbytes + self.v.nbytes
 
     def _view(self, flat: np.ndarray, li: int) -> np.ndarray:
-        hp = self.hp
-        return flat[self.offsets[li] : self.offsets[li + 1]].reshape(self.rows[li], hp.n_kv_heads, hp.head_dim)
+        per = flat.size // self.row_offsets[-1]
+        part = flat[self.row_offsets[li] * per : self.row_offsets[li + 1] * per]
+        return part.reshape(self.rows[li], self.hp.n_kv_heads, per // self.hp.n_kv_heads)
 
     def k_layer(self, li: int) -> np.ndarray:
         return self._view(self.k, li)
@@ -97,7 +130,13 @@ class KVCache:
 
 def _rotate(keys: np.ndarray, delta: int, hp: HyperParams, base: float, freq_scale: float,
             factors: tuple[float, ...] | None) -> np.ndarray:
-    """Keys [n, n_kv_heads, head_dim] rotated by ``delta`` positions (float64, rounded to the cache's type)."""
+    """Keys [n, n_kv_heads, head_dim] rotated by ``delta`` positions (float64, rounded to the cache's type).
+
+    q8_0 keys are dequantized, rotated and quantized again, as llama.cpp shifts a quantized K cache.
+    """
+    if keys.dtype == np.uint8:
+        rotated = _rotate(q8_0_load_ref(keys), delta, hp, base, freq_scale, factors)
+        return q8_0_store_row_ref(rotated.reshape(-1)).reshape(keys.shape)
     half = hp.n_rot // 2
     theta = freq_scale * base ** (-2.0 * np.arange(half) / hp.n_rot) * delta
     if factors is not None:

@@ -38,9 +38,9 @@ from pipx_llama.tokenizer.tokenizer import Tokenizer
 
 DEFAULT_CTX = 4096
 DEFAULT_BATCH = 256
-# batches at most this long take the fused pass even with plain-kind (Q5_*) weights: generation
+# batches at most this long take the fused pass with plain-kind weights (no SIMD tier): generation
 _FUSED_PLAIN_MAX_T = 2
-# Models with Q5 weights take the fused pass only up to this size. Its portable loops run ~20% slower
+# Plain-kind models take the fused pass only up to this size. Its portable loops run ~20% slower
 # per byte than the per-op kernels, which pays only while the per-op path's parallel regions (~40 us,
 # hundreds per token) weigh more: SmolLM2 Q5_0 (0.1 GB) 85 vs 56 tok/s, 7B Q5_K_M (4.8 GB) 3.7 vs 4.6.
 _PLAIN_FUSED_MAX_BYTES = 512 << 20
@@ -116,9 +116,13 @@ class Model:
         """Bytes of weights one generated token reads (every matrix once, the embedding row aside)."""
         return self.output.nbytes + sum(w.nbytes for layer in self.layers for w in layer.matrices())
 
-    def new_context(self, n_ctx: int | None = None, n_batch: int = DEFAULT_BATCH, *, fused: bool = True) -> Context:
-        """A fresh context; ``fused=False`` forces the per-op path (same logits, slower; for tests)."""
-        return Context(self, n_ctx, n_batch, fused=fused)
+    def new_context(self, n_ctx: int | None = None, n_batch: int = DEFAULT_BATCH, *, fused: bool = True,
+                    type_k: str = "f16", type_v: str = "f16") -> Context:
+        """A fresh context; ``fused=False`` forces the per-op path (same logits, slower; for tests).
+
+        ``type_k``/``type_v``: the KV cache's types, "f16" or "q8_0" (llama.cpp's --cache-type-k/-v).
+        """
+        return Context(self, n_ctx, n_batch, fused=fused, type_k=type_k, type_v=type_v)
 
     def close(self) -> None:
         self.gguf.close()
@@ -183,13 +187,13 @@ def _pack(g: GGUFFile, layers: list[Layer], output: Weight, output_norm: np.ndar
     """
     weights = [w for layer in layers for w in layer.matrices()]
     weights.append(output)
-    if not all(packed.supported(w.qtype) for w in weights):
+    # without a SIMD tier every weight is plain: read in place from the file, so the per-op path
+    # that runs such a model's prompts maps the same pages (one copy in RAM)
+    plain = not packed.SIMD
+    if not all(packed.supported(w.qtype, plain) for w in weights):
         return None
     wdesc = np.zeros((len(weights), 4), np.int64)
     total = 0
-    # one Q5 weight (no packed layout) makes every weight plain: all read in place from the file, so
-    # the per-op path that runs such a model's prompts maps the same pages (one copy in RAM)
-    plain = any(packed.KIND_OF_QTYPE[w.qtype] in packed.PLAIN_KINDS for w in weights)
     if plain and sum(w.nbytes for w in weights) > _PLAIN_FUSED_MAX_BYTES:
         return None
     for i, w in enumerate(weights):
@@ -230,6 +234,11 @@ def _pack(g: GGUFFile, layers: list[Layer], output: Weight, output_norm: np.ndar
     need[4 * len(layers)] = act[-1]
     vecs, ldesc, out_norm = _layer_table(layers, output_norm)
     return PackedWeights(arena, wdesc, need, vecs, ldesc, out_norm, plain)
+
+
+def _kernel_cache(flat: np.ndarray) -> np.ndarray:
+    """A KV buffer as the numba kernels take it: F16 as its bits (uint16), q8_0 blocks as they are (uint8)."""
+    return flat.view(np.uint16) if flat.dtype == np.float16 else flat
 
 
 def _huge_page_buffer(size: int) -> np.ndarray:
@@ -388,9 +397,10 @@ def load_model(path: str | Path, *, threads: int | None = None) -> Model:
 
 
 class Context:
-    """One sequence's state: the KV cache (float16, as llama.cpp keeps it) and scratch buffers."""
+    """One sequence's state: the KV cache (float16 as llama.cpp keeps it, or q8_0) and scratch buffers."""
 
-    def __init__(self, model: Model, n_ctx: int | None, n_batch: int, *, fused: bool = True) -> None:
+    def __init__(self, model: Model, n_ctx: int | None, n_batch: int, *, fused: bool = True,
+                 type_k: str = "f16", type_v: str = "f16") -> None:
         hp = model.hparams
         if n_ctx is None:
             n_ctx = min(hp.n_ctx_train, DEFAULT_CTX)
@@ -406,7 +416,7 @@ class Context:
         self.n_batch = min(n_batch, n_ctx)
         self.n_past = 0
         self.tokens: list[int] = []  # what the cache holds, position by position
-        self.kv = KVCache(hp, n_ctx, self.n_batch)
+        self.kv = KVCache(hp, n_ctx, self.n_batch, type_k, type_v)
         # RoPE tables [tables, n_ctx, n_rot/2]: the global layers', then the sliding-window layers'
         tables = [ops.rope_cache(n_ctx, hp.n_rot, hp.rope_base, hp.rope_freq_scale, hp.factors_for(n_ctx),
                                  hp.rope_attn_factor)]
@@ -449,7 +459,7 @@ class Context:
         fpa[[fused_kernels.FP_EPS, fused_kernels.FP_Q_SCALE, fused_kernels.FP_KQ_SCALE, fused_kernels.FP_SOFTCAP]] = (
             hp.norm_eps, hp.q_scale, self.kq_scale, hp.attn_softcap)
         ldesc = pw.ldesc.copy()
-        ldesc[:, fused_kernels.LD_KV_OFF] = self.kv.offsets[:-1]
+        ldesc[:, fused_kernels.LD_KV_OFF] = self.kv.row_offsets[:-1]
         ldesc[:, fused_kernels.LD_KV_ROWS] = self.kv.rows
         k_widest = (widest + 255) // 256 * 256
         a8 = (np.empty(b * widest, np.int8), np.empty(b * widest // 32, np.float32),
@@ -461,7 +471,7 @@ class Context:
         bundle = fused_kernels.Bundle(
             hp=hpa, fp=fpa, par=self._par, stages=fused_kernels.stage_table(hp.n_layers),
             arenas=(pw.arena, m.gguf.data), wdesc=pw.wdesc, need=pw.need, ldesc=ldesc, vecs=pw.vecs,
-            cos=self.rope_cos, sin=self.rope_sin, kc=self.kv.k.view(np.uint16), vc=self.kv.v.view(np.uint16),
+            cos=self.rope_cos, sin=self.rope_sin, kc=_kernel_cache(self.kv.k), vc=_kernel_cache(self.kv.v),
             x=self._x, xb=self._xb, q=self._q, k=self._k, v=self._v, att=self._att, proj=self._proj,
             gate=self._gate, up=self._up, hidden=self._hidden, logits=self._logits, a8f=a8, akf=ak,
             scratch=np.empty((threads, self.n_ctx + 2 * hp.head_dim), np.float32),
@@ -527,7 +537,7 @@ class Context:
         n_out = ids.size if all_logits else 1
         logits = np.empty((n_out, hp.n_vocab), np.float32)
         pw = self.model.packed
-        # plain-kind weights (Q5_*) have no fused multi-token kernel: prompts take the per-op path,
+        # plain-kind weights (no SIMD tier) have no fused multi-token kernel: prompts take the per-op path,
         # which decodes each block once for all the batch's tokens (same KV cache, same logits)
         fused = self._team is not None and pw is not None and (ids.size <= _FUSED_PLAIN_MAX_T or not pw.plain)
         if not fused:
@@ -606,10 +616,13 @@ class Context:
             cos, sin = self.rope_cos[table], self.rope_sin[table]
             rope(q_heads, positions, cos, sin)
             rope(k_heads, positions, cos, sin)
-            kc, vc = self.kv.k_layer(li), self.kv.v_layer(li)  # [rows, n_kv_heads, head_dim] f16
+            kc, vc = self.kv.k_layer(li), self.kv.v_layer(li)  # [rows, n_kv_heads, head_dim] f16, or q8_0 rows
             slots = positions % kc.shape[0]
-            kc[slots] = k_heads
-            vc[slots] = v_heads
+            for cache, heads in ((kc, k_heads), (vc, v_heads)):
+                if cache.dtype == np.uint8:
+                    ops.kv_store_rows(cache, slots, heads)
+                else:
+                    cache[slots] = heads
             ops.attention(q_heads, kc, vc, pos0, att.reshape(T, hp.n_heads, hp.head_dim), window=layer.window,
                           q_scale=hp.q_scale, kq_scale=self.kq_scale, softcap=hp.attn_softcap)
             layer.wo.matmul(att, proj)

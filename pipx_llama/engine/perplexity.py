@@ -43,6 +43,7 @@ def perplexity(
     *,
     add_bos: bool | None = None,
     on_chunk: Callable[[int, int, float], None] | None = None,
+    cache_types: tuple[str, str] = ("f16", "f16"),
 ) -> PerplexityResult:
     """llama.cpp's chunked perplexity over ``tokens``; ``on_chunk(i, n_chunks, running_ppl)`` reports
     progress."""
@@ -56,7 +57,7 @@ def perplexity(
         raise UsageError(f"the text has {len(tokens)} tokens, fewer than one chunk of {n_ctx}",
                          f"use a longer text or a smaller -c (at most {len(tokens)})")
     first = n_ctx // 2
-    ctx = model.new_context(n_ctx)
+    ctx = model.new_context(n_ctx, type_k=cache_types[0], type_v=cache_types[1])
     nll, count, running = 0.0, 0, []
     for c in range(n_chunks):
         chunk = np.asarray(tokens[c * n_ctx : (c + 1) * n_ctx], dtype=np.int64)

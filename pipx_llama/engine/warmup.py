@@ -116,7 +116,7 @@ def write_tiny_model(path: Path, seed: int = 0, kquants: bool = True, q5: bool =
     """A 1-layer LLaMA GGUF whose matrices cover every packed type, with random small weights.
 
     ``kquants=False`` uses legacy types only (Q4_0, Q4_1, Q8_0) for every matrix; ``q5`` puts the
-    plain kinds in (Q5_1 and Q5_0 for legacy, Q5_K with K-quants) in place of two of them.
+    Q5 types in (Q5_1 and Q5_0 for legacy, Q5_K with K-quants) in place of two of them.
     """
     import gguf
     from gguf import GGML_QUANT_SIZES

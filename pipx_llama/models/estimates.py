@@ -55,8 +55,8 @@ class ModelShape:
     head_dim: int
     exact: bool = True
 
-    def kv_bytes(self, n_ctx: int) -> int:
-        return kv_cache_bytes(self.n_layers, n_ctx, self.n_kv_heads, self.head_dim)
+    def kv_bytes(self, n_ctx: int, cache_types: tuple[str, str] = ("f16", "f16")) -> int:
+        return kv_cache_bytes(self.n_layers, n_ctx, self.n_kv_heads, self.head_dim, cache_types)
 
 
 # Well-known models by exact parameter count (from their config.json / params.json).

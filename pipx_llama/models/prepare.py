@@ -1,6 +1,10 @@
-"""Running a plan: fetch -> convert -> quantize, each stage atomic and resumable.
+"""Running a plan: fetch -> convert -> quantize, each stage atomic and resumable; and ``ready``, the one
+road every command that takes a model follows.
 
-``prepare(plan)`` runs the stages. For a ready GGUF it is a pull. For original weights:
+``ready(reference, request, on_event)`` plans (:func:`pipx_llama.models.plan.plan_for`) and prepares,
+and returns a ``Runnable``: the GGUF file and the plan that made it. A file reference is its file,
+its header checked. ``prepare(plan)`` runs a plan's stages. For a ready GGUF it is a pull (``fetch``,
+the stage alone, is what ``pipx-llama pull`` runs). For original weights:
 
     fetch      pull(): every file verified against the manifest into the store
     convert    pipx_llama.convert -> models/<name>/<variant>/intermediate-f16.gguf
@@ -23,6 +27,8 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -31,8 +37,9 @@ from pipx_llama.errors import UsageError
 from pipx_llama.events import EventCallback, ProgressEvent
 from pipx_llama.files import atomic_write_json
 from pipx_llama.models.manifest import Manifest, Variant
-from pipx_llama.models.plan import RunPlan, make_plan
-from pipx_llama.models.pull import pull
+from pipx_llama.models.plan import Request, RunPlan, plan_for
+from pipx_llama.models.pull import PullResult, pull
+from pipx_llama.models.reference import Reference
 from pipx_llama.models.runnable import (
     INTERMEDIATE,
     STAGES,
@@ -237,26 +244,48 @@ class _Pipeline:
         }
 
 
+def _manifest(plan: RunPlan) -> Manifest:
+    if plan.manifest is None:
+        raise UsageError("this plan carries no manifest", "make plans of models by name with plan_for()")
+    return plan.manifest
+
+
+def _pull_options(plan: RunPlan, pull_options: PullOptions | None) -> PullOptions:
+    """The pull's options: the plan's variant, and the later stages' bytes in the disk check (the same
+    computation as the plan's peak disk: ``pull.plan_space``)."""
+    return dataclasses.replace(pull_options or plan.pull_options or PullOptions(), variant=plan.variant,
+                               extra_bytes=plan.intermediate_bytes + plan.final_bytes)
+
+
+def fetch(plan: RunPlan, *, pull_options: PullOptions | None = None,
+          on_event: EventCallback | None = None) -> PullResult:
+    """The fetch stage alone: every file of the plan's variant verified into the store (``pull``)."""
+    return pull(Store(plan.store_root), _manifest(plan), _pull_options(plan, pull_options), on_event)
+
+
 def prepare(plan: RunPlan, *, pull_options: PullOptions | None = None, on_event: EventCallback | None = None,
             keep_intermediate: bool = False) -> Path:
-    """Run the plan's stages and return the runnable GGUF's path in the store.
+    """Run the plan's stages and return the runnable GGUF's path in the store (a file reference: the file).
 
     ``pull_options`` default to those the plan was made with. ``keep_intermediate`` keeps the F16
-    conversion (for quantizing the same weights again).
+    conversion (for quantizing the same weights again). A fetch-only plan stops after the fetch.
     """
     emit = on_event or _noop
-    if plan.manifest is None:
-        raise UsageError("this plan carries no manifest", "make plans with make_plan()")
-    manifest = plan.manifest
+    if plan.reference is not None and plan.reference.is_file:
+        size = plan.final_path.stat().st_size
+        emit(ProgressEvent("ready", str(plan.final_path), size, size, source=plan.model,
+                           message=f"{plan.final_path} as it is"))
+        return plan.final_path
+    manifest = _manifest(plan)
     variant = manifest.variant(plan.variant)
     store = Store(plan.store_root)
-    options = dataclasses.replace(pull_options or plan.pull_options or PullOptions(), variant=variant.name,
-                                  extra_bytes=plan.intermediate_bytes + plan.final_bytes)
+    options = _pull_options(plan, pull_options)
     label = f"{manifest.name} ({variant.name})"
     read_only = store.read_only_reason()
-    if variant.format == "gguf":
-        path = final_path(store, manifest, variant, plan.quant)
-        check_installed(store, manifest, variant, path)
+    if variant.format == "gguf" or plan.fetch_only:
+        path = plan.final_path
+        if variant.format == "gguf":
+            check_installed(store, manifest, variant, path)
         if gguf_ready(store, manifest, variant):
             emit(
                 ProgressEvent(
@@ -292,13 +321,41 @@ def prepare(plan: RunPlan, *, pull_options: PullOptions | None = None, on_event:
                 path = _Pipeline(plan, store, manifest, variant, emit).run(options, keep_intermediate)
         finally:
             lock.release()
-    emit(ProgressEvent("ready", str(path), path.stat().st_size, path.stat().st_size, source=label,
-                       message=f"{label} {plan.quant} is ready"))
+    size = path.stat().st_size if path.is_file() else variant.known_size
+    what = "files are" if plan.fetch_only and variant.format != "gguf" else f"{plan.quant} is"
+    emit(ProgressEvent("ready", str(path), size, size, source=label, message=f"{label} {what} ready"))
     return path
 
 
-def plan_and_prepare(
-    name: str | None = None, *, on_event: EventCallback | None = None, **kwargs: Any
-) -> Path:
-    """``make_plan`` then ``prepare`` with the user's configuration (the one call a script needs)."""
-    return prepare(make_plan(name, **kwargs), on_event=on_event)
+@dataclass(frozen=True)
+class Runnable:
+    """A runnable GGUF file, and the plan that made it ready."""
+
+    path: Path
+    plan: RunPlan
+
+    @property
+    def name(self) -> str:
+        return self.plan.model
+
+    @property
+    def quant(self) -> str:
+        return self.plan.quant
+
+    @property
+    def threads(self) -> int | None:
+        return self.plan.threads
+
+    @property
+    def n_ctx(self) -> int | None:
+        return self.plan.n_ctx
+
+
+def ready(ref: Reference | str | None, request: Request | None = None, on_event: EventCallback | None = None,
+          *, on_plan: Callable[[RunPlan], None] | None = None, keep_intermediate: bool = False) -> Runnable:
+    """The one road from a model reference to a runnable GGUF: plan (``on_plan`` sees the plan before any
+    stage runs), then prepare, with progress to ``on_event``. See ``plan_for`` and ``prepare``."""
+    plan = plan_for(ref, request)
+    if on_plan is not None:
+        on_plan(plan)
+    return Runnable(prepare(plan, on_event=on_event, keep_intermediate=keep_intermediate), plan)

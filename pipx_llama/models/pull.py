@@ -24,10 +24,10 @@ from typing import Any
 from pipx_llama.errors import DiskFullError, FetchError, PipxLlamaError
 from pipx_llama.events import EventCallback, ProgressEvent
 from pipx_llama.fetch.errors import AccessDenied, ChecksumError, OfflineError, SourceNotFound
-from pipx_llama.fetch.http import FetchOptions
 from pipx_llama.models.estimates import estimated_file_size
 from pipx_llama.models.manifest import Manifest, ManifestFile, Variant
-from pipx_llama.models.mirror import manifest_from_mirrors
+from pipx_llama.models.reference import parse_reference
+from pipx_llama.models.resolve import resolve_manifest
 from pipx_llama.models.sources import (
     PARTS_PER_PIP_RUN,
     FetchContext,
@@ -35,6 +35,7 @@ from pipx_llama.models.sources import (
     SkipSource,
     attempts_for,
     find_local,
+    pull_options_from_config,
 )
 from pipx_llama.models.store import Store, gguf_header_digest, now_iso
 from pipx_llama.units import human_bytes
@@ -75,22 +76,35 @@ class PullResult:
 
 @dataclass(frozen=True)
 class SpacePlan:
-    needed: int
-    download: int
-    transient: int
-    copies: int
-    extra: int
+    """What bringing a variant into the store writes to its disk, and the most it holds at once.
+
+    The planner's disk figure and the pull's check before writing are this one computation
+    (``plan_space``), so a plan and the pull that follows it name the same number.
+    """
+
+    download: int      # bytes still to download
+    local: int         # bytes copied into the store from the user's folders (a hard link costs nothing)
+    transient: int     # pip wheels beside the file they hold while it is extracted, deleted after
+    copies: int        # installed copies of new blobs, where the store cannot hard-link
+    extra: int         # what later stages write (the F16 conversion and the quantized file)
     estimated: bool    # some sizes were not published and were estimated from the parameter count
 
-
+    @property
+    def needed(self) -> int:
+        """The peak: the wheels are gone before the files are installed and the later stages run."""
+        return self.download + self.local + max(self.transient, self.copies + self.extra)
 
 
 def plan_space(store: Store, manifest: Manifest, variant: Variant, options: PullOptions) -> SpacePlan:
-    """Bytes the pull will write to the store's disk: downloads left, pip wheels, copies, later stages."""
-    download = copies = 0
+    """Bytes the pull (and the stages after it: ``options.extra_bytes``) will write to the store's disk.
+
+    Writes nothing: a store that does not exist yet, or cannot be written, is assumed to hard-link.
+    """
+    download = local_bytes = copies = 0
     estimated = False
     transient: dict[str, int] = {}
-    links = store.supports_hardlinks()
+    links = store.supports_hardlinks() if store.blobs_dir.is_dir() and store.read_only_reason() is None \
+        else True
     for mf in variant.files:
         if store.has_blob(mf.sha256, mf.size):
             continue
@@ -100,7 +114,7 @@ def plan_space(store: Store, manifest: Manifest, variant: Variant, options: Pull
         if local is not None:
             size = local.stat().st_size
             if options.copy or not links or not _same_device(local, store.root):
-                download += size
+                local_bytes += size
         else:
             download += max(0, size - store.partial_size(mf.sha256))
             first = next((s for s in variant.sources if s.provides(mf.path)), None)
@@ -112,10 +126,8 @@ def plan_space(store: Store, manifest: Manifest, variant: Variant, options: Pull
                 transient[first.label()] = size * batch // len(first.parts) + (1 << 20) * batch
         if not links:
             copies += size
-    extra = max(0, options.extra_bytes)
-    pip_peak = max(transient.values(), default=0)
-    return SpacePlan(needed=download + pip_peak + copies + extra, download=download, transient=pip_peak,
-                     copies=copies, extra=extra, estimated=estimated)
+    return SpacePlan(download=download, local=local_bytes, transient=max(transient.values(), default=0),
+                     copies=copies, extra=max(0, options.extra_bytes), estimated=estimated)
 
 
 def _same_device(a: Path, b: Path) -> bool:
@@ -343,7 +355,8 @@ def ensure_model(name: str, *, variant: str | None = None, on_event: EventCallba
                  config: Any = None, offline: bool | None = None) -> PullResult:
     """Resolve ``name`` (name or alias) with the user's configuration and pull it if needed.
 
-    The one call a pipeline needs: config file + environment, bundled and user manifests, mirrors.
+    The one call a script that wants a model's files needs: config file + environment, bundled and user
+    manifests, mirrors. (To run a model, ``pipx_llama.models.prepare.ready`` also converts it.)
     """
     from pipx_llama.config import load_config
     from pipx_llama.models.manifest import load_catalog
@@ -351,16 +364,6 @@ def ensure_model(name: str, *, variant: str | None = None, on_event: EventCallba
     cfg = config or load_config()
     catalog = load_catalog(user_dirs=cfg.user_manifest_dirs, allow_http=cfg.allow_http)
     off = cfg.offline if offline is None else offline
-    manifest = catalog.get(name) or manifest_from_mirrors(
-        name, cfg.mirrors, allow_http=cfg.allow_http, offline=off, token=cfg.token, catalog=catalog,
-    ) or catalog.resolve(name)
-    fetch = FetchOptions()
-    if cfg.parallel_parts:
-        fetch.parallel_parts = cfg.parallel_parts
-    if cfg.part_threshold:
-        fetch.part_threshold = cfg.part_threshold
-    if cfg.give_up_after:
-        fetch.give_up_after = cfg.give_up_after
-    options = PullOptions(variant=variant, mirrors=cfg.mirrors, url=cfg.url, offline=off,
-                          allow_http=cfg.allow_http, token=cfg.token, hf_token=cfg.hf_token, fetch=fetch)
+    options = pull_options_from_config(cfg, variant=variant, offline=off)
+    manifest = resolve_manifest(parse_reference(name), catalog, options)
     return pull(Store(cfg.home), manifest, options, on_event)

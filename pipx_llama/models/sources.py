@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO
 from urllib.parse import quote, urlsplit
 
 from pipx_llama.errors import FetchError
@@ -37,6 +37,9 @@ from pipx_llama.fetch.pip_source import (
 from pipx_llama.files import atomic_write_json
 from pipx_llama.models.manifest import ManifestFile, PipPart, Source, Variant, url_problem
 from pipx_llama.models.store import Store
+
+if TYPE_CHECKING:
+    from pipx_llama.config import Config
 
 # Wheels of a split file fetched per pip run: pip starts once per batch (~1 s each) and the disk holds
 # the growing file plus one batch.
@@ -66,9 +69,33 @@ class PullOptions:
     lock_timeout: float | None = None
 
 
+def pull_options_from_config(config: Config, **overrides: Any) -> PullOptions:
+    """PullOptions from the user's configuration (mirrors, offline, URL, tokens, parallel parts), then
+    ``overrides`` (a command's own options)."""
+    fetch = FetchOptions()
+    if config.parallel_parts is not None:
+        fetch.parallel_parts = config.parallel_parts
+    if config.part_threshold is not None:
+        fetch.part_threshold = config.part_threshold
+    if config.give_up_after is not None:
+        fetch.give_up_after = config.give_up_after
+    base = PullOptions(
+        mirrors=list(config.mirrors),
+        url=config.url,
+        offline=config.offline,
+        allow_http=config.allow_http,
+        token=config.token,
+        hf_token=config.hf_token,
+        fetch=fetch,
+    )
+    return dataclasses.replace(base, **overrides)
 
 
 def find_local(mf: ManifestFile, dirs: Sequence[Path]) -> Path | None:
+    """The user's copy of ``mf`` in ``dirs``: the first candidate of the published size, or None.
+
+    The one answer to "is this file at hand?": the planner's figures and the pull's disk check ask it,
+    and the pull's folder sources look in the same places (``local_candidates``)."""
     for cand in local_candidates(mf, dirs):
         if mf.size is None or cand.stat().st_size == mf.size:
             return cand

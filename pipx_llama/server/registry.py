@@ -84,7 +84,8 @@ class _Slot:
 class ModelRegistry:
     """Name → model; ``get`` loads on first use (once, even when requests race for it)."""
 
-    def __init__(self, specs: list[ModelSpec], *, threads: int | None = None, ctx_size: int | None = None) -> None:
+    def __init__(self, specs: list[ModelSpec], *, threads: int | None = None, ctx_size: int | None = None,
+                 cache_types: tuple[str, str] = ("f16", "f16")) -> None:
         if not specs:
             raise UsageError("no model to serve", "name a model or pass -m FILE.gguf")
         self._slots: dict[str, _Slot] = {}
@@ -102,6 +103,7 @@ class ModelRegistry:
                 self._names[n.lower()] = spec.name
         self.threads = threads
         self.ctx_size = ctx_size
+        self.cache_types = cache_types  # (K, V): "f16" or "q8_0"
 
     @property
     def names(self) -> list[str]:
@@ -144,7 +146,7 @@ class ModelRegistry:
             log.warning("%s: context %d exceeds the %d tokens it was trained on; using %d",
                         spec.name, n_ctx, model.hparams.n_ctx_train, model.hparams.n_ctx_train)
             n_ctx = model.hparams.n_ctx_train
-        context = model.new_context(n_ctx)
+        context = model.new_context(n_ctx, type_k=self.cache_types[0], type_v=self.cache_types[1])
         pieces = piece_bound(model.tokenizer)
         seconds = time.perf_counter() - t0
         log.info("loaded %s (%s) in %.2f s, context %d tokens", spec.name, spec.path, seconds, context.n_ctx)

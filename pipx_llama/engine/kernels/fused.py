@@ -56,7 +56,7 @@ W_Q, W_K, W_V, W_O, W_GATE, W_UP, W_DOWN = range(7)  # weight index = 7 * layer 
 # which activation formats each matmul input needs (int64 ``need`` [4 * L + 1], packed.ACT_* bits)
 IN_QKV, IN_O, IN_FFN, IN_DOWN = range(4)  # index 4 * layer + these; output = 4 * L
 # layer table columns (int64 ``ldesc`` [L, LD_SIZE]): offsets into ``vecs`` (-1: the layer has none),
-# the RoPE table, the sliding window (0: every earlier position), the layer's KV rows in the caches
+# the RoPE table, the sliding window (0: every earlier position), the layer's first row and rows in the caches
 (LD_ATTN_NORM, LD_BQ, LD_BK, LD_BV, LD_Q_NORM, LD_K_NORM, LD_POST_ATTN, LD_FFN_NORM, LD_POST_FFN, LD_ROPE,
  LD_WINDOW, LD_KV_OFF, LD_KV_ROWS) = range(13)
 LD_SIZE = 13
@@ -73,7 +73,7 @@ ITEM_BYTES = 1 << 16  # weight bytes per matmul item for one token (measured: la
 # Everything run_eval reads, in one argument. Shapes: hp int64 [HP_SIZE]; fp f32 [FP_SIZE]; par int64
 # [PAR_SIZE]; stages int64 [n, 2]; arenas = (packed weights, mapped file) uint8; wdesc int64 [7L+1, 4];
 # need int64 [4L+1]; ldesc int64 [L, LD_SIZE]; vecs f32 [*] (norms, biases); cos, sin f32 [tables, n_ctx,
-# n_rot/2]; kc, vc uint16 [*] (F16 bits, layers at ldesc's offsets); x, xb, proj f32 [B, dim]; q, att f32
+# n_rot/2]; kc, vc uint16 [*] (F16 bits) or uint8 [*] (q8_0 blocks), layers at ldesc's rows; x, xb, proj f32 [B, dim]; q, att f32
 # [B, H*D]; k, v f32 [B, KVH*D]; gate, up, hidden f32 [B, ffn]; logits f32 [B, vocab]; a8f, akf: the
 # activation buffers (Q8_1, Q8_K); scratch f32 [threads, n_ctx + 2D]; res_all f32 [threads, 4, LANES];
 # f16_table, gelu_table: ops' F16 tables.
@@ -178,11 +178,13 @@ def _vec(b, off, n):
 
 @njit(inline="always")
 def _kv_layer(cache, b, li):
-    """Layer li's [rows, KVH, D] view of a flat cache."""
+    """Layer li's [rows, KVH, D] view of a flat cache (D F16 bits, or D/32 q8_0 blocks of 34 bytes)."""
     rows = b.ldesc[li, LD_KV_ROWS]
     kvh = b.hp[HP_KV_HEADS]
     d = b.hp[HP_HEAD_DIM]
-    off = b.ldesc[li, LD_KV_OFF]
+    if cache.itemsize == 1:
+        d = d // 32 * 34
+    off = b.ldesc[li, LD_KV_OFF] * kvh * d
     return cache[off : off + rows * kvh * d].reshape((rows, kvh, d))
 
 
@@ -359,9 +361,8 @@ def _rope_and_cache(b, li, t0, t1):
                 ops._rope_head_neox(kh, cos[p], sin[p])
             else:
                 ops._rope_head(kh, cos[p], sin[p])
-            for d in range(D):
-                kcl[slot, h, d] = ops.f32_to_f16_bits(kh[d])
-                vcl[slot, h, d] = ops.f32_to_f16_bits(vh[d])
+            ops.kv_store(kcl[slot, h], kh)
+            ops.kv_store(vcl[slot, h], vh)
 
 
 # ----------------------------------------------------------------------------- one evaluation

@@ -35,7 +35,7 @@ from pipx_llama.formats.kquants import BLOCK_Q4_K, BLOCK_Q5_K, BLOCK_Q6_K, QK_K
 _i32 = np.int32
 _f32 = np.float32
 
-_MAGIC = np.float32(12582912.0)  # 1.5 * 2**23, see quant.kquants.nearest_int
+_MAGIC = np.float32(12582912.0)  # 1.5 * 2**23, see formats.kquants.nearest_int
 _MAGIC_I = 12582912
 
 Q4_K_BYTES = BLOCK_Q4_K.itemsize  # 144

@@ -83,7 +83,7 @@ def _qh(w: np.ndarray, r: int, o: int) -> int:
             | (np.int64(w[r, o + 3]) << 24))
 
 
-# --- activation quantizers (bit-identical to quant.legacy.quantize_row_q8_0 / _q8_1) -------------
+# --- activation quantizers (bit-identical to formats.legacy.quantize_row_q8_0 / _q8_1) -------------
 
 
 @njit(inline="always")

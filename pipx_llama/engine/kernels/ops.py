@@ -24,6 +24,13 @@ CPU's conversion instruction where numba targets F16C (``HAVE_F16C``), else inte
 F32->F16 likewise, the integer routine being :mod:`pipx_llama.formats.fp16`'s (round to nearest
 even; NaN as the hardware does it, so both give the same bits). All of them are exact.
 
+A q8_0 KV cache (``--cache-type-k/-v q8_0``) holds each KV head of each position as ggml's
+``block_q8_0`` rows (fp16 scale + 32 int8 per 32 values) in a ``uint8`` array [R, n_kv_heads,
+head_dim/32*34]; attention reads it directly as llama.cpp does with such a cache: K·q with q quantized
+to q8_0 (ggml's vec_dot_type of q8_0), per-block integer sums times both scales, and V dequantized
+row by row and accumulated in float32 with unrounded probabilities (llama.cpp requires flash
+attention for a quantized V cache, whose V accumulation is float32 too).
+
 Small batches run serially: each ``prange`` region costs about a microsecond of thread wake-up,
 more than the whole op for one token of a small model. Every kernel picks serial or parallel
 from its work size, so one compiled function serves both decoding and prompt processing.
@@ -222,11 +229,119 @@ def _ov_kv_to_f32(v):
 
 @overload(_kv_round)
 def _ov_kv_round(x, cache):
-    if cache.dtype == types.float32:
+    if cache.dtype in (types.float32, types.uint8):  # uint8: q8_0, whose readers take float32 operands
         return lambda x, cache: x
     if cache.dtype == types.uint16:
         return lambda x, cache: _f16_decode(f32_to_f16_bits(x))
     raise TypingError(f"KV cache must be float32 or uint16 (F16 bits), got {cache.dtype}")
+
+
+# ----------------------------------------------------------------------------- q8_0 KV rows
+
+Q8_BLOCK_BYTES = 34  # ggml block_q8_0: fp16 d, 32 int8
+
+
+def kv_row_bytes(head_dim: int, cache_type: str) -> int:
+    """Elements (f16) or bytes (q8_0) of one KV head of one position in a cache of ``cache_type``."""
+    return head_dim // 32 * Q8_BLOCK_BYTES if cache_type == "q8_0" else head_dim
+
+
+@njit(inline="always")
+def _q8_round(v):
+    """C's roundf(v) as an int8 value (ties away from zero), saturating at +-127; NaN as 0."""
+    t = np.trunc(v)
+    if abs(v - t) >= _F32(0.5):
+        t += _F32(1.0) if v > 0 else _F32(-1.0)
+    if np.isnan(t):
+        return np.int8(0)
+    return np.int8(min(max(t, _F32(-127.0)), _F32(127.0)))
+
+
+@njit(inline="always")
+def _q8_d(row, o):
+    """The fp16 scale of the block_q8_0 at row[o:] as float32."""
+    return _f16_decode(np.uint16(np.uint16(row[o]) | (np.uint16(row[o + 1]) << np.uint16(8))))
+
+
+@njit(cache=True, error_model="numpy")
+def q8_0_store_row(src, dst):
+    """src f32 [D] -> dst uint8 [D/32*34], ggml's quantize_row_q8_0_ref (d = amax/127 stored as fp16)."""
+    for b in range(src.shape[0] // 32):
+        amax = _F32(0.0)
+        for j in range(32):
+            amax = max(amax, abs(src[32 * b + j]))
+        dv = amax / _F32(127.0)
+        inv = _F32(1.0) / dv if dv != _F32(0.0) else _F32(0.0)
+        bits = f32_to_f16_bits(dv)
+        o = Q8_BLOCK_BYTES * b
+        dst[o] = np.uint8(bits & 0xFF)
+        dst[o + 1] = np.uint8(bits >> 8)
+        for j in range(32):
+            dst[o + 2 + j] = np.uint8(np.int32(_q8_round(src[32 * b + j] * inv)) & 0xFF)
+
+
+@njit(cache=True)
+def q8_0_load_row(src, dst):
+    """src uint8 [D/32*34] -> dst f32 [D]: d * q, as ggml's dequantize_row_q8_0."""
+    for b in range(dst.shape[0] // 32):
+        o = Q8_BLOCK_BYTES * b
+        d = _q8_d(src, o)
+        for j in range(32):
+            dst[32 * b + j] = _F32(np.int8(src[o + 2 + j])) * d
+
+
+def q8_0_store_row_ref(src: np.ndarray) -> np.ndarray:
+    """Twin of ``q8_0_store_row``."""
+    x = src.astype(np.float32).reshape(-1, 32)
+    d = (np.abs(x).max(axis=1) / _F32(127.0)).astype(np.float32)
+    with np.errstate(divide="ignore"):
+        inv = np.where(d != 0, _F32(1.0) / d, _F32(0.0)).astype(np.float32)
+    v = (x * inv[:, None]).astype(np.float32)
+    t = np.trunc(v)
+    t = np.where(np.abs(v - t) >= _F32(0.5), t + np.sign(v), t)  # roundf: ties away from zero
+    q = np.clip(np.nan_to_num(t), -127, 127).astype(np.int8)
+    out = np.empty((x.shape[0], Q8_BLOCK_BYTES), np.uint8)
+    out[:, :2] = d.astype(np.float16).view(np.uint8).reshape(-1, 2)
+    out[:, 2:] = q.view(np.uint8)
+    return out.reshape(-1)
+
+
+def q8_0_load_ref(rows: np.ndarray) -> np.ndarray:
+    """uint8 [..., D/32*34] q8_0 rows -> float32 [..., D]."""
+    b = rows.reshape(rows.shape[:-1] + (-1, Q8_BLOCK_BYTES))
+    d = b[..., :2].copy().view(np.float16).astype(np.float32)
+    q = b[..., 2:].view(np.int8).astype(np.float32)
+    return (q * d).reshape(rows.shape[:-1] + (-1,))
+
+
+def kv_store(row, src):
+    """One KV head's values ``src`` f32 [D] into a cache row (F16 bits, float32 or q8_0 blocks)."""
+    raise NotImplementedError
+
+
+@overload(kv_store)
+def _ov_kv_store(row, src):
+    if row.dtype == types.uint8:
+        return lambda row, src: q8_0_store_row(src, row)
+    if row.dtype == types.uint16:
+        def f16(row, src):
+            for d in range(src.shape[0]):
+                row[d] = f32_to_f16_bits(src[d])
+        return f16
+    if row.dtype == types.float32:
+        def f32(row, src):
+            for d in range(src.shape[0]):
+                row[d] = src[d]
+        return f32
+    raise TypingError(f"KV cache must be float32, uint16 (F16 bits) or uint8 (q8_0), got {row.dtype}")
+
+
+@njit(cache=True)
+def kv_store_rows(cache, slots, src):
+    """cache[slots[t], h] = src[t, h] for every token t and KV head h (any cache type)."""
+    for t in range(src.shape[0]):
+        for h in range(src.shape[1]):
+            kv_store(cache[slots[t], h], src[t, h])
 
 
 # ----------------------------------------------------------------------------- rmsnorm
@@ -458,6 +573,98 @@ def _accumulate(scores, off, v_cache, kvh, s0, cnt, acc):
 
 
 @njit(cache=True, error_model="numpy", fastmath=_FAST)
+def _scores_q8(qr, qd, k_cache, kvh, s0, cnt, scores, off, inv_cap, cap, kq_scale):
+    """``_scores`` for a q8_0 K cache: qr holds q's q8_0 integers (as float32), qd its block scales.
+
+    Each block's products are integers summed in float32: exact (|sum| <= 32*127*127 < 2**24) in any
+    order, so the loop vectorizes; the block sum times d_k*d_q then adds up as ggml's vec_dot_q8_0_q8_0.
+    """
+    D = qr.shape[0]
+    nb = D // 32
+    mx = -np.inf
+    for j in range(cnt):
+        row = k_cache[s0 + j, kvh]
+        s = _F32(0.0)
+        for b in range(nb):
+            o = Q8_BLOCK_BYTES * b
+            isum = _F32(0.0)
+            for e in range(32):
+                isum += qr[32 * b + e] * _F32(np.int8(row[o + 2 + e]))
+            s += isum * (_q8_d(row, o) * qd[b])
+        if cap > _F32(0.0):
+            s = np.tanh(s * inv_cap) * cap
+        s = s * kq_scale
+        scores[off + j] = s
+        mx = max(mx, s)
+    return mx
+
+
+@njit(cache=True, error_model="numpy", fastmath=_FAST)
+def _accumulate_q8(scores, off, v_cache, kvh, s0, cnt, acc):
+    """acc += sum_j scores[off + j] * dequantize(V[s0 + j]) for a q8_0 V cache."""
+    nb = acc.shape[0] // 32
+    for j in range(cnt):
+        p = scores[off + j]
+        row = v_cache[s0 + j, kvh]
+        for b in range(nb):
+            o = Q8_BLOCK_BYTES * b
+            d = _q8_d(row, o)
+            for e in range(32):
+                acc[32 * b + e] += (_F32(np.int8(row[o + 2 + e])) * d) * p
+
+
+@njit(cache=True, error_model="numpy")
+def _quantize_q(qr, qd):
+    """q (already scaled) into q8_0 in place: qr[j] = its int8 value, qd[b] = the block's fp16 scale."""
+    for b in range(qr.shape[0] // 32):
+        amax = _F32(0.0)
+        for j in range(32):
+            amax = max(amax, abs(qr[32 * b + j]))
+        dv = amax / _F32(127.0)
+        inv = _F32(1.0) / dv if dv != _F32(0.0) else _F32(0.0)
+        for j in range(32):
+            qr[32 * b + j] = _F32(_q8_round(qr[32 * b + j] * inv))
+        qd[b] = _f16_decode(f32_to_f16_bits(dv))
+
+
+def _k_scores(qr, qd, k_cache, kvh, s0, cnt, scores, off, inv_cap, cap, kq_scale):
+    """Scores of q against K rows, whatever the cache type (qd: q's q8_0 scales, for a q8_0 cache)."""
+    raise NotImplementedError
+
+
+@overload(_k_scores)
+def _ov_k_scores(qr, qd, k_cache, kvh, s0, cnt, scores, off, inv_cap, cap, kq_scale):
+    if k_cache.dtype == types.uint8:
+        return lambda qr, qd, k_cache, kvh, s0, cnt, scores, off, inv_cap, cap, kq_scale: _scores_q8(
+            qr, qd, k_cache, kvh, s0, cnt, scores, off, inv_cap, cap, kq_scale)
+    return lambda qr, qd, k_cache, kvh, s0, cnt, scores, off, inv_cap, cap, kq_scale: _scores(
+        qr, k_cache, kvh, s0, cnt, scores, off, inv_cap, cap, kq_scale)
+
+
+def _k_prepare(qr, qd, k_cache):
+    """q for the K rows' dot products: already rounded for F16/F32 caches, quantized for q8_0."""
+    raise NotImplementedError
+
+
+@overload(_k_prepare)
+def _ov_k_prepare(qr, qd, k_cache):
+    if k_cache.dtype == types.uint8:
+        return lambda qr, qd, k_cache: _quantize_q(qr, qd)
+    return lambda qr, qd, k_cache: None
+
+
+def _v_accumulate(scores, off, v_cache, kvh, s0, cnt, acc):
+    raise NotImplementedError
+
+
+@overload(_v_accumulate)
+def _ov_v_accumulate(scores, off, v_cache, kvh, s0, cnt, acc):
+    if v_cache.dtype == types.uint8:
+        return lambda scores, off, v_cache, kvh, s0, cnt, acc: _accumulate_q8(scores, off, v_cache, kvh, s0, cnt, acc)
+    return lambda scores, off, v_cache, kvh, s0, cnt, acc: _accumulate(scores, off, v_cache, kvh, s0, cnt, acc)
+
+
+@njit(cache=True, error_model="numpy", fastmath=_FAST)
 def _attend(q, k_cache, v_cache, kvh, lo, n_pos, q_scale, kq_scale, cap, work, out):
     """One (token, head) over cache positions lo..n_pos-1: out = softmax(score) · V.
 
@@ -476,9 +683,11 @@ def _attend(q, k_cache, v_cache, kvh, lo, n_pos, q_scale, kq_scale, cap, work, o
     inv_cap = _F32(1.0) / cap if cap > _F32(0.0) else _F32(0.0)
     for d in range(D):
         qr[d] = _kv_round(q[d] * q_scale, k_cache)
-    mx = _scores(qr, k_cache, kvh, s0, c1, scores, 0, inv_cap, cap, kq_scale)
+    qd = acc[: D // 32]  # q's q8_0 scales (q8_0 K cache only); acc is not in use yet
+    _k_prepare(qr, qd, k_cache)
+    mx = _k_scores(qr, qd, k_cache, kvh, s0, c1, scores, 0, inv_cap, cap, kq_scale)
     if n > c1:
-        mx = max(mx, _scores(qr, k_cache, kvh, 0, n - c1, scores, c1, inv_cap, cap, kq_scale))
+        mx = max(mx, _k_scores(qr, qd, k_cache, kvh, 0, n - c1, scores, c1, inv_cap, cap, kq_scale))
     mx32 = _F32(mx)
     total = 0.0
     for j in range(n):
@@ -490,9 +699,9 @@ def _attend(q, k_cache, v_cache, kvh, lo, n_pos, q_scale, kq_scale, cap, work, o
         acc[d] = _F32(0.0)
     for j in range(n):
         scores[j] = _kv_round(scores[j] * inv, v_cache)
-    _accumulate(scores, 0, v_cache, kvh, s0, c1, acc)
+    _v_accumulate(scores, 0, v_cache, kvh, s0, c1, acc)
     if n > c1:
-        _accumulate(scores, c1, v_cache, kvh, 0, n - c1, acc)
+        _v_accumulate(scores, c1, v_cache, kvh, 0, n - c1, acc)
     for d in range(D):
         out[d] = acc[d]
 
@@ -548,9 +757,13 @@ def attention_scale(head_dim: int) -> np.float32:
 def _as_kernel_cache(cache: np.ndarray) -> np.ndarray:
     if cache.dtype == np.float16:
         return cache.view(np.uint16)
-    if cache.dtype in (np.float32, np.uint16):
+    if cache.dtype in (np.float32, np.uint16, np.uint8):
         return cache
-    raise TypeError(f"KV cache dtype must be float16 or float32, got {cache.dtype}")
+    raise TypeError(f"KV cache dtype must be float16, float32 or uint8 (q8_0 blocks), got {cache.dtype}")
+
+
+def _cache_head_dim(cache: np.ndarray) -> int:
+    return cache.shape[2] // Q8_BLOCK_BYTES * 32 if cache.dtype == np.uint8 else cache.shape[2]
 
 
 def attention(q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, start_pos: int, out: np.ndarray,
@@ -559,7 +772,8 @@ def attention(q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, start_pos
     """Causal grouped-query attention for a batch of T new tokens, written into ``out``.
 
     q, out: f32 [T, n_heads, head_dim]; k_cache, v_cache: [R, n_kv_heads, head_dim] float32 or
-    float16 (uint16 is taken as F16 bits), already holding the batch's own keys/values; position p
+    float16 (uint16 is taken as F16 bits), or uint8 [R, n_kv_heads, head_dim/32*34] q8_0 rows
+    (each cache its own type), already holding the batch's own keys/values; position p
     is in row p % R (R = n_ctx for a plain cache, a ring of R rows for a sliding-window layer).
     Token t sits at position start_pos+t and attends to positions window_start..start_pos+t; head
     h reads KV head h // (n_heads // n_kv_heads). Scores are K · f16(q * q_scale), soft-capped at
@@ -569,7 +783,8 @@ def attention(q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, start_pos
     """
     T, H, D = q.shape
     rows, kvh = k_cache.shape[0], k_cache.shape[1]
-    if (out.shape != q.shape or k_cache.shape != v_cache.shape or k_cache.shape[2] != D
+    if (out.shape != q.shape or k_cache.shape[:2] != v_cache.shape[:2] or _cache_head_dim(k_cache) != D
+            or _cache_head_dim(v_cache) != D
             or kvh == 0 or H % kvh or start_pos < 0 or window < 0):
         raise ValueError(f"attention: q {q.shape}, out {out.shape}, k {k_cache.shape}, v {v_cache.shape}, "
                          f"start_pos {start_pos}, window {window} do not fit together")
@@ -591,11 +806,17 @@ def _window_start(p: int, window: int) -> int:
 
 def attention_ref(q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, start_pos: int, *, window: int = 0,
                   q_scale: float = 1.0, kq_scale: float | None = None, softcap: float = 0.0) -> np.ndarray:
-    """Twin of ``attention``: same roundings (F16 q and probabilities for an F16 cache)."""
+    """Twin of ``attention``: same roundings (F16 q and probabilities for an F16 cache, q8_0 q for q8_0 K)."""
     T, H, D = q.shape
     f16 = k_cache.dtype in (np.float16, np.uint16)
+    f16_v = v_cache.dtype in (np.float16, np.uint16)
+    q8_k = k_cache.dtype == np.uint8
     kc = k_cache.view(np.float16) if k_cache.dtype == np.uint16 else k_cache
     vc = v_cache.view(np.float16) if v_cache.dtype == np.uint16 else v_cache
+    if q8_k:
+        kc = q8_0_load_ref(kc)
+    if v_cache.dtype == np.uint8:
+        vc = q8_0_load_ref(vc)
     rows = kc.shape[0]
     group = H // kc.shape[1]
     scale = attention_scale(D) if kq_scale is None else _F32(kq_scale)
@@ -609,13 +830,22 @@ def attention_ref(q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, start
             qh = (q[t, h] * _F32(q_scale)).astype(np.float32)
             if f16:
                 qh = qh.astype(np.float16).astype(np.float32)
-            s = (k @ qh).astype(np.float32)
+            if q8_k:  # q as q8_0 blocks, block sums times both scales
+                qb = q8_0_store_row_ref(qh).reshape(-1, Q8_BLOCK_BYTES)
+                qi = qb[:, 2:].view(np.int8).astype(np.float64)
+                qd = qb[:, :2].copy().view(np.float16).astype(np.float64)[:, 0]
+                kb = k_cache[slots, h // group].reshape(len(slots), -1, Q8_BLOCK_BYTES)
+                ki = kb[..., 2:].view(np.int8).astype(np.float64)
+                kd = kb[..., :2].copy().view(np.float16).astype(np.float64)[..., 0]
+                s = (((ki * qi).sum(axis=2)) * (kd * qd)).sum(axis=1).astype(np.float32)
+            else:
+                s = (k @ qh).astype(np.float32)
             if softcap > 0:
                 s = (np.tanh(s * (_F32(1.0) / _F32(softcap))) * _F32(softcap)).astype(np.float32)
             s = s * scale
             e = np.exp(s - s.max())
             pr = e * _F32(1.0 / e.astype(np.float64).sum())
-            if f16:
+            if f16_v:
                 pr = pr.astype(np.float16).astype(np.float32)
             out[t, h] = pr @ v
     return out

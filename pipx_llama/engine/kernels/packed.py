@@ -11,13 +11,14 @@ each lane is one output row. Rows past the end of a tensor whose row count is no
 Results are bit-identical to the portable kernels of :mod:`~pipx_llama.engine.kernels.legacy`
 (same integer block sums, same float32 operations in the same order); the tests compare them.
 
-Q5_0, Q5_1 and Q5_K have no SIMD layout yet ("plain" kinds): a model holding them has all its
-weights in plain form (``PLAIN_OF_QTYPE``), not copied at all, and ``matmul_range`` runs portable
-loops over the ggml rows in the mapped file with the integer sums and float32 operations of the
-per-op kernels (bit-identical for the legacy types; the K-quants, like the per-op ones, with
-fastmath). That keeps the generation of small such models (Q5_K_M, Q5_0...) on the barrier-free
-fused pass; their prompts go through the per-op path, whose kernels share the decoding of a block
-among many tokens, and big ones stay there entirely (model._pack, model.Context.eval).
+Every kind also has a "plain" form (``PLAIN_OF_QTYPE``): the ggml rows as they are, read in place
+from the mapped file, and ``matmul_range`` runs portable loops over them with the integer sums and
+float32 operations of the per-op kernels (bit-identical for the legacy types; the K-quants, like the
+per-op ones, with fastmath). Without a SIMD tier (not x86, or no AVX2) these loops are the portable
+tier: no x86 intrinsic, loop shapes LLVM vectorizes for NEON as for AVX2. They keep the generation
+of small models on the barrier-free fused pass; prompts go through the per-op path, whose kernels
+share the decoding of a block among many tokens, and big models stay there entirely
+(model._pack, model.Context.eval).
 
 ``matmul_range`` computes rows of groups ``g0..g1`` for tokens ``t0..t1`` -- the unit of work the
 fused forward pass (:mod:`~pipx_llama.engine.kernels.fused`) deals to its threads.
@@ -43,39 +44,46 @@ KIND_Q4_1 = 2
 KIND_Q8_0 = 3
 KIND_Q4_K = 4
 KIND_Q6_K = 5
-KIND_Q5_0 = 6  # plain kinds: ggml rows as they are (see the module docstring)
+KIND_Q5_0 = 6
 KIND_Q5_1 = 7
 KIND_Q5_K = 8
-KIND_P_Q4_0 = 9  # the packed types in plain form, for models that also hold Q5 weights
+KIND_P_Q4_0 = 9  # plain kinds: ggml rows as they are, read in place (see the module docstring)
 KIND_P_Q4_1 = 10
 KIND_P_Q8_0 = 11
 KIND_P_Q4_K = 12
 KIND_P_Q6_K = 13
-PLAIN_KINDS = (KIND_Q5_0, KIND_Q5_1, KIND_Q5_K, KIND_P_Q4_0, KIND_P_Q4_1, KIND_P_Q8_0, KIND_P_Q4_K, KIND_P_Q6_K)
+KIND_P_Q5_0 = 14
+KIND_P_Q5_1 = 15
+KIND_P_Q5_K = 16
+PLAIN_KINDS = (KIND_P_Q4_0, KIND_P_Q4_1, KIND_P_Q8_0, KIND_P_Q4_K, KIND_P_Q6_K, KIND_P_Q5_0, KIND_P_Q5_1,
+               KIND_P_Q5_K)
 
 # ggml block: (elements, bytes, header bytes before the quants)
 _GGML = {KIND_Q4_0: (32, 18, 2), KIND_Q4_1: (32, 20, 4), KIND_Q8_0: (32, 34, 2), KIND_Q4_K: (256, 144, 0),
-         KIND_Q6_K: (256, 210, 0), KIND_Q5_0: (32, 22, 6), KIND_Q5_1: (32, 24, 8), KIND_Q5_K: (256, 176, 0),
-         KIND_P_Q4_0: (32, 18, 2), KIND_P_Q4_1: (32, 20, 4), KIND_P_Q8_0: (32, 34, 2), KIND_P_Q4_K: (256, 144, 0),
-         KIND_P_Q6_K: (256, 210, 0)}
+         KIND_Q6_K: (256, 210, 0), KIND_Q5_0: (32, 22, 6), KIND_Q5_1: (32, 24, 8), KIND_Q5_K: (256, 176, 0)}
+_GGML.update({KIND_P_Q4_0 + i: _GGML[KIND_Q4_0 + i] for i in range(8)})
 KIND_OF_QTYPE = {Q.Q4_0: KIND_Q4_0, Q.Q4_1: KIND_Q4_1, Q.Q8_0: KIND_Q8_0, Q.Q4_K: KIND_Q4_K, Q.Q6_K: KIND_Q6_K,
                  Q.Q5_0: KIND_Q5_0, Q.Q5_1: KIND_Q5_1, Q.Q5_K: KIND_Q5_K}
-PLAIN_OF_QTYPE = {Q.Q4_0: KIND_P_Q4_0, Q.Q4_1: KIND_P_Q4_1, Q.Q8_0: KIND_P_Q8_0, Q.Q4_K: KIND_P_Q4_K,
-                  Q.Q6_K: KIND_P_Q6_K, Q.Q5_0: KIND_Q5_0, Q.Q5_1: KIND_Q5_1, Q.Q5_K: KIND_Q5_K}
-RECORD_BYTES = {KIND_Q4_0: 288, KIND_Q4_1: 320, KIND_Q8_0: 544, KIND_Q4_K: 2368, KIND_Q6_K: 3360}
+PLAIN_OF_QTYPE = {q: k + KIND_P_Q4_0 - KIND_Q4_0 for q, k in KIND_OF_QTYPE.items()}
+RECORD_BYTES = {KIND_Q4_0: 288, KIND_Q4_1: 320, KIND_Q8_0: 544, KIND_Q4_K: 2368, KIND_Q6_K: 3360, KIND_Q5_0: 352,
+                KIND_Q5_1: 384, KIND_Q5_K: 2880}
 BLOCK_ELEMENTS = {k: v[0] for k, v in _GGML.items()}
 
 # activations each kind multiplies with (bit flags): Q8_0/Q8_1 blocks of 32, or Q8_K super-blocks
 ACT_Q8 = 1
 ACT_Q8K = 2
-ACTIVATIONS = {KIND_Q4_0: ACT_Q8, KIND_Q4_1: ACT_Q8, KIND_Q8_0: ACT_Q8, KIND_Q4_K: ACT_Q8K, KIND_Q6_K: ACT_Q8K,
-               KIND_Q5_0: ACT_Q8, KIND_Q5_1: ACT_Q8, KIND_Q5_K: ACT_Q8K, KIND_P_Q4_0: ACT_Q8, KIND_P_Q4_1: ACT_Q8,
-               KIND_P_Q8_0: ACT_Q8, KIND_P_Q4_K: ACT_Q8K, KIND_P_Q6_K: ACT_Q8K}
+_ACT_OF_QTYPE = {Q.Q4_0: ACT_Q8, Q.Q4_1: ACT_Q8, Q.Q8_0: ACT_Q8, Q.Q4_K: ACT_Q8K, Q.Q6_K: ACT_Q8K, Q.Q5_0: ACT_Q8,
+                 Q.Q5_1: ACT_Q8, Q.Q5_K: ACT_Q8K}
+ACTIVATIONS = {k: _ACT_OF_QTYPE[q] for q, k in KIND_OF_QTYPE.items()}
+ACTIVATIONS.update({k: _ACT_OF_QTYPE[q] for q, k in PLAIN_OF_QTYPE.items()})
 
 
-def supported(qtype: GGMLQuantizationType) -> bool:
-    """Whether tensors of ``qtype`` have a packed form on this machine."""
-    return simd.TIER is not None and qtype in KIND_OF_QTYPE
+SIMD = simd.TIER is not None  # packed kinds exist on this machine; plain kinds exist everywhere
+
+
+def supported(qtype: GGMLQuantizationType, plain: bool = False) -> bool:
+    """Whether tensors of ``qtype`` have a packed form on this machine (or a plain one, anywhere)."""
+    return (plain or SIMD) and qtype in KIND_OF_QTYPE
 
 
 def packed_bytes(kind: int, rows: int, cols: int) -> int:
@@ -100,17 +108,32 @@ def _u16(w, row, i):
     return np.uint16(w[row, i]) | (np.uint16(w[row, i + 1]) << np.uint16(8))
 
 
+@njit(inline="always")
+def _reorder_qh(h):
+    """Q5 fifth bits (bit j: element j) as the kernels read them: bit 8i+k = element 4k+i, 8i+4+k = 16+4k+i."""
+    out = np.uint32(0)
+    one = np.uint32(1)
+    for k in range(4):
+        for i in range(4):
+            out |= ((h >> np.uint32(4 * k + i)) & one) << np.uint32(8 * i + k)
+            out |= ((h >> np.uint32(16 + 4 * k + i)) & one) << np.uint32(8 * i + 4 + k)
+    return out
+
+
 @njit(cache=True, nogil=True)
-def _repack_legacy(w: np.ndarray, out: np.ndarray, block_bytes: int, header: int, has_min: bool) -> None:
+def _repack_legacy(w: np.ndarray, out: np.ndarray, block_bytes: int, header: int, has_min: bool,
+                   qh_at: int) -> None:
     """ggml blocks w uint8 [rows, nb*block_bytes] -> records in out (see simd.py for the layout).
 
-    Records and tensors start 4-byte aligned, so the quants move as uint32 and the scales as uint16.
-    Lanes past the last row stay zero.
+    ``qh_at``: byte offset of a Q5 block's fifth bits, -1 for the other types. Records and tensors
+    start 4-byte aligned, so the quants move as uint32 and the scales as uint16. Lanes past the
+    last row stay zero.
     """
     rows = w.shape[0]
     nb = w.shape[1] // block_bytes
     nq = block_bytes - header  # quant bytes per block (16 or 32)
-    rec = nq * LANES + 2 * LANES * (2 if has_min else 1)
+    qh_bytes = 4 * LANES if qh_at >= 0 else 0
+    rec = nq * LANES + qh_bytes + 2 * LANES * (2 if has_min else 1)
     groups = (rows + LANES - 1) // LANES
     out32 = out.view(np.uint32)
     out16 = out.view(np.uint16)
@@ -125,9 +148,11 @@ def _repack_legacy(w: np.ndarray, out: np.ndarray, block_bytes: int, header: int
                 src = b * block_bytes
                 for k in range(nq // 4):
                     out32[(o + k * 4 * LANES) // 4 + r] = _u32(w, row, src + header + 4 * k)
-                out16[(o + nq * LANES) // 2 + r] = _u16(w, row, src)
+                if qh_at >= 0:
+                    out32[(o + nq * LANES) // 4 + r] = _reorder_qh(_u32(w, row, src + qh_at))
+                out16[(o + nq * LANES + qh_bytes) // 2 + r] = _u16(w, row, src)
                 if has_min:
-                    out16[(o + nq * LANES + 2 * LANES) // 2 + r] = _u16(w, row, src + 2)
+                    out16[(o + nq * LANES + qh_bytes + 2 * LANES) // 2 + r] = _u16(w, row, src + 2)
 
 
 @njit(inline="always")
@@ -138,10 +163,13 @@ def _copy_steps(w, row, src, n_steps, out32, o, r):
 
 
 @njit(cache=True, nogil=True)
-def _repack_q4_K(w: np.ndarray, out: np.ndarray) -> None:
+def _repack_q45_K(w: np.ndarray, out: np.ndarray, high_bits: bool) -> None:
+    """Q4_K rows, or Q5_K ones (``high_bits``: their fifth bits go after the quants, the rest 512 bytes on)."""
     rows = w.shape[0]
-    nb = w.shape[1] // 144
-    rec = 2368
+    bb = 176 if high_bits else 144
+    nb = w.shape[1] // bb
+    extra = 512 if high_bits else 0
+    rec = 2368 + extra
     groups = (rows + LANES - 1) // LANES
     out32 = out.view(np.uint32)
     for g in range(groups):
@@ -151,8 +179,12 @@ def _repack_q4_K(w: np.ndarray, out: np.ndarray) -> None:
             o = (g * nb + b) * rec
             for r in range(min(LANES, rows - g * LANES)):
                 row = g * LANES + r
-                src = b * 144
-                _copy_steps(w, row, src + 16, 32, out32, o, r)
+                src = b * bb
+                if high_bits:
+                    _copy_steps(w, row, src + 48, 32, out32, o, r)
+                    _copy_steps(w, row, src + 16, 8, out32, o + 2048, r)
+                else:
+                    _copy_steps(w, row, src + 16, 32, out32, o, r)
                 for j in range(8):
                     if j < 4:
                         sc = w[row, src + 4 + j] & 63
@@ -160,11 +192,11 @@ def _repack_q4_K(w: np.ndarray, out: np.ndarray) -> None:
                     else:
                         sc = (w[row, src + 4 + j + 4] & 15) | ((w[row, src + 4 + j - 4] >> 6) << 4)
                         m = (w[row, src + 4 + j + 4] >> 4) | ((w[row, src + 4 + j] >> 6) << 4)
-                    out[o + 2048 + j * LANES + r] = sc
-                    out[o + 2176 + j * LANES + r] = m
+                    out[o + extra + 2048 + j * LANES + r] = sc
+                    out[o + extra + 2176 + j * LANES + r] = m
                 for i in range(2):
-                    out[o + 2304 + 2 * r + i] = w[row, src + i]
-                    out[o + 2336 + 2 * r + i] = w[row, src + 2 + i]
+                    out[o + extra + 2304 + 2 * r + i] = w[row, src + i]
+                    out[o + extra + 2336 + 2 * r + i] = w[row, src + 2 + i]
 
 
 @njit(cache=True, nogil=True)
@@ -198,13 +230,14 @@ def repack(kind: int, w: np.ndarray, out: np.ndarray) -> None:
     """
     if kind in PLAIN_KINDS:
         return
-    if kind == KIND_Q4_K:
-        _repack_q4_K(w, out)
+    if kind in (KIND_Q4_K, KIND_Q5_K):
+        _repack_q45_K(w, out, kind == KIND_Q5_K)
     elif kind == KIND_Q6_K:
         _repack_q6_K(w, out)
     else:
         _, block_bytes, header = _GGML[kind]
-        _repack_legacy(w, out, block_bytes, header, kind == KIND_Q4_1)
+        qh_at = {KIND_Q5_0: 2, KIND_Q5_1: 4}.get(kind, -1)
+        _repack_legacy(w, out, block_bytes, header, kind in (KIND_Q4_1, KIND_Q5_1), qh_at)
 
 
 # ----------------------------------------------------------------------------- activations
@@ -239,10 +272,11 @@ def ksums(bsums: np.ndarray, xb16: np.ndarray, xb32: np.ndarray, t0: int, t1: in
 
 if simd.TIER is not None:
     _K1 = {KIND_Q4_0: simd.q4_0_x1, KIND_Q4_1: simd.q4_1_x1, KIND_Q8_0: simd.q8_0_x1, KIND_Q4_K: simd.q4_K_x1,
-           KIND_Q6_K: simd.q6_K_x1}
+           KIND_Q6_K: simd.q6_K_x1, KIND_Q5_0: simd.q5_0_x1, KIND_Q5_1: simd.q5_1_x1, KIND_Q5_K: simd.q5_K_x1}
     # several tokens per weight load; Q6_K's four-token kernel spills registers, so it takes two
     _KN = {KIND_Q4_0: (simd.q4_0_x4, 4), KIND_Q4_1: (simd.q4_1_x4, 4), KIND_Q8_0: (simd.q8_0_x4, 4),
-           KIND_Q4_K: (simd.q4_K_x4, 4), KIND_Q6_K: (simd.q6_K_x2, 2)}
+           KIND_Q4_K: (simd.q4_K_x4, 4), KIND_Q6_K: (simd.q6_K_x2, 2), KIND_Q5_0: (simd.q5_0_x4, 4),
+           KIND_Q5_1: (simd.q5_1_x4, 4), KIND_Q5_K: (simd.q5_K_x4, 4)}
 
     def _make_range(kind: int):
         k1 = _K1[kind]
@@ -277,6 +311,9 @@ if simd.TIER is not None:
     range_q8_0 = _make_range(KIND_Q8_0)
     range_q4_K = _make_range(KIND_Q4_K)
     range_q6_K = _make_range(KIND_Q6_K)
+    range_q5_0 = _make_range(KIND_Q5_0)
+    range_q5_1 = _make_range(KIND_Q5_1)
+    range_q5_K = _make_range(KIND_Q5_K)
 
 
 # ----------------------------------------------------------------------------- plain kinds (portable loops)
@@ -300,7 +337,7 @@ def _rows_view(arena, off, rows, row_bytes):
 
 
 @njit(cache=True, nogil=True, fastmath=_CONTRACT)
-def range_q5_0(arena, off, nb, rows, g0, g1, t0, t1, xq, xd, out):
+def range_p_q5_0(arena, off, nb, rows, g0, g1, t0, t1, xq, xd, out):
     w = _rows_view(arena, off, rows, nb * 22)
     half = min(16, w.shape[1])  # a bound LLVM cannot see keeps the loop a loop (see legacy.py)
     for r in range(g0 * LANES, min(g1 * LANES, rows)):
@@ -315,7 +352,7 @@ def range_q5_0(arena, off, nb, rows, g0, g1, t0, t1, xq, xd, out):
 
 
 @njit(cache=True, nogil=True, fastmath=_CONTRACT)
-def range_q5_1(arena, off, nb, rows, g0, g1, t0, t1, xq, xd, xs, xsum, out):
+def range_p_q5_1(arena, off, nb, rows, g0, g1, t0, t1, xq, xd, xs, xsum, out):
     w = _rows_view(arena, off, rows, nb * 24)
     half = min(16, w.shape[1])
     for r in range(g0 * LANES, min(g1 * LANES, rows)):
@@ -331,7 +368,7 @@ def range_q5_1(arena, off, nb, rows, g0, g1, t0, t1, xq, xd, xs, xsum, out):
 
 
 @njit(cache=True, nogil=True, fastmath=True)
-def range_q5_K(arena, off, nb, rows, g0, g1, t0, t1, xq, xd, xb32, out):
+def range_p_q5_K(arena, off, nb, rows, g0, g1, t0, t1, xq, xd, xb32, out):
     w = _rows_view(arena, off, rows, nb * 176)
     for r in range(g0 * LANES, min(g1 * LANES, rows)):
         wr = w[r]
@@ -427,23 +464,41 @@ def matmul_range(kind, arenas, off, rows, cols, g0, g1, t0, t1, a8, ak, out, res
     a8 = (xq, xd, xs, xsum): Q8_1 activations and their block sums (legacy kinds);
     ak = (xq, xd, xb16, xb32): Q8_K activations and their sums of 16 and 32 (K-quant kinds).
     """
-    arena = arenas[1] if kind >= KIND_Q5_0 else arenas[0]
-    if kind == KIND_Q4_0:
-        range_q4_0(arena, off, cols // 32, rows, g0, g1, t0, t1, a8[0], a8[1], a8[2], a8[3], out, res)
-    elif kind == KIND_Q4_1:
-        range_q4_1(arena, off, cols // 32, rows, g0, g1, t0, t1, a8[0], a8[1], a8[2], a8[3], out, res)
-    elif kind == KIND_Q8_0:
-        range_q8_0(arena, off, cols // 32, rows, g0, g1, t0, t1, a8[0], a8[1], a8[2], a8[3], out, res)
-    elif kind == KIND_Q4_K:
-        range_q4_K(arena, off, cols // 256, rows, g0, g1, t0, t1, ak[0], ak[1], ak[2], ak[3], out, res)
-    elif kind == KIND_Q6_K:
-        range_q6_K(arena, off, cols // 256, rows, g0, g1, t0, t1, ak[0], ak[1], ak[2], ak[3], out, res)
-    elif kind == KIND_Q5_0:
-        range_q5_0(arena, off, cols // 32, rows, g0, g1, t0, t1, a8[0], a8[1], out)
-    elif kind == KIND_Q5_1:
-        range_q5_1(arena, off, cols // 32, rows, g0, g1, t0, t1, a8[0], a8[1], a8[2], a8[3], out)
-    elif kind == KIND_Q5_K:
-        range_q5_K(arena, off, cols // 256, rows, g0, g1, t0, t1, ak[0], ak[1], ak[3], out)
+    if SIMD and kind < KIND_P_Q4_0:  # a constant to numba: without a SIMD tier this branch is not compiled
+        _packed_range(kind, arenas[0], off, rows, cols, g0, g1, t0, t1, a8, ak, out, res)
+    else:
+        _plain_range(kind, arenas[1], off, rows, cols, g0, g1, t0, t1, a8, ak, out)
+
+
+if SIMD:
+    @njit(cache=True, nogil=True, _nrt=False)
+    def _packed_range(kind, arena, off, rows, cols, g0, g1, t0, t1, a8, ak, out, res):
+        if kind == KIND_Q4_0:
+            range_q4_0(arena, off, cols // 32, rows, g0, g1, t0, t1, a8[0], a8[1], a8[2], a8[3], out, res)
+        elif kind == KIND_Q4_1:
+            range_q4_1(arena, off, cols // 32, rows, g0, g1, t0, t1, a8[0], a8[1], a8[2], a8[3], out, res)
+        elif kind == KIND_Q8_0:
+            range_q8_0(arena, off, cols // 32, rows, g0, g1, t0, t1, a8[0], a8[1], a8[2], a8[3], out, res)
+        elif kind == KIND_Q4_K:
+            range_q4_K(arena, off, cols // 256, rows, g0, g1, t0, t1, ak[0], ak[1], ak[2], ak[3], out, res)
+        elif kind == KIND_Q6_K:
+            range_q6_K(arena, off, cols // 256, rows, g0, g1, t0, t1, ak[0], ak[1], ak[2], ak[3], out, res)
+        elif kind == KIND_Q5_0:
+            range_q5_0(arena, off, cols // 32, rows, g0, g1, t0, t1, a8[0], a8[1], a8[2], a8[3], out, res)
+        elif kind == KIND_Q5_1:
+            range_q5_1(arena, off, cols // 32, rows, g0, g1, t0, t1, a8[0], a8[1], a8[2], a8[3], out, res)
+        elif kind == KIND_Q5_K:
+            range_q5_K(arena, off, cols // 256, rows, g0, g1, t0, t1, ak[0], ak[1], ak[2], ak[3], out, res)
+
+
+@njit(cache=True, nogil=True, _nrt=False)
+def _plain_range(kind, arena, off, rows, cols, g0, g1, t0, t1, a8, ak, out):
+    if kind == KIND_P_Q5_0:
+        range_p_q5_0(arena, off, cols // 32, rows, g0, g1, t0, t1, a8[0], a8[1], out)
+    elif kind == KIND_P_Q5_1:
+        range_p_q5_1(arena, off, cols // 32, rows, g0, g1, t0, t1, a8[0], a8[1], a8[2], a8[3], out)
+    elif kind == KIND_P_Q5_K:
+        range_p_q5_K(arena, off, cols // 256, rows, g0, g1, t0, t1, ak[0], ak[1], ak[3], out)
     elif kind == KIND_P_Q4_0:
         range_p_q4_0(arena, off, cols // 32, rows, g0, g1, t0, t1, a8[0], a8[1], out)
     elif kind == KIND_P_Q4_1:
@@ -463,7 +518,7 @@ class PackedMatrix:
     """One weight matrix in packed form, with a ``matmul`` like the portable WeightKernel's (tests, tools)."""
 
     def __init__(self, qtype: GGMLQuantizationType, w: np.ndarray, *, plain: bool = False) -> None:
-        if not supported(qtype):
+        if not supported(qtype, plain):
             raise ValueError(f"{qtype.name} has no packed kernel on this machine (SIMD tier {simd.TIER})")
         self.kind = (PLAIN_OF_QTYPE if plain else KIND_OF_QTYPE)[qtype]
         elements, block_bytes, _ = _GGML[self.kind]

@@ -11,18 +11,21 @@ Tiers, chosen once from the CPU numba compiles for (``TIER``):
 
 - ``"vnni512"``: AVX512-VNNI ``vpdpbusd`` on 512-bit vectors (Zen 4/5, Ice Lake and later Xeons);
 - ``"vnni256"``: AVX-VNNI ``vpdpbusd`` on 256-bit halves (Alder Lake and later cores);
-- ``"avx2"``: ``vpmaddubsw`` + ``vpmaddwd`` on 256-bit halves (Haswell, Zen 1-3);
-- ``None``: no packed kernels (not x86, or no AVX2/FMA/F16C); the engine uses the portable kernels.
+- ``"avx2"``: ``vpmaddubsw`` products summed in int16 chunks, then ``vpmaddwd`` (by ones, or by the
+  block scales), on 256-bit halves (Haswell, Zen 1-3);
+- ``None``: no packed kernels (not x86, or no AVX2/FMA/F16C); the engine uses the portable tier
+  (the plain kinds of :mod:`~pipx_llama.engine.kernels.packed` and the per-op kernels).
 
 All tiers compute the same integers and the same float32 operations in the same order, so their
 results are bit-identical; ``PIPX_LLAMA_SIMD`` (one of the tier names, or ``off``) forces a lower
 tier, which is how the tests run every tier on one machine.
 
 Weight bytes multiplied by activations are unsigned (``vpdpbusd``/``vpmaddubsw`` take u8 x s8):
-4-bit quants are stored as 0..15 and the offset (-8) comes off through the activations' block
-sums; Q8_0 weights are stored as ``q + 128`` and ``128 * sum(x)`` comes off the same way. On the
-``avx2`` tier ``vpmaddubsw`` saturates int16 pairs, which 4-bit quants (2 * 15 * 127) never reach;
-8-bit weights take the sign trick (``|q| * sign(x, q)``, at most 2 * 128 * 127) instead.
+4- and 5-bit quants are stored as 0..15 / 0..31 and the offset (-8 / -16) comes off through the
+activations' block sums; Q8_0 weights are stored as ``q + 128`` and ``128 * sum(x)`` comes off the
+same way. On the ``avx2`` tier ``vpmaddubsw`` saturates int16 pairs, which quants of up to 6 bits
+(2 * 63 * 127) never reach, nor the int16 chunk sums (see ``_Emit.acc_zero``); 8-bit weights take
+the sign trick (``|q| * sign(x, q)``, at most 2 * 128 * 127) instead.
 """
 
 from __future__ import annotations
@@ -131,6 +134,40 @@ class _Emit:
         ones = ir.Constant(self.vi16, [1] * (2 * self.width))
         return b.add(acc, b.call(maddwd, [p16, ones]))
 
+    # Integer dot products accumulated in chunks. On the avx2 tier a chunk's ``vpmaddubsw`` pairs add up
+    # in int16 lanes (vpaddw) and one ``vpmaddwd`` per chunk widens them to int32 -- by ones, or by the
+    # chunk's scales, which then cost no vpmulld -- instead of one vpmaddwd and one vpaddd per product:
+    # vpmaddubsw and vpmaddwd share one multiplier port on Zen 1-3. Callers size chunks so no int16
+    # lane can overflow (|activation| <= 127: a chunk of n products of weights < 2^b needs
+    # n * 2 * (2^b - 1) * 127 < 2^15). The VNNI tiers accumulate int32 with vpdpbusd as before.
+    def acc_zero(self) -> ir.Value:
+        if self.tier == "avx2":
+            return ir.Constant(self.vi16, [0] * (2 * self.width))
+        return self.zero_i32()
+
+    def acc_add(self, acc: ir.Value, a: ir.Value, x: ir.Value) -> ir.Value:
+        """acc += products of u8 a and s8 x (int16 pairs on the avx2 tier, int32 quads on VNNI)."""
+        if self.tier != "avx2":
+            return self.dpbusd(acc, a, x)
+        maddubs = self.fn("llvm.x86.avx2.pmadd.ub.sw", self.vi16, [self.vi8, self.vi8])
+        return self.b.add(acc, self.b.call(maddubs, [self.b.bitcast(a, self.vi8), self.b.bitcast(x, self.vi8)]))
+
+    def acc_sum(self, acc: ir.Value) -> ir.Value:
+        """The chunk's int32 sums per lane."""
+        if self.tier != "avx2":
+            return acc
+        maddwd = self.fn("llvm.x86.avx2.pmadd.wd", self.vi32, [self.vi16, self.vi16])
+        return self.b.call(maddwd, [acc, ir.Constant(self.vi16, [1] * (2 * self.width))])
+
+    def acc_scaled(self, acc: ir.Value, sc: ir.Value) -> ir.Value:
+        """The chunk's int32 sums per lane times ``sc`` (int32 lanes holding int16-range scales)."""
+        if self.tier != "avx2":
+            return self.b.mul(acc, sc)
+        b = self.b
+        sc16 = b.bitcast(b.or_(b.shl(sc, self.const_i32(16)), b.and_(sc, self.const_i32(0xFFFF))), self.vi16)
+        maddwd = self.fn("llvm.x86.avx2.pmadd.wd", self.vi32, [self.vi16, self.vi16])
+        return b.call(maddwd, [acc, sc16])
+
     def dpbssd_sign(self, acc: ir.Value, a: ir.Value, x: ir.Value) -> ir.Value:
         """acc[i] += sum_{k<4} s8(a[4i+k]) * s8(x[4i+k]) for the avx2 tier (sign trick, no saturation)."""
         b = self.b
@@ -167,6 +204,15 @@ class _Emit:
         return self.b.call(f, [a, x, c])
 
 
+def _shift(b: ir.IRBuilder, v: ir.Value, n: int, e: _Emit) -> ir.Value:
+    """v shifted left by n bits (right by -n when n < 0)."""
+    if n > 0:
+        return b.shl(v, e.const_i32(n))
+    if n < 0:
+        return b.lshr(v, e.const_i32(-n))
+    return v
+
+
 def _array_data(context, builder, aryty, ary) -> ir.Value:
     """The array's data pointer as i8*."""
     a = context.make_array(aryty)(context, builder, ary)
@@ -187,7 +233,14 @@ def _row_stride(context, builder, aryty, ary) -> ir.Value:
 #   d: 16 fp16 scales; m: 16 fp16 mins (Q4_1)
 # Records of one group follow each other; groups follow each other.
 
-LEGACY_RECORD = {"q4_0": 288, "q4_1": 320, "q8_0": 544}
+#   Q5_0/Q5_1 also hold, after qs, 16 lanes x 4 bytes of fifth bits, reordered at repack time so that
+#       byte i of lane r has, in bit k, the fifth bit of element 4k+i and in bit 4+k that of element
+#       16+4k+i: a constant shift and a mask then put step k's fifth bits at bit 4 of each byte.
+
+LEGACY_RECORD = {"q4_0": 288, "q4_1": 320, "q8_0": 544, "q5_0": 352, "q5_1": 384}
+# byte offsets in a record: (fifth bits or -1, d, m or -1)
+LEGACY_OFFSETS = {"q4_0": (-1, 256, -1), "q4_1": (-1, 256, 288), "q8_0": (-1, 512, -1), "q5_0": (256, 320, -1),
+                  "q5_1": (256, 320, 352)}
 
 
 def _legacy_codegen(kind: str, nt: int, tier: str):
@@ -222,6 +275,12 @@ def _legacy_codegen(kind: str, nt: int, tier: str):
             isum = [[e.zero_i32() for _ in range(e.parts)] for _ in range(nt)]
             n_steps = 8 if kind == "q8_0" else 4
             xoff = b.mul(blk, _I64(32))
+            qh_off, d_at, m_at = LEGACY_OFFSETS[kind]
+            qhv = [e.load(wbase, b.add(rb, _I64(qh_off + p * 4 * e.width)), e.vi32) if qh_off >= 0 else None
+                   for p in range(e.parts)]
+            # 4-bit: the block's 8 products per lane fit one int16 chunk; 5-bit: its low and high halves
+            n_acc = 2 if qh_off >= 0 else 1
+            acc16 = [[[e.acc_zero() for _ in range(n_acc)] for _ in range(e.parts)] for _ in range(nt)]
             for k in range(n_steps):
                 for p in range(e.parts):
                     v = e.load(wbase, b.add(rb, _I64(k * 64 + p * 4 * e.width)), e.vi32)
@@ -239,28 +298,38 @@ def _legacy_codegen(kind: str, nt: int, tier: str):
                     else:
                         lo = b.and_(v, e.const_i32(0x0F0F0F0F))
                         hi = b.and_(b.lshr(v, e.const_i32(4)), e.const_i32(0x0F0F0F0F))
+                        if qh_off >= 0:
+                            m10 = e.const_i32(0x10101010)
+                            lo = b.or_(lo, b.and_(b.shl(qhv[p], e.const_i32(4 - k)), m10))
+                            hi = b.or_(hi, b.and_(b.lshr(qhv[p], e.const_i32(k)), m10))
                         for t in range(nt):
                             xa = e.splat_i32(e.load(rows_q[t], b.add(xoff, _I64(4 * k)), _I32))
                             xb = e.splat_i32(e.load(rows_q[t], b.add(xoff, _I64(16 + 4 * k)), _I32))
-                            isum[t][p] = e.dpbusd(isum[t][p], lo, xa)
-                            isum[t][p] = e.dpbusd(isum[t][p], hi, xb)
-            d_off = _I64(512 if kind == "q8_0" else 256)
+                            acc16[t][p][0] = e.acc_add(acc16[t][p][0], lo, xa)
+                            acc16[t][p][n_acc - 1] = e.acc_add(acc16[t][p][n_acc - 1], hi, xb)
+            if kind != "q8_0":
+                for t in range(nt):
+                    for p in range(e.parts):
+                        for a in acc16[t][p]:
+                            isum[t][p] = b.add(isum[t][p], e.acc_sum(a))
             boff4 = b.mul(blk, _I64(4))
             for p in range(e.parts):
-                dw = e.half_to_f32(wbase, b.add(rb, b.add(d_off, _I64(p * 2 * e.width))))
+                dw = e.half_to_f32(wbase, b.add(rb, _I64(d_at + p * 2 * e.width)))
                 mw = None
-                if kind == "q4_1":
-                    mw = e.half_to_f32(wbase, b.add(rb, _I64(288 + p * 2 * e.width)))
+                if m_at >= 0:
+                    mw = e.half_to_f32(wbase, b.add(rb, _I64(m_at + p * 2 * e.width)))
                 for t in range(nt):
                     dx = e.splat_f32(e.load(rows_d[t], boff4, _F32))
                     s = isum[t][p]
                     if kind == "q4_0":
                         s = b.sub(s, e.splat_i32(b.shl(e.load(rows_sum[t], boff4, _I32), _I32(3))))
+                    elif kind == "q5_0":
+                        s = b.sub(s, e.splat_i32(b.shl(e.load(rows_sum[t], boff4, _I32), _I32(4))))
                     elif kind == "q8_0" and tier != "avx2":
                         s = b.sub(s, e.splat_i32(b.shl(e.load(rows_sum[t], boff4, _I32), _I32(7))))
                     acc = b.load(accs[t][p])
                     acc = e.fma(b.sitofp(s, e.vf32), b.fmul(dw, dx), acc)
-                    if kind == "q4_1":
+                    if mw is not None:
                         acc = e.fma(mw, e.splat_f32(e.load(rows_s[t], boff4, _F32)), acc)
                     b.store(acc, accs[t][p])
         for t in range(nt):
@@ -295,18 +364,24 @@ if TIER is not None:
     q4_1_x4 = _make_legacy_intrinsic("q4_1", 4)
     q8_0_x1 = _make_legacy_intrinsic("q8_0", 1)
     q8_0_x4 = _make_legacy_intrinsic("q8_0", 4)
+    q5_0_x1 = _make_legacy_intrinsic("q5_0", 1)
+    q5_0_x4 = _make_legacy_intrinsic("q5_0", 4)
+    q5_1_x1 = _make_legacy_intrinsic("q5_1", 1)
+    q5_1_x4 = _make_legacy_intrinsic("q5_1", 4)
 
 
 # ----------------------------------------------------------------------------- K-quant kernels
 # Records per group of 16 rows and super-block of 256 columns:
 #   Q4_K (2368 bytes): qs steps k < 32 as [k][lane][4 bytes] (qs bytes 4k..4k+3: sub-block 2(k//8) in
 #       the low nibbles, 2(k//8)+1 in the high ones); sc [8][lane] u8; m [8][lane] u8; d, dmin fp16 [lane]
+#   Q5_K (2880 bytes): qs as Q4_K; qh steps kk < 8 [kk][lane][4] (qh bytes 4kk..4kk+3: bit j is the
+#       fifth bit of that position of sub-block j); sc, m, d, dmin as Q4_K, 512 bytes later
 #   Q6_K (3360 bytes): ql steps k < 32 [k][lane][4]; qh steps k < 16 [k][lane][4]; sc [16][lane] i8;
 #       d fp16 [lane]
 # Activations are Q8_K: xq int8 [T, n], xd float32 [T, n/256], and the sums of 16 and of 32
 # consecutive xq as int32 (xb16 [T, n/16], xb32 [T, n/32]).
 
-KQUANT_RECORD = {"q4_K": 2368, "q6_K": 3360}
+KQUANT_RECORD = {"q4_K": 2368, "q5_K": 2880, "q6_K": 3360}
 
 
 def _kquant_codegen(kind: str, nt: int, tier: str):
@@ -345,36 +420,47 @@ def _kquant_codegen(kind: str, nt: int, tier: str):
                 e.prefetch_record(wbase, rb, rec)
             xo = b.mul(blk, _I64(256))
             isum = [[e.zero_i32() for _ in range(e.parts)] for _ in range(nt)]
-            if kind == "q4_K":
+            if kind in ("q4_K", "q5_K"):
+                extra = 512 if kind == "q5_K" else 0  # scales and mins sit after the fifth bits
+                m10 = e.const_i32(0x10101010)
+                # int16 chunks on avx2: 8 products of 4-bit quants (30480 at most), 4 of 5-bit ones (31496)
+                chunk = 4 if (extra and tier == "avx2") else 8
                 for pair in range(4):
-                    alo = [[e.zero_i32() for _ in range(e.parts)] for _ in range(nt)]
-                    ahi = [[e.zero_i32() for _ in range(e.parts)] for _ in range(nt)]
-                    for kk in range(8):
-                        k = 8 * pair + kk
+                    scs = [(bytes_i32(rb, extra + 2048 + (2 * pair) * 16, p, False),
+                            bytes_i32(rb, extra + 2048 + (2 * pair + 1) * 16, p, False)) for p in range(e.parts)]
+                    for c0 in range(0, 8, chunk):
+                        alo = [[e.acc_zero() for _ in range(e.parts)] for _ in range(nt)]
+                        ahi = [[e.acc_zero() for _ in range(e.parts)] for _ in range(nt)]
+                        for kk in range(c0, c0 + chunk):
+                            k = 8 * pair + kk
+                            for p in range(e.parts):
+                                v = e.load(wbase, b.add(rb, _I64(k * 64 + p * 4 * W)), e.vi32)
+                                lo = b.and_(v, m0f)
+                                hi = b.and_(b.lshr(v, e.const_i32(4)), m0f)
+                                if extra:
+                                    qh = e.load(wbase, b.add(rb, _I64(2048 + kk * 64 + p * 4 * W)), e.vi32)
+                                    lo = b.or_(lo, b.and_(_shift(b, qh, 4 - 2 * pair, e), m10))
+                                    hi = b.or_(hi, b.and_(_shift(b, qh, 3 - 2 * pair, e), m10))
+                                for t in range(nt):
+                                    alo[t][p] = e.acc_add(alo[t][p], lo, xq_splat(t, xo, 64 * pair + 4 * kk))
+                                    ahi[t][p] = e.acc_add(ahi[t][p], hi, xq_splat(t, xo, 64 * pair + 32 + 4 * kk))
                         for p in range(e.parts):
-                            v = e.load(wbase, b.add(rb, _I64(k * 64 + p * 4 * W)), e.vi32)
-                            lo = b.and_(v, m0f)
-                            hi = b.and_(b.lshr(v, e.const_i32(4)), m0f)
+                            sc_lo, sc_hi = scs[p]
                             for t in range(nt):
-                                alo[t][p] = e.dpbusd(alo[t][p], lo, xq_splat(t, xo, 64 * pair + 4 * kk))
-                                ahi[t][p] = e.dpbusd(ahi[t][p], hi, xq_splat(t, xo, 64 * pair + 32 + 4 * kk))
-                    for p in range(e.parts):
-                        sc_lo = bytes_i32(rb, 2048 + (2 * pair) * 16, p, False)
-                        sc_hi = bytes_i32(rb, 2048 + (2 * pair + 1) * 16, p, False)
-                        for t in range(nt):
-                            isum[t][p] = b.add(isum[t][p], b.add(b.mul(alo[t][p], sc_lo), b.mul(ahi[t][p], sc_hi)))
+                                isum[t][p] = b.add(isum[t][p], b.add(e.acc_scaled(alo[t][p], sc_lo),
+                                                                     e.acc_scaled(ahi[t][p], sc_hi)))
                 xo32 = b.mul(blk, _I64(8 * 4))
                 # min terms: one min vector live at a time (four tokens' sums would spill otherwise)
                 summs = [[e.zero_i32() for _ in range(e.parts)] for _ in range(nt)]
                 for j in range(8):
                     for p in range(e.parts):
-                        mj = bytes_i32(rb, 2176 + j * 16, p, False)
+                        mj = bytes_i32(rb, extra + 2176 + j * 16, p, False)
                         for t in range(nt):
                             bj = e.splat_i32(e.load(r32[t], b.add(xo32, _I64(4 * j)), _I32))
                             summs[t][p] = b.add(summs[t][p], b.mul(mj, bj))
                 for p in range(e.parts):
-                    dw = e.half_to_f32(wbase, b.add(rb, _I64(2304 + p * 2 * W)))
-                    dmw = e.half_to_f32(wbase, b.add(rb, _I64(2336 + p * 2 * W)))
+                    dw = e.half_to_f32(wbase, b.add(rb, _I64(extra + 2304 + p * 2 * W)))
+                    dmw = e.half_to_f32(wbase, b.add(rb, _I64(extra + 2336 + p * 2 * W)))
                     for t in range(nt):
                         dy = e.splat_f32(e.load(rd[t], b.mul(blk, _I64(4)), _F32))
                         acc = b.load(accs[t][p])
@@ -387,9 +473,15 @@ def _kquant_codegen(kind: str, nt: int, tier: str):
                 for h in range(2):
                     for g in range(2):
                         for qi in range(4):
-                            a = [[e.zero_i32() for _ in range(e.parts)] for _ in range(nt)]
+                            a = [[e.acc_zero() for _ in range(e.parts)] for _ in range(nt)]
                             for kq in range(4):
                                 kk = 4 * g + kq
+                                if kq == 2 and tier == "avx2":  # int16 chunks of 4 products < 64 (32004)
+                                    for p in range(e.parts):
+                                        sc = bytes_i32(rb, 3072 + (8 * h + 2 * qi + g) * 16, p, True)
+                                        for t in range(nt):
+                                            isum[t][p] = b.add(isum[t][p], e.acc_scaled(a[t][p], sc))
+                                            a[t][p] = e.acc_zero()
                                 for p in range(e.parts):
                                     po = _I64(p * 4 * W)
                                     ql_step = 16 * h + kk + (8 if qi in (1, 3) else 0)
@@ -407,11 +499,11 @@ def _kquant_codegen(kind: str, nt: int, tier: str):
                                         hb = b.lshr(qh, e.const_i32(2))
                                     q = b.or_(b.and_(ql, m0f), b.and_(hb, m30))
                                     for t in range(nt):
-                                        a[t][p] = e.dpbusd(a[t][p], q, xq_splat(t, xo, 128 * h + 4 * kk + 32 * qi))
+                                        a[t][p] = e.acc_add(a[t][p], q, xq_splat(t, xo, 128 * h + 4 * kk + 32 * qi))
                             for p in range(e.parts):
                                 sc = bytes_i32(rb, 3072 + (8 * h + 2 * qi + g) * 16, p, True)
                                 for t in range(nt):
-                                    isum[t][p] = b.add(isum[t][p], b.mul(a[t][p], sc))
+                                    isum[t][p] = b.add(isum[t][p], e.acc_scaled(a[t][p], sc))
                 xo16 = b.mul(blk, _I64(16 * 4))
                 corr = [[e.zero_i32() for _ in range(e.parts)] for _ in range(nt)]
                 for sb in range(16):
@@ -452,5 +544,7 @@ def _make_kquant_intrinsic(kind: str, nt: int):
 if TIER is not None:
     q4_K_x1 = _make_kquant_intrinsic("q4_K", 1)
     q4_K_x4 = _make_kquant_intrinsic("q4_K", 4)
+    q5_K_x1 = _make_kquant_intrinsic("q5_K", 1)
+    q5_K_x4 = _make_kquant_intrinsic("q5_K", 4)
     q6_K_x1 = _make_kquant_intrinsic("q6_K", 1)
     q6_K_x2 = _make_kquant_intrinsic("q6_K", 2)
