@@ -23,6 +23,7 @@ from httpserver import FileServer
 
 from pipx_llama.errors import FetchError, UsageError
 from pipx_llama.events import ProgressEvent
+from pipx_llama.fetch import hashing as fetch_hashing
 from pipx_llama.fetch import http as fetch_http
 from pipx_llama.fetch.errors import AccessDenied, ChecksumError, NetworkError, OfflineError, SourceNotFound
 from pipx_llama.fetch.http import FetchOptions, download, partial_progress, redact_url
@@ -653,7 +654,7 @@ def test_write_chunks_splits_iovecs_and_continues_short_writes(tmp_path, monkeyp
 
 def counting_read_back(monkeypatch) -> list[int]:
     """Record how many bytes the hasher reads back from the file (instead of hashing them from memory)."""
-    read_back = fetch_http.Hasher._read_back
+    read_back = fetch_hashing.Hasher._read_back
     counts: list[int] = []
 
     def counting(self, f, buf, target, *, interruptible):
@@ -661,7 +662,7 @@ def counting_read_back(monkeypatch) -> list[int]:
         read_back(self, f, buf, target, interruptible=interruptible)
         counts.append(self.pos - before)
 
-    monkeypatch.setattr(fetch_http.Hasher, "_read_back", counting)
+    monkeypatch.setattr(fetch_hashing.Hasher, "_read_back", counting)
     return counts
 
 
@@ -676,17 +677,17 @@ def test_single_stream_is_hashed_from_memory(server, tmp_path, monkeypatch):
 @pytest.mark.parametrize("parallel", [False, True])
 def test_hasher_far_behind_reads_back_what_it_skipped(server, tmp_path, monkeypatch, parallel):
     # a hasher too far behind the writer skips offered blocks and hashes those bytes from the file
-    monkeypatch.setattr(fetch_http, "_HASH_QUEUE", 1)
-    monkeypatch.setattr(fetch_http, "_HASH_LAG_MAX", 128 * 1024)
+    monkeypatch.setattr(fetch_hashing, "_HASH_QUEUE", 1)
+    monkeypatch.setattr(fetch_hashing, "_HASH_LAG_MAX", 128 * 1024)
     monkeypatch.setattr(fetch_http, "_WRITE_BLOCK", 64 * 1024)
-    update = fetch_http.Hasher._update
+    update = fetch_hashing.Hasher._update
     read_back_bytes = counting_read_back(monkeypatch)
 
     def slow_update(self, chunks, skip):
         time.sleep(0.002)
         update(self, chunks, skip)
 
-    monkeypatch.setattr(fetch_http.Hasher, "_update", slow_update)
+    monkeypatch.setattr(fetch_hashing.Hasher, "_update", slow_update)
     data = blob(6 * MB, 24)
     url = server.put("/lag", data)
     o = opts(parallel_parts=3, part_threshold=MB) if parallel else opts()
