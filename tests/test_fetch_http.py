@@ -23,6 +23,7 @@ from httpserver import FileServer
 
 from pipx_llama.errors import FetchError, UsageError
 from pipx_llama.events import ProgressEvent
+from pipx_llama.fetch import diskio as fetch_diskio
 from pipx_llama.fetch import hashing as fetch_hashing
 from pipx_llama.fetch import http as fetch_http
 from pipx_llama.fetch.errors import AccessDenied, ChecksumError, NetworkError, OfflineError, SourceNotFound
@@ -636,7 +637,7 @@ def test_write_chunks_splits_iovecs_and_continues_short_writes(tmp_path, monkeyp
 
     def short_pwritev(fd, bufs, offset):
         sizes.append(len(bufs))
-        assert len(bufs) <= fetch_http._IOV_MAX
+        assert len(bufs) <= fetch_diskio._IOV_MAX
         data = b"".join(bufs)
         return real_pwrite(fd, data[:len(data) // 2 + 1], offset)   # stops inside a buffer
 
@@ -645,11 +646,11 @@ def test_write_chunks_splits_iovecs_and_continues_short_writes(tmp_path, monkeyp
     path.write_bytes(b"#" * 5)
     fd = os.open(path, os.O_WRONLY)
     try:
-        fetch_http._write_chunks(fd, chunks, 5)
+        fetch_diskio._write_chunks(fd, chunks, 5)
     finally:
         os.close(fd)
     assert path.read_bytes() == b"#" * 5 + b"".join(chunks)
-    assert max(sizes) == fetch_http._IOV_MAX and len(sizes) > 3
+    assert max(sizes) == fetch_diskio._IOV_MAX and len(sizes) > 3
 
 
 def counting_read_back(monkeypatch) -> list[int]:
