@@ -26,6 +26,7 @@ from pipx_llama.events import ProgressEvent
 from pipx_llama.fetch import diskio as fetch_diskio
 from pipx_llama.fetch import hashing as fetch_hashing
 from pipx_llama.fetch import http as fetch_http
+from pipx_llama.fetch import source as fetch_source
 from pipx_llama.fetch.errors import AccessDenied, ChecksumError, NetworkError, OfflineError, SourceNotFound
 from pipx_llama.fetch.http import FetchOptions, download, partial_progress, redact_url
 
@@ -337,7 +338,7 @@ def test_host_that_does_not_resolve_fails_at_once(tmp_path, no_proxy):
         download("https://pipx-llama-test.invalid/m.gguf", tmp_path / "m.part", size=10, sha256="0" * 64,
                  options=opts(backoff_base=20.0, max_retries=6), on_event=ev, label="m.gguf")
     # "no such name" is final; a resolver without a network answers "temporary failure": one retry
-    assert len(ev.of("retry")) <= fetch_http._DNS_RETRIES
+    assert len(ev.of("retry")) <= fetch_source._DNS_RETRIES
     msg = err.value.message
     assert "m.gguf" in msg and "pipx-llama-test.invalid" in msg and "does not resolve" in msg
     assert "--offline" in err.value.hint and "--mirror" in err.value.hint
@@ -368,7 +369,7 @@ def test_temporary_name_resolution_failure_is_retried_once(tmp_path, monkeypatch
     with pytest.raises(NetworkError) as err:
         download("https://models.example.org/m.gguf", tmp_path / "m.part", size=10, sha256="0" * 64,
                  options=opts(max_retries=6), on_event=ev, label="m.gguf")
-    assert len(ev.of("retry")) == fetch_http._DNS_RETRIES
+    assert len(ev.of("retry")) == fetch_source._DNS_RETRIES
     assert "models.example.org does not resolve (Temporary failure in name resolution)" in err.value.message
 
 

@@ -16,7 +16,7 @@ import httpx
 from pipx_llama import __version__
 from pipx_llama.errors import FetchError
 from pipx_llama.fetch.errors import AccessDenied, NetworkError, SourceNotFound
-from pipx_llama.fetch.http import is_loopback, redact_url
+from pipx_llama.fetch.source import is_loopback, redact_url
 
 DEFAULT_TIMEOUT = 30.0
 
