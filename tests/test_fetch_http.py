@@ -26,6 +26,7 @@ from pipx_llama.events import ProgressEvent
 from pipx_llama.fetch import diskio as fetch_diskio
 from pipx_llama.fetch import hashing as fetch_hashing
 from pipx_llama.fetch import http as fetch_http
+from pipx_llama.fetch import receive as fetch_receive
 from pipx_llama.fetch import source as fetch_source
 from pipx_llama.fetch.errors import AccessDenied, ChecksumError, NetworkError, OfflineError, SourceNotFound
 from pipx_llama.fetch.http import FetchOptions, download, partial_progress, redact_url
@@ -681,7 +682,7 @@ def test_hasher_far_behind_reads_back_what_it_skipped(server, tmp_path, monkeypa
     # a hasher too far behind the writer skips offered blocks and hashes those bytes from the file
     monkeypatch.setattr(fetch_hashing, "_HASH_QUEUE", 1)
     monkeypatch.setattr(fetch_hashing, "_HASH_LAG_MAX", 128 * 1024)
-    monkeypatch.setattr(fetch_http, "_WRITE_BLOCK", 64 * 1024)
+    monkeypatch.setattr(fetch_receive, "_WRITE_BLOCK", 64 * 1024)
     update = fetch_hashing.Hasher._update
     read_back_bytes = counting_read_back(monkeypatch)
 
@@ -712,12 +713,12 @@ def test_connection_reads_are_widened_once():
 
     stream = Stream()
     resp = httpx.Response(200, extensions={"network_stream": stream})
-    fetch_http._widen_reads(resp)
-    fetch_http._widen_reads(resp)
+    fetch_receive._widen_reads(resp)
+    fetch_receive._widen_reads(resp)
     stream.read(64 * 1024)
     stream.read(4 * MB, 1.0)
-    assert stream.asked == [fetch_http._READ_SIZE, 4 * MB]
-    fetch_http._widen_reads(httpx.Response(200))   # no network stream: nothing to widen
+    assert stream.asked == [fetch_receive._READ_SIZE, 4 * MB]
+    fetch_receive._widen_reads(httpx.Response(200))   # no network stream: nothing to widen
 
 
 def test_slow_connection_shows_progress_before_a_write_block_fills(server, tmp_path):
@@ -846,7 +847,8 @@ def test_saves_come_at_least_every_checkpoint_bytes_per_connection(server, tmp_p
     claimed = [b for _, b in saves]
     steps = [b - a for a, b in itertools.pairwise(claimed)]
     # 1 MB per busy connection, plus what the writer wrote while the save synced (a few blocks at most)
-    assert len(steps) >= 6 and max(steps) <= (3 if parallel else 1) * MB + 3 * fetch_http._WRITE_BLOCK, steps
+    limit = (3 if parallel else 1) * MB + 3 * fetch_receive._WRITE_BLOCK
+    assert len(steps) >= 6 and max(steps) <= limit, steps
 
 
 # ---- servers whose validators change from response to response (load balancers)
