@@ -1,74 +1,38 @@
 """Verified, resumable HTTP(S) downloads with httpx: ranged parallel parts, retries, resume across restarts.
 
 ``download(url, dest, size=..., sha256=..., options=...)`` leaves ``dest`` holding exactly the bytes
-whose size and sha256 the caller expects, or raises one of ``pipx_llama.fetch.errors``. Network
-behaviour: TLS verification on, redirects followed, proxies and CA bundle from the environment
-(httpx ``trust_env``: ``HTTPS_PROXY``, ``NO_PROXY``, ``SSL_CERT_FILE``...), a bearer token if given
-(httpx drops it when a redirect leaves the origin, so CDN links never see it).
+whose size and sha256 the caller expects, or raises one of ``pipx_llama.fetch.errors``. This module is
+the supervisor of one call: it checks the request, continues what an earlier run left or starts
+afresh, runs each transfer attempt (a writer, a hasher and one receiving thread per part), starts over
+cleanly when the file at the source changed, saves the resume state as it goes, reports progress and
+verifies the result. The threads' work lives beside it, one concern per module:
 
-Resume state
-    Next to ``dest`` lives ``dest + '.json'``: the URL, the expected sha256 and size, the server's
-    validators (ETag / Last-Modified), the total size and the list of parts ``[start, end, done]``
-    (byte offsets, ``end`` inclusive). It is rewritten atomically (temp file, fsync, rename) about
-    once a second, always after an ``fdatasync`` of the data, so the state never claims bytes that
-    are not on disk, even after a power cut. Writes to the file can wait while it syncs, so when a
-    sync takes long (a link faster than the disk) the saves are spaced out to keep syncing under a
-    tenth of the time -- but never more than 2 s or ``checkpoint_bytes`` (32 MB) per busy connection
-    apart, which bounds what a kill costs. It is written before the data file is created, so a
-    data file without a state file is always a finished download (re-hashed before it is trusted).
+- fetch/options.py: ``FetchOptions``, the knobs of a download.
+- fetch/parts.py: the file as parts and spans, and the state the threads share under one lock.
+- fetch/source.py: the server behind the URL -- requests, encodings, validators, failure reasons.
+- fetch/receive.py: the first request, then each receiving thread, part by part, span by span.
+- fetch/diskio.py: the writer thread, copy-free writes into the sparse file, syncs, a full disk.
+- fetch/hashing.py: the sha256 of the finished prefix, while the download runs.
+- fetch/resume.py: the state file next to ``dest`` that a later run continues from.
 
-Encodings
-    Requests ask for ``Accept-Encoding: identity`` and a response with any other ``Content-Encoding``
-    is refused: decoding gzip or brotli would write an unbounded number of bytes for a file whose size
-    the manifest may not give (a 6 MB "gzip bomb" expands to gigabytes), and the sha256 is of the file.
+Checkpoints
+    The resume state is saved about once a second, always after an ``fdatasync`` of the data, so it
+    never claims bytes that are not on disk, even after a power cut. Writes to the file can wait while
+    it syncs, so when a sync takes long (a link faster than the disk) the saves are spaced out to keep
+    syncing under a tenth of the time -- but never more than 2 s or ``checkpoint_bytes`` (32 MB) per
+    busy connection apart, which bounds what a kill costs.
 
 Never mixing two versions
-    Every ranged request carries ``If-Range`` (a strong ETag, else Last-Modified). A server whose
-    file changed answers 200 with the new file; a 206 whose ETag, Last-Modified or total differs
-    from the state is treated the same way: the partial is discarded and the download starts over
-    cleanly. Validators that change again within one download come from a server that labels the
-    same bytes differently per response (a load balancer): the ETag is then dropped for
-    Last-Modified if that stayed the same, else both are, and the final sha256 check decides.
-    A server that ignores ``Range`` (200 to a ranged request) gets a single stream from
-    byte 0; when that stream breaks, the rest is asked for with a ``Range`` (some servers answer a
-    whole-file range with 200 yet honour others), and only a server that ignores it too is started
-    over from byte 0 (it cannot resume).
-    Resuming with a different URL keeps the bytes (the expected sha256 is the same) but keeps the
-    validators only for the same scheme, host and path (a renewed presigned link); the final hash
-    check is the last line of defence and the error then names every source that contributed.
-
-Parallel parts
-    Files of at least ``part_threshold`` bytes from servers that honour ``Range`` are split into
-    ``parallel_parts`` ranges, each received by its own thread (a single stream is the same with one
-    part). Receiving threads only parse; the writer thread writes into the (sparse, full-length) file.
-    Each thread asks for its part in spans of a few seconds of transfer (``Range`` up to the span's
-    end, the next span on the same connection), so that a thread that finishes its part can take
-    half of the biggest remaining part (if both halves keep ``min_part``) above the span in flight:
-    no byte a server has already pushed into a socket is thrown away. A thread also takes over the
-    rest of a part that had no bytes for ``straggler_after`` seconds or runs far slower than the
-    others (the only case where bytes are asked for twice). A connection with no bytes for
-    ``stall_timeout`` seconds (httpx read timeout) is retried from where it stopped; after
-    ``give_up_after`` seconds (60) without a byte from the source, retries included, the download gives
-    up. Retries: exponential backoff with jitter on connection errors, timeouts, 5xx, 408 and 429
-    (``Retry-After`` honoured, capped at ``backoff_max``); a response cut short after delivering data
-    is continued at once with a new range and does not count as a retry, so a server that cuts every
-    response short still completes.
-    404/410 are not retried (``SourceNotFound``: the caller tries its next source).
-
-Hashing
-    A hasher thread hashes the finished prefix of the file while the download runs (fetch/hashing.py);
-    size and hash are checked before returning; on mismatch the bad bytes are deleted.
+    A server whose file changed answers 200 with the new file; a 206 whose ETag, Last-Modified or
+    total differs from the state is treated the same way (``Restart``): the partial is discarded and
+    the download starts over cleanly, at most a few times in a row. After ``give_up_after`` seconds
+    (60) without a byte from the source, retries included, the download gives up.
 
 Throughput
     Receiving, writing and hashing run on three threads: ``os.pwritev`` and ``hashlib`` release the
-    GIL, so only parsing holds it. Bytes are copied as little as httpx allows: the chunks of
-    ``iter_raw`` are queued as they are (a list per block of about 2 MiB, never joined for writing),
-    written with one ``os.pwritev`` (``pwrite`` / seek+write where there is none, i.e. Windows) and
-    hashed from those same objects. The connection reads the socket up to 1 MiB at a time instead of
-    httpcore's 64 KiB, since h11 parses each read in Python and each hashlib call has to win the GIL
-    back from the receiving thread: fewer, bigger chunks cut the client's CPU from about 1.6 to 1.4
-    s/GiB on loopback (benchmarks/bench_fetch.py). Progress events are throttled (4 a
-    second) and come from the calling thread.
+    GIL, so only parsing holds it, and bytes are copied as little as httpx allows (fetch/receive.py,
+    fetch/diskio.py). Progress events are throttled (4 a second) and come from the calling thread.
+    Size and hash are checked before returning; on mismatch the bad bytes are deleted.
 
 Concurrency: one download per ``dest`` at a time -- the caller holds the per-blob lock.
 """
@@ -105,12 +69,7 @@ from pipx_llama.fetch.resume import (
     state_path,
     state_snapshot,
 )
-from pipx_llama.fetch.source import (
-    Restart,
-    Source,
-    check_url,
-    redact_url,
-)
+from pipx_llama.fetch.source import Restart, Source, check_url, redact_url
 
 __all__ = ["FetchOptions", "download", "partial_progress", "redact_url"]
 
