@@ -36,7 +36,16 @@ def _by_name(ref: Reference, catalog: Catalog, options: PullOptions) -> Manifest
     return remote or catalog.resolve(ref.text)
 
 
-_MANIFEST_RESOLVERS: dict[str, Callable[[Reference, Catalog, PullOptions], Manifest]] = {"name": _by_name}
+def _by_oci(ref: Reference, catalog: Catalog, options: PullOptions) -> Manifest:
+    """An OCI registry's image, in ollama's layout (:mod:`pipx_llama.models.oci`)."""
+    from pipx_llama.models.oci import resolve_oci
+
+    return resolve_oci(ref, options)
+
+
+_MANIFEST_RESOLVERS: dict[str, Callable[[Reference, Catalog, PullOptions], Manifest]] = {
+    "name": _by_name, "oci": _by_oci,
+}
 
 
 def resolve_manifest(ref: Reference, catalog: Catalog, options: PullOptions) -> Manifest:

@@ -1,0 +1,162 @@
+"""OCI registries in ollama's layout, against a real registry (Debian's docker-registry) on 127.0.0.1:
+push, resolve, pull through the store, digests checked, auth from the config and from Docker's
+config.json, and every refusal in one line naming what it refused."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+
+import pytest
+from oci_registry import Registry
+
+from pipx_llama.errors import PipxLlamaError, UsageError
+from pipx_llama.fetch.errors import AccessDenied
+from pipx_llama.models import oci
+from pipx_llama.models.pull import PullError, pull
+from pipx_llama.models.reference import parse_reference
+from pipx_llama.models.resolve import resolve_manifest
+from pipx_llama.models.sources import PullOptions
+from pipx_llama.models.store import Store
+
+
+@pytest.fixture
+def registry(tmp_path):
+    reg = Registry(tmp_path / "registry")
+    yield reg
+    reg.stop()
+
+
+@pytest.fixture
+def no_docker_config(tmp_path, monkeypatch):
+    monkeypatch.setenv("DOCKER_CONFIG", str(tmp_path / "no-docker"))
+
+
+def _bytes_layer(data: bytes, media: str = oci.OLLAMA_MODEL) -> oci.PushLayer:
+    return oci.PushLayer(media, hashlib.sha256(data).hexdigest(), len(data), data=data)
+
+
+def _push(host: str, repo: str, tag: str, model: bytes, *, extra: list[oci.PushLayer] | None = None,
+          credentials=None) -> tuple[oci.PushLayer, oci.PushResult]:
+    layer = _bytes_layer(model)
+    others = list(extra or [])
+    config = oci.ollama_config(layer, others, family="llama", file_type="Q4_1", parameters=134_515_008,
+                               context_length=8192)
+    return layer, oci.push_image(host, repo, tag, config, [layer, *others], credentials=credentials)
+
+
+def _options(**kw) -> PullOptions:
+    return PullOptions(**kw)
+
+
+def test_push_resolve_pull_roundtrip_pins_the_image_digest(registry, tmp_path, no_docker_config):
+    data = b"GGUF" + bytes(range(256)) * 64
+    template = oci.text_layer("template", "{{ .Prompt }}")
+    layer, pushed = _push(registry.host, "lab/tiny", "v1", data, extra=[template])
+    assert pushed.uploaded == pushed.blobs == 3
+
+    ref = parse_reference(f"{registry.host}/lab/tiny:v1")
+    manifest = resolve_manifest(ref, None, _options())  # type: ignore[arg-type]
+    assert manifest.name == "tiny-v1"
+    assert pushed.digest in manifest.text and pushed.digest in manifest.description
+    facts = (manifest.architecture, manifest.parameters, manifest.context_length)
+    assert facts == ("llama", 134_515_008, 8192)
+    variant = manifest.variant()
+    assert (variant.quantization, variant.files[0].sha256, variant.files[0].size) == ("Q4_1", layer.sha256,
+                                                                                     len(data))
+
+    store = Store(tmp_path / "store")
+    result = pull(store, manifest, _options())
+    assert result.file_path().read_bytes() == data
+    record = store.read_provenance(manifest.name, variant.name)
+    assert pushed.digest in record["manifest_text"]
+
+    again = oci.push_image(registry.host, "lab/tiny", "v1",
+                           oci.ollama_config(layer, [template], family="llama", file_type="Q4_1",
+                                             parameters=134_515_008, context_length=8192), [layer, template])
+    assert (again.uploaded, again.digest) == (0, pushed.digest)  # blobs were there: nothing re-sent
+
+    pinned = resolve_manifest(parse_reference(f"{registry.host}/lab/tiny@{pushed.digest}"), None,  # type: ignore[arg-type]
+                              _options())
+    assert [(f.sha256, f.size) for f in pinned.variant().files] == [(layer.sha256, len(data))]
+
+
+def test_a_tampered_blob_is_refused_naming_its_digest(registry, tmp_path, no_docker_config):
+    data = b"GGUF" + b"\x01" * 5000
+    layer, _ = _push(registry.host, "lab/tamper", "latest", data)
+    manifest = resolve_manifest(parse_reference(f"{registry.host}/lab/tamper"), None, _options())  # type: ignore[arg-type]
+    blob = registry.blob_path(layer.digest)
+    damaged = bytearray(blob.read_bytes())
+    damaged[100] ^= 0xFF
+    blob.write_bytes(bytes(damaged))
+    store = Store(tmp_path / "store")
+    with pytest.raises(PullError) as err:
+        pull(store, manifest, _options())
+    assert "checksum mismatch" in err.value.message and f"sha256:{layer.sha256}" in err.value.message
+    assert [f.kind for f in err.value.failures] == ["checksum"]
+    assert not store.has_blob(layer.sha256)
+
+
+def test_a_wrong_pinned_digest_and_missing_tags_are_refused(registry, no_docker_config):
+    _push(registry.host, "lab/pin", "v1", b"GGUF-pin")
+    wrong = "sha256:" + "0" * 64
+    with pytest.raises(PipxLlamaError) as err:
+        resolve_manifest(parse_reference(f"{registry.host}/lab/pin@{wrong}"), None, _options())  # type: ignore[arg-type]
+    assert "lab/pin" in err.value.message
+    with pytest.raises(PipxLlamaError) as err:
+        resolve_manifest(parse_reference(f"{registry.host}/lab/pin:v2"), None, _options())  # type: ignore[arg-type]
+    assert "404" in err.value.message and "\n" not in err.value.message
+
+
+@pytest.mark.parametrize(("media", "named"), [
+    ("application/vnd.ollama.image.projector", "vision projector"),
+    ("application/vnd.ollama.image.adapter", "LoRA adapter"),
+])
+def test_layers_we_cannot_run_are_refused_by_name(registry, no_docker_config, media, named):
+    _push(registry.host, "lab/vision", "v1", b"GGUF-model", extra=[_bytes_layer(b"GGUF-extra", media)])
+    with pytest.raises(UsageError) as err:
+        resolve_manifest(parse_reference(f"{registry.host}/lab/vision:v1"), None, _options())  # type: ignore[arg-type]
+    assert named in err.value.message and media in err.value.message
+
+
+def test_offline_never_asks_the_registry(registry, no_docker_config):
+    _push(registry.host, "lab/off", "v1", b"GGUF-off")
+    with pytest.raises(PipxLlamaError) as err:
+        resolve_manifest(parse_reference(f"{registry.host}/lab/off:v1"), None, _options(offline=True))  # type: ignore[arg-type]
+    assert "offline" in err.value.message
+
+
+@pytest.fixture
+def auth_registry(tmp_path):
+    reg = Registry(tmp_path / "registry", users={"alice": "s3cret"})
+    yield reg
+    reg.stop()
+
+
+def test_basic_auth_from_the_config_and_from_docker_config_json(auth_registry, tmp_path, monkeypatch):
+    host = auth_registry.host
+    monkeypatch.setenv("DOCKER_CONFIG", str(tmp_path / "none"))
+    with pytest.raises(AccessDenied) as err:
+        _push(host, "lab/private", "v1", b"GGUF-private")
+    assert "no credentials were found" in err.value.message and "docker login" in err.value.hint
+
+    layer, _ = _push(host, "lab/private", "v1", b"GGUF-private", credentials=("alice", "s3cret"))
+    ref = parse_reference(f"{host}/lab/private:v1")
+    with pytest.raises(AccessDenied):
+        resolve_manifest(ref, None, _options())  # type: ignore[arg-type]
+    with pytest.raises(AccessDenied) as err:
+        resolve_manifest(ref, None, _options(registry_credentials={host: "alice:wrong"}))  # type: ignore[arg-type]
+    assert "credentials were sent" in err.value.message
+
+    configured = _options(registry_credentials={host: "alice:s3cret"})
+    manifest = resolve_manifest(ref, None, configured)  # type: ignore[arg-type]
+    assert pull(Store(tmp_path / "s1"), manifest, configured).file_path().read_bytes() == b"GGUF-private"
+
+    docker = tmp_path / "docker"
+    docker.mkdir()
+    (docker / "config.json").write_text(json.dumps(
+        {"auths": {host: {"auth": base64.b64encode(b"alice:s3cret").decode()}}}))
+    monkeypatch.setenv("DOCKER_CONFIG", str(docker))
+    manifest = resolve_manifest(ref, None, _options())  # type: ignore[arg-type]
+    assert pull(Store(tmp_path / "s2"), manifest, _options()).file_path().read_bytes() == b"GGUF-private"
