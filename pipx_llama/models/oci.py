@@ -607,3 +607,45 @@ def push_image(registry: str, repository: str, tag: str, config: PushLayer, laye
         uploaded = sum(push_blob(client, repository, x) for x in [*layers, config])
         digest = push_manifest(client, repository, tag, image_manifest(config, layers))
     return PushResult(f"{registry}/{repository}:{tag}", digest, uploaded, len(layers) + 1)
+
+
+def push_gguf(path: Path, dest: Reference, options: Any, *, sha256: str | None = None,
+              license_text: str | None = None, on_bytes: Callable[[int], None] | None = None) -> PushResult:
+    """Push the GGUF at ``path`` to ``dest`` (an ``oci`` reference with a tag) in ollama's layout: the
+    GGUF as the model layer, a license layer when there is one, and a config blob with the family,
+    file type, weight count and context length read from the GGUF's header."""
+    from pipx_llama.formats.gguf import open_gguf
+    from pipx_llama.models.store import sha256_file
+
+    if dest.oci is None or dest.oci.digest:
+        raise UsageError(f"{dest.text} is not a place to push to",
+                         "give [REGISTRY/]NAMESPACE/NAME[:TAG] (a tag, not a digest)")
+    g = open_gguf(path)
+    try:
+        md = g.metadata
+        arch = str(md.get("general.architecture") or "unknown")
+        ctx = md.get(f"{arch}.context_length")
+        params = sum(t.n_elements for t in g.tensors.values())
+        file_type = md.get("general.file_type")
+    finally:
+        g.close()
+    digest = sha256 or sha256_file(path, on_bytes)
+    model = PushLayer(OLLAMA_MODEL, digest, path.stat().st_size, path=path)
+    others = [text_layer("license", license_text)] if license_text else []
+    config = ollama_config(model, others, family=arch, file_type=_file_type(file_type),
+                           parameters=max(1, params),
+                           context_length=int(ctx) if isinstance(ctx, int) else 4096)
+    registry = dest.oci.registry or options.registry
+    return push_image(registry, dest.oci.repository, dest.oci.tag or DEFAULT_TAG, config, [model, *others],
+                      credentials=credentials_for(registry, options.registry_credentials),
+                      allow_http=options.allow_http)
+
+
+def _file_type(value: object) -> str:
+    """The GGUF's declared file type by llama.cpp's name (Q4_1, Q8_0, ...), or GGUF when it says none."""
+    from gguf import LlamaFileType
+
+    try:
+        return LlamaFileType(int(value)).name.removeprefix("MOSTLY_")  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return "GGUF"
