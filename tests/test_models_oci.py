@@ -120,11 +120,18 @@ def test_layers_we_cannot_run_are_refused_by_name(registry, no_docker_config, me
     assert named in err.value.message and media in err.value.message
 
 
-def test_offline_never_asks_the_registry(registry, no_docker_config):
-    _push(registry.host, "lab/off", "v1", b"GGUF-off")
+def test_offline_uses_the_last_resolution_and_never_asks_the_registry(registry, tmp_path, no_docker_config):
+    layer, pushed = _push(registry.host, "lab/off", "v1", b"GGUF-off")
+    ref = parse_reference(f"{registry.host}/lab/off:v1")
+    locks = tmp_path / "locks"
     with pytest.raises(PipxLlamaError) as err:
-        resolve_manifest(parse_reference(f"{registry.host}/lab/off:v1"), None, _options(offline=True))  # type: ignore[arg-type]
+        resolve_manifest(ref, None, _options(offline=True, lock_dir=locks))  # type: ignore[arg-type]
     assert "offline" in err.value.message
+    online = resolve_manifest(ref, None, _options(lock_dir=locks))  # type: ignore[arg-type]
+    registry.stop()
+    offline = resolve_manifest(ref, None, _options(offline=True, lock_dir=locks))  # type: ignore[arg-type]
+    assert offline.text == online.text and pushed.digest in offline.text
+    assert offline.variant().files[0].sha256 == layer.sha256
 
 
 @pytest.fixture

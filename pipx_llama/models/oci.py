@@ -30,6 +30,7 @@ import httpx
 from pipx_llama import __version__
 from pipx_llama.errors import FetchError, UsageError
 from pipx_llama.fetch.errors import AccessDenied, OfflineError, SourceNotFound
+from pipx_llama.files import atomic_write_bytes
 from pipx_llama.models.manifest import (
     Manifest,
     ManifestError,
@@ -479,13 +480,33 @@ def resolve_oci(ref: Reference, options: Any) -> Manifest:
         raise UsageError(f"{ref.text} is not an OCI reference", "write [REGISTRY/]NAMESPACE/NAME[:TAG]")
     oci = ref.oci
     registry = oci.registry or options.registry
+    lock = lock_path(options.lock_dir, registry, oci)
+    if options.offline and lock is not None and lock.is_file():
+        return parse_manifest(lock.read_text(encoding="utf-8"),
+                              f"{lock} (resolved {registry}/{oci.repository})", allow_http=True)
     creds = credentials_for(registry, options.registry_credentials)
     with RegistryClient(registry, credentials=creds, allow_http=options.allow_http,
                         offline=options.offline) as client:
         image = fetch_image_manifest(client, oci.repository, oci.reference)
         shown = f"{registry}/{oci.repository}@{image.digest}"
         model = read_model(client, oci.repository, image, shown)
-        return manifest_for(oci, registry, client.base, image, model)
+        manifest = manifest_for(oci, registry, client.base, image, model)
+    if lock is not None:
+        try:
+            lock.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_bytes(lock, manifest.text.encode())
+        except OSError:
+            pass  # a read-only store: the reference resolves online only, as it just did
+    return manifest
+
+
+def lock_path(lock_dir: Path | None, registry: str, oci: OciName) -> Path | None:
+    """Where the manifest an OCI reference last resolved to is kept, so ``--offline`` runs it again
+    without asking the registry (a tag moves only when the registry is asked)."""
+    if lock_dir is None:
+        return None
+    key = f"{registry}/{oci.repository}:{oci.reference}"
+    return lock_dir / "oci" / (hashlib.sha256(key.encode()).hexdigest()[:32] + ".toml")
 
 
 # ---- push: ollama's layout (a config blob, the GGUF as the model layer, text layers) ----------------

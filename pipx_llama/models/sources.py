@@ -70,6 +70,7 @@ class PullOptions:
     lock_timeout: float | None = None
     registry: str = OLLAMA_REGISTRY     # for OCI references that name none
     registry_credentials: Mapping[str, str] = field(default_factory=dict)  # registry -> user:password
+    lock_dir: Path | None = None        # where registry references' resolved manifests are kept (offline use)
 
 
 def pull_options_from_config(config: Config, **overrides: Any) -> PullOptions:
@@ -92,6 +93,7 @@ def pull_options_from_config(config: Config, **overrides: Any) -> PullOptions:
         fetch=fetch,
         registry=config.registry,
         registry_credentials=dict(config.registry_credentials),
+        lock_dir=config.home / "locks",
     )
     return dataclasses.replace(base, **overrides)
 
