@@ -9,7 +9,7 @@ import hashlib
 import json
 
 import pytest
-from oci_registry import Registry
+from oci_registry import Registry, TokenGate
 
 from pipx_llama.errors import PipxLlamaError, UsageError
 from pipx_llama.fetch.errors import AccessDenied
@@ -167,3 +167,25 @@ def test_basic_auth_from_the_config_and_from_docker_config_json(auth_registry, t
     monkeypatch.setenv("DOCKER_CONFIG", str(docker))
     manifest = resolve_manifest(ref, None, _options())  # type: ignore[arg-type]
     assert pull(Store(tmp_path / "s2"), manifest, _options()).file_path().read_bytes() == b"GGUF-private"
+
+
+@pytest.fixture
+def token_gate(registry):
+    gate = TokenGate(registry, users={"alice": "s3cret"})
+    yield gate
+    gate.stop()
+
+
+def test_bearer_tokens_anonymous_for_pull_and_credentialed_for_push(token_gate, tmp_path, monkeypatch):
+    host = token_gate.host
+    monkeypatch.setenv("DOCKER_CONFIG", str(tmp_path / "none"))
+    with pytest.raises(AccessDenied):   # an anonymous token does not allow a push
+        _push(host, "lab/gated", "v1", b"GGUF-gated")
+    layer, pushed = _push(host, "lab/gated", "v1", b"GGUF-gated", credentials=("alice", "s3cret"))
+    assert ("alice", "repository:lab/gated:pull,push") in token_gate.issued
+
+    token_gate.issued.clear()
+    manifest = resolve_manifest(parse_reference(f"{host}/lab/gated:v1"), None, _options())  # type: ignore[arg-type]
+    assert pull(Store(tmp_path / "store"), manifest, _options()).file_path().read_bytes() == b"GGUF-gated"
+    assert token_gate.issued and all(user is None and scope == "repository:lab/gated:pull"
+                                     for user, scope in token_gate.issued)
