@@ -43,8 +43,15 @@ def _by_oci(ref: Reference, catalog: Catalog, options: PullOptions) -> Manifest:
     return resolve_oci(ref, options)
 
 
+def _by_hf(ref: Reference, catalog: Catalog, options: PullOptions) -> Manifest:
+    """A Hugging Face repository's GGUF, pinned to a commit (:mod:`pipx_llama.models.hf`)."""
+    from pipx_llama.models.hf import resolve_hf
+
+    return resolve_hf(ref, options)
+
+
 _MANIFEST_RESOLVERS: dict[str, Callable[[Reference, Catalog, PullOptions], Manifest]] = {
-    "name": _by_name, "oci": _by_oci,
+    "name": _by_name, "oci": _by_oci, "hf": _by_hf,
 }
 
 
