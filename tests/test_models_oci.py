@@ -7,6 +7,9 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import os
+import shutil
+import subprocess
 
 import pytest
 from oci_registry import Registry, TokenGate
@@ -189,3 +192,24 @@ def test_bearer_tokens_anonymous_for_pull_and_credentialed_for_push(token_gate, 
     assert pull(Store(tmp_path / "store"), manifest, _options()).file_path().read_bytes() == b"GGUF-gated"
     assert token_gate.issued and all(user is None and scope == "repository:lab/gated:pull"
                                      for user, scope in token_gate.issued)
+
+
+def test_an_independent_client_reads_what_we_push_with_the_same_digests(registry, tmp_path, no_docker_config):
+    skopeo = shutil.which("skopeo")
+    if skopeo is None:
+        msg = "skopeo is not installed (apt-get install skopeo)"
+        if os.environ.get("PIPX_LLAMA_REQUIRE_TEST_DATA") == "1":
+            pytest.fail(msg)
+        pytest.skip(msg)
+    data = b"GGUF" + bytes(range(256)) * 32
+    template = oci.text_layer("template", "{{ .Prompt }}")
+    layer, pushed = _push(registry.host, "lab/skopeo", "v1", data, extra=[template])
+    src = f"docker://{registry.host}/lab/skopeo:v1"
+    raw = subprocess.run([skopeo, "inspect", "--raw", "--tls-verify=false", src],
+                         capture_output=True, check=True, timeout=120).stdout
+    assert "sha256:" + hashlib.sha256(raw).hexdigest() == pushed.digest
+    # skopeo 1.9 reads the manifest as it is, but will not copy or inspect an image whose layers have
+    # ollama's media types (unknown docker v2s2 layer types): the digests are compared on the manifest
+    assert [x["digest"] for x in json.loads(raw)["layers"]] == [layer.digest, template.digest]
+    manifest = resolve_manifest(parse_reference(f"{registry.host}/lab/skopeo:v1"), None, _options())  # type: ignore[arg-type]
+    assert manifest.variant().files[0].sha256 == layer.sha256
