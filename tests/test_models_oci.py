@@ -213,3 +213,40 @@ def test_an_independent_client_reads_what_we_push_with_the_same_digests(registry
     assert [x["digest"] for x in json.loads(raw)["layers"]] == [layer.digest, template.digest]
     manifest = resolve_manifest(parse_reference(f"{registry.host}/lab/skopeo:v1"), None, _options())  # type: ignore[arg-type]
     assert manifest.variant().files[0].sha256 == layer.sha256
+
+
+# gemma:2b as registry.ollama.ai served it (recorded in ollama users' stores:
+# ~/.ollama/models/manifests/registry.ollama.ai/library/gemma/2b), byte for byte.
+GEMMA_2B = (
+    b'{"schemaVersion":2,"mediaType":"application/vnd.docker.distribution.manifest.v2+json","config":'
+    b'{"mediaType":"application/vnd.docker.container.image.v1+json","digest":"sha256:887433b89a901c156f7e69444'
+    b'42f3c9e57f3c55d6ed52042cbb7303aea994290","size":483},"layers":[{"mediaType":"application/vnd.ollama.image'
+    b'.model","digest":"sha256:c1864a5eb19305c40519da12cc543519e48a0697ecd30e15d5ac228644957d12","size":'
+    b'1678447520},{"mediaType":"application/vnd.ollama.image.license","digest":"sha256:097a36493f718248845233'
+    b'af1d3fefe7a303f864fae13bc31a3a9704229378ca","size":8433},{"mediaType":"application/vnd.ollama.image.'
+    b'template","digest":"sha256:109037bec39c0becc8221222ae23557559bc594290945a2c4221ab4f303b8871","size":136},'
+    b'{"mediaType":"application/vnd.ollama.image.params","digest":"sha256:22a838ceb7fb22755a3b0ae9b4eadde629d19'
+    b'be1f651f73efb8c6b4e2cd0eea0","size":84}]}'
+)
+
+
+def test_a_recorded_ollama_library_manifest_reads_as_ollama_does():
+    image = oci.parse_image_manifest(GEMMA_2B, "sha256:" + hashlib.sha256(GEMMA_2B).hexdigest(), "gemma:2b")
+    assert image.media_type == oci.MANIFEST_TYPES[0] and image.config.media_type == oci.OLLAMA_CONFIG
+    kinds = [oci.OLLAMA_TEXT.get(x.media_type, x.media_type) for x in image.layers]
+    assert kinds == [oci.OLLAMA_MODEL, "license", "template", "params"]
+    assert image.layers[0].sha256 == "c1864a5eb19305c40519da12cc543519e48a0697ecd30e15d5ac228644957d12"
+    assert image.layers[0].size == 1678447520
+
+
+@pytest.mark.parametrize(("raw", "says"), [
+    (b"[]", "schemaVersion"),
+    (b'{"schemaVersion":2,"mediaType":"application/vnd.oci.image.index.v1+json","layers":[]}', "media type"),
+    (GEMMA_2B.replace(b'"size":136', b'"size":-1'), "size"),
+    (GEMMA_2B.replace(b"sha256:109037bec39c", b"sha256:XYZ"), "digest"),
+    (b"\xff" * 10, "not JSON"),
+])
+def test_hostile_manifests_are_refused_in_one_line(raw, says):
+    with pytest.raises(PipxLlamaError) as err:
+        oci.parse_image_manifest(raw, "sha256:" + "0" * 64, "lab/x:v1")
+    assert says in err.value.message and "lab/x:v1" in err.value.message and "\n" not in err.value.message
