@@ -250,3 +250,15 @@ def test_hostile_manifests_are_refused_in_one_line(raw, says):
     with pytest.raises(PipxLlamaError) as err:
         oci.parse_image_manifest(raw, "sha256:" + "0" * 64, "lab/x:v1")
     assert says in err.value.message and "lab/x:v1" in err.value.message and "\n" not in err.value.message
+
+
+def test_an_unreachable_registry_is_one_line(tmp_path, no_docker_config):
+    from oci_registry import _free_port
+
+    ref = parse_reference(f"127.0.0.1:{_free_port()}/lab/none:v1")
+    with pytest.raises(PipxLlamaError) as err:
+        resolve_manifest(ref, None, _options())  # type: ignore[arg-type]
+    assert "cannot reach the registry 127.0.0.1:" in err.value.message and "\n" not in err.value.message
+    with pytest.raises(PipxLlamaError) as err:
+        _push(ref.oci.registry or "", "lab/none", "v1", b"GGUF")
+    assert "cannot reach the registry 127.0.0.1:" in err.value.message

@@ -182,7 +182,11 @@ class RegistryClient:
         """The Authorization header value for ``scope`` (None: anonymous), asking for a token only if the
         registry wants one: a ``GET /v2/`` tells which auth it takes."""
         if scope not in self._auth:
-            resp = self.client.get(f"{self.base}/v2/")
+            try:
+                resp = self.client.get(f"{self.base}/v2/")
+            except httpx.HTTPError as err:
+                raise RegistryError(f"cannot reach the registry {self.registry}: {err}",
+                                    "check the registry's address and that it is running") from None
             if resp.status_code == 401:
                 self._auth[scope] = self._answer(resp, scope)
             else:
