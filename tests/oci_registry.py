@@ -104,7 +104,8 @@ class TokenGate:
 
     ``issued`` lists (user or None, scope) per token handed out, to check which flow the client took."""
 
-    def __init__(self, backend: Registry, *, users: dict[str, str], anonymous_pull: bool = True) -> None:
+    def __init__(self, backend: Registry, *, users: dict[str, str], anonymous_pull: bool = True,
+                 rate: float | None = None) -> None:
         import base64
         import http.server
         import secrets
@@ -113,6 +114,7 @@ class TokenGate:
 
         gate = self
         self.issued: list[tuple[str | None, str]] = []
+        self.blob_bytes: dict[str, int] = {}   # digest -> body bytes sent (a resume fetches only the rest)
         tokens: dict[str, tuple[str, set[str]]] = {}   # token -> (repository, actions)
         port = _free_port()
         self.host = f"127.0.0.1:{port}"
@@ -130,8 +132,19 @@ class TokenGate:
                     self.send_header(k, v)
                 self.send_header("Content-Length", str(len(body)))
                 self.end_headers()
-                if self.command != "HEAD":
+                if self.command == "HEAD":
+                    return
+                if rate is None or "/blobs/" not in self.path:
                     self.wfile.write(body)
+                    return
+                digest = self.path.rsplit("/", 1)[-1]
+                try:   # throttled, so a test can kill the client mid-blob
+                    for i in range(0, len(body), 16384):
+                        self.wfile.write(body[i:i + 16384])
+                        gate.blob_bytes[digest] = gate.blob_bytes.get(digest, 0) + len(body[i:i + 16384])
+                        time.sleep(16384 / rate)
+                except (BrokenPipeError, ConnectionResetError):
+                    pass
 
             def _token(self) -> None:
                 q = parse_qs(urlsplit(self.path).query)

@@ -9,13 +9,17 @@ import hashlib
 import json
 import os
 import shutil
+import signal
 import subprocess
+import sys
+import time
 
 import pytest
 from oci_registry import Registry, TokenGate
 
 from pipx_llama.errors import PipxLlamaError, UsageError
 from pipx_llama.fetch.errors import AccessDenied
+from pipx_llama.fetch.http import partial_progress
 from pipx_llama.models import oci
 from pipx_llama.models.pull import PullError, pull
 from pipx_llama.models.reference import parse_reference
@@ -262,3 +266,33 @@ def test_an_unreachable_registry_is_one_line(tmp_path, no_docker_config):
     with pytest.raises(PipxLlamaError) as err:
         _push(ref.oci.registry or "", "lab/none", "v1", b"GGUF")
     assert "cannot reach the registry 127.0.0.1:" in err.value.message
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not hasattr(signal, "SIGKILL"), reason="SIGKILL is POSIX-only")
+def test_sigkill_mid_blob_then_pull_again_resumes(registry, tmp_path):
+    data = os.urandom(3 << 20)
+    layer, _ = _push(registry.host, "lab/big", "v1", data)
+    gate = TokenGate(registry, users={}, rate=512 << 10)
+    env = {**os.environ, "PIPX_LLAMA_HOME": str(tmp_path / "home"), "DOCKER_CONFIG": str(tmp_path / "none"),
+           "PIPX_LLAMA_CONFIG_DIR": str(tmp_path / "config")}
+    cmd = [sys.executable, "-m", "pipx_llama.cli", "pull", f"{gate.host}/lab/big:v1"]
+    store = Store(tmp_path / "home")
+    part = store.partial_path(layer.sha256)
+    try:
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 60
+        while (partial_progress(part) or (0, None))[0] < (1 << 20):
+            assert proc.poll() is None and time.monotonic() < deadline, "the pull ended before the kill"
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(10)
+        kept = (partial_progress(part) or (0, None))[0]
+        assert 0 < kept < len(data)
+        before = gate.blob_bytes[layer.digest]
+        done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stderr
+        assert gate.blob_bytes[layer.digest] - before == len(data) - kept   # only the rest was fetched
+        assert store.blob_path(layer.sha256).read_bytes() == data
+    finally:
+        gate.stop()
