@@ -80,3 +80,19 @@ def test_push_smollm2_then_pull_into_an_empty_store_and_run(registry, smollm2_pa
 
     code, out, err = cli(capsys, "verify")
     assert code == 0, err
+
+
+def test_provision_takes_oci_references(registry, smollm2_path, tmp_path, monkeypatch, capsys):
+    from conftest import SMOLLM2_SHA256
+
+    ref = f"{registry.host}/lab/smollm2:q4_1"
+    _env(monkeypatch, tmp_path, "pusher")
+    assert cli(capsys, "push", "-m", str(smollm2_path), ref)[0] == 0
+    _env(monkeypatch, tmp_path, "lab")
+    lab = tmp_path / "lab.toml"
+    lab.write_text(f'check_ram = false\n\n[[models]]\nname = "{ref}"\n')
+    code, out, err = cli(capsys, "provision", str(lab), "--json")
+    assert code == 0, err
+    evs = [json.loads(line) for line in out.splitlines() if line.strip()]
+    assert [e["model"] for e in evs if e["kind"] == "model-ready"] == ["smollm2-q4_1"]
+    assert Store(tmp_path / "lab" / "home").has_blob(SMOLLM2_SHA256)
