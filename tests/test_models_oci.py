@@ -65,7 +65,7 @@ def test_push_resolve_pull_roundtrip_pins_the_image_digest(registry, tmp_path, n
 
     ref = parse_reference(f"{registry.host}/lab/tiny:v1")
     manifest = resolve_manifest(ref, None, _options())  # type: ignore[arg-type]
-    assert manifest.name == "tiny-v1"
+    assert manifest.name == "lab-tiny-v1"
     assert pushed.digest in manifest.text and pushed.digest in manifest.description
     facts = (manifest.architecture, manifest.parameters, manifest.context_length)
     assert facts == ("llama", 134_515_008, 8192)
@@ -296,3 +296,14 @@ def test_sigkill_mid_blob_then_pull_again_resumes(registry, tmp_path):
         assert store.blob_path(layer.sha256).read_bytes() == data
     finally:
         gate.stop()
+
+
+@pytest.mark.parametrize(("text", "name"), [
+    ("library/qwen2.5:0.5b", "qwen2.5-0.5b"),
+    ("ollama.com/library/smollm2", "smollm2-latest"),
+    ("127.0.0.1:5000/lab/team/smollm2:135M", "lab-team-smollm2-135m"),
+    ("ghcr.io/org/m@sha256:" + "ab" * 32, "org-m-abababababab"),
+])
+def test_store_names_keep_the_namespace(text, name):
+    ref = parse_reference(text)
+    assert ref.oci is not None and oci.model_name(ref.oci) == name

@@ -433,10 +433,11 @@ def _parameters(config: Mapping[str, Any], model: Layer) -> int:
 
 
 def model_name(oci: OciName) -> str:
-    """The store's name for an OCI model: its last path component and tag (or short digest)."""
-    last = oci.repository.rsplit("/", 1)[-1]
+    """The store's name for an OCI model: its repository path (without ollama's ``library/``) and tag
+    (or short digest), e.g. ``qwen2.5-0.5b`` or ``lab-smollm2-135m``."""
+    path = oci.repository.removeprefix("library/").replace("/", "-")
     tail = oci.tag or (oci.digest[7:19] if oci.digest else DEFAULT_TAG)
-    name = _NAME_BAD.sub("-", f"{last}-{tail}".lower()).strip("-._")
+    name = _NAME_BAD.sub("-", f"{path}-{tail}".lower()).strip("-._")
     return name[:64].rstrip("-._") or "oci-model"
 
 
