@@ -11,7 +11,7 @@ The file::
     threads = 4                         # optional: threads for quantization (default: physical cores)
 
     [[models]]
-    name = "smollm2"                    # a name or alias
+    name = "smollm2"                    # a name or alias, hf.co/OWNER/REPO[:QUANT], or an OCI reference
 
     [[models]]
     name = "1B"

@@ -34,3 +34,5 @@ class FetchOptions:
                                        # longer (up to 2 s) while each save's data sync takes long
     checkpoint_bytes: int = 32 << 20   # ... and a save at least every this many bytes per busy connection
     give_up_after: float = 60.0        # no byte from the source for this long, retries included -> give up
+    authorization: str | None = None   # a whole Authorization header (an OCI registry's Basic or Bearer);
+                                       # sent instead of ``token``, and like it never across a redirect

@@ -215,7 +215,9 @@ class Source:
             validator = self._if_range()
             if conditional and validator:
                 headers["If-Range"] = validator
-        if self.opt.token:
+        if self.opt.authorization:
+            headers["Authorization"] = self.opt.authorization
+        elif self.opt.token:
             headers["Authorization"] = f"Bearer {self.opt.token}"
         client: httpx.Client = self.client  # type: ignore[assignment]
         o = self.opt
