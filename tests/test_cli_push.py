@@ -92,7 +92,7 @@ def test_provision_takes_oci_references(registry, smollm2_path, tmp_path, monkey
     lab = tmp_path / "lab.toml"
     lab.write_text(f'check_ram = false\n\n[[models]]\nname = "{ref}"\n')
     code, out, err = cli(capsys, "provision", str(lab), "--json")
-    assert code == 0, err
+    assert code == 0, err + out
     evs = [json.loads(line) for line in out.splitlines() if line.strip()]
     assert [e["model"] for e in evs if e["kind"] == "model-ready"] == ["lab-smollm2-q4_1"]
     assert Store(tmp_path / "lab" / "home").has_blob(SMOLLM2_SHA256)

@@ -229,7 +229,7 @@ def _plan_all(pf: ProvisionFile, cfg: Any, catalog: Any, out: _Output) -> tuple[
     """Plan every item on the road every command takes (``plan_for``); (plans, exit code of the first
     refusal or 0)."""
     from pipx_llama.models.plan import Request, plan_for
-    from pipx_llama.models.reference import Reference
+    from pipx_llama.models.reference import parse_reference
     from pipx_llama.system import detect_hardware
 
     hw = detect_hardware(cfg.home)
@@ -239,7 +239,7 @@ def _plan_all(pf: ProvisionFile, cfg: Any, catalog: Any, out: _Output) -> tuple[
         request = Request(variant=item.variant, quant=item.quant, threads=pf.threads, check_ram=pf.check_ram,
                           pull_options=_pull_options(pf, item, cfg), config=cfg, catalog=catalog, hardware=hw)
         try:
-            plan = plan_for(Reference("name", item.name), request)
+            plan = plan_for(parse_reference(item.name), request)
         except PipxLlamaError as err:
             out.record(
                 "model-refused",
