@@ -191,7 +191,7 @@ def main() -> None:
         for engine in engines:
             for key in ("pp_tps", "tg_tps", "peak_rss_mb", "load_s"):
                 row[f"{engine}:{key}"] = statistics.median(r[key] for r in runs[engine])
-        if "weight_bytes" in runs["ours"][0]:
+        if "ours" in runs and "weight_bytes" in runs["ours"][0]:
             row["ours:weight_GBps"] = row["ours:tg_tps"] * runs["ours"][0]["weight_bytes"] / 1e9
         rows.append(row)
 
@@ -215,11 +215,13 @@ def main() -> None:
                 f"{row[f'{engine}:tg_tps']:>9.1f} "
                 f"{row[f'{engine}:peak_rss_mb']:>11.0f} {row[f'{engine}:load_s']:>7.2f}"
             )
-        for other in engines[1:]:
+        for other in (e for e in engines if "ours" in engines and e != "ours"):
             print(f"{row['threads']:>7} {'/' + other:>10} "
                   f"{row['ours:pp_tps'] / row[f'{other}:pp_tps']:>8.2f}x "
                   f"{row['ours:tg_tps'] / row[f'{other}:tg_tps']:>8.2f}x")
-        print(f"{'':>7} weights streamed by our generation: {row['ours:weight_GBps']:.1f} GB/s")
+        if "ours:weight_GBps" in row:
+            print(f"{'':>7} weights streamed by our generation: {row['ours:weight_GBps']:.1f} GB/s")
+        print(f"{'':>7} load average (1 min) at the end: {row['load']:.2f}")
 
 
 if __name__ == "__main__":

@@ -103,7 +103,7 @@ def fetch(url: str, dest: Path, size: int, digest: str, parts: int) -> None:
 def bare_httpx(url: str, wide: bool) -> None:
     import httpx
 
-    from pipx_llama.fetch.http import _widen_reads
+    from pipx_llama.fetch.receive import _widen_reads
 
     with httpx.Client() as client, client.stream("GET", url) as resp:
         if wide:

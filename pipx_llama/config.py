@@ -7,7 +7,10 @@ file ``<config dir>/config.toml``, defaults. The config dir is ``platformdirs.us
 Environment: ``PIPX_LLAMA_HOME`` (store root), ``PIPX_LLAMA_MIRROR`` (mirror base URLs or folders,
 separated by whitespace or commas), ``PIPX_LLAMA_OFFLINE=1``, ``PIPX_LLAMA_URL`` (the URL for
 ``url-template`` sources, e.g. Meta's presigned URL), ``PIPX_LLAMA_TOKEN`` (bearer token for any https
-source) and ``HF_TOKEN`` (bearer token sent to Hugging Face only).
+source), ``HF_TOKEN`` (bearer token sent to Hugging Face only) and ``PIPX_LLAMA_REGISTRY`` (the OCI
+registry of references that name none; config key ``registry``). Registry credentials come from the
+config's ``[registry_credentials]`` table (``"host:port" = "user:password"``), else Docker's
+``config.json``.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ else:  # pragma: no cover
 
 APP = "pipx-llama"
 _KEYS = {"home": str, "mirrors": list, "offline": bool, "allow_http": bool, "parallel_parts": int,
-         "part_threshold": int, "give_up_after": float}
+         "part_threshold": int, "give_up_after": float, "registry": str, "registry_credentials": dict}
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"", "0", "false", "no", "off"}
 
@@ -47,6 +50,8 @@ class Config:
     parallel_parts: int | None = None
     part_threshold: int | None = None
     give_up_after: float | None = None   # seconds without a byte from a source before a download gives up
+    registry: str = "registry.ollama.ai"  # the OCI registry of references that name none
+    registry_credentials: dict[str, str] = field(default_factory=dict)  # registry host -> "user:password"
 
     @property
     def config_file(self) -> Path:
@@ -100,6 +105,8 @@ def _read_file(path: Path) -> dict:
                               "fix the config file")
         if kind is list and not all(isinstance(v, str) for v in value):
             raise ConfigError(f"{path}: {key} must be a list of strings", "fix the config file")
+        if kind is dict and not all(isinstance(v, str) for v in value.values()):
+            raise ConfigError(f"{path}: {key} must be a table of strings", "fix the config file")
     return data
 
 
@@ -123,4 +130,6 @@ def load_config(env: Mapping[str, str] | None = None) -> Config:
         parallel_parts=data.get("parallel_parts"),
         part_threshold=data.get("part_threshold"),
         give_up_after=data.get("give_up_after"),
+        registry=env.get("PIPX_LLAMA_REGISTRY") or data.get("registry") or "registry.ollama.ai",
+        registry_credentials=dict(data.get("registry_credentials", {})),
     )

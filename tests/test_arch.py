@@ -160,7 +160,7 @@ def test_fused_pass_equals_per_op_pass_with_a_q8_0_cache(tmp_path, arch):
 @pytest.mark.parametrize("arch", ["gemma3", "llama"])
 def test_context_shift_with_a_q8_0_cache(tmp_path, arch):
     """q8_0 keys are dequantized, re-rotated and quantized again (as llama.cpp shifts a quantized K)."""
-    from pipx_llama.engine.kernels.ops import q8_0_load_ref
+    from pipx_llama.engine.kernels.attention import q8_0_load_ref
 
     path = tmp_path / f"{arch}-kv-shift.gguf"
     write_tiny_model(path, arch=arch, seed=3, n_layers=3, tied=False, dim=128, qtype=Q.Q8_0)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -67,3 +68,21 @@ def test_bench_usage_errors(tmp_path):
     assert out.returncode == 2 and "-r 0" in out.stderr
     out = cli("bench", "-m", str(tmp_path / "missing.gguf"), "-p", "8", "-n", "0")
     assert out.returncode != 0 and "no such file" in out.stderr and "Traceback" not in out.stderr
+
+
+@pytest.mark.slow
+def test_bench_a_name_from_an_empty_store(smollm2_path, tmp_path):
+    """`bench smollm2` takes the road `run` takes: an empty store, the model pulled (here from a folder,
+    verified against the manifest), then measured; the plan goes to stderr, the JSON to stdout."""
+    env = {**os.environ, "PIPX_LLAMA_HOME": str(tmp_path / "home"),
+           "PIPX_LLAMA_CONFIG_DIR": str(tmp_path / "c")}
+    out = subprocess.run([sys.executable, "-m", "pipx_llama.cli", "bench", "smollm2", "--offline",
+                          "--from-dir", str(smollm2_path.parent), "-p", "8", "-n", "2", "-r", "1", "-t", "1",
+                          "--json"], capture_output=True, text=True, timeout=600, check=False, env=env)
+    assert out.returncode == 0, out.stderr
+    info = json.loads(out.stdout)
+    assert [r["test"] for r in info["results"]] == ["pp8", "tg2"]
+    assert info["size_bytes"] == smollm2_path.stat().st_size
+    stored = list((tmp_path / "home").rglob("*.gguf"))
+    assert [p.stat().st_size for p in stored] == [smollm2_path.stat().st_size], stored
+    assert "pipx-llama will prepare smollm2" in out.stderr

@@ -104,6 +104,23 @@ def test_big_models_on_the_portable_tier_stay_on_the_per_op_path(tiny_q5, monkey
     assert load_model(tiny_q5, threads=2).packed is not None
 
 
+@pytest.mark.parametrize("fixture", ["tiny", "tiny_k", "tiny_q5", "tiny_k5"])
+def test_repacking_slice_by_slice_gives_the_same_arena(fixture, request, monkeypatch):
+    """Load repacks a few MB at a time (dropping each slice's file pages): with one group of rows per
+    slice, the packed bytes are those of one whole-tensor repack."""
+    from pipx_llama.engine import model as model_module
+
+    path = request.getfixturevalue(fixture)
+    monkeypatch.setattr(model_module, "_REPACK_SLICE_BYTES", 1 << 40)
+    whole = load_model(path, threads=1).packed
+    monkeypatch.setattr(model_module, "_REPACK_SLICE_BYTES", 1)
+    sliced = load_model(path, threads=2).packed
+    assert whole is not None and sliced is not None and whole.arena.size > 0
+    rows = whole.wdesc[:, 1]
+    assert (rows > packed.LANES).all()
+    np.testing.assert_array_equal(sliced.arena, whole.arena)
+
+
 def test_q5_K_logits_close_to_the_per_op_logits(tiny_k5):
     model = load_model(tiny_k5, threads=2)
     assert model.packed is not None and not model.packed.plain

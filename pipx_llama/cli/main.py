@@ -29,6 +29,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "tokenize": ("tokenize_cmd", "print the token ids of a text as JSON"),
     "perplexity": ("perplexity_cmd", "perplexity of a model over a text file (llama.cpp's method)"),
     "pull": ("pull_cmd", "download and verify a model into the store"),
+    "push": ("push_cmd", "push a model to an OCI registry (ollama's layout)"),
     "list": ("list_cmd", "list installed models and partial downloads"),
     "show": ("show_cmd", "a model's architecture, quantization, template, licence, files"),
     "rm": ("rm_cmd", "remove a model (and its partial downloads) from the store"),

@@ -11,7 +11,7 @@ The file::
     threads = 4                         # optional: threads for quantization (default: physical cores)
 
     [[models]]
-    name = "smollm2"                    # a name or alias
+    name = "smollm2"                    # a name or alias, hf.co/OWNER/REPO[:QUANT], or an OCI reference
 
     [[models]]
     name = "1B"
@@ -226,26 +226,20 @@ def _pull_options(pf: ProvisionFile, item: Item, cfg: Any) -> Any:
 
 
 def _plan_all(pf: ProvisionFile, cfg: Any, catalog: Any, out: _Output) -> tuple[list[tuple[Item, Any]], int]:
-    """Plan every item; (plans, exit code of the first refusal or 0)."""
-    from pipx_llama.models.plan import make_plan
+    """Plan every item on the road every command takes (``plan_for``); (plans, exit code of the first
+    refusal or 0)."""
+    from pipx_llama.models.plan import Request, plan_for
+    from pipx_llama.models.reference import parse_reference
     from pipx_llama.system import detect_hardware
 
     hw = detect_hardware(cfg.home)
     plans: list[tuple[Item, Any]] = []
     code = EXIT_OK
     for item in pf.items:
+        request = Request(variant=item.variant, quant=item.quant, threads=pf.threads, check_ram=pf.check_ram,
+                          pull_options=_pull_options(pf, item, cfg), config=cfg, catalog=catalog, hardware=hw)
         try:
-            plan = make_plan(
-                item.name,
-                variant=item.variant,
-                quant=item.quant,
-                threads=pf.threads,
-                hardware=hw,
-                config=cfg,
-                catalog=catalog,
-                pull_options=_pull_options(pf, item, cfg),
-                check_ram=pf.check_ram,
-            )
+            plan = plan_for(parse_reference(item.name), request)
         except PipxLlamaError as err:
             out.record(
                 "model-refused",

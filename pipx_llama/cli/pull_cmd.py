@@ -12,7 +12,7 @@ from pathlib import Path
 
 from pipx_llama.cli import store_common as common
 from pipx_llama.cli.progress import renderer_for
-from pipx_llama.errors import PipxLlamaError
+from pipx_llama.errors import PipxLlamaError, UsageError
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -22,7 +22,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         description="Fetch every file of a model variant, verify its sha256, and keep it in the "
         "store. Interrupted downloads resume; sources are tried in order.",
     )
-    p.add_argument("model", help="model name or alias (see `pipx-llama list --available`)")
+    p.add_argument("model", help="model name or alias (see `pipx-llama list --available`), "
+                   "hf.co/OWNER/REPO[:QUANT], or an OCI reference [REGISTRY/]NAMESPACE/NAME[:TAG]")
     p.add_argument("--variant", default=None,
                    help="variant name or quantization (default: what `pipx-llama run MODEL` would use)")
     p.add_argument("--from-dir", action="append", default=[], type=Path, metavar="DIR",
@@ -36,14 +37,20 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from pipx_llama.cli.road import REGISTRY_KINDS
     from pipx_llama.models.plan import Request, plan_for
     from pipx_llama.models.prepare import fetch
-    from pipx_llama.models.reference import Reference
+    from pipx_llama.models.reference import parse_reference
 
     s = common.open_session(args)
     options = common.pull_options(args, s)
-    ref = Reference("name", args.model)
+    ref = parse_reference(args.model)
+    if ref.is_file:
+        raise UsageError(f"{args.model} is a file, and pull fetches models into the store",
+                         f"to keep a copy in the store use `pipx-llama import {args.model}`")
     with renderer_for(args.json) as out:
+        if ref.kind in REGISTRY_KINDS and not args.json:
+            out.say(ref.describe())
         try:
             plan = plan_for(ref, Request(variant=args.variant, check_ram=False, fetch_only=True,
                                          pull_options=options, config=s.config, catalog=s.catalog))

@@ -20,6 +20,9 @@ from pipx_llama.cli import store_common as common
 from pipx_llama.errors import UsageError
 from pipx_llama.models.reference import DEFAULT_MODEL, Reference, file_reference, parse_reference
 
+# References to a registry: the command line says how it read them before anything is fetched.
+REGISTRY_KINDS = ("oci", "hf")
+
 if TYPE_CHECKING:
     from pipx_llama.models.manifest import Manifest
     from pipx_llama.models.plan import Request
@@ -99,6 +102,8 @@ def ready(args: argparse.Namespace, ref: Reference, *, n_ctx: int | None = None,
     from pipx_llama.models.prepare import ready as road_ready
 
     rq = request(args, ref, n_ctx=n_ctx, by_name_only=by_name_only)
+    if ref.kind in REGISTRY_KINDS:
+        sys.stderr.write(f"pipx-llama: {ref.describe()}\n")
     with StageRenderer(sys.stderr, quiet=True) as on_event:
         def on_plan(plan: Any) -> None:
             if plan.stages:

@@ -7,7 +7,7 @@ tokens writes its keys without overwriting any its first token still reads. All 
 flat buffer per K and V (what the fused pass indexes through its layer table).
 
 Each of K and V is float16 or, on request (``--cache-type-k/-v q8_0``, llama.cpp's names), ggml's
-q8_0 blocks in a uint8 buffer (34 bytes per 32 values: about half of float16); see ops.attention.
+q8_0 blocks in a uint8 buffer (34 bytes per 32 values: about half of float16); see kernels.attention.
 
 Keys carry their position's rotation; ``shift`` re-rotates the keys it moves (RoPE rotations
 compose), so a context shift recomputes nothing.
@@ -18,7 +18,7 @@ from __future__ import annotations
 import numpy as np
 
 from pipx_llama.engine.arch.base import ROPE_NEOX, HyperParams
-from pipx_llama.engine.kernels.ops import q8_0_load_ref, q8_0_store_row_ref
+from pipx_llama.engine.kernels.attention import q8_0_load_ref, q8_0_store_row_ref
 from pipx_llama.errors import ContextFullError, UsageError
 
 

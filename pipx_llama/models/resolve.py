@@ -36,7 +36,23 @@ def _by_name(ref: Reference, catalog: Catalog, options: PullOptions) -> Manifest
     return remote or catalog.resolve(ref.text)
 
 
-_MANIFEST_RESOLVERS: dict[str, Callable[[Reference, Catalog, PullOptions], Manifest]] = {"name": _by_name}
+def _by_oci(ref: Reference, catalog: Catalog, options: PullOptions) -> Manifest:
+    """An OCI registry's image, in ollama's layout (:mod:`pipx_llama.models.oci`)."""
+    from pipx_llama.models.oci import resolve_oci
+
+    return resolve_oci(ref, options)
+
+
+def _by_hf(ref: Reference, catalog: Catalog, options: PullOptions) -> Manifest:
+    """A Hugging Face repository's GGUF, pinned to a commit (:mod:`pipx_llama.models.hf`)."""
+    from pipx_llama.models.hf import resolve_hf
+
+    return resolve_hf(ref, options)
+
+
+_MANIFEST_RESOLVERS: dict[str, Callable[[Reference, Catalog, PullOptions], Manifest]] = {
+    "name": _by_name, "oci": _by_oci, "hf": _by_hf,
+}
 
 
 def resolve_manifest(ref: Reference, catalog: Catalog, options: PullOptions) -> Manifest:

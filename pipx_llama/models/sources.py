@@ -36,6 +36,7 @@ from pipx_llama.fetch.pip_source import (
 )
 from pipx_llama.files import atomic_write_json
 from pipx_llama.models.manifest import ManifestFile, PipPart, Source, Variant, url_problem
+from pipx_llama.models.reference import OLLAMA_REGISTRY
 from pipx_llama.models.store import Store
 
 if TYPE_CHECKING:
@@ -67,6 +68,9 @@ class PullOptions:
     fetch: FetchOptions | None = None
     extra_bytes: int = 0
     lock_timeout: float | None = None
+    registry: str = OLLAMA_REGISTRY     # for OCI references that name none
+    registry_credentials: Mapping[str, str] = field(default_factory=dict)  # registry -> user:password
+    lock_dir: Path | None = None        # where registry references' resolved manifests are kept (offline use)
 
 
 def pull_options_from_config(config: Config, **overrides: Any) -> PullOptions:
@@ -87,6 +91,9 @@ def pull_options_from_config(config: Config, **overrides: Any) -> PullOptions:
         token=config.token,
         hf_token=config.hf_token,
         fetch=fetch,
+        registry=config.registry,
+        registry_credentials=dict(config.registry_credentials),
+        lock_dir=config.home / "locks",
     )
     return dataclasses.replace(base, **overrides)
 
@@ -190,6 +197,35 @@ class _Http(_Attempt):
         download(self.url, dest, size=mf.size, sha256=mf.sha256,
                  options=ctx.fetch_options(self.url, send_token=self.send_token),
                  on_event=ctx.emit, label=mf.path)
+        ctx.store.commit_blob(dest, mf.sha256)
+        dest.with_name(dest.name + ".json").unlink(missing_ok=True)
+        return "download"
+
+
+class _Oci(_Http):
+    """A blob of an OCI registry repository, by its digest (the file's sha256), with the auth the
+    registry asks for (an anonymous or a credentialed bearer token, or basic auth)."""
+
+    def __init__(self, source: Source, mf: ManifestFile) -> None:
+        super().__init__(source.label(), f"{source.url}/blobs/sha256:{mf.sha256}")
+        self.repo_url = source.url or ""
+
+    def run(self, ctx: FetchContext, mf: ManifestFile) -> str:
+        from pipx_llama.models.oci import RegistryClient, credentials_for, pull_scope
+
+        parts = urlsplit(self.repo_url)
+        registry = parts.netloc
+        repository = parts.path.removeprefix("/v2/")
+        opts = ctx.options
+        with RegistryClient(registry, credentials=credentials_for(registry, opts.registry_credentials),
+                            allow_http=opts.allow_http or parts.scheme == "http",
+                            offline=opts.offline) as client:
+            auth = client.authorization(pull_scope(repository))
+        dest = ctx.store.partial_path(mf.sha256)
+        ctx.store.partial_dir.mkdir(parents=True, exist_ok=True)
+        fetch = dataclasses.replace(ctx.fetch_options(self.url, send_token=False), authorization=auth)
+        download(self.url, dest, size=mf.size, sha256=mf.sha256, options=fetch, on_event=ctx.emit,
+                 label=mf.path)
         ctx.store.commit_blob(dest, mf.sha256)
         dest.with_name(dest.name + ".json").unlink(missing_ok=True)
         return "download"
@@ -457,6 +493,8 @@ def attempts_for(variant: Variant, mf: ManifestFile, options: PullOptions) -> li
             out.append(_Http(f"url {redact_url(url)}", url))
         elif src.type == "mirror":
             out.append(_mirror_attempt(src.url or "", mf))
+        elif src.type == "oci":
+            out.append(_Oci(src, mf))
         elif src.type == "pip":
             out.append(_Pip(src))
         elif src.type == "pip-parts":

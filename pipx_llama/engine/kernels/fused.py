@@ -36,7 +36,7 @@ from collections import namedtuple
 import numpy as np
 from numba import njit
 
-from pipx_llama.engine.kernels import ops, packed, runtime
+from pipx_llama.engine.kernels import attention, ops, packed, runtime
 from pipx_llama.engine.kernels.kquants import quantize_q8_K
 from pipx_llama.engine.kernels.legacy import quantize_q8_1
 from pipx_llama.engine.kernels.runtime import done, take, wait_stage
@@ -270,7 +270,7 @@ def run_item(op, li, i, tid, T, threads, b):
             t = pair // H
             h = pair - t * H
             p = pos0 + t
-            ops._attend(q3[t, h], kcl, vcl, h // (H // KVH), ops.window_start(p, window), p + 1, fp[FP_Q_SCALE],
+            attention._attend(q3[t, h], kcl, vcl, h // (H // KVH), attention.window_start(p, window), p + 1, fp[FP_Q_SCALE],
                         fp[FP_KQ_SCALE], fp[FP_SOFTCAP], b.scratch[tid], att3[t, h])
     elif op == OP_QUANT_ATT:
         _quantize_rows(b.att, t0, t1, qdim, b.a8f, b.akf, T, b.need[4 * li + IN_O], b.f16_table)
@@ -361,8 +361,8 @@ def _rope_and_cache(b, li, t0, t1):
                 ops._rope_head_neox(kh, cos[p], sin[p])
             else:
                 ops._rope_head(kh, cos[p], sin[p])
-            ops.kv_store(kcl[slot, h], kh)
-            ops.kv_store(vcl[slot, h], vh)
+            attention.kv_store(kcl[slot, h], kh)
+            attention.kv_store(vcl[slot, h], vh)
 
 
 # ----------------------------------------------------------------------------- one evaluation

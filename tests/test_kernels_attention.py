@@ -1,0 +1,195 @@
+"""Tests of attention and the KV cache rows (pipx_llama.engine.kernels.attention): each numba kernel
+against its numpy twin on random data (f32, f16 and q8_0 caches, windows, soft-caps, rings), plus the
+semantic check against a plain masked softmax."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from pipx_llama.engine.kernels import attention
+
+
+def _rng(seed: int = 0) -> np.random.Generator:
+    return np.random.default_rng(seed)
+
+
+
+def _kv(rng, n_ctx, kvh, D, dtype):
+    return (rng.standard_normal((n_ctx, kvh, D)) * 2).astype(dtype)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+@pytest.mark.parametrize("T,start_pos", [(1, 0), (1, 77), (33, 0), (33, 40)])
+@pytest.mark.parametrize("H,KVH,D", [(9, 3, 64), (6, 6, 64), (6, 2, 128), (4, 4, 128)])
+def test_attention_matches_ref(dtype, T, start_pos, H, KVH, D):
+    rng = _rng(T + start_pos + H + D)
+    n_ctx = start_pos + T + 5
+    q = (rng.standard_normal((T, H, D)) * 2).astype(np.float32)
+    k, v = _kv(rng, n_ctx, KVH, D, dtype), _kv(rng, n_ctx, KVH, D, dtype)
+    out = np.empty_like(q)
+    attention.attention(q, k, v, start_pos, out)
+    ref = attention.attention_ref(q, k, v, start_pos)
+    vmax = np.abs(v.astype(np.float32)).max()
+    # F16 rounding of a probability turns a last-bit difference of the scores (summation order)
+    # into an F16 ulp now and then
+    np.testing.assert_allclose(out, ref, rtol=0, atol=(2e-5 if dtype == np.float32 else 3e-4) * vmax)
+    np.testing.assert_allclose(np.median(np.abs(out - ref)), 0.0, atol=1e-6 * vmax)
+
+
+def _q8_rows(x: np.ndarray) -> np.ndarray:
+    out = np.empty(x.shape[:-1] + (x.shape[-1] // 32 * 34,), np.uint8)
+    for idx in np.ndindex(x.shape[:-1]):
+        attention.q8_0_store_row(x[idx], out[idx])
+    return out
+
+
+def test_q8_0_store_row_matches_ref_and_ggml_blocks():
+    from pipx_llama.formats import legacy as ql
+
+    rng = _rng(21)
+    x = (rng.standard_normal(256) * rng.uniform(0.01, 50)).astype(np.float32)
+    x[:32] = 0.0  # an all-zero block: d = 0, every quant 0
+    x[32:64] = np.arange(32, dtype=np.float32) - 16.0  # ties of the rounding (x/d = k + 0.5 for some)
+    got = np.empty(256 // 32 * 34, np.uint8)
+    attention.q8_0_store_row(x, got)
+    np.testing.assert_array_equal(got, attention.q8_0_store_row_ref(x))
+    qs, d = ql.quantize_row_q8_0(x[None, :])  # the quantizer's own reference (llama.cpp's bytes)
+    blocks = got.reshape(-1, 34)
+    np.testing.assert_array_equal(blocks[:, 2:].view(np.int8).reshape(-1), qs[0])
+    np.testing.assert_array_equal(blocks[:, :2].copy().view(np.float16).astype(np.float32)[:, 0], d[0])
+    back = np.empty(256, np.float32)
+    attention.q8_0_load_row(got, back)
+    np.testing.assert_array_equal(back, attention.q8_0_load_ref(got))
+
+
+@pytest.mark.parametrize("types", [("q8_0", "q8_0"), ("q8_0", "f16"), ("f16", "q8_0")])
+@pytest.mark.parametrize("T,start_pos,window,softcap", [(1, 50, 0, 0.0), (9, 20, 0, 0.0), (5, 30, 8, 30.0)])
+def test_attention_over_q8_0_caches_matches_ref(types, T, start_pos, window, softcap):
+    rng = _rng(T + start_pos)
+    H, KVH, D = 6, 2, 64
+    n_ctx = start_pos + T + 3
+    q = (rng.standard_normal((T, H, D)) * 2).astype(np.float32)
+    k, v = _kv(rng, n_ctx, KVH, D, np.float32), _kv(rng, n_ctx, KVH, D, np.float32)
+    kc = _q8_rows(k) if types[0] == "q8_0" else k.astype(np.float16)
+    vc = _q8_rows(v) if types[1] == "q8_0" else v.astype(np.float16)
+    out = np.empty_like(q)
+    attention.attention(q, kc, vc, start_pos, out, window=window, softcap=softcap)
+    ref = attention.attention_ref(q, kc, vc, start_pos, window=window, softcap=softcap)
+    np.testing.assert_allclose(out, ref, rtol=0, atol=3e-4 * np.abs(v).max())
+    # and the q8_0 side really is read as q8_0: f16 copies of the same values give other results
+    out16 = np.empty_like(q)
+    attention.attention(q, k.astype(np.float16), v.astype(np.float16), start_pos, out16, window=window, softcap=softcap)
+    assert np.abs(out16 - out).max() > 10 * np.abs(out - ref).max()
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+def test_attention_independent_of_chunking(dtype):
+    rng = _rng(11)
+    T, H, KVH, D, start = 33, 9, 3, 64, 60
+    q = rng.standard_normal((T, H, D)).astype(np.float32)
+    k, v = _kv(rng, 128, KVH, D, dtype), _kv(rng, 128, KVH, D, dtype)
+    ku, vu = attention._as_kernel_cache(k), attention._as_kernel_cache(v)
+    results = []
+    for n_chunks in (1, 2, 5):
+        out = np.empty_like(q)
+        attention.attention_kernel(q, ku, vu, start, 0, np.float32(1), attention.attention_scale(D), np.float32(0), out,
+                             attention.attention_scratch(128, D, n_chunks))
+        results.append(out)
+    np.testing.assert_array_equal(results[0], results[1])
+    np.testing.assert_array_equal(results[0], results[2])
+
+
+def _plain_attention(q, k, v, start_pos):
+    """Masked-softmax attention written the textbook way, in float64."""
+    T, H, D = q.shape
+    n = start_pos + T
+    group = H // k.shape[1]
+    kk = np.repeat(k[:n].astype(np.float64), group, axis=1)  # [n, H, D]
+    vv = np.repeat(v[:n].astype(np.float64), group, axis=1)
+    scores = np.einsum("thd,jhd->htj", q.astype(np.float64), kk) / np.sqrt(D)
+    allowed = np.arange(n)[None, :] <= (start_pos + np.arange(T))[:, None]  # [T, n]
+    scores = np.where(allowed[None], scores, -np.inf)
+    p = np.exp(scores - scores.max(axis=2, keepdims=True))
+    p /= p.sum(axis=2, keepdims=True)
+    return np.einsum("htj,jhd->thd", p, vv)
+
+
+@pytest.mark.parametrize("H,KVH,D,start_pos", [(9, 3, 64, 0), (8, 8, 128, 0), (9, 3, 64, 50)])
+def test_attention_equals_plain_masked_softmax(H, KVH, D, start_pos):
+    rng = _rng(H * D)
+    T = 40
+    n_ctx = start_pos + T
+    q = rng.standard_normal((T, H, D)).astype(np.float32)
+    k, v = _kv(rng, n_ctx, KVH, D, np.float32), _kv(rng, n_ctx, KVH, D, np.float32)
+    out = np.empty_like(q)
+    attention.attention(q, k, v, start_pos, out)
+    np.testing.assert_allclose(out, _plain_attention(q, k, v, start_pos), rtol=0, atol=1e-5)
+    # F16 storage changes the answer only by F16 rounding
+    out16 = np.empty_like(q)
+    attention.attention(q, k.astype(np.float16), v.astype(np.float16), start_pos, out16)
+    np.testing.assert_allclose(out16, out, rtol=0, atol=2e-2)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+@pytest.mark.parametrize("T,start_pos,window", [(1, 0, 4), (1, 77, 16), (33, 40, 16), (20, 3, 100)])
+@pytest.mark.parametrize("softcap,q_scale,kq_scale", [(0.0, 1.0, None), (50.0, 0.0625, 1.0), (3.0, 1.0, None)])
+def test_attention_window_and_caps_match_ref(dtype, T, start_pos, window, softcap, q_scale, kq_scale):
+    rng = _rng(T + start_pos + window)
+    H, KVH, D = 6, 2, 64
+    q = (rng.standard_normal((T, H, D)) * 2).astype(np.float32)
+    k, v = _kv(rng, start_pos + T, KVH, D, dtype), _kv(rng, start_pos + T, KVH, D, dtype)
+    kw = {"window": window, "q_scale": q_scale, "kq_scale": kq_scale, "softcap": softcap}
+    out = np.empty_like(q)
+    attention.attention(q, k, v, start_pos, out, **kw)
+    ref = attention.attention_ref(q, k, v, start_pos, **kw)
+    vmax = np.abs(v.astype(np.float32)).max()
+    np.testing.assert_allclose(out, ref, rtol=0, atol=(3e-5 if dtype == np.float32 else 3e-4) * vmax)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+def test_attention_over_a_ring_equals_attention_over_the_whole_cache(dtype):
+    """A sliding-window layer keeps position p in row p % R: the result equals a full cache's."""
+    rng = _rng(21)
+    H, KVH, D, window, T, start = 4, 2, 64, 8, 5, 37
+    n = start + T
+    q = rng.standard_normal((T, H, D)).astype(np.float32)
+    k, v = _kv(rng, n, KVH, D, dtype), _kv(rng, n, KVH, D, dtype)
+    R = window + T
+    ring_k, ring_v = np.zeros((R, KVH, D), dtype), np.zeros((R, KVH, D), dtype)
+    for p in range(n - R, n):
+        ring_k[p % R], ring_v[p % R] = k[p], v[p]
+    full, ring = np.empty_like(q), np.empty_like(q)
+    attention.attention(q, k, v, start, full, window=window)
+    attention.attention(q, ring_k, ring_v, start, ring, window=window)
+    np.testing.assert_allclose(ring, full, rtol=0, atol=1e-6 * np.abs(v.astype(np.float32)).max())
+    # the window matters: attending to everything differs
+    everything = np.empty_like(q)
+    attention.attention(q, k, v, start, everything)
+    assert np.abs(everything - full).max() > 1e-3
+    # the batch reads window + T - 1 positions at once: one row fewer cannot hold them
+    attention.attention(q, ring_k, ring_v, start, ring, window=window)
+    with pytest.raises(ValueError):
+        attention.attention(q, ring_k[: window + T - 2], ring_v[: window + T - 2], start, ring, window=window)
+
+
+def test_attention_first_token_returns_its_value():
+    rng = _rng(5)
+    q = rng.standard_normal((1, 4, 64)).astype(np.float32)
+    v = _kv(rng, 8, 2, 64, np.float32)
+    out = np.empty_like(q)
+    attention.attention(q, _kv(rng, 8, 2, 64, np.float32), v, 0, out)
+    np.testing.assert_allclose(out[0], np.repeat(v[0], 2, axis=0), rtol=1e-6)
+
+
+def test_attention_rejects_mismatched_shapes():
+    q = np.zeros((2, 9, 64), np.float32)
+    k = np.zeros((16, 3, 64), np.float16)
+    with pytest.raises(ValueError):
+        attention.attention(q, k, k, 15, np.empty_like(q))  # positions 15..16 exceed the cache
+    with pytest.raises(ValueError):
+        attention.attention(q, np.zeros((16, 4, 64), np.float16), np.zeros((16, 4, 64), np.float16), 0, np.empty_like(q))
+    with pytest.raises(ValueError):
+        attention.attention(q, k, k, 0, np.empty_like(q), scratch=np.empty((2, 10), np.float32))
+    with pytest.raises(TypeError):
+        attention.attention(q, k.astype(np.float64), k.astype(np.float64), 0, np.empty_like(q))
