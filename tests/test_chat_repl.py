@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -336,3 +337,37 @@ def test_bare_command_chats_with_the_default_model_without_colour_under_no_color
     assert child.exitstatus == 0
     text = log.getvalue()
     assert "\x1b[2m" not in text and "32;1m" not in text and "38;5;" not in text, text[-1000:]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(sys.platform == "win32", reason="pseudo-terminals are POSIX")
+def test_a_long_prompt_shows_its_progress_and_ctrl_c_stops_it(smollm2_path, tmp_path):
+    """A long message: a spinner with tokens done / total; Ctrl-C stops the evaluation after its current
+    batch (not at the end of the prompt) and the session goes on; answers wrap within a narrow terminal."""
+    import pexpect
+
+    child, log = _spawn(["-m", str(smollm2_path), "--temp", "0", "-c", "4096"], tmp_path)
+    child.setwinsize(40, 60)
+    child.expect("Ctrl-D leaves")
+    child.expect("> ")
+    # about 3,000 tokens (seconds of evaluation on any CPU here), pasted: typed, it would take minutes
+    child.send("\x1b[200~" + "word " * 3000 + "\x1b[201~")
+    child.send("\r")
+    child.expect(r"processing the prompt: \d+/30\d\d tokens \(\d+ s\)", timeout=120)
+    child.sendintr()
+    child.expect(r"\[stopped\]", timeout=30)
+    child.expect("> ")
+    child.send("/set max_tokens 60\r")
+    child.expect("> ")
+    child.send("Write a very long story about a dragon.\r")
+    child.expect(r"max_tokens reached", timeout=120)
+    child.expect("> ")
+    child.sendcontrol("d")
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 0, log.getvalue()[-2000:]
+    answer = log.getvalue().split("dragon.", 1)[1].split("max_tokens reached", 1)[0]
+    # every redraw of the streaming answer (a line rewritten after \r) fits the 60 columns
+    plain = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", answer).replace("\r", "\n")
+    longest = max(plain.split("\n"), key=len)
+    assert len(longest) <= 60, repr(longest)  # rich wrapped it to the terminal

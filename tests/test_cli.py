@@ -1,18 +1,26 @@
-"""The minimal CLI in subprocesses: run, tokenize, perplexity, and one-line errors with exit codes."""
+"""The minimal CLI in subprocesses: run, tokenize, perplexity, one-line errors with exit codes, and a help
+that answers at once (no heavy import before a command needs it)."""
 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
 import pytest
 from greedy import golden_prefix
 
+from pipx_llama.cli import main as cli_main
 
-def cli(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
+# what `--help` must not import: each costs a noticeable part of a second at start-up
+HEAVY = ("numba", "llvmlite", "numpy", "jinja2", "starlette", "uvicorn", "rich", "prompt_toolkit", "httpx",
+         "gguf")
+
+
+def cli(*args: str, stdin: str | None = None, env: dict | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "pipx_llama.cli", *args], capture_output=True, text=True,
-                          input=stdin, timeout=600, check=False)
+                          input=stdin, timeout=600, check=False, env={**os.environ, **(env or {})})
 
 
 def test_help_lists_commands():
@@ -20,6 +28,61 @@ def test_help_lists_commands():
     assert out.returncode == 0
     for cmd in ("run", "tokenize", "perplexity"):
         assert cmd in out.stdout
+
+
+def test_help_describes_every_command_in_one_line_of_80_columns():
+    out = cli("--help", env={"COLUMNS": "80"})
+    assert out.returncode == 0
+    lines = out.stdout.splitlines()
+    text = " ".join(out.stdout.split())
+    for name, (_, summary) in cli_main.COMMANDS.items():
+        assert f" {name} {summary} " in text, name  # after the name (on its line or the next)
+        assert any(line.endswith(f" {summary}") for line in lines), name  # and on one line
+    assert max(map(len, lines)) <= 80
+
+
+@pytest.mark.parametrize("command", ["", *cli_main.COMMANDS])
+def test_help_imports_no_heavy_module(command):
+    """`pipx-llama [COMMAND] --help` builds its parser without numba, numpy, jinja2, starlette or rich."""
+    code = (
+        "import contextlib, io, json, sys\n"
+        "from pipx_llama.cli import main\n"
+        "argv = [a for a in sys.argv[1:] if a]\n"
+        "parser = main.build_parser(argv[0] if argv else '')\n"
+        "with contextlib.redirect_stdout(io.StringIO()), contextlib.suppress(SystemExit):\n"
+        "    parser.parse_args([*argv, '--help'])\n"
+        "print(json.dumps(sorted(sys.modules)))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code, command], capture_output=True, text=True, check=True)
+    loaded = {name.split(".")[0] for name in json.loads(out.stdout)}
+    assert not loaded & set(HEAVY), f"`{command} --help` imports {sorted(loaded & set(HEAVY))}"
+
+
+def test_each_command_says_the_summary_the_top_level_help_shows():
+    parser = cli_main.build_parser()
+    sub = next(a for a in parser._actions if a.dest == "command")
+    shown = {a.dest: a.help for a in sub._choices_actions}
+    assert shown == {name: summary for name, (_, summary) in cli_main.COMMANDS.items()}
+
+
+def test_the_help_names_the_engines_sampling_defaults_and_quant_types():
+    from pipx_llama.cli.options import SAMPLING_DEFAULTS
+    from pipx_llama.cli.quantize_cmd import QUANT_TYPES
+    from pipx_llama.engine import SamplerConfig
+    from pipx_llama.quant.rules import FILE_TYPES
+
+    d = SamplerConfig()
+    assert vars(SAMPLING_DEFAULTS) == {k: getattr(d, k) for k in vars(SAMPLING_DEFAULTS)}
+    assert QUANT_TYPES == tuple(FILE_TYPES)
+
+
+def test_an_unknown_command_says_so_and_suggests():
+    out = cli("shwo", "smollm2")
+    assert out.returncode == 2
+    assert out.stderr.splitlines()[0] == "error: no command named 'shwo'"
+    assert "`pipx-llama show`" in out.stderr or "`pipx-llama --help` lists the commands" in out.stderr
+    out = cli("serv", "smollm2")
+    assert out.returncode == 2 and "did you mean `pipx-llama serve`" in out.stderr
 
 
 @pytest.mark.slow
@@ -35,7 +98,8 @@ def test_run_greedy_completion(smollm2_path, golden):
     case = golden["cases"][0]
     ids, text = golden_prefix(case)
     out = cli(
-        "run", "-m", str(smollm2_path), "-p", case["prompt"], "-n", str(len(ids)), "--temp", "0", "-t", "2"
+        "run", "-m", str(smollm2_path), "--raw", "-p", case["prompt"], "-n", str(len(ids)), "--temp", "0",
+        "-t", "2",
     )
     assert out.returncode == 0, out.stderr
     assert out.stdout == case["prompt"] + text + "\n"
@@ -47,7 +111,7 @@ def test_run_reads_prompt_from_stdin_and_stops_at_stop_string(smollm2_path, gold
     _, text = golden_prefix(case)
     line, newline, _ = text.partition("\n")
     assert newline, "the golden prefix must reach the end of a line"
-    out = cli("run", "-m", str(smollm2_path), "-n", "40", "--temp", "0", "--stop", "\n", "--verbose",
+    out = cli("run", "-m", str(smollm2_path), "--raw", "-n", "40", "--temp", "0", "--stop", "\n", "--verbose",
               stdin=case["prompt"])
     assert out.returncode == 0, out.stderr
     assert out.stdout == case["prompt"] + line + "\n"
@@ -98,6 +162,7 @@ def test_run_by_name_pulls_into_the_store_then_reuses_it(smollm2_path, golden, t
     args = (
         "run",
         "smollm2-135m-instruct",
+        "--raw",
         "-p",
         case["prompt"],
         "-n",

@@ -71,6 +71,7 @@ def test_text_report_installed_model_and_url_note(env, capsys, tmp_path, smollm2
     plan = make_plan("smol-gguf", config=cfg, catalog=catalog,
                      pull_options=PullOptions(from_dirs=[smollm2_path.parent], offline=True))
     prepare(plan)
+    env.setenv("COLUMNS", "200")  # every column, a row a line
     code, out = doctor(capsys, "--manifest", str(m), "--ctx", "512")
     assert code == 0
     lines = out.splitlines()
@@ -81,6 +82,20 @@ def test_text_report_installed_model_and_url_note(env, capsys, tmp_path, smollm2
     assert "installed, fits" in rows["smol-gguf"] and "q4_1 (Q4_1)" in rows["smol-gguf"]
     assert "original -> Q4_0" in rows["llama-7b"] and "needs --url or --from-dir" in rows["llama-7b"]
     assert "7B" in rows["llama2-7b-chat"]
+
+
+@pytest.mark.parametrize("columns", [80, 120])
+def test_the_report_fits_the_terminal(env, capsys, columns):
+    env.setenv("COLUMNS", str(columns))
+    code, out = doctor(capsys)
+    assert code == 0
+    lines = out.splitlines()
+    assert max(map(len, lines)) <= columns
+    header = next(line for line in lines if line.startswith("MODEL"))
+    assert header.split()[:4] == ["MODEL", "RUNS", "AS", "RAM"] and header.split()[-1] == "STATUS"
+    assert any(line.startswith("llama2-7b-chat ") and "fits" in line for line in lines)
+    if columns == 80:
+        assert "(ALIASES, DOWNLOAD, PEAK DISK left out to fit 80 columns;" in out
 
 
 def test_registered_in_the_command_list(capsys):

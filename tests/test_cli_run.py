@@ -108,11 +108,25 @@ def test_bad_argument_is_one_line_and_a_hint_naming_the_command_help():
     (["-m", "x.gguf"], "the prompt read from stdin is empty"),
     (["smollm2", "-m", "x.gguf", "-p", "hi"], "both a model name (smollm2) and -m x.gguf were given"),
     (["-m", "x.gguf", "--quant", "Q4_0", "-p", "hi"], "--quant applies to a model by name, not to -m FILE"),
+    (["-m", "x.gguf", "-p", "hi", "-n", "-5"],
+     "-n/--n-predict is -5; it takes -1 (no limit) or a number of tokens >= 0"),
+    (["-m", "x.gguf", "-f", "/nonexistent/prompt.txt"],
+     "cannot read the prompt file /nonexistent/prompt.txt: No such file or directory"),
+    (["-m", "x.gguf", "--raw", "--chat"], None),
+    (["-m", "x.gguf", "--raw", "-p", "hi", "-sys", "be brief"],
+     "--system applies to a chat turn; --raw (or a model without a chat template) completes the prompt "
+     "as it is"),
 ])
 def test_usage_errors(args, message, home):
     out = cli(*args)
     assert out.returncode == 2, out.stderr
     lines = out.stderr.splitlines()
+    if message is None:  # argparse's own: the two are exclusive
+        message = "argument --chat: not allowed with argument --raw"
+    if "--json" in args:  # with --json, the error is JSON too
+        record = json.loads(out.stderr)
+        assert record["message"] == message and record["hint"] and record["exit_code"] == 2
+        return
     assert lines[0] == f"error: {message}" and lines[1].startswith("hint: ") and len(lines) == 2
 
 
@@ -183,19 +197,31 @@ def test_plan_is_shown_as_a_table():
 def test_bare_model_file_completes_a_prompt(smollm2_path, golden):
     case = golden["cases"][0]
     ids, text = golden_prefix(case)
-    out = cli("-m", str(smollm2_path), "-p", case["prompt"], "-n", str(len(ids)), "--temp", "0", "--verbose")
+    out = cli("-m", str(smollm2_path), "--raw", "-p", case["prompt"], "-n", str(len(ids)), "--temp", "0",
+              "--verbose")
     assert out.returncode == 0, out.stderr
     assert out.stdout == case["prompt"] + text + "\n"
     assert "load:" in out.stderr and "tokens/s" in out.stderr
 
 
 @pytest.mark.slow
+def test_raw_completion_of_a_prompt_file_without_displaying_the_prompt(smollm2_path, golden, tmp_path):
+    case = golden["cases"][0]
+    ids, text = golden_prefix(case)
+    prompt_file = tmp_path / "prompt.txt"
+    prompt_file.write_text(case["prompt"], encoding="utf-8")
+    out = cli("-m", str(smollm2_path), "--raw", "-f", str(prompt_file), "--no-display-prompt",
+              "-n", str(len(ids)), "--temp", "0")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout == text + "\n"
+
+
+@pytest.mark.slow
 def test_json_gives_text_token_counts_and_timings(smollm2_path, golden):
     case = golden["cases"][0]
     ids, text = golden_prefix(case)
-    out = cli(
-        "run", "-m", str(smollm2_path), "-n", str(len(ids)), "--temp", "0", "--json", stdin=case["prompt"]
-    )
+    out = cli("run", "-m", str(smollm2_path), "-n", str(len(ids)), "--temp", "0", "--json", "--raw",
+              stdin=case["prompt"])
     assert out.returncode == 0, out.stderr
     result = json.loads(out.stdout)
     assert result["text"] == text
@@ -212,8 +238,9 @@ def test_json_gives_text_token_counts_and_timings(smollm2_path, golden):
 
 @pytest.mark.slow
 @pytest.mark.fidelity
-def test_chat_prompt_answers_one_turn(smollm2_path):
-    out = cli("-m", str(smollm2_path), "--chat", "-p", QUESTION, "--temp", "0", "-n", "24", "--json")
+@pytest.mark.parametrize("flags", [(), ("--chat",)], ids=["default", "--chat"])
+def test_a_prompt_to_a_chat_model_is_one_chat_turn(smollm2_path, flags):
+    out = cli("-m", str(smollm2_path), *flags, "-p", QUESTION, "--temp", "0", "-n", "24", "--json")
     assert out.returncode == 0, out.stderr
     result = json.loads(out.stdout)
     assert result["mode"] == "chat" and result["text"] == CHAT.answer  # measured with no near-tie (greedy.py)
@@ -221,17 +248,47 @@ def test_chat_prompt_answers_one_turn(smollm2_path):
 
 
 @pytest.mark.slow
+@pytest.mark.fidelity
+def test_a_chat_turn_prints_the_answer_only(smollm2_path):
+    out = cli("-m", str(smollm2_path), "-p", QUESTION, "--temp", "0", "-n", "24")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout == CHAT.answer + "\n"
+
+
+@pytest.mark.slow
+def test_the_system_prompt_reaches_the_template(smollm2_path):
+    """The one chat turn carries -sys: the prompt is longer than with the template's default system text."""
+    counts = []
+    for flags in ((), ("-sys", "You answer in one word. " * 30)):
+        out = cli("-m", str(smollm2_path), *flags, "-p", QUESTION, "--temp", "0", "-n", "1", "--json")
+        assert out.returncode == 0, out.stderr
+        counts.append(json.loads(out.stdout)["tokens"]["prompt"])
+    assert counts[1] > counts[0]
+
+
+@pytest.mark.slow
+def test_a_context_full_error_is_never_in_the_middle_of_the_answer(smollm2_path):
+    out = cli("-m", str(smollm2_path), "--raw", "-c", "16", "-n", "64", "--temp", "0",
+              "-p", "Once upon a time")
+    assert out.returncode == 4
+    assert out.stdout.startswith("Once upon a time") and out.stdout.endswith("\n")
+    # a line of its own on stderr (after the "loading" line of a slow machine, if any)
+    errors = [line for line in out.stderr.splitlines() if line.startswith("error: ")]
+    assert errors[0].startswith("error: the context of 16 tokens is full")
+
+
+@pytest.mark.slow
 def test_full_context_is_exit_code_4(smollm2_path):
     out = cli("-m", str(smollm2_path), "-c", "8", "-p", "one two three four five six seven eight nine ten")
     assert out.returncode == 4
-    assert out.stderr.startswith("error: the prompt has ") and "Traceback" not in out.stderr
+    assert "\nerror: the prompt has " in "\n" + out.stderr and "Traceback" not in out.stderr
 
 
 @pytest.mark.slow
 def test_bare_alias_runs_from_the_store(smollm2_path, golden, home):
     case = golden["cases"][0]
     ids, text = golden_prefix(case)
-    args = ("smollm2", "-p", case["prompt"], "-n", str(len(ids)), "--temp", "0", "--offline")
+    args = ("smollm2", "--raw", "-p", case["prompt"], "-n", str(len(ids)), "--temp", "0", "--offline")
     first = cli(*args, "--from-dir", str(smollm2_path.parent))
     assert first.returncode == 0, first.stderr
     assert first.stdout == case["prompt"] + text + "\n"

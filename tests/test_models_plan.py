@@ -568,6 +568,7 @@ def test_gguf_model_served_over_http_to_an_answer(tmp_path, smollm2_path, golden
             "smol-gguf",
             "--manifest",
             str(m),
+            "--raw",
             "-p",
             case["prompt"],
             "-n",

@@ -84,7 +84,7 @@ def test_pipx_run_one_shot_from_a_file(pipx_run, smollm2_path, golden):
     case = golden["cases"][0]
     ids, text = golden_prefix(case)
     t0 = time.perf_counter()
-    out = pipx_run("-m", str(smollm2_path), "-p", case["prompt"], "-n", str(len(ids)), "--temp", "0")
+    out = pipx_run("-m", str(smollm2_path), "--raw", "-p", case["prompt"], "-n", str(len(ids)), "--temp", "0")
     print(f"\none-shot with -m, first run (compiles the kernels): {time.perf_counter() - t0:.1f} s")
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout == case["prompt"] + text + "\n"
@@ -97,6 +97,7 @@ def test_pipx_run_one_shot_by_name_from_a_folder(pipx_run, smollm2_path, golden)
         "run",
         "smollm2-135m-instruct",
         "--offline",
+        "--raw",
         "-p",
         case["prompt"],
         "-n",

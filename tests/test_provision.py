@@ -108,7 +108,8 @@ def test_hf_weights_fetched_converted_quantized_and_answering(tmp_path, served, 
         assert record["sha256"] == sha256(vdir / f"{quant}.gguf") and record["quantization"] == quant.upper()
         assert {s["sha256"] for s in record["sources"]} == {f["sha256"] for f in files_of(smol_hf_folder)}
 
-    r = pipx_llama("run", "-m", str(vdir / "q4_0.gguf"), "-p", PROMPT, "-n", "1", "--temp", "0", env=env)
+    r = pipx_llama("run", "-m", str(vdir / "q4_0.gguf"), "--raw", "-p", PROMPT, "-n", "1", "--temp", "0",
+                   env=env)
     assert r.returncode == 0, r.stderr
     assert r.stdout == PROMPT + " Paris\n"
 

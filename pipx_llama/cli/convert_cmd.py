@@ -16,7 +16,7 @@ OUTTYPES = ("f32", "f16", "bf16", "q8_0")
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "convert",
-        help="convert a Meta (consolidated.NN.pth) or Hugging Face (safetensors) model folder to GGUF",
+        help="convert a Meta or Hugging Face model folder to GGUF",
         description="Convert a model folder to GGUF. Meta checkpoints are read without torch through a "
                     "restricted unpickler: a .pth whose pickle asks for anything but tensor data is refused.",
     )

@@ -10,16 +10,18 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import textwrap
 from typing import Any
 
 from pipx_llama.cli import store_common as common
+from pipx_llama.cli.tables import dropped_note, output_width, render_table
 from pipx_llama.units import human_bytes
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "doctor",
-        help="show the hardware and which models fit it, with which quantization",
+        help="the hardware, and which models fit it in which quantization",
         description="Detect the OS, CPU (model, cores, SIMD features), RAM and the free disk where "
         "the store lives, and show which known models fit, in which quantization. "
         "PIPX_LLAMA_FAKE_RAM and PIPX_LLAMA_FREE_BYTES pretend other figures (what-if).",
@@ -101,11 +103,6 @@ def _model_rows(s: common.Session, args: argparse.Namespace, hw: Any) -> list[di
     return rows
 
 
-def _table(rows: list[list[str]], header: list[str]) -> str:
-    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in [header, *rows])
-
-
 def run(args: argparse.Namespace) -> int:
     from pipx_llama.system import detect_hardware, ram_budget, simd_summary
 
@@ -129,7 +126,9 @@ def run(args: argparse.Namespace) -> int:
         f"store    {hw.store_path}: {human_bytes(hw.disk_free)} free",
     ]
     lines += [f"note     {n}" for n in hw.notes]
-    print("\n".join(lines))
+    width = output_width()
+    print("\n".join(textwrap.fill(line, width, subsequent_indent=" " * 9, break_long_words=False,
+                                  break_on_hyphens=False) for line in lines))
     print()
     table = []
     for r in rows:
@@ -141,9 +140,13 @@ def run(args: argparse.Namespace) -> int:
         )
         table.append([r["model"], ", ".join(r["aliases"]), runs, human_bytes(r["ram_bytes"]),
                       human_bytes(r["download_bytes"]), human_bytes(r["peak_disk_bytes"]), r["status"]])
-    print(_table(table, ["MODEL", "ALIASES", "RUNS AS", "RAM", "DOWNLOAD", "PEAK DISK", "STATUS"]))
-    print(
-        "\nRAM = weights + KV cache for the context + runtime; PEAK DISK = download + conversion + quantized "
-        "file. `->` marks original weights that are converted and quantized here."
-    )
+    shown = render_table(["MODEL", "ALIASES", "RUNS AS", "RAM", "DOWNLOAD", "PEAK DISK", "STATUS"], table,
+                         wrap=6, drop=[1, 4, 5])
+    print(shown.text)
+    if shown.dropped:
+        print(textwrap.fill(dropped_note(shown.dropped), width))
+    print()
+    print(textwrap.fill("RAM = weights + KV cache for the context + runtime; PEAK DISK = download + "
+                        "conversion + quantized file. `->` marks original weights that are converted and "
+                        "quantized here.", width))
     return 0

@@ -9,17 +9,18 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pipx_llama.cli import store_common as common
 from pipx_llama.cli.progress import renderer_for
 from pipx_llama.errors import UsageError
-from pipx_llama.models.imports import import_gguf, match_folder
-from pipx_llama.models.pull import PullResult, pull
-from pipx_llama.models.store import sha256_file
+
+if TYPE_CHECKING:
+    from pipx_llama.models.pull import PullResult
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("import", help="add files you already have (a model folder or a GGUF) to the store")
+    p = sub.add_parser("import", help="add a model folder or a GGUF file you already have to the store")
     p.add_argument("path", type=Path, help="a folder holding a model's files, or a .gguf file")
     p.add_argument("--model", default=None, help="the model the folder holds (default: detect)")
     p.add_argument("--variant", default=None, help="the variant the folder holds (default: detect)")
@@ -31,6 +32,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from pipx_llama.models.imports import match_folder
+    from pipx_llama.models.pull import pull
+
     s = common.open_session(args)
     path: Path = args.path
     if not path.exists():
@@ -73,6 +77,10 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _import_file(s: common.Session, args: argparse.Namespace, path: Path, out) -> PullResult:
+    from pipx_llama.models.imports import import_gguf
+    from pipx_llama.models.pull import pull
+    from pipx_llama.models.store import sha256_file
+
     if args.name:
         return import_gguf(s.store, s.catalog, path, args.name, copy=args.copy, on_event=out)
     out.say(f"hashing {path} to recognise it")

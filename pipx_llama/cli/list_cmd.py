@@ -7,8 +7,10 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import textwrap
 
 from pipx_llama.cli import store_common as common
+from pipx_llama.cli.tables import dropped_note, output_width, render_table
 from pipx_llama.models.estimates import estimated_file_size
 from pipx_llama.units import human_bytes
 
@@ -74,8 +76,8 @@ def _available(s: common.Session, as_json: bool) -> int:
         for v in m.variants:
             size = human_bytes(v.known_size) if v.sizes_complete else "~" + human_bytes(
                 sum(estimated_file_size(m, v, f) for f in v.files))
-            rows.append([m.name, ", ".join(m.aliases), v.name, v.quantization or v.format, size, m.license,
-                         "yes" if (m.name, v.name) in installed else ""])
+            rows.append([m.name, ", ".join(m.aliases), v.name, v.quantization or v.format, size,
+                         "yes" if (m.name, v.name) in installed else "", m.license])
             data.append({"model": m.name, "aliases": list(m.aliases), "variant": v.name, "format": v.format,
                          "quantization": v.quantization, "size": v.known_size if v.sizes_complete else None,
                          "installed": (m.name, v.name) in installed, "license": m.license,
@@ -85,8 +87,14 @@ def _available(s: common.Session, as_json: bool) -> int:
         json.dump(data, sys.stdout, indent=2)
         sys.stdout.write("\n")
     else:
-        print(_table(rows, ["MODEL", "ALIASES", "VARIANT", "QUANT", "SIZE", "LICENSE", "INSTALLED"]))
+        shown = render_table(["MODEL", "ALIASES", "VARIANT", "QUANT", "SIZE", "INSTALLED", "LICENSE"], rows,
+                             wrap=6, drop=[1, 6])
+        print(shown.text)
+        if shown.dropped:
+            print(textwrap.fill(dropped_note(shown.dropped), output_width()))
         for m in s.catalog:
             if m.license_notice:
-                print(f"\n{m.name}: {m.license_notice}")
+                print()
+                print(textwrap.fill(f"{m.name}: {m.license_notice}", output_width(), break_long_words=False,
+                                    break_on_hyphens=False))
     return 0

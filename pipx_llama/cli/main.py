@@ -10,53 +10,46 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import importlib
 import os
 import sys
 from collections.abc import Sequence
+from types import ModuleType
 
 from pipx_llama import __version__
-from pipx_llama.cli import (
-    bench_cmd,
-    convert_cmd,
-    doctor_cmd,
-    gc_cmd,
-    import_cmd,
-    list_cmd,
-    mirror_cmd,
-    perplexity_cmd,
-    provision_cmd,
-    pull_cmd,
-    push_cmd,
-    quantize_cmd,
-    rm_cmd,
-    run_cmd,
-    serve_cmd,
-    tokenize_cmd,
-    verify_cmd,
-)
-from pipx_llama.errors import PipxLlamaError
+from pipx_llama.errors import PipxLlamaError, UsageError
 
 EXIT_INTERRUPTED = 130
 
-COMMANDS = {
-    "run": run_cmd,
-    "tokenize": tokenize_cmd,
-    "perplexity": perplexity_cmd,
-    "pull": pull_cmd,
-    "push": push_cmd,
-    "list": list_cmd,
-    "rm": rm_cmd,
-    "verify": verify_cmd,
-    "gc": gc_cmd,
-    "mirror": mirror_cmd,
-    "import": import_cmd,
-    "serve": serve_cmd,
-    "convert": convert_cmd,
-    "quantize": quantize_cmd,
-    "doctor": doctor_cmd,
-    "provision": provision_cmd,
-    "bench": bench_cmd,
+# Each command's module (imported only when that command runs or shows its help, so that `--help`
+# starts in a blink) and the one line the top-level help shows for it; test_cli.py checks that each
+# module's parser says the same.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "run": ("run_cmd", "chat with a model, or answer one prompt (-p, -f or stdin)"),
+    "tokenize": ("tokenize_cmd", "print the token ids of a text as JSON"),
+    "perplexity": ("perplexity_cmd", "perplexity of a model over a text file (llama.cpp's method)"),
+    "pull": ("pull_cmd", "download and verify a model into the store"),
+    "push": ("push_cmd", "push a model to an OCI registry (ollama's layout)"),
+    "list": ("list_cmd", "list installed models and partial downloads"),
+    "show": ("show_cmd", "a model's architecture, quantization, template, licence, files"),
+    "rm": ("rm_cmd", "remove a model (and its partial downloads) from the store"),
+    "verify": ("verify_cmd", "re-hash installed models and report any damage"),
+    "gc": ("gc_cmd", "remove unreferenced blobs and partial downloads"),
+    "mirror": ("mirror_cmd", "share the store with other machines (mirror export DIR)"),
+    "import": ("import_cmd", "add a model folder or a GGUF file you already have to the store"),
+    "serve": ("serve_cmd", "serve models over an OpenAI- and Ollama-compatible HTTP API"),
+    "ps": ("ps_cmd", "the models a running `pipx-llama serve` has loaded"),
+    "convert": ("convert_cmd", "convert a Meta or Hugging Face model folder to GGUF"),
+    "quantize": ("quantize_cmd", "quantize a GGUF model, byte for byte as llama-quantize does"),
+    "doctor": ("doctor_cmd", "the hardware, and which models fit it in which quantization"),
+    "provision": ("provision_cmd", "prepare the models a TOML file lists, unattended (labs, CI)"),
+    "bench": ("bench_cmd", "prompt and generation speed of a model (like llama-bench)"),
 }
+
+
+def command_module(name: str) -> ModuleType:
+    """The module of command ``name`` (``add_parser(sub)`` and ``run(args)``)."""
+    return importlib.import_module(f"pipx_llama.cli.{COMMANDS[name][0]}")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -66,9 +59,13 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"error: {message}\nhint: see `{self.prog} --help`\n")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The whole parser; with ``only``, that command's options in full and the others as their names and
+    one-line descriptions (enough for the top-level help), so that only that command's module is
+    imported."""
     parser = _Parser(
         prog="pipx-llama",
+        formatter_class=lambda prog: argparse.HelpFormatter(prog, max_help_position=18),
         description="Run LLaMA-family models locally with a bundled numba engine.",
         epilog="`pipx-llama MODEL [options]` is short for `pipx-llama run MODEL [options]`; `pipx-llama` "
                "alone chats with the default model in a terminal. `pipx-llama COMMAND --help` tells more.",
@@ -76,13 +73,23 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"pipx-llama {__version__}")
     parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for module in COMMANDS.values():
-        module.add_parser(sub)
+    for name, (_, summary) in COMMANDS.items():
+        if only is None or name == only:
+            command_module(name).add_parser(sub)
+        else:
+            sub.add_parser(name, help=summary)
     parser.subcommands = sub.choices  # type: ignore[attr-defined]
     return parser
 
 
-def _print_error(err: PipxLlamaError) -> None:
+def _print_error(err: PipxLlamaError, as_json: bool = False) -> None:
+    """The error on stderr: two lines (message, hint), or with ``--json`` one JSON object."""
+    if as_json:
+        import json
+
+        record = {"kind": "error", "message": err.message, "hint": err.hint, "exit_code": err.exit_code}
+        sys.stderr.write(json.dumps(record, ensure_ascii=False) + "\n")
+        return
     from rich.console import Console
     from rich.markup import escape
 
@@ -116,11 +123,26 @@ def _suggest_command(err: PipxLlamaError, word: str) -> None:
         err.hint = f"`{close[0]}` is a command: did you mean `pipx-llama {close[0]}`? {err.hint}".strip()
 
 
+def _is_path(word: str) -> bool:
+    return word.endswith(".gguf") or os.sep in word or "/" in word
+
+
+def _unknown_command(word: str) -> UsageError:
+    close = difflib.get_close_matches(word, list(COMMANDS), n=3, cutoff=0.6)
+    hint = f"did you mean {' or '.join(f'`pipx-llama {c}`' for c in close)}? " if close else ""
+    return UsageError(f"no command named '{word}'",
+                      f"{hint}`pipx-llama --help` lists the commands; a model name comes alone "
+                      "(`pipx-llama MODEL [options]`)")
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     raw = list(sys.argv[1:] if argv is None else argv)
     args_list, debug, implicit = _normalize(raw)
-    parser = build_parser()
+    parser = build_parser(args_list[0] if args_list and args_list[0] in COMMANDS else "")
     args, extra = parser.parse_known_args(args_list)
+    if implicit and extra and not extra[0].startswith("-") and args.model and not _is_path(args.model):
+        _print_error(_unknown_command(args.model))  # `pipx-llama shwo smollm2`: not a model and a word
+        sys.exit(2)
     if extra:  # reported by the command's own parser, so the hint names its --help
         owner = parser.subcommands.get(args.command, parser)  # type: ignore[attr-defined]
         owner.error(f"unrecognized arguments: {' '.join(extra)}")
@@ -129,13 +151,13 @@ def main(argv: Sequence[str] | None = None) -> None:
         parser.print_help()
         sys.exit(2)
     try:
-        code = COMMANDS[args.command].run(args)
+        code = command_module(args.command).run(args)
     except PipxLlamaError as err:
         if debug:
             raise
         if implicit and raw:
             _suggest_command(err, args_list[1])
-        _print_error(err)
+        _print_error(err, as_json=getattr(args, "json", False))
         sys.exit(err.exit_code)
     except KeyboardInterrupt:
         sys.stderr.write("\ninterrupted\n")
@@ -148,6 +170,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         if debug:
             raise
         _print_error(PipxLlamaError(f"unexpected {type(err).__name__}: {err}",
-                                    "run again with --debug to see the traceback, and please report it"))
+                                    "run again with --debug to see the traceback, and please report it"),
+                     as_json=getattr(args, "json", False))
         sys.exit(1)
     sys.exit(code or 0)

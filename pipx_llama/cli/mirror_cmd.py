@@ -9,7 +9,6 @@ from pathlib import Path
 from pipx_llama.cli import store_common as common
 from pipx_llama.cli.progress import renderer_for
 from pipx_llama.errors import UsageError
-from pipx_llama.models.mirror import export_mirror
 from pipx_llama.units import human_bytes
 
 
@@ -28,6 +27,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from pipx_llama.models.mirror import export_mirror
+
     s = common.open_session(args)
     names = []
     for wanted in args.models:

@@ -1,12 +1,24 @@
-"""Command-line options shared by several commands, named as llama.cpp names them."""
+"""Command-line options shared by several commands, named as llama.cpp names them.
+
+Building a parser must not import the engine (numpy, numba): `COMMAND --help` has to answer at once.
+So the sampling defaults the help shows are written here, and test_cli.py checks they are the engine's.
+"""
 
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from types import SimpleNamespace
+from typing import TYPE_CHECKING
 
-from pipx_llama.engine import SamplerConfig
 from pipx_llama.models.reference import DEFAULT_MODEL
+
+if TYPE_CHECKING:
+    from pipx_llama.engine import SamplerConfig
+
+# SamplerConfig()'s values, for the help text (see the module's docstring)
+SAMPLING_DEFAULTS = SimpleNamespace(temperature=0.8, top_k=40, top_p=0.95, min_p=0.05, repeat_penalty=1.0,
+                                    repeat_last_n=64)
 
 
 def add_model_options(p: argparse.ArgumentParser, *, by_name: bool = False) -> None:
@@ -32,7 +44,7 @@ def add_cache_type_options(p: argparse.ArgumentParser) -> None:
 
 
 def add_sampling_options(p: argparse.ArgumentParser) -> None:
-    d = SamplerConfig()
+    d = SAMPLING_DEFAULTS
     p.add_argument(
         "--temp", type=float, default=d.temperature, help=f"temperature, 0 = greedy (default {d.temperature})"
     )
@@ -47,6 +59,8 @@ def add_sampling_options(p: argparse.ArgumentParser) -> None:
 
 
 def sampler_config(args: argparse.Namespace) -> SamplerConfig:
+    from pipx_llama.engine import SamplerConfig
+
     cfg = SamplerConfig(
         temperature=args.temp, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
         repeat_penalty=args.repeat_penalty, repeat_last_n=args.repeat_last_n, seed=args.seed,

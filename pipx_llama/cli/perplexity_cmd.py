@@ -13,7 +13,6 @@ from pathlib import Path
 
 from pipx_llama.cli import road
 from pipx_llama.cli.options import add_cache_type_options
-from pipx_llama.engine import load_model, perplexity
 from pipx_llama.errors import UsageError
 
 
@@ -32,6 +31,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from pipx_llama.engine import load_model, perplexity
+
     ref = road.reference(args, args.model)
     try:
         text = args.textfile.read_text(encoding="utf-8")

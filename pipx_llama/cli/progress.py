@@ -1,11 +1,19 @@
 """Rendering ProgressEvents: rich progress bars on a terminal, plain lines otherwise, or NDJSON
-(``--json``)."""
+(``--json``).
+
+Plain lines (a pipe, a CI log) show a download's progress every :data:`PLAIN_EVERY` seconds or each tenth
+of the file, whichever comes first, so a log never goes quiet for long; a source's (often long) URL is
+named once per file, not again on every line about that file.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
+import time
+from collections.abc import Callable
 from typing import Any, TextIO
 
 from pipx_llama.events import ProgressEvent
@@ -15,19 +23,24 @@ from pipx_llama.units import human_bytes
 _LINE_KINDS = {"plan", "start", "retry", "restart", "waiting-lock", "source-failed", "source-missing",
                "verified", "stored", "cached", "installed", "verify-failed", "notice"}
 _ONCE_KINDS = {"start", "waiting-lock", "notice"}
+PLAIN_EVERY = 5.0  # seconds between two progress lines of one file, at most
 
 
 class EventRenderer:
     """Callable ``on_event`` for library calls; use as a context manager so bars are closed cleanly."""
 
-    def __init__(self, mode: str, stream: TextIO | None = None) -> None:
+    def __init__(self, mode: str, stream: TextIO | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         if mode not in ("json", "bars", "plain"):
             raise ValueError(mode)
         self.mode = mode
         self.stream = stream or sys.stdout
+        self.clock = clock
         self._progress: Any = None
         self._tasks: dict[str, Any] = {}
         self._said: set[tuple[str, str, str | None]] = set()
+        self._sources: dict[str, set[str]] = {}  # per file: the sources its lines have named
+        self._last: dict[str, tuple[float, int]] = {}  # per file: (time, tenth) of its last progress line
         if mode == "bars":
             from rich.console import Console
             from rich.progress import (
@@ -75,13 +88,36 @@ class EventRenderer:
             return
         if self.mode == "bars":
             self._bar(ev)
+        elif ev.kind == "progress":
+            self._plain_progress(ev)
         if ev.kind in _LINE_KINDS:
             detail = ev.source if ev.kind == "start" else ev.message if ev.kind == "notice" else None
             key = (ev.kind, ev.file, detail)
             if ev.kind in _ONCE_KINDS and key in self._said:
                 return
             self._said.add(key)
-            self.say(_line(ev))
+            self.say(_line(self._source_once(ev)))
+
+    def _source_once(self, ev: ProgressEvent) -> ProgressEvent:
+        """``ev`` without its source when an earlier line about the same file named it already."""
+        if not ev.source:
+            return ev
+        said = self._sources.setdefault(ev.file, set())
+        if any(ev.source in s or s in ev.source for s in said):
+            return dataclasses.replace(ev, source=None)
+        said.add(ev.source)
+        return ev
+
+    def _plain_progress(self, ev: ProgressEvent) -> None:
+        now = self.clock()
+        tenth = ev.done * 10 // ev.total if ev.total else 0
+        last = self._last.get(ev.file)
+        if last is None:
+            self._last[ev.file] = (now, tenth)  # the start line has just been said
+            return
+        if tenth > last[1] or now - last[0] >= PLAIN_EVERY:
+            self._last[ev.file] = (now, tenth)
+            self.say(_progress_line(ev))
 
     def _bar(self, ev: ProgressEvent) -> None:
         p = self._progress
@@ -97,6 +133,16 @@ class EventRenderer:
         else:
             total = ev.total if ev.total is not None else ev.done
             p.update(task, completed=total, total=total, description=_short(ev.file))
+
+
+def _progress_line(ev: ProgressEvent) -> str:
+    parts = [f"{human_bytes(ev.done)} of {human_bytes(ev.total)}" if ev.total else human_bytes(ev.done)]
+    if ev.speed:
+        parts.append(f"{human_bytes(ev.speed)}/s")
+    if ev.eta is not None:
+        parts.append(f"{ev.eta:.0f} s left")
+    share = f"{ev.done * 100 // ev.total}% " if ev.total else ""
+    return f"{ev.file}: {share}({', '.join(parts)})"
 
 
 def _short(path: str, width: int = 36) -> str:

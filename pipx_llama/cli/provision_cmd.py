@@ -100,7 +100,7 @@ class ProvisionFile:
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
-        "provision", help="prepare a list of models from a TOML file, unattended (labs, images, CI)",
+        "provision", help="prepare the models a TOML file lists, unattended (labs, CI)",
         description="Make the store hold every model a provision file lists, in the quantizations it asks "
                     "for: plan all of them first (refusing before any download when RAM or disk is short), "
                     "then fetch, verify, convert and quantize each. Idempotent: a second run does nothing.",

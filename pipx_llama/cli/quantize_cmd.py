@@ -4,24 +4,29 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pipx_llama.cli.progress import renderer_for
 from pipx_llama.errors import PipxLlamaError
-from pipx_llama.events import ProgressEvent
-from pipx_llama.quant.file import quantize_model
-from pipx_llama.quant.rules import FILE_TYPES
+
+if TYPE_CHECKING:
+    from pipx_llama.events import ProgressEvent
+
+# quant.rules.FILE_TYPES, named here so that `quantize --help` does not import gguf and numpy (test_cli.py
+# checks the two agree)
+QUANT_TYPES = ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q4_K_S", "Q4_K_M", "Q5_K_S", "Q5_K_M", "Q6_K")
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
-        "quantize", help="quantize a GGUF model (Q4_0 ... Q6_K), byte-identical to llama-quantize",
+        "quantize", help="quantize a GGUF model, byte for byte as llama-quantize does",
         description="Quantize a GGUF model to one of llama.cpp's file types with llama.cpp's per-tensor "
                     "rules. The output equals llama-quantize's byte for byte. Memory stays bounded; the "
                     "output appears under its name only once complete.",
     )
     p.add_argument("input", type=Path, metavar="IN.gguf", help="model to quantize (F32, F16 or BF16 weights)")
     p.add_argument("output", type=Path, metavar="OUT.gguf", help="file to write")
-    p.add_argument("type", metavar="TYPE", help=f"file type: {', '.join(FILE_TYPES)}")
+    p.add_argument("type", metavar="TYPE", help=f"file type: {', '.join(QUANT_TYPES)}")
     p.add_argument("-t", "--threads", type=int, default=None, help="threads (default: all cores)")
     p.add_argument("--allow-requantize", action="store_true",
                    help="allow re-quantizing tensors that are already quantized (quality suffers)")
@@ -29,6 +34,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from pipx_llama.quant.file import quantize_model
+
     with renderer_for(args.json) as out:
 
         def on_event(ev: ProgressEvent) -> None:

@@ -1,11 +1,13 @@
 """``pipx-llama [run] MODEL``: plan, prepare (fetch, verify, convert, quantize), load, then chat or answer
 once.
 
-The mode follows the input: ``-p TEXT`` (or ``-p -``) or text piped on stdin is a one-shot run (a raw
-completion; a single chat turn with ``--chat``; JSON with ``--json``); otherwise, with a terminal on
-stdin, the interactive chat of ``cli/chat.py``. The model comes by the road every command takes
-(``cli/road.py``); ``-m FILE.gguf`` runs a file as it is. The plan, progress and notices go to
-stderr; stdout carries only the model's text (or JSON).
+The mode follows the input: ``-p TEXT`` (or ``-p -``, or ``-f FILE``) or text piped on stdin is a one-shot
+run; otherwise, with a terminal on stdin, the interactive chat of ``cli/chat.py``. A one-shot run on a
+model with a chat template is one chat turn (the system prompt applied, the answer only), as ``ollama run
+MODEL PROMPT`` and llama.cpp answer; ``--raw`` (or a model without a template) is a plain completion that
+reads on from its prompt. ``--json`` prints one record whose ``mode`` says which. The model comes by the
+road every command takes (``cli/road.py``); ``-m FILE.gguf`` runs a file as it is. The plan, progress
+and notices go to stderr; stdout carries only the model's text (or JSON).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import argparse
 import json
 import sys
 import time
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pipx_llama.cli import road
@@ -24,10 +27,11 @@ from pipx_llama.cli.options import (
     sampler_config,
 )
 from pipx_llama.cli.road import color_enabled
-from pipx_llama.engine import Generation, Model, generate, load_model
 from pipx_llama.errors import UsageError
 
 if TYPE_CHECKING:
+    from pipx_llama.cli.liveness import Activity
+    from pipx_llama.engine import Generation, Model
     from pipx_llama.models.prepare import Runnable
 
 ONE_SHOT_TOKENS = 256
@@ -35,7 +39,7 @@ ONE_SHOT_TOKENS = 256
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
-        "run", help="run a model: chat in a terminal, or answer one prompt (-p TEXT or stdin)",
+        "run", help="chat with a model, or answer one prompt (-p, -f or stdin)",
         description="Run a model by name or alias (fetched, converted and quantized on first use) or a "
                     "GGUF file (-m). With a terminal on stdin and no prompt, starts a chat; with -p TEXT or "
                     "text piped on stdin, completes it once and exits.",
@@ -46,19 +50,29 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "--ctx", dest="ctx_size", type=int, default=None, metavar="N", help="same as -c/--ctx-size"
     )
     road.add_road_options(p)
-    p.add_argument("-p", "--prompt", default=None,
-                   help="prompt text, answered once ('-': read it from stdin)")
+    prompt = p.add_mutually_exclusive_group()
+    prompt.add_argument("-p", "--prompt", default=None,
+                        help="prompt text, answered once ('-': read it from stdin)")
+    prompt.add_argument("-f", "--file", dest="prompt_file", type=Path, default=None, metavar="FILE",
+                        help="read the prompt from FILE, answered once")
     p.add_argument("-n", "--n-predict", type=int, default=None,
-                   help=f"tokens to generate; -1 = until end of text or full context "
+                   help=f"tokens to generate: -1 = until end of text or full context, or a number >= 0 "
                         f"(default {ONE_SHOT_TOKENS} for a prompt, -1 in a chat)")
     add_sampling_options(p)
     p.add_argument(
         "--stop", action="append", default=[], metavar="TEXT", help="stop at this text (repeatable)"
     )
-    p.add_argument("--chat", action="store_true",
-                   help="use the model's chat template: a chat even without a terminal (a message per line "
-                        "of stdin), or one chat turn with -p")
-    p.add_argument("--system", default=None, help="system prompt for a chat")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--chat", action="store_true",
+                      help="use the model's chat template (the default for a prompt on a model that has "
+                           "one); without a prompt, a chat even without a terminal (a message per line of "
+                           "stdin)")
+    mode.add_argument("--raw", action="store_true",
+                      help="one-shot: a plain completion of the prompt, without the chat template")
+    p.add_argument("-sys", "--system-prompt", "--system", dest="system", default=None, metavar="TEXT",
+                   help="system prompt of a chat (or of the one chat turn of a prompt)")
+    p.add_argument("--no-display-prompt", action="store_true",
+                   help="--raw: print only the completion, not the prompt before it")
     p.add_argument("--json", action="store_true",
                    help="one-shot: print one JSON object (text, token counts, timings) instead of the text")
     p.add_argument(
@@ -71,8 +85,16 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    _check_n_predict(args.n_predict)
     sampling = sampler_config(args)
+    if args.prompt_file is not None:
+        args.prompt = _read_prompt_file(args.prompt_file)
     chat_repl = _wants_repl(args)
+    if args.raw and chat_repl:
+        raise UsageError("--raw completes one prompt; there is none",
+                         "pass -p TEXT, or pipe the prompt on stdin")
+    if args.raw and args.system:
+        raise _system_without_chat()
     if args.json and chat_repl:
         raise UsageError(
             "--json answers one prompt; there is none", "pass -p TEXT, or pipe the prompt on stdin"
@@ -86,15 +108,54 @@ def run(args: argparse.Namespace) -> int:
             raise UsageError("the prompt read from stdin is empty", "pipe some text, or pass -p TEXT")
     color = color_enabled(sys.stderr)
     prepared = road.ready(args, ref, n_ctx=args.ctx_size, color=color)
-    from pipx_llama.engine import warm_up
+    from pipx_llama.engine import load_model, warm_up
+
     warm_up(lambda message: print(message, file=sys.stderr), prepared.path)
+    from pipx_llama.cli.liveness import Activity
+
     t0 = time.perf_counter()
-    model = load_model(prepared.path, threads=prepared.threads)
-    ctx = model.new_context(prepared.n_ctx, type_k=args.cache_type_k, type_v=args.cache_type_v)
+    with Activity(sys.stderr, f"loading {prepared.name}"):
+        model = load_model(prepared.path, threads=prepared.threads)
+        ctx = model.new_context(prepared.n_ctx, type_k=args.cache_type_k, type_v=args.cache_type_v)
     load_seconds = time.perf_counter() - t0
     if chat_repl:
         return _chat(model, ctx, args, sampling, prepared, color)
     return _one_shot(model, ctx, args, sampling, prepared, load_seconds)
+
+
+def _check_n_predict(n: int | None) -> None:
+    """llama.cpp's -n: -1 means no limit; any other negative number is a mistake, not "no limit" too."""
+    if n is not None and n < -1:
+        raise UsageError(f"-n/--n-predict is {n}; it takes -1 (no limit) or a number of tokens >= 0",
+                         "pass -n -1 to generate until the end of the text or a full context")
+
+
+def _read_prompt_file(path: Path) -> str:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as err:
+        raise UsageError(f"cannot read the prompt file {path}: {err.strerror or err}",
+                         "check the path given to -f/--file") from err
+    except UnicodeDecodeError as err:
+        raise UsageError(f"the prompt file {path} is not UTF-8 text", "save it as UTF-8") from err
+    if not text.strip():
+        raise UsageError(f"the prompt file {path} is empty", "write the prompt into it, or pass -p TEXT")
+    return text
+
+
+def one_shot_mode(args: argparse.Namespace, model: Model) -> str:
+    """"chat" (one turn through the chat template) or "completion" (the prompt read on from)."""
+    if args.raw:
+        return "completion"
+    if args.chat or model.tokenizer.chat_template:
+        return "chat"
+    return "completion"
+
+
+def _system_without_chat() -> UsageError:
+    return UsageError("--system applies to a chat turn; --raw (or a model without a chat template) completes "
+                      "the prompt as it is", "drop --system and put the instructions into the prompt, or "
+                      "drop --raw (--chat uses a generic template on a model without one)")
 
 
 def _wants_repl(args: argparse.Namespace) -> bool:
@@ -148,40 +209,46 @@ def file_type_name(model: Model) -> str:
 
 def _one_shot(model: Model, ctx: Any, args: argparse.Namespace, sampling: Any, prepared: Runnable,
               load_seconds: float) -> int:
+    from pipx_llama.engine import generate
+
     max_tokens = args.n_predict if args.n_predict is not None else ONE_SHOT_TOKENS
-    if args.chat:
+    mode = one_shot_mode(args, model)
+    if mode == "chat":
         messages = [{"role": "system", "content": args.system}] if args.system else []
         messages.append({"role": "user", "content": args.prompt})
         text = model.tokenizer.chat_prompt(messages, add_generation_prompt=True)
-        gen = generate(ctx, text, max_tokens=max_tokens, sampler=sampling, stop=args.stop,
-                       context_shift=args.context_shift)
     else:
-        gen = generate(ctx, args.prompt, max_tokens=max_tokens, sampler=sampling, stop=args.stop,
-                       context_shift=args.context_shift)
+        if args.system:
+            raise _system_without_chat()
+        text = args.prompt
+    gen = generate(ctx, text, max_tokens=max_tokens, sampler=sampling, stop=args.stop,
+                   context_shift=args.context_shift)
+    from pipx_llama.cli.liveness import Activity
+
+    busy = Activity(sys.stderr, "processing the prompt")
+    gen.on_prompt = busy.update
     if args.json:
-        for _ in gen:
-            pass
-        sys.stdout.write(
-            json.dumps(result_json(gen, prepared, args, load_seconds), ensure_ascii=False) + "\n"
-        )
+        with busy:
+            for _ in gen:
+                busy.stop()
+        record = result_json(gen, prepared, mode, load_seconds)
+        sys.stdout.write(json.dumps(record, ensure_ascii=False) + "\n")
         return 0
-    if not args.chat:
-        sys.stdout.write(args.prompt)  # a completion reads on from its prompt, as llama.cpp prints it
-    _stream(gen)
-    sys.stdout.write("\n")
-    sys.stdout.flush()
+    # a completion reads on from its prompt, as llama.cpp prints it
+    lead = args.prompt if mode == "completion" and not args.no_display_prompt else ""
+    _stream(gen, busy, lead)
     if args.verbose:
         _report(gen, load_seconds)
     return 0
 
 
-def result_json(gen: Generation, prepared: Runnable, args: argparse.Namespace, load_seconds: float) -> dict:
-    """The ``--json`` record of a one-shot run."""
+def result_json(gen: Generation, prepared: Runnable, mode: str, load_seconds: float) -> dict:
+    """The ``--json`` record of a one-shot run; ``mode`` is "chat" or "completion"."""
     s = gen.stats
     return {
         "model": prepared.name,
         "file": str(prepared.path),
-        "mode": "chat" if args.chat else "completion",
+        "mode": mode,
         "text": gen.text,
         "finish_reason": s.finish_reason,
         "tokens": {
@@ -199,11 +266,25 @@ def result_json(gen: Generation, prepared: Runnable, args: argparse.Namespace, l
     }
 
 
-def _stream(gen: Generation) -> None:
-    for piece in gen:
-        if piece.text:
-            sys.stdout.write(piece.text)
-            sys.stdout.flush()
+def _stream(gen: Generation, busy: Activity, lead: str = "") -> None:
+    """``lead`` then the text to stdout, ending with a newline whatever happens, so that an error (a full
+    context, an interruption) goes to stderr on a line of its own and never into the middle of the answer.
+    ``lead`` (a completion's prompt) waits for the prompt's evaluation, so a spinner on the same terminal
+    never draws over it."""
+    try:
+        with busy:
+            for piece in gen:
+                busy.stop()  # the prompt is evaluated: the sign of life goes before the first word
+                if lead:
+                    sys.stdout.write(lead)
+                    lead = ""
+                if piece.text:
+                    sys.stdout.write(piece.text)
+                    sys.stdout.flush()
+        sys.stdout.write(lead)  # nothing was generated
+    finally:
+        sys.stdout.write("\n")
+        sys.stdout.flush()
 
 
 def _report(gen: Generation, load_seconds: float) -> None:

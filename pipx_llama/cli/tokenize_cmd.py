@@ -12,8 +12,6 @@ import sys
 from pathlib import Path
 
 from pipx_llama.cli import road
-from pipx_llama.formats.gguf import open_gguf
-from pipx_llama.tokenizer.tokenizer import Tokenizer
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -35,6 +33,9 @@ def run(args: argparse.Namespace) -> int:
     ref = road.reference(args, args.model)
     text = sys.stdin.read() if args.text == "-" else args.text
     path = road.ready(args, ref, color=road.color_enabled(sys.stderr)).path
+    from pipx_llama.formats.gguf import open_gguf
+    from pipx_llama.tokenizer.tokenizer import Tokenizer
+
     g = open_gguf(path)
     tok = Tokenizer.from_gguf_metadata(g.metadata, source=str(g.path))
     ids = tok.encode(text, add_special=not args.no_special, parse_special=not args.no_parse_special)

@@ -8,7 +8,6 @@ import argparse
 from pipx_llama.cli import store_common as common
 from pipx_llama.cli.progress import renderer_for
 from pipx_llama.errors import ModelFileError, UsageError
-from pipx_llama.models.verify import verify_installed
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -24,12 +23,21 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from pipx_llama.models.verify import verify_installed
+
     s = common.open_session(args)
     name = None
     if args.model is not None:
         m = s.catalog.get(args.model)
         name = m.name if m else args.model
     targets = [iv for iv in s.store.installed(name) if args.variant in (None, iv.variant)]
+    if not targets and args.model is None:
+        # an empty store is not damaged: say so, and succeed
+        with renderer_for(args.json) as out:
+            out.say(f"nothing to verify: no models are installed in {s.store.root}")
+            if args.json:
+                out.emit_json({"kind": "result", "verified": 0, "ok": True})
+        return 0
     if not targets:
         raise UsageError(f"nothing installed{' for ' + repr(args.model) if args.model else ''} to verify",
                          "`pipx-llama list` shows what is installed")

@@ -13,7 +13,7 @@ before the sampler draws, and follows the drawn token; it is per sequence, like 
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 from pipx_llama.engine.constrain import Constraint
@@ -65,6 +65,7 @@ class Generation:
     n_keep: int = 0
     constraint: Constraint | None = None
     special: bool = False  # emit control tokens' text (a tool-call marker such as [TOOL_CALLS])
+    on_prompt: Callable[[int, int], None] | None = None  # (tokens evaluated, of) after each prompt batch
     stats: GenerationStats = field(default_factory=GenerationStats)
     text: str = ""  # everything emitted so far
 
@@ -86,7 +87,12 @@ class Generation:
         reuse = min(reuse, len(self.prompt) - 1)  # the last prompt token must be evaluated for its logits
         ctx.truncate(reuse)
         new = self.prompt[reuse:]
-        logits = ctx.eval(new)[-1]
+        if self.on_prompt is None:
+            logits = ctx.eval(new)[-1]
+        else:  # batch by batch, as eval itself goes, telling how far it is
+            for start in range(0, len(new), ctx.n_batch):
+                logits = ctx.eval(new[start : start + ctx.n_batch])[-1]
+                self.on_prompt(min(start + ctx.n_batch, len(new)), len(new))
         stats.n_prompt_evaluated = len(new)
         stats.prompt_seconds = time.perf_counter() - t0
 
@@ -161,6 +167,7 @@ def generate(
     n_keep: int | None = None,
     constraint: Constraint | None = None,
     special: bool = False,
+    on_prompt: Callable[[int, int], None] | None = None,
 ) -> Generation:
     """Start generating from ``prompt`` (text, tokenized with the model's tokenizer, or token ids).
 
@@ -168,7 +175,8 @@ def generate(
     ``n_keep`` is how many leading tokens a context shift keeps (default: the whole prompt,
     capped at half the context, as llama.cpp's ``--keep -1``). ``constraint`` limits every token to
     what its grammar allows (single use: it follows this generation's tokens). ``special`` makes control
-    tokens part of the text (end-of-generation tokens never are).
+    tokens part of the text (end-of-generation tokens never are). ``on_prompt(done, total)`` is called
+    after each batch of the prompt's evaluation (a progress display for a long prompt).
     """
     if isinstance(prompt, str):
         ids = context.model.tokenizer.encode(prompt, add_special=add_special, parse_special=parse_special)
@@ -181,7 +189,7 @@ def generate(
     if n_keep is None:
         n_keep = min(len(ids), context.n_ctx // 2)
     return Generation(context, ids, max_tokens, Sampler(sampler or SamplerConfig()), tuple(stop),
-                      context_shift, n_keep, constraint, special)
+                      context_shift, n_keep, constraint, special, on_prompt)
 
 
 def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:

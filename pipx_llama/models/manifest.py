@@ -663,14 +663,33 @@ class Catalog:
         m = self.get(name)
         if m is not None:
             return m
-        close = difflib.get_close_matches(name.lower(), list(self._keys), n=3, cutoff=0.5)
+        close = self.suggest(name)
         hint = f"did you mean {', '.join(close)}? " if close else ""
         raise UsageError(f"no model named {name!r}",
                          hint + "`pipx-llama list --available` shows the known models; "
                          "add your own with --manifest FILE")
 
+    def suggest(self, name: str, n: int = 4) -> list[str]:
+        """The names and aliases closest to a mistyped ``name``: those it begins (``llama2`` ->
+        ``llama2-7b-chat``), then the most alike by spelling; an alias shown with its model's name."""
+        typed = _squash(name)
+        keys = list(self._keys)
+        starts = sorted((k for k in keys if typed and _squash(k).startswith(typed)), key=len)
+        alike = difflib.get_close_matches(name.lower(), keys, n=n, cutoff=0.5)
+        shown: dict[str, str] = {}  # one entry per model: its first matching key
+        for key in [*starts, *alike]:
+            m = self._keys[key]
+            if m.name not in shown:
+                shown[m.name] = m.name if key == m.name.lower() else f"{key} ({m.name})"
+        return list(shown.values())[:n]
+
     def find_sha256(self, sha256: str) -> list[tuple[Manifest, Variant, ManifestFile]]:
         return [(m, v, f) for m in self._manifests for v in m.variants for f in v.files if f.sha256 == sha256]
+
+
+def _squash(text: str) -> str:
+    """A name without case or separators: ``Llama-2`` and ``llama2`` compare equal."""
+    return "".join(c for c in text.lower() if c.isalnum())
 
 
 def manifest_files(folder: Path) -> list[Path]:

@@ -2,7 +2,7 @@
 
 ``/v1/models``, ``/v1/completions``, ``/v1/chat/completions`` (server-sent events when ``stream``),
 ``/health``, ``/props`` (the sampler defaults, in llama.cpp's shape), and Ollama's ``/api/generate``,
-``/api/chat``, ``/api/tags``, ``/api/version`` (NDJSON streams). ``/`` serves the chat page from
+``/api/chat``, ``/api/tags``, ``/api/ps``, ``/api/version`` (NDJSON streams). ``/`` serves the chat page from
 ``static/`` and its vendored libraries from ``static/vendor/`` (no API key needed to load it; its API
 calls send the key).
 
@@ -360,6 +360,30 @@ class Server:
             })
         return JSONResponse({"models": models})
 
+    async def ollama_ps(self, request: Request) -> Response:
+        """Ollama's running-models list: what is loaded, its memory (weights mapped plus KV cache), since
+        when. Models stay loaded until the server stops, so ``expires_at`` is empty."""
+        models = []
+        for lm in self.registry.loaded():
+            s = self.registry.summary(lm.spec)
+            kv = lm.context.kv_bytes
+            models.append({
+                "name": lm.spec.name,
+                "model": lm.spec.name,
+                "size": s["size"] + kv,
+                "size_vram": 0,
+                "digest": lm.spec.digest or "",
+                "details": {"parent_model": "", "format": "gguf", "family": s["family"],
+                            "families": [s["family"]] if s["family"] else None,
+                            "parameter_size": s["parameter_size"], "quantization_level": s["quantization_level"]},
+                "expires_at": "",
+                "loaded_at": schemas.ollama_time(lm.loaded_at),
+                "context_length": lm.n_ctx,
+                "kv_cache_bytes": kv,
+                "load_seconds": round(lm.load_seconds, 3),
+            })
+        return JSONResponse({"models": models})
+
     async def ollama_version(self, request: Request) -> Response:
         return JSONResponse({"version": __version__})
 
@@ -558,6 +582,7 @@ def create_app(registry: ModelRegistry, settings: ServerSettings | None = None) 
         route("/api/generate", server.ollama_generate, "POST"),
         route("/api/chat", server.ollama_chat, "POST"),
         route("/api/tags", server.ollama_tags, "GET"),
+        route("/api/ps", server.ollama_ps, "GET"),
         route("/api/version", server.ollama_version, "GET"),
         *(route(path, _page_file(name, media), "GET") for path, (name, media) in PAGE_FILES.items()),
         route("/vendor/{path:path}", _vendor_route(vendor_files()), "GET"),

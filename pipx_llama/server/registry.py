@@ -67,6 +67,7 @@ class LoadedModel:
     context: Context
     load_seconds: float
     pieces: PieceBound
+    loaded_at: float = field(default_factory=time.time)  # wall clock, for /api/ps
 
     @property
     def n_ctx(self) -> int:
@@ -127,6 +128,10 @@ class ModelRegistry:
 
     def is_loaded(self, name: str) -> bool:
         return self._slots[name].loaded is not None
+
+    def loaded(self) -> list[LoadedModel]:
+        """The models loaded so far (for ``/api/ps``)."""
+        return [s.loaded for s in self._slots.values() if s.loaded is not None]
 
     def get(self, spec: ModelSpec) -> LoadedModel:
         """The loaded model (blocking: loads it the first time)."""
