@@ -127,6 +127,31 @@ def test_layers_we_cannot_run_are_refused_by_name(registry, no_docker_config, me
     assert named in err.value.message and media in err.value.message
 
 
+def test_params_and_system_layers_become_the_models_defaults_and_stay_in_the_lock(registry, tmp_path,
+                                                                                 no_docker_config):
+    params = oci.text_layer("params", '{"stop":["<|im_end|>"],"temperature":0.25,"top_k":7,"num_ctx":512,'
+                                      '"num_predict":9,"mirostat":2}')
+    system = oci.text_layer("system", "You answer in French.")
+    _push(registry.host, "lab/chatty", "v1", b"GGUF" + bytes(64), extra=[params, system])
+    ref = parse_reference(f"{registry.host}/lab/chatty:v1")
+    locks = tmp_path / "locks"
+    online = resolve_manifest(ref, None, _options(lock_dir=locks))  # type: ignore[arg-type]
+    d = online.defaults
+    assert d.sampling == {"temperature": 0.25, "top_k": 7} and d.stop == ("<|im_end|>",)
+    assert (d.n_ctx, d.n_predict, d.system, d.template) == (512, 9, "You answer in French.", None)
+    offline = resolve_manifest(ref, None, _options(offline=True, lock_dir=locks))  # type: ignore[arg-type]
+    assert offline.defaults == d
+
+
+def test_a_hostile_params_layer_is_refused_in_one_line(registry, no_docker_config):
+    params = oci.text_layer("params", '{"temperature": "very hot"}')
+    _push(registry.host, "lab/hot", "v1", b"GGUF" + bytes(64), extra=[params])
+    with pytest.raises(oci.RegistryError) as err:
+        resolve_manifest(parse_reference(f"{registry.host}/lab/hot:v1"), None, _options())  # type: ignore[arg-type]
+    assert "lab/hot@sha256:" in err.value.message and 'temperature must be a number, got "very hot"' in \
+        err.value.message and "\n" not in err.value.message
+
+
 def test_offline_uses_the_last_resolution_and_never_asks_the_registry(registry, tmp_path, no_docker_config):
     layer, pushed = _push(registry.host, "lab/off", "v1", b"GGUF-off")
     ref = parse_reference(f"{registry.host}/lab/off:v1")
