@@ -28,6 +28,7 @@ from pipx_llama.engine import Generation, Model, generate, load_model
 from pipx_llama.errors import UsageError
 
 if TYPE_CHECKING:
+    from pipx_llama.models.defaults import ModelDefaults
     from pipx_llama.models.prepare import Runnable
 
 ONE_SHOT_TOKENS = 256
@@ -86,6 +87,8 @@ def run(args: argparse.Namespace) -> int:
             raise UsageError("the prompt read from stdin is empty", "pipe some text, or pass -p TEXT")
     color = color_enabled(sys.stderr)
     prepared = road.ready(args, ref, n_ctx=args.ctx_size, color=color)
+    sampling = sampler_config(args, prepared.defaults)
+    take_model_defaults(args, prepared.defaults)
     from pipx_llama.engine import warm_up
     warm_up(lambda message: print(message, file=sys.stderr), prepared.path)
     t0 = time.perf_counter()
@@ -95,6 +98,16 @@ def run(args: argparse.Namespace) -> int:
     if chat_repl:
         return _chat(model, ctx, args, sampling, prepared, color)
     return _one_shot(model, ctx, args, sampling, prepared, load_seconds)
+
+
+def take_model_defaults(args: argparse.Namespace, defaults: ModelDefaults) -> None:
+    """The model's stop strings, answer length and system prompt where the command line gave none."""
+    if not args.stop:
+        args.stop = list(defaults.stop)
+    if args.n_predict is None:
+        args.n_predict = defaults.n_predict
+    if args.system is None:
+        args.system = defaults.system
 
 
 def _wants_repl(args: argparse.Namespace) -> bool:
