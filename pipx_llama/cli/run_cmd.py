@@ -93,6 +93,7 @@ def run(args: argparse.Namespace) -> int:
     warm_up(lambda message: print(message, file=sys.stderr), prepared.path)
     t0 = time.perf_counter()
     model = load_model(prepared.path, threads=prepared.threads)
+    model.tokenizer.use_ollama_template(prepared.defaults.template)  # only for a GGUF without its own
     ctx = model.new_context(prepared.n_ctx, type_k=args.cache_type_k, type_v=args.cache_type_v)
     load_seconds = time.perf_counter() - t0
     if chat_repl:

@@ -206,7 +206,8 @@ def _specs(args: argparse.Namespace, spec_cls: type) -> list:
         d = r.defaults
         length = d.n_predict if d.n_predict is not None and d.n_predict >= 0 else None
         specs.append(spec_cls(r.name if ref.is_file else name, r.path, sampling=sampler_config(args, d),
-                              stop=d.stop, system=d.system, max_tokens=length, n_ctx=d.n_ctx))
+                              stop=d.stop, system=d.system, max_tokens=length, n_ctx=d.n_ctx,
+                              template=d.template))
     return specs
 
 

@@ -37,6 +37,7 @@ class ModelSpec:
     system: str | None = None  # put first in a chat that has no system message
     max_tokens: int | None = None  # None: until the model stops or the context is full
     n_ctx: int | None = None  # the context size when the command line gives none
+    template: str | None = None  # ollama's template layer, for a GGUF without tokenizer.chat_template
 
 
 @dataclass(frozen=True)
@@ -147,6 +148,7 @@ class ModelRegistry:
     def _load(self, spec: ModelSpec) -> LoadedModel:
         t0 = time.perf_counter()
         model = load_model(spec.path, threads=self.threads)
+        model.tokenizer.use_ollama_template(spec.template)
         n_ctx = self.ctx_size if self.ctx_size is not None else spec.n_ctx
         if n_ctx is not None and n_ctx > model.hparams.n_ctx_train:
             log.warning("%s: context %d exceeds the %d tokens it was trained on; using %d",
