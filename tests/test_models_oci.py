@@ -152,6 +152,27 @@ def test_a_hostile_params_layer_is_refused_in_one_line(registry, no_docker_confi
         err.value.message and "\n" not in err.value.message
 
 
+def test_unknown_names_are_matched_against_references_pulled_before(registry, tmp_path, no_docker_config):
+    from pipx_llama.models.known import known_names, suggestions
+    from pipx_llama.models.manifest import load_catalog
+
+    _push(registry.host, "lab/smollm2", "135m", b"GGUF" + bytes(64))
+    locks = tmp_path / "locks"
+    resolve_manifest(parse_reference(f"{registry.host}/lab/smollm2:135m"), None,  # type: ignore[arg-type]
+                     _options(lock_dir=locks))
+    catalog = load_catalog()
+    known = known_names(catalog, locks)
+    pulled = f"{registry.host}/lab/smollm2:135m"
+    assert [(k.kind, k.model) for k in known if k.text == pulled] == [("oci", "lab-smollm2-135m")]
+    assert {"name", "alias"} <= {k.kind for k in known}
+    assert pulled in suggestions("smollm2:135", catalog, locks)
+    with pytest.raises(UsageError) as err:
+        resolve_manifest(parse_reference("smolm2-135"), catalog, _options(lock_dir=locks))
+    assert "no model named 'smolm2-135'" in err.value.message and pulled in err.value.hint
+    (locks / "oci" / "junk.toml").write_text("not toml [")   # a damaged lock costs only its hint
+    assert pulled in suggestions("smollm2:135", catalog, locks)
+
+
 def test_offline_uses_the_last_resolution_and_never_asks_the_registry(registry, tmp_path, no_docker_config):
     layer, pushed = _push(registry.host, "lab/off", "v1", b"GGUF-off")
     ref = parse_reference(f"{registry.host}/lab/off:v1")
