@@ -73,7 +73,7 @@ def _manifest(defaults: object) -> str:
 
 
 def test_defaults_travel_in_the_manifest_and_back():
-    d = from_ollama(QWEN_PARAMS, "Be brief.\n", "{{ .System }} {{ .Prompt }}")
+    d = from_ollama(QWEN_PARAMS, "Be brief 😀 \"é\" \\ \x7f\x01\n", "{{ .System }} {{ .Prompt }}")
     m = parse_manifest(_manifest(d.table()), "m.toml")
     assert m.defaults == d
     assert parse_manifest(_manifest(None), "m.toml").defaults == ModelDefaults()

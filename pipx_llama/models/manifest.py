@@ -712,7 +712,9 @@ def _toml_value(value: Any) -> str:
     if isinstance(value, float) and math.isfinite(value):
         return repr(value)
     if isinstance(value, str):
-        return json.dumps(value)  # JSON's escapes are a subset of TOML basic strings'
+        # JSON's escapes are a subset of TOML basic strings', except its surrogate pairs for characters
+        # beyond U+FFFF (TOML wants the character itself) and an unescaped DEL (TOML refuses it)
+        return json.dumps(value, ensure_ascii=False).replace("\x7f", "\\u007f")
     if isinstance(value, (list, tuple)):
         return "[" + ", ".join(_toml_value(v) for v in value) + "]"
     if isinstance(value, Mapping):
