@@ -103,6 +103,7 @@ def test_a_field_ollama_does_not_pass_prints_no_value_as_go_does():
     ("{{ .Prompt | printf }}", ".Prompt | printf"),
     ("{{ if .System }}x", "without its {{ end }}"),
     ("{{ end }}", "end"),
+    ("{{ if .System }}" * 2000 + "{{ end }}" * 2000, "nested deeper than 32"),
     ("{{ if .Prompt }}{{ .Response }}{{ else }}y{{ end }}", "inside an {{ if }} that has an {{ else }}"),
 ])
 def test_constructs_outside_the_subset_are_refused_by_name(template, construct):

@@ -38,6 +38,7 @@ _MESSAGE_FIELDS = ("Role", "Content")
 _HINT = ("use a GGUF that carries tokenizer.chat_template (ollama's library models do), or run it as a raw "
          "completion (without --chat)")
 MAX_TEMPLATE = 64 << 10
+MAX_DEPTH = 32            # nested if/range blocks (real templates use 3 or 4; rendering recurses)
 NO_VALUE = "<no value>"
 
 
@@ -196,6 +197,8 @@ def parse_go_template(source: str) -> GoTemplate:
             names.add(m.group(2).lower())
         word, _, rest = body.partition(" ")
         rest = rest.strip()
+        if len(stack) >= MAX_DEPTH and word in ("if", "range"):
+            raise _unsupported(f"blocks nested deeper than {MAX_DEPTH}")
         if word == "if":
             node = _If(_pipe(rest, in_range))
             current.append(node)
