@@ -96,3 +96,77 @@ def test_provision_takes_oci_references(registry, smollm2_path, tmp_path, monkey
     evs = [json.loads(line) for line in out.splitlines() if line.strip()]
     assert [e["model"] for e in evs if e["kind"] == "model-ready"] == ["lab-smollm2-q4_1"]
     assert Store(tmp_path / "lab" / "home").has_blob(SMOLLM2_SHA256)
+
+
+def _push_with_defaults(registry: Registry, smollm2_path, repo: str, params: dict, system: str) -> str:
+    """SmolLM2 pushed in ollama's layout with a params and a system layer, as `ollama create` writes them."""
+    from conftest import SMOLLM2_SHA256
+
+    from pipx_llama.models import oci
+
+    model = oci.PushLayer(OLLAMA_MODEL, SMOLLM2_SHA256, smollm2_path.stat().st_size, path=smollm2_path)
+    texts = [oci.text_layer("params", json.dumps(params)), oci.text_layer("system", system)]
+    config = oci.ollama_config(model, texts, family="llama", file_type="Q4_1", parameters=134_515_008,
+                               context_length=8192)
+    oci.push_image(registry.host, repo, "v1", config, [model, *texts])
+    return f"{registry.host}/{repo}:v1"
+
+
+# stop strings no English continuation gets past: its first piece holds one of them
+_STOPS = [" ", "e", "a", "o", ",", ".", "\n"]
+
+
+def test_run_takes_the_params_and_system_layers_and_the_command_line_wins(registry, smollm2_path, tmp_path,
+                                                                          monkeypatch, capsys):
+    _env(monkeypatch, tmp_path, "lab")
+    ref = _push_with_defaults(registry, smollm2_path, "lab/terse",
+                              {"stop": _STOPS, "num_predict": 3, "temperature": 0, "mirostat": 2},
+                              "You are a pirate. Answer every question in the words of an old pirate.")
+
+    def run(*extra: str) -> dict:
+        code, out, err = cli(capsys, "run", ref, "-p", "The capital of France is", "--json", *extra)
+        assert code == 0, err
+        return json.loads(out)
+
+    by_model = run()
+    assert by_model["finish_reason"] == "stop" and by_model["tokens"]["generated"] <= 3
+    own_stop = run("--stop", "QQQQ")                 # the command line's stop strings replace the model's
+    assert (own_stop["finish_reason"], own_stop["tokens"]["generated"]) == ("length", 3)  # its num_predict
+    own_length = run("--stop", "QQQQ", "-n", "5")
+    assert (own_length["finish_reason"], own_length["tokens"]["generated"]) == ("length", 5)
+
+    with_system = run("--chat", "--stop", "QQQQ")
+    own_system = run("--chat", "--stop", "QQQQ", "--system", "Hi.")
+    assert with_system["tokens"]["prompt"] > own_system["tokens"]["prompt"] + 10
+
+
+def test_serve_takes_the_params_and_system_layers_and_requests_win(registry, smollm2_path, tmp_path,
+                                                                   monkeypatch, capsys):
+    from starlette.testclient import TestClient
+
+    from pipx_llama.cli.main import build_parser
+    from pipx_llama.cli.serve_cmd import _specs
+    from pipx_llama.server import ModelRegistry, ModelSpec, ServerSettings, create_app
+
+    _env(monkeypatch, tmp_path, "lab")
+    system = "You are a pirate. Answer every question in the words of an old pirate captain."
+    ref = _push_with_defaults(registry, smollm2_path, "lab/pirate",
+                              {"stop": _STOPS, "num_predict": 3, "temperature": 0.25, "top_k": 7}, system)
+    (spec,) = _specs(build_parser().parse_args(["serve", ref, "--top-k", "3"]), ModelSpec)
+    assert (spec.sampling.temperature, spec.sampling.top_k) == (0.25, 3)   # the command line's top-k wins
+    assert (spec.stop, spec.system, spec.max_tokens) == (tuple(_STOPS), system, 3)
+
+    app = create_app(ModelRegistry([spec]), ServerSettings(allowed_hosts=["testserver"]))
+    user = {"role": "user", "content": "What is the capital of France?"}
+    with TestClient(app) as http:
+        def chat(*messages: dict, **body: object) -> dict:
+            r = http.post("/v1/chat/completions", json={"model": ref, "messages": list(messages), **body})
+            assert r.status_code == 200, r.text
+            return {**r.json()["usage"], "finish": r.json()["choices"][0]["finish_reason"]}
+
+        assert chat(user)["finish"] == "stop"
+        mine = chat(user, stop=["QQQQ"], temperature=0)
+        assert (mine["finish"], mine["completion_tokens"]) == ("length", 3)
+        assert chat(user, stop=["QQQQ"], max_tokens=5, temperature=0)["completion_tokens"] == 5
+        own_system = chat({"role": "system", "content": "Hi."}, user, max_tokens=1)
+        assert mine["prompt_tokens"] > own_system["prompt_tokens"] + 10

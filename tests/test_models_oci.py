@@ -127,6 +127,52 @@ def test_layers_we_cannot_run_are_refused_by_name(registry, no_docker_config, me
     assert named in err.value.message and media in err.value.message
 
 
+def test_params_and_system_layers_become_the_models_defaults_and_stay_in_the_lock(registry, tmp_path,
+                                                                                 no_docker_config):
+    params = oci.text_layer("params", '{"stop":["<|im_end|>"],"temperature":0.25,"top_k":7,"num_ctx":512,'
+                                      '"num_predict":9,"mirostat":2}')
+    system = oci.text_layer("system", "You answer in French.")
+    _push(registry.host, "lab/chatty", "v1", b"GGUF" + bytes(64), extra=[params, system])
+    ref = parse_reference(f"{registry.host}/lab/chatty:v1")
+    locks = tmp_path / "locks"
+    online = resolve_manifest(ref, None, _options(lock_dir=locks))  # type: ignore[arg-type]
+    d = online.defaults
+    assert d.sampling == {"temperature": 0.25, "top_k": 7} and d.stop == ("<|im_end|>",)
+    assert (d.n_ctx, d.n_predict, d.system, d.template) == (512, 9, "You answer in French.", None)
+    offline = resolve_manifest(ref, None, _options(offline=True, lock_dir=locks))  # type: ignore[arg-type]
+    assert offline.defaults == d
+
+
+def test_a_hostile_params_layer_is_refused_in_one_line(registry, no_docker_config):
+    params = oci.text_layer("params", '{"temperature": "very hot"}')
+    _push(registry.host, "lab/hot", "v1", b"GGUF" + bytes(64), extra=[params])
+    with pytest.raises(oci.RegistryError) as err:
+        resolve_manifest(parse_reference(f"{registry.host}/lab/hot:v1"), None, _options())  # type: ignore[arg-type]
+    assert "lab/hot@sha256:" in err.value.message and 'temperature must be a number, got "very hot"' in \
+        err.value.message and "\n" not in err.value.message
+
+
+def test_unknown_names_are_matched_against_references_pulled_before(registry, tmp_path, no_docker_config):
+    from pipx_llama.models.known import known_names, suggestions
+    from pipx_llama.models.manifest import load_catalog
+
+    _push(registry.host, "lab/smollm2", "135m", b"GGUF" + bytes(64))
+    locks = tmp_path / "locks"
+    resolve_manifest(parse_reference(f"{registry.host}/lab/smollm2:135m"), None,  # type: ignore[arg-type]
+                     _options(lock_dir=locks))
+    catalog = load_catalog()
+    known = known_names(catalog, locks)
+    pulled = f"{registry.host}/lab/smollm2:135m"
+    assert [(k.kind, k.model) for k in known if k.text == pulled] == [("oci", "lab-smollm2-135m")]
+    assert {"name", "alias"} <= {k.kind for k in known}
+    assert pulled in suggestions("smollm2:135", catalog, locks)
+    with pytest.raises(UsageError) as err:
+        resolve_manifest(parse_reference("smolm2-135"), catalog, _options(lock_dir=locks))
+    assert "no model named 'smolm2-135'" in err.value.message and pulled in err.value.hint
+    (locks / "oci" / "junk.toml").write_text("not toml [")   # a damaged lock costs only its hint
+    assert pulled in suggestions("smollm2:135", catalog, locks)
+
+
 def test_offline_uses_the_last_resolution_and_never_asks_the_registry(registry, tmp_path, no_docker_config):
     layer, pushed = _push(registry.host, "lab/off", "v1", b"GGUF-off")
     ref = parse_reference(f"{registry.host}/lab/off:v1")

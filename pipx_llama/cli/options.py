@@ -7,10 +7,12 @@ So the sampling defaults the help shows are written here, and test_cli.py checks
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from pathlib import Path
 from types import SimpleNamespace
 from typing import TYPE_CHECKING
 
+from pipx_llama.models.defaults import NONE, ModelDefaults
 from pipx_llama.models.reference import DEFAULT_MODEL
 
 if TYPE_CHECKING:
@@ -44,26 +46,35 @@ def add_cache_type_options(p: argparse.ArgumentParser) -> None:
 
 
 def add_sampling_options(p: argparse.ArgumentParser) -> None:
+    """The sampler's options. Each defaults to None, so that a value the user gave is told apart from the
+    model's own default (an ollama model's params layer) and from the engine's (``sampler_config``)."""
     d = SAMPLING_DEFAULTS
-    p.add_argument(
-        "--temp", type=float, default=d.temperature, help=f"temperature, 0 = greedy (default {d.temperature})"
-    )
-    p.add_argument("--top-k", type=int, default=d.top_k, help=f"top-k, 0 = off (default {d.top_k})")
-    p.add_argument("--top-p", type=float, default=d.top_p, help=f"top-p, 1.0 = off (default {d.top_p})")
-    p.add_argument("--min-p", type=float, default=d.min_p, help=f"min-p, 0.0 = off (default {d.min_p})")
-    p.add_argument("--repeat-penalty", type=float, default=d.repeat_penalty,
-                   help=f"repeat penalty, 1.0 = off (default {d.repeat_penalty})")
-    p.add_argument("--repeat-last-n", type=int, default=d.repeat_last_n,
-                   help=f"tokens the repeat penalty looks back on, -1 = context (default {d.repeat_last_n})")
+    p.add_argument("--temp", type=float, default=None,
+                   help=f"temperature, 0 = greedy (default: the model's, else {d.temperature})")
+    p.add_argument("--top-k", type=int, default=None,
+                   help=f"top-k, 0 = off (default: the model's, else {d.top_k})")
+    p.add_argument("--top-p", type=float, default=None,
+                   help=f"top-p, 1.0 = off (default: the model's, else {d.top_p})")
+    p.add_argument("--min-p", type=float, default=None,
+                   help=f"min-p, 0.0 = off (default: the model's, else {d.min_p})")
+    p.add_argument("--repeat-penalty", type=float, default=None,
+                   help=f"repeat penalty, 1.0 = off (default: the model's, else {d.repeat_penalty})")
+    p.add_argument("--repeat-last-n", type=int, default=None,
+                   help=f"tokens the repeat penalty looks back on, -1 = context (default: the model's, else "
+                        f"{d.repeat_last_n})")
     p.add_argument("--seed", type=int, default=None, help="random seed for reproducible sampling")
 
 
-def sampler_config(args: argparse.Namespace) -> SamplerConfig:
+_FLAGS = {"temperature": "temp", "top_k": "top_k", "top_p": "top_p", "min_p": "min_p",
+          "repeat_penalty": "repeat_penalty", "repeat_last_n": "repeat_last_n", "seed": "seed"}
+
+
+def sampler_config(args: argparse.Namespace, model: ModelDefaults = NONE) -> SamplerConfig:
+    """The sampler: the command line's values, else the model's defaults, else the engine's."""
+    given = {field: getattr(args, flag) for field, flag in _FLAGS.items()
+             if getattr(args, flag, None) is not None}
     from pipx_llama.engine import SamplerConfig
 
-    cfg = SamplerConfig(
-        temperature=args.temp, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
-        repeat_penalty=args.repeat_penalty, repeat_last_n=args.repeat_last_n, seed=args.seed,
-    )
+    cfg = dataclasses.replace(SamplerConfig(), **{**model.sampling, **given})
     cfg.validate()
     return cfg

@@ -32,6 +32,7 @@ from pipx_llama.errors import UsageError
 if TYPE_CHECKING:
     from pipx_llama.cli.liveness import Activity
     from pipx_llama.engine import Generation, Model
+    from pipx_llama.models.defaults import ModelDefaults
     from pipx_llama.models.prepare import Runnable
 
 ONE_SHOT_TOKENS = 256
@@ -108,6 +109,8 @@ def run(args: argparse.Namespace) -> int:
             raise UsageError("the prompt read from stdin is empty", "pipe some text, or pass -p TEXT")
     color = color_enabled(sys.stderr)
     prepared = road.ready(args, ref, n_ctx=args.ctx_size, color=color)
+    sampling = sampler_config(args, prepared.defaults)
+    take_model_defaults(args, prepared.defaults)
     from pipx_llama.engine import load_model, warm_up
 
     warm_up(lambda message: print(message, file=sys.stderr), prepared.path)
@@ -116,6 +119,7 @@ def run(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     with Activity(sys.stderr, f"loading {prepared.name}"):
         model = load_model(prepared.path, threads=prepared.threads)
+        model.tokenizer.use_ollama_template(prepared.defaults.template)  # only for a GGUF without its own
         ctx = model.new_context(prepared.n_ctx, type_k=args.cache_type_k, type_v=args.cache_type_v)
     load_seconds = time.perf_counter() - t0
     if chat_repl:
@@ -156,6 +160,18 @@ def _system_without_chat() -> UsageError:
     return UsageError("--system applies to a chat turn; --raw (or a model without a chat template) completes "
                       "the prompt as it is", "drop --system and put the instructions into the prompt, or "
                       "drop --raw (--chat uses a generic template on a model without one)")
+
+
+def take_model_defaults(args: argparse.Namespace, defaults: ModelDefaults) -> None:
+    """The model's stop strings, answer length and system prompt where the command line gave none."""
+    if not args.stop:
+        args.stop = list(defaults.stop)
+    if args.n_predict is None:
+        args.n_predict = defaults.n_predict
+    if args.system is None and defaults.system:
+        # a model's own system prompt applies to chat turns only; a plain completion leaves it out
+        args.system = defaults.system
+        args.system_from_model = True
 
 
 def _wants_repl(args: argparse.Namespace) -> bool:
@@ -218,7 +234,7 @@ def _one_shot(model: Model, ctx: Any, args: argparse.Namespace, sampling: Any, p
         messages.append({"role": "user", "content": args.prompt})
         text = model.tokenizer.chat_prompt(messages, add_generation_prompt=True)
     else:
-        if args.system:
+        if args.system and not getattr(args, "system_from_model", False):
             raise _system_without_chat()
         text = args.prompt
     gen = generate(ctx, text, max_tokens=max_tokens, sampler=sampling, stop=args.stop,

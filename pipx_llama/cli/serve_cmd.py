@@ -203,7 +203,11 @@ def _specs(args: argparse.Namespace, spec_cls: type) -> list:
     for name in dict.fromkeys(names):
         ref = parse_reference(name)
         r = road.ready(args, ref, n_ctx=args.ctx_size, color=color, by_name_only=True)
-        specs.append(spec_cls(r.name if ref.is_file else name, r.path))
+        d = r.defaults
+        length = d.n_predict if d.n_predict is not None and d.n_predict >= 0 else None
+        specs.append(spec_cls(r.name if ref.is_file else name, r.path, sampling=sampler_config(args, d),
+                              stop=d.stop, system=d.system, max_tokens=length, n_ctx=d.n_ctx,
+                              template=d.template))
     return specs
 
 

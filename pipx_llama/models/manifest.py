@@ -17,6 +17,7 @@ import difflib
 import hashlib
 import ipaddress
 import json
+import math
 import re
 import sys
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -27,6 +28,7 @@ from urllib.parse import urlsplit
 
 from pipx_llama.errors import ModelFileError, UsageError
 from pipx_llama.fetch.pip_source import canonical_name, requirement_problem
+from pipx_llama.models.defaults import NONE, ModelDefaults, defaults_from_table
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -61,6 +63,7 @@ _TOP_KEYS = {
     "context_length",
     "default_variant",
     "variants",
+    "defaults",
 }
 _VARIANT_KEYS = {"name", "format", "quantization", "description", "files", "sources"}
 _FILE_KEYS = {"path", "size", "sha256"}
@@ -191,6 +194,7 @@ class Manifest:
     homepage: str | None = None
     default_variant: str | None = None
     bundled: bool = False
+    defaults: ModelDefaults = NONE  # sampling, stop strings, system prompt, template (models.defaults)
 
     @property
     def text_sha256(self) -> str:
@@ -572,6 +576,11 @@ def parse_manifest(text: str, origin: str, *, allow_http: bool = False, bundled:
     architecture = c.string(data, "architecture", "")
     parameters = c.integer(data, "parameters", "", minimum=1)
     context_length = c.integer(data, "context_length", "", minimum=1)
+    defaults = NONE
+    try:
+        defaults = defaults_from_table(data.get("defaults"), "defaults")
+    except ModelFileError as err:
+        c.problems.append(err.message)
 
     variants_raw = data.get("variants")
     variants: list[Variant] = []
@@ -608,6 +617,7 @@ def parse_manifest(text: str, origin: str, *, allow_http: bool = False, bundled:
         homepage=homepage,
         default_variant=default,
         bundled=bundled,
+        defaults=defaults,
     )  # type: ignore[arg-type]  # every None above was reported as a problem
 
 
@@ -718,8 +728,12 @@ def _toml_value(value: Any) -> str:
         return "true" if value else "false"
     if isinstance(value, int):
         return str(value)
+    if isinstance(value, float) and math.isfinite(value):
+        return repr(value)
     if isinstance(value, str):
-        return json.dumps(value)  # JSON's escapes are a subset of TOML basic strings'
+        # JSON's escapes are a subset of TOML basic strings', except its surrogate pairs for characters
+        # beyond U+FFFF (TOML wants the character itself) and an unescaped DEL (TOML refuses it)
+        return json.dumps(value, ensure_ascii=False).replace("\x7f", "\\u007f")
     if isinstance(value, (list, tuple)):
         return "[" + ", ".join(_toml_value(v) for v in value) + "]"
     if isinstance(value, Mapping):

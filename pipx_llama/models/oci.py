@@ -28,9 +28,10 @@ from urllib.parse import urlsplit
 import httpx
 
 from pipx_llama import __version__
-from pipx_llama.errors import FetchError, UsageError
+from pipx_llama.errors import FetchError, ModelFileError, UsageError
 from pipx_llama.fetch.errors import AccessDenied, OfflineError, SourceNotFound
 from pipx_llama.files import atomic_write_bytes
+from pipx_llama.models.defaults import from_ollama
 from pipx_llama.models.manifest import (
     Manifest,
     ManifestError,
@@ -450,6 +451,13 @@ def manifest_for(oci: OciName, registry: str, base: str, image: ImageManifest,
     ctx = cfg.get("context_length")
     name = model_name(oci)
     where = f"{registry}/{oci.repository}"
+    try:
+        texts = model.texts
+        defaults = from_ollama(texts.get("params"), texts.get("system"), texts.get("template"),
+                               where=f"{where}@{image.digest}")
+    except ModelFileError as err:
+        raise RegistryError(err.message, "the image's params, system or template layer cannot be used; "
+                            "fix it where the model is published, or pick another tag") from None
     data = {
         "format": 1,
         "name": name,
@@ -460,6 +468,7 @@ def manifest_for(oci: OciName, registry: str, base: str, image: ImageManifest,
         "architecture": str(cfg.get("model_family") or "unknown")[:64],
         "parameters": _parameters(cfg, model.model),
         "context_length": ctx if isinstance(ctx, int) and not isinstance(ctx, bool) and ctx > 0 else 4096,
+        "defaults": defaults.table() or None,
         "variants": [{
             "name": (quant or "gguf").lower()[:64] if quant and re.fullmatch(r"[A-Za-z0-9_.-]+", quant)
             else "gguf",

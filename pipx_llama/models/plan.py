@@ -292,8 +292,8 @@ def _canonical_quant(quant: str) -> str:
 
 
 def _context(manifest: Manifest, n_ctx: int | None) -> int:
-    if n_ctx is None:
-        return min(manifest.context_length, DEFAULT_CTX)
+    if n_ctx is None:  # the model's own num_ctx (ollama's params layer), else ours, within its training
+        return min(manifest.context_length, manifest.defaults.n_ctx or DEFAULT_CTX)
     if n_ctx < 1:
         raise UsageError(f"context size must be at least 1, got {n_ctx}", "pass --ctx 512 or more")
     if n_ctx > manifest.context_length:

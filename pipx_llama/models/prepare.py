@@ -36,6 +36,7 @@ from pipx_llama import __version__
 from pipx_llama.errors import UsageError
 from pipx_llama.events import EventCallback, ProgressEvent
 from pipx_llama.files import atomic_write_json
+from pipx_llama.models.defaults import NONE, ModelDefaults
 from pipx_llama.models.manifest import Manifest, Variant
 from pipx_llama.models.plan import Request, RunPlan, plan_for
 from pipx_llama.models.pull import PullResult, pull
@@ -349,6 +350,11 @@ class Runnable:
     @property
     def n_ctx(self) -> int | None:
         return self.plan.n_ctx
+
+    @property
+    def defaults(self) -> ModelDefaults:
+        """The model's own sampling settings, stop strings, system prompt and template (none for a file)."""
+        return self.plan.manifest.defaults if self.plan.manifest is not None else NONE
 
 
 def ready(ref: Reference | str | None, request: Request | None = None, on_event: EventCallback | None = None,

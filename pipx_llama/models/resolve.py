@@ -14,6 +14,7 @@ from pathlib import Path
 
 from pipx_llama.errors import ModelFileError, UsageError
 from pipx_llama.formats.gguf import open_gguf
+from pipx_llama.models.known import suggestions
 from pipx_llama.models.manifest import Catalog, Manifest
 from pipx_llama.models.mirror import manifest_from_mirrors
 from pipx_llama.models.reference import Reference
@@ -33,7 +34,13 @@ def _by_name(ref: Reference, catalog: Catalog, options: PullOptions) -> Manifest
         token=options.token,
         catalog=catalog,
     )
-    return remote or catalog.resolve(ref.text)
+    if remote is not None:
+        return remote
+    close = suggestions(ref.text, catalog, options.lock_dir)
+    raise UsageError(f"no model named {ref.text!r}",
+                     (f"did you mean {', '.join(close)}? " if close else "")
+                     + "`pipx-llama list --available` shows the known models; add your own with "
+                     "--manifest FILE")
 
 
 def _by_oci(ref: Reference, catalog: Catalog, options: PullOptions) -> Manifest:

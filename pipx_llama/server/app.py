@@ -142,14 +142,18 @@ class Server:
     async def _prepare(self, req: schemas.GenRequest, endpoint: str, prompt_param: str) -> _Prepared:
         spec = self.registry.find(req.model)
         loaded = await self._load(spec)
+        if spec.system and req.messages is not None and not any(m["role"] == "system" for m in req.messages):
+            req.messages = [{"role": "system", "content": spec.system}, *req.messages]
         # megabytes of text hold the GIL for seconds: few at a time, and never on the event loop
         prompt = await anyio.to_thread.run_sync(_tokenize, loaded, req, prompt_param,
                                                 limiter=self.tokenize_limiter)
         ids = prompt.ids
         _check_room(loaded, len(ids), req, prompt_param)
-        max_tokens = req.max_tokens if req.max_tokens is not None else loaded.n_ctx - len(ids)
-        job = Job(schemas.new_id("req"), endpoint, loaded, ids, max_tokens, req.sampler(self.settings.sampling),
-                  req.stop, prompt.constraint, special=prompt.tools is not None and prompt.tools.parse)
+        room = loaded.n_ctx - len(ids)
+        max_tokens = req.max_tokens if req.max_tokens is not None else min(room, spec.max_tokens or room)
+        job = Job(schemas.new_id("req"), endpoint, loaded, ids, max_tokens,
+                  req.sampler(spec.sampling or self.settings.sampling), req.stop or spec.stop,
+                  prompt.constraint, special=prompt.tools is not None and prompt.tools.parse)
         job.bind()
         try:
             self.scheduler.submit(job)

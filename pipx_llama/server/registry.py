@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipx_llama.engine import Context, Model, load_model
+from pipx_llama.engine import Context, Model, SamplerConfig, load_model
 from pipx_llama.errors import PipxLlamaError, UsageError
 from pipx_llama.server.errors import bad_request, model_not_found
 from pipx_llama.tokenizer.tokenizer import ATTR_LSTRIP, ATTR_RSTRIP, Tokenizer
@@ -31,6 +31,13 @@ class ModelSpec:
     path: Path
     aliases: tuple[str, ...] = ()
     digest: str | None = None  # sha256 of the file when the store knows it
+    # the model's own defaults (an ollama params/system layer), for what a request leaves out
+    sampling: SamplerConfig | None = None  # None: the server's
+    stop: tuple[str, ...] = ()
+    system: str | None = None  # put first in a chat that has no system message
+    max_tokens: int | None = None  # None: until the model stops or the context is full
+    n_ctx: int | None = None  # the context size when the command line gives none
+    template: str | None = None  # ollama's template layer, for a GGUF without tokenizer.chat_template
 
 
 @dataclass(frozen=True)
@@ -146,7 +153,8 @@ class ModelRegistry:
     def _load(self, spec: ModelSpec) -> LoadedModel:
         t0 = time.perf_counter()
         model = load_model(spec.path, threads=self.threads)
-        n_ctx = self.ctx_size
+        model.tokenizer.use_ollama_template(spec.template)
+        n_ctx = self.ctx_size if self.ctx_size is not None else spec.n_ctx
         if n_ctx is not None and n_ctx > model.hparams.n_ctx_train:
             log.warning("%s: context %d exceeds the %d tokens it was trained on; using %d",
                         spec.name, n_ctx, model.hparams.n_ctx_train, model.hparams.n_ctx_train)

@@ -20,8 +20,9 @@ from typing import Any
 
 import numpy as np
 
-from pipx_llama.errors import TokenizerError, UsageError
+from pipx_llama.errors import ChatTemplateError, TokenizerError, UsageError
 from pipx_llama.tokenizer.bpe import BpeModel, decode_bpe_text, pre_tokenizer
+from pipx_llama.tokenizer.gotemplate import GoTemplate, parse_go_template
 from pipx_llama.tokenizer.spm import (
     ATTR_BYTE,
     ATTR_CONTROL,
@@ -246,6 +247,8 @@ class Tokenizer:
         self._detect_special_tokens(meta)
 
         self.chat_template: str | None = meta.get("tokenizer.chat_template") or None
+        # an ollama template layer, for a GGUF without chat_template (use_ollama_template)
+        self.ollama_template: GoTemplate | ChatTemplateError | None = None
         self._pieces: list[bytes | None] = [None] * n
         if self.is_spm:
             self._spm: SpmModel | None = SpmModel(tokens, scores_arr[:n], self._attrs, self._token_to_id, src)
@@ -570,18 +573,39 @@ class Tokenizer:
         """
         from pipx_llama.tokenizer.chat import render_chat
 
-        text = render_chat(
-            self.chat_template,
-            messages,
-            bos_token=self.bos_token,
-            eos_token=self.eos_token,
-            add_generation_prompt=add_generation_prompt,
-            vocab=self._token_to_id,
-            tools=tools,
-        )
+        if self.chat_template is None and self.ollama_template is not None:
+            if isinstance(self.ollama_template, ChatTemplateError):
+                raise self.ollama_template
+            if tools:
+                raise ChatTemplateError("tools need the GGUF's own chat template; this model has only an "
+                                        "ollama template", "send the request without tools")
+            text = self.ollama_template.render(messages)
+        else:
+            text = render_chat(
+                self.chat_template,
+                messages,
+                bos_token=self.bos_token,
+                eos_token=self.eos_token,
+                add_generation_prompt=add_generation_prompt,
+                vocab=self._token_to_id,
+                tools=tools,
+            )
         if self.add_bos and self.bos_token and text.startswith(self.bos_token):
             text = text[len(self.bos_token) :]
         return text
+
+    def use_ollama_template(self, source: str | None) -> bool:
+        """Render chats with ollama's template ``source`` (Go text/template, the subset of
+        :mod:`pipx_llama.tokenizer.gotemplate`) when the GGUF carries no ``tokenizer.chat_template``;
+        the GGUF's own template wins. A template outside the subset is kept as its error, raised when a
+        chat is rendered (a raw completion needs no template). True when the template is used."""
+        if self.chat_template is not None or not source:
+            return False
+        try:
+            self.ollama_template = parse_go_template(source)
+        except ChatTemplateError as err:
+            self.ollama_template = err
+        return True
 
     def __repr__(self) -> str:
         return (
