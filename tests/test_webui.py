@@ -247,10 +247,9 @@ def test_wheel_ships_the_page(tmp_path: Path) -> None:
             assert zf.read(f"pipx_llama/server/static/{name}") == (STATIC / name).read_bytes(), name
 
 
-def test_serve_open_starts_the_browser_once_listening(tmp_path: Path) -> None:
+def test_serve_open_starts_the_browser_once_listening(tmp_path: Path, smollm2_path: Path) -> None:
     """``--open`` hands the page's URL to the default browser ($BROWSER here) after start-up."""
-    model = tmp_path / "tiny.gguf"
-    model.write_bytes(b"")  # loaded on first use only, which this test never makes
+    model = smollm2_path  # its header is checked at start-up; the weights load on first use, never made here
     seen = tmp_path / "opened.txt"
     fake_browser = tmp_path / "browser"
     fake_browser.write_text(f"#!{sys.executable}\nimport sys, pathlib\n"
