@@ -150,3 +150,28 @@ def test_the_types_a_quantization_will_write_are_known_before_it_runs(tmp_path: 
     predicted = _quantized_types(src, quant)
     quantize_model(src, dst, quant, threads=1)
     assert predicted == weight_types(dst)
+
+
+def test_prepare_starts_compiling_a_file_models_types_ahead(tmp_path: Path, monkeypatch) -> None:
+    """The road starts the background compile for the file's own types; a compile killed before it
+    ends is reported, not silent (``wait``), and the foreground would compile what is missing."""
+    from pipx_llama.models.prepare import ready
+
+    monkeypatch.setenv("NUMBA_CACHE_DIR", str(tmp_path / "cache"))  # the child's cache
+    monkeypatch.setattr("pipx_llama._numba_cache.CACHE_DIR", str(tmp_path / "cache"))
+    path = tmp_path / "m.gguf"
+    types = WeightTypes(Q.Q8_0, (Q.Q4_0, Q.Q5_1))
+    write_tiny_model_of(path, types)
+    events: list[ProgressEvent] = []
+    runnable = ready(str(path), on_event=events.append, compile_ahead=True)
+    assert runnable.path == path
+    job = warmup._RUNNING.pop(types.key)
+    try:
+        assert job.types == types
+        assert [e.message for e in events if e.kind == "compile"] == [
+            f"compiling kernels in the background (process {job._process.pid})"]
+    finally:
+        job._process.terminate()
+    result = job.wait(events.append, timeout=60)
+    assert not result.ok and "exited with code" in result.error
+    assert "background compile failed" in events[-1].message
