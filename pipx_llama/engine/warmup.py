@@ -94,9 +94,10 @@ def _marker(types: WeightTypes | None = None) -> Path:
 
 
 def cache_is_warm(types: WeightTypes | None = None) -> bool:
-    """Whether the kernels for ``types`` (every kernel, without) are compiled in this cache for this CPU."""
+    """Whether the kernels for ``types`` (without: those of ``write_tiny_model``'s types) are compiled in
+    this cache for this CPU. Each set of types has its own: the fused pass is compiled per set."""
     try:
-        return _marker(None).exists() or (types is not None and _marker(types).exists())
+        return _marker(types).exists()
     except OSError:
         return False
 
@@ -104,10 +105,12 @@ def cache_is_warm(types: WeightTypes | None = None) -> bool:
 def warm_up(on_event: Callable[[str], None] | None = None, model_path: str | Path | None = None) -> float:
     """Compile (or find cached) the kernels; returns the seconds spent compiling (0 if already warm).
 
-    ``on_event`` receives two messages when there is work to do: :data:`COMPILING` before, and
-    ``"compiled kernels in N s"`` after. With ``model_path``, only what that model needs is compiled,
-    and nothing unless it names a readable GGUF file: a mistyped path or a damaged file is then
-    reported at once (by ``load_model``), not after compiling. Without, every kernel is.
+    ``on_event`` receives two messages when there is work to do: what is compiled before
+    (:data:`COMPILING` without a model), and ``"compiled kernels in N s"`` after (and one more when it
+    waits for another process). With ``model_path``, only what that model needs is compiled, and
+    nothing unless it names a readable GGUF file: a mistyped path or a damaged file is then reported
+    at once (by ``load_model``), not after compiling. Without, those of
+    ``write_tiny_model``'s types (every weight type's embedding lookup among them).
     """
     from pipx_llama.errors import PipxLlamaError
 
@@ -141,7 +144,7 @@ def _types_or_none(model_path: str | Path) -> WeightTypes | None:
 
 
 def compile_kernels(types: WeightTypes | None, on_event: EventCallback | None = None) -> float:
-    """Compile the kernels for ``types`` (every kernel when None) unless this cache has them.
+    """Compile the kernels for ``types`` (None: ``write_tiny_model``'s) unless this cache has them.
 
     Emits ``compile`` events (``message``: what happens). Another process compiling the same set
     holds its lock: this one waits for it, then finds the kernels compiled. Returns the seconds
