@@ -161,13 +161,15 @@ def compile_kernels(types: WeightTypes | None, on_event: EventCallback | None = 
     if cache_is_warm(types):
         return 0.0
     marker = _marker(types)
-    marker.parent.mkdir(parents=True, exist_ok=True)
     lock = FileLock(str(marker) + ".lock")
     try:
+        marker.parent.mkdir(parents=True, exist_ok=True)
         lock.acquire(timeout=0)
     except Timeout:
         emit(ProgressEvent("compile", _LABEL, message="another process compiles these; waiting for it"))
         lock.acquire(poll_interval=0.2)
+    except OSError:
+        pass  # a cache folder we cannot write: numba will not cache either; compile without the lock
     try:
         if cache_is_warm(types):
             return 0.0
