@@ -24,10 +24,24 @@ from pipx_llama.engine.kernels import WEIGHT_KERNELS
 from pipx_llama.engine.model import DEFAULT_BATCH, DEFAULT_CTX, Context, Model, load_model
 from pipx_llama.engine.perplexity import PerplexityResult, perplexity, window_perplexity
 from pipx_llama.engine.sampler import GREEDY, Sampler, SamplerConfig
-from pipx_llama.engine.warmup import COMPILING, cache_is_warm, warm_up
+from pipx_llama.engine.warmup import (
+    COMPILING,
+    BackgroundCompile,
+    CompileResult,
+    WeightTypes,
+    cache_is_warm,
+    compile_kernels,
+    start_compile,
+    types_of_tensors,
+    warm_up,
+    weight_types,
+)
 
 __all__ = [
     "COMPILING",
+    "BackgroundCompile",
+    "CompileResult",
+    "WeightTypes",
     "DEFAULT_BATCH",
     "DEFAULT_CTX",
     "GREEDY",
@@ -44,6 +58,7 @@ __all__ = [
     "Sampler",
     "SamplerConfig",
     "cache_is_warm",
+    "compile_kernels",
     "family_of",
     "generate",
     "json_in_lark",
@@ -51,6 +66,9 @@ __all__ = [
     "lark_grammar",
     "load_model",
     "perplexity",
+    "start_compile",
+    "types_of_tensors",
     "warm_up",
+    "weight_types",
     "window_perplexity",
 ]

@@ -481,7 +481,8 @@ class Context:
         threads = m.threads
         bundle = fused_kernels.Bundle(
             hp=hpa, fp=fpa, par=self._par, stages=fused_kernels.stage_table(hp.n_layers),
-            arenas=(pw.arena, m.gguf.data), wdesc=pw.wdesc, need=pw.need, ldesc=ldesc, vecs=pw.vecs,
+            arenas=(pw.arena, m.gguf.data, packed.KindSet(pw.wdesc[:, 0])), wdesc=pw.wdesc, need=pw.need,
+            ldesc=ldesc, vecs=pw.vecs,
             cos=self.rope_cos, sin=self.rope_sin, kc=_kernel_cache(self.kv.k), vc=_kernel_cache(self.kv.v),
             x=self._x, xb=self._xb, q=self._q, k=self._k, v=self._v, att=self._att, proj=self._proj,
             gate=self._gate, up=self._up, hidden=self._hidden, logits=self._logits, a8f=a8, akf=ak,

@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from pipx_llama import __version__
-from pipx_llama.errors import UsageError
+from pipx_llama.errors import PipxLlamaError, UsageError
 from pipx_llama.events import EventCallback, ProgressEvent
 from pipx_llama.files import atomic_write_json
 from pipx_llama.models.defaults import NONE, ModelDefaults
@@ -65,9 +65,11 @@ def _noop(_ev: ProgressEvent) -> None:
 
 class _Pipeline:
     def __init__(
-        self, plan: RunPlan, store: Store, manifest: Manifest, variant: Variant, emit: EventCallback
+        self, plan: RunPlan, store: Store, manifest: Manifest, variant: Variant, emit: EventCallback,
+        compile_ahead: bool = False,
     ) -> None:
         self.plan = plan
+        self.compile_ahead = compile_ahead
         self.store = store
         self.manifest = manifest
         self.variant = variant
@@ -185,6 +187,8 @@ class _Pipeline:
         quants[quant] = {"status": "running", "started_at": now_iso(), "pid": os.getpid()}
         self.save(state)
         self.stage("stage", "quantize", f"quantizing to {quant} with {self.plan.threads} thread(s)")
+        if self.compile_ahead:
+            _compile_ahead(lambda: _quantized_types(inter, quant), self.emit)
         q = quantize_model(inter, final, quant, threads=self.plan.threads, on_event=self.emit)
         size = final.stat().st_size
         self.emit(ProgressEvent("start", final.name, 0, size, message="hashing"))
@@ -245,6 +249,39 @@ class _Pipeline:
         }
 
 
+def _compile_ahead(types_of: Callable[[], Any], emit: EventCallback) -> None:
+    """Start the background compile of the kernels for the types ``types_of()`` gives (engine.start_compile);
+    a file it cannot read is left for the run itself to report."""
+    from pipx_llama.engine import start_compile
+
+    try:
+        types = types_of()
+    except PipxLlamaError:
+        return
+    start_compile(types, emit)
+
+
+def _file_types(path: Path) -> Any:
+    from pipx_llama.engine import weight_types
+
+    return weight_types(path)
+
+
+def _quantized_types(inter: Path, quant: str) -> Any:
+    """The weight types quantizing ``inter`` to ``quant`` will write (the quantizer's own choice)."""
+    from pipx_llama.engine import types_of_tensors
+    from pipx_llama.formats.gguf import open_gguf
+    from pipx_llama.quant.file import plan_quantization
+    from pipx_llama.quant.rules import file_type
+
+    g = open_gguf(inter)
+    try:
+        choices = plan_quantization(g, file_type(quant))
+    finally:
+        g.close()
+    return types_of_tensors((c.name, c.shape, c.target) for c in choices)
+
+
 def _manifest(plan: RunPlan) -> Manifest:
     if plan.manifest is None:
         raise UsageError("this plan carries no manifest", "make plans of models by name with plan_for()")
@@ -265,14 +302,19 @@ def fetch(plan: RunPlan, *, pull_options: PullOptions | None = None,
 
 
 def prepare(plan: RunPlan, *, pull_options: PullOptions | None = None, on_event: EventCallback | None = None,
-            keep_intermediate: bool = False) -> Path:
+            keep_intermediate: bool = False, compile_ahead: bool = False) -> Path:
     """Run the plan's stages and return the runnable GGUF's path in the store (a file reference: the file).
 
     ``pull_options`` default to those the plan was made with. ``keep_intermediate`` keeps the F16
     conversion (for quantizing the same weights again). A fetch-only plan stops after the fetch.
+    ``compile_ahead`` starts compiling the engine's kernels for the model's weight types in a
+    background process as soon as they are known (``compile`` events): while quantizing, which
+    writes them, or once the GGUF file is there.
     """
     emit = on_event or _noop
     if plan.reference is not None and plan.reference.is_file:
+        if compile_ahead:
+            _compile_ahead(lambda: _file_types(plan.final_path), emit)
         size = plan.final_path.stat().st_size
         emit(ProgressEvent("ready", str(plan.final_path), size, size, source=plan.model,
                            message=f"{plan.final_path} as it is"))
@@ -319,9 +361,12 @@ def prepare(plan: RunPlan, *, pull_options: PullOptions | None = None, on_event:
             lock.acquire()
         try:
             with store.shared():
-                path = _Pipeline(plan, store, manifest, variant, emit).run(options, keep_intermediate)
+                pipeline = _Pipeline(plan, store, manifest, variant, emit, compile_ahead)
+                path = pipeline.run(options, keep_intermediate)
         finally:
             lock.release()
+    if compile_ahead and path.is_file() and not plan.fetch_only:
+        _compile_ahead(lambda: _file_types(path), emit)
     size = path.stat().st_size if path.is_file() else variant.known_size
     what = "files are" if plan.fetch_only and variant.format != "gguf" else f"{plan.quant} is"
     emit(ProgressEvent("ready", str(path), size, size, source=label, message=f"{label} {what} ready"))
@@ -358,10 +403,12 @@ class Runnable:
 
 
 def ready(ref: Reference | str | None, request: Request | None = None, on_event: EventCallback | None = None,
-          *, on_plan: Callable[[RunPlan], None] | None = None, keep_intermediate: bool = False) -> Runnable:
+          *, on_plan: Callable[[RunPlan], None] | None = None, keep_intermediate: bool = False,
+          compile_ahead: bool = False) -> Runnable:
     """The one road from a model reference to a runnable GGUF: plan (``on_plan`` sees the plan before any
     stage runs), then prepare, with progress to ``on_event``. See ``plan_for`` and ``prepare``."""
     plan = plan_for(ref, request)
     if on_plan is not None:
         on_plan(plan)
-    return Runnable(prepare(plan, on_event=on_event, keep_intermediate=keep_intermediate), plan)
+    return Runnable(prepare(plan, on_event=on_event, keep_intermediate=keep_intermediate,
+                            compile_ahead=compile_ahead), plan)

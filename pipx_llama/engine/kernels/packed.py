@@ -28,7 +28,8 @@ from __future__ import annotations
 
 import numpy as np
 from gguf import GGMLQuantizationType
-from numba import njit
+from numba import njit, types
+from numba.extending import NativeValue, models, overload, register_model, typeof_impl, unbox
 
 from pipx_llama.engine.kernels import simd
 from pipx_llama.engine.kernels.kquants import _q6_superblock, _q45_superblock
@@ -454,61 +455,101 @@ def range_p_q6_K(arena, off, nb, rows, g0, g1, t0, t1, xq, xd, xb16, out):
             out[t, r] = sumf
 
 
+# ----------------------------------------------------------------------------- the kinds a model has
+
+
+class KindSet:
+    """The kinds of packed tensors a caller of ``matmul_range`` has, as part of numba's type.
+
+    ``matmul_range`` dispatches at run time on each tensor's kind, so without this its compile
+    would type, optimize and emit the loops of all sixteen kinds (most of a first run's compile
+    time) for a model that has two. Carried as the third item of ``arenas``, the set is a
+    compile-time constant: each set compiles (and caches) its own ``matmul_range`` and callers,
+    holding only its kinds' loops.
+    """
+
+    __slots__ = ("kinds",)
+
+    def __init__(self, kinds) -> None:
+        self.kinds = tuple(sorted({int(k) for k in kinds}))
+        unknown = set(self.kinds) - set(_GGML)
+        if unknown:
+            raise ValueError(f"unknown packed kinds {sorted(unknown)}")
+
+    def __repr__(self) -> str:
+        return f"KindSet{self.kinds}"
+
+
+class KindSetType(types.Type):
+    def __init__(self, kinds: tuple[int, ...]) -> None:
+        self.kinds = kinds
+        super().__init__(name=f"KindSet{kinds}")
+
+
+@typeof_impl.register(KindSet)
+def _typeof_kind_set(val, c):
+    return KindSetType(val.kinds)
+
+
+register_model(KindSetType)(models.OpaqueModel)
+
+
+@unbox(KindSetType)
+def _unbox_kind_set(typ, obj, c):
+    return NativeValue(c.context.get_dummy_value())
+
+
 @njit(cache=True, nogil=True, _nrt=False)
 def matmul_range(kind, arenas, off, rows, cols, g0, g1, t0, t1, a8, ak, out, res):
     """out[t0:t1, rows of groups g0..g1] for the tensor of ``kind`` at byte ``off`` of its buffer.
 
-    arenas = (packed weights, mapped file): plain kinds are read from the file, the others from
-    the packed buffer.
+    arenas = (packed weights, mapped file, KindSet): plain kinds are read from the file, the others
+    from the packed buffer; only the kinds of the KindSet are compiled (a kind outside it computes
+    nothing).
 
     a8 = (xq, xd, xs, xsum): Q8_1 activations and their block sums (legacy kinds);
     ak = (xq, xd, xb16, xb32): Q8_K activations and their sums of 16 and 32 (K-quant kinds).
     """
-    if SIMD and kind < KIND_P_Q4_0:  # a constant to numba: without a SIMD tier this branch is not compiled
-        _packed_range(kind, arenas[0], off, rows, cols, g0, g1, t0, t1, a8, ak, out, res)
-    else:
-        _plain_range(kind, arenas[1], off, rows, cols, g0, g1, t0, t1, a8, ak, out)
+    _dispatch(arenas[2], kind, arenas, off, rows, cols, g0, g1, t0, t1, a8, ak, out, res)
 
 
-if SIMD:
-    @njit(cache=True, nogil=True, _nrt=False)
-    def _packed_range(kind, arena, off, rows, cols, g0, g1, t0, t1, a8, ak, out, res):
-        if kind == KIND_Q4_0:
-            range_q4_0(arena, off, cols // 32, rows, g0, g1, t0, t1, a8[0], a8[1], a8[2], a8[3], out, res)
-        elif kind == KIND_Q4_1:
-            range_q4_1(arena, off, cols // 32, rows, g0, g1, t0, t1, a8[0], a8[1], a8[2], a8[3], out, res)
-        elif kind == KIND_Q8_0:
-            range_q8_0(arena, off, cols // 32, rows, g0, g1, t0, t1, a8[0], a8[1], a8[2], a8[3], out, res)
-        elif kind == KIND_Q4_K:
-            range_q4_K(arena, off, cols // 256, rows, g0, g1, t0, t1, ak[0], ak[1], ak[2], ak[3], out, res)
-        elif kind == KIND_Q6_K:
-            range_q6_K(arena, off, cols // 256, rows, g0, g1, t0, t1, ak[0], ak[1], ak[2], ak[3], out, res)
-        elif kind == KIND_Q5_0:
-            range_q5_0(arena, off, cols // 32, rows, g0, g1, t0, t1, a8[0], a8[1], a8[2], a8[3], out, res)
-        elif kind == KIND_Q5_1:
-            range_q5_1(arena, off, cols // 32, rows, g0, g1, t0, t1, a8[0], a8[1], a8[2], a8[3], out, res)
-        elif kind == KIND_Q5_K:
-            range_q5_K(arena, off, cols // 256, rows, g0, g1, t0, t1, ak[0], ak[1], ak[2], ak[3], out, res)
+_A8 = "a8[0], a8[1], a8[2], a8[3]"
+_AK = "ak[0], ak[1], ak[2], ak[3]"
+_CALLS = {  # kind -> (loop, blocks per row, activations)
+    KIND_Q4_0: ("range_q4_0", 32, _A8), KIND_Q4_1: ("range_q4_1", 32, _A8), KIND_Q8_0: ("range_q8_0", 32, _A8),
+    KIND_Q4_K: ("range_q4_K", 256, _AK), KIND_Q6_K: ("range_q6_K", 256, _AK),
+    KIND_Q5_0: ("range_q5_0", 32, _A8), KIND_Q5_1: ("range_q5_1", 32, _A8), KIND_Q5_K: ("range_q5_K", 256, _AK),
+    KIND_P_Q5_0: ("range_p_q5_0", 32, "a8[0], a8[1]"), KIND_P_Q5_1: ("range_p_q5_1", 32, _A8),
+    KIND_P_Q5_K: ("range_p_q5_K", 256, "ak[0], ak[1], ak[3]"), KIND_P_Q4_0: ("range_p_q4_0", 32, "a8[0], a8[1]"),
+    KIND_P_Q4_1: ("range_p_q4_1", 32, _A8), KIND_P_Q8_0: ("range_p_q8_0", 32, "a8[0], a8[1]"),
+    KIND_P_Q4_K: ("range_p_q4_K", 256, "ak[0], ak[1], ak[3]"), KIND_P_Q6_K: ("range_p_q6_K", 256, "ak[0], ak[1], ak[2]"),
+}
+_ARGS = "kset, kind, arenas, off, rows, cols, g0, g1, t0, t1, a8, ak, out, res"
 
 
-@njit(cache=True, nogil=True, _nrt=False)
-def _plain_range(kind, arena, off, rows, cols, g0, g1, t0, t1, a8, ak, out):
-    if kind == KIND_P_Q5_0:
-        range_p_q5_0(arena, off, cols // 32, rows, g0, g1, t0, t1, a8[0], a8[1], out)
-    elif kind == KIND_P_Q5_1:
-        range_p_q5_1(arena, off, cols // 32, rows, g0, g1, t0, t1, a8[0], a8[1], a8[2], a8[3], out)
-    elif kind == KIND_P_Q5_K:
-        range_p_q5_K(arena, off, cols // 256, rows, g0, g1, t0, t1, ak[0], ak[1], ak[3], out)
-    elif kind == KIND_P_Q4_0:
-        range_p_q4_0(arena, off, cols // 32, rows, g0, g1, t0, t1, a8[0], a8[1], out)
-    elif kind == KIND_P_Q4_1:
-        range_p_q4_1(arena, off, cols // 32, rows, g0, g1, t0, t1, a8[0], a8[1], a8[2], a8[3], out)
-    elif kind == KIND_P_Q8_0:
-        range_p_q8_0(arena, off, cols // 32, rows, g0, g1, t0, t1, a8[0], a8[1], out)
-    elif kind == KIND_P_Q4_K:
-        range_p_q4_K(arena, off, cols // 256, rows, g0, g1, t0, t1, ak[0], ak[1], ak[3], out)
-    elif kind == KIND_P_Q6_K:
-        range_p_q6_K(arena, off, cols // 256, rows, g0, g1, t0, t1, ak[0], ak[1], ak[2], out)
+def _dispatch(kset, kind, arenas, off, rows, cols, g0, g1, t0, t1, a8, ak, out, res):
+    """Run the loop of ``kind``; typed by its overload for the kinds of ``kset``."""
+    raise NotImplementedError("only callable from numba")
+
+
+@overload(_dispatch, inline="always")
+def _dispatch_for(kset, kind, arenas, off, rows, cols, g0, g1, t0, t1, a8, ak, out, res):
+    if not isinstance(kset, KindSetType):
+        return None
+    lines = [f"def impl({_ARGS}):"]
+    for k in kset.kinds:
+        if k < KIND_P_Q4_0 and not SIMD:
+            continue  # no packed kinds without a SIMD tier (supported() refuses them)
+        loop, block, acts = _CALLS[k]
+        arena = 0 if k < KIND_P_Q4_0 else 1
+        tail = ", res" if k < KIND_P_Q4_0 else ""
+        lines += [f"    if kind == {k}:",
+                  f"        {loop}(arenas[{arena}], off, cols // {block}, rows, g0, g1, t0, t1, {acts}, out{tail})",
+                  "        return"]
+    lines.append("    return")
+    scope = dict(globals())
+    exec("\n".join(lines), scope)  # safe: source built from this module's constant table
+    return scope["impl"]
 
 
 # ----------------------------------------------------------------------------- standalone use
@@ -559,6 +600,6 @@ class PackedMatrix:
             ksums(bsums, ak[2], ak[3], 0, T)
         dst = np.empty((T, self.rows), np.float32)
         res = np.empty((4, LANES), np.float32)
-        matmul_range(self.kind, (self.arena, self.mapped), 0, self.rows, self.cols, 0, (self.rows + LANES - 1) // LANES, 0, T,
+        matmul_range(self.kind, (self.arena, self.mapped, KindSet((self.kind,))), 0, self.rows, self.cols, 0, (self.rows + LANES - 1) // LANES, 0, T,
                      a8, ak, dst, res)
         out[...] = dst
