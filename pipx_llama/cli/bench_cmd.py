@@ -68,7 +68,7 @@ def run(args: argparse.Namespace) -> int:
     if args.n_prompt == 0 and args.n_gen == 0:
         raise UsageError("nothing to measure: both -p and -n are 0", "pass -p 256 or -n 128")
     n_ctx = max(args.n_prompt, args.n_gen + 1)
-    runnable = road.ready(args, ref, n_ctx=n_ctx, color=road.color_enabled(sys.stderr))
+    runnable = road.ready(args, ref, n_ctx=n_ctx, color=road.color_enabled(sys.stderr), compile_ahead=True)
     path = runnable.path
 
     from pipx_llama.engine import load_model, warm_up

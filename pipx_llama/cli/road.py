@@ -96,9 +96,11 @@ def request(args: argparse.Namespace, ref: Reference, *, n_ctx: int | None = Non
 
 
 def ready(args: argparse.Namespace, ref: Reference, *, n_ctx: int | None = None, color: bool = False,
-          by_name_only: bool = False) -> Runnable:
+          by_name_only: bool = False, compile_ahead: bool = False) -> Runnable:
     """Plan and prepare ``ref`` (fetch, verify, convert, quantize: whatever is still to do); the plan
-    and the stages' progress go to stderr, and nothing at all when the model is ready."""
+    and the stages' progress go to stderr, and nothing at all when the model is ready. ``compile_ahead``
+    (commands that run the model) compiles the engine's kernels for its weight types in the background
+    as soon as they are known, behind the download and the quantizer."""
     from pipx_llama.models.prepare import ready as road_ready
 
     rq = request(args, ref, n_ctx=n_ctx, by_name_only=by_name_only)
@@ -110,7 +112,7 @@ def ready(args: argparse.Namespace, ref: Reference, *, n_ctx: int | None = None,
                 show_plan(plan, sys.stderr, color)
                 on_event.quiet = False
 
-        return road_ready(ref, rq, on_event, on_plan=on_plan)
+        return road_ready(ref, rq, on_event, on_plan=on_plan, compile_ahead=compile_ahead)
 
 
 class StageRenderer:
@@ -141,6 +143,9 @@ class StageRenderer:
 
     def __call__(self, ev: Any) -> None:
         if ev.kind in ("stage-skipped", "ready"):
+            return
+        if ev.kind == "compile":  # worth a line even when nothing else is left to do: it takes a while
+            self._shown().say(f"{ev.file}: {ev.message}")
             return
         if self.quiet:
             if ev.kind == "waiting-lock":

@@ -108,7 +108,7 @@ def run(args: argparse.Namespace) -> int:
         if not args.prompt.strip():
             raise UsageError("the prompt read from stdin is empty", "pipe some text, or pass -p TEXT")
     color = color_enabled(sys.stderr)
-    prepared = road.ready(args, ref, n_ctx=args.ctx_size, color=color)
+    prepared = road.ready(args, ref, n_ctx=args.ctx_size, color=color, compile_ahead=True)
     sampling = sampler_config(args, prepared.defaults)
     take_model_defaults(args, prepared.defaults)
     from pipx_llama.engine import load_model, warm_up
