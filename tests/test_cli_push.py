@@ -128,11 +128,12 @@ def test_run_takes_the_params_and_system_layers_and_the_command_line_wins(regist
         assert code == 0, err
         return json.loads(out)
 
-    by_model = run()
+    # a plain completion of the prompt (the model's system prompt is for chat turns, below)
+    by_model = run("--raw")
     assert by_model["finish_reason"] == "stop" and by_model["tokens"]["generated"] <= 3
-    own_stop = run("--stop", "QQQQ")                 # the command line's stop strings replace the model's
+    own_stop = run("--raw", "--stop", "QQQQ")        # the command line's stop strings replace the model's
     assert (own_stop["finish_reason"], own_stop["tokens"]["generated"]) == ("length", 3)  # its num_predict
-    own_length = run("--stop", "QQQQ", "-n", "5")
+    own_length = run("--raw", "--stop", "QQQQ", "-n", "5")
     assert (own_length["finish_reason"], own_length["tokens"]["generated"]) == ("length", 5)
 
     with_system = run("--chat", "--stop", "QQQQ")
