@@ -150,21 +150,23 @@ def _header(files: list[GGUFFile]) -> bytes:
     return head + bytes(_pad(len(head), DEFAULT_ALIGNMENT) - len(head))
 
 
-def merge_parts(parts: list[Path], out: Path, on_bytes: Callable[[int], None] | None = None) -> MergeResult:
-    """Merge the parts of a split GGUF (in order) into ``out``, atomically; ``on_bytes(n)`` after each
-    chunk of tensor data written."""
+def merge_parts(parts: list[Path], out: Path,
+                on_bytes: Callable[[int, int], None] | None = None) -> MergeResult:
+    """Merge the parts of a split GGUF (in order) into ``out``, atomically; ``on_bytes(written, total)``
+    after each chunk of tensor data."""
     files = check_parts(parts)
     try:
         header = _header(files)
+        total = len(header) + sum(_pad(t.nbytes, DEFAULT_ALIGNMENT)
+                                  for gf in files for t in gf.tensors.values())
         with atomic_output(out, out.name) as tmp, open(tmp, "wb") as f:
             f.write(header)
             for gf in files:
                 for t in gf.tensors.values():
                     for start in range(0, t.nbytes, _CHUNK):
-                        chunk = gf.data[t.offset + start:t.offset + min(t.nbytes, start + _CHUNK)]
-                        f.write(chunk)
+                        f.write(gf.data[t.offset + start:t.offset + min(t.nbytes, start + _CHUNK)])
                         if on_bytes is not None:
-                            on_bytes(len(chunk))
+                            on_bytes(f.tell(), total)
                     f.write(bytes(_pad(t.nbytes, DEFAULT_ALIGNMENT) - t.nbytes))
             size = f.tell()
     finally:
