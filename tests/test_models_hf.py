@@ -195,11 +195,14 @@ def test_a_split_gguf_is_pulled_verified_merged_and_runs_like_the_whole_file(spl
     whole, _ = split_files
     monkeypatch.setenv("PIPX_LLAMA_HOME", str(tmp_path / "home"))
     monkeypatch.setenv("PIPX_LLAMA_CONFIG_DIR", str(tmp_path / "config"))
-    for _ in range(2):  # the second pull finds the merged file ready
+    for i in range(2):  # the second pull finds the merged file ready
         try:
             main(["pull", f"hf.co/{SPLIT_REPO}:Q4_K_M"])
         except SystemExit as exc:
             assert exc.code == 0, capsys.readouterr().err
+        out = capsys.readouterr().out
+        assert ("merging" in out) == (i == 0)
+        assert "is ready" in out.split("merging")[-1]  # said once the merged file is there
     store = Store(tmp_path / "home")
     merged = next(store.root.glob("models/*/*/Tiny-Q4_K_M.gguf"))
     folder = merged.parent

@@ -328,10 +328,20 @@ def fetch(plan: RunPlan, *, pull_options: PullOptions | None = None,
     """The fetch stage alone: every file of the plan's variant verified into the store (``pull``); a split
     GGUF's parts are then merged, so what was pulled runs offline as it is."""
     store, manifest = Store(plan.store_root), _manifest(plan)
-    result = pull(store, manifest, _pull_options(plan, pull_options), on_event)
     variant = manifest.variant(plan.variant)
-    if split_parts(variant) is not None:
-        _merge_split(plan, store, manifest, variant, on_event or _noop)
+    if split_parts(variant) is None:
+        return pull(store, manifest, _pull_options(plan, pull_options), on_event)
+    emit = on_event or _noop
+    held: list[ProgressEvent] = []
+
+    def parts_pulled(ev: ProgressEvent) -> None:
+        # the pull's "installed" would read as "ready" while the merge is still to come
+        (held.append if ev.kind == "installed" else emit)(ev)
+
+    result = pull(store, manifest, _pull_options(plan, pull_options), parts_pulled)
+    _merge_split(plan, store, manifest, variant, emit)
+    for ev in held:
+        emit(ev)
     return result
 
 
