@@ -160,6 +160,8 @@ class ModelRegistry:
             n_ctx = model.hparams.n_ctx_train
         context = model.new_context(n_ctx, type_k=self.cache_types[0], type_v=self.cache_types[1])
         n = self.parallel or default_parallel(context.kv_bytes, _ram_available())
+        if self.parallel is not None and self.parallel > 1:
+            check_slots_fit(self.parallel, context.kv_bytes, _ram_available())
         slots = [context] + [model.new_context(n_ctx, type_k=self.cache_types[0], type_v=self.cache_types[1])
                              for _ in range(n - 1)]
         pieces = piece_bound(model.tokenizer)
@@ -183,6 +185,18 @@ def default_parallel(kv_bytes: int, ram_available: int | None) -> int:
         return 1
     extra = (int(ram_available * RAM_HEADROOM) - kv_bytes) // max(1, kv_bytes)
     return max(1, min(MAX_DEFAULT_PARALLEL, 1 + extra))
+
+
+def check_slots_fit(n: int, kv_bytes: int, ram_available: int | None) -> None:
+    """Refuse ``n`` slots whose KV caches beyond the first (the one the planner checked) do not fit."""
+    if ram_available is None:
+        return
+    need, budget = (n - 1) * kv_bytes, int(ram_available * RAM_HEADROOM)
+    if need > budget:
+        fit = default_parallel(kv_bytes, ram_available)
+        raise UsageError(f"{n} parallel slots need {need >> 20} MiB more for their KV caches; "
+                         f"{budget >> 20} MiB of RAM is available",
+                         f"pass --slots {fit} or fewer, or a smaller -c/--ctx-size")
 
 
 def _ram_available() -> int | None:
