@@ -13,7 +13,7 @@ import pytest
 from gguf import GGMLQuantizationType as Q
 from tinymodel import FAMILY_FEATURES, write_tiny_model
 
-from pipx_llama.engine.batch import BatchEval, Part
+from pipx_llama.engine.batch import BatchEval, Part, new_slots
 from pipx_llama.engine.model import load_model
 from pipx_llama.errors import ContextFullError, UsageError
 
@@ -38,9 +38,14 @@ def _alone(model, seq: int, fused: bool) -> np.ndarray:
     return np.stack([ctx.eval(chunk)[-1] for chunk in _steps(seq)])
 
 
-def _batched(model, contexts=None) -> list[np.ndarray]:
-    contexts = contexts or [model.new_context(64, n_batch=16, fused=False) for _ in SEQS]
-    batch = BatchEval(model, 48)
+def _batched(model, pooled: bool = False) -> list[np.ndarray]:
+    """Every sequence's logits, step by step; ``pooled``: contexts of one KV pool (the fused pass)."""
+    if pooled:
+        pool = new_slots(model, len(SEQS), 64, n_batch=48)
+        contexts, batch = pool.contexts, BatchEval(model, 48, pool)
+    else:
+        contexts = [model.new_context(64, n_batch=16, fused=False) for _ in SEQS]
+        batch = BatchEval(model, 48)
     got: list[list[np.ndarray]] = [[] for _ in SEQS]
     for step in SCHEDULE:
         parts, owners = [], []
@@ -64,9 +69,10 @@ def test_a_batch_of_three_sequences_gives_each_its_own_logits(tmp_path, arch):
     write_tiny_model(path, arch=arch, seed=3, n_layers=3, tied=False, qtype=Q.Q4_0)
     m = load_model(path, threads=2)
     try:
-        got = _batched(m)
+        got, pooled = _batched(m), _batched(m, pooled=True)
         for s in range(len(SEQS)):
             _same_bits(got[s], _alone(m, s, fused=False))
+            _same_bits(pooled[s], got[s])
             if m.packed is not None:
                 _same_bits(got[s], _alone(m, s, fused=True))
     finally:
@@ -76,10 +82,11 @@ def test_a_batch_of_three_sequences_gives_each_its_own_logits(tmp_path, arch):
 def test_a_batch_on_the_real_smollm2(smollm2_path):
     m = load_model(smollm2_path, threads=2)
     try:
-        got = _batched(m)
+        got, pooled = _batched(m), _batched(m, pooled=True)
         for s in range(len(SEQS)):
             _same_bits(got[s], _alone(m, s, fused=False))
             _same_bits(got[s], _alone(m, s, fused=True))
+            _same_bits(pooled[s], got[s])
     finally:
         m.close()
 

@@ -8,9 +8,17 @@ over all their tokens at once: every matmul (the multi-token kernels prompts use
 once for the whole batch, while RoPE, the KV cache writes and attention run per part, each in its
 own context's cache (its own positions, length and sliding-window rings).
 
+Contexts made by ``new_slots`` keep their KV caches in one pool (slot s at s times a slot's size):
+there the batch runs on the fused pass (kernels/fused.py) with each token's position and slot in the
+bundle (``tpos``/``tslot``), its multi-token packed kernels sharing each weight block among all the
+batch's tokens. Tokens need not be in sequence order within a batch (every K and V of a batch is
+stored before any attention reads), so the tokens whose logits are wanted go last, as the fused pass's
+logit rows are the batch's tail.
+
 A row of a multi-token matmul does not depend on the other rows (activations are quantized per
-row and accumulated in the same order), so each part's logits are bit for bit those of the per-op
-path run on that sequence alone -- which the fused pass also equals for the legacy quantizations.
+row and accumulated in the same order), so each part's logits are bit for bit those of the same path
+run on that sequence alone -- and the per-op path and the fused pass agree bit for bit for the legacy
+quantizations (tests/test_batch.py).
 """
 
 from __future__ import annotations
@@ -23,7 +31,8 @@ import numpy as np
 
 from pipx_llama.engine.arch import ACT_GELU, ROPE_NEOX
 from pipx_llama.engine.kernels import attention, ops
-from pipx_llama.engine.model import Context, Model
+from pipx_llama.engine.kernels import fused as fused_kernels
+from pipx_llama.engine.model import _FUSED_PLAIN_MAX_T, Context, Model
 from pipx_llama.errors import ContextFullError, UsageError
 
 
@@ -36,10 +45,41 @@ class Part:
     logits: bool = True
 
 
-class BatchEval:
-    """Scratch buffers for batches of up to ``max_tokens`` tokens of one model's contexts."""
+@dataclass(frozen=True)
+class SlotPool:
+    """``contexts`` whose KV caches are consecutive slots of the flat buffers ``k`` and ``v``."""
 
-    def __init__(self, model: Model, max_tokens: int) -> None:
+    contexts: list[Context]
+    k: np.ndarray
+    v: np.ndarray
+    n_ctx: int
+    n_batch: int
+    type_k: str
+    type_v: str
+
+
+def new_slots(model: Model, n: int, n_ctx: int | None = None, n_batch: int = 256, *, type_k: str = "f16",
+              type_v: str = "f16") -> SlotPool:
+    """``n`` contexts (fused pass when alone) whose caches share one pool, for ``BatchEval(pool=...)``."""
+    if n < 1:
+        raise UsageError(f"a pool needs at least one slot, got {n}", "pass 1 or more")
+    first = model.new_context(n_ctx, n_batch, fused=False, type_k=type_k, type_v=type_v)
+    one = first.kv
+    k = np.zeros(n * one.k.size, one.k.dtype)
+    v = np.zeros(n * one.v.size, one.v.dtype)
+    del first
+    contexts = [model.new_context(one.n_ctx, n_batch, type_k=type_k, type_v=type_v,
+                                  kv_buffers=(k[i * one.k.size : (i + 1) * one.k.size],
+                                              v[i * one.v.size : (i + 1) * one.v.size]))
+                for i in range(n)]
+    return SlotPool(contexts, k, v, one.n_ctx, contexts[0].n_batch, type_k, type_v)
+
+
+class BatchEval:
+    """Scratch buffers for batches of up to ``max_tokens`` tokens of one model's contexts; with ``pool``,
+    batches of that pool's contexts run on the fused pass where the model has one."""
+
+    def __init__(self, model: Model, max_tokens: int, pool: SlotPool | None = None) -> None:
         if max_tokens < 1:
             raise UsageError(f"a batch holds at least one token, got {max_tokens}", "pass 1 or more")
         hp = model.hparams
@@ -56,10 +96,30 @@ class BatchEval:
         self._gate = np.empty((b, hp.ffn_dim), np.float32)
         self._up = np.empty((b, hp.ffn_dim), np.float32)
         self._hidden = np.empty((b, hp.ffn_dim), np.float32)
+        self.pool = pool
+        self._carrier: Context | None = None
+        pw = model.packed
+        if pool is not None and pw is not None:
+            if max_tokens > pool.n_batch:
+                raise UsageError(f"a fused batch of {max_tokens} tokens exceeds the pool's batch of "
+                                 f"{pool.n_batch}", "make the pool's n_batch at least the batch size")
+            self._slot_of = {id(c): i for i, c in enumerate(pool.contexts)}
+            # a context that owns no cache of its own: its bundle points at the whole pool
+            sk, sv = pool.contexts[0].kv.k.size, pool.contexts[0].kv.v.size
+            carrier = model.new_context(pool.n_ctx, pool.n_batch, fused=False, type_k=pool.type_k,
+                                        type_v=pool.type_v, kv_buffers=(pool.k[:sk], pool.v[:sv]))
+            carrier._init_fused((pool.k, pool.v))
+            carrier._par[fused_kernels.PAR_KV_STRIDE_K] = sk
+            carrier._par[fused_kernels.PAR_KV_STRIDE_V] = sv
+            self._carrier = carrier
 
     def eval(self, parts: Sequence[Part]) -> list[np.ndarray | None]:
         """Evaluate every part in one pass; per part the logits f32 [n_vocab] of its last token, or None."""
         ids, spans = self._check(parts)
+        pw = self.model.packed
+        if self._carrier is not None and pw is not None and (ids.size <= _FUSED_PLAIN_MAX_T or not pw.plain):
+            if all(id(p.context) in self._slot_of for p in parts):
+                return self._eval_fused(parts, ids, spans)
         m, hp = self.model, self.model.hparams
         numba.set_num_threads(min(m.threads, numba.config.NUMBA_NUM_THREADS))
         T = ids.size
@@ -121,6 +181,48 @@ class BatchEval:
         ops.rmsnorm(rows, m.output_norm, hp.norm_eps, normed)
         logits = np.empty((len(last), hp.n_vocab), np.float32)
         m.output.matmul(normed, logits)
+        if hp.final_softcap:
+            ops.softcap(logits, hp.final_softcap)
+        wanted = iter(logits)
+        return [next(wanted) if part.logits else None for part in parts]
+
+    def _eval_fused(self, parts: Sequence[Part], ids: np.ndarray,
+                    spans: list[tuple[int, int]]) -> list[np.ndarray | None]:
+        """The fused pass over every part's tokens, each at its position in its slot of the pool."""
+        c = self._carrier
+        hp = self.model.hparams
+        T = ids.size
+        order, tail = [], []  # batch row -> index into ids; the logit rows last
+        for part, (a, b) in zip(parts, spans):
+            if part.logits:
+                order.extend(range(a, b - 1))
+                tail.append(b - 1)
+            else:
+                order.extend(range(a, b))
+        order.extend(tail)
+        rows = np.asarray(order, np.int64)
+        pos = np.empty(T, np.int64)
+        slot = np.empty(T, np.int64)
+        for part, (a, b) in zip(parts, spans):
+            ctx = part.context
+            pos[a:b] = np.arange(ctx.n_past, ctx.n_past + (b - a))
+            slot[a:b] = self._slot_of[id(ctx)]
+        c._tpos[:T] = pos[rows]
+        c._tslot[:T] = slot[rows]
+        c._embed(ids[rows])
+        team, par = c._team, c._par
+        n_rows = len(tail)
+        par[fused_kernels.PAR_T] = T
+        par[fused_kernels.PAR_POS0] = 0
+        par[fused_kernels.PAR_LOGIT_ROW0] = T - n_rows
+        par[fused_kernels.PAR_LOGIT_ROWS] = n_rows
+        par[fused_kernels.PAR_THREADS] = team.threads
+        par[fused_kernels.PAR_STAGES] = team.n_stages if n_rows else team.n_stages - 2
+        team.run()
+        for part, (a, b) in zip(parts, spans):
+            part.context.n_past += b - a
+            part.context.tokens.extend(int(t) for t in ids[a:b])
+        logits = c._logits[:n_rows].copy()
         if hp.final_softcap:
             ops.softcap(logits, hp.final_softcap)
         wanted = iter(logits)

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from pipx_llama.engine import Context, Model, load_model
+from pipx_llama.engine.batch import SlotPool, new_slots
 from pipx_llama.errors import PipxLlamaError, UsageError
 from pipx_llama.server.errors import bad_request, model_not_found
 from pipx_llama.system import RAM_HEADROOM, detect_hardware
@@ -72,6 +73,7 @@ class LoadedModel:
     load_seconds: float
     pieces: PieceBound
     slots: list[Context] = field(default_factory=list)  # every slot, ``context`` first
+    pool: SlotPool | None = None  # the slots' shared KV cache (batches take the fused pass)
 
     def __post_init__(self) -> None:
         if not self.slots:
@@ -158,17 +160,18 @@ class ModelRegistry:
             log.warning("%s: context %d exceeds the %d tokens it was trained on; using %d",
                         spec.name, n_ctx, model.hparams.n_ctx_train, model.hparams.n_ctx_train)
             n_ctx = model.hparams.n_ctx_train
-        context = model.new_context(n_ctx, type_k=self.cache_types[0], type_v=self.cache_types[1])
-        n = self.parallel or default_parallel(context.kv_bytes, _ram_available())
+        probe = model.new_context(n_ctx, fused=False, type_k=self.cache_types[0], type_v=self.cache_types[1])
+        n = self.parallel or default_parallel(probe.kv_bytes, _ram_available())
         if self.parallel is not None and self.parallel > 1:
-            check_slots_fit(self.parallel, context.kv_bytes, _ram_available())
-        slots = [context] + [model.new_context(n_ctx, type_k=self.cache_types[0], type_v=self.cache_types[1])
-                             for _ in range(n - 1)]
+            check_slots_fit(self.parallel, probe.kv_bytes, _ram_available())
+        pool = new_slots(model, n, probe.n_ctx, type_k=self.cache_types[0], type_v=self.cache_types[1])
+        del probe
+        context, slots = pool.contexts[0], pool.contexts
         pieces = piece_bound(model.tokenizer)
         seconds = time.perf_counter() - t0
         log.info("loaded %s (%s) in %.2f s, context %d tokens, %d parallel slot%s", spec.name, spec.path, seconds,
                  context.n_ctx, n, "" if n == 1 else "s")
-        return LoadedModel(spec, model, context, seconds, pieces, slots)
+        return LoadedModel(spec, model, context, seconds, pieces, slots, pool)
 
     def summary(self, spec: ModelSpec) -> dict[str, Any]:
         """File facts for listings (size, time, architecture, quantization) without loading the weights."""

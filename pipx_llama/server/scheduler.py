@@ -317,7 +317,13 @@ class Scheduler:
             by_model.setdefault(id(slot.job.model), []).append((slot, ev))
         for group in by_model.values():
             group.sort(key=lambda se: len(se[1].tokens) - se[1].pos > 1)  # decode tokens first
-            budget = self.chunk
+            model = group[0][0].job.model
+            batch = self._batches.get(id(model))
+            if batch is None:
+                size = min(self.chunk + len(model.slots), model.slots[0].n_batch)
+                batch = self._batches[id(model)] = BatchEval(model.model, size, model.pool)
+            n_decode = sum(1 for _, ev in group if len(ev.tokens) - ev.pos == 1)
+            budget = min(self.chunk, batch.max_tokens - n_decode)
             parts: list[tuple[_Slot, _Eval, list[int]]] = []
             for slot, ev in group:
                 left = len(ev.tokens) - ev.pos
@@ -332,10 +338,6 @@ class Scheduler:
                     slot, ev, toks = parts[0]
                     results = [slot.context.eval(toks)[-1]]
                 else:
-                    model = group[0][0].job.model
-                    batch = self._batches.get(id(model))
-                    if batch is None:
-                        batch = self._batches[id(model)] = BatchEval(model.model, self.chunk + len(model.slots))
                     results = batch.eval([Part(slot.context, toks, ev.pos + len(toks) == len(ev.tokens))
                                           for slot, ev, toks in parts])
             except Exception as err:  # the step's jobs fail; the engine thread goes on
