@@ -16,8 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipx_llama.engine import Context, Model, load_model
-from pipx_llama.engine.batch import SlotPool, new_slots
+from pipx_llama.engine import Context, Model, SlotPool, load_model, new_slots
 from pipx_llama.errors import PipxLlamaError, UsageError
 from pipx_llama.server.errors import bad_request, model_not_found
 from pipx_llama.system import RAM_HEADROOM, detect_hardware

@@ -32,8 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from pipx_llama.engine import Constraint, Context, GenerationStats, SamplerConfig, generate
-from pipx_llama.engine.batch import BatchEval, Part
+from pipx_llama.engine import BatchEval, Constraint, Context, GenerationStats, Part, SamplerConfig, generate
 from pipx_llama.errors import PipxLlamaError
 from pipx_llama.server.registry import LoadedModel
 
