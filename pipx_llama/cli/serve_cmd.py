@@ -78,6 +78,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--cors-origin", action="append", default=[], metavar="ORIGIN",
                    help="let web pages from ORIGIN call the API (repeatable; '*' = any). Pages on "
                         "localhost may always")
+    # llama-server's -np; its long name --parallel is already the download connections of the road options
+    p.add_argument("-np", "--slots", type=int, default=None, metavar="N",
+                   help="requests each model generates at once, batched, each with its own KV cache of "
+                        "--ctx-size (default: as many as fit in RAM, at most 4)")
     p.add_argument("-t", "--threads", type=int, default=None, help="threads (default: physical cores)")
     p.add_argument("-c", "--ctx-size", type=int, default=None,
                    help="context size per model in tokens (default: the model's, at most 4096)")
@@ -116,6 +120,8 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"--ctx-size {args.ctx_size} is too small", "pass -c 512 or more, or leave it out")
     if args.threads is not None and args.threads < 1:
         raise UsageError(f"threads must be at least 1, got {args.threads}", "pass -t 1 or more")
+    if args.slots is not None and args.slots < 1:
+        raise UsageError(f"--slots must be at least 1, got {args.slots}", "pass --slots 1 or more")
     sampling = sampler_config(args)
     if args.max_connections < 1:
         raise UsageError(f"--max-connections must be at least 1, got {args.max_connections}",
@@ -128,7 +134,7 @@ def run(args: argparse.Namespace) -> int:
 
     specs = _specs(args, ModelSpec)
     registry = ModelRegistry(specs, threads=args.threads, ctx_size=args.ctx_size,
-                             cache_types=(args.cache_type_k, args.cache_type_v))
+                             cache_types=(args.cache_type_k, args.cache_type_v), parallel=args.slots)
     settings = ServerSettings(
         api_key=api_key,
         max_queue=args.max_queue,

@@ -12,6 +12,7 @@ block type, and the quantizer decodes a quantized source tensor with them before
 from __future__ import annotations
 
 from pipx_llama.engine.arch import SUPPORTED_ARCHITECTURES, family_of
+from pipx_llama.engine.batch import BatchEval, Part, SlotPool, new_slots
 from pipx_llama.engine.constrain import (
     Constraint,
     GrammarError,
@@ -47,16 +48,19 @@ __all__ = [
     "GREEDY",
     "SUPPORTED_ARCHITECTURES",
     "WEIGHT_KERNELS",
+    "BatchEval",
     "Constraint",
     "Context",
     "Generation",
     "GenerationStats",
     "GrammarError",
     "Model",
+    "Part",
     "PerplexityResult",
     "Piece",
     "Sampler",
     "SamplerConfig",
+    "SlotPool",
     "cache_is_warm",
     "compile_kernels",
     "family_of",
@@ -65,6 +69,7 @@ __all__ = [
     "json_schema_grammar",
     "lark_grammar",
     "load_model",
+    "new_slots",
     "perplexity",
     "start_compile",
     "types_of_tensors",

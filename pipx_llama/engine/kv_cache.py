@@ -61,7 +61,10 @@ class KVCache:
     """K and V of every layer: ``k_layer(li)`` / ``v_layer(li)`` are float16 [rows, n_kv_heads, head_dim],
     or uint8 [rows, n_kv_heads, head_dim/32*34] q8_0 rows."""
 
-    def __init__(self, hp: HyperParams, n_ctx: int, n_batch: int, type_k: str = "f16", type_v: str = "f16") -> None:
+    def __init__(self, hp: HyperParams, n_ctx: int, n_batch: int, type_k: str = "f16", type_v: str = "f16",
+                 buffers: tuple[np.ndarray, np.ndarray] | None = None) -> None:
+        """``buffers``: flat K and V arrays to hold the cache (a slot of a pool several sequences share),
+        of the size and dtype this cache would allocate."""
         check_cache_type(type_k, hp.head_dim, "K")
         check_cache_type(type_v, hp.head_dim, "V")
         self.hp = hp
@@ -73,6 +76,11 @@ class KVCache:
             self.row_offsets.append(self.row_offsets[-1] + r)
         self.k = _buffer(self.row_offsets[-1], hp, type_k)
         self.v = _buffer(self.row_offsets[-1], hp, type_v)
+        if buffers is not None:
+            for mine, given in zip((self.k, self.v), buffers):
+                if given.shape != mine.shape or given.dtype != mine.dtype:
+                    raise ValueError(f"KV buffer {given.dtype} {given.shape} does not fit {mine.dtype} {mine.shape}")
+            self.k, self.v = buffers
         self.windows = [hp.swa_window if hp.is_swa(li) else 0 for li in range(hp.n_layers)]
 
     @property

@@ -122,12 +122,14 @@ class Model:
         return self.output.nbytes + sum(w.nbytes for layer in self.layers for w in layer.matrices())
 
     def new_context(self, n_ctx: int | None = None, n_batch: int = DEFAULT_BATCH, *, fused: bool = True,
-                    type_k: str = "f16", type_v: str = "f16") -> Context:
+                    type_k: str = "f16", type_v: str = "f16",
+                    kv_buffers: tuple[np.ndarray, np.ndarray] | None = None) -> Context:
         """A fresh context; ``fused=False`` forces the per-op path (same logits, slower; for tests).
 
         ``type_k``/``type_v``: the KV cache's types, "f16" or "q8_0" (llama.cpp's --cache-type-k/-v).
+        ``kv_buffers``: where its KV cache lives (a slot of a pool; engine/batch.py), else its own memory.
         """
-        return Context(self, n_ctx, n_batch, fused=fused, type_k=type_k, type_v=type_v)
+        return Context(self, n_ctx, n_batch, fused=fused, type_k=type_k, type_v=type_v, kv_buffers=kv_buffers)
 
     def close(self) -> None:
         self.gguf.close()
@@ -411,7 +413,8 @@ class Context:
     """One sequence's state: the KV cache (float16 as llama.cpp keeps it, or q8_0) and scratch buffers."""
 
     def __init__(self, model: Model, n_ctx: int | None, n_batch: int, *, fused: bool = True,
-                 type_k: str = "f16", type_v: str = "f16") -> None:
+                 type_k: str = "f16", type_v: str = "f16",
+                 kv_buffers: tuple[np.ndarray, np.ndarray] | None = None) -> None:
         hp = model.hparams
         if n_ctx is None:
             n_ctx = min(hp.n_ctx_train, DEFAULT_CTX)
@@ -427,7 +430,7 @@ class Context:
         self.n_batch = min(n_batch, n_ctx)
         self.n_past = 0
         self.tokens: list[int] = []  # what the cache holds, position by position
-        self.kv = KVCache(hp, n_ctx, self.n_batch, type_k, type_v)
+        self.kv = KVCache(hp, n_ctx, self.n_batch, type_k, type_v, kv_buffers)
         # RoPE tables [tables, n_ctx, n_rot/2]: the global layers', then the sliding-window layers'
         tables = [ops.rope_cache(n_ctx, hp.n_rot, hp.rope_base, hp.rope_freq_scale, hp.factors_for(n_ctx),
                                  hp.rope_attn_factor)]
@@ -452,7 +455,9 @@ class Context:
         if model.packed is not None and fused:
             self._init_fused()
 
-    def _init_fused(self) -> None:
+    def _init_fused(self, kv_pool: tuple[np.ndarray, np.ndarray] | None = None) -> None:
+        """The fused pass's bundle and thread team; ``kv_pool``: the flat K and V buffers of every slot of a
+        pool (tokens of several sequences in one pass: engine/batch.py) instead of this context's cache."""
         m, hp, b = self.model, self.model.hparams, self.n_batch
         pw = m.packed
         if pw is None:  # only reachable through a bug: the fused path is chosen only with packed weights
@@ -479,16 +484,19 @@ class Context:
               np.empty(b * k_widest // 16, np.int16), np.empty(b * k_widest // 16, np.int32),
               np.empty(b * k_widest // 32, np.int32))
         threads = m.threads
+        kc, vc = kv_pool if kv_pool is not None else (self.kv.k, self.kv.v)
+        self._tpos = np.zeros(b, np.int64)  # each token's position
+        self._tslot = np.zeros(b, np.int64)  # each token's slot in the pool (0: this context's cache)
         bundle = fused_kernels.Bundle(
             hp=hpa, fp=fpa, par=self._par, stages=fused_kernels.stage_table(hp.n_layers),
-            arenas=(pw.arena, m.gguf.data, packed.KindSet(pw.wdesc[:, 0])), wdesc=pw.wdesc, need=pw.need,
+            arenas=(pw.arena, m.gguf.data, packed.kind_set(pw.wdesc[:, 0])), wdesc=pw.wdesc, need=pw.need,
             ldesc=ldesc, vecs=pw.vecs,
-            cos=self.rope_cos, sin=self.rope_sin, kc=_kernel_cache(self.kv.k), vc=_kernel_cache(self.kv.v),
+            cos=self.rope_cos, sin=self.rope_sin, kc=_kernel_cache(kc), vc=_kernel_cache(vc),
             x=self._x, xb=self._xb, q=self._q, k=self._k, v=self._v, att=self._att, proj=self._proj,
             gate=self._gate, up=self._up, hidden=self._hidden, logits=self._logits, a8f=a8, akf=ak,
             scratch=np.empty((threads, self.n_ctx + 2 * hp.head_dim), np.float32),
             res_all=np.empty((threads, 4, packed.LANES), np.float32), f16_table=_FP16_TABLE,
-            gelu_table=ops.GELU_F16_TABLE,
+            gelu_table=ops.GELU_F16_TABLE, tpos=self._tpos, tslot=self._tslot,
         )
         self._team = fused_kernels.Team(threads, bundle)
 
@@ -586,6 +594,7 @@ class Context:
         n_rows = 0 if logits is None else logits.shape[0]
         par[fused_kernels.PAR_T] = T
         par[fused_kernels.PAR_POS0] = self.n_past
+        self._tpos[:T] = np.arange(self.n_past, self.n_past + T)
         par[fused_kernels.PAR_LOGIT_ROW0] = T - n_rows
         par[fused_kernels.PAR_LOGIT_ROWS] = n_rows
         par[fused_kernels.PAR_THREADS] = team.threads

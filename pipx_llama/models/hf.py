@@ -7,6 +7,10 @@ The result is a manifest of our own (the commit and hashes in it) whose source i
 every other; the manifest is kept with the files and under ``<home>/locks/hf/`` (the lock), so
 ``--offline`` (or ``HF_HUB_OFFLINE=1``) runs a resolved reference again without asking the hub.
 ``HF_TOKEN`` is sent to the hub; ``HF_ENDPOINT`` points at a mirror.
+
+A split GGUF (``NAME-00001-of-0000N.gguf``, llama.cpp's ``llama-gguf-split``; any of its parts may be
+named) becomes a manifest listing all N parts, each with its own sha256 and size; the pipeline merges
+them into one GGUF once they are verified (:mod:`pipx_llama.models.prepare`).
 """
 
 from __future__ import annotations
@@ -21,12 +25,12 @@ from typing import Any
 from pipx_llama.errors import FetchError, UsageError
 from pipx_llama.fetch.errors import AccessDenied, OfflineError, SourceNotFound
 from pipx_llama.files import atomic_write_bytes
+from pipx_llama.formats.gguf_split import split_name
 from pipx_llama.models.manifest import Manifest, ManifestError, parse_manifest, render_manifest
 from pipx_llama.models.reference import HfName, Reference
 
 DEFAULT_ENDPOINT = "https://huggingface.co"
 DEFAULT_QUANT = "Q4_K_M"   # llama.cpp's -hf picks this when no tag is given, if the repository has it
-_SPLIT = re.compile(r"-(\d{5})-of-(\d{5})\.gguf$", re.IGNORECASE)
 _NAME_BAD = re.compile(r"[^a-z0-9._-]+")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 _COMMIT = re.compile(r"[0-9a-f]{40}")
@@ -130,11 +134,29 @@ def pick(hf: HfName, files: list[HfFile]) -> HfFile:
     return ggufs[0]
 
 
-def manifest_for(hf: HfName, commit: str, chosen: HfFile, gguf: dict[str, Any]) -> Manifest:
-    split = _SPLIT.search(chosen.path)
-    if split:
-        raise UsageError(f"hf.co/{hf.repo}: {chosen.path} is one part of a split GGUF, which pipx-llama "
-                         "cannot run yet", "pick a quantization published as a single file")
+def split_set(hf: HfName, chosen: HfFile, files: list[HfFile]) -> list[HfFile]:
+    """``chosen`` alone, or, when it is a part of a split GGUF, every part of its set in order (all of
+    them must be in the listing, in the same folder)."""
+    folder, _, base = chosen.path.rpartition("/")
+    name = split_name(base)
+    if name is None:
+        return [chosen]
+    by_path = {f.path: f for f in files}
+    parts = []
+    for n in range(1, name.count + 1):
+        path = f"{folder}/{name.part(n)}" if folder else name.part(n)
+        if path not in by_path:
+            raise SourceNotFound(f"hf.co/{hf.repo}: part {path} of the split GGUF {name.merged} is not in "
+                                 "the repository", "the upload is incomplete; pick another quantization")
+        parts.append(by_path[path])
+    return parts
+
+
+def manifest_for(hf: HfName, commit: str, chosen: HfFile, gguf: dict[str, Any],
+                 parts: list[HfFile] | None = None) -> Manifest:
+    """The manifest for the file ``chosen`` (and, for a split GGUF, all its ``parts``, first included)."""
+    parts = parts or [chosen]
+    chosen = parts[0]
     quant_match = re.search(r"(?i)(IQ\d\w*|Q\d(?:_[A-Z0-9]+)*|BF16|F16|F32)(?=\.gguf$|[-.])",
                             chosen.path.rsplit("/", 1)[-1])
     quant = quant_match.group(1).upper() if quant_match else None
@@ -142,7 +164,7 @@ def manifest_for(hf: HfName, commit: str, chosen: HfFile, gguf: dict[str, Any]) 
     name = _NAME_BAD.sub("-", f"{repo_name}-{(quant or 'gguf').lower()}").strip("-._")[:64].rstrip("-._")
     total, ctx = gguf.get("total"), gguf.get("context_length")
     params = total if isinstance(total, int) and not isinstance(total, bool) and total > 0 \
-        else max(1, chosen.size * 8 // 5)
+        else max(1, sum(p.size for p in parts) * 8 // 5)
     base = f"{endpoint()}/{hf.repo}/resolve/{commit}/"
     data = {
         "format": 1, "name": name or "hf-model",
@@ -154,7 +176,7 @@ def manifest_for(hf: HfName, commit: str, chosen: HfFile, gguf: dict[str, Any]) 
         "variants": [{
             "name": (quant or "gguf").lower(), "format": "gguf",
             "quantization": quant if quant and re.fullmatch(r"[A-Z0-9_]+", quant) else None,
-            "files": [{"path": chosen.path.rsplit("/", 1)[-1], "size": chosen.size, "sha256": chosen.sha256}],
+            "files": [{"path": p.path.rsplit("/", 1)[-1], "size": p.size, "sha256": p.sha256} for p in parts],
             "sources": [{"type": "url", "base": base + (chosen.path.rsplit("/", 1)[0] + "/"
                                                          if "/" in chosen.path else "")}],
         }],
@@ -181,7 +203,8 @@ def resolve_hf(ref: Reference, options: Any) -> Manifest:
         raise OfflineError(f"hf.co/{hf.repo} was never resolved here and offline mode is on",
                            "run once without --offline (and without HF_HUB_OFFLINE=1)")
     commit, files, gguf = repo_files(hf, options.hf_token)
-    manifest = manifest_for(hf, commit, pick(hf, files), gguf)
+    chosen = pick(hf, files)
+    manifest = manifest_for(hf, commit, chosen, gguf, split_set(hf, chosen, files))
     if lock is not None:
         try:
             lock.parent.mkdir(parents=True, exist_ok=True)

@@ -61,6 +61,7 @@ from pipx_llama.models.runnable import (
     final_path,
     gguf_ready,
     is_ready,
+    split_parts,
 )
 from pipx_llama.models.sources import PullOptions, find_local, pull_options_from_config
 from pipx_llama.models.store import Store
@@ -129,7 +130,8 @@ def _option(store: Store, manifest: Manifest, variant: Variant, quant: str, shap
             cache_types: tuple[str, str] = ("f16", "f16")) -> Option:
     converts = variant.format in CONVERTIBLE and not fetch_only
     final = final_path(store, manifest, variant, quant)
-    ready = gguf_ready(store, manifest, variant) if fetch_only else is_ready(store, manifest, variant, quant)
+    ready = gguf_ready(store, manifest, variant) if fetch_only and variant.format != "gguf" \
+        else is_ready(store, manifest, variant, quant)
     if ready and not converts and variant.format != "gguf":
         weights = estimate_gguf_bytes(manifest.parameters, quant)  # fetched only: nothing runnable yet
     elif ready:
@@ -150,6 +152,9 @@ def _option(store: Store, manifest: Manifest, variant: Variant, quant: str, shap
                 intermediate = estimate_gguf_bytes(manifest.parameters, "F16")
                 stages.append("convert")
             stages.append("quantize")
+            final_new = weights
+        elif split_parts(variant) is not None:
+            stages.append("merge")  # the parts' merged GGUF is written beside them
             final_new = weights
         space = plan_space(store, manifest, variant,
                            dataclasses.replace(options, extra_bytes=intermediate + final_new))

@@ -11,7 +11,11 @@ the stage alone, is what ``pipx-llama pull`` runs). For original weights:
     quantize   pipx_llama.quant -> models/<name>/<variant>/<quant>.gguf
                + <quant>.gguf.provenance.json (source hashes -> derived file hash)
 
-then the F16 intermediate is deleted. Every output is written under a temporary name and renamed
+then the F16 intermediate is deleted. A split GGUF's parts, once fetched, are merged
+(:mod:`pipx_llama.formats.gguf_split`) into one GGUF with a provenance record like a quantization's
+(``merge`` stage), so every other command sees one ordinary file.
+
+Every output is written under a temporary name and renamed
 when complete; each stage's completion is recorded in ``models/<name>/<variant>/.pipeline.json``
 (written atomically), so a run killed at any moment resumes at the stage it was in: fetched blobs
 and partial downloads stay, a finished conversion is reused. One process at a time works on a
@@ -50,9 +54,11 @@ from pipx_llama.models.runnable import (
     derived_ready,
     final_path,
     gguf_ready,
+    merged_ready,
     provenance_path,
     read_state,
     source_hashes,
+    split_parts,
 )
 from pipx_llama.models.sources import PullOptions
 from pipx_llama.models.store import Store, gguf_header_digest, now_iso, sha256_file
@@ -282,6 +288,65 @@ def _quantized_types(inter: Path, quant: str) -> Any:
     return types_of_tensors((c.name, c.shape, c.target) for c in choices)
 
 
+def _merge_split(plan: RunPlan, store: Store, manifest: Manifest, variant: Variant,
+                 emit: EventCallback) -> None:
+    """Merge a split variant's verified parts into its runnable GGUF (once; under the variant's lock)."""
+    final, label = plan.final_path, f"{manifest.name} ({variant.name})"
+    if merged_ready(final, variant):
+        emit(ProgressEvent("stage-skipped", "merge", source=label, message=f"{final.name} is already merged"))
+        return
+    read_only = store.read_only_reason()
+    if read_only is not None:
+        raise store.read_only_error(f"merge the split parts of {label}", read_only)
+    lock = store.lock(f"pipeline-{manifest.name}-{variant.name}")
+    if not lock.try_acquire():
+        emit(ProgressEvent("waiting-lock", label, source=label,
+                           message=f"{lock.holder()} is preparing this model; waiting for it"))
+        lock.acquire()
+    try:
+        with store.shared():
+            if merged_ready(final, variant):
+                return
+            _merge_now(plan, store, manifest, variant, emit)
+    finally:
+        lock.release()
+
+
+def _merge_now(plan: RunPlan, store: Store, manifest: Manifest, variant: Variant,
+               emit: EventCallback) -> None:
+    from pipx_llama.formats.gguf_split import merge_parts
+
+    final, label = plan.final_path, f"{manifest.name} ({variant.name})"
+    folder = store.variant_dir(manifest.name, variant.name)
+    parts = split_parts(variant) or []
+    provenance_path(final).unlink(missing_ok=True)
+    emit(ProgressEvent("stage", "merge", source=label, message=f"merging {len(parts)} split parts into "
+                                                                f"{final.name}"))
+
+    def on_bytes(done: int, total: int) -> None:
+        emit(ProgressEvent("progress", final.name, done, total, source=label, message="merging"))
+
+    emit(ProgressEvent("start", final.name, 0, sum(f.size for f in variant.files), source=label,
+                       message="merging"))
+    result = merge_parts([folder / p for p in parts], final, on_bytes)
+    emit(ProgressEvent("start", final.name, 0, result.size, source=label, message="hashing"))
+    digest = sha256_file(final)
+    emit(ProgressEvent("done", final.name, result.size, result.size, source=label,
+                       message=f"sha256 {digest}"))
+    record = {
+        "format": 1, "kind": "derived", "model": manifest.name, "variant": variant.name,
+        "quantization": plan.quant, "path": final.name, "sha256": digest, "size": result.size,
+        "created_at": now_iso(), "created_by": f"pipx-llama {__version__}",
+        "manifest": {"origin": manifest.origin, "sha256": manifest.text_sha256},
+        "sources": [{"path": f.path, "sha256": f.sha256, "size": f.size} for f in variant.files],
+        "steps": [{"stage": "merge", "from": "split GGUF", "parts": result.parts, "tensors": result.tensors}],
+        **gguf_header_digest(final),
+    }
+    atomic_write_json(provenance_path(final), record)
+    emit(ProgressEvent("stage-done", "merge", source=label,
+                       message=f"{final.name}: {human_bytes(result.size)} from {result.parts} parts"))
+
+
 def _manifest(plan: RunPlan) -> Manifest:
     if plan.manifest is None:
         raise UsageError("this plan carries no manifest", "make plans of models by name with plan_for()")
@@ -297,8 +362,24 @@ def _pull_options(plan: RunPlan, pull_options: PullOptions | None) -> PullOption
 
 def fetch(plan: RunPlan, *, pull_options: PullOptions | None = None,
           on_event: EventCallback | None = None) -> PullResult:
-    """The fetch stage alone: every file of the plan's variant verified into the store (``pull``)."""
-    return pull(Store(plan.store_root), _manifest(plan), _pull_options(plan, pull_options), on_event)
+    """The fetch stage alone: every file of the plan's variant verified into the store (``pull``); a split
+    GGUF's parts are then merged, so what was pulled runs offline as it is."""
+    store, manifest = Store(plan.store_root), _manifest(plan)
+    variant = manifest.variant(plan.variant)
+    if split_parts(variant) is None:
+        return pull(store, manifest, _pull_options(plan, pull_options), on_event)
+    emit = on_event or _noop
+    held: list[ProgressEvent] = []
+
+    def parts_pulled(ev: ProgressEvent) -> None:
+        # the pull's "installed" would read as "ready" while the merge is still to come
+        (held.append if ev.kind == "installed" else emit)(ev)
+
+    result = pull(store, manifest, _pull_options(plan, pull_options), parts_pulled)
+    _merge_split(plan, store, manifest, variant, emit)
+    for ev in held:
+        emit(ev)
+    return result
 
 
 def prepare(plan: RunPlan, *, pull_options: PullOptions | None = None, on_event: EventCallback | None = None,
@@ -343,6 +424,8 @@ def prepare(plan: RunPlan, *, pull_options: PullOptions | None = None, on_event:
             )
             pull(store, manifest, options, emit)
             emit(ProgressEvent("stage-done", "fetch", source=label, message="all files verified"))
+        if split_parts(variant) is not None:
+            _merge_split(plan, store, manifest, variant, emit)
     elif read_only is not None:
         # nothing can be written, so nothing can change: the file is used as it is, without locks
         path = final_path(store, manifest, variant, plan.quant)

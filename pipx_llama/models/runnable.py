@@ -2,7 +2,9 @@
 record of the stages that made it.
 
 A GGUF variant's runnable file is its pulled file; original weights become ``<quant>.gguf`` beside
-them, with ``<quant>.gguf.provenance.json`` (source hashes -> derived file hash). Each stage's
+them, with ``<quant>.gguf.provenance.json`` (source hashes -> derived file hash). A split GGUF
+(``NAME-00001-of-0000N.gguf`` and the rest of its parts) is merged into ``NAME.gguf``, a derived file
+with the same kind of record (the parts' hashes -> the merged file's hash). Each stage's
 completion is recorded in ``models/<name>/<variant>/.pipeline.json``. Before a prepared GGUF is handed
 out, its size and the digest of its header and tensor table are compared with what was recorded when
 it was verified or made (``check_installed``): a file changed since is refused with a
@@ -17,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from pipx_llama.errors import ModelFileError
+from pipx_llama.formats.gguf_split import split_name
 from pipx_llama.models.manifest import Manifest, Variant
 from pipx_llama.models.store import DERIVED_PROVENANCE_SUFFIX, Store, recorded_file_problem
 
@@ -38,9 +41,30 @@ def default_quant(variant: Variant) -> str:
     return "Q4_0" if variant.format == "meta-pth" else "Q4_K_M"
 
 
+def split_parts(variant: Variant) -> list[str] | None:
+    """The paths of a GGUF variant's split parts in order, when its GGUFs are exactly the N parts of one
+    split set (``NAME-0000i-of-0000N.gguf``, same folder); None for an ordinary GGUF variant."""
+    if variant.format != "gguf":
+        return None
+    ggufs = [f.path for f in variant.files if f.path.lower().endswith(".gguf")]
+    names = [split_name(p.rsplit("/", 1)[-1]) for p in ggufs]
+    first = names[0] if names else None
+    if first is None or len(ggufs) != first.count or len({p.rsplit("/", 1)[0] if "/" in p else ""
+                                                           for p in ggufs}) != 1:
+        return None
+    folder = ggufs[0][:len(ggufs[0]) - len(ggufs[0].rsplit("/", 1)[-1])]
+    wanted = [folder + first.part(n) for n in range(1, first.count + 1)]
+    return wanted if sorted(wanted) == sorted(ggufs) else None
+
+
 def final_path(store: Store, manifest: Manifest, variant: Variant, quant: str) -> Path:
-    """The runnable GGUF: a GGUF variant's file, or ``<quant>.gguf`` derived from original weights."""
+    """The runnable GGUF: a GGUF variant's file (a split one's merged file), or ``<quant>.gguf`` derived
+    from original weights."""
     folder = store.variant_dir(manifest.name, variant.name)
+    parts = split_parts(variant)
+    if parts is not None:
+        name = split_name(parts[0].rsplit("/", 1)[-1])
+        return folder / name.merged if name is not None else folder / parts[0]
     if variant.format == "gguf":
         ggufs = [f.path for f in variant.files if f.path.endswith(".gguf")] or [variant.files[0].path]
         return folder / ggufs[0]
@@ -76,6 +100,15 @@ def derived_ready(final: Path, variant: Variant, quant: str) -> bool:
     )
 
 
+def merged_ready(final: Path, variant: Variant) -> bool:
+    """A split variant's merged GGUF is usable: its record matches the file and the manifest's parts."""
+    record = read_json(provenance_path(final))
+    if record is None or not final.is_file():
+        return False
+    sources = {s.get("path"): s.get("sha256") for s in record.get("sources", []) if isinstance(s, dict)}
+    return record.get("size") == final.stat().st_size and sources == source_hashes(variant)
+
+
 def gguf_ready(store: Store, manifest: Manifest, variant: Variant) -> bool:
     folder = store.variant_dir(manifest.name, variant.name)
     record = store.read_provenance(manifest.name, variant.name) or {}
@@ -90,7 +123,7 @@ def check_installed(store: Store, manifest: Manifest, variant: Variant, final: P
     table, differs from the record. Cheap (no full hash); a missing file is left to the pipeline."""
     if not os.path.lexists(final):
         return
-    if variant.format == "gguf":
+    if variant.format == "gguf" and split_parts(variant) is None:
         record = store.read_provenance(manifest.name, variant.name) or {}
         rel = final.relative_to(store.variant_dir(manifest.name, variant.name)).as_posix()
         entry = next((f for f in record.get("files", []) if isinstance(f, dict) and f.get("path") == rel),
@@ -109,7 +142,9 @@ def check_installed(store: Store, manifest: Manifest, variant: Variant, final: P
 def is_ready(store: Store, manifest: Manifest, variant: Variant, quant: str) -> bool:
     """The runnable GGUF for (variant, quant) is in the store, complete and recorded."""
     if variant.format == "gguf":
-        return gguf_ready(store, manifest, variant)
+        final = final_path(store, manifest, variant, quant)
+        return gguf_ready(store, manifest, variant) and (split_parts(variant) is None
+                                                         or merged_ready(final, variant))
     return derived_ready(final_path(store, manifest, variant, quant), variant, quant)
 
 

@@ -1,8 +1,9 @@
 """The models a server offers: named at start-up, loaded on first use, then kept.
 
-Each model gets one KV-cache context when it loads; requests for it take turns on that context
-(``generate()`` reuses the prefix the previous request left, so a chat's next turn only evaluates
-what is new). Names are matched exactly, then case-insensitively, and Ollama's ``name:latest`` means
+Each model gets ``parallel`` KV-cache contexts (slots) when it loads: the scheduler runs that many of
+its requests at once, batched (server/scheduler.py). A request takes the free slot that shares the
+longest prefix with it (``generate()`` reuses that prefix, so a chat's next turn only evaluates what
+is new). By default as many slots as the RAM left after the weights holds, at most ``MAX_DEFAULT_PARALLEL``. Names are matched exactly, then case-insensitively, and Ollama's ``name:latest`` means
 ``name``.
 """
 
@@ -15,12 +16,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipx_llama.engine import Context, Model, SamplerConfig, load_model
+from pipx_llama.engine import Context, Model, SamplerConfig, SlotPool, load_model, new_slots
 from pipx_llama.errors import PipxLlamaError, UsageError
 from pipx_llama.server.errors import bad_request, model_not_found
+from pipx_llama.system import RAM_HEADROOM, detect_hardware
 from pipx_llama.tokenizer.tokenizer import ATTR_LSTRIP, ATTR_RSTRIP, Tokenizer
 
 log = logging.getLogger("pipx_llama.server")
+
+MAX_DEFAULT_PARALLEL = 4
 
 
 @dataclass(frozen=True)
@@ -71,10 +75,16 @@ def piece_bound(tokenizer: Tokenizer) -> PieceBound:
 class LoadedModel:
     spec: ModelSpec
     model: Model
-    context: Context
+    context: Context  # the first slot
     load_seconds: float
     pieces: PieceBound
     loaded_at: float = field(default_factory=time.time)  # wall clock, for /api/ps
+    slots: list[Context] = field(default_factory=list)  # every slot, ``context`` first
+    pool: SlotPool | None = None  # the slots' shared KV cache (batches take the fused pass)
+
+    def __post_init__(self) -> None:
+        if not self.slots:
+            self.slots = [self.context]
 
     @property
     def n_ctx(self) -> int:
@@ -93,7 +103,7 @@ class ModelRegistry:
     """Name → model; ``get`` loads on first use (once, even when requests race for it)."""
 
     def __init__(self, specs: list[ModelSpec], *, threads: int | None = None, ctx_size: int | None = None,
-                 cache_types: tuple[str, str] = ("f16", "f16")) -> None:
+                 cache_types: tuple[str, str] = ("f16", "f16"), parallel: int | None = None) -> None:
         if not specs:
             raise UsageError("no model to serve", "name a model or pass -m FILE.gguf")
         self._slots: dict[str, _Slot] = {}
@@ -112,6 +122,9 @@ class ModelRegistry:
         self.threads = threads
         self.ctx_size = ctx_size
         self.cache_types = cache_types  # (K, V): "f16" or "q8_0"
+        if parallel is not None and parallel < 1:
+            raise UsageError(f"parallel slots must be at least 1, got {parallel}", "pass --slots 1 or more")
+        self.parallel = parallel  # slots per model; None: what fits in RAM (default_parallel)
 
     @property
     def names(self) -> list[str]:
@@ -159,11 +172,18 @@ class ModelRegistry:
             log.warning("%s: context %d exceeds the %d tokens it was trained on; using %d",
                         spec.name, n_ctx, model.hparams.n_ctx_train, model.hparams.n_ctx_train)
             n_ctx = model.hparams.n_ctx_train
-        context = model.new_context(n_ctx, type_k=self.cache_types[0], type_v=self.cache_types[1])
+        probe = model.new_context(n_ctx, fused=False, type_k=self.cache_types[0], type_v=self.cache_types[1])
+        n = self.parallel or default_parallel(probe.kv_bytes, _ram_available())
+        if self.parallel is not None and self.parallel > 1:
+            check_slots_fit(self.parallel, probe.kv_bytes, _ram_available())
+        pool = new_slots(model, n, probe.n_ctx, type_k=self.cache_types[0], type_v=self.cache_types[1])
+        del probe
+        context, slots = pool.contexts[0], pool.contexts
         pieces = piece_bound(model.tokenizer)
         seconds = time.perf_counter() - t0
-        log.info("loaded %s (%s) in %.2f s, context %d tokens", spec.name, spec.path, seconds, context.n_ctx)
-        return LoadedModel(spec, model, context, seconds, pieces)
+        log.info("loaded %s (%s) in %.2f s, context %d tokens, %d parallel slot%s", spec.name, spec.path, seconds,
+                 context.n_ctx, n, "" if n == 1 else "s")
+        return LoadedModel(spec, model, context, seconds, pieces, slots=slots, pool=pool)
 
     def summary(self, spec: ModelSpec) -> dict[str, Any]:
         """File facts for listings (size, time, architecture, quantization) without loading the weights."""
@@ -171,6 +191,35 @@ class ModelRegistry:
         if slot.summary is None:
             slot.summary = _summarize(spec)
         return slot.summary
+
+
+def default_parallel(kv_bytes: int, ram_available: int | None) -> int:
+    """Slots whose KV caches fit in the RAM still available (the first slot's is what the planner
+    checked), within the headroom the planner keeps; at least 1, at most ``MAX_DEFAULT_PARALLEL``."""
+    if ram_available is None:
+        return 1
+    extra = (int(ram_available * RAM_HEADROOM) - kv_bytes) // max(1, kv_bytes)
+    return max(1, min(MAX_DEFAULT_PARALLEL, 1 + extra))
+
+
+def check_slots_fit(n: int, kv_bytes: int, ram_available: int | None) -> None:
+    """Refuse ``n`` slots whose KV caches beyond the first (the one the planner checked) do not fit."""
+    if ram_available is None:
+        return
+    need, budget = (n - 1) * kv_bytes, int(ram_available * RAM_HEADROOM)
+    if need > budget:
+        fit = default_parallel(kv_bytes, ram_available)
+        raise UsageError(f"{n} parallel slots need {need >> 20} MiB more for their KV caches; "
+                         f"{budget >> 20} MiB of RAM is available",
+                         f"pass --slots {fit} or fewer, or a smaller -c/--ctx-size")
+
+
+def _ram_available() -> int | None:
+    try:
+        return detect_hardware(Path.home()).ram_available
+    except (OSError, PipxLlamaError) as err:  # a probe that fails leaves one slot, never a failed load
+        log.warning("cannot read the available RAM (%s): one parallel slot", err)
+        return None
 
 
 def _summarize(spec: ModelSpec) -> dict[str, Any]:

@@ -48,7 +48,8 @@ HP_SIZE = 10
 FP_EPS, FP_Q_SCALE, FP_KQ_SCALE, FP_SOFTCAP = range(4)
 FP_SIZE = 4
 # per-evaluation slots (int64 ``par``)
-PAR_T, PAR_POS0, PAR_LOGIT_ROW0, PAR_LOGIT_ROWS, PAR_THREADS, PAR_STAGES = range(6)
+# (PAR_KV_STRIDE_*: elements between two sequences' slots in kc/vc, for a batch of several sequences)
+PAR_T, PAR_POS0, PAR_LOGIT_ROW0, PAR_LOGIT_ROWS, PAR_THREADS, PAR_STAGES, PAR_KV_STRIDE_K, PAR_KV_STRIDE_V = range(8)
 PAR_SIZE = 8
 # weight descriptor columns (int64 ``wdesc`` [n_weights, 4])
 WD_KIND, WD_ROWS, WD_COLS, WD_OFFSET = range(4)
@@ -76,11 +77,12 @@ ITEM_BYTES = 1 << 16  # weight bytes per matmul item for one token (measured: la
 # n_rot/2]; kc, vc uint16 [*] (F16 bits) or uint8 [*] (q8_0 blocks), layers at ldesc's rows; x, xb, proj f32 [B, dim]; q, att f32
 # [B, H*D]; k, v f32 [B, KVH*D]; gate, up, hidden f32 [B, ffn]; logits f32 [B, vocab]; a8f, akf: the
 # activation buffers (Q8_1, Q8_K); scratch f32 [threads, n_ctx + 2D]; res_all f32 [threads, 4, LANES];
-# f16_table, gelu_table: ops' F16 tables.
+# f16_table, gelu_table: ops' F16 tables; tpos, tslot int64 [B]: each token's position and KV slot (a batch
+# may hold tokens of several sequences, slot s at s * PAR_KV_STRIDE_* in kc/vc; one sequence: slot 0).
 Bundle = namedtuple("Bundle", [
     "hp", "fp", "par", "stages", "arenas", "wdesc", "need", "ldesc", "vecs", "cos", "sin", "kc", "vc",
     "x", "xb", "q", "k", "v", "att", "proj", "gate", "up", "hidden", "logits", "a8f", "akf", "scratch",
-    "res_all", "f16_table", "gelu_table",
+    "res_all", "f16_table", "gelu_table", "tpos", "tslot",
 ])
 
 
@@ -177,14 +179,15 @@ def _vec(b, off, n):
 
 
 @njit(inline="always")
-def _kv_layer(cache, b, li):
-    """Layer li's [rows, KVH, D] view of a flat cache (D F16 bits, or D/32 q8_0 blocks of 34 bytes)."""
+def _kv_layer(cache, b, li, base):
+    """Layer li's [rows, KVH, D] view of the slot at element ``base`` of a flat cache (D F16 bits, or D/32
+    q8_0 blocks of 34 bytes)."""
     rows = b.ldesc[li, LD_KV_ROWS]
     kvh = b.hp[HP_KV_HEADS]
     d = b.hp[HP_HEAD_DIM]
     if cache.itemsize == 1:
         d = d // 32 * 34
-    off = b.ldesc[li, LD_KV_OFF] * kvh * d
+    off = base + b.ldesc[li, LD_KV_OFF] * kvh * d
     return cache[off : off + rows * kvh * d].reshape((rows, kvh, d))
 
 
@@ -260,16 +263,15 @@ def run_item(op, li, i, tid, T, threads, b):
     elif op == OP_ATTEND:
         n_pairs = T * H
         n_att = n_items(OP_ATTEND, li, T, threads, b)
-        kcl = _kv_layer(b.kc, b, li)
-        vcl = _kv_layer(b.vc, b, li)
         q3 = b.q.reshape((b.q.shape[0], H, D))
         att3 = b.att.reshape((b.att.shape[0], H, D))
         window = ld[li, LD_WINDOW]
-        pos0 = b.par[PAR_POS0]
         for pair in range(i, n_pairs, n_att):
             t = pair // H
             h = pair - t * H
-            p = pos0 + t
+            p = b.tpos[t]
+            kcl = _kv_layer(b.kc, b, li, b.tslot[t] * b.par[PAR_KV_STRIDE_K])
+            vcl = _kv_layer(b.vc, b, li, b.tslot[t] * b.par[PAR_KV_STRIDE_V])
             attention._attend(q3[t, h], kcl, vcl, h // (H // KVH), attention.window_start(p, window), p + 1, fp[FP_Q_SCALE],
                         fp[FP_KQ_SCALE], fp[FP_SOFTCAP], b.scratch[tid], att3[t, h])
     elif op == OP_QUANT_ATT:
@@ -324,17 +326,16 @@ def _rope_and_cache(b, li, t0, t1):
     q3 = b.q.reshape((b.q.shape[0], H, D))
     k3 = b.k.reshape((b.k.shape[0], KVH, D))
     v3 = b.v.reshape((b.v.shape[0], KVH, D))
-    kcl = _kv_layer(b.kc, b, li)
-    vcl = _kv_layer(b.vc, b, li)
     rows = ld[li, LD_KV_ROWS]
     cos = b.cos[ld[li, LD_ROPE]]
     sin = b.sin[ld[li, LD_ROPE]]
     bq, bk, bv = ld[li, LD_BQ], ld[li, LD_BK], ld[li, LD_BV]
     qn, kn = ld[li, LD_Q_NORM], ld[li, LD_K_NORM]
-    pos0 = b.par[PAR_POS0]
     for t in range(t0, t1):
-        p = pos0 + t
+        p = b.tpos[t]
         slot = p % rows
+        kcl = _kv_layer(b.kc, b, li, b.tslot[t] * b.par[PAR_KV_STRIDE_K])
+        vcl = _kv_layer(b.vc, b, li, b.tslot[t] * b.par[PAR_KV_STRIDE_V])
         for h in range(H):
             qh = q3[t, h]
             if bq >= 0:

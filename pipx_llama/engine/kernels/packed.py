@@ -26,6 +26,8 @@ fused forward pass (:mod:`~pipx_llama.engine.kernels.fused`) deals to its thread
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 from gguf import GGMLQuantizationType
 from numba import njit, types
@@ -478,6 +480,19 @@ class KindSet:
 
     def __repr__(self) -> str:
         return f"KindSet{self.kinds}"
+
+
+# PIPX_LLAMA_KERNELS=all: one KindSet of every kind, so the fused pass compiles once for any model rather
+# than once per set of weight formats (~30 s CPU each against ~74 s once for all): for a server that
+# loads models of several formats, and for the test suite, whose tiny models have a dozen sets.
+_ALL_KINDS = "PIPX_LLAMA_KERNELS"
+
+
+def kind_set(kinds) -> KindSet:
+    """The KindSet the fused pass is compiled for: ``kinds`` (a model's), or every kind (see above)."""
+    if os.environ.get(_ALL_KINDS, "").strip().lower() == "all":
+        return KindSet(_GGML)
+    return KindSet(kinds)
 
 
 class KindSetType(types.Type):
