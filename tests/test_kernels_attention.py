@@ -79,7 +79,8 @@ def test_attention_over_q8_0_caches_matches_ref(types, T, start_pos, window, sof
     np.testing.assert_allclose(out, ref, rtol=0, atol=3e-4 * np.abs(v).max())
     # and the q8_0 side really is read as q8_0: f16 copies of the same values give other results
     out16 = np.empty_like(q)
-    attention.attention(q, k.astype(np.float16), v.astype(np.float16), start_pos, out16, window=window, softcap=softcap)
+    attention.attention(q, k.astype(np.float16), v.astype(np.float16), start_pos, out16, window=window,
+                        softcap=softcap)
     assert np.abs(out16 - out).max() > 10 * np.abs(out - ref).max()
 
 
@@ -93,8 +94,8 @@ def test_attention_independent_of_chunking(dtype):
     results = []
     for n_chunks in (1, 2, 5):
         out = np.empty_like(q)
-        attention.attention_kernel(q, ku, vu, start, 0, np.float32(1), attention.attention_scale(D), np.float32(0), out,
-                             attention.attention_scratch(128, D, n_chunks))
+        attention.attention_kernel(q, ku, vu, start, 0, np.float32(1), attention.attention_scale(D),
+                                   np.float32(0), out, attention.attention_scratch(128, D, n_chunks))
         results.append(out)
     np.testing.assert_array_equal(results[0], results[1])
     np.testing.assert_array_equal(results[0], results[2])
@@ -133,7 +134,8 @@ def test_attention_equals_plain_masked_softmax(H, KVH, D, start_pos):
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float16])
 @pytest.mark.parametrize("T,start_pos,window", [(1, 0, 4), (1, 77, 16), (33, 40, 16), (20, 3, 100)])
-@pytest.mark.parametrize("softcap,q_scale,kq_scale", [(0.0, 1.0, None), (50.0, 0.0625, 1.0), (3.0, 1.0, None)])
+@pytest.mark.parametrize("softcap,q_scale,kq_scale",
+                         [(0.0, 1.0, None), (50.0, 0.0625, 1.0), (3.0, 1.0, None)])
 def test_attention_window_and_caps_match_ref(dtype, T, start_pos, window, softcap, q_scale, kq_scale):
     rng = _rng(T + start_pos + window)
     H, KVH, D = 6, 2, 64
@@ -188,7 +190,8 @@ def test_attention_rejects_mismatched_shapes():
     with pytest.raises(ValueError):
         attention.attention(q, k, k, 15, np.empty_like(q))  # positions 15..16 exceed the cache
     with pytest.raises(ValueError):
-        attention.attention(q, np.zeros((16, 4, 64), np.float16), np.zeros((16, 4, 64), np.float16), 0, np.empty_like(q))
+        attention.attention(q, np.zeros((16, 4, 64), np.float16), np.zeros((16, 4, 64), np.float16), 0,
+                            np.empty_like(q))
     with pytest.raises(ValueError):
         attention.attention(q, k, k, 0, np.empty_like(q), scratch=np.empty((2, 10), np.float32))
     with pytest.raises(TypeError):

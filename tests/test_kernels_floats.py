@@ -1,5 +1,5 @@
-"""numba kernels of F32/F16/BF16 weights and the fp16/bf16 roundings, against numpy (pipx_llama.formats.floats)
-and, when llama-cpp-python is installed, against ggml's own C functions."""
+"""numba kernels of F32/F16/BF16 weights and the fp16/bf16 roundings, against numpy
+(pipx_llama.formats.floats) and, when llama-cpp-python is installed, against ggml's own C functions."""
 
 from __future__ import annotations
 
@@ -139,7 +139,8 @@ def test_matmul_matches_ggml_vec_dot(ggml_cpu: ctypes.CDLL, fmt: type[qf.FloatFo
     kind = fmt.qtype.name.lower()  # f16 / bf16, as in ggml_vec_dot_<kind>
     half = "fp16" if kind == "f16" else kind  # as in ggml_cpu_fp32_to_<half>
     rng = np.random.default_rng(46)
-    raw = frozen(gq.quantize(rng.standard_normal((9, 320)).astype(np.float32), fmt.qtype).view(np.uint8).reshape(9, -1))
+    raw = frozen(gq.quantize(rng.standard_normal((9, 320)).astype(np.float32), fmt.qtype)
+                 .view(np.uint8).reshape(9, -1))
     x = rng.standard_normal((2, 320)).astype(np.float32)
     to_half = getattr(ggml_cpu, f"ggml_cpu_fp32_to_{half}")
     to_half.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64]

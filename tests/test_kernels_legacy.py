@@ -79,7 +79,8 @@ def test_dequantize_smollm2_rows_bit_for_bit(smollm2_path: Path) -> None:
 
 def activation_rows() -> np.ndarray:
     rng = np.random.default_rng(23)
-    big = rng.standard_normal((40, 576)).astype(np.float32) * rng.uniform(1e-3, 1e3, (40, 1)).astype(np.float32)
+    big = (rng.standard_normal((40, 576)).astype(np.float32)
+           * rng.uniform(1e-3, 1e3, (40, 1)).astype(np.float32))
     adv = np.tile(adversarial_rows(), (1, 9))
     return np.concatenate([adv, big])
 
@@ -271,7 +272,8 @@ def _p(a: np.ndarray) -> ctypes.c_void_p:
 def test_activation_quantizers_match_ggml_c(ggml: tuple[ctypes.CDLL, ctypes.CDLL]) -> None:
     base, _ = ggml
     x = np.delete(activation_rows(), 6, axis=0)  # row 6 makes 1/d overflow: undefined behaviour in C
-    for act, block, ours in (("q8_0", ql.BLOCK_Q8_0, ql.quantize_row_q8_0), ("q8_1", ql.BLOCK_Q8_1, ql.quantize_row_q8_1)):
+    for act, block, ours in (("q8_0", ql.BLOCK_Q8_0, ql.quantize_row_q8_0),
+                             ("q8_1", ql.BLOCK_Q8_1, ql.quantize_row_q8_1)):
         fn = _c_fn(base, f"quantize_row_{act}_ref", ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64)
         blocks = np.zeros((x.shape[0], x.shape[1] // 32), block)
         for t in range(x.shape[0]):
@@ -284,7 +286,8 @@ def test_activation_quantizers_match_ggml_c(ggml: tuple[ctypes.CDLL, ctypes.CDLL
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
-def test_dequantize_and_vec_dot_match_ggml_c(ggml: tuple[ctypes.CDLL, ctypes.CDLL], fmt: type[ql.LegacyFormat]) -> None:
+def test_dequantize_and_vec_dot_match_ggml_c(ggml: tuple[ctypes.CDLL, ctypes.CDLL],
+                                             fmt: type[ql.LegacyFormat]) -> None:
     base, cpu = ggml
     name = fmt.qtype.name.lower()
     raw = frozen(random_blocks(fmt, 12, 256, seed=35))
@@ -295,7 +298,8 @@ def test_dequantize_and_vec_dot_match_ggml_c(ggml: tuple[ctypes.CDLL, ctypes.CDL
     assert_same_bits(kernel_dequantize(fmt, raw), c_deq)
 
     vp, size = ctypes.c_void_p, ctypes.c_size_t
-    vec_dot = _c_fn(cpu, f"ggml_vec_dot_{name}_{fmt.activation}", ctypes.c_int, vp, size, vp, size, vp, size, ctypes.c_int)
+    vec_dot = _c_fn(cpu, f"ggml_vec_dot_{name}_{fmt.activation}", ctypes.c_int, vp, size, vp, size, vp, size,
+                    ctypes.c_int)
     quantize = _c_fn(base, f"quantize_row_{fmt.activation}_ref", vp, vp, ctypes.c_int64)
     x = np.random.default_rng(36).standard_normal((3, 256)).astype(np.float32)
     c_out = np.empty((3, 12), np.float32)

@@ -71,7 +71,8 @@ def test_f16_to_f32_exhaustive(hw):
 def test_f32_to_f16_matches_numpy_rounding(variant):
     if variant == "hw" and not ops.HAVE_F16C:
         pytest.skip("numba does not target F16C here")
-    convert = {"sw": _map_f32_to_f16, "hw": _map_f32_to_f16_hw, "fastmath caller": _map_f32_to_f16_fast}[variant]
+    convert = {"sw": _map_f32_to_f16, "hw": _map_f32_to_f16_hw,
+               "fastmath caller": _map_f32_to_f16_fast}[variant]
     rng = _rng(1)
     x = (rng.standard_normal(200_000) * np.exp(rng.uniform(-30, 15, 200_000))).astype(np.float32)
     edges = [0.0, -0.0, 65504.0, 65519.99, 65520.0, -70000.0, np.inf, -np.inf, 5.96e-8, 2.98e-8, 2.99e-8,
@@ -148,7 +149,8 @@ def test_rope_cache_with_llama31_factors():
     assert np.array_equal(ones_cos, plain_cos) and np.array_equal(ones_sin, plain_sin)
     # a factor of 2 halves every angle exactly: position 2p then turns as far as position p did
     twice_cos, twice_sin = ops.rope_cache(1024, 64, 500000.0, factors=np.full(32, 2.0, np.float32))
-    assert np.array_equal(twice_cos[0:1024:2], plain_cos[:512]) and np.array_equal(twice_sin[0:1024:2], plain_sin[:512])
+    assert (np.array_equal(twice_cos[0:1024:2], plain_cos[:512])
+            and np.array_equal(twice_sin[0:1024:2], plain_sin[:512]))
     with pytest.raises(ValueError):
         ops.rope_cache(16, 64, 10000.0, factors=np.ones(16, np.float32))
 

@@ -73,7 +73,8 @@ def test_kquants_against_integer_twin(cls, rows: int, nb: int, T: int) -> None:
     got = packed_matmul(cls.qtype, raw, x)
     q8 = kq.quantize_row_q8_K_ref(x)
     want = cls.dot_q8_K(raw, q8)
-    magnitude = np.abs(kq.dequantize_q8_K(q8).astype(np.float64)) @ np.abs(cls.dequantize(raw).astype(np.float64)).T
+    magnitude = (np.abs(kq.dequantize_q8_K(q8).astype(np.float64))
+                 @ np.abs(cls.dequantize(raw).astype(np.float64)).T)
     assert np.all(np.abs(got - want) <= 1e-5 * magnitude)
 
 
@@ -163,9 +164,9 @@ def test_lower_tiers_give_the_same_bits(tier: str, tmp_path: Path) -> None:
     # the tier changes the compiled code but not the sources numba's cache checks: keep tiers apart
     env = dict(os.environ, PIPX_LLAMA_SIMD=tier, NUMBA_CACHE_DIR=f"{CACHE_DIR}-simd-{tier}")
     here = Path(__file__).parent
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(Path(__file__)),
-                           "-k", "not lower_tiers"], cwd=here.parent, env=env, capture_output=True, text=True,
-                          check=False)
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                           str(Path(__file__)), "-k", "not lower_tiers"], cwd=here.parent, env=env,
+                          capture_output=True, text=True, check=False)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
 

@@ -23,7 +23,8 @@ def model(smollm2_path):
 
 def test_hyperparameters_from_metadata(model):
     hp = model.hparams
-    assert (hp.dim, hp.n_layers, hp.n_heads, hp.n_kv_heads, hp.head_dim, hp.ffn_dim) == (576, 30, 9, 3, 64, 1536)
+    assert ((hp.dim, hp.n_layers, hp.n_heads, hp.n_kv_heads, hp.head_dim, hp.ffn_dim)
+            == (576, 30, 9, 3, 64, 1536))
     assert (hp.n_vocab, hp.n_ctx_train, hp.n_rot) == (49152, 8192, 64)
     assert hp.rope_base == 100000.0
     assert model.output is model.tok_embd  # tied: the file has no output.weight
@@ -89,8 +90,9 @@ def test_q8_0_kv_cache_follows_llama_cpp_with_the_same_cache(model, golden, smol
     for ids in seqs:
         ctx.reset()
         ours.append(ctx.eval(ids, all_logits=True))
-    llm = llama_cpp.Llama(model_path=str(smollm2_path), n_ctx=512, n_batch=512, logits_all=True, verbose=False,
-                          n_threads=2, flash_attn=True, type_k=8, type_v=8)  # 8: GGML_TYPE_Q8_0
+    llm = llama_cpp.Llama(model_path=str(smollm2_path), n_ctx=512, n_batch=512, logits_all=True,
+                          verbose=False, n_threads=2, flash_attn=True,
+                          type_k=8, type_v=8)  # 8: GGML_TYPE_Q8_0
     theirs = []
     try:
         for ids in seqs:
@@ -103,12 +105,13 @@ def test_q8_0_kv_cache_follows_llama_cpp_with_the_same_cache(model, golden, smol
     target = np.asarray(window[1:])
     ppl = [float(np.exp(-log_softmax_at(lg[:-1], target).mean())) for lg in (ours[-1], theirs[-1])]
     print(f"\nq8_0 KV cache: top-1 agreement {top1:.1%}; window perplexity ours {ppl[0]:.4f}, "
-          f"llama.cpp {ppl[1]:.4f} ({ppl[0] / ppl[1] - 1:+.2%}); f16 golden {golden['perplexity']['ppl']:.4f}")
+          f"llama.cpp {ppl[1]:.4f} ({ppl[0] / ppl[1] - 1:+.2%}); "
+          f"f16 golden {golden['perplexity']['ppl']:.4f}")
     assert top1 >= 0.95
     assert abs(ppl[0] / ppl[1] - 1) <= 0.01
 
 
-# --- the conversations other tests assert greedy answers of (tests/greedy.py) --------------------------------
+# --- the conversations other tests assert greedy answers of (tests/greedy.py) ------------------------------
 
 
 def _top2(row) -> tuple[int, float]:
@@ -164,7 +167,8 @@ def test_stable_answers_hold_in_our_engine(model):
 
 def test_stable_answers_hold_in_llama_cpp(model, smollm2_path):
     llama_cpp = pytest.importorskip("llama_cpp")
-    llm = llama_cpp.Llama(model_path=str(smollm2_path), n_ctx=512, logits_all=True, verbose=False, n_threads=2)
+    llm = llama_cpp.Llama(model_path=str(smollm2_path), n_ctx=512, logits_all=True, verbose=False,
+                          n_threads=2)
 
     def first_row(case):
         llm.reset()
@@ -194,7 +198,8 @@ def llama31_tiny(tmp_path_factory):
 
     d = tmp_path_factory.mktemp("llama31")
     with_f, without = d / "factors.gguf", d / "plain.gguf"
-    write_tiny_llama(with_f, rope_freqs=LLAMA31_FACTORS, seed=31, extra_metadata={"llama.rope.freq_base": 500000.0})
+    write_tiny_llama(with_f, rope_freqs=LLAMA31_FACTORS, seed=31,
+                     extra_metadata={"llama.rope.freq_base": 500000.0})
     write_tiny_llama(without, seed=31, extra_metadata={"llama.rope.freq_base": 500000.0})
     return with_f, without
 

@@ -84,7 +84,8 @@ def test_seed_makes_sampling_reproducible_and_distribution_right():
 
 
 @pytest.mark.parametrize("field,value", [("temperature", -1.0), ("top_k", -1), ("top_p", 0.0), ("top_p", 1.5),
-                                         ("min_p", 2.0), ("repeat_penalty", 0.0), ("temperature", float("nan")),
+                                         ("min_p", 2.0), ("repeat_penalty", 0.0),
+                                         ("temperature", float("nan")),
                                          ("repeat_last_n", -2)])
 def test_invalid_settings_are_refused(field, value):
     with pytest.raises(UsageError):

@@ -55,8 +55,9 @@ class Live:
 def _start(args: list[str], env_extra: dict[str, str] | None = None) -> subprocess.Popen:
     env = {k: v for k, v in os.environ.items() if k != "PIPX_LLAMA_API_KEY"}
     env.update(env_extra or {})
-    return subprocess.Popen([sys.executable, "-m", "pipx_llama.cli", "serve", *args], stdin=subprocess.DEVNULL,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
+    return subprocess.Popen([sys.executable, "-m", "pipx_llama.cli", "serve", *args],
+                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True, env=env)
 
 
 @pytest.fixture(scope="module")
@@ -129,7 +130,8 @@ def reference(smollm2_path: Path) -> dict[str, object]:
     chat_text = "".join(p.text for p in chat)
     comp = generate(ctx, PROMPT, max_tokens=N, sampler=GREEDY)
     comp_text = "".join(p.text for p in comp)
-    return {"chat": chat_text, "chat_stats": chat.stats, "completion": comp_text, "completion_stats": comp.stats}
+    return {"chat": chat_text, "chat_stats": chat.stats, "completion": comp_text,
+            "completion_stats": comp.stats}
 
 
 # -- the official client -------------------------------------------------------------------------------
@@ -165,7 +167,8 @@ def test_chat_stream_matches_engine(client: openai.OpenAI, model_name: str, refe
     assert text == reference["chat"]
     finals = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
     assert finals == ["length" if reference["chat_stats"].finish_reason == "length" else "stop"]
-    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == reference["chat_stats"].n_generated
+    assert (chunks[-1].choices == []
+            and chunks[-1].usage.completion_tokens == reference["chat_stats"].n_generated)
     assert all(c.usage is None for c in chunks[:-1])
 
 
@@ -173,11 +176,13 @@ def test_completion_matches_engine(client: openai.OpenAI, model_name: str, refer
     r = client.completions.create(model=model_name, prompt=PROMPT, max_tokens=N, temperature=0)
     assert r.object == "text_completion" and r.choices[0].text == reference["completion"]
     assert r.usage.prompt_tokens == reference["completion_stats"].n_prompt
-    stream = client.completions.create(model=model_name, prompt=PROMPT, max_tokens=N, temperature=0, stream=True)
+    stream = client.completions.create(model=model_name, prompt=PROMPT, max_tokens=N, temperature=0,
+                                       stream=True)
     chunks = list(stream)
     assert "".join(c.choices[0].text for c in chunks) == reference["completion"]
     assert chunks[-1].choices[0].finish_reason in ("stop", "length")
-    echoed = client.completions.create(model=model_name, prompt=PROMPT, max_tokens=N, temperature=0, echo=True)
+    echoed = client.completions.create(model=model_name, prompt=PROMPT, max_tokens=N, temperature=0,
+                                       echo=True)
     assert echoed.choices[0].text == PROMPT + reference["completion"]
 
 
@@ -185,7 +190,8 @@ def test_stop_and_seed(client: openai.OpenAI, model_name: str, reference: dict) 
     full = reference["completion"]
     stop = full.strip().split()[1] if len(full.split()) > 1 else None
     if stop:
-        r = client.completions.create(model=model_name, prompt=PROMPT, max_tokens=N, temperature=0, stop=[stop])
+        r = client.completions.create(model=model_name, prompt=PROMPT, max_tokens=N, temperature=0,
+                                      stop=[stop])
         assert r.choices[0].text == full[: full.index(stop)] and r.choices[0].finish_reason == "stop"
     a, b = (client.completions.create(model=model_name, prompt=PROMPT, max_tokens=6, temperature=1.0, seed=7,
                                       top_p=0.9, presence_penalty=0.5, frequency_penalty=0.5)
@@ -219,13 +225,15 @@ def test_ollama(http: httpx.Client, model_name: str, reference: dict) -> None:
     out = r.json()
     assert out["message"] == {"role": "assistant", "content": reference["chat"]} and out["done"] is True
     assert out["eval_count"] == reference["chat_stats"].n_generated
-    with http.stream("POST", "/api/chat", json={"model": model_name, "messages": MESSAGES, "options": options}) as r:
+    with http.stream("POST", "/api/chat",
+                     json={"model": model_name, "messages": MESSAGES, "options": options}) as r:
         assert r.headers["content-type"].startswith("application/x-ndjson")
         lines = [json.loads(x) for x in r.iter_lines() if x]
     assert all(x["done"] is False for x in lines[:-1]) and lines[-1]["done"] is True
     assert "".join(x["message"]["content"] for x in lines) == reference["chat"]
-    gen = http.post("/api/generate", json={"model": model_name, "prompt": PROMPT, "raw": True, "stream": False,
-                                           "options": options}).json()
+    gen = http.post("/api/generate",
+                    json={"model": model_name, "prompt": PROMPT, "raw": True, "stream": False,
+                          "options": options}).json()
     assert gen["response"] == reference["completion"] and gen["done_reason"] in ("stop", "length")
     assert isinstance(gen["context"], list)
 
@@ -236,7 +244,8 @@ def test_health_needs_no_key(live: Live) -> None:
 
 
 def test_cors(live: Live) -> None:
-    pre = {"Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": "authorization,content-type"}
+    pre = {"Access-Control-Request-Method": "POST",
+           "Access-Control-Request-Headers": "authorization,content-type"}
     ok = httpx.options(live.url + "/v1/chat/completions", headers={"Origin": "http://localhost:5173", **pre})
     assert ok.status_code == 200 and ok.headers["access-control-allow-origin"] == "http://localhost:5173"
     bad = httpx.options(live.url + "/v1/chat/completions", headers={"Origin": "https://evil.example", **pre})
@@ -263,7 +272,8 @@ def test_auth(live: Live, model_name: str) -> None:
     r = httpx.post(live.url + "/v1/chat/completions", json=body)
     _error(r, 401, code="invalid_api_key")
     assert r.headers["www-authenticate"] == "Bearer"
-    _error(httpx.post(live.url + "/v1/chat/completions", json=body, headers={"Authorization": "Bearer wrong"}),
+    _error(httpx.post(live.url + "/v1/chat/completions", json=body,
+                      headers={"Authorization": "Bearer wrong"}),
            401, code="invalid_api_key")
     _error(httpx.get(live.url + "/v1/models"), 401)
     r = httpx.get(live.url + "/api/tags")
@@ -286,8 +296,8 @@ def test_bad_requests(http: httpx.Client, model_name: str) -> None:
         r = http.post(url, json={**ok, field_: value})
         _error(r, 400)
         assert (r.json()["error"]["param"] or "").startswith(field_), (field_, value, r.text)
-    _error(http.post(url, json={**ok, "messages": [{"role": "user", "content": [{"type": "image_url"}]}]}), 400,
-           code="unsupported_parameter")
+    _error(http.post(url, json={**ok, "messages": [{"role": "user", "content": [{"type": "image_url"}]}]}),
+           400, code="unsupported_parameter")
     _error(http.post("/v1/completions", json={"model": model_name, "prompt": 42}), 400, param="prompt")
     _error(http.post("/v1/completions", json={"model": model_name, "prompt": [10 ** 9]}), 400, param="prompt")
 
@@ -298,8 +308,8 @@ def test_max_tokens_beyond_context(http: httpx.Client, model_name: str) -> None:
                  code="context_length_exceeded")
     assert str(N_CTX) in msg
     long_prompt = "word " * (N_CTX + 10)
-    _error(http.post("/v1/completions", json={"model": model_name, "prompt": long_prompt, "max_tokens": 1}), 400,
-           code="context_length_exceeded")
+    _error(http.post("/v1/completions", json={"model": model_name, "prompt": long_prompt, "max_tokens": 1}),
+           400, code="context_length_exceeded")
 
 
 def test_unknown_model(http: httpx.Client) -> None:
@@ -321,14 +331,15 @@ def test_body_limit(http: httpx.Client, model_name: str) -> None:
             yield b"y" * 1024
         yield b'"}]}'
 
-    _error(http.post("/v1/chat/completions", content=chunks(), headers={"Content-Type": "application/json"}), 413,
-           code="request_too_large")
+    _error(http.post("/v1/chat/completions", content=chunks(), headers={"Content-Type": "application/json"}),
+           413, code="request_too_large")
 
 
 def test_web_pages_of_other_sites_cannot_make_it_generate(live: Live, model_name: str) -> None:
     """A page may POST text/plain anywhere without asking; the server refuses before touching the model."""
     body = json.dumps({"model": model_name, "messages": MESSAGES, "max_tokens": 1})
-    r = httpx.post(live.url + "/v1/chat/completions", content=body, headers={**AUTH, "Content-Type": "text/plain"})
+    r = httpx.post(live.url + "/v1/chat/completions", content=body,
+                   headers={**AUTH, "Content-Type": "text/plain"})
     _error(r, 415, code="unsupported_media_type")
     r = httpx.post(live.url + "/v1/chat/completions", content=body,
                    headers={**AUTH, "Content-Type": "application/json", "Origin": "https://evil.example"})
@@ -348,7 +359,8 @@ def test_hostile_numbers_and_nesting_are_400s(http: httpx.Client, model_name: st
     ]:
         msg = _error(http.post(route, content=body.encode(), headers=hdr), 400, param=param)
         assert len(msg) < 200
-    r = http.post("/api/chat", content=f'{{"messages": {msgs}, "options": {{"top_k": {"9" * 400}}}}}'.encode(),
+    r = http.post("/api/chat",
+                  content=f'{{"messages": {msgs}, "options": {{"top_k": {"9" * 400}}}}}'.encode(),
                   headers=hdr)
     assert r.status_code == 400 and "options.top_k" in r.json()["error"]
     _error(http.post("/v1/chat/completions", content=b"[" * 50_000, headers=hdr), 400)
@@ -370,7 +382,8 @@ COUNTING = "1, 2, 3, 4, 5,"  # greedy SmolLM2 goes on counting: a long answer th
 
 
 def _open_stream(http: httpx.Client, model_name: str, max_tokens: int) -> tuple[object, httpx.Response]:
-    body = {"model": model_name, "prompt": COUNTING, "max_tokens": max_tokens, "temperature": 0, "stream": True}
+    body = {"model": model_name, "prompt": COUNTING, "max_tokens": max_tokens, "temperature": 0,
+            "stream": True}
     cm = http.stream("POST", "/v1/completions", json=body)
     return cm, cm.__enter__()
 

@@ -3,8 +3,8 @@
 A seeded generator makes thousands of bodies (the same on every run): arbitrary JSON, raw bytes,
 and requests shaped like each API's with hostile values in their fields (integers of hundreds of
 digits, deep nesting, lone surrogates, token ids outside the vocabulary, long strings); hypothesis
-varies methods and headers. Every answer must be a 2xx or 4xx in the API family's error shape, a stream must not turn
-into an error after its 200, no traceback may reach the log, and the server must answer normally
+varies methods and headers. Every answer must be a 2xx or 4xx in the API family's error shape, a stream
+must not turn into an error after its 200, no traceback may reach the log, and the server must answer normally
 afterwards. A 64-token context keeps the generations that do run short.
 """
 
@@ -74,16 +74,19 @@ HOSTILE: list[Any] = [
     HUGE, -HUGE, 2 ** 63, -(2 ** 63) - 1, 2 ** 64, 1e308, -1e308, 5e-324, -0.0, 0, -1, 1, 49152, 10 ** 6,
     "", "\ud800", "\udfff\ud800", "x" * 100_000, "<|im_start|>" * 50, "\x00", "{{ 7*7 }}", "{% for %}",
     "{{ raise_exception('x') }}", True, False, None, [], {}, [None], [[]], {"": None}, [HUGE], [-1], [49152],
-    list(range(200)), {"type": "text", "text": "hi"}, [{"type": "text", "text": "hi"}], [{"type": "image_url"}],
+    list(range(200)), {"type": "text", "text": "hi"}, [{"type": "text", "text": "hi"}],
+    [{"type": "image_url"}],
 ]
 TEXT_BITS = ["hi", "The capital of France is", " ", "\n", "é", "\U0001f600", "\ud800", "\x00", "<|im_start|>",
              "<|im_end|>", "<|endoftext|>", "{{", "}}", "{%", "\u2581", "\ufffd", "'", '"', "\\"]
-OPENAI_KEYS = ["model", "temperature", "top_p", "top_k", "min_p", "seed", "presence_penalty", "frequency_penalty",
-               "repeat_penalty", "repeat_last_n", "stop", "stream", "stream_options", "n", "best_of", "logit_bias",
+OPENAI_KEYS = ["model", "temperature", "top_p", "top_k", "min_p", "seed", "presence_penalty",
+               "frequency_penalty", "repeat_penalty", "repeat_last_n", "stop", "stream", "stream_options",
+               "n", "best_of", "logit_bias",
                "logprobs", "top_logprobs", "tools", "functions", "response_format", "user", "echo", "suffix",
                "max_tokens", "max_completion_tokens"]
-OLLAMA_OPTIONS = ["temperature", "top_p", "min_p", "top_k", "repeat_penalty", "repeat_last_n", "presence_penalty",
-                  "frequency_penalty", "seed", "num_predict", "stop", "num_ctx", "mirostat"]
+OLLAMA_OPTIONS = ["temperature", "top_p", "min_p", "top_k", "repeat_penalty", "repeat_last_n",
+                  "presence_penalty", "frequency_penalty", "seed", "num_predict", "stop", "num_ctx",
+                  "mirostat"]
 KEYS = {
     "/v1/chat/completions": ["messages", *OPENAI_KEYS],
     "/v1/completions": ["prompt", *OPENAI_KEYS],
@@ -96,7 +99,8 @@ KEYS = {
 def _text(rng: random.Random) -> str:
     if rng.random() < 0.5:
         return "".join(rng.choice(TEXT_BITS) for _ in range(rng.randint(0, 6)))
-    return "".join(chr(rng.choice([rng.randint(0, 127), rng.randint(0, 0x10FFFF)])) for _ in range(rng.randint(0, 8)))
+    return "".join(chr(rng.choice([rng.randint(0, 127), rng.randint(0, 0x10FFFF)]))
+                   for _ in range(rng.randint(0, 8)))
 
 
 def _value(rng: random.Random, depth: int = 0) -> Any:
@@ -122,7 +126,8 @@ def _messages(rng: random.Random) -> Any:
         return _value(rng)
     out = []
     for _ in range(rng.randint(0, 3)):
-        m: dict[str, Any] = {"role": rng.choice(["user", "system", "assistant", "developer", "tool", "wizard", ""])
+        m: dict[str, Any] = {"role": rng.choice(["user", "system", "assistant", "developer", "tool",
+                                                 "wizard", ""])
                              if rng.random() < 0.85 else _value(rng)}
         if rng.random() < 0.9:
             m["content"] = _text(rng) if rng.random() < 0.7 else _value(rng)
@@ -139,7 +144,8 @@ def _field(rng: random.Random, key: str) -> Any:
     if key == "messages":
         return _messages(rng)
     if key in ("prompt", "system"):
-        return _text(rng) if rng.random() < 0.8 else [rng.randint(-5, 60_000) for _ in range(rng.randint(0, 6))]
+        return (_text(rng) if rng.random() < 0.8
+                else [rng.randint(-5, 60_000) for _ in range(rng.randint(0, 6))])
     if key == "context":
         return [rng.randint(-5, 60_000) for _ in range(rng.randint(0, 6))]
     if key in ("max_tokens", "max_completion_tokens"):
@@ -199,7 +205,7 @@ def bodies(seed: int, n: int) -> Iterator[tuple[int, str, bytes]]:
         yield i, route, _raw(rng, route) if rng.random() < 0.2 else json.dumps(_body(rng, route)).encode()
 
 
-# -- the checks ------------------------------------------------------------------------------------------------
+# -- the checks ----------------------------------------------------------------------------------------------
 
 
 def _check(route: str, status: int, content_type: str, text: str) -> None:
@@ -243,7 +249,8 @@ RAW_SAMPLES = [body for _, _, body in bodies(SEED + 1, 200)]
 @given(route=st.sampled_from(ROUTES + GET_ROUTES), method=st.sampled_from(["GET", "POST", "PUT", "DELETE"]),
        headers=st.dictionaries(st.sampled_from(["Content-Type", "Origin", "Authorization", "Content-Length",
                                                 "Host", "Accept"]),
-                               st.text(alphabet=st.characters(min_codepoint=32, max_codepoint=126), max_size=30),
+                               st.text(alphabet=st.characters(min_codepoint=32, max_codepoint=126),
+                                       max_size=30),
                                max_size=3),
        body=st.one_of(st.just(b""), st.sampled_from(RAW_SAMPLES)))
 def test_no_method_or_header_makes_a_5xx(client: TestClient, route: str, method: str, headers: dict[str, str],
@@ -271,8 +278,10 @@ def _post(client: TestClient, route: str, body: Any) -> Any:
 @pytest.mark.parametrize("stream", [False, True])
 def test_context_ids_outside_the_vocabulary_are_400s(client: TestClient, stream: bool) -> None:
     for ctx in ([HUGE], [49152], [-1], [1, 2, 10 ** 6]):
-        r = _post(client, "/api/generate", {"model": "smol", "prompt": "hi", "context": ctx, "stream": stream})
-        assert r.status_code == 400 and "context" in r.json()["error"] and "vocabulary" in r.json()["error"], r.text
+        r = _post(client, "/api/generate",
+                  {"model": "smol", "prompt": "hi", "context": ctx, "stream": stream})
+        assert (r.status_code == 400 and "context" in r.json()["error"]
+                and "vocabulary" in r.json()["error"]), r.text
         assert len(r.json()["error"]) < 200
     ok = _post(client, "/api/generate", {"model": "smol", "prompt": "hi", "context": [1, 2], "stream": False,
                                          "raw": True, "options": {"num_predict": 1}})

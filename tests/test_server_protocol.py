@@ -121,7 +121,8 @@ def test_slowloris_headers_are_cut_off(running: Running) -> None:
 
 
 def test_the_deadline_starts_again_after_each_answer(running: Running) -> None:
-    """On a kept-alive connection the next request's head has the same deadline; trickling does not reset it."""
+    """On a kept-alive connection the next request's head has the same deadline; trickling does not reset
+    it."""
     with running.connect() as s:
         for _ in range(2):  # answers within the deadline reset it
             s.sendall(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
@@ -141,8 +142,8 @@ def test_the_deadline_starts_again_after_each_answer(running: Running) -> None:
 def test_a_trickled_body_gets_408_and_the_connection_closes(running: Running, caplog) -> None:
     caplog.set_level(logging.INFO)
     with running.connect() as s:
-        s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
-                  b"Content-Length: 1000\r\n\r\n{")
+        s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                  b"Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n{")
         t0 = time.monotonic()
         answer = b""
         s.settimeout(0.2)
@@ -208,8 +209,8 @@ def test_an_endless_head_is_refused_without_buffering_it(running: Running) -> No
 def test_a_client_gone_mid_body_is_one_info_line(running: Running, caplog) -> None:
     caplog.set_level(logging.INFO)
     with running.connect() as s:
-        s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
-                  b"Content-Length: 1000\r\n\r\n{\"messages\": ")
+        s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                  b"Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n{\"messages\": ")
         time.sleep(0.2)
     deadline = time.monotonic() + 5
     while time.monotonic() < deadline and not any("before its request body" in r.getMessage()

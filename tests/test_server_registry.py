@@ -70,14 +70,16 @@ def test_the_bound_is_found(vocab: Vocab) -> None:
 def test_the_bound_never_exceeds_the_token_count(vocab: Vocab, data: st.DataObject) -> None:
     text = data.draw(vocab.texts)
     for add_special in (True, False):
-        assert vocab.bound.min_tokens(text) <= len(vocab.tokenizer.encode(text, add_special=add_special)), repr(text)
+        assert (vocab.bound.min_tokens(text)
+                <= len(vocab.tokenizer.encode(text, add_special=add_special))), repr(text)
 
 
 def test_the_longest_pieces_repeated_reach_the_bound(vocab: Vocab) -> None:
     """The bound is tight enough to matter: the longest piece, repeated, tokenizes near it."""
     tok = vocab.tokenizer
     text = tok.token_to_piece(vocab.longest, special=True).decode("utf-8", "replace") * 100
-    assert vocab.bound.min_tokens(text) <= len(tok.encode(text, add_special=False)) <= 3 * vocab.bound.min_tokens(text)
+    assert (vocab.bound.min_tokens(text) <= len(tok.encode(text, add_special=False))
+            <= 3 * vocab.bound.min_tokens(text))
 
 
 def test_spaces_are_free_when_special_tokens_swallow_them() -> None:

@@ -30,12 +30,13 @@ def _fails(fn, body, param=None, status=400) -> APIError:
 
 def test_chat_fields() -> None:
     r = schemas.parse_chat({"model": "m", "messages": MSG, "temperature": 0, "top_p": 0.5, "max_tokens": 9,
-                            "stop": "END", "seed": -1, "stream": True, "stream_options": {"include_usage": True},
+                            "stop": "END", "seed": -1, "stream": True,
+                            "stream_options": {"include_usage": True},
                             "presence_penalty": 0.5, "frequency_penalty": -0.5, "user": "ignored", "n": 1,
                             "logprobs": False, "tools": [], "response_format": {"type": "text"}})
     assert (r.model, r.max_tokens, r.stop, r.stream, r.include_usage) == ("m", 9, ("END",), True, True)
-    assert r.sampling == {"temperature": 0.0, "top_p": 0.5, "presence_penalty": 0.5, "frequency_penalty": -0.5,
-                          "seed": 2 ** 64 - 1}
+    assert r.sampling == {"temperature": 0.0, "top_p": 0.5, "presence_penalty": 0.5,
+                          "frequency_penalty": -0.5, "seed": 2 ** 64 - 1}
     assert schemas.parse_chat({"messages": MSG, "max_completion_tokens": 3, "max_tokens": 5}).max_tokens == 3
     assert schemas.parse_chat({"messages": MSG}).max_tokens is None  # until the context is full
 
@@ -56,10 +57,12 @@ def test_chat_messages() -> None:
 
 
 @pytest.mark.parametrize("field,value", [
-    ("temperature", -1), ("temperature", float("inf")), ("temperature", True), ("top_p", 2), ("max_tokens", -5),
+    ("temperature", -1), ("temperature", float("inf")), ("temperature", True), ("top_p", 2),
+    ("max_tokens", -5),
     ("max_tokens", "9"), ("stop", ["a"] * 17), ("stop", [1]), ("seed", 1.5), ("n", 3), ("best_of", 2),
     ("logit_bias", {"1": 5}), ("logprobs", True), ("top_logprobs", 2), ("tools", [{"type": "function"}]),
-    ("response_format", {"type": "xml"}), ("response_format", {"type": "json_schema", "json_schema": {"schema": 5}}),
+    ("response_format", {"type": "xml"}),
+    ("response_format", {"type": "json_schema", "json_schema": {"schema": 5}}),
     ("tool_choice", "required"), ("tool_choice", {"type": "function", "function": {"name": "nope"}}),
     ("parallel_tool_calls", "yes"), ("functions", [{"name": "f"}]),
     ("stream_options", "yes"), ("frequency_penalty", -3),
@@ -96,14 +99,15 @@ def test_sampler_merge() -> None:
 
 def test_ollama_requests() -> None:
     r = schemas.parse_ollama_generate({"model": "m", "prompt": "p", "system": "s",
-                                       "options": {"num_predict": 5, "temperature": 0, "top_k": 3, "stop": ["x"],
-                                                   "seed": 4, "num_ctx": 2048}})
+                                       "options": {"num_predict": 5, "temperature": 0, "top_k": 3,
+                                                   "stop": ["x"], "seed": 4, "num_ctx": 2048}})
     assert r.stream and r.max_tokens == 5 and r.stop == ("x",)
     assert r.messages == [{"role": "system", "content": "s"}, {"role": "user", "content": "p"}]
     assert r.sampling == {"temperature": 0.0, "top_k": 3, "seed": 4}
     raw = schemas.parse_ollama_generate({"prompt": "p", "raw": True, "stream": False, "context": [1, 2],
                                          "options": {"num_predict": -1}})
-    assert (raw.prompt, raw.messages, raw.stream, raw.context, raw.max_tokens) == ("p", None, False, [1, 2], None)
+    assert ((raw.prompt, raw.messages, raw.stream, raw.context, raw.max_tokens)
+            == ("p", None, False, [1, 2], None))
     load_only = schemas.parse_ollama_chat({"model": "m", "messages": []})
     assert load_only.messages is None and load_only.prompt is None
     _fails(schemas.parse_ollama_generate, {"prompt": "p", "format": "yaml"}, "format")
@@ -168,17 +172,18 @@ def test_cli_helpers() -> None:
     for bad in ("x", "0", "-1K"):
         with pytest.raises(argparse.ArgumentTypeError):
             _size(bad)
-    assert is_loopback("127.0.0.1") and is_loopback("localhost") and is_loopback("::1") and is_loopback("[::1]")
+    assert (is_loopback("127.0.0.1") and is_loopback("localhost") and is_loopback("::1")
+            and is_loopback("[::1]"))
     assert not is_loopback("0.0.0.0") and not is_loopback("192.168.1.2") and not is_loopback("example.com")
 
 
-# -- hostile values: every numeric field of every route --------------------------------------------------------
+# -- hostile values: every numeric field of every route ------------------------------------------------------
 
 HUGE = 10 ** 400  # json.loads makes an int of it; float() of it overflows
 NUMERIC = {  # parser -> fields holding a number, as (param, body)
     "chat": [(k, {"messages": MSG, k: HUGE}) for k in
-             ("temperature", "top_p", "presence_penalty", "frequency_penalty", "min_p", "top_k", "repeat_last_n",
-              "repeat_penalty", "seed", "max_tokens", "max_completion_tokens")],
+             ("temperature", "top_p", "presence_penalty", "frequency_penalty", "min_p", "top_k",
+              "repeat_last_n", "repeat_penalty", "seed", "max_tokens", "max_completion_tokens")],
     "completion": [(k, {"prompt": "x", k: HUGE}) for k in ("temperature", "top_k", "seed", "max_tokens")],
     "ollama_generate": [(f"options.{k}", {"prompt": "p", "options": {k: HUGE}}) for k in
                         ("temperature", "top_p", "min_p", "top_k", "repeat_penalty", "repeat_last_n",
@@ -244,7 +249,8 @@ def test_huge_content_length_is_a_413(tmp_path: Path) -> None:
     with _guarded_client(tmp_path) as c:
         r = c.post("/v1/chat/completions", content=b"{}", headers={**JSON, "Content-Length": "9" * 5000})
         assert r.status_code == 413
-        r = c.post("/v1/chat/completions", content=b"{}", headers={**JSON, "Content-Length": "\u00b2".encode("latin-1")})
+        r = c.post("/v1/chat/completions", content=b"{}",
+                   headers={**JSON, "Content-Length": "\u00b2".encode("latin-1")})
         assert r.status_code == 400
 
 
@@ -262,8 +268,10 @@ def test_post_needs_json_content_type(tmp_path: Path, content_type: str | None) 
         assert r.status_code == 415 and r.json()["error"]["code"] == "unsupported_media_type"
         r = c.post("/api/generate", content=body, headers=headers)
         assert r.status_code == 415 and "application/json" in r.json()["error"]  # Ollama's shape
-        ok = c.post("/v1/chat/completions", content=body, headers={"Content-Type": "Application/JSON; charset=utf-8"})
-        assert ok.status_code == 500 and ok.json()["error"]["code"] == "model_load_failed"  # got past the guard
+        ok = c.post("/v1/chat/completions", content=body,
+                    headers={"Content-Type": "Application/JSON; charset=utf-8"})
+        # got past the guard
+        assert ok.status_code == 500 and ok.json()["error"]["code"] == "model_load_failed"
 
 
 @pytest.mark.parametrize("origin,cors,allowed", [
@@ -304,8 +312,9 @@ def test_preflight_from_a_foreign_origin_is_still_answered_by_cors(tmp_path: Pat
         assert bad.status_code == 400 and "access-control-allow-origin" not in bad.headers
 
 
-@pytest.mark.parametrize("field,value", [("temperature", 5e-324), ("temperature", 1e-300), ("repeat_penalty", 5e-324),
-                                         ("repeat_penalty", 1e300), ("repeat_penalty", 0)])
+@pytest.mark.parametrize("field,value",
+                         [("temperature", 5e-324), ("temperature", 1e-300), ("repeat_penalty", 5e-324),
+                          ("repeat_penalty", 1e300), ("repeat_penalty", 0)])
 def test_sampling_values_that_overflow_the_sampler_are_refused(field: str, value: float) -> None:
     """Logits divided by these overflow to inf, and inf - inf made the sampler's probabilities NaN (a 500)."""
     _fails(schemas.parse_chat, {"messages": MSG, field: value}, field)
@@ -317,7 +326,8 @@ def test_sampling_values_that_overflow_the_sampler_are_refused(field: str, value
 # -- structured output and tools --------------------------------------------------------------------------
 
 WEATHER = {"type": "function", "function": {"name": "get_weather", "description": "Weather in a city",
-                                            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}
+                                            "parameters": {"type": "object",
+                                                           "properties": {"city": {"type": "string"}}}}}
 
 
 def test_response_formats() -> None:
@@ -328,26 +338,31 @@ def test_response_formats() -> None:
     r = schemas.parse_chat({"messages": MSG, "response_format": {"type": "json_object"}})
     assert (r.response_schema, r.response_param) == ({"type": "object"}, "response_format")
     assert schemas.parse_chat({"messages": MSG, "response_format": {"type": "text"}}).response_schema is None
-    assert schemas.parse_completion({"prompt": "x", "response_format": {"type": "json_object"}}).response_schema
+    assert schemas.parse_completion({"prompt": "x",
+                                     "response_format": {"type": "json_object"}}).response_schema
     r = schemas.parse_ollama_chat({"messages": MSG, "format": "json"})
     assert (r.response_schema, r.response_param) == ({"type": "object"}, "format")
     assert schemas.parse_ollama_generate({"prompt": "p", "format": schema}).response_schema == schema
     assert schemas.parse_ollama_generate({"prompt": "p", "format": ""}).response_schema is None
-    _fails(schemas.parse_chat, {"messages": MSG, "response_format": {"type": "json_schema", "json_schema": "x"}},
+    _fails(schemas.parse_chat,
+           {"messages": MSG, "response_format": {"type": "json_schema", "json_schema": "x"}},
            "response_format.json_schema")
     _fails(schemas.parse_chat, {"messages": MSG, "response_format": {}}, "response_format.type")
 
 
 def test_tools_and_tool_choice() -> None:
-    r = schemas.parse_chat({"messages": MSG, "tools": [WEATHER, {"type": "function", "function": {"name": "now"}}],
+    r = schemas.parse_chat({"messages": MSG,
+                            "tools": [WEATHER, {"type": "function", "function": {"name": "now"}}],
                             "tool_choice": {"type": "function", "function": {"name": "now"}},
                             "parallel_tool_calls": False})
     assert [t["function"]["name"] for t in r.tools] == ["get_weather", "now"]
-    assert r.tools[1]["function"]["parameters"] == {"type": "object", "properties": {}}  # none given: no arguments
+    assert r.tools[1]["function"]["parameters"] == {"type": "object",
+                                                    "properties": {}}  # none given: no arguments
     assert (r.tool_choice.mode, r.tool_choice.name, r.parallel_tool_calls) == ("function", "now", False)
     r = schemas.parse_chat({"messages": MSG, "tools": [WEATHER]})
     assert (r.tool_choice.mode, r.parallel_tool_calls) == ("auto", True)
-    assert schemas.parse_chat({"messages": MSG, "tools": [WEATHER], "tool_choice": "required"}).tool_choice.mode \
+    assert schemas.parse_chat({"messages": MSG, "tools": [WEATHER],
+                               "tool_choice": "required"}).tool_choice.mode \
         == "required"
     assert schemas.parse_chat({"messages": MSG, "tools": []}).tools is None
     ollama = schemas.parse_ollama_chat({"messages": MSG, "tools": [{"function": WEATHER["function"]}]})
@@ -359,9 +374,11 @@ def test_tools_and_tool_choice() -> None:
     _fails(schemas.parse_chat, {"messages": MSG, "tools": [{"type": "code_interpreter"}]}, "tools[0].type")
     _fails(schemas.parse_chat, {"messages": MSG, "tools": [{"type": "function", "function": {
         "name": "f", "parameters": "x"}}]}, "tools[0].function.parameters")
-    _fails(schemas.parse_chat, {"messages": MSG, "tools": [WEATHER], "tool_choice": "sometimes"}, "tool_choice")
+    _fails(schemas.parse_chat, {"messages": MSG, "tools": [WEATHER], "tool_choice": "sometimes"},
+           "tool_choice")
     # a response format applies to the answer; with tools the answer may be a call
-    err = _fails(schemas.parse_chat, {"messages": MSG, "tools": [WEATHER], "response_format": {"type": "json_object"}},
+    err = _fails(schemas.parse_chat,
+                 {"messages": MSG, "tools": [WEATHER], "response_format": {"type": "json_object"}},
                  "response_format")
     assert err.code == "unsupported_parameter"
     assert schemas.parse_chat({"messages": MSG, "tools": [WEATHER], "tool_choice": "none",
@@ -370,11 +387,13 @@ def test_tools_and_tool_choice() -> None:
 
 
 def test_tool_messages() -> None:
-    call = {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Oslo"}'}}
+    call = {"id": "call_1", "type": "function",
+            "function": {"name": "get_weather", "arguments": '{"city": "Oslo"}'}}
     r = schemas.parse_chat({"messages": [*MSG, {"role": "assistant", "content": None, "tool_calls": [call]},
                                          {"role": "tool", "tool_call_id": "call_1", "content": "-3 C"}]})
     assert r.messages[1] == {"role": "assistant", "content": "", "tool_calls": [
-        {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": {"city": "Oslo"}}}]}
+        {"id": "call_1", "type": "function",
+         "function": {"name": "get_weather", "arguments": {"city": "Oslo"}}}]}
     assert r.messages[2] == {"role": "tool", "content": "-3 C", "tool_call_id": "call_1"}
     r = schemas.parse_ollama_chat({"messages": [*MSG, {"role": "assistant", "content": "", "tool_calls": [
         {"function": {"name": "get_weather", "arguments": {"city": "Oslo"}}}]},
@@ -394,9 +413,11 @@ def test_tool_call_responses() -> None:
     choice = c["choices"][0]
     assert choice["finish_reason"] == "tool_calls" and choice["message"]["content"] is None
     assert choice["message"]["tool_calls"] == [{"id": "call_9", "type": "function",
-                                                "function": {"name": "get_weather", "arguments": '{"city": "Oslo"}'}}]
+                                                "function": {"name": "get_weather",
+                                                             "arguments": '{"city": "Oslo"}'}}]
     first, rest = schemas.tool_call_deltas(2, call)
     assert first["tool_calls"][0] == {"index": 2, "id": "call_9", "type": "function",
                                       "function": {"name": "get_weather", "arguments": ""}}
     assert rest["tool_calls"][0] == {"index": 2, "function": {"arguments": '{"city": "Oslo"}'}}
-    assert schemas.ollama_tool_calls([call]) == [{"function": {"name": "get_weather", "arguments": {"city": "Oslo"}}}]
+    assert schemas.ollama_tool_calls([call]) == [{"function": {"name": "get_weather",
+                                                               "arguments": {"city": "Oslo"}}}]

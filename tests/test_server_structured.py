@@ -30,14 +30,16 @@ WEATHER = {"type": "function", "function": {
     "parameters": {"type": "object", "properties": {"city": {"type": "string"}, "unit": {"enum": ["C", "F"]}},
                    "required": ["city", "unit"], "additionalProperties": False}}}
 TIME = {"type": "function", "function": {"name": "get_time", "description": "The local time in a city",
-                                         "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
+                                         "parameters": {"type": "object",
+                                                        "properties": {"city": {"type": "string"}},
                                                         "required": ["city"]}}}
 ASK = [{"role": "user", "content": "What is the weather in Paris right now?"}]
 
 
 @pytest.fixture(scope="module")
 def live(smollm2_path: Path) -> Iterator[Live]:
-    proc = _start(["-m", str(smollm2_path), "--port", "0", "-c", "2048", "--api-key", KEY, "--preload", "-t", "1"])
+    proc = _start(["-m", str(smollm2_path), "--port", "0", "-c", "2048", "--api-key", KEY, "--preload",
+                   "-t", "1"])
     log: list[str] = []
     found = threading.Event()
     url: list[str] = []
@@ -77,7 +79,8 @@ def http(live: Live) -> Iterator[httpx.Client]:
 # -- response_format ------------------------------------------------------------------------------------
 
 
-# a 135M model can repeat itself inside a string until max_tokens: strings get a length, as a careful client's do
+# a 135M model can repeat itself inside a string until max_tokens: strings get a length, as a careful
+# client's do
 Short = Annotated[str, pydantic.StringConstraints(max_length=40)]
 
 
@@ -125,7 +128,8 @@ class Review(pydantic.BaseModel):
     (Order, "A customer orders bread and milk at a shop. Write the order."),
     (Review, "Review a pair of walking boots."),
 ])
-def test_parse_returns_a_valid_instance(client: openai.OpenAI, model: type[pydantic.BaseModel], ask: str) -> None:
+def test_parse_returns_a_valid_instance(client: openai.OpenAI, model: type[pydantic.BaseModel],
+                                        ask: str) -> None:
     for extra in ({"temperature": 0}, {"temperature": 1.0, "seed": 11}):
         r = client.chat.completions.parse(model="", messages=[{"role": "user", "content": ask}],
                                           response_format=model, max_tokens=400, **extra)
@@ -136,8 +140,10 @@ def test_parse_returns_a_valid_instance(client: openai.OpenAI, model: type[pydan
 
 
 def test_json_mode_streams_a_json_object(client: openai.OpenAI) -> None:
-    stream = client.chat.completions.create(model="", messages=[{"role": "user", "content": "Describe a cat in JSON."}],
-                                            response_format={"type": "json_object"}, max_tokens=200, temperature=0,
+    stream = client.chat.completions.create(model="",
+                                            messages=[{"role": "user", "content": "Describe a cat in JSON."}],
+                                            response_format={"type": "json_object"}, max_tokens=200,
+                                            temperature=0,
                                             stream=True)
     text = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
     assert isinstance(json.loads(text), dict)
@@ -165,8 +171,8 @@ def test_forced_tool_call_round_trip(client: openai.OpenAI, choice: object) -> N
     # the call and its result go back through the template; the model answers in text
     history = [*ASK, c.message.model_dump(exclude_none=True),
                {"role": "tool", "tool_call_id": call.id, "content": '{"temperature": 18, "sky": "sunny"}'}]
-    second = client.chat.completions.create(model="", messages=history, tools=[WEATHER, TIME], tool_choice="none",
-                                            temperature=0, max_tokens=40)
+    second = client.chat.completions.create(model="", messages=history, tools=[WEATHER, TIME],
+                                            tool_choice="none", temperature=0, max_tokens=40)
     answer = second.choices[0]
     assert answer.message.tool_calls is None and answer.message.content
     assert answer.finish_reason in ("stop", "length")
@@ -225,7 +231,8 @@ def test_ollama_format(http: httpx.Client) -> None:
     assert r.json()["done_reason"] == "stop"
     Pet.model_validate_json(r.json()["message"]["content"])
     with http.stream("POST", "/api/chat", json={"messages": ask, "format": Pet.model_json_schema(),
-                                               "options": {"temperature": 1.0, "seed": 3, "num_predict": 300}}) as s:
+                                               "options": {"temperature": 1.0, "seed": 3,
+                                                           "num_predict": 300}}) as s:
         lines = [json.loads(line) for line in s.iter_lines() if line]
     Pet.model_validate_json("".join(x["message"]["content"] for x in lines))
     r = http.post("/api/generate", json={"prompt": "List three colours.", "format": "json", "stream": False,

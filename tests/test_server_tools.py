@@ -39,7 +39,8 @@ HISTORY = [*USER, {"role": "assistant", "content": "", "tool_calls": [CALL]},
 # each format: (template file, vocabulary, the canonical text of one forced call to get_weather)
 FORMATS = {
     "hermes": ("Qwen-Qwen2.5-7B-Instruct.jinja", "qwen",
-               '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Oslo", "unit": "C"}}\n</tool_call>'),
+               '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Oslo", "unit": "C"}}\n'
+               '</tool_call>'),
     "llama3": ("meta-llama-Llama-3.1-8B-Instruct.jinja", "ggml-vocab-llama-bpe.gguf",
                '{"name": "get_weather", "parameters": {"city": "Oslo", "unit": "C"}}'),
     "mistral": ("mistralai-Mistral-Nemo-Instruct-2407.jinja", "ggml-vocab-llama-spm.gguf",
@@ -72,14 +73,16 @@ def test_format_is_read_from_the_template(tokenizers: dict[str, Tokenizer], fmt:
     assert detect_format(template_source(tokenizers[fmt])) == fmt
 
 
-@pytest.mark.parametrize("name", ["NousResearch-Hermes-2-Pro-Llama-3-8B-tool_use.jinja", "Qwen-Qwen3-0.6B.jinja"])
+@pytest.mark.parametrize("name",
+                         ["NousResearch-Hermes-2-Pro-Llama-3-8B-tool_use.jinja", "Qwen-Qwen3-0.6B.jinja"])
 def test_other_hermes_templates(chat_templates_dir: Path, name: str) -> None:
     assert detect_format((chat_templates_dir / name).read_text()) == "hermes"
 
 
 @pytest.mark.parametrize("fmt", list(FORMATS))
 @pytest.mark.parametrize("choice", [ToolChoice("required"), ToolChoice("function", "get_weather")])
-def test_forced_call_grammar_and_parser_agree(tokenizers: dict[str, Tokenizer], fmt: str, choice: ToolChoice) -> None:
+def test_forced_call_grammar_and_parser_agree(tokenizers: dict[str, Tokenizer], fmt: str,
+                                              choice: ToolChoice) -> None:
     tok = tokenizers[fmt]
     plan = plan_chat(tok, USER, TOOLS, choice, parallel=False)
     assert plan.format == fmt and plan.grammar is not None and plan.parse
@@ -89,7 +92,8 @@ def test_forced_call_grammar_and_parser_agree(tokenizers: dict[str, Tokenizer], 
         c.accept(t)
     assert c.accepting
     parser = plan.parser()
-    events = [e for piece in text for e in parser.feed(piece)] + parser.finish()  # streamed a character at a time
+    # streamed a character at a time
+    events = [e for piece in text for e in parser.feed(piece)] + parser.finish()
     assert [(e.name, json.loads(e.arguments)) for e in events] == [("get_weather", ARGS)]
 
 
@@ -123,7 +127,8 @@ def test_native_templates_render_calls_and_results(tokenizers: dict[str, Tokeniz
     plan = plan_chat(qwen, HISTORY, TOOLS, ToolChoice("auto"), True)
     text = qwen.chat_prompt(plan.messages, tools=plan.tools)
     assert '"name": "get_weather"' in text.split("<|im_start|>user")[0]  # the tools, in the system turn
-    assert '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Oslo", "unit": "C"}}\n</tool_call>' in text
+    assert ('<tool_call>\n{"name": "get_weather", "arguments": {"city": "Oslo", "unit": "C"}}\n'
+            '</tool_call>') in text
     assert "<tool_response>\n-3 C, snow\n</tool_response>" in text
     llama = tokenizers["llama3"]
     plan = plan_chat(llama, HISTORY, TOOLS, ToolChoice("auto"), True)
@@ -206,8 +211,10 @@ def test_mistral_parsers() -> None:
     assert fed[0] == [Content("Sure. ")] and [e.name for e in end] == ["now", "get_weather"]
     assert all(len(e.id) == 9 and e.id.isalnum() for e in end)
     p = ToolParser("mistral-args", NAMES)
-    _, end = _run(p, ['[TOOL_CALLS]now[ARGS]{}[TOOL_CALLS]get_weather[CALL_ID]a1b2c3d4e[ARGS]{"city": "Oslo"}'])
-    assert [(e.name, json.loads(e.arguments)) for e in end] == [("now", {}), ("get_weather", {"city": "Oslo"})]
+    _, end = _run(p,
+                  ['[TOOL_CALLS]now[ARGS]{}[TOOL_CALLS]get_weather[CALL_ID]a1b2c3d4e[ARGS]{"city": "Oslo"}'])
+    assert [(e.name, json.loads(e.arguments)) for e in end] == [("now", {}),
+                                                                ("get_weather", {"city": "Oslo"})]
 
 
 def test_generic_parser() -> None:

@@ -33,7 +33,8 @@ CACHE_TYPES = ("f16", "q8_0")
 def check_cache_type(cache_type: str, head_dim: int, which: str = "K") -> None:
     """Refuse a cache type this engine does not have, or q8_0 for heads not made of 32-value blocks."""
     if cache_type not in CACHE_TYPES:
-        raise UsageError(f"unknown {which} cache type {cache_type!r}", f"use one of: {', '.join(CACHE_TYPES)}")
+        raise UsageError(f"unknown {which} cache type {cache_type!r}",
+                         f"use one of: {', '.join(CACHE_TYPES)}")
     if cache_type == "q8_0" and head_dim % 32:
         raise UsageError(f"a q8_0 {which} cache needs a head size that is a multiple of 32; this model's is "
                          f"{head_dim}", f"use --cache-type-{which.lower()} f16")
@@ -79,7 +80,8 @@ class KVCache:
         if buffers is not None:
             for mine, given in zip((self.k, self.v), buffers):
                 if given.shape != mine.shape or given.dtype != mine.dtype:
-                    raise ValueError(f"KV buffer {given.dtype} {given.shape} does not fit {mine.dtype} {mine.shape}")
+                    raise ValueError(f"KV buffer {given.dtype} {given.shape} does not fit "
+                                     f"{mine.dtype} {mine.shape}")
             self.k, self.v = buffers
         self.windows = [hp.swa_window if hp.is_swa(li) else 0 for li in range(hp.n_layers)]
 
@@ -117,7 +119,8 @@ class KVCache:
             k, v = self.k_layer(li), self.v_layer(li)
             if not window:
                 src, n_move = n_keep + n_discard, n_past - n_keep - n_discard
-                k[n_keep : n_keep + n_move] = _rotate(k[src : src + n_move], -n_discard, hp, base, scale, factors)
+                k[n_keep : n_keep + n_move] = _rotate(k[src : src + n_move], -n_discard, hp, base, scale,
+                                                      factors)
                 v[n_keep : n_keep + n_move] = v[src : src + n_move]
                 continue
             # a ring: rebuild the rows of the positions that stay (all of them, at most `rows`)
@@ -127,8 +130,8 @@ class KVCache:
             needed = new >= new_n - window + 1
             if (needed & ~present).any():
                 raise ContextFullError(
-                    f"a context shift keeping {n_keep} tokens needs keys this model's sliding-window layers no "
-                    "longer hold", "keep fewer tokens (--keep), or raise -c/--ctx-size")
+                    f"a context shift keeping {n_keep} tokens needs keys this model's sliding-window "
+                    "layers no longer hold", "keep fewer tokens (--keep), or raise -c/--ctx-size")
             new, old = new[present], old[present]
             moved = old >= n_keep
             ks, vs = k[old % rows].copy(), v[old % rows].copy()

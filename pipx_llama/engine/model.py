@@ -240,7 +240,8 @@ def _pack(g: GGUFFile, layers: list[Layer], output: Weight, output_norm: np.ndar
     need = np.zeros(4 * len(layers) + 1, np.int64)
     for li in range(len(layers)):
         a = act[7 * li : 7 * li + 7]
-        need[4 * li + fused_kernels.IN_QKV] = a[fused_kernels.W_Q] | a[fused_kernels.W_K] | a[fused_kernels.W_V]
+        need[4 * li + fused_kernels.IN_QKV] = (a[fused_kernels.W_Q] | a[fused_kernels.W_K]
+                                               | a[fused_kernels.W_V])
         need[4 * li + fused_kernels.IN_O] = a[fused_kernels.W_O]
         need[4 * li + fused_kernels.IN_FFN] = a[fused_kernels.W_GATE] | a[fused_kernels.W_UP]
         need[4 * li + fused_kernels.IN_DOWN] = a[fused_kernels.W_DOWN]
@@ -286,7 +287,7 @@ def _drop_pages(g: GGUFFile, offset: int, nbytes: int) -> None:
             pass
 
 
-# --- loading --------------------------------------------------------------------------------------------------
+# --- loading ------------------------------------------------------------------------------------------------
 
 
 class _Loader:
@@ -310,12 +311,13 @@ class _Loader:
         info = self.info(name)
         rows = sum(parts)
         if info.shape != (cols, rows):
-            raise bad_file(self.g.path, f"tensor {name!r} has shape {list(info.shape)}, expected {[cols, rows]}")
+            raise bad_file(self.g.path,
+                           f"tensor {name!r} has shape {list(info.shape)}, expected {[cols, rows]}")
         kernel = WEIGHT_KERNELS.get(info.qtype)
         if kernel is None:
             supported = ", ".join(t.name for t in WEIGHT_KERNELS)
-            raise UnsupportedModelError(f"{self.g.path}: tensor {name!r} has type {info.qtype.name}, which the "
-                                        f"engine cannot run (supported: {supported})",
+            raise UnsupportedModelError(f"{self.g.path}: tensor {name!r} has type {info.qtype.name}, "
+                                        f"which the engine cannot run (supported: {supported})",
                                         "use a file quantized to one of those types, e.g. Q4_K_M or Q4_0")
         block, type_size = GGML_QUANT_SIZES[info.qtype]
         row_bytes = cols // block * type_size
@@ -330,7 +332,8 @@ class _Loader:
     def vector(self, name: str, n: int) -> np.ndarray:
         info = self.info(name)
         if info.shape != (n,) or info.qtype != GGMLQuantizationType.F32:
-            raise bad_file(self.g.path, f"tensor {name!r} should be F32 of shape [{n}], found {info.qtype.name} "
+            raise bad_file(self.g.path,
+                           f"tensor {name!r} should be F32 of shape [{n}], found {info.qtype.name} "
                                         f"{list(info.shape)}")
         return self.g.tensor_bytes(name).view(np.float32)
 
@@ -360,7 +363,8 @@ class _Loader:
             w_down=self.weight(p + "ffn_down.weight", dim, ffn),
             bq=self.optional(p + "attn_q.bias", q_dim), bk=self.optional(p + "attn_k.bias", kv_dim),
             bv=self.optional(p + "attn_v.bias", kv_dim),
-            q_norm=need(p + "attn_q_norm.weight", hp.head_dim), k_norm=need(p + "attn_k_norm.weight", hp.head_dim),
+            q_norm=need(p + "attn_q_norm.weight", hp.head_dim),
+            k_norm=need(p + "attn_k_norm.weight", hp.head_dim),
             attn_post_norm=post(p + "post_attention_norm.weight", dim),
             ffn_post_norm=post(p + "post_ffw_norm.weight", dim),
             window=hp.swa_window if hp.is_swa(i) else 0,
@@ -397,16 +401,18 @@ def load_model(path: str | Path, *, threads: int | None = None) -> Model:
         loader.refuse_unsupported()
         layers = [loader.layer(i, family) for i in range(hp.n_layers)]
         tok_embd = loader.weight("token_embd.weight", hp.n_vocab, hp.dim)
-        output = loader.weight("output.weight", hp.n_vocab, hp.dim) if "output.weight" in g.tensors else tok_embd
+        output = (loader.weight("output.weight", hp.n_vocab, hp.dim) if "output.weight" in g.tensors
+                  else tok_embd)
         output_norm = loader.vector("output_norm.weight", hp.dim)
         pw = _pack(g, layers, output, output_norm, threads)
     except BaseException:
         g.close()
         raise
-    return Model(Path(path), family, hp, tokenizer, g.metadata, tok_embd, layers, output_norm, output, threads, g, pw)
+    return Model(Path(path), family, hp, tokenizer, g.metadata, tok_embd, layers, output_norm, output,
+                 threads, g, pw)
 
 
-# --- a sequence -----------------------------------------------------------------------------------------------
+# --- a sequence ---------------------------------------------------------------------------------------------
 
 
 class Context:
@@ -421,7 +427,8 @@ class Context:
         if n_ctx < 1:
             raise UsageError(f"context size must be at least 1, got {n_ctx}", "pass -c 512 or more")
         if n_ctx > hp.n_ctx_train:
-            raise UsageError(f"context size {n_ctx} exceeds the {hp.n_ctx_train} tokens this model was trained on",
+            raise UsageError(f"context size {n_ctx} exceeds the {hp.n_ctx_train} tokens this model was "
+                             "trained on",
                              f"pass -c {hp.n_ctx_train} or less")
         if n_batch < 1:
             raise UsageError(f"batch size must be at least 1, got {n_batch}", "pass a positive batch size")
@@ -472,7 +479,8 @@ class Context:
             hp.dim, hp.n_layers, hp.n_heads, hp.n_kv_heads, hp.head_dim, hp.ffn_dim, hp.n_vocab,
             int(hp.rope_type == ROPE_NEOX), int(m.family.activation == ACT_GELU), pw.out_norm)
         fpa = np.zeros(fused_kernels.FP_SIZE, np.float32)
-        fpa[[fused_kernels.FP_EPS, fused_kernels.FP_Q_SCALE, fused_kernels.FP_KQ_SCALE, fused_kernels.FP_SOFTCAP]] = (
+        fpa[[fused_kernels.FP_EPS, fused_kernels.FP_Q_SCALE, fused_kernels.FP_KQ_SCALE,
+             fused_kernels.FP_SOFTCAP]] = (
             hp.norm_eps, hp.q_scale, self.kq_scale, hp.attn_softcap)
         ldesc = pw.ldesc.copy()
         ldesc[:, fused_kernels.LD_KV_OFF] = self.kv.row_offsets[:-1]
@@ -519,8 +527,8 @@ class Context:
         if not 0 <= n <= self.n_past:
             raise UsageError(f"cannot keep {n} of {self.n_past} cached positions", "keep 0..n_past")
         if not self.kv.keeps(self.n_past, n):
-            raise UsageError(f"cannot keep {n} of {self.n_past} cached positions: the sliding-window layers no "
-                             "longer hold the keys they need", "keep reusable(n) positions")
+            raise UsageError(f"cannot keep {n} of {self.n_past} cached positions: the sliding-window "
+                             "layers no longer hold the keys they need", "keep reusable(n) positions")
         self.n_past = n
         del self.tokens[n:]
 
@@ -637,15 +645,17 @@ class Context:
             cos, sin = self.rope_cos[table], self.rope_sin[table]
             rope(q_heads, positions, cos, sin)
             rope(k_heads, positions, cos, sin)
-            kc, vc = self.kv.k_layer(li), self.kv.v_layer(li)  # [rows, n_kv_heads, head_dim] f16, or q8_0 rows
+            # [rows, n_kv_heads, head_dim] f16, or q8_0 rows
+            kc, vc = self.kv.k_layer(li), self.kv.v_layer(li)
             slots = positions % kc.shape[0]
             for cache, heads in ((kc, k_heads), (vc, v_heads)):
                 if cache.dtype == np.uint8:
                     attention.kv_store_rows(cache, slots, heads)
                 else:
                     cache[slots] = heads
-            attention.attention(q_heads, kc, vc, pos0, att.reshape(T, hp.n_heads, hp.head_dim), window=layer.window,
-                          q_scale=hp.q_scale, kq_scale=self.kq_scale, softcap=hp.attn_softcap)
+            attention.attention(q_heads, kc, vc, pos0, att.reshape(T, hp.n_heads, hp.head_dim),
+                                window=layer.window, q_scale=hp.q_scale, kq_scale=self.kq_scale,
+                                softcap=hp.attn_softcap)
             layer.wo.matmul(att, proj)
             if layer.attn_post_norm is not None:
                 ops.rmsnorm(proj, layer.attn_post_norm, hp.norm_eps, proj)
@@ -673,5 +683,5 @@ class Context:
         m.output.matmul(normed, logits)
 
 
-__all__ = ["DEFAULT_BATCH", "DEFAULT_CTX", "Context", "HyperParams", "Layer", "Model", "Weight", "default_threads",
-           "load_model"]
+__all__ = ["DEFAULT_BATCH", "DEFAULT_CTX", "Context", "HyperParams", "Layer", "Model", "Weight",
+           "default_threads", "load_model"]

@@ -34,7 +34,8 @@ class SamplerConfig:
             (0.0 <= self.min_p <= 1.0, f"min-p must be in [0, 1], got {self.min_p}"),
             (self.repeat_penalty > 0, f"repeat penalty must be > 0, got {self.repeat_penalty}"),
             (self.repeat_last_n >= -1, f"repeat-last-n must be >= -1, got {self.repeat_last_n}"),
-            (-2.0 <= self.presence_penalty <= 2.0, f"presence penalty must be in [-2, 2], got {self.presence_penalty}"),
+            (-2.0 <= self.presence_penalty <= 2.0,
+             f"presence penalty must be in [-2, 2], got {self.presence_penalty}"),
             (-2.0 <= self.frequency_penalty <= 2.0,
              f"frequency penalty must be in [-2, 2], got {self.frequency_penalty}"),
         ]
@@ -64,7 +65,8 @@ class Sampler:
 
 
 def apply_penalties(logits: np.ndarray, history: Sequence[int], cfg: SamplerConfig) -> np.ndarray:
-    """llama.cpp's penalties over the last ``repeat_last_n`` tokens; returns a new array when it changes any."""
+    """llama.cpp's penalties over the last ``repeat_last_n`` tokens; returns a new array when it changes
+    any."""
     if cfg.repeat_penalty == 1.0 and cfg.presence_penalty == 0.0 and cfg.frequency_penalty == 0.0:
         return logits
     if cfg.repeat_last_n == 0:

@@ -198,7 +198,8 @@ class Server:
                                      media_type="text/event-stream", headers={**SSE_HEADERS, **headers})
         text = await self._collect(request, p.job)
         text, calls = _split_calls(text, p.tools)
-        return JSONResponse(schemas.chat_completion(rid, created, name, text, p.job.stats, calls), headers=headers)
+        return JSONResponse(schemas.chat_completion(rid, created, name, text, p.job.stats, calls),
+                            headers=headers)
 
     async def _chat_stream(self, job: Job, rid: str, created: int, name: str, include_usage: bool,
                            tools: ToolPlan | None) -> AsyncIterator[str]:
@@ -210,7 +211,8 @@ class Server:
             out = []
             for e in events:
                 if isinstance(e, Content):
-                    out.append(_sse(schemas.chat_chunk(rid, created, name, {"content": e.text}, None, include_usage)))
+                    out.append(_sse(schemas.chat_chunk(rid, created, name, {"content": e.text}, None,
+                                                       include_usage)))
                 else:
                     out += [_sse(schemas.chat_chunk(rid, created, name, d, None, include_usage))
                             for d in schemas.tool_call_deltas(n_calls, e)]
@@ -218,8 +220,9 @@ class Server:
             return out
 
         try:
-            yield _sse(schemas.chat_chunk(rid, created, name, {"role": "assistant", "content": "", "refusal": None},
-                                          None, include_usage))
+            yield _sse(schemas.chat_chunk(rid, created, name,
+                                          {"role": "assistant", "content": "", "refusal": None}, None,
+                                          include_usage))
             async for ev in job.events():
                 if isinstance(ev, Text):
                     for chunk in chunks(parser.feed(ev.text) if parser else [Content(ev.text)]):
@@ -227,7 +230,8 @@ class Server:
                 elif isinstance(ev, Done):
                     for chunk in chunks(parser.finish() if parser else []):
                         yield chunk
-                    yield _sse(schemas.chat_chunk(rid, created, name, {}, schemas.finish_reason(ev.stats, n_calls > 0),
+                    yield _sse(schemas.chat_chunk(rid, created, name, {},
+                                                  schemas.finish_reason(ev.stats, n_calls > 0),
                                                   include_usage))
                     if include_usage:
                         yield _sse(schemas.usage_chunk(rid, created, name, "chat.completion.chunk", ev.stats))
@@ -244,10 +248,12 @@ class Server:
         headers = {"X-Request-Id": p.job.id}
         prefix = p.prompt_text if req.echo else ""
         if req.stream:
-            return StreamingResponse(self._completion_stream(p.job, rid, created, name, req.include_usage, prefix),
+            return StreamingResponse(self._completion_stream(p.job, rid, created, name, req.include_usage,
+                                                             prefix),
                                      media_type="text/event-stream", headers={**SSE_HEADERS, **headers})
         text = await self._collect(request, p.job)
-        return JSONResponse(schemas.completion(rid, created, name, prefix + text, p.job.stats), headers=headers)
+        return JSONResponse(schemas.completion(rid, created, name, prefix + text, p.job.stats),
+                            headers=headers)
 
     async def _completion_stream(self, job: Job, rid: str, created: int, name: str, include_usage: bool,
                                  prefix: str) -> AsyncIterator[str]:
@@ -258,8 +264,8 @@ class Server:
                 if isinstance(ev, Text):
                     yield _sse(schemas.completion_chunk(rid, created, name, ev.text, None, include_usage))
                 elif isinstance(ev, Done):
-                    yield _sse(schemas.completion_chunk(rid, created, name, "", schemas.finish_reason(ev.stats),
-                                                        include_usage))
+                    yield _sse(schemas.completion_chunk(rid, created, name, "",
+                                                        schemas.finish_reason(ev.stats), include_usage))
                     if include_usage:
                         yield _sse(schemas.usage_chunk(rid, created, name, "text_completion", ev.stats))
                     yield "data: [DONE]\n\n"
@@ -269,7 +275,8 @@ class Server:
             job.cancel()
 
     async def models(self, request: Request) -> Response:
-        data = [schemas.model_object(s.name, int(self.registry.summary(s)["mtime"])) for s in self.registry.specs()]
+        data = [schemas.model_object(s.name, int(self.registry.summary(s)["mtime"]))
+                for s in self.registry.specs()]
         return JSONResponse({"object": "list", "data": data})
 
     async def model(self, request: Request) -> Response:
@@ -279,7 +286,8 @@ class Server:
     # -- Ollama --------------------------------------------------------------------------------------
 
     async def ollama_generate(self, request: Request) -> Response:
-        return await self._ollama(request, schemas.parse_ollama_generate(await self._json(request)), "generate")
+        return await self._ollama(request, schemas.parse_ollama_generate(await self._json(request)),
+                                  "generate")
 
     async def ollama_chat(self, request: Request) -> Response:
         return await self._ollama(request, schemas.parse_ollama_chat(await self._json(request)), "chat")
@@ -360,7 +368,8 @@ class Server:
                 "digest": spec.digest or "",
                 "details": {"parent_model": "", "format": "gguf", "family": s["family"],
                             "families": [s["family"]] if s["family"] else None,
-                            "parameter_size": s["parameter_size"], "quantization_level": s["quantization_level"]},
+                            "parameter_size": s["parameter_size"],
+                            "quantization_level": s["quantization_level"]},
             })
         return JSONResponse({"models": models})
 
@@ -379,7 +388,8 @@ class Server:
                 "digest": lm.spec.digest or "",
                 "details": {"parent_model": "", "format": "gguf", "family": s["family"],
                             "families": [s["family"]] if s["family"] else None,
-                            "parameter_size": s["parameter_size"], "quantization_level": s["quantization_level"]},
+                            "parameter_size": s["parameter_size"],
+                            "quantization_level": s["quantization_level"]},
                 "expires_at": "",
                 "loaded_at": schemas.ollama_time(lm.loaded_at),
                 "context_length": lm.n_ctx,
@@ -433,8 +443,8 @@ def _without_surrogates(value: Any) -> Any:
     stack = [value]
     while stack:
         node = stack.pop()
-        items = list(enumerate(node)) if isinstance(node, list) else list(node.items()) if isinstance(node, dict) \
-            else []
+        items = list(enumerate(node)) if isinstance(node, list) \
+            else list(node.items()) if isinstance(node, dict) else []
         for key, item in items:
             if isinstance(item, str):
                 item = fix(item)
@@ -511,7 +521,8 @@ def _split_calls(text: str, tools: ToolPlan | None) -> tuple[str, list[ToolCall]
         return text, []
     parser = tools.parser()
     events = parser.feed(text) + parser.finish()
-    return "".join(e.text for e in events if isinstance(e, Content)), [e for e in events if isinstance(e, ToolCall)]
+    return ("".join(e.text for e in events if isinstance(e, Content)),
+            [e for e in events if isinstance(e, ToolCall)])
 
 
 async def _cancel_on_disconnect(request: Request, job: Job) -> None:
@@ -526,7 +537,8 @@ def _generation_error(err: BaseException) -> APIError:
     if isinstance(err, GrammarError):  # a schema whose later steps exceed the grammar limits
         return bad_request(err.message, err.param)
     if isinstance(err, PipxLlamaError):
-        return APIError(500, f"generation failed: {err.message}", type="server_error", code="generation_failed")
+        return APIError(500, f"generation failed: {err.message}", type="server_error",
+                        code="generation_failed")
     return internal(f"generation failed: {type(err).__name__}: {err}")
 
 
@@ -596,7 +608,8 @@ def create_app(registry: ModelRegistry, settings: ServerSettings | None = None) 
         middleware.append(Middleware(HostCheckMiddleware, allowed=settings.allowed_hosts))
     origins = list(settings.cors_origins)
     middleware += [
-        Middleware(CORSMiddleware, allow_origins=origins, allow_origin_regex=None if "*" in origins else LOCAL_ORIGINS,
+        Middleware(CORSMiddleware, allow_origins=origins,
+                   allow_origin_regex=None if "*" in origins else LOCAL_ORIGINS,
                    allow_methods=["GET", "POST", "OPTIONS"], allow_headers=["Authorization", "Content-Type"],
                    expose_headers=["Retry-After", "X-Request-Id"], max_age=600),
         Middleware(OriginCheckMiddleware, origins=origins, origin_regex=LOCAL_ORIGINS),

@@ -53,7 +53,8 @@ def unsupported(param: str, what: str) -> APIError:
 
 def model_not_found(name: str, available: list[str]) -> APIError:
     shown = name if len(name) <= 80 else name[:60] + "…"
-    return APIError(404, f"The model `{shown}` does not exist on this server; it serves: {', '.join(available)}",
+    return APIError(404,
+                    f"The model `{shown}` does not exist on this server; it serves: {', '.join(available)}",
                     param="model", code="model_not_found")
 
 

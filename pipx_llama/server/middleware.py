@@ -139,7 +139,8 @@ class JsonBodyMiddleware:
             given = _header(scope, b"content-type")
             if given is None or given.split(";", 1)[0].strip().lower() != "application/json":
                 what = f"Content-Type {given[:60]!r}" if given else "no Content-Type"
-                err = APIError(415, f"the request body must be JSON sent as Content-Type: application/json, not "
+                err = APIError(415,
+                               f"the request body must be JSON sent as Content-Type: application/json, not "
                                     f"{what} (curl: add -H 'Content-Type: application/json')",
                                code="unsupported_media_type")
                 await error_response(scope, err)(scope, receive, send)
@@ -156,9 +157,10 @@ class BodyTooLarge(APIError):
 
 class BodyTooSlow(APIError):
     def __init__(self, timeout: float) -> None:
-        # Connection: close -- the rest of the body is never read, so the connection cannot serve another request
-        super().__init__(408, f"The request body did not arrive within {timeout:g} s.", code="request_timeout",
-                         headers={"Connection": "close"})
+        # Connection: close -- the rest of the body is never read, so the connection cannot serve another
+        # request
+        super().__init__(408, f"The request body did not arrive within {timeout:g} s.",
+                         code="request_timeout", headers={"Connection": "close"})
 
 
 class BodyLimitMiddleware:

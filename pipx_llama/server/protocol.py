@@ -70,7 +70,8 @@ class HeaderDeadlineH11Protocol(H11Protocol):
     def _expired(self) -> None:
         self._deadline = None
         if not self.transport.is_closing():
-            log.debug("%s: no complete request within %g s; connection closed", self.client, self.header_timeout)
+            log.debug("%s: no complete request within %g s; connection closed", self.client,
+                      self.header_timeout)
             self.transport.close()
 
 
@@ -80,7 +81,8 @@ def protocol_class(header_timeout: float) -> type[H11Protocol]:
 
 
 def uvicorn_config(app: Any, limits: ConnectionLimits, **options: Any) -> uvicorn.Config:
-    """A ``uvicorn.Config`` for ``app`` with ``limits`` applied; ``options`` are passed on (log level, ...)."""
+    """A ``uvicorn.Config`` for ``app`` with ``limits`` applied; ``options`` are passed on (log level,
+    ...)."""
     return uvicorn.Config(
         app,
         http=protocol_class(limits.header_timeout),

@@ -3,8 +3,9 @@
 Each model gets ``parallel`` KV-cache contexts (slots) when it loads: the scheduler runs that many of
 its requests at once, batched (server/scheduler.py). A request takes the free slot that shares the
 longest prefix with it (``generate()`` reuses that prefix, so a chat's next turn only evaluates what
-is new). By default as many slots as the RAM left after the weights holds, at most ``MAX_DEFAULT_PARALLEL``. Names are matched exactly, then case-insensitively, and Ollama's ``name:latest`` means
-``name``.
+is new). By default as many slots as the RAM left after the weights holds, at most
+``MAX_DEFAULT_PARALLEL``. Names are matched exactly, then case-insensitively, and Ollama's
+``name:latest`` means ``name``.
 """
 
 from __future__ import annotations
@@ -181,8 +182,8 @@ class ModelRegistry:
         context, slots = pool.contexts[0], pool.contexts
         pieces = piece_bound(model.tokenizer)
         seconds = time.perf_counter() - t0
-        log.info("loaded %s (%s) in %.2f s, context %d tokens, %d parallel slot%s", spec.name, spec.path, seconds,
-                 context.n_ctx, n, "" if n == 1 else "s")
+        log.info("loaded %s (%s) in %.2f s, context %d tokens, %d parallel slot%s", spec.name, spec.path,
+                 seconds, context.n_ctx, n, "" if n == 1 else "s")
         return LoadedModel(spec, model, context, seconds, pieces, slots=slots, pool=pool)
 
     def summary(self, spec: ModelSpec) -> dict[str, Any]:

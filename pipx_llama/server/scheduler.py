@@ -93,7 +93,8 @@ class Job:
     max_tokens: int
     sampler: SamplerConfig
     stop: tuple[str, ...] = ()
-    constraint: Constraint | None = None  # the grammar its tokens must follow (structured output, a forced call)
+    # the grammar its tokens must follow (structured output, a forced call)
+    constraint: Constraint | None = None
     special: bool = False  # control tokens are part of its text (tool-call markers)
     tokens: list[int] = field(default_factory=list)  # generated ids (Ollama returns them as context)
     stats: GenerationStats | None = None
@@ -213,7 +214,8 @@ class Scheduler:
             self._cv.notify_all()
 
     def _retry_after(self) -> int:
-        """Seconds until a place is likely free: the recent mean run time times the queue ahead, over the slots."""
+        """Seconds until a place is likely free: the recent mean run time times the queue ahead, over the
+        slots."""
         runs = [r.run_seconds for r in list(self.recent)[-20:]] or [1.0]
         slots = max(1, sum(len(s) for s in self._slots.values()))
         ahead = (len(self._waiting) + 1) / slots
@@ -265,7 +267,8 @@ class Scheduler:
                 kept.append(job)
                 continue
             slot.job, slot.computing, slot.pending = job, True, None
-            threading.Thread(target=self._run, args=(job, slot), name=f"pipx-llama-{job.id}", daemon=True).start()
+            threading.Thread(target=self._run, args=(job, slot), name=f"pipx-llama-{job.id}",
+                             daemon=True).start()
         self._waiting = kept
 
     def _active(self) -> list[_Slot]:
@@ -416,8 +419,9 @@ class Scheduler:
 
     def _record(self, job: Job, error: BaseException | None) -> None:
         s = job.stats
-        rec = JobRecord(job.id, job.model.spec.name, job.endpoint, s.n_prompt, s.n_prompt - s.n_prompt_evaluated,
-                        s.n_generated, job.max_tokens, s.finish_reason, job.started - job.submitted,
+        rec = JobRecord(job.id, job.model.spec.name, job.endpoint, s.n_prompt,
+                        s.n_prompt - s.n_prompt_evaluated, s.n_generated, job.max_tokens, s.finish_reason,
+                        job.started - job.submitted,
                         job.finished - job.started, None if error is None else str(error))
         self.recent.append(rec)
         if error is not None:

@@ -40,7 +40,8 @@ REPEAT_PENALTY = (0.01, 100.0)
 MAX_TOOLS = 128  # OpenAI's limit
 TOOL_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")  # OpenAI: letters, digits, '_' and '-', up to 64 (and '.')
 ANY_OBJECT: dict[str, Any] = {"type": "object"}  # JSON mode: any JSON object
-NUMBER_LIMIT = 1 << 63  # numbers are int64 in OpenAI's and Ollama's APIs; larger ones are refused, never rounded
+# numbers are int64 in OpenAI's and Ollama's APIs; larger ones are refused, never rounded
+NUMBER_LIMIT = 1 << 63
 
 
 @dataclass
@@ -80,8 +81,8 @@ class _Body:
 
     def __init__(self, body: Any, where: str = "") -> None:
         if not isinstance(body, dict):
-            raise bad_request(f"'{where}' must be a JSON object" if where else "the request body must be a JSON object",
-                              where or None)
+            raise bad_request(f"'{where}' must be a JSON object" if where
+                              else "the request body must be a JSON object", where or None)
         self.body = body
         self.where = where
 
@@ -127,7 +128,8 @@ class _Body:
                 raise bad_request(f"'{self._param(key)}' is required", self._param(key))
             return None
         if not isinstance(v, str):
-            raise bad_request(f"'{self._param(key)}' must be a string, got {type(v).__name__}", self._param(key))
+            raise bad_request(f"'{self._param(key)}' must be a string, got {type(v).__name__}",
+                              self._param(key))
         return v
 
     def stop(self, key: str = "stop") -> tuple[str, ...]:
@@ -138,7 +140,8 @@ class _Body:
         if not isinstance(items, list) or not all(isinstance(s, str) for s in items):
             raise bad_request(f"'{self._param(key)}' must be a string or a list of strings", self._param(key))
         if len(items) > MAX_STOP:
-            raise bad_request(f"'{self._param(key)}' has {len(items)} entries; at most {MAX_STOP} are allowed",
+            raise bad_request(f"'{self._param(key)}' has {len(items)} entries; at most {MAX_STOP} are "
+                              "allowed",
                               self._param(key))
         if any(not s for s in items):
             raise bad_request(f"'{self._param(key)}' must not contain an empty string", self._param(key))
@@ -201,7 +204,8 @@ def _response_format(value: Any) -> tuple[Any, str | None]:
     if kind == "json_object":
         return ANY_OBJECT, "response_format"
     if kind != "json_schema":
-        raise bad_request(f"'response_format.type' must be text, json_object or json_schema, got {quote(kind)}",
+        raise bad_request("'response_format.type' must be text, json_object or json_schema, "
+                          f"got {quote(kind)}",
                           "response_format.type")
     jb = _Body(b.body.get("json_schema"), "response_format.json_schema")
     jb.string("name")
@@ -233,10 +237,11 @@ def _tools(value: Any, param: str = "tools") -> list[dict[str, Any]] | None:
         fb = _Body(tb.body.get("function"), f"{where}.function")
         name = fb.string("name", required=True)
         if not TOOL_NAME.fullmatch(name):
-            raise bad_request(f"'{where}.function.name' must be 1 to 64 letters, digits, '_', '-' or '.', got "
-                              f"{quote(name)}", f"{where}.function.name")
+            raise bad_request(f"'{where}.function.name' must be 1 to 64 letters, digits, '_', '-' or '.', "
+                              f"got {quote(name)}", f"{where}.function.name")
         if name in seen:
-            raise bad_request(f"'{where}.function.name': two tools are named {quote(name)}", f"{where}.function.name")
+            raise bad_request(f"'{where}.function.name': two tools are named {quote(name)}",
+                              f"{where}.function.name")
         seen.add(name)
         fn: dict[str, Any] = {"name": name}
         description = fb.string("description")
@@ -273,7 +278,8 @@ def _tool_choice(value: Any, tools: list[dict[str, Any]] | None) -> ToolChoice:
 
 
 def _tool_calls(value: Any, param: str) -> list[dict[str, Any]]:
-    """An assistant message's calls, arguments as objects (OpenAI sends them as JSON text, Ollama as objects)."""
+    """An assistant message's calls, arguments as objects (OpenAI sends them as JSON text, Ollama as
+    objects)."""
     if not isinstance(value, list) or len(value) > MAX_TOOLS:
         raise bad_request(f"'{param}' must be a list of at most {MAX_TOOLS} tool calls", param)
     out = []
@@ -391,7 +397,8 @@ def parse_completion(body: Any) -> GenRequest:
     elif isinstance(p, list) and len(p) > 1 and all(isinstance(x, (str, list)) for x in p):
         raise unsupported("prompt", "several prompts in one request")
     else:
-        raise bad_request("'prompt' must be a string, a list with one string, or a list of token ids", "prompt")
+        raise bad_request("'prompt' must be a string, a list with one string, or a list of token ids",
+                          "prompt")
     req.max_tokens = _max_tokens(b, "max_tokens")
     if req.max_tokens is None:
         req.max_tokens = COMPLETIONS_DEFAULT_MAX_TOKENS
@@ -453,7 +460,8 @@ def parse_ollama_generate(body: Any) -> GenRequest:
     if b.boolean("raw"):
         req.prompt = prompt
     elif prompt:
-        msgs = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+        msgs = (([{"role": "system", "content": system}] if system else [])
+                + [{"role": "user", "content": prompt}])
         req.messages = msgs
     return req
 
@@ -582,7 +590,8 @@ def model_object(name: str, created: int) -> dict[str, Any]:
 
 
 def ollama_time(t: float | None = None) -> str:
-    return datetime.fromtimestamp(time.time() if t is None else t, timezone.utc).isoformat().replace("+00:00", "Z")
+    return datetime.fromtimestamp(time.time() if t is None else t,
+                                  timezone.utc).isoformat().replace("+00:00", "Z")
 
 
 def ollama_tool_calls(calls: list[ToolCall]) -> list[dict[str, Any]]:
@@ -613,6 +622,6 @@ def context_error(n_prompt: int, max_tokens: int | None, n_ctx: int, prompt_para
                f"which leaves no room to generate. Shorten the messages or the prompt.")
         return APIError(400, msg, param=prompt_param, code="context_length_exceeded")
     msg = (f"This model's maximum context length is {n_ctx} tokens. However, you requested "
-           f"{'at least ' if at_least else ''}{n_prompt + max_tokens} tokens ({has} in the prompt, {max_tokens} "
-           f"for the completion). Please reduce the length of the messages or the completion.")
+           f"{'at least ' if at_least else ''}{n_prompt + max_tokens} tokens ({has} in the prompt, "
+           f"{max_tokens} for the completion). Please reduce the length of the messages or the completion.")
     return APIError(400, msg, param="max_tokens", code="context_length_exceeded")

@@ -144,8 +144,9 @@ def _polyfill(messages: list[dict[str, Any]], fmt: str, shows_calls: bool, shows
                 if fmt.startswith("mistral"):
                     m["tool_call_id"] = mistral_id(m.get("tool_call_id", ""))
             else:
-                m = {"role": "user", "content": json.dumps({"tool_response": {"tool": name, "content": m["content"]}},
-                                                           ensure_ascii=False)}
+                m = {"role": "user",
+                     "content": json.dumps({"tool_response": {"tool": name, "content": m["content"]}},
+                                           ensure_ascii=False)}
         out.append(m)
     return out
 
@@ -169,7 +170,8 @@ def _tools_text(tools: list[dict[str, Any]], fmt: str, choice: ToolChoice) -> st
 
 
 def mistral_id(call_id: str) -> str:
-    """Mistral's templates take only 9-letter alphanumeric ids: any other id maps to one, the same every time."""
+    """Mistral's templates take only 9-letter alphanumeric ids: any other id maps to one, the same every
+    time."""
     if _MISTRAL_ID.fullmatch(call_id):
         return call_id
     digest = hashlib.sha256(call_id.encode("utf-8", "surrogatepass")).digest()
@@ -209,28 +211,32 @@ def _marker(tok: Tokenizer, text: str) -> str:
     return json.dumps(text)
 
 
-def _call_grammar(tok: Tokenizer, fmt: str, tools: list[dict[str, Any]], choice: ToolChoice, parallel: bool) -> str:
+def _call_grammar(tok: Tokenizer, fmt: str, tools: list[dict[str, Any]], choice: ToolChoice,
+                  parallel: bool) -> str:
     repeat = '("\\n" tc)*' if parallel else ""
     if fmt == "hermes":
         call = _one_of([_call_schema(t, "arguments") for t in tools])
         return (f"start: tc {repeat}\n"
-                f'tc: {_marker(tok, HERMES_OPEN)} "\\n" {json_in_lark(call)} "\\n" {_marker(tok, HERMES_CLOSE)}\n')
+                f'tc: {_marker(tok, HERMES_OPEN)} "\\n" {json_in_lark(call)} "\\n" '
+                f'{_marker(tok, HERMES_CLOSE)}\n')
     if fmt == "llama3":  # one call per answer: the template refuses several
         return f"start: {json_in_lark(_one_of([_call_schema(t, 'parameters') for t in tools]))}\n"
     if fmt == "mistral":
-        calls = {"type": "array", "items": _one_of([_call_schema(t, "arguments") for t in tools]), "minItems": 1}
+        calls = {"type": "array", "items": _one_of([_call_schema(t, "arguments") for t in tools]),
+                 "minItems": 1}
         if not parallel:
             calls["maxItems"] = 1
         return f"start: {_marker(tok, MISTRAL_OPEN)} {json_in_lark(calls)}\n"
     if fmt == "mistral-args":
         alts = " | ".join(f"{json.dumps(t['function']['name'])} {_marker(tok, MISTRAL_ARGS)} "
-                          f"{json_in_lark(_call_schema(t, 'arguments')['properties']['arguments'])}" for t in tools)
+                          f"{json_in_lark(_call_schema(t, 'arguments')['properties']['arguments'])}"
+                          for t in tools)
         return f"start: tc{'+' if parallel else ''}\ntc: {_marker(tok, MISTRAL_OPEN)} ({alts})\n"
     calls = {"type": "array", "items": _one_of([_call_schema(t, "arguments") for t in tools]), "minItems": 1}
     if not parallel:
         calls["maxItems"] = 1
-    schema: dict[str, Any] = {"type": "object", "properties": {"tool_calls": calls}, "required": ["tool_calls"],
-                              "additionalProperties": False}
+    schema: dict[str, Any] = {"type": "object", "properties": {"tool_calls": calls},
+                              "required": ["tool_calls"], "additionalProperties": False}
     if choice.mode == "auto":
         answer = {"type": "object", "properties": {"response": {"type": "string"}}, "required": ["response"],
                   "additionalProperties": False}
@@ -326,7 +332,8 @@ class ToolParser:
             if isinstance(value, dict) and set(value) == {"response"}:
                 answer = value["response"]
                 return [answer if isinstance(answer, str) else json.dumps(answer, ensure_ascii=False)]
-            if isinstance(value, dict) and set(value) == {"tool_calls"} and isinstance(value["tool_calls"], list):
+            if (isinstance(value, dict) and set(value) == {"tool_calls"}
+                    and isinstance(value["tool_calls"], list)):
                 value = value["tool_calls"]
             elif isinstance(value, dict) and set(value) == {"tool_call"}:
                 value = [value["tool_call"]]

@@ -297,8 +297,10 @@ def _v_accumulate(scores, off, v_cache, kvh, s0, cnt, acc):
 @overload(_v_accumulate)
 def _ov_v_accumulate(scores, off, v_cache, kvh, s0, cnt, acc):
     if v_cache.dtype == types.uint8:
-        return lambda scores, off, v_cache, kvh, s0, cnt, acc: _accumulate_q8(scores, off, v_cache, kvh, s0, cnt, acc)
-    return lambda scores, off, v_cache, kvh, s0, cnt, acc: _accumulate(scores, off, v_cache, kvh, s0, cnt, acc)
+        return lambda scores, off, v_cache, kvh, s0, cnt, acc: _accumulate_q8(scores, off, v_cache, kvh, s0,
+                                                                              cnt, acc)
+    return lambda scores, off, v_cache, kvh, s0, cnt, acc: _accumulate(scores, off, v_cache, kvh, s0, cnt,
+                                                                       acc)
 
 
 @njit(cache=True, error_model="numpy", fastmath=_FAST)
@@ -367,16 +369,16 @@ def attention_kernel(q, k_cache, v_cache, start_pos, window, q_scale, kq_scale, 
             t = pair // H
             h = pair - t * H
             p = start_pos + t
-            _attend(q[t, h], k_cache, v_cache, h // group, window_start(p, window), p + 1, q_scale, kq_scale, cap,
-                    scratch[0], out[t, h])
+            _attend(q[t, h], k_cache, v_cache, h // group, window_start(p, window), p + 1, q_scale, kq_scale,
+                    cap, scratch[0], out[t, h])
     else:
         for c in prange(n_chunks):
             for pair in range(c, n_pairs, n_chunks):
                 t = pair // H
                 h = pair - t * H
                 p = start_pos + t
-                _attend(q[t, h], k_cache, v_cache, h // group, window_start(p, window), p + 1, q_scale, kq_scale,
-                        cap, scratch[c], out[t, h])
+                _attend(q[t, h], k_cache, v_cache, h // group, window_start(p, window), p + 1, q_scale,
+                        kq_scale, cap, scratch[c], out[t, h])
 
 
 def attention_scratch(n_positions: int, head_dim: int, n_chunks: int | None = None) -> np.ndarray:
@@ -427,14 +429,15 @@ def attention(q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, start_pos
                          f"start_pos {start_pos}, window {window} do not fit together")
     span = start_pos + T - _window_start(start_pos, window)  # positions the batch reads, all held at once
     if span > rows:
-        raise ValueError(f"attention: {rows} cache rows cannot hold the {span} positions this batch attends to")
+        raise ValueError(f"attention: {rows} cache rows cannot hold the {span} positions this batch "
+                         "attends to")
     if scratch is None:
         scratch = attention_scratch(span, D)
     elif scratch.shape[1] < span + 2 * D:
         raise ValueError(f"attention: scratch rows of {scratch.shape[1]} < {span + 2 * D} needed")
     kq = attention_scale(D) if kq_scale is None else _F32(kq_scale)
-    attention_kernel(q, _as_kernel_cache(k_cache), _as_kernel_cache(v_cache), start_pos, window, _F32(q_scale), kq,
-                     _F32(softcap), out, scratch)
+    attention_kernel(q, _as_kernel_cache(k_cache), _as_kernel_cache(v_cache), start_pos, window,
+                     _F32(q_scale), kq, _F32(softcap), out, scratch)
 
 
 def _window_start(p: int, window: int) -> int:

@@ -116,13 +116,15 @@ def matmul_bf16_rows(h: np.ndarray, x: np.ndarray, out: np.ndarray) -> None:
 
 def _check(name: str, w: np.ndarray, x: np.ndarray, out: np.ndarray, type_size: int) -> None:
     if w.ndim != 2 or w.dtype != np.uint8 or not w.flags.c_contiguous:
-        raise ValueError(f"{name} weights must be C-contiguous uint8 [rows, row_bytes], got {w.dtype} {w.shape}")
+        raise ValueError(f"{name} weights must be C-contiguous uint8 [rows, row_bytes], "
+                         f"got {w.dtype} {w.shape}")
     if x.ndim != 2 or x.dtype != np.float32 or not x.flags.c_contiguous:
         raise ValueError(f"{name} activations must be C-contiguous float32 [T, n], got {x.dtype} {x.shape}")
     if w.shape[1] != x.shape[1] * type_size:
         raise ValueError(f"{name} row of {w.shape[1]} bytes does not hold {x.shape[1]} elements")
     if out.shape != (x.shape[0], w.shape[0]) or out.dtype != np.float32:
-        raise ValueError(f"{name} output must be float32 {(x.shape[0], w.shape[0])}, got {out.dtype} {out.shape}")
+        raise ValueError(f"{name} output must be float32 {(x.shape[0], w.shape[0])}, "
+                         f"got {out.dtype} {out.shape}")
 
 
 def _check_dequantize(name: str, w: np.ndarray, out: np.ndarray, type_size: int) -> None:

@@ -42,14 +42,16 @@ from pipx_llama.engine.kernels.legacy import quantize_q8_1
 from pipx_llama.engine.kernels.runtime import done, take, wait_stage
 
 # int64 model switches (``hp``)
-HP_DIM, HP_LAYERS, HP_HEADS, HP_KV_HEADS, HP_HEAD_DIM, HP_FFN, HP_VOCAB, HP_NEOX, HP_ACT, HP_OUT_NORM = range(10)
+(HP_DIM, HP_LAYERS, HP_HEADS, HP_KV_HEADS, HP_HEAD_DIM, HP_FFN, HP_VOCAB, HP_NEOX, HP_ACT,
+ HP_OUT_NORM) = range(10)
 HP_SIZE = 10
 # float32 model numbers (``fp``)
 FP_EPS, FP_Q_SCALE, FP_KQ_SCALE, FP_SOFTCAP = range(4)
 FP_SIZE = 4
 # per-evaluation slots (int64 ``par``)
 # (PAR_KV_STRIDE_*: elements between two sequences' slots in kc/vc, for a batch of several sequences)
-PAR_T, PAR_POS0, PAR_LOGIT_ROW0, PAR_LOGIT_ROWS, PAR_THREADS, PAR_STAGES, PAR_KV_STRIDE_K, PAR_KV_STRIDE_V = range(8)
+(PAR_T, PAR_POS0, PAR_LOGIT_ROW0, PAR_LOGIT_ROWS, PAR_THREADS, PAR_STAGES, PAR_KV_STRIDE_K,
+ PAR_KV_STRIDE_V) = range(8)
 PAR_SIZE = 8
 # weight descriptor columns (int64 ``wdesc`` [n_weights, 4])
 WD_KIND, WD_ROWS, WD_COLS, WD_OFFSET = range(4)
@@ -74,11 +76,11 @@ ITEM_BYTES = 1 << 16  # weight bytes per matmul item for one token (measured: la
 # Everything run_eval reads, in one argument. Shapes: hp int64 [HP_SIZE]; fp f32 [FP_SIZE]; par int64
 # [PAR_SIZE]; stages int64 [n, 2]; arenas = (packed weights, mapped file) uint8; wdesc int64 [7L+1, 4];
 # need int64 [4L+1]; ldesc int64 [L, LD_SIZE]; vecs f32 [*] (norms, biases); cos, sin f32 [tables, n_ctx,
-# n_rot/2]; kc, vc uint16 [*] (F16 bits) or uint8 [*] (q8_0 blocks), layers at ldesc's rows; x, xb, proj f32 [B, dim]; q, att f32
-# [B, H*D]; k, v f32 [B, KVH*D]; gate, up, hidden f32 [B, ffn]; logits f32 [B, vocab]; a8f, akf: the
-# activation buffers (Q8_1, Q8_K); scratch f32 [threads, n_ctx + 2D]; res_all f32 [threads, 4, LANES];
-# f16_table, gelu_table: ops' F16 tables; tpos, tslot int64 [B]: each token's position and KV slot (a batch
-# may hold tokens of several sequences, slot s at s * PAR_KV_STRIDE_* in kc/vc; one sequence: slot 0).
+# n_rot/2]; kc, vc uint16 [*] (F16 bits) or uint8 [*] (q8_0 blocks), layers at ldesc's rows; x, xb, proj f32
+# [B, dim]; q, att f32 [B, H*D]; k, v f32 [B, KVH*D]; gate, up, hidden f32 [B, ffn]; logits f32 [B, vocab];
+# a8f, akf: the activation buffers (Q8_1, Q8_K); scratch f32 [threads, n_ctx + 2D]; res_all f32 [threads, 4,
+# LANES]; f16_table, gelu_table: ops' F16 tables; tpos, tslot int64 [B]: each token's position and KV slot (a
+# batch may hold tokens of several sequences, slot s at s * PAR_KV_STRIDE_* in kc/vc; one sequence: slot 0).
 Bundle = namedtuple("Bundle", [
     "hp", "fp", "par", "stages", "arenas", "wdesc", "need", "ldesc", "vecs", "cos", "sin", "kc", "vc",
     "x", "xb", "q", "k", "v", "att", "proj", "gate", "up", "hidden", "logits", "a8f", "akf", "scratch",
@@ -88,7 +90,8 @@ Bundle = namedtuple("Bundle", [
 
 def stage_table(n_layers: int) -> np.ndarray:
     """(operation, layer) of every stage: the layers' stages, then the two of the logits."""
-    rows = [(op, li) for li in range(n_layers) for op in LAYER_OPS] + [(OP_OUT_IN, n_layers), (OP_LOGITS, n_layers)]
+    rows = [(op, li) for li in range(n_layers) for op in LAYER_OPS] + [(OP_OUT_IN, n_layers),
+                                                                       (OP_LOGITS, n_layers)]
     return np.array(rows, np.int64)
 
 
@@ -272,8 +275,8 @@ def run_item(op, li, i, tid, T, threads, b):
             p = b.tpos[t]
             kcl = _kv_layer(b.kc, b, li, b.tslot[t] * b.par[PAR_KV_STRIDE_K])
             vcl = _kv_layer(b.vc, b, li, b.tslot[t] * b.par[PAR_KV_STRIDE_V])
-            attention._attend(q3[t, h], kcl, vcl, h // (H // KVH), attention.window_start(p, window), p + 1, fp[FP_Q_SCALE],
-                        fp[FP_KQ_SCALE], fp[FP_SOFTCAP], b.scratch[tid], att3[t, h])
+            attention._attend(q3[t, h], kcl, vcl, h // (H // KVH), attention.window_start(p, window), p + 1,
+                              fp[FP_Q_SCALE], fp[FP_KQ_SCALE], fp[FP_SOFTCAP], b.scratch[tid], att3[t, h])
     elif op == OP_QUANT_ATT:
         _quantize_rows(b.att, t0, t1, qdim, b.a8f, b.akf, T, b.need[4 * li + IN_O], b.f16_table)
     elif op == OP_WO:

@@ -544,7 +544,8 @@ class _KQuantKernel:
     def _n(self, w: np.ndarray) -> int:
         if w.ndim != 2 or w.dtype != np.uint8 or w.shape[1] % self.block_bytes:
             raise ValueError(
-                f"{self.qtype.name} weights must be uint8 [rows, k*{self.block_bytes}], got {w.dtype} {w.shape}"
+                f"{self.qtype.name} weights must be uint8 [rows, k*{self.block_bytes}], "
+                f"got {w.dtype} {w.shape}"
             )
         return w.shape[1] // self.block_bytes * QK_K
 

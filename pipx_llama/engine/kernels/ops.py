@@ -1,4 +1,5 @@
-"""Non-matmul kernels of the forward pass except attention (:mod:`.attention`), each with a numpy reference twin (suffix ``_ref``).
+"""Non-matmul kernels of the forward pass except attention (:mod:`.attention`), each with a numpy
+reference twin (suffix ``_ref``).
 
 Kernels write into preallocated outputs (or work in place) and follow llama.cpp's CPU backend
 (ggml-cpu ``ops.cpp``/``vec.cpp``) closely enough that our logits track llama.cpp's:

@@ -65,18 +65,18 @@ PLAIN_KINDS = (KIND_P_Q4_0, KIND_P_Q4_1, KIND_P_Q8_0, KIND_P_Q4_K, KIND_P_Q6_K, 
 _GGML = {KIND_Q4_0: (32, 18, 2), KIND_Q4_1: (32, 20, 4), KIND_Q8_0: (32, 34, 2), KIND_Q4_K: (256, 144, 0),
          KIND_Q6_K: (256, 210, 0), KIND_Q5_0: (32, 22, 6), KIND_Q5_1: (32, 24, 8), KIND_Q5_K: (256, 176, 0)}
 _GGML.update({KIND_P_Q4_0 + i: _GGML[KIND_Q4_0 + i] for i in range(8)})
-KIND_OF_QTYPE = {Q.Q4_0: KIND_Q4_0, Q.Q4_1: KIND_Q4_1, Q.Q8_0: KIND_Q8_0, Q.Q4_K: KIND_Q4_K, Q.Q6_K: KIND_Q6_K,
-                 Q.Q5_0: KIND_Q5_0, Q.Q5_1: KIND_Q5_1, Q.Q5_K: KIND_Q5_K}
+KIND_OF_QTYPE = {Q.Q4_0: KIND_Q4_0, Q.Q4_1: KIND_Q4_1, Q.Q8_0: KIND_Q8_0, Q.Q4_K: KIND_Q4_K,
+                 Q.Q6_K: KIND_Q6_K, Q.Q5_0: KIND_Q5_0, Q.Q5_1: KIND_Q5_1, Q.Q5_K: KIND_Q5_K}
 PLAIN_OF_QTYPE = {q: k + KIND_P_Q4_0 - KIND_Q4_0 for q, k in KIND_OF_QTYPE.items()}
-RECORD_BYTES = {KIND_Q4_0: 288, KIND_Q4_1: 320, KIND_Q8_0: 544, KIND_Q4_K: 2368, KIND_Q6_K: 3360, KIND_Q5_0: 352,
-                KIND_Q5_1: 384, KIND_Q5_K: 2880}
+RECORD_BYTES = {KIND_Q4_0: 288, KIND_Q4_1: 320, KIND_Q8_0: 544, KIND_Q4_K: 2368, KIND_Q6_K: 3360,
+                KIND_Q5_0: 352, KIND_Q5_1: 384, KIND_Q5_K: 2880}
 BLOCK_ELEMENTS = {k: v[0] for k, v in _GGML.items()}
 
 # activations each kind multiplies with (bit flags): Q8_0/Q8_1 blocks of 32, or Q8_K super-blocks
 ACT_Q8 = 1
 ACT_Q8K = 2
-_ACT_OF_QTYPE = {Q.Q4_0: ACT_Q8, Q.Q4_1: ACT_Q8, Q.Q8_0: ACT_Q8, Q.Q4_K: ACT_Q8K, Q.Q6_K: ACT_Q8K, Q.Q5_0: ACT_Q8,
-                 Q.Q5_1: ACT_Q8, Q.Q5_K: ACT_Q8K}
+_ACT_OF_QTYPE = {Q.Q4_0: ACT_Q8, Q.Q4_1: ACT_Q8, Q.Q8_0: ACT_Q8, Q.Q4_K: ACT_Q8K, Q.Q6_K: ACT_Q8K,
+                 Q.Q5_0: ACT_Q8, Q.Q5_1: ACT_Q8, Q.Q5_K: ACT_Q8K}
 ACTIVATIONS = {k: _ACT_OF_QTYPE[q] for q, k in KIND_OF_QTYPE.items()}
 ACTIVATIONS.update({k: _ACT_OF_QTYPE[q] for q, k in PLAIN_OF_QTYPE.items()})
 
@@ -113,7 +113,8 @@ def _u16(w, row, i):
 
 @njit(inline="always")
 def _reorder_qh(h):
-    """Q5 fifth bits (bit j: element j) as the kernels read them: bit 8i+k = element 4k+i, 8i+4+k = 16+4k+i."""
+    """Q5 fifth bits (bit j: element j) as the kernels read them: bit 8i+k = element 4k+i,
+    8i+4+k = 16+4k+i."""
     out = np.uint32(0)
     one = np.uint32(1)
     for k in range(4):
@@ -167,7 +168,8 @@ def _copy_steps(w, row, src, n_steps, out32, o, r):
 
 @njit(cache=True, nogil=True)
 def _repack_q45_K(w: np.ndarray, out: np.ndarray, high_bits: bool) -> None:
-    """Q4_K rows, or Q5_K ones (``high_bits``: their fifth bits go after the quants, the rest 512 bytes on)."""
+    """Q4_K rows, or Q5_K ones (``high_bits``: their fifth bits go after the quants, the rest 512 bytes
+    on)."""
     rows = w.shape[0]
     bb = 176 if high_bits else 144
     nb = w.shape[1] // bb
@@ -531,13 +533,17 @@ def matmul_range(kind, arenas, off, rows, cols, g0, g1, t0, t1, a8, ak, out, res
 _A8 = "a8[0], a8[1], a8[2], a8[3]"
 _AK = "ak[0], ak[1], ak[2], ak[3]"
 _CALLS = {  # kind -> (loop, blocks per row, activations)
-    KIND_Q4_0: ("range_q4_0", 32, _A8), KIND_Q4_1: ("range_q4_1", 32, _A8), KIND_Q8_0: ("range_q8_0", 32, _A8),
+    KIND_Q4_0: ("range_q4_0", 32, _A8), KIND_Q4_1: ("range_q4_1", 32, _A8),
+    KIND_Q8_0: ("range_q8_0", 32, _A8),
     KIND_Q4_K: ("range_q4_K", 256, _AK), KIND_Q6_K: ("range_q6_K", 256, _AK),
-    KIND_Q5_0: ("range_q5_0", 32, _A8), KIND_Q5_1: ("range_q5_1", 32, _A8), KIND_Q5_K: ("range_q5_K", 256, _AK),
+    KIND_Q5_0: ("range_q5_0", 32, _A8), KIND_Q5_1: ("range_q5_1", 32, _A8),
+    KIND_Q5_K: ("range_q5_K", 256, _AK),
     KIND_P_Q5_0: ("range_p_q5_0", 32, "a8[0], a8[1]"), KIND_P_Q5_1: ("range_p_q5_1", 32, _A8),
-    KIND_P_Q5_K: ("range_p_q5_K", 256, "ak[0], ak[1], ak[3]"), KIND_P_Q4_0: ("range_p_q4_0", 32, "a8[0], a8[1]"),
+    KIND_P_Q5_K: ("range_p_q5_K", 256, "ak[0], ak[1], ak[3]"),
+    KIND_P_Q4_0: ("range_p_q4_0", 32, "a8[0], a8[1]"),
     KIND_P_Q4_1: ("range_p_q4_1", 32, _A8), KIND_P_Q8_0: ("range_p_q8_0", 32, "a8[0], a8[1]"),
-    KIND_P_Q4_K: ("range_p_q4_K", 256, "ak[0], ak[1], ak[3]"), KIND_P_Q6_K: ("range_p_q6_K", 256, "ak[0], ak[1], ak[2]"),
+    KIND_P_Q4_K: ("range_p_q4_K", 256, "ak[0], ak[1], ak[3]"),
+    KIND_P_Q6_K: ("range_p_q6_K", 256, "ak[0], ak[1], ak[2]"),
 }
 _ARGS = "kset, kind, arenas, off, rows, cols, g0, g1, t0, t1, a8, ak, out, res"
 
@@ -559,7 +565,8 @@ def _dispatch_for(kset, kind, arenas, off, rows, cols, g0, g1, t0, t1, a8, ak, o
         arena = 0 if k < KIND_P_Q4_0 else 1
         tail = ", res" if k < KIND_P_Q4_0 else ""
         lines += [f"    if kind == {k}:",
-                  f"        {loop}(arenas[{arena}], off, cols // {block}, rows, g0, g1, t0, t1, {acts}, out{tail})",
+                  f"        {loop}(arenas[{arena}], off, cols // {block}, rows, g0, g1, t0, t1, {acts}, "
+                  f"out{tail})",
                   "        return"]
     lines.append("    return")
     scope = dict(globals())
@@ -579,7 +586,8 @@ class PackedMatrix:
         self.kind = (PLAIN_OF_QTYPE if plain else KIND_OF_QTYPE)[qtype]
         elements, block_bytes, _ = _GGML[self.kind]
         if w.ndim != 2 or w.dtype != np.uint8 or w.shape[1] % block_bytes:
-            raise ValueError(f"{qtype.name} weights must be uint8 [rows, k*{block_bytes}], got {w.dtype} {w.shape}")
+            raise ValueError(f"{qtype.name} weights must be uint8 [rows, k*{block_bytes}], "
+                             f"got {w.dtype} {w.shape}")
         self.rows = w.shape[0]
         self.cols = w.shape[1] // block_bytes * elements
         arena = np.empty(packed_bytes(self.kind, self.rows, self.cols), np.uint8)
@@ -587,7 +595,8 @@ class PackedMatrix:
         arena.flags.writeable = False
         self.arena = arena
         # plain kinds are read in place: here from a copy of the rows standing for the mapped file
-        self.mapped = np.ascontiguousarray(w).reshape(-1).copy() if self.kind in PLAIN_KINDS else np.empty(0, np.uint8)
+        self.mapped = (np.ascontiguousarray(w).reshape(-1).copy() if self.kind in PLAIN_KINDS
+                       else np.empty(0, np.uint8))
         self.mapped.flags.writeable = False
 
     def matmul(self, x: np.ndarray, out: np.ndarray) -> None:
@@ -598,7 +607,8 @@ class PackedMatrix:
 
         T, n = x.shape
         if n != self.cols or out.shape != (T, self.rows):
-            raise ValueError(f"shapes disagree: weights {self.rows}x{self.cols}, x {x.shape}, out {out.shape}")
+            raise ValueError(f"shapes disagree: weights {self.rows}x{self.cols}, x {x.shape}, "
+                             f"out {out.shape}")
         x = np.ascontiguousarray(x, dtype=np.float32)
         nb = n // 32
         a8 = (np.zeros((T, n), np.int8), np.zeros((T, nb), np.float32), np.zeros((T, nb), np.float32),
@@ -615,6 +625,6 @@ class PackedMatrix:
             ksums(bsums, ak[2], ak[3], 0, T)
         dst = np.empty((T, self.rows), np.float32)
         res = np.empty((4, LANES), np.float32)
-        matmul_range(self.kind, (self.arena, self.mapped, KindSet((self.kind,))), 0, self.rows, self.cols, 0, (self.rows + LANES - 1) // LANES, 0, T,
-                     a8, ak, dst, res)
+        matmul_range(self.kind, (self.arena, self.mapped, KindSet((self.kind,))), 0, self.rows, self.cols, 0,
+                     (self.rows + LANES - 1) // LANES, 0, T, a8, ak, dst, res)
         out[...] = dst

@@ -122,7 +122,8 @@ def monotonic_ns(typingctx):
     def codegen(context, builder, sig, args):
         ts_ty = ir.LiteralStructType([_I64, _I64])
         fn = cgutils.get_or_insert_function(builder.module,
-                                            ir.FunctionType(_I32, [_I32, ts_ty.as_pointer()]), "clock_gettime")
+                                            ir.FunctionType(_I32, [_I32, ts_ty.as_pointer()]),
+                                            "clock_gettime")
         ts = cgutils.alloca_once(builder, ts_ty)
         builder.call(fn, [_I32(1), ts])
         sec = builder.load(builder.gep(ts, [_I32(0), _I32(0)]))

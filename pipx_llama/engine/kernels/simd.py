@@ -104,11 +104,13 @@ class _Emit:
 
     def splat_i32(self, v: ir.Value) -> ir.Value:
         vec = self.b.insert_element(ir.Constant(self.vi32, ir.Undefined), v, _I32(0))
-        return self.b.shuffle_vector(vec, ir.Constant(self.vi32, ir.Undefined), ir.Constant(self.vi32, [0] * self.width))
+        return self.b.shuffle_vector(vec, ir.Constant(self.vi32, ir.Undefined),
+                                     ir.Constant(self.vi32, [0] * self.width))
 
     def splat_f32(self, v: ir.Value) -> ir.Value:
         vec = self.b.insert_element(ir.Constant(self.vf32, ir.Undefined), v, _I32(0))
-        return self.b.shuffle_vector(vec, ir.Constant(self.vf32, ir.Undefined), ir.Constant(self.vi32, [0] * self.width))
+        return self.b.shuffle_vector(vec, ir.Constant(self.vf32, ir.Undefined),
+                                     ir.Constant(self.vi32, [0] * self.width))
 
     def const_i32(self, c: int) -> ir.Value:
         return ir.Constant(self.vi32, [c] * self.width)
@@ -150,7 +152,8 @@ class _Emit:
         if self.tier != "avx2":
             return self.dpbusd(acc, a, x)
         maddubs = self.fn("llvm.x86.avx2.pmadd.ub.sw", self.vi16, [self.vi8, self.vi8])
-        return self.b.add(acc, self.b.call(maddubs, [self.b.bitcast(a, self.vi8), self.b.bitcast(x, self.vi8)]))
+        return self.b.add(acc,
+                          self.b.call(maddubs, [self.b.bitcast(a, self.vi8), self.b.bitcast(x, self.vi8)]))
 
     def acc_sum(self, acc: ir.Value) -> ir.Value:
         """The chunk's int32 sums per lane."""
@@ -239,8 +242,8 @@ def _row_stride(context, builder, aryty, ary) -> ir.Value:
 
 LEGACY_RECORD = {"q4_0": 288, "q4_1": 320, "q8_0": 544, "q5_0": 352, "q5_1": 384}
 # byte offsets in a record: (fifth bits or -1, d, m or -1)
-LEGACY_OFFSETS = {"q4_0": (-1, 256, -1), "q4_1": (-1, 256, 288), "q8_0": (-1, 512, -1), "q5_0": (256, 320, -1),
-                  "q5_1": (256, 320, 352)}
+LEGACY_OFFSETS = {"q4_0": (-1, 256, -1), "q4_1": (-1, 256, 288), "q8_0": (-1, 512, -1),
+                  "q5_0": (256, 320, -1), "q5_1": (256, 320, 352)}
 
 
 def _legacy_codegen(kind: str, nt: int, tier: str):
@@ -435,7 +438,8 @@ def _kquant_codegen(kind: str, nt: int, tier: str):
                 chunk = 4 if (extra and tier == "avx2") else 8
                 for pair in range(4):
                     scs = [(bytes_i32(rb, extra + 2048 + (2 * pair) * 16, p, False),
-                            bytes_i32(rb, extra + 2048 + (2 * pair + 1) * 16, p, False)) for p in range(e.parts)]
+                            bytes_i32(rb, extra + 2048 + (2 * pair + 1) * 16, p, False))
+                           for p in range(e.parts)]
                     for c0 in range(0, 8, chunk):
                         alo = [[e.acc_zero() for _ in range(e.parts)] for _ in range(nt)]
                         ahi = [[e.acc_zero() for _ in range(e.parts)] for _ in range(nt)]
@@ -451,7 +455,8 @@ def _kquant_codegen(kind: str, nt: int, tier: str):
                                     hi = b.or_(hi, b.and_(_shift(b, qh, 3 - 2 * pair, e), m10))
                                 for t in range(nt):
                                     alo[t][p] = e.acc_add(alo[t][p], lo, xq_splat(t, xo, 64 * pair + 4 * kk))
-                                    ahi[t][p] = e.acc_add(ahi[t][p], hi, xq_splat(t, xo, 64 * pair + 32 + 4 * kk))
+                                    ahi[t][p] = e.acc_add(ahi[t][p], hi,
+                                                          xq_splat(t, xo, 64 * pair + 32 + 4 * kk))
                         for p in range(e.parts):
                             sc_lo, sc_hi = scs[p]
                             for t in range(nt):
@@ -494,7 +499,8 @@ def _kquant_codegen(kind: str, nt: int, tier: str):
                                     po = _I64(p * 4 * W)
                                     ql_step = 16 * h + kk + (8 if qi in (1, 3) else 0)
                                     ql = e.load(wbase, b.add(rb, b.add(_I64(ql_step * 64), po)), e.vi32)
-                                    qh = e.load(wbase, b.add(rb, b.add(_I64(2048 + (8 * h + kk) * 64), po)), e.vi32)
+                                    qh = e.load(wbase, b.add(rb, b.add(_I64(2048 + (8 * h + kk) * 64), po)),
+                                                e.vi32)
                                     if qi in (2, 3):
                                         ql = b.lshr(ql, e.const_i32(4))
                                     if qi == 0:
@@ -507,7 +513,8 @@ def _kquant_codegen(kind: str, nt: int, tier: str):
                                         hb = b.lshr(qh, e.const_i32(2))
                                     q = b.or_(b.and_(ql, m0f), b.and_(hb, m30))
                                     for t in range(nt):
-                                        a[t][p] = e.acc_add(a[t][p], q, xq_splat(t, xo, 128 * h + 4 * kk + 32 * qi))
+                                        a[t][p] = e.acc_add(a[t][p], q,
+                                                            xq_splat(t, xo, 128 * h + 4 * kk + 32 * qi))
                             for p in range(e.parts):
                                 sc = bytes_i32(rb, 3072 + (8 * h + 2 * qi + g) * 16, p, True)
                                 for t in range(nt):
