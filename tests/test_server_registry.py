@@ -60,8 +60,19 @@ def _texts(tok: Tokenizer, longest: list[int]) -> st.SearchStrategy[str]:
 
 def test_the_bound_is_found(vocab: Vocab) -> None:
     tok = vocab.tokenizer
-    assert vocab.bound.max_bytes == max(4, len(tok.token_to_piece(vocab.longest, special=True)))
+    pieces = [tok.token_to_piece(i, special=True) for i in range(tok.n_vocab)]
+    # a piece's space may be a literal "▁" (3 bytes) of the prompt: see the next test
+    assert vocab.bound.max_bytes == max(4, *(len(p) + 2 * p.count(b" ") for p in pieces))
+    assert vocab.bound.max_bytes >= len(tok.token_to_piece(vocab.longest, special=True))
     assert vocab.bound.min_tokens("") == 0 and vocab.bound.min_tokens("a") == 1
+
+
+def test_literal_sentencepiece_markers_stay_above_the_bound(vocab: Vocab) -> None:
+    """SentencePiece encodes a prompt's literal "▁" (U+2581, 3 bytes) into its space pieces: 19 of them
+    are 57 bytes but 2 tokens with LLaMA's vocabulary, which a bound of 27 bytes per token refused."""
+    for n in (1, 2, 16, 19, 64):
+        text = "\u2581" * n
+        assert vocab.bound.min_tokens(text) <= len(vocab.tokenizer.encode(text, add_special=False)), n
 
 
 @settings(max_examples=300, deadline=None, database=None, derandomize=True,

@@ -65,8 +65,14 @@ class PieceBound:
         return -(-n // self.max_bytes)
 
 
+def _text_bytes(piece: bytes) -> int:
+    # a SentencePiece piece's spaces are its "▁" markers, and a prompt holding a literal "▁" (U+2581,
+    # 3 bytes) is encoded into the same piece: each space may stand for 3 bytes of the prompt
+    return len(piece) + 2 * piece.count(b" ")
+
+
 def piece_bound(tokenizer: Tokenizer) -> PieceBound:
-    longest = max(len(tokenizer.token_to_piece(i, special=True)) for i in range(tokenizer.n_vocab))
+    longest = max(_text_bytes(tokenizer.token_to_piece(i, special=True)) for i in range(tokenizer.n_vocab))
     strips = any(tokenizer.token_attr(i) & (ATTR_LSTRIP | ATTR_RSTRIP) for i in range(tokenizer.n_vocab))
     # at least one UTF-8 character: an unknown character becomes one <unk> token
     return PieceBound(max(longest, 4), strips)
