@@ -335,7 +335,11 @@ def test_sigkill_mid_blob_then_pull_again_resumes(registry, tmp_path):
         proc.wait(10)
         kept = (partial_progress(part) or (0, None))[0]
         assert 0 < kept < len(data)
-        before = gate.blob_bytes[layer.digest]
+        # the gate may still be pushing a chunk into the killed pull's closing socket: count once it is still
+        before = -1
+        while before != gate.blob_bytes[layer.digest]:
+            before = gate.blob_bytes[layer.digest]
+            time.sleep(0.5)
         done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
         assert done.returncode == 0, done.stderr
         assert gate.blob_bytes[layer.digest] - before == len(data) - kept   # only the rest was fetched
