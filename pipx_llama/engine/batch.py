@@ -29,10 +29,10 @@ from dataclasses import dataclass
 import numba
 import numpy as np
 
-from pipx_llama.engine.arch import ACT_GELU, ROPE_NEOX
+from pipx_llama.engine.arch import ROPE_NEOX
 from pipx_llama.engine.kernels import attention, ops
 from pipx_llama.engine.kernels import fused as fused_kernels
-from pipx_llama.engine.model import _FUSED_PLAIN_MAX_T, Context, Model
+from pipx_llama.engine.model import _FUSED_PLAIN_MAX_T, Context, Model, layer_tail
 from pipx_llama.errors import ContextFullError, UsageError
 
 
@@ -153,21 +153,7 @@ class BatchEval:
                 ctx = part.context
                 self._attend(ctx, li, layer.window, rope, table, q_heads[a:b], k_heads[a:b], v_heads[a:b],
                              att_heads[a:b])
-            layer.wo.matmul(att, proj)
-            if layer.attn_post_norm is not None:
-                ops.rmsnorm(proj, layer.attn_post_norm, hp.norm_eps, proj)
-            ops.add_inplace(x, proj)
-            ops.rmsnorm(x, layer.ffn_norm, hp.norm_eps, xb)
-            layer.w_gate.matmul(xb, gate)
-            layer.w_up.matmul(xb, up)
-            if act == ACT_GELU:
-                ops.geglu(gate, up, ops.GELU_F16_TABLE, hidden)
-            else:
-                ops.swiglu(gate, up, hidden)
-            layer.w_down.matmul(hidden, proj)
-            if layer.ffn_post_norm is not None:
-                ops.rmsnorm(proj, layer.ffn_post_norm, hp.norm_eps, proj)
-            ops.add_inplace(x, proj)
+            layer_tail(layer, hp, act, x, att, xb, gate, up, hidden, proj)
 
         for part, (a, b) in zip(parts, spans):
             part.context.n_past += b - a

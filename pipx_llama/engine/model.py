@@ -656,22 +656,7 @@ class Context:
             attention.attention(q_heads, kc, vc, pos0, att.reshape(T, hp.n_heads, hp.head_dim),
                                 window=layer.window, q_scale=hp.q_scale, kq_scale=self.kq_scale,
                                 softcap=hp.attn_softcap)
-            layer.wo.matmul(att, proj)
-            if layer.attn_post_norm is not None:
-                ops.rmsnorm(proj, layer.attn_post_norm, hp.norm_eps, proj)
-            ops.add_inplace(x, proj)
-            # feed-forward: x += post(W_down · (act(W_gate·norm(x)) * W_up·norm(x)))
-            ops.rmsnorm(x, layer.ffn_norm, hp.norm_eps, xb)
-            layer.w_gate.matmul(xb, gate)
-            layer.w_up.matmul(xb, up)
-            if act == ACT_GELU:
-                ops.geglu(gate, up, ops.GELU_F16_TABLE, hidden)
-            else:
-                ops.swiglu(gate, up, hidden)
-            layer.w_down.matmul(hidden, proj)
-            if layer.ffn_post_norm is not None:
-                ops.rmsnorm(proj, layer.ffn_post_norm, hp.norm_eps, proj)
-            ops.add_inplace(x, proj)
+            layer_tail(layer, hp, act, x, att, xb, gate, up, hidden, proj)
 
         self.n_past += T
         self.tokens.extend(int(t) for t in ids)
@@ -685,3 +670,24 @@ class Context:
 
 __all__ = ["DEFAULT_BATCH", "DEFAULT_CTX", "Context", "HyperParams", "Layer", "Model", "Weight",
            "default_threads", "load_model"]
+
+
+def layer_tail(layer: Layer, hp: HyperParams, act: int, x: np.ndarray, att: np.ndarray, xb: np.ndarray,
+               gate: np.ndarray, up: np.ndarray, hidden: np.ndarray, proj: np.ndarray) -> None:
+    """A layer after attention, on the per-op path (one context, or a batch of several):
+    x += post(Wo · att); then the feed-forward x += post(W_down · (act(W_gate·norm(x)) * W_up·norm(x)))."""
+    layer.wo.matmul(att, proj)
+    if layer.attn_post_norm is not None:
+        ops.rmsnorm(proj, layer.attn_post_norm, hp.norm_eps, proj)
+    ops.add_inplace(x, proj)
+    ops.rmsnorm(x, layer.ffn_norm, hp.norm_eps, xb)
+    layer.w_gate.matmul(xb, gate)
+    layer.w_up.matmul(xb, up)
+    if act == ACT_GELU:
+        ops.geglu(gate, up, ops.GELU_F16_TABLE, hidden)
+    else:
+        ops.swiglu(gate, up, hidden)
+    layer.w_down.matmul(hidden, proj)
+    if layer.ffn_post_norm is not None:
+        ops.rmsnorm(proj, layer.ffn_post_norm, hp.norm_eps, proj)
+    ops.add_inplace(x, proj)
