@@ -90,3 +90,15 @@ def test_seed_makes_sampling_reproducible_and_distribution_right():
 def test_invalid_settings_are_refused(field, value):
     with pytest.raises(UsageError):
         Sampler(SamplerConfig(**{field: value}))
+
+
+def test_logit_bias_is_added_before_the_penalties():
+    logits = np.array([1.0, 3.0, 2.0], np.float32)
+    cfg = SamplerConfig(temperature=0.0, logit_bias=((1, -100.0), (0, 0.5)))
+    assert Sampler(cfg).sample(logits, []) == 2
+    assert logits.tolist() == [1.0, 3.0, 2.0]  # the caller's array is left alone
+    # the penalty divides the biased logit, as llama.cpp's chain (logit bias first) does
+    cfg = SamplerConfig(temperature=0.0, repeat_penalty=2.0, logit_bias=((0, 4.0),))
+    assert Sampler(cfg).sample(logits, [0]) == 1  # (1 + 4) / 2 = 2.5 < 3
+    with pytest.raises(UsageError):
+        Sampler(SamplerConfig(logit_bias=((0, float("nan")),)))

@@ -10,6 +10,7 @@ matched by the ``X-Request-Id`` header) shows what happened to each generation.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -199,6 +200,30 @@ def test_stop_and_seed(client: openai.OpenAI, model_name: str, reference: dict) 
     assert a.choices[0].text == b.choices[0].text
 
 
+def test_logit_bias_bans_and_forces_tokens(http: httpx.Client, model_name: str, smollm2_path: Path,
+                                          reference: dict) -> None:
+    from pipx_llama.engine.generate import generate
+    from pipx_llama.engine.model import load_model
+    from pipx_llama.engine.sampler import GREEDY
+
+    model = load_model(smollm2_path, threads=1)
+    ctx = model.new_context(N_CTX)
+    greedy = next(iter(generate(ctx, PROMPT, max_tokens=1, sampler=GREEDY))).token
+    zebra = model.tokenizer.encode(" zebra")[0]
+
+    def answer(bias: dict[int, float]) -> str:
+        body = {"model": model_name, "prompt": PROMPT, "max_tokens": N, "temperature": 0,
+                "logit_bias": {str(k): v for k, v in bias.items()}}
+        r = http.post("/v1/completions", json=body)
+        assert r.status_code == 200, r.text
+        return r.json()["choices"][0]["text"]
+
+    banned = dataclasses.replace(GREEDY, logit_bias=((greedy, -100.0),))
+    expected = "".join(p.text for p in generate(ctx, PROMPT, max_tokens=N, sampler=banned))
+    assert answer({greedy: -100}) == expected != reference["completion"]
+    assert answer({zebra: 100}) == model.tokenizer.token_to_piece(zebra).decode() * N
+
+
 # -- raw HTTP: framing -----------------------------------------------------------------------------------
 
 
@@ -298,6 +323,7 @@ def test_bad_requests(http: httpx.Client, model_name: str) -> None:
         assert (r.json()["error"]["param"] or "").startswith(field_), (field_, value, r.text)
     _error(http.post(url, json={**ok, "messages": [{"role": "user", "content": [{"type": "image_url"}]}]}),
            400, code="unsupported_parameter")
+    _error(http.post(url, json={**ok, "logit_bias": {"49152": -100}}), 400, param="logit_bias")
     _error(http.post("/v1/completions", json={"model": model_name, "prompt": 42}), 400, param="prompt")
     _error(http.post("/v1/completions", json={"model": model_name, "prompt": [10 ** 9]}), 400, param="prompt")
 

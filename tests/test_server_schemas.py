@@ -60,7 +60,9 @@ def test_chat_messages() -> None:
     ("temperature", -1), ("temperature", float("inf")), ("temperature", True), ("top_p", 2),
     ("max_tokens", -5),
     ("max_tokens", "9"), ("stop", ["a"] * 17), ("stop", [1]), ("seed", 1.5), ("n", 3), ("best_of", 2),
-    ("logit_bias", {"1": 5}), ("logprobs", True), ("top_logprobs", 2), ("tools", [{"type": "function"}]),
+    ("logit_bias", {"x": 5}), ("logit_bias", {"1": 101}), ("logit_bias", {"1": "5"}), ("logit_bias", [1]),
+    ("logit_bias", {"-1": 5}), ("logit_bias", {str(i): 1 for i in range(1025)}), ("logprobs", True),
+    ("top_logprobs", 2), ("tools", [{"type": "function"}]),
     ("response_format", {"type": "xml"}),
     ("response_format", {"type": "json_schema", "json_schema": {"schema": 5}}),
     ("tool_choice", "required"), ("tool_choice", {"type": "function", "function": {"name": "nope"}}),
@@ -70,6 +72,14 @@ def test_chat_messages() -> None:
 def test_chat_rejects(field: str, value: object) -> None:
     err = _fails(schemas.parse_chat, {"messages": MSG, field: value})
     assert err.param.startswith(field)
+
+
+def test_logit_bias_becomes_sorted_pairs() -> None:
+    r = schemas.parse_chat({"messages": MSG, "logit_bias": {"17": -100, "2": 3.5}})
+    assert r.sampler(SamplerConfig()).logit_bias == ((2, 3.5), (17, -100.0))
+    assert "logit_bias" not in schemas.parse_chat({"messages": MSG, "logit_bias": {}}).sampling
+    r = schemas.parse_completion({"prompt": "x", "logit_bias": {"0": 0}})
+    assert r.sampling["logit_bias"] == ((0, 0.0),)
 
 
 def test_completion_prompts() -> None:

@@ -1,4 +1,5 @@
-"""Token samplers, in llama.cpp's default order: repeat penalty, top-k, top-p, min-p, temperature, draw.
+"""Token samplers, in llama.cpp's default order: logit bias, repeat penalty, top-k, top-p, min-p,
+temperature, draw.
 
 ``temperature <= 0`` is greedy (argmax after the penalties), as llama.cpp's ``--temp 0``.
 A seeded ``numpy.random.Generator`` makes sampled runs reproducible.
@@ -6,6 +7,7 @@ A seeded ``numpy.random.Generator`` makes sampled runs reproducible.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -25,6 +27,7 @@ class SamplerConfig:
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     seed: int | None = None
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added to its logit), OpenAI's logit_bias
 
     def validate(self) -> None:
         checks = [
@@ -39,6 +42,8 @@ class SamplerConfig:
             (-2.0 <= self.frequency_penalty <= 2.0,
              f"frequency penalty must be in [-2, 2], got {self.frequency_penalty}"),
         ]
+        checks += [(id_ >= 0 and math.isfinite(bias), f"logit bias {bias} for token {id_} is not usable")
+                   for id_, bias in self.logit_bias]
         for ok, message in checks:
             if not ok:  # NaN fails every comparison, so it lands here too
                 raise UsageError(message, "see `pipx-llama run --help` for the sampling options")
@@ -57,11 +62,22 @@ class Sampler:
 
     def sample(self, logits: np.ndarray, history: Sequence[int]) -> int:
         cfg = self.config
+        logits = apply_logit_bias(logits, cfg.logit_bias)
         logits = apply_penalties(logits, history, cfg)
         if cfg.temperature <= 0:
             return int(np.argmax(logits))
         ids, probs = filter_candidates(logits, cfg)
         return int(ids[self.rng.choice(ids.size, p=probs)])
+
+
+def apply_logit_bias(logits: np.ndarray, bias: tuple[tuple[int, float], ...]) -> np.ndarray:
+    """Adds each bias to its token's logit (as llama.cpp's logit-bias sampler); a new array when any."""
+    if not bias:
+        return logits
+    out = logits.astype(np.float32, copy=True)
+    for id_, b in bias:
+        out[id_] += b
+    return out
 
 
 def apply_penalties(logits: np.ndarray, history: Sequence[int], cfg: SamplerConfig) -> np.ndarray:

@@ -498,6 +498,7 @@ def _tokenize(loaded: LoadedModel, req: schemas.GenRequest, prompt_param: str) -
             ids = req.context + tok.encode(text, add_special=req.messages is not None or not req.context)
         if not ids:
             raise bad_request("the prompt is empty", prompt_param)
+        _check_ids(loaded, [i for i, _ in req.sampling.get("logit_bias", ())], "logit_bias")
         return _Prompt(ids, text, _constraint(tok, req, plan), plan)
     except GrammarError as err:
         raise bad_request(err.message, err.param) from None

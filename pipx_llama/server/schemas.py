@@ -2,7 +2,7 @@
 
 Requests are checked field by field into a ``GenRequest`` (what the engine needs, nothing more); a bad
 field becomes a 400 naming the field. Fields this server does not implement are refused when they
-would change the answer (``n`` > 1, ``logprobs``, ``logit_bias``) and ignored when they would not
+would change the answer (``n`` > 1, ``logprobs``) and ignored when they would not
 (``user``, ``store``, ``metadata``, unknown keys), so clients written for other servers still work.
 Structured output (``response_format``, Ollama's ``format``) becomes the JSON schema the answer is
 constrained to; ``tools`` are normalized to OpenAI's function shape, assistant tool calls carry their
@@ -31,6 +31,8 @@ from pipx_llama.server.errors import APIError, bad_request, quote, unsupported
 from pipx_llama.server.tools import ToolCall, ToolChoice
 
 MAX_STOP = 16
+MAX_LOGIT_BIAS = 1024  # entries per request; OpenAI documents no limit, this bounds the per-token cost
+LOGIT_BIAS = (-100.0, 100.0)  # OpenAI's range; -100 bans a token in practice, +100 forces it
 CHAT_ROLES = ("system", "developer", "user", "assistant", "tool", "function")
 FINGERPRINT = f"pipx-llama-{__version__}"
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's documented default for /v1/completions
@@ -184,13 +186,34 @@ def _openai_common(b: _Body) -> GenRequest:
         req.include_usage = bool(ob.boolean("include_usage"))
     b.refuse_if("n", "n other than 1 (several choices)", allowed=(1,))
     b.refuse_if("best_of", "best_of other than 1", allowed=(1,))
-    b.refuse_if("logit_bias", "logit_bias", allowed=({},))
+    bias = _logit_bias(b.body.get("logit_bias"))
+    if bias:
+        s["logit_bias"] = bias
     b.refuse_if("logprobs", "logprobs", allowed=(False, 0))
     b.refuse_if("top_logprobs", "top_logprobs", allowed=(0,))
     b.refuse_if("functions", "the deprecated functions (use tools)", allowed=([],))
     b.refuse_if("function_call", "the deprecated function_call (use tool_choice)", allowed=("none", "auto"))
     req.response_schema, req.response_param = _response_format(b.body.get("response_format"))
     return req
+
+
+def _logit_bias(value: Any) -> tuple[tuple[int, float], ...]:
+    """OpenAI's ``logit_bias``: token ids as decimal strings mapped to a number in [-100, 100].
+
+    The ids are checked against the model's vocabulary once the model is known."""
+    if value is None:
+        return ()
+    b = _Body(value, "logit_bias")
+    if len(value) > MAX_LOGIT_BIAS:
+        raise bad_request(f"'logit_bias' has {len(value)} entries; at most {MAX_LOGIT_BIAS} are allowed",
+                          "logit_bias")
+    out = []
+    for key in value:
+        if not (isinstance(key, str) and key.isascii() and key.isdigit() and len(key) <= 10):
+            raise bad_request(f"'logit_bias' keys must be token ids (decimal strings), got {quote(key)}",
+                              "logit_bias")
+        out.append((int(key), b.number(key, *LOGIT_BIAS)))
+    return tuple(sorted(out))
 
 
 def _response_format(value: Any) -> tuple[Any, str | None]:
