@@ -191,7 +191,7 @@ def test_props_reports_the_servers_sampler_defaults() -> None:
     r = _app(api_key="k").get("/props")  # open like /health: defaults are no secret
     assert r.status_code == 200
     params = r.json()["default_generation_settings"]["params"]
-    assert params == {**dataclasses.asdict(SamplerConfig()), "max_tokens": None}
+    assert params == {**dataclasses.asdict(SamplerConfig()), "logit_bias": {}, "max_tokens": None}
     custom = SamplerConfig(temperature=0.3, top_k=7, min_p=0.0, repeat_penalty=1.15, seed=1234)
     params = _app(sampling=custom).get("/props").json()["default_generation_settings"]["params"]
     assert params["temperature"] == 0.3 and params["top_k"] == 7 and params["min_p"] == 0.0

@@ -406,6 +406,7 @@ class Server:
     async def props(self, request: Request) -> Response:
         """The values a request gets for the sampler fields it leaves out (the chat page shows them)."""
         params: dict[str, Any] = dataclasses.asdict(self.settings.sampling)
+        params["logit_bias"] = {str(i): b for i, b in self.settings.sampling.logit_bias}  # OpenAI's shape
         params["max_tokens"] = None  # until the model stops or the context is full
         return JSONResponse({"default_generation_settings": {"params": params},
                              "build_info": f"pipx-llama {__version__}"})
