@@ -185,9 +185,12 @@ def _repack_q45_K(w: np.ndarray, out: np.ndarray, high_bits: bool) -> None:
             for r in range(min(LANES, rows - g * LANES)):
                 row = g * LANES + r
                 src = b * bb
-                if high_bits:
-                    _copy_steps(w, row, src + 48, 32, out32, o, r)
-                    _copy_steps(w, row, src + 16, 8, out32, o + 2048, r)
+                if high_bits:  # step kk: the four pairs' quants, then the fifth bits (simd.k5_qs/k5_qh)
+                    for k in range(32):
+                        at = (5 * (k % 8) + k // 8) * 4 * LANES
+                        out32[(o + at) // 4 + r] = _u32(w, row, src + 48 + 4 * k)
+                    for kk in range(8):
+                        out32[(o + (5 * kk + 4) * 4 * LANES) // 4 + r] = _u32(w, row, src + 16 + 4 * kk)
                 else:
                     _copy_steps(w, row, src + 16, 32, out32, o, r)
                 for j in range(8):
@@ -202,6 +205,18 @@ def _repack_q45_K(w: np.ndarray, out: np.ndarray, high_bits: bool) -> None:
                 for i in range(2):
                     out[o + extra + 2304 + 2 * r + i] = w[row, src + i]
                     out[o + extra + 2336 + 2 * r + i] = w[row, src + 2 + i]
+
+
+@njit(inline="always")
+def _q6_group(h, g):
+    """Byte offset in a Q6_K record of the group of half h, sub-block pair g (see simd.py's layout)."""
+    return (2 * h + g) * 13 * 64
+
+
+@njit(inline="always")
+def _q6_scale(s):
+    """Byte offset in a Q6_K record of scale vector s (sub-block s of the super-block: 8h + 2qi + g)."""
+    return _q6_group(s // 8, s % 2) + 12 * 64 + (s % 8) // 2 * LANES
 
 
 @njit(cache=True, nogil=True)
@@ -219,10 +234,16 @@ def _repack_q6_K(w: np.ndarray, out: np.ndarray) -> None:
             for r in range(min(LANES, rows - g * LANES)):
                 row = g * LANES + r
                 src = b * 210
-                _copy_steps(w, row, src, 32, out32, o, r)
-                _copy_steps(w, row, src + 128, 16, out32, o + 2048, r)
+                for k in range(32):  # ql step k: half h = k // 16, kk = k % 8, first or second of its pair
+                    h, kk = k // 16, k % 8
+                    at = _q6_group(h, kk // 4) + 3 * (kk % 4) * 4 * LANES + (k % 16) // 8 * 4 * LANES
+                    out32[(o + at) // 4 + r] = _u32(w, row, src + 4 * k)
+                for j in range(16):  # qh step j: half j // 8, kk = j % 8
+                    kk = j % 8
+                    at = _q6_group(j // 8, kk // 4) + (3 * (kk % 4) + 2) * 4 * LANES
+                    out32[(o + at) // 4 + r] = _u32(w, row, src + 128 + 4 * j)
                 for s in range(16):
-                    out[o + 3072 + s * LANES + r] = w[row, src + 192 + s]
+                    out[o + _q6_scale(s) + r] = w[row, src + 192 + s]
                 for i in range(2):
                     out[o + 3328 + 2 * r + i] = w[row, src + 208 + i]
 

@@ -41,7 +41,12 @@ from numba.extending import intrinsic
 from pipx_llama.system import target_features as _host_features
 
 LANES = 16  # weight rows per group: the int32 lanes of one 512-bit vector
-PREFETCH_BYTES = 8192  # how far ahead single-token kernels prefetch weights
+# No software prefetch: a mat-vec streams its weights once, and the hardware prefetchers keep up when each
+# record is read front to back (the record layouts below are ordered so). Hints 8 KiB ahead, one per cache
+# line, measured slower on this project's Zen 5 (1 thread, 260-271 MB tensors, GB/s without -> with):
+# Q4_K 27.3 -> 18.1, Q6_K 26.3 -> 23.0, Q5_1 31.1 -> 26.7, Q8_0 26.0 -> 23.0; the same with the
+# avx2 tier's code (Q4_K 24.4 -> 17.1). Software prefetches hold a miss buffer of the core each, which
+# the hardware's L2 prefetches do not.
 
 _I8 = ir.IntType(8)
 _I16 = ir.IntType(16)
@@ -190,18 +195,6 @@ class _Emit:
         h = self.load(base, offset, self.vhalf)
         return self.b.fpext(h, self.vf32)
 
-    def prefetch_record(self, base: ir.Value, offset: ir.Value, size: int) -> None:
-        """Prefetch the record ``PREFETCH_BYTES`` ahead of the one at ``offset`` (one hint per cache line).
-
-        A mat-vec streams its weights once; the hardware prefetcher alone left K-quant mat-vecs at
-        ~25 GB/s of a ~38 GB/s single-core read bandwidth, with these hints ~35 GB/s (measured).
-        Past the end of the tensor the hints are harmless: prefetches never fault.
-        """
-        f = self.fn("llvm.prefetch", ir.VoidType(), [_I8.as_pointer(), _I32, _I32, _I32])
-        for line in range(0, size, 64):
-            self.b.call(f, [self.b.gep(base, [self.b.add(offset, _I64(PREFETCH_BYTES + line))]),
-                            _I32(0), _I32(3), _I32(1)])
-
     def fma(self, a: ir.Value, x: ir.Value, c: ir.Value) -> ir.Value:
         f = self.fn(f"llvm.fma.v{self.width}f32", self.vf32, [self.vf32] * 3)
         return self.b.call(f, [a, x, c])
@@ -279,8 +272,6 @@ def _legacy_codegen(kind: str, nt: int, tier: str):
         with cgutils.for_range(b, nb) as loop:
             blk = loop.index
             rb = b.mul(blk, _I64(rec))
-            if nt == 1:
-                e.prefetch_record(wbase, rb, rec)
             isum = [[e.zero_i32() for _ in range(e.parts)] for _ in range(nt)]
             n_steps = 8 if kind == "q8_0" else 4
             xoff = b.mul(blk, _I64(32))
@@ -383,14 +374,33 @@ if TIER is not None:
 # Records per group of 16 rows and super-block of 256 columns:
 #   Q4_K (2368 bytes): qs steps k < 32 as [k][lane][4 bytes] (qs bytes 4k..4k+3: sub-block 2(k//8) in
 #       the low nibbles, 2(k//8)+1 in the high ones); sc [8][lane] u8; m [8][lane] u8; d, dmin fp16 [lane]
-#   Q5_K (2880 bytes): qs as Q4_K; qh steps kk < 8 [kk][lane][4] (qh bytes 4kk..4kk+3: bit j is the
-#       fifth bit of that position of sub-block j); sc, m, d, dmin as Q4_K, 512 bytes later
-#   Q6_K (3360 bytes): ql steps k < 32 [k][lane][4]; qh steps k < 16 [k][lane][4]; sc [16][lane] i8;
-#       d fp16 [lane]
+#   Q5_K (2880 bytes): for each step kk < 8, the qs steps 8 * pair + kk of the four sub-block pairs
+#       [pair][lane][4] (as Q4_K's), then qh step kk [lane][4] (qh bytes 4kk..4kk+3: bit j is the fifth
+#       bit of that position of sub-block j): a single token's kernel reads the record front to back;
+#       then sc, m, d, dmin as Q4_K, 512 bytes later
+#   Q6_K (3360 bytes): four groups (half h of the super-block, g = which sub-block of each pair), each
+#       4 steps kq of [ql step 16h + 4g + kq][ql step 16h + 4g + kq + 8][qh step 8h + 4g + kq] (each
+#       [lane][4]) followed by the group's four scales [qi][lane] i8 (sub-block 8h + 2qi + g), 832 bytes
+#       a group; then d fp16 [lane]. The kernels read it front to back.
 # Activations are Q8_K: xq int8 [T, n], xd float32 [T, n/256], and the sums of 16 and of 32
 # consecutive xq as int32 (xb16 [T, n/16], xb32 [T, n/32]).
 
 KQUANT_RECORD = {"q4_K": 2368, "q5_K": 2880, "q6_K": 3360}
+
+
+def k5_qs(pair: int, kk: int) -> int:
+    """Byte offset in a Q5_K record of quant step kk of sub-block pair ``pair`` (see the layout above)."""
+    return (5 * kk + pair) * 64
+
+
+def k5_qh(kk: int) -> int:
+    """Byte offset in a Q5_K record of fifth-bit step kk."""
+    return (5 * kk + 4) * 64
+
+
+def q6_group(h: int, g: int) -> int:
+    """Byte offset in a Q6_K record of half h's sub-block group g (see the layout above)."""
+    return (2 * h + g) * 13 * 64
 
 
 def _kquant_codegen(kind: str, nt: int, tier: str):
@@ -427,8 +437,6 @@ def _kquant_codegen(kind: str, nt: int, tier: str):
         with cgutils.for_range(b, nb) as loop:
             blk = loop.index
             rb = b.mul(blk, _I64(rec))
-            if nt == 1:
-                e.prefetch_record(wbase, rb, rec)
             xo = b.mul(blk, _I64(256))
             isum = [[e.zero_i32() for _ in range(e.parts)] for _ in range(nt)]
             if kind in ("q4_K", "q5_K"):
@@ -436,32 +444,43 @@ def _kquant_codegen(kind: str, nt: int, tier: str):
                 m10 = e.const_i32(0x10101010)
                 # int16 chunks on avx2: 8 products of 4-bit quants (30480 at most), 4 of 5-bit ones (31496)
                 chunk = 4 if (extra and tier == "avx2") else 8
-                for pair in range(4):
-                    scs = [(bytes_i32(rb, extra + 2048 + (2 * pair) * 16, p, False),
-                            bytes_i32(rb, extra + 2048 + (2 * pair + 1) * 16, p, False))
-                           for p in range(e.parts)]
-                    for c0 in range(0, 8, chunk):
-                        alo = [[e.acc_zero() for _ in range(e.parts)] for _ in range(nt)]
-                        ahi = [[e.acc_zero() for _ in range(e.parts)] for _ in range(nt)]
-                        for kk in range(c0, c0 + chunk):
-                            k = 8 * pair + kk
-                            for p in range(e.parts):
-                                v = e.load(wbase, b.add(rb, _I64(k * 64 + p * 4 * W)), e.vi32)
+                # Q5_K's record holds each step kk's fifth bits after that step's quants of the four
+                # sub-block pairs, so a single token reads it front to back: all four pairs per step,
+                # each qh vector loaded once (see the layout above); several tokens take the pairs one by
+                # one, whose accumulators then fit the registers
+                by_step = bool(extra) and nt == 1
+                batches = ([[(pair, c0) for pair in range(4)] for c0 in range(0, 8, chunk)] if by_step
+                           else [[(pair, c0)] for pair in range(4) for c0 in range(0, 8, chunk)])
+                for batch in batches:
+                    c0 = batch[0][1]
+                    alo = {pair: [[e.acc_zero() for _ in range(e.parts)] for _ in range(nt)]
+                           for pair, _ in batch}
+                    ahi = {pair: [[e.acc_zero() for _ in range(e.parts)] for _ in range(nt)]
+                           for pair, _ in batch}
+                    for kk in range(c0, c0 + chunk):
+                        for p in range(e.parts):
+                            if extra:
+                                qh = e.load(wbase, b.add(rb, _I64(k5_qh(kk) + p * 4 * W)), e.vi32)
+                            for pair, _ in batch:
+                                at = k5_qs(pair, kk) if extra else (8 * pair + kk) * 64
+                                v = e.load(wbase, b.add(rb, _I64(at + p * 4 * W)), e.vi32)
                                 lo = b.and_(v, m0f)
                                 hi = b.and_(b.lshr(v, e.const_i32(4)), m0f)
                                 if extra:
-                                    qh = e.load(wbase, b.add(rb, _I64(2048 + kk * 64 + p * 4 * W)), e.vi32)
                                     lo = b.or_(lo, b.and_(_shift(b, qh, 4 - 2 * pair, e), m10))
                                     hi = b.or_(hi, b.and_(_shift(b, qh, 3 - 2 * pair, e), m10))
                                 for t in range(nt):
-                                    alo[t][p] = e.acc_add(alo[t][p], lo, xq_splat(t, xo, 64 * pair + 4 * kk))
-                                    ahi[t][p] = e.acc_add(ahi[t][p], hi,
-                                                          xq_splat(t, xo, 64 * pair + 32 + 4 * kk))
+                                    alo[pair][t][p] = e.acc_add(alo[pair][t][p], lo,
+                                                                xq_splat(t, xo, 64 * pair + 4 * kk))
+                                    ahi[pair][t][p] = e.acc_add(ahi[pair][t][p], hi,
+                                                                xq_splat(t, xo, 64 * pair + 32 + 4 * kk))
+                    for pair, _ in batch:
                         for p in range(e.parts):
-                            sc_lo, sc_hi = scs[p]
+                            sc_lo = bytes_i32(rb, extra + 2048 + (2 * pair) * 16, p, False)
+                            sc_hi = bytes_i32(rb, extra + 2048 + (2 * pair + 1) * 16, p, False)
                             for t in range(nt):
-                                isum[t][p] = b.add(isum[t][p], b.add(e.acc_scaled(alo[t][p], sc_lo),
-                                                                     e.acc_scaled(ahi[t][p], sc_hi)))
+                                isum[t][p] = b.add(isum[t][p], b.add(e.acc_scaled(alo[pair][t][p], sc_lo),
+                                                                     e.acc_scaled(ahi[pair][t][p], sc_hi)))
                 xo32 = b.mul(blk, _I64(8 * 4))
                 # min terms: one min vector live at a time (four tokens' sums would spill otherwise)
                 summs = [[e.zero_i32() for _ in range(e.parts)] for _ in range(nt)]
@@ -482,51 +501,47 @@ def _kquant_codegen(kind: str, nt: int, tier: str):
                         b.store(acc, accs[t][p])
             else:
                 m30 = e.const_i32(0x30303030)
-                # one quarter (q1..q4) at a time: 4 tokens x (accumulator + sum) stay in registers
-                for h in range(2):
-                    for g in range(2):
-                        for qi in range(4):
-                            a = [[e.acc_zero() for _ in range(e.parts)] for _ in range(nt)]
-                            for kq in range(4):
-                                kk = 4 * g + kq
-                                if kq == 2 and tier == "avx2":  # int16 chunks of 4 products < 64 (32004)
-                                    for p in range(e.parts):
-                                        sc = bytes_i32(rb, 3072 + (8 * h + 2 * qi + g) * 16, p, True)
-                                        for t in range(nt):
-                                            isum[t][p] = b.add(isum[t][p], e.acc_scaled(a[t][p], sc))
-                                            a[t][p] = e.acc_zero()
-                                for p in range(e.parts):
-                                    po = _I64(p * 4 * W)
-                                    ql_step = 16 * h + kk + (8 if qi in (1, 3) else 0)
-                                    ql = e.load(wbase, b.add(rb, b.add(_I64(ql_step * 64), po)), e.vi32)
-                                    qh = e.load(wbase, b.add(rb, b.add(_I64(2048 + (8 * h + kk) * 64), po)),
-                                                e.vi32)
-                                    if qi in (2, 3):
-                                        ql = b.lshr(ql, e.const_i32(4))
-                                    if qi == 0:
-                                        hb = b.shl(qh, e.const_i32(4))
-                                    elif qi == 1:
-                                        hb = b.shl(qh, e.const_i32(2))
-                                    elif qi == 2:
-                                        hb = qh
-                                    else:
-                                        hb = b.lshr(qh, e.const_i32(2))
-                                    q = b.or_(b.and_(ql, m0f), b.and_(hb, m30))
-                                    for t in range(nt):
-                                        a[t][p] = e.acc_add(a[t][p], q,
-                                                            xq_splat(t, xo, 128 * h + 4 * kk + 32 * qi))
-                            for p in range(e.parts):
-                                sc = bytes_i32(rb, 3072 + (8 * h + 2 * qi + g) * 16, p, True)
-                                for t in range(nt):
-                                    isum[t][p] = b.add(isum[t][p], e.acc_scaled(a[t][p], sc))
+                # per step kk, one load each of ql (two steps) and qh gives all four quarters q1..q4 of
+                # both row halves (parts); each quarter's accumulator covers one 16-element sub-block, so
+                # its scale, loaded once, also weighs the sub-block's activation sum (the -32 offset)
                 xo16 = b.mul(blk, _I64(16 * 4))
                 corr = [[e.zero_i32() for _ in range(e.parts)] for _ in range(nt)]
-                for sb in range(16):
-                    for p in range(e.parts):
-                        sc = bytes_i32(rb, 3072 + sb * 16, p, True)
-                        for t in range(nt):
-                            bs = e.splat_i32(e.load(r16[t], b.add(xo16, _I64(4 * sb)), _I32))
-                            corr[t][p] = b.add(corr[t][p], b.mul(sc, bs))
+                for h in range(2):
+                    for g in range(2):
+                        a = [[[e.acc_zero() for _ in range(4)] for _ in range(e.parts)] for _ in range(nt)]
+
+                        def flush(last, a=a, h=h, g=g):
+                            for p in range(e.parts):
+                                for qi in range(4):
+                                    sc = bytes_i32(rb, q6_group(h, g) + 12 * 64 + qi * 16, p, True)
+                                    for t in range(nt):
+                                        isum[t][p] = b.add(isum[t][p], e.acc_scaled(a[t][p][qi], sc))
+                                        a[t][p][qi] = e.acc_zero()
+                                        if last:
+                                            sb = 8 * h + 2 * qi + g
+                                            bs = e.splat_i32(e.load(r16[t], b.add(xo16, _I64(4 * sb)), _I32))
+                                            corr[t][p] = b.add(corr[t][p], b.mul(sc, bs))
+
+                        for kq in range(4):
+                            kk = 4 * g + kq
+                            if kq == 2 and tier == "avx2":  # int16 chunks of 4 products < 64 (32004)
+                                flush(False)
+                            for p in range(e.parts):
+                                step = b.add(rb, _I64(q6_group(h, g) + 3 * kq * 64 + p * 4 * W))
+                                ql_a = e.load(wbase, step, e.vi32)
+                                ql_b = e.load(wbase, b.add(step, _I64(64)), e.vi32)
+                                qh = e.load(wbase, b.add(step, _I64(128)), e.vi32)
+                                quarters = (
+                                    b.or_(b.and_(ql_a, m0f), b.and_(b.shl(qh, e.const_i32(4)), m30)),
+                                    b.or_(b.and_(ql_b, m0f), b.and_(b.shl(qh, e.const_i32(2)), m30)),
+                                    b.or_(b.and_(b.lshr(ql_a, e.const_i32(4)), m0f), b.and_(qh, m30)),
+                                    b.or_(b.and_(b.lshr(ql_b, e.const_i32(4)), m0f),
+                                          b.and_(b.lshr(qh, e.const_i32(2)), m30)))
+                                for qi, q in enumerate(quarters):
+                                    for t in range(nt):
+                                        a[t][p][qi] = e.acc_add(a[t][p][qi], q,
+                                                                xq_splat(t, xo, 128 * h + 4 * kk + 32 * qi))
+                        flush(True)
                 for p in range(e.parts):
                     dw = e.half_to_f32(wbase, b.add(rb, _I64(3328 + p * 2 * W)))
                     for t in range(nt):
