@@ -43,7 +43,7 @@ from pipx_llama.system import target_features as _host_features
 LANES = 16  # weight rows per group: the int32 lanes of one 512-bit vector
 # No software prefetch: a mat-vec streams its weights once, and the hardware prefetchers keep up when each
 # record is read front to back (the record layouts below are ordered so). Hints 8 KiB ahead, one per cache
-# line, measured slower on this project's Zen 5 (1 thread, 260-271 MB tensors, GB/s without -> with):
+# line, measured slower on this project's Zen 4 EPYC (1 thread, 260-271 MB tensors, GB/s without -> with):
 # Q4_K 27.3 -> 18.1, Q6_K 26.3 -> 23.0, Q5_1 31.1 -> 26.7, Q8_0 26.0 -> 23.0; the same with the
 # avx2 tier's code (Q4_K 24.4 -> 17.1). Software prefetches hold a miss buffer of the core each, which
 # the hardware's L2 prefetches do not.
