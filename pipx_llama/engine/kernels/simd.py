@@ -575,6 +575,6 @@ if TIER is not None:
     q4_K_x1 = _make_kquant_intrinsic("q4_K", 1)
     q4_K_x4 = _make_kquant_intrinsic("q4_K", 4)
     q5_K_x1 = _make_kquant_intrinsic("q5_K", 1)
-    q5_K_x4 = _make_kquant_intrinsic("q5_K", 4)
+    q5_K_x3 = _make_kquant_intrinsic("q5_K", 3)
     q6_K_x1 = _make_kquant_intrinsic("q6_K", 1)
     q6_K_x2 = _make_kquant_intrinsic("q6_K", 2)
