@@ -185,12 +185,11 @@ def _repack_q45_K(w: np.ndarray, out: np.ndarray, high_bits: bool) -> None:
             for r in range(min(LANES, rows - g * LANES)):
                 row = g * LANES + r
                 src = b * bb
-                if high_bits:  # step kk: the four pairs' quants, then the fifth bits (simd.k5_qs/k5_qh)
+                if high_bits:
                     for k in range(32):
-                        at = (5 * (k % 8) + k // 8) * 4 * LANES
-                        out32[(o + at) // 4 + r] = _u32(w, row, src + 48 + 4 * k)
+                        out32[(o + _Q5_QS_AT[k]) // 4 + r] = _u32(w, row, src + 48 + 4 * k)
                     for kk in range(8):
-                        out32[(o + (5 * kk + 4) * 4 * LANES) // 4 + r] = _u32(w, row, src + 16 + 4 * kk)
+                        out32[(o + _Q5_QH_AT[kk]) // 4 + r] = _u32(w, row, src + 16 + 4 * kk)
                 else:
                     _copy_steps(w, row, src + 16, 32, out32, o, r)
                 for j in range(8):
@@ -207,16 +206,13 @@ def _repack_q45_K(w: np.ndarray, out: np.ndarray, high_bits: bool) -> None:
                     out[o + extra + 2336 + 2 * r + i] = w[row, src + 2 + i]
 
 
-@njit(inline="always")
-def _q6_group(h, g):
-    """Byte offset in a Q6_K record of the group of half h, sub-block pair g (see simd.py's layout)."""
-    return (2 * h + g) * 13 * 64
-
-
-@njit(inline="always")
-def _q6_scale(s):
-    """Byte offset in a Q6_K record of scale vector s (sub-block s of the super-block: 8h + 2qi + g)."""
-    return _q6_group(s // 8, s % 2) + 12 * 64 + (s % 8) // 2 * LANES
+# Where each ggml step lands in a K-quant record whose kernel reads out of ggml's order (the layouts are
+# simd.py's; numba freezes these tables into the repack loops)
+_Q5_QS_AT = np.array([simd.k5_qs(k // 8, k % 8) for k in range(32)], np.int64)  # qs step k = 8 * pair + kk
+_Q5_QH_AT = np.array([simd.k5_qh(kk) for kk in range(8)], np.int64)
+_Q6_QL_AT = np.array([simd.q6_ql(k) for k in range(32)], np.int64)
+_Q6_QH_AT = np.array([simd.q6_qh(j) for j in range(16)], np.int64)
+_Q6_SC_AT = np.array([simd.q6_scale(s) for s in range(16)], np.int64)
 
 
 @njit(cache=True, nogil=True)
@@ -234,16 +230,12 @@ def _repack_q6_K(w: np.ndarray, out: np.ndarray) -> None:
             for r in range(min(LANES, rows - g * LANES)):
                 row = g * LANES + r
                 src = b * 210
-                for k in range(32):  # ql step k: half h = k // 16, kk = k % 8, first or second of its pair
-                    h, kk = k // 16, k % 8
-                    at = _q6_group(h, kk // 4) + 3 * (kk % 4) * 4 * LANES + (k % 16) // 8 * 4 * LANES
-                    out32[(o + at) // 4 + r] = _u32(w, row, src + 4 * k)
-                for j in range(16):  # qh step j: half j // 8, kk = j % 8
-                    kk = j % 8
-                    at = _q6_group(j // 8, kk // 4) + (3 * (kk % 4) + 2) * 4 * LANES
-                    out32[(o + at) // 4 + r] = _u32(w, row, src + 128 + 4 * j)
+                for k in range(32):
+                    out32[(o + _Q6_QL_AT[k]) // 4 + r] = _u32(w, row, src + 4 * k)
+                for j in range(16):
+                    out32[(o + _Q6_QH_AT[j]) // 4 + r] = _u32(w, row, src + 128 + 4 * j)
                 for s in range(16):
-                    out[o + _q6_scale(s) + r] = w[row, src + 192 + s]
+                    out[o + _Q6_SC_AT[s] + r] = w[row, src + 192 + s]
                 for i in range(2):
                     out[o + 3328 + 2 * r + i] = w[row, src + 208 + i]
 

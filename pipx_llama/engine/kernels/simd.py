@@ -403,6 +403,23 @@ def q6_group(h: int, g: int) -> int:
     return (2 * h + g) * 13 * 64
 
 
+def q6_ql(k: int) -> int:
+    """Byte offset in a Q6_K record of ql step k (< 32): half k // 16, step kk = k % 8 of group kk // 4."""
+    kk = k % 8
+    return q6_group(k // 16, kk // 4) + (3 * (kk % 4) + (k % 16) // 8) * 64
+
+
+def q6_qh(j: int) -> int:
+    """Byte offset in a Q6_K record of qh step j (< 16): half j // 8, step kk = j % 8 of group kk // 4."""
+    kk = j % 8
+    return q6_group(j // 8, kk // 4) + (3 * (kk % 4) + 2) * 64
+
+
+def q6_scale(s: int) -> int:
+    """Byte offset in a Q6_K record of the scales [lane] of sub-block s = 8h + 2qi + g."""
+    return q6_group(s // 8, s % 2) + 12 * 64 + (s % 8) // 2 * LANES
+
+
 def _kquant_codegen(kind: str, nt: int, tier: str):
     """IR body for a K-quant ``kind`` and ``nt`` tokens. Its ``codegen`` runs to ~140 lines for the reason
     ``_legacy_codegen``'s does: one super-block's straight-line IR whose values flow from step to step."""
@@ -513,7 +530,7 @@ def _kquant_codegen(kind: str, nt: int, tier: str):
                         def flush(last, a=a, h=h, g=g):
                             for p in range(e.parts):
                                 for qi in range(4):
-                                    sc = bytes_i32(rb, q6_group(h, g) + 12 * 64 + qi * 16, p, True)
+                                    sc = bytes_i32(rb, q6_scale(8 * h + 2 * qi + g), p, True)
                                     for t in range(nt):
                                         isum[t][p] = b.add(isum[t][p], e.acc_scaled(a[t][p][qi], sc))
                                         a[t][p][qi] = e.acc_zero()
@@ -527,10 +544,10 @@ def _kquant_codegen(kind: str, nt: int, tier: str):
                             if kq == 2 and tier == "avx2":  # int16 chunks of 4 products < 64 (32004)
                                 flush(False)
                             for p in range(e.parts):
-                                step = b.add(rb, _I64(q6_group(h, g) + 3 * kq * 64 + p * 4 * W))
-                                ql_a = e.load(wbase, step, e.vi32)
-                                ql_b = e.load(wbase, b.add(step, _I64(64)), e.vi32)
-                                qh = e.load(wbase, b.add(step, _I64(128)), e.vi32)
+                                po = p * 4 * W
+                                ql_a = e.load(wbase, b.add(rb, _I64(q6_ql(16 * h + kk) + po)), e.vi32)
+                                ql_b = e.load(wbase, b.add(rb, _I64(q6_ql(16 * h + kk + 8) + po)), e.vi32)
+                                qh = e.load(wbase, b.add(rb, _I64(q6_qh(8 * h + kk) + po)), e.vi32)
                                 quarters = (
                                     b.or_(b.and_(ql_a, m0f), b.and_(b.shl(qh, e.const_i32(4)), m30)),
                                     b.or_(b.and_(ql_b, m0f), b.and_(b.shl(qh, e.const_i32(2)), m30)),
