@@ -668,10 +668,6 @@ class Context:
         m.output.matmul(normed, logits)
 
 
-__all__ = ["DEFAULT_BATCH", "DEFAULT_CTX", "Context", "HyperParams", "Layer", "Model", "Weight",
-           "default_threads", "load_model"]
-
-
 def layer_tail(layer: Layer, hp: HyperParams, act: int, x: np.ndarray, att: np.ndarray, xb: np.ndarray,
                gate: np.ndarray, up: np.ndarray, hidden: np.ndarray, proj: np.ndarray) -> None:
     """A layer after attention, on the per-op path (one context, or a batch of several):
@@ -691,3 +687,7 @@ def layer_tail(layer: Layer, hp: HyperParams, act: int, x: np.ndarray, att: np.n
     if layer.ffn_post_norm is not None:
         ops.rmsnorm(proj, layer.ffn_post_norm, hp.norm_eps, proj)
     ops.add_inplace(x, proj)
+
+
+__all__ = ["DEFAULT_BATCH", "DEFAULT_CTX", "Context", "HyperParams", "Layer", "Model", "Weight",
+           "default_threads", "load_model"]

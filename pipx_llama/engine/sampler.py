@@ -59,10 +59,13 @@ class Sampler:
         config.validate()
         self.config = config
         self.rng = np.random.default_rng(config.seed)
+        # the bias as arrays once per request, not once per token
+        self._bias_ids = np.array([i for i, _ in config.logit_bias], np.int64)
+        self._bias = np.array([b for _, b in config.logit_bias], np.float64)
 
     def sample(self, logits: np.ndarray, history: Sequence[int]) -> int:
         cfg = self.config
-        logits = apply_logit_bias(logits, cfg.logit_bias)
+        logits = apply_logit_bias(logits, self._bias_ids, self._bias)
         logits = apply_penalties(logits, history, cfg)
         if cfg.temperature <= 0:
             return int(np.argmax(logits))
@@ -70,13 +73,13 @@ class Sampler:
         return int(ids[self.rng.choice(ids.size, p=probs)])
 
 
-def apply_logit_bias(logits: np.ndarray, bias: tuple[tuple[int, float], ...]) -> np.ndarray:
-    """Adds each bias to its token's logit (as llama.cpp's logit-bias sampler); a new array when any."""
-    if not bias:
+def apply_logit_bias(logits: np.ndarray, ids: np.ndarray, bias: np.ndarray) -> np.ndarray:
+    """Adds bias[j] to the logit of token ids[j] (as llama.cpp's logit-bias sampler; an id listed twice
+    gets both); a new array when there is any."""
+    if not ids.size:
         return logits
     out = logits.astype(np.float32, copy=True)
-    for id_, b in bias:
-        out[id_] += b
+    np.add.at(out, ids, bias)
     return out
 
 
