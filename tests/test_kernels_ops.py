@@ -299,3 +299,22 @@ def test_softmax_and_log_softmax_match_ref(T, vocab):
     finite = np.isfinite(x)
     np.testing.assert_allclose(lp[finite], ops.log_softmax_ref(x)[finite], rtol=1e-6, atol=1e-4)
     assert np.all(lp[0, :3] == -np.inf)
+
+
+@pytest.mark.parametrize("k", [1, 2, 7, 40, 1000])
+def test_top_k_matches_ref_with_ties(k):
+    rng = np.random.default_rng(k)
+    x = rng.standard_normal(49152).astype(np.float32)
+    x[rng.integers(0, x.size, 2000)] = np.float32(2.5)  # many ties, some among the best
+    x[:3] = x.max()
+    out = np.empty(k, np.int64)
+    ops.top_k(x, out)
+    np.testing.assert_array_equal(out, ops.top_k_ref(x, k))
+
+
+def test_top_k_of_the_whole_array_is_a_stable_descending_sort():
+    x = np.array([1.0, 3.0, 3.0, -2.0, 0.5, 3.0], np.float32)
+    out = np.empty(x.size, np.int64)
+    ops.top_k(x, out)
+    np.testing.assert_array_equal(out, [1, 2, 5, 0, 4, 3])
+    np.testing.assert_array_equal(out, np.argsort(-x, kind="stable"))

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from pipx_llama.engine.kernels import ops
 from pipx_llama.errors import UsageError
 
 
@@ -104,14 +105,15 @@ def apply_penalties(logits: np.ndarray, history: Sequence[int], cfg: SamplerConf
 
 
 def filter_candidates(logits: np.ndarray, cfg: SamplerConfig) -> tuple[np.ndarray, np.ndarray]:
-    """Candidate ids and their probabilities after top-k, top-p, min-p and temperature."""
+    """Candidate ids (equal logits: lower id first) and their probabilities after top-k, top-p, min-p and
+    temperature."""
     n = logits.size
     k = n if cfg.top_k <= 0 else min(cfg.top_k, n)
     if k < n:
-        ids = np.argpartition(-logits, k - 1)[:k]
+        ids = np.empty(k, np.int64)
+        ops.top_k(np.ascontiguousarray(logits, np.float32), ids)
     else:
-        ids = np.arange(n)
-    ids = ids[np.argsort(-logits[ids], kind="stable")]
+        ids = np.argsort(-logits, kind="stable")
     vals = logits[ids].astype(np.float64)
 
     if cfg.top_p < 1.0:
