@@ -413,3 +413,28 @@ def test_error_has_a_hint(tmp_path: Path) -> None:
         open_gguf(_write(tmp_path, b"GGUF" + struct.pack("<IQQ", 3, 0, 1) + _s("k")))
     assert "download" in info.value.hint
     assert info.value.exit_code == 3
+
+
+def test_a_header_rewritten_in_place_is_parsed_again(tmp_path: Path) -> None:
+    """Headers are kept per file between opens; an in-place rewrite of the same size (same inode, and
+    within the file system's timestamp granularity) must not return the old header."""
+    path = _write(tmp_path, _f32_tensor_file(extra_kvs=[_kv_str("general.name", "first")]), "same.gguf")
+    assert open_gguf(path).metadata["general.name"] == "first"
+    with open(path, "r+b") as f:
+        f.write(_f32_tensor_file(extra_kvs=[_kv_str("general.name", "other")]))
+    assert open_gguf(path).metadata["general.name"] == "other"
+    copy = _write(tmp_path, path.read_bytes(), "copy.gguf")
+    g = open_gguf(copy)
+    assert g.path == copy and g.metadata["general.name"] == "other"
+    g.metadata["general.name"] = "changed by a caller"
+    assert open_gguf(copy).metadata["general.name"] == "other"
+
+
+def test_a_string_array_cut_short_names_the_element(tmp_path: Path) -> None:
+    items = _s("a") + _s("bb") + struct.pack("<Q", 50) + b"cc"
+    blob = _gguf([_kv("tokenizer.ggml.tokens", V.ARRAY, _array(V.STRING, 3, items))], [])
+    _refused(_write(tmp_path, blob), "'tokenizer.ggml.tokens'[2]", "needs 50 bytes")
+    items = _s("a") + _s("\u00e9") + _s(b"\xff")
+    good = _gguf([_kv("tokenizer.ggml.tokens", V.ARRAY, _array(V.STRING, 3, items))], [])
+    tokens = open_gguf(_write(tmp_path, good, "good.gguf")).metadata["tokenizer.ggml.tokens"]
+    assert tokens == ["a", "\u00e9", b"\xff".decode("utf-8", errors="surrogateescape")]

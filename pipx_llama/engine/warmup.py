@@ -210,12 +210,14 @@ def _looks_like_gguf(path: str | Path) -> bool:
 
 def _exercise(path: Path) -> None:
     from pipx_llama.engine.model import load_model
+    from pipx_llama.engine.sampler import Sampler, SamplerConfig
 
     model = load_model(path, threads=2)
     try:
         ctx = model.new_context(32)
         ctx.eval([1, 5, 9, 200], all_logits=True)
-        ctx.eval([7])
+        logits = ctx.eval([7])[-1]
+        Sampler(SamplerConfig(top_k=2, seed=0)).sample(logits, [7])  # the sampler's top-k kernel
     finally:
         model.close()
 
