@@ -58,6 +58,20 @@ def test_help_imports_no_heavy_module(command):
     assert not loaded & set(HEAVY), f"`{command} --help` imports {sorted(loaded & set(HEAVY))}"
 
 
+def test_the_road_to_a_local_file_imports_no_http_client():
+    """httpx (60 ms of a 1 s warm start) is imported when a download starts, not by the modules that
+    plan, resolve and prepare a model."""
+    code = (
+        "import json, sys\n"
+        "import pipx_llama.models.prepare, pipx_llama.models.pull, pipx_llama.models.mirror\n"
+        "import pipx_llama.fetch.http, pipx_llama.fetch.document, pipx_llama.cli.run_cmd\n"
+        "print(json.dumps(sorted(sys.modules)))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    loaded = {name.split(".")[0] for name in json.loads(out.stdout)}
+    assert not loaded & {"httpx", "httpcore", "h11"}
+
+
 def test_each_command_says_the_summary_the_top_level_help_shows():
     parser = cli_main.build_parser()
     sub = next(a for a in parser._actions if a.dest == "command")

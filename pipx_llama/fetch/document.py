@@ -10,13 +10,15 @@ expand to gigabytes), so one the server compresses although it was asked not to 
 from __future__ import annotations
 
 import time
-
-import httpx
+from typing import TYPE_CHECKING
 
 from pipx_llama import __version__
 from pipx_llama.errors import FetchError
 from pipx_llama.fetch.errors import AccessDenied, NetworkError, SourceNotFound
 from pipx_llama.fetch.source import is_loopback, redact_url
+
+if TYPE_CHECKING:
+    import httpx
 
 DEFAULT_TIMEOUT = 30.0
 
@@ -31,6 +33,8 @@ def fetch_document(url: str, *, max_bytes: int, token: str | None = None, allow_
     a timeout, a 5xx) or ``FetchError`` (what the server sent is not acceptable: another status, a body
     too large, too slow or content-encoded), each naming the URL without its query string.
     """
+    import httpx  # imported when a download starts: 60 ms that every other start-up need not pay
+
     shown = redact_url(url)
     headers = {
         "Accept-Encoding": "identity",

@@ -47,8 +47,7 @@ import shutil
 import threading
 import time
 from pathlib import Path
-
-import httpx
+from typing import TYPE_CHECKING
 
 from pipx_llama.errors import DiskFullError, FetchError, UsageError
 from pipx_llama.events import EventCallback, ProgressEvent
@@ -70,6 +69,9 @@ from pipx_llama.fetch.resume import (
     state_snapshot,
 )
 from pipx_llama.fetch.source import Restart, Source, check_url, redact_url
+
+if TYPE_CHECKING:
+    import httpx
 
 __all__ = ["FetchOptions", "download", "partial_progress", "redact_url"]
 
