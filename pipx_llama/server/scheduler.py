@@ -366,7 +366,10 @@ class Scheduler:
         ev = _Eval(tokens)
         with self._cv:
             slot.pending, slot.computing = ev, False
-            self._cv.notify_all()
+            # the engine steps once every job has posted: waking it for each post made it take the GIL
+            # and look at every slot eight times a step with eight slots
+            if not any(s.computing for s in self._active()):
+                self._cv.notify_all()
         ev.done.wait()
         if ev.cancelled:
             raise _Cancelled
