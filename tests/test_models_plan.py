@@ -37,6 +37,7 @@ from pipx_llama.models.runnable import INTERMEDIATE, STATE_FILE, default_quant, 
 from pipx_llama.models.sources import PullOptions
 from pipx_llama.models.store import Store
 from pipx_llama.system import RUNTIME_OVERHEAD, HardwareProfile, kv_cache_bytes
+from pipx_llama.units import human_bytes
 
 GB = 1_000_000_000
 SMOL_PARAMS = 134515008
@@ -231,6 +232,19 @@ def test_a_q8_0_kv_cache_is_what_the_plan_counts(cfg):
     kv = kv_cache_bytes(22, 2048, 4, 64, ("q8_0", "q8_0"))
     assert p.kv_bytes == kv == kv_cache_bytes(22, 2048, 4, 64) * 34 // 64
     assert p.ram_bytes == p.weights_bytes + kv + RUNTIME_OVERHEAD
+
+
+def test_every_server_slot_is_a_kv_cache_the_plan_counts(cfg):
+    kv = kv_cache_bytes(22, 2048, 4, 64)
+    p = plan(cfg, "1B", hw(), slots=4)
+    assert p.kv_bytes == 4 * kv and p.ram_bytes == p.weights_bytes + 4 * kv + RUNTIME_OVERHEAD
+    # fits with one slot, not with eight: refused before the download, the message names the slots
+    one = plan(cfg, "1B", hw()).ram_bytes
+    with pytest.raises(InsufficientResourcesError) as exc:
+        plan(cfg, "1B", hw(ram=(one + 2 * kv) / 0.9), slots=8, catalog=(TINY,))
+    assert f"KV cache {human_bytes(8 * kv)} for 2048 tokens in each of 8 slots" in exc.value.message
+    args = [a["args"] for a in exc.value.alternatives]
+    assert any(a[:2] == ["tiny", "--ctx"] for a in args)  # a smaller context, planned with 8 slots too
 
 
 def test_conversion_plan_counts_download_f16_and_quantized_file(cfg):

@@ -86,13 +86,15 @@ def request(args: argparse.Namespace, ref: Reference, *, n_ctx: int | None = Non
     variant, quant = getattr(args, "variant", None), getattr(args, "quant", None)
     threads = getattr(args, "threads", None)
     cache_types = (getattr(args, "cache_type_k", "f16"), getattr(args, "cache_type_v", "f16"))
+    slots = getattr(args, "slots", None) or 1  # serve --slots; without it the server fits what RAM holds
     if ref.is_file:
         if by_name_only:
             variant = quant = None
-        return Request(variant=variant, quant=quant, threads=threads, n_ctx=n_ctx, cache_types=cache_types)
+        return Request(variant=variant, quant=quant, threads=threads, n_ctx=n_ctx, cache_types=cache_types,
+                       slots=slots)
     s = _session(args)
     return Request(variant=variant, quant=quant, threads=threads, n_ctx=n_ctx, cache_types=cache_types,
-                   pull_options=common.pull_options(args, s), config=s.config, catalog=s.catalog)
+                   slots=slots, pull_options=common.pull_options(args, s), config=s.config, catalog=s.catalog)
 
 
 def ready(args: argparse.Namespace, ref: Reference, *, n_ctx: int | None = None, color: bool = False,

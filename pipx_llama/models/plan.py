@@ -127,7 +127,7 @@ def _missing(store: Store, variant: Variant) -> bool:
 
 def _option(store: Store, manifest: Manifest, variant: Variant, quant: str, shape: ModelShape, n_ctx: int,
             hw: HardwareProfile, options: PullOptions, fetch_only: bool = False,
-            cache_types: tuple[str, str] = ("f16", "f16")) -> Option:
+            cache_types: tuple[str, str] = ("f16", "f16"), slots: int = 1) -> Option:
     converts = variant.format in CONVERTIBLE and not fetch_only
     final = final_path(store, manifest, variant, quant)
     ready = gguf_ready(store, manifest, variant) if fetch_only and variant.format != "gguf" \
@@ -159,7 +159,7 @@ def _option(store: Store, manifest: Manifest, variant: Variant, quant: str, shap
         space = plan_space(store, manifest, variant,
                            dataclasses.replace(options, extra_bytes=intermediate + final_new))
         download, peak = space.download, space.needed
-    kv = shape.kv_bytes(n_ctx, cache_types)
+    kv = shape.kv_bytes(n_ctx, cache_types) * slots
     ram = ram_needed(weights, kv)
     return Option(
         variant,
@@ -182,10 +182,12 @@ def _option(store: Store, manifest: Manifest, variant: Variant, quant: str, shap
 
 def options_for(store: Store, manifest: Manifest, hw: HardwareProfile, n_ctx: int,
                 pull_options: PullOptions | None = None, *, variant: str | None = None,
-                fetch_only: bool = False, cache_types: tuple[str, str] = ("f16", "f16")) -> list[Option]:
+                fetch_only: bool = False, cache_types: tuple[str, str] = ("f16", "f16"),
+                slots: int = 1) -> list[Option]:
     """Every (variant, quantization) the model can run in, with its costs; the default comes first.
 
     ``fetch_only``: the files of each variant as they are (what ``pull`` brings), one option per variant.
+    ``slots``: sequences served in parallel, each with a KV cache of its own.
     """
     opts = pull_options or PullOptions()
     variants = [manifest.variant(variant)] if variant is not None else list(manifest.variants)
@@ -198,7 +200,7 @@ def options_for(store: Store, manifest: Manifest, hw: HardwareProfile, n_ctx: in
             if v.format in CONVERTIBLE and not fetch_only else []
         )
         for q in quants:
-            out.append(_option(store, manifest, v, q, shape, n_ctx, hw, opts, fetch_only, cache_types))
+            out.append(_option(store, manifest, v, q, shape, n_ctx, hw, opts, fetch_only, cache_types, slots))
     out.sort(key=lambda o: 0 if (o.variant == default_v and o.quant == default_quant(default_v)) else 1)
     return out
 
@@ -276,7 +278,8 @@ class Request:
     user's configuration is assumed and the pull itself reports a missing source. ``check_ram=False``
     plans for another machine (provisioning a shared store): only the disk counts. ``fetch_only``
     plans bringing the chosen variant's files into the store and nothing after (``pull``). ``cache_types``
-    are the KV cache's key and value types the RAM estimate counts.
+    are the KV cache's key and value types the RAM estimate counts; ``slots`` how many sequences a server
+    keeps at once (``serve --slots``), each with a KV cache of its own, which the RAM estimate counts too.
     """
 
     variant: str | None = None
@@ -286,6 +289,7 @@ class Request:
     check_ram: bool = True
     fetch_only: bool = False
     cache_types: tuple[str, str] = ("f16", "f16")
+    slots: int = 1
     pull_options: PullOptions | None = None
     config: Config | None = None
     catalog: Catalog | None = None
@@ -357,7 +361,7 @@ def plan_for(ref: Reference | str | None, request: Request | None = None) -> Run
     ctx = _context(manifest, rq.n_ctx)
     wanted = _canonical_quant(rq.quant) if rq.quant else None
     options = options_for(store, manifest, hw, ctx, opts, variant=rq.variant, fetch_only=rq.fetch_only,
-                          cache_types=rq.cache_types)
+                          cache_types=rq.cache_types, slots=rq.slots)
     if wanted is not None and not any(o.quant == wanted for o in options):
         have = sorted(
             {o.quant for o in options}, key=lambda q: QUANT_LADDER.index(q) if q in QUANT_LADDER else -1
@@ -367,7 +371,7 @@ def plan_for(ref: Reference | str | None, request: Request | None = None) -> Run
     if chosen is None:
         target = min((o for o in options if o.quant == (wanted or options[0].quant)), key=road_cost)
         raise _refusal(manifest, target, options, hw, ctx, cat, store, opts, variant=rq.variant, quant=wanted,
-                       check_ram=rq.check_ram)
+                       check_ram=rq.check_ram, slots=rq.slots)
     v = chosen.variant
     if chosen.unavailable is not None and rq.pull_options is not None:
         raise _unavailable(manifest, v, chosen.unavailable, hw, ctx, cat, store, opts)
@@ -484,7 +488,7 @@ def _other_models(current: Manifest, hw: HardwareProfile, n_ctx: int, catalog: C
 
 def _refusal(manifest: Manifest, target: Option, options: Sequence[Option], hw: HardwareProfile, n_ctx: int,
              catalog: Catalog, store: Store, opts: PullOptions, *, variant: str | None, quant: str | None,
-             check_ram: bool) -> InsufficientResourcesError:
+             check_ram: bool, slots: int = 1) -> InsufficientResourcesError:
     alternatives: list[dict[str, Any]] = []
 
     def args_for(o: Option, default: Option, extra: list[str]) -> list[str]:
@@ -502,7 +506,7 @@ def _refusal(manifest: Manifest, target: Option, options: Sequence[Option], hw: 
     ram_short = check_ram and not target.fits_ram
     if ram_short and target.fits_disk:
         for ctx in (c for c in _SMALLER_CONTEXTS if c < n_ctx):
-            smaller = options_for(store, manifest, hw, ctx, opts, variant=variant)
+            smaller = options_for(store, manifest, hw, ctx, opts, variant=variant, slots=slots)
             o = choose(smaller, quant, check_ram=check_ram)
             if o is not None:
                 alternatives.append(_alt(manifest, o, ctx, args_for(o, smaller[0], ["--ctx", str(ctx)])))
@@ -513,7 +517,7 @@ def _refusal(manifest: Manifest, target: Option, options: Sequence[Option], hw: 
         message = (
             f"not enough memory for {what}: it needs {human_bytes(target.ram_bytes)} of RAM (weights "
             f"{human_bytes(target.weights_bytes)} + KV cache {human_bytes(target.kv_bytes)} for {n_ctx} "
-            f"tokens + "
+            f"tokens{f' in each of {slots} slots' if slots > 1 else ''} + "
             f"{human_bytes(RUNTIME_OVERHEAD)} runtime); {human_bytes(hw.ram_available)} is available "
             f"(at most {human_bytes(ram_budget(hw))} may be used comfortably)"
         )
