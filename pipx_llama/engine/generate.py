@@ -15,6 +15,9 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
 
 from pipx_llama.engine.constrain import Constraint
 from pipx_llama.engine.model import Context
@@ -69,80 +72,113 @@ class Generation:
     stats: GenerationStats = field(default_factory=GenerationStats)
     text: str = ""  # everything emitted so far
 
+    # the steps between evaluations, for whoever evaluates (``_run`` here, a server's batch elsewhere)
+    _decoder: Any = field(default=None, init=False, repr=False)
+    _pending: str = field(default="", init=False, repr=False)  # text held back: a stop string may start
+    _t_prompt: float = field(default=0.0, init=False, repr=False)
+    _t_gen: float | None = field(default=None, init=False, repr=False)
+
     def __iter__(self) -> Iterator[Piece]:
         return self._run()
 
     def _run(self) -> Iterator[Piece]:
-        ctx, tok = self.context, self.context.model.tokenizer
-        stats = self.stats
-        stats.n_prompt = len(self.prompt)
-        if not self.prompt:
-            raise UsageError("the prompt is empty", "give a prompt, or a model whose tokenizer adds BOS")
-        if len(self.prompt) >= ctx.n_ctx:
-            raise ContextFullError(f"the prompt has {len(self.prompt)} tokens; the context holds {ctx.n_ctx}",
-                                   "shorten the prompt or raise -c/--ctx-size")
-
-        t0 = time.perf_counter()
-        reuse = _common_prefix(ctx.tokens, self.prompt)
-        reuse = min(reuse, len(self.prompt) - 1)  # the last prompt token must be evaluated for its logits
-        ctx.truncate(reuse)
-        new = self.prompt[reuse:]
+        ctx = self.context
+        new = self.begin()
         if self.on_prompt is None:
             logits = ctx.eval(new)[-1]
         else:  # batch by batch, as eval itself goes, telling how far it is
             for start in range(0, len(new), ctx.n_batch):
                 logits = ctx.eval(new[start : start + ctx.n_batch])[-1]
                 self.on_prompt(min(start + ctx.n_batch, len(new)), len(new))
-        stats.n_prompt_evaluated = len(new)
-        stats.prompt_seconds = time.perf_counter() - t0
-
-        decoder = tok.stream_decoder(special=self.special)
-        pending = ""  # text held back because it may be the start of a stop string
-        stopped_by_string = False
-        t1 = time.perf_counter()
         try:
             while True:
-                if stats.n_generated >= self.max_tokens:
-                    stats.finish_reason = "length"
-                    break
-                if self.constraint is not None:
-                    logits = self.constraint.apply(logits)
-                token = self.sampler.sample(logits, ctx.tokens)
-                if self.constraint is not None:
-                    self.constraint.accept(token)
-                stats.n_generated += 1
-                if tok.is_eog(token):
-                    stats.finish_reason = "stop"
-                    break
-                pending += decoder.feed(token)
-                cut = _find_stop(pending, self.stop)
-                if cut is not None:
-                    self.text += pending[:cut]
-                    yield Piece(token, pending[:cut])
-                    stats.finish_reason = "stop"
-                    stopped_by_string = True
-                    break
-                keep = _stop_prefix_len(pending, self.stop)
-                out, pending = pending[: len(pending) - keep], pending[len(pending) - keep :]
-                self.text += out
-                yield Piece(token, out)
-                if ctx.n_past >= ctx.n_ctx:
-                    self._make_room()
+                pieces, token = self.advance(logits)
+                yield from pieces
+                if token is None:
+                    return
+                self.make_room()
                 logits = ctx.eval([token])[-1]
-            if not stopped_by_string:
-                # what was held back (a partial stop string, an incomplete character) is text after all
-                tail = pending + decoder.flush()
-                if tail:
-                    self.text += tail
-                    yield Piece(-1, tail)
         except GeneratorExit:
-            stats.finish_reason = "cancelled"
+            self.cancel()
             raise
         finally:
-            stats.generation_seconds = time.perf_counter() - t1
+            self.finish()
 
-    def _make_room(self) -> None:
+    def begin(self) -> list[int]:
+        """Check the prompt and drop what the cache holds beyond its shared prefix; returns the prompt
+        tokens still to evaluate (at least the last one, whose logits the first token is drawn from)."""
+        ctx, stats = self.context, self.stats
+        stats.n_prompt = len(self.prompt)
+        if not self.prompt:
+            raise UsageError("the prompt is empty", "give a prompt, or a model whose tokenizer adds BOS")
+        if len(self.prompt) >= ctx.n_ctx:
+            raise ContextFullError(f"the prompt has {len(self.prompt)} tokens; the context holds {ctx.n_ctx}",
+                                   "shorten the prompt or raise -c/--ctx-size")
+        self._t_prompt = time.perf_counter()
+        reuse = _common_prefix(ctx.tokens, self.prompt)
+        reuse = min(reuse, len(self.prompt) - 1)  # the last prompt token must be evaluated for its logits
+        ctx.truncate(reuse)
+        new = self.prompt[reuse:]
+        stats.n_prompt_evaluated = len(new)
+        self._decoder = ctx.model.tokenizer.stream_decoder(special=self.special)
+        return new
+
+    def advance(self, logits: np.ndarray) -> tuple[list[Piece], int | None]:
+        """Draw the next token from ``logits`` (those of the last token evaluated); returns the pieces to
+        emit and the token to evaluate next, or None when the generation has ended (``stats`` then says
+        why). Before that evaluation, ``make_room``."""
+        ctx, stats, tok = self.context, self.stats, self.context.model.tokenizer
+        if self._t_gen is None:
+            self._t_gen = time.perf_counter()
+            stats.prompt_seconds = self._t_gen - self._t_prompt
+        if stats.n_generated >= self.max_tokens:
+            stats.finish_reason = "length"
+            return self._tail(), None
+        if self.constraint is not None:
+            logits = self.constraint.apply(logits)
+        token = self.sampler.sample(logits, ctx.tokens)
+        if self.constraint is not None:
+            self.constraint.accept(token)
+        stats.n_generated += 1
+        if tok.is_eog(token):
+            stats.finish_reason = "stop"
+            return self._tail(), None
+        pending = self._pending + self._decoder.feed(token)
+        cut = _find_stop(pending, self.stop)
+        if cut is not None:
+            self._pending = ""
+            self.text += pending[:cut]
+            stats.finish_reason = "stop"
+            return [Piece(token, pending[:cut])], None
+        keep = _stop_prefix_len(pending, self.stop)
+        out, self._pending = pending[: len(pending) - keep], pending[len(pending) - keep :]
+        self.text += out
+        return [Piece(token, out)], token
+
+    def cancel(self) -> None:
+        """The generation stops before its end (the reader went away)."""
+        self.stats.finish_reason = "cancelled"
+
+    def finish(self) -> None:
+        """Close the generation's clock (call once, when it has ended for whatever reason)."""
+        if self._t_gen is not None:
+            self.stats.generation_seconds = time.perf_counter() - self._t_gen
+
+    def _tail(self) -> list[Piece]:
+        """What was held back (a partial stop string, an incomplete character) is text after all."""
+        tail = self._pending + self._decoder.flush()
+        self._pending = ""
+        if not tail:
+            return []
+        self.text += tail
+        return [Piece(-1, tail)]
+
+    def make_room(self) -> None:
+        """Before the next token's evaluation: a full context is shifted (``context_shift``) or refused
+        (``ContextFullError``), after the text so far has been emitted."""
         ctx = self.context
+        if ctx.n_past < ctx.n_ctx:
+            return
         if not self.context_shift:
             raise ContextFullError(
                 f"the context of {ctx.n_ctx} tokens is full after {self.stats.n_generated} generated tokens",
