@@ -35,7 +35,7 @@ from gguf import GGMLQuantizationType
 from numba import njit, prange
 
 from pipx_llama.engine.kernels import register
-from pipx_llama.engine.kernels.ops import _f32_as_u32, _u32_as_f32
+from pipx_llama.engine.kernels.ops import _u32_as_f32, block32_absmax_bits, block32_sum_i8
 from pipx_llama.formats import legacy as fmt
 from pipx_llama.formats.fp16 import FP16_TABLE, fp32_bits_to_fp16_bits
 
@@ -109,10 +109,7 @@ def _q8_block(x: np.ndarray, t: int, y0: int, qs: np.ndarray) -> np.float32:
     amax is the largest |x| taken on the bit patterns (an integer max, which vectorizes; for floats
     that are not NaN the order of |x| and of its bits is the same).
     """
-    bits = np.uint32(0)
-    for j in range(QK):
-        bits = max(bits, _f32_as_u32(x[t, y0 + j]) & np.uint32(0x7FFFFFFF))
-    amax = _u32_as_f32(bits)
+    amax = _u32_as_f32(block32_absmax_bits(x, t, y0))
     dv = amax / f32(127.0)
     inv = f32(1.0) / dv if dv != f32(0.0) else f32(0.0)
     for j in range(QK):
@@ -146,9 +143,7 @@ def quantize_q8_1(x: np.ndarray, qs: np.ndarray, d: np.ndarray, s: np.ndarray, t
         sbits = srow.view(np.uint32)
         for b in range(nb):
             dv = _q8_block(x, t, b * QK, qs)
-            total = 0
-            for j in range(QK):
-                total += np.int64(qs[t, b * QK + j])
+            total = block32_sum_i8(qs, t, b * QK)
             drow[b] = dv
             srow[b] = f32(total) * dv
         for b in range(nb):

@@ -34,6 +34,7 @@ from collections.abc import Sequence
 import numpy as np
 from llvmlite import ir
 from numba import njit, prange, types
+from numba.core import cgutils
 from numba.extending import intrinsic
 
 from pipx_llama.formats.fp16 import fp32_bits_to_fp16_bits
@@ -629,3 +630,53 @@ def log_softmax_ref(x: np.ndarray) -> np.ndarray:
     x64 = x.astype(np.float64)
     z = x64 - x64.max(axis=1, keepdims=True)
     return (z - np.log(np.exp(z).sum(axis=1, keepdims=True))).astype(np.float32)
+
+
+# ----------------------------------------------------------------------------- 32-element block reductions
+# numba's pipeline fully unrolls a 32-iteration reduction and LLVM then leaves it scalar (31 compares and
+# moves); these load the block as one vector and reduce it with LLVM's reduction intrinsics. Both take
+# a 2-D array whose rows are contiguous (inner stride = item size: every caller's rows are) and the
+# block's first element (t, j0).
+
+
+def _block_pointer(context, builder, aryty, ary, t, j0, elem: ir.Type, n: int) -> ir.Value:
+    a = context.make_array(aryty)(context, builder, ary)
+    ptr = cgutils.get_item_pointer2(context, builder, a.data, cgutils.unpack_tuple(builder, a.shape, 2),
+                                    cgutils.unpack_tuple(builder, a.strides, 2), aryty.layout, [t, j0])
+    return builder.bitcast(ptr, ir.VectorType(elem, n).as_pointer())
+
+
+def _reduce(builder, name: str, v: ir.Value) -> ir.Value:
+    fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(v.type.element, [v.type]),
+                                        f"llvm.vector.reduce.{name}.v{v.type.count}i{v.type.element.width}")
+    return builder.call(fn, [v])
+
+
+@intrinsic
+def block32_absmax_bits(typingctx, x, t, j0):
+    """The largest |x[t, j0:j0+32]| as its float32 bit pattern (uint32): for floats that are not NaN,
+    |x| and its bits order the same way."""
+    if not (isinstance(x, types.Array) and x.ndim == 2 and x.dtype == types.float32):
+        return None
+
+    def codegen(context, builder, sig, args):
+        i32 = ir.IntType(32)
+        p = _block_pointer(context, builder, sig.args[0], args[0], args[1], args[2], i32, 32)
+        v = builder.and_(builder.load(p, align=4), ir.Constant(ir.VectorType(i32, 32), [0x7FFFFFFF] * 32))
+        return _reduce(builder, "umax", v)
+
+    return types.uint32(x, t, j0), codegen
+
+
+@intrinsic
+def block32_sum_i8(typingctx, q, t, j0):
+    """sum(q[t, j0:j0+32]) of int8 values, as int32."""
+    if not (isinstance(q, types.Array) and q.ndim == 2 and q.dtype == types.int8):
+        return None
+
+    def codegen(context, builder, sig, args):
+        p = _block_pointer(context, builder, sig.args[0], args[0], args[1], args[2], ir.IntType(8), 32)
+        v = builder.sext(builder.load(p, align=1), ir.VectorType(ir.IntType(32), 32))
+        return _reduce(builder, "add", v)
+
+    return types.int32(q, t, j0), codegen

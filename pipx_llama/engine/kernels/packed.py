@@ -36,7 +36,7 @@ from numba.extending import NativeValue, models, overload, register_model, typeo
 from pipx_llama.engine.kernels import simd
 from pipx_llama.engine.kernels.kquants import _q6_superblock, _q45_superblock
 from pipx_llama.engine.kernels.legacy import _dot_q4, _dot_q5, _dot_q8, _qh
-from pipx_llama.engine.kernels.ops import f16_bits_to_f32
+from pipx_llama.engine.kernels.ops import block32_sum_i8, f16_bits_to_f32
 
 Q = GGMLQuantizationType
 LANES = simd.LANES
@@ -267,10 +267,7 @@ def block_sums(xq: np.ndarray, xsum: np.ndarray, t0: int, t1: int) -> None:
     nb = xsum.shape[1]
     for t in range(t0, t1):
         for b in range(nb):
-            s = np.int32(0)
-            for j in range(32):
-                s = np.int32(s + np.int32(xq[t, b * 32 + j]))
-            xsum[t, b] = s
+            xsum[t, b] = block32_sum_i8(xq, t, b * 32)
 
 
 @njit(cache=True, nogil=True)
