@@ -321,21 +321,22 @@ def test_top_k_of_the_whole_array_is_a_stable_descending_sort():
 
 
 @njit
-def _block_reductions(x, q, out_bits, out_sums):
+def _block_reductions(x, q, out_max, out_sums):
     for t in range(x.shape[0]):
         for b in range(x.shape[1] // 32):
-            out_bits[t, b] = ops.block32_absmax_bits(x, t, 32 * b)
+            out_max[t, b] = ops.block32_absmax(x, t, 32 * b)
             out_sums[t, b] = ops.block32_sum_i8(q, t, 32 * b)
 
 
-def test_block_reductions_match_numpy_on_row_slices():
+@pytest.mark.parametrize("step", [1, 2])  # rows of adjacent elements (one vector load), and with gaps
+def test_block_reductions_match_numpy_on_row_slices(step):
     rng = np.random.default_rng(7)
-    wide = (rng.standard_normal((5, 160)) * 50).astype(np.float32)
-    wide[2, 40] = -1e30  # the largest magnitude is a negative value
-    qwide = rng.integers(-128, 128, (5, 160)).astype(np.int8)
-    x, q = wide[1:4, :128], qwide[1:4, :128]  # rows of a wider buffer, as the fused pass passes them
-    bits = np.empty((3, 4), np.uint32)
+    wide = (rng.standard_normal((5, 320)) * 50).astype(np.float32)
+    wide[2, 40 * step] = -1e30  # the largest magnitude is a negative value
+    qwide = rng.integers(-128, 128, (5, 320)).astype(np.int8)
+    x, q = wide[1:4, : 128 * step : step], qwide[1:4, : 128 * step : step]  # rows of a wider buffer
+    maxes = np.empty((3, 4), np.float32)
     sums = np.empty((3, 4), np.int32)
-    _block_reductions(x, q, bits, sums)
-    np.testing.assert_array_equal(bits.view(np.float32), np.abs(x).reshape(3, 4, 32).max(axis=2))
+    _block_reductions(x, q, maxes, sums)
+    np.testing.assert_array_equal(maxes, np.abs(x).reshape(3, 4, 32).max(axis=2))
     np.testing.assert_array_equal(sums, q.astype(np.int32).reshape(3, 4, 32).sum(axis=2))

@@ -634,9 +634,9 @@ def log_softmax_ref(x: np.ndarray) -> np.ndarray:
 
 # ----------------------------------------------------------------------------- 32-element block reductions
 # numba's pipeline fully unrolls a 32-iteration reduction and LLVM then leaves it scalar (31 compares and
-# moves); these load the block as one vector and reduce it with LLVM's reduction intrinsics. Both take
-# a 2-D array whose rows are contiguous (inner stride = item size: every caller's rows are) and the
-# block's first element (t, j0).
+# moves); ``block32_absmax`` and ``block32_sum_i8`` load a block as one vector and reduce it with LLVM's
+# reduction intrinsics when the row's elements are adjacent (every caller's rows are: views of whole rows
+# or of their first columns), and take the plain loop otherwise.
 
 
 def _block_pointer(context, builder, aryty, ary, t, j0, elem: ir.Type, n: int) -> ir.Value:
@@ -653,9 +653,8 @@ def _reduce(builder, name: str, v: ir.Value) -> ir.Value:
 
 
 @intrinsic
-def block32_absmax_bits(typingctx, x, t, j0):
-    """The largest |x[t, j0:j0+32]| as its float32 bit pattern (uint32): for floats that are not NaN,
-    |x| and its bits order the same way."""
+def _vector_absmax_bits(typingctx, x, t, j0):
+    """The largest |x[t, j0:j0+32]|'s bit pattern (uint32), the 32 floats read as one vector."""
     if not (isinstance(x, types.Array) and x.ndim == 2 and x.dtype == types.float32):
         return None
 
@@ -669,8 +668,8 @@ def block32_absmax_bits(typingctx, x, t, j0):
 
 
 @intrinsic
-def block32_sum_i8(typingctx, q, t, j0):
-    """sum(q[t, j0:j0+32]) of int8 values, as int32."""
+def _vector_sum_i8(typingctx, q, t, j0):
+    """sum(q[t, j0:j0+32]) of int8 values as int32, the 32 bytes read as one vector."""
     if not (isinstance(q, types.Array) and q.ndim == 2 and q.dtype == types.int8):
         return None
 
@@ -680,3 +679,26 @@ def block32_sum_i8(typingctx, q, t, j0):
         return _reduce(builder, "add", v)
 
     return types.int32(q, t, j0), codegen
+
+
+@njit(inline="always")
+def block32_absmax(x, t, j0):
+    """The largest |x[t, j0:j0+32]| of float32 x [T, n], taken on the bit patterns (for floats that are
+    not NaN, |x| and its bits order the same way): an integer maximum, which vectorizes."""
+    if x.strides[1] == x.itemsize:
+        return _u32_as_f32(_vector_absmax_bits(x, t, j0))
+    bits = np.uint32(0)
+    for j in range(32):
+        bits = max(bits, _f32_as_u32(x[t, j0 + j]) & np.uint32(0x7FFFFFFF))
+    return _u32_as_f32(bits)
+
+
+@njit(inline="always")
+def block32_sum_i8(q, t, j0):
+    """sum(q[t, j0:j0+32]) of int8 q [T, n], as int32."""
+    if q.strides[1] == 1:
+        return _vector_sum_i8(q, t, j0)
+    s = np.int32(0)
+    for j in range(32):
+        s = np.int32(s + np.int32(q[t, j0 + j]))
+    return s
