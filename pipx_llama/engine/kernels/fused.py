@@ -1,6 +1,6 @@
 """The forward pass as one numba function per thread: a table of stages, run by one loop.
 
-``run_eval`` evaluates a batch of T tokens through every layer and writes the logits. Each thread
+``team_part`` evaluates a batch of T tokens through every layer and writes the logits. Each thread
 of a context's :class:`Team` calls it with the same :class:`Bundle` and walks the same table of
 stages (see :mod:`pipx_llama.engine.kernels.runtime` for how items are shared without barriers).
 A stage is an operation applied to one layer; the table lists, for every layer,
@@ -77,7 +77,7 @@ MAX_TOKEN_TILE = 64  # tokens per matmul item in prompt processing (weights of a
 # least 4 items per thread (_mm_split), and 4 MiB measured the same as 1 MiB
 ITEM_BYTES = 1 << 20
 
-# Everything run_eval reads, in one argument. Shapes: hp int64 [HP_SIZE]; fp f32 [FP_SIZE]; par int64
+# Everything team_part reads, in one argument. Shapes: hp int64 [HP_SIZE]; fp f32 [FP_SIZE]; par int64
 # [PAR_SIZE]; stages int64 [n, 2]; arenas = (packed weights, mapped file) uint8; wdesc int64 [7L+1, 4];
 # need int64 [4L+1]; ldesc int64 [L, LD_SIZE]; vecs f32 [*] (norms, biases); cos, sin f32 [tables, n_ctx,
 # n_rot/2]; kc, vc uint16 [*] (F16 bits) or uint8 [*] (q8_0 blocks), layers at ldesc's rows; x, xb, proj f32
@@ -107,6 +107,12 @@ def _token_items(T, threads):
     """(items, tokens per item) for per-token work."""
     per = max(1, (T + 4 * threads - 1) // (4 * threads))
     return (T + per - 1) // per, per
+
+
+@njit(inline="always")
+def _attend_items(T, H, threads):
+    """Items of the attention stage: its (token, head) pairs are dealt round-robin over them."""
+    return min(T * H, 8 * threads) if T > 1 else min(T * H, 2 * threads)
 
 
 @njit(cache=True, nogil=True, _nrt=False)
@@ -146,7 +152,7 @@ def _mm_item(wdesc, widx, arenas, i, T, threads, a8, ak, out, res):
     return g0 * 16, min(wdesc[widx, WD_ROWS], g1 * 16), t0, t1
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, _nrt=False)
 def _quantize_rows(src, t0, t1, n, a8f, akf, T, need, table):
     """Activations of src[t0:t1, :n] in the formats ``need`` asks for, into [T, n] views of the buffers."""
     if need & packed.ACT_Q8:
@@ -173,9 +179,14 @@ def _actsk(n, T, akf):
             akf[4][: T * (n // 32)].reshape((T, n // 32)))
 
 
-@njit(inline="always")
+@njit(cache=True, nogil=True, _nrt=False)
 def _acts(n, T, a8f, akf):
-    """(Q8_1 views, Q8_K views) of the activation buffers for a [T, n] input."""
+    """(Q8_1 views, Q8_K views) of the activation buffers for a [T, n] input.
+
+    A function of its own, not inlined into its five callers: numba lowers each of the nine reshapes
+    anew at every inlined site, which took 4.6 s of SmolLM2's first compile (Zen 4); LLVM still
+    inlines the compiled function where it pays.
+    """
     kq, kd, _, kb16, kb32 = _actsk(n, T, akf)
     return _acts8(n, T, a8f), (kq, kd, kb16, kb32)
 
@@ -198,7 +209,7 @@ def _kv_layer(cache, b, li, base):
     return cache[off : off + rows * kvh * d].reshape((rows, kvh, d))
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, _nrt=False)
 def _norm_add(b, t, post, proj_t):
     """x[t] += proj[t], first normalised by the ``post`` norm where a family has one (Gemma)."""
     dim = b.hp[HP_DIM]
@@ -221,8 +232,7 @@ def n_items(op, li, T, threads, b):
         return (_mm_count(b.wdesc, wb + W_Q, T, threads) + _mm_count(b.wdesc, wb + W_K, T, threads)
                 + _mm_count(b.wdesc, wb + W_V, T, threads))
     if op == OP_ATTEND:
-        n_pairs = T * b.hp[HP_HEADS]
-        return min(n_pairs, 8 * threads) if T > 1 else min(n_pairs, 2 * threads)
+        return _attend_items(T, b.hp[HP_HEADS], threads)
     if op == OP_WO:
         return _mm_count(b.wdesc, wb + W_O, T, threads)
     if op == OP_GATE_UP:
@@ -236,7 +246,7 @@ def n_items(op, li, T, threads, b):
     return _token_items(T, threads)[0]
 
 
-@njit(cache=True, nogil=True)
+@njit(inline="always")
 def run_item(op, li, i, tid, T, threads, b):
     """Item i of stage (op, li)."""
     hp, fp, ld = b.hp, b.fp, b.ldesc
@@ -269,7 +279,7 @@ def run_item(op, li, i, tid, T, threads, b):
         _rope_and_cache(b, li, t0, t1)
     elif op == OP_ATTEND:
         n_pairs = T * H
-        n_att = n_items(OP_ATTEND, li, T, threads, b)
+        n_att = _attend_items(T, H, threads)
         q3 = b.q.reshape((b.q.shape[0], H, D))
         att3 = b.att.reshape((b.att.shape[0], H, D))
         window = ld[li, LD_WINDOW]
@@ -323,7 +333,7 @@ def run_item(op, li, i, tid, T, threads, b):
         _mm_item(b.wdesc, 7 * hp[HP_LAYERS], b.arenas, i, nlr, threads, a8, ak, b.logits, res)
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, _nrt=False)
 def _rope_and_cache(b, li, t0, t1):
     """Tokens t0..t1 of layer li: biases and per-head norms of q and k, RoPE, then K and V into the cache."""
     hp, ld = b.hp, b.ldesc
@@ -376,8 +386,48 @@ def _rope_and_cache(b, li, t0, t1):
 # ----------------------------------------------------------------------------- one evaluation
 
 
-@njit(cache=True, nogil=True)
-def run_eval(tid, tag, ctl, b):
+@njit(cache=True, nogil=True, _nrt=False)
+def team_part(tid, job, idle_ns, ctl, b):
+    """Thread ``tid``'s part in its team's evaluations: the forward pass's one compiled entry point.
+
+    The caller (``tid`` 0) evaluates evaluation ``job`` and returns 1, or 0 if it was superseded. A
+    worker waits for each evaluation after ``job`` and takes part in it; it returns the last one it
+    saw once ``idle_ns`` pass without a new one (the caller then sleeps in Python), or -1 when told
+    to stop. One function for both, with the stages inlined into it: numba optimizes and emits
+    machine code again for everything a compiled function calls, so each entry point that reaches
+    the stages cost a first run the whole pass's compile again (2.7 s of SmolLM2's 31 s, Zen 4).
+    """
+    while True:
+        if tid != 0:
+            nxt = _next_job(job, idle_ns, ctl)
+            if nxt == -1:
+                return -1
+            if nxt == -2:
+                return job
+            job = nxt
+        ok = _run_eval(tid, job, ctl, b)
+        if tid == 0:
+            return 1 if ok else 0
+
+
+@njit(inline="always")
+def _next_job(seen, idle_ns, ctl):
+    """The next evaluation after ``seen``; -1 when told to stop, -2 after ``idle_ns`` without one."""
+    spins = 0
+    since = runtime.monotonic_ns()
+    while True:
+        if runtime.atomic_load(ctl, runtime.CTL_STOP * runtime.LINE) != 0:
+            return -1
+        job = runtime.atomic_load(ctl, runtime.CTL_JOB * runtime.LINE)
+        if job != seen:
+            return job
+        spins = runtime.backoff(spins)
+        if spins > runtime.SPIN and (spins & 15) == 0 and runtime.monotonic_ns() - since > idle_ns:
+            return -2
+
+
+@njit(inline="always")
+def _run_eval(tid, tag, ctl, b):
     """Evaluate the batch described by ``b.par`` as thread ``tid``; False if it was superseded.
 
     The one loop: for each stage, take items until none is left, then wait until every taken
@@ -404,26 +454,6 @@ def run_eval(tid, tag, ctl, b):
     return True
 
 
-@njit(cache=True, nogil=True)
-def worker_loop(tid, seen, idle_ns, ctl, b):
-    """A worker: wait for each new evaluation and take part in it; return the last evaluation seen
-    after ``idle_ns`` without one (the caller then sleeps in Python), or -1 when told to stop."""
-    while True:
-        spins = 0
-        since = runtime.monotonic_ns()
-        while True:
-            if runtime.atomic_load(ctl, runtime.CTL_STOP * runtime.LINE) != 0:
-                return -1
-            job = runtime.atomic_load(ctl, runtime.CTL_JOB * runtime.LINE)
-            if job != seen:
-                break
-            spins = runtime.backoff(spins)
-            if spins > runtime.SPIN and (spins & 15) == 0 and runtime.monotonic_ns() - since > idle_ns:
-                return seen
-        seen = job
-        run_eval(tid, job, ctl, b)
-
-
 # ----------------------------------------------------------------------------- the team of threads
 
 
@@ -436,7 +466,7 @@ class _Shared:
         self.idle_ns = idle_ns
         self.cond = threading.Condition()
         self.sleeping = 0
-        self.worker_loop = _entry_point(worker_loop, (0, 0, idle_ns, ctl, bundle))
+        self.team_part = _entry_point(team_part, (0, 0, idle_ns, ctl, bundle))
 
 
 class Team:
@@ -457,7 +487,6 @@ class Team:
         for th in self._workers:
             th.start()
         self._finalizer = weakref.finalize(self, _stop, self._shared, list(self._workers))
-        self._run_eval = _entry_point(run_eval, (0, 0, self._shared.ctl, bundle))
 
     def run(self) -> None:
         sh = self._shared
@@ -466,7 +495,7 @@ class Team:
         if sh.sleeping:
             with sh.cond:
                 sh.cond.notify_all()
-        if not self._run_eval(0, self.tag, sh.ctl, sh.bundle):
+        if not sh.team_part(0, self.tag, sh.idle_ns, sh.ctl, sh.bundle):
             raise RuntimeError("forward pass superseded")  # cannot happen: only the caller publishes
 
     def close(self) -> None:
@@ -492,7 +521,7 @@ def _worker_main(sh: _Shared, tid: int) -> None:
     job_i, stop_i = runtime.CTL_JOB * runtime.LINE, runtime.CTL_STOP * runtime.LINE
     seen = 0
     while True:
-        seen = sh.worker_loop(tid, seen, sh.idle_ns, ctl, sh.bundle)
+        seen = sh.team_part(tid, seen, sh.idle_ns, ctl, sh.bundle)
         if seen < 0:
             return
         with sh.cond:
