@@ -20,7 +20,7 @@ from gguf.quants import dequantize
 from tinymodel import write_tiny_llama
 
 from pipx_llama.errors import ModelFileError
-from pipx_llama.formats.gguf import MAX_ARRAY, open_gguf
+from pipx_llama.formats.gguf import MAX_ARRAY, open_gguf, read_header
 
 T = GGMLQuantizationType
 V = GGUFValueType
@@ -297,6 +297,30 @@ def test_truncated_at_many_points(tmp_path: Path) -> None:
     # the padding after the last tensor is not needed
     path.write_bytes(blob[:data_end])
     assert open_gguf(path).tensors.keys() == g.tensors.keys()
+
+
+def test_the_header_of_a_download_under_way(tmp_path: Path) -> None:
+    """read_header finds the tensor table once the header has arrived, validated against the size the
+    file will have; before that, a cut or a sparse file's zeros are a ModelFileError, never a guess."""
+    full = tmp_path / "full.gguf"
+    write_tiny_llama(full, qtype=T.Q4_0, tokenizer="spm")
+    blob = full.read_bytes()
+    g = open_gguf(full)
+    part = tmp_path / "m.part"
+    part.write_bytes(blob[: g.data_offset])
+    metadata, tensors = read_header(part, len(blob))
+    assert tensors == g.tensors and metadata.keys() == g.metadata.keys()
+    with pytest.raises(ModelFileError, match="past the end"):
+        read_header(part, g.data_offset + 1)  # the size it will have is too small for its tensors
+    for cut in (0, 10, 100, g.data_offset // 2, g.data_offset - 200):  # (the last 1-31 bytes are padding)
+        part.write_bytes(blob[:cut])
+        with pytest.raises(ModelFileError):
+            read_header(part, len(blob))
+        with open(part, "r+b") as f:  # as a parallel download leaves it: the full size, zeros not yet written
+            f.truncate(len(blob))
+        with pytest.raises(ModelFileError):
+            read_header(part, len(blob))
+    g.close()
 
 
 # --- counts, lengths and sizes that do not fit the file -------------------------------------------

@@ -21,6 +21,7 @@ from httpserver import FileServer
 
 from pipx_llama.config import Config
 from pipx_llama.errors import DiskFullError, InsufficientResourcesError, UnsupportedModelError, UsageError
+from pipx_llama.events import ProgressEvent
 from pipx_llama.fetch.errors import OfflineError
 from pipx_llama.formats.gguf import open_gguf
 from pipx_llama.models.estimates import (
@@ -384,6 +385,35 @@ def test_shape_from_the_models_own_files(tmp_path, smollm2_path):
 
 class Stop(Exception):
     """Raised from a progress callback to interrupt a stage."""
+
+
+def test_the_kernels_start_compiling_once_the_header_has_downloaded(tmp_path, smollm2_path, monkeypatch):
+    """A one-file GGUF's weight types are read from the partial download as soon as its header is in,
+    so the background compile runs during the download, not after it."""
+    import pipx_llama.engine as engine
+    from pipx_llama.engine.warmup import weight_types
+
+    cfg = Config(home=tmp_path / "home", config_dir=tmp_path / "config")
+    store = Store(cfg.home)
+    started = []
+
+    def start_compile(types, emit):
+        digest, size = sha256(smollm2_path), smollm2_path.stat().st_size
+        started.append((types, store.partial_path(digest).exists(), store.has_blob(digest, size)))
+        emit(ProgressEvent("compile", "kernels", message="compiling kernels in the background (test)"))
+
+    monkeypatch.setattr(engine, "start_compile", start_compile)
+    with FileServer() as srv:
+        srv.put(f"/m/{smollm2_path.name}", file=smollm2_path)
+        srv.faults(f"/m/{smollm2_path.name}").rate = 8e6  # bytes/s per connection: about 3 s for 98 MB
+        m = smol_gguf_manifest(tmp_path, smollm2_path, srv.url("/m/"))
+        catalog = Catalog([parse_manifest(m.read_text(), str(m))])
+        p = make_plan("smol-gguf", hardware=hw(), config=cfg, catalog=catalog)
+        events = []
+        prepare(p, on_event=events.append, compile_ahead=True)
+    assert started[0] == (weight_types(smollm2_path), True, False)  # from the partial file, before the end
+    order = [e.kind for e in events if e.kind in ("compile", "verified")]
+    assert order[0] == "compile" and "verified" in order
 
 
 def test_gguf_is_fetched_and_a_second_prepare_touches_nothing(tmp_path, smollm2_path):

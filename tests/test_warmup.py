@@ -41,6 +41,16 @@ def test_weight_types_read_from_the_header(tmp_path: Path) -> None:
     assert weight_types(path) == types
 
 
+def test_weight_types_of_a_download_under_way(tmp_path: Path) -> None:
+    types = WeightTypes(Q.Q8_0, (Q.Q4_K, Q.Q6_K))
+    path = tmp_path / "m.gguf"
+    write_tiny_model_of(path, types)
+    blob = path.read_bytes()
+    part = tmp_path / "m.part"
+    part.write_bytes(blob[: len(blob) // 2])
+    assert weight_types(part, full_size=len(blob)) == types
+
+
 def test_a_tiny_model_takes_one_to_eight_matrix_types(tmp_path: Path) -> None:
     nine = (Q.F32, Q.F16, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q8_0, Q.Q4_K, Q.Q6_K)
     with pytest.raises(ValueError, match="1 to 8"):

@@ -53,15 +53,23 @@ class WeightTypes:
         return "-".join([self.embedding.name] + [q.name for q in self.matrices])
 
 
-def weight_types(path: str | Path) -> WeightTypes:
-    """The weight types of the GGUF model at ``path`` (from its header; raises ModelFileError)."""
-    from pipx_llama.formats.gguf import open_gguf
+def weight_types(path: str | Path, full_size: int | None = None) -> WeightTypes:
+    """The weight types of the GGUF model at ``path`` (from its header; raises ModelFileError).
 
-    g = open_gguf(path)
-    try:
-        tensors = [(t.name, t.shape, t.qtype) for t in g.tensors.values()]
-    finally:
-        g.close()
+    With ``full_size``, ``path`` is a download under way that will have that size: only its header
+    must have arrived (``formats.gguf.read_header``).
+    """
+    from pipx_llama.formats.gguf import open_gguf, read_header
+
+    if full_size is not None:
+        _, infos = read_header(path, full_size)
+        tensors = [(t.name, t.shape, t.qtype) for t in infos.values()]
+    else:
+        g = open_gguf(path)
+        try:
+            tensors = [(t.name, t.shape, t.qtype) for t in g.tensors.values()]
+        finally:
+            g.close()
     if not any(name == "token_embd.weight" for name, _, _ in tensors):
         from pipx_llama.engine.arch.base import bad_file
 

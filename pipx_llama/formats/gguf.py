@@ -278,6 +278,34 @@ def open_gguf(path: str | Path) -> GGUFFile:
                     np.frombuffer(mm, np.uint8))
 
 
+# Headers larger than this are not looked for in a download still under way (Gemma-3's 262k-token
+# vocabulary makes a 6 MB header; the tensor table adds under 100 KB).
+HEADER_READ_LIMIT = 64 << 20
+
+
+def read_header(path: str | Path, full_size: int) -> tuple[dict[str, Any], dict[str, TensorInfo]]:
+    """(metadata, tensors) of a GGUF file of which only the first bytes may be at ``path`` yet: a
+    download under way, which will have ``full_size`` bytes.
+
+    Every field is validated against ``full_size``, as ``open_gguf`` validates against the file's
+    size. Raises ModelFileError while the header has not all arrived (bytes not yet written read as
+    zeros in a sparse file, which fail to parse), or when it is damaged. Used to learn a model's
+    weight types while the rest of it downloads.
+    """
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            head = f.read(min(full_size, HEADER_READ_LIMIT))
+    except OSError as err:
+        raise ModelFileError(f"{path}: cannot read: {err.strerror or err}",
+                             "check the path and its permissions") from None
+    if len(head) < 24:
+        raise ModelFileError(f"{path}: only {len(head)} bytes so far, too few for a GGUF header",
+                             "wait for more of the download")
+    _, metadata, tensors, _ = _parse(path, memoryview(head), full_size)
+    return metadata, tensors
+
+
 # Parsed headers by file (device, inode, size), with a digest of the header bytes they came from: one
 # run opens its model up to four times (plan, compile-ahead, warm-up, load), and a 50k-260k-token
 # vocabulary takes 50-150 ms to parse each time, 2-6 ms to hash. A header rewritten in place does not

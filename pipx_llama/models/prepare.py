@@ -255,16 +255,56 @@ class _Pipeline:
         }
 
 
-def _compile_ahead(types_of: Callable[[], Any], emit: EventCallback) -> None:
+def _compile_ahead(types_of: Callable[[], Any], emit: EventCallback) -> bool:
     """Start the background compile of the kernels for the types ``types_of()`` gives (engine.start_compile);
-    a file it cannot read is left for the run itself to report."""
+    a file it cannot read is left for the run itself to report. False when there were no types to read."""
     from pipx_llama.engine import start_compile
 
     try:
         types = types_of()
     except PipxLlamaError:
-        return
+        return False
     start_compile(types, emit)
+    return True
+
+
+class _HeaderWatch:
+    """Relays a pull's events; while a one-file GGUF downloads, looks for its whole header in the
+    partial file and then starts the background compile for the weight types it names.
+
+    The compile (20 s for a 7B's kernels here) then runs while the rest of the file downloads
+    (minutes), not after it. The header is looked for when the download has 1 MiB, then each time it
+    has doubled: parallel parts fill the file out of order, so the count of bytes received does not
+    say when the header is complete, and a few failed reads of a partial header cost milliseconds.
+    """
+
+    FIRST_TRY = 1 << 20
+
+    def __init__(self, store: Store, variant: Variant, emit: EventCallback) -> None:
+        self.mf = variant.files[0]
+        self.path = store.partial_path(self.mf.sha256)
+        self.emit = emit
+        self.next_try = self.FIRST_TRY
+        self.started = False
+
+    @classmethod
+    def wanted(cls, variant: Variant) -> bool:
+        return variant.format == "gguf" and len(variant.files) == 1 and variant.files[0].size is not None
+
+    def __call__(self, ev: ProgressEvent) -> None:
+        self.emit(ev)
+        if self.started or ev.kind not in ("start", "progress") or ev.file != self.mf.path:
+            return
+        if ev.done < self.next_try:
+            return
+        self.next_try = 2 * ev.done
+        self.started = _compile_ahead(lambda: _partial_types(self.path, self.mf.size), self.emit)
+
+
+def _partial_types(path: Path, size: int) -> Any:
+    from pipx_llama.engine import weight_types
+
+    return weight_types(path, full_size=size)
 
 
 def _file_types(path: Path) -> Any:
@@ -390,7 +430,7 @@ def prepare(plan: RunPlan, *, pull_options: PullOptions | None = None, on_event:
     conversion (for quantizing the same weights again). A fetch-only plan stops after the fetch.
     ``compile_ahead`` starts compiling the engine's kernels for the model's weight types in a
     background process as soon as they are known (``compile`` events): while quantizing, which
-    writes them, or once the GGUF file is there.
+    writes them, once a one-file GGUF's header has downloaded, or once the GGUF file is there.
     """
     emit = on_event or _noop
     if plan.reference is not None and plan.reference.is_file:
@@ -422,7 +462,8 @@ def prepare(plan: RunPlan, *, pull_options: PullOptions | None = None, on_event:
                     "stage", "fetch", source=label, message=f"fetching {len(variant.files)} file(s)"
                 )
             )
-            pull(store, manifest, options, emit)
+            watch = compile_ahead and not plan.fetch_only and _HeaderWatch.wanted(variant)
+            pull(store, manifest, options, _HeaderWatch(store, variant, emit) if watch else emit)
             emit(ProgressEvent("stage-done", "fetch", source=label, message="all files verified"))
         if split_parts(variant) is not None:
             _merge_split(plan, store, manifest, variant, emit)
