@@ -36,7 +36,7 @@ from gguf import GGMLQuantizationType
 
 from pipx_llama.events import EventCallback, ProgressEvent
 
-COMPILING = "compiling kernels, first run only (about half a minute)..."
+COMPILING = "compiling kernels, first run only (about 20 s)..."  # SmolLM2: 20-23 s, 2 cores (bench_startup)
 _LABEL = "kernels"
 Q = GGMLQuantizationType
 
