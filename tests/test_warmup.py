@@ -104,7 +104,7 @@ if sys.argv[-1] == "background":
     result = start_compile(types).wait(timeout=1700)
     print(json.dumps({"ok": result.ok, "error": result.error}))
 else:
-    seconds = compile_kernels(types)
+    seconds = compile_kernels(types, helper=False)  # all in this process, to look at what it compiled
     kinds = sorted({str(sig[1].types[2]) for sig in packed.matmul_range.signatures})
     plain = sorted(n for n in dir(packed) if n.startswith("range_p_") and getattr(packed, n).signatures)
     print(json.dumps({"seconds": seconds, "kinds": kinds, "plain": plain, "simd": packed.SIMD}))
@@ -126,6 +126,37 @@ stats = {f.__name__: [sum(f.stats.cache_hits.values()), sum(f.stats.cache_misses
          for f in (fused.team_part,)}  # the entry point: its callees come with it
 print(json.dumps({"warm": warm, "stats": stats}))
 """
+
+
+_HELPER = """
+import json, pathlib, sys, tempfile
+from gguf import GGMLQuantizationType as Q
+from pipx_llama.engine import warmup
+from pipx_llama.engine.kernels import attention, fused
+types = warmup.WeightTypes(Q.Q8_0, (Q.Q4_1, Q.Q4_K, Q.Q6_K))
+with tempfile.TemporaryDirectory() as tmp:
+    path = pathlib.Path(tmp) / "m.gguf"
+    warmup.write_tiny_model_of(path, types, seed=3)
+    if sys.argv[1] == "helper":
+        warmup._helper_child(types)
+    else:
+        warmup._exercise(path)
+fs = [fused._mm_item, fused._rope_and_cache, attention._attend, fused._quantize_rows, fused._norm_add,
+      fused.n_items, fused._acts]
+print(json.dumps({f.__name__: [sum(f.stats.cache_hits.values()), sum(f.stats.cache_misses.values())]
+                  for f in fs}))
+"""
+
+
+@pytest.mark.slow
+def test_the_compile_helper_leaves_what_the_fused_pass_calls(tmp_path: Path) -> None:
+    """The helper process compiles the fused pass's callees from Python; the main compile must find every
+    one of them in the cache, so the argument types must be those the fused pass passes."""
+    cache = tmp_path / "cache"
+    helper = _python(_HELPER, cache, "helper")
+    assert all(misses == 1 for _, misses in helper.values()), helper
+    main = _python(_HELPER, cache, "main")
+    assert main == {name: [1, 0] for name in helper}, main
 
 
 @pytest.mark.slow

@@ -465,6 +465,10 @@ class Context:
     def _init_fused(self, kv_pool: tuple[np.ndarray, np.ndarray] | None = None) -> None:
         """The fused pass's bundle and thread team; ``kv_pool``: the flat K and V buffers of every slot of a
         pool (tokens of several sequences in one pass: engine/batch.py) instead of this context's cache."""
+        self._team = fused_kernels.Team(self.model.threads, self.fused_bundle(kv_pool))
+
+    def fused_bundle(self, kv_pool: tuple[np.ndarray, np.ndarray] | None = None) -> fused_kernels.Bundle:
+        """What the fused pass reads and writes for this context (its buffers become the context's)."""
         m, hp, b = self.model, self.model.hparams, self.n_batch
         pw = m.packed
         if pw is None:  # only reachable through a bug: the fused path is chosen only with packed weights
@@ -495,7 +499,7 @@ class Context:
         kc, vc = kv_pool if kv_pool is not None else (self.kv.k, self.kv.v)
         self._tpos = np.zeros(b, np.int64)  # each token's position
         self._tslot = np.zeros(b, np.int64)  # each token's slot in the pool (0: this context's cache)
-        bundle = fused_kernels.Bundle(
+        return fused_kernels.Bundle(
             hp=hpa, fp=fpa, par=self._par, stages=fused_kernels.stage_table(hp.n_layers),
             arenas=(pw.arena, m.gguf.data, packed.kind_set(pw.wdesc[:, 0])), wdesc=pw.wdesc, need=pw.need,
             ldesc=ldesc, vecs=pw.vecs,
@@ -506,7 +510,6 @@ class Context:
             res_all=np.empty((threads, 4, packed.LANES), np.float32), f16_table=_FP16_TABLE,
             gelu_table=ops.GELU_F16_TABLE, tpos=self._tpos, tslot=self._tslot,
         )
-        self._team = fused_kernels.Team(threads, bundle)
 
     @property
     def kv_bytes(self) -> int:

@@ -15,6 +15,11 @@ load); the on-disk cache is the hand-over, and a lock next to the marker keeps t
 compiling the same set at once. ``BackgroundCompile.wait`` reports a failed background compile as a
 ``compile`` event, and the foreground then compiles what is missing itself.
 
+With a second CPU, a helper process shares the compile: the main one walks the fused pass's callees
+forward (``kernels.fused.compile_stages``) and then compiles the pass itself, the helper walks them
+backward and then compiles the sampler's and the embedding's kernels; each finds in the cache what the
+other has finished, so one compile's wall time is shorter by about what the helper did.
+
 Used by the CLI as::
 
     from pipx_llama.engine import warm_up
@@ -36,7 +41,7 @@ from gguf import GGMLQuantizationType
 
 from pipx_llama.events import EventCallback, ProgressEvent
 
-COMPILING = "compiling kernels, first run only (about 20 s)..."  # SmolLM2: 20-23 s, 2 cores (bench_startup)
+COMPILING = "compiling kernels, first run only (about 20 s)..."  # SmolLM2: 16-19 s, 2 cores (bench_startup)
 _LABEL = "kernels"
 Q = GGMLQuantizationType
 
@@ -151,8 +156,12 @@ def _types_or_none(model_path: str | Path) -> WeightTypes | None:
         return None
 
 
-def compile_kernels(types: WeightTypes | None, on_event: EventCallback | None = None) -> float:
+def compile_kernels(types: WeightTypes | None, on_event: EventCallback | None = None, *,
+                    helper: bool = True) -> float:
     """Compile the kernels for ``types`` (None: ``write_tiny_model``'s) unless this cache has them.
+
+    With ``helper`` and a second CPU, a second process compiles part of them at the same time
+    (``_helper_child``); ``start_compile`` starts that one itself.
 
     Emits ``compile`` events (``message``: what happens). Another process compiling the same set
     holds its lock: this one waits for it, then finds the kernels compiled. Returns the seconds
@@ -185,12 +194,13 @@ def compile_kernels(types: WeightTypes | None, on_event: EventCallback | None = 
         t0 = time.perf_counter()
         with tempfile.TemporaryDirectory(prefix="pipx-llama-warmup-") as tmp:
             path = Path(tmp) / "tiny.gguf"
-            if types is None:
-                write_tiny_model(path)
-            else:
-                write_tiny_model_of(path, types)
-            _exercise(path)
-        _embedding_lookups(None if types is None else types.embedding)
+            _write_tiny(path, types)
+            helper = _start_helper(types) if helper else None
+            try:
+                _exercise(path)
+                _embedding_lookups(None if types is None else types.embedding)
+            finally:
+                _stop_helper(helper)
         seconds = time.perf_counter() - t0
         try:
             marker.write_text(f"{seconds:.1f}\n")
@@ -217,17 +227,73 @@ def _looks_like_gguf(path: str | Path) -> bool:
 
 
 def _exercise(path: Path) -> None:
+    from pipx_llama.engine.kernels import fused
     from pipx_llama.engine.model import load_model
     from pipx_llama.engine.sampler import Sampler, SamplerConfig
 
     model = load_model(path, threads=2)
     try:
+        if model.packed is not None:  # the fused pass's callees, walking towards the helper's walk
+            fused.compile_stages(model.new_context(32, fused=False).fused_bundle())
         ctx = model.new_context(32)
         ctx.eval([1, 5, 9, 200], all_logits=True)
         logits = ctx.eval([7])[-1]
         Sampler(SamplerConfig(top_k=2, seed=0)).sample(logits, [7])  # the sampler's top-k kernel
     finally:
         model.close()
+
+
+# A second process compiling beside the first: the fused pass's callees from the other end of the list,
+# then the sampler's and the embedding's kernels; each process finds in the on-disk cache what the
+# other has finished. SmolLM2's first compile, 2 cores: see the README's start-up figures.
+def _start_helper(types: WeightTypes | None):
+    import os
+
+    if (os.cpu_count() or 1) < 2:
+        return None
+    ctx = multiprocessing.get_context("spawn")
+    process = ctx.Process(target=_helper_child, args=(types,), name="pipx-llama-compile-helper", daemon=True)
+    try:
+        process.start()
+    except OSError:
+        return None  # no second process (limits, sandboxes): the first compiles everything, as before
+    return process
+
+
+def _stop_helper(process) -> None:
+    """Whatever the helper has not finished when the main compile has, the main compile did itself."""
+    if process is None:
+        return
+    process.join(timeout=0.5)
+    if process.is_alive():
+        process.terminate()  # numba writes each cache file whole (a temporary file, renamed)
+        process.join(timeout=5)
+
+
+def _helper_child(types: WeightTypes | None) -> None:
+    from pipx_llama.engine.kernels import fused
+    from pipx_llama.engine.model import load_model
+    from pipx_llama.engine.sampler import Sampler, SamplerConfig
+
+    with tempfile.TemporaryDirectory(prefix="pipx-llama-warmup-") as tmp:
+        path = Path(tmp) / "tiny.gguf"
+        _write_tiny(path, types)
+        model = load_model(path, threads=2)
+        try:
+            if model.packed is not None:
+                fused.compile_stages(model.new_context(32, fused=False).fused_bundle(), backward=True)
+            logits = np.zeros(model.hparams.n_vocab, np.float32)
+            Sampler(SamplerConfig(top_k=2, seed=0)).sample(logits, [7])
+        finally:
+            model.close()
+    _embedding_lookups(None if types is None else types.embedding)
+
+
+def _write_tiny(path: Path, types: WeightTypes | None) -> None:
+    if types is None:
+        write_tiny_model(path)
+    else:
+        write_tiny_model_of(path, types)
 
 
 def _embedding_lookups(qtype: GGMLQuantizationType | None = None) -> None:
@@ -260,9 +326,10 @@ class CompileResult:
 class BackgroundCompile:
     """A compile running in another process (``start_compile``); ``wait`` for its result."""
 
-    def __init__(self, process, conn, types: WeightTypes | None) -> None:
+    def __init__(self, process, conn, types: WeightTypes | None, helper=None) -> None:
         self._process = process
         self._conn = conn
+        self._helper = helper
         self.types = types
         self._result: CompileResult | None = None
 
@@ -276,6 +343,7 @@ class BackgroundCompile:
         self._process.join(timeout)
         if self._process.is_alive():
             return CompileResult(False, error="still compiling")
+        _stop_helper(self._helper)
         message = None
         try:
             if self._conn.poll():
@@ -312,7 +380,7 @@ def start_compile(types: WeightTypes | None,
     process = ctx.Process(target=_compile_child, args=(types, child), name="pipx-llama-compile", daemon=True)
     process.start()
     child.close()
-    job = BackgroundCompile(process, parent, types)
+    job = BackgroundCompile(process, parent, types, _start_helper(types))
     _RUNNING[_key(types)] = job
     if on_event is not None:
         on_event(ProgressEvent("compile", _LABEL, message=(
@@ -330,7 +398,7 @@ def _key(types: WeightTypes | None) -> str:
 
 def _compile_child(types: WeightTypes | None, conn) -> None:
     try:
-        seconds = compile_kernels(types)
+        seconds = compile_kernels(types, helper=False)  # the parent starts it: a daemon has no children
     except Exception as err:  # noqa: BLE001 (any failure is the parent's to report, not a silent exit)
         conn.send(("error", f"{type(err).__name__}: {err}"))
         raise SystemExit(1) from None

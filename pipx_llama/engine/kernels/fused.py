@@ -454,6 +454,54 @@ def _run_eval(tid, tag, ctl, b):
     return True
 
 
+# ----------------------------------------------------------------------------- compiling ahead
+
+
+def compile_stages(b: Bundle, backward: bool = False) -> None:
+    """Compile what ``team_part`` calls, for ``b``'s types, by calling each once from Python (row 0,
+    thread 0: it writes into ``b``'s buffers, so use a throwaway context's bundle).
+
+    Two processes can then share a first compile: one walks the list forward, then compiles
+    ``team_part``, the other walks it backward; each finds what the other has finished in the on-disk
+    cache, so they meet in the middle (engine.warmup). Argument types match those inside
+    ``team_part``, or its compile would not find these in the cache (tests/test_warmup.py checks that
+    it does).
+    """
+    dim, D = int(b.hp[HP_DIM]), int(b.hp[HP_HEAD_DIM])
+    steps = [  # the costliest last: the helper starts with it while the main compile starts at the top
+        lambda: n_items(OP_QKV, 0, 1, 1, b),
+        lambda: _norm_add(b, 0, -1, b.proj[0]),
+        lambda: _quantize_rows(b.xb, 0, 1, dim, b.a8f, b.akf, 1, b.need[0], b.f16_table),
+        lambda: _acts(dim, 1, b.a8f, b.akf),
+        lambda: _rope_and_cache(b, 0, 0, 1),
+        lambda: attention._attend(b.q[0, :D], _kv_view(b.kc, b), _kv_view(b.vc, b), 0, 0, 1, b.fp[FP_Q_SCALE],
+                                  b.fp[FP_KQ_SCALE], b.fp[FP_SOFTCAP], b.scratch[0], b.att[0, :D]),
+        lambda: _mm_item(b.wdesc, 0, b.arenas, 0, 1, 1, *_act_views(dim, 1, b.a8f, b.akf), b.q, b.res_all[0]),
+    ]
+    for step in reversed(steps) if backward else steps:
+        step()
+
+
+def _act_views(n: int, T: int, a8f: tuple, akf: tuple) -> tuple[tuple, tuple]:
+    """``_acts``' views, made by numpy: the compiled ``_acts`` cannot hand them to Python (it runs without
+    reference counting, so numba boxes each view as the buffer it came from)."""
+    nb = n // 32
+    a8 = (a8f[0][: T * n].reshape((T, n)), a8f[1][: T * nb].reshape((T, nb)),
+          a8f[2][: T * nb].reshape((T, nb)), a8f[3][: T * nb].reshape((T, nb)))
+    ak = (akf[0][: T * n].reshape((T, n)), akf[1][: T * (n // 256)].reshape((T, n // 256)),
+          akf[3][: T * (n // 16)].reshape((T, n // 16)), akf[4][: T * (n // 32)].reshape((T, n // 32)))
+    return a8, ak
+
+
+def _kv_view(cache: np.ndarray, b: Bundle) -> np.ndarray:
+    """Layer 0's [rows, KVH, D] view of a cache, as ``_kv_layer`` makes it."""
+    rows, kvh, d = int(b.ldesc[0, LD_KV_ROWS]), int(b.hp[HP_KV_HEADS]), int(b.hp[HP_HEAD_DIM])
+    if cache.itemsize == 1:
+        d = d // 32 * 34
+    off = int(b.ldesc[0, LD_KV_OFF]) * kvh * d
+    return cache[off : off + rows * kvh * d].reshape((rows, kvh, d))
+
+
 # ----------------------------------------------------------------------------- the team of threads
 
 
