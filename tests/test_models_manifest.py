@@ -199,6 +199,44 @@ def test_tampered_manifest_refused_with_specific_message(old, new, expect):
     assert re.search(expect, msg), msg
 
 
+WT = 'quantization = "Q8_0"\n'
+
+
+@pytest.mark.parametrize(
+    "declared,expect",
+    [
+        ('weight_types = "Q8_0"', r"weight_types: must be a table \{ embedding"),
+        ('weight_types = { embedding = "Q8_0" }', r"weight_types: must be a table"),
+        ('weight_types = { embedding = "Q8_0", matrices = [] }', r"matrices must list one type or more"),
+        ('weight_types = { embedding = "Q9_9", matrices = ["Q4_0"] }',
+         r"'Q9_9' is not a ggml type \(types: F32"),
+        ('weight_types = { embedding = "Q8_0", matrices = ["q4_0"] }', r"'q4_0' is not a ggml type"),
+    ],
+)
+def test_declared_weight_types_refused_with_specific_message(declared, expect):
+    msg = refused(GOOD.replace(WT, WT + declared + "\n", 1))
+    assert re.search(r"variants\[0\]\.weight_types", msg) and re.search(expect, msg), msg
+
+
+def test_declared_weight_types_parse_and_only_for_gguf():
+    declared = 'weight_types = { embedding = "Q8_0", matrices = ["Q4_1", "Q8_0", "Q4_1"] }\n'
+    m = parse_manifest(GOOD.replace(WT, WT + declared, 1), "t.toml")
+    assert m.variants[0].weight_types == ("Q8_0", ("Q4_1", "Q8_0"))
+    assert m.variants[1].weight_types is None
+    original = 'format = "meta-pth"\n'
+    declared = 'weight_types = { embedding = "F16", matrices = ["F16"] }\n'
+    msg = refused(GOOD.replace(original, original + declared))
+    assert "variants[1].weight_types: only a gguf variant declares its weight types" in msg, msg
+
+
+def test_the_default_models_declared_weight_types_are_its_headers(smollm2_path):
+    from pipx_llama.engine.warmup import weight_types
+    from pipx_llama.models.prepare import _declared_types
+
+    variant = load_catalog().resolve("smollm2").variants[0]
+    assert _declared_types(variant) == weight_types(smollm2_path)
+
+
 # every form pip would act on beyond "download this exact wheel" (tests/test_fetch_pip_source.py has more)
 HOSTILE_REQUIREMENTS = [
     "evilpkg @ http://example.invalid/evilpkg-1.0.tar.gz",

@@ -416,6 +416,27 @@ def test_the_kernels_start_compiling_once_the_header_has_downloaded(tmp_path, sm
     assert order[0] == "compile" and "verified" in order
 
 
+def test_declared_weight_types_start_the_compile_before_the_download(tmp_path, smollm2_path, monkeypatch):
+    import pipx_llama.engine as engine
+    from pipx_llama.engine.warmup import weight_types
+
+    cfg = Config(home=tmp_path / "home", config_dir=tmp_path / "config")
+    events: list = []
+    started = []
+    monkeypatch.setattr(engine, "start_compile", lambda types, emit: started.append((types, len(events))))
+    with FileServer() as srv:
+        srv.put(f"/m/{smollm2_path.name}", file=smollm2_path)
+        m = smol_gguf_manifest(tmp_path, smollm2_path, srv.url("/m/"))
+        m.write_text(m.read_text().replace('quantization = "Q4_1"\n', 'quantization = "Q4_1"\nweight_types = '
+                                           '{ embedding = "Q8_0", matrices = ["Q8_0", "Q4_1"] }\n'))
+        catalog = Catalog([parse_manifest(m.read_text(), str(m))])
+        p = make_plan("smol-gguf", hardware=hw(), config=cfg, catalog=catalog)
+        prepare(p, on_event=events.append, compile_ahead=True)
+    types, seen = started[0]
+    assert types == weight_types(smollm2_path)
+    assert [e.kind for e in events[:seen]] == ["stage"]  # before the download's first event
+
+
 def test_gguf_is_fetched_and_a_second_prepare_touches_nothing(tmp_path, smollm2_path):
     cfg = Config(home=tmp_path / "home", config_dir=tmp_path / "config")
     m = smol_gguf_manifest(tmp_path, smollm2_path, "https://127.0.0.1:9/none/")

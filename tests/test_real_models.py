@@ -67,6 +67,17 @@ def arch(request) -> str:
     return request.param
 
 
+def test_the_manifests_declared_weight_types_are_the_headers(request, arch):
+    """The bundled manifest's weight_types start the compile before the download: they must be the file's."""
+    from pipx_llama.engine.warmup import weight_types
+    from pipx_llama.models.manifest import load_catalog
+    from pipx_llama.models.prepare import _declared_types
+
+    name = {"gemma3": "gemma-3-270m", "qwen2": "qwen2.5-coder-1.5b-instruct"}[arch]
+    variant = load_catalog().resolve(name).variants[0]
+    assert _declared_types(variant) == weight_types(_path(request, arch))
+
+
 def test_tokenization_equals_llama_cpp(request, arch):
     path = _path(request, arch)
     g = open_gguf(path)

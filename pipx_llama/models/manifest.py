@@ -65,7 +65,10 @@ _TOP_KEYS = {
     "variants",
     "defaults",
 }
-_VARIANT_KEYS = {"name", "format", "quantization", "description", "files", "sources"}
+_VARIANT_KEYS = {"name", "format", "quantization", "description", "files", "sources", "weight_types"}
+# ggml type names a GGUF variant's ``weight_types`` may list (gguf-py's GGMLQuantizationType names)
+_GGML_TYPES = ("F32", "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K",
+               "Q6_K", "Q8_K", "IQ4_NL", "IQ4_XS")
 _FILE_KEYS = {"path", "size", "sha256"}
 _SOURCE_KEYS = {
     "url": {"type", "base"},
@@ -158,6 +161,9 @@ class Variant:
     sources: tuple[Source, ...]
     quantization: str | None = None
     description: str | None = None
+    # a GGUF variant's (token-embedding type, matrix types), ggml names, when the manifest declares them:
+    # the kernels for them compile while the file downloads (engine.warmup.WeightTypes)
+    weight_types: tuple[str, tuple[str, ...]] | None = None
 
     def file(self, path: str) -> ManifestFile:
         for f in self.files:
@@ -485,6 +491,7 @@ def _check_variant(c: _Checker, table: Any, where: str) -> Variant | None:
         c.bad(f"{where}.format", f"{_shown(fmt)} is not one of {', '.join(VARIANT_FORMATS)}")
     quant = c.string(table, "quantization", where, required=fmt == "gguf")
     description = c.string(table, "description", where, required=False)
+    weight_types = _check_weight_types(c, table.get("weight_types"), f"{where}.weight_types", fmt)
 
     files_raw = table.get("files")
     files: list[ManifestFile] = []
@@ -534,7 +541,27 @@ def _check_variant(c: _Checker, table: Any, where: str) -> Variant | None:
     if name is None or fmt not in VARIANT_FORMATS or len(files) != len(files_raw):
         return None
     return Variant(name=name, format=fmt, files=tuple(files), sources=tuple(sources),
-                   quantization=quant, description=description)
+                   quantization=quant, description=description, weight_types=weight_types)
+
+
+def _check_weight_types(c: _Checker, value: Any, where: str, fmt: Any) -> tuple[str, tuple[str, ...]] | None:
+    """``{ embedding = "Q8_0", matrices = ["Q4_1", "Q8_0"] }``: what the GGUF's header will say."""
+    if value is None:
+        return None
+    if fmt != "gguf":
+        c.bad(where, "only a gguf variant declares its weight types (the others are quantized here)")
+        return None
+    if not isinstance(value, dict) or set(value) != {"embedding", "matrices"}:
+        c.bad(where, 'must be a table { embedding = "TYPE", matrices = ["TYPE", ...] }')
+        return None
+    embedding, matrices = value["embedding"], value["matrices"]
+    names = [embedding] + (matrices if isinstance(matrices, list) else [])
+    bad = [n for n in names if n not in _GGML_TYPES]
+    if not isinstance(matrices, list) or not matrices or bad:
+        problem = f"{_shown(bad[0])} is not a ggml type" if bad else "matrices must list one type or more"
+        c.bad(where, f"{problem} (types: {', '.join(_GGML_TYPES)})")
+        return None
+    return embedding, tuple(dict.fromkeys(matrices))
 
 
 def parse_manifest(text: str, origin: str, *, allow_http: bool = False, bundled: bool = False) -> Manifest:

@@ -301,6 +301,16 @@ class _HeaderWatch:
         self.started = _compile_ahead(lambda: _partial_types(self.path, self.mf.size), self.emit)
 
 
+def _declared_types(variant: Variant) -> Any:
+    """The weight types the manifest says the variant's GGUF has (``weight_types``)."""
+    from gguf import GGMLQuantizationType as Q
+
+    from pipx_llama.engine import WeightTypes
+
+    embedding, matrices = variant.weight_types or ("", ())
+    return WeightTypes(Q[embedding], tuple(sorted({Q[m] for m in matrices})))
+
+
 def _partial_types(path: Path, size: int) -> Any:
     from pipx_llama.engine import weight_types
 
@@ -430,7 +440,8 @@ def prepare(plan: RunPlan, *, pull_options: PullOptions | None = None, on_event:
     conversion (for quantizing the same weights again). A fetch-only plan stops after the fetch.
     ``compile_ahead`` starts compiling the engine's kernels for the model's weight types in a
     background process as soon as they are known (``compile`` events): while quantizing, which
-    writes them, once a one-file GGUF's header has downloaded, or once the GGUF file is there.
+    writes them, before a GGUF downloads when its manifest declares them (``weight_types``), once a
+    one-file GGUF's header has downloaded, or once the GGUF file is there.
     """
     emit = on_event or _noop
     if plan.reference is not None and plan.reference.is_file:
@@ -462,6 +473,8 @@ def prepare(plan: RunPlan, *, pull_options: PullOptions | None = None, on_event:
                     "stage", "fetch", source=label, message=f"fetching {len(variant.files)} file(s)"
                 )
             )
+            if compile_ahead and not plan.fetch_only and variant.weight_types is not None:
+                _compile_ahead(lambda: _declared_types(variant), emit)  # a header that differs corrects it
             watch = compile_ahead and not plan.fetch_only and _HeaderWatch.wanted(variant)
             pull(store, manifest, options, _HeaderWatch(store, variant, emit) if watch else emit)
             emit(ProgressEvent("stage-done", "fetch", source=label, message="all files verified"))
