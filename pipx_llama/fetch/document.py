@@ -5,6 +5,9 @@ the bytes read are capped (``max_bytes``, checked against Content-Length first a
 reading), the whole transfer has a deadline, and only the identity encoding is accepted: a body
 that is gzip- or brotli-compressed would be decoded without bound (a few megabytes of a "gzip bomb"
 expand to gigabytes), so one the server compresses although it was asked not to is refused.
+
+httpx is imported inside the functions that send requests, when a download starts: 60 ms that every
+other start-up (planning, a model already in the store) need not pay.
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ def fetch_document(url: str, *, max_bytes: int, token: str | None = None, allow_
     a timeout, a 5xx) or ``FetchError`` (what the server sent is not acceptable: another status, a body
     too large, too slow or content-encoded), each naming the URL without its query string.
     """
-    import httpx  # imported when a download starts: 60 ms that every other start-up need not pay
+    import httpx  # here, not at the top: see the module docstring
 
     shown = redact_url(url)
     headers = {

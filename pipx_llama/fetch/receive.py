@@ -20,6 +20,9 @@ Wide reads
     parses each read in Python and each hashlib call has to win the GIL back from the receiving
     thread: fewer, bigger chunks cut the client's CPU from about 1.6 to 1.4 s/GiB on loopback
     (benchmarks/bench_fetch.py).
+
+httpx is imported inside the functions that send requests, when a download starts: 60 ms that every
+other start-up (planning, a model already in the store) need not pay.
 """
 
 from __future__ import annotations
@@ -94,7 +97,7 @@ class Receiver:
 
         Runs in the calling thread before any other starts: its events go to ``emit`` at once.
         """
-        import httpx  # imported when a download starts: 60 ms that every other start-up need not pay
+        import httpx  # here, not at the top: see the module docstring
 
         o = self.opt
         source = self.source
@@ -199,7 +202,7 @@ class Receiver:
     def _fetch_part(
         self, part: Part, resp: httpx.Response | None, stop: threading.Event, writer: Writer
     ) -> None:
-        import httpx  # imported when a download starts: 60 ms that every other start-up need not pay
+        import httpx  # here, not at the top: see the module docstring
 
         parts, source = self.parts, self.source
         attempt = 0
@@ -290,7 +293,7 @@ class Receiver:
         A block is the list of chunks as httpx delivered them (no copying); it is queued when it is big
         enough or _FLUSH_AFTER seconds old, so slow connections still show progress and checkpoint.
         """
-        import httpx  # imported when a download starts: 60 ms that every other start-up need not pay
+        import httpx  # here, not at the top: see the module docstring
 
         _widen_reads(resp)
         chunks = resp.iter_raw()

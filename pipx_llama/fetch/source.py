@@ -24,6 +24,9 @@ Failures
     download: 404/410 (``SourceNotFound``: the caller tries its next source), 401/403 (``AccessDenied``
     with what to do for gated or expired links), an unverifiable certificate, a host name that does not
     resolve. ``give_up_after`` seconds without a byte from the source, retries included, end it too.
+
+httpx is imported inside the functions that send requests, when a download starts: 60 ms that every
+other start-up (planning, a model already in the store) need not pay.
 """
 
 from __future__ import annotations
@@ -122,7 +125,7 @@ _SSL_CONTEXTS: dict[tuple[str | None, str | None], ssl.SSLContext] = {}
 
 def _ssl_context() -> ssl.SSLContext:
     """httpx's verifying context (certifi, or SSL_CERT_FILE / SSL_CERT_DIR), built once per setting."""
-    import httpx  # imported when a download starts: 60 ms that every other start-up need not pay
+    import httpx  # here, not at the top: see the module docstring
 
     key = (os.environ.get("SSL_CERT_FILE"), os.environ.get("SSL_CERT_DIR"))
     ctx = _SSL_CONTEXTS.get(key)
@@ -191,7 +194,7 @@ class Source:
 
     def open(self) -> None:
         """Make the client (its connection pool) the download's requests go through."""
-        import httpx  # imported when a download starts: 60 ms that every other start-up need not pay
+        import httpx  # here, not at the top: see the module docstring
 
         o = self.opt
         timeout = httpx.Timeout(connect=o.timeout, read=o.stall_timeout, write=o.timeout, pool=o.timeout)
@@ -215,7 +218,7 @@ class Source:
     # ---- requests
 
     def request(self, start: int | None, end: int | None, conditional: bool) -> httpx.Response:
-        import httpx  # imported when a download starts: 60 ms that every other start-up need not pay
+        import httpx  # here, not at the top: see the module docstring
 
         headers = {"Accept-Encoding": "identity"}
         if start is not None:
@@ -351,7 +354,7 @@ class Source:
 
     def reason(self, exc: BaseException) -> tuple[str, float | None]:
         """Why an attempt failed, and the server's Retry-After; raises for errors not worth retrying."""
-        import httpx  # imported when a download starts: 60 ms that every other start-up need not pay
+        import httpx  # here, not at the top: see the module docstring
 
         if isinstance(exc, Retry):
             return exc.reason, exc.retry_after
