@@ -38,6 +38,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "tests"))
+
+from httpserver import ServerProcess as Server  # noqa: E402
+
 MiB = 1 << 20
 
 
@@ -51,28 +55,6 @@ def make_file(path: Path, size: int) -> str:
             digest.update(block)
             left -= len(block)
     return digest.hexdigest()
-
-
-class Server:
-    """tests/httpserver.py in its own process (so it does not share our GIL), serving one file at /f."""
-
-    def __init__(self, path: Path, workdir: Path, rate: float = 0) -> None:
-        portfile = workdir / f"port-{os.getpid()}-{int(rate)}"
-        code = ("import sys; sys.path.insert(0, sys.argv[1]); import httpserver; "
-                "httpserver.serve_cli(sys.argv[2:])")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-c", code, str(REPO / "tests"), str(path), str(portfile), str(rate)]
-        )
-        deadline = time.monotonic() + 30
-        while not portfile.exists():
-            if time.monotonic() > deadline or self.proc.poll() is not None:
-                raise RuntimeError("test server did not start")
-            time.sleep(0.02)
-        self.url = f"http://127.0.0.1:{portfile.read_text()}/f"
-
-    def close(self) -> None:
-        self.proc.kill()
-        self.proc.wait()
 
 
 def timed_child(cmds: list[list[str]]) -> tuple[float, float]:

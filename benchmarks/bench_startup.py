@@ -36,6 +36,9 @@ from bench_engine import default_model  # noqa: E402
 
 from pipx_llama.models.manifest import render_manifest  # noqa: E402
 
+sys.path.insert(0, str(REPO / "tests"))
+from httpserver import ServerProcess  # noqa: E402
+
 PIPX_LLAMA = [sys.executable, "-m", "pipx_llama.cli"]
 
 
@@ -54,32 +57,6 @@ def fresh_env(base: dict[str, str], root: Path) -> dict[str, str]:
     return {**base, "XDG_CACHE_HOME": str(cache), "NUMBA_CACHE_DIR": str(cache / "numba")}
 
 
-class Server:
-    """tests/httpserver.py in its own process (so it does not share the run's GIL), serving ``path`` by its
-    name, each of the run's connections capped at ``rate`` bytes/s."""
-
-    def __init__(self, path: Path, workdir: Path, rate: float) -> None:
-        portfile = workdir / "port"
-        code = ("import sys, os, threading; sys.path.insert(0, sys.argv[1]); import httpserver; "
-                "srv = httpserver.FileServer(); srv.put('/' + sys.argv[3], file=sys.argv[2]); "
-                "srv.faults('/' + sys.argv[3]).rate = float(sys.argv[4]); "
-                "open(sys.argv[5] + '.tmp', 'w').write(str(srv.port)); "
-                "os.replace(sys.argv[5] + '.tmp', sys.argv[5]); "
-                "threading.Event().wait()")
-        self.proc = subprocess.Popen([sys.executable, "-c", code, str(REPO / "tests"), str(path), path.name,
-                                      str(rate), str(portfile)])
-        deadline = time.monotonic() + 30
-        while not portfile.exists():
-            if time.monotonic() > deadline or self.proc.poll() is not None:
-                raise SystemExit("the test server did not start")
-            time.sleep(0.02)
-        self.base = f"http://127.0.0.1:{portfile.read_text()}/"
-
-    def close(self) -> None:
-        self.proc.kill()
-        self.proc.wait()
-
-
 def sha256_of(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
@@ -92,7 +69,7 @@ def first_run_from_a_download(model: Path, digest: str, base: dict[str, str], ro
                               connections: int = 4) -> tuple[float, float]:
     """(download seconds, seconds from the download's end to the run's end) of one first run."""
     work = Path(tempfile.mkdtemp(prefix="first-run-", dir=root))
-    server = Server(model, work, mb_per_s * 1e6 / connections)
+    server = ServerProcess(model, work, mb_per_s * 1e6 / connections, name=model.name)
     try:
         manifest = work / "bench-model.toml"
         manifest.write_text(render_manifest({

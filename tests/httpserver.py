@@ -14,7 +14,7 @@ byte at an absolute offset, Range ignored (200 + whole body), queued statuses wi
 per-connection rate cap in bytes/s, chunked responses without Content-Length, a fresh ETag per response
 (a load balancer), no Last-Modified, a whole-file Range answered 200.
 
-For benchmarks the server also runs as a separate process: ``serve_cli()`` (see its docstring).
+For benchmarks the server also runs as a separate process: ``ServerProcess`` (``serve_cli()`` in it).
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ import re
 import socket
 import socketserver
 import ssl
+import subprocess
 import sys
 import threading
 import time
@@ -419,18 +420,43 @@ class FileServer:
 
 
 def serve_cli(argv: list[str] | None = None) -> None:
-    """Serve one file from another process: ``serve_cli([FILE, PORTFILE, RATE_OR_0])``.
+    """Serve one file from another process: ``serve_cli([FILE, PORTFILE, RATE_OR_0[, NAME]])``.
 
-    The file is published at ``/f``; the chosen port is written to PORTFILE; a RATE above 0 caps each
-    connection at that many bytes/s. Runs until killed.
+    The file is published at ``/NAME`` (``/f`` without one); the chosen port is written to PORTFILE; a
+    RATE above 0 caps each connection at that many bytes/s. Runs until killed.
     """
     args = sys.argv[1:] if argv is None else argv
     path, portfile, rate = Path(args[0]), Path(args[1]), float(args[2])
+    where = "/" + (args[3] if len(args) > 3 else "f")
     srv = FileServer()
-    srv.put("/f", file=path)
+    srv.put(where, file=path)
     if rate > 0:
-        srv.faults("/f").rate = rate
+        srv.faults(where).rate = rate
     tmp = portfile.with_suffix(".tmp")
     tmp.write_text(str(srv.port))
     os.replace(tmp, portfile)
     threading.Event().wait()
+
+
+class ServerProcess:
+    """``serve_cli`` in a process of its own (so it does not share the benchmark's GIL): ``url`` serves
+    ``path`` at ``/NAME``, each connection capped at ``rate`` bytes/s (0: no cap)."""
+
+    def __init__(self, path: Path, workdir: Path, rate: float = 0, name: str = "f") -> None:
+        portfile = workdir / f"port-{os.getpid()}-{name}-{int(rate)}"
+        code = ("import sys; sys.path.insert(0, sys.argv[1]); import httpserver; "
+                "httpserver.serve_cli(sys.argv[2:])")
+        here = str(Path(__file__).resolve().parent)
+        self.proc = subprocess.Popen([sys.executable, "-c", code, here, str(path), str(portfile), str(rate),
+                                      name])
+        deadline = time.monotonic() + 30
+        while not portfile.exists():
+            if time.monotonic() > deadline or self.proc.poll() is not None:
+                raise RuntimeError("test server did not start")
+            time.sleep(0.02)
+        self.base = f"http://127.0.0.1:{portfile.read_text()}/"
+        self.url = self.base + name
+
+    def close(self) -> None:
+        self.proc.kill()
+        self.proc.wait()
