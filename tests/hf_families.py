@@ -111,10 +111,11 @@ def llama_cpp_tree(data_dir: Path) -> Path:
 def llama_models_dir() -> Path:
     """llama.cpp's ``models/`` folder (vocab files) from the sdist, or a skip (a failure where CI requires
     test data) with the reason."""
-    from conftest import _data_dir, _unavailable
+    from conftest import _data_dir, _data_lock, _unavailable
 
     try:
-        return llama_cpp_tree(_data_dir()) / "models"
+        with _data_lock():
+            return llama_cpp_tree(_data_dir()) / "models"
     except (PipxLlamaError, OSError, tarfile.TarError) as err:
         _unavailable("llama.cpp's sources from the llama-cpp-python sdist", err)
         raise

@@ -228,7 +228,8 @@ def test_ctrl_c_while_a_turn_is_prepared_keeps_the_session(model, monkeypatch):
 
 def _spawn(args: list[str], tmp_path, env: dict | None = None):
     pexpect = pytest.importorskip("pexpect")
-    child_env = {k: v for k, v in os.environ.items() if k != "NO_COLOR"}
+    # the pseudo-terminal's size is the width; COLUMNS and LINES would override it (pytest-xdist sets them)
+    child_env = {k: v for k, v in os.environ.items() if k not in ("NO_COLOR", "COLUMNS", "LINES")}
     child_env.update({"TERM": "xterm-256color", "PIPX_LLAMA_HISTORY": str(tmp_path / "history"),
                       "PROMPT_TOOLKIT_NO_CPR": "1", **(env or {})})
     child = pexpect.spawn(sys.executable, ["-m", "pipx_llama.cli", *args],

@@ -1,10 +1,12 @@
 """``pipx-llama doctor``: the hardware and, per known model, what would run here and whether it fits -- as
-text
-and as JSON, with the RAM/disk overrides, an installed model, and a model that needs a URL."""
+text and as JSON, with the RAM/disk overrides, an installed model, and a model that needs a URL."""
 
 from __future__ import annotations
 
 import json
+import shutil
+import tempfile
+from pathlib import Path
 
 import pytest
 from test_models_plan import smol_gguf_manifest
@@ -87,8 +89,15 @@ def test_text_report_installed_model_and_url_note(env, capsys, tmp_path, smollm2
 
 @pytest.mark.parametrize("columns", [80, 120])
 def test_the_report_fits_the_terminal(env, capsys, columns):
+    # the store's path is printed whole (it is copied from there), so it must fit: pytest's own temporary
+    # folders can be longer than 71 characters (under pytest-xdist, say)
+    home = Path(tempfile.mkdtemp(prefix="pl-")) / "home"
+    env.setenv("PIPX_LLAMA_HOME", str(home))
     env.setenv("COLUMNS", str(columns))
-    code, out = doctor(capsys)
+    try:
+        code, out = doctor(capsys)
+    finally:
+        shutil.rmtree(home.parent)
     assert code == 0
     lines = out.splitlines()
     assert max(map(len, lines)) <= columns
