@@ -302,22 +302,26 @@ def test_small_filesystem_precheck_then_disk_full_mid_download_resumes(srv, tmpf
     srv.faults("/r/m.gguf").rate = 3 * MB
     filler = tmpfs / "filler"
 
+    seen: list[int] = []  # the partial's size when the filler started (in the message if this fails)
+
     def fill() -> None:
         deadline = time.monotonic() + 30
-        while store.partial_size(sha(data)) < MB and time.monotonic() < deadline:
+        while (size := store.partial_size(sha(data))) < MB and time.monotonic() < deadline:
             time.sleep(0.02)
+        seen.append(size)
         with open(filler, "wb") as f, contextlib.suppress(OSError):
             while True:
                 f.write(b"\0" * 65536)
                 f.flush()
     t = threading.Thread(target=fill)
     t.start()
+    events: list = []
     try:
         with pytest.raises(DiskFullError) as exc:
-            pull(store, m)
+            pull(store, m, on_event=events.append)
     finally:
         t.join()
-    assert "resume" in exc.value.hint
+    assert "resume" in exc.value.hint, (seen, events)
     [part] = store.partials()
     assert part.size >= MB and store.blobs() == []
     filler.unlink()
