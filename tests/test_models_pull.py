@@ -25,6 +25,7 @@ from tinymodel import write_tiny_llama
 from pipx_llama.errors import DiskFullError
 from pipx_llama.fetch.errors import OfflineError
 from pipx_llama.fetch.http import FetchOptions
+from pipx_llama.fetch.resume import partial_progress
 from pipx_llama.models.estimates import estimated_file_size
 from pipx_llama.models.imports import import_gguf
 from pipx_llama.models.manifest import Manifest, ManifestError, load_catalog, parse_manifest, render_manifest
@@ -297,31 +298,19 @@ def test_small_filesystem_precheck_then_disk_full_mid_download_resumes(srv, tmpf
     assert str(tmpfs / "store") in exc.value.message and "need 6.0 MB" in exc.value.message
     assert srv.requests == []
 
-    # now the disk has room, but something else fills it while we download
+    # now the disk has room, but something else fills it while we download, once the resume state records
+    # 1 MB (the state itself, not the partial's size: a finished download has a full-size file and no state)
     subprocess.run(["mount", "-o", "remount,size=8m", str(tmpfs)], check=True)
     srv.faults("/r/m.gguf").rate = 3 * MB
     filler = tmpfs / "filler"
-
-    seen: list[int] = []  # the partial's size when the filler started (in the message if this fails)
-
-    def fill() -> None:
-        deadline = time.monotonic() + 30
-        while (size := store.partial_size(sha(data))) < MB and time.monotonic() < deadline:
-            time.sleep(0.02)
-        seen.append(size)
-        with open(filler, "wb") as f, contextlib.suppress(OSError):
-            while True:
-                f.write(b"\0" * 65536)
-                f.flush()
-    t = threading.Thread(target=fill)
-    t.start()
+    t = _fill_when(filler, lambda: (partial_progress(store.partial_path(sha(data))) or (0,))[0])
     events: list = []
     try:
         with pytest.raises(DiskFullError) as exc:
-            pull(store, m, on_event=events.append)
+            pull(store, m, PullOptions(fetch=FetchOptions(checkpoint_interval=0.2)), on_event=events.append)
     finally:
         t.join()
-    assert "resume" in exc.value.hint, (seen, events)
+    assert "resume" in exc.value.hint, (t.seen, events)
     [part] = store.partials()
     assert part.size >= MB and store.blobs() == []
     filler.unlink()
@@ -330,6 +319,50 @@ def test_small_filesystem_precheck_then_disk_full_mid_download_resumes(srv, tmpf
     r = pull(store, m)
     assert r.fetched == ["m.gguf"] and store.blob_path(sha(data)).read_bytes() == data
     assert srv.bytes_sent <= len(data) - part.size + (1 << 20)
+
+
+def _fill_when(filler: Path, progress) -> threading.Thread:
+    """A started thread that fills the disk of ``filler`` once ``progress()`` reaches 1 MB (or after 30 s);
+    ``.seen`` is the progress it saw then."""
+    def fill() -> None:
+        deadline = time.monotonic() + 30
+        while (size := progress()) < MB and time.monotonic() < deadline:
+            time.sleep(0.02)
+        t.seen = size
+        with open(filler, "wb") as f, contextlib.suppress(OSError):
+            while True:
+                f.write(b"\0" * 65536)
+                f.flush()
+    t = threading.Thread(target=fill)
+    t.seen = None
+    t.start()
+    return t
+
+
+def test_a_disk_full_before_any_save_claims_nothing_kept(srv, tmpfs):
+    """The disk fills after 1 MB is written but before the resume state was saved with it: that save then
+    fails too, so the hint must not promise the bytes (a next run starts over), and the store agrees."""
+    data = blob(6 * MB, 12)
+    srv.put("/r/m.gguf", data)
+    srv.faults("/r/m.gguf").rate = 3 * MB
+    subprocess.run(["mount", "-o", "remount,size=8m", str(tmpfs)], check=True)
+    m = make_manifest({"m.gguf": data}, [{"type": "url", "base": srv.url("/r/")}])
+    store = Store(tmpfs / "store")
+
+    def written() -> int:  # blocks on disk: the partial is a sparse file of the full length from the start
+        try:
+            return store.partial_path(sha(data)).stat().st_blocks * 512
+        except FileNotFoundError:
+            return 0
+    t = _fill_when(tmpfs / "filler", written)
+    try:
+        with pytest.raises(DiskFullError) as exc:
+            pull(store, m, PullOptions(fetch=FetchOptions(checkpoint_interval=60)))
+    finally:
+        t.join()
+    assert t.seen >= MB
+    assert "kept" not in exc.value.hint and "resume" not in exc.value.hint, exc.value.hint
+    assert [p.size for p in store.partials()] in ([], [0])
 
 
 @pytest.fixture

@@ -84,7 +84,11 @@ def is_disk_full(exc: OSError) -> bool:
 
 
 def disk_full_error(dest: Path, name: str, parts: Parts) -> DiskFullError:
-    """The error for a disk too full to hold the rest of the download of ``name`` at ``dest``."""
+    """The error for a disk too full to hold the rest of the download of ``name`` at ``dest``.
+
+    Its hint counts only what the resume state on disk records: the state's own save can fail on the
+    full disk. The download makes it again once the attempt has tried its last save.
+    """
     folder = str(dest.parent)
     with parts.lock:
         done = sum(p.done for p in parts.items)
@@ -94,7 +98,7 @@ def disk_full_error(dest: Path, name: str, parts: Parts) -> DiskFullError:
         f"not enough disk space for {name} in {folder}: "
         f"{human(needed)} still needed, {human(free)} free",
         "free some space (or point PIPX_LLAMA_HOME at a bigger disk) and run the same command again"
-        + parts.kept(": "),
+        + parts.kept(": ", saved=True),
         folder=folder, needed=needed, free=free,
     )
 

@@ -156,6 +156,10 @@ class _Job:
                 try:
                     digest, length = self._transfer(saved)
                     break
+                except DiskFullError:
+                    # made again now the attempt has ended: its last resume-state save (or the failure
+                    # to save one on the full disk) decides what the hint may say is kept
+                    raise self._disk_full() from None
                 except Restart as r:
                     saved = None
                     discard_partial(self.dest)
@@ -210,6 +214,8 @@ class _Job:
             if is_disk_full(exc):
                 raise self._disk_full() from None
             raise
+        with self.parts.lock:
+            self.parts.kept_bytes = sum(done for _, _, done in snap["parts"])
 
     def _checkpoint(self, fd: int) -> None:
         with self.parts.lock:

@@ -95,6 +95,7 @@ class Parts:
         self.error: BaseException | None = None
         self.session_bytes = 0
         self.saved_bytes = 0   # session_bytes when the resume state was last snapshotted
+        self.kept_bytes = 0    # bytes the resume state on disk records: where a next run resumes
         self.session_received = 0
         self.session_start = time.monotonic()
         self.last_byte = self.session_start   # when the source last sent a byte (or the call began)
@@ -140,6 +141,7 @@ class Parts:
         for p in items:
             p.queued = p.reserved = p.done
         self.ranges, self.decode = True, False
+        self.kept_bytes = sum(p.done for p in items)
 
     def frontier(self) -> int:
         with self.lock:
@@ -232,10 +234,14 @@ class Parts:
         busy = sum(1 for p in self.items if p.active and not p.complete) or 1
         return self.session_bytes - self.saved_bytes >= self.opt.checkpoint_bytes * busy
 
-    def kept(self, lead: str) -> str:
-        """What the next run can build on, for a hint (``lead`` + text), or '' when nothing is kept."""
+    def kept(self, lead: str, *, saved: bool = False) -> str:
+        """What the next run can build on, for a hint (``lead`` + text), or '' when nothing is kept.
+
+        The bytes written so far, which the attempt's last resume-state save records as it ends; with
+        ``saved`` (that save may fail: a full disk) only what the state on disk records now.
+        """
         with self.lock:
-            done = sum(p.done for p in self.items)
+            done = self.kept_bytes if saved else sum(p.done for p in self.items)
             resumable = self.ranges and not self.decode
         if not done:
             return ""
