@@ -109,3 +109,46 @@ def test_state_of_another_file_is_discarded(server, tmp_path):
     Path(str(dest) + ".json").write_text(json.dumps({"version": 1, "sha256": "1" * 64, "size": len(data)}))
     download(url, dest, size=len(data), sha256=sha(data), options=opts())
     assert dest.read_bytes() == data
+
+
+# ---- the spare state file (a save on a full disk)
+
+
+def test_the_newer_of_state_and_spare_is_resumed_and_a_torn_spare_is_not(server, tmp_path):
+    """A state saved into the spare (the disk was full) is newer than the state file: the next call
+    resumes from it. A spare torn by a crash is not JSON: the state file's older, smaller count is used."""
+    from pipx_llama.fetch.resume import SPARE_BYTES, save_spare, spare_path, state_path
+
+    data = blob(4 * MB, 9)
+    url = server.put("/r", data)
+    dest = tmp_path / "r.part"
+    server.faults("/r").drop_after = MB
+    with pytest.raises(NetworkError):
+        download(url, dest, size=len(data), sha256=sha(data), options=opts(max_retries=0))
+    assert spare_path(dest).stat().st_size == SPARE_BYTES
+    st = state_of(dest)
+    st["parts"][0][2] = MB // 2  # what an earlier save recorded
+    state_path(dest).write_text(json.dumps(st))
+    newer = dict(st, parts=[[0, st["parts"][0][1], MB]], updated=st["updated"] + 1)
+    assert save_spare(dest, newer) and spare_path(dest).stat().st_size == SPARE_BYTES
+    assert partial_progress(dest) == (MB, len(data))
+    with open(spare_path(dest), "r+b") as f:
+        f.write(b'{"updated": 1e12, "parts": [[0, 9')  # a crash in the middle of the spare's next write
+    assert partial_progress(dest) == (MB // 2, len(data))
+    server.reset_counters()
+    ev = Events()
+    download(url, dest, size=len(data), sha256=sha(data), options=opts(), on_event=ev)
+    assert dest.read_bytes() == data and ev.of("start")[0].done == MB // 2
+    assert not spare_path(dest).exists() and not state_path(dest).exists()
+
+
+def test_the_spare_never_grows(tmp_path):
+    from pipx_llama.fetch.resume import SPARE_BYTES, reserve_spare, save_spare, spare_path
+
+    dest = tmp_path / "r.part"
+    assert not save_spare(dest, {"updated": 1.0})  # no spare: nothing to write into
+    reserve_spare(dest)
+    assert not save_spare(dest, {"updated": 1.0, "pad": "x" * SPARE_BYTES})
+    assert spare_path(dest).stat().st_size == SPARE_BYTES
+    assert save_spare(dest, {"updated": 2.0}) and spare_path(dest).stat().st_size == SPARE_BYTES
+    assert json.loads(spare_path(dest).read_bytes()) == {"updated": 2.0}

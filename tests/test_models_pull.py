@@ -25,7 +25,8 @@ from tinymodel import write_tiny_llama
 from pipx_llama.errors import DiskFullError
 from pipx_llama.fetch.errors import OfflineError
 from pipx_llama.fetch.http import FetchOptions
-from pipx_llama.fetch.resume import partial_progress
+from pipx_llama.fetch.parts import human
+from pipx_llama.fetch.resume import partial_progress, spare_path
 from pipx_llama.models.estimates import estimated_file_size
 from pipx_llama.models.imports import import_gguf
 from pipx_llama.models.manifest import Manifest, ManifestError, load_catalog, parse_manifest, render_manifest
@@ -339,30 +340,47 @@ def _fill_when(filler: Path, progress) -> threading.Thread:
     return t
 
 
-def test_a_disk_full_before_any_save_claims_nothing_kept(srv, tmpfs):
-    """The disk fills after 1 MB is written but before the resume state was saved with it: that save then
-    fails too, so the hint must not promise the bytes (a next run starts over), and the store agrees."""
+@pytest.mark.parametrize("spare", [True, False])
+def test_a_disk_full_before_any_save(srv, tmpfs, spare):
+    """The disk fills after 1 MB is written but before the resume state has recorded it, so that state's
+    own save fails too. With its spare state file (written in place, no new block) the bytes are kept and
+    the next pull resumes after them; without one, the hint must not promise them."""
     data = blob(6 * MB, 12)
     srv.put("/r/m.gguf", data)
     srv.faults("/r/m.gguf").rate = 3 * MB
     subprocess.run(["mount", "-o", "remount,size=8m", str(tmpfs)], check=True)
     m = make_manifest({"m.gguf": data}, [{"type": "url", "base": srv.url("/r/")}])
     store = Store(tmpfs / "store")
+    partial = store.partial_path(sha(data))
 
     def written() -> int:  # blocks on disk: the partial is a sparse file of the full length from the start
         try:
-            return store.partial_path(sha(data)).stat().st_blocks * 512
+            size = partial.stat().st_blocks * 512
         except FileNotFoundError:
             return 0
-    t = _fill_when(tmpfs / "filler", written)
+        if size >= MB and not spare:
+            spare_path(partial).unlink()
+        return size
+    filler = tmpfs / "filler"
+    t = _fill_when(filler, written)
     try:
         with pytest.raises(DiskFullError) as exc:
             pull(store, m, PullOptions(fetch=FetchOptions(checkpoint_interval=60)))
     finally:
         t.join()
     assert t.seen >= MB
-    assert "kept" not in exc.value.hint and "resume" not in exc.value.hint, exc.value.hint
-    assert [p.size for p in store.partials()] in ([], [0])
+    if not spare:
+        assert "kept" not in exc.value.hint and "resume" not in exc.value.hint, exc.value.hint
+        assert [p.size for p in store.partials()] in ([], [0])
+        return
+    [part] = store.partials()
+    assert part.size >= MB and f"the {human(part.size)} downloaded so far are kept" in exc.value.hint
+    filler.unlink()
+    srv.faults("/r/m.gguf").rate = None
+    srv.reset_counters()
+    assert pull(store, m).fetched == ["m.gguf"] and store.blob_path(sha(data)).read_bytes() == data
+    assert srv.bytes_sent <= len(data) - part.size + (1 << 20)
+    assert not spare_path(partial).exists()
 
 
 @pytest.fixture

@@ -64,6 +64,8 @@ from pipx_llama.fetch.resume import (
     forget_state,
     load_state,
     partial_progress,
+    reserve_spare,
+    save_spare,
     save_state,
     state_path,
     state_snapshot,
@@ -211,9 +213,14 @@ class _Job:
         try:
             save_state(self.state_path, snap)
         except OSError as exc:
-            if is_disk_full(exc):
-                raise self._disk_full() from None
-            raise
+            if not is_disk_full(exc):
+                raise
+            if save_spare(self.dest, snap):  # written in place: the bytes synced before it are kept
+                self._saved(snap)
+            raise self._disk_full() from None
+        self._saved(snap)
+
+    def _saved(self, snap: dict) -> None:
         with self.parts.lock:
             self.parts.kept_bytes = sum(done for _, _, done in snap["parts"])
 
@@ -261,6 +268,7 @@ class _Job:
                 if first is not None:
                     first[1].close()
                 raise
+        reserve_spare(self.dest)
         try:
             fd = os.open(self.dest, os.O_RDWR | os.O_CREAT | O_BINARY, 0o644)
         except BaseException:

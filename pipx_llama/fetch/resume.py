@@ -7,6 +7,13 @@ offsets, ``end`` inclusive). It is rewritten atomically (temp file, fsync, renam
 that are not on disk, even after a power cut. It is written before the data file is created, so a
 data file without a state file is always a finished download (re-hashed before it is trusted).
 
+When the disk fills, that save fails too (a new file needs a block). So each attempt first makes
+``dest + '.json.spare'``, 64 KiB of spaces written and synced while there is room; a save that fails
+for lack of space writes the state into it in place instead, which needs no new block on filesystems
+that overwrite in place (ext4, XFS, NTFS, APFS, tmpfs; a copy-on-write one such as btrfs may still
+refuse). Of the two, the newer (``updated``) that reads back whole and valid is used: a spare torn by
+a crash is not valid JSON, and the older state then counts fewer bytes, never more.
+
 A state is read back only if it describes this very file (same sha256 and size) and agrees with the
 data on disk. Resuming with a different URL keeps the bytes (the expected sha256 is the same) but
 keeps the validators only for the same scheme, host and path (a renewed presigned link); the final
@@ -28,19 +35,45 @@ from pipx_llama.fetch.source import Source
 STATE_VERSION = 1
 
 
+# Room for a state with a few dozen parts and long presigned URLs (a 16-part state with two 1 KiB URLs is
+# ~3 KiB); a state that does not fit is not saved there.
+SPARE_BYTES = 64 << 10
+
+
 def state_path(dest: Path) -> Path:
     """Where the resume state of the partial download ``dest`` lives."""
     return Path(str(dest) + ".json")
+
+
+def spare_path(dest: Path) -> Path:
+    """The preallocated file a state save falls back to when the disk is full."""
+    return Path(str(dest) + ".json.spare")
+
+
+def _records(dest: Path) -> list[dict]:
+    """The states saved for ``dest`` that parse (the state file, the spare), newest first."""
+    out = []
+    for path in (state_path(dest), spare_path(dest)):
+        try:
+            state = json.loads(path.read_bytes())
+        except (OSError, ValueError):
+            continue
+        if isinstance(state, dict) and isinstance(state.get("updated"), (int, float)):
+            out.append(state)
+    return sorted(out, key=lambda st: st["updated"], reverse=True)
 
 
 def partial_progress(dest: Path) -> tuple[int, int | None] | None:
     """(bytes a next call resumes from, total or None) of a partial download at ``dest``, or None if
     there is none. A download from a server that cannot resume counts 0 bytes: the next call starts over.
 
-    Reads only the state file; for listings of unfinished downloads.
+    Reads only the saved states (the newest); for listings of unfinished downloads.
     """
+    records = _records(dest)
+    if not records:
+        return None
+    state = records[0]
     try:
-        state = json.loads(state_path(dest).read_text())
         if not state["ranges"] or state.get("decode"):
             return 0, state.get("total")
         return sum(int(p[2]) for p in state["parts"]), state.get("total")
@@ -57,13 +90,15 @@ class SavedState:
 
 
 def load_state(dest: Path, sha256: str, size: int | None) -> SavedState | None:
-    """The saved state if it belongs to this file and is consistent with the data on disk."""
-    try:
-        state = json.loads(state_path(dest).read_text())
-    except FileNotFoundError:
-        return None
-    except (OSError, ValueError):
-        return None
+    """The newest saved state that belongs to this file and is consistent with the data on disk."""
+    for state in _records(dest):
+        saved = _checked(state, dest, sha256, size)
+        if saved is not None:
+            return saved
+    return None
+
+
+def _checked(state: dict, dest: Path, sha256: str, size: int | None) -> SavedState | None:
     try:
         if (state["version"] != STATE_VERSION or state["sha256"] != sha256
                 or state["size"] != size or not state["ranges"] or state.get("decode")):
@@ -128,10 +163,44 @@ def save_state(path: Path, snap: dict) -> None:
     os.replace(tmp, path)
 
 
+def reserve_spare(dest: Path) -> None:
+    """Make the spare state file of ``dest`` while the disk has room (best effort: without one, a full
+    disk costs the bytes written since the last save)."""
+    path = spare_path(dest)
+    try:
+        if path.stat().st_size >= SPARE_BYTES:
+            return
+    except FileNotFoundError:
+        pass
+    try:
+        with open(path, "wb") as f:
+            f.write(b" " * SPARE_BYTES)
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError:
+        pass
+
+
+def save_spare(dest: Path, snap: dict) -> bool:
+    """Write ``snap`` over the spare state file in place, never growing it; False if it cannot."""
+    data = json.dumps(snap).encode()
+    try:
+        with open(spare_path(dest), "r+b") as f:
+            room = os.fstat(f.fileno()).st_size
+            if len(data) > room:
+                return False
+            f.write(data + b" " * (room - len(data)))
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError:
+        return False
+    return True
+
+
 def forget_state(dest: Path) -> None:
     """Delete the resume state of ``dest`` (a finished download keeps its data)."""
     path = state_path(dest)
-    for p in (path, Path(str(path) + ".tmp")):
+    for p in (path, Path(str(path) + ".tmp"), spare_path(dest)):
         try:
             p.unlink()
         except FileNotFoundError:

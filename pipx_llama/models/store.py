@@ -3,7 +3,8 @@
 Layout under the root (``PIPX_LLAMA_HOME``, default ``platformdirs.user_data_dir("pipx-llama")``)::
 
     blobs/sha256/<hex>                     verified files, named by their sha256
-    partial/<hex>.part (+ .part.json)      resumable downloads and their state
+    partial/<hex>.part (+ .part.json)      resumable downloads and their state (+ .part.json.spare, where
+                                           a save goes when the disk is full: fetch/resume.py)
     partial/pip-<hex16>/                   wheels being unpacked by a pip source
     models/<name>/<variant>/<path>         what a variant needs: hard links to blobs (copies where the
                                            filesystem has no hard links) + .provenance.json
