@@ -167,11 +167,8 @@ def reserve_spare(dest: Path) -> None:
     """Make the spare state file of ``dest`` while the disk has room (best effort: without one, a full
     disk costs the bytes written since the last save)."""
     path = spare_path(dest)
-    try:
-        if path.stat().st_size >= SPARE_BYTES:
-            return
-    except FileNotFoundError:
-        pass
+    if path.exists():  # an earlier attempt's: it may hold the newest state, and a short one still serves
+        return
     try:
         with open(path, "wb") as f:
             f.write(b" " * SPARE_BYTES)
