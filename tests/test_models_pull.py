@@ -302,7 +302,7 @@ def test_small_filesystem_precheck_then_disk_full_mid_download_resumes(srv, tmpf
     # now the disk has room, but something else fills it while we download, once the resume state records
     # 1 MB (the state itself, not the partial's size: a finished download has a full-size file and no state)
     subprocess.run(["mount", "-o", "remount,size=8m", str(tmpfs)], check=True)
-    srv.faults("/r/m.gguf").rate = 3 * MB
+    srv.faults("/r/m.gguf").rate = 2 * MB  # 3 s: the state saved every 0.2 s records 1 MB long before the end
     filler = tmpfs / "filler"
     t = _fill_when(filler, lambda: (partial_progress(store.partial_path(sha(data))) or (0,))[0])
     events: list = []
