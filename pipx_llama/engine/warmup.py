@@ -41,7 +41,7 @@ from gguf import GGMLQuantizationType
 
 from pipx_llama.events import EventCallback, ProgressEvent
 
-COMPILING = "compiling kernels, first run only (about 20 s)..."  # SmolLM2: 16-19 s, 2 cores (bench_startup)
+COMPILING = "compiling kernels, first run only (about 20 s)..."  # SmolLM2 14.6-15.4 s, 2 cores, bench_startup
 _LABEL = "kernels"
 Q = GGMLQuantizationType
 
@@ -226,18 +226,23 @@ def _looks_like_gguf(path: str | Path) -> bool:
         return False
 
 
-def _exercise(path: Path) -> None:
+def _exercise(path: Path, *, helper: bool = False) -> None:
+    """Compile by running the model at ``path``: the fused pass's callees (the helper walks them from the
+    other end), then, in the main compile, the pass itself in two evaluations; the sampler in both."""
     from pipx_llama.engine.kernels import fused
     from pipx_llama.engine.model import load_model
     from pipx_llama.engine.sampler import Sampler, SamplerConfig
 
     model = load_model(path, threads=2)
     try:
-        if model.packed is not None:  # the fused pass's callees, walking towards the helper's walk
-            fused.compile_stages(model.new_context(32, fused=False).fused_bundle())
-        ctx = model.new_context(32)
-        ctx.eval([1, 5, 9, 200], all_logits=True)
-        logits = ctx.eval([7])[-1]
+        if model.packed is not None:
+            fused.compile_stages(model.new_context(32, fused=False).fused_bundle(), backward=helper)
+        if helper:
+            logits = np.zeros(model.hparams.n_vocab, np.float32)
+        else:
+            ctx = model.new_context(32)
+            ctx.eval([1, 5, 9, 200], all_logits=True)
+            logits = ctx.eval([7])[-1]
         Sampler(SamplerConfig(top_k=2, seed=0)).sample(logits, [7])  # the sampler's top-k kernel
     finally:
         model.close()
@@ -271,21 +276,10 @@ def _stop_helper(process) -> None:
 
 
 def _helper_child(types: WeightTypes | None) -> None:
-    from pipx_llama.engine.kernels import fused
-    from pipx_llama.engine.model import load_model
-    from pipx_llama.engine.sampler import Sampler, SamplerConfig
-
     with tempfile.TemporaryDirectory(prefix="pipx-llama-warmup-") as tmp:
         path = Path(tmp) / "tiny.gguf"
         _write_tiny(path, types)
-        model = load_model(path, threads=2)
-        try:
-            if model.packed is not None:
-                fused.compile_stages(model.new_context(32, fused=False).fused_bundle(), backward=True)
-            logits = np.zeros(model.hparams.n_vocab, np.float32)
-            Sampler(SamplerConfig(top_k=2, seed=0)).sample(logits, [7])
-        finally:
-            model.close()
+        _exercise(path, helper=True)
     _embedding_lookups(None if types is None else types.embedding)
 
 
