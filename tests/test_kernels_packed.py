@@ -79,6 +79,28 @@ def test_kquants_against_integer_twin(cls, rows: int, nb: int, T: int) -> None:
 
 
 @pytest.mark.parametrize("cls", KQUANTS, ids=lambda c: c.__name__)
+def test_kquant_rows_do_not_depend_on_the_tokens_beside_them(cls) -> None:
+    """Whatever kernel several tokens take (simd.KQUANT_TOKENS: one, two, three or four tokens a weight
+    load, by tier), each token's row has the bits it has alone: a prompt's logits, and a server batch's,
+    are those of its tokens evaluated one by one."""
+    rng = np.random.default_rng(11)
+    raw = random_blocks(cls, rng, 37, 3, sane=True)
+    x = (rng.standard_normal((9, 3 * 256)) * rng.uniform(0.1, 10, (9, 1))).astype(np.float32)
+    together = packed_matmul(cls.qtype, raw, x)
+    for t in range(x.shape[0]):
+        alone = packed_matmul(cls.qtype, raw, x[t : t + 1])
+        np.testing.assert_array_equal(together[t].view(np.uint32), alone[0].view(np.uint32))
+
+
+def test_kquant_tokens_per_load_are_known_for_every_tier() -> None:
+    for tier, per_kind in simd.KQUANT_TOKENS.items():
+        assert set(per_kind) == {"q4_K", "q5_K", "q6_K"}, tier
+        assert all(1 <= nt <= 4 for nt in per_kind.values()), tier
+    if simd.TIER is not None:
+        assert {k: nt for k, (_, nt) in simd.kquant_multi.items()} == simd.KQUANT_TOKENS[simd.TIER]
+
+
+@pytest.mark.parametrize("cls", KQUANTS, ids=lambda c: c.__name__)
 def test_kquants_close_to_portable_kernels(cls) -> None:
     rng = np.random.default_rng(5)
     raw = random_blocks(cls, rng, 48, 4, sane=True)

@@ -588,10 +588,25 @@ def _make_kquant_intrinsic(kind: str, nt: int):
     return _kernel
 
 
+# Tokens per weight load of the K-quant kernels that several tokens (a prompt, a server's batch) use, per
+# tier. More tokens share each record loaded, but their accumulators outgrow the registers (16 on the avx2
+# tier, each 16-lane value taking two) and spill. Per token on a 512 x 2048 matrix held in L2, Zen 4, us,
+# kernels of 1 / 2 / 3 / 4 tokens, two or three runs (benchmarks/bench_kquant_tokens.py):
+#   vnni512  Q4_K 8.3-8.6 / 6.4-6.5 / 6.3-6.5 / 6.1-6.3   Q5_K 13.2-17.1 / 8.7-9.2 / 7.2-7.6 / 10.1-14.5
+#            Q6_K 13.9-16.0 / 9.6-10.9 / 10.4-13.8 / 10.1-13.6
+#   avx2     Q4_K 16.5-18.9 / 24.2-27.3 / 24.0-31.0 / 20.6-21.8   Q5_K 23.4-33.5 / 28.2-28.9 / 25.1-27.7 /
+#            22.0-30.4   Q6_K 33.9-42.9 / 34.6-35.5 / 30.8-33.1 / 25.8-27.4
+# (vnni256 measured like vnni512, within 10%, and keeps its choices.) The results do not depend on the
+# choice: each token's row is the same integers and float32 operations whatever its neighbours.
+KQUANT_TOKENS = {"vnni512": {"q4_K": 4, "q5_K": 3, "q6_K": 2},
+                 "vnni256": {"q4_K": 4, "q5_K": 3, "q6_K": 2},
+                 "avx2": {"q4_K": 1, "q5_K": 3, "q6_K": 4}}
+
 if TIER is not None:
     q4_K_x1 = _make_kquant_intrinsic("q4_K", 1)
-    q4_K_x4 = _make_kquant_intrinsic("q4_K", 4)
     q5_K_x1 = _make_kquant_intrinsic("q5_K", 1)
-    q5_K_x3 = _make_kquant_intrinsic("q5_K", 3)
     q6_K_x1 = _make_kquant_intrinsic("q6_K", 1)
-    q6_K_x2 = _make_kquant_intrinsic("q6_K", 2)
+    _one = {"q4_K": q4_K_x1, "q5_K": q5_K_x1, "q6_K": q6_K_x1}
+    # kind -> (kernel, tokens) for several tokens; one token's kernel where one is best (no second compile)
+    kquant_multi = {kind: (_one[kind] if nt == 1 else _make_kquant_intrinsic(kind, nt), nt)
+                    for kind, nt in KQUANT_TOKENS[TIER].items()}
