@@ -591,11 +591,16 @@ def _make_kquant_intrinsic(kind: str, nt: int):
 # Tokens per weight load of the K-quant kernels that several tokens (a prompt, a server's batch) use, per
 # tier. More tokens share each record loaded, but their accumulators outgrow the registers (16 on the avx2
 # tier, each 16-lane value taking two) and spill. Per token on a 512 x 2048 matrix held in L2, Zen 4, us,
-# kernels of 1 / 2 / 3 / 4 tokens, two or three runs (benchmarks/bench_kquant_tokens.py):
-#   vnni512  Q4_K 8.3-8.6 / 6.4-6.5 / 6.3-6.5 / 6.1-6.3   Q5_K 13.2-17.1 / 8.7-9.2 / 7.2-7.6 / 10.1-14.5
-#            Q6_K 13.9-16.0 / 9.6-10.9 / 10.4-13.8 / 10.1-13.6
-#   avx2     Q4_K 16.5-18.9 / 24.2-27.3 / 24.0-31.0 / 20.6-21.8   Q5_K 23.4-33.5 / 28.2-28.9 / 25.1-27.7 /
-#            22.0-30.4   Q6_K 33.9-42.9 / 34.6-35.5 / 30.8-33.1 / 25.8-27.4
+# kernels of 1 / 2 / 3 / 4 tokens (benchmarks/bench_kquant_tokens.py). The avx2 figures fall into two
+# groups by process, and depend on where its memory lies: with address randomization off (setarch -R) four
+# runs of four all took the slower group; the kernels that spill more slow down more in it. The choice is
+# the best, or within 25% of it, in both groups:
+#   vnni512       Q4_K 8.3-8.6 / 6.4-6.5 / 6.3-6.5 / 6.1-6.3   Q5_K 13.2-17.1 / 8.7-9.2 / 7.2-7.6 / 10.1-14.5
+#                 Q6_K 13.9-16.0 / 9.6-10.9 / 10.4-13.8 / 10.1-13.6
+#   avx2, faster  Q4_K 13.6-13.8 / 15.0-15.2 / 13.8-14.1 / 17.0-18.4   Q5_K 22.0-23.3 / 17.3-17.4 /
+#                 18.6-19.1 / 18.9-19.9   Q6_K 24.2-26.3 / 20.3-20.7 / 19.8-21.4 / 23.1-25.4
+#   avx2, slower  Q4_K 16.5-18.9 / 24.2-27.3 / 23.8-31.0 / 20.6-21.8   Q5_K 23.4-33.5 / 26.1-30.4 /
+#                 24.7-27.7 / 22.0-30.4   Q6_K 32.0-42.9 / 33.2-35.5 / 29.1-33.1 / 24.5-27.4
 # (vnni256 measured like vnni512, within 10%, and keeps its choices.) The results do not depend on the
 # choice: each token's row is the same integers and float32 operations whatever its neighbours.
 KQUANT_TOKENS = {"vnni512": {"q4_K": 4, "q5_K": 3, "q6_K": 2},
