@@ -594,7 +594,7 @@ def _make_kquant_intrinsic(kind: str, nt: int):
 # kernels of 1 / 2 / 3 / 4 tokens (benchmarks/bench_kquant_tokens.py). The avx2 figures fall into two
 # groups by process, and depend on where its memory lies: with address randomization off (setarch -R) four
 # runs of four all took the slower group; the kernels that spill more slow down more in it. The choice is
-# the best, or within 25% of it, in both groups:
+# the best, or within 30% of it, in both groups:
 #   vnni512       Q4_K 8.3-8.6 / 6.4-6.5 / 6.3-6.5 / 6.1-6.3   Q5_K 13.2-17.1 / 8.7-9.2 / 7.2-7.6 / 10.1-14.5
 #                 Q6_K 13.9-16.0 / 9.6-10.9 / 10.4-13.8 / 10.1-13.6
 #   avx2, faster  Q4_K 13.6-13.8 / 15.0-15.2 / 13.8-14.1 / 17.0-18.4   Q5_K 22.0-23.3 / 17.3-17.4 /
