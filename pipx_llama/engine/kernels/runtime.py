@@ -17,9 +17,21 @@ still walking an earlier evaluation can never take (or count) an item of the cur
 
 Waiting spins briefly (``pause``), then yields the CPU (``sched_yield``), so a waiting thread gives
 its core to whoever needs it.
+
+What waiting calls differs by platform (``PLATFORM_CALLS``): the CPU's spin-loop hint (x86 ``pause``,
+ARM ``yield``, none elsewhere), the call that gives the core away (``sched_yield``; Windows has
+``SwitchToThread``) and the monotonic clock (``clock_gettime`` with the platform's own
+``CLOCK_MONOTONIC``, 1 on Linux but 6 on macOS; Windows has ``GetTickCount64``, whose milliseconds
+are enough to tell a 20 ms idle wait). An x86 intrinsic in code compiled on Apple Silicon stops the
+process ("LLVM ERROR: Cannot select: intrinsic %llvm.x86.sse2.pause").
 """
 
 from __future__ import annotations
+
+import platform
+import sys
+import time
+from dataclasses import dataclass
 
 import numpy as np
 from llvmlite import ir
@@ -38,6 +50,79 @@ CTL_ACTIVE = 2  # workers currently inside an evaluation (for tests/diagnostics)
 CTL_STAGES = 3  # first stage line; stage s uses lines CTL_STAGES + 2s (taken) and + 2s + 1 (done)
 
 SPIN = 2000  # pause iterations before yielding (a few microseconds)
+
+# the CPU's spin-loop hint, per ``platform.machine()``: (LLVM intrinsic, its i32 arguments)
+SPIN_HINTS = {
+    "x86_64": ("llvm.x86.sse2.pause", ()),
+    "amd64": ("llvm.x86.sse2.pause", ()),
+    "aarch64": ("llvm.aarch64.hint", (1,)),  # HINT #1 is YIELD
+    "arm64": ("llvm.aarch64.hint", (1,)),
+}
+
+
+@dataclass(frozen=True)
+class PlatformCalls:
+    """What the waiting loops call on one platform."""
+
+    spin_hint: tuple[str, tuple[int, ...]] | None  # (intrinsic, i32 arguments); None: no hint
+    yield_fn: str  # int32 (void): give the core to another runnable thread
+    clock_fn: str  # "clock_gettime" (int32 (clock id, timespec *)) or "GetTickCount64" (uint64 (void), ms)
+    clock_id: int  # CLOCK_MONOTONIC for clock_gettime
+
+
+def platform_calls(machine: str, system: str, clock_id: int) -> PlatformCalls:
+    """The calls for ``machine`` (``platform.machine()``) and ``system`` (``sys.platform``)."""
+    hint = SPIN_HINTS.get(machine.lower())
+    if system == "win32":
+        return PlatformCalls(hint, "SwitchToThread", "GetTickCount64", 0)
+    return PlatformCalls(hint, "sched_yield", "clock_gettime", clock_id)
+
+
+PLATFORM_CALLS = platform_calls(platform.machine(), sys.platform, getattr(time, "CLOCK_MONOTONIC", 1))
+
+
+def _register_windows_symbols() -> None:
+    """kernel32's functions by address, so that the JIT resolves them whatever it searches."""
+    import ctypes
+
+    import llvmlite.binding as llvm
+
+    kernel32 = ctypes.WinDLL("kernel32")
+    for name in (PLATFORM_CALLS.yield_fn, PLATFORM_CALLS.clock_fn):
+        llvm.add_symbol(name, ctypes.cast(getattr(kernel32, name), ctypes.c_void_p).value)
+
+
+if sys.platform == "win32":
+    _register_windows_symbols()
+
+
+def emit_spin_hint(builder: ir.IRBuilder, calls: PlatformCalls) -> None:
+    if calls.spin_hint is None:
+        return
+    name, args = calls.spin_hint
+    fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.VoidType(), [_I32] * len(args)),
+                                        name)
+    builder.call(fn, [_I32(a) for a in args])
+
+
+def emit_yield(builder: ir.IRBuilder, calls: PlatformCalls) -> None:
+    fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_I32, []), calls.yield_fn)
+    builder.call(fn, [])
+
+
+def emit_monotonic_ns(builder: ir.IRBuilder, calls: PlatformCalls) -> ir.Value:
+    """An i64 of monotonic nanoseconds (milliseconds' resolution on Windows)."""
+    if calls.clock_fn == "GetTickCount64":
+        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_I64, []), calls.clock_fn)
+        return builder.mul(builder.call(fn, []), _I64(1_000_000))
+    ts_ty = ir.LiteralStructType([_I64, _I64])  # struct timespec of a 64-bit platform
+    fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_I32, [_I32, ts_ty.as_pointer()]),
+                                        calls.clock_fn)
+    ts = cgutils.alloca_once(builder, ts_ty)
+    builder.call(fn, [_I32(calls.clock_id), ts])
+    sec = builder.load(builder.gep(ts, [_I32(0), _I32(0)]))
+    nsec = builder.load(builder.gep(ts, [_I32(0), _I32(1)]))
+    return builder.add(builder.mul(sec, _I64(1_000_000_000)), nsec)
 
 
 @intrinsic
@@ -92,12 +177,10 @@ def atomic_cas(typingctx, arr, idx, expected, new):
 
 @intrinsic
 def cpu_pause(typingctx):
-    """x86 ``pause``: tells the core this is a spin loop."""
+    """The CPU's spin-loop hint (x86 ``pause``, ARM ``yield``): tells the core this is a spin loop."""
 
     def codegen(context, builder, sig, args):
-        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.VoidType(), []),
-                                            "llvm.x86.sse2.pause")
-        builder.call(fn, [])
+        emit_spin_hint(builder, PLATFORM_CALLS)
         return context.get_dummy_value()
 
     return types.void(), codegen
@@ -105,11 +188,10 @@ def cpu_pause(typingctx):
 
 @intrinsic
 def sched_yield(typingctx):
-    """libc ``sched_yield()``: give the CPU to another runnable thread, if any."""
+    """Give the CPU to another runnable thread, if any (``sched_yield``; ``SwitchToThread`` on Windows)."""
 
     def codegen(context, builder, sig, args):
-        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_I32, []), "sched_yield")
-        builder.call(fn, [])
+        emit_yield(builder, PLATFORM_CALLS)
         return context.get_dummy_value()
 
     return types.void(), codegen
@@ -117,18 +199,10 @@ def sched_yield(typingctx):
 
 @intrinsic
 def monotonic_ns(typingctx):
-    """clock_gettime(CLOCK_MONOTONIC) in nanoseconds."""
+    """A monotonic clock in nanoseconds."""
 
     def codegen(context, builder, sig, args):
-        ts_ty = ir.LiteralStructType([_I64, _I64])
-        fn = cgutils.get_or_insert_function(builder.module,
-                                            ir.FunctionType(_I32, [_I32, ts_ty.as_pointer()]),
-                                            "clock_gettime")
-        ts = cgutils.alloca_once(builder, ts_ty)
-        builder.call(fn, [_I32(1), ts])
-        sec = builder.load(builder.gep(ts, [_I32(0), _I32(0)]))
-        nsec = builder.load(builder.gep(ts, [_I32(0), _I32(1)]))
-        return builder.add(builder.mul(sec, _I64(1_000_000_000)), nsec)
+        return emit_monotonic_ns(builder, PLATFORM_CALLS)
 
     return types.int64(), codegen
 
