@@ -73,9 +73,16 @@ ACT_SILU, ACT_GELU = 0, 1  # as pipx_llama.engine.arch
 MAX_TOKEN_TILE = 64  # tokens per matmul item in prompt processing (weights of an item stay in L1/L2)
 # weight bytes per matmul item for one token; an item costs about a microsecond to deal and call, so
 # 64 KiB items cost Qwen2.5-1.5B a third of its generation time (1 thread: 60.4 -> 42.3 ms a token
-# with 1 MiB, Gemma-3-270M 65 -> 80.5 tok/s, SmolLM2 125 -> 140); small tensors still split into at
-# least 4 items per thread (_mm_split), and 4 MiB measured the same as 1 MiB
+# with 1 MiB, Gemma-3-270M 65 -> 80.5 tok/s, SmolLM2 125 -> 140); 4 MiB measured the same as 1 MiB
 ITEM_BYTES = 1 << 20
+# matmul items per thread where ITEM_BYTES allows fewer, bigger ones: a small tensor is split into this
+# many per thread, no more. Each item is a stream of its own (dealt, called, the prefetchers ramping up
+# again), and with two threads dealing items dynamically one each balances well enough. Milliseconds per
+# generated token at depth 160 (SmolLM2 requantized Q6_K, Zen 4), items per thread 1 / 2 / 4 alternating
+# in one process: 2 threads 5.81 / 6.24 / 6.74 (Q4_1: 4.18 / 4.38 / 4.61); 1 thread 8.37 / 8.80 / 9.88;
+# 2 threads beside another process taking a third of a core in bursts 7.75 / 7.87 / 8.68, and a batch of
+# 8 tokens (Q4_1) there 12.07 / 12.52 / 12.97. It was 4.
+MM_ITEMS_PER_THREAD = 1
 
 # Everything team_part reads, in one argument. Shapes: hp int64 [HP_SIZE]; fp f32 [FP_SIZE]; par int64
 # [PAR_SIZE]; stages int64 [n, 2]; arenas = (packed weights, mapped file) uint8; wdesc int64 [7L+1, 4];
@@ -124,8 +131,8 @@ def _mm_split(wdesc, widx, T, threads):
     tile = min(T, MAX_TOKEN_TILE)
     groups = (rows + 15) // 16
     gpc = max(1, ITEM_BYTES // (group_bytes * tile))
-    # enough items to share: at least 4 per thread when there is work for that many
-    gpc = min(gpc, max(1, groups // (4 * threads)))
+    # enough items to share: MM_ITEMS_PER_THREAD per thread when there is work for that many
+    gpc = min(gpc, max(1, groups // (MM_ITEMS_PER_THREAD * threads)))
     return gpc, tile
 
 
