@@ -71,8 +71,14 @@ def temp_path(path: Path) -> Path:
 
 
 def fsync_path(path: Path) -> None:
-    """Flush a file's data (or a folder's entries) to the disk; folders only where the OS allows it."""
-    flags = os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) if path.is_dir() else os.O_RDONLY
+    """Flush a file's data (or a folder's entries) to the disk; folders only where the OS allows it.
+
+    A file is opened for writing: Windows flushes only a handle that may write (``FlushFileBuffers``;
+    ``os.fsync`` on a read-only one fails with EBADF)."""
+    if path.is_dir():
+        flags = os.O_RDONLY | getattr(os, "O_DIRECTORY", 0)
+    else:
+        flags = os.O_RDWR | getattr(os, "O_BINARY", 0)
     try:
         fd = os.open(path, flags)
     except OSError:
