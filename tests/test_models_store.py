@@ -404,3 +404,38 @@ def test_header_digest_notices_a_changed_header_or_size_but_reads_only_the_heade
     path.mkdir()
     assert "not a regular file" in recorded_file_problem(path, record)
     assert gguf_header_digest(tmp_path / "m.gguf") == {}
+
+
+def test_shared_store_lock_is_reentrant_in_a_process(tmp_path, monkeypatch):
+    """Windows' byte-range locks are exclusive and per handle: a second shared lock of the same process
+    (prepare holds one around the pull, which takes one) must not ask the OS again."""
+    import threading
+
+    from pipx_llama.models import store as store_mod
+
+    holders: set[int] = set()
+
+    def windows_like_lock(fd, shared):
+        if holders:
+            return False
+        holders.add(fd)
+        return True
+
+    monkeypatch.setattr(store_mod, "_os_lock", windows_like_lock)
+    monkeypatch.setattr(store_mod, "_os_unlock", lambda fd: holders.discard(fd))
+    store = Store(tmp_path / "store")
+    store.ensure()
+    finished = threading.Event()
+
+    def nested():
+        with store.shared(), store.shared(), store.shared():
+            assert len(holders) == 1
+        finished.set()
+
+    worker = threading.Thread(target=nested, daemon=True)
+    worker.start()
+    worker.join(10)
+    assert finished.is_set(), "a nested shared lock waited for its own process"
+    assert not holders  # released when the outermost block ended
+    with store.exclusive(timeout=1):
+        pass

@@ -40,6 +40,7 @@ import shutil
 import socket
 import stat
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -221,6 +222,18 @@ class Lock:
 
     def __exit__(self, *exc: object) -> None:
         self.release()
+
+
+@dataclass
+class _SharedHold:
+    """A shared store lock this process holds, and how many ``Store.shared`` blocks use it."""
+
+    lock: Lock | None  # None: a read-only store read without a lock
+    users: int = 0
+
+
+_SHARED_HELD: dict[str, _SharedHold] = {}  # by lock file
+_SHARED_GUARD = threading.Lock()
 
 
 def _os_lock(fd: int, shared: bool) -> bool:
@@ -631,19 +644,33 @@ class Store:
     def shared(self, on_wait: Callable[[str, float], None] | None = None, *,
                read_only_ok: bool = False) -> Iterator[None]:
         """Hold the store lock shared: no gc or rm runs meanwhile. With ``read_only_ok``, a store this user
-        cannot write whose writers never made a lock file is read without a lock (nobody changes it)."""
-        lock: Lock | None = self.store_lock()
-        try:
-            lock.acquire(shared=True, on_wait=on_wait)  # type: ignore[union-attr]
-        except OSError as err:
-            if not (read_only_ok and is_read_only_error(err)):
-                raise
-            lock = None
+        cannot write whose writers never made a lock file is read without a lock (nobody changes it).
+
+        Re-entrant within a process: preparing a model holds it around the pull, which takes it too, and
+        on Windows (whose byte-range locks are exclusive, per handle) a second handle would wait for the
+        first forever."""
+        key = os.path.abspath(self.store_lock().path)
+        with _SHARED_GUARD:
+            held = _SHARED_HELD.get(key)
+            if held is None:
+                lock: Lock | None = self.store_lock()
+                try:
+                    lock.acquire(shared=True, on_wait=on_wait)  # type: ignore[union-attr]
+                except OSError as err:
+                    if not (read_only_ok and is_read_only_error(err)):
+                        raise
+                    lock = None
+                held = _SHARED_HELD[key] = _SharedHold(lock)
+            held.users += 1
         try:
             yield
         finally:
-            if lock is not None:
-                lock.release()
+            with _SHARED_GUARD:
+                held.users -= 1
+                if held.users == 0:
+                    del _SHARED_HELD[key]
+                    if held.lock is not None:
+                        held.lock.release()
 
     def remove_model(self, model: str, variant: str | None = None, *, keep_blobs: bool = False,
                      extra_partials: set[str] = frozenset()) -> RemovalReport:
