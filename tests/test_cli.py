@@ -3,6 +3,7 @@ that answers at once (no heavy import before a command needs it)."""
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import subprocess
@@ -201,3 +202,28 @@ def test_run_unknown_model_name_suggests(tmp_path, monkeypatch):
     out = cli("run", "smollm3", "-p", "hi", "--offline")
     assert out.returncode != 0 and "Traceback" not in out.stderr
     assert "smollm2-135m-instruct" in out.stderr
+
+
+class _Terminal(io.TextIOWrapper):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_streams_speak_utf8_through_pipes_and_never_fail_on_a_terminal(monkeypatch):
+    """Windows gives redirected streams its ANSI code page (cp1252, strict errors)."""
+    if sys.flags.utf8_mode:
+        pytest.skip("UTF-8 mode already makes every stream UTF-8")
+    monkeypatch.delenv("PYTHONIOENCODING", raising=False)
+    piped_out, piped_in = io.BytesIO(), io.BytesIO("Résumé → 你好\n".encode())
+    terminal = io.BytesIO()
+    monkeypatch.setattr(sys, "stdout", io.TextIOWrapper(piped_out, encoding="cp1252"))
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(piped_in, encoding="cp1252"))
+    monkeypatch.setattr(sys, "stderr", _Terminal(terminal, encoding="cp1252"))
+    cli_main.utf8_streams()
+    assert sys.stdin.readline() == "Résumé → 你好\n"
+    sys.stdout.write("→ 你好\n")
+    sys.stdout.flush()
+    assert piped_out.getvalue().decode("utf-8") == "→ 你好\n"
+    sys.stderr.write("é → 你好\n")  # a terminal keeps its encoding, and what it cannot show becomes "?"
+    sys.stderr.flush()
+    assert terminal.getvalue() == "é ? ??\n".encode("cp1252")

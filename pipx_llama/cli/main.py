@@ -135,7 +135,29 @@ def _unknown_command(word: str) -> UsageError:
                       "(`pipx-llama MODEL [options]`)")
 
 
+def utf8_streams() -> None:
+    """Read and write UTF-8 through pipes and files whatever the locale, and never fail on a character a
+    terminal cannot show. Windows gives a redirected stream the ANSI code page (cp1252, strict): an
+    answer with "→" or CJK text raised UnicodeEncodeError halfway, and a piped prompt was misread.
+    ``PYTHONIOENCODING`` and UTF-8 mode, where set, are left alone."""
+    if os.environ.get("PYTHONIOENCODING") or sys.flags.utf8_mode:
+        return
+    for stream in (sys.stdin, sys.stdout, sys.stderr):
+        reconfigure = getattr(stream, "reconfigure", None)
+        if reconfigure is None:
+            continue
+        try:
+            tty = stream.isatty()
+        except (OSError, ValueError):
+            continue
+        if not tty:
+            reconfigure(encoding="utf-8", errors="replace")
+        elif stream is not sys.stdin:
+            reconfigure(errors="replace")
+
+
 def main(argv: Sequence[str] | None = None) -> None:
+    utf8_streams()
     raw = list(sys.argv[1:] if argv is None else argv)
     args_list, debug, implicit = _normalize(raw)
     parser = build_parser(args_list[0] if args_list and args_list[0] in COMMANDS else "")
