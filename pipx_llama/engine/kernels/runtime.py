@@ -42,8 +42,9 @@ from numba.extending import intrinsic
 _I32 = ir.IntType(32)
 _I64 = ir.IntType(64)
 
-# layout of the int64 control array: one cache line (8 int64) per counter
-LINE = 8
+# layout of the int64 control array: 128 bytes (16 int64) per counter, so that no two counters share a
+# cache line: Apple's M-series cores have 128-byte lines, and x86 cores fetch 64-byte lines in pairs
+LINE = 16
 CTL_JOB = 0  # evaluation number the caller has published
 CTL_STOP = 1  # workers leave when set
 CTL_ACTIVE = 2  # workers currently inside an evaluation (for tests/diagnostics)
