@@ -77,12 +77,13 @@ MAX_TOKEN_TILE = 64  # tokens per matmul item in prompt processing (weights of a
 ITEM_BYTES = 1 << 20
 # matmul items per thread where ITEM_BYTES allows fewer, bigger ones: a small tensor is split into this
 # many per thread, no more. Each item is a stream of its own (dealt, called, the prefetchers ramping up
-# again), and with two threads dealing items dynamically one each balances well enough. Milliseconds per
-# generated token at depth 160 (SmolLM2 requantized Q6_K, Zen 4), items per thread 1 / 2 / 4 alternating
-# in one process: 2 threads 5.81 / 6.24 / 6.74 (Q4_1: 4.18 / 4.38 / 4.61); 1 thread 8.37 / 8.80 / 9.88;
-# 2 threads beside another process taking a third of a core in bursts 7.75 / 7.87 / 8.68, and a batch of
-# 8 tokens (Q4_1) there 12.07 / 12.52 / 12.97. It was 4.
-MM_ITEMS_PER_THREAD = 1
+# again), but items dealt as threads come free are what balances a CPU whose cores differ (performance
+# and efficiency cores: with one item each, a stage lasts as long as the slowest core's share).
+# Milliseconds per generated token at depth 160 (SmolLM2 requantized Q6_K, Zen 4), items per thread
+# 1 / 2 / 4 alternating in one process: 2 threads 5.81 / 6.24 / 6.74 (Q4_1: 4.18 / 4.38 / 4.61);
+# 1 thread 8.37 / 8.80 / 9.88; 2 threads beside another process taking a third of a core in bursts
+# 7.75 / 7.87 / 8.68, and a batch of 8 tokens (Q4_1) there 12.07 / 12.52 / 12.97. It was 4.
+MM_ITEMS_PER_THREAD = 2
 
 # Everything team_part reads, in one argument. Shapes: hp int64 [HP_SIZE]; fp f32 [FP_SIZE]; par int64
 # [PAR_SIZE]; stages int64 [n, 2]; arenas = (packed weights, mapped file) uint8; wdesc int64 [7L+1, 4];
