@@ -192,7 +192,9 @@ def compile_kernels(types: WeightTypes | None, on_event: EventCallback | None = 
             return 0.0
         emit(ProgressEvent("compile", _LABEL, message=_compiling_message(types)))
         t0 = time.perf_counter()
-        with tempfile.TemporaryDirectory(prefix="pipx-llama-warmup-") as tmp:
+        # Windows refuses to delete a file still mapped, and the tiny model's mapping lives as long as the
+        # arrays viewing it: a folder left in the temp dir must not fail the compile that succeeded
+        with tempfile.TemporaryDirectory(prefix="pipx-llama-warmup-", ignore_cleanup_errors=True) as tmp:
             path = Path(tmp) / "tiny.gguf"
             _write_tiny(path, types)
             helper = _start_helper(types) if helper else None
@@ -276,7 +278,7 @@ def _stop_helper(process) -> None:
 
 
 def _helper_child(types: WeightTypes | None) -> None:
-    with tempfile.TemporaryDirectory(prefix="pipx-llama-warmup-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="pipx-llama-warmup-", ignore_cleanup_errors=True) as tmp:
         path = Path(tmp) / "tiny.gguf"
         _write_tiny(path, types)
         _exercise(path, helper=True)
