@@ -439,3 +439,25 @@ def test_shared_store_lock_is_reentrant_in_a_process(tmp_path, monkeypatch):
     assert not holders  # released when the outermost block ended
     with store.exclusive(timeout=1):
         pass
+
+
+def test_a_file_in_use_on_windows_is_not_a_read_only_store_and_keeps_its_record(tmp_path, monkeypatch):
+    from pipx_llama.errors import StoreError
+
+    store = Store(tmp_path)
+    install(store, "a", "v", {"a.gguf": b"weights"})
+    real_unlink = Path.unlink
+
+    def unlink(self, missing_ok=False):
+        if self.name == "a.gguf":
+            err = PermissionError(errno.EACCES, "The process cannot access the file", str(self))
+            err.winerror = 32  # what Windows says of a file another process has open
+            raise err
+        return real_unlink(self, missing_ok=missing_ok)
+
+    monkeypatch.setattr(Path, "unlink", unlink)
+    with pytest.raises(StoreError, match="another program has it open") as caught:
+        with store.exclusive():
+            store.remove_model("a")
+    assert not isinstance(caught.value, StoreReadOnlyError)
+    assert (store.variant_dir("a", "v") / PROVENANCE).is_file()  # what is left still says what it is

@@ -379,14 +379,16 @@ class RemovalReport:
     skipped: list[str] = field(default_factory=list)
 
     def add(self, path: Path) -> None:
-        """Delete ``path`` (file or folder), counting the bytes that really leave the disk."""
+        """Delete ``path`` (file or folder), counting the bytes that really leave the disk. Records go
+        last: a file that cannot be deleted keeps the record that says what it is."""
         if path.is_dir() and not path.is_symlink():
-            for p in sorted(path.rglob("*"), reverse=True):
-                if p.is_file() or p.is_symlink():
-                    self._unlink(p)
-                elif p.is_dir() and not self.dry_run:
-                    p.rmdir()
+            entries = list(path.rglob("*"))
+            files = [p for p in entries if p.is_file() or p.is_symlink()]
+            for p in sorted(files, key=lambda p: (p.name.endswith(PROVENANCE), str(p))):
+                self._unlink(p)
             if not self.dry_run:
+                for p in sorted((p for p in entries if p.is_dir() and not p.is_symlink()), reverse=True):
+                    p.rmdir()
                 path.rmdir()
         elif path.exists() or path.is_symlink():
             self._unlink(path)
@@ -397,7 +399,15 @@ class RemovalReport:
         if st.st_nlink <= 1 or (self.dry_run and st.st_nlink <= 1 + self._names_seen(st.st_ino)):
             self.freed += st.st_size
         if not self.dry_run:
-            p.unlink()
+            try:
+                p.unlink()
+            except PermissionError as err:
+                # Windows does not delete a file another program has open or mapped (ERROR_SHARING_VIOLATION,
+                # ERROR_LOCK_VIOLATION); the store is not read-only for that
+                if getattr(err, "winerror", None) not in (32, 33):
+                    raise
+                hint = "stop the `pipx-llama serve` or `run` using this model, then try again"
+                raise StoreError(f"cannot remove {p}: another program has it open", hint) from None
         self.files.append(p)
 
     def _names_seen(self, ino: int) -> int:
