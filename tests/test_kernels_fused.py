@@ -19,7 +19,9 @@ from pipx_llama.engine.kernels import packed, runtime, simd
 from pipx_llama.engine.model import load_model
 from pipx_llama.engine.warmup import write_tiny_model
 
-pytestmark = pytest.mark.skipif(simd.TIER is None, reason="no packed kernels on this CPU")
+# the packed kinds exist only with a SIMD tier; the rest (the portable tier's plain kinds, the fused
+# pass over them, the team's threads) is what a CPU without one runs, ARM included
+needs_simd = pytest.mark.skipif(simd.TIER is None, reason="no packed kernels on this CPU")
 
 
 @pytest.fixture(scope="module")
@@ -67,6 +69,7 @@ def test_fused_logits_are_the_per_op_logits(tiny, threads):
     same_bits(fused.eval([4, 5, 6]), per_op.eval([4, 5, 6]))
 
 
+@needs_simd
 @pytest.mark.parametrize("threads", [1, 2, 3])
 def test_q5_weights_give_the_per_op_logits(tiny_q5, threads):
     """Q5_0/Q5_1 repacked: prompts and generation on the fused pass, the per-op path's bits."""
@@ -104,6 +107,7 @@ def test_big_models_on_the_portable_tier_stay_on_the_per_op_path(tiny_q5, monkey
     assert load_model(tiny_q5, threads=2).packed is not None
 
 
+@needs_simd
 @pytest.mark.parametrize("fixture", ["tiny", "tiny_k", "tiny_q5", "tiny_k5"])
 def test_repacking_slice_by_slice_gives_the_same_arena(fixture, request, monkeypatch):
     """Load repacks a few MB at a time (dropping each slice's file pages): with one group of rows per
@@ -121,6 +125,7 @@ def test_repacking_slice_by_slice_gives_the_same_arena(fixture, request, monkeyp
     np.testing.assert_array_equal(sliced.arena, whole.arena)
 
 
+@needs_simd
 def test_q5_K_logits_close_to_the_per_op_logits(tiny_k5):
     model = load_model(tiny_k5, threads=2)
     assert model.packed is not None and not model.packed.plain

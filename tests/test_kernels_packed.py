@@ -18,7 +18,9 @@ from pipx_llama.engine.kernels import WEIGHT_KERNELS, packed, simd
 from pipx_llama.formats import kquants as kq
 from pipx_llama.formats import legacy as ql
 
-pytestmark = pytest.mark.skipif(simd.TIER is None, reason="no packed kernels on this CPU")
+# the packed kinds exist only with a SIMD tier; the rest (the portable tier's plain kinds, the fused
+# pass over them, the team's threads) is what a CPU without one runs, ARM included
+needs_simd = pytest.mark.skipif(simd.TIER is None, reason="no packed kernels on this CPU")
 
 LEGACY = [ql.Q4_0, ql.Q4_1, ql.Q8_0, ql.Q5_0, ql.Q5_1]
 KQUANTS = [kq.Q4_K, kq.Q6_K, kq.Q5_K]
@@ -36,6 +38,7 @@ def packed_matmul(qtype, raw: np.ndarray, x: np.ndarray, plain: bool = False) ->
     return out
 
 
+@needs_simd
 @pytest.mark.parametrize("fmt", LEGACY, ids=lambda f: f.__name__)
 @pytest.mark.parametrize(("rows", "T"), [(37, 1), (16, 3), (50, 4), (33, 9), (64, 20)])
 def test_legacy_same_bits_as_portable_kernels(fmt, rows: int, T: int) -> None:
@@ -49,6 +52,7 @@ def test_legacy_same_bits_as_portable_kernels(fmt, rows: int, T: int) -> None:
     np.testing.assert_array_equal(got.view(np.uint32), want.view(np.uint32))
 
 
+@needs_simd
 def test_q8_0_extreme_weights_and_activations() -> None:
     """-128 weights and full-range activations: no int16 saturation on any tier."""
     rows, n = 32, 256
@@ -63,6 +67,7 @@ def test_q8_0_extreme_weights_and_activations() -> None:
     np.testing.assert_array_equal(got.view(np.uint32), portable(ql.Q8_0.qtype, raw, x).view(np.uint32))
 
 
+@needs_simd
 @pytest.mark.parametrize("cls", KQUANTS, ids=lambda c: c.__name__)
 @pytest.mark.parametrize(("rows", "nb", "T"), [(37, 2, 1), (16, 1, 4), (20, 3, 6)])
 def test_kquants_against_integer_twin(cls, rows: int, nb: int, T: int) -> None:
@@ -78,6 +83,7 @@ def test_kquants_against_integer_twin(cls, rows: int, nb: int, T: int) -> None:
     assert np.all(np.abs(got - want) <= 1e-5 * magnitude)
 
 
+@needs_simd
 @pytest.mark.parametrize("cls", KQUANTS, ids=lambda c: c.__name__)
 def test_kquant_rows_do_not_depend_on_the_tokens_beside_them(cls) -> None:
     """Whatever kernel several tokens take (simd.KQUANT_TOKENS: one, two, three or four tokens a weight
@@ -100,6 +106,7 @@ def test_kquant_tokens_per_load_are_known_for_every_tier() -> None:
         assert {k: nt for k, (_, nt) in simd.kquant_multi.items()} == simd.KQUANT_TOKENS[simd.TIER]
 
 
+@needs_simd
 @pytest.mark.parametrize("cls", KQUANTS, ids=lambda c: c.__name__)
 def test_kquants_close_to_portable_kernels(cls) -> None:
     rng = np.random.default_rng(5)
@@ -136,6 +143,7 @@ def test_plain_kinds_keep_the_ggml_rows() -> None:
     assert m.kind in packed.PLAIN_KINDS and m.arena.size == 0 and np.array_equal(m.mapped, raw.reshape(-1))
 
 
+@needs_simd
 def test_q5_fifth_bits_reach_every_element() -> None:
     """Row r has only fifth bit r set: every position of the reordered bits reaches its element."""
     for fmt in (ql.Q5_0, ql.Q5_1):
@@ -167,6 +175,7 @@ def test_fp16_decoding_equals_the_lookup_table() -> None:
     np.testing.assert_array_equal(got[~nan].view(np.uint32), FP16_TABLE[~nan].view(np.uint32))
 
 
+@needs_simd
 def test_rejects_mismatched_shapes() -> None:
     raw = quantized(ql.Q4_0, 16, 64, seed=1)
     m = packed.PackedMatrix(ql.Q4_0.qtype, raw)
