@@ -400,8 +400,45 @@ def usable_cores() -> int:
     return min(usable, quota) if quota else usable
 
 
+def _sysctl_int(name: str) -> int | None:
+    """A macOS integer sysctl by name (``sysctlbyname``), or None."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c"))
+        value, size = ctypes.c_int64(0), ctypes.c_size_t(8)
+        # an int or int64 sysctl: zero-filled, the low bytes hold either (little-endian on every Mac)
+        failed = libc.sysctlbyname(name.encode(), ctypes.byref(value), ctypes.byref(size), None,
+                                   ctypes.c_size_t(0))
+        if failed:
+            return None
+    except (OSError, AttributeError):
+        return None
+    return int(value.value) if size.value in (4, 8) else None
+
+
+def performance_cores(read: Callable[[str], int | None] | None = None) -> int | None:
+    """Apple Silicon's performance cores (``hw.perflevel0.physicalcpu`` where ``hw.nperflevels`` > 1), or
+    None on a CPU whose cores are alike or that does not say. A thread on an efficiency core runs its
+    share of every stage slower, and the others wait for it; llama.cpp counts the same cores."""
+    if read is None:
+        if platform.system() != "Darwin":
+            return None
+        read = _sysctl_int
+    levels = read("hw.nperflevels")
+    if not levels or levels < 2:
+        return None
+    n = read("hw.perflevel0.physicalcpu")
+    return n if n and n > 0 else None
+
+
 def physical_cores() -> int:
-    """Physical cores where they can be counted (psutil, /proc/cpuinfo), else half the logical ones."""
+    """Physical cores where they can be counted (psutil, /proc/cpuinfo), else half the logical ones; on
+    Apple Silicon its performance cores."""
+    perf = performance_cores()
+    if perf:
+        return perf
     ps = _psutil()
     if ps is not None:
         with contextlib.suppress(Exception):

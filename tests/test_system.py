@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import platform
 from pathlib import Path
 
 import pytest
@@ -338,3 +339,14 @@ def test_the_kernels_ask_the_one_probe():
     assert simd._host_features is system.target_features
     assert ops._target_has_f16c is system.target_has_f16c
     assert ops.HAVE_F16C == system.target_has_f16c()
+
+
+def test_apple_silicon_counts_its_performance_cores(monkeypatch):
+    m2 = {"hw.nperflevels": 2, "hw.perflevel0.physicalcpu": 4, "hw.perflevel1.physicalcpu": 4}.get
+    assert system.performance_cores(m2) == 4
+    assert system.performance_cores({"hw.nperflevels": 1, "hw.perflevel0.physicalcpu": 8}.get) is None
+    assert system.performance_cores({}.get) is None  # an Intel Mac: no performance levels
+    if platform.system() != "Darwin":
+        assert system.performance_cores() is None
+    monkeypatch.setattr(system, "performance_cores", lambda read=None: 6)
+    assert system.physical_cores() == 6
