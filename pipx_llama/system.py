@@ -419,11 +419,15 @@ def _sysctl_int(name: str) -> int | None:
 
 
 def performance_cores(read: Callable[[str], int | None] | None = None) -> int | None:
-    """Apple Silicon's performance cores (``hw.perflevel0.physicalcpu`` where ``hw.nperflevels`` > 1), or
-    None on a CPU whose cores are alike or that does not say. A thread on an efficiency core runs its
-    share of every stage slower, and the others wait for it; llama.cpp counts the same cores."""
+    """The performance cores of a CPU that has two kinds, or None where the cores are alike or the OS does not
+    say: Apple Silicon's ``hw.perflevel0.physicalcpu`` (where ``hw.nperflevels`` > 1), an Intel hybrid CPU's
+    on Linux (``linux_performance_cores``). A thread on an efficiency core runs its share of every stage
+    slower, and the others wait for it; llama.cpp counts the same cores."""
     if read is None:
-        if platform.system() != "Darwin":
+        system = platform.system()
+        if system == "Linux":
+            return linux_performance_cores()
+        if system != "Darwin":
             return None
         read = _sysctl_int
     levels = read("hw.nperflevels")
@@ -431,6 +435,35 @@ def performance_cores(read: Callable[[str], int | None] | None = None) -> int | 
         return None
     n = read("hw.perflevel0.physicalcpu")
     return n if n and n > 0 else None
+
+
+def parse_cpu_list(text: str) -> list[int]:
+    """A sysfs CPU list ("0-3,8,10-11") as the CPU numbers."""
+    cpus: list[int] = []
+    for part in text.strip().split(","):
+        if part:
+            first, _, last = part.partition("-")
+            cpus.extend(range(int(first), int(last or first) + 1))
+    return cpus
+
+
+def linux_performance_cores(root: str = "/sys/devices") -> int | None:
+    """The physical cores of an Intel hybrid CPU's performance kind: Linux lists their CPUs under the
+    ``cpu_core`` PMU when a ``cpu_atom`` one (the efficiency cores) is beside it; SMT siblings share a
+    core id. None on a CPU with one kind of core."""
+    core, atom = _read(f"{root}/cpu_core/cpus"), _read(f"{root}/cpu_atom/cpus")
+    if not core or not atom or not atom.strip():
+        return None
+    try:
+        cpus = parse_cpu_list(core)
+    except ValueError:
+        return None
+    physical = set()
+    for n in cpus:
+        topo = f"{root}/system/cpu/cpu{n}/topology"
+        package, core_id = _read(f"{topo}/physical_package_id"), _read(f"{topo}/core_id")
+        physical.add((package or "").strip() + ":" + (core_id.strip() if core_id else f"cpu{n}"))
+    return len(physical) or None
 
 
 def physical_cores() -> int:

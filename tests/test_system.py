@@ -350,3 +350,23 @@ def test_apple_silicon_counts_its_performance_cores(monkeypatch):
         assert system.performance_cores() is None
     monkeypatch.setattr(system, "performance_cores", lambda read=None: 6)
     assert system.physical_cores() == 6
+
+
+def test_an_intel_hybrid_cpu_on_linux_counts_its_performance_cores(tmp_path):
+    def cpu(n, core_id):
+        topo = tmp_path / "system" / "cpu" / f"cpu{n}" / "topology"
+        topo.mkdir(parents=True)
+        (topo / "core_id").write_text(f"{core_id}\n")
+        (topo / "physical_package_id").write_text("0\n")
+
+    for n in range(8):  # four performance cores, two threads each
+        cpu(n, 4 * (n // 2))
+    for n in range(8, 16):  # eight efficiency cores
+        cpu(n, 16 + n)
+    (tmp_path / "cpu_core").mkdir()
+    (tmp_path / "cpu_core" / "cpus").write_text("0-7\n")
+    assert system.linux_performance_cores(str(tmp_path)) is None  # no cpu_atom: one kind of core
+    (tmp_path / "cpu_atom").mkdir()
+    (tmp_path / "cpu_atom" / "cpus").write_text("8-15\n")
+    assert system.linux_performance_cores(str(tmp_path)) == 4
+    assert system.parse_cpu_list("0-3,8,10-11\n") == [0, 1, 2, 3, 8, 10, 11]
