@@ -421,12 +421,15 @@ def _sysctl_int(name: str) -> int | None:
 def performance_cores(read: Callable[[str], int | None] | None = None) -> int | None:
     """The performance cores of a CPU that has two kinds, or None where the cores are alike or the OS does not
     say: Apple Silicon's ``hw.perflevel0.physicalcpu`` (where ``hw.nperflevels`` > 1), an Intel hybrid CPU's
-    on Linux (``linux_performance_cores``). A thread on an efficiency core runs its share of every stage
-    slower, and the others wait for it; llama.cpp counts the same cores."""
+    on Linux (``linux_performance_cores``) and on Windows (``windows_performance_cores``). A thread on an
+    efficiency core runs its share of every stage slower, and the others wait for it; llama.cpp counts the
+    same cores on Linux and macOS (on Windows it takes every core)."""
     if read is None:
         system = platform.system()
         if system == "Linux":
             return linux_performance_cores()
+        if system == "Windows":
+            return windows_performance_cores()
         if system != "Darwin":
             return None
         read = _sysctl_int
@@ -464,6 +467,44 @@ def linux_performance_cores(root: str = "/sys/devices") -> int | None:
         package, core_id = _read(f"{topo}/physical_package_id"), _read(f"{topo}/core_id")
         physical.add((package or "").strip() + ":" + (core_id.strip() if core_id else f"cpu{n}"))
     return len(physical) or None
+
+
+def parse_processor_cores(buf: bytes) -> int | None:
+    """The cores of the highest efficiency class in the records of Windows'
+    ``GetLogicalProcessorInformationEx(RelationProcessorCore)``, or None when every core has the same class.
+    A record: Relationship (u32), Size (u32), then PROCESSOR_RELATIONSHIP: Flags (u8), EfficiencyClass (u8;
+    higher is faster), ..."""
+    classes = []
+    off = 0
+    while off + 10 <= len(buf):
+        relationship = int.from_bytes(buf[off : off + 4], "little")
+        size = int.from_bytes(buf[off + 4 : off + 8], "little")
+        if size < 10:
+            return None
+        if relationship == 0:  # RelationProcessorCore
+            classes.append(buf[off + 9])
+        off += size
+    if len(set(classes)) < 2:
+        return None
+    return classes.count(max(classes))
+
+
+def windows_performance_cores() -> int | None:  # pragma: no cover - Windows only
+    """An Intel hybrid CPU's performance cores on Windows (those of the highest EfficiencyClass), or None."""
+    import ctypes
+
+    try:
+        kernel32 = ctypes.WinDLL("kernel32")
+        size = ctypes.c_uint32(0)
+        kernel32.GetLogicalProcessorInformationEx(0, None, ctypes.byref(size))
+        if not size.value:
+            return None
+        buf = ctypes.create_string_buffer(size.value)
+        if not kernel32.GetLogicalProcessorInformationEx(0, buf, ctypes.byref(size)):
+            return None
+        return parse_processor_cores(buf.raw[: size.value])
+    except (OSError, AttributeError, ValueError):
+        return None
 
 
 def physical_cores() -> int:

@@ -370,3 +370,21 @@ def test_an_intel_hybrid_cpu_on_linux_counts_its_performance_cores(tmp_path):
     (tmp_path / "cpu_atom" / "cpus").write_text("8-15\n")
     assert system.linux_performance_cores(str(tmp_path)) == 4
     assert system.parse_cpu_list("0-3,8,10-11\n") == [0, 1, 2, 3, 8, 10, 11]
+
+
+def test_windows_hybrid_cores_from_their_efficiency_class():
+    def core(efficiency_class, size=48):
+        record = bytearray(size)
+        record[0:4] = (0).to_bytes(4, "little")  # RelationProcessorCore
+        record[4:8] = size.to_bytes(4, "little")
+        record[9] = efficiency_class
+        return bytes(record)
+
+    package = bytearray(80)
+    package[0:4] = (3).to_bytes(4, "little")  # RelationProcessorPackage: not a core
+    package[4:8] = (80).to_bytes(4, "little")
+    package[9] = 7
+    hybrid = b"".join([core(1)] * 4 + [core(0)] * 8) + bytes(package)
+    assert system.parse_processor_cores(hybrid) == 4
+    assert system.parse_processor_cores(b"".join([core(0)] * 6)) is None
+    assert system.parse_processor_cores(b"") is None
