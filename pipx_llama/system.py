@@ -451,12 +451,13 @@ def parse_cpu_list(text: str) -> list[int]:
 
 
 def linux_performance_cores(root: str = "/sys/devices") -> int | None:
-    """The physical cores of an Intel hybrid CPU's performance kind: Linux lists their CPUs under the
-    ``cpu_core`` PMU when a ``cpu_atom`` one (the efficiency cores) is beside it; SMT siblings share a
-    core id. None on a CPU with one kind of core."""
+    """The physical cores of a hybrid CPU's performance kind: Linux lists an Intel hybrid's under the
+    ``cpu_core`` PMU when a ``cpu_atom`` one (the efficiency cores) is beside it, SMT siblings sharing a
+    core id; an ARM big.LITTLE's big cores have the highest ``cpu_capacity``. None on a CPU with one kind
+    of core."""
     core, atom = _read(f"{root}/cpu_core/cpus"), _read(f"{root}/cpu_atom/cpus")
     if not core or not atom or not atom.strip():
-        return None
+        return _big_cores(root)
     try:
         cpus = parse_cpu_list(core)
     except ValueError:
@@ -467,6 +468,21 @@ def linux_performance_cores(root: str = "/sys/devices") -> int | None:
         package, core_id = _read(f"{topo}/physical_package_id"), _read(f"{topo}/core_id")
         physical.add((package or "").strip() + ":" + (core_id.strip() if core_id else f"cpu{n}"))
     return len(physical) or None
+
+
+def _big_cores(root: str) -> int | None:
+    """The CPUs of the highest ``cpu_capacity`` (ARM big.LITTLE, where the kernel rates its cores), or None
+    when every CPU has the same or none says."""
+    folder = Path(root) / "system" / "cpu"
+    capacities = []
+    for cpu in folder.glob("cpu[0-9]*"):
+        text = _read(str(cpu / "cpu_capacity"))
+        if text is None or not text.strip().isdigit():
+            return None
+        capacities.append(int(text))
+    if len(set(capacities)) < 2:
+        return None
+    return capacities.count(max(capacities))
 
 
 def parse_processor_cores(buf: bytes) -> int | None:
@@ -507,10 +523,16 @@ def windows_performance_cores() -> int | None:  # pragma: no cover - Windows onl
         return None
 
 
+@functools.cache
+def detected_performance_cores() -> int | None:
+    """``performance_cores()`` of this machine, read once."""
+    return performance_cores()
+
+
 def physical_cores() -> int:
-    """Physical cores where they can be counted (psutil, /proc/cpuinfo), else half the logical ones; on
-    Apple Silicon its performance cores."""
-    perf = performance_cores()
+    """Physical cores where they can be counted (psutil, /proc/cpuinfo), else half the logical ones; on a
+    CPU with two kinds of cores, its performance cores."""
+    perf = detected_performance_cores()
     if perf:
         return perf
     ps = _psutil()

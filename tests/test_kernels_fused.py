@@ -206,3 +206,19 @@ def test_items_are_taken_once_and_stale_evaluations_get_nothing():
 @njit
 def _wait(ctl, stage, tag, n):
     return runtime.wait_stage(ctl, stage, tag, n)
+
+
+def test_small_matmuls_split_into_one_item_per_thread_unless_cores_differ(tiny):
+    from pipx_llama.engine.kernels import fused
+
+    assert fused.items_per_thread(2, None) == fused.MM_ITEMS_ALIKE == 1
+    assert fused.items_per_thread(4, 4) == 1  # no more threads than performance cores
+    assert fused.items_per_thread(12, 4) == fused.MM_ITEMS_MIXED == 2
+    model = load_model(tiny, threads=2)
+    b = model.new_context(32, fused=False).fused_bundle()
+    counts = {}
+    for items in (1, 2):
+        b.hp[fused.HP_ITEMS] = items
+        ops = (fused.OP_QKV, fused.OP_GATE_UP, fused.OP_DOWN)
+        counts[items] = [fused.n_items(op, 0, 1, 2, b) for op in ops]
+    assert counts[1] == [6, 2, 2] and counts[2] == [12, 4, 4], counts

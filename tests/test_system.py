@@ -348,7 +348,7 @@ def test_apple_silicon_counts_its_performance_cores(monkeypatch):
     assert system.performance_cores({}.get) is None  # an Intel Mac: no performance levels
     if platform.system() != "Darwin":
         assert system.performance_cores() is None
-    monkeypatch.setattr(system, "performance_cores", lambda read=None: 6)
+    monkeypatch.setattr(system, "detected_performance_cores", lambda: 6)
     assert system.physical_cores() == 6
 
 
@@ -370,6 +370,18 @@ def test_an_intel_hybrid_cpu_on_linux_counts_its_performance_cores(tmp_path):
     (tmp_path / "cpu_atom" / "cpus").write_text("8-15\n")
     assert system.linux_performance_cores(str(tmp_path)) == 4
     assert system.parse_cpu_list("0-3,8,10-11\n") == [0, 1, 2, 3, 8, 10, 11]
+
+
+def test_an_arm_big_little_cpu_on_linux_counts_its_big_cores(tmp_path):
+    cpus = tmp_path / "system" / "cpu"
+    for n, capacity in enumerate([446, 446, 446, 446, 1024, 1024, 1024, 1024]):  # an RK3588
+        (cpus / f"cpu{n}").mkdir(parents=True)
+        (cpus / f"cpu{n}" / "cpu_capacity").write_text(f"{capacity}\n")
+    (cpus / "cpufreq").mkdir()  # not a CPU
+    assert system.linux_performance_cores(str(tmp_path)) == 4
+    for n in range(8):
+        (cpus / f"cpu{n}" / "cpu_capacity").write_text("1024\n")
+    assert system.linux_performance_cores(str(tmp_path)) is None
 
 
 def test_windows_hybrid_cores_from_their_efficiency_class():

@@ -33,7 +33,7 @@ from pipx_llama.engine.kv_cache import KVCache, check_shift
 from pipx_llama.errors import ContextFullError, UnsupportedModelError, UsageError
 from pipx_llama.formats.fp16 import FP16_TABLE as _FP16_TABLE
 from pipx_llama.formats.gguf import GGUFFile, TensorInfo, open_gguf
-from pipx_llama.system import default_threads
+from pipx_llama.system import default_threads, detected_performance_cores
 from pipx_llama.tokenizer.tokenizer import Tokenizer
 
 DEFAULT_CTX = 4096
@@ -479,9 +479,10 @@ class Context:
         hpa = np.zeros(fused_kernels.HP_SIZE, np.int64)
         hpa[[fused_kernels.HP_DIM, fused_kernels.HP_LAYERS, fused_kernels.HP_HEADS, fused_kernels.HP_KV_HEADS,
              fused_kernels.HP_HEAD_DIM, fused_kernels.HP_FFN, fused_kernels.HP_VOCAB, fused_kernels.HP_NEOX,
-             fused_kernels.HP_ACT, fused_kernels.HP_OUT_NORM]] = (
+             fused_kernels.HP_ACT, fused_kernels.HP_OUT_NORM, fused_kernels.HP_ITEMS]] = (
             hp.dim, hp.n_layers, hp.n_heads, hp.n_kv_heads, hp.head_dim, hp.ffn_dim, hp.n_vocab,
-            int(hp.rope_type == ROPE_NEOX), int(m.family.activation == ACT_GELU), pw.out_norm)
+            int(hp.rope_type == ROPE_NEOX), int(m.family.activation == ACT_GELU), pw.out_norm,
+            fused_kernels.items_per_thread(m.threads, detected_performance_cores()))
         fpa = np.zeros(fused_kernels.FP_SIZE, np.float32)
         fpa[[fused_kernels.FP_EPS, fused_kernels.FP_Q_SCALE, fused_kernels.FP_KQ_SCALE,
              fused_kernels.FP_SOFTCAP]] = (

@@ -43,8 +43,8 @@ from pipx_llama.engine.kernels.runtime import done, take, wait_stage
 
 # int64 model switches (``hp``)
 (HP_DIM, HP_LAYERS, HP_HEADS, HP_KV_HEADS, HP_HEAD_DIM, HP_FFN, HP_VOCAB, HP_NEOX, HP_ACT,
- HP_OUT_NORM) = range(10)
-HP_SIZE = 10
+ HP_OUT_NORM, HP_ITEMS) = range(11)
+HP_SIZE = 11
 # float32 model numbers (``fp``)
 FP_EPS, FP_Q_SCALE, FP_KQ_SCALE, FP_SOFTCAP = range(4)
 FP_SIZE = 4
@@ -75,15 +75,16 @@ MAX_TOKEN_TILE = 64  # tokens per matmul item in prompt processing (weights of a
 # 64 KiB items cost Qwen2.5-1.5B a third of its generation time (1 thread: 60.4 -> 42.3 ms a token
 # with 1 MiB, Gemma-3-270M 65 -> 80.5 tok/s, SmolLM2 125 -> 140); 4 MiB measured the same as 1 MiB
 ITEM_BYTES = 1 << 20
-# matmul items per thread where ITEM_BYTES allows fewer, bigger ones: a small tensor is split into this
-# many per thread, no more. Each item is a stream of its own (dealt, called, the prefetchers ramping up
-# again), but items dealt as threads come free are what balances a CPU whose cores differ (performance
-# and efficiency cores: with one item each, a stage lasts as long as the slowest core's share).
-# Milliseconds per generated token at depth 160 (SmolLM2 requantized Q6_K, Zen 4), items per thread
-# 1 / 2 / 4 alternating in one process: 2 threads 5.81 / 6.24 / 6.74 (Q4_1: 4.18 / 4.38 / 4.61);
-# 1 thread 8.37 / 8.80 / 9.88; 2 threads beside another process taking a third of a core in bursts
-# 7.75 / 7.87 / 8.68, and a batch of 8 tokens (Q4_1) there 12.07 / 12.52 / 12.97. It was 4.
-MM_ITEMS_PER_THREAD = 2
+# matmul items per thread where ITEM_BYTES allows fewer, bigger ones (``hp[HP_ITEMS]``, set per context by
+# ``items_per_thread``): a small tensor is split into this many per thread, no more. Each item is a stream
+# of its own (dealt, called, the prefetchers ramping up again), but items dealt as threads come free are
+# what balances a CPU whose cores differ: with one item each, a stage lasts as long as an efficiency
+# core's share. Milliseconds per generated token at depth 160 (SmolLM2 requantized Q6_K, Zen 4), items
+# per thread 1 / 2 / 4 alternating in one process: 2 threads 5.81 / 6.24 / 6.74 (Q4_1: 4.18 / 4.38 /
+# 4.61); 1 thread 8.37 / 8.80 / 9.88; 2 threads beside another process taking a third of a core in
+# bursts 7.75 / 7.87 / 8.68, and a batch of 8 tokens (Q4_1) there 12.07 / 12.52 / 12.97. It was 4.
+MM_ITEMS_ALIKE = 1  # cores alike, or no more threads than performance cores
+MM_ITEMS_MIXED = 2  # more threads than a CPU's performance cores
 
 # Everything team_part reads, in one argument. Shapes: hp int64 [HP_SIZE]; fp f32 [FP_SIZE]; par int64
 # [PAR_SIZE]; stages int64 [n, 2]; arenas = (packed weights, mapped file) uint8; wdesc int64 [7L+1, 4];
@@ -123,31 +124,38 @@ def _attend_items(T, H, threads):
     return min(T * H, 8 * threads) if T > 1 else min(T * H, 2 * threads)
 
 
+def items_per_thread(threads: int, performance_cores: int | None) -> int:
+    """``hp[HP_ITEMS]`` for a team of ``threads`` on a CPU with ``performance_cores`` (None: its cores are
+    alike, or it does not say)."""
+    return MM_ITEMS_MIXED if performance_cores is not None and threads > performance_cores else MM_ITEMS_ALIKE
+
+
 @njit(cache=True, nogil=True, _nrt=False)
-def _mm_split(wdesc, widx, T, threads):
-    """(groups per item, token tile) for a matmul of weight ``widx`` over T tokens."""
+def _mm_split(wdesc, widx, T, shares):
+    """(groups per item, token tile) for a matmul of weight ``widx`` over T tokens, a small one split into
+    ``shares`` items (threads times items per thread)."""
     cols = wdesc[widx, WD_COLS]
     rows = wdesc[widx, WD_ROWS]
     group_bytes = cols * 18 // 32 * 16  # about: packed 4-bit group of 16 rows
     tile = min(T, MAX_TOKEN_TILE)
     groups = (rows + 15) // 16
     gpc = max(1, ITEM_BYTES // (group_bytes * tile))
-    # enough items to share: MM_ITEMS_PER_THREAD per thread when there is work for that many
-    gpc = min(gpc, max(1, groups // (MM_ITEMS_PER_THREAD * threads)))
+    # enough items to share: ``shares`` when there is work for that many
+    gpc = min(gpc, max(1, groups // shares))
     return gpc, tile
 
 
 @njit(cache=True, nogil=True, _nrt=False)
-def _mm_count(wdesc, widx, T, threads):
-    gpc, tile = _mm_split(wdesc, widx, T, threads)
+def _mm_count(wdesc, widx, T, shares):
+    gpc, tile = _mm_split(wdesc, widx, T, shares)
     groups = (wdesc[widx, WD_ROWS] + 15) // 16
     return ((groups + gpc - 1) // gpc) * ((T + tile - 1) // tile)
 
 
 @njit(cache=True, nogil=True, _nrt=False)
-def _mm_item(wdesc, widx, arenas, i, T, threads, a8, ak, out, res):
+def _mm_item(wdesc, widx, arenas, i, T, shares, a8, ak, out, res):
     """Item i of the matmul of weight ``widx``; returns the (rows, tokens) ranges it wrote."""
-    gpc, tile = _mm_split(wdesc, widx, T, threads)
+    gpc, tile = _mm_split(wdesc, widx, T, shares)
     n_tt = (T + tile - 1) // tile
     gc = i // n_tt
     t0 = (i - gc * n_tt) * tile
@@ -236,21 +244,22 @@ def n_items(op, li, T, threads, b):
     """How many items stage (op, li) has for a batch of T tokens."""
     L = b.hp[HP_LAYERS]
     wb = 7 * li
+    sh = threads * b.hp[HP_ITEMS]
     if op == OP_QKV:
-        return (_mm_count(b.wdesc, wb + W_Q, T, threads) + _mm_count(b.wdesc, wb + W_K, T, threads)
-                + _mm_count(b.wdesc, wb + W_V, T, threads))
+        return (_mm_count(b.wdesc, wb + W_Q, T, sh) + _mm_count(b.wdesc, wb + W_K, T, sh)
+                + _mm_count(b.wdesc, wb + W_V, T, sh))
     if op == OP_ATTEND:
         return _attend_items(T, b.hp[HP_HEADS], threads)
     if op == OP_WO:
-        return _mm_count(b.wdesc, wb + W_O, T, threads)
+        return _mm_count(b.wdesc, wb + W_O, T, sh)
     if op == OP_GATE_UP:
-        return _mm_count(b.wdesc, wb + W_GATE, T, threads)
+        return _mm_count(b.wdesc, wb + W_GATE, T, sh)
     if op == OP_DOWN:
-        return _mm_count(b.wdesc, wb + W_DOWN, T, threads)
+        return _mm_count(b.wdesc, wb + W_DOWN, T, sh)
     if op == OP_OUT_IN:
         return _token_items(b.par[PAR_LOGIT_ROWS], threads)[0]
     if op == OP_LOGITS:
-        return _mm_count(b.wdesc, 7 * L, b.par[PAR_LOGIT_ROWS], threads)
+        return _mm_count(b.wdesc, 7 * L, b.par[PAR_LOGIT_ROWS], sh)
     return _token_items(T, threads)[0]
 
 
@@ -264,6 +273,7 @@ def run_item(op, li, i, tid, T, threads, b):
     eps = fp[FP_EPS]
     res = b.res_all[tid]
     wb = 7 * li
+    sh = threads * hp[HP_ITEMS]
     _, per_tok = _token_items(T, threads)
     t0 = i * per_tok
     t1 = min(T, t0 + per_tok)
@@ -275,14 +285,14 @@ def run_item(op, li, i, tid, T, threads, b):
         _quantize_rows(b.xb, t0, t1, dim, b.a8f, b.akf, T, b.need[4 * li + IN_QKV], b.f16_table)
     elif op == OP_QKV:
         a8, ak = _acts(dim, T, b.a8f, b.akf)
-        nq = _mm_count(b.wdesc, wb + W_Q, T, threads)
-        nk = _mm_count(b.wdesc, wb + W_K, T, threads)
+        nq = _mm_count(b.wdesc, wb + W_Q, T, sh)
+        nk = _mm_count(b.wdesc, wb + W_K, T, sh)
         if i < nq:
-            _mm_item(b.wdesc, wb + W_Q, b.arenas, i, T, threads, a8, ak, b.q, res)
+            _mm_item(b.wdesc, wb + W_Q, b.arenas, i, T, sh, a8, ak, b.q, res)
         elif i < nq + nk:
-            _mm_item(b.wdesc, wb + W_K, b.arenas, i - nq, T, threads, a8, ak, b.k, res)
+            _mm_item(b.wdesc, wb + W_K, b.arenas, i - nq, T, sh, a8, ak, b.k, res)
         else:
-            _mm_item(b.wdesc, wb + W_V, b.arenas, i - nq - nk, T, threads, a8, ak, b.v, res)
+            _mm_item(b.wdesc, wb + W_V, b.arenas, i - nq - nk, T, sh, a8, ak, b.v, res)
     elif op == OP_ROPE:
         _rope_and_cache(b, li, t0, t1)
     elif op == OP_ATTEND:
@@ -303,7 +313,7 @@ def run_item(op, li, i, tid, T, threads, b):
         _quantize_rows(b.att, t0, t1, qdim, b.a8f, b.akf, T, b.need[4 * li + IN_O], b.f16_table)
     elif op == OP_WO:
         a8, ak = _acts(qdim, T, b.a8f, b.akf)
-        _mm_item(b.wdesc, wb + W_O, b.arenas, i, T, threads, a8, ak, b.proj, res)
+        _mm_item(b.wdesc, wb + W_O, b.arenas, i, T, sh, a8, ak, b.proj, res)
     elif op == OP_FFN_IN:
         for t in range(t0, t1):
             _norm_add(b, t, ld[li, LD_POST_ATTN], b.proj[t])
@@ -311,8 +321,8 @@ def run_item(op, li, i, tid, T, threads, b):
         _quantize_rows(b.xb, t0, t1, dim, b.a8f, b.akf, T, b.need[4 * li + IN_FFN], b.f16_table)
     elif op == OP_GATE_UP:
         a8, ak = _acts(dim, T, b.a8f, b.akf)
-        r0, r1, g0, g1 = _mm_item(b.wdesc, wb + W_GATE, b.arenas, i, T, threads, a8, ak, b.gate, res)
-        _mm_item(b.wdesc, wb + W_UP, b.arenas, i, T, threads, a8, ak, b.up, res)
+        r0, r1, g0, g1 = _mm_item(b.wdesc, wb + W_GATE, b.arenas, i, T, sh, a8, ak, b.gate, res)
+        _mm_item(b.wdesc, wb + W_UP, b.arenas, i, T, sh, a8, ak, b.up, res)
         for t in range(g0, g1):
             if hp[HP_ACT] == ACT_GELU:
                 ops._geglu_row(b.gate[t, r0:r1], b.up[t, r0:r1], b.gelu_table, b.hidden[t, r0:r1])
@@ -322,7 +332,7 @@ def run_item(op, li, i, tid, T, threads, b):
         _quantize_rows(b.hidden, t0, t1, ffn, b.a8f, b.akf, T, b.need[4 * li + IN_DOWN], b.f16_table)
     elif op == OP_DOWN:
         a8, ak = _acts(ffn, T, b.a8f, b.akf)
-        _mm_item(b.wdesc, wb + W_DOWN, b.arenas, i, T, threads, a8, ak, b.proj, res)
+        _mm_item(b.wdesc, wb + W_DOWN, b.arenas, i, T, sh, a8, ak, b.proj, res)
     elif op == OP_OUT_IN:
         L = hp[HP_LAYERS]
         nlr = b.par[PAR_LOGIT_ROWS]
@@ -338,7 +348,7 @@ def run_item(op, li, i, tid, T, threads, b):
     else:  # OP_LOGITS
         nlr = b.par[PAR_LOGIT_ROWS]
         a8, ak = _acts(dim, nlr, b.a8f, b.akf)
-        _mm_item(b.wdesc, 7 * hp[HP_LAYERS], b.arenas, i, nlr, threads, a8, ak, b.logits, res)
+        _mm_item(b.wdesc, 7 * hp[HP_LAYERS], b.arenas, i, nlr, sh, a8, ak, b.logits, res)
 
 
 @njit(cache=True, nogil=True, _nrt=False)
