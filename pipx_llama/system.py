@@ -400,24 +400,6 @@ def usable_cores() -> int:
     return min(usable, quota) if quota else usable
 
 
-def _sysctl_int(name: str) -> int | None:
-    """A macOS integer sysctl by name (``sysctlbyname``), or None."""
-    import ctypes
-    import ctypes.util
-
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c"))
-        value, size = ctypes.c_int64(0), ctypes.c_size_t(8)
-        # an int or int64 sysctl: zero-filled, the low bytes hold either (little-endian on every Mac)
-        failed = libc.sysctlbyname(name.encode(), ctypes.byref(value), ctypes.byref(size), None,
-                                   ctypes.c_size_t(0))
-        if failed:
-            return None
-    except (OSError, AttributeError):
-        return None
-    return int(value.value) if size.value in (4, 8) else None
-
-
 def performance_cores(read: Callable[[str], int | None] | None = None) -> int | None:
     """The performance cores of a CPU that has two kinds, or None where the cores are alike or the OS does not
     say: Apple Silicon's ``hw.perflevel0.physicalcpu`` (where ``hw.nperflevels`` > 1), an Intel hybrid CPU's
@@ -432,7 +414,11 @@ def performance_cores(read: Callable[[str], int | None] | None = None) -> int | 
             return windows_performance_cores()
         if system != "Darwin":
             return None
-        read = _sysctl_int
+        values = parse_sysctl(_run(["sysctl", "hw.nperflevels", "hw.perflevel0.physicalcpu"]))
+
+        def read(name: str) -> int | None:
+            text = values.get(name, "")
+            return int(text) if text.isdigit() else None
     levels = read("hw.nperflevels")
     if not levels or levels < 2:
         return None
