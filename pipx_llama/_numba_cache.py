@@ -12,6 +12,15 @@ older ``simd.py`` or for another tier would otherwise be reused. Folders of othe
 a week are removed.
 
 A user's own ``NUMBA_CACHE_DIR`` wins (and is then theirs to keep consistent).
+
+``guard_saves`` makes numba's cache writes safe between processes. numba (0.68,
+``IndexDataCacheFile.save``) names a function's compiled code ``<function>.<n>.nbc`` with n the first
+number its index does not use yet, reading the index, then writing it, then the code, with no lock. Two
+processes that save two signatures of one function at once (two test workers; two ``run`` commands on
+models of different weight formats, whose fused passes are two signatures) can both read the index before
+either writes it and both take n = 1: the index then names file 1 for one signature while file 1 may hold
+the other's code, which every later run loads and calls. Each save now holds a lock file of the cache
+folder.
 """
 
 import hashlib
@@ -69,6 +78,26 @@ def _configure() -> None:
         except OSError:
             pass
     _prune(root, name)
+
+
+def guard_saves() -> None:
+    """Serialise numba's cache saves across processes (see above); call before compiling cached kernels.
+
+    Imports numba, so callers are the modules that define kernels, not this one (``--help`` stays fast).
+    """
+    from filelock import FileLock
+    from numba.core import caching
+
+    save = caching.IndexDataCacheFile.save
+    if getattr(save, "_pipx_llama_guarded", False):
+        return
+
+    def locked_save(self, key, data):
+        with FileLock(os.path.join(self._cache_path, ".save.lock")):
+            save(self, key, data)
+
+    locked_save._pipx_llama_guarded = True
+    caching.IndexDataCacheFile.save = locked_save
 
 
 _configure()

@@ -27,6 +27,10 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
+from pipx_llama._numba_cache import guard_saves
+
+guard_saves()  # numba's cache writes, safe between processes (this module is imported outside the engine too)
+
 FP16_TABLE = np.arange(65536, dtype=np.uint16).view(np.float16).astype(np.float32)
 
 FP16_QUIET_BIT = 0x0200

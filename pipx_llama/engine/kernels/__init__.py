@@ -15,6 +15,10 @@ from typing import Protocol
 import numpy as np
 from gguf import GGMLQuantizationType
 
+from pipx_llama._numba_cache import guard_saves
+
+guard_saves()  # before any kernel of this package compiles: numba's cache writes, safe between processes
+
 
 class WeightKernel(Protocol):
     qtype: GGMLQuantizationType

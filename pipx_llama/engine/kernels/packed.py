@@ -571,8 +571,12 @@ def _dispatch_for(kset, kind, arenas, off, rows, cols, g0, g1, t0, t1, a8, ak, o
         return None
     lines = [f"def impl({_ARGS}):"]
     for k in kset.kinds:
-        if k < KIND_P_Q4_0 and not SIMD:
-            continue  # no packed kinds without a SIMD tier (supported() refuses them)
+        # no packed kinds without a SIMD tier (supported() refuses them). simd.TIER, not SIMD: tests
+        # monkeypatch SIMD to load models as the portable tier would, and code compiled here is cached on
+        # disk under a key that does not see it -- a dispatch compiled then computed nothing for the packed
+        # kinds, and every later process that loaded it got all-zero logits
+        if k < KIND_P_Q4_0 and simd.TIER is None:
+            continue
         loop, block, acts = _CALLS[k]
         arena = 0 if k < KIND_P_Q4_0 else 1
         tail = ", res" if k < KIND_P_Q4_0 else ""
