@@ -278,6 +278,16 @@ def compile_target() -> CpuTarget:
     return CpuTarget(llvm_binding.get_host_cpu_name(), dict(llvm_binding.get_host_cpu_features()))
 
 
+def host_is_amd() -> bool:
+    """Whether this machine's CPU is AMD's (it has SSE4a, which no other x86 CPU has), whatever CPU numba is
+    told to compile for: hardware behaviour such as its prefetchers' belongs to the host."""
+    if not is_x86():
+        return False
+    from llvmlite import binding as llvm_binding
+
+    return bool(dict(llvm_binding.get_host_cpu_features()).get("sse4a", False))
+
+
 def target_features() -> dict[str, bool]:
     """``compile_target().features`` as a plain dict."""
     return dict(compile_target().features)

@@ -206,3 +206,31 @@ def test_tier_can_be_lowered_not_raised() -> None:
     out = subprocess.run([sys.executable, "-c", code], env=dict(os.environ, PIPX_LLAMA_SIMD="off"),
                          capture_output=True, text=True, check=False).stdout.strip()
     assert out == "None"
+
+
+@needs_simd
+@pytest.mark.parametrize("kind", ["q4_1", "q6_K"])
+def test_kernels_prefetch_the_next_group(kind: str) -> None:
+    """Several tokens' kernels always ask for the next group's records; one token's only where
+    ``PREFETCH_ONE_TOKEN`` says (not on AMD's CPUs, whose own prefetchers measured better alone)."""
+    from numba import njit
+
+    legacy = kind == "q4_1"
+    multi = simd.q4_1_x4 if legacy else simd.kquant_multi["q6_K"][0]
+    one = simd.q4_1_x1 if legacy else simd.q6_K_x1
+    nb, rec = (2, simd.LEGACY_RECORD[kind]) if legacy else (1, simd.KQUANT_RECORD[kind])
+    w = np.zeros(4 * nb * rec, np.uint8)
+    xq, f32, i32 = np.zeros((4, 256), np.int8), np.zeros((4, 8), np.float32), np.zeros((4, 16), np.int32)
+    res = np.zeros((4, simd.LANES), np.float32)
+    for kernel, expected in ((multi, True), (one, simd.PREFETCH_ONE_TOKEN)):
+        if legacy:
+            def call(w, xq, xd, xs, xsum, res, kernel=kernel):
+                kernel(w, 0, nb, xq, xd, xs, xsum, 0, nb * rec, res)
+            args = (w, xq, f32, f32, i32[:, :8], res)
+        else:
+            def call(w, xq, xd, xb16, xb32, res, kernel=kernel):
+                kernel(w, 0, nb, xq, xd, xb16, xb32, 0, nb * rec, res)
+            args = (w, xq, f32[:, :1], i32, i32[:, :8], res)
+        fresh = njit(call)  # a fresh compile: numba shows no assembly of cached code
+        fresh(*args)
+        assert ("prefetcht1" in fresh.inspect_asm(fresh.signatures[0])) is expected, (kind, kernel)

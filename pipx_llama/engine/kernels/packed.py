@@ -310,13 +310,13 @@ if simd.TIER is not None:
                 woff = off + g * gstride
                 t = t0
                 while t + nt <= t1:
-                    kn(arena, woff, nb, xq, xd, xs, xsum, t, res)
+                    kn(arena, woff, nb, xq, xd, xs, xsum, t, gstride, res)
                     for i in range(nt):
                         for r in range(nr):
                             out[t + i, r0 + r] = res[i, r]
                     t += nt
                 while t < t1:
-                    k1(arena, woff, nb, xq, xd, xs, xsum, t, res)
+                    k1(arena, woff, nb, xq, xd, xs, xsum, t, gstride, res)
                     for r in range(nr):
                         out[t, r0 + r] = res[0, r]
                     t += 1

@@ -38,15 +38,27 @@ from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
+from pipx_llama.system import host_is_amd
 from pipx_llama.system import target_features as _host_features
 
 LANES = 16  # weight rows per group: the int32 lanes of one 512-bit vector
-# No software prefetch: a mat-vec streams its weights once, and the hardware prefetchers keep up when each
-# record is read front to back (the record layouts below are ordered so). Hints 8 KiB ahead, one per cache
-# line, measured slower on this project's Zen 4 EPYC (1 thread, 260-271 MB tensors, GB/s without -> with):
-# Q4_K 27.3 -> 18.1, Q6_K 26.3 -> 23.0, Q5_1 31.1 -> 26.7, Q8_0 26.0 -> 23.0; the same with the
-# avx2 tier's code (Q4_K 24.4 -> 17.1). Software prefetches hold a miss buffer of the core each, which
-# the hardware's L2 prefetches do not.
+# Software prefetch: each kernel asks for the record it will read next time round -- the same record of the
+# next group of rows, ``pf`` bytes on -- into L2 (``prefetcht1``) while it computes this one. A kernel for
+# several tokens computes long enough per record to hide the memory's latency behind it, and its second and
+# later passes over a group (tokens 4-7 of a batch of 8) read only cached lines, so without hints nothing
+# asks the memory for the next group until the first pass reaches it: the hardware prefetchers follow
+# demand misses and stop with them. On a 2-core Xeon VM (Sapphire Rapids class, AVX-512 VNNI), one thread,
+# a 66 MB Q4_1 tensor of 576 columns read from DRAM, microseconds for 4 / 8 tokens without -> with:
+# 6170 -> 3188 / 9648 -> 6002; SmolLM2 Q4_1, a server's step of 8 decode tokens at 2 threads 13.4-13.6 ->
+# 10.8-11.2 ms.
+# One token: the same hints helped that Xeon too -- one thread streamed the 66 MB tensor at 12-13 GB/s
+# without, 21.7 with; SmolLM2 Q4_1 generation at 2 / 1 threads 183-193 -> 284-287 / 103-107 -> 150 tok/s;
+# 7B-shaped Q4_K_M 5.15 -> 5.73 tok/s at 2 threads -- but on AMD's Zen 4 EPYC hints 8 KiB ahead measured
+# slower, one thread, 260-271 MB tensors, GB/s without -> with: Q4_K 27.3 -> 18.1, Q6_K 26.3 -> 23.0,
+# Q5_1 31.1 -> 26.7, Q8_0 26.0 -> 23.0 (avx2 tier's code: Q4_K 24.4 -> 17.1): its own prefetchers
+# already keep up there, and each software prefetch holds one of the core's miss buffers. So a one-token
+# kernel asks only on CPUs that are not AMD's.
+PREFETCH_ONE_TOKEN = not host_is_amd()
 
 _I8 = ir.IntType(8)
 _I16 = ir.IntType(16)
@@ -195,6 +207,11 @@ class _Emit:
         h = self.load(base, offset, self.vhalf)
         return self.b.fpext(h, self.vf32)
 
+    def prefetch_l2(self, base: ir.Value, offset: ir.Value) -> None:
+        """Ask for the cache line at byte ``offset`` of ``base`` into L2 (a hint: never faults)."""
+        f = self.fn("llvm.prefetch.p0", ir.VoidType(), [_I8.as_pointer(), _I32, _I32, _I32])
+        self.b.call(f, [self.b.gep(base, [offset]), _I32(0), _I32(2), _I32(1)])
+
     def fma(self, a: ir.Value, x: ir.Value, c: ir.Value) -> ir.Value:
         f = self.fn(f"llvm.fma.v{self.width}f32", self.vf32, [self.vf32] * 3)
         return self.b.call(f, [a, x, c])
@@ -250,8 +267,8 @@ def _legacy_codegen(kind: str, nt: int, tier: str):
     rec = LEGACY_RECORD[kind]
 
     def codegen(context, builder, sig, args):
-        w_ty, _, _, xq_ty, xd_ty, xs_ty, xsum_ty, _, res_ty = sig.args
-        w, woff, nb, xq, xd, xs, xsum, t0, res = args
+        w_ty, _, _, xq_ty, xd_ty, xs_ty, xsum_ty, _, _, res_ty = sig.args
+        w, woff, nb, xq, xd, xs, xsum, t0, pf, res = args
         e = _Emit(builder, tier)
         b = builder
         wbase = b.gep(_array_data(context, builder, w_ty, w), [woff])
@@ -272,6 +289,9 @@ def _legacy_codegen(kind: str, nt: int, tier: str):
         with cgutils.for_range(b, nb) as loop:
             blk = loop.index
             rb = b.mul(blk, _I64(rec))
+            if nt > 1 or PREFETCH_ONE_TOKEN:  # the same record of the next group (see PREFETCH_ONE_TOKEN)
+                for line in range(0, rec, 64):
+                    e.prefetch_l2(wbase, b.add(b.add(rb, pf), _I64(line)))
             isum = [[e.zero_i32() for _ in range(e.parts)] for _ in range(nt)]
             n_steps = 8 if kind == "q8_0" else 4
             xoff = b.mul(blk, _I64(32))
@@ -345,13 +365,15 @@ def _make_legacy_intrinsic(kind: str, nt: int):
     tier = TIER
 
     @intrinsic
-    def _kernel(typingctx, w, woff, nb, xq, xd, xs, xsum, t0, res):
+    def _kernel(typingctx, w, woff, nb, xq, xd, xs, xsum, t0, pf, res):
         """res[0:nt, 0:16] = the 16 rows of the group at w[woff:] times tokens t0..t0+nt-1.
 
+        pf: bytes from this group's records to the next group's, which the kernel asks the cache for (a hint
+        that never faults, so past the tensor's end too); see PREFETCH_ONE_TOKEN.
         w: uint8 packed records; xq int8 [T, n]; xd, xs float32 [T, n/32] (Q8 scale, Q8_1 sum term);
         xsum int32 [T, n/32] (sums of xq per block); res float32 [>= nt, 16].
         """
-        sig = types.void(w, woff, nb, xq, xd, xs, xsum, t0, res)
+        sig = types.void(w, woff, nb, xq, xd, xs, xsum, t0, pf, res)
         return sig, _legacy_codegen(kind, nt, tier)
 
     return _kernel
@@ -426,8 +448,8 @@ def _kquant_codegen(kind: str, nt: int, tier: str):
     rec = KQUANT_RECORD[kind]
 
     def codegen(context, builder, sig, args):
-        w_ty, _, _, xq_ty, xd_ty, xb16_ty, xb32_ty, _, res_ty = sig.args
-        w, woff, nb, xq, xd, xb16, xb32, t0, res = args
+        w_ty, _, _, xq_ty, xd_ty, xb16_ty, xb32_ty, _, _, res_ty = sig.args
+        w, woff, nb, xq, xd, xb16, xb32, t0, pf, res = args
         e = _Emit(builder, tier)
         b = builder
         W = e.width
@@ -451,6 +473,14 @@ def _kquant_codegen(kind: str, nt: int, tier: str):
         def xq_splat(t, xo, off):
             return e.splat_i32(e.load(rq[t], b.add(xo, _I64(off)), _I32))
 
+        lines = range(0, rec, 64)
+
+        def prefetch_slice(rb, i, n):
+            """Slice i of n of the record ``pf`` bytes on, spread over the super-block's steps."""
+            if nt > 1 or PREFETCH_ONE_TOKEN:
+                for line in lines[i * len(lines) // n : (i + 1) * len(lines) // n]:
+                    e.prefetch_l2(wbase, b.add(b.add(rb, pf), _I64(line)))
+
         with cgutils.for_range(b, nb) as loop:
             blk = loop.index
             rb = b.mul(blk, _I64(rec))
@@ -468,7 +498,8 @@ def _kquant_codegen(kind: str, nt: int, tier: str):
                 by_step = bool(extra) and nt == 1
                 batches = ([[(pair, c0) for pair in range(4)] for c0 in range(0, 8, chunk)] if by_step
                            else [[(pair, c0)] for pair in range(4) for c0 in range(0, 8, chunk)])
-                for batch in batches:
+                for bi, batch in enumerate(batches):
+                    prefetch_slice(rb, bi, len(batches))
                     c0 = batch[0][1]
                     alo = {pair: [[e.acc_zero() for _ in range(e.parts)] for _ in range(nt)]
                            for pair, _ in batch}
@@ -525,6 +556,7 @@ def _kquant_codegen(kind: str, nt: int, tier: str):
                 corr = [[e.zero_i32() for _ in range(e.parts)] for _ in range(nt)]
                 for h in range(2):
                     for g in range(2):
+                        prefetch_slice(rb, 2 * h + g, 4)
                         a = [[[e.acc_zero() for _ in range(4)] for _ in range(e.parts)] for _ in range(nt)]
 
                         def flush(last, a=a, h=h, g=g):
@@ -580,9 +612,10 @@ def _make_kquant_intrinsic(kind: str, nt: int):
     tier = TIER
 
     @intrinsic
-    def _kernel(typingctx, w, woff, nb, xq, xd, xb16, xb32, t0, res):
-        """res[0:nt, 0:16] = the group of 16 rows at w[woff:] times tokens t0..t0+nt-1 (Q8_K activations)."""
-        sig = types.void(w, woff, nb, xq, xd, xb16, xb32, t0, res)
+    def _kernel(typingctx, w, woff, nb, xq, xd, xb16, xb32, t0, pf, res):
+        """res[0:nt, 0:16] = the group of 16 rows at w[woff:] times tokens t0..t0+nt-1 (Q8_K activations);
+        pf as the legacy kernels'."""
+        sig = types.void(w, woff, nb, xq, xd, xb16, xb32, t0, pf, res)
         return sig, _kquant_codegen(kind, nt, tier)
 
     return _kernel
