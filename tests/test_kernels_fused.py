@@ -222,3 +222,21 @@ def test_small_matmuls_split_into_one_item_per_thread_unless_cores_differ(tiny):
         ops = (fused.OP_QKV, fused.OP_GATE_UP, fused.OP_DOWN)
         counts[items] = [fused.n_items(op, 0, 1, 2, b) for op in ops]
     assert counts[1] == [6, 2, 2] and counts[2] == [12, 4, 4], counts
+
+
+@pytest.mark.parametrize(("T", "H", "KVH", "threads"), [(1, 9, 3, 2), (8, 9, 3, 2), (2, 9, 3, 2),
+                                                        (3, 4, 1, 2), (5, 32, 32, 2), (1, 4, 2, 1),
+                                                        (128, 15, 5, 3)])
+def test_attention_units_cover_every_head_once_and_share_a_kv_head(T, H, KVH, threads):
+    from pipx_llama.engine.kernels import fused
+
+    units, per = fused.attend_units(T, H, KVH, threads)
+    seen = []
+    for u in range(units):
+        t, h0 = fused.attend_unit(u, per, H)
+        heads = range(h0, h0 + per)
+        assert len({h // (H // KVH) for h in heads}) == 1  # one KV head's rows per unit
+        seen += [(t, h) for h in heads]
+    assert sorted(seen) == [(t, h) for t in range(T) for h in range(H)]
+    # groups where they keep every thread busy; single heads where a token has too few KV heads for that
+    assert per == (H // KVH if T * KVH >= 2 * threads else 1)

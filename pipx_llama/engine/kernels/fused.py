@@ -8,7 +8,7 @@ A stage is an operation applied to one layer; the table lists, for every layer,
     ATTN_IN   residual add (+ the previous layer's post-FFN norm), attention norm, quantize
     QKV       q, k, v matmuls
     ROPE      biases, q/k norms, RoPE, K and V into the cache
-    ATTEND    attention, (token, head) pairs dealt round-robin (causal rows differ in length)
+    ATTEND    attention, (token, KV head) groups dealt round-robin (causal rows differ in length)
     QUANT_ATT quantize the attention output
     WO        output projection
     FFN_IN    (post-attention norm), residual add, feed-forward norm, quantize
@@ -119,9 +119,27 @@ def _token_items(T, threads):
 
 
 @njit(inline="always")
-def _attend_items(T, H, threads):
-    """Items of the attention stage: its (token, head) pairs are dealt round-robin over them."""
-    return min(T * H, 8 * threads) if T > 1 else min(T * H, 2 * threads)
+def attend_units(T, H, KVH, threads):
+    """(units, heads per unit) of the attention stage: a unit is one token's query heads that share a KV
+    head (one thread then reads those K/V rows from memory once and again from L1), or a single head
+    where there are too few such groups to keep every thread busy (one token of a 3-KV-head model)."""
+    if T * KVH >= 2 * threads:
+        return T * KVH, H // KVH
+    return T * H, 1
+
+
+@njit(inline="always")
+def attend_unit(u, per, H):
+    """(token, first head) of attention unit u of ``per`` heads each."""
+    t = u * per // H
+    return t, u * per - t * H
+
+
+@njit(inline="always")
+def _attend_items(T, H, KVH, threads):
+    """Items of the attention stage: its units are dealt round-robin over them."""
+    units = attend_units(T, H, KVH, threads)[0]
+    return min(units, 8 * threads) if T > 1 else min(units, 2 * threads)
 
 
 def items_per_thread(threads: int, performance_cores: int | None) -> int:
@@ -249,7 +267,7 @@ def n_items(op, li, T, threads, b):
         return (_mm_count(b.wdesc, wb + W_Q, T, sh) + _mm_count(b.wdesc, wb + W_K, T, sh)
                 + _mm_count(b.wdesc, wb + W_V, T, sh))
     if op == OP_ATTEND:
-        return _attend_items(T, b.hp[HP_HEADS], threads)
+        return _attend_items(T, b.hp[HP_HEADS], b.hp[HP_KV_HEADS], threads)
     if op == OP_WO:
         return _mm_count(b.wdesc, wb + W_O, T, sh)
     if op == OP_GATE_UP:
@@ -296,19 +314,20 @@ def run_item(op, li, i, tid, T, threads, b):
     elif op == OP_ROPE:
         _rope_and_cache(b, li, t0, t1)
     elif op == OP_ATTEND:
-        n_pairs = T * H
-        n_att = _attend_items(T, H, threads)
+        units, per = attend_units(T, H, KVH, threads)
+        n_att = _attend_items(T, H, KVH, threads)
         q3 = b.q.reshape((b.q.shape[0], H, D))
         att3 = b.att.reshape((b.att.shape[0], H, D))
         window = ld[li, LD_WINDOW]
-        for pair in range(i, n_pairs, n_att):
-            t = pair // H
-            h = pair - t * H
+        for u in range(i, units, n_att):
+            t, h0 = attend_unit(u, per, H)
             p = b.tpos[t]
             kcl = _kv_layer(b.kc, b, li, b.tslot[t] * b.par[PAR_KV_STRIDE_K])
             vcl = _kv_layer(b.vc, b, li, b.tslot[t] * b.par[PAR_KV_STRIDE_V])
-            attention._attend(q3[t, h], kcl, vcl, h // (H // KVH), attention.window_start(p, window), p + 1,
-                              fp[FP_Q_SCALE], fp[FP_KQ_SCALE], fp[FP_SOFTCAP], b.scratch[tid], att3[t, h])
+            lo = attention.window_start(p, window)
+            for h in range(h0, h0 + per):
+                attention._attend(q3[t, h], kcl, vcl, h // (H // KVH), lo, p + 1, fp[FP_Q_SCALE],
+                                  fp[FP_KQ_SCALE], fp[FP_SOFTCAP], b.scratch[tid], att3[t, h])
     elif op == OP_QUANT_ATT:
         _quantize_rows(b.att, t0, t1, qdim, b.a8f, b.akf, T, b.need[4 * li + IN_O], b.f16_table)
     elif op == OP_WO:
