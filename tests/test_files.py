@@ -49,3 +49,31 @@ def test_atomic_output_leaves_nothing_when_the_writer_fails(tmp_path: Path) -> N
         tmp.write_bytes(b"half")
         raise RuntimeError("interrupted")
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.skipif(os.name == "nt", reason="POSIX permission bits")
+@pytest.mark.parametrize("umask", [0o022, 0o002, 0o077])
+def test_finished_files_get_the_mode_the_umask_gives(tmp_path: Path, umask: int) -> None:
+    """mkstemp's 0600 must not survive the rename: a store provisioned by one account is read by others."""
+    old = os.umask(umask)
+    try:
+        assert files.current_umask() == umask or not Path("/proc/self/status").exists()
+        files.atomic_write_bytes(tmp_path / "model.gguf", b"GGUF")
+        fd, tmp = files.new_temp(tmp_path / "blob")
+        os.close(fd)
+    finally:
+        os.umask(old)
+    expected = 0o666 & ~umask
+    assert (tmp_path / "model.gguf").stat().st_mode & 0o777 == expected
+    assert tmp.stat().st_mode & 0o777 == expected
+    assert tmp.name.startswith(".blob.") and tmp.name.endswith(".tmp")
+
+
+def test_the_umask_is_read_without_changing_it() -> None:
+    before = os.umask(0o027)
+    try:
+        if Path("/proc/self/status").exists():
+            assert files.current_umask() == 0o027
+        assert os.umask(0o027) == 0o027  # still what it was set to
+    finally:
+        os.umask(before)

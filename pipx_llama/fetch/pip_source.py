@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from pipx_llama.errors import FetchError
+from pipx_llama.files import new_temp
 
 CHUNK = 1 << 20
 
@@ -281,9 +282,7 @@ def append_member(archive: Path, member: str, out: BinaryIO, digest: Any) -> Ext
 
 def extract_member(archive: Path, member: str, dest: Path, expected_sha256: str | None) -> ExtractedMember:
     """Extract one member of a wheel (zip) or sdist (tar.gz) to ``dest`` atomically, hashing as it streams."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=dest.name + ".", suffix=".tmp", dir=dest.parent)
-    tmp = Path(tmp_name)
+    fd, tmp = new_temp(dest)
     digest = hashlib.sha256()
     size = 0
     try:
