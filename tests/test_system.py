@@ -333,6 +333,25 @@ def test_compile_target_follows_numba_cpu_name(monkeypatch):
     assert not system.target_has_f16c()
 
 
+def test_compile_target_without_a_feature_list_has_the_hosts_features(monkeypatch):
+    """NUMBA_CPU_NAME alone: numba compiles for the host's features under that name, and so must the
+    probe say (not "no features", which would pick the portable kernels for code that has AVX2)."""
+    import numba
+    from llvmlite import binding
+
+    monkeypatch.setattr(numba.config, "CPU_NAME", "haswell")
+    monkeypatch.setattr(numba.config, "CPU_FEATURES", None)
+    target = system.compile_target()
+    assert target.name == "haswell"
+    assert target.features == dict(binding.get_host_cpu_features())
+    # numba's own choice, as its JIT codegen makes it
+    numba_uses = numba.core.codegen.JITCPUCodegen._get_host_cpu_features(None)
+    assert numba_uses == binding.get_host_cpu_features().flatten()
+    monkeypatch.setattr(numba.config, "CPU_NAME", "generic")
+    monkeypatch.setattr(numba.config, "CPU_FEATURES", "")  # numba's default for "generic"
+    assert system.compile_target().features == {}
+
+
 def test_the_kernels_ask_the_one_probe():
     from pipx_llama.engine.kernels import ops, simd
 
