@@ -181,17 +181,17 @@ def _expf(x):
     j = ((_EXP_C5 * b + _EXP_C4) * u + (_EXP_C3 * b + _EXP_C2)) * u + _EXP_C1 * b
     res = k * j + k
     an = abs(n)
-    if an > _F32(126.0):
-        # 2**n is outside float32's normal range: split it over two factors
-        g = _U32(0)
-        if n <= _F32(0.0):
-            g = _U32(0x82000000)
-        s1 = _u32_as_f32(_U32(g + _U32(0x7F000000)))
-        s2 = _u32_as_f32(_U32(e - g))
-        res = (s2 * j + s2) * s1
-        if an > _F32(192.0):
-            res = s1 * s1
-    return res
+    big = an > _F32(126.0)
+    # 2**n outside float32's normal range: split it over two factors s1 * s2. A vectorized loop computes
+    # this for every lane and keeps it only where ``big``; elsewhere its factors are 1, not the bit
+    # patterns of the formula: those were subnormal for small n (n = 1: s2 = 2**-126, s2 * j below it),
+    # and every vector then took the CPU's microcode assist for subnormal results -- SwiGLU over 8 x 1536
+    # values on a Xeon cost 3.6 ns a value, 0.5 ns after (the results are the same bits)
+    g = _U32(0x82000000) if n <= _F32(0.0) else _U32(0)
+    s1 = _u32_as_f32(_U32(g + _U32(0x7F000000))) if big else _F32(1.0)
+    s2 = _u32_as_f32(_U32(e - g)) if big else _F32(1.0)
+    split = s1 * s1 if an > _F32(192.0) else (s2 * j + s2) * s1
+    return split if big else res
 
 
 # ----------------------------------------------------------------------------- rmsnorm
