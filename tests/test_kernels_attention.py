@@ -196,3 +196,30 @@ def test_attention_rejects_mismatched_shapes():
         attention.attention(q, k, k, 0, np.empty_like(q), scratch=np.empty((2, 10), np.float32))
     with pytest.raises(TypeError):
         attention.attention(q, k.astype(np.float64), k.astype(np.float64), 0, np.empty_like(q))
+
+
+@pytest.mark.parametrize("cache", ["f16", "q8_0"])
+def test_score_and_v_loops_ask_for_rows_ahead(cache):
+    """Each loop over cache rows prefetches the row PREFETCH_ROWS on (a hint: the results are the tests
+    above), and the hint reaches the machine code."""
+    from numba import njit
+
+    fast = attention._FAST
+    if cache == "f16":
+        loops = (attention._scores, attention._accumulate)
+        k = np.zeros((40, 2, 64), np.uint16)
+        args = ((np.zeros(64, np.float32), k, 1, 0, 37, np.zeros(40, np.float32), 0, np.float32(0),
+                 np.float32(0), np.float32(1)),
+                (np.ones(40, np.float32), 0, k, 1, 0, 37, np.zeros(64, np.float32)))
+    else:
+        loops = (attention._scores_q8, attention._accumulate_q8)
+        k = np.zeros((40, 2, 68), np.uint8)
+        args = ((np.zeros(64, np.float32), np.zeros(2, np.float32), k, 1, 0, 37, np.zeros(40, np.float32),
+                 0, np.float32(0), np.float32(0), np.float32(1)),
+                (np.ones(40, np.float32), 0, k, 1, 0, 37, np.zeros(64, np.float32)))
+    for loop, a in zip(loops, args, strict=True):
+        # a fresh compile: numba shows no assembly of cached code
+        fresh = njit(loop.py_func, fastmath=fast, error_model="numpy")
+        fresh(*a)
+        asm = fresh.inspect_asm(fresh.signatures[0])
+        assert "prefetcht0" in asm or "prfm" in asm, loop.py_func.__name__  # x86, ARM

@@ -23,13 +23,52 @@ from __future__ import annotations
 
 import numba
 import numpy as np
+from llvmlite import ir
 from numba import njit, prange, types
+from numba.core import cgutils
 from numba.core.errors import TypingError
-from numba.extending import overload
+from numba.extending import intrinsic, overload
 
 from pipx_llama.engine.kernels.ops import _F32, _FAST, _PAR_ATTENTION, _expf, _f16_decode, f32_to_f16_bits
 
 # ----------------------------------------------------------------------------- KV element access
+
+# The score and V loops ask for the cache row PREFETCH_ROWS ahead of the one they read (a software prefetch
+# into L1). A head's K and V rows are short pieces of longer rows (SmolLM2: 128 of every 384 bytes; a 7B:
+# 256 of every 8 KiB, a page apart), which the hardware prefetchers follow poorly, and each (token, head)
+# reads its rows once. SmolLM2 Q4_1, 2 threads, on a Xeon VM, attention's share of a step without -> with:
+# 8 tokens at depth 100 2.45 -> 1.97-2.08 ms; one token at depth 1000 2.78 -> 2.01-2.02 ms (the step
+# 6.5-7.1 -> 5.5-5.8 ms), 8 tokens there 29-30 -> 22-23 ms. Not measured on AMD.
+PREFETCH_ROWS = 16
+
+
+@intrinsic
+def _prefetch(typingctx, arr, byte_off):
+    """Ask for the cache line at byte ``byte_off`` of ``arr``'s data into L1 (a hint: never faults, past the
+    array's end too)."""
+    sig = types.void(arr, byte_off)
+
+    def codegen(context, builder, sig, args):
+        ary = context.make_array(sig.args[0])(context, builder, args[0])
+        i8p = ir.IntType(8).as_pointer()
+        ptr = builder.gep(builder.bitcast(ary.data, i8p), [args[1]])
+        i32 = ir.IntType(32)
+        fty = ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32])
+        fn = cgutils.get_or_insert_function(builder.module, fty, "llvm.prefetch.p0")
+        builder.call(fn, [ptr, i32(0), i32(3), i32(1)])
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@njit(inline="always")
+def _prefetch_row(cache, r, kvh):
+    """Ask for the lines of row r's KV head kvh of a [R, KVH, E] cache (any element type; r may be past the
+    end)."""
+    size = cache.shape[2] * cache.itemsize
+    off = (r * cache.shape[1] + kvh) * size
+    for c in range(0, size + 63, 64):  # one more than the row's lines: it need not start a line
+        _prefetch(cache, off + c)
 
 
 def _kv_to_f32(v):
@@ -178,6 +217,7 @@ def _scores(qr, k_cache, kvh, s0, cnt, scores, off, inv_cap, cap, kq_scale):
     D = qr.shape[0]
     mx = -np.inf
     for j in range(cnt):
+        _prefetch_row(k_cache, s0 + j + PREFETCH_ROWS, kvh)
         s = _F32(0.0)
         for d in range(D):
             s += qr[d] * _kv_to_f32(k_cache[s0 + j, kvh, d])
@@ -198,6 +238,8 @@ def _accumulate(scores, off, v_cache, kvh, s0, cnt, acc):
     while j + 4 <= cnt:
         p0, p1, p2, p3 = scores[off + j], scores[off + j + 1], scores[off + j + 2], scores[off + j + 3]
         r = s0 + j
+        for a in range(4):
+            _prefetch_row(v_cache, r + PREFETCH_ROWS + a, kvh)
         for d in range(D):
             acc[d] += ((p0 * _kv_to_f32(v_cache[r, kvh, d]) + p1 * _kv_to_f32(v_cache[r + 1, kvh, d]))
                        + (p2 * _kv_to_f32(v_cache[r + 2, kvh, d]) + p3 * _kv_to_f32(v_cache[r + 3, kvh, d])))
@@ -220,6 +262,7 @@ def _scores_q8(qr, qd, k_cache, kvh, s0, cnt, scores, off, inv_cap, cap, kq_scal
     nb = D // 32
     mx = -np.inf
     for j in range(cnt):
+        _prefetch_row(k_cache, s0 + j + PREFETCH_ROWS, kvh)
         row = k_cache[s0 + j, kvh]
         s = _F32(0.0)
         for b in range(nb):
@@ -241,6 +284,7 @@ def _accumulate_q8(scores, off, v_cache, kvh, s0, cnt, acc):
     """acc += sum_j scores[off + j] * dequantize(V[s0 + j]) for a q8_0 V cache."""
     nb = acc.shape[0] // 32
     for j in range(cnt):
+        _prefetch_row(v_cache, s0 + j + PREFETCH_ROWS, kvh)
         p = scores[off + j]
         row = v_cache[s0 + j, kvh]
         for b in range(nb):
