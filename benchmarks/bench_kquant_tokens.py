@@ -54,7 +54,7 @@ def kernel_loop(kind: str, nt: int):
             for g in range(groups):
                 t = 0
                 while t + nt <= T:
-                    k(arena, g * nb * rec, nb, xq, xd, xb16, xb32, t, res)
+                    k(arena, g * nb * rec, nb, xq, xd, xb16, xb32, t, nb * rec, res)  # pf: the next group
                     out[t, g] = res[0, 0]
                     t += nt
 
