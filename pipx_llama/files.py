@@ -90,12 +90,10 @@ def new_temp(path: Path) -> tuple[int, Path]:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     if os.name != "nt":
-        try:
+        # a courtesy, not a condition: FAT and exFAT drives, some network shares, refuse any chmod (EPERM)
+        # and keep their mount's permissions; the file is written all the same
+        with contextlib.suppress(OSError):
             os.fchmod(fd, 0o666 & ~current_umask())
-        except OSError:
-            os.close(fd)
-            Path(tmp).unlink(missing_ok=True)
-            raise
     return fd, Path(tmp)
 
 

@@ -77,3 +77,16 @@ def test_the_umask_is_read_without_changing_it() -> None:
         assert os.umask(0o027) == 0o027  # still what it was set to
     finally:
         os.umask(before)
+
+
+@pytest.mark.skipif(os.name == "nt", reason="POSIX permission bits")
+def test_a_folder_that_refuses_chmod_still_gets_the_file(tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """FAT/exFAT mounts answer any chmod with EPERM: the write goes on with the mount's permissions."""
+    def refuse(fd: int, mode: int) -> None:
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr(os, "fchmod", refuse)
+    files.atomic_write_bytes(tmp_path / "model.gguf", b"GGUF")
+    assert (tmp_path / "model.gguf").read_bytes() == b"GGUF"
+    assert [p.name for p in tmp_path.iterdir()] == ["model.gguf"]
