@@ -25,11 +25,11 @@ import numba
 import numpy as np
 from llvmlite import ir
 from numba import njit, prange, types
-from numba.core import cgutils
 from numba.core.errors import TypingError
 from numba.extending import intrinsic, overload
 
 from pipx_llama.engine.kernels.ops import _F32, _FAST, _PAR_ATTENTION, _expf, _f16_decode, f32_to_f16_bits
+from pipx_llama.engine.kernels.simd import emit_prefetch
 
 # ----------------------------------------------------------------------------- KV element access
 
@@ -50,12 +50,8 @@ def _prefetch(typingctx, arr, byte_off):
 
     def codegen(context, builder, sig, args):
         ary = context.make_array(sig.args[0])(context, builder, args[0])
-        i8p = ir.IntType(8).as_pointer()
-        ptr = builder.gep(builder.bitcast(ary.data, i8p), [args[1]])
-        i32 = ir.IntType(32)
-        fty = ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32])
-        fn = cgutils.get_or_insert_function(builder.module, fty, "llvm.prefetch.p0")
-        builder.call(fn, [ptr, i32(0), i32(3), i32(1)])
+        data = builder.bitcast(ary.data, ir.IntType(8).as_pointer())
+        emit_prefetch(builder, builder.gep(data, [args[1]]), 3)
         return context.get_dummy_value()
 
     return sig, codegen

@@ -209,12 +209,19 @@ class _Emit:
 
     def prefetch_l2(self, base: ir.Value, offset: ir.Value) -> None:
         """Ask for the cache line at byte ``offset`` of ``base`` into L2 (a hint: never faults)."""
-        f = self.fn("llvm.prefetch.p0", ir.VoidType(), [_I8.as_pointer(), _I32, _I32, _I32])
-        self.b.call(f, [self.b.gep(base, [offset]), _I32(0), _I32(2), _I32(1)])
+        emit_prefetch(self.b, self.b.gep(base, [offset]), 2)
 
     def fma(self, a: ir.Value, x: ir.Value, c: ir.Value) -> ir.Value:
         f = self.fn(f"llvm.fma.v{self.width}f32", self.vf32, [self.vf32] * 3)
         return self.b.call(f, [a, x, c])
+
+
+def emit_prefetch(b: ir.IRBuilder, ptr: ir.Value, locality: int) -> None:
+    """A read prefetch of the cache line at the i8* ``ptr`` (locality 3: into L1, 2: into L2); any target."""
+    i8p = _I8.as_pointer()
+    f = cgutils.get_or_insert_function(b.module, ir.FunctionType(ir.VoidType(), [i8p, _I32, _I32, _I32]),
+                                       "llvm.prefetch.p0")
+    b.call(f, [ptr, _I32(0), _I32(locality), _I32(1)])
 
 
 def _shift(b: ir.IRBuilder, v: ir.Value, n: int, e: _Emit) -> ir.Value:
