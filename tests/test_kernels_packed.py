@@ -98,6 +98,51 @@ def test_kquant_rows_do_not_depend_on_the_tokens_beside_them(cls) -> None:
         np.testing.assert_array_equal(together[t].view(np.uint32), alone[0].view(np.uint32))
 
 
+def _kquant_loop(kind: str, nt: int):
+    """A compiled loop calling the ``nt``-token kernel on every row group for tokens 0..T-1."""
+    from numba import njit
+
+    kernel = simd._make_kquant_intrinsic(kind, nt)
+    rec = simd.KQUANT_RECORD[kind]
+
+    @njit
+    def run(arena, nb, groups, xq, xd, xb16, xb32, T, res, out):
+        for g in range(groups):
+            for t in range(0, T, nt):
+                kernel(arena, g * nb * rec, nb, xq, xd, xb16, xb32, t, nb * rec, res)
+                out[t : t + nt, g * simd.LANES : (g + 1) * simd.LANES] = res[:nt]
+
+    return run
+
+
+@needs_simd
+@pytest.mark.parametrize("cls", KQUANTS, ids=lambda c: c.__name__)
+def test_every_kquant_token_count_gives_the_same_bits(cls) -> None:
+    """Each tier takes one of the kernels of 1 to 4 tokens (simd.KQUANT_TOKENS, chosen by measurement), so
+    each of them must give every token the bits the one-token kernel gives: a new choice may take any."""
+    from pipx_llama.engine.kernels.kquants import quantize_q8_K
+
+    kind = {kq.Q4_K: "q4_K", kq.Q5_K: "q5_K", kq.Q6_K: "q6_K"}[cls]
+    rng = np.random.default_rng(5)
+    nb, T = 3, 12  # 12 tokens: whole calls of 1, 2, 3 and 4
+    pm = packed.PackedMatrix(cls.qtype, random_blocks(cls, rng, 32, nb, sane=True))
+    x = (rng.standard_normal((T, nb * 256)) * rng.uniform(0.1, 10, (T, 1))).astype(np.float32)
+    xq, xd = np.zeros((T, nb * 256), np.int8), np.zeros((T, nb), np.float32)
+    sums16 = np.empty((T, nb * 16), np.int16)
+    xb16, xb32 = np.zeros((T, nb * 16), np.int32), np.zeros((T, nb * 8), np.int32)
+    quantize_q8_K(x, xq, xd, sums16)
+    packed.ksums(sums16, xb16, xb32, 0, T)
+    outs = []
+    for nt in (1, 2, 3, 4):
+        out = np.full((T, 32), np.nan, np.float32)
+        _kquant_loop(kind, nt)(pm.arena, nb, 2, xq, xd, xb16, xb32, T, np.empty((4, simd.LANES), np.float32),
+                               out)
+        outs.append(out)
+    assert np.isfinite(outs[0]).all()
+    for nt, out in zip((2, 3, 4), outs[1:]):
+        np.testing.assert_array_equal(out.view(np.uint32), outs[0].view(np.uint32), err_msg=f"{nt} tokens")
+
+
 def test_kquant_tokens_per_load_are_known_for_every_tier() -> None:
     for tier, per_kind in simd.KQUANT_TOKENS.items():
         assert set(per_kind) == {"q4_K", "q5_K", "q6_K"}, tier

@@ -288,9 +288,8 @@ def ksums(bsums: np.ndarray, xb16: np.ndarray, xb32: np.ndarray, t0: int, t1: in
 if simd.TIER is not None:
     _K1 = {KIND_Q4_0: simd.q4_0_x1, KIND_Q4_1: simd.q4_1_x1, KIND_Q8_0: simd.q8_0_x1, KIND_Q4_K: simd.q4_K_x1,
            KIND_Q6_K: simd.q6_K_x1, KIND_Q5_0: simd.q5_0_x1, KIND_Q5_1: simd.q5_1_x1, KIND_Q5_K: simd.q5_K_x1}
-    # several tokens per weight load; the K-quants take as many as their tier's registers hold without
-    # spilling (simd.KQUANT_TOKENS: on VNNI-512 Q5_K's four-token kernel has 322 stack accesses, and
-    # three took the 7B-shaped Q5_K_M prompt at 2 threads from 23.3-24.0 to 31.1-32.3 tok/s)
+    # several tokens per weight load; the K-quants take the number measured fastest on their tier
+    # (simd.KQUANT_TOKENS, with the figures)
     _KN = {KIND_Q4_0: (simd.q4_0_x4, 4), KIND_Q4_1: (simd.q4_1_x4, 4), KIND_Q8_0: (simd.q8_0_x4, 4),
            KIND_Q4_K: simd.kquant_multi["q4_K"], KIND_Q6_K: simd.kquant_multi["q6_K"],
            KIND_Q5_0: (simd.q5_0_x4, 4), KIND_Q5_1: (simd.q5_1_x4, 4), KIND_Q5_K: simd.kquant_multi["q5_K"]}

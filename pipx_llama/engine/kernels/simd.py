@@ -215,6 +215,20 @@ class _Emit:
         f = self.fn(f"llvm.fma.v{self.width}f32", self.vf32, [self.vf32] * 3)
         return self.b.call(f, [a, x, c])
 
+    def opaque(self, ptr: ir.Value) -> ir.Value:
+        """``ptr`` through an empty asm statement: the same address, which LLVM cannot prove equal to
+        ``ptr`` (so loads through the two are not merged)."""
+        return self.after(ptr, [])
+
+    def after(self, ptr: ir.Value, deps: list[ir.Value]) -> ir.Value:
+        """``ptr`` through an empty asm statement that also takes ``deps`` (vector values): the same address,
+        but for LLVM a new one that exists only once every value of ``deps`` does, so loads through it stay
+        after the code computing ``deps`` (x86 vector registers: ``x`` for ymm, ``v`` for zmm)."""
+        ty = ir.FunctionType(ptr.type, [ptr.type] + [d.type for d in deps])
+        reg = ",v" if self.width == 16 else ",x"
+        asm = ir.InlineAsm(ty, "", "=r,0" + reg * len(deps), side_effect=bool(not deps))
+        return self.b.call(asm, [ptr, *deps])
+
 
 def emit_prefetch(b: ir.IRBuilder, ptr: ir.Value, locality: int) -> None:
     """A read prefetch of the cache line at the i8* ``ptr`` (locality 3: into L1, 2: into L2); any target."""
@@ -469,16 +483,21 @@ def _kquant_codegen(kind: str, nt: int, tier: str):
             return [b.gep(base, [b.mul(b.add(t0, _I64(t)), stride)]) for t in range(nt)]
 
         rq, rd, r16, r32 = rows(xq_ty, xq), rows(xd_ty, xd), rows(xb16_ty, xb16), rows(xb32_ty, xb32)
+
+        def chained(ptrs, done):
+            """``ptrs`` through ``e.after(done)``, once for each part; parts after the first through another
+            asm statement each, so that no two parts read activations through pointers LLVM sees equal."""
+            first = [e.after(r, done) for r in ptrs] if done else ptrs
+            return [first] + [[e.opaque(r) for r in first] for _ in range(1, e.parts)]
+
+        rqp = chained(rq, [])
         res_base = _array_data(context, builder, res_ty, res)
         m0f = e.const_i32(0x0F0F0F0F)
         accs = [[cgutils.alloca_once_value(b, e.zero_f32()) for _ in range(e.parts)] for _ in range(nt)]
 
-        def bytes_i32(rb, off, p, signed):
-            v = e.load(wbase, b.add(rb, _I64(off + p * W)), vi8w)
+        def bytes_i32(wb, rb, off, p, signed):
+            v = e.load(wb, b.add(rb, _I64(off + p * W)), vi8w)
             return b.sext(v, e.vi32) if signed else b.zext(v, e.vi32)
-
-        def xq_splat(t, xo, off):
-            return e.splat_i32(e.load(rq[t], b.add(xo, _I64(off)), _I32))
 
         lines = range(0, rec, 64)
 
@@ -505,43 +524,62 @@ def _kquant_codegen(kind: str, nt: int, tier: str):
                 by_step = bool(extra) and nt == 1
                 batches = ([[(pair, c0) for pair in range(4)] for c0 in range(0, 8, chunk)] if by_step
                            else [[(pair, c0)] for pair in range(4) for c0 in range(0, 8, chunk)])
+                # Several tokens take one unit at a time: a batch's products for one part (8 rows on the
+                # avx2 tier), whose accumulators then fit the registers. Left to itself LLVM interleaves
+                # the units and spills: the activations broadcast once for every part, the unpacked quants
+                # once for every token. Each unit reads through pointers that depend on the previous
+                # unit's sums (``e.after``), so its loads cannot move above them. One token interleaves
+                # the parts step by step, each part reading its activations through its own pointer
+                # (``rqp``) so they are broadcast again rather than kept for the next part
+                units = [[p] for p in range(e.parts)] if nt > 1 else [list(range(e.parts))]
+                wb, xr = wbase, rqp
                 for bi, batch in enumerate(batches):
                     prefetch_slice(rb, bi, len(batches))
                     c0 = batch[0][1]
-                    alo = {pair: [[e.acc_zero() for _ in range(e.parts)] for _ in range(nt)]
-                           for pair, _ in batch}
-                    ahi = {pair: [[e.acc_zero() for _ in range(e.parts)] for _ in range(nt)]
-                           for pair, _ in batch}
-                    for kk in range(c0, c0 + chunk):
-                        for p in range(e.parts):
-                            if extra:
-                                qh = e.load(wbase, b.add(rb, _I64(k5_qh(kk) + p * 4 * W)), e.vi32)
-                            for pair, _ in batch:
-                                at = k5_qs(pair, kk) if extra else (8 * pair + kk) * 64
-                                v = e.load(wbase, b.add(rb, _I64(at + p * 4 * W)), e.vi32)
-                                lo = b.and_(v, m0f)
-                                hi = b.and_(b.lshr(v, e.const_i32(4)), m0f)
+                    for parts in units:
+                        keys = [(pair, p) for pair, _ in batch for p in parts]
+                        alo = {k: [e.acc_zero() for _ in range(nt)] for k in keys}
+                        ahi = {k: [e.acc_zero() for _ in range(nt)] for k in keys}
+                        for kk in range(c0, c0 + chunk):
+                            for p in parts:
+                                po = p * 4 * W
                                 if extra:
-                                    lo = b.or_(lo, b.and_(_shift(b, qh, 4 - 2 * pair, e), m10))
-                                    hi = b.or_(hi, b.and_(_shift(b, qh, 3 - 2 * pair, e), m10))
+                                    qh = e.load(wb, b.add(rb, _I64(k5_qh(kk) + po)), e.vi32)
+                                for pair, _ in batch:
+                                    at = k5_qs(pair, kk) if extra else (8 * pair + kk) * 64
+                                    v = e.load(wb, b.add(rb, _I64(at + po)), e.vi32)
+                                    lo = b.and_(v, m0f)
+                                    hi = b.and_(b.lshr(v, e.const_i32(4)), m0f)
+                                    if extra:
+                                        lo = b.or_(lo, b.and_(_shift(b, qh, 4 - 2 * pair, e), m10))
+                                        hi = b.or_(hi, b.and_(_shift(b, qh, 3 - 2 * pair, e), m10))
+                                    for t in range(nt):
+                                        xo_t = b.add(xo, _I64(64 * pair + 4 * kk))
+                                        xa = e.splat_i32(e.load(xr[p][t], xo_t, _I32))
+                                        xb = e.splat_i32(e.load(xr[p][t], b.add(xo_t, _I64(32)), _I32))
+                                        alo[pair, p][t] = e.acc_add(alo[pair, p][t], lo, xa)
+                                        ahi[pair, p][t] = e.acc_add(ahi[pair, p][t], hi, xb)
+                        sums = [v for acc in (alo, ahi) for vs in acc.values() for v in vs]
+                        # several tokens read the scales once the products are (as Q6_K's); one token's
+                        # kernel spilled more that way (Q5_K 45 -> 116 stack stores a record)
+                        wsc = e.after(wbase, sums) if nt > 1 else wb
+                        for pair, _ in batch:
+                            for p in parts:
+                                sc_lo = bytes_i32(wsc, rb, extra + 2048 + (2 * pair) * 16, p, False)
+                                sc_hi = bytes_i32(wsc, rb, extra + 2048 + (2 * pair + 1) * 16, p, False)
                                 for t in range(nt):
-                                    alo[pair][t][p] = e.acc_add(alo[pair][t][p], lo,
-                                                                xq_splat(t, xo, 64 * pair + 4 * kk))
-                                    ahi[pair][t][p] = e.acc_add(ahi[pair][t][p], hi,
-                                                                xq_splat(t, xo, 64 * pair + 32 + 4 * kk))
-                    for pair, _ in batch:
-                        for p in range(e.parts):
-                            sc_lo = bytes_i32(rb, extra + 2048 + (2 * pair) * 16, p, False)
-                            sc_hi = bytes_i32(rb, extra + 2048 + (2 * pair + 1) * 16, p, False)
-                            for t in range(nt):
-                                isum[t][p] = b.add(isum[t][p], b.add(e.acc_scaled(alo[pair][t][p], sc_lo),
-                                                                     e.acc_scaled(ahi[pair][t][p], sc_hi)))
+                                    isum[t][p] = b.add(isum[t][p],
+                                                       b.add(e.acc_scaled(alo[pair, p][t], sc_lo),
+                                                             e.acc_scaled(ahi[pair, p][t], sc_hi)))
+                        if nt > 1:
+                            done = [isum[t][p] for t in range(nt) for p in parts]
+                            wb, xr = e.after(wbase, done), chained(rq, done)
                 xo32 = b.mul(blk, _I64(8 * 4))
                 # min terms: one min vector live at a time (four tokens' sums would spill otherwise)
                 summs = [[e.zero_i32() for _ in range(e.parts)] for _ in range(nt)]
                 for j in range(8):
                     for p in range(e.parts):
-                        mj = bytes_i32(rb, extra + 2176 + j * 16, p, False)
+                        mj = bytes_i32(wbase, rb, extra + 2176 + j * 16, p, False)
                         for t in range(nt):
                             bj = e.splat_i32(e.load(r32[t], b.add(xo32, _I64(4 * j)), _I32))
                             summs[t][p] = b.add(summs[t][p], b.mul(mj, bj))
@@ -558,53 +596,64 @@ def _kquant_codegen(kind: str, nt: int, tier: str):
                 m30 = e.const_i32(0x30303030)
                 # per step kk, one load each of ql (two steps) and qh gives all four quarters q1..q4 of
                 # both row halves (parts); each quarter's accumulator covers one 16-element sub-block, so
-                # its scale, loaded once, also weighs the sub-block's activation sum (the -32 offset)
+                # its scale, loaded once, also weighs the sub-block's activation sum (the -32 offset).
+                # Units as Q4_K's: several tokens take one part and the two quarters of one ql load at a
+                # time, one token a whole group; a unit's scales weigh its activation sums before the next
+                # unit starts, so no scale stays live to the record's end
                 xo16 = b.mul(blk, _I64(16 * 4))
-                corr = [[e.zero_i32() for _ in range(e.parts)] for _ in range(nt)]
+                units = ([([p], qs) for p in range(e.parts) for qs in ((0, 2), (1, 3))] if nt > 1
+                         else [(list(range(e.parts)), (0, 1, 2, 3))])
+                wb, xr = wbase, rqp
                 for h in range(2):
                     for g in range(2):
                         prefetch_slice(rb, 2 * h + g, 4)
-                        a = [[[e.acc_zero() for _ in range(4)] for _ in range(e.parts)] for _ in range(nt)]
+                        for parts, qs in units:
+                            a = {(p, qi): [e.acc_zero() for _ in range(nt)] for p in parts for qi in qs}
 
-                        def flush(last, a=a, h=h, g=g):
-                            for p in range(e.parts):
-                                for qi in range(4):
-                                    sc = bytes_i32(rb, q6_scale(8 * h + 2 * qi + g), p, True)
-                                    for t in range(nt):
-                                        isum[t][p] = b.add(isum[t][p], e.acc_scaled(a[t][p][qi], sc))
-                                        a[t][p][qi] = e.acc_zero()
-                                        if last:
-                                            sb = 8 * h + 2 * qi + g
-                                            bs = e.splat_i32(e.load(r16[t], b.add(xo16, _I64(4 * sb)), _I32))
-                                            corr[t][p] = b.add(corr[t][p], b.mul(sc, bs))
+                            def flush(last, a=a, parts=parts, qs=qs, h=h, g=g):
+                                # scales and sums read only once the products are (else LLVM loads
+                                # them at the unit's start and spills them)
+                                sums = [v for p in parts for qi in qs for v in a[p, qi]]
+                                wb, x16 = e.after(wbase, sums), [e.after(r, sums) for r in r16]
+                                for p in parts:
+                                    for qi in qs:
+                                        sb = 8 * h + 2 * qi + g
+                                        sc = bytes_i32(wb, rb, q6_scale(sb), p, True)
+                                        for t in range(nt):
+                                            isum[t][p] = b.add(isum[t][p], e.acc_scaled(a[p, qi][t], sc))
+                                            a[p, qi][t] = e.acc_zero()
+                                            if last:  # the -32 offset: 32 * scale * activation sum
+                                                bs = e.load(x16[t], b.add(xo16, _I64(4 * sb)), _I32)
+                                                bs32 = e.splat_i32(b.shl(bs, _I32(5)))
+                                                isum[t][p] = b.sub(isum[t][p], b.mul(sc, bs32))
 
-                        for kq in range(4):
-                            kk = 4 * g + kq
-                            if kq == 2 and tier == "avx2":  # int16 chunks of 4 products < 64 (32004)
-                                flush(False)
-                            for p in range(e.parts):
-                                po = p * 4 * W
-                                ql_a = e.load(wbase, b.add(rb, _I64(q6_ql(16 * h + kk) + po)), e.vi32)
-                                ql_b = e.load(wbase, b.add(rb, _I64(q6_ql(16 * h + kk + 8) + po)), e.vi32)
-                                qh = e.load(wbase, b.add(rb, _I64(q6_qh(8 * h + kk) + po)), e.vi32)
-                                quarters = (
-                                    b.or_(b.and_(ql_a, m0f), b.and_(b.shl(qh, e.const_i32(4)), m30)),
-                                    b.or_(b.and_(ql_b, m0f), b.and_(b.shl(qh, e.const_i32(2)), m30)),
-                                    b.or_(b.and_(b.lshr(ql_a, e.const_i32(4)), m0f), b.and_(qh, m30)),
-                                    b.or_(b.and_(b.lshr(ql_b, e.const_i32(4)), m0f),
-                                          b.and_(b.lshr(qh, e.const_i32(2)), m30)))
-                                for qi, q in enumerate(quarters):
-                                    for t in range(nt):
-                                        a[t][p][qi] = e.acc_add(a[t][p][qi], q,
-                                                                xq_splat(t, xo, 128 * h + 4 * kk + 32 * qi))
-                        flush(True)
+                            for kq in range(4):
+                                kk = 4 * g + kq
+                                if kq == 2 and tier == "avx2":  # int16 chunks of 4 products < 64 (32004)
+                                    flush(False)
+                                for p in parts:
+                                    po = p * 4 * W
+                                    qh = e.load(wb, b.add(rb, _I64(q6_qh(8 * h + kk) + po)), e.vi32)
+                                    ql = {}
+                                    for qi in qs:
+                                        if qi % 2 not in ql:
+                                            at = q6_ql(16 * h + kk + 8 * (qi % 2)) + po
+                                            ql[qi % 2] = e.load(wb, b.add(rb, _I64(at)), e.vi32)
+                                        low = ql[qi % 2] if qi < 2 else b.lshr(ql[qi % 2], e.const_i32(4))
+                                        q = b.or_(b.and_(low, m0f), b.and_(_shift(b, qh, 4 - 2 * qi, e), m30))
+                                        xo_q = b.add(xo, _I64(128 * h + 4 * kk + 32 * qi))
+                                        for t in range(nt):
+                                            xa = e.splat_i32(e.load(xr[p][t], xo_q, _I32))
+                                            a[p, qi][t] = e.acc_add(a[p, qi][t], q, xa)
+                            flush(True)
+                            done = [isum[t][p] for t in range(nt) for p in parts]
+                            wb, xr = e.after(wbase, done), chained(rq, done)
                 for p in range(e.parts):
                     dw = e.half_to_f32(wbase, b.add(rb, _I64(3328 + p * 2 * W)))
                     for t in range(nt):
-                        tot = b.sub(isum[t][p], b.shl(corr[t][p], e.const_i32(5)))
                         dy = e.splat_f32(e.load(rd[t], b.mul(blk, _I64(4)), _F32))
                         acc = b.load(accs[t][p])
-                        acc = e.fma(b.fmul(dw, dy), b.sitofp(tot, e.vf32), acc)
+                        acc = e.fma(b.fmul(dw, dy), b.sitofp(isum[t][p], e.vf32), acc)
                         b.store(acc, accs[t][p])
         for t in range(nt):
             for p in range(e.parts):
@@ -630,22 +679,33 @@ def _make_kquant_intrinsic(kind: str, nt: int):
 
 # Tokens per weight load of the K-quant kernels that several tokens (a prompt, a server's batch) use, per
 # tier. More tokens share each record loaded, but their accumulators outgrow the registers (16 on the avx2
-# tier, each 16-lane value taking two) and spill. Per token on a 512 x 2048 matrix held in L2, Zen 4, us,
-# kernels of 1 / 2 / 3 / 4 tokens (benchmarks/bench_kquant_tokens.py). The avx2 figures fall into two
-# groups by process, and depend on where its memory lies: with address randomization off (setarch -R) four
-# runs of four all took the slower group; the kernels that spill more slow down more in it. The choice is
-# the best, or within 30% of it, in both groups:
+# and AVX-VNNI tiers, each 16-lane value taking two) and spill. Since the kernels take one unit at a time
+# (see ``_kquant_codegen``), four tokens spill little: stack stores a record, kernels of 2 / 4 tokens,
+# before -> after: avx2 (haswell code) Q4_K 320 / 449 -> 38 / 146, Q6_K 379 / 532 -> 43 / 188; VNNI-512
+# Q4_K 4 tokens 85 -> 7, Q6_K 55 / 100 -> 0 / 0.
+# Per token on a 512 x 2048 matrix held in L2 (benchmarks/bench_kquant_tokens.py), us, kernels of
+# 1 / 2 / 3 / 4 tokens, a 2-core Xeon VM (Sapphire Rapids class), two runs' medians:
+#   avx2 (haswell code)  Q4_K 16.3, 16.1 / 14.6, 13.2 / 12.2, 12.2 / 13.7, 12.8
+#                        Q5_K 29.1, 28.6 / 20.4, 18.0 / 18.2, 17.0 / 16.1, 15.6
+#                        Q6_K 34.4, 30.9 / 24.1, 23.2 / 20.7, 21.9 / 21.5, 22.3
+#   vnni256 (alderlake code: 16 registers)  Q4_K 13.3 / 10.7 / 10.3 / 9.4   Q5_K 23.8 / 14.4 / 13.1 / 11.4
+#                        Q6_K 24.8 / 15.8 / 15.6 / 14.2
+#   vnni512              Q4_K 10.6, 11.1 / 7.6, 7.5 / 7.2, 7.8 / 7.1, 6.5
+#                        Q5_K 15.1, 14.6 / 9.9, 10.1 / 8.6, 7.8 / 8.0, 8.3
+#                        Q6_K 16.0, 15.4 / 10.5, 10.1 / 10.0, 9.4 / 8.9, 8.3
+# The same runs' figures before the units, two tokens and more: avx2 Q4_K 16.0-21.4 / 15.5-21.1 /
+# 16.8-19.5, vnni256 Q6_K 21.7 / 20.6 / 21.3, vnni512 Q6_K 11.9-12.5 / 12.2-13.2 / 11.2-12.8. Zen 4
+# measured before the units (choices then: avx2 Q4_K 1, Q5_K 3, Q6_K 4; VNNI Q6_K 2), and its avx2 figures
+# fell into two groups by process (address randomization), the kernels that spilled more slowing down more:
 #   vnni512       Q4_K 8.3-8.6 / 6.4-6.5 / 6.3-6.5 / 6.1-6.3   Q5_K 13.2-17.1 / 8.7-9.2 / 7.2-7.6 / 10.1-14.5
 #                 Q6_K 13.9-16.0 / 9.6-10.9 / 10.4-13.8 / 10.1-13.6
 #   avx2, faster  Q4_K 13.6-13.8 / 15.0-15.2 / 13.8-14.1 / 17.0-18.4   Q5_K 22.0-23.3 / 17.3-17.4 /
 #                 18.6-19.1 / 18.9-19.9   Q6_K 24.2-26.3 / 20.3-20.7 / 19.8-21.4 / 23.1-25.4
-#   avx2, slower  Q4_K 16.5-18.9 / 24.2-27.3 / 23.8-31.0 / 20.6-21.8   Q5_K 23.4-33.5 / 26.1-30.4 /
-#                 24.7-27.7 / 22.0-30.4   Q6_K 32.0-42.9 / 33.2-35.5 / 29.1-33.1 / 24.5-27.4
-# (vnni256 measured like vnni512, within 10%, and keeps its choices.) The results do not depend on the
-# choice: each token's row is the same integers and float32 operations whatever its neighbours.
-KQUANT_TOKENS = {"vnni512": {"q4_K": 4, "q5_K": 3, "q6_K": 2},
-                 "vnni256": {"q4_K": 4, "q5_K": 3, "q6_K": 2},
-                 "avx2": {"q4_K": 1, "q5_K": 3, "q6_K": 4}}
+# Zen 4 was not measured since. The results do not depend on the choice: each token's row is the same
+# integers and float32 operations whatever its neighbours.
+KQUANT_TOKENS = {"vnni512": {"q4_K": 4, "q5_K": 3, "q6_K": 4},
+                 "vnni256": {"q4_K": 4, "q5_K": 4, "q6_K": 4},
+                 "avx2": {"q4_K": 3, "q5_K": 4, "q6_K": 3}}
 
 if TIER is not None:
     q4_K_x1 = _make_kquant_intrinsic("q4_K", 1)
