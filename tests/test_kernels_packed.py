@@ -85,6 +85,26 @@ def test_kquants_against_integer_twin(cls, rows: int, nb: int, T: int) -> None:
 
 @needs_simd
 @pytest.mark.parametrize("cls", KQUANTS, ids=lambda c: c.__name__)
+@pytest.mark.parametrize("want_q", [-127, 127])
+def test_kquants_full_range_activations(cls, want_q: int) -> None:
+    """Activations all at an end of Q8_K's range (-127 or 127): the largest block sums and int16 chunk
+    sums these weights can give, and still the integer twin's result on every tier."""
+    rng = np.random.default_rng(3)
+    raw = random_blocks(cls, rng, 32, 2, sane=True)
+    x = np.full((5, 512), -1.0, np.float32)  # ggml maps the largest |x| to -127
+    if want_q == 127:
+        x[:, ::256] = 1.0  # then every -1 maps to +127
+    q8 = kq.quantize_row_q8_K_ref(x)
+    assert (q8.qs.reshape(5, 2, 256)[:, :, 1:] == want_q).all()
+    got = packed_matmul(cls.qtype, raw, x)
+    want = cls.dot_q8_K(raw, q8)
+    magnitude = (np.abs(kq.dequantize_q8_K(q8).astype(np.float64))
+                 @ np.abs(cls.dequantize(raw).astype(np.float64)).T)
+    assert np.all(np.abs(got - want) <= 1e-5 * magnitude)
+
+
+@needs_simd
+@pytest.mark.parametrize("cls", KQUANTS, ids=lambda c: c.__name__)
 def test_kquant_rows_do_not_depend_on_the_tokens_beside_them(cls) -> None:
     """Whatever kernel several tokens take (simd.KQUANT_TOKENS: one, two, three or four tokens a weight
     load, by tier), each token's row has the bits it has alone: a prompt's logits, and a server batch's,

@@ -316,63 +316,73 @@ def _legacy_codegen(kind: str, nt: int, tier: str):
             isum = [[e.zero_i32() for _ in range(e.parts)] for _ in range(nt)]
             n_steps = 8 if kind == "q8_0" else 4
             xoff = b.mul(blk, _I64(32))
+            boff4 = b.mul(blk, _I64(4))
             qh_off, d_at, m_at = LEGACY_OFFSETS[kind]
-            qhv = [e.load(wbase, b.add(rb, _I64(qh_off + p * 4 * e.width)), e.vi32) if qh_off >= 0 else None
-                   for p in range(e.parts)]
             # 4-bit: the block's 8 products per lane fit one int16 chunk; 5-bit: its low and high halves
             n_acc = 2 if qh_off >= 0 else 1
-            acc16 = [[[e.acc_zero() for _ in range(n_acc)] for _ in range(e.parts)] for _ in range(nt)]
-            for k in range(n_steps):
-                for p in range(e.parts):
-                    v = e.load(wbase, b.add(rb, _I64(k * 64 + p * 4 * e.width)), e.vi32)
-                    if kind == "q8_0":
-                        if tier == "avx2":
-                            lo = v
-                        else:
-                            lo = b.xor(v, e.const_i32(-0x7F7F7F80))  # 0x80808080: q + 128
-                        for t in range(nt):
-                            xa = e.splat_i32(e.load(rows_q[t], b.add(xoff, _I64(4 * k)), _I32))
+            # several tokens take one part (8 rows on the avx2 tier) at a time, its loads after the previous
+            # part's sums (as the K-quant kernels' units: see _kquant_codegen)
+            units = [[p] for p in range(e.parts)] if nt > 1 else [list(range(e.parts))]
+            wb, xr = wbase, [rows_q] * e.parts
+            for parts in units:
+                qhv = {p: e.load(wb, b.add(rb, _I64(qh_off + p * 4 * e.width)), e.vi32)
+                       for p in parts if qh_off >= 0}
+                acc16 = {(t, p): [e.acc_zero() for _ in range(n_acc)] for t in range(nt) for p in parts}
+                for k in range(n_steps):
+                    for p in parts:
+                        v = e.load(wb, b.add(rb, _I64(k * 64 + p * 4 * e.width)), e.vi32)
+                        if kind == "q8_0":
                             if tier == "avx2":
-                                isum[t][p] = e.dpbssd_sign(isum[t][p], lo, xa)
+                                lo = v
                             else:
-                                isum[t][p] = e.dpbusd(isum[t][p], lo, xa)
-                    else:
-                        lo = b.and_(v, e.const_i32(0x0F0F0F0F))
-                        hi = b.and_(b.lshr(v, e.const_i32(4)), e.const_i32(0x0F0F0F0F))
-                        if qh_off >= 0:
-                            m10 = e.const_i32(0x10101010)
-                            lo = b.or_(lo, b.and_(b.shl(qhv[p], e.const_i32(4 - k)), m10))
-                            hi = b.or_(hi, b.and_(b.lshr(qhv[p], e.const_i32(k)), m10))
-                        for t in range(nt):
-                            xa = e.splat_i32(e.load(rows_q[t], b.add(xoff, _I64(4 * k)), _I32))
-                            xb = e.splat_i32(e.load(rows_q[t], b.add(xoff, _I64(16 + 4 * k)), _I32))
-                            acc16[t][p][0] = e.acc_add(acc16[t][p][0], lo, xa)
-                            acc16[t][p][n_acc - 1] = e.acc_add(acc16[t][p][n_acc - 1], hi, xb)
-            if kind != "q8_0":
-                for t in range(nt):
-                    for p in range(e.parts):
-                        for a in acc16[t][p]:
+                                lo = b.xor(v, e.const_i32(-0x7F7F7F80))  # 0x80808080: q + 128
+                            for t in range(nt):
+                                xa = e.splat_i32(e.load(xr[p][t], b.add(xoff, _I64(4 * k)), _I32))
+                                if tier == "avx2":
+                                    isum[t][p] = e.dpbssd_sign(isum[t][p], lo, xa)
+                                else:
+                                    isum[t][p] = e.dpbusd(isum[t][p], lo, xa)
+                        else:
+                            lo = b.and_(v, e.const_i32(0x0F0F0F0F))
+                            hi = b.and_(b.lshr(v, e.const_i32(4)), e.const_i32(0x0F0F0F0F))
+                            if qh_off >= 0:
+                                m10 = e.const_i32(0x10101010)
+                                lo = b.or_(lo, b.and_(b.shl(qhv[p], e.const_i32(4 - k)), m10))
+                                hi = b.or_(hi, b.and_(b.lshr(qhv[p], e.const_i32(k)), m10))
+                            for t in range(nt):
+                                xa = e.splat_i32(e.load(xr[p][t], b.add(xoff, _I64(4 * k)), _I32))
+                                xb = e.splat_i32(e.load(xr[p][t], b.add(xoff, _I64(16 + 4 * k)), _I32))
+                                acc16[t, p][0] = e.acc_add(acc16[t, p][0], lo, xa)
+                                acc16[t, p][n_acc - 1] = e.acc_add(acc16[t, p][n_acc - 1], hi, xb)
+                if kind != "q8_0":
+                    for (t, p), accs16 in acc16.items():
+                        for a in accs16:
                             isum[t][p] = b.add(isum[t][p], e.acc_sum(a))
-            boff4 = b.mul(blk, _I64(4))
-            for p in range(e.parts):
-                dw = e.half_to_f32(wbase, b.add(rb, _I64(d_at + p * 2 * e.width)))
-                mw = None
-                if m_at >= 0:
-                    mw = e.half_to_f32(wbase, b.add(rb, _I64(m_at + p * 2 * e.width)))
-                for t in range(nt):
-                    dx = e.splat_f32(e.load(rows_d[t], boff4, _F32))
-                    s = isum[t][p]
-                    if kind == "q4_0":
-                        s = b.sub(s, e.splat_i32(b.shl(e.load(rows_sum[t], boff4, _I32), _I32(3))))
-                    elif kind == "q5_0":
-                        s = b.sub(s, e.splat_i32(b.shl(e.load(rows_sum[t], boff4, _I32), _I32(4))))
-                    elif kind == "q8_0" and tier != "avx2":
-                        s = b.sub(s, e.splat_i32(b.shl(e.load(rows_sum[t], boff4, _I32), _I32(7))))
-                    acc = b.load(accs[t][p])
-                    acc = e.fma(b.sitofp(s, e.vf32), b.fmul(dw, dx), acc)
-                    if mw is not None:
-                        acc = e.fma(mw, e.splat_f32(e.load(rows_s[t], boff4, _F32)), acc)
-                    b.store(acc, accs[t][p])
+                done = []
+                for p in parts:
+                    dw = e.half_to_f32(wb, b.add(rb, _I64(d_at + p * 2 * e.width)))
+                    mw = None
+                    if m_at >= 0:
+                        mw = e.half_to_f32(wb, b.add(rb, _I64(m_at + p * 2 * e.width)))
+                    for t in range(nt):
+                        dx = e.splat_f32(e.load(rows_d[t], boff4, _F32))
+                        s = isum[t][p]
+                        if kind == "q4_0":
+                            s = b.sub(s, e.splat_i32(b.shl(e.load(rows_sum[t], boff4, _I32), _I32(3))))
+                        elif kind == "q5_0":
+                            s = b.sub(s, e.splat_i32(b.shl(e.load(rows_sum[t], boff4, _I32), _I32(4))))
+                        elif kind == "q8_0" and tier != "avx2":
+                            s = b.sub(s, e.splat_i32(b.shl(e.load(rows_sum[t], boff4, _I32), _I32(7))))
+                        acc = b.load(accs[t][p])
+                        acc = e.fma(b.sitofp(s, e.vf32), b.fmul(dw, dx), acc)
+                        if mw is not None:
+                            acc = e.fma(mw, e.splat_f32(e.load(rows_s[t], boff4, _F32)), acc)
+                        b.store(acc, accs[t][p])
+                        done.append(acc)
+                if nt > 1:
+                    wb = e.after(wbase, done)
+                    first = [e.after(r, done) for r in rows_q]
+                    xr = [first] * e.parts
         for t in range(nt):
             for p in range(e.parts):
                 off = _I64((t * LANES + p * e.width) * 4)
