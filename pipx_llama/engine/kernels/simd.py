@@ -280,7 +280,7 @@ LEGACY_OFFSETS = {"q4_0": (-1, 256, -1), "q4_1": (-1, 256, 288), "q8_0": (-1, 51
 def _legacy_codegen(kind: str, nt: int, tier: str):
     """IR body for ``kind`` and ``nt`` tokens; see ``_make_legacy_intrinsic``.
 
-    Its ``codegen`` is one function of ~140 lines on purpose: it emits one straight-line LLVM block per
+    Its ``codegen`` is one function of ~110 lines on purpose: it emits one straight-line LLVM block per
     record (load, unpack, multiply-add for every token, scale), and its IR values (the row pointers, the
     unpacked quants, the accumulators) flow from one step into the next; split into helpers, each would
     take and return most of them, and the order of the emitted instructions is what the reader checks
@@ -474,7 +474,7 @@ def q6_scale(s: int) -> int:
 
 
 def _kquant_codegen(kind: str, nt: int, tier: str):
-    """IR body for a K-quant ``kind`` and ``nt`` tokens. Its ``codegen`` runs to ~140 lines for the reason
+    """IR body for a K-quant ``kind`` and ``nt`` tokens. Its ``codegen`` runs to ~190 lines for the reason
     ``_legacy_codegen``'s does: one super-block's straight-line IR whose values flow from step to step."""
     rec = KQUANT_RECORD[kind]
 
