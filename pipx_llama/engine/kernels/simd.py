@@ -563,10 +563,11 @@ def _kquant_codegen(kind: str, nt: int, tier: str):
                                     if extra:
                                         lo = b.or_(lo, b.and_(_shift(b, qh, 4 - 2 * pair, e), m10))
                                         hi = b.or_(hi, b.and_(_shift(b, qh, 3 - 2 * pair, e), m10))
+                                    xo_a = b.add(xo, _I64(64 * pair + 4 * kk))
+                                    xo_b = b.add(xo_a, _I64(32))
                                     for t in range(nt):
-                                        xo_t = b.add(xo, _I64(64 * pair + 4 * kk))
-                                        xa = e.splat_i32(e.load(xr[p][t], xo_t, _I32))
-                                        xb = e.splat_i32(e.load(xr[p][t], b.add(xo_t, _I64(32)), _I32))
+                                        xa = e.splat_i32(e.load(xr[p][t], xo_a, _I32))
+                                        xb = e.splat_i32(e.load(xr[p][t], xo_b, _I32))
                                         alo[pair, p][t] = e.acc_add(alo[pair, p][t], lo, xa)
                                         ahi[pair, p][t] = e.acc_add(ahi[pair, p][t], hi, xb)
                         sums = [v for acc in (alo, ahi) for vs in acc.values() for v in vs]
@@ -624,7 +625,8 @@ def _kquant_codegen(kind: str, nt: int, tier: str):
                                 # scales and sums read only once the products are (else LLVM loads
                                 # them at the unit's start and spills them)
                                 sums = [v for p in parts for qi in qs for v in a[p, qi]]
-                                wb, x16 = e.after(wbase, sums), [e.after(r, sums) for r in r16]
+                                wb = e.after(wbase, sums)
+                                x16 = [e.after(r, sums) for r in r16] if last else []
                                 for p in parts:
                                     for qi in qs:
                                         sb = 8 * h + 2 * qi + g
