@@ -198,6 +198,50 @@ def test_attention_rejects_mismatched_shapes():
         attention.attention(q, k.astype(np.float64), k.astype(np.float64), 0, np.empty_like(q))
 
 
+@pytest.mark.skipif(not attention.ROW_BLOCKS, reason="no SIMD tier: the rows go one by one")
+@pytest.mark.parametrize("D", [64, 96, 128, 256])
+def test_row_blocks_match_numpy(D):
+    """One score block and one V pass against numpy in float64, at an offset inside the cache and the
+    vectors (the blocks read row r0 + r of one KV head; the scores land at ``off``)."""
+    from numba import njit
+
+    rng = _rng(D)
+    kvh, r0, off = 1, 5, 3
+    cache = (rng.standard_normal((r0 + 20, 3, D)) * 2).astype(np.float16)
+    q = rng.standard_normal(D).astype(np.float16).astype(np.float32)
+    scores = np.full(off + attention.SCORE_ROWS + 4, np.nan, np.float32)
+
+    @njit
+    def blocks(q, cache, scores, acc):
+        attention._score_block(q, cache, r0, kvh, np.float32(0.125), scores, off)
+        attention._v_block(scores, off, cache, r0, kvh, acc)
+
+    acc = rng.standard_normal(D).astype(np.float32)
+    acc0 = acc.copy()
+    blocks(q, cache.view(np.uint16), scores, acc)
+    k = cache[r0 : r0 + attention.SCORE_ROWS, kvh].astype(np.float64)
+    want = (k @ q.astype(np.float64)) * 0.125
+    np.testing.assert_allclose(scores[off : off + attention.SCORE_ROWS], want, rtol=1e-5, atol=1e-5)
+    assert np.isnan(scores[:off]).all() and np.isnan(scores[off + attention.SCORE_ROWS :]).all()
+    p = scores[off : off + attention.V_ROWS].astype(np.float64)
+    v = cache[r0 : r0 + attention.V_ROWS, kvh].astype(np.float64)
+    np.testing.assert_allclose(acc, acc0 + p @ v, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("D", [40, 64])
+@pytest.mark.parametrize("start_pos", range(0, 40, 3))
+def test_attention_blocks_and_tails_match_ref(D, start_pos):
+    """Every number of cached rows up to a few blocks, so full blocks and the rows after them (one by one)
+    both count; D = 40 is no multiple of the block's lanes and takes the row-by-row loops throughout."""
+    rng = _rng(start_pos + D)
+    q = (rng.standard_normal((1, 6, D)) * 2).astype(np.float32)
+    k, v = _kv(rng, start_pos + 1, 2, D, np.float16), _kv(rng, start_pos + 1, 2, D, np.float16)
+    out = np.empty_like(q)
+    attention.attention(q, k, v, start_pos, out)
+    ref = attention.attention_ref(q, k, v, start_pos)
+    np.testing.assert_allclose(out, ref, rtol=0, atol=3e-4 * np.abs(v.astype(np.float32)).max())
+
+
 @pytest.mark.parametrize("cache", ["f16", "q8_0"])
 def test_score_and_v_loops_ask_for_rows_ahead(cache):
     """Each loop over cache rows prefetches the row PREFETCH_ROWS on (a hint: the results are the tests
@@ -206,11 +250,12 @@ def test_score_and_v_loops_ask_for_rows_ahead(cache):
 
     fast = attention._FAST
     if cache == "f16":
-        loops = (attention._scores, attention._accumulate)
+        loops = (attention._scores, attention._accumulate, attention._scores_f16, attention._accumulate_f16)
         k = np.zeros((40, 2, 64), np.uint16)
         args = ((np.zeros(64, np.float32), k, 1, 0, 37, np.zeros(40, np.float32), 0, np.float32(0),
                  np.float32(0), np.float32(1)),
                 (np.ones(40, np.float32), 0, k, 1, 0, 37, np.zeros(64, np.float32)))
+        args = args * 2
     else:
         loops = (attention._scores_q8, attention._accumulate_q8)
         k = np.zeros((40, 2, 68), np.uint8)
