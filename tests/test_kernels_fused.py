@@ -156,6 +156,23 @@ def test_results_do_not_depend_on_thread_count(tiny, tiny_k, kquants):
     same_bits(outs[0], outs[2])
 
 
+@pytest.mark.parametrize("threads", [1, 2, 3, 8])
+def test_token_items_cover_every_token_once(threads):
+    """Per-token stages: items of ``per`` tokens cover 0..T-1 exactly; they hold MIN_TOKENS_PER_ITEM tokens
+    or more where every thread still gets one, and no more than a thread's share otherwise."""
+    from pipx_llama.engine.kernels import fused
+
+    for T in range(1, 300):
+        items, per = fused._token_items(T, threads)
+        assert (items - 1) * per < T <= items * per
+        share = -(-T // threads)
+        assert per >= min(fused.MIN_TOKENS_PER_ITEM, share)
+        assert per <= max(share if share <= fused.MIN_TOKENS_PER_ITEM else fused.MIN_TOKENS_PER_ITEM,
+                          -(-T // (4 * threads)))
+        if T >= 4 * threads * fused.MIN_TOKENS_PER_ITEM:
+            assert items >= 2 * threads
+
+
 def test_truncate_and_shift_under_the_fused_pass(tiny):
     model = load_model(tiny, threads=2)
     a, b = model.new_context(24), model.new_context(24, fused=False)
