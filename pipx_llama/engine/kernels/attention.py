@@ -78,7 +78,7 @@ def _prefetch_row(cache, r, kvh):
 # in a tree onto acc (acc loaded and stored once a pass). SmolLM2's shape (D = 64, 3 KV heads), one
 # (token, head) over 1000 cached rows in L2, Xeon VM (AVX-512): 12.6 -> 8.3 ns a row (scores 5.0 -> 4.4,
 # V 4.3 -> 2.8).
-BLOCK_LANES = 16 if simd.TIER == "vnni512" else 8
+BLOCK_LANES = simd.vector_width(simd.TIER)
 SCORE_ROWS = BLOCK_LANES  # K rows a score block: one row a lane of the result
 V_ROWS = 8
 # F16 -> float32 vectors need F16C, which every SIMD tier has; without a tier the rows go one by one
@@ -96,40 +96,14 @@ def _f16_rows_ok(cache, *arrays) -> bool:
                                         and a.dtype == types.float32 for a in arrays))
 
 
-class _Rows:
-    """IR of the row blocks: the vector types, each row's pointer, loads and splats."""
-
-    def __init__(self, context, builder: ir.IRBuilder) -> None:
-        self.ctx, self.b = context, builder
-        self.vf = ir.VectorType(ir.FloatType(), BLOCK_LANES)
-        self.vh = ir.VectorType(ir.HalfType(), BLOCK_LANES)
-        self.fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(self.vf, [self.vf] * 3),
-                                                  f"llvm.fma.v{BLOCK_LANES}f32")
-
-    def array(self, ty, val):
-        return self.ctx.make_array(ty)(self.ctx, self.b, val)
-
-    def head_rows(self, cache, r0: ir.Value, kvh: ir.Value, n: int) -> tuple[list[ir.Value], ir.Value]:
-        """i8* to KV head kvh of rows r0..r0+n-1 of a [R, KVH, D] cache struct, and D."""
-        b = self.b
-        s0, s1, _ = cgutils.unpack_tuple(b, cache.strides, 3)
-        data = b.bitcast(cache.data, _I8P)
-        head = b.mul(kvh, s1)
-        rows = [b.gep(data, [b.add(b.mul(b.add(r0, _I64(r)), s0), head)]) for r in range(n)]
-        return rows, cgutils.unpack_tuple(b, cache.shape, 3)[2]
-
-    def vec_ptr(self, base: ir.Value, byte_off: ir.Value, ty: ir.Type) -> ir.Value:
-        return self.b.bitcast(self.b.gep(base, [byte_off]), ty.as_pointer())
-
-    def f16_chunk(self, row: ir.Value, c: ir.Value) -> ir.Value:
-        """Chunk c (BLOCK_LANES values) of an F16 row as float32."""
-        h = self.b.load(self.vec_ptr(row, self.b.mul(c, _I64(2 * BLOCK_LANES)), self.vh), align=2)
-        return self.b.fpext(h, self.vf)
-
-    def splat(self, x: ir.Value) -> ir.Value:
-        undef = ir.Constant(self.vf, ir.Undefined)
-        return self.b.shuffle_vector(self.b.insert_element(undef, x, _I32(0)), undef,
-                                     ir.Constant(ir.VectorType(_I32, BLOCK_LANES), [0] * BLOCK_LANES))
+def _head_rows(b: ir.IRBuilder, cache, r0: ir.Value, kvh: ir.Value,
+               n: int) -> tuple[list[ir.Value], ir.Value]:
+    """i8* to KV head kvh of rows r0..r0+n-1 of a [R, KVH, D] cache (numba's array struct), and D."""
+    s0, s1, _ = cgutils.unpack_tuple(b, cache.strides, 3)
+    data = b.bitcast(cache.data, _I8P)
+    head = b.mul(kvh, s1)
+    rows = [b.gep(data, [b.add(b.mul(b.add(r0, _I64(r)), s0), head)]) for r in range(n)]
+    return rows, cgutils.unpack_tuple(b, cache.shape, 3)[2]
 
 
 def _transpose_sum(b: ir.IRBuilder, vecs: list[ir.Value]) -> ir.Value:
@@ -160,19 +134,20 @@ def _score_block(typingctx, qr, k_cache, r0, kvh, kq_scale, scores, off):
     sig = types.void(qr, k_cache, r0, kvh, kq_scale, scores, off)
 
     def codegen(context, builder, sig, args):
-        e, b = _Rows(context, builder), builder
-        qa, ka, sa = (e.array(sig.args[i], args[i]) for i in (0, 1, 5))
-        rows, d = e.head_rows(ka, args[2], args[3], SCORE_ROWS)
+        e, b = simd._Emit(builder, simd.TIER), builder
+        qa, ka, sa = (context.make_array(sig.args[i])(context, builder, args[i]) for i in (0, 1, 5))
+        rows, d = _head_rows(b, ka, args[2], args[3], SCORE_ROWS)
         qdata = b.bitcast(qa.data, _I8P)
-        accs = [cgutils.alloca_once_value(b, ir.Constant(e.vf, [0.0] * BLOCK_LANES)) for _ in rows]
+        accs = [cgutils.alloca_once_value(b, e.zero_f32()) for _ in rows]
         with cgutils.for_range(b, b.udiv(d, _I64(BLOCK_LANES))) as loop:
             c = loop.index
-            qv = b.load(e.vec_ptr(qdata, b.mul(c, _I64(4 * BLOCK_LANES)), e.vf), align=4)
+            qv = e.load(qdata, b.mul(c, _I64(4 * BLOCK_LANES)), e.vf32)
+            ko = b.mul(c, _I64(2 * BLOCK_LANES))
             for row, acc in zip(rows, accs, strict=True):
-                b.store(b.call(e.fma, [qv, e.f16_chunk(row, c), b.load(acc)]), acc)
+                b.store(e.fma(qv, e.half_to_f32(row, ko), b.load(acc)), acc)
         sums = _transpose_sum(b, [b.load(a) for a in accs])
-        dst = e.vec_ptr(b.bitcast(sa.data, _I8P), b.mul(args[6], _I64(4)), e.vf)
-        b.store(b.fmul(sums, e.splat(args[4])), dst, align=4)
+        dst = e.ptr(b.bitcast(sa.data, _I8P), b.mul(args[6], _I64(4)), e.vf32)
+        b.store(b.fmul(sums, e.splat_f32(args[4])), dst, align=4)
         return context.get_dummy_value()
 
     return sig, codegen
@@ -187,20 +162,20 @@ def _v_block(typingctx, scores, off, v_cache, r0, kvh, acc):
     sig = types.void(scores, off, v_cache, r0, kvh, acc)
 
     def codegen(context, builder, sig, args):
-        e, b = _Rows(context, builder), builder
-        sa, va, aa = (e.array(sig.args[i], args[i]) for i in (0, 2, 5))
-        rows, d = e.head_rows(va, args[3], args[4], V_ROWS)
-        probs = [e.splat(b.load(b.gep(sa.data, [b.add(args[1], _I64(r))]))) for r in range(V_ROWS)]
+        e, b = simd._Emit(builder, simd.TIER), builder
+        sa, va, aa = (context.make_array(sig.args[i])(context, builder, args[i]) for i in (0, 2, 5))
+        rows, d = _head_rows(b, va, args[3], args[4], V_ROWS)
+        probs = [e.splat_f32(b.load(b.gep(sa.data, [b.add(args[1], _I64(r))]))) for r in range(V_ROWS)]
         adata = b.bitcast(aa.data, _I8P)
         with cgutils.for_range(b, b.udiv(d, _I64(BLOCK_LANES))) as loop:
             c = loop.index
-            vs = [e.f16_chunk(row, c) for row in rows]
-            terms = [b.call(e.fma, [probs[r + 1], vs[r + 1], b.fmul(probs[r], vs[r])])
-                     for r in range(0, V_ROWS, 2)]
+            vo = b.mul(c, _I64(2 * BLOCK_LANES))
+            vs = [e.half_to_f32(row, vo) for row in rows]
+            terms = [e.fma(probs[r + 1], vs[r + 1], b.fmul(probs[r], vs[r])) for r in range(0, V_ROWS, 2)]
             while len(terms) > 1:
                 terms = [b.fadd(x, y) for x, y in zip(terms[0::2], terms[1::2], strict=True)]
-            ap = e.vec_ptr(adata, b.mul(c, _I64(4 * BLOCK_LANES)), e.vf)
-            b.store(b.fadd(b.load(ap, align=4), terms[0]), ap, align=4)
+            ao = b.mul(c, _I64(4 * BLOCK_LANES))
+            b.store(b.fadd(e.load(adata, ao, e.vf32), terms[0]), e.ptr(adata, ao, e.vf32), align=4)
         return context.get_dummy_value()
 
     return sig, codegen

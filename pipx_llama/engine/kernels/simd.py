@@ -93,13 +93,18 @@ TIER = detect_tier()
 # ----------------------------------------------------------------------------- IR helpers
 
 
+def vector_width(tier: str | None) -> int:
+    """32-bit lanes of one vector on ``tier``: 16 with AVX-512, 8 on the 256-bit tiers."""
+    return 16 if tier == "vnni512" else 8
+
+
 class _Emit:
     """IR helpers bound to one builder and the tier's vector width (``width`` int32 lanes per part)."""
 
     def __init__(self, builder: ir.IRBuilder, tier: str) -> None:
         self.b = builder
         self.tier = tier
-        self.width = 16 if tier == "vnni512" else 8
+        self.width = vector_width(tier)
         self.parts = LANES // self.width
         w = self.width
         self.vi32 = ir.VectorType(_I32, w)
