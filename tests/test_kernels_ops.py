@@ -312,6 +312,42 @@ def test_top_k_matches_ref_with_ties(k):
     np.testing.assert_array_equal(out, ops.top_k_ref(x, k))
 
 
+@pytest.mark.parametrize("n", [49152, 151936, 4000, 100])
+def test_top_k_blocks_hold_every_winner(n):
+    """The first pass keeps only blocks whose max reaches the k-th largest block max: winners spread over
+    many blocks, crowded into one, tied with that max, or in the short last block are all found (100
+    values: too few blocks for k, one heap over all)."""
+    rng = np.random.default_rng(n)
+    k = 8
+    cases = []
+    x = rng.standard_normal(n).astype(np.float32)
+    x[rng.choice(n, k, replace=False)] = np.float32(9.0)  # one winner in each of k blocks, most likely
+    cases.append(x)
+    x = rng.standard_normal(n).astype(np.float32)
+    x[64:64 + 2 * k] = np.linspace(5, 6, 2 * k, dtype=np.float32)  # every winner in one block
+    cases.append(x)
+    x = np.zeros(n, np.float32)
+    x[::97] = np.float32(1.0)  # block maxima tied with each other and with the k-th value
+    cases.append(x)
+    x = rng.standard_normal(n).astype(np.float32)
+    x[-1] = np.float32(7.0)  # a winner in the last (short) block
+    cases.append(x)
+    x = rng.standard_normal(n).astype(np.float32)
+    x[3] = np.nan  # a nan max: the heap reads every block, as before
+    cases.append(x)
+    for x in cases:
+        out = np.empty(k, np.int64)
+        ops.top_k(x, out)
+        want = ops.top_k_ref(x, k) if not np.isnan(x).any() else _heap_every_value(x, k)
+        np.testing.assert_array_equal(out, want)
+
+
+def _heap_every_value(x, k):
+    out = np.empty(k, np.int64)
+    ops._heap_of_blocks(x, out, np.arange((x.size + ops.TOP_K_BLOCK - 1) // ops.TOP_K_BLOCK), ops.TOP_K_BLOCK)
+    return out
+
+
 def test_top_k_of_the_whole_array_is_a_stable_descending_sort():
     x = np.array([1.0, 3.0, 3.0, -2.0, 0.5, 3.0], np.float32)
     out = np.empty(x.size, np.int64)

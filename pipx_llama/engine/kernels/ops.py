@@ -498,27 +498,70 @@ def _sift_down(x, heap, n, i):
         i = c
 
 
-@njit(cache=True, error_model="numpy")
-def top_k(x, out):
-    """out[:k] = the ids of the k = out.size largest values of x f32 [n], largest first, ties by lower id.
+# Values per block of top_k's first pass. Random logits, k = 40 / 20, a Xeon VM, us, one heap over every
+# value -> blocks of 32 / 64 / 128 / 256: 49,152 values (SmolLM2) 38.9 / 35.8 -> 15.8 / 13.0, 13.4 / 9.5,
+# 14.2 / 9.1, 18.1 / 10.1; 151,936 (Qwen2.5) 109.0 / 107.1 -> 36.4 / 32.8, 26.7 / 22.7, 23.3 / 18.6,
+# 27.7 / 19.1. The sampler's whole draw (temperature 0.7, top-k 40, top-p 0.95) on SmolLM2's logits:
+# 70.9 -> 46.7 us a token.
+TOP_K_BLOCK = 64
 
-    The sampler's top-k over a 49k-152k vocabulary: a heap of the best k seen rejects almost every
-    value with one comparison, 34 us on 49,152 logits where numpy's argpartition took 550 us (Zen 4).
-    """
+
+@njit(cache=True, error_model="numpy")
+def _heap_of_blocks(x, out, blocks, size):
+    """out[:k] = the ids of the k = out.size largest values of x among blocks ``blocks`` (block b: ids
+    b*size.. up to (b+1)*size, in increasing order), largest first, ties by lower id.
+
+    A heap of the best k seen rejects almost every value with one comparison."""
     k = out.size
-    for i in range(k):
-        out[i] = i
-    for i in range(k // 2 - 1, -1, -1):
-        _sift_down(x, out, k, i)
-    worst = x[out[0]]  # kept in a register: the loop is one load and one compare per value
-    for i in range(k, x.size):
-        if x[i] > worst:  # an equal value ranks lower: its id is higher than every id held
-            out[0] = i
-            _sift_down(x, out, k, 0)
-            worst = x[out[0]]
+    n = x.size
+    filled = 0
+    worst = x[0]
+    for s in range(blocks.size):
+        b = blocks[s]
+        for i in range(b * size, min(n, (b + 1) * size)):
+            if filled < k:
+                out[filled] = i
+                filled += 1
+                if filled == k:
+                    for j in range(k // 2 - 1, -1, -1):
+                        _sift_down(x, out, k, j)
+                    worst = x[out[0]]  # kept in a register: the loop is one load and one compare per value
+            elif x[i] > worst:  # an equal value ranks lower: its id is higher than every id held
+                out[0] = i
+                _sift_down(x, out, k, 0)
+                worst = x[out[0]]
     for end in range(k - 1, 0, -1):  # pop the worst to the back: best first
         out[0], out[end] = out[end], out[0]
         _sift_down(x, out, end, 0)
+
+
+@njit(cache=True, error_model="numpy")
+def top_k(x, out):
+    """out[:k] = the ids of the k = out.size <= x.size largest values of x f32 [n], largest first, ties by
+    lower id.
+
+    The sampler's top-k over a 49k-152k vocabulary, in two passes. The first takes each block of
+    TOP_K_BLOCK values' max (a loop LLVM vectorizes): the k-th largest of those maxima, tau, is at most
+    the k-th largest value (k blocks hold a value >= tau), so every one of the k largest values lies in
+    a block whose max is >= tau. The heap then reads only those blocks, in order: the same ids as a heap
+    over every value (numpy's argpartition took 550 us on 49,152 logits, Zen 4). Where k is not much
+    smaller than the number of blocks, or a max is nan, the heap reads every block.
+    """
+    k = out.size
+    nb = (x.size + TOP_K_BLOCK - 1) // TOP_K_BLOCK
+    if 4 * k > nb:
+        _heap_of_blocks(x, out, np.arange(nb), TOP_K_BLOCK)
+        return
+    maxes = np.empty(nb, np.float32)
+    for b in range(nb):
+        maxes[b] = _row_max(x[b * TOP_K_BLOCK : (b + 1) * TOP_K_BLOCK])
+    if np.isnan(maxes).any():
+        _heap_of_blocks(x, out, np.arange(nb), TOP_K_BLOCK)
+        return
+    best = np.empty(k, np.int64)
+    _heap_of_blocks(maxes, best, np.arange(nb), 1)
+    tau = maxes[best[k - 1]]
+    _heap_of_blocks(x, out, np.nonzero(maxes >= tau)[0], TOP_K_BLOCK)
 
 
 def top_k_ref(x: np.ndarray, k: int) -> np.ndarray:
