@@ -348,6 +348,12 @@ def _heap_every_value(x, k):
     return out
 
 
+def test_top_k_of_none_writes_nothing():
+    buf = np.full(4, -1, np.int64)
+    ops.top_k(np.arange(1000, dtype=np.float32), buf[:0])  # k = 0: not even past the end of ``out``
+    np.testing.assert_array_equal(buf, -1)
+
+
 def test_top_k_of_the_whole_array_is_a_stable_descending_sort():
     x = np.array([1.0, 3.0, 3.0, -2.0, 0.5, 3.0], np.float32)
     out = np.empty(x.size, np.int64)

@@ -548,6 +548,8 @@ def top_k(x, out):
     smaller than the number of blocks, or a max is nan, the heap reads every block.
     """
     k = out.size
+    if k == 0:
+        return
     nb = (x.size + TOP_K_BLOCK - 1) // TOP_K_BLOCK
     if 4 * k > nb:
         _heap_of_blocks(x, out, np.arange(nb), TOP_K_BLOCK)
