@@ -551,19 +551,17 @@ def top_k(x, out):
     if k == 0:
         return
     nb = (x.size + TOP_K_BLOCK - 1) // TOP_K_BLOCK
-    if 4 * k > nb:
-        _heap_of_blocks(x, out, np.arange(nb), TOP_K_BLOCK)
-        return
-    maxes = np.empty(nb, np.float32)
-    for b in range(nb):
-        maxes[b] = _row_max(x[b * TOP_K_BLOCK : (b + 1) * TOP_K_BLOCK])
-    if np.isnan(maxes).any():
-        _heap_of_blocks(x, out, np.arange(nb), TOP_K_BLOCK)
-        return
-    best = np.empty(k, np.int64)
-    _heap_of_blocks(maxes, best, np.arange(nb), 1)
-    tau = maxes[best[k - 1]]
-    _heap_of_blocks(x, out, np.nonzero(maxes >= tau)[0], TOP_K_BLOCK)
+    if 4 * k <= nb:
+        maxes = np.empty(nb, np.float32)
+        for b in range(nb):
+            maxes[b] = _row_max(x[b * TOP_K_BLOCK : (b + 1) * TOP_K_BLOCK])
+        if not np.isnan(maxes).any():
+            best = np.empty(k, np.int64)
+            _heap_of_blocks(maxes, best, np.arange(nb), 1)
+            tau = maxes[best[k - 1]]
+            _heap_of_blocks(x, out, np.nonzero(maxes >= tau)[0], TOP_K_BLOCK)
+            return
+    _heap_of_blocks(x, out, np.arange(nb), TOP_K_BLOCK)
 
 
 def top_k_ref(x: np.ndarray, k: int) -> np.ndarray:
