@@ -277,7 +277,8 @@ def test_tier_can_be_lowered_not_raised() -> None:
 @pytest.mark.parametrize("kind", ["q4_1", "q6_K"])
 def test_kernels_prefetch_the_next_group(kind: str) -> None:
     """Several tokens' kernels always ask for the next group's records; one token's only where
-    ``PREFETCH_ONE_TOKEN`` says (not on AMD's CPUs, whose own prefetchers measured better alone)."""
+    ``PREFETCH_ONE_TOKEN`` says (on AMD's CPUs only the avx2 tier's, whose compute hides the memory's latency
+    least)."""
     from numba import njit
 
     legacy = kind == "q4_1"
