@@ -56,8 +56,25 @@ LANES = 16  # weight rows per group: the int32 lanes of one 512-bit vector
 # 7B-shaped Q4_K_M 5.15 -> 5.73 tok/s at 2 threads -- but on AMD's Zen 4 EPYC hints 8 KiB ahead measured
 # slower, one thread, 260-271 MB tensors, GB/s without -> with: Q4_K 27.3 -> 18.1, Q6_K 26.3 -> 23.0,
 # Q5_1 31.1 -> 26.7, Q8_0 26.0 -> 23.0 (avx2 tier's code: Q4_K 24.4 -> 17.1): its own prefetchers
-# already keep up there, and each software prefetch holds one of the core's miss buffers. (The one-token
-# rule, ``PREFETCH_ONE_TOKEN``, follows the tiers below.)
+# already keep up there, and each software prefetch holds one of the core's miss buffers. So a one-token
+# legacy kernel asks only on CPUs that are not AMD's (the K-quant kernels: ``KQUANT_ONE_TOKEN_AHEAD``).
+PREFETCH_ONE_TOKEN = not host_is_amd()
+
+# One token's K-quant kernels on AMD ask for the record two records on instead (4.7-6.7 KB ahead in the same
+# stream). On a Zen 5 EPYC (family 26), 1 GB of random records read from DRAM, GB/s without hints / with the
+# next group's / two records ahead, four runs (two 4096 and two 11008 columns wide):
+#   avx2 tier, 2 threads  Q4_K 27.5-35.6 / 33.1-34.8 / 36.2-52.0   Q6_K 21.5-28.0 / 42.5-55.6 / 44.4-49.0
+#             1 thread    Q4_K 14.7-23.2 / 28.8-31.1 / 26.5-27.7   Q6_K 12.5-16.0 / 27.3-31.3 / 25.4-27.3
+#   VNNI-512, 1 thread    Q4_K 24.9-25.4 / 26.3-27.2 / 32.0-33.6   Q6_K 22.3-25.9 / 19.8-20.4 / 28.1-30.0
+#             2 threads   Q4_K 36.5-49.0 / 36.8-52.4 / 36.5-45.9   Q6_K 33.0-42.6 / 30.9-32.4 / 37.1-39.5
+# (three runs of 4096 columns; two threads read 47-52 GB/s here, at times ~80). Without hints, compute and
+# memory barely overlap on the avx2 tier: its code computes a Q4_K record in ~830 instructions (128
+# vpmaddubsw, 136 broadcasts, 192 to unpack nibbles), so the reorder buffer reaches less than a record
+# ahead. Why the next group's record (38-100 KB on) serves worse here than on the Xeon was not found out
+# (AMD documents ``prefetcht1`` as filling L2 since Zen 4; a study of Zen 4 saw it dropped at times). The
+# legacy kinds, one token, measured the same with the next group's hints as without on this Zen 5, on both
+# tiers.
+KQUANT_ONE_TOKEN_AHEAD = 2 if host_is_amd() else None
 
 _I8 = ir.IntType(8)
 _I16 = ir.IntType(16)
@@ -87,18 +104,6 @@ def detect_tier() -> str | None:
 
 
 TIER = detect_tier()
-
-# One token on AMD: hints one group ahead help the avx2 tier's code and not the VNNI-512 tier's. A Zen 5
-# EPYC (family 26), 2 threads, 1 GB of random records read from DRAM, GB/s without -> with, three runs each
-# alternating:
-#   avx2 tier  Q4_K 27.2-30.8 -> 34.2-35.3   Q6_K 24.6-27.9 -> 37.9-43.9   Q5_K 23.3-24.9 -> 27.5-29.6
-#   (1 thread) Q4_K 15.7-20.2 -> 28.4-29.7   Q6_K 14.5-15.8 -> 28.1-29.7   Q5_K 11.6-14.2 -> 17.5-20.0
-#   VNNI-512   Q4_K 39.5-40.3 -> 36.0-38.1   Q6_K 31.4-36.5 -> 31.8-33.3   Q5_K 36.2-37.1 -> 33.7-35.1
-# Compute and memory barely overlap without the hints there: the avx2 code computes a Q4_K record in ~830
-# instructions (128 vpmaddubsw, 136 broadcasts, 192 to unpack nibbles), so the reorder buffer reaches less
-# than a record ahead, where the VNNI-512 code's ~350 reach past the next one. The legacy kinds measured the
-# same either way on this Zen 5, on both tiers.
-PREFETCH_ONE_TOKEN = TIER == "avx2" or not host_is_amd()
 
 
 # ----------------------------------------------------------------------------- IR helpers
@@ -527,11 +532,14 @@ def _kquant_codegen(kind: str, nt: int, tier: str):
 
         lines = range(0, rec, 64)
 
+        # how far ahead the hints ask: the next group's record, ``pf`` bytes on, or one token's kernels on AMD
+        # a few records on (see KQUANT_ONE_TOKEN_AHEAD)
+        ahead = pf if nt > 1 or KQUANT_ONE_TOKEN_AHEAD is None else _I64(KQUANT_ONE_TOKEN_AHEAD * rec)
+
         def prefetch_slice(rb, i, n):
-            """Slice i of n of the record ``pf`` bytes on, spread over the super-block's steps."""
-            if nt > 1 or PREFETCH_ONE_TOKEN:
-                for line in lines[i * len(lines) // n : (i + 1) * len(lines) // n]:
-                    e.prefetch_l2(wbase, b.add(b.add(rb, pf), _I64(line)))
+            """Slice i of n of the record ``ahead`` bytes on, spread over the super-block's steps."""
+            for line in lines[i * len(lines) // n : (i + 1) * len(lines) // n]:
+                e.prefetch_l2(wbase, b.add(b.add(rb, ahead), _I64(line)))
 
         with cgutils.for_range(b, nb) as loop:
             blk = loop.index
