@@ -362,6 +362,52 @@ def test_top_k_of_the_whole_array_is_a_stable_descending_sort():
     np.testing.assert_array_equal(out, np.argsort(-x, kind="stable"))
 
 
+@pytest.mark.parametrize("n", [1, 2, 40, 300])
+def test_candidate_probs_matches_ref(n):
+    """top-p, min-p and temperature over candidates sorted largest first, ties included: the same number
+    kept and the same probabilities as the numpy twin (to rounding: exp and the sums are computed apart)."""
+    rng = np.random.default_rng(n)
+    for scale in (0.1, 1.0, 5.0):
+        vals = np.sort(rng.standard_normal(n) * scale)[::-1].copy()
+        if n > 4:
+            vals[1:4] = vals[1]  # ties among the best
+        for top_p in (1.0, 0.95, 0.5, 0.01):
+            for min_p in (0.0, 0.05, 0.5):
+                for temperature in (0.1, 0.7, 1.0, 2.0):
+                    probs = np.full(n + 1, -1.0)
+                    keep = ops.candidate_probs(vals, top_p, min_p, temperature, probs)
+                    want = ops.candidate_probs_ref(vals, top_p, min_p, temperature)
+                    assert keep == want.size, (scale, top_p, min_p, temperature)
+                    np.testing.assert_allclose(probs[:keep], want, rtol=1e-12)
+                    assert probs[n] == -1.0  # nothing written past the candidates
+
+
+def test_candidate_probs_filters_as_documented():
+    vals = np.log(np.array([0.5, 0.3, 0.15, 0.05]))
+    probs = np.empty(4)
+    assert ops.candidate_probs(vals, 0.75, 0.0, 1.0, probs) == 2  # 0.5 + 0.3 reaches 0.75
+    np.testing.assert_allclose(probs[:2], [0.625, 0.375])
+    assert ops.candidate_probs(vals, 1.0, 0.25, 1.0, probs) == 3  # 0.15 >= 0.25 * 0.5, 0.05 is not
+    assert ops.candidate_probs(vals, 1.0, 1.0, 1.0, probs) == 1
+    assert ops.candidate_probs(vals, 1.0, 0.0, 1.0, probs) == 4
+    np.testing.assert_allclose(probs, [0.5, 0.3, 0.15, 0.05])
+
+
+def test_draw_is_numpys_choice():
+    """The draw from a generator's next uniform number picks what Generator.choice(n, p=probs) picks from the
+    same state (and the numpy twin agrees), and leaves the generator where choice leaves it."""
+    for seed in range(3000):
+        n = 1 + seed % 50
+        probs = np.random.default_rng(seed).random(n) ** 4
+        probs /= probs.sum()
+        theirs, ours = np.random.default_rng(seed + 1), np.random.default_rng(seed + 1)
+        u = ours.random()
+        assert ops.draw(probs, u) == ops.draw_ref(probs, u) == theirs.choice(n, p=probs), seed
+        assert ours.random() == theirs.random()
+    probs = np.array([0.25, 0.0, 0.75])
+    assert [ops.draw(probs, u) for u in (0.0, 0.2499, 0.25, 0.9999)] == [0, 0, 2, 2]  # never a p = 0 entry
+
+
 @njit
 def _block_reductions(x, q, out_max, out_sums):
     for t in range(x.shape[0]):

@@ -71,7 +71,8 @@ class Sampler:
         if cfg.temperature <= 0:
             return int(np.argmax(logits))
         ids, probs = filter_candidates(logits, cfg)
-        return int(ids[self.rng.choice(ids.size, p=probs)])
+        # numpy's Generator.choice(ids.size, p=probs), the same draw from the same generator state
+        return int(ids[ops.draw(probs, self.rng.random())])
 
 
 def apply_logit_bias(logits: np.ndarray, ids: np.ndarray, bias: np.ndarray) -> np.ndarray:
@@ -115,19 +116,6 @@ def filter_candidates(logits: np.ndarray, cfg: SamplerConfig) -> tuple[np.ndarra
     else:
         ids = np.argsort(-logits, kind="stable")
     vals = logits[ids].astype(np.float64)
-
-    if cfg.top_p < 1.0:
-        p = _softmax(vals)
-        keep = int(np.searchsorted(np.cumsum(p), cfg.top_p) + 1)
-        ids, vals = ids[:keep], vals[:keep]
-    if cfg.min_p > 0.0:
-        p = _softmax(vals)
-        keep = max(1, int(np.count_nonzero(p >= cfg.min_p * p[0])))
-        ids, vals = ids[:keep], vals[:keep]
-    probs = _softmax(vals / cfg.temperature)
-    return ids, probs
-
-
-def _softmax(v: np.ndarray) -> np.ndarray:
-    e = np.exp(v - v.max())
-    return e / e.sum()
+    probs = np.empty(vals.size)
+    keep = ops.candidate_probs(vals, cfg.top_p, cfg.min_p, cfg.temperature, probs)
+    return ids[:keep], probs[:keep]

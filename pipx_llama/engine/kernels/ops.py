@@ -568,6 +568,88 @@ def top_k_ref(x: np.ndarray, k: int) -> np.ndarray:
     return np.lexsort((np.arange(x.size), -x.astype(np.float64)))[:k]
 
 
+@njit(inline="always")
+def _softmax_into(vals, n, temperature, out):
+    """out[:n] = softmax(vals[:n] / temperature), in float64."""
+    m = vals[0] / temperature
+    for i in range(1, n):
+        m = max(m, vals[i] / temperature)
+    total = 0.0
+    for i in range(n):
+        out[i] = math.exp(vals[i] / temperature - m)
+        total += out[i]
+    for i in range(n):
+        out[i] /= total
+
+
+@njit(cache=True, error_model="numpy", nogil=True)
+def candidate_probs(vals, top_p, min_p, temperature, probs):
+    """probs[:keep] = the probabilities of the first ``keep`` candidates that top-p, then min-p keep, after
+    the temperature; returns keep. vals: the candidates' logits f64 [n >= 1], largest first; probs f64
+    [>= n], past keep scratch.
+
+    The sampler's filters after top-k, in llama.cpp's order, in one call: as numpy calls (a softmax, a
+    cumulative sum, a search, a count, a softmax again) they took ~13 us a sampled token, each a
+    microsecond or two of dispatch on a few dozen values, and held the GIL that a server's event loop
+    waits for.
+    """
+    keep = vals.size
+    if top_p < 1.0:
+        _softmax_into(vals, keep, 1.0, probs)
+        total = 0.0
+        for i in range(keep):
+            total += probs[i]
+            if total >= top_p:
+                keep = i + 1
+                break
+    if min_p > 0.0:
+        _softmax_into(vals, keep, 1.0, probs)
+        floor = min_p * probs[0]
+        count = 0
+        for i in range(keep):
+            if probs[i] >= floor:
+                count += 1
+        keep = max(1, count)
+    _softmax_into(vals, keep, temperature, probs)
+    return keep
+
+
+def candidate_probs_ref(vals: np.ndarray, top_p: float, min_p: float, temperature: float) -> np.ndarray:
+    def softmax(v: np.ndarray) -> np.ndarray:
+        e = np.exp(v - v.max())
+        return e / e.sum()
+
+    if top_p < 1.0:
+        vals = vals[: int(np.searchsorted(np.cumsum(softmax(vals)), top_p) + 1)]
+    if min_p > 0.0:
+        p = softmax(vals)
+        vals = vals[: max(1, int(np.count_nonzero(p >= min_p * p[0])))]
+    return softmax(vals / temperature)
+
+
+@njit(cache=True, error_model="numpy", nogil=True)
+def draw(probs, u):
+    """The index ``numpy.random.Generator.choice(probs.size, p=probs)`` draws when its uniform number is u:
+    the first entry of the cumulative sums, each divided by the last, above u (``searchsorted``, side
+    right). probs f64 [n >= 1] sum to 1; u in [0, 1)."""
+    n = probs.size
+    cdf = np.empty(n)
+    total = 0.0
+    for i in range(n):
+        total += probs[i]
+        cdf[i] = total
+    for i in range(n):
+        if u < cdf[i] / total:
+            return i
+    return n - 1
+
+
+def draw_ref(probs: np.ndarray, u: float) -> int:
+    cdf = probs.cumsum()
+    cdf /= cdf[-1]
+    return int(cdf.searchsorted(u, side="right"))
+
+
 @njit(cache=True, error_model="numpy", parallel=True)
 def add_inplace(x, y):
     """x += y (the residual add); x, y f32 [T, dim]."""
