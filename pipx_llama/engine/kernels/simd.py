@@ -737,7 +737,13 @@ def _make_kquant_intrinsic(kind: str, nt: int):
 #                 Q6_K 13.9-16.0 / 9.6-10.9 / 10.4-13.8 / 10.1-13.6
 #   avx2, faster  Q4_K 13.6-13.8 / 15.0-15.2 / 13.8-14.1 / 17.0-18.4   Q5_K 22.0-23.3 / 17.3-17.4 /
 #                 18.6-19.1 / 18.9-19.9   Q6_K 24.2-26.3 / 20.3-20.7 / 19.8-21.4 / 23.1-25.4
-# Zen 4 was not measured since. The results do not depend on the choice: each token's row is the same
+# Zen 4 was not measured since. A Zen 5 EPYC (family 26), medians of 5 (range), one process each:
+#   avx2 (haswell code)  Q4_K 9.8 / 8.2 / 9.1 / 9.5   Q5_K 16.4 / 12.6 / 13.7 / 13.1
+#                        Q6_K 26.7 / 17.1 / 21.0 (15.6-21.7) / 16.3
+#   vnni512              Q4_K 5.4 / 4.1 / 3.5 / 3.3   Q5_K 6.0 / 4.7 / 4.0 / 3.9   Q6_K 7.2 / 5.5 / 5.0 / 4.4
+# There the avx2 choices are 4-29% off the fastest (Q4_K x2, Q5_K x2, Q6_K x4) where on the Xeon those were
+# 2-20% off its fastest: no choice is best on both, and neither is the AVX2-only CPU this tier is for, so
+# they stay as measured on the Xeon. The results do not depend on the choice: each token's row is the same
 # integers and float32 operations whatever its neighbours.
 KQUANT_TOKENS = {"vnni512": {"q4_K": 4, "q5_K": 3, "q6_K": 4},
                  "vnni256": {"q4_K": 4, "q5_K": 4, "q6_K": 4},
