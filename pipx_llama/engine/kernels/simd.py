@@ -742,7 +742,7 @@ def _make_kquant_intrinsic(kind: str, nt: int):
 #                        Q6_K 26.7 / 17.1 / 21.0 (15.6-21.7) / 16.3
 #   vnni512              Q4_K 5.4 / 4.1 / 3.5 / 3.3   Q5_K 6.0 / 4.7 / 4.0 / 3.9   Q6_K 7.2 / 5.5 / 5.0 / 4.4
 # There the avx2 choices are 4-29% off the fastest (Q4_K x2, Q5_K x2, Q6_K x4) where on the Xeon those were
-# 2-20% off its fastest: no choice is best on both, and neither is the AVX2-only CPU this tier is for, so
+# 2-27% off its fastest: no choice is best on both, and neither is the AVX2-only CPU this tier is for, so
 # they stay as measured on the Xeon. The results do not depend on the choice: each token's row is the same
 # integers and float32 operations whatever its neighbours.
 KQUANT_TOKENS = {"vnni512": {"q4_K": 4, "q5_K": 3, "q6_K": 4},
