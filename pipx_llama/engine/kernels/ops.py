@@ -633,13 +633,13 @@ def draw(probs, u):
     the first entry of the cumulative sums, each divided by the last, above u (``searchsorted``, side
     right). probs f64 [n >= 1] sum to 1; u in [0, 1)."""
     n = probs.size
-    cdf = np.empty(n)
     total = 0.0
     for i in range(n):
         total += probs[i]
-        cdf[i] = total
+    running = 0.0  # the same additions in the same order: the cumulative sums themselves
     for i in range(n):
-        if u < cdf[i] / total:
+        running += probs[i]
+        if u < running / total:
             return i
     return n - 1
 
